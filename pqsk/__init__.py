@@ -1,0 +1,7 @@
+"""pqsk: product-quantization nearest neighbours with a scikit-learn API."""
+
+from ._pq import PQNeighbors, PQTransformer
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["PQNeighbors", "PQTransformer", "__version__"]

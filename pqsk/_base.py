@@ -1,0 +1,318 @@
+"""What every pqsk estimator shares: PQ parameters and the neighbors contract.
+
+* :class:`PQParamsMixin` validates the product-quantization parameters and
+  fits (or accepts user-supplied) codebooks through the quantizer core.
+* :class:`BasePQNeighbors` owns input validation, the metrics, and the
+  ``kneighbors`` / ``kneighbors_graph`` / ``transform`` contract of
+  :class:`sklearn.neighbors.KNeighborsTransformer`.  Subclasses implement
+  only ``_fit_index``, ``_search`` and ``_self_queries``.
+"""
+
+from numbers import Integral, Real
+
+import numpy as np
+from scipy import sparse
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.preprocessing import normalize
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from . import _quantizer
+from ._utils import Progress, effective_n_threads
+
+METRICS = ("euclidean", "sqeuclidean", "cosine", "dot")
+
+# float16 and integer input are computed in float32; float64 stays float64.
+FLOAT_DTYPES = [np.float32, np.float64]
+
+
+class PQParamsMixin:
+    """Product-quantization parameters shared by every estimator."""
+
+    _pq_parameter_constraints = {
+        "n_subspaces": [Interval(Integral, 1, None, closed="left")],
+        "n_codewords": [Interval(Integral, 1, None, closed="left")],
+        "init": [StrOptions({"random", "k-means++"})],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "n_init": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "max_train_samples": [
+            Interval(Integral, 1, None, closed="left"),
+            StrOptions({"auto"}),
+            None,
+        ],
+        "codebooks": ["array-like", None],
+        "n_jobs": [Integral, None],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    def _max_train_samples(self):
+        if self.max_train_samples == "auto":
+            return 256 * self.n_codewords
+        return self.max_train_samples
+
+    def _check_user_codebooks(self, n_features, dtype):
+        cb = np.asarray(self.codebooks)
+        if cb.dtype.kind not in "fiu":
+            raise TypeError(f"codebooks must be a numeric array, got dtype {cb.dtype}.")
+        expected = (self.n_subspaces, self.n_codewords)
+        if cb.ndim != 3 or cb.shape[:2] != expected:
+            raise ValueError(
+                "codebooks must have shape (n_subspaces, n_codewords, "
+                f"n_features // n_subspaces) = {expected + ('ds',)}, got {cb.shape}."
+            )
+        if cb.shape[0] * cb.shape[2] != n_features:
+            raise ValueError(
+                f"codebooks of shape {cb.shape} cover {cb.shape[0] * cb.shape[2]} "
+                f"features, but X has {n_features} features."
+            )
+        if not np.all(np.isfinite(cb)):
+            raise ValueError("codebooks contain NaN or infinity.")
+        return np.ascontiguousarray(cb, dtype=dtype)
+
+    def _fit_codebooks(self, X, progress):
+        """Train the codebooks on (a sample of) X, or take the user's.
+
+        Sets ``n_iter_``, the most Lloyd iterations any sub-space ran (0
+        for supplied codebooks), and returns the codebooks.
+        """
+        n, d = X.shape
+        _quantizer.check_subspaces(d, self.n_subspaces)
+        _quantizer.check_codewords(self.n_codewords, np.inf)
+        if self.codebooks is not None:
+            progress("using the supplied codebooks")
+            self.n_iter_ = 0
+            return self._check_user_codebooks(d, X.dtype)
+        rng = check_random_state(self.random_state)
+        sample = _quantizer.training_sample(X, self._max_train_samples(), rng)
+        _quantizer.check_codewords(self.n_codewords, sample.shape[0])
+        progress(
+            f"training {self.n_subspaces} x KMeans({self.n_codewords}) on "
+            f"{sample.shape[0]} x {d // self.n_subspaces} sub-vectors"
+        )
+        codebooks, n_iter = _quantizer.train_codebooks(
+            sample,
+            self.n_subspaces,
+            self.n_codewords,
+            init=self.init,
+            max_iter=self.max_iter,
+            n_init=self.n_init,
+            tol=self.tol,
+            random_state=rng,
+            n_threads=effective_n_threads(self.n_jobs),
+            progress=progress,
+        )
+        self.n_iter_ = int(n_iter.max())
+        progress(f"codebooks trained (at most {self.n_iter_} KMeans iterations)")
+        return codebooks
+
+
+def _check_n_neighbors(n_neighbors):
+    if not isinstance(n_neighbors, (Integral, np.integer)) or isinstance(n_neighbors, bool):
+        raise TypeError(
+            f"n_neighbors does not take {type(n_neighbors).__name__} value, enter "
+            "an integer value."
+        )
+    if n_neighbors <= 0:
+        raise ValueError(f"Expected n_neighbors > 0. Got {n_neighbors}.")
+    return int(n_neighbors)
+
+
+class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """The neighbors contract shared by pqsk's search estimators.
+
+    Distances follow ``metric``: ``"euclidean"`` returns the square root of
+    the ADC squared distance, ``"sqeuclidean"`` the ADC squared distance,
+    ``"cosine"`` ``1 - <q, x_hat>`` for the normalised query q and the
+    decoded normalised vector x_hat, ``"dot"`` ``-<q, x_hat>``.
+    """
+
+    _neighbors_parameter_constraints = {
+        "n_neighbors": [Interval(Integral, 1, None, closed="left")],
+        "metric": [StrOptions(set(METRICS))],
+        "mode": [StrOptions({"distance", "connectivity"})],
+    }
+
+    # -- subclass hooks -------------------------------------------------
+    def _fit_index(self, X, progress):
+        """Build the index from validated, metric-prepared X."""
+        raise NotImplementedError
+
+    def _search(self, Q, n_neighbors, n_threads):
+        """Raw (kernel) distances and int64 ids, rows sorted by (dist, id)."""
+        raise NotImplementedError
+
+    def _self_queries(self):
+        """Query vectors standing for the indexed points (for X=None)."""
+        raise NotImplementedError
+
+    # -- shared machinery -------------------------------------------------
+    @property
+    def _inner_product(self):
+        return self.metric in ("cosine", "dot")
+
+    def _prepare(self, X):
+        if self.metric == "cosine":
+            X = normalize(X, copy=True)
+        return X
+
+    def _validate_queries(self, X):
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=FLOAT_DTYPES, order="C", reset=False)
+        X = np.ascontiguousarray(X, dtype=self._fit_dtype_)
+        return self._prepare(X)
+
+    def _fit(self, X):
+        X = validate_data(self, X, dtype=FLOAT_DTYPES, order="C")
+        progress = Progress(self.verbose, type(self).__name__)
+        self._fit_dtype_ = X.dtype
+        self._fit_index(self._prepare(X), progress)
+        self.n_samples_fit_ = X.shape[0]
+        self._n_features_out = self.n_samples_fit_
+        return self
+
+    def _finish_distances(self, raw):
+        if self.metric == "euclidean":
+            return np.sqrt(np.maximum(raw, 0, out=raw), out=raw)
+        if self.metric == "cosine":
+            raw += 1
+        return raw
+
+    def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
+        """Find the (approximate) K-neighbors of points.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features), default=None
+            The query points. If None, the neighbors of each indexed point
+            are returned, the point itself excluded.  As the index keeps
+            only codes, the indexed points are then represented by their
+            reconstructions.
+        n_neighbors : int, default=None
+            Number of neighbors to get; the estimator's ``n_neighbors``
+            if None.
+        return_distance : bool, default=True
+            Whether to return the distances.
+
+        Returns
+        -------
+        neigh_dist : ndarray of shape (n_queries, n_neighbors)
+            Distances under ``metric``, in the dtype of the fitted data
+            (float32 unless fitted on float64); only if ``return_distance``.
+        neigh_ind : ndarray of shape (n_queries, n_neighbors), int64
+            Indices of the nearest indexed points, sorted by distance, ties
+            broken by the smaller index.
+        """
+        check_is_fitted(self)
+        if n_neighbors is None:
+            n_neighbors = self.n_neighbors
+        n_neighbors = _check_n_neighbors(n_neighbors)
+        query_is_train = X is None
+        if query_is_train:
+            Q = self._self_queries()
+            n_neighbors += 1
+        else:
+            Q = self._validate_queries(X)
+        n_fit = self.n_samples_fit_
+        if n_neighbors > n_fit:
+            if query_is_train:
+                raise ValueError(
+                    f"Expected n_neighbors < n_samples_fit, but n_neighbors = "
+                    f"{n_neighbors - 1}, n_samples_fit = {n_fit}, n_samples = "
+                    f"{Q.shape[0]}"
+                )
+            raise ValueError(
+                f"Expected n_neighbors <= n_samples_fit, but n_neighbors = "
+                f"{n_neighbors}, n_samples_fit = {n_fit}, n_samples = {Q.shape[0]}"
+            )
+        dist, ind = self._search(Q, n_neighbors, effective_n_threads(self.n_jobs))
+        if query_is_train:
+            # Drop each point from its own row; where it is not among the
+            # results (duplicates), drop the first column as scikit-learn does.
+            n_queries = Q.shape[0]
+            mask = ind != np.arange(n_queries)[:, None]
+            no_self = np.all(mask, axis=1)
+            mask[no_self, 0] = False
+            ind = ind[mask].reshape(n_queries, n_neighbors - 1)
+            dist = dist[mask].reshape(n_queries, n_neighbors - 1)
+        if return_distance:
+            return self._finish_distances(dist), ind
+        return ind
+
+    def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):
+        """Compute the (weighted) graph of k-neighbors for points in X.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features), default=None
+            The query points; if None, the indexed points (self excluded).
+        n_neighbors : int, default=None
+            Number of neighbors per row; the estimator's ``n_neighbors`` if None.
+        mode : {"connectivity", "distance"}, default="connectivity"
+            ``"connectivity"`` stores ones, ``"distance"`` the distances
+            under ``metric``.
+
+        Returns
+        -------
+        A : sparse matrix of shape (n_queries, n_samples_fit), CSR
+            ``A[i, j]`` is the edge from query i to indexed point j.
+        """
+        check_is_fitted(self)
+        if mode == "connectivity":
+            ind = self.kneighbors(X, n_neighbors, return_distance=False)
+            data = np.ones(ind.size, dtype=np.float64)
+        elif mode == "distance":
+            dist, ind = self.kneighbors(X, n_neighbors, return_distance=True)
+            data = np.ravel(dist)
+        else:
+            raise ValueError(
+                'Unsupported mode, must be one of "connectivity", or "distance" '
+                f'but got "{mode}" instead'
+            )
+        n_queries, k = ind.shape
+        indptr = np.arange(0, n_queries * k + 1, k)
+        return sparse.csr_matrix(
+            (data, ind.ravel(), indptr), shape=(n_queries, self.n_samples_fit_)
+        )
+
+    def transform(self, X):
+        """Sparse k-neighbors graph of X, as :class:`~sklearn.neighbors.KNeighborsTransformer`.
+
+        In ``mode="distance"`` each row has ``n_neighbors + 1`` entries, so
+        that each training point still has ``n_neighbors`` neighbours once
+        itself is discounted.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+
+        Returns
+        -------
+        Xt : sparse matrix of shape (n_queries, n_samples_fit), CSR
+        """
+        check_is_fitted(self)
+        add_one = self.mode == "distance"
+        return self.kneighbors_graph(
+            X, mode=self.mode, n_neighbors=self.n_neighbors + add_one
+        )
+
+    def fit_transform(self, X, y=None):
+        """Fit to X, then transform X (X itself is the query, not None).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : ignored
+
+        Returns
+        -------
+        Xt : sparse matrix of shape (n_samples, n_samples), CSR
+        """
+        return self.fit(X).transform(X)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags

@@ -1,0 +1,191 @@
+"""The quantizer core shared by every pqsk estimator.
+
+Plain functions on arrays, no estimator state: train codebooks, encode,
+decode, build ADC tables and run an exhaustive ADC search.  Inputs are
+assumed validated (finite, C-contiguous, float32 or float64); the
+estimators do that.
+
+Layout conventions (as in Jégou et al., 2011):
+
+* ``codebooks``: (m, k, ds) array, ``codebooks[j, c]`` is codeword c of
+  sub-space j, which covers features ``j * ds`` to ``(j + 1) * ds - 1``.
+* ``codes``: (n, m) uint8 (k <= 256) or uint16 array, ``codes[i, j]`` is
+  the codeword of vector i in sub-space j.
+"""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.utils import check_random_state
+from threadpoolctl import threadpool_limits
+
+from . import _adc, _encode
+
+MAX_CODEWORDS = 65536
+
+
+def code_dtype(n_codewords):
+    """Smallest unsigned integer dtype that holds codes for ``n_codewords``."""
+    return np.dtype(np.uint8) if n_codewords <= 256 else np.dtype(np.uint16)
+
+
+def valid_n_subspaces(n_features):
+    """The values of m that divide ``n_features``."""
+    return [m for m in range(1, n_features + 1) if n_features % m == 0]
+
+
+def check_subspaces(n_features, n_subspaces):
+    if n_features % n_subspaces != 0:
+        raise ValueError(
+            f"n_subspaces={n_subspaces} does not divide the number of features "
+            f"({n_features}); each sub-space must have the same width. Valid "
+            f"values of n_subspaces for {n_features} features: "
+            f"{valid_n_subspaces(n_features)}."
+        )
+
+
+def check_codewords(n_codewords, n_samples):
+    if n_codewords > MAX_CODEWORDS:
+        raise ValueError(
+            f"n_codewords={n_codewords} is larger than {MAX_CODEWORDS}, the "
+            "most a uint16 code can hold; use n_codewords <= 65536 (256 gives "
+            "one byte per sub-space)."
+        )
+    if n_codewords > n_samples:
+        raise ValueError(
+            f"n_codewords={n_codewords} must be <= the number of training "
+            f"samples, got n_samples={n_samples}; use fewer codewords or more "
+            "training data."
+        )
+
+
+def training_sample(X, max_train_samples, random_state):
+    """At most ``max_train_samples`` rows of X, drawn without replacement."""
+    n = X.shape[0]
+    if max_train_samples is None or n <= max_train_samples:
+        return X
+    rows = np.sort(random_state.choice(n, size=max_train_samples, replace=False))
+    return X[rows]
+
+
+def train_codebooks(
+    X,
+    n_subspaces,
+    n_codewords,
+    *,
+    init="random",
+    max_iter=25,
+    n_init=1,
+    tol=1e-4,
+    random_state=None,
+    n_threads=1,
+    progress=None,
+):
+    """Train one :class:`~sklearn.cluster.KMeans` per sub-space.
+
+    The m sub-spaces are independent problems: they are fitted in up to
+    ``n_threads`` Python threads (KMeans releases the GIL), each KMeans
+    limited to its share of the OpenMP threads.
+
+    Returns
+    -------
+    codebooks : ndarray of shape (m, k, ds), dtype of X
+    n_iter : ndarray of shape (m,), int
+        Lloyd iterations run in each sub-space.
+    """
+    n, d = X.shape
+    check_subspaces(d, n_subspaces)
+    check_codewords(n_codewords, n)
+    ds = d // n_subspaces
+    rng = check_random_state(random_state)
+    seeds = rng.randint(np.iinfo(np.int32).max, size=n_subspaces)
+    codebooks = np.empty((n_subspaces, n_codewords, ds), dtype=X.dtype)
+    n_iter = np.zeros(n_subspaces, dtype=np.int64)
+
+    def fit_one(j):
+        km = KMeans(
+            n_clusters=n_codewords,
+            init=init,
+            n_init=n_init,
+            max_iter=max_iter,
+            tol=tol,
+            random_state=seeds[j],
+        )
+        km.fit(np.ascontiguousarray(X[:, j * ds:(j + 1) * ds]))
+        codebooks[j] = km.cluster_centers_
+        n_iter[j] = km.n_iter_
+        if progress is not None:
+            progress(
+                f"sub-space {j + 1}/{n_subspaces}: {km.n_iter_} iterations, "
+                f"inertia {km.inertia_:.6g}",
+                level=2,
+            )
+
+    workers = max(1, min(n_threads, n_subspaces))
+    omp_per_fit = max(1, n_threads // workers)
+    with threadpool_limits(limits=omp_per_fit, user_api="openmp"):
+        if workers == 1:
+            for j in range(n_subspaces):
+                fit_one(j)
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as ex:
+                list(ex.map(fit_one, range(n_subspaces)))
+    return codebooks, n_iter
+
+
+def _transposed(codebooks):
+    """(m, k, ds) -> (m, ds, k), the layout the kernels vectorise over."""
+    return np.ascontiguousarray(codebooks.transpose(0, 2, 1))
+
+
+def encode(X, codebooks, n_threads=1):
+    """PQ codes of the rows of X: (n, m) array of ``code_dtype(k)``."""
+    m, k, _ = codebooks.shape
+    X = np.ascontiguousarray(X, dtype=codebooks.dtype)
+    codes = np.empty((X.shape[0], m), dtype=code_dtype(k))
+    work = np.empty((max(n_threads, 1), m * k), dtype=codebooks.dtype)
+    _encode.encode(X, _transposed(codebooks), codes, work, n_threads)
+    return codes
+
+
+def decode(codes, codebooks):
+    """Reconstruction of each code: (n, m * ds) array of the codebooks' dtype."""
+    m, _, ds = codebooks.shape
+    out = np.empty((codes.shape[0], m * ds), dtype=codebooks.dtype)
+    for j in range(m):
+        np.take(codebooks[j], codes[:, j], axis=0, out=out[:, j * ds:(j + 1) * ds])
+    return out
+
+
+def adc_tables(Q, codebooks, inner_product=False, n_threads=1):
+    """ADC lookup tables, (nq, m, k): squared L2 distances between each
+    query's sub-vectors and the codewords, or minus their dot products."""
+    m, k, _ = codebooks.shape
+    Q = np.ascontiguousarray(Q, dtype=codebooks.dtype)
+    tables = np.empty((Q.shape[0], m, k), dtype=codebooks.dtype)
+    _adc.adc_tables(Q, _transposed(codebooks), bool(inner_product), tables, n_threads)
+    return tables
+
+
+def adc_search(Q, codebooks, codes, n_neighbors, inner_product=False, n_threads=1):
+    """Exhaustive ADC search over every code.
+
+    Returns
+    -------
+    dist : ndarray of shape (nq, n_neighbors), codebooks' dtype
+        Sum of table entries (squared L2, or minus the inner product).
+    idx : ndarray of shape (nq, n_neighbors), int64
+        Row numbers into ``codes``, sorted by (dist, idx).
+    """
+    m, k, _ = codebooks.shape
+    Q = np.ascontiguousarray(Q, dtype=codebooks.dtype)
+    nq = Q.shape[0]
+    dist = np.empty((nq, n_neighbors), dtype=codebooks.dtype)
+    idx = np.empty((nq, n_neighbors), dtype=np.int64)
+    work = np.empty((max(n_threads, 1), m * k), dtype=codebooks.dtype)
+    _adc.adc_search(
+        Q, _transposed(codebooks), np.ascontiguousarray(codes), bool(inner_product),
+        dist, idx, work, n_threads,
+    )
+    return dist, idx

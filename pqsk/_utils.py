@@ -1,0 +1,40 @@
+"""Small helpers shared by the estimators: threads and progress messages."""
+
+import os
+import sys
+import time
+
+from ._openmp import omp_max_threads
+
+
+def effective_n_threads(n_jobs):
+    """Threads the kernels use for a given ``n_jobs``.
+
+    ``None`` means every thread OpenMP allows (``OMP_NUM_THREADS`` and
+    threadpoolctl limits are respected); a positive number is taken as is;
+    ``-1`` means all CPUs, ``-2`` all but one, and so on.
+    """
+    if n_jobs is None:
+        return max(1, min(omp_max_threads(), os.cpu_count() or 1))
+    if n_jobs < 0:
+        return max(1, (os.cpu_count() or 1) + 1 + n_jobs)
+    return int(n_jobs)
+
+
+class Progress:
+    """Progress messages on stderr when ``verbose`` is positive.
+
+    Library code never prints to stdout; a user who sets ``verbose`` sees
+    these lines on stderr.
+    """
+
+    def __init__(self, verbose, name):
+        self.verbose = verbose
+        self.name = name
+        self._t0 = time.perf_counter()
+
+    def __call__(self, msg, level=1):
+        if self.verbose >= level:
+            t = time.perf_counter() - self._t0
+            sys.stderr.write(f"[{self.name}] {t:8.2f}s {msg}\n")
+            sys.stderr.flush()
