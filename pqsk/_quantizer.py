@@ -104,6 +104,19 @@ def train_codebooks(
     n_iter = np.zeros(n_subspaces, dtype=np.int64)
 
     def fit_one(j):
+        # KMeans runs on the distinct sub-vectors weighted by their counts:
+        # the same objective, but initial centres are never duplicates, so
+        # with k >= the number of distinct sub-vectors the codebook holds
+        # every one of them and the quantization is exact.
+        sub = np.unique(X[:, j * ds:(j + 1) * ds], axis=0, return_counts=True)
+        points, counts = sub
+        if points.shape[0] <= n_codewords:
+            codebooks[j, :points.shape[0]] = points
+            codebooks[j, points.shape[0]:] = points[0]  # unused padding
+            if progress is not None:
+                progress(f"sub-space {j + 1}/{n_subspaces}: {points.shape[0]} distinct "
+                         "sub-vectors, used as codewords", level=2)
+            return
         km = KMeans(
             n_clusters=n_codewords,
             init=init,
@@ -112,7 +125,8 @@ def train_codebooks(
             tol=tol,
             random_state=seeds[j],
         )
-        km.fit(np.ascontiguousarray(X[:, j * ds:(j + 1) * ds]))
+        weights = counts.astype(X.dtype) if counts.max() > 1 else None
+        km.fit(points, sample_weight=weights)
         codebooks[j] = km.cluster_centers_
         n_iter[j] = km.n_iter_
         if progress is not None:
