@@ -108,8 +108,7 @@ def train_codebooks(
         # the same objective, but initial centres are never duplicates, so
         # with k >= the number of distinct sub-vectors the codebook holds
         # every one of them and the quantization is exact.
-        sub = np.unique(X[:, j * ds:(j + 1) * ds], axis=0, return_counts=True)
-        points, counts = sub
+        points, counts = distinct_rows(X[:, j * ds:(j + 1) * ds])
         if points.shape[0] <= n_codewords:
             codebooks[j, :points.shape[0]] = points
             codebooks[j, points.shape[0]:] = points[0]  # unused padding
@@ -125,8 +124,7 @@ def train_codebooks(
             tol=tol,
             random_state=seeds[j],
         )
-        weights = counts.astype(X.dtype) if counts.max() > 1 else None
-        km.fit(points, sample_weight=weights)
+        km.fit(points, sample_weight=None if counts is None else counts.astype(X.dtype))
         codebooks[j] = km.cluster_centers_
         n_iter[j] = km.n_iter_
         if progress is not None:
@@ -146,6 +144,25 @@ def train_codebooks(
             with ThreadPoolExecutor(max_workers=workers) as ex:
                 list(ex.map(fit_one, range(n_subspaces)))
     return codebooks, n_iter
+
+
+def distinct_rows(A):
+    """(distinct rows of A, their counts), or (A, None) when all differ.
+
+    A 64-bit hash of each row's bytes answers the common case (no two rows
+    alike) with one 1-D sort; only when hashes collide does the exact, and
+    slower, ``np.unique(axis=0)`` run.
+    """
+    A = np.ascontiguousarray(A)
+    words = A.view(np.uint8).reshape(A.shape[0], -1)
+    words = words.view(np.uint32) if words.shape[1] % 4 == 0 else words
+    h = np.zeros(A.shape[0], dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for col in words.T:
+            h = h * np.uint64(0x9E3779B97F4A7C15) + col.astype(np.uint64)
+    if np.unique(h).size == A.shape[0]:
+        return A, None
+    return np.unique(A, axis=0, return_counts=True)
 
 
 def _transposed(codebooks):

@@ -93,3 +93,19 @@ def test_decode_matches_oracle():
     cb = _random_codebooks(3, 10, 2, np.float32)
     codes = rng.randint(0, 10, size=(40, 3)).astype(np.uint8)
     assert_array_equal(_quantizer.decode(codes, cb), _naive.decode(codes, cb))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_distinct_rows(dtype):
+    A = rng.randn(50, 3).astype(dtype)
+    pts, counts = _quantizer.distinct_rows(A)
+    assert counts is None
+    assert_array_equal(pts, A)
+    B = np.vstack([A, A[:5], A[:2]])
+    pts, counts = _quantizer.distinct_rows(B)
+    assert pts.shape == (50, 3) and counts.sum() == 57
+    assert_array_equal(np.sort(counts)[::-1][:7], [3, 3, 2, 2, 2, 1, 1])
+    # Odd row widths in bytes take the byte-wise hash.
+    C = np.repeat(np.arange(6, dtype=np.uint8).reshape(3, 2), 2, axis=0)
+    pts, counts = _quantizer.distinct_rows(C)
+    assert_array_equal(counts, [2, 2, 2])
