@@ -15,63 +15,8 @@ from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
 from libc.stdint cimport int64_t
 
-from ._heap cimport heap_init, heap_push, heap_sort
-from ._kernels cimport code_t, build_table
-
-
-cdef void scan_codes(const floating* table,   # IN  (m, k)
-                     const code_t* codes,     # IN  (n, m)
-                     Py_ssize_t n,
-                     Py_ssize_t m,
-                     Py_ssize_t k,
-                     int64_t id_offset,
-                     floating* heap_dist,     # INOUT (n_neighbors,)
-                     int64_t* heap_idx,       # INOUT (n_neighbors,)
-                     Py_ssize_t n_neighbors) noexcept nogil:
-    """Offer codes[i] with id ``id_offset + i`` to the heap, for i < n.
-
-    Four codes are summed per iteration, each in its own accumulator, so
-    the additions of different codes do not wait on each other.
-    """
-    cdef Py_ssize_t i = 0, j
-    cdef const floating* t
-    cdef const code_t* c0
-    cdef const code_t* c1
-    cdef const code_t* c2
-    cdef const code_t* c3
-    cdef floating d0, d1, d2, d3, worst
-    while i + 4 <= n:
-        c0 = codes + i * m
-        c1 = c0 + m
-        c2 = c1 + m
-        c3 = c2 + m
-        d0 = 0
-        d1 = 0
-        d2 = 0
-        d3 = 0
-        t = table
-        for j in range(m):
-            d0 = d0 + t[c0[j]]
-            d1 = d1 + t[c1[j]]
-            d2 = d2 + t[c2[j]]
-            d3 = d3 + t[c3[j]]
-            t = t + k
-        worst = heap_dist[0]
-        if d0 <= worst or d1 <= worst or d2 <= worst or d3 <= worst:
-            heap_push(heap_dist, heap_idx, n_neighbors, d0, id_offset + i)
-            heap_push(heap_dist, heap_idx, n_neighbors, d1, id_offset + i + 1)
-            heap_push(heap_dist, heap_idx, n_neighbors, d2, id_offset + i + 2)
-            heap_push(heap_dist, heap_idx, n_neighbors, d3, id_offset + i + 3)
-        i += 4
-    while i < n:
-        c0 = codes + i * m
-        d0 = 0
-        t = table
-        for j in range(m):
-            d0 = d0 + t[c0[j]]
-            t = t + k
-        heap_push(heap_dist, heap_idx, n_neighbors, d0, id_offset + i)
-        i += 1
+from ._heap cimport heap_init, heap_sort
+from ._kernels cimport code_t, build_table, scan_codes
 
 
 def adc_tables(const floating[:, ::1] Q,               # IN  (nq, D)
@@ -115,7 +60,7 @@ def adc_scan(const floating[:, :, ::1] tables,  # IN  (nq, m, k)
         for q in prange(nq, schedule="static", num_threads=n_threads):
             heap_init(&out_dist[q, 0], &out_idx[q, 0], kn)
             if n > 0:
-                scan_codes(&tables[q, 0, 0], &codes[0, 0], n, m, k, 0,
+                scan_codes(&tables[q, 0, 0], &codes[0, 0], n, m, k, 0, <const int64_t*> NULL,
                            &out_dist[q, 0], &out_idx[q, 0], kn)
             heap_sort(&out_dist[q, 0], &out_idx[q, 0], kn)
 
@@ -151,6 +96,6 @@ def adc_search(const floating[:, ::1] Q,               # IN  (nq, D)
                         inner_product, t)
             heap_init(&out_dist[q, 0], &out_idx[q, 0], kn)
             if n > 0:
-                scan_codes(t, &codes[0, 0], n, m, k, 0,
+                scan_codes(t, &codes[0, 0], n, m, k, 0, <const int64_t*> NULL,
                            &out_dist[q, 0], &out_idx[q, 0], kn)
             heap_sort(&out_dist[q, 0], &out_idx[q, 0], kn)
