@@ -1,7 +1,8 @@
 """pqsk: product-quantization nearest neighbours with a scikit-learn API."""
 
+from ._ivfpq import IVFPQNeighbors
 from ._pq import PQNeighbors, PQTransformer
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["PQNeighbors", "PQTransformer", "__version__"]
+__all__ = ["IVFPQNeighbors", "PQNeighbors", "PQTransformer", "__version__"]

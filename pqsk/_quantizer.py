@@ -16,11 +16,11 @@ Layout conventions (as in Jégou et al., 2011):
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from sklearn.cluster import KMeans
+from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.utils import check_random_state
 from threadpoolctl import threadpool_limits
 
-from . import _adc, _encode
+from . import _adc, _encode, _ivf
 
 MAX_CODEWORDS = 65536
 
@@ -220,3 +220,136 @@ def adc_search(Q, codebooks, codes, n_neighbors, inner_product=False, n_threads=
         dist, idx, work, n_threads,
     )
     return dist, idx
+
+
+# --- inverted file: coarse quantizer and lists ---------------------------------
+
+# KMeans runs while n_train * n_lists stays below this; beyond it the coarse
+# quantizer is trained with MiniBatchKMeans (one Lloyd pass would cost more
+# than ~2**28 distance evaluations, a second or more per iteration).
+MINIBATCH_THRESHOLD = 2**28
+
+
+def train_coarse(X, n_lists, *, max_iter=25, tol=1e-4, random_state=None, n_threads=1):
+    """Coarse centroids, (n_lists, D): KMeans, or MiniBatchKMeans past
+    ``MINIBATCH_THRESHOLD`` (see there).  Returns (centroids, n_iter)."""
+    rng = check_random_state(random_state)
+    points, counts = distinct_rows(X)
+    if points.shape[0] <= n_lists:
+        # Fewer distinct points than lists: each point is a centroid.
+        centroids = np.empty((n_lists, X.shape[1]), dtype=X.dtype)
+        centroids[:points.shape[0]] = points
+        centroids[points.shape[0]:] = points[0]
+        return centroids, 0
+    weights = None if counts is None else counts.astype(X.dtype)
+    if points.shape[0] * n_lists <= MINIBATCH_THRESHOLD:
+        km = KMeans(n_clusters=n_lists, init="random", n_init=1, max_iter=max_iter,
+                    tol=tol, random_state=rng)
+    else:
+        km = MiniBatchKMeans(n_clusters=n_lists, init="random", n_init=1,
+                             batch_size=max(1024, 16 * n_lists), max_iter=max_iter,
+                             tol=tol, random_state=rng)
+    with threadpool_limits(limits=n_threads, user_api="openmp"):
+        km.fit(points, sample_weight=weights)
+    return np.ascontiguousarray(km.cluster_centers_, dtype=X.dtype), km.n_iter_
+
+
+def _chunks(n, rows):
+    for start in range(0, n, rows):
+        yield slice(start, min(n, start + rows))
+
+
+def chunk_rows(width, budget=2**24):
+    """Rows per chunk so that a (rows, width) temporary holds ~budget values."""
+    return max(1, budget // max(1, width))
+
+
+def coarse_terms(Q, centroids, inner_product):
+    """(nq, n_lists): ``||q - c_l||^2``, or ``-<q, c_l>`` for inner products."""
+    prod = Q @ centroids.T
+    if inner_product:
+        return np.negative(prod, out=prod)
+    prod *= -2
+    prod += np.einsum("ij,ij->i", Q, Q)[:, None]
+    prod += np.einsum("ij,ij->i", centroids, centroids)[None, :]
+    return prod
+
+
+def assign(X, centroids):
+    """Index of the L2-nearest centroid of each row (chunked GEMM)."""
+    labels = np.empty(X.shape[0], dtype=np.int64)
+    c_norms = np.einsum("ij,ij->i", centroids, centroids)
+    for sl in _chunks(X.shape[0], chunk_rows(centroids.shape[0])):
+        d = X[sl] @ centroids.T
+        d *= -2
+        d += c_norms
+        labels[sl] = np.argmin(d, axis=1)
+    return labels
+
+
+def encode_residuals(X, labels, centroids, codebooks, n_threads=1):
+    """PQ codes of ``X - centroids[labels]``, computed chunk by chunk."""
+    m, k, _ = codebooks.shape
+    codes = np.empty((X.shape[0], m), dtype=code_dtype(k))
+    for sl in _chunks(X.shape[0], 65536):
+        codes[sl] = encode(X[sl] - centroids[labels[sl]], codebooks, n_threads)
+    return codes
+
+
+def list_terms(centroids, codebooks):
+    """(n_lists, m, k): ``||r_jc||^2 + 2 <c_l block j, r_jc>``, the part of
+    the L2 ADC table that depends on the list but not on the query."""
+    m, k, ds = codebooks.shape
+    blocks = centroids.reshape(centroids.shape[0], m, ds)
+    terms = 2 * np.einsum("ljd,jkd->ljk", blocks, codebooks)
+    terms += np.einsum("jkd,jkd->jk", codebooks, codebooks)[None]
+    return np.ascontiguousarray(terms, dtype=codebooks.dtype)
+
+
+def ivf_search(Q, coarse, codebooks, terms, codes, ids, offsets, n_neighbors,
+               n_probe, inner_product=False, n_threads=1):
+    """Search ``n_probe`` lists per query (see ``pqsk._ivf``).
+
+    Returns (dist, idx): (nq, n_neighbors) arrays, rows sorted by
+    (distance, id); ``dist`` as in :func:`adc_search` (squared L2 or minus
+    the inner product, coarse term included).  Slots never filled (fewer
+    indexed vectors than n_neighbors) hold (+inf, INT64_MAX).
+    """
+    m, k, _ = codebooks.shape
+    nq = Q.shape[0]
+    dtype = codebooks.dtype
+    nt = max(n_threads, 1)
+    dist = np.empty((nq, n_neighbors), dtype=dtype)
+    idx = np.empty((nq, n_neighbors), dtype=np.int64)
+    _ivf.ivf_search(
+        np.ascontiguousarray(Q, dtype=dtype), np.ascontiguousarray(coarse, dtype=dtype),
+        _transposed(codebooks), terms, codes, ids, offsets, bool(inner_product),
+        n_probe, dist, idx, np.empty((nt, 2 * m * k), dtype=dtype),
+        np.empty((nt, n_probe), dtype=dtype), np.empty((nt, n_probe), dtype=np.int64),
+        n_threads,
+    )
+    return dist, idx
+
+
+def exact_rerank(Q, vectors, cand, n_neighbors, inner_product=False):
+    """Re-rank candidate ids by exact distance to the raw ``vectors``.
+
+    ``cand`` is (nq, n_cand) int64; ids >= len(vectors) (empty slots) sort
+    last.  Returns (dist, idx) of shape (nq, n_neighbors), rows sorted by
+    (exact distance, id); distances are squared L2 or minus the inner
+    product, in the dtype of ``vectors``.
+    """
+    nq, n_cand = cand.shape
+    valid = cand < vectors.shape[0]
+    safe = np.where(valid, cand, 0)
+    dist = np.empty((nq, n_cand), dtype=vectors.dtype)
+    for sl in _chunks(nq, chunk_rows(n_cand * vectors.shape[1])):
+        V = vectors[safe[sl]]                      # (rows, n_cand, D)
+        if inner_product:
+            dist[sl] = -np.einsum("qcd,qd->qc", V, Q[sl])
+        else:
+            diff = V - Q[sl][:, None, :]
+            dist[sl] = np.einsum("qcd,qcd->qc", diff, diff)
+    dist[~valid] = np.inf
+    order = np.lexsort((cand, dist), axis=-1)[:, :n_neighbors]
+    return np.take_along_axis(dist, order, 1), np.take_along_axis(cand, order, 1)

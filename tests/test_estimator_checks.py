@@ -1,17 +1,22 @@
 """scikit-learn's estimator checks on every public estimator."""
 
+import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from pqsk import PQNeighbors, PQTransformer
+from pqsk import IVFPQNeighbors, PQNeighbors, PQTransformer
 
 # Parameters small enough for scikit-learn's tiny check data (some checks
 # fit on 10 or 20 rows).
 ESTIMATORS = [
+    IVFPQNeighbors(n_neighbors=3, n_lists=2, n_probe=2, n_subspaces=1, n_codewords=8,
+                   random_state=0),
     PQTransformer(n_subspaces=1, n_codewords=8, random_state=0),
     PQNeighbors(n_neighbors=3, n_subspaces=1, n_codewords=8, random_state=0),
 ]
 
 
+# The tiny check data has fewer than 39 points per inverted list.
+@pytest.mark.filterwarnings("ignore:.*fewer than 39 per list:UserWarning")
 @parametrize_with_checks(ESTIMATORS)
 def test_sklearn_compatible_estimator(estimator, check):
     check(estimator)

@@ -1,0 +1,366 @@
+"""IVFPQNeighbors: inverted file over residual product-quantization codes."""
+
+import warnings
+from numbers import Integral
+
+import numpy as np
+from sklearn.base import _fit_context
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from . import _quantizer
+from ._base import FLOAT_DTYPES, BasePQNeighbors, PQParamsMixin
+from ._utils import Progress, effective_n_threads
+
+# Seed article, step 8: the coarse quantizer wants ~256 training points per
+# cell; below ~39 per cell k-means is poorly determined.
+POINTS_PER_LIST = 256
+MIN_POINTS_PER_LIST = 39
+
+
+class IVFPQNeighbors(PQParamsMixin, BasePQNeighbors):
+    """Approximate nearest neighbours with an inverted file and PQ residuals.
+
+    A coarse k-means splits the space into ``n_lists`` cells.  Each vector
+    is stored in the list of its nearest centroid as the PQ code of its
+    residual (vector minus centroid) plus its id.  A query ranks the
+    centroids and scans only the ``n_probe`` nearest lists with
+    asymmetric distance computation (IVFADC, Jégou, Douze and Schmid,
+    "Product quantization for nearest neighbor search", IEEE TPAMI 2011).
+
+    Parameters
+    ----------
+    n_neighbors : int, default=5
+        Neighbours returned by ``kneighbors`` and, plus one in
+        ``mode="distance"``, per row of ``transform``.
+    n_lists : int or "auto", default="auto"
+        Number of inverted lists (coarse centroids).  ``"auto"`` uses
+        ``4 * sqrt(n_samples)``, capped so that each list gets at least 39
+        training points.
+    n_probe : int, default=8
+        Lists scanned per query; can be changed after fit with
+        ``set_params``.  A value above ``n_lists`` is clipped to
+        ``n_lists`` with a warning.  When the probed lists hold fewer than
+        the requested neighbours, further lists are scanned in centroid
+        order, so every query gets real neighbours.
+    n_subspaces, n_codewords, init, max_iter, n_init, tol, codebooks
+        Product quantizer of the residuals, as in :class:`PQTransformer`.
+    metric : {"euclidean", "sqeuclidean", "cosine", "dot"}, default="euclidean"
+        As in :class:`PQNeighbors`.
+    refine_factor : int, default=0
+        If positive, the raw vectors are kept too (``4 * n_features`` more
+        bytes per vector in float32); ``refine_factor * n_neighbors``
+        candidates are fetched by ADC and re-ranked by exact distance, so
+        the returned distances are exact.  0 keeps only codes.
+    mode : {"distance", "connectivity"}, default="distance"
+        What ``transform`` stores in the graph.
+    max_train_samples : int, "auto" or None, default="auto"
+        Cap on the rows each k-means is trained on.  ``"auto"`` uses 256
+        rows per centroid: ``256 * n_lists`` for the coarse quantizer and
+        ``256 * n_codewords`` for the residual codebooks.  An int caps
+        both; None uses every row.
+    n_jobs : int, default=None
+        Threads for training, encoding and search (parallel over queries,
+        GIL released).  None uses every thread OpenMP allows (threadpoolctl
+        limits apply).
+    random_state : int, RandomState instance or None, default=None
+    verbose : int, default=0
+        Progress messages on stderr.
+
+    Notes
+    -----
+    The coarse quantizer is :class:`~sklearn.cluster.KMeans` (random
+    initialisation, ``max_iter`` iterations) while ``n_train * n_lists <=
+    2**28``; beyond that, one Lloyd pass costs seconds and
+    :class:`~sklearn.cluster.MiniBatchKMeans` is used.  Vectors are
+    assigned to cells by L2 distance for every metric; cells are ranked at
+    query time by ``||q - c||`` (L2 metrics) or ``<q, c>`` (cosine, dot).
+
+    Attributes
+    ----------
+    cluster_centers_ : ndarray of shape (n_lists_, n_features)
+        Coarse centroids.
+    codebooks_ : ndarray of shape (n_subspaces, n_codewords, ds)
+        Residual codebooks.
+    codes_ : ndarray of shape (n_samples_fit_, n_subspaces), uint8 or uint16
+        Residual codes, list after list.
+    ids_ : ndarray of shape (n_samples_fit_,), int32 or int64
+        Id (row number at fit / partial_fit) of each code; int32 while the
+        index holds fewer than 2**31 vectors.
+    list_offsets_ : ndarray of shape (n_lists_ + 1,), int64
+        List l holds ``codes_[list_offsets_[l]:list_offsets_[l + 1]]``.
+    n_lists_ : int
+    n_samples_fit_ : int
+    n_iter_ : int
+        The most KMeans iterations run by any residual codebook.
+    vectors_ : ndarray of shape (n_samples_fit_, n_features) or None
+        Raw (for cosine: normalised) vectors, kept only if
+        ``refine_factor > 0``.
+    n_features_in_ : int
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+
+    See Also
+    --------
+    PQNeighbors : exhaustive ADC search, no coarse quantizer.
+    sklearn.neighbors.KNeighborsTransformer : the exact equivalent.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pqsk import IVFPQNeighbors
+    >>> rng = np.random.RandomState(0)
+    >>> X = rng.rand(2000, 16).astype(np.float32)
+    >>> nn = IVFPQNeighbors(n_neighbors=3, n_lists=16, n_probe=4, n_subspaces=4,
+    ...                     n_codewords=32, random_state=0).fit(X)
+    >>> nn.codes_.shape, nn.ids_.dtype
+    ((2000, 4), dtype('int32'))
+    >>> dist, ind = nn.kneighbors(X[:2])
+    >>> ind.shape
+    (2, 3)
+    >>> nn.partial_fit(X[:10]).n_samples_fit_
+    2010
+    """
+
+    _parameter_constraints = {
+        **PQParamsMixin._pq_parameter_constraints,
+        **BasePQNeighbors._neighbors_parameter_constraints,
+        "n_lists": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
+        "n_probe": [Interval(Integral, 1, None, closed="left")],
+        "refine_factor": [Interval(Integral, 0, None, closed="left")],
+    }
+
+    def __init__(
+        self,
+        n_neighbors=5,
+        *,
+        n_lists="auto",
+        n_probe=8,
+        n_subspaces=8,
+        n_codewords=256,
+        metric="euclidean",
+        refine_factor=0,
+        mode="distance",
+        init="random",
+        max_iter=25,
+        n_init=1,
+        tol=1e-4,
+        max_train_samples="auto",
+        codebooks=None,
+        n_jobs=None,
+        random_state=None,
+        verbose=0,
+    ):
+        self.n_neighbors = n_neighbors
+        self.n_lists = n_lists
+        self.n_probe = n_probe
+        self.n_subspaces = n_subspaces
+        self.n_codewords = n_codewords
+        self.metric = metric
+        self.refine_factor = refine_factor
+        self.mode = mode
+        self.init = init
+        self.max_iter = max_iter
+        self.n_init = n_init
+        self.tol = tol
+        self.max_train_samples = max_train_samples
+        self.codebooks = codebooks
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def _max_train_samples(self):
+        # PQParamsMixin uses this for the residual codebooks.
+        if self.max_train_samples == "auto":
+            return POINTS_PER_LIST * self.n_codewords
+        return self.max_train_samples
+
+    def _resolve_n_lists(self, n_samples):
+        if self.n_lists == "auto":
+            return int(max(1, min(4 * np.sqrt(n_samples), n_samples // MIN_POINTS_PER_LIST)))
+        return self.n_lists
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Train the coarse quantizer and residual codebooks, index every row.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : ignored
+
+        Returns
+        -------
+        self : IVFPQNeighbors
+        """
+        return self._fit(X)
+
+    def _fit_index(self, X, progress):
+        n, d = X.shape
+        _quantizer.check_subspaces(d, self.n_subspaces)
+        _quantizer.check_codewords(self.n_codewords, np.inf)
+        n_threads = effective_n_threads(self.n_jobs)
+        rng = check_random_state(self.random_state)
+        n_lists = self._resolve_n_lists(n)
+
+        cap = POINTS_PER_LIST * n_lists
+        if self.max_train_samples != "auto":
+            cap = self.max_train_samples if self.max_train_samples is not None else n
+        train = _quantizer.training_sample(X, cap, rng)
+        if train.shape[0] < n_lists:
+            raise ValueError(
+                f"n_lists={n_lists} needs at least {n_lists} training samples, got "
+                f"n_samples={train.shape[0]}; use fewer lists or more data."
+            )
+        if train.shape[0] < MIN_POINTS_PER_LIST * n_lists:
+            warnings.warn(
+                f"{train.shape[0]} training samples for n_lists={n_lists} is fewer "
+                f"than {MIN_POINTS_PER_LIST} per list; the coarse quantizer will be "
+                f"poor (256 per list is comfortable). Use fewer lists or more data.",
+                UserWarning,
+            )
+        progress(f"training the coarse quantizer: {n_lists} lists on {train.shape[0]} rows")
+        centroids, _ = _quantizer.train_coarse(
+            train, n_lists, max_iter=self.max_iter, tol=self.tol, random_state=rng,
+            n_threads=n_threads,
+        )
+        labels = _quantizer.assign(X, centroids)
+        progress("assigned every row to its list")
+
+        pq_rows = np.sort(rng.choice(n, size=min(n, self._max_train_samples() or n),
+                                     replace=False))
+        residuals = X[pq_rows] - centroids[labels[pq_rows]]
+        codebooks = self._fit_codebooks(residuals, progress)
+
+        self.cluster_centers_ = centroids
+        self.codebooks_ = codebooks
+        self.n_lists_ = n_lists
+        self._list_terms = (
+            np.empty((0, self.n_subspaces, self.n_codewords), dtype=X.dtype)
+            if self._inner_product else _quantizer.list_terms(centroids, codebooks)
+        )
+        self.codes_ = np.empty((0, self.n_subspaces), dtype=_quantizer.code_dtype(self.n_codewords))
+        self.ids_ = np.empty(0, dtype=np.int32)
+        self.list_offsets_ = np.zeros(n_lists + 1, dtype=np.int64)
+        self.vectors_ = None if self.refine_factor == 0 else np.empty((0, d), dtype=X.dtype)
+        self._add(X, labels, n_threads)
+        progress(f"indexed {n} vectors in {n_lists} lists")
+
+    def _add(self, X, labels, n_threads):
+        """Encode X (already assigned to lists) and merge it into the lists.
+
+        Everything is computed before any attribute is replaced, so an
+        error leaves the index as it was.
+        """
+        n_old = self.codes_.shape[0]
+        codes = _quantizer.encode_residuals(X, labels, self.cluster_centers_,
+                                            self.codebooks_, n_threads)
+        n_total = n_old + X.shape[0]
+        id_dtype = np.int32 if n_total < 2**31 else np.int64
+        old_lists = np.repeat(np.arange(self.n_lists_), np.diff(self.list_offsets_))
+        # Stable sort by list: old entries (ids ascending) come before new ones.
+        order = np.argsort(np.concatenate([old_lists, labels]), kind="stable")
+        all_codes = np.concatenate([self.codes_, codes])[order]
+        all_ids = np.concatenate([self.ids_.astype(id_dtype),
+                                  np.arange(n_old, n_total, dtype=id_dtype)])[order]
+        counts = np.bincount(np.concatenate([old_lists, labels]), minlength=self.n_lists_)
+        offsets = np.zeros(self.n_lists_ + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        vectors = None
+        if self.vectors_ is not None:
+            vectors = np.concatenate([self.vectors_, X])
+        self.codes_, self.ids_, self.list_offsets_ = all_codes, all_ids, offsets
+        self.vectors_ = vectors
+        self.n_samples_fit_ = n_total
+        self._n_features_out = n_total
+
+    def partial_fit(self, X, y=None):
+        """Add rows to the index without retraining.
+
+        New rows get ids ``n_samples_fit_``, ``n_samples_fit_ + 1``, ...
+        An unfitted estimator is fitted on X instead.  On error the index
+        is left unchanged.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : ignored
+
+        Returns
+        -------
+        self : IVFPQNeighbors
+        """
+        if not hasattr(self, "codes_"):
+            return self.fit(X)
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=FLOAT_DTYPES, order="C", reset=False)
+        X = self._prepare(np.ascontiguousarray(X, dtype=self._fit_dtype_))
+        labels = _quantizer.assign(X, self.cluster_centers_)
+        self._add(X, labels, effective_n_threads(self.n_jobs))
+        return self
+
+    def _n_probe(self):
+        if self.n_probe > self.n_lists_:
+            warnings.warn(
+                f"n_probe={self.n_probe} is larger than n_lists={self.n_lists_}; "
+                f"scanning all {self.n_lists_} lists.",
+                UserWarning,
+            )
+            return self.n_lists_
+        return self.n_probe
+
+    def _search(self, Q, n_neighbors, n_threads):
+        ip = self._inner_product
+        refine = self.refine_factor > 0
+        if refine and self.vectors_ is None:
+            raise ValueError(
+                "refine_factor > 0 needs the raw vectors, which are kept only when "
+                "the index is fitted with refine_factor > 0; refit the index."
+            )
+        n_cand = min(n_neighbors * self.refine_factor, self.n_samples_fit_) if refine \
+            else n_neighbors
+        n_probe = self._n_probe()
+        dist = np.empty((Q.shape[0], n_neighbors), dtype=self._fit_dtype_)
+        ind = np.empty((Q.shape[0], n_neighbors), dtype=np.int64)
+        step = _quantizer.chunk_rows(max(self.n_lists_, n_cand * Q.shape[1]))
+        for sl in _quantizer._chunks(Q.shape[0], step):
+            coarse = _quantizer.coarse_terms(Q[sl], self.cluster_centers_, ip)
+            d, i = _quantizer.ivf_search(
+                Q[sl], coarse, self.codebooks_, self._list_terms, self.codes_, self.ids_,
+                self.list_offsets_, n_cand, n_probe, ip, n_threads,
+            )
+            if refine:
+                d, i = _quantizer.exact_rerank(Q[sl], self.vectors_, i, n_neighbors, ip)
+            dist[sl], ind[sl] = d, i
+        return dist, ind
+
+    def _self_queries(self):
+        if self.vectors_ is not None:
+            return self.vectors_
+        lists = np.repeat(np.arange(self.n_lists_), np.diff(self.list_offsets_))
+        X_hat = np.empty((self.n_samples_fit_, self.n_features_in_), dtype=self._fit_dtype_)
+        X_hat[self.ids_] = (self.cluster_centers_[lists]
+                            + _quantizer.decode(self.codes_, self.codebooks_))
+        return X_hat
+
+    @property
+    def memory_usage_(self):
+        """Bytes held by the fitted index, by part (dict of ints).
+
+        ``per_vector`` counts what grows with the number of vectors: codes
+        and ids (and raw vectors when ``refine_factor > 0``).
+        """
+        check_is_fitted(self)
+        parts = {
+            "codes": self.codes_.nbytes,
+            "ids": self.ids_.nbytes,
+            "list_offsets": self.list_offsets_.nbytes,
+            "centroids": self.cluster_centers_.nbytes,
+            "codebooks": self.codebooks_.nbytes,
+            "list_terms": self._list_terms.nbytes,
+            "vectors": 0 if self.vectors_ is None else self.vectors_.nbytes,
+        }
+        per_vec = parts["codes"] + parts["ids"] + parts["vectors"]
+        parts["total"] = sum(parts.values())
+        parts["per_vector"] = per_vec / max(1, self.n_samples_fit_)
+        return parts
