@@ -55,11 +55,15 @@ class IVFPQNeighbors(PQParamsMixin, BasePQNeighbors):
         the returned distances are exact.  0 keeps only codes.
     mode : {"distance", "connectivity"}, default="distance"
         What ``transform`` stores in the graph.
+    coarse_max_iter : int, default=10
+        Lloyd iterations of the coarse k-means.  Cells need not be optimal,
+        only balanced and compact: 10 (as faiss) is enough, and each
+        iteration over ``n_lists`` centroids is expensive.
     max_train_samples : int, "auto" or None, default="auto"
-        Cap on the rows each k-means is trained on.  ``"auto"`` uses 256
-        rows per centroid: ``256 * n_lists`` for the coarse quantizer and
-        ``256 * n_codewords`` for the residual codebooks.  An int caps
-        both; None uses every row.
+        Rows drawn from X to train on; ``"auto"`` means ``256 * n_lists``,
+        None every row.  Within that sample each k-means sees at most 256
+        rows per centroid: ``256 * n_lists`` for the coarse quantizer,
+        ``256 * n_codewords`` for the residual codebooks (as faiss does).
     n_jobs : int, default=None
         Threads for training, encoding and search (parallel over queries,
         GIL released).  None uses every thread OpenMP allows (threadpoolctl
@@ -71,7 +75,7 @@ class IVFPQNeighbors(PQParamsMixin, BasePQNeighbors):
     Notes
     -----
     The coarse quantizer is :class:`~sklearn.cluster.KMeans` (random
-    initialisation, ``max_iter`` iterations) while ``n_train * n_lists <=
+    initialisation, ``coarse_max_iter`` iterations) while ``n_train * n_lists <=
     2**28``; beyond that, one Lloyd pass costs seconds and
     :class:`~sklearn.cluster.MiniBatchKMeans` is used.  Vectors are
     assigned to cells by L2 distance for every metric; cells are ranked at
@@ -128,6 +132,7 @@ class IVFPQNeighbors(PQParamsMixin, BasePQNeighbors):
         "n_lists": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "n_probe": [Interval(Integral, 1, None, closed="left")],
         "refine_factor": [Interval(Integral, 0, None, closed="left")],
+        "coarse_max_iter": [Interval(Integral, 1, None, closed="left")],
     }
 
     def __init__(
@@ -141,6 +146,7 @@ class IVFPQNeighbors(PQParamsMixin, BasePQNeighbors):
         metric="euclidean",
         refine_factor=0,
         mode="distance",
+        coarse_max_iter=10,
         init="random",
         max_iter=25,
         n_init=1,
@@ -159,6 +165,7 @@ class IVFPQNeighbors(PQParamsMixin, BasePQNeighbors):
         self.metric = metric
         self.refine_factor = refine_factor
         self.mode = mode
+        self.coarse_max_iter = coarse_max_iter
         self.init = init
         self.max_iter = max_iter
         self.n_init = n_init
@@ -170,10 +177,9 @@ class IVFPQNeighbors(PQParamsMixin, BasePQNeighbors):
         self.verbose = verbose
 
     def _max_train_samples(self):
-        # PQParamsMixin uses this for the residual codebooks.
-        if self.max_train_samples == "auto":
-            return POINTS_PER_LIST * self.n_codewords
-        return self.max_train_samples
+        # PQParamsMixin uses this for the residual codebooks, which see at
+        # most 256 rows per codeword of the training sample.
+        return POINTS_PER_LIST * self.n_codewords
 
     def _resolve_n_lists(self, n_samples):
         if self.n_lists == "auto":
@@ -203,9 +209,10 @@ class IVFPQNeighbors(PQParamsMixin, BasePQNeighbors):
         rng = check_random_state(self.random_state)
         n_lists = self._resolve_n_lists(n)
 
-        cap = POINTS_PER_LIST * n_lists
-        if self.max_train_samples != "auto":
-            cap = self.max_train_samples if self.max_train_samples is not None else n
+        if self.max_train_samples == "auto":
+            cap = POINTS_PER_LIST * n_lists
+        else:
+            cap = n if self.max_train_samples is None else self.max_train_samples
         train = _quantizer.training_sample(X, cap, rng)
         if train.shape[0] < n_lists:
             raise ValueError(
@@ -219,18 +226,20 @@ class IVFPQNeighbors(PQParamsMixin, BasePQNeighbors):
                 f"poor (256 per list is comfortable). Use fewer lists or more data.",
                 UserWarning,
             )
-        progress(f"training the coarse quantizer: {n_lists} lists on {train.shape[0]} rows")
+        coarse_train = _quantizer.training_sample(train, POINTS_PER_LIST * n_lists, rng)
+        progress(f"training the coarse quantizer: {n_lists} lists on "
+                 f"{coarse_train.shape[0]} rows")
         centroids, _ = _quantizer.train_coarse(
-            train, n_lists, max_iter=self.max_iter, tol=self.tol, random_state=rng,
-            n_threads=n_threads,
+            coarse_train, n_lists, max_iter=self.coarse_max_iter, tol=self.tol,
+            random_state=rng, n_threads=n_threads,
         )
+        # Residual codebooks: trained on the residuals of (at most
+        # 256 * n_codewords of) the training rows.
+        pq_train = _quantizer.training_sample(train, self._max_train_samples(), rng)
+        residuals = pq_train - centroids[_quantizer.assign(pq_train, centroids)]
+        codebooks = self._fit_codebooks(residuals, progress)
         labels = _quantizer.assign(X, centroids)
         progress("assigned every row to its list")
-
-        pq_rows = np.sort(rng.choice(n, size=min(n, self._max_train_samples() or n),
-                                     replace=False))
-        residuals = X[pq_rows] - centroids[labels[pq_rows]]
-        codebooks = self._fit_codebooks(residuals, progress)
 
         self.cluster_centers_ = centroids
         self.codebooks_ = codebooks

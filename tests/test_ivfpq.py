@@ -272,7 +272,8 @@ def test_same_answers_as_pqneighbors_with_one_list():
         ivf.fit(X)
     # One list: the residual of x is x - mean(X); same search as exhaustive
     # PQ over the centred data.
-    pq = PQNeighbors(**kw).fit(X - ivf.cluster_centers_[0])
+    pq = PQNeighbors(codebooks=ivf.codebooks_, **kw).fit(X - ivf.cluster_centers_[0])
     d1, i1 = ivf.kneighbors(X[:20])
     d2, i2 = pq.kneighbors(X[:20] - ivf.cluster_centers_[0])
     assert_allclose(d1, d2, rtol=1e-5)
+    assert_array_equal(i1, i2)
