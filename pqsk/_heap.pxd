@@ -76,3 +76,36 @@ cdef inline void heap_sort(floating* dist,   # INOUT
         i = idx[0]; idx[0] = idx[end]; idx[end] = i
         heap_sift_down(dist, idx, end, 0)
         end -= 1
+
+
+# Variable-size max-heap on (dist, idx), for beam searches: ``size`` is the
+# current number of entries, capacity is the caller's business.
+
+cdef inline void vheap_push(floating* dist,   # INOUT
+                            int64_t* idx,     # INOUT
+                            Py_ssize_t* size,  # INOUT
+                            floating d,
+                            int64_t i) noexcept nogil:
+    """Insert (d, i), sifting it up; the caller guarantees room for it."""
+    cdef Py_ssize_t pos = size[0], parent
+    size[0] += 1
+    while pos > 0:
+        parent = (pos - 1) >> 1
+        if not pair_greater(d, i, dist[parent], idx[parent]):
+            break
+        dist[pos] = dist[parent]
+        idx[pos] = idx[parent]
+        pos = parent
+    dist[pos] = d
+    idx[pos] = i
+
+
+cdef inline void vheap_pop(floating* dist,    # INOUT
+                           int64_t* idx,      # INOUT
+                           Py_ssize_t* size) noexcept nogil:
+    """Remove the root (the largest pair); the heap must not be empty."""
+    size[0] -= 1
+    if size[0] > 0:
+        dist[0] = dist[size[0]]
+        idx[0] = idx[size[0]]
+        heap_sift_down(dist, idx, size[0], 0)

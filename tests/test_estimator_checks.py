@@ -3,11 +3,13 @@
 import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from pqsk import IVFPQNeighbors, PQNeighbors, PQTransformer
+from pqsk import HNSWPQNeighbors, IVFPQNeighbors, PQNeighbors, PQTransformer
 
 # Parameters small enough for scikit-learn's tiny check data (some checks
 # fit on 10 or 20 rows).
 ESTIMATORS = [
+    HNSWPQNeighbors(n_neighbors=3, n_links=4, ef_construction=16, n_subspaces=1,
+                    n_codewords=8, random_state=0),
     IVFPQNeighbors(n_neighbors=3, n_lists=2, n_probe=2, n_subspaces=1, n_codewords=8,
                    random_state=0),
     PQTransformer(n_subspaces=1, n_codewords=8, random_state=0),

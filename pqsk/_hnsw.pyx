@@ -1,0 +1,419 @@
+"""Hierarchical navigable small-world graph kernels (Malkov & Yashunin,
+"Efficient and robust approximate nearest neighbor search using
+Hierarchical Navigable Small World graphs", IEEE TPAMI 2018).
+
+The graph is link structure only, in flat int32 arrays:
+
+* ``links0[i, :]``: the (at most 2 * M) level-0 neighbours of node i;
+* node i with level L >= 1 owns rows ``upper_off[i] .. upper_off[i] + L - 1``
+  of ``upper`` (at most M neighbours per row), row ``upper_off[i] + l - 1``
+  being level l;
+* unused slots hold -1.
+
+Distances come from a ``Dist`` context, so the same graph code serves the
+build (exact distances between float32 vectors) and the search (ADC: a
+query's lookup tables against the stored codes).  All functions are
+``noexcept nogil`` and never allocate: scratch space is passed in.
+"""
+
+cimport cython
+from cython.parallel cimport prange, parallel, threadid
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
+from libc.string cimport memset
+from libc.math cimport INFINITY
+from libc.stdint cimport INT64_MAX
+
+from ._heap cimport heap_sort, vheap_push, vheap_pop
+from ._kernels cimport build_table
+
+cdef enum:
+    EXACT = 0
+    ADC = 1
+
+
+cdef struct Graph:
+    int32_t* links0
+    int32_t* upper
+    const int64_t* upper_off
+    Py_ssize_t M
+    Py_ssize_t M0
+
+
+cdef struct Dist:
+    int kind                 # EXACT or ADC
+    bint inner_product       # distance = -<q, x> instead of ||q - x||^2
+    const float* vectors     # EXACT: (n, dim) float32
+    Py_ssize_t dim
+    const float* query       # EXACT: (dim,) the vector being inserted
+    const float* table       # ADC: (m, k)
+    const uint8_t* codes8    # ADC: (n, m), one of codes8 / codes16
+    const uint16_t* codes16
+    Py_ssize_t m
+    Py_ssize_t k
+    int64_t count            # distance computations so far
+
+
+cdef struct Work:
+    uint32_t* visited        # (n,) generation marks
+    uint32_t gen
+    float* cand_d            # (capacity,) candidate min-heap, distances negated
+    int64_t* cand_i
+    float* res_d             # (ef,) result max-heap
+    int64_t* res_i
+
+
+cdef inline int32_t* node_links(Graph* g, int64_t node, int level,
+                                Py_ssize_t* cap) noexcept nogil:
+    if level == 0:
+        cap[0] = g.M0
+        return g.links0 + node * g.M0
+    cap[0] = g.M
+    return g.upper + (g.upper_off[node] + level - 1) * g.M
+
+
+cdef inline float vec_dist(Dist* d, const float* a, const float* b) noexcept nogil:
+    cdef Py_ssize_t t
+    cdef float s = 0, diff
+    if d.inner_product:
+        for t in range(d.dim):
+            s -= a[t] * b[t]
+    else:
+        for t in range(d.dim):
+            diff = a[t] - b[t]
+            s += diff * diff
+    return s
+
+
+cdef inline float dist_q(Dist* d, int64_t node) noexcept nogil:
+    """Distance between the context's query and a node."""
+    cdef Py_ssize_t j
+    cdef float s = 0
+    cdef const float* t = d.table
+    d.count += 1
+    if d.kind == EXACT:
+        return vec_dist(d, d.query, d.vectors + node * d.dim)
+    if d.codes8 != NULL:
+        for j in range(d.m):
+            s += t[d.codes8[node * d.m + j]]
+            t += d.k
+    else:
+        for j in range(d.m):
+            s += t[d.codes16[node * d.m + j]]
+            t += d.k
+    return s
+
+
+cdef inline float dist_nodes(Dist* d, int64_t a, int64_t b) noexcept nogil:
+    """Distance between two stored nodes (build only)."""
+    d.count += 1
+    return vec_dist(d, d.vectors + a * d.dim, d.vectors + b * d.dim)
+
+
+cdef inline void next_generation(Work* w, Py_ssize_t n) noexcept nogil:
+    w.gen += 1
+    if w.gen == 0:                       # wrapped: clear once every 2**32 searches
+        memset(w.visited, 0, n * sizeof(uint32_t))
+        w.gen = 1
+
+
+cdef int64_t greedy(Graph* g, Dist* d, int64_t cur, float* d_cur,
+                    int level) noexcept nogil:
+    """Move to the nearest neighbour while it is closer (ef = 1)."""
+    cdef bint changed = True
+    cdef Py_ssize_t cap, t
+    cdef int32_t* links
+    cdef int64_t e
+    cdef float de
+    while changed:
+        changed = False
+        links = node_links(g, cur, level, &cap)
+        for t in range(cap):
+            e = links[t]
+            if e < 0:
+                break
+            de = dist_q(d, e)
+            if de < d_cur[0] or (de == d_cur[0] and e < cur):
+                d_cur[0] = de
+                cur = e
+                changed = True
+    return cur
+
+
+cdef Py_ssize_t search_layer(Graph* g, Dist* d, Work* w, Py_ssize_t n,
+                             int64_t entry, float d_entry, Py_ssize_t ef,
+                             int level) noexcept nogil:
+    """Best-first beam search of width ``ef`` on one level.
+
+    Leaves the (at most ef) best nodes found in the max-heap
+    ``w.res_d / w.res_i`` and returns their number.
+    """
+    cdef Py_ssize_t n_cand = 0, n_res = 0, cap, t
+    cdef int32_t* links
+    cdef int64_t c, e
+    cdef float dc, de
+    next_generation(w, n)
+    w.visited[entry] = w.gen
+    vheap_push(w.cand_d, w.cand_i, &n_cand, -d_entry, -entry)
+    vheap_push(w.res_d, w.res_i, &n_res, d_entry, entry)
+    while n_cand > 0:
+        dc = -w.cand_d[0]
+        c = -w.cand_i[0]
+        if n_res >= ef and dc > w.res_d[0]:
+            break
+        vheap_pop(w.cand_d, w.cand_i, &n_cand)
+        links = node_links(g, c, level, &cap)
+        for t in range(cap):
+            e = links[t]
+            if e < 0:
+                break
+            if w.visited[e] == w.gen:
+                continue
+            w.visited[e] = w.gen
+            de = dist_q(d, e)
+            if n_res < ef or de < w.res_d[0] or (de == w.res_d[0] and e < w.res_i[0]):
+                vheap_push(w.cand_d, w.cand_i, &n_cand, -de, -e)
+                vheap_push(w.res_d, w.res_i, &n_res, de, e)
+                if n_res > ef:
+                    vheap_pop(w.res_d, w.res_i, &n_res)
+    return n_res
+
+
+cdef Py_ssize_t select_heuristic(Dist* d, const float* cand_d, const int64_t* cand_i,
+                                 Py_ssize_t n_cand, Py_ssize_t max_links,
+                                 int64_t* out) noexcept nogil:
+    """HNSW neighbour selection: walk the candidates nearest first and keep
+    one only if it is closer to the base than to every one already kept.
+    ``cand_*`` must be sorted ascending by distance to the base."""
+    cdef Py_ssize_t a, b, n_out = 0
+    cdef bint good
+    for a in range(n_cand):
+        if n_out >= max_links:
+            break
+        good = True
+        for b in range(n_out):
+            if dist_nodes(d, cand_i[a], out[b]) < cand_d[a]:
+                good = False
+                break
+        if good:
+            out[n_out] = cand_i[a]
+            n_out += 1
+    return n_out
+
+
+cdef void add_link(Graph* g, Dist* d, int64_t src, int64_t dst, int level,
+                   float* sd, int64_t* si, int64_t* sel) noexcept nogil:
+    """Link src -> dst; when src's list is full, re-select it (with dst)
+    by the heuristic.  ``sd``, ``si``, ``sel``: scratch of 2 * M0 + 1."""
+    cdef Py_ssize_t cap, t, n_c = 0, n_sel, a
+    cdef int32_t* links = node_links(g, src, level, &cap)
+    cdef float td
+    cdef int64_t ti
+    for t in range(cap):
+        if links[t] < 0:
+            links[t] = <int32_t> dst
+            return
+        if links[t] == dst:
+            return
+    # Full: gather the old links and dst with their distances to src, sort.
+    for t in range(cap):
+        sd[n_c] = dist_nodes(d, src, links[t])
+        si[n_c] = links[t]
+        n_c += 1
+    sd[n_c] = dist_nodes(d, src, dst)
+    si[n_c] = dst
+    n_c += 1
+    for t in range(1, n_c):              # insertion sort, n_c <= 2 * M0 + 1
+        td = sd[t]
+        ti = si[t]
+        a = t - 1
+        while a >= 0 and (sd[a] > td or (sd[a] == td and si[a] > ti)):
+            sd[a + 1] = sd[a]
+            si[a + 1] = si[a]
+            a -= 1
+        sd[a + 1] = td
+        si[a + 1] = ti
+    n_sel = select_heuristic(d, sd, si, n_c, cap, sel)
+    for t in range(cap):
+        links[t] = <int32_t> sel[t] if t < n_sel else -1
+
+
+def hnsw_build(const float[:, ::1] vectors,         # IN  (n, D) float32
+               const int32_t[::1] levels,           # IN  (n,)
+               int32_t[:, ::1] links0,              # INOUT (n, M0)
+               int32_t[:, ::1] upper,               # INOUT (n_upper_rows, M)
+               const int64_t[::1] upper_off,        # IN  (n,)
+               Py_ssize_t start,
+               Py_ssize_t stop,
+               int64_t entry_point,
+               int max_level,
+               Py_ssize_t ef_construction,
+               bint inner_product,
+               uint32_t[::1] visited,               # scratch (n,)
+               float[::1] cand_d, int64_t[::1] cand_i,  # scratch (n,)
+               float[::1] res_d, int64_t[::1] res_i,    # scratch (ef_construction + 1,)
+               float[::1] sd, int64_t[::1] si,          # scratch (2 * M0 + 1,)
+               int64_t[::1] sel,                         # scratch (2 * M0 + 1,)
+               int64_t[::1] stats):                      # OUT (1,) distance count
+    """Insert nodes ``start .. stop - 1`` in order; nodes before ``start``
+    are already linked.  Returns (entry_point, max_level); entry_point -1
+    means an empty graph.  Deterministic: one thread, fixed order."""
+    cdef Py_ssize_t n = vectors.shape[0]
+    cdef Graph g
+    cdef Dist d
+    cdef Work w
+    cdef Py_ssize_t q, n_res, n_sel, t
+    cdef int lev, L, top
+    cdef int64_t cur
+    cdef float d_cur
+    cdef int32_t* links
+    cdef Py_ssize_t cap
+    g.links0 = &links0[0, 0] if links0.shape[0] > 0 else NULL
+    g.upper = &upper[0, 0] if upper.shape[0] > 0 else NULL
+    g.upper_off = &upper_off[0] if upper_off.shape[0] > 0 else NULL
+    g.M = upper.shape[1]
+    g.M0 = links0.shape[1]
+    d.kind = EXACT
+    d.inner_product = inner_product
+    d.vectors = &vectors[0, 0] if n > 0 else NULL
+    d.dim = vectors.shape[1]
+    d.count = 0
+    w.visited = &visited[0] if n > 0 else NULL
+    w.gen = 0
+    if n > 0:
+        memset(w.visited, 0, n * sizeof(uint32_t))
+    w.cand_d = &cand_d[0] if n > 0 else NULL
+    w.cand_i = &cand_i[0] if n > 0 else NULL
+    w.res_d = &res_d[0]
+    w.res_i = &res_i[0]
+    with nogil:
+        for q in range(start, stop):
+            L = levels[q]
+            if entry_point < 0:
+                entry_point = q
+                max_level = L
+                continue
+            d.query = d.vectors + q * d.dim
+            cur = entry_point
+            d_cur = dist_q(&d, cur)
+            lev = max_level
+            while lev > L:
+                cur = greedy(&g, &d, cur, &d_cur, lev)
+                lev -= 1
+            top = L if L < max_level else max_level
+            for lev in range(top, -1, -1):
+                n_res = search_layer(&g, &d, &w, n, cur, d_cur, ef_construction, lev)
+                heap_sort(w.res_d, w.res_i, n_res)           # ascending
+                links = node_links(&g, q, lev, &cap)
+                n_sel = select_heuristic(&d, w.res_d, w.res_i, n_res, cap, &sel[0])
+                for t in range(cap):
+                    links[t] = <int32_t> sel[t] if t < n_sel else -1
+                for t in range(n_sel):
+                    add_link(&g, &d, sel[t], q, lev, &sd[0], &si[0], &sel[n_sel])
+                cur = w.res_i[0]
+                d_cur = w.res_d[0]
+            if L > max_level:
+                entry_point = q
+                max_level = L
+    stats[0] += d.count
+    return entry_point, max_level
+
+
+cdef void search_one(Graph* g, const float* query, const float* cbt,
+                     Py_ssize_t m, Py_ssize_t ds, Py_ssize_t k,
+                     const uint8_t* codes8, const uint16_t* codes16, Py_ssize_t n,
+                     int64_t entry_point, int max_level, Py_ssize_t ef,
+                     bint inner_product, float* table, uint32_t* visited,
+                     uint32_t* gen, float* cand_d, int64_t* cand_i,
+                     float* res_d, int64_t* res_i,
+                     float* out_dist, int64_t* out_idx, Py_ssize_t n_out,
+                     int64_t* n_dist) noexcept nogil:
+    """One query: tables, greedy descent, level-0 beam, sorted output."""
+    cdef Dist d
+    cdef Work w
+    cdef Py_ssize_t n_res, t
+    cdef int lev
+    cdef int64_t cur
+    cdef float d_cur
+    build_table(query, cbt, m, ds, k, inner_product, table)
+    d.kind = ADC
+    d.inner_product = inner_product
+    d.table = table
+    d.codes8 = codes8
+    d.codes16 = codes16
+    d.m = m
+    d.k = k
+    d.count = 0
+    w.visited = visited
+    w.gen = gen[0]
+    w.cand_d = cand_d
+    w.cand_i = cand_i
+    w.res_d = res_d
+    w.res_i = res_i
+    cur = entry_point
+    d_cur = dist_q(&d, cur)
+    for lev in range(max_level, 0, -1):
+        cur = greedy(g, &d, cur, &d_cur, lev)
+    n_res = search_layer(g, &d, &w, n, cur, d_cur, ef, 0)
+    heap_sort(res_d, res_i, n_res)
+    for t in range(n_out):
+        if t < n_res:
+            out_dist[t] = res_d[t]
+            out_idx[t] = res_i[t]
+        else:
+            out_dist[t] = INFINITY
+            out_idx[t] = INT64_MAX
+    gen[0] = w.gen
+    n_dist[0] = d.count
+
+
+def hnsw_search(const float[:, ::1] Q,                 # IN  (nq, D) float32
+                const float[:, :, ::1] codebooks_t,    # IN  (m, ds, k)
+                const uint8_t[:, ::1] codes8,          # IN  (n, m) or (0, m)
+                const uint16_t[:, ::1] codes16,        # IN  (n, m) or (0, m)
+                const int32_t[:, ::1] links0,          # IN  (n, M0)
+                const int32_t[:, ::1] upper,           # IN  (n_upper_rows, M)
+                const int64_t[::1] upper_off,          # IN  (n,)
+                int64_t entry_point,
+                int max_level,
+                Py_ssize_t ef,
+                bint inner_product,
+                float[:, ::1] out_dist,                # OUT (nq, n_out)
+                int64_t[:, ::1] out_idx,               # OUT (nq, n_out)
+                int64_t[::1] n_dist,                   # OUT (nq,) distance computations
+                uint32_t[:, ::1] visited,              # scratch (n_threads, n)
+                uint32_t[::1] gens,                    # scratch (n_threads,)
+                float[:, ::1] cand_d, int64_t[:, ::1] cand_i,   # scratch (n_threads, n)
+                float[:, ::1] res_d, int64_t[:, ::1] res_i,     # scratch (n_threads, ef + 1)
+                float[:, ::1] tables,                  # scratch (n_threads, m * k)
+                int n_threads):
+    """ADC search: greedy descent through the upper levels, then a beam of
+    width ``ef`` (>= n_out) on level 0.  Rows come out sorted by
+    (distance, id); slots beyond the nodes found hold (+inf, INT64_MAX).
+    Parallel over queries; each thread has its own scratch row."""
+    cdef Py_ssize_t nq = Q.shape[0]
+    cdef Py_ssize_t n = links0.shape[0]
+    cdef Py_ssize_t n_out = out_dist.shape[1]
+    cdef Py_ssize_t q
+    cdef int tid
+    cdef Graph g
+    if nq == 0 or n == 0 or entry_point < 0 or n_out == 0:
+        return
+    g.links0 = <int32_t*> &links0[0, 0]
+    g.upper = <int32_t*> &upper[0, 0] if upper.shape[0] > 0 else NULL
+    g.upper_off = &upper_off[0]
+    g.M = upper.shape[1]
+    g.M0 = links0.shape[1]
+    for tid in range(visited.shape[0]):
+        gens[tid] = 0
+        visited[tid, :] = 0
+    with nogil:
+        for q in prange(nq, schedule="dynamic", num_threads=n_threads):
+            tid = threadid()
+            search_one(&g, &Q[q, 0], &codebooks_t[0, 0, 0], codebooks_t.shape[0],
+                       codebooks_t.shape[1], codebooks_t.shape[2],
+                       &codes8[0, 0] if codes8.shape[0] > 0 else NULL,
+                       &codes16[0, 0] if codes16.shape[0] > 0 else NULL,
+                       n, entry_point, max_level, ef, inner_product,
+                       &tables[tid, 0], &visited[tid, 0], &gens[tid],
+                       &cand_d[tid, 0], &cand_i[tid, 0], &res_d[tid, 0], &res_i[tid, 0],
+                       &out_dist[q, 0], &out_idx[q, 0], n_out, &n_dist[q])

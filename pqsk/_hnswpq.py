@@ -1,0 +1,386 @@
+"""HNSWPQNeighbors: a hierarchical navigable small-world graph over PQ codes."""
+
+from numbers import Integral
+
+import numpy as np
+from sklearn.base import _fit_context
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from . import _hnsw, _quantizer
+from ._base import FLOAT_DTYPES, BasePQNeighbors, PQParamsMixin
+from ._utils import Progress, effective_n_threads
+
+MAX_LEVEL = 32
+BUILD_CHUNK = 20000  # nodes inserted between two progress messages
+
+
+def sample_levels(n, n_links, random_state):
+    """Insertion levels ``floor(-ln(U) / ln(M))``: P(level >= l) = M**-l."""
+    u = 1.0 - random_state.random_sample(n)          # in (0, 1]
+    levels = np.floor(-np.log(u) / np.log(n_links)).astype(np.int32)
+    return np.minimum(levels, MAX_LEVEL)
+
+
+class HNSWPQNeighbors(PQParamsMixin, BasePQNeighbors):
+    """Approximate nearest neighbours on an HNSW graph over PQ codes.
+
+    Vectors are stored as PQ codes and linked in a hierarchical navigable
+    small-world graph (Malkov and Yashunin, IEEE TPAMI 2018): each node
+    gets a random level (P(level >= l) = n_links**-l), is linked on every
+    level up to its own to its nearest neighbours chosen by the HNSW
+    heuristic (keep a candidate only if it is closer to the new node than
+    to every neighbour already kept), ``n_links`` per node on the upper
+    levels and ``2 * n_links`` on level 0, with back-links pruned by the
+    same heuristic.  A query descends greedily from the top level's entry
+    point, then runs a best-first search of width ``ef_search`` on level 0,
+    all distances being ADC lookups (tables + additions) on the codes.
+
+    Parameters
+    ----------
+    n_neighbors : int, default=5
+    n_links : int, default=16
+        M, links per node on the upper levels (2 * M on level 0); >= 2.
+    ef_construction : int, default=200
+        Beam width while inserting nodes: larger builds a better graph,
+        more slowly.
+    ef_search : int, default=64
+        Beam width at query time; can be changed after fit with
+        ``set_params``.  It is raised to the number of candidates needed
+        (``n_neighbors``, or ``refine_factor * n_neighbors``) when smaller.
+    n_subspaces, n_codewords, init, max_iter, n_init, tol, max_train_samples, codebooks
+        Product quantizer parameters, as in :class:`PQTransformer`.
+    metric : {"euclidean", "sqeuclidean", "cosine", "dot"}, default="euclidean"
+        As in :class:`PQNeighbors`.
+    refine_factor : int, default=0
+        If positive, the raw vectors are kept and ``refine_factor *
+        n_neighbors`` candidates are re-ranked by exact distance.
+    mode : {"distance", "connectivity"}, default="distance"
+    n_jobs : int, default=None
+        Threads for training, encoding and search (parallel over queries).
+        The graph is always built on one thread, so it is deterministic
+        for a given ``random_state``.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the quantizer training and the node levels.
+    verbose : int, default=0
+        Progress of the graph build on stderr.
+
+    Notes
+    -----
+    The graph is built with exact float32 distances between the vectors
+    (the vectors are dropped afterwards unless ``refine_factor > 0``), so
+    its links follow the true geometry rather than the quantization
+    noise.  ``partial_fit`` links new nodes using the decoded vectors of
+    the old ones (or the kept raw vectors).  Internally all graph work is
+    float32; distances are returned in the fitted dtype.
+
+    Attributes
+    ----------
+    codebooks_ : ndarray of shape (n_subspaces, n_codewords, ds)
+    codes_ : ndarray of shape (n_samples_fit_, n_subspaces), uint8 or uint16
+    levels_ : ndarray of shape (n_samples_fit_,), int32
+        Level of each node.
+    links0_ : ndarray of shape (n_samples_fit_, 2 * n_links), int32
+        Level-0 neighbours, -1 for unused slots.
+    upper_links_ : ndarray of shape (levels_.sum(), n_links), int32
+        Upper-level neighbours; node i's level l (1 <= l <= levels_[i]) is
+        row ``upper_offsets_[i] + l - 1``.
+    upper_offsets_ : ndarray of shape (n_samples_fit_,), int64
+    entry_point_ : int
+        A node of the top level, where every search starts.
+    max_level_ : int
+    vectors_ : ndarray of shape (n_samples_fit_, n_features) or None
+        Kept only when ``refine_factor > 0``.
+    n_samples_fit_ : int
+    n_iter_ : int
+    n_features_in_ : int
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+
+    See Also
+    --------
+    IVFPQNeighbors : inverted-file search over PQ codes.
+    PQNeighbors : exhaustive ADC search.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pqsk import HNSWPQNeighbors
+    >>> rng = np.random.RandomState(0)
+    >>> X = rng.rand(2000, 16).astype(np.float32)
+    >>> nn = HNSWPQNeighbors(n_neighbors=3, n_links=8, ef_construction=64,
+    ...                      n_subspaces=4, n_codewords=32, random_state=0).fit(X)
+    >>> nn.links0_.shape
+    (2000, 16)
+    >>> dist, ind = nn.kneighbors(X[:2])
+    >>> ind.shape
+    (2, 3)
+    """
+
+    _parameter_constraints = {
+        **PQParamsMixin._pq_parameter_constraints,
+        **BasePQNeighbors._neighbors_parameter_constraints,
+        "n_links": [Interval(Integral, 2, None, closed="left")],
+        "ef_construction": [Interval(Integral, 1, None, closed="left")],
+        "ef_search": [Interval(Integral, 1, None, closed="left")],
+        "refine_factor": [Interval(Integral, 0, None, closed="left")],
+    }
+
+    def __init__(
+        self,
+        n_neighbors=5,
+        *,
+        n_links=16,
+        ef_construction=200,
+        ef_search=64,
+        n_subspaces=8,
+        n_codewords=256,
+        metric="euclidean",
+        refine_factor=0,
+        mode="distance",
+        init="random",
+        max_iter=25,
+        n_init=1,
+        tol=1e-4,
+        max_train_samples="auto",
+        codebooks=None,
+        n_jobs=None,
+        random_state=None,
+        verbose=0,
+    ):
+        self.n_neighbors = n_neighbors
+        self.n_links = n_links
+        self.ef_construction = ef_construction
+        self.ef_search = ef_search
+        self.n_subspaces = n_subspaces
+        self.n_codewords = n_codewords
+        self.metric = metric
+        self.refine_factor = refine_factor
+        self.mode = mode
+        self.init = init
+        self.max_iter = max_iter
+        self.n_init = n_init
+        self.tol = tol
+        self.max_train_samples = max_train_samples
+        self.codebooks = codebooks
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+        self.verbose = verbose
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Train the codebooks, encode X and build the graph.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : ignored
+
+        Returns
+        -------
+        self : HNSWPQNeighbors
+        """
+        return self._fit(X)
+
+    def _fit_index(self, X, progress):
+        n, d = X.shape
+        rng = check_random_state(self.random_state)
+        self.codebooks_ = self._fit_codebooks(X, progress)
+        codes = _quantizer.encode(X, self.codebooks_, effective_n_threads(self.n_jobs))
+        progress(f"encoded {n} vectors")
+        self._levels_rng_ = rng
+        empty = _Graph.empty(d, self.n_links, X.dtype, self.n_subspaces,
+                             self.codebooks_.dtype, codes.dtype)
+        self._install(empty.extend(self, X, codes, np.ascontiguousarray(X, np.float32),
+                                   progress))
+
+    def _install(self, graph):
+        self.codes_ = graph.codes
+        self.levels_ = graph.levels
+        self.links0_ = graph.links0
+        self.upper_links_ = graph.upper
+        self.upper_offsets_ = graph.upper_off
+        self.entry_point_ = graph.entry_point
+        self.max_level_ = graph.max_level
+        self.vectors_ = graph.vectors if self.refine_factor > 0 else None
+        self.n_samples_fit_ = graph.codes.shape[0]
+        self._n_features_out = self.n_samples_fit_
+
+    def _current_graph(self):
+        return _Graph(self.codes_, self.levels_, self.links0_, self.upper_links_,
+                      self.upper_offsets_, self.entry_point_, self.max_level_,
+                      self.vectors_)
+
+    def partial_fit(self, X, y=None):
+        """Insert rows into the graph without retraining the codebooks.
+
+        New rows get ids ``n_samples_fit_``, ``n_samples_fit_ + 1``, ...;
+        an unfitted estimator is fitted on X instead.  On error the index
+        is left unchanged.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : ignored
+
+        Returns
+        -------
+        self : HNSWPQNeighbors
+        """
+        if not hasattr(self, "codes_"):
+            return self.fit(X)
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=FLOAT_DTYPES, order="C", reset=False)
+        X = self._prepare(np.ascontiguousarray(X, dtype=self._fit_dtype_))
+        codes = _quantizer.encode(X, self.codebooks_, effective_n_threads(self.n_jobs))
+        old = self._current_graph()
+        # Old nodes are linked against their decoded vectors (or raw ones).
+        old_vectors = (self.vectors_ if self.vectors_ is not None
+                       else _quantizer.decode(self.codes_, self.codebooks_))
+        build_vectors = np.concatenate([old_vectors, X]).astype(np.float32, copy=False)
+        progress = Progress(self.verbose, type(self).__name__)
+        self._install(old.extend(self, X, codes, build_vectors, progress))
+        return self
+
+    def _ef(self, n_out):
+        return max(self.ef_search, n_out)
+
+    def _graph_search(self, Q, n_out, n_threads):
+        """(dist float32, ind int64, distance computations per query)."""
+        Q = np.ascontiguousarray(Q, dtype=np.float32)
+        nq, n = Q.shape[0], self.n_samples_fit_
+        m, k = self.n_subspaces, self.n_codewords
+        ef = self._ef(n_out)
+        nt = max(1, n_threads)
+        dist = np.empty((nq, n_out), dtype=np.float32)
+        ind = np.empty((nq, n_out), dtype=np.int64)
+        n_dist = np.zeros(nq, dtype=np.int64)
+        codes8 = self.codes_ if self.codes_.dtype == np.uint8 else np.empty((0, m), np.uint8)
+        codes16 = self.codes_ if self.codes_.dtype == np.uint16 else np.empty((0, m), np.uint16)
+        cbt = np.ascontiguousarray(self.codebooks_.transpose(0, 2, 1), dtype=np.float32)
+        _hnsw.hnsw_search(
+            Q, cbt, codes8, codes16, self.links0_, self.upper_links_, self.upper_offsets_,
+            self.entry_point_, self.max_level_, ef, self._inner_product, dist, ind, n_dist,
+            np.zeros((nt, n), np.uint32), np.zeros(nt, np.uint32),
+            np.empty((nt, n), np.float32), np.empty((nt, n), np.int64),
+            np.empty((nt, ef + 1), np.float32), np.empty((nt, ef + 1), np.int64),
+            np.empty((nt, m * k), np.float32), n_threads,
+        )
+        return dist, ind, n_dist
+
+    def _search(self, Q, n_neighbors, n_threads):
+        refine = self.refine_factor > 0
+        if refine and self.vectors_ is None:
+            raise ValueError(
+                "refine_factor > 0 needs the raw vectors, which are kept only when "
+                "the index is fitted with refine_factor > 0; refit the index."
+            )
+        n_out = min(n_neighbors * self.refine_factor, self.n_samples_fit_) if refine \
+            else n_neighbors
+        dist, ind, _ = self._graph_search(Q, n_out, n_threads)
+        if refine:
+            return _quantizer.exact_rerank(Q, self.vectors_, ind, n_neighbors,
+                                           self._inner_product)
+        return dist.astype(self._fit_dtype_, copy=False), ind
+
+    def _self_queries(self):
+        if self.vectors_ is not None:
+            return self.vectors_
+        return _quantizer.decode(self.codes_, self.codebooks_)
+
+    def search_stats(self, X, n_neighbors=None):
+        """Work done per query by a search of X (no results returned).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features)
+        n_neighbors : int, default=None
+
+        Returns
+        -------
+        stats : dict
+            ``"distance_computations"``: mean number of ADC distances
+            evaluated per query; ``"ef"``: the beam width used.
+        """
+        Q = self._validate_queries(X)
+        n_out = n_neighbors or self.n_neighbors
+        _, _, n_dist = self._graph_search(Q, n_out, effective_n_threads(self.n_jobs))
+        return {"distance_computations": float(n_dist.mean()), "ef": self._ef(n_out)}
+
+    @property
+    def memory_usage_(self):
+        """Bytes held by the fitted index, by part (dict).
+
+        ``per_vector`` counts graph + codes per vector; raw vectors kept for
+        refinement are reported apart (``vectors``).
+        """
+        check_is_fitted(self)
+        parts = {
+            "codes": self.codes_.nbytes,
+            "links0": self.links0_.nbytes,
+            "upper_links": self.upper_links_.nbytes,
+            "levels": self.levels_.nbytes,
+            "upper_offsets": self.upper_offsets_.nbytes,
+            "codebooks": self.codebooks_.nbytes,
+        }
+        graph_codes = sum(parts.values()) - parts["codebooks"]
+        parts["vectors"] = 0 if self.vectors_ is None else self.vectors_.nbytes
+        parts["total"] = sum(parts.values())
+        parts["per_vector"] = graph_codes / max(1, self.n_samples_fit_)
+        return parts
+
+
+class _Graph:
+    """An HNSW index's arrays, grown by ``extend`` into new arrays (the old
+    ones are never written to, so a failure leaves the estimator intact)."""
+
+    def __init__(self, codes, levels, links0, upper, upper_off, entry_point, max_level,
+                 vectors):
+        self.codes, self.levels, self.links0, self.upper = codes, levels, links0, upper
+        self.upper_off, self.entry_point, self.max_level = upper_off, entry_point, max_level
+        self.vectors = vectors
+
+    @classmethod
+    def empty(cls, n_features, n_links, dtype, m, cb_dtype, code_dtype):
+        return cls(np.empty((0, m), code_dtype), np.empty(0, np.int32),
+                   np.empty((0, 2 * n_links), np.int32), np.empty((0, n_links), np.int32),
+                   np.empty(0, np.int64), -1, -1, np.empty((0, n_features), dtype))
+
+    def extend(self, est, X, codes, build_vectors, progress):
+        """A new _Graph with X (codes ``codes``) inserted; ``build_vectors``
+        holds float32 vectors for every node, old then new."""
+        n_old, n_new = self.codes.shape[0], X.shape[0]
+        n = n_old + n_new
+        M = est.n_links
+        levels = np.concatenate([self.levels, sample_levels(n_new, M, est._levels_rng_)])
+        upper_off = np.zeros(n, dtype=np.int64)
+        np.cumsum(levels[:-1], out=upper_off[1:])
+        links0 = np.full((n, 2 * M), -1, dtype=np.int32)
+        links0[:n_old] = self.links0
+        upper = np.full((int(levels.sum()), M), -1, dtype=np.int32)
+        upper[:self.upper.shape[0]] = self.upper
+        ef_c = est.ef_construction
+        scratch = dict(
+            visited=np.zeros(n, np.uint32), cand_d=np.empty(n, np.float32),
+            cand_i=np.empty(n, np.int64), res_d=np.empty(ef_c + 1, np.float32),
+            res_i=np.empty(ef_c + 1, np.int64), sd=np.empty(4 * M + 1, np.float32),
+            si=np.empty(4 * M + 1, np.int64), sel=np.empty(8 * M + 2, np.int64),
+        )
+        stats = np.zeros(1, np.int64)
+        ep, top = self.entry_point, self.max_level
+        for start in range(n_old, n, BUILD_CHUNK):
+            stop = min(n, start + BUILD_CHUNK)
+            ep, top = _hnsw.hnsw_build(
+                build_vectors, levels, links0, upper, upper_off, start, stop, ep, top,
+                ef_c, est._inner_product, scratch["visited"], scratch["cand_d"],
+                scratch["cand_i"], scratch["res_d"], scratch["res_i"], scratch["sd"],
+                scratch["si"], scratch["sel"], stats,
+            )
+            progress(f"graph: {stop - n_old}/{n_new} nodes inserted "
+                     f"({stats[0] / max(1, stop - n_old):.0f} distances per node)")
+        vectors = None
+        if est.refine_factor > 0:
+            vectors = np.concatenate([self.vectors if self.vectors is not None
+                                      else build_vectors[:n_old].astype(X.dtype), X])
+        return _Graph(np.concatenate([self.codes, codes]), levels, links0, upper,
+                      upper_off, int(ep), int(top), vectors)
