@@ -2,7 +2,11 @@
 
 from numbers import Integral
 
+import warnings
+
 import numpy as np
+from scipy import sparse
+from scipy.sparse.csgraph import breadth_first_order
 from sklearn.base import _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
@@ -330,6 +334,62 @@ class HNSWPQNeighbors(PQParamsMixin, BasePQNeighbors):
         return parts
 
 
+def _reachable(links0, start, mask=None):
+    """Boolean mask of the nodes reachable from ``start`` on level 0."""
+    n, width = links0.shape
+    rows = np.repeat(np.arange(n), width)
+    cols = links0.ravel()
+    keep = cols >= 0
+    adj = sparse.csr_matrix((np.ones(keep.sum(), np.int8), (rows[keep], cols[keep])),
+                            shape=(n, n))
+    reach = np.zeros(n, bool) if mask is None else mask
+    reach[breadth_first_order(adj, start, directed=True, return_predecessors=False)] = True
+    return reach
+
+
+def repair_level0(links0, vectors, entry_point, inner_product=False):
+    """Link every node unreachable from the entry point on level 0.
+
+    HNSW's pruning can leave a node (typically inside a group of exact
+    duplicates) with no incoming link.  For each such node u, the nearest
+    reachable node v with a free level-0 slot gets the link v -> u; if all
+    are full, v's last link is replaced, choosing a v whose dropped target
+    keeps another incoming link.  Modifies ``links0`` in place; returns the
+    number of links added.
+    """
+    n = links0.shape[0]
+    if n == 0:
+        return 0
+    reach = _reachable(links0, entry_point)
+    added = 0
+    while not reach.all():
+        if added > n:  # cannot happen on a graph with free slots; never loop forever
+            warnings.warn("HNSW level-0 repair gave up; some nodes stay unreachable.")
+            break
+        u = int(np.flatnonzero(~reach)[0])
+        cand = np.flatnonzero(reach)
+        if inner_product:
+            dist = -(vectors[cand] @ vectors[u])
+        else:
+            diff = vectors[cand] - vectors[u]
+            dist = np.einsum("ij,ij->i", diff, diff)
+        order = cand[np.lexsort((cand, dist))]
+        free = links0[order, -1] < 0
+        if free.any():
+            v = order[np.argmax(free)]
+            links0[v, np.argmax(links0[v] < 0)] = u
+        else:
+            indegree = np.bincount(links0[links0 >= 0], minlength=n)
+            safe = indegree[links0[order, -1]] > 1
+            v = order[np.argmax(safe)] if safe.any() else order[0]
+            links0[v, -1] = u
+            reach[:] = False  # a link was dropped: recompute from scratch
+            reach = _reachable(links0, entry_point, reach)
+        added += 1
+        reach = _reachable(links0, u, reach)
+    return added
+
+
 class _Graph:
     """An HNSW index's arrays, grown by ``extend`` into new arrays (the old
     ones are never written to, so a failure leaves the estimator intact)."""
@@ -378,6 +438,11 @@ class _Graph:
             )
             progress(f"graph: {stop - n_old}/{n_new} nodes inserted "
                      f"({stats[0] / max(1, stop - n_old):.0f} distances per node)")
+        if n:
+            n_fixed = repair_level0(links0, build_vectors, int(ep), est._inner_product)
+            if n_fixed:
+                progress(f"graph: {n_fixed} level-0 links added so that every node "
+                         "is reachable")
         vectors = None
         if est.refine_factor > 0:
             vectors = np.concatenate([self.vectors if self.vectors is not None

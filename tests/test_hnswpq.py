@@ -1,0 +1,259 @@
+"""HNSWPQNeighbors: graph invariants, recall, partial_fit, degenerate data."""
+
+import copy
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+from sklearn.datasets import make_blobs
+from sklearn.neighbors import NearestNeighbors
+
+from pqsk import HNSWPQNeighbors, PQNeighbors
+
+rng = np.random.RandomState(0)
+
+
+def _recall(ind, ref):
+    return np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ind, ref)])
+
+
+def _level_links(nn, node, level):
+    if level == 0:
+        row = nn.links0_[node]
+    else:
+        row = nn.upper_links_[nn.upper_offsets_[node] + level - 1]
+    return row[row >= 0]
+
+
+def _reachable_on_level0(nn):
+    seen = np.zeros(nn.n_samples_fit_, bool)
+    stack = [nn.entry_point_]
+    seen[nn.entry_point_] = True
+    while stack:
+        node = stack.pop()
+        for e in _level_links(nn, node, 0):
+            if not seen[e]:
+                seen[e] = True
+                stack.append(e)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    X = rng.randn(3000, 16).astype(np.float32)
+    nn = HNSWPQNeighbors(n_neighbors=10, n_links=8, ef_construction=64, n_subspaces=4,
+                         n_codewords=32, random_state=0).fit(X)
+    return X, nn
+
+
+def test_graph_invariants(fitted):
+    X, nn = fitted
+    M = nn.n_links
+    n = nn.n_samples_fit_
+    assert nn.links0_.shape == (n, 2 * M)
+    assert nn.levels_[nn.entry_point_] == nn.max_level_ == nn.levels_.max()
+    assert nn.upper_links_.shape == (nn.levels_.sum(), M)
+    for node in range(n):
+        for level in range(nn.levels_[node] + 1):
+            links = _level_links(nn, node, level)
+            assert len(links) <= (2 * M if level == 0 else M)
+            assert node not in links
+            assert len(set(links)) == len(links)
+            # A node is linked on a level only to nodes that live there.
+            assert np.all(nn.levels_[links] >= level)
+            # Used slots come first, then -1 padding.
+            row = (nn.links0_[node] if level == 0
+                   else nn.upper_links_[nn.upper_offsets_[node] + level - 1])
+            used = row >= 0
+            assert not np.any(used[np.argmin(used):]) or used.all()
+        assert len(_level_links(nn, node, 0)) >= 1
+    assert _reachable_on_level0(nn).all()
+
+
+def test_level_histogram_decays_geometrically():
+    from pqsk._hnswpq import sample_levels
+
+    M = 8
+    levels = sample_levels(200_000, M, np.random.RandomState(1))
+    for lev in range(1, 4):
+        observed = np.mean(levels >= lev)
+        expected = M ** -lev
+        # Binomial standard error; 5 sigma.
+        se = np.sqrt(expected * (1 - expected) / levels.size)
+        assert abs(observed - expected) < 5 * se + 1e-6, (lev, observed, expected)
+
+
+def test_high_recall_with_exact_codes_and_large_ef():
+    X, _ = make_blobs(1000, n_features=8, centers=10, random_state=0)
+    X = np.round(X)  # few distinct sub-vectors: 256 codewords cover them
+    Q = X[::10] + 0.3 * rng.randn(100, 8)
+    nn = HNSWPQNeighbors(n_neighbors=10, n_links=8, ef_construction=100, ef_search=200,
+                         n_subspaces=4, n_codewords=256, random_state=0).fit(X)
+    dist, ind = nn.kneighbors(Q)
+    ref_d, ref_i = NearestNeighbors(n_neighbors=10).fit(X).kneighbors(Q)
+    # Rounded data has ties: compare by distance, which is exact here.
+    assert_allclose(dist, ref_d, atol=1e-5)
+    assert _recall(ind, ref_i) >= 0.99 or np.allclose(dist, ref_d, atol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine", "dot"])
+def test_agrees_with_exhaustive_adc(fitted, metric):
+    X, _ = fitted
+    X = X[:1500]
+    nn = HNSWPQNeighbors(n_neighbors=10, n_links=12, ef_construction=100, ef_search=200,
+                         n_subspaces=4, n_codewords=32, metric=metric, random_state=0).fit(X)
+    exhaustive = PQNeighbors(n_neighbors=10, n_subspaces=4, n_codewords=32,
+                             codebooks=nn.codebooks_, metric=metric).fit(X)
+    d1, i1 = nn.kneighbors(X[:100] + 0.1)
+    d2, i2 = exhaustive.kneighbors(X[:100] + 0.1)
+    assert _recall(i1, i2) > 0.97
+    assert_allclose(d1[:, 0], d2[:, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_ef_search_is_raised_to_n_neighbors(fitted):
+    X, nn = fitted
+    nn = copy.deepcopy(nn).set_params(ef_search=2)
+    dist, ind = nn.kneighbors(X[:5], n_neighbors=30)
+    assert ind.shape == (5, 30) and np.all(ind < nn.n_samples_fit_)
+    assert nn.search_stats(X[:5], n_neighbors=30)["ef"] == 30
+    assert np.all(np.diff(dist, axis=1) >= 0)
+
+
+def test_ef_search_can_change_after_fit(fitted):
+    X, nn = fitted
+    nn = copy.deepcopy(nn)
+    exhaustive = PQNeighbors(n_neighbors=10, n_subspaces=4, n_codewords=32,
+                             codebooks=nn.codebooks_).fit(X)
+    ref = exhaustive.kneighbors(X[:200] + 0.05, return_distance=False)
+    r_small = _recall(nn.set_params(ef_search=10).kneighbors(X[:200] + 0.05,
+                                                             return_distance=False), ref)
+    work_small = nn.search_stats(X[:200])["distance_computations"]
+    r_big = _recall(nn.set_params(ef_search=200).kneighbors(X[:200] + 0.05,
+                                                            return_distance=False), ref)
+    work_big = nn.search_stats(X[:200])["distance_computations"]
+    assert r_big >= r_small and r_big > 0.95
+    assert work_big > work_small
+
+
+@pytest.mark.parametrize("data", ["duplicates", "identical"])
+def test_degenerate_data_is_connected_and_searchable(data):
+    if data == "identical":
+        X = np.ones((300, 8))
+    else:
+        X = np.repeat(rng.randn(30, 8), 10, axis=0)
+    # 32 codewords >= 30 distinct sub-vectors: the codes are exact.
+    nn = HNSWPQNeighbors(n_neighbors=5, n_links=4, ef_construction=32, n_subspaces=2,
+                         n_codewords=32, random_state=0).fit(X)
+    assert _reachable_on_level0(nn).all()
+    dist, ind = nn.kneighbors(X[:20])
+    assert_allclose(dist, 0, atol=1e-5)
+    if data == "duplicates":
+        # The 10 copies of a row are its 5 nearest.
+        for q, row in enumerate(ind):
+            assert np.all(row // 10 == q // 10)
+    d_self, i_self = nn.kneighbors()
+    assert not np.any(i_self == np.arange(300)[:, None])
+
+
+def test_partial_fit_keeps_old_points_findable():
+    X = rng.randn(2000, 16).astype(np.float32)
+    kw = dict(n_neighbors=1, n_links=8, ef_construction=64, ef_search=64,
+              n_subspaces=8, n_codewords=64, random_state=0)
+    nn = HNSWPQNeighbors(**kw).fit(X[:1000])
+    before = nn.kneighbors(X[:1000], return_distance=False)
+    nn.partial_fit(X[1000:1500]).partial_fit(X[1500:])
+    assert nn.n_samples_fit_ == 2000
+    assert _reachable_on_level0(nn).all()
+    after = nn.kneighbors(X, return_distance=False)
+    # Every point (old and new) finds itself, as with exhaustive ADC.
+    exhaustive = PQNeighbors(n_neighbors=1, n_subspaces=8, n_codewords=64,
+                             codebooks=nn.codebooks_).fit(X)
+    ref = exhaustive.kneighbors(X, return_distance=False)
+    assert np.mean(after[:, 0] == ref[:, 0]) > 0.98
+    assert np.mean(before[:, 0] == after[:1000, 0]) > 0.98
+
+
+def test_partial_fit_bad_input_leaves_index_unchanged(fitted):
+    X, nn = fitted
+    nn = copy.deepcopy(nn)
+    before = {k: (v.copy() if isinstance(v, np.ndarray) else v)
+              for k, v in nn.__dict__.items() if k != "_levels_rng_"}
+    with pytest.raises(ValueError, match="X has 5 features"):
+        nn.partial_fit(rng.randn(10, 5))
+    with pytest.raises(ValueError, match="infinity"):
+        nn.partial_fit(np.full((3, 16), np.inf))
+    for key, value in before.items():
+        if isinstance(value, np.ndarray):
+            assert_array_equal(nn.__dict__[key], value)
+        else:
+            assert nn.__dict__[key] == value
+
+
+def test_partial_fit_unfitted_fits():
+    X = rng.randn(300, 8)
+    kw = dict(n_links=4, ef_construction=16, n_subspaces=2, n_codewords=16, random_state=0)
+    a = HNSWPQNeighbors(**kw).partial_fit(X)
+    b = HNSWPQNeighbors(**kw).fit(X)
+    assert_array_equal(a.links0_, b.links0_)
+
+
+def test_build_is_deterministic():
+    X = rng.randn(1500, 8)
+    kw = dict(n_links=6, ef_construction=32, n_subspaces=2, n_codewords=16, random_state=7)
+    a = HNSWPQNeighbors(n_jobs=1, **kw).fit(X)
+    b = HNSWPQNeighbors(n_jobs=1, **kw).fit(X)
+    assert_array_equal(a.links0_, b.links0_)
+    assert_array_equal(a.upper_links_, b.upper_links_)
+    assert a.entry_point_ == b.entry_point_
+
+
+def test_n_jobs_agree_at_query_time(fitted):
+    X, nn = fitted
+    nn = copy.deepcopy(nn)
+    a = nn.set_params(n_jobs=1).kneighbors(X[:300])
+    b = nn.set_params(n_jobs=2).kneighbors(X[:300])
+    assert_array_equal(a[0], b[0])
+    assert_array_equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_refine_returns_exact_distances(metric):
+    X = rng.randn(1000, 8)
+    nn = HNSWPQNeighbors(n_neighbors=5, n_links=8, ef_construction=64, n_subspaces=4,
+                         n_codewords=64, metric=metric, refine_factor=10,
+                         random_state=0).fit(X)
+    dist, ind = nn.kneighbors(X[:50] + 0.01)
+    ref_d, ref_i = NearestNeighbors(n_neighbors=5, metric=metric).fit(X).kneighbors(
+        X[:50] + 0.01)
+    assert _recall(ind, ref_i) > 0.95
+    Q = X[:50] + 0.01
+    if metric == "cosine":
+        Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+        Qn = Q / np.linalg.norm(Q, axis=1, keepdims=True)
+        exact = 1 - np.einsum("qcd,qd->qc", Xn[ind], Qn)
+    else:
+        exact = np.sqrt(((X[ind] - Q[:, None]) ** 2).sum(-1))
+    assert_allclose(dist, exact, rtol=1e-5, atol=1e-6)
+
+
+def test_kneighbors_without_X_and_memory(fitted):
+    X, nn = fitted
+    dist, ind = nn.kneighbors(n_neighbors=3)
+    assert ind.shape == (3000, 3)
+    assert not np.any(ind == np.arange(3000)[:, None])
+    mem = nn.memory_usage_
+    # graph + codes: 2M int32 links at level 0, codes, levels, offsets, upper links
+    assert mem["per_vector"] < 4 * 2 * nn.n_links + nn.n_subspaces + 4 + 8 + 4 * nn.n_links
+    assert mem["vectors"] == 0
+
+
+def test_bad_parameters():
+    X = rng.randn(100, 8)
+    with pytest.raises(ValueError, match="n_links"):
+        HNSWPQNeighbors(n_links=1).fit(X)
+    with pytest.raises(ValueError, match="ef_search"):
+        HNSWPQNeighbors(ef_search=0).fit(X)
+    nn = HNSWPQNeighbors(n_links=4, ef_construction=16, n_subspaces=2, n_codewords=16,
+                         random_state=0).fit(X)
+    with pytest.raises(ValueError, match="refit"):
+        nn.set_params(refine_factor=3).kneighbors(X[:2])
