@@ -257,3 +257,24 @@ def test_bad_parameters():
                          random_state=0).fit(X)
     with pytest.raises(ValueError, match="refit"):
         nn.set_params(refine_factor=3).kneighbors(X[:2])
+
+
+def test_repair_level0_links_unreachable_nodes():
+    from pqsk._hnswpq import _reachable, repair_level0
+
+    V = rng.randn(6, 3).astype(np.float32)
+    links0 = np.full((6, 4), -1, np.int32)
+    links0[0, :2] = [1, 2]
+    links0[1, :1] = [0]
+    links0[2, :1] = [0]
+    links0[3, :1] = [4]       # 3 <-> 4 and 5 form an island
+    links0[4, :1] = [3]
+    links0[5, :1] = [3]
+    assert _reachable(links0, 0).sum() == 3
+    added = repair_level0(links0, V, 0)
+    assert _reachable(links0, 0).all()
+    assert 1 <= added <= 3
+    # Full lists: a link is replaced, never one whose target would be orphaned.
+    full = np.array([[1, 2], [2, 0], [0, 1], [0, 1]], np.int32)  # node 3 unreachable
+    repair_level0(full, rng.randn(4, 2).astype(np.float32), 0)
+    assert _reachable(full, 0).all()
