@@ -12,7 +12,12 @@ from numbers import Integral, Real
 
 import numpy as np
 from scipy import sparse
-from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.base import (
+    BaseEstimator,
+    ClassNamePrefixFeaturesOutMixin,
+    TransformerMixin,
+    _fit_context,
+)
 from sklearn.preprocessing import normalize
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
@@ -133,19 +138,29 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
         "metric": [StrOptions(set(METRICS))],
         "mode": [StrOptions({"distance", "connectivity"})],
+        "refine_factor": [Interval(Integral, 0, None, closed="left")],
     }
 
     # -- subclass hooks -------------------------------------------------
     def _fit_index(self, X, progress):
-        """Build the index from validated, metric-prepared X."""
+        """Train the quantizers on validated, metric-prepared X and index it
+        (typically through ``_add_rows``)."""
         raise NotImplementedError
 
-    def _search(self, Q, n_neighbors, n_threads):
-        """Raw (kernel) distances and int64 ids, rows sorted by (dist, id)."""
+    def _add_rows(self, X, n_threads, progress):
+        """Append prepared rows to a trained index, ids continuing from
+        ``n_samples_fit_``.  Must compute everything before replacing any
+        attribute, so that a failure leaves the index unchanged, and must
+        end with ``_commit_size``."""
         raise NotImplementedError
 
-    def _self_queries(self):
-        """Query vectors standing for the indexed points (for X=None)."""
+    def _search(self, Q, n_candidates, n_threads):
+        """ADC distances and int64 ids of the best ``n_candidates``, rows
+        sorted by (dist, id)."""
+        raise NotImplementedError
+
+    def _reconstruct(self):
+        """Decoded vectors of every indexed point, in id order."""
         raise NotImplementedError
 
     # -- shared machinery -------------------------------------------------
@@ -164,14 +179,90 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         X = np.ascontiguousarray(X, dtype=self._fit_dtype_)
         return self._prepare(X)
 
-    def _fit(self, X):
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Train the quantizers on X and index every row of X.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Vectors to index; row i gets id i.
+        y : ignored
+
+        Returns
+        -------
+        self : object
+            The fitted estimator.
+        """
         X = validate_data(self, X, dtype=FLOAT_DTYPES, order="C")
         progress = Progress(self.verbose, type(self).__name__)
         self._fit_dtype_ = X.dtype
+        self.n_samples_fit_ = 0
+        self.vectors_ = None
         self._fit_index(self._prepare(X), progress)
-        self.n_samples_fit_ = X.shape[0]
-        self._n_features_out = self.n_samples_fit_
         return self
+
+    def partial_fit(self, X, y=None):
+        """Add rows to the index without retraining the quantizers.
+
+        New rows get ids ``n_samples_fit_``, ``n_samples_fit_ + 1``, ...
+        An unfitted estimator is fitted on X instead.  On error the index
+        is left unchanged.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : ignored
+
+        Returns
+        -------
+        self : object
+            The estimator, with X indexed.
+        """
+        if not hasattr(self, "n_samples_fit_"):
+            return self.fit(X)
+        X = self._validate_queries(X)
+        self._add_rows(X, effective_n_threads(self.n_jobs),
+                       Progress(self.verbose, type(self).__name__))
+        return self
+
+    def _commit_size(self, n_total):
+        self.n_samples_fit_ = n_total
+        self._n_features_out = n_total
+
+    def _grown_vectors(self, X):
+        """The raw vectors with X appended when ``refine_factor > 0``, else None."""
+        if self.refine_factor == 0:
+            return None
+        old = self.vectors_ if self.vectors_ is not None else X[:0]
+        return np.concatenate([old, X])
+
+    def _n_candidates(self, n_neighbors):
+        """How many ADC candidates to fetch: ``refine_factor * n_neighbors``
+        when re-ranking, else ``n_neighbors``."""
+        if self.refine_factor == 0:
+            return n_neighbors
+        if self.vectors_ is None:
+            raise ValueError(
+                "refine_factor > 0 needs the raw vectors, which are kept only when "
+                "the index is fitted with refine_factor > 0; refit the index."
+            )
+        return max(n_neighbors, min(n_neighbors * self.refine_factor, self.n_samples_fit_))
+
+    def _search_refined(self, Q, n_neighbors, n_threads):
+        """ADC search, then exact re-ranking when ``refine_factor > 0``."""
+        dist, ind = self._search(Q, self._n_candidates(n_neighbors), n_threads)
+        if self.refine_factor > 0:
+            return _quantizer.exact_rerank(Q, self.vectors_, ind, n_neighbors,
+                                           self._inner_product)
+        return dist.astype(self._fit_dtype_, copy=False), ind
+
+    def _self_queries(self):
+        """Query vectors standing for the indexed points (for X=None): the
+        raw vectors when kept, else the reconstructions."""
+        if self.vectors_ is not None:
+            return self.vectors_
+        return self._reconstruct()
 
     def _finish_distances(self, raw):
         if self.metric == "euclidean":
@@ -227,7 +318,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                 f"Expected n_neighbors <= n_samples_fit, but n_neighbors = "
                 f"{n_neighbors}, n_samples_fit = {n_fit}, n_samples = {Q.shape[0]}"
             )
-        dist, ind = self._search(Q, n_neighbors, effective_n_threads(self.n_jobs))
+        dist, ind = self._search_refined(Q, n_neighbors, effective_n_threads(self.n_jobs))
         if query_is_train:
             # Drop each point from its own row; where it is not among the
             # results (duplicates), drop the first column as scikit-learn does.

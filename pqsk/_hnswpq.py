@@ -7,14 +7,13 @@ import warnings
 import numpy as np
 from scipy import sparse
 from scipy.sparse.csgraph import breadth_first_order
-from sklearn.base import _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
 from . import _hnsw, _quantizer
-from ._base import FLOAT_DTYPES, BasePQNeighbors, PQParamsMixin
-from ._utils import Progress, effective_n_threads
+from ._base import BasePQNeighbors, PQParamsMixin
+from ._utils import effective_n_threads
 
 MAX_LEVEL = 32
 BUILD_CHUNK = 20000  # nodes inserted between two progress messages
@@ -127,7 +126,6 @@ class HNSWPQNeighbors(PQParamsMixin, BasePQNeighbors):
         "n_links": [Interval(Integral, 2, None, closed="left")],
         "ef_construction": [Interval(Integral, 1, None, closed="left")],
         "ef_search": [Interval(Integral, 1, None, closed="left")],
-        "refine_factor": [Interval(Integral, 0, None, closed="left")],
     }
 
     def __init__(
@@ -171,34 +169,25 @@ class HNSWPQNeighbors(PQParamsMixin, BasePQNeighbors):
         self.random_state = random_state
         self.verbose = verbose
 
-    @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y=None):
-        """Train the codebooks, encode X and build the graph.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        y : ignored
-
-        Returns
-        -------
-        self : HNSWPQNeighbors
-        """
-        return self._fit(X)
-
     def _fit_index(self, X, progress):
-        n, d = X.shape
-        rng = check_random_state(self.random_state)
         self.codebooks_ = self._fit_codebooks(X, progress)
-        codes = _quantizer.encode(X, self.codebooks_, effective_n_threads(self.n_jobs))
-        progress(f"encoded {n} vectors")
-        self._levels_rng_ = rng
-        empty = _Graph.empty(d, self.n_links, X.dtype, self.n_subspaces,
-                             self.codebooks_.dtype, codes.dtype)
-        self._install(empty.extend(self, X, codes, np.ascontiguousarray(X, np.float32),
-                                   progress))
+        self._levels_rng_ = check_random_state(self.random_state)
+        self._install(_Graph.empty(self.n_subspaces, self.n_links,
+                                   _quantizer.code_dtype(self.n_codewords)), None)
+        self._add_rows(X, effective_n_threads(self.n_jobs), progress)
 
-    def _install(self, graph):
+    def _add_rows(self, X, n_threads, progress):
+        codes = _quantizer.encode(X, self.codebooks_, n_threads)
+        progress(f"encoded {X.shape[0]} vectors")
+        n_old = self.codes_.shape[0]
+        # Old nodes are linked against their raw vectors when kept, else
+        # their decoded ones; the new against their raw vectors.
+        old = self._self_queries() if n_old else X[:0]
+        build_vectors = np.concatenate([old, X]).astype(np.float32, copy=False)
+        graph = self._current_graph().extend(self, codes, build_vectors, progress)
+        self._install(graph, self._grown_vectors(X))
+
+    def _install(self, graph, vectors):
         self.codes_ = graph.codes
         self.levels_ = graph.levels
         self.links0_ = graph.links0
@@ -206,45 +195,12 @@ class HNSWPQNeighbors(PQParamsMixin, BasePQNeighbors):
         self.upper_offsets_ = graph.upper_off
         self.entry_point_ = graph.entry_point
         self.max_level_ = graph.max_level
-        self.vectors_ = graph.vectors if self.refine_factor > 0 else None
-        self.n_samples_fit_ = graph.codes.shape[0]
-        self._n_features_out = self.n_samples_fit_
+        self.vectors_ = vectors
+        self._commit_size(graph.codes.shape[0])
 
     def _current_graph(self):
         return _Graph(self.codes_, self.levels_, self.links0_, self.upper_links_,
-                      self.upper_offsets_, self.entry_point_, self.max_level_,
-                      self.vectors_)
-
-    def partial_fit(self, X, y=None):
-        """Insert rows into the graph without retraining the codebooks.
-
-        New rows get ids ``n_samples_fit_``, ``n_samples_fit_ + 1``, ...;
-        an unfitted estimator is fitted on X instead.  On error the index
-        is left unchanged.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        y : ignored
-
-        Returns
-        -------
-        self : HNSWPQNeighbors
-        """
-        if not hasattr(self, "codes_"):
-            return self.fit(X)
-        check_is_fitted(self)
-        X = validate_data(self, X, dtype=FLOAT_DTYPES, order="C", reset=False)
-        X = self._prepare(np.ascontiguousarray(X, dtype=self._fit_dtype_))
-        codes = _quantizer.encode(X, self.codebooks_, effective_n_threads(self.n_jobs))
-        old = self._current_graph()
-        # Old nodes are linked against their decoded vectors (or raw ones).
-        old_vectors = (self.vectors_ if self.vectors_ is not None
-                       else _quantizer.decode(self.codes_, self.codebooks_))
-        build_vectors = np.concatenate([old_vectors, X]).astype(np.float32, copy=False)
-        progress = Progress(self.verbose, type(self).__name__)
-        self._install(old.extend(self, X, codes, build_vectors, progress))
-        return self
+                      self.upper_offsets_, self.entry_point_, self.max_level_)
 
     def _ef(self, n_out):
         return max(self.ef_search, n_out)
@@ -272,24 +228,11 @@ class HNSWPQNeighbors(PQParamsMixin, BasePQNeighbors):
         )
         return dist, ind, n_dist
 
-    def _search(self, Q, n_neighbors, n_threads):
-        refine = self.refine_factor > 0
-        if refine and self.vectors_ is None:
-            raise ValueError(
-                "refine_factor > 0 needs the raw vectors, which are kept only when "
-                "the index is fitted with refine_factor > 0; refit the index."
-            )
-        n_out = min(n_neighbors * self.refine_factor, self.n_samples_fit_) if refine \
-            else n_neighbors
-        dist, ind, _ = self._graph_search(Q, n_out, n_threads)
-        if refine:
-            return _quantizer.exact_rerank(Q, self.vectors_, ind, n_neighbors,
-                                           self._inner_product)
-        return dist.astype(self._fit_dtype_, copy=False), ind
+    def _search(self, Q, n_candidates, n_threads):
+        dist, ind, _ = self._graph_search(Q, n_candidates, n_threads)
+        return dist, ind
 
-    def _self_queries(self):
-        if self.vectors_ is not None:
-            return self.vectors_
+    def _reconstruct(self):
         return _quantizer.decode(self.codes_, self.codebooks_)
 
     def search_stats(self, X, n_neighbors=None):
@@ -394,22 +337,20 @@ class _Graph:
     """An HNSW index's arrays, grown by ``extend`` into new arrays (the old
     ones are never written to, so a failure leaves the estimator intact)."""
 
-    def __init__(self, codes, levels, links0, upper, upper_off, entry_point, max_level,
-                 vectors):
+    def __init__(self, codes, levels, links0, upper, upper_off, entry_point, max_level):
         self.codes, self.levels, self.links0, self.upper = codes, levels, links0, upper
         self.upper_off, self.entry_point, self.max_level = upper_off, entry_point, max_level
-        self.vectors = vectors
 
     @classmethod
-    def empty(cls, n_features, n_links, dtype, m, cb_dtype, code_dtype):
+    def empty(cls, m, n_links, code_dtype):
         return cls(np.empty((0, m), code_dtype), np.empty(0, np.int32),
                    np.empty((0, 2 * n_links), np.int32), np.empty((0, n_links), np.int32),
-                   np.empty(0, np.int64), -1, -1, np.empty((0, n_features), dtype))
+                   np.empty(0, np.int64), -1, -1)
 
-    def extend(self, est, X, codes, build_vectors, progress):
-        """A new _Graph with X (codes ``codes``) inserted; ``build_vectors``
+    def extend(self, est, codes, build_vectors, progress):
+        """A new _Graph with ``codes`` appended and linked; ``build_vectors``
         holds float32 vectors for every node, old then new."""
-        n_old, n_new = self.codes.shape[0], X.shape[0]
+        n_old, n_new = self.codes.shape[0], codes.shape[0]
         n = n_old + n_new
         M = est.n_links
         levels = np.concatenate([self.levels, sample_levels(n_new, M, est._levels_rng_)])
@@ -443,9 +384,5 @@ class _Graph:
             if n_fixed:
                 progress(f"graph: {n_fixed} level-0 links added so that every node "
                          "is reachable")
-        vectors = None
-        if est.refine_factor > 0:
-            vectors = np.concatenate([self.vectors if self.vectors is not None
-                                      else build_vectors[:n_old].astype(X.dtype), X])
         return _Graph(np.concatenate([self.codes, codes]), levels, links0, upper,
-                      upper_off, int(ep), int(top), vectors)
+                      upper_off, int(ep), int(top))

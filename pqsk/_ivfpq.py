@@ -4,14 +4,13 @@ import warnings
 from numbers import Integral
 
 import numpy as np
-from sklearn.base import _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
 from . import _quantizer
-from ._base import FLOAT_DTYPES, BasePQNeighbors, PQParamsMixin
-from ._utils import Progress, effective_n_threads
+from ._base import BasePQNeighbors, PQParamsMixin
+from ._utils import effective_n_threads
 
 # Seed article, step 8: the coarse quantizer wants ~256 training points per
 # cell; below ~39 per cell k-means is poorly determined.
@@ -131,7 +130,6 @@ class IVFPQNeighbors(PQParamsMixin, BasePQNeighbors):
         **BasePQNeighbors._neighbors_parameter_constraints,
         "n_lists": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "n_probe": [Interval(Integral, 1, None, closed="left")],
-        "refine_factor": [Interval(Integral, 0, None, closed="left")],
         "coarse_max_iter": [Interval(Integral, 1, None, closed="left")],
     }
 
@@ -186,21 +184,6 @@ class IVFPQNeighbors(PQParamsMixin, BasePQNeighbors):
             return int(max(1, min(4 * np.sqrt(n_samples), n_samples // MIN_POINTS_PER_LIST)))
         return self.n_lists
 
-    @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y=None):
-        """Train the coarse quantizer and residual codebooks, index every row.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        y : ignored
-
-        Returns
-        -------
-        self : IVFPQNeighbors
-        """
-        return self._fit(X)
-
     def _fit_index(self, X, progress):
         n, d = X.shape
         _quantizer.check_subspaces(d, self.n_subspaces)
@@ -238,8 +221,6 @@ class IVFPQNeighbors(PQParamsMixin, BasePQNeighbors):
         pq_train = _quantizer.training_sample(train, self._max_train_samples(), rng)
         residuals = pq_train - centroids[_quantizer.assign(pq_train, centroids)]
         codebooks = self._fit_codebooks(residuals, progress)
-        labels = _quantizer.assign(X, centroids)
-        progress("assigned every row to its list")
 
         self.cluster_centers_ = centroids
         self.codebooks_ = codebooks
@@ -251,17 +232,13 @@ class IVFPQNeighbors(PQParamsMixin, BasePQNeighbors):
         self.codes_ = np.empty((0, self.n_subspaces), dtype=_quantizer.code_dtype(self.n_codewords))
         self.ids_ = np.empty(0, dtype=np.int32)
         self.list_offsets_ = np.zeros(n_lists + 1, dtype=np.int64)
-        self.vectors_ = None if self.refine_factor == 0 else np.empty((0, d), dtype=X.dtype)
-        self._add(X, labels, n_threads)
-        progress(f"indexed {n} vectors in {n_lists} lists")
+        self._add_rows(X, n_threads, progress)
 
-    def _add(self, X, labels, n_threads):
-        """Encode X (already assigned to lists) and merge it into the lists.
-
-        Everything is computed before any attribute is replaced, so an
-        error leaves the index as it was.
-        """
+    def _add_rows(self, X, n_threads, progress):
+        # Assign, encode and merge into new arrays; attributes are replaced
+        # only at the end, so an error leaves the index as it was.
         n_old = self.codes_.shape[0]
+        labels = _quantizer.assign(X, self.cluster_centers_)
         codes = _quantizer.encode_residuals(X, labels, self.cluster_centers_,
                                             self.codebooks_, n_threads)
         n_total = n_old + X.shape[0]
@@ -275,38 +252,11 @@ class IVFPQNeighbors(PQParamsMixin, BasePQNeighbors):
         counts = np.bincount(np.concatenate([old_lists, labels]), minlength=self.n_lists_)
         offsets = np.zeros(self.n_lists_ + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
-        vectors = None
-        if self.vectors_ is not None:
-            vectors = np.concatenate([self.vectors_, X])
+        vectors = self._grown_vectors(X)
         self.codes_, self.ids_, self.list_offsets_ = all_codes, all_ids, offsets
         self.vectors_ = vectors
-        self.n_samples_fit_ = n_total
-        self._n_features_out = n_total
-
-    def partial_fit(self, X, y=None):
-        """Add rows to the index without retraining.
-
-        New rows get ids ``n_samples_fit_``, ``n_samples_fit_ + 1``, ...
-        An unfitted estimator is fitted on X instead.  On error the index
-        is left unchanged.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        y : ignored
-
-        Returns
-        -------
-        self : IVFPQNeighbors
-        """
-        if not hasattr(self, "codes_"):
-            return self.fit(X)
-        check_is_fitted(self)
-        X = validate_data(self, X, dtype=FLOAT_DTYPES, order="C", reset=False)
-        X = self._prepare(np.ascontiguousarray(X, dtype=self._fit_dtype_))
-        labels = _quantizer.assign(X, self.cluster_centers_)
-        self._add(X, labels, effective_n_threads(self.n_jobs))
-        return self
+        self._commit_size(n_total)
+        progress(f"indexed {X.shape[0]} vectors in {self.n_lists_} lists")
 
     def _n_probe(self):
         if self.n_probe > self.n_lists_:
@@ -318,34 +268,23 @@ class IVFPQNeighbors(PQParamsMixin, BasePQNeighbors):
             return self.n_lists_
         return self.n_probe
 
-    def _search(self, Q, n_neighbors, n_threads):
+    def _search(self, Q, n_candidates, n_threads):
         ip = self._inner_product
-        refine = self.refine_factor > 0
-        if refine and self.vectors_ is None:
-            raise ValueError(
-                "refine_factor > 0 needs the raw vectors, which are kept only when "
-                "the index is fitted with refine_factor > 0; refit the index."
-            )
-        n_cand = min(n_neighbors * self.refine_factor, self.n_samples_fit_) if refine \
-            else n_neighbors
         n_probe = self._n_probe()
-        dist = np.empty((Q.shape[0], n_neighbors), dtype=self._fit_dtype_)
-        ind = np.empty((Q.shape[0], n_neighbors), dtype=np.int64)
-        step = _quantizer.chunk_rows(max(self.n_lists_, n_cand * Q.shape[1]))
+        dist = np.empty((Q.shape[0], n_candidates), dtype=self._fit_dtype_)
+        ind = np.empty((Q.shape[0], n_candidates), dtype=np.int64)
+        # Chunks bound the (rows, n_lists) coarse table and the re-ranking
+        # gather of (rows, n_candidates, n_features).
+        step = _quantizer.chunk_rows(max(self.n_lists_, n_candidates * Q.shape[1]))
         for sl in _quantizer._chunks(Q.shape[0], step):
             coarse = _quantizer.coarse_terms(Q[sl], self.cluster_centers_, ip)
-            d, i = _quantizer.ivf_search(
+            dist[sl], ind[sl] = _quantizer.ivf_search(
                 Q[sl], coarse, self.codebooks_, self._list_terms, self.codes_, self.ids_,
-                self.list_offsets_, n_cand, n_probe, ip, n_threads,
+                self.list_offsets_, n_candidates, n_probe, ip, n_threads,
             )
-            if refine:
-                d, i = _quantizer.exact_rerank(Q[sl], self.vectors_, i, n_neighbors, ip)
-            dist[sl], ind[sl] = d, i
         return dist, ind
 
-    def _self_queries(self):
-        if self.vectors_ is not None:
-            return self.vectors_
+    def _reconstruct(self):
         lists = np.repeat(np.arange(self.n_lists_), np.diff(self.list_offsets_))
         X_hat = np.empty((self.n_samples_fit_, self.n_features_in_), dtype=self._fit_dtype_)
         X_hat[self.ids_] = (self.cluster_centers_[lists]

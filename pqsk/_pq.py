@@ -1,6 +1,5 @@
 """Product quantization: the PQTransformer and exhaustive ADC search."""
 
-from numbers import Integral
 
 import numpy as np
 from sklearn.base import (
@@ -9,7 +8,6 @@ from sklearn.base import (
     TransformerMixin,
     _fit_context,
 )
-from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from . import _quantizer
@@ -280,6 +278,10 @@ class PQNeighbors(PQParamsMixin, BasePQNeighbors):
         normalises the vectors at fit and query time and returns
         ``1 - <q, x_hat>`` (x_hat the decoded vector, so it may dip slightly
         below 0); ``"dot"`` returns ``-<q, x_hat>`` (maximum inner product).
+    refine_factor : int, default=0
+        If positive, the raw vectors are kept too and ``refine_factor *
+        n_neighbors`` ADC candidates are re-ranked by exact distance, so
+        the returned distances are exact.  0 keeps only codes.
     mode : {"distance", "connectivity"}, default="distance"
         What ``transform`` stores in the graph.
     n_jobs : int, default=None
@@ -293,6 +295,9 @@ class PQNeighbors(PQParamsMixin, BasePQNeighbors):
     ----------
     codebooks_ : ndarray of shape (n_subspaces, n_codewords, ds)
     codes_ : ndarray of shape (n_samples_fit, n_subspaces), uint8 or uint16
+    vectors_ : ndarray of shape (n_samples_fit, n_features) or None
+        Raw (for cosine: normalised) vectors, kept only if
+        ``refine_factor > 0``.
     n_iter_ : int
         The most KMeans iterations run in any sub-space.
     n_samples_fit_ : int
@@ -333,6 +338,7 @@ class PQNeighbors(PQParamsMixin, BasePQNeighbors):
         n_subspaces=8,
         n_codewords=256,
         metric="euclidean",
+        refine_factor=0,
         mode="distance",
         init="random",
         max_iter=25,
@@ -348,6 +354,7 @@ class PQNeighbors(PQParamsMixin, BasePQNeighbors):
         self.n_subspaces = n_subspaces
         self.n_codewords = n_codewords
         self.metric = metric
+        self.refine_factor = refine_factor
         self.mode = mode
         self.init = init
         self.max_iter = max_iter
@@ -359,30 +366,23 @@ class PQNeighbors(PQParamsMixin, BasePQNeighbors):
         self.random_state = random_state
         self.verbose = verbose
 
-    @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y=None):
-        """Train the codebooks and encode every row of X.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        y : ignored
-
-        Returns
-        -------
-        self : PQNeighbors
-        """
-        return self._fit(X)
-
     def _fit_index(self, X, progress):
         self.codebooks_ = self._fit_codebooks(X, progress)
-        self.codes_ = _quantizer.encode(X, self.codebooks_, effective_n_threads(self.n_jobs))
+        self.codes_ = np.empty((0, self.n_subspaces), _quantizer.code_dtype(self.n_codewords))
+        self._add_rows(X, effective_n_threads(self.n_jobs), progress)
+
+    def _add_rows(self, X, n_threads, progress):
+        codes = _quantizer.encode(X, self.codebooks_, n_threads)
+        vectors = self._grown_vectors(X)
+        self.codes_ = np.concatenate([self.codes_, codes])
+        self.vectors_ = vectors
+        self._commit_size(self.codes_.shape[0])
         progress(f"encoded {X.shape[0]} vectors")
 
-    def _search(self, Q, n_neighbors, n_threads):
+    def _search(self, Q, n_candidates, n_threads):
         return _quantizer.adc_search(
-            Q, self.codebooks_, self.codes_, n_neighbors, self._inner_product, n_threads
+            Q, self.codebooks_, self.codes_, n_candidates, self._inner_product, n_threads
         )
 
-    def _self_queries(self):
+    def _reconstruct(self):
         return _quantizer.decode(self.codes_, self.codebooks_)

@@ -416,3 +416,41 @@ def test_bad_codebooks_and_codes():
         pq.inverse_transform([[0.5, 1.0]])
     with pytest.raises(ValueError, match="metric"):
         pq.distance_tables(X, metric="cosine")
+
+
+def test_partial_fit_appends_codes():
+    X = rng.randn(300, 8)
+    kw = dict(n_neighbors=3, n_subspaces=4, n_codewords=16, random_state=0)
+    a = PQNeighbors(**kw).fit(X[:200])
+    b = PQNeighbors(codebooks=a.codebooks_, **kw).fit(X)
+    a.partial_fit(X[200:250]).partial_fit(X[250:])
+    assert a.n_samples_fit_ == 300
+    assert_array_equal(a.codes_, b.codes_)
+    for x, y in zip(a.kneighbors(X[:20]), b.kneighbors(X[:20])):
+        assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="X has 5 features"):
+        a.partial_fit(X[:3, :5])
+    assert a.n_samples_fit_ == 300 and a.codes_.shape == (300, 4)
+    assert PQNeighbors(**kw).partial_fit(X).n_samples_fit_ == 300
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_refine_gives_exact_distances(metric):
+    X = rng.randn(400, 8)
+    Q = rng.randn(10, 8)
+    nn = PQNeighbors(n_neighbors=5, n_subspaces=2, n_codewords=16, metric=metric,
+                     refine_factor=40, random_state=0).fit(X)
+    dist, ind = nn.kneighbors(Q)
+    Xd, Qd = X, Q
+    if metric == "cosine":
+        Xd = X / np.linalg.norm(X, axis=1, keepdims=True)
+        Qd = Q / np.linalg.norm(Q, axis=1, keepdims=True)
+    if metric in ("cosine", "dot"):
+        full = -(Qd @ Xd.T) + (metric == "cosine")
+    else:
+        full = ((Qd[:, None] - Xd[None]) ** 2).sum(-1)
+        if metric == "euclidean":
+            full = np.sqrt(full)
+    assert_allclose(dist, np.take_along_axis(full, ind, 1), rtol=1e-10, atol=1e-10)
+    # 200 of 400 candidates re-ranked: the exact top-5 is found.
+    assert_allclose(dist, np.sort(full, axis=1)[:, :5], rtol=1e-10, atol=1e-10)
