@@ -273,9 +273,8 @@ class IVFPQNeighbors(PQParamsMixin, BasePQNeighbors):
         n_probe = self._n_probe()
         dist = np.empty((Q.shape[0], n_candidates), dtype=self._fit_dtype_)
         ind = np.empty((Q.shape[0], n_candidates), dtype=np.int64)
-        # Chunks bound the (rows, n_lists) coarse table and the re-ranking
-        # gather of (rows, n_candidates, n_features).
-        step = _quantizer.chunk_rows(max(self.n_lists_, n_candidates * Q.shape[1]))
+        # Chunks bound the (rows, n_lists) coarse table.
+        step = _quantizer.chunk_rows(self.n_lists_)
         for sl in _quantizer._chunks(Q.shape[0], step):
             coarse = _quantizer.coarse_terms(Q[sl], self.cluster_centers_, ip)
             dist[sl], ind[sl] = _quantizer.ivf_search(
