@@ -2,8 +2,17 @@
 
 from ._hnswpq import HNSWPQNeighbors
 from ._ivfpq import IVFPQNeighbors
+from ._persist import IndexFormatError, load
 from ._pq import PQNeighbors, PQTransformer
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["HNSWPQNeighbors", "IVFPQNeighbors", "PQNeighbors", "PQTransformer", "__version__"]
+__all__ = [
+    "HNSWPQNeighbors",
+    "IVFPQNeighbors",
+    "IndexFormatError",
+    "PQNeighbors",
+    "PQTransformer",
+    "__version__",
+    "load",
+]

@@ -24,6 +24,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import _quantizer
+from ._persist import check_int_array, require
 from ._utils import Progress, effective_n_threads
 
 METRICS = ("euclidean", "sqeuclidean", "cosine", "dot")
@@ -52,6 +53,18 @@ class PQParamsMixin:
         "random_state": ["random_state"],
         "verbose": ["verbose"],
     }
+
+    def _check_codebooks_state(self):
+        """Invariants of a loaded quantizer (see ``_persist.load``)."""
+        cb = self.codebooks_
+        require(isinstance(cb, np.ndarray) and cb.dtype in (np.float32, np.float64),
+                "codebooks_ must be a float32 or float64 array")
+        require(cb.ndim == 3 and cb.shape[:2] == (self.n_subspaces, self.n_codewords),
+                f"codebooks_ has shape {cb.shape}, expected ({self.n_subspaces}, "
+                f"{self.n_codewords}, ds)")
+        require(cb.shape[0] * cb.shape[2] == self.n_features_in_,
+                "codebooks_ do not cover n_features_in_")
+        require(bool(np.all(np.isfinite(cb))), "codebooks_ contain NaN or infinity")
 
     def _max_train_samples(self):
         if self.max_train_samples == "auto":
@@ -225,6 +238,24 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         self._add_rows(X, effective_n_threads(self.n_jobs),
                        Progress(self.verbose, type(self).__name__))
         return self
+
+    def _check_loaded_state(self):
+        """Invariants the kernels rely on, checked after ``load``."""
+        self._check_codebooks_state()
+        n = self.n_samples_fit_
+        require(isinstance(n, int) and n >= 0, "n_samples_fit_ must be an int >= 0")
+        require(self._fit_dtype_ == self.codebooks_.dtype,
+                "_fit_dtype_ differs from the codebooks' dtype")
+        code_dtype = _quantizer.code_dtype(self.n_codewords)
+        require(self.codes_.dtype == code_dtype, f"codes_ must be {code_dtype}")
+        check_int_array(self.codes_, "codes_", (self.codes_.shape[0], self.n_subspaces),
+                        0, self.n_codewords)
+        if self.vectors_ is not None:
+            require(self.vectors_.shape == (n, self.n_features_in_)
+                    and self.vectors_.dtype == self._fit_dtype_,
+                    "vectors_ do not match the index")
+        require(self.refine_factor == 0 or self.vectors_ is not None,
+                "refine_factor > 0 but no vectors_ were saved")
 
     def _commit_size(self, n_total):
         self.n_samples_fit_ = n_total

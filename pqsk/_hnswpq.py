@@ -13,6 +13,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import _hnsw, _quantizer
 from ._base import BasePQNeighbors, PQParamsMixin
+from ._persist import IndexIOMixin, check_int_array, require
 from ._utils import effective_n_threads
 
 MAX_LEVEL = 32
@@ -26,7 +27,7 @@ def sample_levels(n, n_links, random_state):
     return np.minimum(levels, MAX_LEVEL)
 
 
-class HNSWPQNeighbors(PQParamsMixin, BasePQNeighbors):
+class HNSWPQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
     """Approximate nearest neighbours on an HNSW graph over PQ codes.
 
     Vectors are stored as PQ codes and linked in a hierarchical navigable
@@ -201,6 +202,27 @@ class HNSWPQNeighbors(PQParamsMixin, BasePQNeighbors):
     def _current_graph(self):
         return _Graph(self.codes_, self.levels_, self.links0_, self.upper_links_,
                       self.upper_offsets_, self.entry_point_, self.max_level_)
+
+    def _check_loaded_state(self):
+        super()._check_loaded_state()
+        n, M = self.n_samples_fit_, self.n_links
+        require(self.codes_.shape[0] == n, "codes_ and n_samples_fit_ differ")
+        check_int_array(self.levels_, "levels_", (n,), 0, MAX_LEVEL + 1)
+        require(self.levels_.dtype == np.int32, "levels_ must be int32")
+        off = np.zeros(n, np.int64)
+        np.cumsum(self.levels_[:-1], out=off[1:])
+        require(self.upper_offsets_.dtype == np.int64
+                and np.array_equal(self.upper_offsets_, off),
+                "upper_offsets_ do not match levels_")
+        check_int_array(self.links0_, "links0_", (n, 2 * M), -1, n)
+        check_int_array(self.upper_links_, "upper_links_",
+                        (int(self.levels_.sum()), M), -1, n)
+        require(self.links0_.dtype == np.int32 and self.upper_links_.dtype == np.int32,
+                "links must be int32")
+        if n:
+            require(0 <= self.entry_point_ < n
+                    and self.levels_[self.entry_point_] == self.max_level_
+                    == self.levels_.max(), "entry_point_ is not on the top level")
 
     def _ef(self, n_out):
         return max(self.ef_search, n_out)

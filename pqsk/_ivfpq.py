@@ -10,6 +10,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import _quantizer
 from ._base import BasePQNeighbors, PQParamsMixin
+from ._persist import IndexIOMixin, check_int_array, require
 from ._utils import effective_n_threads
 
 # Seed article, step 8: the coarse quantizer wants ~256 training points per
@@ -18,7 +19,7 @@ POINTS_PER_LIST = 256
 MIN_POINTS_PER_LIST = 39
 
 
-class IVFPQNeighbors(PQParamsMixin, BasePQNeighbors):
+class IVFPQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
     """Approximate nearest neighbours with an inverted file and PQ residuals.
 
     A coarse k-means splits the space into ``n_lists`` cells.  Each vector
@@ -257,6 +258,22 @@ class IVFPQNeighbors(PQParamsMixin, BasePQNeighbors):
         self.vectors_ = vectors
         self._commit_size(n_total)
         progress(f"indexed {X.shape[0]} vectors in {self.n_lists_} lists")
+
+    def _check_loaded_state(self):
+        super()._check_loaded_state()
+        L, n_codes = self.n_lists_, self.codes_.shape[0]
+        require(self.cluster_centers_.shape == (L, self.n_features_in_)
+                and self.cluster_centers_.dtype == self._fit_dtype_,
+                "cluster_centers_ do not match n_lists_ and n_features_in_")
+        off = self.list_offsets_
+        check_int_array(off, "list_offsets_", (L + 1,), 0, n_codes + 1)
+        require(off[0] == 0 and off[-1] == n_codes and bool(np.all(np.diff(off) >= 0)),
+                "list_offsets_ must rise from 0 to the number of codes")
+        check_int_array(self.ids_, "ids_", (n_codes,), 0, max(1, self.n_samples_fit_))
+        expected = (0 if self._inner_product else L, self.n_subspaces, self.n_codewords)
+        require(self._list_terms.shape == expected
+                and self._list_terms.dtype == self._fit_dtype_,
+                "the precomputed list terms do not match the index")
 
     def _n_probe(self):
         if self.n_probe > self.n_lists_:

@@ -12,11 +12,12 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from . import _quantizer
 from ._base import FLOAT_DTYPES, BasePQNeighbors, PQParamsMixin
+from ._persist import IndexIOMixin, require
 from ._utils import Progress, effective_n_threads
 
 
-class PQTransformer(PQParamsMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin,
-                    BaseEstimator):
+class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin,
+                    TransformerMixin, BaseEstimator):
     """Product quantizer: compress vectors to short codes of codeword indices.
 
     The ``n_features`` columns are split into ``n_subspaces`` (m) contiguous
@@ -248,13 +249,18 @@ class PQTransformer(PQParamsMixin, ClassNamePrefixFeaturesOutMixin, TransformerM
             X, self.codebooks_, metric == "dot", effective_n_threads(self.n_jobs)
         )
 
+    def _check_loaded_state(self):
+        self._check_codebooks_state()
+        require(self.code_dtype_ == _quantizer.code_dtype(self.n_codewords),
+                "code_dtype_ does not match n_codewords")
+
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.transformer_tags.preserves_dtype = []
         return tags
 
 
-class PQNeighbors(PQParamsMixin, BasePQNeighbors):
+class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
     """Exhaustive nearest-neighbour search over product-quantization codes.
 
     Only the codes are stored (``n_subspaces`` bytes per vector for
@@ -365,6 +371,10 @@ class PQNeighbors(PQParamsMixin, BasePQNeighbors):
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.verbose = verbose
+
+    def _check_loaded_state(self):
+        super()._check_loaded_state()
+        require(self.codes_.shape[0] == self.n_samples_fit_, "codes_ and n_samples_fit_ differ")
 
     def _fit_index(self, X, progress):
         self.codebooks_ = self._fit_codebooks(X, progress)
