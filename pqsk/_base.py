@@ -127,6 +127,49 @@ class PQParamsMixin:
         return codebooks
 
 
+class RemovalMixin:
+    """``remove(ids)`` for indexes whose ids are stable (IVF, HNSW)."""
+
+    def remove(self, ids):
+        """Remove indexed vectors by id; they never appear in results again.
+
+        Ids are not reused: later ``partial_fit`` rows continue from
+        ``n_samples_fit_``.  On error nothing is removed.
+
+        Parameters
+        ----------
+        ids : array-like of int
+            Ids (row numbers at fit / partial_fit) of vectors to remove.
+
+        Returns
+        -------
+        self : object
+        """
+        check_is_fitted(self)
+        ids = np.asarray(ids)
+        if ids.size == 0:
+            return self
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"ids must be integers, got dtype {ids.dtype}.")
+        ids = ids.ravel().astype(np.int64)
+        n = self.n_samples_fit_
+        if ids.min() < 0 or ids.max() >= n:
+            raise ValueError(f"ids must lie in [0, {n}), got values in "
+                             f"[{ids.min()}, {ids.max()}].")
+        if np.unique(ids).size != ids.size:
+            raise ValueError("ids contain duplicates.")
+        removed = (self.removed_ if self.removed_ is not None
+                   else np.zeros(n, dtype=bool))
+        if removed[ids].any():
+            raise ValueError(f"ids {ids[removed[ids]][:10].tolist()} were already removed.")
+        mask = removed.copy()
+        mask[ids] = True
+        self._remove_rows(ids, mask)
+        self.removed_ = mask
+        self.n_removed_ = int(mask.sum())
+        return self
+
+
 def _check_n_neighbors(n_neighbors):
     if not isinstance(n_neighbors, (Integral, np.integer)) or isinstance(n_neighbors, bool):
         raise TypeError(
@@ -211,6 +254,8 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         progress = Progress(self.verbose, type(self).__name__)
         self._fit_dtype_ = X.dtype
         self.n_samples_fit_ = 0
+        self.n_removed_ = 0
+        self.removed_ = None
         self.vectors_ = None
         self._fit_index(self._prepare(X), progress)
         return self
@@ -250,6 +295,12 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         require(self.codes_.dtype == code_dtype, f"codes_ must be {code_dtype}")
         check_int_array(self.codes_, "codes_", (self.codes_.shape[0], self.n_subspaces),
                         0, self.n_codewords)
+        require(isinstance(self.n_removed_, int) and 0 <= self.n_removed_ <= n,
+                "n_removed_ out of range")
+        if self.removed_ is not None:
+            require(self.removed_.shape == (n,) and self.removed_.dtype == bool
+                    and int(self.removed_.sum()) == self.n_removed_,
+                    "removed_ does not match n_samples_fit_ and n_removed_")
         if self.vectors_ is not None:
             require(self.vectors_.shape == (n, self.n_features_in_)
                     and self.vectors_.dtype == self._fit_dtype_,
@@ -258,6 +309,10 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                 "refine_factor > 0 but no vectors_ were saved")
 
     def _commit_size(self, n_total):
+        if self.removed_ is not None:
+            grown = np.zeros(n_total, dtype=bool)
+            grown[:self.removed_.shape[0]] = self.removed_
+            self.removed_ = grown
         self.n_samples_fit_ = n_total
         self._n_features_out = n_total
 
@@ -333,11 +388,16 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         n_neighbors = _check_n_neighbors(n_neighbors)
         query_is_train = X is None
         if query_is_train:
+            if self.n_removed_:
+                raise ValueError(
+                    "kneighbors(X=None) queries every indexed point, but "
+                    f"{self.n_removed_} were removed; pass the query points as X."
+                )
             Q = self._self_queries()
             n_neighbors += 1
         else:
             Q = self._validate_queries(X)
-        n_fit = self.n_samples_fit_
+        n_fit = self.n_samples_fit_ - self.n_removed_
         if n_neighbors > n_fit:
             if query_is_train:
                 raise ValueError(

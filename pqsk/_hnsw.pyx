@@ -54,6 +54,7 @@ cdef struct Dist:
 
 
 cdef struct Work:
+    const uint8_t* deleted   # (n,) tombstones (route through, never return) or NULL
     uint32_t* visited        # (n,) generation marks
     uint32_t gen
     float* cand_d            # (capacity,) candidate min-heap, distances negated
@@ -145,7 +146,8 @@ cdef Py_ssize_t search_layer(Graph* g, Dist* d, Work* w, Py_ssize_t n,
     """Best-first beam search of width ``ef`` on one level.
 
     Leaves the (at most ef) best nodes found in the max-heap
-    ``w.res_d / w.res_i`` and returns their number.
+    ``w.res_d / w.res_i`` and returns their number.  Tombstoned nodes
+    (``w.deleted``) are walked through but never enter the results.
     """
     cdef Py_ssize_t n_cand = 0, n_res = 0, cap, t
     cdef int32_t* links
@@ -154,7 +156,8 @@ cdef Py_ssize_t search_layer(Graph* g, Dist* d, Work* w, Py_ssize_t n,
     next_generation(w, n)
     w.visited[entry] = w.gen
     vheap_push(w.cand_d, w.cand_i, &n_cand, -d_entry, -entry)
-    vheap_push(w.res_d, w.res_i, &n_res, d_entry, entry)
+    if w.deleted == NULL or not w.deleted[entry]:
+        vheap_push(w.res_d, w.res_i, &n_res, d_entry, entry)
     while n_cand > 0:
         dc = -w.cand_d[0]
         c = -w.cand_i[0]
@@ -172,6 +175,8 @@ cdef Py_ssize_t search_layer(Graph* g, Dist* d, Work* w, Py_ssize_t n,
             de = dist_q(d, e)
             if n_res < ef or de < w.res_d[0] or (de == w.res_d[0] and e < w.res_i[0]):
                 vheap_push(w.cand_d, w.cand_i, &n_cand, -de, -e)
+                if w.deleted != NULL and w.deleted[e]:
+                    continue
                 vheap_push(w.res_d, w.res_i, &n_res, de, e)
                 if n_res > ef:
                     vheap_pop(w.res_d, w.res_i, &n_res)
@@ -277,6 +282,7 @@ def hnsw_build(const float[:, ::1] vectors,         # IN  (n, D) float32
     d.vectors = &vectors[0, 0] if n > 0 else NULL
     d.dim = vectors.shape[1]
     d.count = 0
+    w.deleted = NULL
     w.visited = &visited[0] if n > 0 else NULL
     w.gen = 0
     if n > 0:
@@ -320,7 +326,8 @@ def hnsw_build(const float[:, ::1] vectors,         # IN  (n, D) float32
 
 cdef void search_one(Graph* g, const float* query, const float* cbt,
                      Py_ssize_t m, Py_ssize_t ds, Py_ssize_t k,
-                     const uint8_t* codes8, const uint16_t* codes16, Py_ssize_t n,
+                     const uint8_t* codes8, const uint16_t* codes16,
+                     const uint8_t* deleted, Py_ssize_t n,
                      int64_t entry_point, int max_level, Py_ssize_t ef,
                      bint inner_product, float* table, uint32_t* visited,
                      uint32_t* gen, float* cand_d, int64_t* cand_i,
@@ -343,6 +350,7 @@ cdef void search_one(Graph* g, const float* query, const float* cbt,
     d.m = m
     d.k = k
     d.count = 0
+    w.deleted = deleted
     w.visited = visited
     w.gen = gen[0]
     w.cand_d = cand_d
@@ -370,6 +378,7 @@ def hnsw_search(const float[:, ::1] Q,                 # IN  (nq, D) float32
                 const float[:, :, ::1] codebooks_t,    # IN  (m, ds, k)
                 const uint8_t[:, ::1] codes8,          # IN  (n, m) or (0, m)
                 const uint16_t[:, ::1] codes16,        # IN  (n, m) or (0, m)
+                const uint8_t[::1] deleted,            # IN  (n,) tombstones, or (0,)
                 const int32_t[:, ::1] links0,          # IN  (n, M0)
                 const int32_t[:, ::1] upper,           # IN  (n_upper_rows, M)
                 const int64_t[::1] upper_off,          # IN  (n,)
@@ -413,6 +422,7 @@ def hnsw_search(const float[:, ::1] Q,                 # IN  (nq, D) float32
                        codebooks_t.shape[1], codebooks_t.shape[2],
                        &codes8[0, 0] if codes8.shape[0] > 0 else NULL,
                        &codes16[0, 0] if codes16.shape[0] > 0 else NULL,
+                       &deleted[0] if deleted.shape[0] > 0 else NULL,
                        n, entry_point, max_level, ef, inner_product,
                        &tables[tid, 0], &visited[tid, 0], &gens[tid],
                        &cand_d[tid, 0], &cand_i[tid, 0], &res_d[tid, 0], &res_i[tid, 0],

@@ -12,9 +12,9 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
 from . import _hnsw, _quantizer
-from ._base import BasePQNeighbors, PQParamsMixin
+from ._base import BasePQNeighbors, PQParamsMixin, RemovalMixin
 from ._persist import IndexIOMixin, check_int_array, require
-from ._utils import effective_n_threads
+from ._utils import Progress, effective_n_threads
 
 MAX_LEVEL = 32
 BUILD_CHUNK = 20000  # nodes inserted between two progress messages
@@ -27,7 +27,7 @@ def sample_levels(n, n_links, random_state):
     return np.minimum(levels, MAX_LEVEL)
 
 
-class HNSWPQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
+class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors):
     """Approximate nearest neighbours on an HNSW graph over PQ codes.
 
     Vectors are stored as PQ codes and linked in a hierarchical navigable
@@ -174,21 +174,32 @@ class HNSWPQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         self.codebooks_ = self._fit_codebooks(X, progress)
         self._levels_rng_ = check_random_state(self.random_state)
         self._install(_Graph.empty(self.n_subspaces, self.n_links,
-                                   _quantizer.code_dtype(self.n_codewords)), None)
+                                   _quantizer.code_dtype(self.n_codewords)), None, None, 0)
         self._add_rows(X, effective_n_threads(self.n_jobs), progress)
+
+    def _node_vectors(self):
+        """float vectors of the graph's nodes, in node order: raw when
+        kept, else decoded."""
+        if self.vectors_ is None:
+            return _quantizer.decode(self.codes_, self.codebooks_)
+        return self.vectors_ if self.ids_ is None else self.vectors_[self.ids_]
 
     def _add_rows(self, X, n_threads, progress):
         codes = _quantizer.encode(X, self.codebooks_, n_threads)
         progress(f"encoded {X.shape[0]} vectors")
-        n_old = self.codes_.shape[0]
+        n_nodes, first_id = self.codes_.shape[0], self.n_samples_fit_
         # Old nodes are linked against their raw vectors when kept, else
         # their decoded ones; the new against their raw vectors.
-        old = self._self_queries() if n_old else X[:0]
+        old = self._node_vectors() if n_nodes else X[:0]
         build_vectors = np.concatenate([old, X]).astype(np.float32, copy=False)
         graph = self._current_graph().extend(self, codes, build_vectors, progress)
-        self._install(graph, self._grown_vectors(X))
+        ids = self.ids_
+        if ids is not None or first_id != n_nodes:
+            ids = np.concatenate([np.arange(n_nodes) if ids is None else ids,
+                                  np.arange(first_id, first_id + X.shape[0])])
+        self._install(graph, self._grown_vectors(X), ids, first_id + X.shape[0])
 
-    def _install(self, graph, vectors):
+    def _install(self, graph, vectors, ids, n_total):
         self.codes_ = graph.codes
         self.levels_ = graph.levels
         self.links0_ = graph.links0
@@ -197,16 +208,51 @@ class HNSWPQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         self.entry_point_ = graph.entry_point
         self.max_level_ = graph.max_level
         self.vectors_ = vectors
-        self._commit_size(graph.codes.shape[0])
+        self.ids_ = ids
+        self._commit_size(n_total)
 
     def _current_graph(self):
         return _Graph(self.codes_, self.levels_, self.links0_, self.upper_links_,
                       self.upper_offsets_, self.entry_point_, self.max_level_)
 
+    def _remove_rows(self, ids, removed):
+        # Tombstones: the nodes stay in the graph for routing; searches
+        # read ``removed_`` and never return them.  See ``compact``.
+        pass
+
+    def compact(self):
+        """Rebuild the graph without the removed nodes.
+
+        After many ``remove`` calls the tombstoned nodes still cost memory
+        and search time (they are walked through).  ``compact`` re-inserts
+        the live nodes into a fresh graph (same codes, same ids; the build
+        uses the raw vectors if kept, else the decoded ones), so it costs
+        about as much as building the graph anew.
+
+        Returns
+        -------
+        self : HNSWPQNeighbors
+        """
+        check_is_fitted(self)
+        if not self.n_removed_:
+            return self
+        node_ids = np.arange(self.codes_.shape[0]) if self.ids_ is None else self.ids_
+        live = ~self.removed_[node_ids]
+        vectors = self._node_vectors()[live].astype(np.float32, copy=False)
+        empty = _Graph.empty(self.n_subspaces, self.n_links, self.codes_.dtype)
+        progress = Progress(self.verbose, type(self).__name__)
+        graph = empty.extend(self, self.codes_[live], vectors, progress)
+        self._install(graph, self.vectors_, node_ids[live].astype(np.int64),
+                      self.n_samples_fit_)
+        return self
+
     def _check_loaded_state(self):
         super()._check_loaded_state()
-        n, M = self.n_samples_fit_, self.n_links
-        require(self.codes_.shape[0] == n, "codes_ and n_samples_fit_ differ")
+        n, M = self.codes_.shape[0], self.n_links
+        if self.ids_ is None:
+            require(n == self.n_samples_fit_, "codes_ and n_samples_fit_ differ")
+        else:
+            check_int_array(self.ids_, "ids_", (n,), 0, self.n_samples_fit_)
         check_int_array(self.levels_, "levels_", (n,), 0, MAX_LEVEL + 1)
         require(self.levels_.dtype == np.int32, "levels_ must be int32")
         off = np.zeros(n, np.int64)
@@ -227,12 +273,19 @@ class HNSWPQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
     def _ef(self, n_out):
         return max(self.ef_search, n_out)
 
-    def _graph_search(self, Q, n_out, n_threads):
-        """(dist float32, ind int64, distance computations per query)."""
+    def _tombstones(self):
+        """uint8 mask of removed nodes in node order, or an empty array."""
+        if not self.n_removed_:
+            return np.empty(0, np.uint8)
+        mask = self.removed_ if self.ids_ is None else self.removed_[self.ids_]
+        return mask.view(np.uint8)
+
+    def _graph_search(self, Q, n_out, n_threads, ef=None):
+        """(dist float32, node int64, distance computations per query)."""
         Q = np.ascontiguousarray(Q, dtype=np.float32)
-        nq, n = Q.shape[0], self.n_samples_fit_
+        nq, n = Q.shape[0], self.codes_.shape[0]
         m, k = self.n_subspaces, self.n_codewords
-        ef = self._ef(n_out)
+        ef = self._ef(n_out) if ef is None else ef
         nt = max(1, n_threads)
         dist = np.empty((nq, n_out), dtype=np.float32)
         ind = np.empty((nq, n_out), dtype=np.int64)
@@ -241,8 +294,9 @@ class HNSWPQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         codes16 = self.codes_ if self.codes_.dtype == np.uint16 else np.empty((0, m), np.uint16)
         cbt = np.ascontiguousarray(self.codebooks_.transpose(0, 2, 1), dtype=np.float32)
         _hnsw.hnsw_search(
-            Q, cbt, codes8, codes16, self.links0_, self.upper_links_, self.upper_offsets_,
-            self.entry_point_, self.max_level_, ef, self._inner_product, dist, ind, n_dist,
+            Q, cbt, codes8, codes16, self._tombstones(), self.links0_, self.upper_links_,
+            self.upper_offsets_, self.entry_point_, self.max_level_, ef, self._inner_product,
+            dist, ind, n_dist,
             np.zeros((nt, n), np.uint32), np.zeros(nt, np.uint32),
             np.empty((nt, n), np.float32), np.empty((nt, n), np.int64),
             np.empty((nt, ef + 1), np.float32), np.empty((nt, ef + 1), np.int64),
@@ -252,10 +306,24 @@ class HNSWPQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
 
     def _search(self, Q, n_candidates, n_threads):
         dist, ind, _ = self._graph_search(Q, n_candidates, n_threads)
+        # With many tombstones a beam can end with fewer live nodes than
+        # asked for: search those queries again over the whole graph.
+        short = ind[:, -1] == np.iinfo(np.int64).max
+        if short.any():
+            d2, i2, _ = self._graph_search(Q[short], n_candidates, n_threads,
+                                           ef=self.codes_.shape[0])
+            dist[short], ind[short] = d2, i2
+        if self.ids_ is not None:
+            ind = self.ids_[ind]
         return dist, ind
 
     def _reconstruct(self):
-        return _quantizer.decode(self.codes_, self.codebooks_)
+        X_hat = _quantizer.decode(self.codes_, self.codebooks_)
+        if self.ids_ is None:
+            return X_hat
+        out = np.zeros((self.n_samples_fit_, X_hat.shape[1]), X_hat.dtype)
+        out[self.ids_] = X_hat
+        return out
 
     def search_stats(self, X, n_neighbors=None):
         """Work done per query by a search of X (no results returned).
@@ -290,12 +358,14 @@ class HNSWPQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
             "upper_links": self.upper_links_.nbytes,
             "levels": self.levels_.nbytes,
             "upper_offsets": self.upper_offsets_.nbytes,
+            "ids": 0 if self.ids_ is None else self.ids_.nbytes,
             "codebooks": self.codebooks_.nbytes,
         }
         graph_codes = sum(parts.values()) - parts["codebooks"]
+        n_nodes = max(1, self.codes_.shape[0])
         parts["vectors"] = 0 if self.vectors_ is None else self.vectors_.nbytes
         parts["total"] = sum(parts.values())
-        parts["per_vector"] = graph_codes / max(1, self.n_samples_fit_)
+        parts["per_vector"] = graph_codes / n_nodes
         return parts
 
 

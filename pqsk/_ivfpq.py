@@ -9,7 +9,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from . import _quantizer
-from ._base import BasePQNeighbors, PQParamsMixin
+from ._base import BasePQNeighbors, PQParamsMixin, RemovalMixin
 from ._persist import IndexIOMixin, check_int_array, require
 from ._utils import effective_n_threads
 
@@ -19,7 +19,7 @@ POINTS_PER_LIST = 256
 MIN_POINTS_PER_LIST = 39
 
 
-class IVFPQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
+class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors):
     """Approximate nearest neighbours with an inverted file and PQ residuals.
 
     A coarse k-means splits the space into ``n_lists`` cells.  Each vector
@@ -238,18 +238,18 @@ class IVFPQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
     def _add_rows(self, X, n_threads, progress):
         # Assign, encode and merge into new arrays; attributes are replaced
         # only at the end, so an error leaves the index as it was.
-        n_old = self.codes_.shape[0]
+        first_id = self.n_samples_fit_  # ids continue, removed ones included
         labels = _quantizer.assign(X, self.cluster_centers_)
         codes = _quantizer.encode_residuals(X, labels, self.cluster_centers_,
                                             self.codebooks_, n_threads)
-        n_total = n_old + X.shape[0]
+        n_total = first_id + X.shape[0]
         id_dtype = np.int32 if n_total < 2**31 else np.int64
         old_lists = np.repeat(np.arange(self.n_lists_), np.diff(self.list_offsets_))
         # Stable sort by list: old entries (ids ascending) come before new ones.
         order = np.argsort(np.concatenate([old_lists, labels]), kind="stable")
         all_codes = np.concatenate([self.codes_, codes])[order]
         all_ids = np.concatenate([self.ids_.astype(id_dtype),
-                                  np.arange(n_old, n_total, dtype=id_dtype)])[order]
+                                  np.arange(first_id, n_total, dtype=id_dtype)])[order]
         counts = np.bincount(np.concatenate([old_lists, labels]), minlength=self.n_lists_)
         offsets = np.zeros(self.n_lists_ + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
@@ -274,6 +274,15 @@ class IVFPQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         require(self._list_terms.shape == expected
                 and self._list_terms.dtype == self._fit_dtype_,
                 "the precomputed list terms do not match the index")
+
+    def _remove_rows(self, ids, removed):
+        # Entries leave their lists for good; the raw vectors (if kept) stay
+        # in place, addressed by id.
+        keep = ~removed[self.ids_]
+        lists = np.repeat(np.arange(self.n_lists_), np.diff(self.list_offsets_))
+        offsets = np.zeros(self.n_lists_ + 1, dtype=np.int64)
+        np.cumsum(np.bincount(lists[keep], minlength=self.n_lists_), out=offsets[1:])
+        self.codes_, self.ids_, self.list_offsets_ = self.codes_[keep], self.ids_[keep], offsets
 
     def _n_probe(self):
         if self.n_probe > self.n_lists_:
