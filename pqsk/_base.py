@@ -25,7 +25,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import _quantizer
 from ._persist import check_int_array, require
-from ._utils import Progress, effective_n_threads
+from ._utils import Progress, effective_n_threads, index_lock
 
 METRICS = ("euclidean", "sqeuclidean", "cosine", "dot")
 
@@ -164,9 +164,10 @@ class RemovalMixin:
             raise ValueError(f"ids {ids[removed[ids]][:10].tolist()} were already removed.")
         mask = removed.copy()
         mask[ids] = True
-        self._remove_rows(ids, mask)
-        self.removed_ = mask
-        self.n_removed_ = int(mask.sum())
+        with index_lock(self).write():
+            self._remove_rows(ids, mask)
+            self.removed_ = mask
+            self.n_removed_ = int(mask.sum())
         return self
 
 
@@ -183,6 +184,12 @@ def _check_n_neighbors(n_neighbors):
 
 class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """The neighbors contract shared by pqsk's search estimators.
+
+    Thread safety: ``kneighbors`` (and what calls it) may run from many
+    threads at once, each releasing the GIL in the kernels.  ``fit``,
+    ``partial_fit``, ``remove`` and ``compact`` take the index's exclusive
+    lock: queries wait for them, and see the index before or after, never
+    half-modified.
 
     Distances follow ``metric``: ``"euclidean"`` returns the square root of
     the ADC squared distance, ``"sqeuclidean"`` the ADC squared distance,
@@ -250,14 +257,15 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         self : object
             The fitted estimator.
         """
-        X = validate_data(self, X, dtype=FLOAT_DTYPES, order="C")
-        progress = Progress(self.verbose, type(self).__name__)
-        self._fit_dtype_ = X.dtype
-        self.n_samples_fit_ = 0
-        self.n_removed_ = 0
-        self.removed_ = None
-        self.vectors_ = None
-        self._fit_index(self._prepare(X), progress)
+        with index_lock(self).write():
+            X = validate_data(self, X, dtype=FLOAT_DTYPES, order="C")
+            progress = Progress(self.verbose, type(self).__name__)
+            self._fit_dtype_ = X.dtype
+            self.n_samples_fit_ = 0
+            self.n_removed_ = 0
+            self.removed_ = None
+            self.vectors_ = None
+            self._fit_index(self._prepare(X), progress)
         return self
 
     def partial_fit(self, X, y=None):
@@ -279,9 +287,10 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """
         if not hasattr(self, "n_samples_fit_"):
             return self.fit(X)
-        X = self._validate_queries(X)
-        self._add_rows(X, effective_n_threads(self.n_jobs),
-                       Progress(self.verbose, type(self).__name__))
+        with index_lock(self).write():
+            X = self._validate_queries(X)
+            self._add_rows(X, effective_n_threads(self.n_jobs),
+                           Progress(self.verbose, type(self).__name__))
         return self
 
     def _check_loaded_state(self):
@@ -383,6 +392,10 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             broken by the smaller index.
         """
         check_is_fitted(self)
+        with index_lock(self).read():
+            return self._kneighbors(X, n_neighbors, return_distance)
+
+    def _kneighbors(self, X, n_neighbors, return_distance):
         if n_neighbors is None:
             n_neighbors = self.n_neighbors
         n_neighbors = _check_n_neighbors(n_neighbors)

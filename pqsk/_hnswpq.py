@@ -14,7 +14,7 @@ from sklearn.utils.validation import check_is_fitted
 from . import _hnsw, _quantizer
 from ._base import BasePQNeighbors, PQParamsMixin, RemovalMixin
 from ._persist import IndexIOMixin, check_int_array, require
-from ._utils import Progress, effective_n_threads
+from ._utils import Progress, effective_n_threads, index_lock
 
 MAX_LEVEL = 32
 BUILD_CHUNK = 20000  # nodes inserted between two progress messages
@@ -234,6 +234,10 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         self : HNSWPQNeighbors
         """
         check_is_fitted(self)
+        with index_lock(self).write():
+            return self._compact()
+
+    def _compact(self):
         if not self.n_removed_:
             return self
         node_ids = np.arange(self.codes_.shape[0]) if self.ids_ is None else self.ids_
@@ -341,7 +345,8 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         """
         Q = self._validate_queries(X)
         n_out = n_neighbors or self.n_neighbors
-        _, _, n_dist = self._graph_search(Q, n_out, effective_n_threads(self.n_jobs))
+        with index_lock(self).read():
+            _, _, n_dist = self._graph_search(Q, n_out, effective_n_threads(self.n_jobs))
         return {"distance_computations": float(n_dist.mean()), "ef": self._ef(n_out)}
 
     @property

@@ -2,7 +2,10 @@
 
 import os
 import sys
+import threading
 import time
+import weakref
+from contextlib import contextmanager
 
 from ._openmp import omp_max_threads
 
@@ -38,3 +41,57 @@ class Progress:
             t = time.perf_counter() - self._t0
             sys.stderr.write(f"[{self.name}] {t:8.2f}s {msg}\n")
             sys.stderr.flush()
+
+
+class RWLock:
+    """Many readers or one writer.  Waiting writers block new readers, so
+    a stream of queries cannot starve ``partial_fit``.  Not re-entrant."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+
+    @contextmanager
+    def read(self):
+        with self._cond:
+            while self._writer or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self):
+        with self._cond:
+            self._waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+_LOCKS = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def index_lock(estimator):
+    """The estimator's RWLock, kept outside its ``__dict__`` so that pickling,
+    cloning and saving never see it."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(estimator)
+        if lock is None:
+            lock = _LOCKS[estimator] = RWLock()
+        return lock

@@ -19,12 +19,6 @@ FACTORIES = {
 }
 
 
-def _exhaustive(est, live):
-    """Exhaustive ADC over the live points with the same codebooks."""
-    ref = PQNeighbors(10, n_subspaces=4, n_codewords=32, codebooks=est.codebooks_)
-    return ref, live
-
-
 @pytest.mark.parametrize("key", sorted(FACTORIES))
 def test_removed_ids_never_come_back(key):
     nn = FACTORIES[key]().fit(X)
