@@ -33,6 +33,26 @@ METRICS = ("euclidean", "sqeuclidean", "cosine", "dot")
 FLOAT_DTYPES = [np.float32, np.float64]
 
 
+def check_range(X):
+    """Reject values whose squared distances would overflow X's dtype.
+
+    Distances sum D squared differences of up to twice the largest value:
+    past ``sqrt(max / (4 D))`` they become inf and every ranking is
+    meaningless, so the data must be scaled (or given as float64) first.
+    """
+    if X.size == 0:
+        return X
+    bound = np.sqrt(np.finfo(X.dtype).max / (4 * X.shape[1]))
+    peak = float(np.max(np.abs(X)))
+    if peak > bound:
+        raise ValueError(
+            f"X has values up to {peak:.3g}; with {X.shape[1]} features, squared "
+            f"distances in {X.dtype} overflow past {bound:.3g}. Scale the data down"
+            + (" or pass float64." if X.dtype == np.float32 else ".")
+        )
+    return X
+
+
 class PQParamsMixin:
     """Product-quantization parameters shared by every estimator."""
 
@@ -239,7 +259,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
     def _validate_queries(self, X):
         check_is_fitted(self)
         X = validate_data(self, X, dtype=FLOAT_DTYPES, order="C", reset=False)
-        X = np.ascontiguousarray(X, dtype=self._fit_dtype_)
+        X = check_range(np.ascontiguousarray(X, dtype=self._fit_dtype_))
         return self._prepare(X)
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -258,7 +278,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             The fitted estimator.
         """
         with index_lock(self).write():
-            X = validate_data(self, X, dtype=FLOAT_DTYPES, order="C")
+            X = check_range(validate_data(self, X, dtype=FLOAT_DTYPES, order="C"))
             progress = Progress(self.verbose, type(self).__name__)
             self._fit_dtype_ = X.dtype
             self.n_samples_fit_ = 0

@@ -17,6 +17,7 @@ from ._persist import IndexIOMixin, check_int_array, require
 from ._utils import Progress, effective_n_threads, index_lock
 
 MAX_LEVEL = 32
+MAX_LINKS = 2048  # more links per node than this is never useful
 BUILD_CHUNK = 20000  # nodes inserted between two progress messages
 
 
@@ -45,14 +46,16 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
     ----------
     n_neighbors : int, default=5
     n_links : int, default=16
-        M, links per node on the upper levels (2 * M on level 0); >= 2.
+        M, links per node on the upper levels (2 * M on level 0); between 2
+        and 2048.
     ef_construction : int, default=200
         Beam width while inserting nodes: larger builds a better graph,
         more slowly.
     ef_search : int, default=64
         Beam width at query time; can be changed after fit with
         ``set_params``.  It is raised to the number of candidates needed
-        (``n_neighbors``, or ``refine_factor * n_neighbors``) when smaller.
+        (``n_neighbors``, or ``refine_factor * n_neighbors``) when smaller,
+        and lowered to the number of indexed vectors when larger.
     n_subspaces, n_codewords, init, max_iter, n_init, tol, max_train_samples, codebooks
         Product quantizer parameters, as in :class:`PQTransformer`.
     metric : {"euclidean", "sqeuclidean", "cosine", "dot"}, default="euclidean"
@@ -124,7 +127,7 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
     _parameter_constraints = {
         **PQParamsMixin._pq_parameter_constraints,
         **BasePQNeighbors._neighbors_parameter_constraints,
-        "n_links": [Interval(Integral, 2, None, closed="left")],
+        "n_links": [Interval(Integral, 2, MAX_LINKS, closed="both")],
         "ef_construction": [Interval(Integral, 1, None, closed="left")],
         "ef_search": [Interval(Integral, 1, None, closed="left")],
     }
@@ -275,7 +278,9 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
                     == self.levels_.max(), "entry_point_ is not on the top level")
 
     def _ef(self, n_out):
-        return max(self.ef_search, n_out)
+        # A beam wider than the graph holds nothing more: cap it there
+        # (this also bounds the scratch memory of a huge ef_search).
+        return max(1, min(max(self.ef_search, n_out), self.codes_.shape[0]))
 
     def _tombstones(self):
         """uint8 mask of removed nodes in node order, or an empty array."""
@@ -284,8 +289,13 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         mask = self.removed_ if self.ids_ is None else self.removed_[self.ids_]
         return mask.view(np.uint8)
 
-    def _graph_search(self, Q, n_out, n_threads, ef=None):
-        """(dist float32, node int64, distance computations per query)."""
+    def _graph_search(self, Q, n_out, n_threads, ef=None, from_entry=False):
+        """(dist float32, node int64, distance computations per query).
+
+        ``from_entry`` skips the descent and starts the level-0 beam at the
+        entry point, from which every node is reachable (see
+        ``repair_level0``): with ``ef = n`` that visits the whole graph.
+        """
         Q = np.ascontiguousarray(Q, dtype=np.float32)
         nq, n = Q.shape[0], self.codes_.shape[0]
         m, k = self.n_subspaces, self.n_codewords
@@ -299,7 +309,8 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         cbt = np.ascontiguousarray(self.codebooks_.transpose(0, 2, 1), dtype=np.float32)
         _hnsw.hnsw_search(
             Q, cbt, codes8, codes16, self._tombstones(), self.links0_, self.upper_links_,
-            self.upper_offsets_, self.entry_point_, self.max_level_, ef, self._inner_product,
+            self.upper_offsets_, self.entry_point_, 0 if from_entry else self.max_level_, ef,
+            self._inner_product,
             dist, ind, n_dist,
             np.zeros((nt, n), np.uint32), np.zeros(nt, np.uint32),
             np.empty((nt, n), np.float32), np.empty((nt, n), np.int64),
@@ -310,12 +321,13 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
 
     def _search(self, Q, n_candidates, n_threads):
         dist, ind, _ = self._graph_search(Q, n_candidates, n_threads)
-        # With many tombstones a beam can end with fewer live nodes than
-        # asked for: search those queries again over the whole graph.
+        # A beam can end with fewer live nodes than asked for (many
+        # tombstones, or a start node from which few nodes are reachable):
+        # search those queries again over the whole graph.
         short = ind[:, -1] == np.iinfo(np.int64).max
         if short.any():
             d2, i2, _ = self._graph_search(Q[short], n_candidates, n_threads,
-                                           ef=self.codes_.shape[0])
+                                           ef=self.codes_.shape[0], from_entry=True)
             dist[short], ind[short] = d2, i2
         if self.ids_ is not None:
             ind = self.ids_[ind]
@@ -457,7 +469,7 @@ class _Graph:
         links0[:n_old] = self.links0
         upper = np.full((int(levels.sum()), M), -1, dtype=np.int32)
         upper[:self.upper.shape[0]] = self.upper
-        ef_c = est.ef_construction
+        ef_c = max(1, min(est.ef_construction, n))
         scratch = dict(
             visited=np.zeros(n, np.uint32), cand_d=np.empty(n, np.float32),
             cand_i=np.empty(n, np.int64), res_d=np.empty(ef_c + 1, np.float32),

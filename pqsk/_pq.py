@@ -11,7 +11,7 @@ from sklearn.base import (
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from . import _quantizer
-from ._base import FLOAT_DTYPES, BasePQNeighbors, PQParamsMixin
+from ._base import FLOAT_DTYPES, BasePQNeighbors, PQParamsMixin, check_range
 from ._persist import IndexIOMixin, require
 from ._utils import Progress, effective_n_threads
 
@@ -146,7 +146,7 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         -------
         self : PQTransformer
         """
-        X = validate_data(self, X, dtype=FLOAT_DTYPES, order="C")
+        X = check_range(validate_data(self, X, dtype=FLOAT_DTYPES, order="C"))
         self.codebooks_ = self._fit_codebooks(X, Progress(self.verbose, "PQTransformer"))
         self.code_dtype_ = _quantizer.code_dtype(self.n_codewords)
         self._n_features_out = self.n_subspaces
@@ -155,7 +155,7 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
     def _validate(self, X):
         check_is_fitted(self)
         X = validate_data(self, X, dtype=FLOAT_DTYPES, order="C", reset=False)
-        return np.ascontiguousarray(X, dtype=self.codebooks_.dtype)
+        return check_range(np.ascontiguousarray(X, dtype=self.codebooks_.dtype))
 
     def transform(self, X):
         """Encode X: the index of the nearest codeword in each sub-space.

@@ -14,14 +14,16 @@ def effective_n_threads(n_jobs):
     """Threads the kernels use for a given ``n_jobs``.
 
     ``None`` means every thread OpenMP allows (``OMP_NUM_THREADS`` and
-    threadpoolctl limits are respected); a positive number is taken as is;
-    ``-1`` means all CPUs, ``-2`` all but one, and so on.
+    threadpoolctl limits are respected); a positive number is taken as is,
+    up to the number of CPUs; ``-1`` means all CPUs, ``-2`` all but one,
+    and so on.
     """
+    n_cpus = os.cpu_count() or 1
     if n_jobs is None:
-        return max(1, min(omp_max_threads(), os.cpu_count() or 1))
+        return max(1, min(omp_max_threads(), n_cpus))
     if n_jobs < 0:
-        return max(1, (os.cpu_count() or 1) + 1 + n_jobs)
-    return int(n_jobs)
+        return max(1, n_cpus + 1 + n_jobs)
+    return max(1, min(int(n_jobs), n_cpus))
 
 
 class Progress:

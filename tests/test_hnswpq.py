@@ -278,3 +278,15 @@ def test_repair_level0_links_unreachable_nodes():
     full = np.array([[1, 2], [2, 0], [0, 1], [0, 1]], np.int32)  # node 3 unreachable
     repair_level0(full, rng.randn(4, 2).astype(np.float32), 0)
     assert _reachable(full, 0).all()
+
+
+def test_poor_graph_still_returns_full_rows():
+    """A tiny beam on a sparse graph can strand the search; every row is
+    still filled with real, distinct neighbours."""
+    X = np.random.RandomState(1).randn(40, 6).astype(np.float32)
+    nn = HNSWPQNeighbors(1, n_links=2, ef_construction=1, ef_search=1, n_subspaces=3,
+                         n_codewords=2, random_state=0).fit(X)
+    for ind in (nn.kneighbors(n_neighbors=5, return_distance=False),
+                nn.kneighbors(X, n_neighbors=39, return_distance=False)):
+        assert np.all((ind >= 0) & (ind < 40))
+        assert all(len(set(row)) == ind.shape[1] for row in ind)

@@ -454,3 +454,16 @@ def test_refine_gives_exact_distances(metric):
     assert_allclose(dist, np.take_along_axis(full, ind, 1), rtol=1e-10, atol=1e-10)
     # 200 of 400 candidates re-ranked: the exact top-5 is found.
     assert_allclose(dist, np.sort(full, axis=1)[:, :5], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("Est", [PQTransformer, PQNeighbors])
+def test_values_that_overflow_distances_are_rejected(Est):
+    X = rng.randn(30, 4) * 1e30
+    with pytest.raises(ValueError, match="overflow"):
+        Est(n_subspaces=2, n_codewords=4).fit(X.astype(np.float32))
+    est = Est(n_subspaces=2, n_codewords=4, random_state=0).fit((X / 1e30).astype(np.float32))
+    method = est.transform if Est is PQTransformer else est.kneighbors
+    with pytest.raises(ValueError, match="overflow"):
+        method(X)
+    # float64 has the range: large values are fine there.
+    Est(n_subspaces=2, n_codewords=4, random_state=0).fit(X)
