@@ -259,7 +259,7 @@ def _chunks(n, rows):
         yield slice(start, min(n, start + rows))
 
 
-def chunk_rows(width, budget=2**24):
+def chunk_rows(width, budget=2**22):
     """Rows per chunk so that a (rows, width) temporary holds ~budget values."""
     return max(1, budget // max(1, width))
 
