@@ -85,24 +85,25 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
     Attributes
     ----------
     codebooks_ : ndarray of shape (n_subspaces, n_codewords, ds)
-    codes_ : ndarray of shape (n_samples_fit_, n_subspaces), uint8 or uint16
-    levels_ : ndarray of shape (n_samples_fit_,), int32
+    codes_ : ndarray of shape (n_samples_fit, n_subspaces), uint8 or uint16
+    levels_ : ndarray of shape (n_samples_fit,), int32
         Level of each node.
-    links0_ : ndarray of shape (n_samples_fit_, 2 * n_links), int32
+    links0_ : ndarray of shape (n_samples_fit, 2 * n_links), int32
         Level-0 neighbours, -1 for unused slots.
-    upper_links_ : ndarray of shape (levels_.sum(), n_links), int32
-        Upper-level neighbours; node i's level l (1 <= l <= levels_[i]) is
+    upper_links_ : ndarray of shape (n_upper_rows, n_links), int32
+        Upper-level neighbours, one row per (node, level >= 1) pair
+        (``n_upper_rows`` is the sum of the levels); node i's level l (1 <= l <= levels_[i]) is
         row ``upper_offsets_[i] + l - 1``.
-    upper_offsets_ : ndarray of shape (n_samples_fit_,), int64
+    upper_offsets_ : ndarray of shape (n_samples_fit,), int64
     entry_point_ : int
         A node of the top level, where every search starts.
     max_level_ : int
-    vectors_ : ndarray of shape (n_samples_fit_, n_features) or None
+    vectors_ : ndarray of shape (n_samples_fit, n_features) or None
         Kept only when ``refine_factor > 0``.
     n_samples_fit_ : int
     n_iter_ : int
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
 
     See Also
     --------
@@ -353,37 +354,23 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         -------
         stats : dict
             ``"distance_computations"``: mean number of ADC distances
-            evaluated per query; ``"ef"``: the beam width used.
+            evaluated per query; ``"ef"``: the beam width used (which
+            accounts for ``refine_factor``, as ``kneighbors`` does).
         """
         Q = self._validate_queries(X)
-        n_out = n_neighbors or self.n_neighbors
         with index_lock(self).read():
+            n_out = self._n_candidates(n_neighbors or self.n_neighbors)
             _, _, n_dist = self._graph_search(Q, n_out, effective_n_threads(self.n_jobs))
         return {"distance_computations": float(n_dist.mean()), "ef": self._ef(n_out)}
 
-    @property
-    def memory_usage_(self):
-        """Bytes held by the fitted index, by part (dict).
-
-        ``per_vector`` counts graph + codes per vector; raw vectors kept for
-        refinement are reported apart (``vectors``).
-        """
-        check_is_fitted(self)
-        parts = {
-            "codes": self.codes_.nbytes,
-            "links0": self.links0_.nbytes,
-            "upper_links": self.upper_links_.nbytes,
-            "levels": self.levels_.nbytes,
-            "upper_offsets": self.upper_offsets_.nbytes,
-            "ids": 0 if self.ids_ is None else self.ids_.nbytes,
-            "codebooks": self.codebooks_.nbytes,
-        }
-        graph_codes = sum(parts.values()) - parts["codebooks"]
-        n_nodes = max(1, self.codes_.shape[0])
-        parts["vectors"] = 0 if self.vectors_ is None else self.vectors_.nbytes
-        parts["total"] = sum(parts.values())
-        parts["per_vector"] = graph_codes / n_nodes
-        return parts
+    def _memory_parts(self):
+        return (
+            {"codes": self.codes_.nbytes, "links0": self.links0_.nbytes,
+             "upper_links": self.upper_links_.nbytes, "levels": self.levels_.nbytes,
+             "upper_offsets": self.upper_offsets_.nbytes,
+             "ids": 0 if self.ids_ is None else self.ids_.nbytes},
+            {"codebooks": self.codebooks_.nbytes},
+        )
 
 
 def _reachable(links0, start, mask=None):

@@ -37,7 +37,11 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
     n_lists : int or "auto", default="auto"
         Number of inverted lists (coarse centroids).  ``"auto"`` uses
         ``4 * sqrt(n_samples)``, capped so that each list gets at least 39
-        training points.
+        training points.  For the L2 metrics (all but "dot") the index
+        keeps a precomputed table of ``n_lists * n_subspaces * n_codewords``
+        floats (10 MiB for 1024 lists, m=10, k=256) that makes each probed
+        list's lookup tables cost m * k additions instead of k * D
+        multiply-adds.
     n_probe : int, default=8
         Lists scanned per query; can be changed after fit with
         ``set_params``.  A value above ``n_lists`` is clipped to
@@ -79,30 +83,30 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
     2**28``; beyond that, one Lloyd pass costs seconds and
     :class:`~sklearn.cluster.MiniBatchKMeans` is used.  Vectors are
     assigned to cells by L2 distance for every metric; cells are ranked at
-    query time by ``||q - c||`` (L2 metrics) or ``<q, c>`` (cosine, dot).
+    query time by ``||q - c||`` (every metric but "dot") or ``<q, c>`` ("dot").
 
     Attributes
     ----------
-    cluster_centers_ : ndarray of shape (n_lists_, n_features)
+    cluster_centers_ : ndarray of shape (n_lists, n_features)
         Coarse centroids.
     codebooks_ : ndarray of shape (n_subspaces, n_codewords, ds)
         Residual codebooks.
-    codes_ : ndarray of shape (n_samples_fit_, n_subspaces), uint8 or uint16
+    codes_ : ndarray of shape (n_samples_fit, n_subspaces), uint8 or uint16
         Residual codes, list after list.
-    ids_ : ndarray of shape (n_samples_fit_,), int32 or int64
+    ids_ : ndarray of shape (n_samples_fit,), int32 or int64
         Id (row number at fit / partial_fit) of each code; int32 while the
         index holds fewer than 2**31 vectors.
-    list_offsets_ : ndarray of shape (n_lists_ + 1,), int64
+    list_offsets_ : ndarray of shape (n_lists + 1,), int64
         List l holds ``codes_[list_offsets_[l]:list_offsets_[l + 1]]``.
     n_lists_ : int
     n_samples_fit_ : int
     n_iter_ : int
         The most KMeans iterations run by any residual codebook.
-    vectors_ : ndarray of shape (n_samples_fit_, n_features) or None
+    vectors_ : ndarray of shape (n_samples_fit, n_features) or None
         Raw (for cosine: normalised) vectors, kept only if
         ``refine_factor > 0``.
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
 
     See Also
     --------
@@ -182,7 +186,10 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
 
     def _resolve_n_lists(self, n_samples):
         if self.n_lists == "auto":
-            return int(max(1, min(4 * np.sqrt(n_samples), n_samples // MIN_POINTS_PER_LIST)))
+            n_train = n_samples
+            if isinstance(self.max_train_samples, Integral):
+                n_train = min(n_samples, self.max_train_samples)
+            return int(max(1, min(4 * np.sqrt(n_samples), n_train // MIN_POINTS_PER_LIST)))
         return self.n_lists
 
     def _fit_index(self, X, progress):
@@ -316,24 +323,11 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
                             + _quantizer.decode(self.codes_, self.codebooks_))
         return X_hat
 
-    @property
-    def memory_usage_(self):
-        """Bytes held by the fitted index, by part (dict of ints).
-
-        ``per_vector`` counts what grows with the number of vectors: codes
-        and ids (and raw vectors when ``refine_factor > 0``).
-        """
-        check_is_fitted(self)
-        parts = {
-            "codes": self.codes_.nbytes,
-            "ids": self.ids_.nbytes,
-            "list_offsets": self.list_offsets_.nbytes,
-            "centroids": self.cluster_centers_.nbytes,
-            "codebooks": self.codebooks_.nbytes,
-            "list_terms": self._list_terms.nbytes,
-            "vectors": 0 if self.vectors_ is None else self.vectors_.nbytes,
-        }
-        per_vec = parts["codes"] + parts["ids"] + parts["vectors"]
-        parts["total"] = sum(parts.values())
-        parts["per_vector"] = per_vec / max(1, self.n_samples_fit_)
-        return parts
+    def _memory_parts(self):
+        return (
+            {"codes": self.codes_.nbytes, "ids": self.ids_.nbytes},
+            {"list_offsets": self.list_offsets_.nbytes,
+             "centroids": self.cluster_centers_.nbytes,
+             "codebooks": self.codebooks_.nbytes,
+             "list_terms": self._list_terms.nbytes},
+        )

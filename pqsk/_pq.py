@@ -73,7 +73,7 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         ``codebooks`` was supplied).
     n_features_in_ : int
         Number of features seen during fit.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Names of features seen during fit, when X has string column names.
 
     See Also
@@ -282,8 +282,9 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         :class:`~sklearn.neighbors.NearestNeighbors` does;
         ``"sqeuclidean"`` the ADC squared distances; ``"cosine"``
         normalises the vectors at fit and query time and returns
-        ``1 - <q, x_hat>`` (x_hat the decoded vector, so it may dip slightly
-        below 0); ``"dot"`` returns ``-<q, x_hat>`` (maximum inner product).
+        ``||q - x_hat||^2 / 2`` (x_hat the decoded vector; this is
+        ``1 - cos(q, x)`` when x_hat = x); ``"dot"`` returns ``-<q, x_hat>``
+        (maximum inner product).
     refine_factor : int, default=0
         If positive, the raw vectors are kept too and ``refine_factor *
         n_neighbors`` ADC candidates are re-ranked by exact distance, so
@@ -308,7 +309,7 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         The most KMeans iterations run in any sub-space.
     n_samples_fit_ : int
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
 
     See Also
     --------
@@ -396,3 +397,6 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
 
     def _reconstruct(self):
         return _quantizer.decode(self.codes_, self.codebooks_)
+
+    def _memory_parts(self):
+        return {"codes": self.codes_.nbytes}, {"codebooks": self.codebooks_.nbytes}

@@ -174,6 +174,7 @@ def encode(X, codebooks, n_threads=1):
     """PQ codes of the rows of X: (n, m) array of ``code_dtype(k)``."""
     m, k, _ = codebooks.shape
     X = np.ascontiguousarray(X, dtype=codebooks.dtype)
+    n_threads = max(1, min(n_threads, X.shape[0] // 64))  # rows are cheap: few threads
     codes = np.empty((X.shape[0], m), dtype=code_dtype(k))
     work = np.empty((max(n_threads, 1), m * k), dtype=codebooks.dtype)
     _encode.encode(X, _transposed(codebooks), codes, work, n_threads)

@@ -72,12 +72,14 @@ def test_ivf_with_all_lists_matches_exhaustive_adc(blobs, metric):
     Q = X[:20].astype(np.float64)
     if metric == "cosine":
         Q = Q / np.linalg.norm(Q, axis=1, keepdims=True)
-    if metric in ("cosine", "dot"):
-        full = -(Q @ X_hat.T) + (metric == "cosine")
+    if metric == "dot":
+        full = -(Q @ X_hat.T)
     else:
         full = ((Q[:, None] - X_hat[None]) ** 2).sum(-1)
         if metric == "euclidean":
             full = np.sqrt(full)
+        elif metric == "cosine":
+            full = full / 2
     assert_allclose(dist, np.sort(full, axis=1)[:, :10], rtol=1e-4, atol=1e-4)
     assert_allclose(np.take_along_axis(full, ind, 1), dist, rtol=1e-4, atol=1e-4)
 

@@ -87,7 +87,7 @@ def test_adc_distance_equals_distance_to_decoded(seed, m, k, metric):
                           codebooks=nn.codebooks_).fit(X).inverse_transform(nn.codes_)
     if metric == "cosine":
         Qn = Q / np.linalg.norm(Q, axis=1, keepdims=True)
-        exact = 1 - Qn @ X_hat.T
+        exact = ((Qn[:, None, :] - X_hat[None, :, :]) ** 2).sum(-1) / 2
     elif metric == "dot":
         exact = -(Q @ X_hat.T)
     else:
