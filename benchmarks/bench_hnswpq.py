@@ -15,10 +15,8 @@ sub-spaces x k=256 codewords, top-10, one thread for every system.
    vector (graph + codes for pqsk, raw vectors reported apart; hnswlib's
    whole index, whose "codes" are the raw vectors).
 
-faiss's HNSWPQ ranks by L2 on the unit vectors (its inner-product variant
-is not supported for HNSWPQ); pqsk uses ``metric="cosine"`` (inner product
-with the decoded vector); on unit vectors both rank the true neighbours
-identically, the ADC estimates differ slightly.
+Both rank by L2 on the unit vectors: faiss's HNSWPQ natively, pqsk's
+``metric="cosine"`` by design (half the squared L2 ADC distance).
 
 Usage (from the repository root)::
 

@@ -104,6 +104,11 @@ def train_codebooks(
     n_iter = np.zeros(n_subspaces, dtype=np.int64)
 
     def fit_one(j):
+        # OpenMP thread limits are per thread: set this fit's own.
+        with threadpool_limits(limits=omp_per_fit, user_api="openmp"):
+            fit_subspace(j)
+
+    def fit_subspace(j):
         # KMeans runs on the distinct sub-vectors weighted by their counts:
         # the same objective, but initial centres are never duplicates, so
         # with k >= the number of distinct sub-vectors the codebook holds
@@ -136,13 +141,12 @@ def train_codebooks(
 
     workers = max(1, min(n_threads, n_subspaces))
     omp_per_fit = max(1, n_threads // workers)
-    with threadpool_limits(limits=omp_per_fit, user_api="openmp"):
-        if workers == 1:
-            for j in range(n_subspaces):
-                fit_one(j)
-        else:
-            with ThreadPoolExecutor(max_workers=workers) as ex:
-                list(ex.map(fit_one, range(n_subspaces)))
+    if workers == 1:
+        for j in range(n_subspaces):
+            fit_one(j)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as ex:
+            list(ex.map(fit_one, range(n_subspaces)))
     return codebooks, n_iter
 
 
