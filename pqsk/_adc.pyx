@@ -71,12 +71,16 @@ def adc_search(const floating[:, ::1] Q,               # IN  (nq, D)
                bint inner_product,
                floating[:, ::1] out_dist,              # OUT (nq, n_neighbors)
                int64_t[:, ::1] out_idx,                # OUT (nq, n_neighbors)
-               floating[:, ::1] work,                  # scratch (n_threads, m * k)
+               floating[:, ::1] work,                  # scratch (n_threads, >= m * k)
+               floating[:, ::1] heap_d,                # scratch (n_threads, >= n_neighbors)
+               int64_t[:, ::1] heap_i,                 # scratch (n_threads, >= n_neighbors)
                int n_threads):
     """Exhaustive ADC search: build each query's tables, scan every code.
 
-    Parallel over queries; each thread builds its tables in its own row of
-    ``work``.  Output rows are sorted by (distance, index).
+    Parallel over queries; each thread builds its tables and keeps its heap
+    in its own scratch rows (padded by the caller to whole cache lines, so
+    that threads never write to a line another one reads), then copies the
+    sorted heap to the output row.  Rows are sorted by (distance, index).
     """
     cdef Py_ssize_t nq = Q.shape[0]
     cdef Py_ssize_t m = codebooks_t.shape[0]
@@ -84,18 +88,26 @@ def adc_search(const floating[:, ::1] Q,               # IN  (nq, D)
     cdef Py_ssize_t k = codebooks_t.shape[2]
     cdef Py_ssize_t n = codes.shape[0]
     cdef Py_ssize_t kn = out_dist.shape[1]
-    cdef Py_ssize_t q
-    cdef floating* t
+    cdef Py_ssize_t q, r
+    cdef int tid
+    cdef floating* t = NULL
+    cdef floating* hd = NULL
+    cdef int64_t* hi = NULL
     if nq == 0 or kn == 0:
         return
-    t = NULL
     with nogil, parallel(num_threads=n_threads):
-        t = &work[threadid(), 0]
+        tid = threadid()
+        t = &work[tid, 0]
+        hd = &heap_d[tid, 0]
+        hi = &heap_i[tid, 0]
         for q in prange(nq, schedule="dynamic"):
             build_table(&Q[q, 0], &codebooks_t[0, 0, 0], m, ds, k,
                         inner_product, t)
-            heap_init(&out_dist[q, 0], &out_idx[q, 0], kn)
+            heap_init(hd, hi, kn)
             if n > 0:
                 scan_codes(t, &codes[0, 0], n, m, k, 0, <const int64_t*> NULL,
-                           &out_dist[q, 0], &out_idx[q, 0], kn)
-            heap_sort(&out_dist[q, 0], &out_idx[q, 0], kn)
+                           hd, hi, kn)
+            heap_sort(hd, hi, kn)
+            for r in range(kn):
+                out_dist[q, r] = hd[r]
+                out_idx[q, r] = hi[r]

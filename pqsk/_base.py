@@ -25,7 +25,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import _quantizer
 from ._persist import check_int_array, require
-from ._utils import Progress, effective_n_threads, index_lock
+from ._utils import Progress, effective_n_threads, index_lock, openmp_region
 
 METRICS = ("euclidean", "sqeuclidean", "cosine", "dot")
 
@@ -316,10 +316,10 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """
         if not hasattr(self, "n_samples_fit_"):
             return self.fit(X)
-        with index_lock(self).write():
+        n_threads = effective_n_threads(self.n_jobs)
+        with index_lock(self).write(), openmp_region(n_threads):
             X = self._validate_queries(X)
-            self._add_rows(X, effective_n_threads(self.n_jobs),
-                           Progress(self.verbose, type(self).__name__))
+            self._add_rows(X, n_threads, Progress(self.verbose, type(self).__name__))
         return self
 
     def _check_loaded_state(self):
@@ -476,7 +476,8 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         # One thread per query at most: a parallel region for a handful of
         # queries costs more than it saves, badly so on a busy machine.
         n_threads = max(1, min(effective_n_threads(self.n_jobs), Q.shape[0]))
-        dist, ind = self._search_refined(Q, n_neighbors, n_threads)
+        with openmp_region(n_threads):
+            dist, ind = self._search_refined(Q, n_neighbors, n_threads)
         if query_is_train:
             # Drop each point from its own row; where it is not among the
             # results (duplicates), drop the first column as scikit-learn does.

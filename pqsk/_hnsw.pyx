@@ -73,16 +73,39 @@ cdef inline int32_t* node_links(Graph* g, int64_t node, int level,
 
 
 cdef inline float vec_dist(Dist* d, const float* a, const float* b) noexcept nogil:
-    cdef Py_ssize_t t
-    cdef float s = 0, diff
+    """Squared L2 (or minus the dot product) of two float32 vectors.
+
+    Four partial sums: without them every addition waits for the previous
+    one (no -ffast-math, so the compiler may not reorder the sum itself).
+    """
+    cdef Py_ssize_t t = 0, n = d.dim
+    cdef float s0 = 0, s1 = 0, s2 = 0, s3 = 0, x0, x1, x2, x3
     if d.inner_product:
-        for t in range(d.dim):
-            s -= a[t] * b[t]
+        while t + 4 <= n:
+            s0 -= a[t] * b[t]
+            s1 -= a[t + 1] * b[t + 1]
+            s2 -= a[t + 2] * b[t + 2]
+            s3 -= a[t + 3] * b[t + 3]
+            t += 4
+        while t < n:
+            s0 -= a[t] * b[t]
+            t += 1
     else:
-        for t in range(d.dim):
-            diff = a[t] - b[t]
-            s += diff * diff
-    return s
+        while t + 4 <= n:
+            x0 = a[t] - b[t]
+            x1 = a[t + 1] - b[t + 1]
+            x2 = a[t + 2] - b[t + 2]
+            x3 = a[t + 3] - b[t + 3]
+            s0 += x0 * x0
+            s1 += x1 * x1
+            s2 += x2 * x2
+            s3 += x3 * x3
+            t += 4
+        while t < n:
+            x0 = a[t] - b[t]
+            s0 += x0 * x0
+            t += 1
+    return (s0 + s1) + (s2 + s3)
 
 
 cdef inline float dist_q(Dist* d, int64_t node) noexcept nogil:
@@ -390,7 +413,7 @@ def hnsw_search(const float[:, ::1] Q,                 # IN  (nq, D) float32
                 int64_t[:, ::1] out_idx,               # OUT (nq, n_out)
                 int64_t[::1] n_dist,                   # OUT (nq,) distance computations
                 uint32_t[:, ::1] visited,              # scratch (n_threads, n)
-                uint32_t[::1] gens,                    # scratch (n_threads,)
+                uint32_t[:, ::1] gens,                 # scratch (n_threads, >= 1)
                 float[:, ::1] cand_d, int64_t[:, ::1] cand_i,   # scratch (n_threads, n)
                 float[:, ::1] res_d, int64_t[:, ::1] res_i,     # scratch (n_threads, ef + 1)
                 float[:, ::1] tables,                  # scratch (n_threads, m * k)
@@ -413,7 +436,7 @@ def hnsw_search(const float[:, ::1] Q,                 # IN  (nq, D) float32
     g.M = upper.shape[1]
     g.M0 = links0.shape[1]
     for tid in range(visited.shape[0]):
-        gens[tid] = 0
+        gens[tid, 0] = 0
         visited[tid, :] = 0
     with nogil:
         for q in prange(nq, schedule="dynamic", num_threads=n_threads):
@@ -424,6 +447,6 @@ def hnsw_search(const float[:, ::1] Q,                 # IN  (nq, D) float32
                        &codes16[0, 0] if codes16.shape[0] > 0 else NULL,
                        &deleted[0] if deleted.shape[0] > 0 else NULL,
                        n, entry_point, max_level, ef, inner_product,
-                       &tables[tid, 0], &visited[tid, 0], &gens[tid],
+                       &tables[tid, 0], &visited[tid, 0], &gens[tid, 0],
                        &cand_d[tid, 0], &cand_i[tid, 0], &res_d[tid, 0], &res_i[tid, 0],
                        &out_dist[q, 0], &out_idx[q, 0], n_out, &n_dist[q])

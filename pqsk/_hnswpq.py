@@ -12,6 +12,7 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
 from . import _hnsw, _quantizer
+from ._quantizer import scratch
 from ._base import BasePQNeighbors, PQParamsMixin, RemovalMixin
 from ._persist import IndexIOMixin, check_int_array, require
 from ._utils import Progress, effective_n_threads, index_lock
@@ -313,10 +314,10 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
             self.upper_offsets_, self.entry_point_, 0 if from_entry else self.max_level_, ef,
             self._inner_product,
             dist, ind, n_dist,
-            np.zeros((nt, n), np.uint32), np.zeros(nt, np.uint32),
-            np.empty((nt, n), np.float32), np.empty((nt, n), np.int64),
-            np.empty((nt, ef + 1), np.float32), np.empty((nt, ef + 1), np.int64),
-            np.empty((nt, m * k), np.float32), n_threads,
+            scratch(nt, n, np.uint32), scratch(nt, 1, np.uint32),
+            scratch(nt, n, np.float32), scratch(nt, n, np.int64),
+            scratch(nt, ef + 1, np.float32), scratch(nt, ef + 1, np.int64),
+            scratch(nt, m * k, np.float32), n_threads,
         )
         return dist, ind, n_dist
 

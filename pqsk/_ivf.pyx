@@ -67,15 +67,19 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                floating[:, ::1] out_dist,              # OUT (nq, n_neighbors)
                int64_t[:, ::1] out_idx,                # OUT (nq, n_neighbors)
                floating[:, ::1] work,                  # scratch (n_threads, 2 * m * k)
-               floating[:, ::1] probe_dist,            # scratch (n_threads, n_probe)
-               int64_t[:, ::1] probe_idx,              # scratch (n_threads, n_probe)
+               floating[:, ::1] probe_dist,            # scratch (n_threads, >= n_probe)
+               int64_t[:, ::1] probe_idx,              # scratch (n_threads, >= n_probe)
+               floating[:, ::1] heap_d,                # scratch (n_threads, >= n_neighbors)
+               int64_t[:, ::1] heap_i,                 # scratch (n_threads, >= n_neighbors)
                int n_threads):
     """Search the ``n_probe`` lists with the smallest coarse term, then,
     while fewer than ``n_neighbors`` codes were seen, the next lists in
     coarse order.  Rows of the output are sorted by (distance, id).
 
     ``coarse[q, l]`` is ``||q - c_l||^2`` (L2) or ``-<q, c_l>`` (IP).
-    Requires 1 <= n_probe <= n_lists.
+    Requires 1 <= n_probe <= n_lists.  Scratch rows are per thread and
+    padded by the caller to whole cache lines (no false sharing); the
+    sorted heap is copied to the output row at the end.
     """
     cdef Py_ssize_t nq = Q.shape[0]
     cdef Py_ssize_t n_lists = coarse.shape[1]
@@ -83,12 +87,14 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
     cdef Py_ssize_t ds = codebooks_t.shape[1]
     cdef Py_ssize_t k = codebooks_t.shape[2]
     cdef Py_ssize_t kn = out_dist.shape[1]
-    cdef Py_ssize_t q, l, p, seen, best_l
+    cdef Py_ssize_t q, l, p, r, seen, best_l
     cdef floating last_d, best_d
     cdef int64_t last_l
     cdef floating* qt = NULL
     cdef floating* pd = NULL
     cdef int64_t* pi = NULL
+    cdef floating* hd = NULL
+    cdef int64_t* hi = NULL
     cdef int tid
     if nq == 0 or kn == 0:
         return
@@ -97,6 +103,8 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
         qt = &work[tid, 0]
         pd = &probe_dist[tid, 0]
         pi = &probe_idx[tid, 0]
+        hd = &heap_d[tid, 0]
+        hi = &heap_i[tid, 0]
         for q in prange(nq, schedule="dynamic"):
             # The n_probe nearest lists, nearest first.
             heap_init(pd, pi, n_probe)
@@ -105,12 +113,12 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
             heap_sort(pd, pi, n_probe)
 
             build_table(&Q[q, 0], &codebooks_t[0, 0, 0], m, ds, k, True, qt)
-            heap_init(&out_dist[q, 0], &out_idx[q, 0], kn)
+            heap_init(hd, hi, kn)
             seen = 0
             for p in range(n_probe):
                 seen = seen + scan_list(pi[p], pd[p], qt, list_terms, codes, ids,
                                         offsets, inner_product, m, k, qt + m * k,
-                                        &out_dist[q, 0], &out_idx[q, 0], kn)
+                                        hd, hi, kn)
             # Too few candidates: probe further lists in coarse order.
             last_d = pd[n_probe - 1]
             last_l = pi[n_probe - 1]
@@ -126,7 +134,10 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                     break
                 seen = seen + scan_list(best_l, best_d, qt, list_terms, codes, ids,
                                         offsets, inner_product, m, k, qt + m * k,
-                                        &out_dist[q, 0], &out_idx[q, 0], kn)
+                                        hd, hi, kn)
                 last_d = best_d
                 last_l = best_l
-            heap_sort(&out_dist[q, 0], &out_idx[q, 0], kn)
+            heap_sort(hd, hi, kn)
+            for r in range(kn):
+                out_dist[q, r] = hd[r]
+                out_idx[q, r] = hi[r]

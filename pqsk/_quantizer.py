@@ -169,6 +169,15 @@ def distinct_rows(A):
     return np.unique(A, axis=0, return_counts=True)
 
 
+def scratch(n_threads, width, dtype):
+    """Per-thread scratch rows, (n_threads, >= width), each padded to whole
+    64-byte cache lines plus one, so that no two threads' used parts share
+    a cache line (false sharing made 2 threads slower than 1)."""
+    per_line = max(1, 64 // np.dtype(dtype).itemsize)
+    padded = (-(-max(int(width), 1) // per_line) + 1) * per_line
+    return np.empty((max(int(n_threads), 1), padded), dtype=dtype)
+
+
 def _transposed(codebooks):
     """(m, k, ds) -> (m, ds, k), the layout the kernels vectorise over."""
     return np.ascontiguousarray(codebooks.transpose(0, 2, 1))
@@ -180,7 +189,7 @@ def encode(X, codebooks, n_threads=1):
     X = np.ascontiguousarray(X, dtype=codebooks.dtype)
     n_threads = max(1, min(n_threads, X.shape[0] // 64))  # rows are cheap: few threads
     codes = np.empty((X.shape[0], m), dtype=code_dtype(k))
-    work = np.empty((max(n_threads, 1), m * k), dtype=codebooks.dtype)
+    work = scratch(n_threads, m * k, codebooks.dtype)
     _encode.encode(X, _transposed(codebooks), codes, work, n_threads)
     return codes
 
@@ -219,10 +228,11 @@ def adc_search(Q, codebooks, codes, n_neighbors, inner_product=False, n_threads=
     nq = Q.shape[0]
     dist = np.empty((nq, n_neighbors), dtype=codebooks.dtype)
     idx = np.empty((nq, n_neighbors), dtype=np.int64)
-    work = np.empty((max(n_threads, 1), m * k), dtype=codebooks.dtype)
     _adc.adc_search(
         Q, _transposed(codebooks), np.ascontiguousarray(codes), bool(inner_product),
-        dist, idx, work, n_threads,
+        dist, idx, scratch(n_threads, m * k, codebooks.dtype),
+        scratch(n_threads, n_neighbors, codebooks.dtype),
+        scratch(n_threads, n_neighbors, np.int64), n_threads,
     )
     return dist, idx
 
@@ -329,9 +339,9 @@ def ivf_search(Q, coarse, codebooks, terms, codes, ids, offsets, n_neighbors,
     _ivf.ivf_search(
         np.ascontiguousarray(Q, dtype=dtype), np.ascontiguousarray(coarse, dtype=dtype),
         _transposed(codebooks), terms, codes, ids, offsets, bool(inner_product),
-        n_probe, dist, idx, np.empty((nt, 2 * m * k), dtype=dtype),
-        np.empty((nt, n_probe), dtype=dtype), np.empty((nt, n_probe), dtype=np.int64),
-        n_threads,
+        n_probe, dist, idx, scratch(nt, 2 * m * k, dtype), scratch(nt, n_probe, dtype),
+        scratch(nt, n_probe, np.int64), scratch(nt, n_neighbors, dtype),
+        scratch(nt, n_neighbors, np.int64), n_threads,
     )
     return dist, idx
 

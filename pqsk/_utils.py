@@ -97,3 +97,26 @@ def index_lock(estimator):
         if lock is None:
             lock = _LOCKS[estimator] = RWLock()
         return lock
+
+
+_CONTROLLER = None
+
+
+@contextmanager
+def openmp_region(n_threads):
+    """Keep BLAS on one thread while pqsk's OpenMP kernels use several.
+
+    OpenBLAS's worker threads keep spinning for a while after each matrix
+    product; with several kernel threads on the same cores they compete,
+    and 2 threads ran slower than 1.  scikit-learn's KMeans does the same.
+    """
+    global _CONTROLLER
+    if n_threads <= 1:
+        yield
+        return
+    if _CONTROLLER is None:
+        from threadpoolctl import ThreadpoolController
+
+        _CONTROLLER = ThreadpoolController()
+    with _CONTROLLER.limit(limits=1, user_api="blas"):
+        yield
