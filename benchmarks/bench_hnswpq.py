@@ -10,7 +10,8 @@ sub-spaces x k=256 codewords, top-10, one thread for every system.
    ef_search in {16, 64, 256}, and the mean number of distance
    computations per query.
 2. Re-ranking: pqsk ``HNSWPQNeighbors(n_links=16, ef_construction=200,
-   refine_factor=10)`` against ``hnswlib`` (M=16, ef_construction=200, raw
+   refine_factor=10)`` (re-ranks the best max(100, ef_search) ADC
+   candidates of its beam) against ``hnswlib`` (M=16, ef_construction=200, raw
    float32, cosine) over a range of ef: recall, queries/s, and memory per
    vector (graph + codes for pqsk, raw vectors reported apart; hnswlib's
    whole index, whose "codes" are the raw vectors).
@@ -39,7 +40,7 @@ from benchmarks.bench_pq import (RESULTS_DIR, exact_top_k, load_glove, machine_i
 
 M, K, N_NEIGHBORS = 10, 256, 10
 EF_LIKE = [16, 64, 256]
-EF_REFINE = [10, 16, 24, 32, 48, 64, 96, 128]
+EF_REFINE = [16, 64, 100, 128, 160, 200, 256, 320]
 EF_HNSWLIB = [10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256]
 
 

@@ -62,8 +62,9 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
     metric : {"euclidean", "sqeuclidean", "cosine", "dot"}, default="euclidean"
         As in :class:`PQNeighbors`.
     refine_factor : int, default=0
-        If positive, the raw vectors are kept and ``refine_factor *
-        n_neighbors`` candidates are re-ranked by exact distance.
+        If positive, the raw vectors are kept and the best
+        ``max(refine_factor * n_neighbors, ef_search)`` ADC candidates of
+        the beam are re-ranked by exact distance.
     mode : {"distance", "connectivity"}, default="distance"
     n_jobs : int, default=None
         Threads for training, encoding and search (parallel over queries).
@@ -278,6 +279,14 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
             require(0 <= self.entry_point_ < n
                     and self.levels_[self.entry_point_] == self.max_level_
                     == self.levels_.max(), "entry_point_ is not on the top level")
+
+    def _n_candidates(self, n_neighbors):
+        n = super()._n_candidates(n_neighbors)
+        if self.refine_factor > 0:
+            # The beam ends holding ef_search ADC candidates anyway: re-rank
+            # them all, so a wider beam also buys exact-distance recall.
+            n = max(n, min(self.ef_search, self.n_samples_fit_ - self.n_removed_))
+        return n
 
     def _ef(self, n_out):
         # A beam wider than the graph holds nothing more: cap it there
