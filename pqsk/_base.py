@@ -43,7 +43,7 @@ def check_range(X):
     if X.size == 0:
         return X
     bound = np.sqrt(np.finfo(X.dtype).max / (4 * X.shape[1]))
-    peak = float(np.max(np.abs(X)))
+    peak = max(float(X.max()), -float(X.min()))  # no |X| temporary: X may be huge
     if peak > bound:
         raise ValueError(
             f"X has values up to {peak:.3g}; with {X.shape[1]} features, squared "
