@@ -45,11 +45,12 @@ def _row(label, ours, theirs, fmt, higher_is_better=True):
 
 def summary():
     """The headline table (markdown) from the latest full-run JSON files."""
-    rows, machine = [], None
+    rows, machine, runs = [], None, []
     pq = _load("pq_glove50.json")
     if pq:
         p, f = pq["systems"]["pqsk"], pq["systems"].get("faiss") or {}
         machine = pq["machine"]
+        runs.append(("PQ", pq["machine"]))
         rows += [
             _row("PQ exhaustive search, queries/s", p["qps"], f.get("qps"), "{:,.0f}"),
             _row("PQ exhaustive search, recall@10", p["recall"], f.get("recall"), "{:.3f}"),
@@ -60,6 +61,7 @@ def summary():
     if ivf:
         p, f = ivf["results"]["pqsk"], ivf["results"].get("faiss")
         machine = machine or ivf["machine"]
+        runs.append(("IVF-PQ", ivf["machine"]))
         for key in ("1", "16", "64", "64+refine"):
             a, b = p["curve"][key], (f["curve"][key] if f else None)
             rows.append(_row(f"IVF-PQ n_probe={key}, queries/s (recall {a['recall']:.3f}"
@@ -73,6 +75,7 @@ def summary():
     if hn:
         p, f = hn["results"]["pqsk_like"], hn["results"].get("faiss")
         machine = machine or hn["machine"]
+        runs.append(("HNSW-PQ", hn["machine"]))
         for ef in ("16", "64", "256"):
             a, b = p["curve"][ef], (f["curve"][ef] if f else None)
             rows.append(_row(f"HNSW-PQ ef={ef}, queries/s (recall {a['recall']:.3f}"
@@ -88,11 +91,11 @@ def summary():
             "process (IVF: 1024 lists; HNSW: M=32, efConstruction=40).", "",
             "| | pqsk | faiss | pqsk / faiss |", "|---|---:|---:|---:|", *rows, ""]
     if machine:
-        text.append(f"Measured {machine.get('date')} on {machine.get('cpu')} "
-                    f"({machine.get('logical_cpus')} logical CPUs), pqsk "
-                    f"{machine.get('pqsk')}, faiss {machine.get('faiss')}, numpy "
-                    f"{machine.get('numpy')}, scikit-learn {machine.get('scikit-learn')}. "
-                    "Full tables and plots: `benchmarks/results/`.")
+        when = "; ".join(f"{name} {m.get('date')}, pqsk {m.get('pqsk')}" for name, m in runs)
+        text.append(f"Measured on {machine.get('cpu')} ({machine.get('logical_cpus')} "
+                    f"logical CPUs), faiss {machine.get('faiss')}, numpy "
+                    f"{machine.get('numpy')}, scikit-learn {machine.get('scikit-learn')} "
+                    f"({when}). Full tables and plots: `benchmarks/results/`.")
     return "\n".join(text) + "\n"
 
 
