@@ -172,19 +172,22 @@ class RemovalMixin:
         if ids.dtype.kind not in "iu":
             raise TypeError(f"ids must be integers, got dtype {ids.dtype}.")
         ids = ids.ravel().astype(np.int64)
-        n = self.n_samples_fit_
-        if ids.min() < 0 or ids.max() >= n:
-            raise ValueError(f"ids must lie in [0, {n}), got values in "
-                             f"[{ids.min()}, {ids.max()}].")
         if np.unique(ids).size != ids.size:
             raise ValueError("ids contain duplicates.")
-        removed = (self.removed_ if self.removed_ is not None
-                   else np.zeros(n, dtype=bool))
-        if removed[ids].any():
-            raise ValueError(f"ids {ids[removed[ids]][:10].tolist()} were already removed.")
-        mask = removed.copy()
-        mask[ids] = True
+        # Checked and applied under the lock: two concurrent removes must not
+        # both start from the same old mask.
         with index_lock(self).write():
+            n = self.n_samples_fit_
+            if ids.min() < 0 or ids.max() >= n:
+                raise ValueError(f"ids must lie in [0, {n}), got values in "
+                                 f"[{ids.min()}, {ids.max()}].")
+            removed = (self.removed_ if self.removed_ is not None
+                       else np.zeros(n, dtype=bool))
+            if removed[ids].any():
+                raise ValueError(
+                    f"ids {ids[removed[ids]][:10].tolist()} were already removed.")
+            mask = removed.copy()
+            mask[ids] = True
             self._remove_rows(ids, mask)
             self.removed_ = mask
             self.n_removed_ = int(mask.sum())

@@ -72,3 +72,14 @@ def test_writers_never_expose_a_half_modified_index(key):
             t.join()
     assert not errors, errors[0]
     assert nn.n_samples_fit_ == 3000
+
+
+@pytest.mark.parametrize("key", ["ivf", "hnsw"])
+def test_concurrent_removes_all_take_effect(key):
+    nn = FACTORIES[key]().fit(X)
+    batches = np.array_split(np.arange(2000), 40)
+    with ThreadPoolExecutor(max_workers=8) as ex:
+        list(ex.map(nn.remove, batches))
+    assert nn.n_removed_ == 2000 and nn.removed_[:2000].all()
+    ind = nn.kneighbors(Q, n_neighbors=50, return_distance=False)
+    assert not (ind < 2000).any()
