@@ -447,8 +447,8 @@ def hnsw_search(const float[:, ::1] Q,                 # IN  (nq, D) float32
                 float[:, ::1] out_dist,                # OUT (nq, n_out)
                 int64_t[:, ::1] out_idx,               # OUT (nq, n_out)
                 int64_t[::1] n_dist,                   # OUT (nq,) distance computations
-                uint32_t[:, ::1] visited,              # scratch (n_threads, n)
-                uint32_t[:, ::1] gens,                 # scratch (n_threads, >= 1)
+                uint32_t[:, ::1] visited,              # INOUT (n_threads, >= n) marks
+                uint32_t[:, ::1] gens,                 # INOUT (n_threads, >= 1) generations
                 float[:, ::1] cand_d, int64_t[:, ::1] cand_i,   # scratch (n_threads, n)
                 float[:, ::1] res_d, int64_t[:, ::1] res_i,     # scratch (n_threads, ef + 1)
                 float[:, ::1] tables,                  # scratch (n_threads, m * k)
@@ -456,7 +456,9 @@ def hnsw_search(const float[:, ::1] Q,                 # IN  (nq, D) float32
     """ADC search: greedy descent through the upper levels, then a beam of
     width ``ef`` (>= n_out) on level 0.  Rows come out sorted by
     (distance, id); slots beyond the nodes found hold (+inf, INT64_MAX).
-    Parallel over queries; each thread has its own scratch row."""
+    Parallel over queries; each thread has its own scratch row.  ``visited``
+    and ``gens`` persist across calls (a row's marks are valid for its
+    generation counter, which only grows): start them at zero once."""
     cdef Py_ssize_t nq = Q.shape[0]
     cdef Py_ssize_t n = links0.shape[0]
     cdef Py_ssize_t n_out = out_dist.shape[1]
@@ -470,9 +472,6 @@ def hnsw_search(const float[:, ::1] Q,                 # IN  (nq, D) float32
     g.upper_off = &upper_off[0]
     g.M = upper.shape[1]
     g.M0 = links0.shape[1]
-    for tid in range(visited.shape[0]):
-        gens[tid, 0] = 0
-        visited[tid, :] = 0
     with nogil:
         for q in prange(nq, schedule="dynamic", num_threads=n_threads):
             tid = threadid()

@@ -2,6 +2,7 @@
 
 from numbers import Integral
 
+import threading
 import warnings
 
 import numpy as np
@@ -20,6 +21,25 @@ from ._utils import Progress, effective_n_threads, index_lock
 MAX_LEVEL = 32
 MAX_LINKS = 2048  # more links per node than this is never useful
 BUILD_CHUNK = 20000  # nodes inserted between two progress messages
+
+
+_MARKS = threading.local()
+
+
+def visited_marks(n_threads, n):
+    """This Python thread's visited-mark rows and generation counters,
+    kept across searches so that a query never clears O(n) memory: marks
+    are compared with a generation counter that only grows (the rows are
+    replaced by zeroed ones before a counter can wrap)."""
+    cached = getattr(_MARKS, "arrays", None)
+    if (cached is None or cached[0].shape[0] < n_threads or cached[0].shape[1] < n
+            or cached[1].max() > 2**31):  # fresh rows long before a counter wraps
+        per_line = 16  # uint32 per 64-byte line: pad rows as scratch() does
+        width = (-(-max(n, 1) // per_line) + 1) * per_line
+        cached = (np.zeros((n_threads, width), np.uint32),
+                  np.zeros((n_threads, per_line), np.uint32))
+        _MARKS.arrays = cached
+    return cached
 
 
 def sample_levels(n, n_links, random_state):
@@ -323,7 +343,7 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
             self.upper_offsets_, self.entry_point_, 0 if from_entry else self.max_level_, ef,
             self._inner_product,
             dist, ind, n_dist,
-            scratch(nt, n, np.uint32), scratch(nt, 1, np.uint32),
+            *visited_marks(nt, n),
             scratch(nt, n, np.float32), scratch(nt, n, np.int64),
             scratch(nt, ef + 1, np.float32), scratch(nt, ef + 1, np.int64),
             scratch(nt, m * k, np.float32), n_threads,
