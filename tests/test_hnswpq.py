@@ -290,3 +290,20 @@ def test_poor_graph_still_returns_full_rows():
                 nn.kneighbors(X, n_neighbors=39, return_distance=False)):
         assert np.all((ind >= 0) & (ind < 40))
         assert all(len(set(row)) == ind.shape[1] for row in ind)
+
+
+def test_visited_marks_reused_across_indexes_and_calls():
+    """Marks persist per Python thread across searches of different graphs;
+    answers must not depend on what was searched before."""
+    big = HNSWPQNeighbors(5, n_links=6, ef_construction=32, n_subspaces=2, n_codewords=16,
+                          random_state=0).fit(rng.randn(3000, 8))
+    small = HNSWPQNeighbors(5, n_links=6, ef_construction=32, n_subspaces=2,
+                            n_codewords=16, random_state=0).fit(rng.randn(500, 8))
+    Q = rng.randn(20, 8)
+    first_small = small.kneighbors(Q)
+    first_big = big.kneighbors(Q)
+    for _ in range(5):
+        for nn, ref in ((small, first_small), (big, first_big)):
+            got = nn.kneighbors(Q)
+            assert_array_equal(got[0], ref[0])
+            assert_array_equal(got[1], ref[1])
