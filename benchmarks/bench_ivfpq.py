@@ -30,7 +30,6 @@ import json
 import os
 import time
 
-import numpy as np
 from threadpoolctl import threadpool_limits
 
 from benchmarks.bench_pq import (RESULTS_DIR, exact_top_k, load_glove, machine_info,

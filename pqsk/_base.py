@@ -33,17 +33,19 @@ METRICS = ("euclidean", "sqeuclidean", "cosine", "dot")
 FLOAT_DTYPES = [np.float32, np.float64]
 
 
-def check_range(X):
+def check_range(X, extremes=None):
     """Reject values whose squared distances would overflow X's dtype.
 
     Distances sum D squared differences of up to twice the largest value:
     past ``sqrt(max / (4 D))`` they become inf and every ranking is
     meaningless, so the data must be scaled (or given as float64) first.
+    ``extremes``: (X.min(), X.max()) when the caller has them already.
     """
     if X.size == 0:
         return X
+    lo, hi = (X.min(), X.max()) if extremes is None else extremes  # no |X| temporary
     bound = np.sqrt(np.finfo(X.dtype).max / (4 * X.shape[1]))
-    peak = max(float(X.max()), -float(X.min()))  # no |X| temporary: X may be huge
+    peak = max(float(hi), -float(lo))
     if peak > bound:
         raise ValueError(
             f"X has values up to {peak:.3g}; with {X.shape[1]} features, squared "
@@ -275,24 +277,26 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
 
     def _validate_queries(self, X):
         self._check_fitted()
-        if not self._is_clean_query(X):
+        extremes = self._clean_query_extremes(X)
+        if extremes is None:
             X = validate_data(self, X, dtype=FLOAT_DTYPES, order="C", reset=False)
             X = np.ascontiguousarray(X, dtype=self._fit_dtype_)
-        return self._prepare(check_range(X))
+        return self._prepare(check_range(X, extremes))
 
-    def _is_clean_query(self, X):
-        """True for input ``validate_data`` would pass through unchanged: a
-        finite, C-contiguous 2-D ndarray of the fitted dtype and width, from
-        an estimator fitted without feature names.  Such queries skip
-        scikit-learn's generic checks (about 100 us a call); anything else,
-        including every error case, goes through ``validate_data``."""
+    def _clean_query_extremes(self, X):
+        """(min, max) of input ``validate_data`` would pass through unchanged
+        (a finite, C-contiguous 2-D ndarray of the fitted dtype and width,
+        from an estimator fitted without feature names), else None.  Such
+        queries skip scikit-learn's generic checks (about 100 us a call);
+        anything else, including every error case, goes through
+        ``validate_data``."""
         if not (type(X) is np.ndarray and X.ndim == 2 and X.shape[0] > 0
                 and X.dtype == self._fit_dtype_ and X.flags.c_contiguous
                 and X.shape[1] == self.n_features_in_
                 and not hasattr(self, "feature_names_in_")):
-            return False
-        with np.errstate(invalid="ignore", over="ignore"):
-            return bool(np.isfinite(X.max()) and np.isfinite(X.min()))
+            return None
+        lo, hi = X.min(), X.max()
+        return (lo, hi) if np.isfinite(lo) and np.isfinite(hi) else None
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):

@@ -6,7 +6,6 @@ from numbers import Integral
 import numpy as np
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted
 
 from . import _quantizer
 from ._base import BasePQNeighbors, PQParamsMixin, RemovalMixin
