@@ -8,6 +8,7 @@
   only ``_fit_index``, ``_search`` and ``_self_queries``.
 """
 
+import weakref
 from numbers import Integral, Real
 
 import numpy as np
@@ -20,37 +21,60 @@ from sklearn.base import (
 )
 from sklearn.preprocessing import normalize
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import (
+    Interval,
+    StrOptions,
+    validate_parameter_constraints,
+)
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import _quantizer
 from ._persist import check_int_array, require
-from ._utils import Progress, effective_n_threads, index_lock, openmp_region
+from ._utils import (
+    Progress,
+    effective_n_threads,
+    index_lock,
+    openmp_region,
+    restore_on_error,
+)
 
 METRICS = ("euclidean", "sqeuclidean", "cosine", "dot")
+
+# Estimator -> the search-time parameter values last found valid (kept
+# outside ``__dict__``, so that pickling, cloning and saving never see it).
+_CHECKED_PARAMS = weakref.WeakKeyDictionary()
 
 # float16 and integer input are computed in float32; float64 stays float64.
 FLOAT_DTYPES = [np.float32, np.float64]
 
 
-def check_range(X, extremes=None):
-    """Reject values whose squared distances would overflow X's dtype.
+def range_bound(n_features, dtype):
+    """Largest absolute value whose squared distances cannot overflow ``dtype``
+    over ``n_features`` features: ``sqrt(max / (4 D))``."""
+    return float(np.sqrt(np.finfo(dtype).max / (4 * max(1, n_features))))
+
+
+def check_range(X, extremes=None, dtype=None, name="X"):
+    """Reject values whose squared distances would overflow.
 
     Distances sum D squared differences of up to twice the largest value:
     past ``sqrt(max / (4 D))`` they become inf and every ranking is
     meaningless, so the data must be scaled (or given as float64) first.
-    ``extremes``: (X.min(), X.max()) when the caller has them already.
+    ``extremes``: (X.min(), X.max()) when the caller has them already;
+    ``dtype``: the dtype the distances are computed in, when it is not
+    X's own (HNSW builds and walks its graph in float32).
     """
     if X.size == 0:
         return X
     lo, hi = (X.min(), X.max()) if extremes is None else extremes  # no |X| temporary
-    bound = np.sqrt(np.finfo(X.dtype).max / (4 * X.shape[1]))
+    work = X.dtype if dtype is None else np.dtype(dtype)
+    bound = range_bound(X.shape[1], work)
     peak = max(float(hi), -float(lo))
-    if peak > bound:
+    if not peak <= bound:  # NaN fails too
         raise ValueError(
-            f"X has values up to {peak:.3g}; with {X.shape[1]} features, squared "
-            f"distances in {X.dtype} overflow past {bound:.3g}. Scale the data down"
-            + (" or pass float64." if X.dtype == np.float32 else ".")
+            f"{name} has values up to {peak:.3g}; with {X.shape[1]} features, squared "
+            f"distances in {work} overflow past {bound:.3g}. Scale the data down"
+            + (" or pass float64." if work == np.float32 and dtype is None else ".")
         )
     return X
 
@@ -71,7 +95,8 @@ class PQParamsMixin:
             None,
         ],
         "codebooks": ["array-like", None],
-        "n_jobs": [Integral, None],
+        "n_jobs": [Interval(Integral, None, -1, closed="right"),
+                   Interval(Integral, 1, None, closed="left"), None],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
     }
@@ -108,9 +133,15 @@ class PQParamsMixin:
                 f"codebooks of shape {cb.shape} cover {cb.shape[0] * cb.shape[2]} "
                 f"features, but X has {n_features} features."
             )
+        with np.errstate(over="ignore"):
+            cb = np.ascontiguousarray(cb, dtype=dtype)
+        # Checked after the cast: float64 values beyond float32's range
+        # become inf only then.
         if not np.all(np.isfinite(cb)):
-            raise ValueError("codebooks contain NaN or infinity.")
-        return np.ascontiguousarray(cb, dtype=dtype)
+            raise ValueError(f"codebooks contain NaN or infinity (in {cb.dtype}).")
+        check_range(cb.reshape(-1, n_features), name="codebooks",
+                    dtype=getattr(self, "_kernel_dtype", None))
+        return cb
 
     def _fit_codebooks(self, X, progress):
         """Train the codebooks on (a sample of) X, or take the user's.
@@ -236,6 +267,16 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         "refine_factor": [Interval(Integral, 0, None, closed="left")],
     }
 
+    # Parameters read at search time: they may change with ``set_params``
+    # after fit and are validated at every call.  Every other parameter
+    # shapes the fitted index; see ``_fitted_values``.
+    _search_params = ("n_neighbors", "refine_factor", "n_jobs", "mode")
+    # The parameters ``_fitted_values`` compares with the fitted state.
+    _structural_params = ("metric", "n_subspaces", "n_codewords")
+
+    # dtype the kernels compute distances in, when not the fitted dtype.
+    _kernel_dtype = None
+
     # -- subclass hooks -------------------------------------------------
     def _fit_index(self, X, progress):
         """Train the quantizers on validated, metric-prepared X and index it
@@ -258,15 +299,50 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """Decoded vectors of every indexed point, in id order."""
         raise NotImplementedError
 
+    def _fitted_values(self):
+        """{parameter: the value the fitted index was built with} for the
+        parameters that define the fitted state.  Subclasses add theirs."""
+        m, k = self.codebooks_.shape[:2]
+        return {"metric": self.effective_metric_, "n_subspaces": m, "n_codewords": k}
+
     # -- shared machinery -------------------------------------------------
+    def _check_params_at_call(self):
+        """Validate the search-time parameters, and refuse structural ones
+        changed with ``set_params`` since fit.
+
+        What a kernel reads comes from the fitted state; the parameters
+        only choose how to search it.  The last values found valid are
+        remembered, so a query with unchanged parameters pays a tuple
+        comparison, not scikit-learn's validation.
+        """
+        names = self._search_params
+        key = tuple((type(v), v) for v in (getattr(self, n) for n in
+                                           names + self._structural_params))
+        if _CHECKED_PARAMS.get(self) == key:
+            return
+        validate_parameter_constraints(
+            {n: self._parameter_constraints[n] for n in names},
+            {n: getattr(self, n) for n in names},
+            caller_name=type(self).__name__,
+        )
+        for name, fitted in self._fitted_values().items():
+            value = getattr(self, name)
+            if value != fitted:
+                raise ValueError(
+                    f"{name}={value!r} was set after fit, but this index was built "
+                    f"with {name}={fitted!r}; call fit to rebuild it with the new "
+                    f"value (partial_fit cannot change it), or set {name} back."
+                )
+        _CHECKED_PARAMS[self] = key
+
     @property
     def _inner_product(self):
         """Whether the kernels rank by minus the inner product ("dot") rather
-        than by squared L2 (every other metric)."""
-        return self.metric == "dot"
+        than by squared L2 (every other metric), as fitted."""
+        return self.effective_metric_ == "dot"
 
     def _prepare(self, X):
-        if self.metric == "cosine":
+        if self.effective_metric_ == "cosine":
             X = normalize(X, copy=True)
         return X
 
@@ -281,7 +357,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         if extremes is None:
             X = validate_data(self, X, dtype=FLOAT_DTYPES, order="C", reset=False)
             X = np.ascontiguousarray(X, dtype=self._fit_dtype_)
-        return self._prepare(check_range(X, extremes))
+        return self._prepare(check_range(X, extremes, dtype=self._kernel_dtype))
 
     def _clean_query_extremes(self, X):
         """(min, max) of input ``validate_data`` would pass through unchanged
@@ -313,15 +389,20 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         self : object
             The fitted estimator.
         """
-        with index_lock(self).write():
-            X = check_range(validate_data(self, X, dtype=FLOAT_DTYPES, order="C"))
+        # A failed fit leaves a fitted index as it was (restore_on_error).
+        with index_lock(self).write(), restore_on_error(self):
+            X = check_range(validate_data(self, X, dtype=FLOAT_DTYPES, order="C"),
+                            dtype=self._kernel_dtype)
             progress = Progress(self.verbose, type(self).__name__)
             self._fit_dtype_ = X.dtype
+            self.effective_metric_ = self.metric
             self.n_samples_fit_ = 0
             self.n_removed_ = 0
             self.removed_ = None
-            self.vectors_ = None
+            # Raw vectors are kept, for good, when fitted with re-ranking.
+            self.vectors_ = X[:0].copy() if self.refine_factor > 0 else None
             self._fit_index(self._prepare(X), progress)
+        _CHECKED_PARAMS.pop(self, None)
         return self
 
     def partial_fit(self, X, y=None):
@@ -343,8 +424,9 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """
         if not hasattr(self, "n_samples_fit_"):
             return self.fit(X)
+        self._check_params_at_call()
         n_threads = effective_n_threads(self.n_jobs)
-        with index_lock(self).write(), openmp_region(n_threads):
+        with index_lock(self).write(), restore_on_error(self), openmp_region(n_threads):
             X = self._validate_queries(X)
             self._add_rows(X, n_threads, Progress(self.verbose, type(self).__name__))
         return self
@@ -404,23 +486,28 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         self._n_features_out = n_total
 
     def _grown_vectors(self, X):
-        """The raw vectors with X appended when ``refine_factor > 0``, else None."""
-        if self.refine_factor == 0:
+        """The raw vectors with X appended when the index keeps them (it was
+        fitted with ``refine_factor > 0``), else None."""
+        if self.vectors_ is None:
             return None
-        old = self.vectors_ if self.vectors_ is not None else X[:0]
-        return np.concatenate([old, X])
+        return np.concatenate([self.vectors_, X])
+
+    @property
+    def _n_live(self):
+        return self.n_samples_fit_ - self.n_removed_
 
     def _n_candidates(self, n_neighbors):
         """How many ADC candidates to fetch: ``refine_factor * n_neighbors``
-        when re-ranking, else ``n_neighbors``."""
+        (at most the live vectors) when re-ranking, else ``n_neighbors``."""
         if self.refine_factor == 0:
             return n_neighbors
         if self.vectors_ is None:
             raise ValueError(
-                "refine_factor > 0 needs the raw vectors, which are kept only when "
-                "the index is fitted with refine_factor > 0; refit the index."
+                f"refine_factor={self.refine_factor} needs the raw vectors, which are "
+                "kept only when the index is fitted with refine_factor > 0; refit the "
+                "index, or set refine_factor=0."
             )
-        return max(n_neighbors, min(n_neighbors * self.refine_factor, self.n_samples_fit_))
+        return max(n_neighbors, min(n_neighbors * self.refine_factor, self._n_live))
 
     def _search_refined(self, Q, n_neighbors, n_threads):
         """ADC search, then exact re-ranking when ``refine_factor > 0``."""
@@ -438,9 +525,9 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         return self._reconstruct()
 
     def _finish_distances(self, raw):
-        if self.metric == "euclidean":
+        if self.effective_metric_ == "euclidean":
             return np.sqrt(np.maximum(raw, 0, out=raw), out=raw)
-        if self.metric == "cosine":
+        if self.effective_metric_ == "cosine":
             raw *= 0.5
         return raw
 
@@ -474,6 +561,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             return self._kneighbors(X, n_neighbors, return_distance)
 
     def _kneighbors(self, X, n_neighbors, return_distance):
+        self._check_params_at_call()
         if n_neighbors is None:
             n_neighbors = self.n_neighbors
         n_neighbors = _check_n_neighbors(n_neighbors)
@@ -488,7 +576,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             n_neighbors += 1
         else:
             Q = self._validate_queries(X)
-        n_fit = self.n_samples_fit_ - self.n_removed_
+        n_fit = self._n_live
         if n_neighbors > n_fit:
             if query_is_train:
                 raise ValueError(
@@ -570,6 +658,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         Xt : sparse matrix of shape (n_queries, n_samples_fit), CSR
         """
         check_is_fitted(self)
+        self._check_params_at_call()
         add_one = self.mode == "distance"
         return self.kneighbors_graph(
             X, mode=self.mode, n_neighbors=self.n_neighbors + add_one

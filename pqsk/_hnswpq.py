@@ -4,6 +4,7 @@ from numbers import Integral
 
 import threading
 import warnings
+import weakref
 
 import numpy as np
 from scipy import sparse
@@ -14,7 +15,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import _hnsw, _quantizer
 from ._quantizer import scratch
-from ._base import BasePQNeighbors, PQParamsMixin, RemovalMixin
+from ._base import BasePQNeighbors, PQParamsMixin, RemovalMixin, _check_n_neighbors
 from ._persist import IndexIOMixin, check_int_array, require
 from ._utils import Progress, effective_n_threads, index_lock
 
@@ -24,6 +25,8 @@ BUILD_CHUNK = 20000  # nodes inserted between two progress messages
 
 
 _MARKS = threading.local()
+_TOMBSTONES = weakref.WeakKeyDictionary()  # estimator -> (removed_, ids_, node mask)
+_NO_TOMBSTONES = np.empty(0, np.uint8)
 
 
 def visited_marks(n_threads, n):
@@ -155,6 +158,10 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         "ef_search": [Interval(Integral, 1, None, closed="left")],
     }
 
+    _search_params = BasePQNeighbors._search_params + ("ef_search",)
+    _structural_params = BasePQNeighbors._structural_params + ("n_links",)
+    _kernel_dtype = np.float32  # the graph is built and walked in float32
+
     def __init__(
         self,
         n_neighbors=5,
@@ -196,11 +203,14 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         self.random_state = random_state
         self.verbose = verbose
 
+    def _fitted_values(self):
+        return {**super()._fitted_values(), "n_links": self.links0_.shape[1] // 2}
+
     def _fit_index(self, X, progress):
         self.codebooks_ = self._fit_codebooks(X, progress)
         self._levels_rng_ = check_random_state(self.random_state)
         self._install(_Graph.empty(self.n_subspaces, self.n_links,
-                                   _quantizer.code_dtype(self.n_codewords)), None, None, 0)
+                                   _quantizer.code_dtype(self.n_codewords)), self.vectors_, None, 0)
         self._add_rows(X, effective_n_threads(self.n_jobs), progress)
 
     def _node_vectors(self):
@@ -269,7 +279,8 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         node_ids = np.arange(self.codes_.shape[0]) if self.ids_ is None else self.ids_
         live = ~self.removed_[node_ids]
         vectors = self._node_vectors()[live].astype(np.float32, copy=False)
-        empty = _Graph.empty(self.n_subspaces, self.n_links, self.codes_.dtype)
+        empty = _Graph.empty(self.codes_.shape[1], self.links0_.shape[1] // 2,
+                             self.codes_.dtype)
         progress = Progress(self.verbose, type(self).__name__)
         graph = empty.extend(self, self.codes_[live], vectors, progress)
         self._install(graph, self.vectors_, node_ids[live].astype(np.int64),
@@ -305,7 +316,7 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         if self.refine_factor > 0:
             # The beam ends holding ef_search ADC candidates anyway: re-rank
             # them all, so a wider beam also buys exact-distance recall.
-            n = max(n, min(self.ef_search, self.n_samples_fit_ - self.n_removed_))
+            n = max(n, min(self.ef_search, self._n_live))
         return n
 
     def _ef(self, n_out):
@@ -314,11 +325,23 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         return max(1, min(max(self.ef_search, n_out), self.codes_.shape[0]))
 
     def _tombstones(self):
-        """uint8 mask of removed nodes in node order, or an empty array."""
+        """uint8 mask of removed nodes in node order, or an empty array when
+        no node of the graph is removed (none ever was, or ``compact``
+        dropped them all); the kernel then skips the check.
+
+        Computed once per (``removed_``, ``ids_``) pair and cached outside
+        ``__dict__``: both arrays are replaced, never modified in place, by
+        ``remove``, ``partial_fit`` and ``compact``.
+        """
         if not self.n_removed_:
-            return np.empty(0, np.uint8)
+            return _NO_TOMBSTONES
+        cached = _TOMBSTONES.get(self)
+        if cached is not None and cached[0] is self.removed_ and cached[1] is self.ids_:
+            return cached[2]
         mask = self.removed_ if self.ids_ is None else self.removed_[self.ids_]
-        return mask.view(np.uint8)
+        mask = mask.view(np.uint8) if mask.any() else _NO_TOMBSTONES
+        _TOMBSTONES[self] = (self.removed_, self.ids_, mask)
+        return mask
 
     def _graph_search(self, Q, n_out, n_threads, ef=None, from_entry=False):
         """(dist float32, node int64, distance computations per query).
@@ -329,7 +352,7 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         """
         Q = np.ascontiguousarray(Q, dtype=np.float32)
         nq, n = Q.shape[0], self.codes_.shape[0]
-        m, k = self.n_subspaces, self.n_codewords
+        m, k = self.codebooks_.shape[:2]
         ef = self._ef(n_out) if ef is None else ef
         nt = max(1, n_threads)
         dist = np.empty((nq, n_out), dtype=np.float32)
@@ -387,9 +410,13 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
             evaluated per query; ``"ef"``: the beam width used (which
             accounts for ``refine_factor``, as ``kneighbors`` does).
         """
+        self._check_fitted()
+        self._check_params_at_call()
+        n_neighbors = _check_n_neighbors(self.n_neighbors if n_neighbors is None
+                                         else n_neighbors)
         Q = self._validate_queries(X)
         with index_lock(self).read():
-            n_out = self._n_candidates(n_neighbors or self.n_neighbors)
+            n_out = self._n_candidates(n_neighbors)
             _, _, n_dist = self._graph_search(Q, n_out, effective_n_threads(self.n_jobs))
         return {"distance_computations": float(n_dist.mean()), "ef": self._ef(n_out)}
 
@@ -478,7 +505,7 @@ class _Graph:
         holds float32 vectors for every node, old then new."""
         n_old, n_new = self.codes.shape[0], codes.shape[0]
         n = n_old + n_new
-        M = est.n_links
+        M = self.links0.shape[1] // 2  # as fitted
         levels = np.concatenate([self.levels, sample_levels(n_new, M, est._levels_rng_)])
         upper_off = np.zeros(n, dtype=np.int64)
         np.cumsum(levels[:-1], out=upper_off[1:])

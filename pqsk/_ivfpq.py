@@ -137,6 +137,9 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
         "coarse_max_iter": [Interval(Integral, 1, None, closed="left")],
     }
 
+    _search_params = BasePQNeighbors._search_params + ("n_probe",)
+    _structural_params = BasePQNeighbors._structural_params + ("n_lists",)
+
     def __init__(
         self,
         n_neighbors=5,
@@ -177,6 +180,12 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.verbose = verbose
+
+    def _fitted_values(self):
+        fitted = super()._fitted_values()
+        if self.n_lists != "auto":  # "auto" chose n_lists_ at fit
+            fitted["n_lists"] = self.n_lists_
+        return fitted
 
     def _max_train_samples(self):
         # PQParamsMixin uses this for the residual codebooks, which see at

@@ -193,14 +193,15 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
                 f"codes must be an integer array (as returned by transform), got "
                 f"dtype {codes.dtype}."
             )
-        if codes.shape[1] != self.n_subspaces:
+        m, k = self.codebooks_.shape[:2]  # as fitted
+        if codes.shape[1] != m:
             raise ValueError(
-                f"codes have {codes.shape[1]} columns, but this PQTransformer has "
-                f"n_subspaces={self.n_subspaces}."
+                f"codes have {codes.shape[1]} columns, but this PQTransformer was "
+                f"fitted with n_subspaces={m}."
             )
-        if codes.size and (codes.min() < 0 or codes.max() >= self.n_codewords):
+        if codes.size and (codes.min() < 0 or codes.max() >= k):
             raise ValueError(
-                f"codes must lie in [0, {self.n_codewords}), got values in "
+                f"codes must lie in [0, {k}), got values in "
                 f"[{codes.min()}, {codes.max()}]."
             )
         return _quantizer.decode(codes, self.codebooks_)

@@ -6,8 +6,23 @@ import threading
 import time
 import weakref
 from contextlib import contextmanager
+from numbers import Integral
 
 from ._openmp import omp_max_threads
+
+
+def check_n_jobs(n_jobs):
+    """Validate ``n_jobs`` as scikit-learn does: None or a non-zero int."""
+    if n_jobs is None:
+        return None
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, Integral):
+        raise TypeError(
+            f"n_jobs must be None or an int, got {n_jobs!r} "
+            f"({type(n_jobs).__name__}).")
+    if n_jobs == 0:
+        raise ValueError("n_jobs == 0 has no meaning; use None, a positive number of "
+                         "threads, or -1 for all CPUs.")
+    return int(n_jobs)
 
 
 def effective_n_threads(n_jobs):
@@ -16,8 +31,11 @@ def effective_n_threads(n_jobs):
     ``None`` means every thread OpenMP allows (``OMP_NUM_THREADS`` and
     threadpoolctl limits are respected); a positive number is taken as is,
     up to the number of CPUs; ``-1`` means all CPUs, ``-2`` all but one,
-    and so on.
+    and so on.  Anything else (0, a float, a bool) raises: ``n_jobs`` can
+    be changed with ``set_params`` after fit, so it is checked at every
+    call.
     """
+    n_jobs = check_n_jobs(n_jobs)
     n_cpus = os.cpu_count() or 1
     if n_jobs is None:
         return max(1, min(omp_max_threads(), n_cpus))
@@ -97,6 +115,25 @@ def index_lock(estimator):
         if lock is None:
             lock = _LOCKS[estimator] = RWLock()
         return lock
+
+
+@contextmanager
+def restore_on_error(estimator):
+    """Put back the estimator's attributes if the block raises.
+
+    Writers (``fit``, ``partial_fit``, ``compact``) build new arrays and
+    replace attributes; an error half-way (bad input found late, memory)
+    must not leave a half-modified index.  Attributes are references to
+    arrays that are never modified in place, so a shallow copy of
+    ``__dict__`` is the whole previous state.
+    """
+    saved = dict(estimator.__dict__)
+    try:
+        yield
+    except BaseException:
+        estimator.__dict__.clear()
+        estimator.__dict__.update(saved)
+        raise
 
 
 _CONTROLLER = None
