@@ -8,6 +8,7 @@
   only ``_fit_index``, ``_search`` and ``_self_queries``.
 """
 
+import functools
 import weakref
 from numbers import Integral, Real
 
@@ -48,6 +49,7 @@ _CHECKED_PARAMS = weakref.WeakKeyDictionary()
 FLOAT_DTYPES = [np.float32, np.float64]
 
 
+@functools.lru_cache(maxsize=64)
 def range_bound(n_features, dtype):
     """Largest absolute value whose squared distances cannot overflow ``dtype``
     over ``n_features`` features: ``sqrt(max / (4 D))``."""
@@ -68,7 +70,7 @@ def check_range(X, extremes=None, dtype=None, name="X"):
         return X
     lo, hi = (X.min(), X.max()) if extremes is None else extremes  # no |X| temporary
     work = X.dtype if dtype is None else np.dtype(dtype)
-    bound = range_bound(X.shape[1], work)
+    bound = range_bound(int(X.shape[1]), work)
     peak = max(float(hi), -float(lo))
     if not peak <= bound:  # NaN fails too
         raise ValueError(
