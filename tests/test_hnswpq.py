@@ -280,6 +280,33 @@ def test_repair_level0_links_unreachable_nodes():
     assert _reachable(full, 0).all()
 
 
+def test_repair_level0_is_linear(monkeypatch):
+    """Finding 13: the repair costs a bounded number of breadth-first passes
+    over the graph, never one per unreachable node."""
+    import pqsk._hnswpq as H
+
+    calls = []
+    bfs = H.breadth_first_order
+    monkeypatch.setattr(H, "breadth_first_order",
+                        lambda *a, **k: calls.append(1) or bfs(*a, **k))
+    n, k, width = 1500, 9, 8
+    links0 = np.full((n, width), -1, np.int32)
+    for i in range(k):  # a full clique around the entry point 0...
+        links0[i] = [j for j in range(k) if j != i]
+    # ...that every other node links into, and nothing links out of.
+    links0[k:, :3] = np.argsort(rng.rand(n - k, k), axis=1)[:, :3]
+    V = rng.randn(n, 4).astype(np.float32)
+    assert H._reachable(links0, 0).sum() == k
+    H.repair_level0(links0, V, 0)
+    assert H._reachable(links0, 0).all()
+    assert len(calls) <= 12
+    # The lists stay well formed: valid ids, no self links, no repeats.
+    assert np.all(links0 >= -1) and np.all(links0 < n)
+    for i, row in enumerate(links0):
+        row = row[row >= 0]
+        assert i not in row and len(set(row)) == len(row)
+
+
 def test_poor_graph_still_returns_full_rows():
     """A tiny beam on a sparse graph can strand the search; every row is
     still filled with real, distinct neighbours."""
