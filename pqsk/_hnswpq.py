@@ -579,11 +579,17 @@ class _Graph:
         upper = np.full((int(levels.sum()), M), -1, dtype=np.int32)
         upper[:self.upper.shape[0]] = self.upper
         ef_c = max(1, min(est.ef_construction, n))
+        width = 2 * M + 1
+        old_links = self.links0[self.links0 >= 0]
+        indeg = np.bincount(old_links, minlength=n).astype(np.int32)
         scratch = dict(
-            visited=np.zeros(n, np.uint32), cand_d=np.empty(n, np.float32),
+            indeg=indeg, last_copies=np.full(n, -1, np.int32), visited=np.zeros(n, np.uint32), cand_d=np.empty(n, np.float32),
             cand_i=np.empty(n, np.int64), res_d=np.empty(ef_c + 1, np.float32),
-            res_i=np.empty(ef_c + 1, np.int64), sd=np.empty(4 * M + 1, np.float32),
-            si=np.empty(4 * M + 1, np.int64), sel=np.empty(8 * M + 2, np.int64),
+            res_i=np.empty(ef_c + 1, np.int64),
+            fsel=np.empty(width, np.int64), fsel_d=np.empty(width, np.float32),
+            sd=np.empty(width, np.float32), si=np.empty(width, np.int64),
+            sel=np.empty(width, np.int64), sel_d=np.empty(width, np.float32),
+            kept=np.empty(width, np.uint8),
         )
         stats = np.zeros(1, np.int64)
         ep, top = self.entry_point, self.max_level
@@ -591,9 +597,7 @@ class _Graph:
             stop = min(n, start + BUILD_CHUNK)
             ep, top = _hnsw.hnsw_build(
                 build_vectors, levels, links0, upper, upper_off, start, stop, ep, top,
-                ef_c, est._inner_product, scratch["visited"], scratch["cand_d"],
-                scratch["cand_i"], scratch["res_d"], scratch["res_i"], scratch["sd"],
-                scratch["si"], scratch["sel"], stats,
+                ef_c, est._inner_product, **scratch, stats=stats,
             )
             progress(f"graph: {stop - n_old}/{n_new} nodes inserted "
                      f"({stats[0] / max(1, stop - n_old):.0f} distances per node)")
