@@ -1,6 +1,7 @@
 """HNSWPQNeighbors: graph invariants, recall, partial_fit, degenerate data."""
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -391,6 +392,33 @@ def test_repair_level0_is_linear(monkeypatch):
     assert np.all(links0 >= -1) and np.all(links0 < n)
     for i, row in enumerate(links0):
         row = row[row >= 0]
+        assert i not in row and len(set(row)) == len(row)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_repair_level0_on_random_graphs(seed):
+    """Whatever the graph (islands, full lists, no way out of a group), the
+    repair makes every node reachable and keeps the lists well formed."""
+    from pqsk._hnswpq import _reachable, repair_level0
+
+    r = np.random.RandomState(seed)
+    n, width = r.randint(2, 200), r.choice([4, 8])
+    links0 = np.full((n, width), -1, np.int32)
+    fill = r.rand()
+    for i in range(n):
+        near = np.setdiff1d(np.arange(max(0, i - 15), min(n, i + 15)), [i])
+        k = min(len(near), r.binomial(width, fill))
+        links0[i, :k] = r.choice(near, k, replace=False)
+    V = np.round(r.randn(n, 3)).astype(np.float32)  # with exact copies
+    entry = r.randint(n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        repair_level0(links0, V, entry, inner_product=bool(seed % 3 == 0))
+    assert _reachable(links0, entry).all()
+    for i, row in enumerate(links0):
+        used = row >= 0
+        assert used.all() or not used[np.argmin(used):].any()
+        row = row[used]
         assert i not in row and len(set(row)) == len(row)
 
 
