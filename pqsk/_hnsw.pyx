@@ -19,7 +19,7 @@ query's lookup tables against the stored codes).  All functions are
 cimport cython
 from cython.parallel cimport prange, parallel, threadid
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
-from libc.string cimport memset
+from libc.string cimport memcmp, memset
 from libc.math cimport INFINITY
 from libc.stdint cimport INT64_MAX
 
@@ -241,63 +241,170 @@ cdef Py_ssize_t search_layer(Graph* g, Dist* d, Work* w, Py_ssize_t n,
     return n_res
 
 
+cdef inline bint same_vector(Dist* d, int64_t a, int64_t b) noexcept nogil:
+    """Whether two stored nodes hold byte-identical vectors (build only)."""
+    return memcmp(d.vectors + a * d.dim, d.vectors + b * d.dim,
+                  d.dim * sizeof(float)) == 0
+
+
 cdef Py_ssize_t select_heuristic(Dist* d, const float* cand_d, const int64_t* cand_i,
                                  Py_ssize_t n_cand, Py_ssize_t max_links,
-                                 int64_t* out) noexcept nogil:
+                                 int64_t* out, float* out_d,
+                                 uint8_t* kept) noexcept nogil:
     """HNSW neighbour selection: walk the candidates nearest first and keep
     one only if it is closer to the base than to every one already kept.
-    ``cand_*`` must be sorted ascending by distance to the base."""
+
+    A candidate that is an exact copy of one already kept is dropped too.
+    Copies are as close to each other as to the base, so the rule above
+    never prunes them: a group of copies would fill every list with
+    itself, a region that searches enter and cannot leave.  One copy per
+    list routes into the group; ``hnsw_build`` chains its members.
+
+    ``cand_*`` must be sorted ascending by distance to the base.  Kept ids
+    go to ``out`` (their distances to ``out_d``); ``kept[a]`` (if not NULL)
+    is set to whether candidate a was kept.
+    """
     cdef Py_ssize_t a, b, n_out = 0
+    cdef int64_t e
     cdef bint good
     for a in range(n_cand):
+        if kept != NULL:
+            kept[a] = 0
         if n_out >= max_links:
-            break
+            if kept == NULL:
+                break
+            continue
+        e = cand_i[a]
         good = True
         for b in range(n_out):
-            if dist_nodes(d, cand_i[a], out[b]) < cand_d[a]:
+            if out_d[b] == cand_d[a] and same_vector(d, e, out[b]):
+                good = False
+                break
+            if dist_nodes(d, e, out[b]) < cand_d[a]:
                 good = False
                 break
         if good:
-            out[n_out] = cand_i[a]
+            out[n_out] = e
+            out_d[n_out] = cand_d[a]
             n_out += 1
+            if kept != NULL:
+                kept[a] = 1
     return n_out
 
 
-cdef void add_link(Graph* g, Dist* d, int64_t src, int64_t dst, int level,
-                   float* sd, int64_t* si, int64_t* sel) noexcept nogil:
-    """Link src -> dst; when src's list is full, re-select it (with dst)
-    by the heuristic.  ``sd``, ``si``, ``sel``: scratch of 2 * M0 + 1."""
-    cdef Py_ssize_t cap, t, n_c = 0, n_sel, a
+cdef inline int append_link(Graph* g, int64_t src, int64_t dst, int level) noexcept nogil:
+    """Put dst in the first free slot of src's list: 1 if done, 2 if dst
+    was already there, 0 if the list is full."""
+    cdef Py_ssize_t cap, t
     cdef int32_t* links = node_links(g, src, level, &cap)
-    cdef float td
-    cdef int64_t ti
     for t in range(cap):
         if links[t] < 0:
             links[t] = <int32_t> dst
-            return
+            return 1
         if links[t] == dst:
-            return
-    # Full: gather the old links and dst with their distances to src, sort.
+            return 2
+    return 0
+
+
+cdef void add_link(Graph* g, Dist* d, int64_t src, int64_t dst, int level,
+                   int32_t* indeg, float* sd, int64_t* si, int64_t* sel,
+                   float* sel_d, uint8_t* kept) noexcept nogil:
+    """Link src -> dst (dst: the node being inserted).
+
+    When src's list is full it is re-selected by the heuristic among its
+    old links and dst, dst ranking first among equal distances: with the
+    id order, a newcomer identical to an old neighbour would always be the
+    one dropped, and a group of copies would strand each new member.
+
+    On level 0 (``indeg`` given: the in-degree of every node, kept up to
+    date here), an old neighbour that the re-selection drops and that has
+    no other incoming link is kept anyway while a slot is free, else handed
+    over to dst (dst -> it, so it stays reachable through src -> dst).
+    Scratch: ``cap + 1`` entries each.
+    """
+    cdef Py_ssize_t cap, t, n_c, n_sel, a
+    cdef int32_t* links
+    cdef float td
+    cdef int64_t ti, y
+    cdef bint dst_kept
+    cdef int r = append_link(g, src, dst, level)
+    if r:
+        if r == 1 and indeg != NULL:
+            indeg[dst] += 1
+        return
+    links = node_links(g, src, level, &cap)
+    # Full: dst and the old links with their distances to src, sorted by
+    # (distance, dst first, id).
+    sd[0] = dist_nodes(d, src, dst)
+    si[0] = dst
+    n_c = 1
     for t in range(cap):
         sd[n_c] = dist_nodes(d, src, links[t])
         si[n_c] = links[t]
         n_c += 1
-    sd[n_c] = dist_nodes(d, src, dst)
-    si[n_c] = dst
-    n_c += 1
-    for t in range(1, n_c):              # insertion sort, n_c <= 2 * M0 + 1
+    for t in range(1, n_c):              # insertion sort, n_c <= cap + 1
         td = sd[t]
         ti = si[t]
         a = t - 1
-        while a >= 0 and (sd[a] > td or (sd[a] == td and si[a] > ti)):
+        while a >= 0 and (sd[a] > td or (sd[a] == td and si[a] != dst and si[a] > ti)):
             sd[a + 1] = sd[a]
             si[a + 1] = si[a]
             a -= 1
         sd[a + 1] = td
         si[a + 1] = ti
-    n_sel = select_heuristic(d, sd, si, n_c, cap, sel)
+    n_sel = select_heuristic(d, sd, si, n_c, cap, sel, sel_d, kept)
+    if indeg != NULL:
+        for t in range(cap):
+            indeg[links[t]] -= 1
+        dst_kept = False
+        for a in range(n_sel):
+            if sel[a] == dst:
+                dst_kept = True
+        for a in range(n_c):
+            y = si[a]
+            if kept[a] or y == dst or indeg[y] > 0:
+                continue
+            # y's only incoming link was src's.
+            if n_sel < cap:
+                sel[n_sel] = y
+                n_sel += 1
+            elif dst_kept and append_link(g, dst, y, 0) == 1:
+                indeg[y] += 1
+        for a in range(n_sel):
+            indeg[sel[a]] += 1
     for t in range(cap):
         links[t] = <int32_t> sel[t] if t < n_sel else -1
+
+
+cdef void rescue(Graph* g, Dist* d, int64_t q, const int64_t* nb, Py_ssize_t n_nb,
+                 int32_t* indeg) noexcept nogil:
+    """Give q, which every neighbour's re-selection dropped, an incoming
+    level-0 link: a free slot of its nearest neighbour that has one, else,
+    in the nearest neighbour that can spare one, the slot of the farthest
+    target that keeps another incoming link."""
+    cdef Py_ssize_t a, t, cap, best_t
+    cdef int32_t* links
+    cdef float dt, best_d = 0
+    cdef int r
+    for a in range(n_nb):
+        r = append_link(g, nb[a], q, 0)
+        if r:
+            indeg[q] += r == 1
+            return
+    for a in range(n_nb):
+        links = node_links(g, nb[a], 0, &cap)
+        best_t = -1
+        for t in range(cap):
+            if indeg[links[t]] >= 2:
+                dt = dist_nodes(d, nb[a], links[t])
+                if best_t < 0 or dt > best_d:
+                    best_t = t
+                    best_d = dt
+        if best_t >= 0:
+            indeg[links[best_t]] -= 1
+            links[best_t] = <int32_t> q
+            indeg[q] += 1
+            return
 
 
 def hnsw_build(const float[:, ::1] vectors,         # IN  (n, D) float32
@@ -311,15 +418,33 @@ def hnsw_build(const float[:, ::1] vectors,         # IN  (n, D) float32
                int max_level,
                Py_ssize_t ef_construction,
                bint inner_product,
+               int32_t[::1] indeg,                  # INOUT (n,) level-0 in-degrees
+               int32_t[::1] last_copies,            # INOUT (n,), all -1 at first
                uint32_t[::1] visited,               # scratch (n,)
                float[::1] cand_d, int64_t[::1] cand_i,  # scratch (n,)
                float[::1] res_d, int64_t[::1] res_i,    # scratch (ef_construction + 1,)
-               float[::1] sd, int64_t[::1] si,          # scratch (2 * M0 + 1,)
-               int64_t[::1] sel,                         # scratch (2 * M0 + 1,)
-               int64_t[::1] stats):                      # OUT (1,) distance count
+               int64_t[::1] fsel, float[::1] fsel_d,    # scratch (M0 + 1,)
+               float[::1] sd, int64_t[::1] si,          # scratch (M0 + 1,)
+               int64_t[::1] sel, float[::1] sel_d,      # scratch (M0 + 1,)
+               uint8_t[::1] kept,                       # scratch (M0 + 1,)
+               int64_t[::1] stats):                     # OUT (1,) distance count
     """Insert nodes ``start .. stop - 1`` in order; nodes before ``start``
     are already linked.  Returns (entry_point, max_level); entry_point -1
-    means an empty graph.  Deterministic: one thread, fixed order."""
+    means an empty graph.  Deterministic: one thread, fixed order.
+
+    ``indeg`` must hold the level-0 in-degree of every node (zero for the
+    new ones); it is kept up to date, so that no link is dropped from a
+    node that has no other (``add_link``), and a node that every neighbour
+    dropped gets one (``rescue``).
+
+    Exact copies: a new node whose selected neighbour h holds the same
+    vector is linked on level 0 from the copy of h inserted last
+    (``last_copies[h]``, kept across calls on one build, all -1 at
+    first), not from h, whose list would fill with copies and then drop
+    them.  The copies of a vector form a chain in insertion order, so ids
+    grow along it: a beam, which breaks distance ties by the smaller id,
+    walks no further than it needs, and building n copies costs O(n).
+    """
     cdef Py_ssize_t n = vectors.shape[0]
     cdef Graph g
     cdef Dist d
@@ -329,6 +454,9 @@ def hnsw_build(const float[:, ::1] vectors,         # IN  (n, D) float32
     cdef int64_t cur
     cdef float d_cur
     cdef int32_t* links
+    cdef int32_t* deg = &indeg[0] if n > 0 else NULL
+    cdef int32_t* last_copy = &last_copies[0] if n > 0 else NULL
+    cdef int r
     cdef Py_ssize_t cap
     g.links0 = &links0[0, 0] if links0.shape[0] > 0 else NULL
     g.upper = &upper[0, 0] if upper.shape[0] > 0 else NULL
@@ -368,11 +496,30 @@ def hnsw_build(const float[:, ::1] vectors,         # IN  (n, D) float32
                 n_res = search_layer(&g, &d, &w, n, cur, d_cur, ef_construction, lev)
                 heap_sort(w.res_d, w.res_i, n_res)           # ascending
                 links = node_links(&g, q, lev, &cap)
-                n_sel = select_heuristic(&d, w.res_d, w.res_i, n_res, cap, &sel[0])
+                n_sel = select_heuristic(&d, w.res_d, w.res_i, n_res, cap,
+                                         &fsel[0], &fsel_d[0], NULL)
                 for t in range(cap):
-                    links[t] = <int32_t> sel[t] if t < n_sel else -1
+                    links[t] = <int32_t> fsel[t] if t < n_sel else -1
+                if lev == 0:
+                    for t in range(n_sel):
+                        deg[fsel[t]] += 1
                 for t in range(n_sel):
-                    add_link(&g, &d, sel[t], q, lev, &sd[0], &si[0], &sel[n_sel])
+                    if lev == 0 and same_vector(&d, fsel[t], q):
+                        # q copies fsel[t] (the one copy the selection
+                        # keeps): append q to the chain of its copies.
+                        r = append_link(&g, last_copy[fsel[t]], q, 0) \
+                            if last_copy[fsel[t]] >= 0 else 0
+                        if r == 1:
+                            deg[q] += 1
+                        else:
+                            add_link(&g, &d, fsel[t], q, 0, deg,
+                                     &sd[0], &si[0], &sel[0], &sel_d[0], &kept[0])
+                        last_copy[fsel[t]] = <int32_t> q
+                        continue
+                    add_link(&g, &d, fsel[t], q, lev, deg if lev == 0 else NULL,
+                             &sd[0], &si[0], &sel[0], &sel_d[0], &kept[0])
+                if lev == 0 and deg[q] == 0:
+                    rescue(&g, &d, q, &fsel[0], n_sel, deg)
                 cur = w.res_i[0]
                 d_cur = w.res_d[0]
             if L > max_level:

@@ -8,7 +8,7 @@ import weakref
 
 import numpy as np
 from scipy import sparse
-from scipy.sparse.csgraph import breadth_first_order
+from scipy.sparse.csgraph import breadth_first_order, connected_components
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
@@ -22,6 +22,8 @@ from ._utils import Progress, effective_n_threads, index_lock
 MAX_LEVEL = 32
 MAX_LINKS = 2048  # more links per node than this is never useful
 BUILD_CHUNK = 20000  # nodes inserted between two progress messages
+REPAIR_PASSES = 8  # level-0 repair passes before giving up (each is linear)
+REPAIR_SAMPLE = 4096  # reachable nodes tried for a component with no way out
 
 
 _MARKS = threading.local()
@@ -430,59 +432,149 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         )
 
 
-def _reachable(links0, start, mask=None):
-    """Boolean mask of the nodes reachable from ``start`` on level 0."""
-    n, width = links0.shape
-    rows = np.repeat(np.arange(n), width)
-    cols = links0.ravel()
-    keep = cols >= 0
-    adj = sparse.csr_matrix((np.ones(keep.sum(), np.int8), (rows[keep], cols[keep])),
-                            shape=(n, n))
-    reach = np.zeros(n, bool) if mask is None else mask
+def _level0_adjacency(links0):
+    """Level-0 links as a CSR matrix (row i: node i's out-links)."""
+    n = links0.shape[0]
+    used = links0 >= 0
+    indptr = np.zeros(n + 1, np.int64)
+    np.cumsum(used.sum(axis=1), out=indptr[1:])
+    indices = links0[used]
+    return sparse.csr_matrix((np.ones(indices.size, np.int8), indices, indptr),
+                             shape=(n, n))
+
+
+def _reachable(links0, start, adjacency=None):
+    """Boolean mask of the nodes reachable from ``start`` on level 0 (one
+    breadth-first pass)."""
+    adj = _level0_adjacency(links0) if adjacency is None else adjacency
+    reach = np.zeros(links0.shape[0], bool)
     reach[breadth_first_order(adj, start, directed=True, return_predecessors=False)] = True
     return reach
+
+
+def _pair_distances(vectors, a, b, inner_product, chunk=1 << 16):
+    """Distances between ``vectors[a[i]]`` and ``vectors[b[i]]``, as the
+    build computes them (squared L2, or minus the dot product)."""
+    out = np.empty(len(a), np.float64)
+    for s in range(0, len(a), chunk):
+        va, vb = vectors[a[s:s + chunk]], vectors[b[s:s + chunk]]
+        if inner_product:
+            out[s:s + chunk] = -np.einsum("ij,ij->i", va, vb)
+        else:
+            diff = va - vb
+            out[s:s + chunk] = np.einsum("ij,ij->i", diff, diff)
+    return out
+
+
+def _link_into(links0, vectors, x, u, indeg, full, inner_product):
+    """Add x -> u: in a free slot of x, else instead of x's farthest link
+    whose target has another incoming link from the reachable part
+    (``indeg``, updated).  Returns whether a link was made; marks x in
+    ``full`` when it cannot take one (in-degrees only fall during a pass,
+    so it stays so)."""
+    if full[x]:
+        return False
+    row = links0[x]
+    if row[-1] < 0:  # used slots come first
+        row[np.argmax(row < 0)] = u
+        return True
+    spare = np.flatnonzero(indeg[row] >= 2)
+    if not spare.size:
+        full[x] = True
+        return False
+    d = _pair_distances(vectors, np.full(spare.size, x), row[spare], inner_product)
+    slot = spare[np.argmax(d)]
+    indeg[row[slot]] -= 1
+    row[slot] = u
+    return True
+
+
+def _nearest_first(vectors, u, cand, full, inner_product):
+    cand = np.unique(cand[~full[cand]])
+    d = _pair_distances(vectors, np.full(len(cand), u), cand, inner_product)
+    return cand[np.argsort(d, kind="stable")]
+
+
+def _link_unreachable(links0, vectors, reach, adj, inner_product):
+    """One repair pass: give every source component of the unreachable
+    part (a strongly connected set of unreachable nodes that no other
+    unreachable node links to) one incoming link from a reachable node;
+    linking the sources makes everything downstream of them reachable.
+
+    The link x -> u is tried from the reachable nodes x that members u of
+    the component link to (making the link two-way), nearest pair first,
+    then from the reachable nodes those x link to, then from a bounded
+    sample of the reachable nodes: the work per component is bounded, so a
+    pass is linear in the size of the graph.
+    """
+    n = links0.shape[0]
+    unreached = np.flatnonzero(~reach)
+    sub = adj[unreached][:, unreached].tocoo()
+    n_comp, comp = connected_components(sub, directed=True, connection="strong")
+    cross = comp[sub.row] != comp[sub.col]
+    is_source = np.ones(n_comp, bool)
+    is_source[comp[sub.col[cross]]] = False
+    # Pairs (u, x): u in a source component, x a reachable node u links to.
+    rows = links0[unreached]
+    pos, slot = np.nonzero(rows >= 0)
+    targets = rows[pos, slot]
+    keep = is_source[comp[pos]] & reach[targets]
+    pos, targets = pos[keep], targets[keep]
+    dist = _pair_distances(vectors, unreached[pos], targets, inner_product)
+    order = np.lexsort((targets, unreached[pos], dist, comp[pos]))
+    pos, targets = pos[order], targets[order]
+    starts = np.searchsorted(comp[pos], np.arange(n_comp + 1))
+    first_member = np.full(n_comp, -1, np.int64)
+    first_member[comp[::-1]] = unreached[::-1]
+    reached = np.flatnonzero(reach)
+    sample = reached[np.unique(np.linspace(0, len(reached) - 1,
+                                           min(len(reached), REPAIR_SAMPLE)).astype(np.int64))]
+    indeg = np.bincount(links0[reached][links0[reached] >= 0], minlength=n)
+    full = np.zeros(n, bool)
+    added = 0
+    for c in np.flatnonzero(is_source):
+        lo, hi = starts[c], starts[c + 1]
+        members, near = unreached[pos[lo:hi]], targets[lo:hi]
+        if any(_link_into(links0, vectors, x, u, indeg, full, inner_product)
+               for u, x in zip(members, near)):
+            added += 1
+            continue
+        u = members[0] if hi > lo else first_member[c]
+        hop2 = links0[near[members == u]].ravel()
+        hop2 = hop2[hop2 >= 0]
+        for cand in (hop2[reach[hop2]], sample):
+            if any(_link_into(links0, vectors, x, u, indeg, full, inner_product)
+                   for x in _nearest_first(vectors, u, cand, full, inner_product)):
+                added += 1
+                break
+    return added
 
 
 def repair_level0(links0, vectors, entry_point, inner_product=False):
     """Link every node unreachable from the entry point on level 0.
 
-    HNSW's pruning can leave a node (typically inside a group of exact
-    duplicates) with no incoming link.  For each such node u, the nearest
-    reachable node v with a free level-0 slot gets the link v -> u; if all
-    are full, v's last link is replaced, choosing a v whose dropped target
-    keeps another incoming link.  Modifies ``links0`` in place; returns the
-    number of links added.
+    HNSW's pruning can leave a node with no incoming link.  Each pass finds the unreachable nodes with one
+    breadth-first search, groups them into strongly connected components
+    and links each component that no other unreachable node reaches to the
+    reachable part, from the nearest reachable node one of its members
+    links to: in a free slot, else instead of a link whose target keeps
+    another incoming link.  A replaced link can still cut off a cycle, so
+    passes repeat (at most ``REPAIR_PASSES``).  Cost: linear in the number
+    of links per pass.  Modifies ``links0`` in place; returns the number of
+    links added.
     """
     n = links0.shape[0]
-    if n == 0:
-        return 0
-    reach = _reachable(links0, entry_point)
     added = 0
-    while not reach.all():
-        if added > n:  # cannot happen on a graph with free slots; never loop forever
-            warnings.warn("HNSW level-0 repair gave up; some nodes stay unreachable.")
-            break
-        u = int(np.flatnonzero(~reach)[0])
-        cand = np.flatnonzero(reach)
-        if inner_product:
-            dist = -(vectors[cand] @ vectors[u])
-        else:
-            diff = vectors[cand] - vectors[u]
-            dist = np.einsum("ij,ij->i", diff, diff)
-        order = cand[np.lexsort((cand, dist))]
-        free = links0[order, -1] < 0
-        if free.any():
-            v = order[np.argmax(free)]
-            links0[v, np.argmax(links0[v] < 0)] = u
-        else:
-            indegree = np.bincount(links0[links0 >= 0], minlength=n)
-            safe = indegree[links0[order, -1]] > 1
-            v = order[np.argmax(safe)] if safe.any() else order[0]
-            links0[v, -1] = u
-            reach[:] = False  # a link was dropped: recompute from scratch
-            reach = _reachable(links0, entry_point, reach)
-        added += 1
-        reach = _reachable(links0, u, reach)
+    if n == 0:
+        return added
+    for _ in range(REPAIR_PASSES):
+        adj = _level0_adjacency(links0)
+        reach = _reachable(links0, entry_point, adjacency=adj)
+        if reach.all():
+            return added
+        added += _link_unreachable(links0, vectors, reach, adj, inner_product)
+    if not _reachable(links0, entry_point).all():
+        warnings.warn("HNSW level-0 repair gave up; some nodes stay unreachable.")
     return added
 
 
@@ -514,11 +606,17 @@ class _Graph:
         upper = np.full((int(levels.sum()), M), -1, dtype=np.int32)
         upper[:self.upper.shape[0]] = self.upper
         ef_c = max(1, min(est.ef_construction, n))
+        width = 2 * M + 1
+        old_links = self.links0[self.links0 >= 0]
+        indeg = np.bincount(old_links, minlength=n).astype(np.int32)
         scratch = dict(
-            visited=np.zeros(n, np.uint32), cand_d=np.empty(n, np.float32),
+            indeg=indeg, last_copies=np.full(n, -1, np.int32), visited=np.zeros(n, np.uint32), cand_d=np.empty(n, np.float32),
             cand_i=np.empty(n, np.int64), res_d=np.empty(ef_c + 1, np.float32),
-            res_i=np.empty(ef_c + 1, np.int64), sd=np.empty(4 * M + 1, np.float32),
-            si=np.empty(4 * M + 1, np.int64), sel=np.empty(8 * M + 2, np.int64),
+            res_i=np.empty(ef_c + 1, np.int64),
+            fsel=np.empty(width, np.int64), fsel_d=np.empty(width, np.float32),
+            sd=np.empty(width, np.float32), si=np.empty(width, np.int64),
+            sel=np.empty(width, np.int64), sel_d=np.empty(width, np.float32),
+            kept=np.empty(width, np.uint8),
         )
         stats = np.zeros(1, np.int64)
         ep, top = self.entry_point, self.max_level
@@ -526,9 +624,7 @@ class _Graph:
             stop = min(n, start + BUILD_CHUNK)
             ep, top = _hnsw.hnsw_build(
                 build_vectors, levels, links0, upper, upper_off, start, stop, ep, top,
-                ef_c, est._inner_product, scratch["visited"], scratch["cand_d"],
-                scratch["cand_i"], scratch["res_d"], scratch["res_i"], scratch["sd"],
-                scratch["si"], scratch["sel"], stats,
+                ef_c, est._inner_product, **scratch, stats=stats,
             )
             progress(f"graph: {stop - n_old}/{n_new} nodes inserted "
                      f"({stats[0] / max(1, stop - n_old):.0f} distances per node)")
