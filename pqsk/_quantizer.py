@@ -85,8 +85,10 @@ def train_codebooks(
     """Train one :class:`~sklearn.cluster.KMeans` per sub-space.
 
     The m sub-spaces are independent problems: they are fitted in up to
-    ``n_threads`` Python threads (KMeans releases the GIL), each KMeans
-    limited to its share of the OpenMP threads.
+    ``n_threads`` Python threads (KMeans releases the GIL), each KMeans on
+    one OpenMP thread.  KMeans sums each centre in per-thread partial sums,
+    so its result changes with its thread count; on one thread each, the
+    codebooks do not depend on ``n_threads``.
 
     Returns
     -------
@@ -105,7 +107,7 @@ def train_codebooks(
 
     def fit_one(j):
         # OpenMP thread limits are per thread: set this fit's own.
-        with threadpool_limits(limits=omp_per_fit, user_api="openmp"):
+        with threadpool_limits(limits=1, user_api="openmp"):
             fit_subspace(j)
 
     def fit_subspace(j):
@@ -140,7 +142,6 @@ def train_codebooks(
             )
 
     workers = max(1, min(n_threads, n_subspaces))
-    omp_per_fit = max(1, n_threads // workers)
     if workers == 1:
         for j in range(n_subspaces):
             fit_one(j)
@@ -247,7 +248,11 @@ MINIBATCH_THRESHOLD = 2**28
 
 def train_coarse(X, n_lists, *, max_iter=25, tol=1e-4, random_state=None, n_threads=1):
     """Coarse centroids, (n_lists, D): KMeans, or MiniBatchKMeans past
-    ``MINIBATCH_THRESHOLD`` (see there).  Returns (centroids, n_iter)."""
+    ``MINIBATCH_THRESHOLD`` (see there).  Returns (centroids, n_iter).
+
+    Either runs on one OpenMP thread whatever ``n_threads``: KMeans sums
+    its centres in per-thread partial sums, so more threads would make the
+    centroids depend on the estimator's ``n_jobs``."""
     rng = check_random_state(random_state)
     points, counts = distinct_rows(X)
     if points.shape[0] <= n_lists:
@@ -264,7 +269,7 @@ def train_coarse(X, n_lists, *, max_iter=25, tol=1e-4, random_state=None, n_thre
         km = MiniBatchKMeans(n_clusters=n_lists, init="random", n_init=1,
                              batch_size=max(1024, 16 * n_lists), max_iter=max_iter,
                              tol=tol, random_state=rng)
-    with threadpool_limits(limits=n_threads, user_api="openmp"):
+    with threadpool_limits(limits=1, user_api="openmp"):
         km.fit(points, sample_weight=weights)
     return np.ascontiguousarray(km.cluster_centers_, dtype=X.dtype), km.n_iter_
 
