@@ -221,7 +221,7 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
                  f"{coarse_train.shape[0]} rows")
         centroids, _ = _quantizer.train_coarse(
             coarse_train, n_lists, max_iter=self.coarse_max_iter, tol=self.tol,
-            random_state=rng, n_threads=n_threads,
+            random_state=rng,
         )
         # Residual codebooks: trained on the residuals of (at most
         # 256 * n_codewords of) the training rows.
