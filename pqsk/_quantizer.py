@@ -79,18 +79,18 @@ def training_sample(X, max_train_samples, random_state):
 # 1. KMeans(init, n_init, tol) for ``max_iter - refine_iterations(max_iter)``
 #    iterations on a random subset of FIRST_STAGE_POINTS = 64 rows per
 #    centroid;
-# 2. ``refine_iterations(max_iter) = ceil(max_iter / 5)`` Lloyd iterations on
+# 2. ``refine_iterations(max_iter) = ceil(max_iter / 4)`` Lloyd iterations on
 #    the whole sample, started from those centres (same tol).
 #
 # So max_iter still bounds the Lloyd iterations of a k-means, both stages
 # together.  Stage 2 runs only when the sample has more than
 # 2 * FIRST_STAGE_POINTS rows per centroid and max_iter >= 2; otherwise one
 # KMeans(max_iter) clusters the whole sample.  With the defaults (k=256,
-# 65,536 rows: 20 iterations on 16,384 rows, then 5 on all) a sub-space costs
-# about 11 Lloyd passes over the sample instead of 26, for a reconstruction
-# error ~0.6% above that of 25 iterations on every row (GloVe-50, m=10;
+# 65,536 rows: 18 iterations on 16,384 rows, then 7 on all) a sub-space costs
+# about 13 Lloyd passes over the sample instead of 26, for a reconstruction
+# error ~0.5% above that of 25 iterations on every row (GloVe-50, m=10;
 # ``python -m benchmarks.bench_train``).  To trade time for accuracy, raise
-# max_iter (stage 2 gets a fifth of it); a training sample of at most
+# max_iter (stage 2 gets a quarter of it); a training sample of at most
 # 128 * k rows (max_train_samples <= 128 * k) is clustered in one stage.
 #
 # Results do not depend on n_jobs: KMeans sums each centre in per-thread
@@ -99,7 +99,7 @@ def training_sample(X, max_train_samples, random_state):
 # sub-spaces) side by side.
 
 FIRST_STAGE_POINTS = 64
-REFINE_DIVISOR = 5
+REFINE_DIVISOR = 4
 
 _OPENMP_CONTROLLER = None
 

@@ -57,8 +57,8 @@ def test_pq_training_independent_of_n_jobs(X, n_subspaces):
 
 def _schedule_oracle(A, k, max_iter, random_state, tol=1e-4):
     """The documented two-stage schedule, spelled out with sklearn KMeans:
-    max_iter - ceil(max_iter / 5) iterations on 64 * k random rows, then
-    ceil(max_iter / 5) on every row from those centres."""
+    max_iter - ceil(max_iter / 4) iterations on 64 * k random rows, then
+    ceil(max_iter / 4) on every row from those centres."""
     from sklearn.cluster import KMeans
 
     with threadpool_limits(limits=1, user_api="openmp"):  # as pqsk runs KMeans
@@ -66,7 +66,7 @@ def _schedule_oracle(A, k, max_iter, random_state, tol=1e-4):
 
 
 def _two_stages(KMeans, A, k, max_iter, random_state, tol):
-    n_refine = -(-max_iter // 5)
+    n_refine = -(-max_iter // 4)
     rs = np.random.RandomState(random_state) if np.isscalar(random_state) else random_state
     first = A[np.sort(rs.choice(A.shape[0], size=64 * k, replace=False))]
     km1 = KMeans(k, init="random", n_init=1, max_iter=max_iter - n_refine, tol=tol,
@@ -110,8 +110,8 @@ def test_small_sample_is_one_kmeans():
 
 
 def test_ivfpq_coarse_quantizer_follows_the_schedule(X):
-    # The coarse quantizer uses the same schedule: coarse_max_iter=10 is 8
-    # iterations on 64 rows per list, then 2 on the training sample (here
+    # The coarse quantizer uses the same schedule: coarse_max_iter=10 is 7
+    # iterations on 64 rows per list, then 3 on the training sample (here
     # all 4000 rows: fewer than 256 per list).
     nn = IVFPQNeighbors(n_lists=16, n_subspaces=4, n_codewords=32, random_state=0).fit(X)
     centres, _ = _schedule_oracle(X, 16, 10, np.random.RandomState(0))
