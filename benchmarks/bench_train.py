@@ -208,6 +208,7 @@ def main(argv=None):
         sys.exit("bench_train: faiss is not installed; run pip install faiss-cpu")
 
     t0 = time.perf_counter()
+    load_before = os.getloadavg()[0]
     log("loading GloVe")
     train, base, _ = load_glove(args.quick, 0)
     res = {"pqsk": [], "faiss": [], "previous": []}
@@ -255,7 +256,9 @@ def main(argv=None):
             f"`IndexIVFPQ(IndexFlatL2, {train.shape[1]}, {N_LISTS}, {M}, 8)` `train` + `add` "
             f"of the same rows (its train alone: {b['train_wall_s']:.2f} s wall, "
             f"{b['train_cpu_s']:.2f} s CPU).")
-    notes.append(f"Total benchmark wall time: {time.perf_counter() - t0:.0f} s.")
+    notes.append(f"Total benchmark wall time: {time.perf_counter() - t0:.0f} s; 1-minute load "
+                 f"average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on "
+                 f"{os.cpu_count()} logical CPUs (other processes slow the wall times).")
     cfg = {"quick": args.quick, "repeats": args.repeats, "n_train": len(train),
            "n_base": len(base), "notes": notes,
            "command": ("python -m benchmarks.bench_train "
