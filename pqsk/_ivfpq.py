@@ -61,7 +61,9 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
     coarse_max_iter : int, default=10
         Lloyd iterations of the coarse k-means.  Cells need not be optimal,
         only balanced and compact: 10 (as faiss) is enough, and each
-        iteration over ``n_lists`` centroids is expensive.
+        iteration over ``n_lists`` centroids is expensive.  Split in two
+        stages like ``max_iter`` (see :class:`PQTransformer`) when the
+        coarse training sample has more than 128 rows per list.
     max_train_samples : int, "auto" or None, default="auto"
         Rows drawn from X to train on; ``"auto"`` means ``256 * n_lists``,
         None every row.  Within that sample each k-means sees at most 256
@@ -70,7 +72,9 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
     n_jobs : int, default=None
         Threads for training, encoding and search (parallel over queries,
         GIL released).  None uses every thread OpenMP allows (threadpoolctl
-        limits apply).
+        limits apply).  Every KMeans runs on one thread (the residual
+        codebooks' sub-spaces side by side), so the fitted index does not
+        depend on ``n_jobs``.
     random_state : int, RandomState instance or None, default=None
     verbose : int, default=0
         Progress messages on stderr.
@@ -230,7 +234,7 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
                  f"{coarse_train.shape[0]} rows")
         centroids, _ = _quantizer.train_coarse(
             coarse_train, n_lists, max_iter=self.coarse_max_iter, tol=self.tol,
-            random_state=rng, n_threads=n_threads,
+            random_state=rng,
         )
         # Residual codebooks: trained on the residuals of (at most
         # 256 * n_codewords of) the training rows.
