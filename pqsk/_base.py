@@ -21,7 +21,7 @@ from sklearn.base import (
     _fit_context,
 )
 from sklearn.preprocessing import normalize
-from sklearn.utils import check_random_state
+from sklearn.utils import assert_all_finite, check_random_state
 from sklearn.utils._param_validation import (
     Interval,
     StrOptions,
@@ -31,6 +31,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import _quantizer
 from ._persist import check_int_array, require
+from ._store import CHUNK_BYTES, CHUNK_ROWS, FitRows, RowStore, chunk_slices, rows_per_chunk
 from ._utils import (
     Progress,
     effective_n_threads,
@@ -376,9 +377,58 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         lo, hi = X.min(), X.max()
         return (lo, hi) if np.isfinite(lo) and np.isfinite(hi) else None
 
+    def _validate_rows(self, X, reset):
+        """Validate ``fit`` (``reset=True``) or ``partial_fit`` input without
+        copying it: a :class:`~pqsk._store.FitRows` that hands out its rows
+        chunk by chunk, in the fitted dtype, normalised for cosine.
+
+        A 2-D float or integer ndarray (a memmap included) is checked chunk
+        by chunk: its first chunk through scikit-learn's ``validate_data``
+        (the ``n_features_in_`` / feature-names contract and its errors),
+        then every chunk for NaN / infinity and for the overflow range
+        (``check_range``), in the dtype it will be computed in.  Any other
+        array-like (lists, DataFrames...) goes through ``validate_data``
+        whole, which converts it to one array first.
+        """
+        if not (isinstance(X, np.ndarray) and X.ndim == 2 and X.shape[1] > 0
+                and X.dtype.kind in "fiu" and X.dtype.itemsize <= 8):
+            X = validate_data(self, X, dtype=FLOAT_DTYPES, order="C", reset=reset)
+            dtype = X.dtype if reset else self._fit_dtype_
+            X = np.ascontiguousarray(X, dtype=dtype)
+            check_range(X, dtype=self._kernel_dtype)
+            return FitRows(X, dtype, self._unit_norm(reset))
+        # The head gives validate_data's errors (too few rows, wrong width,
+        # feature names, NaN in the head) exactly as for a whole array.
+        head_rows = rows_per_chunk(X.shape[1] * 8)
+        head = validate_data(self, X[:head_rows], dtype=FLOAT_DTYPES, order="C",
+                             reset=reset)
+        dtype = head.dtype if reset else self._fit_dtype_
+        bound = range_bound(X.shape[1], np.dtype(self._kernel_dtype or dtype))
+        lo = hi = 0.0
+        for sl in chunk_slices(X.shape[0], rows_per_chunk(X.shape[1] * X.dtype.itemsize)):
+            chunk = np.asarray(X[sl], dtype=dtype)  # a view when already of dtype
+            c_lo, c_hi = float(chunk.min()), float(chunk.max())
+            if not (np.isfinite(c_lo) and np.isfinite(c_hi)):
+                assert_all_finite(chunk, estimator_name=type(self).__name__,
+                                  input_name="X")
+            lo, hi = min(lo, c_lo), max(hi, c_hi)
+            if max(hi, -lo) > bound:
+                break
+        check_range(np.zeros((1, X.shape[1]), dtype), extremes=(lo, hi),
+                    dtype=self._kernel_dtype)
+        return FitRows(X, dtype, self._unit_norm(reset))
+
+    def _unit_norm(self, reset):
+        metric = self.metric if reset else self.effective_metric_
+        return metric == "cosine"
+
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
         """Train the quantizers on X and index every row of X.
+
+        X is read chunk by chunk (see the memory model in the class
+        docstring): a ``np.memmap`` or ``np.load(..., mmap_mode="r")`` array
+        is never copied whole.
 
         Parameters
         ----------
@@ -393,17 +443,17 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """
         # A failed fit leaves a fitted index as it was (restore_on_error).
         with index_lock(self).write(), restore_on_error(self):
-            X = check_range(validate_data(self, X, dtype=FLOAT_DTYPES, order="C"),
-                            dtype=self._kernel_dtype)
+            rows = self._validate_rows(X, reset=True)
             progress = Progress(self.verbose, type(self).__name__)
-            self._fit_dtype_ = X.dtype
+            self._fit_dtype_ = rows.dtype
             self.effective_metric_ = self.metric
             self.n_samples_fit_ = 0
             self.n_removed_ = 0
             self.removed_ = None
             # Raw vectors are kept, for good, when fitted with re-ranking.
-            self.vectors_ = X[:0].copy() if self.refine_factor > 0 else None
-            self._fit_index(self._prepare(X), progress)
+            self.vectors_ = (RowStore.empty(rows.shape[1], rows.dtype)
+                             if self.refine_factor > 0 else None)
+            self._fit_index(rows, progress)
         _CHECKED_PARAMS.pop(self, None)
         return self
 
@@ -412,7 +462,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
 
         New rows get ids ``n_samples_fit_``, ``n_samples_fit_ + 1``, ...
         An unfitted estimator is fitted on X instead.  On error the index
-        is left unchanged.
+        is left unchanged.  X is read chunk by chunk, as in ``fit``.
 
         Parameters
         ----------
@@ -429,8 +479,8 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         self._check_params_at_call()
         n_threads = effective_n_threads(self.n_jobs)
         with index_lock(self).write(), restore_on_error(self), openmp_region(n_threads):
-            X = self._validate_queries(X)
-            self._add_rows(X, n_threads, Progress(self.verbose, type(self).__name__))
+            rows = self._validate_rows(X, reset=False)
+            self._add_rows(rows, n_threads, Progress(self.verbose, type(self).__name__))
         return self
 
     def _check_loaded_state(self):
@@ -450,6 +500,9 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             require(self.removed_.shape == (n,) and self.removed_.dtype == bool
                     and int(self.removed_.sum()) == self.n_removed_,
                     "removed_ does not match n_samples_fit_ and n_removed_")
+        if isinstance(self.vectors_, np.ndarray):
+            self.vectors_ = RowStore(self.vectors_.shape[1], self.vectors_.dtype,
+                                     [self.vectors_])
         if self.vectors_ is not None:
             require(self.vectors_.shape == (n, self.n_features_in_)
                     and self.vectors_.dtype == self._fit_dtype_,
@@ -466,16 +519,21 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """Bytes held by the fitted index, by part (dict of ints).
 
         Each array the index holds, plus ``"vectors"`` (raw vectors kept
-        for ``refine_factor > 0``, else 0), ``"total"`` (everything), and
+        in memory for ``refine_factor > 0``, else 0), ``"total"``
+        (everything in memory), ``"vectors_mapped"`` (raw vectors read
+        from a memory-mapped file: a memmap the index was fitted on, or a
+        saved index loaded with ``mmap_mode``; not in ``"total"``), and
         ``"per_vector"``: the bytes per indexed vector of the parts that
         grow with the data (codes, ids, graph links), raw vectors not
         included, so that it compares across estimators.
         """
         check_is_fitted(self)
         growing, fixed = self._memory_parts()
+        store = self.vectors_
         parts = {**growing, **fixed,
-                 "vectors": 0 if self.vectors_ is None else self.vectors_.nbytes}
+                 "vectors": 0 if store is None else store.memory_nbytes}
         parts["total"] = sum(parts.values())
+        parts["vectors_mapped"] = 0 if store is None else store.mapped_nbytes
         parts["per_vector"] = sum(growing.values()) / max(1, self.codes_.shape[0])
         return parts
 
@@ -488,11 +546,13 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         self._n_features_out = n_total
 
     def _grown_vectors(self, X):
-        """The raw vectors with X appended when the index keeps them (it was
-        fitted with ``refine_factor > 0``), else None."""
+        """The raw vectors with the rows of X (a :class:`~pqsk._store.FitRows`)
+        appended when the index keeps them (it was fitted with
+        ``refine_factor > 0``), else None: a new row store sharing the old
+        one's chunks (O(batch), nothing copied)."""
         if self.vectors_ is None:
             return None
-        return np.concatenate([self.vectors_, X])
+        return self.vectors_.appended(X)
 
     @property
     def _n_live(self):
@@ -515,15 +575,19 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """ADC search, then exact re-ranking when ``refine_factor > 0``."""
         dist, ind = self._search(Q, self._n_candidates(n_neighbors), n_threads)
         if self.refine_factor > 0:
+            # Only the candidate rows are read from the row store; stored
+            # rows are raw, so cosine normalises them here.
             return _quantizer.exact_rerank(Q, self.vectors_, ind, n_neighbors,
-                                           self._inner_product)
+                                           self._inner_product,
+                                           unit_norm=self.effective_metric_ == "cosine")
         return dist.astype(self._fit_dtype_, copy=False), ind
 
     def _self_queries(self):
         """Query vectors standing for the indexed points (for X=None): the
-        raw vectors when kept, else the reconstructions."""
+        raw vectors when kept (normalised for cosine), else the
+        reconstructions.  Every row at once: n_samples_fit x n_features."""
         if self.vectors_ is not None:
-            return self.vectors_
+            return self._prepare(np.asarray(self.vectors_))
         return self._reconstruct()
 
     def _finish_distances(self, raw):

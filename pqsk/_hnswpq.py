@@ -15,6 +15,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import _hnsw, _quantizer
 from ._quantizer import scratch
+from ._store import FitRows
 from ._base import BasePQNeighbors, PQParamsMixin, RemovalMixin, _check_n_neighbors
 from ._persist import IndexIOMixin, check_int_array, require
 from ._utils import Progress, effective_n_threads, index_lock
@@ -217,19 +218,26 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
 
     def _node_vectors(self):
         """float vectors of the graph's nodes, in node order: raw when
-        kept, else decoded."""
+        kept (normalised for cosine), else decoded.  All at once (the graph
+        build needs them): n_nodes x n_features."""
         if self.vectors_ is None:
             return _quantizer.decode(self.codes_, self.codebooks_)
-        return self.vectors_ if self.ids_ is None else self.vectors_[self.ids_]
+        ids = np.arange(self.codes_.shape[0]) if self.ids_ is None else self.ids_
+        return FitRows(self.vectors_, self._fit_dtype_,
+                       self.effective_metric_ == "cosine").take(ids)
 
     def _add_rows(self, X, n_threads, progress):
-        codes = _quantizer.encode(X, self.codebooks_, n_threads)
+        codes = _quantizer.encode_rows(X, self.codebooks_, n_threads)
         progress(f"encoded {X.shape[0]} vectors")
         n_nodes, first_id = self.codes_.shape[0], self.n_samples_fit_
         # Old nodes are linked against their raw vectors when kept, else
-        # their decoded ones; the new against their raw vectors.
-        old = self._node_vectors() if n_nodes else X[:0]
-        build_vectors = np.concatenate([old, X]).astype(np.float32, copy=False)
+        # their decoded ones; the new against their raw vectors.  The graph
+        # build needs every node's vector in float32 at once.
+        build_vectors = np.empty((n_nodes + X.shape[0], X.shape[1]), np.float32)
+        if n_nodes:
+            build_vectors[:n_nodes] = self._node_vectors()
+        for sl, chunk in _quantizer.row_chunks(X):
+            build_vectors[n_nodes + sl.start:n_nodes + sl.stop] = chunk
         graph = self._current_graph().extend(self, codes, build_vectors, progress)
         ids = self.ids_
         if ids is not None or first_id != n_nodes:

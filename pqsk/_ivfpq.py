@@ -258,9 +258,9 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
         # Assign, encode and merge into new arrays; attributes are replaced
         # only at the end, so an error leaves the index as it was.
         first_id = self.n_samples_fit_  # ids continue, removed ones included
-        labels = _quantizer.assign(X, self.cluster_centers_)
-        codes = _quantizer.encode_residuals(X, labels, self.cluster_centers_,
-                                            self.codebooks_, n_threads)
+        # X (a FitRows) is read once, chunk by chunk.
+        labels, codes = _quantizer.assign_encode(X, self.cluster_centers_, self.codebooks_,
+                                                 n_threads)
         n_total = first_id + X.shape[0]
         id_dtype = np.int32 if n_total < 2**31 else np.int64
         old_lists = np.repeat(np.arange(self.n_lists_), np.diff(self.list_offsets_))

@@ -58,6 +58,9 @@ def _encode_value(name, value, arrays):
         kind, keys, pos, has_gauss, gauss = value.get_state()
         arrays[name + ".rng_keys"] = keys
         return {"random_state": [kind, int(pos), int(has_gauss), float(gauss)]}
+    if type(value).__name__ == "RowStore":
+        arrays[name] = np.asarray(value)  # TODO: stream the chunks to one file
+        return {"array": name}
     if isinstance(value, np.ndarray):
         if value.dtype.kind == "O":
             if all(isinstance(v, str) for v in value.ravel()):

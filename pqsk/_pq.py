@@ -394,7 +394,7 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         self._add_rows(X, effective_n_threads(self.n_jobs), progress)
 
     def _add_rows(self, X, n_threads, progress):
-        codes = _quantizer.encode(X, self.codebooks_, n_threads)
+        codes = _quantizer.encode_rows(X, self.codebooks_, n_threads)
         vectors = self._grown_vectors(X)
         self.codes_ = np.concatenate([self.codes_, codes])
         self.vectors_ = vectors

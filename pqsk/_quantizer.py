@@ -20,7 +20,10 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.utils import check_random_state
 from threadpoolctl import ThreadpoolController
 
+from sklearn.preprocessing import normalize
+
 from . import _adc, _encode, _ivf
+from ._store import rows_per_chunk
 
 MAX_CODEWORDS = 65536
 
@@ -61,12 +64,31 @@ def check_codewords(n_codewords, n_samples):
 
 
 def training_sample(X, max_train_samples, random_state):
-    """At most ``max_train_samples`` rows of X, drawn without replacement."""
+    """At most ``max_train_samples`` rows of X, drawn without replacement,
+    as an array.
+
+    X is an array or a :class:`~pqsk._store.FitRows`; the sample is
+    gathered at sorted row numbers, so a memmap is read in file order and
+    only the sampled rows are read.  The sample is the one array of
+    training data held in memory (``max_train_samples x n_features``).
+    """
     n = X.shape[0]
     if max_train_samples is None or n <= max_train_samples:
-        return X
+        return np.asarray(X)
     rows = np.sort(random_state.choice(n, size=max_train_samples, replace=False))
     return X[rows]
+
+
+def row_chunks(X):
+    """(slice, C-contiguous rows) pairs covering the rows of X in order: a
+    :class:`~pqsk._store.FitRows` hands out its prepared chunks, an array
+    is cut into chunks of ``rows_per_chunk`` rows."""
+    if hasattr(X, "chunks"):
+        yield from X.chunks()
+        return
+    step = rows_per_chunk(X.shape[1] * X.dtype.itemsize)
+    for sl in _chunks(X.shape[0], step):
+        yield sl, np.ascontiguousarray(X[sl])
 
 
 # --- k-means training -------------------------------------------------------
@@ -265,6 +287,16 @@ def _transposed(codebooks):
     return np.ascontiguousarray(codebooks.transpose(0, 2, 1))
 
 
+def encode_rows(X, codebooks, n_threads=1):
+    """PQ codes of the rows of X, an array or a :class:`~pqsk._store.FitRows`,
+    encoded chunk by chunk (see :func:`row_chunks`)."""
+    m, k, _ = codebooks.shape
+    codes = np.empty((X.shape[0], m), dtype=code_dtype(k))
+    for sl, chunk in row_chunks(X):
+        codes[sl] = encode(chunk, codebooks, n_threads)
+    return codes
+
+
 def encode(X, codebooks, n_threads=1):
     """PQ codes of the rows of X: (n, m) array of ``code_dtype(k)``."""
     m, k, _ = codebooks.shape
@@ -388,9 +420,35 @@ def encode_residuals(X, labels, centroids, codebooks, n_threads=1):
     """PQ codes of ``X - centroids[labels]``, computed chunk by chunk."""
     m, k, _ = codebooks.shape
     codes = np.empty((X.shape[0], m), dtype=code_dtype(k))
-    for sl in _chunks(X.shape[0], 65536):
-        codes[sl] = encode(X[sl] - centroids[labels[sl]], codebooks, n_threads)
+    for sl, chunk in row_chunks(X):
+        codes[sl] = encode(chunk - centroids[labels[sl]], codebooks, n_threads)
     return codes
+
+
+def assign_encode(X, centroids, codebooks, n_threads=1):
+    """Coarse list and residual PQ code of each row of X, in one pass.
+
+    X is an array or a :class:`~pqsk._store.FitRows` (a memmap's rows are
+    read once, chunk by chunk).  Per chunk: the nearest centroid of each
+    row (:func:`assign`), then the PQ codes of the residuals.  Working
+    memory: a few chunks, whatever the number of rows.
+
+    Returns
+    -------
+    labels : ndarray of shape (n,), int32
+        Index of each row's L2-nearest centroid (its list).
+    codes : ndarray of shape (n, m), ``code_dtype(k)``
+        PQ codes of ``row - centroids[label]``.
+    """
+    m, k, _ = codebooks.shape
+    n = X.shape[0]
+    labels = np.empty(n, dtype=np.int32 if centroids.shape[0] < 2**31 else np.int64)
+    codes = np.empty((n, m), dtype=code_dtype(k))
+    for sl, chunk in row_chunks(X):
+        lab = assign(chunk, centroids)
+        labels[sl] = lab
+        codes[sl] = encode(chunk - centroids[lab], codebooks, n_threads)
+    return labels, codes
 
 
 def list_terms(centroids, codebooks):
@@ -428,20 +486,26 @@ def ivf_search(Q, coarse, codebooks, terms, codes, ids, offsets, n_neighbors,
     return dist, idx
 
 
-def exact_rerank(Q, vectors, cand, n_neighbors, inner_product=False):
+def exact_rerank(Q, vectors, cand, n_neighbors, inner_product=False, unit_norm=False):
     """Re-rank candidate ids by exact distance to the raw ``vectors``.
 
+    ``vectors`` is an array or a :class:`~pqsk._store.RowStore`; only the
+    candidate rows are read, a chunk of queries at a time.  With
+    ``unit_norm`` (cosine) the gathered rows are normalised first.
     ``cand`` is (nq, n_cand) int64; ids >= len(vectors) (empty slots) sort
     last.  Returns (dist, idx) of shape (nq, n_neighbors), rows sorted by
     (exact distance, id); distances are squared L2 or minus the inner
     product, in the dtype of ``vectors``.
     """
     nq, n_cand = cand.shape
+    d = vectors.shape[1]
     valid = cand < vectors.shape[0]
     safe = np.where(valid, cand, 0)
     dist = np.empty((nq, n_cand), dtype=vectors.dtype)
-    for sl in _chunks(nq, chunk_rows(n_cand * vectors.shape[1])):
-        V = vectors[safe[sl]]                      # (rows, n_cand, D)
+    for sl in _chunks(nq, chunk_rows(n_cand * d)):
+        V = vectors[safe[sl]]                      # (rows, n_cand, D), a copy
+        if unit_norm:
+            V = normalize(V.reshape(-1, d), copy=False).reshape(V.shape)
         if inner_product:
             dist[sl] = -np.einsum("qcd,qd->qc", V, Q[sl])
         else:
