@@ -82,9 +82,12 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
     Notes
     -----
     The coarse quantizer is :class:`~sklearn.cluster.KMeans` (random
-    initialisation, ``coarse_max_iter`` iterations) while ``n_train * n_lists <=
-    2**28``; beyond that, one Lloyd pass costs seconds and
-    :class:`~sklearn.cluster.MiniBatchKMeans` is used.  Vectors are
+    initialisation, ``coarse_max_iter`` iterations in two stages) while
+    ``n_train * n_lists <= 2**28``; beyond that, one Lloyd pass costs
+    seconds: the first stage runs KMeans on ``64 * n_lists`` rows, and the
+    last ``ceil(coarse_max_iter / 4)`` Lloyd passes stream over the whole
+    training sample, ``n_jobs`` threads side by side (the centroids still
+    do not depend on ``n_jobs``).  Vectors are
     assigned to cells by L2 distance for every metric; cells are ranked at
     query time by ``||q - c||`` (every metric but "dot") or ``<q, c>`` ("dot").
 
@@ -216,30 +219,36 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
             cap = POINTS_PER_LIST * n_lists
         else:
             cap = n if self.max_train_samples is None else self.max_train_samples
-        train = _quantizer.training_sample(X, cap, rng)
-        if train.shape[0] < n_lists:
+        # The training sample is a set of row numbers: only the rows each
+        # k-means needs are gathered (at sorted positions, so a memmap is
+        # read in file order), never the whole sample unless it is small.
+        train_rows = _quantizer.sample_rows(n, cap, rng)
+        n_train = n if train_rows is None else train_rows.shape[0]
+        if n_train < n_lists:
             raise ValueError(
                 f"n_lists={n_lists} needs at least {n_lists} training samples, got "
-                f"n_samples={train.shape[0]}; use fewer lists or more data."
+                f"n_samples={n_train}; use fewer lists or more data."
             )
-        if train.shape[0] < MIN_POINTS_PER_LIST * n_lists:
+        if n_train < MIN_POINTS_PER_LIST * n_lists:
             warnings.warn(
-                f"{train.shape[0]} training samples for n_lists={n_lists} is fewer "
+                f"{n_train} training samples for n_lists={n_lists} is fewer "
                 f"than {MIN_POINTS_PER_LIST} per list; the coarse quantizer will be "
                 f"poor (256 per list is comfortable). Use fewer lists or more data.",
                 UserWarning,
             )
-        coarse_train = _quantizer.training_sample(train, POINTS_PER_LIST * n_lists, rng)
+        coarse_rows = _quantizer.subsample_rows(train_rows, n, POINTS_PER_LIST * n_lists, rng)
         progress(f"training the coarse quantizer: {n_lists} lists on "
-                 f"{coarse_train.shape[0]} rows")
+                 f"{n if coarse_rows is None else coarse_rows.shape[0]} rows")
         centroids, _ = _quantizer.train_coarse(
-            coarse_train, n_lists, max_iter=self.coarse_max_iter, tol=self.tol,
-            random_state=rng,
+            X, n_lists, rows=coarse_rows, max_iter=self.coarse_max_iter, tol=self.tol,
+            random_state=rng, n_threads=n_threads,
         )
         # Residual codebooks: trained on the residuals of (at most
         # 256 * n_codewords of) the training rows.
-        pq_train = _quantizer.training_sample(train, self._max_train_samples(), rng)
+        pq_train = _quantizer.gather_rows(X, _quantizer.subsample_rows(
+            train_rows, n, self._max_train_samples(), rng))
         residuals = pq_train - centroids[_quantizer.assign(pq_train, centroids)]
+        del pq_train
         codebooks = self._fit_codebooks(residuals, progress)
 
         self.cluster_centers_ = centroids

@@ -16,7 +16,7 @@ Layout conventions (as in Jégou et al., 2011):
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from sklearn.cluster import KMeans, MiniBatchKMeans
+from sklearn.cluster import KMeans
 from sklearn.utils import check_random_state
 from threadpoolctl import ThreadpoolController
 
@@ -135,19 +135,31 @@ def one_openmp_thread():
     return _OPENMP_CONTROLLER.limit(limits=1, user_api="openmp")
 
 
+def one_blas_thread():
+    """Context manager: BLAS limited to one thread (process-wide), so that
+    a matrix product's result does not depend on the thread count."""
+    global _OPENMP_CONTROLLER
+    if _OPENMP_CONTROLLER is None:
+        _OPENMP_CONTROLLER = ThreadpoolController()
+    return _OPENMP_CONTROLLER.limit(limits=1, user_api="blas")
+
+
 def refine_iterations(max_iter):
     """Stage-2 Lloyd iterations of a k-means allowed ``max_iter`` in all."""
     return -(-max_iter // REFINE_DIVISOR)
 
 
 def fit_kmeans(X, n_clusters, *, init="random", n_init=1, max_iter=25, tol=1e-4,
-               random_state=None):
+               random_state=None, copy=True):
     """Centroids of the rows of X by the KMeans schedule described above.
 
     KMeans runs on distinct rows weighted by their counts (the same
     objective, but initial centres are never duplicates); when X has at
     most ``n_clusters`` distinct rows they are the centroids (exact), the
     rest padded with the first.  The caller limits OpenMP to one thread.
+    KMeans centres its input in place (and restores it) when that input is
+    an array made here, or X itself with ``copy=False`` (only for an X the
+    caller owns): no copy of the sample.
 
     Returns
     -------
@@ -179,7 +191,8 @@ def fit_kmeans(X, n_clusters, *, init="random", n_init=1, max_iter=25, tol=1e-4,
         centroids[points.shape[0]:] = points[0]  # unused padding
         return centroids, 0, points.shape[0]
     km = KMeans(n_clusters=n_clusters, init=init, n_init=n_init,
-                max_iter=max_iter - n_refine, tol=tol, random_state=rng)
+                max_iter=max_iter - n_refine, tol=tol, random_state=rng,
+                copy_x=copy and np.may_share_memory(points, X))
     km.fit(points, sample_weight=None if counts is None else counts.astype(X.dtype))
     n_iter = km.n_iter_
     if two_stage:
@@ -261,16 +274,22 @@ def distinct_rows(A):
     slower, ``np.unique(axis=0)`` run.
     """
     A = np.ascontiguousarray(A)
+    h = row_hashes(A)
+    h.sort()  # np.unique(h) costs ~50x this sort plus comparison (numpy 2.4)
+    if not np.any(h[1:] == h[:-1]):
+        return A, None
+    return np.unique(A, axis=0, return_counts=True)
+
+
+def row_hashes(A):
+    """A 64-bit hash of the bytes of each row of the C-contiguous array A."""
     words = A.view(np.uint8).reshape(A.shape[0], -1)
     words = words.view(np.uint32) if words.shape[1] % 4 == 0 else words
     h = np.zeros(A.shape[0], dtype=np.uint64)
     with np.errstate(over="ignore"):
         for col in words.T:
             h = h * np.uint64(0x9E3779B97F4A7C15) + col.astype(np.uint64)
-    h.sort()  # np.unique(h) costs ~50x this sort plus comparison (numpy 2.4)
-    if not np.any(h[1:] == h[:-1]):
-        return A, None
-    return np.unique(A, axis=0, return_counts=True)
+    return h
 
 
 def scratch(n_threads, width, dtype):
@@ -353,34 +372,156 @@ def adc_search(Q, codebooks, codes, n_neighbors, inner_product=False, n_threads=
 
 # --- inverted file: coarse quantizer and lists ---------------------------------
 
-# KMeans runs while n_train * n_lists stays below this; beyond it the coarse
-# quantizer is trained with MiniBatchKMeans (one Lloyd pass would cost more
-# than ~2**28 distance evaluations, a second or more per iteration).
-MINIBATCH_THRESHOLD = 2**28
+# KMeans runs on the coarse training sample while n_train * n_lists stays
+# below this; beyond it (one Lloyd pass costs more than ~2**28 distance
+# evaluations, a second or more) the coarse quantizer is trained by
+# ``train_coarse_streamed``, which never holds the whole sample.
+STREAMED_THRESHOLD = 2**28
+# Sample rows per task of a streamed Lloyd pass.
+STREAM_TASK_ROWS = 16384
 
 
-def train_coarse(X, n_lists, *, max_iter=25, tol=1e-4, random_state=None):
+def sample_rows(n, max_samples, random_state):
+    """Sorted numbers of at most ``max_samples`` of ``n`` rows drawn without
+    replacement, or None when every row is taken (``n <= max_samples``)."""
+    if max_samples is None or n <= max_samples:
+        return None
+    return np.sort(random_state.choice(n, size=max_samples, replace=False))
+
+
+def subsample_rows(rows, n, max_samples, random_state):
+    """At most ``max_samples`` of the row numbers ``rows`` (None: all ``n``
+    rows), drawn as :func:`training_sample` draws from a sample."""
+    sub = sample_rows(n if rows is None else len(rows), max_samples, random_state)
+    if sub is None:
+        return rows
+    return sub if rows is None else rows[sub]
+
+
+def gather_rows(X, rows):
+    """``X[rows]`` as an array (every row when ``rows`` is None)."""
+    return np.asarray(X) if rows is None else X[rows]
+
+
+def train_coarse(X, n_lists, *, rows=None, max_iter=25, tol=1e-4, random_state=None,
+                 n_threads=1):
     """Coarse centroids, (n_lists, D), and the Lloyd iterations run.
 
-    :func:`fit_kmeans` (random init, the two-stage schedule), or, past
-    ``MINIBATCH_THRESHOLD`` (see there), MiniBatchKMeans on every row.
-    Either runs on one OpenMP thread, so the centroids do not depend on the
-    estimator's ``n_jobs``.
+    The training sample is ``X[rows]`` (every row of X when ``rows`` is
+    None); X is an array or a :class:`~pqsk._store.FitRows`.  Up to
+    ``STREAMED_THRESHOLD`` (see there) :func:`fit_kmeans` (random init,
+    the two-stage schedule) clusters the sample in memory; beyond it
+    :func:`train_coarse_streamed` follows the same schedule with the
+    second stage streamed.  The centroids do not depend on ``n_threads``.
     """
     rng = check_random_state(random_state)
+    n_train = X.shape[0] if rows is None else len(rows)
+    if n_train * n_lists <= STREAMED_THRESHOLD:
+        with one_openmp_thread():
+            centroids, n_iter, _ = fit_kmeans(gather_rows(X, rows), n_lists,
+                                              max_iter=max_iter, tol=tol, random_state=rng)
+        return centroids, n_iter
+    return train_coarse_streamed(X, rows, n_lists, max_iter=max_iter, tol=tol,
+                                 random_state=rng, n_threads=n_threads)
+
+
+def train_coarse_streamed(X, rows, n_lists, *, max_iter=25, tol=1e-4, random_state=None,
+                          n_threads=1):
+    """The two-stage k-means of :func:`fit_kmeans` on ``X[rows]``, without
+    holding that sample in memory.
+
+    1. KMeans (random init, ``max_iter - ceil(max_iter / 4)`` iterations,
+       one thread) on ``FIRST_STAGE_POINTS * n_lists`` rows of the sample,
+       gathered;
+    2. ``ceil(max_iter / 4)`` Lloyd passes over the whole sample, read
+       ``STREAM_TASK_ROWS`` rows at a time, stopping early when the centres
+       move less than ``tol`` times the mean feature variance (as KMeans).
+
+    A first streamed pass hashes the rows (8 bytes each): a sample with at
+    most ``n_lists`` distinct rows gets them as its centroids (exact).
+
+    Each task of a pass (its rows' nearest centres, then their per-centre
+    sums, in float64) runs on one BLAS thread, tasks side by side in
+    ``n_threads`` Python threads, and the sums are added in task order: the
+    centroids do not depend on ``n_threads``.  Memory: the stage-1 rows,
+    plus per thread a task's rows, their distance block and an
+    (n_lists, D) float64 sum.  An empty cluster keeps its centre.
+    """
+    rng = check_random_state(random_state)
+    n_train = X.shape[0] if rows is None else len(rows)
+    d = X.shape[1]
+    tasks = list(_chunks(n_train, STREAM_TASK_ROWS))
+
+    def task_rows(sl):
+        idx = np.arange(sl.start, sl.stop) if rows is None else rows[sl]
+        return np.ascontiguousarray(X[idx])
+
+    # Pass 0: row hashes (degenerate samples) and the feature variance (tol).
+    def stats(sl):
+        A = task_rows(sl)
+        return (row_hashes(A), A.sum(axis=0, dtype=np.float64),
+                np.einsum("ij,ij->j", A, A, dtype=np.float64))
+
+    with one_blas_thread(), ThreadPoolExecutor(max_workers=max(1, n_threads)) as ex:
+        parts = list(ex.map(stats, tasks))
+    hashes = np.sort(np.concatenate([p[0] for p in parts]))
+    if np.any(hashes[1:] == hashes[:-1]):
+        first_of = np.concatenate([[0], np.flatnonzero(hashes[1:] != hashes[:-1]) + 1])
+        if first_of.size <= n_lists:
+            # At most n_lists distinct rows: find one of each, they are exact.
+            wanted = set(hashes[first_of].tolist())
+            pos = []
+            for sl, p in zip(tasks, parts):
+                for i, h in enumerate(p[0].tolist()):
+                    if h in wanted:
+                        wanted.discard(h)
+                        pos.append(sl.start + i)
+            points = gather_rows(X, np.asarray(pos) if rows is None else rows[pos])
+            with one_openmp_thread():
+                return fit_kmeans(np.ascontiguousarray(points), n_lists)[:2]
+    mean = sum(p[1] for p in parts) / n_train
+    variance = sum(p[2] for p in parts) / n_train - mean**2
+    tol_abs = float(np.mean(np.maximum(variance, 0))) * tol
+    del parts, hashes
+
+    n_refine = refine_iterations(max_iter) if max_iter >= 2 else 0
+    first = subsample_rows(rows, X.shape[0] if rows is None else n_train,
+                           FIRST_STAGE_POINTS * n_lists, rng)
+    if rows is None and first is None:
+        first_sample, owned = np.asarray(X), False   # may be the caller's array
+    else:
+        first_sample, owned = X[rows if first is None else first], True
     with one_openmp_thread():
-        if X.shape[0] * n_lists <= MINIBATCH_THRESHOLD:
-            centroids, n_iter, _ = fit_kmeans(X, n_lists, max_iter=max_iter, tol=tol,
-                                             random_state=rng)
-            return centroids, n_iter
-        points, counts = distinct_rows(X)
-        if points.shape[0] <= n_lists:
-            return fit_kmeans(points, n_lists)[:2]  # the distinct points, exact
-        km = MiniBatchKMeans(n_clusters=n_lists, init="random", n_init=1,
-                             batch_size=max(1024, 16 * n_lists), max_iter=max_iter,
-                             tol=tol, random_state=rng)
-        km.fit(points, sample_weight=None if counts is None else counts.astype(X.dtype))
-    return np.ascontiguousarray(km.cluster_centers_, dtype=X.dtype), km.n_iter_
+        centroids, n_iter, _ = fit_kmeans(np.ascontiguousarray(first_sample), n_lists,
+                                          max_iter=max_iter - n_refine, tol=tol,
+                                          random_state=rng, copy=not owned)
+    del first_sample
+
+    def lloyd(sl):
+        A = task_rows(sl)
+        labels = assign(A, centroids)
+        sums = np.empty((n_lists, d), dtype=np.float64)
+        for j in range(d):
+            sums[:, j] = np.bincount(labels, weights=A[:, j], minlength=n_lists)
+        return sums, np.bincount(labels, minlength=n_lists)
+
+    for _ in range(n_refine):
+        sums = np.zeros((n_lists, d), dtype=np.float64)
+        counts = np.zeros(n_lists, dtype=np.int64)
+        with one_blas_thread(), ThreadPoolExecutor(max_workers=max(1, n_threads)) as ex:
+            for start in range(0, len(tasks), max(1, n_threads)):
+                for s, c in ex.map(lloyd, tasks[start:start + max(1, n_threads)]):
+                    sums += s
+                    counts += c
+        new = centroids.copy()
+        full = counts > 0
+        new[full] = sums[full] / counts[full, None]
+        shift = float(((new.astype(np.float64) - centroids) ** 2).sum())
+        centroids = new
+        n_iter += 1
+        if shift <= tol_abs:
+            break
+    return centroids, n_iter
 
 
 def _chunks(n, rows):
