@@ -244,6 +244,36 @@ def _check_n_neighbors(n_neighbors):
 class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """The neighbors contract shared by pqsk's search estimators.
 
+    Memory model of ``fit`` and ``partial_fit`` (out-of-core input): X is
+    read in chunks of at most ``pqsk._store.CHUNK_ROWS`` rows (65,536) and
+    ``CHUNK_BYTES`` bytes (32 MiB), so a ``np.memmap`` or
+    ``np.load(path, mmap_mode="r")`` array is never copied whole:
+    validation (NaN, infinity, the overflow range), conversion to the
+    fitted dtype, cosine normalisation, encoding and (IVF) list assignment
+    all run a chunk at a time.  Peak extra memory is::
+
+        the index + the training sample + a few chunks
+
+    where the index is what ``memory_usage_["total"]`` reports at the end
+    (codes, ids, lists or graph, raw vectors held in memory), the training
+    sample the rows a k-means holds at once (at most
+    ``max_train_samples``; see each estimator), and a chunk's working set
+    a few times ``CHUNK_BYTES``.  Other array-likes (lists, DataFrames)
+    are converted to one array first, as scikit-learn does.  Exceptions:
+    :class:`HNSWPQNeighbors` builds its graph from every node's vector in
+    float32 at once (``n_samples * n_features * 4`` bytes during ``fit``
+    and ``partial_fit``).
+
+    Raw vectors (``refine_factor > 0``) are kept in ``vectors_``, a row
+    store (:class:`pqsk._store.RowStore`, array-like).  Rows given as a
+    file-backed array (a memmap) that is C-contiguous and of the fitted
+    dtype are kept by reference, like the training data of
+    :class:`~sklearn.neighbors.NearestNeighbors`: they stay on disk, and
+    re-ranking reads only the ``refine_factor * n_neighbors`` candidate
+    rows of each query (keep the file unchanged while the index is used).
+    Other rows are copied into memory.  The rows are stored as given, also
+    for ``metric="cosine"``: the candidates are normalised at re-rank time.
+
     Thread safety: ``kneighbors`` (and what calls it) may run from many
     threads at once, each releasing the GIL in the kernels.  ``fit``,
     ``partial_fit``, ``remove`` and ``compact`` take the index's exclusive

@@ -110,6 +110,12 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
     the old ones (or the kept raw vectors).  Internally all graph work is
     float32; distances are returned in the fitted dtype.
 
+    Memory: X is validated and encoded chunk by chunk (see
+    :class:`BasePQNeighbors`), but the graph build needs the float32
+    vector of every node at once: ``fit`` and ``partial_fit`` hold
+    ``n_samples_fit * n_features * 4`` bytes while they link nodes (the
+    decoded or kept raw vectors of the old nodes, and the new rows).
+
     Attributes
     ----------
     codebooks_ : ndarray of shape (n_subspaces, n_codewords, ds)
@@ -126,8 +132,9 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
     entry_point_ : int
         A node of the top level, where every search starts.
     max_level_ : int
-    vectors_ : ndarray of shape (n_samples_fit, n_features) or None
-        Kept only when ``refine_factor > 0``.
+    vectors_ : RowStore of shape (n_samples_fit, n_features) or None
+        Raw vectors (as given, also for cosine), kept only when
+        ``refine_factor > 0``; memmap input is kept by reference.
     n_samples_fit_ : int
     n_iter_ : int
     n_features_in_ : int

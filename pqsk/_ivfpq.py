@@ -53,9 +53,10 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
         As in :class:`PQNeighbors`.
     refine_factor : int, default=0
         If positive, the raw vectors are kept too (``4 * n_features`` more
-        bytes per vector in float32); ``refine_factor * n_neighbors``
-        candidates are fetched by ADC and re-ranked by exact distance, so
-        the returned distances are exact.  0 keeps only codes.
+        bytes per vector in float32, in memory, or on disk when X is a
+        memmap: see Notes); ``refine_factor * n_neighbors`` candidates are
+        fetched by ADC and re-ranked by exact distance, so the returned
+        distances are exact.  0 keeps only codes.
     mode : {"distance", "connectivity"}, default="distance"
         What ``transform`` stores in the graph.
     coarse_max_iter : int, default=10
@@ -91,6 +92,23 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
     assigned to cells by L2 distance for every metric; cells are ranked at
     query time by ``||q - c||`` (every metric but "dot") or ``<q, c>`` ("dot").
 
+    Memory: ``fit`` and ``partial_fit`` read X (a ``np.memmap`` or
+    ``np.load(path, mmap_mode="r")`` array included) chunk by chunk (see
+    :class:`BasePQNeighbors` and ``pqsk._store.CHUNK_ROWS``).  Peak extra
+    memory during ``fit`` is the index + the training sample + a few
+    chunks (each at most 65,536 rows and 32 MiB).  The index: ``m + 4``
+    bytes per vector (codes and int32 ids), the centroids, and the
+    precomputed list terms (``n_lists * m * k`` floats).  The training
+    sample: the coarse k-means holds at most ``256 * n_lists`` rows while
+    ``n_train * n_lists <= 2**28`` and ``64 * n_lists`` beyond (its last
+    passes stream over the sample); the residual codebooks ``256 * k``
+    rows.  Example: 4,000,000 x 96 float32, ``n_lists=4096``, m=12, k=256:
+    index 61 MiB + 48 MiB of list terms, training 96 MiB.  With
+    ``refine_factor > 0``, a C-contiguous memmap of the fitted dtype is
+    kept by reference in ``vectors_`` (nothing copied, re-ranking reads
+    ``refine_factor * n_neighbors`` rows per query from the file); other
+    input is copied into memory.
+
     Attributes
     ----------
     cluster_centers_ : ndarray of shape (n_lists, n_features)
@@ -108,9 +126,11 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
     n_samples_fit_ : int
     n_iter_ : int
         The most KMeans iterations run by any residual codebook.
-    vectors_ : ndarray of shape (n_samples_fit, n_features) or None
-        Raw (for cosine: normalised) vectors, kept only if
-        ``refine_factor > 0``.
+    vectors_ : RowStore of shape (n_samples_fit, n_features) or None
+        Raw vectors (as given, also for cosine), kept only if
+        ``refine_factor > 0``: an array-like (``np.asarray(vectors_)``,
+        ``vectors_[ids]``) whose chunks are in memory or, for memmap input,
+        the caller's file.
     n_features_in_ : int
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
 

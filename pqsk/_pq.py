@@ -313,9 +313,10 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
     ----------
     codebooks_ : ndarray of shape (n_subspaces, n_codewords, ds)
     codes_ : ndarray of shape (n_samples_fit, n_subspaces), uint8 or uint16
-    vectors_ : ndarray of shape (n_samples_fit, n_features) or None
-        Raw (for cosine: normalised) vectors, kept only if
-        ``refine_factor > 0``.
+    vectors_ : RowStore of shape (n_samples_fit, n_features) or None
+        Raw vectors (as given, also for cosine), kept only if
+        ``refine_factor > 0``: an array-like (``np.asarray(vectors_)``,
+        ``vectors_[ids]``); memmap input is kept by reference.
     n_iter_ : int
         The most KMeans iterations run in any sub-space.
     n_samples_fit_ : int
