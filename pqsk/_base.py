@@ -37,6 +37,7 @@ from ._utils import (
     effective_n_threads,
     index_lock,
     openmp_region,
+    release_memory,
     restore_on_error,
 )
 
@@ -180,6 +181,7 @@ class PQParamsMixin:
         )
         self.n_iter_ = int(n_iter.max())
         progress(f"codebooks trained (at most {self.n_iter_} KMeans iterations)")
+        release_memory()  # training's temporaries, before the index is built
         return codebooks
 
 
@@ -436,13 +438,18 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         bound = range_bound(X.shape[1], np.dtype(self._kernel_dtype or dtype))
         lo = hi = 0.0
         for sl in chunk_slices(X.shape[0], rows_per_chunk(X.shape[1] * X.dtype.itemsize)):
-            chunk = np.asarray(X[sl], dtype=dtype)  # a view when already of dtype
-            c_lo, c_hi = float(chunk.min()), float(chunk.max())
+            raw = X[sl]
+            c_lo, c_hi = raw.min(), raw.max()
             if not (np.isfinite(c_lo) and np.isfinite(c_hi)):
-                assert_all_finite(chunk, estimator_name=type(self).__name__,
-                                  input_name="X")
-            lo, hi = min(lo, c_lo), max(hi, c_hi)
-            if max(hi, -lo) > bound:
+                assert_all_finite(raw, estimator_name=type(self).__name__, input_name="X")
+            if raw.dtype != dtype:
+                # The range is checked in the dtype the index computes in:
+                # float64 beyond float32's range becomes inf only here.
+                with np.errstate(over="ignore"):
+                    chunk = np.asarray(raw, dtype=dtype)
+                c_lo, c_hi = chunk.min(), chunk.max()
+            lo, hi = min(lo, float(c_lo)), max(hi, float(c_hi))
+            if not max(hi, -lo) <= bound:
                 break
         check_range(np.zeros((1, X.shape[1]), dtype), extremes=(lo, hi),
                     dtype=self._kernel_dtype)
@@ -485,6 +492,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                              if self.refine_factor > 0 else None)
             self._fit_index(rows, progress)
         _CHECKED_PARAMS.pop(self, None)
+        release_memory()
         return self
 
     def partial_fit(self, X, y=None):
@@ -511,6 +519,8 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         with index_lock(self).write(), restore_on_error(self), openmp_region(n_threads):
             rows = self._validate_rows(X, reset=False)
             self._add_rows(rows, n_threads, Progress(self.verbose, type(self).__name__))
+        if rows.shape[0] > rows.chunk_rows():
+            release_memory()  # after a chunked pass; not after every small batch
         return self
 
     def _check_loaded_state(self):

@@ -24,6 +24,7 @@ from sklearn.preprocessing import normalize
 
 from . import _adc, _encode, _ivf
 from ._store import rows_per_chunk
+from ._utils import release_memory
 
 MAX_CODEWORDS = 65536
 
@@ -496,6 +497,7 @@ def train_coarse_streamed(X, rows, n_lists, *, max_iter=25, tol=1e-4, random_sta
                                           max_iter=max_iter - n_refine, tol=tol,
                                           random_state=rng, copy=not owned)
     del first_sample
+    release_memory()  # stage 1's sample and KMeans buffers
 
     def lloyd(sl):
         A = task_rows(sl)

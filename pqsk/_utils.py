@@ -1,5 +1,6 @@
 """Small helpers shared by the estimators: threads and progress messages."""
 
+import ctypes
 import os
 import sys
 import threading
@@ -157,3 +158,26 @@ def openmp_region(n_threads):
         _CONTROLLER = ThreadpoolController()
     with _CONTROLLER.limit(limits=1, user_api="blas"):
         yield
+
+
+_MALLOC_TRIM = None
+
+
+def release_memory():
+    """Give the heap memory freed so far back to the operating system.
+
+    glibc keeps freed blocks of up to 32 MiB (its adaptive mmap threshold)
+    in its heaps, per thread, rather than returning them: after a phase of
+    chunk-sized temporaries (training, a chunked pass), tens of MiB stay
+    resident and add to the next phase's peak.  ``fit`` calls this between
+    its phases so that its peak is the index + one phase's working set
+    (``malloc_trim(0)``; a no-op where the C library has no such call).
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
