@@ -24,7 +24,6 @@ from sklearn.preprocessing import normalize
 
 from . import _adc, _encode, _ivf
 from ._store import rows_per_chunk
-from ._utils import release_memory
 
 MAX_CODEWORDS = 65536
 
@@ -151,7 +150,7 @@ def refine_iterations(max_iter):
 
 
 def fit_kmeans(X, n_clusters, *, init="random", n_init=1, max_iter=25, tol=1e-4,
-               random_state=None, copy=True):
+               random_state=None):
     """Centroids of the rows of X by the KMeans schedule described above.
 
     KMeans runs on distinct rows weighted by their counts (the same
@@ -159,8 +158,7 @@ def fit_kmeans(X, n_clusters, *, init="random", n_init=1, max_iter=25, tol=1e-4,
     most ``n_clusters`` distinct rows they are the centroids (exact), the
     rest padded with the first.  The caller limits OpenMP to one thread.
     KMeans centres its input in place (and restores it) when that input is
-    an array made here, or X itself with ``copy=False`` (only for an X the
-    caller owns): no copy of the sample.
+    an array made here (not X): no second copy of the sample.
 
     Returns
     -------
@@ -193,7 +191,7 @@ def fit_kmeans(X, n_clusters, *, init="random", n_init=1, max_iter=25, tol=1e-4,
         return centroids, 0, points.shape[0]
     km = KMeans(n_clusters=n_clusters, init=init, n_init=n_init,
                 max_iter=max_iter - n_refine, tol=tol, random_state=rng,
-                copy_x=copy and np.may_share_memory(points, X))
+                copy_x=np.may_share_memory(points, X))
     km.fit(points, sample_weight=None if counts is None else counts.astype(X.dtype))
     n_iter = km.n_iter_
     if two_stage:
@@ -428,102 +426,134 @@ def train_coarse(X, n_lists, *, rows=None, max_iter=25, tol=1e-4, random_state=N
 
 def train_coarse_streamed(X, rows, n_lists, *, max_iter=25, tol=1e-4, random_state=None,
                           n_threads=1):
-    """The two-stage k-means of :func:`fit_kmeans` on ``X[rows]``, without
-    holding that sample in memory.
+    """The two-stage k-means of :func:`fit_kmeans` on ``X[rows]`` (every
+    row of X when ``rows`` is None), without holding that sample.
 
-    1. KMeans (random init, ``max_iter - ceil(max_iter / 4)`` iterations,
-       one thread) on ``FIRST_STAGE_POINTS * n_lists`` rows of the sample,
-       gathered;
-    2. ``ceil(max_iter / 4)`` Lloyd passes over the whole sample, read
-       ``STREAM_TASK_ROWS`` rows at a time, stopping early when the centres
-       move less than ``tol`` times the mean feature variance (as KMeans).
+    1. Random initialisation (``n_lists`` rows drawn from the stage-1
+       rows), then ``max_iter - ceil(max_iter / 4)`` Lloyd passes over
+       ``FIRST_STAGE_POINTS * n_lists`` rows of the sample;
+    2. ``ceil(max_iter / 4)`` Lloyd passes over the whole sample.
 
-    A first streamed pass hashes the rows (8 bytes each): a sample with at
-    most ``n_lists`` distinct rows gets them as its centroids (exact).
+    Each pass reads its rows from X ``STREAM_TASK_ROWS`` at a time and
+    stops the stage early when the centres move (sum of squared shifts)
+    less than ``tol`` times the sample's mean feature variance, as KMeans
+    does.  A centre left without rows moves to the row farthest from its
+    centre (among the ``STREAM_FAR`` farthest of each task), as KMeans
+    relocates empty clusters.  A first pass hashes the rows (8 bytes each):
+    a sample with at most ``n_lists`` distinct rows gets them as its
+    centroids (exact).
 
-    Each task of a pass (its rows' nearest centres, then their per-centre
-    sums, in float64) runs on one BLAS thread, tasks side by side in
-    ``n_threads`` Python threads, and the sums are added in task order: the
-    centroids do not depend on ``n_threads``.  Memory: the stage-1 rows,
-    plus per thread a task's rows, their distance block and an
-    (n_lists, D) float64 sum.  An empty cluster keeps its centre.
+    Each task (its rows' nearest centres, their per-centre sums in float64)
+    runs on one BLAS thread, ``n_threads`` tasks side by side, and the sums
+    are added in task order: the centroids do not depend on ``n_threads``
+    or on where X lives.  Memory: per thread a task's rows, a
+    (rows, n_lists) distance block of at most ``chunk_rows(n_lists)`` rows
+    and an (n_lists, D) float64 sum; the sample is never gathered.
+
+    Returns (centroids of X's dtype, Lloyd passes run).
     """
     rng = check_random_state(random_state)
     n_train = X.shape[0] if rows is None else len(rows)
     d = X.shape[1]
-    tasks = list(_chunks(n_train, STREAM_TASK_ROWS))
+    workers = max(1, n_threads)
 
-    def task_rows(sl):
-        idx = np.arange(sl.start, sl.stop) if rows is None else rows[sl]
+    def read(row_set, sl):
+        idx = np.arange(sl.start, sl.stop) if row_set is None else row_set[sl]
         return np.ascontiguousarray(X[idx])
 
-    # Pass 0: row hashes (degenerate samples) and the feature variance (tol).
-    def stats(sl):
-        A = task_rows(sl)
-        return (row_hashes(A), A.sum(axis=0, dtype=np.float64),
-                np.einsum("ij,ij->j", A, A, dtype=np.float64))
+    def run_tasks(fn, row_set, size):
+        """fn on each task of ``size`` rows, in order, ``workers`` at a time."""
+        tasks = list(_chunks(size, STREAM_TASK_ROWS))
+        with one_blas_thread(), ThreadPoolExecutor(max_workers=workers) as ex:
+            for start in range(0, len(tasks), workers):
+                yield from ex.map(lambda sl: fn(read(row_set, sl), sl),
+                                  tasks[start:start + workers])
 
-    with one_blas_thread(), ThreadPoolExecutor(max_workers=max(1, n_threads)) as ex:
-        parts = list(ex.map(stats, tasks))
-    hashes = np.sort(np.concatenate([p[0] for p in parts]))
-    if np.any(hashes[1:] == hashes[:-1]):
-        first_of = np.concatenate([[0], np.flatnonzero(hashes[1:] != hashes[:-1]) + 1])
-        if first_of.size <= n_lists:
-            # At most n_lists distinct rows: find one of each, they are exact.
-            wanted = set(hashes[first_of].tolist())
-            pos = []
-            for sl, p in zip(tasks, parts):
-                for i, h in enumerate(p[0].tolist()):
-                    if h in wanted:
-                        wanted.discard(h)
-                        pos.append(sl.start + i)
-            points = gather_rows(X, np.asarray(pos) if rows is None else rows[pos])
+    # Pass 0: row hashes (degenerate samples) and the feature variance (tol).
+    hashes, total, total_sq = [], np.zeros(d), np.zeros(d)
+    for h, s1, s2 in run_tasks(lambda A, sl: (row_hashes(A), A.sum(0, dtype=np.float64),
+                                              np.einsum("ij,ij->j", A, A, dtype=np.float64)),
+                               rows, n_train):
+        hashes.append(h)
+        total += s1
+        total_sq += s2
+    hashes = np.concatenate(hashes)
+    ordered = np.sort(hashes)
+    if np.any(ordered[1:] == ordered[:-1]):
+        distinct = np.concatenate([[True], ordered[1:] != ordered[:-1]])
+        if np.count_nonzero(distinct) <= n_lists:
+            # At most n_lists distinct rows: one of each is exact.
+            _, pos = np.unique(hashes, return_index=True)
+            points = gather_rows(X, np.sort(pos) if rows is None else rows[np.sort(pos)])
             with one_openmp_thread():
                 return fit_kmeans(np.ascontiguousarray(points), n_lists)[:2]
-    mean = sum(p[1] for p in parts) / n_train
-    variance = sum(p[2] for p in parts) / n_train - mean**2
-    tol_abs = float(np.mean(np.maximum(variance, 0))) * tol
-    del parts, hashes
+    del hashes, ordered
+    mean = total / n_train
+    tol_abs = float(np.mean(np.maximum(total_sq / n_train - mean**2, 0))) * tol
 
     n_refine = refine_iterations(max_iter) if max_iter >= 2 else 0
     first = subsample_rows(rows, X.shape[0] if rows is None else n_train,
                            FIRST_STAGE_POINTS * n_lists, rng)
-    if rows is None and first is None:
-        first_sample, owned = np.asarray(X), False   # may be the caller's array
-    else:
-        first_sample, owned = X[rows if first is None else first], True
-    with one_openmp_thread():
-        centroids, n_iter, _ = fit_kmeans(np.ascontiguousarray(first_sample), n_lists,
-                                          max_iter=max_iter - n_refine, tol=tol,
-                                          random_state=rng, copy=not owned)
-    del first_sample
-    release_memory()  # stage 1's sample and KMeans buffers
+    n_first = n_train if first is None else len(first)
+    seeds = np.sort(rng.choice(n_first, size=n_lists, replace=False))
+    centroids = np.ascontiguousarray(X[seeds if first is None else first[seeds]])
+    n_iter = 0
+    for row_set, size, passes in ((first, n_first, max_iter - n_refine),
+                                  (rows, n_train, n_refine)):
+        for _ in range(passes):
+            centroids, shift = _lloyd_pass(run_tasks, row_set, size, centroids)
+            n_iter += 1
+            if shift <= tol_abs:
+                break
+    return centroids, n_iter
 
-    def lloyd(sl):
-        A = task_rows(sl)
-        labels = assign(A, centroids)
+
+# Farthest rows each task of a streamed Lloyd pass keeps, for empty clusters.
+STREAM_FAR = 64
+
+
+def _lloyd_pass(run_tasks, row_set, size, centroids):
+    """One Lloyd pass over a streamed row set: (new centroids, sum of the
+    squared centre shifts).  See :func:`train_coarse_streamed`."""
+    n_lists, d = centroids.shape
+    c_norms = np.einsum("ij,ij->i", centroids, centroids)
+    step = chunk_rows(n_lists)
+
+    def task(A, sl):
+        labels = np.empty(A.shape[0], dtype=np.intp)
+        dist = np.empty(A.shape[0], dtype=np.float64)
+        for sub in _chunks(A.shape[0], step):
+            block = A[sub] @ centroids.T
+            block *= -2
+            block += c_norms
+            labels[sub] = np.argmin(block, axis=1)
+            dist[sub] = np.take_along_axis(block, labels[sub, None], 1)[:, 0]
+        dist += np.einsum("ij,ij->i", A, A)
         sums = np.empty((n_lists, d), dtype=np.float64)
         for j in range(d):
             sums[:, j] = np.bincount(labels, weights=A[:, j], minlength=n_lists)
-        return sums, np.bincount(labels, minlength=n_lists)
+        far = np.argsort(-dist, kind="stable")[:STREAM_FAR]
+        return sums, np.bincount(labels, minlength=n_lists), dist[far], A[far]
 
-    for _ in range(n_refine):
-        sums = np.zeros((n_lists, d), dtype=np.float64)
-        counts = np.zeros(n_lists, dtype=np.int64)
-        with one_blas_thread(), ThreadPoolExecutor(max_workers=max(1, n_threads)) as ex:
-            for start in range(0, len(tasks), max(1, n_threads)):
-                for s, c in ex.map(lloyd, tasks[start:start + max(1, n_threads)]):
-                    sums += s
-                    counts += c
-        new = centroids.copy()
-        full = counts > 0
-        new[full] = sums[full] / counts[full, None]
-        shift = float(((new.astype(np.float64) - centroids) ** 2).sum())
-        centroids = new
-        n_iter += 1
-        if shift <= tol_abs:
-            break
-    return centroids, n_iter
+    sums = np.zeros((n_lists, d), dtype=np.float64)
+    counts = np.zeros(n_lists, dtype=np.int64)
+    far_d, far_rows = [], []
+    for s, c, fd, fr in run_tasks(task, row_set, size):
+        sums += s
+        counts += c
+        far_d.append(fd)
+        far_rows.append(fr)
+    new = np.empty_like(centroids)
+    full = counts > 0
+    new[full] = sums[full] / counts[full, None]
+    empty = np.flatnonzero(~full)
+    if empty.size:
+        far_d, far_rows = np.concatenate(far_d), np.concatenate(far_rows)
+        order = np.argsort(-far_d, kind="stable")[:empty.size]
+        new[empty[:order.size]] = far_rows[order]
+        new[empty[order.size:]] = centroids[empty[order.size:]]
+    shift = float(((new.astype(np.float64) - centroids) ** 2).sum())
+    return new, shift
 
 
 def _chunks(n, rows):
@@ -590,7 +620,9 @@ def assign_encode(X, centroids, codebooks, n_threads=1):
     for sl, chunk in row_chunks(X):
         lab = assign(chunk, centroids)
         labels[sl] = lab
-        codes[sl] = encode(chunk - centroids[lab], codebooks, n_threads)
+        residuals = centroids[lab]
+        np.subtract(chunk, residuals, out=residuals)
+        codes[sl] = encode(residuals, codebooks, n_threads)
     return labels, codes
 
 
