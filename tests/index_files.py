@@ -36,19 +36,25 @@ def read_header(path):
         return json.load(f)
 
 
+def replace_file(fname, raw):
+    """Write a new file in place of ``fname`` (a new inode: a hard link to
+    the old one keeps the old content)."""
+    tmp = fname + ".edit"
+    with open(tmp, "wb") as f:
+        f.write(raw)
+    os.replace(tmp, fname)
+
+
 def write_header_bytes(path, raw, recompute=True):
     """Replace header.json; with ``recompute``, make the manifest's
     checksum match (as someone editing the files on purpose would)."""
-    d = data_dir(path)
-    with open(os.path.join(d, "header.json"), "wb") as f:
-        f.write(raw)
+    replace_file(os.path.join(data_dir(path), "header.json"), raw)
     manifest = os.path.join(str(path), "MANIFEST.json")
     if recompute and os.path.exists(manifest):
         with open(manifest) as f:
             m = json.load(f)
         m["header_sha256"] = hashlib.sha256(raw).hexdigest()
-        with open(manifest, "w") as f:
-            json.dump(m, f)
+        replace_file(manifest, json.dumps(m).encode())
 
 
 def write_header(path, header, recompute=True):
@@ -67,8 +73,12 @@ def read_array(path, name):
 def rewrite_array(path, name, a, recompute=True):
     """Save ``a`` in place of array ``name``; with ``recompute`` the header
     then describes it (shape, dtype, checksum) and the manifest the header."""
+    import io
+
     header = read_header(path)
-    np.save(array_file(path, name, header), a, allow_pickle=False)
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    replace_file(array_file(path, name, header), buf.getvalue())
     if recompute:
         meta = header["arrays"][name]
         meta["shape"] = list(a.shape)
