@@ -530,7 +530,11 @@ def _read_npy_header(fname):
     MemoryError), all of which mean the same thing here.
     """
     fmt = np.lib.format
-    with open(fname, "rb") as f:
+    try:
+        f = open(fname, "rb")
+    except OSError as e:
+        raise IndexFormatError(f"{type(e).__name__}: {e}") from None
+    with f:
         try:
             version = fmt.read_magic(f)
             if version == (1, 0):
@@ -579,18 +583,21 @@ def _load_array(data_dir, name, meta, mmap_mode, verify):
         )
     count = int(np.prod(shape, dtype=object))
     size = offset + count * dtype.itemsize
-    if os.path.getsize(full) != size:
-        raise IndexFormatError(
-            f"{where} ({fname}) is unreadable or truncated: {os.path.getsize(full)} "
-            f"bytes, its header declares {size}."
-        )
     try:
+        actual = os.path.getsize(full)
+        if actual != size:
+            raise IndexFormatError(
+                f"{where} ({fname}) is unreadable or truncated: {actual} bytes, its "
+                f"header declares {size}."
+            )
         if count == 0:
             a = np.empty(shape, dtype=dtype)
         elif mmap_mode is not None:
             a = np.memmap(full, dtype=dtype, mode=mmap_mode, offset=offset, shape=shape)
         else:
             a = np.fromfile(full, dtype=dtype, count=count, offset=offset).reshape(shape)
+    except IndexFormatError:
+        raise
     except (ValueError, OSError) as e:
         raise IndexFormatError(f"{where} ({fname}) is unreadable or truncated: {e}") from None
     if verify and _sha256(a) != sha:
