@@ -126,15 +126,24 @@ def _encode_value(name, value, arrays):
     raise TypeError(f"cannot save {name!r} of type {type(value).__name__}")
 
 
+def _take(arrays, key, name):
+    """Array ``key`` of the header, for ``name``; each serves one value."""
+    if not isinstance(key, str) or key not in arrays:
+        raise IndexFormatError(f"{name!r} names an array the header does not list")
+    a = arrays.pop(key)
+    if a is None:
+        raise IndexFormatError(f"{name!r} names an array another value uses")
+    arrays[key] = None
+    return a
+
+
 def _decode_value(name, value, arrays):
     if isinstance(value, dict):
         if len(value) != 1:
             raise IndexFormatError(f"unknown encoding for {name!r} in the header")
         (kind, content), = value.items()
         if kind == "array":
-            if content not in arrays:
-                raise IndexFormatError(f"{name!r} names an array the header does not list")
-            return arrays[content]
+            return _take(arrays, content, name)
         if kind == "dtype":
             if not isinstance(content, str) or content not in _DTYPES:
                 raise IndexFormatError(f"{name!r}: unsupported dtype {content!r}")
@@ -146,7 +155,8 @@ def _decode_value(name, value, arrays):
             out[:] = content
             return out
         if kind == "random_state":
-            return _decode_random_state(name, content, arrays.get(name + ".rng_keys"))
+            return _decode_random_state(name, content,
+                                        _take(arrays, name + ".rng_keys", name))
         raise IndexFormatError(f"unknown encoding for {name!r} in the header")
     if isinstance(value, list):
         raise IndexFormatError(f"{name!r}: lists are not a saved value")
@@ -244,20 +254,17 @@ def _read_manifest(path):
     return m
 
 
-def _existing_layout(path):
-    """"v2", "v1" or None: what kind of saved index ``path`` holds."""
-    if os.path.exists(os.path.join(path, MANIFEST)):
-        return "v2"
-    if os.path.exists(os.path.join(path, HEADER)):
-        return "v1"
-    return None
+def _has_version1_files(path):
+    """Whether ``path`` holds a version-1 index (or, next to a manifest,
+    the files of one that a save interrupted before removing them)."""
+    return os.path.isfile(os.path.join(path, HEADER))
 
 
-def _ours(entry, layout):
-    """Whether a directory entry belongs to a saved index (any version)."""
+def _ours(entry, version1):
+    """Whether a directory entry belongs to a saved index."""
     if entry in (MANIFEST, LOCK) or _DATA_DIR.fullmatch(entry) or _TMP_MANIFEST.fullmatch(entry):
         return True
-    return layout == "v1" and (entry == HEADER or bool(_ARRAY_FILE.fullmatch(entry)))
+    return version1 and (entry == HEADER or bool(_ARRAY_FILE.fullmatch(entry)))
 
 
 def save(estimator, path, *, overwrite=False):
@@ -320,44 +327,58 @@ def save(estimator, path, *, overwrite=False):
     if not created:
         _check_target(path, overwrite)  # before the lock file is created
     lock = _SaveLock(path)
+    data_dir = tmp = None
+    switched = False
     try:
-        layout, entries = _check_target(path, overwrite)
+        version1, entries = _check_target(path, overwrite)
         numbers = [int(m.group(1)) for m in map(_DATA_DIR.fullmatch, entries) if m]
         data = f"v{max(numbers, default=0) + 1:06d}"
-        _write_data(os.path.join(path, data), header, arrays)
+        data_dir = os.path.join(path, data)
+        header_sha = _write_data(data_dir, header, arrays)
         _fsync_dir(path)
-        header_sha = _file_sha256(os.path.join(path, data, HEADER))
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "data": data,
                     "header_sha256": header_sha}
         tmp = os.path.join(path, f".{MANIFEST}.tmp-{secrets.token_hex(8)}")
         _write_durable(tmp, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         os.replace(tmp, os.path.join(path, MANIFEST))  # the switch
+        switched = True
         _fsync_dir(path)
-        _remove_leftovers(path, keep=data, layout=layout)
+        _remove_leftovers(path, keep=data, version1=version1)
     except BaseException:
         if created:
             shutil.rmtree(path, ignore_errors=True)
+        elif not switched:  # else the next save would remove them
+            if data_dir is not None:
+                shutil.rmtree(data_dir, ignore_errors=True)
+            if tmp is not None:
+                try:
+                    os.remove(tmp)
+                except OSError:
+                    pass
         raise
     finally:
         lock.release()
 
 
 def _check_target(path, overwrite):
-    """(layout, entries) of the directory ``path`` a save may write to."""
-    layout = _existing_layout(path)
-    if layout is not None and not overwrite:
+    """(version1, entries) of the directory ``path`` a save may write to:
+    whether it holds version-1 files, and its entries."""
+    version1 = _has_version1_files(path)
+    if not overwrite and (version1 or os.path.exists(os.path.join(path, MANIFEST))):
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
     entries = os.listdir(path)
-    foreign = [e for e in entries if not _ours(e, layout)]
-    if foreign and layout is None:
+    foreign = [e for e in entries if not _ours(e, version1)]
+    if foreign and not (version1 or MANIFEST in entries):
         raise FileExistsError(
             f"{path} exists and is not a pqsk index (it holds {sorted(foreign)[:3]}); "
             "not overwriting it."
         )
-    return layout, entries
+    return version1, entries
 
 
 def _write_data(data_dir, header, arrays):
+    """Create ``data_dir`` with the arrays and header.json, all fsynced;
+    returns the header's SHA-256."""
     os.mkdir(data_dir)
     files = {}
     for i, (name, a) in enumerate(sorted(arrays.items())):
@@ -367,33 +388,27 @@ def _write_data(data_dir, header, arrays):
                        lambda f: np.lib.format.write_array(f, a, allow_pickle=False))
         files[name] = {"file": fname, "shape": list(a.shape), "dtype": a.dtype.str,
                        "sha256": _sha256(a)}
-    header = dict(header, arrays=files)
-    _write_durable(os.path.join(data_dir, HEADER),
-                   lambda f: f.write(json.dumps(header, indent=1).encode()))
+    raw = json.dumps(dict(header, arrays=files), indent=1).encode()
+    _write_durable(os.path.join(data_dir, HEADER), lambda f: f.write(raw))
     _fsync_dir(data_dir)
+    return hashlib.sha256(raw).hexdigest()
 
 
-def _remove_leftovers(path, keep, layout):
+def _remove_leftovers(path, keep, version1):
     """After the switch: older data directories, temporary manifests of
     interrupted saves, and the files of a version-1 index."""
-    for entry in os.listdir(path):
+    # header.json last: while it is there, the next save knows the .npy
+    # files beside it are leftovers.
+    for entry in sorted(os.listdir(path), key=lambda e: e == HEADER):
         full = os.path.join(path, entry)
         if _DATA_DIR.fullmatch(entry) and entry != keep:
             shutil.rmtree(full, ignore_errors=True)
         elif _TMP_MANIFEST.fullmatch(entry) or (
-                layout == "v1" and (entry == HEADER or _ARRAY_FILE.fullmatch(entry))):
+                version1 and (entry == HEADER or _ARRAY_FILE.fullmatch(entry))):
             try:
                 os.remove(full)
             except OSError:
                 pass
-
-
-def _file_sha256(fname):
-    h = hashlib.sha256()
-    with open(fname, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- loading -----------------------------------------------------------------

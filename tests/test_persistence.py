@@ -214,6 +214,31 @@ def test_failed_save_keeps_the_old_index(tmp_path, monkeypatch):
         other.save(path, overwrite=True)
     monkeypatch.undo()
     _same_results(nn, pqsk.load(path))
+    # The failed save removed what it wrote.
+    assert sorted(os.listdir(path)) == [".pqsk-lock", "MANIFEST.json", "v000001"]
+
+
+def test_upgrade_interrupted_after_the_switch(tmp_path, monkeypatch):
+    """Killed after the manifest switch, before the version-1 files are
+    removed: the new index loads, and the next save removes them."""
+    import pqsk._persist as persist
+
+    nn, other = FACTORIES["ivf"]().fit(X), FACTORIES["ivf"]().fit(X[::-1])
+    path = tmp_path / "old"
+    files.write_version1(nn, path)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(persist, "_remove_leftovers", killed)
+    with pytest.raises(KeyboardInterrupt):
+        other.save(path, overwrite=True)
+    monkeypatch.undo()
+    assert "header.json" in os.listdir(path)
+    _same_results(other, pqsk.load(path))
+    nn.save(path, overwrite=True)
+    assert sorted(os.listdir(path)) == [".pqsk-lock", "MANIFEST.json", "v000002"]
+    _same_results(nn, pqsk.load(path))
 
 
 # -- the version-1 layout still loads -------------------------------------------
@@ -526,6 +551,7 @@ def test_mismatched_shape_and_missing_file(tmp_path):
     lambda h: h["attributes"].__setitem__("n_samples_fit_", 600.0),
     lambda h: h["attributes"].__setitem__("_fit_dtype_", {"dtype": "O"}),
     lambda h: h["attributes"].__setitem__("n_iter_", [1]),
+    lambda h: h["attributes"].__setitem__("zz_", {"array": "codes_"}),  # aliased
 ])
 def test_header_values_are_validated(tmp_path, edit):
     path, _ = _saved(tmp_path)
