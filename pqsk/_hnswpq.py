@@ -293,6 +293,8 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
             check_float_array(self.vectors_, "vectors_", self.vectors_.shape,
                               self.vectors_.dtype, bound)
         n, n_nodes = self.n_samples_fit_, self.codes_.shape[0]
+        require(n_nodes <= n <= n_nodes + self.n_removed_,
+                "every id must be a node or removed")
         removed = (np.zeros(n, bool) if self.removed_ is None else self.removed_)
         if self.ids_ is None:
             require(n_nodes == n, "codes_ and n_samples_fit_ differ")

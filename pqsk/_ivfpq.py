@@ -286,9 +286,10 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
         check_int_array(self.ids_, "ids_", (n_codes,), 0, n,
                         dtype=np.int32 if n < 2**31 else np.int64)
         # Every live id exactly once, no removed one.
+        require(n_codes == n - self.n_removed_, "ids_ must hold every id not removed")
         live = (np.arange(n) if self.removed_ is None
                 else np.flatnonzero(~self.removed_))
-        require(n_codes == live.size and np.array_equal(np.sort(self.ids_), live),
+        require(np.array_equal(np.sort(self.ids_), live),
                 "ids_ must hold every id not removed, each once")
         if getattr(self, "effective_metric_", self.metric) == "dot":
             self._list_terms = np.empty((0, m, k), dtype=dtype)

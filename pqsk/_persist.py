@@ -532,7 +532,7 @@ def _load_from(path, data_dir, header_sha, mmap_mode, verify):
                 require(v.flags.c_contiguous and v.dtype.isnative,
                         f"{k} is not a C-contiguous array in native byte order")
         est._check_loaded_state()
-    except (AttributeError, TypeError, ValueError, IndexError, KeyError) as e:
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError, OverflowError) as e:
         raise IndexFormatError(f"{path}: the index is inconsistent: {e}") from None
     return est
 

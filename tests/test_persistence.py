@@ -658,3 +658,17 @@ def test_load_during_saves_over_the_same_path(tmp_path):
         saver.join()
     assert not errors, repr(errors[0])
     assert min(seen) > 0, seen
+
+
+@pytest.mark.parametrize("key", ["pq", "ivf", "hnsw"])
+def test_huge_sizes_are_rejected_without_allocating(tmp_path, key):
+    """n_samples_fit_ claiming 2**40 vectors (the other sizes agreeing)
+    must fail the checks, not allocate a mask of that size."""
+    path, _ = _saved(tmp_path, key)
+
+    def edit(h):
+        h["attributes"]["n_samples_fit_"] = h["attributes"]["_n_features_out"] = 2**40
+        h["attributes"]["n_removed_"] = 2**40 - 600
+
+    files.edit_header(path, edit)
+    _rejected(path, "inconsistent")
