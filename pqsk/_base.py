@@ -103,18 +103,6 @@ class PQParamsMixin:
         "verbose": ["verbose"],
     }
 
-    def _check_codebooks_state(self):
-        """Invariants of a loaded quantizer (see ``_persist.load``)."""
-        cb = self.codebooks_
-        require(isinstance(cb, np.ndarray) and cb.dtype in (np.float32, np.float64),
-                "codebooks_ must be a float32 or float64 array")
-        require(cb.ndim == 3 and cb.shape[:2] == (self.n_subspaces, self.n_codewords),
-                f"codebooks_ has shape {cb.shape}, expected ({self.n_subspaces}, "
-                f"{self.n_codewords}, ds)")
-        require(cb.shape[0] * cb.shape[2] == self.n_features_in_,
-                "codebooks_ do not cover n_features_in_")
-        require(bool(np.all(np.isfinite(cb))), "codebooks_ contain NaN or infinity")
-
     def _max_train_samples(self):
         if self.max_train_samples == "auto":
             return 256 * self.n_codewords
@@ -450,8 +438,8 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         m, k, _ = check_codebooks(self, _quantizer.MAX_CODEWORDS)
         require(self.codebooks_.dtype == dtype, "_fit_dtype_ differs from the codebooks' dtype")
         d = self.n_features_in_
-        metric = getattr(self, "effective_metric_", self.metric)
-        require(metric in METRICS, f"effective_metric_ {metric!r} is not a metric")
+        metric = self.effective_metric_
+        require(isinstance(metric, str) and metric in METRICS, f"effective_metric_ {metric!r} is not a metric")
         n = check_scalar_int(self.n_samples_fit_, "n_samples_fit_", 0, 2**62)
         check_scalar_int(self._n_features_out, "_n_features_out", n, n + 1)
         check_int_array(self.codes_, "codes_", (None, m), 0, k,

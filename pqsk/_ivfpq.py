@@ -304,7 +304,7 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
                 else np.flatnonzero(~self.removed_))
         require(np.array_equal(np.sort(self.ids_), live),
                 "ids_ must hold every id not removed, each once")
-        if getattr(self, "effective_metric_", self.metric) == "dot":
+        if self.effective_metric_ == "dot":
             self._list_terms = np.empty((0, m, k), dtype=dtype)
         else:
             self._list_terms = _quantizer.list_terms(self.cluster_centers_, cb)
