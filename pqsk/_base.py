@@ -31,7 +31,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import _quantizer
 from ._persist import check_int_array, require
-from ._store import CHUNK_BYTES, CHUNK_ROWS, FitRows, RowStore, chunk_slices, rows_per_chunk
+from ._store import FitRows, RowStore, chunk_slices, rows_per_chunk
 from ._utils import (
     Progress,
     effective_n_threads,
@@ -104,18 +104,6 @@ class PQParamsMixin:
         "random_state": ["random_state"],
         "verbose": ["verbose"],
     }
-
-    def _check_codebooks_state(self):
-        """Invariants of a loaded quantizer (see ``_persist.load``)."""
-        cb = self.codebooks_
-        require(isinstance(cb, np.ndarray) and cb.dtype in (np.float32, np.float64),
-                "codebooks_ must be a float32 or float64 array")
-        require(cb.ndim == 3 and cb.shape[:2] == (self.n_subspaces, self.n_codewords),
-                f"codebooks_ has shape {cb.shape}, expected ({self.n_subspaces}, "
-                f"{self.n_codewords}, ds)")
-        require(cb.shape[0] * cb.shape[2] == self.n_features_in_,
-                "codebooks_ do not cover n_features_in_")
-        require(bool(np.all(np.isfinite(cb))), "codebooks_ contain NaN or infinity")
 
     def _max_train_samples(self):
         if self.max_train_samples == "auto":
@@ -524,31 +512,59 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         return self
 
     def _check_loaded_state(self):
-        """Invariants the kernels rely on, checked after ``load``."""
-        self._check_codebooks_state()
-        n = self.n_samples_fit_
-        require(isinstance(n, int) and n >= 0, "n_samples_fit_ must be an int >= 0")
-        require(self._fit_dtype_ == self.codebooks_.dtype,
-                "_fit_dtype_ differs from the codebooks' dtype")
-        code_dtype = _quantizer.code_dtype(self.n_codewords)
-        require(self.codes_.dtype == code_dtype, f"codes_ must be {code_dtype}")
-        check_int_array(self.codes_, "codes_", (self.codes_.shape[0], self.n_subspaces),
-                        0, self.n_codewords)
-        require(isinstance(self.n_removed_, int) and 0 <= self.n_removed_ <= n,
-                "n_removed_ out of range")
-        if self.removed_ is not None:
-            require(self.removed_.shape == (n,) and self.removed_.dtype == bool
-                    and int(self.removed_.sum()) == self.n_removed_,
-                    "removed_ does not match n_samples_fit_ and n_removed_")
-        if isinstance(self.vectors_, np.ndarray):
-            self.vectors_ = RowStore(self.vectors_.shape[1], self.vectors_.dtype,
-                                     [self.vectors_])
+        """Invariants the kernels rely on, checked after ``load``.
+
+        Everything is checked against the fitted attributes (m and k from
+        ``codebooks_``...), never against the parameters, which
+        ``set_params`` may have changed before the save.  Subclasses add
+        their own arrays and the range of their floats.
+        """
+        from ._persist import (check_bool_mask, check_codebooks, check_float_array,
+                               check_scalar_int, distance_bound)
+
+        dtype = self._fit_dtype_
+        require(isinstance(dtype, np.dtype) and dtype in (np.float32, np.float64),
+                "_fit_dtype_ must be float32 or float64")
+        m, k, _ = check_codebooks(self, _quantizer.MAX_CODEWORDS)
+        require(self.codebooks_.dtype == dtype, "_fit_dtype_ differs from the codebooks' dtype")
+        d = self.n_features_in_
+        metric = self.effective_metric_
+        require(isinstance(metric, str) and metric in METRICS, f"effective_metric_ {metric!r} is not a metric")
+        n = check_scalar_int(self.n_samples_fit_, "n_samples_fit_", 0, 2**62)
+        check_scalar_int(self._n_features_out, "_n_features_out", n, n + 1)
+        check_int_array(self.codes_, "codes_", (None, m), 0, k,
+                        dtype=_quantizer.code_dtype(k))
+        check_scalar_int(self.n_removed_, "n_removed_", 0, n + 1)
+        if self.removed_ is None:
+            require(self.n_removed_ == 0, "n_removed_ > 0 but removed_ is None")
+        else:
+            check_bool_mask(self.removed_, "removed_", n)
+            require(int(np.count_nonzero(self.removed_)) == self.n_removed_,
+                    "removed_ does not match n_removed_")
         if self.vectors_ is not None:
-            require(self.vectors_.shape == (n, self.n_features_in_)
-                    and self.vectors_.dtype == self._fit_dtype_,
-                    "vectors_ do not match the index")
-        require(self.refine_factor == 0 or self.vectors_ is not None,
-                "refine_factor > 0 but no vectors_ were saved")
+            self.vectors_ = self._checked_vectors(
+                self.vectors_, n, d, dtype, distance_bound(self._kernel_dtype or dtype, d))
+
+    @staticmethod
+    def _checked_vectors(vectors, n, d, dtype, bound):
+        """The raw vectors as a row store, every chunk checked (dtype,
+        C order, finite, within ``bound``) a ``CHUNK_BYTES`` slice at a
+        time.  ``load`` gives one array, memory-mapped with ``mmap_mode``:
+        it becomes the store's only chunk, by reference."""
+        from ._persist import check_float_array
+
+        if isinstance(vectors, np.ndarray):
+            require(vectors.ndim == 2, "vectors_ must be 2-d")
+            vectors = RowStore(vectors.shape[1], vectors.dtype, [vectors])
+        require(isinstance(vectors, RowStore), "vectors_ must be a row store")
+        require(vectors.shape == (n, d) and vectors.dtype == dtype,
+                f"vectors_ has shape {vectors.shape} and dtype {vectors.dtype}, expected "
+                f"({n}, {d}) and {np.dtype(dtype)}")
+        step = rows_per_chunk(d * np.dtype(dtype).itemsize)
+        for chunk in vectors.chunks:
+            for sl in chunk_slices(chunk.shape[0], step):
+                check_float_array(chunk[sl], "vectors_", (None, d), dtype, bound)
+        return vectors
 
     def _memory_parts(self):
         """({part: bytes} growing with the vectors, {part: bytes} fixed)."""

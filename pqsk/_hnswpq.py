@@ -305,28 +305,70 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         return self
 
     def _check_loaded_state(self):
+        """Loaded-index invariants (see ``BasePQNeighbors``) and the graph's:
+        links in range, padded with -1 only at the end of a row, an
+        upper-level link at level l pointing at a node of level >= l,
+        every live node reachable on level 0 from the entry point."""
+        from ._persist import (check_float_array, check_scalar_int, distance_bound,
+                               reachable)
+
         super()._check_loaded_state()
-        n, M = self.codes_.shape[0], self.n_links
+        cb, d = self.codebooks_, self.n_features_in_
+        # The graph is searched and extended in float32.
+        bound = distance_bound(np.float32, d)
+        check_float_array(cb, "codebooks_", cb.shape, cb.dtype, bound)
+        # vectors_: checked by the base class against the float32 bound
+        # (_kernel_dtype), chunk by chunk.
+        n, n_nodes = self.n_samples_fit_, self.codes_.shape[0]
+        require(n_nodes <= n <= n_nodes + self.n_removed_,
+                "every id must be a node or removed")
+        removed = (np.zeros(n, bool) if self.removed_ is None else self.removed_)
         if self.ids_ is None:
-            require(n == self.n_samples_fit_, "codes_ and n_samples_fit_ differ")
+            require(n_nodes == n, "codes_ and n_samples_fit_ differ")
         else:
-            check_int_array(self.ids_, "ids_", (n,), 0, self.n_samples_fit_)
-        check_int_array(self.levels_, "levels_", (n,), 0, MAX_LEVEL + 1)
-        require(self.levels_.dtype == np.int32, "levels_ must be int32")
-        off = np.zeros(n, np.int64)
-        np.cumsum(self.levels_[:-1], out=off[1:])
-        require(self.upper_offsets_.dtype == np.int64
-                and np.array_equal(self.upper_offsets_, off),
-                "upper_offsets_ do not match levels_")
-        check_int_array(self.links0_, "links0_", (n, 2 * M), -1, n)
-        check_int_array(self.upper_links_, "upper_links_",
-                        (int(self.levels_.sum()), M), -1, n)
-        require(self.links0_.dtype == np.int32 and self.upper_links_.dtype == np.int32,
-                "links must be int32")
-        if n:
-            require(0 <= self.entry_point_ < n
-                    and self.levels_[self.entry_point_] == self.max_level_
-                    == self.levels_.max(), "entry_point_ is not on the top level")
+            check_int_array(self.ids_, "ids_", (n_nodes,), 0, n, dtype=np.int64)
+            require(bool(np.all(self.ids_[1:] > self.ids_[:-1])),
+                    "ids_ must be increasing")
+            is_node = np.zeros(n, bool)
+            is_node[self.ids_] = True
+            require(bool(np.all(is_node | removed)), "an id is neither a node nor removed")
+        links0, upper = self.links0_, self.upper_links_
+        require(isinstance(upper, np.ndarray) and upper.ndim == 2
+                and 2 <= upper.shape[1] <= MAX_LINKS, "upper_links_ must be (rows, M)")
+        M = upper.shape[1]
+        check_int_array(self.levels_, "levels_", (n_nodes,), 0, MAX_LEVEL + 1, dtype=np.int32)
+        levels = self.levels_
+        off = np.zeros(n_nodes, np.int64)
+        np.cumsum(levels[:-1], out=off[1:])
+        check_int_array(self.upper_offsets_, "upper_offsets_", (n_nodes,), 0, 2**62,
+                        dtype=np.int64)
+        require(np.array_equal(self.upper_offsets_, off), "upper_offsets_ do not match levels_")
+        check_int_array(links0, "links0_", (n_nodes, 2 * M), -1, n_nodes, dtype=np.int32)
+        n_rows = int(levels.sum(dtype=np.int64))
+        check_int_array(upper, "upper_links_", (n_rows, M), -1, n_nodes, dtype=np.int32)
+        for name, links in (("links0_", links0), ("upper_links_", upper)):
+            unused = links < 0  # the kernels stop at the first -1 of a row
+            require(bool(np.all(unused[:, 1:] >= unused[:, :-1])),
+                    f"{name} has links after an unused (-1) slot")
+        # Row r of upper_links_ is level row_level[r] of its node: its links
+        # must reach nodes that have that level.
+        row_level = np.arange(n_rows) - np.repeat(off, levels) + 1
+        used = upper >= 0
+        require(bool(np.all(levels[upper[used]] >= np.broadcast_to(
+            row_level[:, None], upper.shape)[used])),
+            "an upper-level link points at a node without that level")
+        entry = check_scalar_int(self.entry_point_, "entry_point_", -1, max(n_nodes, 0))
+        top = check_scalar_int(self.max_level_, "max_level_", -1, MAX_LEVEL + 1)
+        require(isinstance(self._levels_rng_, np.random.RandomState),
+                "_levels_rng_ must be a RandomState")
+        if n_nodes == 0:
+            require(entry == -1 and top == -1, "an empty graph has no entry point")
+            return
+        require(entry >= 0 and levels[entry] == top == int(levels.max()),
+                "entry_point_ is not on the top level")
+        node_removed = removed if self.ids_ is None else removed[self.ids_]
+        require(bool(np.all(reachable(links0, entry) | node_removed)),
+                "a live node is unreachable from the entry point on level 0")
 
     def _n_candidates(self, n_neighbors):
         n = super()._n_candidates(n_neighbors)

@@ -308,20 +308,35 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
         progress(f"indexed {X.shape[0]} vectors in {self.n_lists_} lists")
 
     def _check_loaded_state(self):
+        """Loaded-index invariants (see ``BasePQNeighbors``), and the list
+        terms, which are derived state, recomputed rather than read."""
+        from ._persist import check_float_array, check_scalar_int, distance_bound
+
         super()._check_loaded_state()
-        L, n_codes = self.n_lists_, self.codes_.shape[0]
-        require(self.cluster_centers_.shape == (L, self.n_features_in_)
-                and self.cluster_centers_.dtype == self._fit_dtype_,
-                "cluster_centers_ do not match n_lists_ and n_features_in_")
+        cb, dtype, d = self.codebooks_, self._fit_dtype_, self.n_features_in_
+        m, k, _ = cb.shape
+        bound = distance_bound(dtype, d)
+        L = check_scalar_int(self.n_lists_, "n_lists_", 1, 2**31)
+        check_float_array(self.cluster_centers_, "cluster_centers_", (L, d), dtype, bound)
+        # Residuals of vectors and centroids both within ``bound``.
+        check_float_array(cb, "codebooks_", cb.shape, dtype, 2 * bound)
+        n, n_codes = self.n_samples_fit_, self.codes_.shape[0]
         off = self.list_offsets_
-        check_int_array(off, "list_offsets_", (L + 1,), 0, n_codes + 1)
-        require(off[0] == 0 and off[-1] == n_codes and bool(np.all(np.diff(off) >= 0)),
+        check_int_array(off, "list_offsets_", (L + 1,), 0, n_codes + 1, dtype=np.int64)
+        require(off[0] == 0 and off[-1] == n_codes and bool(np.all(off[1:] >= off[:-1])),
                 "list_offsets_ must rise from 0 to the number of codes")
-        check_int_array(self.ids_, "ids_", (n_codes,), 0, max(1, self.n_samples_fit_))
-        expected = (0 if self._inner_product else L, self.n_subspaces, self.n_codewords)
-        require(self._list_terms.shape == expected
-                and self._list_terms.dtype == self._fit_dtype_,
-                "the precomputed list terms do not match the index")
+        check_int_array(self.ids_, "ids_", (n_codes,), 0, n,
+                        dtype=np.int32 if n < 2**31 else np.int64)
+        # Every live id exactly once, no removed one.
+        require(n_codes == n - self.n_removed_, "ids_ must hold every id not removed")
+        live = (np.arange(n) if self.removed_ is None
+                else np.flatnonzero(~self.removed_))
+        require(np.array_equal(np.sort(self.ids_), live),
+                "ids_ must hold every id not removed, each once")
+        if self.effective_metric_ == "dot":
+            self._list_terms = np.empty((0, m, k), dtype=dtype)
+        else:
+            self._list_terms = _quantizer.list_terms(self.cluster_centers_, cb)
 
     def _remove_rows(self, ids, removed):
         # Entries leave their lists for good; the raw vectors (if kept) stay

@@ -1,34 +1,91 @@
 """Saving and loading fitted estimators without pickle.
 
+Layout (format version 2)
+-------------------------
 An index is a directory::
 
-    header.json        format name and version, class, parameters,
-                       scalar attributes, and for every array its file,
-                       shape, dtype and SHA-256
-    <name>.npy         one NumPy file per array (``allow_pickle=False``)
+    MANIFEST.json      format name and version, the data directory in use,
+                       and the SHA-256 of that directory's header.json
+    v000002/           the data of one save
+        header.json    class, parameters, scalar attributes, and for every
+                       array its file, shape, dtype and SHA-256
+        000.npy ...    one NumPy file per array (``allow_pickle=False``)
+    .pqsk-lock         serialises saves to the same path
 
-Loading never executes code from the files: JSON and ``.npy`` only.  Every
-array is checked against the header (shape, dtype, checksum), then the
-estimator checks the invariants its kernels rely on (codes below
-``n_codewords``, ids and links in range, offsets monotone...), so a
-truncated, corrupted, mismatched or hand-crafted file raises
-:class:`IndexFormatError` instead of crashing or answering wrongly.
-``mmap_mode="r"`` memory-maps the arrays: an index larger than the free
-RAM is searched from disk, pages loaded on demand.
+Every byte that is read is covered by a checksum: the manifest holds the
+header's SHA-256, the header every array's (array checksums are checked
+when ``verify=True``, the default).  A later format (several data segments)
+only has to name more files in the manifest.
+
+Saving never deletes first.  ``save`` writes a new ``vNNNNNN/`` next to the
+current one, ``fsync``-ing every file and the directory, then writes the
+manifest to a temporary file, ``fsync``-s it and renames it over
+``MANIFEST.json`` (an atomic switch), ``fsync``-ing the directory again.
+Only then are the previous data directory and any leftovers of an
+interrupted save removed.  A save killed at any point leaves the previous
+index readable (or, once the manifest is switched, the new one); the
+leftovers are cleaned at the next save.  Saves to one path are serialised
+by an advisory lock on ``.pqsk-lock`` (POSIX).
+
+Format version 1 (``header.json`` and the ``.npy`` files directly in the
+directory, no header checksum) is still read; saving over it writes
+version 2 and then removes the old files.
+
+Loading never executes code from the files: JSON and ``.npy`` only.  Each
+``.npy`` header is parsed and compared with the JSON header (shape, exact
+dtype in native byte order, C order) and its size with the file's before
+any data is read.  Derived tables are recomputed rather than read.  Then
+the estimator checks every invariant its kernels rely on (values in range,
+floats finite and small enough that squared distances cannot overflow,
+ids each present once, graph links consistent with node levels, every live
+node reachable...), so a truncated, corrupted, mismatched or hand-crafted
+file raises :class:`IndexFormatError` instead of crashing or answering
+wrongly.  ``mmap_mode="r"`` memory-maps the arrays: an index larger than
+the free RAM is searched from disk, pages loaded on demand.
+
+``save`` and pickling take the index's read lock, so that they see one
+consistent state while other threads run ``partial_fit`` or ``remove``.
 """
 
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
 
 import numpy as np
 
+from ._store import RowStore, chunk_slices, rows_per_chunk
+from ._utils import index_lock
+
 FORMAT = "pqsk-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MANIFEST = "MANIFEST.json"
 HEADER = "header.json"
+LOCK = ".pqsk-lock"
 MAX_HEADER_BYTES = 64 * 2**20
+MAX_MANIFEST_BYTES = 2**20
+MAX_NPY_HEADER_BYTES = 2**16
+MAX_NDIM = 4
+
+_DATA_DIR = re.compile(r"v(\d{6,12})")
+_ARRAY_FILE = re.compile(r"\d{3,9}\.npy")
+_TMP_MANIFEST = re.compile(re.escape("." + MANIFEST) + r"\.tmp-[0-9a-f]+")
+_SHA = re.compile(r"[0-9a-f]{64}")
+_ATTRIBUTE = re.compile(r"_?[a-z][a-z0-9_]{0,63}")
+
+# Array dtypes a saved index may hold, always in native byte order.
+_DTYPES = {np.dtype(t).str: np.dtype(t) for t in
+           (np.bool_, np.uint8, np.uint16, np.uint32, np.int32, np.int64,
+            np.float32, np.float64)}
+
+# Derived from other attributes and recomputed by ``_check_loaded_state``:
+# never written (version 1 files hold them; they are ignored).
+_NOT_SAVED = frozenset({"_list_terms"})
+
+_MT_KEYS = 624
 
 
 class IndexFormatError(ValueError):
@@ -44,6 +101,8 @@ def _sha256(a):
     return h.hexdigest()
 
 
+# -- values <-> JSON --------------------------------------------------------
+
 def _encode_value(name, value, arrays):
     """JSON form of a parameter or attribute; arrays go to ``arrays``."""
     if value is None or isinstance(value, (bool, str)):
@@ -55,11 +114,11 @@ def _encode_value(name, value, arrays):
     if isinstance(value, np.dtype):
         return {"dtype": value.str}
     if isinstance(value, np.random.RandomState):
-        kind, keys, pos, has_gauss, gauss = value.get_state()
+        kind, keys, pos, has_gauss, gauss = value.get_state()  # a copy
         arrays[name + ".rng_keys"] = keys
         return {"random_state": [kind, int(pos), int(has_gauss), float(gauss)]}
-    if type(value).__name__ == "RowStore":
-        arrays[name] = np.asarray(value)  # TODO: stream the chunks to one file
+    if isinstance(value, RowStore):
+        arrays[name] = value  # written chunk by chunk into one .npy
         return {"array": name}
     if isinstance(value, np.ndarray):
         if value.dtype.kind == "O":
@@ -71,77 +130,336 @@ def _encode_value(name, value, arrays):
     raise TypeError(f"cannot save {name!r} of type {type(value).__name__}")
 
 
+def _take(arrays, key, name):
+    """Array ``key`` of the header, for ``name``; each serves one value."""
+    if not isinstance(key, str) or key not in arrays:
+        raise IndexFormatError(f"{name!r} names an array the header does not list")
+    a = arrays.pop(key)
+    if a is None:
+        raise IndexFormatError(f"{name!r} names an array another value uses")
+    arrays[key] = None
+    return a
+
+
 def _decode_value(name, value, arrays):
     if isinstance(value, dict):
-        if "array" in value:
-            return arrays[value["array"]]
-        if "dtype" in value:
-            return np.dtype(value["dtype"])
-        if "strings" in value:
-            return np.asarray(value["strings"], dtype=object)
-        if "random_state" in value:
-            kind, pos, has_gauss, gauss = value["random_state"]
-            rs = np.random.RandomState()
-            rs.set_state((kind, np.asarray(arrays[name + ".rng_keys"], dtype=np.uint32),
-                          pos, has_gauss, gauss))
-            return rs
+        if len(value) != 1:
+            raise IndexFormatError(f"unknown encoding for {name!r} in the header")
+        (kind, content), = value.items()
+        if kind == "array":
+            return _take(arrays, content, name)
+        if kind == "dtype":
+            if not isinstance(content, str) or content not in _DTYPES:
+                raise IndexFormatError(f"{name!r}: unsupported dtype {content!r}")
+            return _DTYPES[content]
+        if kind == "strings":
+            if not (isinstance(content, list) and all(isinstance(s, str) for s in content)):
+                raise IndexFormatError(f"{name!r} must be a list of strings")
+            out = np.empty(len(content), dtype=object)
+            out[:] = content
+            return out
+        if kind == "random_state":
+            return _decode_random_state(name, content,
+                                        _take(arrays, name + ".rng_keys", name))
         raise IndexFormatError(f"unknown encoding for {name!r} in the header")
+    if isinstance(value, list):
+        raise IndexFormatError(f"{name!r}: lists are not a saved value")
     return value
 
 
+def _decode_random_state(name, state, keys):
+    """A RandomState from its saved state, every field checked: numpy does
+    not check ``pos``, and a huge one makes the next draw read far out of
+    bounds."""
+    if not (isinstance(state, list) and len(state) == 4):
+        raise IndexFormatError(f"{name!r}: a random state is [kind, pos, has_gauss, gauss]")
+    kind, pos, has_gauss, gauss = state
+    ok = (kind == "MT19937" and type(pos) is int and 0 <= pos <= _MT_KEYS
+          and type(has_gauss) is int and has_gauss in (0, 1)
+          and type(gauss) in (int, float) and np.isfinite(gauss)
+          and isinstance(keys, np.ndarray) and keys.dtype == np.uint32
+          and keys.shape == (_MT_KEYS,))
+    if not ok:
+        raise IndexFormatError(f"{name!r} is not a valid MT19937 random state")
+    rs = np.random.RandomState()
+    rs.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, float(gauss)))
+    return rs
+
+
+def _encode_estimator(estimator):
+    """(params, attributes, arrays) of the estimator's JSON header; the
+    caller holds the estimator's read lock."""
+    arrays = {}
+    params = {k: _encode_value("param." + k, v, arrays)
+              for k, v in estimator.get_params(deep=False).items()}
+    attrs = {k: _encode_value(k, v, arrays) for k, v in vars(estimator).items()
+             if k not in params and k not in _NOT_SAVED}
+    return params, attrs, arrays
+
+
+# -- durable file operations -------------------------------------------------
+
+def _fsync_dir(path):
+    """Make a directory's entries (created, renamed, removed files) durable."""
+    if os.name == "nt":  # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path, write):
+    """Create ``path`` (which must not exist), fill it with ``write(f)`` and
+    fsync it."""
+    with open(path, "xb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class _SaveLock:
+    """Exclusive advisory lock of ``path/.pqsk-lock`` (no-op without fcntl)."""
+
+    def __init__(self, path):
+        self._file = open(os.path.join(path, LOCK), "a+b")
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            self._fcntl = None
+            return
+        self._fcntl = fcntl
+        fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
+
+    def release(self):
+        if self._fcntl is not None:
+            self._fcntl.flock(self._file.fileno(), self._fcntl.LOCK_UN)
+        self._file.close()
+
+
+def _read_manifest(path):
+    """The manifest of a version-2 index, checked; IndexFormatError else."""
+    fname = os.path.join(path, MANIFEST)
+    raw = _read_small(fname, MAX_MANIFEST_BYTES)
+    m = _parse_json(fname, raw)
+    ok = (isinstance(m, dict) and m.get("format") == FORMAT
+          and isinstance(m.get("data"), str) and _DATA_DIR.fullmatch(m["data"])
+          and isinstance(m.get("header_sha256"), str)
+          and _SHA.fullmatch(m["header_sha256"]))
+    if not ok:
+        raise IndexFormatError(f"{fname} is not a pqsk index manifest.")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise IndexFormatError(
+            f"{path} has format version {m.get('format_version')!r}; this pqsk reads "
+            f"versions {READABLE_VERSIONS}. Re-save it with the pqsk that wrote it, "
+            "or upgrade."
+        )
+    return m
+
+
+def _has_version1_files(path):
+    """Whether ``path`` holds a version-1 index (or, next to a manifest,
+    the files of one that a save interrupted before removing them)."""
+    return os.path.isfile(os.path.join(path, HEADER))
+
+
+def _ours(entry, version1):
+    """Whether a directory entry belongs to a saved index."""
+    if entry in (MANIFEST, LOCK) or _DATA_DIR.fullmatch(entry) or _TMP_MANIFEST.fullmatch(entry):
+        return True
+    return version1 and (entry == HEADER or bool(_ARRAY_FILE.fullmatch(entry)))
+
+
 def save(estimator, path, *, overwrite=False):
-    """Write a fitted pqsk estimator to the directory ``path``.
+    """Write a fitted pqsk estimator to the directory ``path``, atomically.
+
+    The data goes to a new sub-directory, every file and directory is
+    fsynced, and a manifest naming it replaces the previous one with an
+    atomic rename (see :mod:`pqsk._persist` for the layout).  If the
+    process or the machine stops at any point, ``path`` still holds the
+    previous index (or the new one, once the manifest is replaced); nothing
+    is deleted before then.  Leftovers of interrupted saves are removed by
+    the next save.  The estimator's read lock is held while its state is
+    collected: queries go on, and a concurrent ``partial_fit`` or
+    ``remove`` is saved either entirely or not at all.
 
     Parameters
     ----------
     estimator : fitted pqsk estimator
     path : str or os.PathLike
-        Directory to create.  It is written under a temporary name and
-        renamed at the end, so a crash never leaves a half-written index
-        under ``path``.
+        Directory to create, or an index to replace.
     overwrite : bool, default=False
-        Replace an existing directory at ``path``.
+        Replace an index already saved at ``path``.  A directory that holds
+        anything else is never overwritten.
+
+    Raises
+    ------
+    FileExistsError
+        ``path`` holds an index and ``overwrite`` is False, or ``path`` is
+        a file or a directory holding something other than a pqsk index.
     """
     from sklearn.utils.validation import check_is_fitted
 
-    check_is_fitted(estimator)
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
-    arrays = {}
-    params = {k: _encode_value("param." + k, v, arrays)
-              for k, v in estimator.get_params(deep=False).items()}
-    attrs = {k: _encode_value(k, v, arrays) for k, v in vars(estimator).items()
-             if k not in params}
-    parent = os.path.dirname(os.path.abspath(path))
-    tmp = tempfile.mkdtemp(prefix=".pqsk-save-", dir=parent)
-    try:
-        files = {}
-        for i, (name, a) in enumerate(sorted(arrays.items())):
-            a = np.ascontiguousarray(a)
-            fname = f"{i:03d}.npy"
-            np.save(os.path.join(tmp, fname), a, allow_pickle=False)
-            files[name] = {"file": fname, "shape": list(a.shape), "dtype": a.dtype.str,
-                           "sha256": _sha256(a)}
-        from . import __version__
+    from . import __version__
 
-        header = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "pqsk_version": __version__,
-            "class": type(estimator).__name__,
-            "params": params,
-            "attributes": attrs,
-            "arrays": files,
-        }
-        with open(os.path.join(tmp, HEADER), "w") as f:
-            json.dump(header, f, indent=1)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+    check_is_fitted(estimator)
+    # Writing a file that ``load`` refuses helps nobody: parameters fit
+    # would reject (set with set_params) are refused here already.
+    estimator._validate_params()
+    path = os.path.abspath(os.fspath(path))
+    with index_lock(estimator).read():
+        params, attrs, arrays = _encode_estimator(estimator)
+    # Writers replace the arrays of an index, never modify them in place,
+    # so the references taken under the lock stay one consistent state.
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "pqsk_version": __version__,
+        "class": type(estimator).__name__,
+        "params": params,
+        "attributes": attrs,
+    }
+    created = False
+    try:
+        os.mkdir(path)
+        created = True
+        _fsync_dir(os.path.dirname(path))
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise FileExistsError(f"{path} exists and is not a directory.") from None
+    if not created:
+        _check_target(path, overwrite)  # before the lock file is created
+    lock = _SaveLock(path)
+    data_dir = tmp = None
+    switched = False
+    try:
+        version1, entries = _check_target(path, overwrite)
+        numbers = [int(m.group(1)) for m in map(_DATA_DIR.fullmatch, entries) if m]
+        data = f"v{max(numbers, default=0) + 1:06d}"
+        data_dir = os.path.join(path, data)
+        header_sha = _write_data(data_dir, header, arrays)
+        _fsync_dir(path)
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "data": data,
+                    "header_sha256": header_sha}
+        tmp = os.path.join(path, f".{MANIFEST}.tmp-{secrets.token_hex(8)}")
+        _write_durable(tmp, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        os.replace(tmp, os.path.join(path, MANIFEST))  # the switch
+        switched = True
+        _fsync_dir(path)
+        _remove_leftovers(path, keep=data, version1=version1)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        elif not switched:  # else the next save would remove them
+            if data_dir is not None:
+                shutil.rmtree(data_dir, ignore_errors=True)
+            if tmp is not None:
+                try:
+                    os.remove(tmp)
+                except OSError:
+                    pass
         raise
+    finally:
+        lock.release()
+
+
+def _check_target(path, overwrite):
+    """(version1, entries) of the directory ``path`` a save may write to:
+    whether it holds version-1 files, and its entries."""
+    version1 = _has_version1_files(path)
+    if not overwrite and (version1 or os.path.exists(os.path.join(path, MANIFEST))):
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+    entries = os.listdir(path)
+    foreign = [e for e in entries if not _ours(e, version1)]
+    if foreign and not (version1 or MANIFEST in entries):
+        raise FileExistsError(
+            f"{path} exists and is not a pqsk index (it holds {sorted(foreign)[:3]}); "
+            "not overwriting it."
+        )
+    return version1, entries
+
+
+def _write_data(data_dir, header, arrays):
+    """Create ``data_dir`` with the arrays and header.json, all fsynced;
+    returns the header's SHA-256."""
+    os.mkdir(data_dir)
+    files = {}
+    for i, (name, a) in enumerate(sorted(arrays.items())):
+        fname = f"{i:03d}.npy"
+        if isinstance(a, RowStore):
+            files[name] = dict(_write_rows(os.path.join(data_dir, fname), a), file=fname)
+            continue
+        a = np.ascontiguousarray(a)
+        _write_durable(os.path.join(data_dir, fname),
+                       lambda f: np.lib.format.write_array(f, a, allow_pickle=False))
+        files[name] = {"file": fname, "shape": list(a.shape), "dtype": a.dtype.str,
+                       "sha256": _sha256(a)}
+    raw = json.dumps(dict(header, arrays=files), indent=1).encode()
+    _write_durable(os.path.join(data_dir, HEADER), lambda f: f.write(raw))
+    _fsync_dir(data_dir)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _write_rows(fname, store):
+    """Write a row store as one ``.npy`` file (the same bytes ``np.save``
+    writes for ``np.asarray(store)``), chunk by chunk: at most
+    ``CHUNK_BYTES`` of it pass through memory at a time, whatever the size
+    of the store or where its chunks live (memory, or mapped files).
+    Returns the file's shape, dtype and SHA-256 entries."""
+    h = hashlib.sha256()
+    header = {"descr": np.lib.format.dtype_to_descr(store.dtype), "fortran_order": False,
+              "shape": store.shape}
+    step = rows_per_chunk(store.shape[1] * store.dtype.itemsize)
+
+    def write(f):
+        np.lib.format.write_array_header_1_0(f, header)
+        for chunk in store.chunks:
+            for sl in chunk_slices(chunk.shape[0], step):
+                part = np.ascontiguousarray(chunk[sl])  # a view: chunks are C-contiguous
+                data = memoryview(part.reshape(-1).view(np.uint8))
+                h.update(data)
+                f.write(data)
+
+    _write_durable(fname, write)
+    return {"shape": list(store.shape), "dtype": store.dtype.str, "sha256": h.hexdigest()}
+
+
+def _remove_leftovers(path, keep, version1):
+    """After the switch: older data directories, temporary manifests of
+    interrupted saves, and the files of a version-1 index."""
+    # header.json last: while it is there, the next save knows the .npy
+    # files beside it are leftovers.
+    for entry in sorted(os.listdir(path), key=lambda e: e == HEADER):
+        full = os.path.join(path, entry)
+        if _DATA_DIR.fullmatch(entry) and entry != keep:
+            shutil.rmtree(full, ignore_errors=True)
+        elif _TMP_MANIFEST.fullmatch(entry) or (
+                version1 and (entry == HEADER or _ARRAY_FILE.fullmatch(entry))):
+            try:
+                os.remove(full)
+            except OSError:
+                pass
+
+
+# -- loading -----------------------------------------------------------------
+
+def _read_small(fname, limit):
+    try:
+        with open(fname, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as e:
+        raise IndexFormatError(f"cannot read {fname}: {e}") from None
+    if len(raw) > limit:
+        raise IndexFormatError(f"{fname} is too large for a pqsk index file.")
+    return raw
+
+
+def _parse_json(fname, raw):
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError, MemoryError) as e:
+        raise IndexFormatError(f"{fname} is not valid JSON: {type(e).__name__}: {e}") from None
 
 
 def load(path, *, mmap_mode=None, verify=True):
@@ -150,14 +468,15 @@ def load(path, *, mmap_mode=None, verify=True):
     Parameters
     ----------
     path : str or os.PathLike
-        Directory written by ``save``.
+        Directory written by ``save`` (format version 1 or 2).
     mmap_mode : {None, "r", "c"}, default=None
         ``"r"`` memory-maps every array read-only (searches read pages from
         disk on demand; ``partial_fit`` still works, building new arrays in
         memory), ``"c"`` copy-on-write, None reads everything into memory.
     verify : bool, default=True
         Check each array's SHA-256 (reads every byte once, also with
-        ``mmap_mode``).  The structural checks always run.
+        ``mmap_mode``).  The header's checksum and the structural checks
+        always run.
 
     Returns
     -------
@@ -166,87 +485,203 @@ def load(path, *, mmap_mode=None, verify=True):
     Raises
     ------
     IndexFormatError
-        Missing, truncated, corrupted, wrong-version or inconsistent files.
+        Missing, truncated, corrupted, wrong-version or inconsistent files:
+        every way the files can be wrong ends in this error.
     """
+    if mmap_mode not in (None, "r", "c"):
+        raise ValueError(f"mmap_mode must be None, 'r' or 'c', got {mmap_mode!r}.")
+    path = os.fspath(path)
+    # A concurrent save may switch the manifest and remove the data being
+    # read: start again from the new manifest then.
+    for attempt in range(5):
+        if os.path.isfile(os.path.join(path, MANIFEST)):
+            manifest = _read_manifest(path)
+            data_dir = os.path.join(path, manifest["data"])
+            try:
+                return _load_from(path, data_dir, manifest["header_sha256"], mmap_mode,
+                                  verify)
+            except IndexFormatError:
+                if attempt == 4 or _read_manifest(path) == manifest:
+                    raise
+        elif os.path.isfile(os.path.join(path, HEADER)):
+            return _load_from(path, path, None, mmap_mode, verify)
+        else:
+            raise IndexFormatError(
+                f"{path} is not a saved pqsk index (no {MANIFEST} or {HEADER}).")
+
+
+def _load_from(path, data_dir, header_sha, mmap_mode, verify):
     from . import HNSWPQNeighbors, IVFPQNeighbors, PQNeighbors, PQTransformer
 
     classes = {c.__name__: c for c in
                (PQTransformer, PQNeighbors, IVFPQNeighbors, HNSWPQNeighbors)}
-    if mmap_mode not in (None, "r", "c"):
-        raise ValueError(f"mmap_mode must be None, 'r' or 'c', got {mmap_mode!r}.")
-    path = os.fspath(path)
-    header_path = os.path.join(path, HEADER)
-    if not os.path.isfile(header_path):
-        raise IndexFormatError(f"{path} is not a saved pqsk index (no {HEADER}).")
-    if os.path.getsize(header_path) > MAX_HEADER_BYTES:
-        raise IndexFormatError(f"{header_path} is too large to be a pqsk header.")
-    try:
-        with open(header_path) as f:
-            header = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise IndexFormatError(f"{header_path} is not valid JSON: {e}") from None
+    header_path = os.path.join(data_dir, HEADER)
+    raw = _read_small(header_path, MAX_HEADER_BYTES)
+    if header_sha is not None and hashlib.sha256(raw).hexdigest() != header_sha:
+        raise IndexFormatError(f"{header_path} is corrupted (checksum mismatch).")
+    header = _parse_json(header_path, raw)
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise IndexFormatError(f"{header_path} is not a pqsk index header.")
     version = header.get("format_version")
-    if version != FORMAT_VERSION:
+    expected = 1 if header_sha is None else FORMAT_VERSION
+    if version != expected:
         raise IndexFormatError(
-            f"{path} has format version {version!r}; this pqsk reads version "
-            f"{FORMAT_VERSION}. Re-save it with the pqsk that wrote it, or upgrade."
+            f"{path} has format version {version!r}; this pqsk reads versions "
+            f"{READABLE_VERSIONS}. Re-save it with the pqsk that wrote it, or upgrade."
         )
     cls = classes.get(header.get("class"))
     if cls is None:
         raise IndexFormatError(f"{path} holds an unknown class {header.get('class')!r}.")
+    for key in ("params", "attributes", "arrays"):
+        if not isinstance(header.get(key), dict):
+            raise IndexFormatError(f"{header_path}: {key!r} must be a JSON object.")
+    est = cls()
     try:
-        arrays = {}
-        for name, meta in header["arrays"].items():
-            arrays[name] = _load_array(path, name, meta, mmap_mode, verify)
+        arrays = {str(name): _load_array(data_dir, name, meta, mmap_mode, verify)
+                  for name, meta in header["arrays"].items()}
         params = {k: _decode_value("param." + k, v, arrays)
                   for k, v in header["params"].items()}
-        est = cls()
+        if set(params) != set(est.get_params(deep=False)):
+            raise IndexFormatError(
+                f"{path}: the parameters saved for {cls.__name__} are "
+                f"{sorted(params)}, not {sorted(est.get_params(deep=False))}.")
         est.set_params(**params)
+        est._validate_params()
         for k, v in header["attributes"].items():
-            setattr(est, k, _decode_value(k, v, arrays))
+            if not _ATTRIBUTE.fullmatch(k) or hasattr(cls, k) or k in params:
+                raise IndexFormatError(f"{path}: {k!r} is not an attribute an index has.")
+            value = _decode_value(k, v, arrays)
+            if k not in _NOT_SAVED:
+                setattr(est, k, value)
     except IndexFormatError:
         raise
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise IndexFormatError(f"{path}: inconsistent header: {e!r}") from None
     try:
+        for k, v in vars(est).items():
+            if isinstance(v, np.ndarray) and v.dtype != object:
+                require(v.flags.c_contiguous and v.dtype.isnative,
+                        f"{k} is not a C-contiguous array in native byte order")
         est._check_loaded_state()
-    except (AttributeError, TypeError, ValueError, IndexError) as e:
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError, OverflowError) as e:
         raise IndexFormatError(f"{path}: the index is inconsistent: {e}") from None
     return est
 
 
-def _load_array(path, name, meta, mmap_mode, verify):
-    fname = os.path.join(path, os.path.basename(str(meta["file"])))
-    if not os.path.isfile(fname):
-        raise IndexFormatError(f"{path}: array {name!r} is missing ({meta['file']}).")
+def _read_npy_header(fname):
+    """(shape, fortran_order, dtype, data offset) of a ``.npy`` file.
+
+    numpy parses the header with ``ast.literal_eval``: a damaged one can
+    raise nearly anything (SyntaxError, tokenize errors, RecursionError,
+    MemoryError), all of which mean the same thing here.
+    """
+    fmt = np.lib.format
     try:
-        a = np.load(fname, mmap_mode=mmap_mode, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
+        f = open(fname, "rb")
+    except OSError as e:
+        raise IndexFormatError(f"{type(e).__name__}: {e}") from None
+    with f:
+        try:
+            version = fmt.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = fmt.read_array_header_1_0(
+                    f, max_header_size=MAX_NPY_HEADER_BYTES)
+            elif version == (2, 0):
+                shape, fortran, dtype = fmt.read_array_header_2_0(
+                    f, max_header_size=MAX_NPY_HEADER_BYTES)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+        except Exception as e:  # noqa: BLE001 -- see the docstring
+            raise IndexFormatError(f"{type(e).__name__}: {e}") from None
+        return shape, fortran, dtype, f.tell()
+
+
+def _load_array(data_dir, name, meta, mmap_mode, verify):
+    where = f"{data_dir}: array {name!r}"
+    try:
+        fname, shape, dtype_str, sha = meta["file"], meta["shape"], meta["dtype"], meta["sha256"]
+    except (KeyError, TypeError):
+        raise IndexFormatError(f"{where}: needs file, shape, dtype and sha256.") from None
+    if not (isinstance(fname, str) and _ARRAY_FILE.fullmatch(fname)):
+        raise IndexFormatError(f"{where}: bad file name {fname!r}.")
+    if not (isinstance(shape, list) and len(shape) <= MAX_NDIM
+            and all(type(s) is int and s >= 0 for s in shape)):
+        raise IndexFormatError(f"{where}: bad shape {shape!r}.")
+    if not (isinstance(dtype_str, str) and dtype_str in _DTYPES):
         raise IndexFormatError(
-            f"{path}: array {name!r} ({meta['file']}) is unreadable or truncated: {e}"
-        ) from None
-    if list(a.shape) != list(meta["shape"]) or a.dtype.str != meta["dtype"]:
+            f"{where}: dtype {dtype_str!r} is not one an index holds (in native byte order).")
+    if not (isinstance(sha, str) and _SHA.fullmatch(sha)):
+        raise IndexFormatError(f"{where}: bad checksum field.")
+    full = os.path.join(data_dir, fname)
+    if not os.path.isfile(full):
+        raise IndexFormatError(f"{where} is missing ({fname}).")
+    shape, dtype = tuple(shape), _DTYPES[dtype_str]
+    try:
+        file_shape, fortran, file_dtype, offset = _read_npy_header(full)
+    except IndexFormatError as e:
+        raise IndexFormatError(f"{where} ({fname}) is unreadable or truncated: {e}") from None
+    if fortran:
+        raise IndexFormatError(f"{where} is stored in Fortran order; C order expected.")
+    if file_dtype != dtype or file_dtype.str != dtype_str or file_shape != shape:
         raise IndexFormatError(
-            f"{path}: array {name!r} has shape {a.shape} and dtype {a.dtype.str}, the "
-            f"header says {tuple(meta['shape'])} and {meta['dtype']}."
+            f"{where} has shape {file_shape} and dtype {file_dtype.str}, the header "
+            f"says {shape} and {dtype_str}."
         )
-    if verify and _sha256(a) != meta["sha256"]:
-        raise IndexFormatError(f"{path}: array {name!r} is corrupted (checksum mismatch).")
+    count = int(np.prod(shape, dtype=object))
+    size = offset + count * dtype.itemsize
+    try:
+        actual = os.path.getsize(full)
+        if actual != size:
+            raise IndexFormatError(
+                f"{where} ({fname}) is unreadable or truncated: {actual} bytes, its "
+                f"header declares {size}."
+            )
+        if count == 0:
+            a = np.empty(shape, dtype=dtype)
+        elif mmap_mode is not None:
+            a = np.memmap(full, dtype=dtype, mode=mmap_mode, offset=offset, shape=shape)
+        else:
+            a = np.fromfile(full, dtype=dtype, count=count, offset=offset).reshape(shape)
+    except IndexFormatError:
+        raise
+    except (ValueError, OSError) as e:
+        raise IndexFormatError(f"{where} ({fname}) is unreadable or truncated: {e}") from None
+    if verify and _sha256(a) != sha:
+        raise IndexFormatError(f"{where} is corrupted (checksum mismatch).")
     return a
 
 
 class IndexIOMixin:
-    """``save`` / ``load`` for pqsk estimators (see :mod:`pqsk._persist`)."""
+    """``save`` / ``load`` for pqsk estimators (see :mod:`pqsk._persist`),
+    and pickling under the index's read lock."""
+
+    def __getstate__(self):
+        # Under the read lock, so that a pickle (or copy.deepcopy) taken
+        # while another thread runs partial_fit / remove holds the index
+        # before or after that call, never a mix.  Writers replace arrays
+        # rather than modify them, so the shallow copy is enough; a random
+        # generator is modified in place by partial_fit, so it is copied.
+        with index_lock(self).read():
+            state = dict(super().__getstate__())
+            for k, v in state.items():
+                if isinstance(v, np.random.RandomState):
+                    rs = np.random.RandomState()
+                    rs.set_state(v.get_state())
+                    state[k] = rs
+        return state
 
     def save(self, path, *, overwrite=False):
         """Write the fitted estimator to the directory ``path`` (no pickle).
+
+        The save is atomic and durable: whenever it is interrupted,
+        ``path`` holds the previous index or the new one, complete (see
+        :func:`pqsk._persist.save`).
 
         Parameters
         ----------
         path : str or os.PathLike
         overwrite : bool, default=False
+            Replace an index already saved at ``path``.
 
         Returns
         -------
@@ -270,6 +705,11 @@ class IndexIOMixin:
         Returns
         -------
         estimator : instance of this class
+
+        Raises
+        ------
+        IndexFormatError
+            The files are damaged, inconsistent or hold another class.
         """
         est = load(path, mmap_mode=mmap_mode, verify=verify)
         if not isinstance(est, cls):
@@ -279,16 +719,104 @@ class IndexIOMixin:
         return est
 
 
+# -- checks used by the estimators' ``_check_loaded_state`` -------------------
+
 def require(cond, msg):
     if not cond:
         raise ValueError(msg)
 
 
-def check_int_array(a, name, shape, lo, hi):
-    """``a`` is an integer ndarray of ``shape`` with values in [lo, hi)."""
+def check_scalar_int(value, name, lo, hi):
+    """``value`` is a Python int (not a bool) in [lo, hi)."""
+    require(type(value) is int and lo <= value < hi,
+            f"{name} must be an int in [{lo}, {hi}), got {value!r}")
+    return value
+
+
+def _check_shape(a, name, shape):
+    ok = a.ndim == len(shape) and all(s is None or s == t for s, t in zip(shape, a.shape))
+    require(ok, f"{name} has shape {a.shape}, expected "
+                f"({', '.join('n' if s is None else str(s) for s in shape)})")
+
+
+def check_int_array(a, name, shape, lo, hi, dtype=None):
+    """``a`` is an integer ndarray of ``shape`` (None: any length) and
+    ``dtype`` if given, C-contiguous in native byte order, with values in
+    [lo, hi)."""
     require(isinstance(a, np.ndarray) and a.dtype.kind in "iu",
             f"{name} must be an integer array")
-    require(a.shape == tuple(shape), f"{name} has shape {a.shape}, expected {tuple(shape)}")
+    if dtype is not None:
+        require(a.dtype == dtype, f"{name} has dtype {a.dtype}, expected {np.dtype(dtype)}")
+    require(a.flags.c_contiguous and a.dtype.isnative,
+            f"{name} must be C-contiguous in native byte order")
+    _check_shape(a, name, shape)
     if a.size:
         require(int(a.min()) >= lo and int(a.max()) < hi,
                 f"{name} has values outside [{lo}, {hi})")
+
+
+def distance_bound(dtype, n_features):
+    """Largest magnitude whose squared distances over ``n_features``
+    features cannot overflow ``dtype`` (as ``_base.check_range``)."""
+    return float(np.sqrt(np.finfo(dtype).max / (4 * max(1, n_features))))
+
+
+def check_float_array(a, name, shape, dtype, bound):
+    """``a`` is a C-contiguous native ndarray of exactly ``shape`` and
+    ``dtype``, finite, with every value in [-bound, bound]."""
+    require(isinstance(a, np.ndarray) and a.dtype == dtype,
+            f"{name} must be a {np.dtype(dtype)} array")
+    require(a.flags.c_contiguous and a.dtype.isnative,
+            f"{name} must be C-contiguous in native byte order")
+    _check_shape(a, name, shape)
+    if a.size:
+        lo, hi = float(a.min()), float(a.max())  # NaN propagates to both
+        require(np.isfinite(lo) and np.isfinite(hi), f"{name} contain NaN or infinity")
+        require(max(hi, -lo) <= bound,
+                f"{name} have values up to {max(hi, -lo):.3g}, beyond {bound:.3g} where "
+                "squared distances overflow")
+
+
+def check_bool_mask(a, name, n):
+    require(isinstance(a, np.ndarray) and a.dtype == np.bool_ and a.shape == (n,)
+            and a.flags.c_contiguous, f"{name} must be a bool array of shape ({n},)")
+
+
+def check_codebooks(est, max_codewords):
+    """Checks shared by every estimator's codebooks_: a 3-d float32 or
+    float64 array (m, k, ds) covering ``n_features_in_`` features, k at
+    most ``max_codewords``, finite.  Returns (m, k, ds); the range is
+    checked by the caller, which knows how the codebooks are used."""
+    d = check_scalar_int(est.n_features_in_, "n_features_in_", 1, 2**31)
+    cb = est.codebooks_
+    require(isinstance(cb, np.ndarray) and cb.dtype in (np.float32, np.float64)
+            and cb.ndim == 3, "codebooks_ must be a 3-d float32 or float64 array")
+    m, k, ds = cb.shape
+    require(m >= 1 and ds >= 1 and m * ds == d,
+            f"codebooks_ of shape {cb.shape} do not cover n_features_in_={d}")
+    require(1 <= k <= max_codewords, f"codebooks_ hold {k} codewords per sub-space")
+    check_float_array(cb, "codebooks_", cb.shape, cb.dtype, np.inf)
+    check_scalar_int(est.n_iter_, "n_iter_", 0, 2**31)
+    names = getattr(est, "feature_names_in_", None)
+    if names is not None or hasattr(est, "feature_names_in_"):
+        require(isinstance(names, np.ndarray) and names.dtype == object
+                and names.shape == (d,) and all(isinstance(s, str) for s in names),
+                "feature_names_in_ must hold n_features_in_ strings")
+    return m, k, ds
+
+
+def reachable(links, start):
+    """Boolean mask of the nodes reachable from ``start`` following the
+    links of ``links`` (n, width), -1 marking unused slots."""
+    from scipy import sparse
+    from scipy.sparse.csgraph import breadth_first_order
+
+    n, width = links.shape
+    rows = np.repeat(np.arange(n), width)
+    cols = links.ravel().astype(np.int64)
+    keep = cols >= 0
+    adj = sparse.csr_matrix((np.ones(int(keep.sum()), np.int8), (rows[keep], cols[keep])),
+                            shape=(n, n))
+    reach = np.zeros(n, bool)
+    reach[breadth_first_order(adj, start, directed=True, return_predecessors=False)] = True
+    return reach

@@ -261,9 +261,16 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         )
 
     def _check_loaded_state(self):
-        self._check_codebooks_state()
-        require(self.code_dtype_ == _quantizer.code_dtype(self.n_codewords),
-                "code_dtype_ does not match n_codewords")
+        from ._persist import (check_codebooks, check_float_array, check_scalar_int,
+                               distance_bound)
+
+        m, k, _ = check_codebooks(self, _quantizer.MAX_CODEWORDS)
+        cb = self.codebooks_
+        check_float_array(cb, "codebooks_", cb.shape, cb.dtype,
+                          distance_bound(cb.dtype, self.n_features_in_))
+        require(self.code_dtype_ == _quantizer.code_dtype(k),
+                "code_dtype_ does not match the codebooks")
+        check_scalar_int(self._n_features_out, "_n_features_out", m, m + 1)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -386,8 +393,16 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         self.verbose = verbose
 
     def _check_loaded_state(self):
+        from ._persist import check_float_array, distance_bound
+
         super()._check_loaded_state()
         require(self.codes_.shape[0] == self.n_samples_fit_, "codes_ and n_samples_fit_ differ")
+        # No remove(): the exhaustive search does not look at removed_.
+        require(self.removed_ is None and self.n_removed_ == 0,
+                "a PQNeighbors index has no removed vectors")
+        cb = self.codebooks_
+        check_float_array(cb, "codebooks_", cb.shape, cb.dtype,
+                          distance_bound(cb.dtype, self.n_features_in_))
 
     def _fit_index(self, X, progress):
         self.codebooks_ = self._fit_codebooks(X, progress)

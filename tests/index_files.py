@@ -1,0 +1,147 @@
+"""Reading and editing the files of a saved index, as an attacker or a
+damaged disk would (used by test_persistence.py, test_file_fuzz.py and
+test_save_kill.py).
+
+Works on both layouts: format version 2 (``MANIFEST.json`` naming a data
+directory) and version 1 (``header.json`` and the ``.npy`` files directly
+in the index directory), so that the regression tests also run against
+the code that wrote version 1.
+"""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+
+
+def sha256_array(a):
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+def data_dir(path):
+    """The directory holding header.json and the arrays."""
+    path = str(path)
+    manifest = os.path.join(path, "MANIFEST.json")
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            return os.path.join(path, json.load(f)["data"])
+    return path
+
+
+def read_header(path):
+    with open(os.path.join(data_dir(path), "header.json")) as f:
+        return json.load(f)
+
+
+def replace_file(fname, raw):
+    """Write a new file in place of ``fname`` (a new inode: a hard link to
+    the old one keeps the old content)."""
+    tmp = fname + ".edit"
+    with open(tmp, "wb") as f:
+        f.write(raw)
+    os.replace(tmp, fname)
+
+
+def write_header_bytes(path, raw, recompute=True):
+    """Replace header.json; with ``recompute``, make the manifest's
+    checksum match (as someone editing the files on purpose would)."""
+    replace_file(os.path.join(data_dir(path), "header.json"), raw)
+    manifest = os.path.join(str(path), "MANIFEST.json")
+    if recompute and os.path.exists(manifest):
+        with open(manifest) as f:
+            m = json.load(f)
+        m["header_sha256"] = hashlib.sha256(raw).hexdigest()
+        replace_file(manifest, json.dumps(m).encode())
+
+
+def write_header(path, header, recompute=True):
+    write_header_bytes(path, json.dumps(header, indent=1).encode(), recompute)
+
+
+def array_file(path, name, header=None):
+    header = read_header(path) if header is None else header
+    return os.path.join(data_dir(path), header["arrays"][name]["file"])
+
+
+def read_array(path, name):
+    return np.load(array_file(path, name), allow_pickle=False)
+
+
+def rewrite_array(path, name, a, recompute=True):
+    """Save ``a`` in place of array ``name``; with ``recompute`` the header
+    then describes it (shape, dtype, checksum) and the manifest the header."""
+    import io
+
+    header = read_header(path)
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    replace_file(array_file(path, name, header), buf.getvalue())
+    if recompute:
+        meta = header["arrays"][name]
+        meta["shape"] = list(a.shape)
+        meta["dtype"] = a.dtype.str
+        meta["sha256"] = sha256_array(a)
+        write_header(path, header, recompute=True)
+
+
+def edit_array(path, name, fn, recompute=True):
+    """Rewrite array ``name`` as ``fn(copy of it)`` (fn may edit in place
+    and return None)."""
+    a = read_array(path, name).copy()
+    out = fn(a)
+    rewrite_array(path, name, a if out is None else out, recompute)
+
+
+def edit_header(path, fn, recompute=True):
+    header = read_header(path)
+    out = fn(header)
+    write_header(path, header if out is None else out, recompute)
+
+
+def write_version1(estimator, path):
+    """Save ``estimator`` in format version 1, byte for byte as pqsk wrote
+    it before version 2 (commit 7281d14): header.json and the arrays in
+    ``path`` itself, derived list terms included, no header checksum."""
+    from pqsk import __version__
+    from pqsk._persist import _encode_value
+
+    arrays = {}
+    params = {k: _encode_value("param." + k, v, arrays)
+              for k, v in estimator.get_params(deep=False).items()}
+    attrs = {k: _encode_value(k, v, arrays) for k, v in vars(estimator).items()
+             if k not in params}
+    os.mkdir(path)
+    files = {}
+    for i, (name, a) in enumerate(sorted(arrays.items())):
+        a = np.ascontiguousarray(a)
+        fname = f"{i:03d}.npy"
+        np.save(os.path.join(path, fname), a, allow_pickle=False)
+        files[name] = {"file": fname, "shape": list(a.shape), "dtype": a.dtype.str,
+                       "sha256": sha256_array(a)}
+    header = {"format": "pqsk-index", "format_version": 1, "pqsk_version": __version__,
+              "class": type(estimator).__name__, "params": params, "attributes": attrs,
+              "arrays": files}
+    with open(os.path.join(path, "header.json"), "w") as f:
+        json.dump(header, f, indent=1)
+
+
+def npy_bytes(header_text, data=b""):
+    """A ``.npy`` file (version 1.0) with ``header_text`` as its header
+    dictionary, whatever it says, followed by ``data``."""
+    import struct
+
+    text = header_text.encode("latin1")
+    pad = (-(10 + len(text) + 1)) % 64
+    text += b" " * pad + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text + data
+
+
+def npy_data(fname):
+    """The data bytes of a ``.npy`` file (what follows its header)."""
+    with open(fname, "rb") as f:
+        np.lib.format.read_magic(f)
+        np.lib.format.read_array_header_1_0(f)
+        return f.read()

@@ -1,0 +1,192 @@
+"""A save killed at any moment leaves the index loadable, old or new
+(finding 11 of issue 10: the old ``save`` deleted the index first).
+
+Both tests run a driver interpreter (so that nothing here depends on the
+test process's threads) that forks the processes which save:
+
+* ``test_kill_at_every_step``: the k-th file-system call of a save
+  (open for writing, fsync, mkdir, rename, replace, remove, rmtree...)
+  SIGKILLs its own process, for k = 1, 2, ... until a save completes;
+* ``test_random_kills``: a child saves over the index again and again,
+  alternating two contents, and the driver SIGKILLs it at a random moment,
+  30 times.
+
+After every kill the driver loads the index and checks its answers are
+those of one of the two contents.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+
+def _run_driver(mode, tmp_path):
+    import pqsk
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(pqsk.__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+               MKL_NUM_THREADS="1", PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, __file__, mode, str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    tail = (proc.stdout + proc.stderr)[-3000:]
+    assert proc.returncode == 0, f"driver exited with {proc.returncode}:\n{tail}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_kill_at_every_step(tmp_path):
+    summary = _run_driver("steps", tmp_path)
+    # Every step of a save was a kill point, then a save went through.
+    assert summary["steps"] >= 20, summary
+    assert summary["loaded_old"] > 0 and summary["loaded_new"] > 0, summary
+    assert summary["failures"] == [], summary["failures"][:3]
+
+
+def test_random_kills(tmp_path):
+    summary = _run_driver("random", tmp_path)
+    assert summary["kills"] == 30, summary
+    assert summary["failures"] == [], summary["failures"][:3]
+    # The kills landed inside saves, not only between them.
+    assert summary["leftovers_seen"] > 0, summary
+
+
+# -- the driver ---------------------------------------------------------------
+
+def _contents():
+    import numpy as np
+
+    from pqsk import HNSWPQNeighbors
+
+    rng = np.random.RandomState(0)
+    X = rng.randn(1500, 16).astype(np.float32)
+    Q = rng.randn(10, 16).astype(np.float32)
+    a = HNSWPQNeighbors(5, n_links=8, ef_construction=32, n_subspaces=4, n_codewords=16,
+                        refine_factor=2, random_state=0).fit(X)
+    b = HNSWPQNeighbors(5, n_links=8, ef_construction=32, n_subspaces=4, n_codewords=16,
+                        refine_factor=2, random_state=1).fit(X[::-1])
+    answers = [est.kneighbors(Q, return_distance=False) for est in (a, b)]
+    assert not (answers[0] == answers[1]).all()
+    return [a, b], Q, answers
+
+
+def _which(path, Q, answers):
+    """0 or 1: which content ``path`` holds; raises if neither."""
+    import numpy as np
+
+    import pqsk
+
+    got = pqsk.load(path).kneighbors(Q, return_distance=False)
+    for i, expected in enumerate(answers):
+        if np.array_equal(got, expected):
+            return i
+    raise AssertionError("the index loads, but answers as neither content")
+
+
+def _arm_kill_at(k):
+    """Make the k-th file-system call of this process SIGKILL it."""
+    import builtins
+    import shutil
+    import signal
+
+    count = [0]
+
+    def wrap(module, name):
+        original = getattr(module, name)
+
+        def call(*args, **kwargs):
+            mode = args[1] if len(args) > 1 else kwargs.get("mode", "r")
+            if name != "open" or any(c in str(mode) for c in "wxa+"):
+                count[0] += 1
+                if count[0] == k:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return original(*args, **kwargs)
+
+        setattr(module, name, call)
+
+    for module, name in [(builtins, "open"), (os, "fsync"), (os, "mkdir"), (os, "rename"),
+                         (os, "replace"), (os, "remove"), (os, "unlink"), (os, "rmdir"),
+                         (shutil, "rmtree")]:
+        wrap(module, name)
+
+
+def _leftovers(path):
+    """Entries beyond the manifest, the lock and one data directory."""
+    if not os.path.isdir(path):
+        return -1
+    return len([e for e in os.listdir(path) if e not in ("MANIFEST.json", ".pqsk-lock")]) - 1
+
+
+def _drive_steps(workdir):
+    ests, Q, answers = _contents()
+    path = os.path.join(workdir, "index")
+    ests[0].save(path)
+    current, summary = 0, {"steps": 0, "loaded_old": 0, "loaded_new": 0, "failures": []}
+    for k in range(1, 10000):
+        pid = os.fork()
+        if pid == 0:  # the saver: dies at its k-th file-system call
+            _arm_kill_at(k)
+            ests[1 - current].save(path, overwrite=True)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        completed = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        try:
+            now = _which(path, Q, answers)
+        except Exception as e:
+            summary["failures"].append(f"kill at step {k}: {type(e).__name__}: {e}")
+            break
+        summary["loaded_new" if now != current else "loaded_old"] += 1
+        if completed:
+            summary["steps"] = k - 1
+            break
+        current = now
+    # A save after all these kills leaves one data directory.
+    ests[0].save(path, overwrite=True)
+    if _leftovers(path) != 0 or _which(path, Q, answers) != 0:
+        summary["failures"].append(f"after a clean save: {sorted(os.listdir(path))}")
+    return summary
+
+
+def _drive_random(workdir, n_kills=30):
+    import random
+    import signal
+    import time
+
+    ests, Q, answers = _contents()
+    path = os.path.join(workdir, "index")
+    ests[0].save(path)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        ests[1].save(os.path.join(workdir, "timing"), overwrite=True)
+    save_time = (time.perf_counter() - t0) / 5
+    rnd = random.Random(0)
+    summary = {"kills": 0, "save_ms": round(1000 * save_time, 2), "loaded": [0, 0],
+               "leftovers_seen": 0, "failures": []}
+    for _ in range(n_kills):
+        pid = os.fork()
+        if pid == 0:  # the saver: alternates the two contents forever
+            i = 0
+            while True:
+                ests[i % 2].save(path, overwrite=True)
+                i += 1
+        time.sleep(rnd.uniform(0, 4 * save_time))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        summary["kills"] += 1
+        summary["leftovers_seen"] += _leftovers(path) > 0
+        try:
+            summary["loaded"][_which(path, Q, answers)] += 1
+        except Exception as e:
+            summary["failures"].append(f"kill {summary['kills']}: {type(e).__name__}: {e}")
+    return summary
+
+
+if __name__ == "__main__":
+    mode, workdir = sys.argv[1], sys.argv[2]
+    result = _drive_steps(workdir) if mode == "steps" else _drive_random(workdir)
+    print(json.dumps(result))
