@@ -326,7 +326,18 @@ MEMORY_CHILD = textwrap.dedent("""
     done[0] = True
     t.join()
     usage = nn.memory_usage_
-    print(peak[0] - base, usage["total"], usage.get("vectors_mapped", 0))
+    fit_grown = peak[0] - base
+
+    # save streams the vectors; load maps them and checks them by chunks.
+    import pqsk
+    base, peak[0], done[0] = anon(), 0, False
+    t = threading.Thread(target=sample)
+    t.start()
+    nn.save({index!r})
+    back = pqsk.load({index!r}, mmap_mode="r")
+    done[0] = True
+    t.join()
+    print(fit_grown, usage["total"], usage.get("vectors_mapped", 0), peak[0] - base)
 """)
 
 
@@ -347,11 +358,81 @@ def test_fit_on_a_memmap_stays_within_the_index_plus_a_bound(tmp_path):
     X.flush()
     del X
     code = MEMORY_CHILD.format(repo=os.environ.get("PQSK_MEMORY_REPO", REPO), path=path,
-                               chunk_rows=8192)
+                               chunk_rows=8192, index=str(tmp_path / "index"))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    grown, index, mapped = map(int, proc.stdout.split())
-    print(f"fit added {grown / 2**20:.1f} MiB, index {index / 2**20:.1f} MiB")
+    grown, index, mapped, saved = map(int, proc.stdout.split())
+    print(f"fit added {grown / 2**20:.1f} MiB, index {index / 2**20:.1f} MiB, "
+          f"save + load(mmap) {saved / 2**20:.1f} MiB")
     assert mapped == 200_000 * 64 * 4
     assert grown <= index + 40 * 2**20, (grown / 2**20, index / 2**20)
+    # Saving and mapping back never hold the vectors (49 MiB) in memory.
+    assert saved <= index + 24 * 2**20, (saved / 2**20, index / 2**20)
+
+
+# -- persistence of the row store ------------------------------------------------------
+
+@pytest.mark.parametrize("mmap_mode", [None, "r"])
+@pytest.mark.parametrize("kind", sorted(FACTORIES))
+def test_save_load_round_trip_of_a_chunked_store(tmp_path, kind, mmap_mode):
+    """A store of several chunks (a memmap by reference, then appended
+    batches) is saved as one .npy, byte for byte what np.save writes for
+    the whole array, and loaded (mapped with mmap_mode) as one chunk."""
+    X = _data()
+    Q = _data(40, seed=1)
+    nn = FACTORIES[kind](metric="cosine", refine_factor=4).fit(_memmap(tmp_path, X))
+    nn.partial_fit(Q[:25])
+    nn.partial_fit(Q[25:])
+    assert len(nn.vectors_.chunks) == 2
+    nn.save(tmp_path / "index")
+    back = type(nn).load(tmp_path / "index", mmap_mode=mmap_mode)
+    (chunk,) = back.vectors_.chunks
+    assert is_file_backed(chunk) == (mmap_mode is not None)
+    assert back.vectors_ == nn.vectors_
+    usage = back.memory_usage_
+    assert (usage["vectors_mapped"] > 0) == (mmap_mode is not None)
+    assert usage["vectors"] + usage["vectors_mapped"] == np.vstack([X, Q]).nbytes
+    for a, b in zip(nn.kneighbors(Q), back.kneighbors(Q)):
+        assert_array_equal(a, b)
+    # The file is what np.save writes for the concatenated rows.
+    import json
+    path = tmp_path / "index"
+    data = json.loads((path / "MANIFEST.json").read_text())["data"]
+    header = json.loads((path / data / "header.json").read_text())
+    fname = header["arrays"]["vectors_"]["file"]
+    np.save(tmp_path / "ref.npy", np.vstack([X, Q]))
+    assert (path / data / fname).read_bytes() == (tmp_path / "ref.npy").read_bytes()
+    # A loaded (mapped) store takes appends too, the file chunk kept.
+    back.partial_fit(X[:3])
+    assert back.vectors_.chunks[0] is chunk
+    assert_array_equal(np.asarray(back.vectors_)[-3:], X[:3])
+
+
+def test_saved_vectors_are_checked_chunk_by_chunk(tmp_path, monkeypatch):
+    """A NaN or an out-of-range value in a late chunk of the saved vectors
+    makes load fail (checksums recomputed, so only the value check sees it)."""
+    import json
+    monkeypatch.setattr(store_mod, "CHUNK_ROWS", 300)
+    X = _data()
+    nn = FACTORIES["ivf"](refine_factor=2).fit(X)
+    path = tmp_path / "index"
+    for bad in (np.nan, 1e30):
+        nn.save(path, overwrite=True)
+        data = json.loads((path / "MANIFEST.json").read_text())["data"]
+        header_path = path / data / "header.json"
+        header = json.loads(header_path.read_text())
+        meta = header["arrays"]["vectors_"]
+        V = np.load(path / data / meta["file"])
+        V[2200, 5] = bad
+        np.save(path / data / meta["file"], V)
+        from pqsk._persist import _sha256
+        meta["sha256"] = _sha256(V)
+        raw = json.dumps(header, indent=1).encode()
+        header_path.write_bytes(raw)
+        import hashlib
+        manifest = json.loads((path / "MANIFEST.json").read_text())
+        manifest["header_sha256"] = hashlib.sha256(raw).hexdigest()
+        (path / "MANIFEST.json").write_text(json.dumps(manifest))
+        with pytest.raises(ValueError, match="vectors_"):
+            IVFPQNeighbors.load(path, mmap_mode="r")
