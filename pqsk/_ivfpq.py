@@ -10,7 +10,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from . import _quantizer
 from ._base import BasePQNeighbors, PQParamsMixin, RemovalMixin
 from ._persist import IndexIOMixin, check_int_array, require
-from ._utils import effective_n_threads
+from ._utils import effective_n_threads, release_memory
 
 # Seed article, step 8: the coarse quantizer wants ~256 training points per
 # cell; below ~39 per cell k-means is poorly determined.
@@ -270,6 +270,8 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
         residuals = pq_train - centroids[_quantizer.assign(pq_train, centroids)]
         del pq_train
         codebooks = self._fit_codebooks(residuals, progress)
+        del residuals
+        release_memory()  # the training sample, before the index is built
 
         self.cluster_centers_ = centroids
         self.codebooks_ = codebooks

@@ -20,10 +20,10 @@ from sklearn.cluster import KMeans
 from sklearn.utils import check_random_state
 from threadpoolctl import ThreadpoolController
 
-from sklearn.preprocessing import normalize
 
 from . import _adc, _encode, _ivf
-from ._store import rows_per_chunk
+from ._store import rows_per_chunk, unit_rows
+from ._utils import release_memory
 
 MAX_CODEWORDS = 65536
 
@@ -577,15 +577,27 @@ def coarse_terms(Q, centroids, inner_product):
     return prod
 
 
-def assign(X, centroids):
-    """Index of the L2-nearest centroid of each row (chunked GEMM)."""
-    labels = np.empty(X.shape[0], dtype=np.int64)
-    c_norms = np.einsum("ij,ij->i", centroids, centroids)
-    for sl in _chunks(X.shape[0], chunk_rows(centroids.shape[0])):
-        d = X[sl] @ centroids.T
+def assign(X, centroids, out=None, c_norms=None, block=None):
+    """Index of the L2-nearest centroid of each row (chunked GEMM).
+
+    ``out``: int array for the labels; ``c_norms``: the centroids' squared
+    norms; ``block``: a (rows, n_lists) buffer for the distance blocks
+    (``chunk_rows(n_lists)`` rows): given when called chunk after chunk,
+    so that nothing is allocated per call.
+    """
+    labels = np.empty(X.shape[0], dtype=np.int64) if out is None else out
+    if c_norms is None:
+        c_norms = np.einsum("ij,ij->i", centroids, centroids)
+    step = chunk_rows(centroids.shape[0]) if block is None else block.shape[0]
+    for sl in _chunks(X.shape[0], step):
+        d = (np.matmul(X[sl], centroids.T) if block is None
+             else np.matmul(X[sl], centroids.T, out=block[:sl.stop - sl.start]))
         d *= -2
         d += c_norms
-        labels[sl] = np.argmin(d, axis=1)
+        if labels.dtype == np.intp:
+            np.argmin(d, axis=1, out=labels[sl])
+        else:
+            labels[sl] = np.argmin(d, axis=1)
     return labels
 
 
@@ -617,12 +629,23 @@ def assign_encode(X, centroids, codebooks, n_threads=1):
     n = X.shape[0]
     labels = np.empty(n, dtype=np.int32 if centroids.shape[0] < 2**31 else np.int64)
     codes = np.empty((n, m), dtype=code_dtype(k))
+    # Buffers reused chunk after chunk: a pass allocates them once.
+    c_norms = np.einsum("ij,ij->i", centroids, centroids)
+    block = np.empty((min(n, chunk_rows(centroids.shape[0])), centroids.shape[0]),
+                     dtype=centroids.dtype)
+    lab = residuals = None
     for sl, chunk in row_chunks(X):
-        lab = assign(chunk, centroids)
-        labels[sl] = lab
-        residuals = centroids[lab]
-        np.subtract(chunk, residuals, out=residuals)
-        codes[sl] = encode(residuals, codebooks, n_threads)
+        rows = sl.stop - sl.start
+        if residuals is None:
+            lab = np.empty(rows, dtype=np.intp)
+            residuals = np.empty((rows, centroids.shape[1]), dtype=centroids.dtype)
+        assign(chunk, centroids, out=lab[:rows], c_norms=c_norms, block=block)
+        labels[sl] = lab[:rows]
+        np.take(centroids, lab[:rows], axis=0, out=residuals[:rows])
+        np.subtract(chunk, residuals[:rows], out=residuals[:rows])
+        codes[sl] = encode(residuals[:rows], codebooks, n_threads)
+    if n > rows_per_chunk(X.shape[1] * codebooks.dtype.itemsize):
+        release_memory()  # the chunks' temporaries, before the caller's next step
     return labels, codes
 
 
@@ -680,7 +703,8 @@ def exact_rerank(Q, vectors, cand, n_neighbors, inner_product=False, unit_norm=F
     for sl in _chunks(nq, chunk_rows(n_cand * d)):
         V = vectors[safe[sl]]                      # (rows, n_cand, D), a copy
         if unit_norm:
-            V = normalize(V.reshape(-1, d), copy=False).reshape(V.shape)
+            flat = V.reshape(-1, d)
+            unit_rows(flat, out=flat)
         if inner_product:
             dist[sl] = -np.einsum("qcd,qd->qc", V, Q[sl])
         else:

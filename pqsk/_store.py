@@ -21,7 +21,6 @@ temporaries of the work done on it (a few times the chunk).
 import mmap
 
 import numpy as np
-from sklearn.preprocessing import normalize
 
 # Every chunked pass over the rows of fit input or of the row store reads
 # at most CHUNK_ROWS rows, and at most CHUNK_BYTES bytes, at a time.
@@ -51,14 +50,31 @@ def is_file_backed(a):
     return False
 
 
-def prepare_rows(chunk, dtype, unit_norm):
+def unit_rows(rows, out=None):
+    """``rows`` scaled to unit L2 norm, bit for bit as
+    :func:`sklearn.preprocessing.normalize` scales them (norms below
+    ``10 * eps`` count as 1, so rows of zeros stay zero), into ``out``
+    (may be ``rows`` itself) or a new array."""
+    norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))
+    norms[norms < 10 * np.finfo(norms.dtype).eps] = 1.0
+    return np.divide(rows, norms[:, None], out=out)
+
+
+def prepare_rows(chunk, dtype, unit_norm, out=None):
     """``chunk`` as a C-contiguous array of ``dtype``, its rows scaled to
-    unit L2 norm when ``unit_norm`` (rows of zeros stay zero).  Never
-    modifies ``chunk``; returns it unchanged when nothing is to be done."""
-    chunk = np.ascontiguousarray(chunk, dtype=dtype)
-    if unit_norm:
-        chunk = normalize(chunk, copy=True)
-    return chunk
+    unit L2 norm when ``unit_norm`` (see :func:`unit_rows`), written into
+    ``out`` if given (a buffer of at least as many rows).  Never modifies
+    ``chunk``; returns it unchanged when nothing is to be done."""
+    if not unit_norm:
+        return np.ascontiguousarray(chunk, dtype=dtype)
+    if out is None:
+        out = np.empty(chunk.shape, dtype=dtype)
+    else:
+        out = out[:chunk.shape[0]]
+    if chunk.dtype != dtype:
+        out[...] = chunk
+        chunk = out
+    return unit_rows(chunk, out=out)
 
 
 class FitRows:
@@ -95,9 +111,17 @@ class FitRows:
         return rows_per_chunk(self.shape[1] * self.dtype.itemsize)
 
     def chunks(self, rows=None):
-        """(slice, prepared rows) pairs covering every row in order."""
-        for sl in chunk_slices(self.shape[0], rows or self.chunk_rows()):
-            yield sl, prepare_rows(self.raw[sl], self.dtype, self.unit_norm)
+        """(slice, prepared rows) pairs covering every row in order.
+
+        A chunk is valid until the next one is produced: normalised rows
+        are written into one buffer reused for the whole pass (no memory
+        churn), and unconverted rows are views of X.  Copy a chunk to keep
+        it."""
+        step = rows or self.chunk_rows()
+        buf = (np.empty((min(step, self.shape[0]), self.shape[1]), dtype=self.dtype)
+               if self.unit_norm else None)
+        for sl in chunk_slices(self.shape[0], step):
+            yield sl, prepare_rows(self.raw[sl], self.dtype, self.unit_norm, out=buf)
 
     def raw_chunks(self, rows=None):
         """(slice, rows of ``dtype``, not normalised) pairs, in order."""
@@ -110,7 +134,11 @@ class FitRows:
         rows = np.asarray(rows, dtype=np.intp)
         out = np.empty((rows.shape[0], self.shape[1]), dtype=self.dtype)
         for sl in chunk_slices(rows.shape[0], self.chunk_rows()):
-            out[sl] = prepare_rows(self.raw[rows[sl]], self.dtype, self.unit_norm)
+            part = self.raw[rows[sl]]
+            if self.unit_norm:
+                prepare_rows(part, self.dtype, True, out=out[sl])
+            else:
+                out[sl] = part
         return out
 
     def __getitem__(self, key):
@@ -151,7 +179,8 @@ class RowStore:
     as a read-only array of shape (n_samples_fit, n_features) for what an
     index needs: ``shape``, ``dtype``, ``len``, ``np.asarray(store)`` (every
     row; concatenates the chunks when there are several), and
-    ``store[ids]`` / :meth:`take` to gather rows by id.
+    ``store[ids]`` / :meth:`take` to gather rows by id (``store[mask]``
+    and ``store[start:stop]`` too).
 
     A chunk is either a file-backed array kept by reference (the rows a
     memmap passed to ``fit`` or ``partial_fit`` holds, when they are
@@ -259,6 +288,11 @@ class RowStore:
             key = np.arange(start, stop, step)
         if isinstance(key, (int, np.integer)):
             return self.take(np.asarray([key]))[0]
+        key = np.asarray(key)
+        if key.dtype == bool:
+            if key.shape != (self.shape[0],):
+                raise IndexError(f"a boolean mask of a RowStore has shape ({self.shape[0]},)")
+            key = np.flatnonzero(key)
         return self.take(key)
 
     def take(self, ids):

@@ -185,6 +185,8 @@ def test_row_store_take_and_array_api():
     assert_array_equal(s.take(np.array([], dtype=np.int64)), rows[:0])
     assert_array_equal(s[5], rows[5])
     assert_array_equal(s[10:40:3], rows[10:40:3])
+    mask = rng.rand(50) < 0.3
+    assert_array_equal(s[mask], rows[mask])
     with pytest.raises(IndexError):
         s[np.array([50])]
     with pytest.raises(IndexError):
@@ -195,13 +197,27 @@ def test_row_store_take_and_array_api():
     assert s != s.appended(rows[:1])
 
 
+def test_unit_rows_is_sklearn_normalize_bit_for_bit():
+    from sklearn.preprocessing import normalize
+    from pqsk._store import unit_rows
+    rng = np.random.RandomState(0)
+    for dtype in (np.float32, np.float64):
+        A = (rng.randn(500, 24) * rng.lognormal(0, 3, size=(500, 1))).astype(dtype)
+        A[:3] = 0
+        A[3] = 1e-30
+        assert_array_equal(unit_rows(A), normalize(A))
+        B = A.copy()
+        unit_rows(B, out=B)
+        assert_array_equal(B, normalize(A))
+
+
 def test_fit_rows_prepare_chunks_like_the_whole():
     X = (np.random.RandomState(0).rand(1000, 8) * 100).astype(np.int32)
     rows = FitRows(X, np.float32, unit_norm=True)
     whole = np.asarray(rows)
     from sklearn.preprocessing import normalize
     assert_array_equal(whole, normalize(X.astype(np.float32)))
-    parts = np.vstack([c for _, c in rows.chunks(rows=77)])
+    parts = np.vstack([c.copy() for _, c in rows.chunks(rows=77)])
     assert_array_equal(parts, whole)
     idx = np.array([3, 500, 999])
     assert_array_equal(rows[idx], whole[idx])
