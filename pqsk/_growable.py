@@ -69,6 +69,8 @@ def grow(owner, name, current, extra, fill=None):
     if bufs is None:
         bufs = _BUFFERS[owner] = {}
     buf = bufs.get(name)
+    if not extra and _is_prefix(current, buf):
+        return current  # already a writable prefix: the same object
     if not _is_prefix(current, buf) or buf.shape[0] < need:
         old_cap = buf.shape[0] if _is_prefix(current, buf) else n
         cap = max(need, 2 * old_cap, MIN_CAPACITY)

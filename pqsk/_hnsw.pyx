@@ -689,6 +689,68 @@ cdef inline bint links_to(Graph* g, int64_t x, int64_t y) noexcept nogil:
     return False
 
 
+cdef Py_ssize_t add_candidate(Dist* d, const int32_t* par, int64_t y, int64_t x,
+                              float* sd, int64_t* si, Py_ssize_t n_nb,
+                              Py_ssize_t room) noexcept nogil:
+    """Append x to the candidate parents of y if its chain avoids y and it
+    is not there yet (and there is room); returns the new count."""
+    cdef Py_ssize_t b
+    if x == y or n_nb >= room or not chain_ok(par, x, y):
+        return n_nb
+    for b in range(n_nb):
+        if si[b] == x:
+            return n_nb
+    si[n_nb] = x
+    sd[n_nb] = dist_nodes(d, y, x)
+    return n_nb + 1
+
+
+cdef bint link_from_nearest(Graph* g, Dist* d, int32_t* par, int32_t* indeg,
+                            int64_t y, float* sd, int64_t* si,
+                            Py_ssize_t n_nb) noexcept nogil:
+    """Link y from the nearest candidate that can take it: in a free slot,
+    else instead of its farthest link that is not a tree link (the target
+    keeps its own parent); that candidate becomes y's parent."""
+    cdef Py_ssize_t t, b, cap, best_t
+    cdef int64_t x, z, ti
+    cdef float td, dt, best_d = 0
+    cdef int32_t* xl
+    cdef int r
+    for t in range(1, n_nb):              # nearest first, ties by id
+        td = sd[t]
+        ti = si[t]
+        b = t - 1
+        while b >= 0 and (sd[b] > td or (sd[b] == td and si[b] > ti)):
+            sd[b + 1] = sd[b]
+            si[b + 1] = si[b]
+            b -= 1
+        sd[b + 1] = td
+        si[b + 1] = ti
+    for b in range(n_nb):
+        x = si[b]
+        r = append_link(g, x, y, 0)
+        if r:
+            indeg[y] += r == 1
+            par[y] = <int32_t> x
+            return True
+        xl = node_links(g, x, 0, &cap)
+        best_t = -1
+        for t in range(cap):
+            z = xl[t]
+            if par[z] != x:
+                dt = dist_nodes(d, x, z)
+                if best_t < 0 or dt > best_d:
+                    best_t = t
+                    best_d = dt
+        if best_t >= 0:
+            indeg[xl[best_t]] -= 1
+            xl[best_t] = <int32_t> y
+            indeg[y] += 1
+            par[y] = <int32_t> x
+            return True
+    return False
+
+
 def fix_parents(const int64_t[::1] nodes,           # IN  (n_nodes,) candidates
                 const float[:, ::1] vectors,        # IN  as hnsw_build
                 Py_ssize_t first_new,
@@ -696,36 +758,54 @@ def fix_parents(const int64_t[::1] nodes,           # IN  (n_nodes,) candidates
                 const uint16_t[:, ::1] codes16,
                 const float[:, :, ::1] codebooks,
                 int32_t[:, ::1] links0,             # INOUT (n, M0)
+                int32_t[:, ::1] upper,              # IN  as hnsw_build
+                const int64_t[::1] upper_off,
+                int64_t entry_point,
+                int max_level,
+                Py_ssize_t ef,
                 int32_t[::1] indeg,                 # INOUT (n,)
                 int32_t[::1] parent,                # INOUT (n,)
                 bint inner_product,
-                float[::1] sd, int64_t[::1] si,     # scratch (M0,)
-                float[::1] dec):                    # scratch (2 * D,)
+                uint32_t[::1] visited,              # INOUT as hnsw_build
+                uint32_t[::1] gen,
+                float[::1] cand_d, int64_t[::1] cand_i,  # scratch (>= n,)
+                float[::1] res_d, int64_t[::1] res_i,    # scratch (ef + 1,)
+                float[::1] sd, int64_t[::1] si,     # scratch (>= M0 * (M0 + 1), >= ef)
+                float[::1] dec):                    # scratch (3 * D,)
     """Give every listed LOST node a parent: the local reachability check
     after an append, O(listed nodes * M0**2), never a walk of the graph.
 
     First, among the node's level-0 neighbours that link back to it, one
     whose parent chain reaches the entry point without passing through it
     (repeated while that finds parents: a fixed node mends the chains
-    through it).  Then, for those left, a link from such a neighbour,
-    nearest first: in a free slot, else instead of its farthest link that
-    is not a tree link (the target keeps its own parent).  Returns how
-    many nodes stay LOST (the caller then runs the full repair)."""
+    through it).  Then, for those left, a link from the nearest neighbour
+    (else neighbour of a neighbour) with such a chain that can take it
+    (``link_from_nearest``); when the whole neighbourhood hangs below the
+    node, from the nearest of the nodes a search of width ``ef`` for it
+    finds, coming from the entry point.  Returns how many nodes stay LOST
+    (the caller then runs the full repair)."""
     cdef Graph g
     cdef Dist d
     cdef Work w
-    cdef Py_ssize_t a, t, b, cap, n_nb, left = 0, best_t, passes
-    cdef int64_t y, x, z, ti
-    cdef float td, best_d = 0, dt
+    cdef Py_ssize_t a, t, b, cap, n_nb, left = 0, passes, hop
+    cdef Py_ssize_t room = si.shape[0]
+    cdef int64_t y, x
     cdef int32_t* links
     cdef int32_t* xl
     cdef int32_t* par = &parent[0] if parent.shape[0] > 0 else NULL
-    cdef int32_t[:, ::1] no_upper = links0[:0]
-    cdef int64_t[::1] no_off = si[:0]
+    cdef Py_ssize_t n = links0.shape[0], n_res
+    cdef int lev
+    cdef int64_t cur
+    cdef float d_cur
     cdef bint changed = True
-    cdef int r
     init_build(&d, &w, &g, vectors, first_new, codes8, codes16, codebooks, links0,
-               no_upper, no_off, inner_product, dec)
+               upper, upper_off, inner_product, dec)
+    w.visited = &visited[0] if n > 0 else NULL
+    w.gen = gen[0]
+    w.cand_d = &cand_d[0] if n > 0 else NULL
+    w.cand_i = &cand_i[0] if n > 0 else NULL
+    w.res_d = &res_d[0]
+    w.res_i = &res_i[0]
     with nogil:
         passes = 0
         while changed and passes < 64:
@@ -748,63 +828,42 @@ def fix_parents(const int64_t[::1] nodes,           # IN  (n_nodes,) candidates
             y = nodes[a]
             if par[y] != LOST:
                 continue
-            # Candidates: y's neighbours, else their neighbours, whose chains
-            # avoid y (all of y's own neighbours may hang below it).
+            # From y's neighbours, else their neighbours, whose chains avoid
+            # y (all of y's own neighbours may hang below it, or have no
+            # slot to spare).
             links = node_links(&g, y, 0, &cap)
-            n_nb = 0
-            for t in range(cap):
-                if links[t] < 0:
-                    break
-                if chain_ok(par, links[t], y):
-                    si[n_nb] = links[t]
-                    sd[n_nb] = dist_nodes(&d, y, links[t])
-                    n_nb += 1
-            for t in range(cap):
-                if n_nb > 0 or links[t] < 0:
-                    break
-                xl = node_links(&g, links[t], 0, &cap)
-                for b in range(cap):
-                    x = xl[b]
-                    if x < 0 or n_nb >= si.shape[0]:
-                        break
-                    if x != y and chain_ok(par, x, y):
-                        si[n_nb] = x
-                        sd[n_nb] = dist_nodes(&d, y, x)
-                        n_nb += 1
-            for t in range(1, n_nb):          # nearest first, ties by id
-                td = sd[t]
-                ti = si[t]
-                b = t - 1
-                while b >= 0 and (sd[b] > td or (sd[b] == td and si[b] > ti)):
-                    sd[b + 1] = sd[b]
-                    si[b + 1] = si[b]
-                    b -= 1
-                sd[b + 1] = td
-                si[b + 1] = ti
-            for b in range(n_nb):
-                x = si[b]
-                r = append_link(&g, x, y, 0)
-                if r:
-                    indeg[y] += r == 1
-                    par[y] = <int32_t> x
-                    break
-                xl = node_links(&g, x, 0, &cap)
-                best_t = -1
+            for hop in range(2):
+                n_nb = 0
                 for t in range(cap):
-                    z = xl[t]
-                    if par[z] != x:
-                        dt = dist_nodes(&d, x, z)
-                        if best_t < 0 or dt > best_d:
-                            best_t = t
-                            best_d = dt
-                if best_t >= 0:
-                    indeg[xl[best_t]] -= 1
-                    xl[best_t] = <int32_t> y
-                    indeg[y] += 1
-                    par[y] = <int32_t> x
+                    if links[t] < 0:
+                        break
+                    if hop == 0:
+                        n_nb = add_candidate(&d, par, y, links[t], &sd[0], &si[0],
+                                             n_nb, room)
+                        continue
+                    xl = node_links(&g, links[t], 0, &cap)
+                    for b in range(cap):
+                        if xl[b] < 0:
+                            break
+                        n_nb = add_candidate(&d, par, y, xl[b], &sd[0], &si[0],
+                                             n_nb, room)
+                if link_from_nearest(&g, &d, par, &indeg[0], y, &sd[0], &si[0], n_nb):
                     break
+            if par[y] == LOST and entry_point >= 0:
+                d.query = node_vec(&d, y, &dec[2 * d.dim])
+                cur = entry_point
+                d_cur = dist_q(&d, cur)
+                for lev in range(max_level, 0, -1):
+                    cur = greedy(&g, &d, cur, &d_cur, lev)
+                n_res = search_layer(&g, &d, &w, n, cur, d_cur, ef, 0)
+                n_nb = 0
+                for t in range(n_res):
+                    n_nb = add_candidate(&d, par, y, w.res_i[t], &sd[0], &si[0],
+                                         n_nb, room)
+                link_from_nearest(&g, &d, par, &indeg[0], y, &sd[0], &si[0], n_nb)
             if par[y] == LOST:
                 left += 1
+    gen[0] = w.gen
     return left
 
 

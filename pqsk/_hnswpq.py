@@ -1,5 +1,6 @@
 """HNSWPQNeighbors: a hierarchical navigable small-world graph over PQ codes."""
 
+import copy
 from numbers import Integral
 
 import threading
@@ -288,9 +289,11 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         drawn, link slots -1), grown in place past the used rows."""
         n_old, b = graph["codes_"].shape[0], codes.shape[0]
         M = graph["links0_"].shape[1] // 2
-        new_levels = sample_levels(b, M, self._levels_rng_)
+        rng = copy.deepcopy(self._levels_rng_)  # advanced only if the append is
+        new_levels = sample_levels(b, M, rng)   # published
         n_rows = graph["upper_links_"].shape[0]  # = the sum of the old levels
         state = dict(graph)
+        state["_levels_rng_"] = rng
         state["codes_"] = _growable.grow(self, "codes", graph["codes_"], b)
         state["codes_"][n_old:] = codes
         state["levels_"] = _growable.grow(self, "levels", graph["levels_"], b)
@@ -324,7 +327,8 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         return {"indeg": grow(self, "build_indeg", st["indeg"], extra, 0),
                 "last_copies": grow(self, "build_copies", st["last_copies"], extra, -1),
                 "visited": grow(self, "build_visited", st["visited"], extra, 0),
-                "gen": st["gen"], "links0": graph["links0_"]}
+                "gen": st["gen"], "links0": graph["links0_"],
+                "recheck": st.get("recheck", False)}
 
     def _link(self, state, n_old, vectors, progress):
         """Link nodes n_old .. n - 1 of the grown ``state`` (``vectors``: their
@@ -377,35 +381,53 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
             state["entry_point_"], state["max_level_"] = int(ep), int(top)
             progress(f"graph: {stop - n_old}/{n - n_old} nodes inserted "
                      f"({counts[0] / max(1, stop - n_old):.0f} distances per node)")
+        def fix(nodes):
+            """fix_parents on ``nodes``: how many stay without a parent."""
+            room = max(M0 * (M0 + 1), ef_c)  # candidate parents
+            return _hnsw.fix_parents(
+                nodes, *data, links0, upper, state["upper_offsets_"], int(ep), int(top),
+                ef_c, st["indeg"], parent, ip, st["visited"], st["gen"],
+                kernel_scratch["cand_d"], kernel_scratch["cand_i"],
+                kernel_scratch["res_d"], kernel_scratch["res_i"],
+                np.empty(room, np.float32), np.empty(room, np.int64),
+                np.empty(3 * D, np.float32))
+
         full = not n_old or ep != first_ep
         if n > n_old and not full:
             # Local check: the new nodes, and the old ones whose parent link
             # was dropped, get a parent again.
-            if counts[1] <= lost.shape[0]:
+            if counts[1] <= lost.shape[0] and not st["recheck"]:
                 cand = np.concatenate([np.arange(n_old, n), lost[:counts[1]]])
             else:
                 cand = np.flatnonzero(parent == _hnsw.PARENT_LOST)
-            full = _hnsw.fix_parents(
-                cand, *data, links0, st["indeg"], parent, ip,
-                kernel_scratch["sd"], kernel_scratch["si"], kernel_scratch["dec"]) > 0
+            full = fix(cand) > 0
         if n > n_old and full:
             node_vectors = (vectors if not n_old
                             else _NodeVectors(codes, cb, vectors, n_old))
-            n_fixed = repair_level0(links0, node_vectors, int(ep), ip)
+            with warnings.catch_warnings(record=True):  # fix() has the last word
+                warnings.simplefilter("always")
+                n_fixed = repair_level0(links0, node_vectors, int(ep), ip)
             if n_fixed:
                 progress(f"graph: {n_fixed} level-0 links added so that every node "
                          "is reachable")
                 st["indeg"][:] = np.bincount(links0[links0 >= 0], minlength=n)
             parent[:] = _parents(links0, int(ep))
+            # Nodes the repair could not link: from the nearest reachable
+            # node a search for them finds (see fix_parents).
+            unreached = np.flatnonzero(parent == _hnsw.PARENT_LOST)
+            if unreached.size and fix(unreached):
+                warnings.warn("HNSW level-0 repair gave up; some nodes stay unreachable.")
         self.__dict__.update(state)
         _PENDING.pop(self, None)
 
     def _after_failed_write(self):
         # A partial_fit interrupted after the kernel started rewriting old
-        # nodes' links cannot be undone: keep the new state (see _link).
+        # nodes' links cannot be undone: keep the new state (see _link),
+        # whose nodes may lack a parent: the next append looks for them all.
         state = _PENDING.pop(self, None)
         if state is not None:
             self.__dict__.update(state)
+            _BUILD[self]["recheck"] = True
 
     def _remove_rows(self, ids, removed):
         # Tombstones: the nodes stay in the graph for routing; searches
