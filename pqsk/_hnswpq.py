@@ -381,6 +381,7 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
             state["entry_point_"], state["max_level_"] = int(ep), int(top)
             progress(f"graph: {stop - n_old}/{n - n_old} nodes inserted "
                      f"({counts[0] / max(1, stop - n_old):.0f} distances per node)")
+
         def fix(nodes):
             """fix_parents on ``nodes``: how many stay without a parent."""
             room = max(M0 * (M0 + 1), ef_c)  # candidate parents
@@ -400,6 +401,7 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
                 cand = np.concatenate([np.arange(n_old, n), lost[:counts[1]]])
             else:
                 cand = np.flatnonzero(parent == _hnsw.PARENT_LOST)
+            st["recheck"] = False
             full = fix(cand) > 0
         if n > n_old and full:
             node_vectors = (vectors if not n_old

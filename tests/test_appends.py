@@ -478,3 +478,33 @@ for make in (lambda: IVFPQNeighbors(n_lists=64, n_subspaces=8, n_codewords=32,
     assert out.returncode == 0, out.stderr[-3000:]
     ratios = [float(v) for v in out.stdout.split()]
     assert all(r < 2.0 for r in ratios), ratios
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ivf_random_sequences_with_small_merge_threshold(monkeypatch, seed):
+    """Random appends and removals with merges and automatic compaction
+    happening often: after every step the index answers as its merged copy,
+    and returns only live ids."""
+    monkeypatch.setattr(_ivfpq, "GROWING_MIN", 40)
+    r = np.random.RandomState(seed)
+    X = _blobs(1500, seed=seed)
+    nn = _ivf(n_probe=int(r.randint(1, 5))).fit(X[:700])
+    pos, live = 700, set(range(700))
+    Q = _blobs(15, seed=seed + 10)
+    for _ in range(40):
+        if r.rand() < 0.6 and pos < len(X):
+            b = int(r.randint(1, 60))
+            nn.partial_fit(X[pos:pos + b])
+            live |= set(range(pos, min(pos + b, len(X))))
+            pos += b
+        elif len(live) > 60:
+            gone = r.choice(sorted(live), int(r.randint(1, 40)), replace=False)
+            nn.remove(gone)
+            live -= set(gone.tolist())
+        k = int(r.randint(1, 30))
+        a = nn.kneighbors(Q, n_neighbors=k)
+        b_ = copy.deepcopy(nn).compact().kneighbors(Q, n_neighbors=k)
+        assert_array_equal(a[0], b_[0])
+        assert_array_equal(a[1], b_[1])
+        assert set(np.unique(a[1])) <= live
+        assert nn._n_stored() - nn._n_dead() == len(live)
