@@ -189,7 +189,10 @@ class RemovalMixin:
         """Remove indexed vectors by id; they never appear in results again.
 
         Ids are not reused: later ``partial_fit`` rows continue from
-        ``n_samples_fit_``.  On error nothing is removed.
+        ``n_samples_fit_``.  On error nothing is removed.  Costs
+        O(len(ids)): the ids are marked in ``removed_`` in place (an array
+        read from ``removed_`` earlier sees the change) and the search
+        skips them; the index drops their entries later (see ``compact``).
 
         Parameters
         ----------

@@ -515,9 +515,11 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
             roots = np.flatnonzero(par < 0)
             require(roots.size == 1 and roots[0] == self.entry_point_,
                     "level0_parent_ must have the entry point as its only root")
-            child = np.flatnonzero(par >= 0)
-            require(bool(np.all(np.any(self.links0_[par[child]] == child[:, None], axis=1))),
-                    "level0_parent_ names a parent that does not link to its child")
+            for lo in range(0, n, 1 << 20):  # chunks bound the (rows, 2M) temporary
+                child = lo + np.flatnonzero(par[lo:lo + (1 << 20)] >= 0)
+                require(bool(np.all(np.any(self.links0_[par[child]] == child[:, None],
+                                           axis=1))),
+                        "level0_parent_ names a parent that does not link to its child")
 
     def _n_candidates(self, n_neighbors):
         n = super()._n_candidates(n_neighbors)

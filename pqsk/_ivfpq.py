@@ -424,14 +424,18 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
         require(self.growing_lists_.dtype == np.int32, "growing_lists_ must be int32")
         check_int_array(self.growing_lists_, "growing_lists_", (g,), 0, self.n_lists_)
         # Each id is stored at most once, and every live id is stored (the
-        # kernel would return duplicates, or miss rows, otherwise).
-        stored = np.concatenate([self.ids_, self.growing_ids_]).astype(np.int64)
-        count = np.bincount(stored, minlength=self.n_samples_fit_)
-        require(count.size == self.n_samples_fit_ and int(count.max(initial=0)) <= 1,
+        # kernel would return duplicates, or miss rows, otherwise).  Sizes
+        # are compared first: nothing is allocated per claimed id.
+        n = self.n_samples_fit_
+        n_stored = self.ids_.shape[0] + g
+        require(n_stored + self.n_removed_ >= n, "fewer ids are stored than are live")
+        stored = np.concatenate([self.ids_, self.growing_ids_])  # in [0, n): checked
+        stored.sort()
+        require(n_stored < 2 or bool(np.all(stored[1:] != stored[:-1])),
                 "an id is stored twice")
-        live = (np.ones(self.n_samples_fit_, bool) if self.removed_ is None
-                else ~self.removed_)
-        require(bool(np.all(count[live] == 1)), "a live id is not stored")
+        live_stored = (n_stored if self.removed_ is None
+                       else n_stored - int(np.count_nonzero(self.removed_[stored])))
+        require(live_stored == n - self.n_removed_, "a live id is not stored")
 
     def _remove_rows(self, ids, removed):
         # Tombstones: ``removed_`` (already updated) is read by the search;

@@ -508,3 +508,18 @@ def test_ivf_random_sequences_with_small_merge_threshold(monkeypatch, seed):
         assert_array_equal(a[1], b_[1])
         assert set(np.unique(a[1])) <= live
         assert nn._n_stored() - nn._n_dead() == len(live)
+
+
+def test_ivf_huge_claimed_size_is_rejected_before_allocating(tmp_path):
+    """A header claiming far more ids than the arrays hold is refused by
+    comparing sizes, not by allocating a mask per claimed id."""
+    import json
+
+    X = _blobs(1200)
+    nn = _ivf().fit(X[:1000]).partial_fit(X[1000:])
+    nn.save(tmp_path / "i")
+    header = json.loads((tmp_path / "i" / "header.json").read_text())
+    header["attributes"]["n_samples_fit_"] = 10**15
+    (tmp_path / "i" / "header.json").write_text(json.dumps(header))
+    with pytest.raises(IndexFormatError, match="fewer ids are stored"):
+        pqsk.load(tmp_path / "i")
