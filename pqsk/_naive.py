@@ -116,15 +116,21 @@ def coarse_terms(Q, centroids, inner_product=False):
     return out
 
 
-def ivf_probe_order(coarse_row, offsets, n_probe, n_neighbors):
+def ivf_probe_order(coarse_row, offsets, n_probe, n_neighbors, live=None):
     """The lists an IVF search scans for one query, in scan order: the
     n_probe lists with the smallest (coarse term, list), then, while the
-    lists scanned hold fewer than n_neighbors codes, the next lists in the
-    same order (until every list is scanned)."""
+    lists scanned hold fewer than n_neighbors live codes, the next lists in
+    the same order (until every list is scanned).  ``live``: a boolean per
+    stored code (False for tombstones); every code is live by default."""
     coarse_row = np.asarray(coarse_row)
     n_lists = coarse_row.shape[0]
     order = np.lexsort((np.arange(n_lists), coarse_row))
-    sizes = np.diff(np.asarray(offsets, dtype=np.int64))
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if live is None:
+        sizes = np.diff(offsets)
+    else:
+        sizes = np.array([np.count_nonzero(live[offsets[l]:offsets[l + 1]])
+                          for l in range(n_lists)], dtype=np.int64)
     scanned = [int(l) for l in order[:n_probe]]
     seen = int(sizes[scanned].sum())
     for l in order[n_probe:]:
@@ -136,11 +142,13 @@ def ivf_probe_order(coarse_row, offsets, n_probe, n_neighbors):
 
 
 def ivf_candidates(q, centroids, codebooks, codes, ids, offsets, lists,
-                   inner_product=False):
-    """(ids, distances in float64) of every code stored in ``lists``.
+                   inner_product=False, removed=None):
+    """(ids, distances in float64) of every live code stored in ``lists``.
 
     A code of list l stands for ``x_hat = c_l + r_hat`` (r_hat its decoded
     residual); its distance is ``||q - x_hat||^2`` or ``-<q, x_hat>``.
+    ``removed``: boolean mask over ids; codes of removed ids (tombstones)
+    are left out.
     """
     q = np.asarray(q, dtype=np.float64)
     cb = np.asarray(codebooks, dtype=np.float64)
@@ -158,11 +166,15 @@ def ivf_candidates(q, centroids, codebooks, codes, ids, offsets, lists,
         out_d.append(d)
     if not out_ids:
         return np.empty(0, np.int64), np.empty(0)
-    return np.concatenate(out_ids), np.concatenate(out_d)
+    out_ids, out_d = np.concatenate(out_ids), np.concatenate(out_d)
+    if removed is not None:
+        keep = ~np.asarray(removed)[out_ids]
+        out_ids, out_d = out_ids[keep], out_d[keep]
+    return out_ids, out_d
 
 
 def ivf_search(Q, centroids, codebooks, codes, ids, offsets, n_neighbors, n_probe,
-               inner_product=False, coarse=None):
+               inner_product=False, coarse=None, removed=None):
     """IVF-ADC search (the meaning of ``pqsk._ivf.ivf_search``).
 
     List l holds ``codes[offsets[l]:offsets[l + 1]]`` (residual codes) and
@@ -170,7 +182,8 @@ def ivf_search(Q, centroids, codebooks, codes, ids, offsets, n_neighbors, n_prob
     and returns the n_neighbors smallest (distance, id) pairs of
     :func:`ivf_candidates`, in float64, padded with (+inf, INT64_MAX).
     ``coarse`` (nq, n_lists) ranks the lists; by default
-    :func:`coarse_terms`.
+    :func:`coarse_terms`.  ``removed``: boolean mask over ids (tombstones,
+    skipped and not counted).
     """
     if coarse is None:
         coarse = coarse_terms(Q, centroids, inner_product)
@@ -178,9 +191,10 @@ def ivf_search(Q, centroids, codebooks, codes, ids, offsets, n_neighbors, n_prob
     out_d = np.empty((nq, n_neighbors))
     out_i = np.empty((nq, n_neighbors), dtype=np.int64)
     for q in range(nq):
-        lists = ivf_probe_order(coarse[q], offsets, n_probe, n_neighbors)
+        live = None if removed is None else ~np.asarray(removed)[ids]
+        lists = ivf_probe_order(coarse[q], offsets, n_probe, n_neighbors, live)
         cid, cd = ivf_candidates(Q[q], centroids, codebooks, codes, ids, offsets, lists,
-                                 inner_product)
+                                 inner_product, removed)
         out_d[q], out_i[q] = top_k(cd, cid, n_neighbors)
     return out_d, out_i
 
@@ -296,3 +310,38 @@ def hnsw_search(tables, codes, links0, upper, upper_off, entry_point, max_level,
             out_d[q, r], out_i[q, r] = d, i
         n_dist[q] = dist.count
     return out_d, out_i, n_dist
+
+
+def ivf_search_entries(Q, centroids, codebooks, lists, codes, ids, n_probe, n_neighbors,
+               inner_product=False, removed=None):
+    """IVFADC over entries given in any order (``lists[i]``, ``codes[i]``,
+    ``ids[i]``), in float64: rank the lists by ``||q - c_l||^2`` (or
+    ``-<q, c_l>``), ties to the smaller list; scan the first ``n_probe``,
+    then further lists in that order while fewer than ``n_neighbors`` live
+    entries (ids not marked in ``removed``) were seen; return the
+    ``n_neighbors`` smallest (distance, id) pairs, where an entry's distance
+    is ``||q - c_l - r_hat||^2`` (or ``-<q, c_l + r_hat>``).  Missing slots
+    hold (inf, INT64_MAX)."""
+    Q = np.asarray(Q, dtype=np.float64)
+    C = np.asarray(centroids, dtype=np.float64)
+    X_hat = C[lists] + decode(codes, np.asarray(codebooks, dtype=np.float64))
+    live = np.ones(len(ids), bool) if removed is None else ~np.asarray(removed)[ids]
+    out_d = np.full((Q.shape[0], n_neighbors), np.inf)
+    out_i = np.full((Q.shape[0], n_neighbors), np.iinfo(np.int64).max, dtype=np.int64)
+    for q in range(Q.shape[0]):
+        coarse = -(C @ Q[q]) if inner_product else ((C - Q[q]) ** 2).sum(axis=1)
+        order = np.lexsort((np.arange(C.shape[0]), coarse))
+        chosen = list(order[:n_probe])
+        for l in order[n_probe:]:
+            if np.count_nonzero(live & np.isin(lists, chosen)) >= n_neighbors:
+                break
+            chosen.append(l)
+        sel = np.flatnonzero(live & np.isin(lists, chosen))
+        if inner_product:
+            dist = -(X_hat[sel] @ Q[q])
+        else:
+            dist = ((X_hat[sel] - Q[q]) ** 2).sum(axis=1)
+        best = np.lexsort((ids[sel], dist))[:n_neighbors]
+        out_d[q, :best.size] = dist[best]
+        out_i[q, :best.size] = ids[sel][best]
+    return out_d, out_i
