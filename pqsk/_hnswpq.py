@@ -545,13 +545,21 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         self._check_growing_state()
 
     def _check_growing_state(self):
-        """The level-0 parent tree, after ``load``: in range, one root (the
-        entry point), and each parent links to its child.  (A cycle among
-        parents cannot harm the kernels, whose walks are bounded; the next
-        append would find it broken and run the full repair.)"""
-        n = self.codes_.shape[0]
+        """The level-0 parent tree, after ``load``.  It is derived state (no
+        kernel reads it; appends use it to keep every node reachable): one
+        that does not hold (in range, one root at the entry point, each
+        parent linking to its child) is rebuilt from the links, as it is
+        for an index saved before the tree existed."""
         if not hasattr(self, "level0_parent_"):  # saved before appends grew in place
             self.level0_parent_ = _parents(self.links0_, self.entry_point_)
+            return
+        try:
+            self._check_parent_tree()
+        except ValueError:
+            self.level0_parent_ = _parents(self.links0_, self.entry_point_)
+
+    def _check_parent_tree(self):
+        n = self.codes_.shape[0]
         par = self.level0_parent_
         check_int_array(par, "level0_parent_", (n,), -1, max(1, n))
         require(par.dtype == np.int32, "level0_parent_ must be int32")
