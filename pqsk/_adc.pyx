@@ -60,7 +60,8 @@ def adc_scan(const floating[:, :, ::1] tables,  # IN  (nq, m, k)
         for q in prange(nq, schedule="static", num_threads=n_threads):
             heap_init(&out_dist[q, 0], &out_idx[q, 0], kn)
             if n > 0:
-                scan_codes(&tables[q, 0, 0], &codes[0, 0], n, m, k, 0, <const int64_t*> NULL,
+                scan_codes(&tables[q, 0, 0], &codes[0, 0], n, m, k, 0,
+                           <const int64_t*> NULL, NULL,
                            &out_dist[q, 0], &out_idx[q, 0], kn)
             heap_sort(&out_dist[q, 0], &out_idx[q, 0], kn)
 
@@ -105,7 +106,7 @@ def adc_search(const floating[:, ::1] Q,               # IN  (nq, D)
                         inner_product, t)
             heap_init(hd, hi, kn)
             if n > 0:
-                scan_codes(t, &codes[0, 0], n, m, k, 0, <const int64_t*> NULL,
+                scan_codes(t, &codes[0, 0], n, m, k, 0, <const int64_t*> NULL, NULL,
                            hd, hi, kn)
             heap_sort(hd, hi, kn)
             for r in range(kn):

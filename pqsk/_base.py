@@ -29,7 +29,7 @@ from sklearn.utils._param_validation import (
 )
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from . import _quantizer
+from . import _growable, _quantizer
 from ._persist import check_int_array, require
 from ._store import FitRows, RowStore, chunk_slices, rows_per_chunk
 from ._utils import (
@@ -180,7 +180,10 @@ class RemovalMixin:
         """Remove indexed vectors by id; they never appear in results again.
 
         Ids are not reused: later ``partial_fit`` rows continue from
-        ``n_samples_fit_``.  On error nothing is removed.
+        ``n_samples_fit_``.  On error nothing is removed.  Costs
+        O(len(ids)): the ids are marked in ``removed_`` in place (an array
+        read from ``removed_`` earlier sees the change) and the search
+        skips them; the index drops their entries later (see ``compact``).
 
         Parameters
         ----------
@@ -201,22 +204,23 @@ class RemovalMixin:
         if np.unique(ids).size != ids.size:
             raise ValueError("ids contain duplicates.")
         # Checked and applied under the lock: two concurrent removes must not
-        # both start from the same old mask.
+        # both start from the same old mask.  The mask is updated in place
+        # (O(len(ids)), no copy of it): readers wait for the lock.
         with index_lock(self).write():
             n = self.n_samples_fit_
             if ids.min() < 0 or ids.max() >= n:
                 raise ValueError(f"ids must lie in [0, {n}), got values in "
                                  f"[{ids.min()}, {ids.max()}].")
-            removed = (self.removed_ if self.removed_ is not None
-                       else np.zeros(n, dtype=bool))
-            if removed[ids].any():
+            removed = self.removed_
+            if removed is not None and removed[ids].any():
                 raise ValueError(
                     f"ids {ids[removed[ids]][:10].tolist()} were already removed.")
-            mask = removed.copy()
-            mask[ids] = True
-            self._remove_rows(ids, mask)
-            self.removed_ = mask
-            self.n_removed_ = int(mask.sum())
+            removed = (_growable.owned(self, "removed", removed) if removed is not None
+                       else _growable.grow(self, "removed", np.zeros(0, bool), n, False))
+            removed[ids] = True
+            self.removed_ = removed
+            self.n_removed_ = self.n_removed_ + int(ids.size)
+            self._remove_rows(ids, removed)
         return self
 
 
@@ -249,10 +253,10 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
     sample the rows a k-means holds at once (at most
     ``max_train_samples``; see each estimator), and a chunk's working set
     a few times ``CHUNK_BYTES``.  Other array-likes (lists, DataFrames)
-    are converted to one array first, as scikit-learn does.  Exceptions:
-    :class:`HNSWPQNeighbors` builds its graph from every node's vector in
-    float32 at once (``n_samples * n_features * 4`` bytes during ``fit``
-    and ``partial_fit``).
+    are converted to one array first, as scikit-learn does.  Exception:
+    :class:`HNSWPQNeighbors` links the rows it inserts by their float32
+    vectors, all at once (``n_samples * n_features * 4`` bytes during
+    ``fit``, the batch's during ``partial_fit``).
 
     Raw vectors (``refine_factor > 0``) are kept in ``vectors_``, a row
     store (:class:`pqsk._store.RowStore`, array-like).  Rows given as a
@@ -575,7 +579,9 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """Bytes held by the fitted index, by part (dict of ints).
 
         Each array the index holds, plus ``"vectors"`` (raw vectors kept
-        in memory for ``refine_factor > 0``, else 0), ``"total"``
+        in memory for ``refine_factor > 0``, else 0), ``"reserved"``
+        (capacity held by arrays that grow in place, beyond their used
+        rows: at most about as much again as those arrays), ``"total"``
         (everything in memory), ``"vectors_mapped"`` (raw vectors read
         from a memory-mapped file: a memmap the index was fitted on, or a
         saved index loaded with ``mmap_mode``; not in ``"total"``), and
@@ -587,19 +593,35 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         growing, fixed = self._memory_parts()
         store = self.vectors_
         parts = {**growing, **fixed,
-                 "vectors": 0 if store is None else store.memory_nbytes}
+                 "vectors": 0 if store is None else store.memory_nbytes,
+                 "reserved": self._reserved_bytes()}
         parts["total"] = sum(parts.values())
         parts["vectors_mapped"] = 0 if store is None else store.mapped_nbytes
-        parts["per_vector"] = sum(growing.values()) / max(1, self.codes_.shape[0])
+        parts["per_vector"] = sum(growing.values()) / max(1, self._n_stored())
         return parts
 
+    def _n_stored(self):
+        """Entries the index stores (removed ones not yet dropped included)."""
+        return self.codes_.shape[0]
+
+    def _reserved_bytes(self):
+        """Bytes allocated for appends beyond the used rows (see
+        ``pqsk._growable``); the ``"reserved"`` part of ``memory_usage_``."""
+        return _growable.spare_bytes(self, "removed", self.removed_)
+
+    def _size_state(self, n_total):
+        """The attributes that record the index's size once it holds
+        ``n_total`` ids: computed (and the tombstones grown, in place,
+        amortized O(new rows)) without changing the estimator."""
+        removed = self.removed_
+        if removed is not None:
+            removed = _growable.grow(self, "removed", removed,
+                                     n_total - removed.shape[0], False)
+        return {"removed_": removed, "n_samples_fit_": n_total,
+                "_n_features_out": n_total}
+
     def _commit_size(self, n_total):
-        if self.removed_ is not None:
-            grown = np.zeros(n_total, dtype=bool)
-            grown[:self.removed_.shape[0]] = self.removed_
-            self.removed_ = grown
-        self.n_samples_fit_ = n_total
-        self._n_features_out = n_total
+        self.__dict__.update(self._size_state(n_total))
 
     def _grown_vectors(self, X):
         """The raw vectors with the rows of X (a :class:`~pqsk._store.FitRows`)

@@ -14,12 +14,17 @@ Distances come from a ``Dist`` context, so the same graph code serves the
 build (exact distances between float32 vectors) and the search (ADC: a
 query's lookup tables against the stored codes).  All functions are
 ``noexcept nogil`` and never allocate: scratch space is passed in.
+
+Appends insert into the existing graph: the build is given float32
+vectors for the new nodes only, and decodes an old node from its PQ code
+(m codewords copied, as cheap as one distance) whenever a distance
+involves it, so no vector of the old nodes is kept or copied.
 """
 
 cimport cython
 from cython.parallel cimport prange, parallel, threadid
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
-from libc.string cimport memcmp, memset
+from libc.string cimport memcmp, memcpy, memset
 from libc.math cimport INFINITY
 from libc.stdint cimport INT64_MAX
 
@@ -52,12 +57,17 @@ cdef struct Graph:
 cdef struct Dist:
     int kind                 # EXACT or ADC
     bint inner_product       # distance = -<q, x> instead of ||q - x||^2
-    const float* vectors     # EXACT: (n, dim) float32
+    const float* vectors     # EXACT: (n - first_new, dim) float32, nodes first_new..
+    int64_t first_new        # EXACT: nodes below it are decoded from their codes
     Py_ssize_t dim
     const float* query       # EXACT: (dim,) the vector being inserted
+    const float* codebooks   # EXACT: (m, k, ds) float32, to decode old nodes
+    Py_ssize_t ds
+    float* dec_a             # EXACT: scratch (dim,) each, for decoded vectors
+    float* dec_b
     const float* table       # ADC: (m, k)
-    const uint8_t* codes8    # ADC: (n, m), one of codes8 / codes16
-    const uint16_t* codes16
+    const uint8_t* codes8    # (n, m), one of codes8 / codes16 (ADC: every node;
+    const uint16_t* codes16  #  EXACT: at least the nodes below first_new)
     Py_ssize_t m
     Py_ssize_t k
     int64_t count            # distance computations so far
@@ -118,11 +128,25 @@ cdef inline float vec_dist(Dist* d, const float* a, const float* b) noexcept nog
     return (s0 + s1) + (s2 + s3)
 
 
+cdef inline const float* node_vec(Dist* d, int64_t node, float* buf) noexcept nogil:
+    """A build node's float32 vector: its row of ``d.vectors`` if it is new,
+    else its decoded PQ code, written to ``buf`` (dim,)."""
+    cdef Py_ssize_t j
+    cdef int64_t c
+    if node >= d.first_new:
+        return d.vectors + (node - d.first_new) * d.dim
+    for j in range(d.m):
+        c = d.codes8[node * d.m + j] if d.codes8 != NULL else d.codes16[node * d.m + j]
+        memcpy(buf + j * d.ds, d.codebooks + (j * d.k + c) * d.ds, d.ds * sizeof(float))
+    return buf
+
+
 cdef inline void prefetch_node(Dist* d, int64_t node) noexcept nogil:
     """Ask for a node's data ahead of its distance: graph walks jump
     around memory, and the load latency, not the arithmetic, dominates."""
     cdef Py_ssize_t off
-    if d.kind == EXACT:
+    if d.kind == EXACT and node >= d.first_new:
+        node -= d.first_new
         off = 0
         while off < d.dim:
             PQSK_PREFETCH(d.vectors + node * d.dim + off)
@@ -140,7 +164,7 @@ cdef inline float dist_q(Dist* d, int64_t node) noexcept nogil:
     cdef const float* t = d.table
     d.count += 1
     if d.kind == EXACT:
-        return vec_dist(d, d.query, d.vectors + node * d.dim)
+        return vec_dist(d, d.query, node_vec(d, node, d.dec_a))
     if d.codes8 != NULL:
         for j in range(d.m):
             s += t[d.codes8[node * d.m + j]]
@@ -155,7 +179,7 @@ cdef inline float dist_q(Dist* d, int64_t node) noexcept nogil:
 cdef inline float dist_nodes(Dist* d, int64_t a, int64_t b) noexcept nogil:
     """Distance between two stored nodes (build only)."""
     d.count += 1
-    return vec_dist(d, d.vectors + a * d.dim, d.vectors + b * d.dim)
+    return vec_dist(d, node_vec(d, a, d.dec_a), node_vec(d, b, d.dec_b))
 
 
 cdef inline void next_generation(Work* w, Py_ssize_t n) noexcept nogil:
@@ -243,14 +267,15 @@ cdef Py_ssize_t search_layer(Graph* g, Dist* d, Work* w, Py_ssize_t n,
 
 cdef inline bint same_vector(Dist* d, int64_t a, int64_t b) noexcept nogil:
     """Whether two stored nodes hold byte-identical vectors (build only)."""
-    return memcmp(d.vectors + a * d.dim, d.vectors + b * d.dim,
+    return memcmp(node_vec(d, a, d.dec_a), node_vec(d, b, d.dec_b),
                   d.dim * sizeof(float)) == 0
 
 
 cdef Py_ssize_t select_heuristic(Dist* d, const float* cand_d, const int64_t* cand_i,
                                  Py_ssize_t n_cand, Py_ssize_t max_links,
                                  int64_t* out, float* out_d,
-                                 uint8_t* kept) noexcept nogil:
+                                 uint8_t* kept, float* rows,
+                                 int64_t* out_a) noexcept nogil:
     """HNSW neighbour selection: walk the candidates nearest first and keep
     one only if it is closer to the base than to every one already kept.
 
@@ -262,11 +287,16 @@ cdef Py_ssize_t select_heuristic(Dist* d, const float* cand_d, const int64_t* ca
 
     ``cand_*`` must be sorted ascending by distance to the base.  Kept ids
     go to ``out`` (their distances to ``out_d``); ``kept[a]`` (if not NULL)
-    is set to whether candidate a was kept.
+    is set to whether candidate a was kept.  Scratch: ``rows`` (n_cand,
+    dim) holds candidate a's vector in row a when it is decoded (each is
+    decoded once), ``out_a`` (max_links,) the candidate number of each
+    kept one.
     """
     cdef Py_ssize_t a, b, n_out = 0
     cdef int64_t e
     cdef bint good
+    cdef const float* pe
+    cdef const float* pb
     for a in range(n_cand):
         if kept != NULL:
             kept[a] = 0
@@ -275,17 +305,22 @@ cdef Py_ssize_t select_heuristic(Dist* d, const float* cand_d, const int64_t* ca
                 break
             continue
         e = cand_i[a]
+        pe = node_vec(d, e, rows + a * d.dim)
         good = True
         for b in range(n_out):
-            if out_d[b] == cand_d[a] and same_vector(d, e, out[b]):
+            pb = d.vectors + (out[b] - d.first_new) * d.dim if out[b] >= d.first_new \
+                else rows + out_a[b] * d.dim          # decoded when it was candidate
+            if out_d[b] == cand_d[a] and memcmp(pe, pb, d.dim * sizeof(float)) == 0:
                 good = False
                 break
-            if dist_nodes(d, e, out[b]) < cand_d[a]:
+            d.count += 1
+            if vec_dist(d, pe, pb) < cand_d[a]:
                 good = False
                 break
         if good:
             out[n_out] = e
             out_d[n_out] = cand_d[a]
+            out_a[n_out] = a
             n_out += 1
             if kept != NULL:
                 kept[a] = 1
@@ -306,9 +341,41 @@ cdef inline int append_link(Graph* g, int64_t src, int64_t dst, int level) noexc
     return 0
 
 
+cdef enum:
+    ROOT = -1                # parent of the entry point
+    LOST = -2                # no parent known: to be found by fix_parents
+    CHAIN_LIMIT = 4096       # parent chains longer than this count as broken
+
+PARENT_ROOT = ROOT
+PARENT_LOST = LOST
+
+
+cdef struct Tree:
+    # A certificate that every node is reachable on level 0: each node but
+    # the entry point names a parent that links to it, and following
+    # parents from any node reaches the entry point (no cycle).  Dropping
+    # a node's parent link marks it LOST and records it; fix_parents finds
+    # it a new parent, so an append checks the nodes it touched only.
+    int32_t* parent          # (n,) ROOT, LOST, or a node linking to this one
+    int64_t* lost            # (cap,) nodes marked LOST (only the first cap kept)
+    Py_ssize_t cap
+    Py_ssize_t n             # how many were marked
+
+
+cdef inline void dropped(Tree* tr, int64_t src, int64_t y) noexcept nogil:
+    """The level-0 link src -> y was removed."""
+    if tr == NULL or tr.parent[y] != src:
+        return
+    tr.parent[y] = LOST
+    if tr.n < tr.cap:
+        tr.lost[tr.n] = y
+    tr.n += 1
+
+
 cdef void add_link(Graph* g, Dist* d, int64_t src, int64_t dst, int level,
                    int32_t* indeg, float* sd, int64_t* si, int64_t* sel,
-                   float* sel_d, uint8_t* kept) noexcept nogil:
+                   float* sel_d, uint8_t* kept, float* rows, int64_t* sel_a,
+                   Tree* tree) noexcept nogil:
     """Link src -> dst (dst: the node being inserted).
 
     When src's list is full it is re-selected by the heuristic among its
@@ -320,13 +387,15 @@ cdef void add_link(Graph* g, Dist* d, int64_t src, int64_t dst, int level,
     date here), an old neighbour that the re-selection drops and that has
     no other incoming link is kept anyway while a slot is free, else handed
     over to dst (dst -> it, so it stays reachable through src -> dst).
-    Scratch: ``cap + 1`` entries each.
+    Every level-0 link dropped is reported to ``tree`` (if not NULL).
+    Scratch: ``cap + 1`` entries each (``rows``: ``cap + 1`` vectors).
     """
     cdef Py_ssize_t cap, t, n_c, n_sel, a
     cdef int32_t* links
     cdef float td
     cdef int64_t ti, y
-    cdef bint dst_kept
+    cdef bint dst_kept, still
+    cdef const float* ps
     cdef int r = append_link(g, src, dst, level)
     if r:
         if r == 1 and indeg != NULL:
@@ -335,11 +404,14 @@ cdef void add_link(Graph* g, Dist* d, int64_t src, int64_t dst, int level,
     links = node_links(g, src, level, &cap)
     # Full: dst and the old links with their distances to src, sorted by
     # (distance, dst first, id).
-    sd[0] = dist_nodes(d, src, dst)
+    ps = node_vec(d, src, d.dec_b)         # decoded once (if old)
+    d.count += 1
+    sd[0] = vec_dist(d, ps, node_vec(d, dst, d.dec_a))
     si[0] = dst
     n_c = 1
     for t in range(cap):
-        sd[n_c] = dist_nodes(d, src, links[t])
+        d.count += 1
+        sd[n_c] = vec_dist(d, ps, node_vec(d, links[t], d.dec_a))
         si[n_c] = links[t]
         n_c += 1
     for t in range(1, n_c):              # insertion sort, n_c <= cap + 1
@@ -352,7 +424,7 @@ cdef void add_link(Graph* g, Dist* d, int64_t src, int64_t dst, int level,
             a -= 1
         sd[a + 1] = td
         si[a + 1] = ti
-    n_sel = select_heuristic(d, sd, si, n_c, cap, sel, sel_d, kept)
+    n_sel = select_heuristic(d, sd, si, n_c, cap, sel, sel_d, kept, rows, sel_a)
     if indeg != NULL:
         for t in range(cap):
             indeg[links[t]] -= 1
@@ -372,12 +444,20 @@ cdef void add_link(Graph* g, Dist* d, int64_t src, int64_t dst, int level,
                 indeg[y] += 1
         for a in range(n_sel):
             indeg[sel[a]] += 1
+        for t in range(cap):
+            still = False
+            for a in range(n_sel):
+                if sel[a] == links[t]:
+                    still = True
+                    break
+            if not still:
+                dropped(tree, src, links[t])
     for t in range(cap):
         links[t] = <int32_t> sel[t] if t < n_sel else -1
 
 
 cdef void rescue(Graph* g, Dist* d, int64_t q, const int64_t* nb, Py_ssize_t n_nb,
-                 int32_t* indeg) noexcept nogil:
+                 int32_t* indeg, Tree* tree) noexcept nogil:
     """Give q, which every neighbour's re-selection dropped, an incoming
     level-0 link: a free slot of its nearest neighbour that has one, else,
     in the nearest neighbour that can spare one, the slot of the farthest
@@ -402,12 +482,45 @@ cdef void rescue(Graph* g, Dist* d, int64_t q, const int64_t* nb, Py_ssize_t n_n
                     best_d = dt
         if best_t >= 0:
             indeg[links[best_t]] -= 1
+            dropped(tree, nb[a], links[best_t])
             links[best_t] = <int32_t> q
             indeg[q] += 1
             return
 
 
-def hnsw_build(const float[:, ::1] vectors,         # IN  (n, D) float32
+cdef void init_build(Dist* d, Work* w, Graph* g,
+                     const float[:, ::1] vectors, Py_ssize_t first_new,
+                     const uint8_t[:, ::1] codes8, const uint16_t[:, ::1] codes16,
+                     const float[:, :, ::1] codebooks, int32_t[:, ::1] links0,
+                     int32_t[:, ::1] upper, const int64_t[::1] upper_off,
+                     bint inner_product, float[::1] dec) noexcept:
+    g.links0 = &links0[0, 0] if links0.shape[0] > 0 else NULL
+    g.upper = &upper[0, 0] if upper.shape[0] > 0 else NULL
+    g.upper_off = &upper_off[0] if upper_off.shape[0] > 0 else NULL
+    g.M = upper.shape[1]
+    g.M0 = links0.shape[1]
+    d.kind = EXACT
+    d.inner_product = inner_product
+    d.vectors = &vectors[0, 0] if vectors.shape[0] > 0 else NULL
+    d.first_new = first_new
+    d.dim = vectors.shape[1]
+    d.codebooks = &codebooks[0, 0, 0]
+    d.m = codebooks.shape[0]
+    d.k = codebooks.shape[1]
+    d.ds = codebooks.shape[2]
+    d.codes8 = &codes8[0, 0] if codes8.shape[0] > 0 else NULL
+    d.codes16 = &codes16[0, 0] if codes16.shape[0] > 0 else NULL
+    d.dec_a = &dec[0]
+    d.dec_b = &dec[d.dim]
+    d.count = 0
+    w.deleted = NULL
+
+
+def hnsw_build(const float[:, ::1] vectors,         # IN  (n - first_new, D) float32
+               Py_ssize_t first_new,
+               const uint8_t[:, ::1] codes8,        # IN  (>= first_new, m) or (0, m)
+               const uint16_t[:, ::1] codes16,      # IN  (>= first_new, m) or (0, m)
+               const float[:, :, ::1] codebooks,    # IN  (m, k, ds) float32
                const int32_t[::1] levels,           # IN  (n,)
                int32_t[:, ::1] links0,              # INOUT (n, M0)
                int32_t[:, ::1] upper,               # INOUT (n_upper_rows, M)
@@ -419,64 +532,80 @@ def hnsw_build(const float[:, ::1] vectors,         # IN  (n, D) float32
                Py_ssize_t ef_construction,
                bint inner_product,
                int32_t[::1] indeg,                  # INOUT (n,) level-0 in-degrees
-               int32_t[::1] last_copies,            # INOUT (n,), all -1 at first
-               uint32_t[::1] visited,               # scratch (n,)
-               float[::1] cand_d, int64_t[::1] cand_i,  # scratch (n,)
+               int32_t[::1] last_copies,            # INOUT (n,)
+               Py_ssize_t copies_from,
+               uint32_t[::1] visited,               # INOUT (>= n,) generation marks
+               uint32_t[::1] gen,                   # INOUT (1,) their generation
+               float[::1] cand_d, int64_t[::1] cand_i,  # scratch (>= n,)
                float[::1] res_d, int64_t[::1] res_i,    # scratch (ef_construction + 1,)
                int64_t[::1] fsel, float[::1] fsel_d,    # scratch (M0 + 1,)
                float[::1] sd, int64_t[::1] si,          # scratch (M0 + 1,)
                int64_t[::1] sel, float[::1] sel_d,      # scratch (M0 + 1,)
-               uint8_t[::1] kept,                       # scratch (M0 + 1,)
-               int64_t[::1] stats):                     # OUT (1,) distance count
+               uint8_t[::1] kept, int64_t[::1] sel_a,   # scratch (M0 + 1,)
+               float[:, ::1] rows,                      # scratch (max(ef, M0) + 1, D)
+               float[::1] dec,                          # scratch (2 * D,)
+               int32_t[::1] parent,                     # INOUT (n,) see below
+               int64_t[::1] lost,                       # OUT (cap,) see below
+               int64_t[::1] counts):                    # INOUT (2,) distances, lost
     """Insert nodes ``start .. stop - 1`` in order; nodes before ``start``
     are already linked.  Returns (entry_point, max_level); entry_point -1
     means an empty graph.  Deterministic: one thread, fixed order.
+
+    Node i's vector is row ``i - first_new`` of ``vectors`` for
+    ``i >= first_new`` (``first_new <= start``), else its PQ code
+    decoded with ``codebooks``: an append passes the new rows only, and
+    the old nodes' data is read only where the insertion goes.
 
     ``indeg`` must hold the level-0 in-degree of every node (zero for the
     new ones); it is kept up to date, so that no link is dropped from a
     node that has no other (``add_link``), and a node that every neighbour
     dropped gets one (``rescue``).
 
+    ``parent`` is the reachability certificate (see ``Tree``): ROOT for
+    the entry point, LOST for the new nodes; a node whose parent link is
+    dropped is marked LOST and written to ``lost`` (``counts[1]`` counts
+    them all, also those beyond its length).  ``fix_parents`` then gives
+    every LOST node a parent again.
+
     Exact copies: a new node whose selected neighbour h holds the same
     vector is linked on level 0 from the copy of h inserted last
-    (``last_copies[h]``, kept across calls on one build, all -1 at
-    first), not from h, whose list would fill with copies and then drop
-    them.  The copies of a vector form a chain in insertion order, so ids
-    grow along it: a beam, which breaks distance ties by the smaller id,
-    walks no further than it needs, and building n copies costs O(n).
+    (``last_copies[h]``, valid when ``>= copies_from``: the first node of
+    this build, so entries left by earlier builds are ignored), not from
+    h, whose list would fill with copies and then drop them.  The copies
+    of a vector form a chain in insertion order, so ids grow along it: a
+    beam, which breaks distance ties by the smaller id, walks no further
+    than it needs, and building n copies costs O(n).
+
+    ``visited`` marks are valid for generation ``gen[0]``, which only
+    grows (the marks are cleared when it wraps): start them at zero once,
+    and nothing is cleared per call.
     """
-    cdef Py_ssize_t n = vectors.shape[0]
+    cdef Py_ssize_t n = links0.shape[0]
     cdef Graph g
     cdef Dist d
     cdef Work w
+    cdef Tree tree
     cdef Py_ssize_t q, n_res, n_sel, t
     cdef int lev, L, top
-    cdef int64_t cur
+    cdef int64_t cur, h
     cdef float d_cur
     cdef int32_t* links
     cdef int32_t* deg = &indeg[0] if n > 0 else NULL
     cdef int32_t* last_copy = &last_copies[0] if n > 0 else NULL
     cdef int r
     cdef Py_ssize_t cap
-    g.links0 = &links0[0, 0] if links0.shape[0] > 0 else NULL
-    g.upper = &upper[0, 0] if upper.shape[0] > 0 else NULL
-    g.upper_off = &upper_off[0] if upper_off.shape[0] > 0 else NULL
-    g.M = upper.shape[1]
-    g.M0 = links0.shape[1]
-    d.kind = EXACT
-    d.inner_product = inner_product
-    d.vectors = &vectors[0, 0] if n > 0 else NULL
-    d.dim = vectors.shape[1]
-    d.count = 0
-    w.deleted = NULL
+    init_build(&d, &w, &g, vectors, first_new, codes8, codes16, codebooks, links0,
+               upper, upper_off, inner_product, dec)
     w.visited = &visited[0] if n > 0 else NULL
-    w.gen = 0
-    if n > 0:
-        memset(w.visited, 0, n * sizeof(uint32_t))
+    w.gen = gen[0]
     w.cand_d = &cand_d[0] if n > 0 else NULL
     w.cand_i = &cand_i[0] if n > 0 else NULL
     w.res_d = &res_d[0]
     w.res_i = &res_i[0]
+    tree.parent = &parent[0] if n > 0 else NULL
+    tree.lost = &lost[0] if lost.shape[0] > 0 else NULL
+    tree.cap = lost.shape[0]
+    tree.n = counts[1]
     with nogil:
         for q in range(start, stop):
             L = levels[q]
@@ -484,7 +613,7 @@ def hnsw_build(const float[:, ::1] vectors,         # IN  (n, D) float32
                 entry_point = q
                 max_level = L
                 continue
-            d.query = d.vectors + q * d.dim
+            d.query = d.vectors + (q - d.first_new) * d.dim
             cur = entry_point
             d_cur = dist_q(&d, cur)
             lev = max_level
@@ -497,7 +626,8 @@ def hnsw_build(const float[:, ::1] vectors,         # IN  (n, D) float32
                 heap_sort(w.res_d, w.res_i, n_res)           # ascending
                 links = node_links(&g, q, lev, &cap)
                 n_sel = select_heuristic(&d, w.res_d, w.res_i, n_res, cap,
-                                         &fsel[0], &fsel_d[0], NULL)
+                                         &fsel[0], &fsel_d[0], NULL, &rows[0, 0],
+                                         &sel_a[0])
                 for t in range(cap):
                     links[t] = <int32_t> fsel[t] if t < n_sel else -1
                 if lev == 0:
@@ -507,26 +637,234 @@ def hnsw_build(const float[:, ::1] vectors,         # IN  (n, D) float32
                     if lev == 0 and same_vector(&d, fsel[t], q):
                         # q copies fsel[t] (the one copy the selection
                         # keeps): append q to the chain of its copies.
-                        r = append_link(&g, last_copy[fsel[t]], q, 0) \
-                            if last_copy[fsel[t]] >= 0 else 0
+                        h = last_copy[fsel[t]]
+                        r = append_link(&g, h, q, 0) if h >= copies_from else 0
                         if r == 1:
                             deg[q] += 1
                         else:
-                            add_link(&g, &d, fsel[t], q, 0, deg,
-                                     &sd[0], &si[0], &sel[0], &sel_d[0], &kept[0])
+                            add_link(&g, &d, fsel[t], q, 0, deg, &sd[0], &si[0],
+                                     &sel[0], &sel_d[0], &kept[0], &rows[0, 0],
+                                     &sel_a[0], &tree)
                         last_copy[fsel[t]] = <int32_t> q
                         continue
                     add_link(&g, &d, fsel[t], q, lev, deg if lev == 0 else NULL,
-                             &sd[0], &si[0], &sel[0], &sel_d[0], &kept[0])
+                             &sd[0], &si[0], &sel[0], &sel_d[0], &kept[0],
+                             &rows[0, 0], &sel_a[0], &tree)
                 if lev == 0 and deg[q] == 0:
-                    rescue(&g, &d, q, &fsel[0], n_sel, deg)
+                    rescue(&g, &d, q, &fsel[0], n_sel, deg, &tree)
                 cur = w.res_i[0]
                 d_cur = w.res_d[0]
             if L > max_level:
                 entry_point = q
                 max_level = L
-    stats[0] += d.count
+    gen[0] = w.gen
+    counts[0] += d.count
+    counts[1] = tree.n
     return entry_point, max_level
+
+
+cdef bint chain_ok(const int32_t* parent, int64_t x, int64_t y) noexcept nogil:
+    """Whether x's parent chain reaches the entry point without meeting y
+    (then y may take x as parent without closing a cycle)."""
+    cdef Py_ssize_t steps
+    for steps in range(CHAIN_LIMIT):
+        if x == y:
+            return False
+        if parent[x] == ROOT:
+            return True
+        if parent[x] < 0:
+            return False
+        x = parent[x]
+    return False
+
+
+cdef inline bint links_to(Graph* g, int64_t x, int64_t y) noexcept nogil:
+    cdef Py_ssize_t cap, t
+    cdef int32_t* links = node_links(g, x, 0, &cap)
+    for t in range(cap):
+        if links[t] < 0:
+            return False
+        if links[t] == y:
+            return True
+    return False
+
+
+cdef Py_ssize_t add_candidate(Dist* d, const int32_t* par, int64_t y, int64_t x,
+                              float* sd, int64_t* si, Py_ssize_t n_nb,
+                              Py_ssize_t room) noexcept nogil:
+    """Append x to the candidate parents of y if its chain avoids y and it
+    is not there yet (and there is room); returns the new count."""
+    cdef Py_ssize_t b
+    if x == y or n_nb >= room or not chain_ok(par, x, y):
+        return n_nb
+    for b in range(n_nb):
+        if si[b] == x:
+            return n_nb
+    si[n_nb] = x
+    sd[n_nb] = dist_nodes(d, y, x)
+    return n_nb + 1
+
+
+cdef bint link_from_nearest(Graph* g, Dist* d, int32_t* par, int32_t* indeg,
+                            int64_t y, float* sd, int64_t* si,
+                            Py_ssize_t n_nb) noexcept nogil:
+    """Link y from the nearest candidate that can take it: in a free slot,
+    else instead of its farthest link that is not a tree link (the target
+    keeps its own parent); that candidate becomes y's parent."""
+    cdef Py_ssize_t t, b, cap, best_t
+    cdef int64_t x, z, ti
+    cdef float td, dt, best_d = 0
+    cdef int32_t* xl
+    cdef int r
+    for t in range(1, n_nb):              # nearest first, ties by id
+        td = sd[t]
+        ti = si[t]
+        b = t - 1
+        while b >= 0 and (sd[b] > td or (sd[b] == td and si[b] > ti)):
+            sd[b + 1] = sd[b]
+            si[b + 1] = si[b]
+            b -= 1
+        sd[b + 1] = td
+        si[b + 1] = ti
+    for b in range(n_nb):
+        x = si[b]
+        r = append_link(g, x, y, 0)
+        if r:
+            indeg[y] += r == 1
+            par[y] = <int32_t> x
+            return True
+        xl = node_links(g, x, 0, &cap)
+        best_t = -1
+        for t in range(cap):
+            z = xl[t]
+            if par[z] != x:
+                dt = dist_nodes(d, x, z)
+                if best_t < 0 or dt > best_d:
+                    best_t = t
+                    best_d = dt
+        if best_t >= 0:
+            indeg[xl[best_t]] -= 1
+            xl[best_t] = <int32_t> y
+            indeg[y] += 1
+            par[y] = <int32_t> x
+            return True
+    return False
+
+
+def fix_parents(const int64_t[::1] nodes,           # IN  (n_nodes,) candidates
+                const float[:, ::1] vectors,        # IN  as hnsw_build
+                Py_ssize_t first_new,
+                const uint8_t[:, ::1] codes8,
+                const uint16_t[:, ::1] codes16,
+                const float[:, :, ::1] codebooks,
+                int32_t[:, ::1] links0,             # INOUT (n, M0)
+                int32_t[:, ::1] upper,              # IN  as hnsw_build
+                const int64_t[::1] upper_off,
+                int64_t entry_point,
+                int max_level,
+                Py_ssize_t ef,
+                int32_t[::1] indeg,                 # INOUT (n,)
+                int32_t[::1] parent,                # INOUT (n,)
+                bint inner_product,
+                uint32_t[::1] visited,              # INOUT as hnsw_build
+                uint32_t[::1] gen,
+                float[::1] cand_d, int64_t[::1] cand_i,  # scratch (>= n,)
+                float[::1] res_d, int64_t[::1] res_i,    # scratch (ef + 1,)
+                float[::1] sd, int64_t[::1] si,     # scratch (>= M0 * (M0 + 1), >= ef)
+                float[::1] dec):                    # scratch (3 * D,)
+    """Give every listed LOST node a parent: the local reachability check
+    after an append, O(listed nodes * M0**2), never a walk of the graph.
+
+    First, among the node's level-0 neighbours that link back to it, one
+    whose parent chain reaches the entry point without passing through it
+    (repeated while that finds parents: a fixed node mends the chains
+    through it).  Then, for those left, a link from the nearest neighbour
+    (else neighbour of a neighbour) with such a chain that can take it
+    (``link_from_nearest``); when the whole neighbourhood hangs below the
+    node, from the nearest of the nodes a search of width ``ef`` for it
+    finds, coming from the entry point.  Returns how many nodes stay LOST
+    (the caller then runs the full repair)."""
+    cdef Graph g
+    cdef Dist d
+    cdef Work w
+    cdef Py_ssize_t a, t, b, cap, n_nb, left = 0, passes, hop
+    cdef Py_ssize_t room = si.shape[0]
+    cdef int64_t y, x
+    cdef int32_t* links
+    cdef int32_t* xl
+    cdef int32_t* par = &parent[0] if parent.shape[0] > 0 else NULL
+    cdef Py_ssize_t n = links0.shape[0], n_res
+    cdef int lev
+    cdef int64_t cur
+    cdef float d_cur
+    cdef bint changed = True
+    init_build(&d, &w, &g, vectors, first_new, codes8, codes16, codebooks, links0,
+               upper, upper_off, inner_product, dec)
+    w.visited = &visited[0] if n > 0 else NULL
+    w.gen = gen[0]
+    w.cand_d = &cand_d[0] if n > 0 else NULL
+    w.cand_i = &cand_i[0] if n > 0 else NULL
+    w.res_d = &res_d[0]
+    w.res_i = &res_i[0]
+    with nogil:
+        passes = 0
+        while changed and passes < 64:
+            changed = False
+            passes += 1
+            for a in range(nodes.shape[0]):
+                y = nodes[a]
+                if par[y] != LOST:
+                    continue
+                links = node_links(&g, y, 0, &cap)
+                for t in range(cap):
+                    x = links[t]
+                    if x < 0:
+                        break
+                    if links_to(&g, x, y) and chain_ok(par, x, y):
+                        par[y] = <int32_t> x
+                        changed = True
+                        break
+        for a in range(nodes.shape[0]):
+            y = nodes[a]
+            if par[y] != LOST:
+                continue
+            # From y's neighbours, else their neighbours, whose chains avoid
+            # y (all of y's own neighbours may hang below it, or have no
+            # slot to spare).
+            links = node_links(&g, y, 0, &cap)
+            for hop in range(2):
+                n_nb = 0
+                for t in range(cap):
+                    if links[t] < 0:
+                        break
+                    if hop == 0:
+                        n_nb = add_candidate(&d, par, y, links[t], &sd[0], &si[0],
+                                             n_nb, room)
+                        continue
+                    xl = node_links(&g, links[t], 0, &cap)
+                    for b in range(cap):
+                        if xl[b] < 0:
+                            break
+                        n_nb = add_candidate(&d, par, y, xl[b], &sd[0], &si[0],
+                                             n_nb, room)
+                if link_from_nearest(&g, &d, par, &indeg[0], y, &sd[0], &si[0], n_nb):
+                    break
+            if par[y] == LOST and entry_point >= 0:
+                d.query = node_vec(&d, y, &dec[2 * d.dim])
+                cur = entry_point
+                d_cur = dist_q(&d, cur)
+                for lev in range(max_level, 0, -1):
+                    cur = greedy(&g, &d, cur, &d_cur, lev)
+                n_res = search_layer(&g, &d, &w, n, cur, d_cur, ef, 0)
+                n_nb = 0
+                for t in range(n_res):
+                    n_nb = add_candidate(&d, par, y, w.res_i[t], &sd[0], &si[0],
+                                         n_nb, room)
+                link_from_nearest(&g, &d, par, &indeg[0], y, &sd[0], &si[0], n_nb)
+            if par[y] == LOST:
+                left += 1
+    gen[0] = w.gen
+    return left
 
 
 cdef void search_one(Graph* g, const float* query, const float* cbt,

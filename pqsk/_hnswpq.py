@@ -1,5 +1,6 @@
 """HNSWPQNeighbors: a hierarchical navigable small-world graph over PQ codes."""
 
+import copy
 from numbers import Integral
 
 import threading
@@ -13,7 +14,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
-from . import _hnsw, _quantizer
+from . import _growable, _hnsw, _quantizer
 from ._quantizer import scratch
 from ._store import FitRows
 from ._base import BasePQNeighbors, PQParamsMixin, RemovalMixin, _check_n_neighbors
@@ -25,10 +26,20 @@ MAX_LINKS = 2048  # more links per node than this is never useful
 BUILD_CHUNK = 20000  # nodes inserted between two progress messages
 REPAIR_PASSES = 8  # level-0 repair passes before giving up (each is linear)
 REPAIR_SAMPLE = 4096  # reachable nodes tried for a component with no way out
+# After an append only the nodes it touched are checked, through a parent
+# tree kept on level 0 (see ``_hnsw.fix_parents``); the full level-0 repair
+# (one linear pass) runs at fit and compact, when the entry point changes,
+# and when the local check cannot give a node a parent.
+LOST_PER_NODE = 4  # room to record nodes that lost their parent, per inserted node
+
+
+_BUILD = weakref.WeakKeyDictionary()    # estimator -> build scratch (_build_scratch)
+_PENDING = weakref.WeakKeyDictionary()  # estimator -> state an append is publishing
 
 
 _MARKS = threading.local()
-_TOMBSTONES = weakref.WeakKeyDictionary()  # estimator -> (removed_, ids_, node mask)
+# estimator -> (removed_, ids_, n_removed_, node mask)
+_TOMBSTONES = weakref.WeakKeyDictionary()
 _NO_TOMBSTONES = np.empty(0, np.uint8)
 
 
@@ -106,15 +117,32 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
     The graph is built with exact float32 distances between the vectors
     (the vectors are dropped afterwards unless ``refine_factor > 0``), so
     its links follow the true geometry rather than the quantization
-    noise.  ``partial_fit`` links new nodes using the decoded vectors of
-    the old ones (or the kept raw vectors).  Internally all graph work is
-    float32; distances are returned in the fitted dtype.
+    noise.  Internally all graph work is float32; distances are returned
+    in the fitted dtype.
+
+    ``partial_fit`` inserts the new rows into the existing graph, in
+    place, at a cost that depends on the rows added, not on the index
+    size: the graph arrays grow with spare capacity (``memory_usage_``
+    reports it as ``"reserved"``), and distances to old nodes use their
+    decoded PQ codes, decoded on the fly where the insertion goes (no
+    vector of the old nodes is kept or copied, also when the raw vectors
+    are kept for re-ranking; new rows are linked by their raw vectors).
+    Old nodes gain back-links, so arrays read before a ``partial_fit``
+    (``links0_``...) may change with it.  Reachability from the entry
+    point is checked locally after an append (the new nodes, and the nodes
+    whose link from their ``level0_parent_`` was dropped, get a parent
+    again), and by a full linear pass
+    at fit, at ``compact``, and when the entry point changes.  Appends
+    keep 12 bytes per node of build scratch (in-degrees, copy chains,
+    visited marks), counted in ``"reserved"``.
 
     Memory: X is validated and encoded chunk by chunk (see
-    :class:`BasePQNeighbors`), but the graph build needs the float32
-    vector of every node at once: ``fit`` and ``partial_fit`` hold
-    ``n_samples_fit * n_features * 4`` bytes while they link nodes (the
-    decoded or kept raw vectors of the old nodes, and the new rows).
+    :class:`BasePQNeighbors`), but the rows being inserted are linked by
+    their float32 vectors, all at once: ``fit`` holds
+    ``n_samples * n_features * 4`` bytes while it builds the graph, and
+    ``partial_fit`` that much for its batch (old nodes are read from their
+    codes).  ``compact`` re-links the live nodes from the raw vectors when
+    kept (normalised for cosine), else their decoded codes, all at once.
 
     Attributes
     ----------
@@ -129,6 +157,11 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         (``n_upper_rows`` is the sum of the levels); node i's level l (1 <= l <= levels_[i]) is
         row ``upper_offsets_[i] + l - 1``.
     upper_offsets_ : ndarray of shape (n_samples_fit,), int64
+    level0_parent_ : ndarray of shape (n_samples_fit,), int32
+        For each node, a node that links to it on level 0 (-1 for the entry
+        point), such that following them from any node leads to the entry
+        point: a certificate that every node is reachable, which lets
+        ``partial_fit`` check only the nodes it touched.
     entry_point_ : int
         A node of the top level, where every search starts.
     max_level_ : int
@@ -219,8 +252,9 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
     def _fit_index(self, X, progress):
         self.codebooks_ = self._fit_codebooks(X, progress)
         self._levels_rng_ = check_random_state(self.random_state)
-        self._install(_Graph.empty(self.n_subspaces, self.n_links,
-                                   _quantizer.code_dtype(self.n_codewords)), self.vectors_, None, 0)
+        self.__dict__.update(_empty_graph(self.n_subspaces, self.n_links,
+                                          _quantizer.code_dtype(self.n_codewords)))
+        self.ids_ = None
         self._add_rows(X, effective_n_threads(self.n_jobs), progress)
 
     def _node_vectors(self):
@@ -236,42 +270,197 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
     def _add_rows(self, X, n_threads, progress):
         codes = _quantizer.encode_rows(X, self.codebooks_, n_threads)
         progress(f"encoded {X.shape[0]} vectors")
-        n_nodes, first_id = self.codes_.shape[0], self.n_samples_fit_
-        # Old nodes are linked against their raw vectors when kept, else
-        # their decoded ones; the new against their raw vectors.  The graph
-        # build needs every node's vector in float32 at once.
-        build_vectors = np.empty((n_nodes + X.shape[0], X.shape[1]), np.float32)
-        if n_nodes:
-            build_vectors[:n_nodes] = self._node_vectors()
+        n_nodes, first_id, b = self.codes_.shape[0], self.n_samples_fit_, X.shape[0]
+        state = self._grown_graph({a: getattr(self, a) for a in GRAPH_ATTRS}, codes)
+        if self.ids_ is not None or first_id != n_nodes:
+            old = np.arange(n_nodes) if self.ids_ is None else self.ids_
+            ids = _growable.grow(self, "ids", old, b)
+            ids[n_nodes:] = np.arange(first_id, first_id + b)
+            state["ids_"] = ids
+        state["vectors_"] = self._grown_vectors(X)
+        state.update(self._size_state(first_id + b))
+        mask = self._extended_tombstones(b)
+        # The new nodes are linked by their raw vectors (float32, all of
+        # them at once: b x n_features x 4 bytes); old nodes' come from
+        # their codes, decoded by the kernel where it needs them.
+        new = np.empty((b, X.shape[1]), dtype=np.float32)
         for sl, chunk in _quantizer.row_chunks(X):
-            build_vectors[n_nodes + sl.start:n_nodes + sl.stop] = chunk
-        graph = self._current_graph().extend(self, codes, build_vectors, progress)
-        ids = self.ids_
-        if ids is not None or first_id != n_nodes:
-            ids = np.concatenate([np.arange(n_nodes) if ids is None else ids,
-                                  np.arange(first_id, first_id + X.shape[0])])
-        self._install(graph, self._grown_vectors(X), ids, first_id + X.shape[0])
+            new[sl] = chunk
+        self._link(state, n_nodes, new, progress)
+        if mask is not None:
+            _TOMBSTONES[self] = (self.removed_, self.ids_, self.n_removed_, mask)
 
-    def _install(self, graph, vectors, ids, n_total):
-        self.codes_ = graph.codes
-        self.levels_ = graph.levels
-        self.links0_ = graph.links0
-        self.upper_links_ = graph.upper
-        self.upper_offsets_ = graph.upper_off
-        self.entry_point_ = graph.entry_point
-        self.max_level_ = graph.max_level
-        self.vectors_ = vectors
-        self.ids_ = ids
-        self._commit_size(n_total)
+    def _extended_tombstones(self, b):
+        """The cached node-order tombstones (after a ``compact``) with b live
+        nodes appended, grown in place; None when there is nothing cached
+        to extend (``_tombstones`` then computes it when next needed)."""
+        cached = _TOMBSTONES.get(self)
+        if (self.ids_ is None or cached is None or cached[0] is not self.removed_
+                or cached[1] is not self.ids_ or cached[2] != self.n_removed_
+                or cached[3].size == 0):
+            return None
+        return _growable.grow(self, "node_tombstones", cached[3], b, 0)
 
-    def _current_graph(self):
-        return _Graph(self.codes_, self.levels_, self.links0_, self.upper_links_,
-                      self.upper_offsets_, self.entry_point_, self.max_level_)
+    def _grown_graph(self, graph, codes):
+        """The graph arrays with ``codes`` appended as unlinked nodes (levels
+        drawn, link slots -1), grown in place past the used rows."""
+        n_old, b = graph["codes_"].shape[0], codes.shape[0]
+        M = graph["links0_"].shape[1] // 2
+        rng = copy.deepcopy(self._levels_rng_)  # advanced only if the append is
+        new_levels = sample_levels(b, M, rng)   # published
+        n_rows = graph["upper_links_"].shape[0]  # = the sum of the old levels
+        state = dict(graph)
+        state["_levels_rng_"] = rng
+        state["codes_"] = _growable.grow(self, "codes", graph["codes_"], b)
+        state["codes_"][n_old:] = codes
+        state["levels_"] = _growable.grow(self, "levels", graph["levels_"], b)
+        state["levels_"][n_old:] = new_levels
+        state["upper_offsets_"] = off = _growable.grow(self, "upper_offsets",
+                                                       graph["upper_offsets_"], b)
+        off[n_old:] = n_rows
+        off[n_old + 1:] += np.cumsum(new_levels[:-1])
+        state["links0_"] = _growable.grow(self, "links0", graph["links0_"], b, -1)
+        state["upper_links_"] = _growable.grow(self, "upper_links", graph["upper_links_"],
+                                               int(new_levels.sum()), -1)
+        state["level0_parent_"] = _growable.grow(self, "level0_parent",
+                                                 graph["level0_parent_"], b,
+                                                 _hnsw.PARENT_LOST)
+        return state
+
+    def _build_scratch(self, graph, n_old, n):
+        """In-degrees, copy chains and visited marks for a
+        build that adds nodes n_old .. n - 1 to ``graph``: kept from the
+        last build when it left the published graph (O(new nodes)), else
+        computed (O(n), after a load or an unpickling)."""
+        st = _BUILD.get(self)
+        if not (st is not None and n_old and st["links0"] is self.links0_
+                and st["indeg"].shape[0] == n_old):
+            old = graph["links0_"][:n_old]
+            st = {"indeg": np.bincount(old[old >= 0], minlength=n_old).astype(np.int32),
+                  "last_copies": np.full(n_old, -1, np.int32),
+                  "visited": np.zeros(n_old, np.uint32), "gen": np.zeros(1, np.uint32)}
+        extra = n - n_old
+        grow = _growable.grow
+        return {"indeg": grow(self, "build_indeg", st["indeg"], extra, 0),
+                "last_copies": grow(self, "build_copies", st["last_copies"], extra, -1),
+                "visited": grow(self, "build_visited", st["visited"], extra, 0),
+                "gen": st["gen"], "links0": graph["links0_"],
+                "recheck": st.get("recheck", False)}
+
+    def _link(self, state, n_old, vectors, progress):
+        """Link nodes n_old .. n - 1 of the grown ``state`` (``vectors``: their
+        float32 rows), check reachability, and publish ``state``.
+
+        Everything that can fail is done before the build kernel runs; from
+        then on the old nodes' rows are being rewritten, so ``state`` is
+        the index (``_after_failed_write``) even if an interrupt comes.
+        """
+        links0, upper = state["links0_"], state["upper_links_"]
+        n, M0 = links0.shape
+        codes = state["codes_"]
+        m = codes.shape[1]
+        ip = self._inner_product
+        ep, top = state["entry_point_"], state["max_level_"]
+        st = self._build_scratch(state, n_old, n)
+        ef_c = max(1, min(self.ef_construction, n))
+        width = M0 + 1
+        D = vectors.shape[1]
+        cb = np.ascontiguousarray(self.codebooks_, dtype=np.float32)
+        codes8 = codes if codes.dtype == np.uint8 else np.empty((0, m), np.uint8)
+        codes16 = codes if codes.dtype == np.uint16 else np.empty((0, m), np.uint16)
+        lost = np.empty(LOST_PER_NODE * (n - n_old), np.int64)
+        parent = state["level0_parent_"]
+        counts = np.zeros(2, np.int64)
+        kernel_scratch = dict(
+            cand_d=np.empty(n, np.float32), cand_i=np.empty(n, np.int64),
+            res_d=np.empty(ef_c + 1, np.float32), res_i=np.empty(ef_c + 1, np.int64),
+            fsel=np.empty(width, np.int64), fsel_d=np.empty(width, np.float32),
+            sd=np.empty(width, np.float32), si=np.empty(width, np.int64),
+            sel=np.empty(width, np.int64), sel_d=np.empty(width, np.float32),
+            kept=np.empty(width, np.uint8), sel_a=np.empty(width, np.int64),
+            rows=np.empty((max(ef_c, M0) + 1, D), np.float32),
+            dec=np.empty(2 * D, np.float32),
+        )
+        data = (vectors, n_old, codes8, codes16, cb)
+        # Point of no return: the kernel rewrites old nodes' rows in place.
+        if n_old:
+            _PENDING[self] = state
+        _BUILD[self] = st
+        first_ep = ep
+        for start in range(n_old, n, BUILD_CHUNK):
+            stop = min(n, start + BUILD_CHUNK)
+            ep, top = _hnsw.hnsw_build(
+                *data, state["levels_"], links0, upper, state["upper_offsets_"], start,
+                stop, ep, top, ef_c, ip, st["indeg"], st["last_copies"], n_old,
+                st["visited"], st["gen"], **kernel_scratch, parent=parent,
+                lost=lost, counts=counts,
+            )
+            state["entry_point_"], state["max_level_"] = int(ep), int(top)
+            progress(f"graph: {stop - n_old}/{n - n_old} nodes inserted "
+                     f"({counts[0] / max(1, stop - n_old):.0f} distances per node)")
+
+        def fix(nodes):
+            """fix_parents on ``nodes``: how many stay without a parent."""
+            room = max(M0 * (M0 + 1), ef_c)  # candidate parents
+            return _hnsw.fix_parents(
+                nodes, *data, links0, upper, state["upper_offsets_"], int(ep), int(top),
+                ef_c, st["indeg"], parent, ip, st["visited"], st["gen"],
+                kernel_scratch["cand_d"], kernel_scratch["cand_i"],
+                kernel_scratch["res_d"], kernel_scratch["res_i"],
+                np.empty(room, np.float32), np.empty(room, np.int64),
+                np.empty(3 * D, np.float32))
+
+        full = not n_old or ep != first_ep
+        if n > n_old and not full:
+            # Local check: the new nodes, and the old ones whose parent link
+            # was dropped, get a parent again.
+            if counts[1] <= lost.shape[0] and not st["recheck"]:
+                cand = np.concatenate([np.arange(n_old, n), lost[:counts[1]]])
+            else:
+                cand = np.flatnonzero(parent == _hnsw.PARENT_LOST)
+            st["recheck"] = False
+            full = fix(cand) > 0
+        if n > n_old and full:
+            node_vectors = (vectors if not n_old
+                            else _NodeVectors(codes, cb, vectors, n_old))
+            with warnings.catch_warnings(record=True):  # fix() has the last word
+                warnings.simplefilter("always")
+                n_fixed = repair_level0(links0, node_vectors, int(ep), ip)
+            if n_fixed:
+                progress(f"graph: {n_fixed} level-0 links added so that every node "
+                         "is reachable")
+                st["indeg"][:] = np.bincount(links0[links0 >= 0], minlength=n)
+            parent[:] = _parents(links0, int(ep))
+            # Nodes the repair could not link: from the nearest reachable
+            # node a search for them finds (see fix_parents).
+            unreached = np.flatnonzero(parent == _hnsw.PARENT_LOST)
+            if unreached.size and fix(unreached):
+                warnings.warn("HNSW level-0 repair gave up; some nodes stay unreachable.")
+        self.__dict__.update(state)
+        _PENDING.pop(self, None)
+
+    def _after_failed_write(self):
+        # A partial_fit interrupted after the kernel started rewriting old
+        # nodes' links cannot be undone: keep the new state (see _link),
+        # whose nodes may lack a parent: the next append looks for them all.
+        state = _PENDING.pop(self, None)
+        if state is not None:
+            self.__dict__.update(state)
+            _BUILD[self]["recheck"] = True
 
     def _remove_rows(self, ids, removed):
         # Tombstones: the nodes stay in the graph for routing; searches
-        # read ``removed_`` and never return them.  See ``compact``.
-        pass
+        # read ``removed_`` (updated in place by ``remove``) in node order
+        # and never return them.  See ``compact``.
+        cached = _TOMBSTONES.get(self)
+        if (self.ids_ is None or cached is None or cached[0] is not removed
+                or cached[1] is not self.ids_ or cached[3].size == 0):
+            return  # the view of removed_ is current, or computed at next use
+        pos = np.searchsorted(self.ids_, ids)  # ids_ ascend: node order is id order
+        pos = pos[pos < self.ids_.shape[0]]
+        pos = pos[np.isin(self.ids_[pos], ids)]
+        cached[3][pos] = 1
+        _TOMBSTONES[self] = (removed, self.ids_, self.n_removed_, cached[3])
 
     def compact(self):
         """Rebuild the graph without the removed nodes.
@@ -295,13 +484,12 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
             return self
         node_ids = np.arange(self.codes_.shape[0]) if self.ids_ is None else self.ids_
         live = ~self.removed_[node_ids]
-        vectors = self._node_vectors()[live].astype(np.float32, copy=False)
-        empty = _Graph.empty(self.codes_.shape[1], self.links0_.shape[1] // 2,
-                             self.codes_.dtype)
-        progress = Progress(self.verbose, type(self).__name__)
-        graph = empty.extend(self, self.codes_[live], vectors, progress)
-        self._install(graph, self.vectors_, node_ids[live].astype(np.int64),
-                      self.n_samples_fit_)
+        vectors = np.ascontiguousarray(self._node_vectors()[live], dtype=np.float32)
+        m, k = self.codebooks_.shape[:2]
+        empty = _empty_graph(m, self.links0_.shape[1] // 2, self.codes_.dtype)
+        state = self._grown_graph(empty, self.codes_[live])
+        state["ids_"] = node_ids[live].astype(np.int64)
+        self._link(state, 0, vectors, Progress(self.verbose, type(self).__name__))
         return self
 
     def _check_loaded_state(self):
@@ -363,12 +551,43 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
                 "_levels_rng_ must be a RandomState")
         if n_nodes == 0:
             require(entry == -1 and top == -1, "an empty graph has no entry point")
+            self._check_growing_state()
             return
         require(entry >= 0 and levels[entry] == top == int(levels.max()),
                 "entry_point_ is not on the top level")
         node_removed = removed if self.ids_ is None else removed[self.ids_]
         require(bool(np.all(reachable(links0, entry) | node_removed)),
                 "a live node is unreachable from the entry point on level 0")
+        self._check_growing_state()
+
+    def _check_growing_state(self):
+        """The level-0 parent tree, after ``load``.  It is derived state (no
+        kernel reads it; appends use it to keep every node reachable): one
+        that does not hold (in range, one root at the entry point, each
+        parent linking to its child) is rebuilt from the links, as it is
+        for an index saved before the tree existed."""
+        if not hasattr(self, "level0_parent_"):  # saved before appends grew in place
+            self.level0_parent_ = _parents(self.links0_, self.entry_point_)
+            return
+        try:
+            self._check_parent_tree()
+        except ValueError:
+            self.level0_parent_ = _parents(self.links0_, self.entry_point_)
+
+    def _check_parent_tree(self):
+        n = self.codes_.shape[0]
+        par = self.level0_parent_
+        check_int_array(par, "level0_parent_", (n,), -1, max(1, n))
+        require(par.dtype == np.int32, "level0_parent_ must be int32")
+        if n:
+            roots = np.flatnonzero(par < 0)
+            require(roots.size == 1 and roots[0] == self.entry_point_,
+                    "level0_parent_ must have the entry point as its only root")
+            for lo in range(0, n, 1 << 20):  # chunks bound the (rows, 2M) temporary
+                child = lo + np.flatnonzero(par[lo:lo + (1 << 20)] >= 0)
+                require(bool(np.all(np.any(self.links0_[par[child]] == child[:, None],
+                                           axis=1))),
+                        "level0_parent_ names a parent that does not link to its child")
 
     def _n_candidates(self, n_neighbors):
         n = super()._n_candidates(n_neighbors)
@@ -388,18 +607,25 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         no node of the graph is removed (none ever was, or ``compact``
         dropped them all); the kernel then skips the check.
 
-        Computed once per (``removed_``, ``ids_``) pair and cached outside
-        ``__dict__``: both arrays are replaced, never modified in place, by
-        ``remove``, ``partial_fit`` and ``compact``.
+        Before any ``compact`` (``ids_`` is None) it is ``removed_`` itself,
+        viewed as uint8.  Otherwise it is computed once (O(n)) and cached
+        outside ``__dict__``, keyed by (``removed_``, ``ids_``,
+        ``n_removed_``): ``remove`` marks ids in place in both, and
+        ``partial_fit`` extends both (see ``_remove_rows``,
+        ``_extend_tombstones``), so neither pays O(n) again.
         """
         if not self.n_removed_:
             return _NO_TOMBSTONES
         cached = _TOMBSTONES.get(self)
-        if cached is not None and cached[0] is self.removed_ and cached[1] is self.ids_:
-            return cached[2]
-        mask = self.removed_ if self.ids_ is None else self.removed_[self.ids_]
-        mask = mask.view(np.uint8) if mask.any() else _NO_TOMBSTONES
-        _TOMBSTONES[self] = (self.removed_, self.ids_, mask)
+        if (cached is not None and cached[0] is self.removed_ and cached[1] is self.ids_
+                and cached[2] == self.n_removed_):
+            return cached[3]
+        if self.ids_ is None:
+            mask = self.removed_.view(np.uint8)
+        else:
+            mask = self.removed_[self.ids_]
+            mask = mask.view(np.uint8) if mask.any() else _NO_TOMBSTONES
+        _TOMBSTONES[self] = (self.removed_, self.ids_, self.n_removed_, mask)
         return mask
 
     def _graph_search(self, Q, n_out, n_threads, ef=None, from_entry=False):
@@ -484,9 +710,25 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
             {"codes": self.codes_.nbytes, "links0": self.links0_.nbytes,
              "upper_links": self.upper_links_.nbytes, "levels": self.levels_.nbytes,
              "upper_offsets": self.upper_offsets_.nbytes,
+             "level0_parent": self.level0_parent_.nbytes,
              "ids": 0 if self.ids_ is None else self.ids_.nbytes},
             {"codebooks": self.codebooks_.nbytes},
         )
+
+    def _reserved_bytes(self):
+        spare = sum(_growable.spare_bytes(self, name, getattr(self, name + "_"))
+                    for name in ("codes", "levels", "links0", "upper_links",
+                                 "upper_offsets", "level0_parent", "ids"))
+        st = _BUILD.get(self)
+        if st is not None and st["links0"] is self.links0_:
+            spare += sum(_growable.spare_bytes(self, "build_" + key, st[key])
+                         + st[key].nbytes for key in ("indeg", "visited"))
+            spare += (_growable.spare_bytes(self, "build_copies", st["last_copies"])
+                      + st["last_copies"].nbytes)
+        cached = _TOMBSTONES.get(self)
+        if cached is not None and cached[1] is not None and cached[1] is self.ids_:
+            spare += cached[3].nbytes
+        return super()._reserved_bytes() + spare
 
 
 def _level0_adjacency(links0):
@@ -498,6 +740,20 @@ def _level0_adjacency(links0):
     indices = links0[used]
     return sparse.csr_matrix((np.ones(indices.size, np.int8), indices, indptr),
                              shape=(n, n))
+
+
+def _parents(links0, entry_point):
+    """Level-0 parent of each node in a breadth-first tree from the entry
+    point: ROOT for it, LOST for nodes it does not reach (int32)."""
+    n = links0.shape[0]
+    parent = np.full(n, _hnsw.PARENT_LOST, np.int32)
+    if n and entry_point >= 0:
+        _, pred = breadth_first_order(_level0_adjacency(links0), entry_point,
+                                      directed=True, return_predecessors=True)
+        reached = pred >= 0
+        parent[reached] = pred[reached]
+        parent[entry_point] = _hnsw.PARENT_ROOT
+    return parent
 
 
 def _reachable(links0, start, adjacency=None):
@@ -635,60 +891,34 @@ def repair_level0(links0, vectors, entry_point, inner_product=False):
     return added
 
 
-class _Graph:
-    """An HNSW index's arrays, grown by ``extend`` into new arrays (the old
-    ones are never written to, so a failure leaves the estimator intact)."""
+GRAPH_ATTRS = ("codes_", "levels_", "links0_", "upper_links_", "upper_offsets_",
+               "level0_parent_", "entry_point_", "max_level_")
 
-    def __init__(self, codes, levels, links0, upper, upper_off, entry_point, max_level):
-        self.codes, self.levels, self.links0, self.upper = codes, levels, links0, upper
-        self.upper_off, self.entry_point, self.max_level = upper_off, entry_point, max_level
 
-    @classmethod
-    def empty(cls, m, n_links, code_dtype):
-        return cls(np.empty((0, m), code_dtype), np.empty(0, np.int32),
-                   np.empty((0, 2 * n_links), np.int32), np.empty((0, n_links), np.int32),
-                   np.empty(0, np.int64), -1, -1)
+def _empty_graph(m, n_links, code_dtype):
+    """The graph attributes of an index with no node (fresh arrays)."""
+    return {"codes_": np.empty((0, m), code_dtype), "levels_": np.empty(0, np.int32),
+            "links0_": np.empty((0, 2 * n_links), np.int32),
+            "upper_links_": np.empty((0, n_links), np.int32),
+            "upper_offsets_": np.empty(0, np.int64),
+            "level0_parent_": np.empty(0, np.int32), "entry_point_": -1,
+            "max_level_": -1}
 
-    def extend(self, est, codes, build_vectors, progress):
-        """A new _Graph with ``codes`` appended and linked; ``build_vectors``
-        holds float32 vectors for every node, old then new."""
-        n_old, n_new = self.codes.shape[0], codes.shape[0]
-        n = n_old + n_new
-        M = self.links0.shape[1] // 2  # as fitted
-        levels = np.concatenate([self.levels, sample_levels(n_new, M, est._levels_rng_)])
-        upper_off = np.zeros(n, dtype=np.int64)
-        np.cumsum(levels[:-1], out=upper_off[1:])
-        links0 = np.full((n, 2 * M), -1, dtype=np.int32)
-        links0[:n_old] = self.links0
-        upper = np.full((int(levels.sum()), M), -1, dtype=np.int32)
-        upper[:self.upper.shape[0]] = self.upper
-        ef_c = max(1, min(est.ef_construction, n))
-        width = 2 * M + 1
-        old_links = self.links0[self.links0 >= 0]
-        indeg = np.bincount(old_links, minlength=n).astype(np.int32)
-        scratch = dict(
-            indeg=indeg, last_copies=np.full(n, -1, np.int32), visited=np.zeros(n, np.uint32), cand_d=np.empty(n, np.float32),
-            cand_i=np.empty(n, np.int64), res_d=np.empty(ef_c + 1, np.float32),
-            res_i=np.empty(ef_c + 1, np.int64),
-            fsel=np.empty(width, np.int64), fsel_d=np.empty(width, np.float32),
-            sd=np.empty(width, np.float32), si=np.empty(width, np.int64),
-            sel=np.empty(width, np.int64), sel_d=np.empty(width, np.float32),
-            kept=np.empty(width, np.uint8),
-        )
-        stats = np.zeros(1, np.int64)
-        ep, top = self.entry_point, self.max_level
-        for start in range(n_old, n, BUILD_CHUNK):
-            stop = min(n, start + BUILD_CHUNK)
-            ep, top = _hnsw.hnsw_build(
-                build_vectors, levels, links0, upper, upper_off, start, stop, ep, top,
-                ef_c, est._inner_product, **scratch, stats=stats,
-            )
-            progress(f"graph: {stop - n_old}/{n_new} nodes inserted "
-                     f"({stats[0] / max(1, stop - n_old):.0f} distances per node)")
-        if n:
-            n_fixed = repair_level0(links0, build_vectors, int(ep), est._inner_product)
-            if n_fixed:
-                progress(f"graph: {n_fixed} level-0 links added so that every node "
-                         "is reachable")
-        return _Graph(np.concatenate([self.codes, codes]), levels, links0, upper,
-                      upper_off, int(ep), int(top))
+
+class _NodeVectors:
+    """Float32 vectors of a graph's nodes, made on demand (``vectors[idx]``):
+    the PQ codes decoded for nodes before ``first_new``, the given rows
+    after.  The level-0 repair reads the few nodes it links this way, so
+    an append never decodes the whole index."""
+
+    def __init__(self, codes, codebooks, new_rows, first_new):
+        self.codes, self.codebooks = codes, codebooks
+        self.new_rows, self.first_new = new_rows, first_new
+
+    def __getitem__(self, idx):
+        idx = np.asarray(idx)
+        out = np.empty(idx.shape + (self.new_rows.shape[1],), np.float32)
+        old = idx < self.first_new
+        out[old] = _quantizer.decode(self.codes[idx[old]], self.codebooks)
+        out[~old] = self.new_rows[idx[~old] - self.first_new]
+        return out

@@ -12,47 +12,63 @@ For a query q and a list l, with r_hat the decoded residual::
     IP:  -<q, c_l + r_hat>     = -<q, c_l> - <q, r_hat>
 
 so a list's table costs m * k additions, not k * D multiply-adds.
+
+Appends go to a growing part (codes, ids and list labels in arrival
+order) that the search scans too: per query, the growing entries whose
+list is probed are picked out in one pass over the labels and scored with
+that list's table, into the same heap, so the answers are those of one
+sorted index holding every entry.  Removed ids are tombstones, read only
+for entries that would enter the heap.
 """
 
 cimport cython
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
-from libc.stdint cimport int64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, INT64_MAX
 
 from ._heap cimport heap_init, heap_push, heap_sort, pair_greater
-from ._kernels cimport code_t, index_t, build_table, scan_codes
+from ._kernels cimport code_t, index_t, build_table, scan_codes, scan_some
 
 
-cdef inline Py_ssize_t scan_list(Py_ssize_t l,
-                                 floating coarse_term,
-                                 const floating* query_table,  # IN (m, k): -<q_j, r_c>
-                                 const floating[:, :, ::1] list_terms,
-                                 const code_t[:, ::1] codes,
-                                 const index_t[::1] ids,
-                                 const int64_t[::1] offsets,
-                                 bint inner_product,
-                                 Py_ssize_t m,
-                                 Py_ssize_t k,
-                                 floating* list_table,         # scratch (m, k)
-                                 floating* heap_dist,
-                                 int64_t* heap_idx,
-                                 Py_ssize_t n_neighbors) noexcept nogil:
-    """Scan list l into the heap; return how many codes it holds."""
+cdef inline void scan_list(Py_ssize_t l,
+                           floating coarse_term,
+                           const floating* query_table,  # IN (m, k): -<q_j, r_c>
+                           const floating[:, :, ::1] list_terms,
+                           const code_t[:, ::1] codes,
+                           const index_t[::1] ids,
+                           const int64_t[::1] offsets,
+                           const code_t* g_codes,        # IN (g, m) growing part
+                           const index_t* g_ids,         # IN (g,)
+                           const int64_t* g_rows,        # IN rows of list l in it
+                           Py_ssize_t n_g,
+                           const uint8_t* deleted,
+                           bint inner_product,
+                           Py_ssize_t m,
+                           Py_ssize_t k,
+                           floating* list_table,         # scratch (m, k)
+                           floating* heap_dist,
+                           int64_t* heap_idx,
+                           Py_ssize_t n_neighbors) noexcept nogil:
+    """Scan list l (its sorted block, then its ``n_g`` growing entries)
+    into the heap."""
     cdef Py_ssize_t start = offsets[l]
     cdef Py_ssize_t n_l = offsets[l + 1] - start
     cdef Py_ssize_t i
     cdef const floating* table = query_table
     cdef const floating* terms
-    if n_l == 0:
-        return 0
+    if n_l == 0 and n_g == 0:
+        return
     if not inner_product:
         terms = &list_terms[l, 0, 0]
         for i in range(m * k):
             list_table[i] = terms[i] + 2 * query_table[i]
         table = list_table
-    scan_codes(table, &codes[start, 0], n_l, m, k, coarse_term, &ids[start],
-               heap_dist, heap_idx, n_neighbors)
-    return n_l
+    if n_l > 0:
+        scan_codes(table, &codes[start, 0], n_l, m, k, coarse_term, &ids[start],
+                   deleted, heap_dist, heap_idx, n_neighbors)
+    if n_g > 0:
+        scan_some(table, g_codes, g_rows, n_g, m, k, coarse_term, g_ids,
+                  deleted, heap_dist, heap_idx, n_neighbors)
 
 
 def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
@@ -62,6 +78,10 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                const code_t[:, ::1] codes,             # IN  (n, m), list after list
                const index_t[::1] ids,                 # IN  (n,)
                const int64_t[::1] offsets,             # IN  (n_lists + 1,)
+               const code_t[:, ::1] g_codes,           # IN  (g, m) growing part
+               const index_t[::1] g_ids,               # IN  (g,)
+               const int32_t[::1] g_lists,             # IN  (g,) list of each entry
+               const uint8_t[::1] deleted,             # IN  (n_ids,) tombstones, or (0,)
                bint inner_product,
                Py_ssize_t n_probe,
                floating[:, ::1] out_dist,              # OUT (nq, n_neighbors)
@@ -71,15 +91,23 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                int64_t[:, ::1] probe_idx,              # scratch (n_threads, >= n_probe)
                floating[:, ::1] heap_d,                # scratch (n_threads, >= n_neighbors)
                int64_t[:, ::1] heap_i,                 # scratch (n_threads, >= n_neighbors)
+               int32_t[:, ::1] slot_of,                # scratch (n_threads, n_lists), all -1
+               int64_t[:, ::1] g_match,                # scratch (n_threads, >= g)
+               int64_t[:, ::1] g_sorted,               # scratch (n_threads, >= g)
+               int64_t[:, ::1] slot_end,               # scratch (n_threads, >= n_probe + 1)
                int n_threads):
     """Search the ``n_probe`` lists with the smallest coarse term, then,
-    while fewer than ``n_neighbors`` codes were seen, the next lists in
-    coarse order.  Rows of the output are sorted by (distance, id).
+    while the heap is not full (fewer than ``n_neighbors`` live entries
+    seen), the next lists in coarse order.  Rows of the output are sorted
+    by (distance, id).
 
     ``coarse[q, l]`` is ``||q - c_l||^2`` (L2) or ``-<q, c_l>`` (IP).
-    Requires 1 <= n_probe <= n_lists.  Scratch rows are per thread and
-    padded by the caller to whole cache lines (no false sharing); the
-    sorted heap is copied to the output row at the end.
+    Requires 1 <= n_probe <= n_lists.  A list holds its sorted block and
+    the growing entries labelled with it; ids marked in ``deleted`` are
+    never returned.  Scratch rows are per thread and padded by the caller
+    to whole cache lines (no false sharing); ``slot_of`` rows must hold -1
+    and are left so.  The sorted heap is copied to the output row at the
+    end.
     """
     cdef Py_ssize_t nq = Q.shape[0]
     cdef Py_ssize_t n_lists = coarse.shape[1]
@@ -87,7 +115,8 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
     cdef Py_ssize_t ds = codebooks_t.shape[1]
     cdef Py_ssize_t k = codebooks_t.shape[2]
     cdef Py_ssize_t kn = out_dist.shape[1]
-    cdef Py_ssize_t q, l, p, r, seen, best_l
+    cdef Py_ssize_t g = g_codes.shape[0]
+    cdef Py_ssize_t q, l, p, r, i, a, s, best_l, n_match, n_x, lo
     cdef floating last_d, best_d
     cdef int64_t last_l
     cdef floating* qt = NULL
@@ -95,6 +124,13 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
     cdef int64_t* pi = NULL
     cdef floating* hd = NULL
     cdef int64_t* hi = NULL
+    cdef int32_t* so = NULL
+    cdef int64_t* gm = NULL
+    cdef int64_t* gs = NULL
+    cdef int64_t* se = NULL
+    cdef const code_t* gc = &g_codes[0, 0] if g > 0 else NULL
+    cdef const index_t* gi = &g_ids[0] if g > 0 else NULL
+    cdef const uint8_t* dead = &deleted[0] if deleted.shape[0] > 0 else NULL
     cdef int tid
     if nq == 0 or kn == 0:
         return
@@ -105,6 +141,10 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
         pi = &probe_idx[tid, 0]
         hd = &heap_d[tid, 0]
         hi = &heap_i[tid, 0]
+        so = &slot_of[tid, 0]
+        gm = &g_match[tid, 0]
+        gs = &g_sorted[tid, 0]
+        se = &slot_end[tid, 0]
         for q in prange(nq, schedule="dynamic"):
             # The n_probe nearest lists, nearest first.
             heap_init(pd, pi, n_probe)
@@ -112,17 +152,40 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                 heap_push(pd, pi, n_probe, coarse[q, l], l)
             heap_sort(pd, pi, n_probe)
 
+            # Growing entries of the probed lists, grouped by probe slot:
+            # slot p's rows are gs[se[p - 1]:se[p]] (se[-1] meaning 0).
+            for p in range(n_probe + 1):
+                se[p] = 0
+            if g > 0:
+                for p in range(n_probe):
+                    so[pi[p]] = <int32_t> p
+                n_match = 0
+                for i in range(g):
+                    if so[g_lists[i]] >= 0:
+                        gm[n_match] = i
+                        n_match = n_match + 1
+                for a in range(n_match):
+                    se[so[g_lists[gm[a]]] + 1] += 1
+                for p in range(n_probe):
+                    se[p + 1] += se[p]
+                for a in range(n_match):
+                    s = so[g_lists[gm[a]]]
+                    gs[se[s]] = gm[a]
+                    se[s] += 1
+                for p in range(n_probe):
+                    so[pi[p]] = -1
+
             build_table(&Q[q, 0], &codebooks_t[0, 0, 0], m, ds, k, True, qt)
             heap_init(hd, hi, kn)
-            seen = 0
             for p in range(n_probe):
-                seen = seen + scan_list(pi[p], pd[p], qt, list_terms, codes, ids,
-                                        offsets, inner_product, m, k, qt + m * k,
-                                        hd, hi, kn)
-            # Too few candidates: probe further lists in coarse order.
+                lo = se[p - 1] if p > 0 else 0
+                scan_list(pi[p], pd[p], qt, list_terms, codes, ids, offsets,
+                          gc, gi, gs + lo, se[p] - lo, dead, inner_product, m, k,
+                          qt + m * k, hd, hi, kn)
+            # Too few live entries: probe further lists in coarse order.
             last_d = pd[n_probe - 1]
             last_l = pi[n_probe - 1]
-            while seen < kn:
+            while hi[0] == INT64_MAX:        # an empty slot is the heap's root
                 best_l = -1
                 best_d = 0
                 for l in range(n_lists):
@@ -132,9 +195,14 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                         best_d = coarse[q, l]
                 if best_l < 0:
                     break
-                seen = seen + scan_list(best_l, best_d, qt, list_terms, codes, ids,
-                                        offsets, inner_product, m, k, qt + m * k,
-                                        hd, hi, kn)
+                n_x = 0
+                for i in range(g):
+                    if g_lists[i] == best_l:
+                        gm[n_x] = i
+                        n_x = n_x + 1
+                scan_list(best_l, best_d, qt, list_terms, codes, ids, offsets,
+                          gc, gi, gm, n_x, dead, inner_product, m, k, qt + m * k,
+                          hd, hi, kn)
                 last_d = best_d
                 last_l = best_l
             heap_sort(hd, hi, kn)

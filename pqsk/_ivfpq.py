@@ -7,15 +7,31 @@ import numpy as np
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from . import _quantizer
+from sklearn.utils.validation import check_is_fitted
+
+from . import _growable, _quantizer
 from ._base import BasePQNeighbors, PQParamsMixin, RemovalMixin
 from ._persist import IndexIOMixin, check_int_array, require
-from ._utils import effective_n_threads, release_memory
+from ._utils import effective_n_threads, index_lock, release_memory
 
 # Seed article, step 8: the coarse quantizer wants ~256 training points per
 # cell; below ~39 per cell k-means is poorly determined.
 POINTS_PER_LIST = 256
 MIN_POINTS_PER_LIST = 39
+
+# Appended rows go to a growing part that every query scans (the entries
+# of the probed lists are picked out of it in one pass over its labels).
+# It is merged into the sorted lists once it holds more than GROWING_SHARE
+# of the stored entries and more than GROWING_MIN of them: a merge costs
+# one pass over the index and happens every ~GROWING_SHARE * n rows, so an
+# append costs O(rows) amortized, and a query scans at most ~1/64 of the
+# index more than it would with every list sorted.
+GROWING_SHARE = 1 / 64
+GROWING_MIN = 1024
+# Removed entries stay in their lists as tombstones (skipped by the search)
+# until a merge drops them; ``remove`` merges once they exceed this share
+# of the stored entries.
+DEAD_SHARE = 0.5
 
 
 class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors):
@@ -109,19 +125,37 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
     ``refine_factor * n_neighbors`` rows per query from the file); other
     input is copied into memory.
 
+    ``partial_fit`` costs O(rows added), amortized, whatever the index
+    size: new entries go to a growing part (arrays with spare capacity,
+    appended in place) that queries scan along with the sorted lists, into
+    the same top-k heap, so the answers are those of one index holding
+    every entry sorted by list.  The growing part is merged into the
+    sorted lists (one pass over the index) when it exceeds 1/64 of the
+    stored entries.  ``remove`` marks ids as tombstones, O(ids removed):
+    queries skip them at no cost unless they would have been returned;
+    merges drop them, and ``remove`` merges when they exceed half the
+    stored entries (or call :meth:`compact`).
+
     Attributes
     ----------
     cluster_centers_ : ndarray of shape (n_lists, n_features)
         Coarse centroids.
     codebooks_ : ndarray of shape (n_subspaces, n_codewords, ds)
         Residual codebooks.
-    codes_ : ndarray of shape (n_samples_fit, n_subspaces), uint8 or uint16
-        Residual codes, list after list.
-    ids_ : ndarray of shape (n_samples_fit,), int32 or int64
+    codes_ : ndarray of shape (n_sorted, n_subspaces), uint8 or uint16
+        Residual codes of the sorted part, list after list.
+    ids_ : ndarray of shape (n_sorted,), int32 or int64
         Id (row number at fit / partial_fit) of each code; int32 while the
         index holds fewer than 2**31 vectors.
     list_offsets_ : ndarray of shape (n_lists + 1,), int64
-        List l holds ``codes_[list_offsets_[l]:list_offsets_[l + 1]]``.
+        List l holds ``codes_[list_offsets_[l]:list_offsets_[l + 1]]``
+        and the growing entries labelled l.
+    growing_codes_ : ndarray of shape (n_growing, n_subspaces)
+        Residual codes of the rows appended since the last merge, in
+        arrival order (the growing part; see Notes).
+    growing_ids_ : ndarray of shape (n_growing,), dtype of ``ids_``
+    growing_lists_ : ndarray of shape (n_growing,), int32
+        The list each growing entry belongs to.
     n_lists_ : int
     n_samples_fit_ : int
     n_iter_ : int
@@ -283,31 +317,114 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
         self.codes_ = np.empty((0, self.n_subspaces), dtype=_quantizer.code_dtype(self.n_codewords))
         self.ids_ = np.empty(0, dtype=np.int32)
         self.list_offsets_ = np.zeros(n_lists + 1, dtype=np.int64)
-        self._add_rows(X, n_threads, progress)
+        self.__dict__.update(self._empty_growing())
+        self._add_rows(X, n_threads, progress, merge=True)
 
-    def _add_rows(self, X, n_threads, progress):
-        # Assign, encode and merge into new arrays; attributes are replaced
-        # only at the end, so an error leaves the index as it was.
+    def _empty_growing(self):
+        # Fresh arrays, never views of a buffer: the next append allocates.
+        return {"growing_codes_": self.codes_[:0].copy(),
+                "growing_ids_": self.ids_[:0].copy(),
+                "growing_lists_": np.empty(0, dtype=np.int32)}
+
+    def _add_rows(self, X, n_threads, progress, merge=False):
+        # Everything is computed before the attributes are replaced (one
+        # dict update), so an error leaves the index as it was: rows are
+        # written past the published growing part only.
         first_id = self.n_samples_fit_  # ids continue, removed ones included
+        b = X.shape[0]
         # X (a FitRows) is read once, chunk by chunk.
         labels, codes = _quantizer.assign_encode(X, self.cluster_centers_, self.codebooks_,
                                                  n_threads)
-        n_total = first_id + X.shape[0]
-        id_dtype = np.int32 if n_total < 2**31 else np.int64
-        old_lists = np.repeat(np.arange(self.n_lists_), np.diff(self.list_offsets_))
-        # Stable sort by list: old entries (ids ascending) come before new ones.
-        order = np.argsort(np.concatenate([old_lists, labels]), kind="stable")
-        all_codes = np.concatenate([self.codes_, codes])[order]
-        all_ids = np.concatenate([self.ids_.astype(id_dtype),
-                                  np.arange(first_id, n_total, dtype=id_dtype)])[order]
-        counts = np.bincount(np.concatenate([old_lists, labels]), minlength=self.n_lists_)
-        offsets = np.zeros(self.n_lists_ + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        vectors = self._grown_vectors(X)
-        self.codes_, self.ids_, self.list_offsets_ = all_codes, all_ids, offsets
-        self.vectors_ = vectors
-        self._commit_size(n_total)
-        progress(f"indexed {X.shape[0]} vectors in {self.n_lists_} lists")
+        n_total = first_id + b
+        id_dtype = np.dtype(np.int32 if n_total < 2**31 else np.int64)
+        new_ids = np.arange(first_id, n_total, dtype=id_dtype)
+        g = self.growing_codes_.shape[0] + b
+        if merge or g > max(GROWING_MIN, GROWING_SHARE * (self.codes_.shape[0] + g)):
+            state = self._merged_state((codes, new_ids, labels), id_dtype)
+            progress(f"indexed {b} vectors; {g} appended rows merged into the "
+                     f"{self.n_lists_} sorted lists")
+        else:
+            state = {
+                "growing_codes_": self._appended("growing_codes", self.growing_codes_,
+                                                 codes),
+                "growing_ids_": self._appended("growing_ids",
+                                               self.growing_ids_.astype(id_dtype,
+                                                                        copy=False),
+                                               new_ids),
+                "growing_lists_": self._appended("growing_lists", self.growing_lists_,
+                                                 labels),
+            }
+            if self.ids_.dtype != id_dtype:
+                state["ids_"] = self.ids_.astype(id_dtype)
+            progress(f"indexed {b} vectors ({g} in the growing part)")
+        state["vectors_"] = self._grown_vectors(X)
+        state.update(self._size_state(n_total))
+        self.__dict__.update(state)
+
+    def _appended(self, name, current, rows):
+        view = _growable.grow(self, name, current, rows.shape[0])
+        view[current.shape[0]:] = rows
+        return view
+
+    def _merged_state(self, extra=None, id_dtype=None):
+        """Attributes of the index with the growing part (and ``extra``:
+        (codes, ids, lists) of new rows) merged into the sorted lists, and
+        removed entries dropped.  One pass over the index; within a list,
+        the sorted entries keep their order and the growing ones follow in
+        arrival order (ids ascending, as one fit would store them)."""
+        L = self.n_lists_
+        id_dtype = self.ids_.dtype if id_dtype is None else id_dtype
+        codes, ids = self.codes_, self.ids_
+        old_counts = np.diff(self.list_offsets_)
+        g_codes, g_ids, g_lists = (self.growing_codes_, self.growing_ids_,
+                                   self.growing_lists_)
+        if self._n_dead():
+            removed = self.removed_
+            keep = ~removed[ids]
+            if not keep.all():
+                old_lists = np.repeat(np.arange(L), old_counts)
+                old_counts = np.bincount(old_lists[keep], minlength=L)
+                codes, ids = codes[keep], ids[keep]
+            keep = ~removed[g_ids]
+            if not keep.all():
+                g_codes, g_ids, g_lists = g_codes[keep], g_ids[keep], g_lists[keep]
+        if extra is not None:  # new rows, none of them removed
+            g_codes = np.concatenate([g_codes, extra[0]])
+            g_ids = np.concatenate([g_ids.astype(id_dtype, copy=False), extra[1]])
+            g_lists = np.concatenate([g_lists, extra[2]])
+        g_counts = np.bincount(g_lists, minlength=L)
+        offsets = np.zeros(L + 1, dtype=np.int64)
+        np.cumsum(old_counts + g_counts, out=offsets[1:])
+        g_start = np.zeros(L, dtype=np.int64)  # first growing entry of list l, by list
+        np.cumsum(g_counts[:-1], out=g_start[1:])
+        # Old entries move down by the growing entries of the lists before
+        # theirs (offsets[l] = old start of l + g_start[l]); growing entries
+        # go after the old entries of their list.
+        dest_old = np.arange(codes.shape[0]) + np.repeat(g_start, old_counts)
+        order = np.argsort(g_lists, kind="stable")
+        lab = g_lists[order]
+        dest_g = (offsets[:-1][lab] + old_counts[lab]
+                  + np.arange(lab.shape[0]) - g_start[lab])
+        new_codes = np.empty((offsets[-1], codes.shape[1]), dtype=codes.dtype)
+        new_ids = np.empty(offsets[-1], dtype=id_dtype)
+        new_codes[dest_old] = codes
+        new_ids[dest_old] = ids  # (cast to id_dtype)
+        new_codes[dest_g] = g_codes[order]
+        new_ids[dest_g] = g_ids[order]
+        for name in ("growing_codes", "growing_ids", "growing_lists"):
+            _growable.discard(self, name)
+        state = {"codes_": new_codes, "ids_": new_ids, "list_offsets_": offsets}
+        state.update({"growing_codes_": new_codes[:0].copy(),
+                      "growing_ids_": new_ids[:0].copy(),
+                      "growing_lists_": np.empty(0, dtype=np.int32)})
+        return state
+
+    def _n_stored(self):
+        return self.codes_.shape[0] + self.growing_codes_.shape[0]
+
+    def _n_dead(self):
+        """Removed entries still stored (tombstones not yet merged away)."""
+        return self._n_stored() - self._n_live
 
     def _check_loaded_state(self):
         """Loaded-index invariants (see ``BasePQNeighbors``), and the list
@@ -327,27 +444,69 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
         check_int_array(off, "list_offsets_", (L + 1,), 0, n_codes + 1, dtype=np.int64)
         require(off[0] == 0 and off[-1] == n_codes and bool(np.all(off[1:] >= off[:-1])),
                 "list_offsets_ must rise from 0 to the number of codes")
-        check_int_array(self.ids_, "ids_", (n_codes,), 0, n,
+        check_int_array(self.ids_, "ids_", (n_codes,), 0, max(1, n),
                         dtype=np.int32 if n < 2**31 else np.int64)
-        # Every live id exactly once, no removed one.
-        require(n_codes == n - self.n_removed_, "ids_ must hold every id not removed")
-        live = (np.arange(n) if self.removed_ is None
-                else np.flatnonzero(~self.removed_))
-        require(np.array_equal(np.sort(self.ids_), live),
-                "ids_ must hold every id not removed, each once")
         if self.effective_metric_ == "dot":
             self._list_terms = np.empty((0, m, k), dtype=dtype)
         else:
             self._list_terms = _quantizer.list_terms(self.cluster_centers_, cb)
+        # Every live id stored exactly once, sorted part and growing part
+        # together (removed ones may stay as tombstones until a merge).
+        self._check_growing_state()
+
+    def _check_growing_state(self):
+        """Invariants of the growing part and the tombstones, after ``load``."""
+        if not hasattr(self, "growing_codes_"):  # saved before appends grew in place
+            self.__dict__.update(self._empty_growing())
+        g = self.growing_codes_.shape[0] if self.growing_codes_.ndim == 2 else -1
+        m, k = self.codebooks_.shape[:2]
+        require(self.growing_codes_.dtype == self.codes_.dtype,
+                f"growing_codes_ must be {self.codes_.dtype}")
+        check_int_array(self.growing_codes_, "growing_codes_", (g, m), 0, k)
+        require(self.growing_ids_.dtype == self.ids_.dtype,
+                "growing_ids_ and ids_ differ in dtype")
+        check_int_array(self.growing_ids_, "growing_ids_", (g,), 0,
+                        max(1, self.n_samples_fit_))
+        require(self.growing_lists_.dtype == np.int32, "growing_lists_ must be int32")
+        check_int_array(self.growing_lists_, "growing_lists_", (g,), 0, self.n_lists_)
+        # Each id is stored at most once, and every live id is stored (the
+        # kernel would return duplicates, or miss rows, otherwise).  Sizes
+        # are compared first: nothing is allocated per claimed id.
+        n = self.n_samples_fit_
+        n_stored = self.ids_.shape[0] + g
+        require(n_stored + self.n_removed_ >= n, "fewer ids are stored than are live")
+        stored = np.concatenate([self.ids_, self.growing_ids_])  # in [0, n): checked
+        stored.sort()
+        require(n_stored < 2 or bool(np.all(stored[1:] != stored[:-1])),
+                "an id is stored twice")
+        live_stored = (n_stored if self.removed_ is None
+                       else n_stored - int(np.count_nonzero(self.removed_[stored])))
+        require(live_stored == n - self.n_removed_, "a live id is not stored")
 
     def _remove_rows(self, ids, removed):
-        # Entries leave their lists for good; the raw vectors (if kept) stay
-        # in place, addressed by id.
-        keep = ~removed[self.ids_]
-        lists = np.repeat(np.arange(self.n_lists_), np.diff(self.list_offsets_))
-        offsets = np.zeros(self.n_lists_ + 1, dtype=np.int64)
-        np.cumsum(np.bincount(lists[keep], minlength=self.n_lists_), out=offsets[1:])
-        self.codes_, self.ids_, self.list_offsets_ = self.codes_[keep], self.ids_[keep], offsets
+        # Tombstones: ``removed_`` (already updated) is read by the search;
+        # the entries stay in their lists until a merge drops them.
+        if self._n_dead() > DEAD_SHARE * self._n_stored():
+            self.__dict__.update(self._merged_state())
+
+    def compact(self):
+        """Merge the growing part into the sorted lists and drop the removed
+        entries.
+
+        Never needed for correct answers; it frees the memory of removed
+        entries and spares queries the growing part.  Costs one pass over
+        the index (``remove`` does it by itself once half of the stored
+        entries are removed).
+
+        Returns
+        -------
+        self : IVFPQNeighbors
+        """
+        check_is_fitted(self)
+        with index_lock(self).write():
+            if self.growing_codes_.shape[0] or self._n_dead():
+                self.__dict__.update(self._merged_state())
+        return self
 
     def _n_probe(self):
         if self.n_probe > self.n_lists_:
@@ -364,6 +523,8 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
         n_probe = self._n_probe()
         dist = np.empty((Q.shape[0], n_candidates), dtype=self._fit_dtype_)
         ind = np.empty((Q.shape[0], n_candidates), dtype=np.int64)
+        growing = (self.growing_codes_, self.growing_ids_, self.growing_lists_)
+        deleted = self.removed_.view(np.uint8) if self._n_dead() else None
         # Chunks bound the (rows, n_lists) coarse table.
         step = _quantizer.chunk_rows(self.n_lists_)
         for sl in _quantizer._chunks(Q.shape[0], step):
@@ -371,21 +532,32 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
             dist[sl], ind[sl] = _quantizer.ivf_search(
                 Q[sl], coarse, self.codebooks_, self._list_terms, self.codes_, self.ids_,
                 self.list_offsets_, n_candidates, n_probe, ip, n_threads,
+                growing=growing, deleted=deleted,
             )
         return dist, ind
 
     def _reconstruct(self):
-        lists = np.repeat(np.arange(self.n_lists_), np.diff(self.list_offsets_))
-        X_hat = np.empty((self.n_samples_fit_, self.n_features_in_), dtype=self._fit_dtype_)
-        X_hat[self.ids_] = (self.cluster_centers_[lists]
-                            + _quantizer.decode(self.codes_, self.codebooks_))
+        lists = np.concatenate([np.repeat(np.arange(self.n_lists_),
+                                          np.diff(self.list_offsets_)),
+                                self.growing_lists_])
+        ids = np.concatenate([self.ids_, self.growing_ids_])
+        codes = np.concatenate([self.codes_, self.growing_codes_])
+        X_hat = np.zeros((self.n_samples_fit_, self.n_features_in_), dtype=self._fit_dtype_)
+        X_hat[ids] = self.cluster_centers_[lists] + _quantizer.decode(codes, self.codebooks_)
         return X_hat
 
     def _memory_parts(self):
         return (
-            {"codes": self.codes_.nbytes, "ids": self.ids_.nbytes},
+            {"codes": self.codes_.nbytes + self.growing_codes_.nbytes,
+             "ids": self.ids_.nbytes + self.growing_ids_.nbytes,
+             "lists": self.growing_lists_.nbytes},
             {"list_offsets": self.list_offsets_.nbytes,
              "centroids": self.cluster_centers_.nbytes,
              "codebooks": self.codebooks_.nbytes,
              "list_terms": self._list_terms.nbytes},
         )
+
+    def _reserved_bytes(self):
+        return super()._reserved_bytes() + sum(
+            _growable.spare_bytes(self, name, getattr(self, name + "_"))
+            for name in ("growing_codes", "growing_ids", "growing_lists"))

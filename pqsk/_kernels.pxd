@@ -56,15 +56,19 @@ cdef inline void scan_codes(const floating* table,   # IN  (m, k)
                             Py_ssize_t k,
                             floating bias,
                             const index_t* ids,      # IN  (n,) or NULL
+                            const uint8_t* deleted,  # IN  (n_ids,) tombstones or NULL
                             floating* heap_dist,     # INOUT (n_neighbors,)
                             int64_t* heap_idx,       # INOUT (n_neighbors,)
                             Py_ssize_t n_neighbors) noexcept nogil:
     """Offer each code's ADC distance ``bias + sum_j table[j, codes[i, j]]``
-    to the heap, under id ``ids[i]`` (or ``i`` when ids is NULL).
+    to the heap, under id ``ids[i]`` (or ``i`` when ids is NULL), unless
+    that id is marked in ``deleted``.
 
     Four codes are summed per iteration, each in its own accumulator, so
     the additions of different codes do not wait on each other; the heap
-    is touched only when one of the four beats its worst entry.
+    is touched only when one of the four beats its worst entry, and the
+    tombstones are read only then (a removed entry costs nothing more
+    unless it would have entered the heap).
     """
     cdef Py_ssize_t i = 0, j, r
     cdef const floating* t
@@ -74,6 +78,7 @@ cdef inline void scan_codes(const floating* table,   # IN  (m, k)
     cdef const code_t* c3
     cdef floating d0, d1, d2, d3, worst
     cdef floating dd[4]
+    cdef int64_t e
     while i + 4 <= n:
         c0 = codes + i * m
         c1 = c0 + m
@@ -97,8 +102,9 @@ cdef inline void scan_codes(const floating* table,   # IN  (m, k)
             dd[2] = d2
             dd[3] = d3
             for r in range(4):
-                heap_push(heap_dist, heap_idx, n_neighbors, dd[r],
-                          ids[i + r] if ids != NULL else i + r)
+                e = ids[i + r] if ids != NULL else i + r
+                if deleted == NULL or not deleted[e]:
+                    heap_push(heap_dist, heap_idx, n_neighbors, dd[r], e)
         i += 4
     while i < n:
         c0 = codes + i * m
@@ -107,6 +113,38 @@ cdef inline void scan_codes(const floating* table,   # IN  (m, k)
         for j in range(m):
             d0 = d0 + t[c0[j]]
             t = t + k
-        heap_push(heap_dist, heap_idx, n_neighbors, d0,
-                  ids[i] if ids != NULL else i)
+        e = ids[i] if ids != NULL else i
+        if d0 <= heap_dist[0] and (deleted == NULL or not deleted[e]):
+            heap_push(heap_dist, heap_idx, n_neighbors, d0, e)
         i += 1
+
+
+cdef inline void scan_some(const floating* table,   # IN  (m, k)
+                           const code_t* codes,     # IN  (n, m)
+                           const int64_t* rows,     # IN  (n_rows,) rows of codes to scan
+                           Py_ssize_t n_rows,
+                           Py_ssize_t m,
+                           Py_ssize_t k,
+                           floating bias,
+                           const index_t* ids,      # IN  (n,)
+                           const uint8_t* deleted,  # IN  (n_ids,) tombstones or NULL
+                           floating* heap_dist,     # INOUT (n_neighbors,)
+                           int64_t* heap_idx,       # INOUT (n_neighbors,)
+                           Py_ssize_t n_neighbors) noexcept nogil:
+    """``scan_codes`` over the listed rows only (same sums, in the same
+    order, so a code scored here or there gets the same distance)."""
+    cdef Py_ssize_t a, j
+    cdef const floating* t
+    cdef const code_t* c0
+    cdef floating d0
+    cdef int64_t e
+    for a in range(n_rows):
+        c0 = codes + rows[a] * m
+        d0 = bias
+        t = table
+        for j in range(m):
+            d0 = d0 + t[c0[j]]
+            t = t + k
+        e = ids[rows[a]]
+        if d0 <= heap_dist[0] and (deleted == NULL or not deleted[e]):
+            heap_push(heap_dist, heap_idx, n_neighbors, d0, e)

@@ -1,7 +1,21 @@
-"""Naive NumPy versions of every kernel: the meaning of each kernel and the
-oracle the tests compare the Cython code against.  Clarity over speed."""
+"""Naive NumPy / pure-Python versions of every kernel: the meaning of each
+kernel and the oracle the tests compare the Cython code against.  Clarity
+over speed: loops are written out, nothing is fused or precomputed.
+
+Conventions shared with the kernels:
+
+* a distance is the squared L2 distance, or minus the inner product
+  (``inner_product=True``): smaller is always better;
+* results are sorted by the pair (distance, id), so ties in distance go to
+  the smaller id;
+* output slots that no candidate fills hold ``(+inf, INT64_MAX)``.
+"""
+
+import heapq
 
 import numpy as np
+
+EMPTY_ID = np.iinfo(np.int64).max
 
 
 def encode(X, codebooks):
@@ -21,19 +35,52 @@ def decode(codes, codebooks):
     return np.hstack([codebooks[j][codes[:, j]] for j in range(m)])
 
 
-def adc_tables(Q, codebooks, inner_product=False):
+def adc_tables(Q, codebooks, inner_product=False, dtype=np.float64):
     """tables[q, j, c]: squared L2 (or minus the dot product) between query
-    q's j-th block and codeword c of sub-space j."""
+    q's j-th block and codeword c of sub-space j.
+
+    Computed in ``dtype``, one feature of the block after the other
+    (``t += diff * diff``, or ``t -= q_d * c_d``): with ``dtype=float32``
+    and float32 inputs this is, operation for operation, the arithmetic of
+    the kernels' ``build_table``, so the result is bit-identical to it.
+    """
     m, k, ds = codebooks.shape
-    tables = np.empty((Q.shape[0], m, k), dtype=np.float64)
+    Q = np.asarray(Q).astype(dtype)
+    cb = np.asarray(codebooks).astype(dtype)
+    tables = np.zeros((Q.shape[0], m, k), dtype=dtype)
     for j in range(m):
-        sub = Q[:, j * ds:(j + 1) * ds].astype(np.float64)
-        cb = codebooks[j].astype(np.float64)
-        if inner_product:
-            tables[:, j, :] = -(sub @ cb.T)
-        else:
-            tables[:, j, :] = ((sub[:, None, :] - cb[None, :, :]) ** 2).sum(axis=2)
+        for d in range(ds):
+            qd = Q[:, j * ds + d][:, None]          # (nq, 1)
+            cd = cb[j, :, d][None, :]               # (1, k)
+            if inner_product:
+                tables[:, j, :] -= qd * cd
+            else:
+                diff = qd - cd
+                tables[:, j, :] += diff * diff
     return tables
+
+
+def adc_distances(table, codes):
+    """ADC distance of every code for one query's (m, k) table:
+    ``sum_j table[j, codes[i, j]]``, added in order j = 0, 1, ... in the
+    table's dtype (as the kernels add them)."""
+    dist = np.zeros(codes.shape[0], dtype=table.dtype)
+    for j in range(table.shape[0]):
+        dist += table[j][codes[:, j].astype(np.int64)]
+    return dist
+
+
+def top_k(dist, ids, n_neighbors):
+    """The n_neighbors smallest (dist, id) pairs, sorted, padded with
+    (+inf, INT64_MAX) when there are fewer candidates."""
+    dist = np.asarray(dist, dtype=np.float64)
+    ids = np.asarray(ids, dtype=np.int64)
+    order = np.lexsort((ids, dist))[:n_neighbors]
+    out_d = np.full(n_neighbors, np.inf)
+    out_i = np.full(n_neighbors, EMPTY_ID, dtype=np.int64)
+    out_d[:order.size] = dist[order]
+    out_i[:order.size] = ids[order]
+    return out_d, out_i
 
 
 def adc_scan(tables, codes, n_neighbors):
@@ -50,4 +97,251 @@ def adc_scan(tables, codes, n_neighbors):
         order = np.lexsort((ids, dist))[:n_neighbors]
         out_d[q] = dist[order]
         out_i[q] = order
+    return out_d, out_i
+
+
+# --- inverted file -------------------------------------------------------------
+
+def coarse_terms(Q, centroids, inner_product=False):
+    """(nq, n_lists) in float64: ``||q - c_l||^2``, or ``-<q, c_l>``."""
+    Q = np.asarray(Q, dtype=np.float64)
+    C = np.asarray(centroids, dtype=np.float64)
+    out = np.empty((Q.shape[0], C.shape[0]))
+    for l in range(C.shape[0]):
+        if inner_product:
+            out[:, l] = -(Q @ C[l])
+        else:
+            diff = Q - C[l]
+            out[:, l] = (diff * diff).sum(axis=1)
+    return out
+
+
+def ivf_probe_order(coarse_row, offsets, n_probe, n_neighbors, live=None):
+    """The lists an IVF search scans for one query, in scan order: the
+    n_probe lists with the smallest (coarse term, list), then, while the
+    lists scanned hold fewer than n_neighbors live codes, the next lists in
+    the same order (until every list is scanned).  ``live``: a boolean per
+    stored code (False for tombstones); every code is live by default."""
+    coarse_row = np.asarray(coarse_row)
+    n_lists = coarse_row.shape[0]
+    order = np.lexsort((np.arange(n_lists), coarse_row))
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if live is None:
+        sizes = np.diff(offsets)
+    else:
+        sizes = np.array([np.count_nonzero(live[offsets[l]:offsets[l + 1]])
+                          for l in range(n_lists)], dtype=np.int64)
+    scanned = [int(l) for l in order[:n_probe]]
+    seen = int(sizes[scanned].sum())
+    for l in order[n_probe:]:
+        if seen >= n_neighbors:
+            break
+        scanned.append(int(l))
+        seen += int(sizes[l])
+    return scanned
+
+
+def ivf_candidates(q, centroids, codebooks, codes, ids, offsets, lists,
+                   inner_product=False, removed=None):
+    """(ids, distances in float64) of every live code stored in ``lists``.
+
+    A code of list l stands for ``x_hat = c_l + r_hat`` (r_hat its decoded
+    residual); its distance is ``||q - x_hat||^2`` or ``-<q, x_hat>``.
+    ``removed``: boolean mask over ids; codes of removed ids (tombstones)
+    are left out.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    cb = np.asarray(codebooks, dtype=np.float64)
+    C = np.asarray(centroids, dtype=np.float64)
+    out_ids, out_d = [], []
+    for l in lists:
+        rows = slice(int(offsets[l]), int(offsets[l + 1]))
+        x_hat = C[l] + decode(np.asarray(codes[rows], dtype=np.int64), cb)
+        if inner_product:
+            d = -(x_hat @ q)
+        else:
+            diff = x_hat - q
+            d = (diff * diff).sum(axis=1)
+        out_ids.append(np.asarray(ids[rows], dtype=np.int64))
+        out_d.append(d)
+    if not out_ids:
+        return np.empty(0, np.int64), np.empty(0)
+    out_ids, out_d = np.concatenate(out_ids), np.concatenate(out_d)
+    if removed is not None:
+        keep = ~np.asarray(removed)[out_ids]
+        out_ids, out_d = out_ids[keep], out_d[keep]
+    return out_ids, out_d
+
+
+def ivf_search(Q, centroids, codebooks, codes, ids, offsets, n_neighbors, n_probe,
+               inner_product=False, coarse=None, removed=None):
+    """IVF-ADC search (the meaning of ``pqsk._ivf.ivf_search``).
+
+    List l holds ``codes[offsets[l]:offsets[l + 1]]`` (residual codes) and
+    their ``ids``.  Each query scans the lists of :func:`ivf_probe_order`
+    and returns the n_neighbors smallest (distance, id) pairs of
+    :func:`ivf_candidates`, in float64, padded with (+inf, INT64_MAX).
+    ``coarse`` (nq, n_lists) ranks the lists; by default
+    :func:`coarse_terms`.  ``removed``: boolean mask over ids (tombstones,
+    skipped and not counted).
+    """
+    if coarse is None:
+        coarse = coarse_terms(Q, centroids, inner_product)
+    nq = Q.shape[0]
+    out_d = np.empty((nq, n_neighbors))
+    out_i = np.empty((nq, n_neighbors), dtype=np.int64)
+    for q in range(nq):
+        live = None if removed is None else ~np.asarray(removed)[ids]
+        lists = ivf_probe_order(coarse[q], offsets, n_probe, n_neighbors, live)
+        cid, cd = ivf_candidates(Q[q], centroids, codebooks, codes, ids, offsets, lists,
+                                 inner_product, removed)
+        out_d[q], out_i[q] = top_k(cd, cid, n_neighbors)
+    return out_d, out_i
+
+
+# --- HNSW -----------------------------------------------------------------------
+
+class _Counted:
+    """Distance lookups of one query, counted as the kernel counts them."""
+
+    def __init__(self, dist):
+        self.dist = dist
+        self.count = 0
+
+    def __call__(self, node):
+        self.count += 1
+        return float(self.dist[node])
+
+
+def hnsw_neighbours(links0, upper, upper_off, node, level):
+    """Node's links on ``level`` (0: ``links0``; l >= 1: row
+    ``upper_off[node] + l - 1`` of ``upper``), up to the first -1."""
+    row = links0[node] if level == 0 else upper[upper_off[node] + level - 1]
+    out = []
+    for e in row:
+        if e < 0:
+            break
+        out.append(int(e))
+    return out
+
+
+def hnsw_greedy(links0, upper, upper_off, dist, cur, d_cur, level):
+    """Greedy walk on one level: go through the current node's links in
+    order, moving to any that is better by (distance, id) than the current
+    best; repeat from the new node until a pass changes nothing."""
+    changed = True
+    while changed:
+        changed = False
+        for e in hnsw_neighbours(links0, upper, upper_off, cur, level):
+            de = dist(e)
+            if de < d_cur or (de == d_cur and e < cur):
+                cur, d_cur = e, de
+                changed = True
+    return cur, d_cur
+
+
+def hnsw_beam(links0, dist, entry, d_entry, ef, deleted=None):
+    """Best-first search of width ef on level 0 from ``entry``.
+
+    Candidates are expanded smallest (distance, id) first; the search stops
+    when the best candidate is farther than the worst of ef results.  A
+    neighbour enters the candidates when there is room among the results or
+    it beats the worst result by (distance, id); tombstoned nodes
+    (``deleted[node]`` true) are expanded like the others but never become
+    results.  Returns the results as (distance, node) sorted ascending.
+    """
+    def dead(node):
+        return deleted is not None and len(deleted) > 0 and bool(deleted[node])
+
+    visited = {entry}
+    cand = [(d_entry, entry)]                 # min-heap on (distance, node)
+    res = []                                  # max-heap: entries (-distance, -node)
+    if not dead(entry):
+        heapq.heappush(res, (-d_entry, -entry))
+    while cand:
+        dc, c = cand[0]
+        if len(res) >= ef and dc > -res[0][0]:
+            break
+        heapq.heappop(cand)
+        for e in hnsw_neighbours(links0, None, None, c, 0):
+            if e in visited:
+                continue
+            visited.add(e)
+            de = dist(e)
+            worst = (-res[0][0], -res[0][1]) if res else None
+            if len(res) < ef or (de, e) < worst:
+                heapq.heappush(cand, (de, e))
+                if dead(e):
+                    continue
+                heapq.heappush(res, (-de, -e))
+                if len(res) > ef:
+                    heapq.heappop(res)
+    return sorted((-d, -i) for d, i in res)
+
+
+def hnsw_search(tables, codes, links0, upper, upper_off, entry_point, max_level, ef,
+                n_out, deleted=None):
+    """HNSW search over a flat graph (the meaning of ``pqsk._hnsw.hnsw_search``).
+
+    For each query's (m, k) table: start at ``entry_point``, walk greedily
+    (:func:`hnsw_greedy`) on levels ``max_level`` down to 1, then run the
+    level-0 beam (:func:`hnsw_beam`) of width ``ef`` from where the walk
+    ended.  Distances are :func:`adc_distances` in the tables' dtype (pass
+    float32 tables to get the kernel's values bit for bit).
+
+    Returns (dist, idx, n_dist): (nq, n_out) float64 and int64 arrays,
+    rows sorted by (distance, node) and padded with (+inf, INT64_MAX), and
+    the number of distance computations per query.
+    """
+    nq = tables.shape[0]
+    out_d = np.full((nq, n_out), np.inf)
+    out_i = np.full((nq, n_out), EMPTY_ID, dtype=np.int64)
+    n_dist = np.zeros(nq, dtype=np.int64)
+    if links0.shape[0] == 0 or entry_point < 0:
+        return out_d, out_i, n_dist
+    for q in range(nq):
+        dist = _Counted(adc_distances(tables[q], codes))
+        cur = int(entry_point)
+        d_cur = dist(cur)
+        for level in range(max_level, 0, -1):
+            cur, d_cur = hnsw_greedy(links0, upper, upper_off, dist, cur, d_cur, level)
+        found = hnsw_beam(links0, dist, cur, d_cur, ef, deleted)[:n_out]
+        for r, (d, i) in enumerate(found):
+            out_d[q, r], out_i[q, r] = d, i
+        n_dist[q] = dist.count
+    return out_d, out_i, n_dist
+
+
+def ivf_search_entries(Q, centroids, codebooks, lists, codes, ids, n_probe, n_neighbors,
+               inner_product=False, removed=None):
+    """IVFADC over entries given in any order (``lists[i]``, ``codes[i]``,
+    ``ids[i]``), in float64: rank the lists by ``||q - c_l||^2`` (or
+    ``-<q, c_l>``), ties to the smaller list; scan the first ``n_probe``,
+    then further lists in that order while fewer than ``n_neighbors`` live
+    entries (ids not marked in ``removed``) were seen; return the
+    ``n_neighbors`` smallest (distance, id) pairs, where an entry's distance
+    is ``||q - c_l - r_hat||^2`` (or ``-<q, c_l + r_hat>``).  Missing slots
+    hold (inf, INT64_MAX)."""
+    Q = np.asarray(Q, dtype=np.float64)
+    C = np.asarray(centroids, dtype=np.float64)
+    X_hat = C[lists] + decode(codes, np.asarray(codebooks, dtype=np.float64))
+    live = np.ones(len(ids), bool) if removed is None else ~np.asarray(removed)[ids]
+    out_d = np.full((Q.shape[0], n_neighbors), np.inf)
+    out_i = np.full((Q.shape[0], n_neighbors), np.iinfo(np.int64).max, dtype=np.int64)
+    for q in range(Q.shape[0]):
+        coarse = -(C @ Q[q]) if inner_product else ((C - Q[q]) ** 2).sum(axis=1)
+        order = np.lexsort((np.arange(C.shape[0]), coarse))
+        chosen = list(order[:n_probe])
+        for l in order[n_probe:]:
+            if np.count_nonzero(live & np.isin(lists, chosen)) >= n_neighbors:
+                break
+            chosen.append(l)
+        sel = np.flatnonzero(live & np.isin(lists, chosen))
+        if inner_product:
+            dist = -(X_hat[sel] @ Q[q])
+        else:
+            dist = ((X_hat[sel] - Q[q]) ** 2).sum(axis=1)
+        best = np.lexsort((ids[sel], dist))[:n_neighbors]
+        out_d[q, :best.size] = dist[best]
+        out_i[q, :best.size] = ids[sel][best]
     return out_d, out_i

@@ -47,6 +47,7 @@ the free RAM is searched from disk, pages loaded on demand.
 consistent state while other threads run ``partial_fit`` or ``remove``.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -308,10 +309,16 @@ def save(estimator, path, *, overwrite=False):
     # would reject (set with set_params) are refused here already.
     estimator._validate_params()
     path = os.path.abspath(os.fspath(path))
-    with index_lock(estimator).read():
+    # The read lock is held until the arrays are written: appends and
+    # removals update some arrays in place (capacity buffers, tombstones),
+    # so the file must be written before a writer may run again.
+    reading = contextlib.ExitStack()
+    reading.enter_context(index_lock(estimator).read())
+    try:
         params, attrs, arrays = _encode_estimator(estimator)
-    # Writers replace the arrays of an index, never modify them in place,
-    # so the references taken under the lock stay one consistent state.
+    except BaseException:
+        reading.close()
+        raise
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -320,6 +327,15 @@ def save(estimator, path, *, overwrite=False):
         "params": params,
         "attributes": attrs,
     }
+    try:
+        return _save_locked(path, overwrite, header, arrays, reading)
+    finally:
+        reading.close()
+
+
+def _save_locked(path, overwrite, header, arrays, reading):
+    """The file-system part of :func:`save`; ``reading`` (the index's read
+    lock) is released as soon as the data directory is written."""
     created = False
     try:
         os.mkdir(path)
@@ -339,6 +355,7 @@ def save(estimator, path, *, overwrite=False):
         data = f"v{max(numbers, default=0) + 1:06d}"
         data_dir = os.path.join(path, data)
         header_sha = _write_data(data_dir, header, arrays)
+        reading.close()
         _fsync_dir(path)
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "data": data,
                     "header_sha256": header_sha}
@@ -658,13 +675,16 @@ class IndexIOMixin:
     def __getstate__(self):
         # Under the read lock, so that a pickle (or copy.deepcopy) taken
         # while another thread runs partial_fit / remove holds the index
-        # before or after that call, never a mix.  Writers replace arrays
-        # rather than modify them, so the shallow copy is enough; a random
-        # generator is modified in place by partial_fit, so it is copied.
+        # before or after that call, never a mix.  Appends and removals
+        # update some arrays in place (capacity buffers, tombstones) and
+        # partial_fit draws from the level generator, so arrays and random
+        # generators are copied while the lock is held.
         with index_lock(self).read():
             state = dict(super().__getstate__())
             for k, v in state.items():
-                if isinstance(v, np.random.RandomState):
+                if isinstance(v, np.ndarray):
+                    state[k] = np.array(v, copy=True)
+                elif isinstance(v, np.random.RandomState):
                     rs = np.random.RandomState()
                     rs.set_state(v.get_state())
                     state[k] = rs

@@ -660,28 +660,43 @@ def list_terms(centroids, codebooks):
 
 
 def ivf_search(Q, coarse, codebooks, terms, codes, ids, offsets, n_neighbors,
-               n_probe, inner_product=False, n_threads=1):
+               n_probe, inner_product=False, n_threads=1, growing=None, deleted=None):
     """Search ``n_probe`` lists per query (see ``pqsk._ivf``).
+
+    ``growing``: (codes, ids, lists) of entries appended since the lists
+    were sorted (ids of ``ids``' dtype, lists int32), scanned with the
+    lists they belong to; ``deleted``: uint8 tombstones by id, or None.
 
     Returns (dist, idx): (nq, n_neighbors) arrays, rows sorted by
     (distance, id); ``dist`` as in :func:`adc_search` (squared L2 or minus
     the inner product, coarse term included).  Slots never filled (fewer
-    indexed vectors than n_neighbors) hold (+inf, INT64_MAX).
+    live indexed vectors than n_neighbors) hold (+inf, INT64_MAX).
     """
     m, k, _ = codebooks.shape
     nq = Q.shape[0]
     dtype = codebooks.dtype
     nt = max(n_threads, 1)
+    if growing is None:
+        growing = (codes[:0], ids[:0], np.empty(0, np.int32))
+    g_codes, g_ids, g_lists = growing
+    g = g_codes.shape[0]
     dist = np.empty((nq, n_neighbors), dtype=dtype)
     idx = np.empty((nq, n_neighbors), dtype=np.int64)
+    slot_of = scratch(nt, offsets.shape[0] - 1, np.int32)
+    slot_of.fill(-1)
     _ivf.ivf_search(
         np.ascontiguousarray(Q, dtype=dtype), np.ascontiguousarray(coarse, dtype=dtype),
-        _transposed(codebooks), terms, codes, ids, offsets, bool(inner_product),
+        _transposed(codebooks), terms, codes, ids, offsets, g_codes, g_ids, g_lists,
+        _NO_TOMBSTONES if deleted is None else deleted, bool(inner_product),
         n_probe, dist, idx, scratch(nt, 2 * m * k, dtype), scratch(nt, n_probe, dtype),
         scratch(nt, n_probe, np.int64), scratch(nt, n_neighbors, dtype),
-        scratch(nt, n_neighbors, np.int64), n_threads,
+        scratch(nt, n_neighbors, np.int64), slot_of, scratch(nt, g, np.int64),
+        scratch(nt, g, np.int64), scratch(nt, n_probe + 1, np.int64), n_threads,
     )
     return dist, idx
+
+
+_NO_TOMBSTONES = np.empty(0, np.uint8)
 
 
 def exact_rerank(Q, vectors, cand, n_neighbors, inner_product=False, unit_norm=False):

@@ -127,6 +127,13 @@ def restore_on_error(estimator):
     must not leave a half-modified index.  Attributes are references to
     arrays that are never modified in place, so a shallow copy of
     ``__dict__`` is the whole previous state.
+
+    Arrays that grow in place (``pqsk._growable``) are written past their
+    published rows only, so the saved views still show the old index.  The
+    exception is a writer that rewrites rows of the old state in place (an
+    HNSW append links old nodes to new ones): past that point it cannot be
+    undone, and the estimator's ``_after_failed_write`` hook, called after
+    the restore, puts back the new state instead.
     """
     saved = dict(estimator.__dict__)
     try:
@@ -134,6 +141,9 @@ def restore_on_error(estimator):
     except BaseException:
         estimator.__dict__.clear()
         estimator.__dict__.update(saved)
+        hook = getattr(estimator, "_after_failed_write", None)
+        if hook is not None:
+            hook()
         raise
 
 

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from scipy import sparse
 
-from pqsk import HNSWPQNeighbors, IVFPQNeighbors, PQNeighbors, PQTransformer
+from pqsk import HNSWPQNeighbors, IVFPQNeighbors, PQNeighbors, PQTransformer, _naive
 
 EXAMPLES = int(os.environ.get("PQSK_FUZZ_EXAMPLES", "300"))
 # A runaway allocation must fail here (MemoryError), not take the machine.
@@ -155,14 +155,31 @@ def test_every_method(kind, p, X, Q, k, ids):
             return
     if kind == "transformer":
         ok, codes = _call(est.transform, Q)
+        back = None
         if ok:
             assert codes.shape == (np.asarray(Q).shape[0], est.n_subspaces)
             ok, back = _call(est.inverse_transform, codes)
             assert ok and back.shape == (codes.shape[0], est.n_features_in_)
-        _call(est.inverse_transform, Q)
-        _call(est.score, Q)
+            np.testing.assert_array_equal(back, _naive.decode(codes, est.codebooks_))
+        # Q taken as codes: only integers in [0, n_codewords), n_subspaces
+        # columns; then the concatenated codewords they name.
+        ok, decoded = _call(est.inverse_transform, Q)
+        if ok:
+            event("transformer: Q decoded as codes")
+            Qc = np.asarray(Q)
+            assert Qc.dtype.kind in "iu" and Qc.shape[1] == est.n_subspaces
+            assert Qc.size == 0 or (Qc.min() >= 0 and Qc.max() < est.n_codewords)
+            np.testing.assert_array_equal(decoded, _naive.decode(Qc, est.codebooks_))
+        # The score is minus the mean squared error of Q's reconstructions.
+        ok, score = _call(est.score, Q)
+        assert not ok or back is not None, "score accepted what transform rejected"
+        if ok:
+            event("transformer: score checked")
+            err = np.asarray(Q, dtype=est.codebooks_.dtype) - back
+            expected = -np.mean(np.einsum("ij,ij->i", err, err, dtype=np.float64))
+            assert isinstance(score, float) and np.isfinite(score) and score <= 0
+            np.testing.assert_allclose(score, expected, rtol=1e-6)
         return
-    n_live = est.n_samples_fit_ - est.n_removed_
     ok, res = _call(est.kneighbors, Q, n_neighbors=k)
     event(f"{kind}: kneighbors {'answered' if ok else 'rejected'}")
     if ok:
@@ -187,4 +204,16 @@ def test_every_method(kind, p, X, Q, k, ids):
             probe = np.random.RandomState(0).randn(3, est.n_features_in_)
             ok, res = _call(est.kneighbors, probe, n_neighbors=1)
             assert ok and not np.isin(res[1], np.asarray(ids, dtype=np.int64)).any()
-    assert n_live >= 0
+    # After whatever partial_fit and remove did: asking for as many
+    # neighbours as there are live points returns each live id exactly once.
+    removed = np.zeros(est.n_samples_fit_, bool) if est.removed_ is None else est.removed_
+    live = np.flatnonzero(~removed)
+    assert live.size == est.n_samples_fit_ - est.n_removed_
+    event(f"{kind}: every live id checked" if live.size else f"{kind}: no live id left")
+    if live.size:
+        probe = np.random.RandomState(1).randn(2, est.n_features_in_)
+        ok, res = _call(est.kneighbors, probe, n_neighbors=live.size)
+        assert ok
+        _check_neighbors_result(est, probe, res, live.size)
+        for row in res[1]:
+            np.testing.assert_array_equal(np.sort(row), live)
