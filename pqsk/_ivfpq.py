@@ -388,10 +388,12 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
             keep = ~removed[g_ids]
             if not keep.all():
                 g_codes, g_ids, g_lists = g_codes[keep], g_ids[keep], g_lists[keep]
-        if extra is not None:  # new rows, none of them removed
+        if extra is not None and g_codes.shape[0]:  # new rows, none of them removed
             g_codes = np.concatenate([g_codes, extra[0]])
             g_ids = np.concatenate([g_ids.astype(id_dtype, copy=False), extra[1]])
             g_lists = np.concatenate([g_lists, extra[2]])
+        elif extra is not None:  # no growing part: the new rows alone, uncopied
+            g_codes, g_ids, g_lists = extra[0], extra[1].astype(id_dtype, copy=False), extra[2]
         g_counts = np.bincount(g_lists, minlength=L)
         offsets = np.zeros(L + 1, dtype=np.int64)
         np.cumsum(old_counts + g_counts, out=offsets[1:])
@@ -400,8 +402,22 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
         # Old entries move down by the growing entries of the lists before
         # theirs (offsets[l] = old start of l + g_start[l]); growing entries
         # go after the old entries of their list.
-        dest_old = np.arange(codes.shape[0]) + np.repeat(g_start, old_counts)
         order = np.argsort(g_lists, kind="stable")
+        if codes.shape[0] == 0:
+            # Nothing sorted yet (fit, or every sorted entry removed): the
+            # lists are the growing entries in list order.  No scatter: a
+            # fit of n rows holds n codes twice, not four times.
+            state = {"codes_": g_codes[order], "ids_": g_ids[order].astype(id_dtype,
+                                                                         copy=False),
+                     "list_offsets_": offsets}
+            del order
+            for name in ("growing_codes", "growing_ids", "growing_lists"):
+                _growable.discard(self, name)
+            state.update({"growing_codes_": state["codes_"][:0].copy(),
+                          "growing_ids_": state["ids_"][:0].copy(),
+                          "growing_lists_": np.empty(0, dtype=np.int32)})
+            return state
+        dest_old = np.arange(codes.shape[0]) + np.repeat(g_start, old_counts)
         lab = g_lists[order]
         dest_g = (offsets[:-1][lab] + old_counts[lab]
                   + np.arange(lab.shape[0]) - g_start[lab])
