@@ -886,9 +886,69 @@ def repair_level0(links0, vectors, entry_point, inner_product=False):
         if reach.all():
             return added
         added += _link_unreachable(links0, vectors, reach, adj, inner_product)
-    if not _reachable(links0, entry_point).all():
-        warnings.warn("HNSW level-0 repair gave up; some nodes stay unreachable.")
-    return added
+    # Rare (tiny M, inner products in very few dimensions): the nearest
+    # links kept cutting other nodes off.  Link the rest without cutting
+    # anything, whatever the distances.
+    return added + _link_unreachable_safely(links0, vectors, entry_point, inner_product)
+
+
+def _link_unreachable_safely(links0, vectors, entry_point, inner_product):
+    """Make every node reachable from ``entry_point`` on level 0, for sure.
+
+    Each pass takes a breadth-first tree of the reachable part R and gives
+    every source component of the unreachable part one link from R, into a
+    free slot or in place of a link that is not a tree edge.  Tree edges
+    are never touched, so R stays reachable, and linking the source
+    components reaches everything downstream of them: R grows every pass
+    (R's links hold |R| * 2M slots and its tree only |R| - 1 edges), so the
+    loop ends.  Among the slots it may use, the nearest reachable node that
+    a member links to comes first.  Returns the number of links written.
+    """
+    n = links0.shape[0]
+    added = 0
+    while True:
+        adj = _level0_adjacency(links0)
+        order, pred = breadth_first_order(adj, entry_point, directed=True,
+                                          return_predecessors=True)
+        reach = np.zeros(n, bool)
+        reach[order] = True
+        if reach.all():
+            return added
+        unreached = np.flatnonzero(~reach)
+        sub = adj[unreached][:, unreached].tocoo()
+        n_comp, comp = connected_components(sub, directed=True, connection="strong")
+        is_source = np.ones(n_comp, bool)
+        cross = comp[sub.row] != comp[sub.col]
+        is_source[comp[sub.col[cross]]] = False
+        # Slots of reachable nodes that can take a new link: free ones, and
+        # links that are not edges of the tree.
+        rows = links0[order]
+        usable = (rows < 0) | (pred[np.maximum(rows, 0)] != order[:, None])
+        spare = {int(x): list(np.flatnonzero(ok)) for x, ok in zip(order, usable) if ok.any()}
+        linked = 0
+        for c in np.flatnonzero(is_source):
+            u = int(unreached[np.argmax(comp == c)])
+            near = links0[u][links0[u] >= 0]
+            near = [int(x) for x in near[reach[near]] if int(x) in spare]
+            cand = near or list(spare)[:4096]
+            if not cand:
+                break
+            if len(cand) > 1:
+                d = _pair_distances(vectors, np.full(len(cand), u), np.asarray(cand),
+                                    inner_product)
+                cand = [cand[i] for i in np.lexsort((cand, d))]
+            x = cand[0]
+            # The smallest usable slot: a link that is not a tree edge, or
+            # else the first free slot (free slots trail, so -1 stays padding).
+            slot = spare[x].pop(0)
+            links0[x, slot] = u
+            if not spare[x]:
+                del spare[x]
+            linked += 1
+        added += linked
+        if not linked:  # cannot happen (see above); never loop forever
+            warnings.warn("HNSW level-0 repair gave up; some nodes stay unreachable.")
+            return added
 
 
 GRAPH_ATTRS = ("codes_", "levels_", "links0_", "upper_links_", "upper_offsets_",

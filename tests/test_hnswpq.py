@@ -449,3 +449,24 @@ def test_visited_marks_reused_across_indexes_and_calls():
             got = nn.kneighbors(Q)
             assert_array_equal(got[0], ref[0])
             assert_array_equal(got[1], ref[1])
+
+
+def test_repair_never_gives_up_on_one_dimensional_inner_products():
+    """Tiny M and inner products in one dimension make the nearest links
+    cut nodes off again and again; the repair's last resort links them
+    without touching the breadth-first tree, so fit always ends with every
+    node reachable (and a saved index that loads)."""
+    import warnings
+
+    from pqsk._hnswpq import _reachable
+
+    for seed in range(40):
+        r = np.random.RandomState(seed)
+        X = r.randn(r.randint(20, 200), 1)
+        for metric in ["dot", "euclidean"]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # "repair gave up" fails the test
+                nn = HNSWPQNeighbors(n_links=2, ef_construction=int(r.randint(1, 10)),
+                                     n_subspaces=1, n_codewords=min(300, X.shape[0]),
+                                     metric=metric, random_state=seed).fit(X)
+            assert _reachable(nn.links0_, nn.entry_point_).all(), (seed, metric)
