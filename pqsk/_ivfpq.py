@@ -101,10 +101,11 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
     The coarse quantizer is :class:`~sklearn.cluster.KMeans` (random
     initialisation, ``coarse_max_iter`` iterations in two stages) while
     ``n_train * n_lists <= 2**28``; beyond that, one Lloyd pass costs
-    seconds: the first stage runs KMeans on ``64 * n_lists`` rows, and the
-    last ``ceil(coarse_max_iter / 4)`` Lloyd passes stream over the whole
-    training sample, ``n_jobs`` threads side by side (the centroids still
-    do not depend on ``n_jobs``).  Vectors are
+    seconds and the same two-stage schedule runs streamed: random centres,
+    Lloyd passes over ``64 * n_lists`` of the training rows, then the last
+    ``ceil(coarse_max_iter / 4)`` over all of them, each pass reading its
+    rows from X in tasks of 16,384, ``n_jobs`` tasks side by side (the
+    centroids still do not depend on ``n_jobs``).  Vectors are
     assigned to cells by L2 distance for every metric; cells are ranked at
     query time by ``||q - c||`` (every metric but "dot") or ``<q, c>`` ("dot").
 
@@ -116,10 +117,12 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
     bytes per vector (codes and int32 ids), the centroids, and the
     precomputed list terms (``n_lists * m * k`` floats).  The training
     sample: the coarse k-means holds at most ``256 * n_lists`` rows while
-    ``n_train * n_lists <= 2**28`` and ``64 * n_lists`` beyond (its last
-    passes stream over the sample); the residual codebooks ``256 * k``
-    rows.  Example: 4,000,000 x 96 float32, ``n_lists=4096``, m=12, k=256:
-    index 61 MiB + 48 MiB of list terms, training 96 MiB.  With
+    ``n_train * n_lists <= 2**28`` (at most 262,144 rows) and none beyond
+    (streamed: per thread a task of 16,384 rows and an (n_lists, D) float64
+    sum); the residual codebooks ``256 * k`` rows.  Example: 4,000,000 x 96
+    float32 in a memmap, cosine, ``n_lists=4096``, m=12, k=256: index
+    61 MiB + 48 MiB of list terms; ``fit`` added at most 304 MiB of
+    anonymous memory (``benchmarks/results/scale_4m.md``).  With
     ``refine_factor > 0``, a C-contiguous memmap of the fitted dtype is
     kept by reference in ``vectors_`` (nothing copied, re-ranking reads
     ``refine_factor * n_neighbors`` rows per query from the file); other
