@@ -493,7 +493,12 @@ cdef void init_build(Dist* d, Work* w, Graph* g,
                      const uint8_t[:, ::1] codes8, const uint16_t[:, ::1] codes16,
                      const float[:, :, ::1] codebooks, int32_t[:, ::1] links0,
                      int32_t[:, ::1] upper, const int64_t[::1] upper_off,
-                     bint inner_product, float[::1] dec) noexcept:
+                     bint inner_product, float[::1] dec,
+                     uint32_t[::1] visited, const uint32_t[::1] gen,
+                     float[::1] cand_d, int64_t[::1] cand_i,
+                     float[::1] res_d, int64_t[::1] res_i) noexcept:
+    """Fill the distance, work and graph contexts of a build or repair."""
+    cdef Py_ssize_t n = links0.shape[0]
     g.links0 = &links0[0, 0] if links0.shape[0] > 0 else NULL
     g.upper = &upper[0, 0] if upper.shape[0] > 0 else NULL
     g.upper_off = &upper_off[0] if upper_off.shape[0] > 0 else NULL
@@ -514,6 +519,12 @@ cdef void init_build(Dist* d, Work* w, Graph* g,
     d.dec_b = &dec[d.dim]
     d.count = 0
     w.deleted = NULL
+    w.visited = &visited[0] if n > 0 else NULL
+    w.gen = gen[0]
+    w.cand_d = &cand_d[0] if n > 0 else NULL
+    w.cand_i = &cand_i[0] if n > 0 else NULL
+    w.res_d = &res_d[0]
+    w.res_i = &res_i[0]
 
 
 def hnsw_build(const float[:, ::1] vectors,         # IN  (n - first_new, D) float32
@@ -595,13 +606,8 @@ def hnsw_build(const float[:, ::1] vectors,         # IN  (n - first_new, D) flo
     cdef int r
     cdef Py_ssize_t cap
     init_build(&d, &w, &g, vectors, first_new, codes8, codes16, codebooks, links0,
-               upper, upper_off, inner_product, dec)
-    w.visited = &visited[0] if n > 0 else NULL
-    w.gen = gen[0]
-    w.cand_d = &cand_d[0] if n > 0 else NULL
-    w.cand_i = &cand_i[0] if n > 0 else NULL
-    w.res_d = &res_d[0]
-    w.res_i = &res_i[0]
+               upper, upper_off, inner_product, dec, visited, gen, cand_d, cand_i,
+               res_d, res_i)
     tree.parent = &parent[0] if n > 0 else NULL
     tree.lost = &lost[0] if lost.shape[0] > 0 else NULL
     tree.cap = lost.shape[0]
@@ -799,13 +805,8 @@ def fix_parents(const int64_t[::1] nodes,           # IN  (n_nodes,) candidates
     cdef float d_cur
     cdef bint changed = True
     init_build(&d, &w, &g, vectors, first_new, codes8, codes16, codebooks, links0,
-               upper, upper_off, inner_product, dec)
-    w.visited = &visited[0] if n > 0 else NULL
-    w.gen = gen[0]
-    w.cand_d = &cand_d[0] if n > 0 else NULL
-    w.cand_i = &cand_i[0] if n > 0 else NULL
-    w.res_d = &res_d[0]
-    w.res_i = &res_i[0]
+               upper, upper_off, inner_product, dec, visited, gen, cand_d, cand_i,
+               res_d, res_i)
     with nogil:
         passes = 0
         while changed and passes < 64:
