@@ -187,7 +187,7 @@ def release_memory():
     if _MALLOC_TRIM is None:
         try:
             _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):
+        except (OSError, AttributeError, TypeError):  # not glibc; Windows
             _MALLOC_TRIM = False
     if _MALLOC_TRIM:
         _MALLOC_TRIM(0)
