@@ -168,6 +168,10 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
     vectors_ : RowStore of shape (n_samples_fit, n_features) or None
         Raw vectors (as given, also for cosine), kept only when
         ``refine_factor > 0``; memmap input is kept by reference.
+    effective_metric_ : str
+        The metric the index was built with (``metric`` at the last fit);
+        the kernels use it.  Changing ``metric`` afterwards makes queries
+        and ``partial_fit`` raise until the next fit.
     n_samples_fit_ : int
     n_iter_ : int
     n_features_in_ : int

@@ -160,6 +160,10 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
     growing_lists_ : ndarray of shape (n_growing,), int32
         The list each growing entry belongs to.
     n_lists_ : int
+    effective_metric_ : str
+        The metric the index was built with (``metric`` at the last fit);
+        the kernels use it.  Changing ``metric`` afterwards makes queries
+        and ``partial_fit`` raise until the next fit.
     n_samples_fit_ : int
     n_iter_ : int
         The most KMeans iterations run by any residual codebook.

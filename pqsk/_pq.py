@@ -326,6 +326,10 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         ``vectors_[ids]``); memmap input is kept by reference.
     n_iter_ : int
         The most KMeans iterations run in any sub-space.
+    effective_metric_ : str
+        The metric the index was built with (``metric`` at the last fit);
+        the kernels use it.  Changing ``metric`` afterwards makes queries
+        and ``partial_fit`` raise until the next fit.
     n_samples_fit_ : int
     n_features_in_ : int
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
