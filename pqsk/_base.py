@@ -8,7 +8,6 @@
   only ``_fit_index``, ``_search`` and ``_self_queries``.
 """
 
-import functools
 import weakref
 from numbers import Integral, Real
 
@@ -37,6 +36,7 @@ from ._utils import (
     effective_n_threads,
     index_lock,
     openmp_region,
+    range_bound,
     release_memory,
     restore_on_error,
 )
@@ -49,13 +49,6 @@ _CHECKED_PARAMS = weakref.WeakKeyDictionary()
 
 # float16 and integer input are computed in float32; float64 stays float64.
 FLOAT_DTYPES = [np.float32, np.float64]
-
-
-@functools.lru_cache(maxsize=64)
-def range_bound(n_features, dtype):
-    """Largest absolute value whose squared distances cannot overflow ``dtype``
-    over ``n_features`` features: ``sqrt(max / (4 D))``."""
-    return float(np.sqrt(np.finfo(dtype).max / (4 * max(1, n_features))))
 
 
 def check_range(X, extremes=None, dtype=None, name="X"):
@@ -523,8 +516,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         ``set_params`` may have changed before the save.  Subclasses add
         their own arrays and the range of their floats.
         """
-        from ._persist import (check_bool_mask, check_codebooks, check_float_array,
-                               check_scalar_int, distance_bound)
+        from ._persist import check_bool_mask, check_codebooks, check_scalar_int
 
         dtype = self._fit_dtype_
         require(isinstance(dtype, np.dtype) and dtype in (np.float32, np.float64),
@@ -547,7 +539,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                     "removed_ does not match n_removed_")
         if self.vectors_ is not None:
             self.vectors_ = self._checked_vectors(
-                self.vectors_, n, d, dtype, distance_bound(self._kernel_dtype or dtype, d))
+                self.vectors_, n, d, dtype, range_bound(d, np.dtype(self._kernel_dtype or dtype)))
 
     @staticmethod
     def _checked_vectors(vectors, n, d, dtype, bound):

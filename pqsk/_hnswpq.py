@@ -501,13 +501,13 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         links in range, padded with -1 only at the end of a row, an
         upper-level link at level l pointing at a node of level >= l,
         every live node reachable on level 0 from the entry point."""
-        from ._persist import (check_float_array, check_scalar_int, distance_bound,
-                               reachable)
+        from ._persist import check_float_array, check_scalar_int, reachable
+        from ._utils import range_bound
 
         super()._check_loaded_state()
         cb, d = self.codebooks_, self.n_features_in_
         # The graph is searched and extended in float32.
-        bound = distance_bound(np.float32, d)
+        bound = range_bound(d, np.dtype(np.float32))
         check_float_array(cb, "codebooks_", cb.shape, cb.dtype, bound)
         # vectors_: checked by the base class against the float32 bound
         # (_kernel_dtype), chunk by chunk.

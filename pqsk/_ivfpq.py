@@ -452,12 +452,13 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
     def _check_loaded_state(self):
         """Loaded-index invariants (see ``BasePQNeighbors``), and the list
         terms, which are derived state, recomputed rather than read."""
-        from ._persist import check_float_array, check_scalar_int, distance_bound
+        from ._persist import check_float_array, check_scalar_int
+        from ._utils import range_bound
 
         super()._check_loaded_state()
         cb, dtype, d = self.codebooks_, self._fit_dtype_, self.n_features_in_
         m, k, _ = cb.shape
-        bound = distance_bound(dtype, d)
+        bound = range_bound(d, dtype)
         L = check_scalar_int(self.n_lists_, "n_lists_", 1, 2**31)
         check_float_array(self.cluster_centers_, "cluster_centers_", (L, d), dtype, bound)
         # Residuals of vectors and centroids both within ``bound``.

@@ -775,12 +775,6 @@ def check_int_array(a, name, shape, lo, hi, dtype=None):
                 f"{name} has values outside [{lo}, {hi})")
 
 
-def distance_bound(dtype, n_features):
-    """Largest magnitude whose squared distances over ``n_features``
-    features cannot overflow ``dtype`` (as ``_base.check_range``)."""
-    return float(np.sqrt(np.finfo(dtype).max / (4 * max(1, n_features))))
-
-
 def check_float_array(a, name, shape, dtype, bound):
     """``a`` is a C-contiguous native ndarray of exactly ``shape`` and
     ``dtype``, finite, with every value in [-bound, bound]."""

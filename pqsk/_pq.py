@@ -13,7 +13,7 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from . import _quantizer
 from ._base import FLOAT_DTYPES, BasePQNeighbors, PQParamsMixin, check_range
 from ._persist import IndexIOMixin, require
-from ._utils import Progress, effective_n_threads
+from ._utils import Progress, effective_n_threads, range_bound
 
 
 class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin,
@@ -261,13 +261,12 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         )
 
     def _check_loaded_state(self):
-        from ._persist import (check_codebooks, check_float_array, check_scalar_int,
-                               distance_bound)
+        from ._persist import check_codebooks, check_float_array, check_scalar_int
 
         m, k, _ = check_codebooks(self, _quantizer.MAX_CODEWORDS)
         cb = self.codebooks_
         check_float_array(cb, "codebooks_", cb.shape, cb.dtype,
-                          distance_bound(cb.dtype, self.n_features_in_))
+                          range_bound(self.n_features_in_, cb.dtype))
         require(self.code_dtype_ == _quantizer.code_dtype(k),
                 "code_dtype_ does not match the codebooks")
         check_scalar_int(self._n_features_out, "_n_features_out", m, m + 1)
@@ -397,7 +396,7 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         self.verbose = verbose
 
     def _check_loaded_state(self):
-        from ._persist import check_float_array, distance_bound
+        from ._persist import check_float_array
 
         super()._check_loaded_state()
         require(self.codes_.shape[0] == self.n_samples_fit_, "codes_ and n_samples_fit_ differ")
@@ -406,7 +405,7 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
                 "a PQNeighbors index has no removed vectors")
         cb = self.codebooks_
         check_float_array(cb, "codebooks_", cb.shape, cb.dtype,
-                          distance_bound(cb.dtype, self.n_features_in_))
+                          range_bound(self.n_features_in_, cb.dtype))
 
     def _fit_index(self, X, progress):
         self.codebooks_ = self._fit_codebooks(X, progress)

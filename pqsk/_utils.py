@@ -1,6 +1,7 @@
 """Small helpers shared by the estimators: threads and progress messages."""
 
 import ctypes
+import functools
 import os
 import sys
 import threading
@@ -9,7 +10,17 @@ import weakref
 from contextlib import contextmanager
 from numbers import Integral
 
+import numpy as np
+
 from ._openmp import omp_max_threads
+
+
+@functools.lru_cache(maxsize=64)
+def range_bound(n_features, dtype):
+    """Largest absolute value whose squared distances cannot overflow ``dtype``
+    over ``n_features`` features: ``sqrt(max / (4 D))``.  Used when data
+    come in (``_base.check_range``) and when a saved index is loaded."""
+    return float(np.sqrt(np.finfo(dtype).max / (4 * max(1, int(n_features)))))
 
 
 def check_n_jobs(n_jobs):
