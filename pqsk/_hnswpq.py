@@ -501,7 +501,7 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         links in range, padded with -1 only at the end of a row, an
         upper-level link at level l pointing at a node of level >= l,
         every live node reachable on level 0 from the entry point."""
-        from ._persist import check_float_array, check_scalar_int, reachable
+        from ._persist import check_float_array, check_scalar_int
         from ._utils import range_bound
 
         super()._check_loaded_state()
@@ -560,7 +560,7 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         require(entry >= 0 and levels[entry] == top == int(levels.max()),
                 "entry_point_ is not on the top level")
         node_removed = removed if self.ids_ is None else removed[self.ids_]
-        require(bool(np.all(reachable(links0, entry) | node_removed)),
+        require(bool(np.all(_reachable(links0, entry) | node_removed)),
                 "a live node is unreachable from the entry point on level 0")
         self._check_growing_state()
 

@@ -817,20 +817,3 @@ def check_codebooks(est, max_codewords):
                 and names.shape == (d,) and all(isinstance(s, str) for s in names),
                 "feature_names_in_ must hold n_features_in_ strings")
     return m, k, ds
-
-
-def reachable(links, start):
-    """Boolean mask of the nodes reachable from ``start`` following the
-    links of ``links`` (n, width), -1 marking unused slots."""
-    from scipy import sparse
-    from scipy.sparse.csgraph import breadth_first_order
-
-    n, width = links.shape
-    rows = np.repeat(np.arange(n), width)
-    cols = links.ravel().astype(np.int64)
-    keep = cols >= 0
-    adj = sparse.csr_matrix((np.ones(int(keep.sum()), np.int8), (rows[keep], cols[keep])),
-                            shape=(n, n))
-    reach = np.zeros(n, bool)
-    reach[breadth_first_order(adj, start, directed=True, return_predecessors=False)] = True
-    return reach
