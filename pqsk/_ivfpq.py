@@ -12,6 +12,7 @@ from sklearn.utils.validation import check_is_fitted
 from . import _growable, _quantizer
 from ._base import BasePQNeighbors, PQParamsMixin, RemovalMixin
 from ._persist import IndexIOMixin, check_int_array, require
+from ._store import chunk_slices
 from ._utils import effective_n_threads, index_lock, release_memory
 
 # Seed article, step 8: the coarse quantizer wants ~256 training points per
@@ -551,7 +552,7 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
         deleted = self.removed_.view(np.uint8) if self._n_dead() else None
         # Chunks bound the (rows, n_lists) coarse table.
         step = _quantizer.chunk_rows(self.n_lists_)
-        for sl in _quantizer._chunks(Q.shape[0], step):
+        for sl in chunk_slices(Q.shape[0], step):
             coarse = _quantizer.coarse_terms(Q[sl], self.cluster_centers_, ip)
             dist[sl], ind[sl] = _quantizer.ivf_search(
                 Q[sl], coarse, self.codebooks_, self._list_terms, self.codes_, self.ids_,

@@ -22,7 +22,7 @@ from threadpoolctl import ThreadpoolController
 
 
 from . import _adc, _encode, _ivf
-from ._store import rows_per_chunk, unit_rows
+from ._store import chunk_slices, rows_per_chunk, unit_rows
 from ._utils import release_memory
 
 MAX_CODEWORDS = 65536
@@ -87,7 +87,7 @@ def row_chunks(X):
         yield from X.chunks()
         return
     step = rows_per_chunk(X.shape[1] * X.dtype.itemsize)
-    for sl in _chunks(X.shape[0], step):
+    for sl in chunk_slices(X.shape[0], step):
         yield sl, np.ascontiguousarray(X[sl])
 
 
@@ -463,7 +463,7 @@ def train_coarse_streamed(X, rows, n_lists, *, max_iter=25, tol=1e-4, random_sta
 
     def run_tasks(fn, row_set, size):
         """fn on each task of ``size`` rows, in order, ``workers`` at a time."""
-        tasks = list(_chunks(size, STREAM_TASK_ROWS))
+        tasks = list(chunk_slices(size, STREAM_TASK_ROWS))
         with one_blas_thread(), ThreadPoolExecutor(max_workers=workers) as ex:
             for start in range(0, len(tasks), workers):
                 yield from ex.map(lambda sl: fn(read(row_set, sl), sl),
@@ -522,7 +522,7 @@ def _lloyd_pass(run_tasks, row_set, size, centroids):
     def task(A, sl):
         labels = np.empty(A.shape[0], dtype=np.intp)
         dist = np.empty(A.shape[0], dtype=np.float64)
-        for sub in _chunks(A.shape[0], step):
+        for sub in chunk_slices(A.shape[0], step):
             block = A[sub] @ centroids.T
             block *= -2
             block += c_norms
@@ -556,11 +556,6 @@ def _lloyd_pass(run_tasks, row_set, size, centroids):
     return new, shift
 
 
-def _chunks(n, rows):
-    for start in range(0, n, rows):
-        yield slice(start, min(n, start + rows))
-
-
 def chunk_rows(width, budget=2**22):
     """Rows per chunk so that a (rows, width) temporary holds ~budget values."""
     return max(1, budget // max(1, width))
@@ -589,7 +584,7 @@ def assign(X, centroids, out=None, c_norms=None, block=None):
     if c_norms is None:
         c_norms = np.einsum("ij,ij->i", centroids, centroids)
     step = chunk_rows(centroids.shape[0]) if block is None else block.shape[0]
-    for sl in _chunks(X.shape[0], step):
+    for sl in chunk_slices(X.shape[0], step):
         d = (np.matmul(X[sl], centroids.T) if block is None
              else np.matmul(X[sl], centroids.T, out=block[:sl.stop - sl.start]))
         d *= -2
@@ -715,7 +710,7 @@ def exact_rerank(Q, vectors, cand, n_neighbors, inner_product=False, unit_norm=F
     valid = cand < vectors.shape[0]
     safe = np.where(valid, cand, 0)
     dist = np.empty((nq, n_cand), dtype=vectors.dtype)
-    for sl in _chunks(nq, chunk_rows(n_cand * d)):
+    for sl in chunk_slices(nq, chunk_rows(n_cand * d)):
         V = vectors[safe[sl]]                      # (rows, n_cand, D), a copy
         if unit_norm:
             flat = V.reshape(-1, d)
