@@ -291,8 +291,6 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
     # after fit and are validated at every call.  Every other parameter
     # shapes the fitted index; see ``_fitted_values``.
     _search_params = ("n_neighbors", "refine_factor", "n_jobs", "mode")
-    # The parameters ``_fitted_values`` compares with the fitted state.
-    _structural_params = ("metric", "n_subspaces", "n_codewords")
 
     # dtype the kernels compute distances in, when not the fitted dtype.
     _kernel_dtype = None
@@ -336,8 +334,9 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         comparison, not scikit-learn's validation.
         """
         names = self._search_params
+        fitted_values = self._fitted_values()
         key = tuple((type(v), v) for v in (getattr(self, n) for n in
-                                           names + self._structural_params))
+                                           (*names, *fitted_values)))
         if _CHECKED_PARAMS.get(self) == key:
             return
         validate_parameter_constraints(
@@ -345,7 +344,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             {n: getattr(self, n) for n in names},
             caller_name=type(self).__name__,
         )
-        for name, fitted in self._fitted_values().items():
+        for name, fitted in fitted_values.items():
             value = getattr(self, name)
             if value != fitted:
                 raise ValueError(

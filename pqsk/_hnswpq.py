@@ -206,7 +206,6 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
     }
 
     _search_params = BasePQNeighbors._search_params + ("ef_search",)
-    _structural_params = BasePQNeighbors._structural_params + ("n_links",)
     _kernel_dtype = np.float32  # the graph is built and walked in float32
 
     def __init__(

@@ -207,7 +207,6 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
     }
 
     _search_params = BasePQNeighbors._search_params + ("n_probe",)
-    _structural_params = BasePQNeighbors._structural_params + ("n_lists",)
 
     def __init__(
         self,
