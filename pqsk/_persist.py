@@ -57,15 +57,19 @@ import shutil
 
 import numpy as np
 
+from ._segments import Segment
 from ._store import RowStore, chunk_slices, rows_per_chunk
 from ._utils import index_lock
 
 FORMAT = "pqsk-index"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+# Versions written with a manifest (version 2 has no segments).
+_MANIFEST_VERSIONS = (2, 3)
 MANIFEST = "MANIFEST.json"
 HEADER = "header.json"
 LOCK = ".pqsk-lock"
+SEGMENTS = "segments"
 MAX_HEADER_BYTES = 64 * 2**20
 MAX_MANIFEST_BYTES = 2**20
 MAX_NPY_HEADER_BYTES = 2**16
@@ -73,6 +77,9 @@ MAX_NDIM = 4
 
 _DATA_DIR = re.compile(r"v(\d{6,12})")
 _ARRAY_FILE = re.compile(r"\d{3,9}\.npy")
+_SEGMENT_FILE = re.compile(r"[0-9a-f]{32}\.[a-z][a-z0-9_]{0,31}\.npy")
+_SEGMENT_TMP = re.compile(r"\.[0-9a-f]{32}\.[a-z][a-z0-9_]{0,31}\.npy\.tmp-[0-9a-f]+")
+_UID = re.compile(r"[0-9a-f]{32}")
 _TMP_MANIFEST = re.compile(re.escape("." + MANIFEST) + r"\.tmp-[0-9a-f]+")
 _SHA = re.compile(r"[0-9a-f]{64}")
 _ATTRIBUTE = re.compile(r"_?[a-z][a-z0-9_]{0,63}")
@@ -121,6 +128,16 @@ def _encode_value(name, value, arrays):
     if isinstance(value, RowStore):
         arrays[name] = value  # written chunk by chunk into one .npy
         return {"array": name}
+    if isinstance(value, tuple) and all(isinstance(s, Segment) for s in value):
+        out = []
+        for i, seg in enumerate(value):
+            refs = {}
+            for a in seg.names:
+                key = f"{name}.{i}.{a}"
+                arrays[key] = _SegmentArray(seg, a)
+                refs[a] = key
+            out.append({"uid": seg.uid, "meta": seg.meta, "arrays": refs})
+        return {"segments": out}
     if isinstance(value, np.ndarray):
         if value.dtype.kind == "O":
             if all(isinstance(v, str) for v in value.ravel()):
@@ -129,6 +146,20 @@ def _encode_value(name, value, arrays):
         arrays[name] = value
         return {"array": name}
     raise TypeError(f"cannot save {name!r} of type {type(value).__name__}")
+
+
+class _SegmentArray:
+    """An array of a sealed segment: written once, to
+    ``segments/<uid>.<name>.npy``, and shared by every save after."""
+
+    __slots__ = ("segment", "name")
+
+    def __init__(self, segment, name):
+        self.segment, self.name = segment, name
+
+    @property
+    def file(self):
+        return f"{self.segment.uid}.{self.name}.npy"
 
 
 def _take(arrays, key, name):
@@ -142,7 +173,7 @@ def _take(arrays, key, name):
     return a
 
 
-def _decode_value(name, value, arrays):
+def _decode_value(name, value, arrays, checksums=None):
     if isinstance(value, dict):
         if len(value) != 1:
             raise IndexFormatError(f"unknown encoding for {name!r} in the header")
@@ -162,10 +193,39 @@ def _decode_value(name, value, arrays):
         if kind == "random_state":
             return _decode_random_state(name, content,
                                         _take(arrays, name + ".rng_keys", name))
+        if kind == "segments":
+            return _decode_segments(name, content, arrays, checksums or {})
         raise IndexFormatError(f"unknown encoding for {name!r} in the header")
     if isinstance(value, list):
         raise IndexFormatError(f"{name!r}: lists are not a saved value")
     return value
+
+
+def _decode_segments(name, content, arrays, checksums):
+    """A tuple of :class:`Segment` from its header entry: uid, meta (JSON
+    scalars) and arrays, each checked for form (the estimator checks what
+    they hold)."""
+    if not isinstance(content, list):
+        raise IndexFormatError(f"{name!r} must be a list of segments")
+    out, seen = [], set()
+    for entry in content:
+        ok = (isinstance(entry, dict) and set(entry) == {"uid", "meta", "arrays"}
+              and isinstance(entry["uid"], str) and _UID.fullmatch(entry["uid"])
+              and isinstance(entry["meta"], dict) and isinstance(entry["arrays"], dict)
+              and all(isinstance(v, (int, str)) and not isinstance(v, bool)
+                      for v in entry["meta"].values()))
+        if not ok or entry["uid"] in seen:
+            raise IndexFormatError(f"{name!r} holds a malformed segment entry")
+        seen.add(entry["uid"])
+        seg_arrays, sums = {}, {}
+        for a, key in entry["arrays"].items():
+            if not (isinstance(a, str) and _ATTRIBUTE.fullmatch(a) and a[0] != "_"):
+                raise IndexFormatError(f"{name!r}: bad segment array name {a!r}")
+            seg_arrays[a] = _take(arrays, key, name)
+            if key in checksums:
+                sums[a] = checksums[key]
+        out.append(Segment(seg_arrays, entry["meta"], entry["uid"], sums))
+    return tuple(out)
 
 
 def _decode_random_state(name, state, keys):
@@ -250,7 +310,7 @@ def _read_manifest(path):
           and _SHA.fullmatch(m["header_sha256"]))
     if not ok:
         raise IndexFormatError(f"{fname} is not a pqsk index manifest.")
-    if m.get("format_version") != FORMAT_VERSION:
+    if m.get("format_version") not in _MANIFEST_VERSIONS:
         raise IndexFormatError(
             f"{path} has format version {m.get('format_version')!r}; this pqsk reads "
             f"versions {READABLE_VERSIONS}. Re-save it with the pqsk that wrote it, "
@@ -267,7 +327,7 @@ def _has_version1_files(path):
 
 def _ours(entry, version1):
     """Whether a directory entry belongs to a saved index."""
-    if entry in (MANIFEST, LOCK) or _DATA_DIR.fullmatch(entry) or _TMP_MANIFEST.fullmatch(entry):
+    if entry in (MANIFEST, LOCK, SEGMENTS) or _DATA_DIR.fullmatch(entry) or _TMP_MANIFEST.fullmatch(entry):
         return True
     return version1 and (entry == HEADER or bool(_ARRAY_FILE.fullmatch(entry)))
 
@@ -354,7 +414,8 @@ def _save_locked(path, overwrite, header, arrays, reading):
         numbers = [int(m.group(1)) for m in map(_DATA_DIR.fullmatch, entries) if m]
         data = f"v{max(numbers, default=0) + 1:06d}"
         data_dir = os.path.join(path, data)
-        header_sha = _write_data(data_dir, header, arrays)
+        header_sha, header_files = _write_data(path, data_dir, header, arrays,
+                                 _segment_files(path) if MANIFEST in entries else {})
         reading.close()
         _fsync_dir(path)
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "data": data,
@@ -364,7 +425,8 @@ def _save_locked(path, overwrite, header, arrays, reading):
         os.replace(tmp, os.path.join(path, MANIFEST))  # the switch
         switched = True
         _fsync_dir(path)
-        _remove_leftovers(path, keep=data, version1=version1)
+        _remove_leftovers(path, keep=data, version1=version1,
+                          segment_files=_header_segment_files(header_files))
     except BaseException:
         if created:
             shutil.rmtree(path, ignore_errors=True)
@@ -397,13 +459,65 @@ def _check_target(path, overwrite):
     return version1, entries
 
 
-def _write_data(data_dir, header, arrays):
-    """Create ``data_dir`` with the arrays and header.json, all fsynced;
-    returns the header's SHA-256."""
+def _segment_files(path):
+    """{file: (shape, dtype, sha256)} of the segment files the current
+    version of the index at ``path`` uses (empty if it cannot be read:
+    then every segment file is written again, by atomic replacement)."""
+    try:
+        manifest = _read_manifest(path)
+        header_path = os.path.join(path, manifest["data"], HEADER)
+        raw = _read_small(header_path, MAX_HEADER_BYTES)
+        if hashlib.sha256(raw).hexdigest() != manifest["header_sha256"]:
+            return {}
+        files = _parse_json(header_path, raw).get("arrays", {})
+        return {meta["segment_file"]: (meta["shape"], meta["dtype"], meta["sha256"])
+                for meta in files.values()
+                if isinstance(meta, dict) and isinstance(meta.get("segment_file"), str)}
+    except (IndexFormatError, AttributeError, KeyError, TypeError):
+        return {}
+
+
+def _header_segment_files(files):
+    return {meta["segment_file"] for meta in files.values() if "segment_file" in meta}
+
+
+def _write_segment_array(path, item, previous):
+    """The header entry of a segment array, writing its file under
+    ``path/segments/`` unless the current version already holds it.  A file
+    is written to a temporary name and renamed into place, so a file the
+    current version uses is never seen half-written."""
+    seg_dir = os.path.join(path, SEGMENTS)
+    a = item.segment[item.name]
+    fname = item.file
+    entry = {"segment_file": fname, "shape": list(a.shape), "dtype": a.dtype.str,
+             "sha256": item.segment.sha256(item.name)}
+    full = os.path.join(seg_dir, fname)
+    if previous.get(fname) == (entry["shape"], entry["dtype"], entry["sha256"]) and (
+            os.path.isfile(full)):
+        return entry, False
+    tmp = os.path.join(seg_dir, f".{fname}.tmp-{secrets.token_hex(8)}")
+    a = np.ascontiguousarray(a)
+    _write_durable(tmp, lambda f: np.lib.format.write_array(f, a, allow_pickle=False))
+    os.replace(tmp, full)
+    return entry, True
+
+
+def _write_data(path, data_dir, header, arrays, previous):
+    """Create ``data_dir`` with the arrays and header.json, all fsynced,
+    and the segment files the current version lacks; returns the
+    header's SHA-256 and its table of arrays."""
     os.mkdir(data_dir)
     files = {}
+    wrote_segments = False
     for i, (name, a) in enumerate(sorted(arrays.items())):
         fname = f"{i:03d}.npy"
+        if isinstance(a, _SegmentArray):
+            if not os.path.isdir(os.path.join(path, SEGMENTS)):
+                os.mkdir(os.path.join(path, SEGMENTS))
+                _fsync_dir(path)
+            files[name], wrote = _write_segment_array(path, a, previous)
+            wrote_segments |= wrote
+            continue
         if isinstance(a, RowStore):
             files[name] = dict(_write_rows(os.path.join(data_dir, fname), a), file=fname)
             continue
@@ -412,10 +526,12 @@ def _write_data(data_dir, header, arrays):
                        lambda f: np.lib.format.write_array(f, a, allow_pickle=False))
         files[name] = {"file": fname, "shape": list(a.shape), "dtype": a.dtype.str,
                        "sha256": _sha256(a)}
+    if wrote_segments:
+        _fsync_dir(os.path.join(path, SEGMENTS))
     raw = json.dumps(dict(header, arrays=files), indent=1).encode()
     _write_durable(os.path.join(data_dir, HEADER), lambda f: f.write(raw))
     _fsync_dir(data_dir)
-    return hashlib.sha256(raw).hexdigest()
+    return hashlib.sha256(raw).hexdigest(), files
 
 
 def _write_rows(fname, store):
@@ -442,9 +558,24 @@ def _write_rows(fname, store):
     return {"shape": list(store.shape), "dtype": store.dtype.str, "sha256": h.hexdigest()}
 
 
-def _remove_leftovers(path, keep, version1):
-    """After the switch: older data directories, temporary manifests of
-    interrupted saves, and the files of a version-1 index."""
+def _remove_leftovers(path, keep, version1, segment_files=frozenset()):
+    """After the switch: older data directories, segment files the new
+    version does not use, temporary files of interrupted saves, and the
+    files of a version-1 index."""
+    seg_dir = os.path.join(path, SEGMENTS)
+    if os.path.isdir(seg_dir):
+        for entry in os.listdir(seg_dir):
+            if entry not in segment_files and (_SEGMENT_FILE.fullmatch(entry)
+                                               or _SEGMENT_TMP.fullmatch(entry)):
+                try:
+                    os.remove(os.path.join(seg_dir, entry))
+                except OSError:
+                    pass
+        if not segment_files:
+            try:
+                os.rmdir(seg_dir)
+            except OSError:
+                pass
     # header.json last: while it is there, the next save knows the .npy
     # files beside it are leftovers.
     for entry in sorted(os.listdir(path), key=lambda e: e == HEADER):
@@ -516,18 +647,18 @@ def load(path, *, mmap_mode=None, verify=True):
             data_dir = os.path.join(path, manifest["data"])
             try:
                 return _load_from(path, data_dir, manifest["header_sha256"], mmap_mode,
-                                  verify)
+                                  verify, manifest["format_version"])
             except IndexFormatError:
                 if attempt == 4 or _read_manifest(path) == manifest:
                     raise
         elif os.path.isfile(os.path.join(path, HEADER)):
-            return _load_from(path, path, None, mmap_mode, verify)
+            return _load_from(path, path, None, mmap_mode, verify, 1)
         else:
             raise IndexFormatError(
                 f"{path} is not a saved pqsk index (no {MANIFEST} or {HEADER}).")
 
 
-def _load_from(path, data_dir, header_sha, mmap_mode, verify):
+def _load_from(path, data_dir, header_sha, mmap_mode, verify, expected):
     from . import HNSWPQNeighbors, IVFPQNeighbors, PQNeighbors, PQTransformer
 
     classes = {c.__name__: c for c in
@@ -540,8 +671,7 @@ def _load_from(path, data_dir, header_sha, mmap_mode, verify):
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise IndexFormatError(f"{header_path} is not a pqsk index header.")
     version = header.get("format_version")
-    expected = 1 if header_sha is None else FORMAT_VERSION
-    if version != expected:
+    if type(version) is not int or version != expected:
         raise IndexFormatError(
             f"{path} has format version {version!r}; this pqsk reads versions "
             f"{READABLE_VERSIONS}. Re-save it with the pqsk that wrote it, or upgrade."
@@ -554,8 +684,10 @@ def _load_from(path, data_dir, header_sha, mmap_mode, verify):
             raise IndexFormatError(f"{header_path}: {key!r} must be a JSON object.")
     est = cls()
     try:
-        arrays = {str(name): _load_array(data_dir, name, meta, mmap_mode, verify)
+        arrays = {str(name): _load_array(path if version >= 3 else None, data_dir, name,
+                                         meta, mmap_mode, verify)
                   for name, meta in header["arrays"].items()}
+        checksums = {name: meta["sha256"] for name, meta in header["arrays"].items()}
         params = {k: _decode_value("param." + k, v, arrays)
                   for k, v in header["params"].items()}
         if set(params) != set(est.get_params(deep=False)):
@@ -567,7 +699,7 @@ def _load_from(path, data_dir, header_sha, mmap_mode, verify):
         for k, v in header["attributes"].items():
             if not _ATTRIBUTE.fullmatch(k) or hasattr(cls, k) or k in params:
                 raise IndexFormatError(f"{path}: {k!r} is not an attribute an index has.")
-            value = _decode_value(k, v, arrays)
+            value = _decode_value(k, v, arrays, checksums)
             if k not in _NOT_SAVED:
                 setattr(est, k, value)
     except IndexFormatError:
@@ -613,13 +745,23 @@ def _read_npy_header(fname):
         return shape, fortran, dtype, f.tell()
 
 
-def _load_array(data_dir, name, meta, mmap_mode, verify):
+def _load_array(path, data_dir, name, meta, mmap_mode, verify):
+    """An array of the header; ``path`` is the index directory when the
+    format has segment files (version 3), else None."""
     where = f"{data_dir}: array {name!r}"
     try:
-        fname, shape, dtype_str, sha = meta["file"], meta["shape"], meta["dtype"], meta["sha256"]
+        shape, dtype_str, sha = meta["shape"], meta["dtype"], meta["sha256"]
+        if path is not None and "segment_file" in meta:
+            fname, pattern, base = meta["segment_file"], _SEGMENT_FILE, os.path.join(
+                path, SEGMENTS)
+            if "file" in meta:
+                raise KeyError("file")
+        else:
+            fname, pattern, base = meta["file"], _ARRAY_FILE, data_dir
     except (KeyError, TypeError):
-        raise IndexFormatError(f"{where}: needs file, shape, dtype and sha256.") from None
-    if not (isinstance(fname, str) and _ARRAY_FILE.fullmatch(fname)):
+        raise IndexFormatError(
+            f"{where}: needs one file (or segment_file), shape, dtype and sha256.") from None
+    if not (isinstance(fname, str) and pattern.fullmatch(fname)):
         raise IndexFormatError(f"{where}: bad file name {fname!r}.")
     if not (isinstance(shape, list) and len(shape) <= MAX_NDIM
             and all(type(s) is int and s >= 0 for s in shape)):
@@ -629,7 +771,7 @@ def _load_array(data_dir, name, meta, mmap_mode, verify):
             f"{where}: dtype {dtype_str!r} is not one an index holds (in native byte order).")
     if not (isinstance(sha, str) and _SHA.fullmatch(sha)):
         raise IndexFormatError(f"{where}: bad checksum field.")
-    full = os.path.join(data_dir, fname)
+    full = os.path.join(base, fname)
     if not os.path.isfile(full):
         raise IndexFormatError(f"{where} is missing ({fname}).")
     shape, dtype = tuple(shape), _DTYPES[dtype_str]
