@@ -35,6 +35,7 @@ from ._utils import (
     Progress,
     effective_n_threads,
     index_lock,
+    index_writer,
     openmp_region,
     range_bound,
     release_memory,
@@ -199,22 +200,33 @@ class RemovalMixin:
         # Checked and applied under the lock: two concurrent removes must not
         # both start from the same old mask.  The mask is updated in place
         # (O(len(ids)), no copy of it): readers wait for the lock.
-        with index_lock(self).write():
-            n = self.n_samples_fit_
-            if ids.min() < 0 or ids.max() >= n:
-                raise ValueError(f"ids must lie in [0, {n}), got values in "
-                                 f"[{ids.min()}, {ids.max()}].")
-            removed = self.removed_
-            if removed is not None and removed[ids].any():
-                raise ValueError(
-                    f"ids {ids[removed[ids]][:10].tolist()} were already removed.")
-            removed = (_growable.owned(self, "removed", removed) if removed is not None
-                       else _growable.grow(self, "removed", np.zeros(0, bool), n, False))
-            removed[ids] = True
-            self.removed_ = removed
-            self.n_removed_ = self.n_removed_ + int(ids.size)
-            self._remove_rows(ids, removed)
+        with index_writer(self):
+            with index_lock(self).write():
+                self._mark_removed(ids)
+            # Outside the write lock (queries go on), no other writer:
+            # compaction the removal calls for.
+            self._after_remove()
         return self
+
+    def _mark_removed(self, ids):
+        n = self.n_samples_fit_
+        if ids.min() < 0 or ids.max() >= n:
+            raise ValueError(f"ids must lie in [0, {n}), got values in "
+                             f"[{ids.min()}, {ids.max()}].")
+        removed = self.removed_
+        if removed is not None and removed[ids].any():
+            raise ValueError(
+                f"ids {ids[removed[ids]][:10].tolist()} were already removed.")
+        removed = (_growable.owned(self, "removed", removed) if removed is not None
+                   else _growable.grow(self, "removed", np.zeros(0, bool), n, False))
+        removed[ids] = True
+        self.removed_ = removed
+        self.n_removed_ = self.n_removed_ + int(ids.size)
+        self._remove_rows(ids, removed)
+
+    def _after_remove(self):
+        """Called after ``remove`` with the writer lock held and the
+        read/write lock free: segment compaction, if any."""
 
 
 def _check_n_neighbors(n_neighbors):
@@ -463,7 +475,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             The fitted estimator.
         """
         # A failed fit leaves a fitted index as it was (restore_on_error).
-        with index_lock(self).write(), restore_on_error(self):
+        with index_writer(self), index_lock(self).write(), restore_on_error(self):
             rows = self._validate_rows(X, reset=True)
             progress = Progress(self.verbose, type(self).__name__)
             self._fit_dtype_ = rows.dtype
@@ -500,7 +512,8 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             return self.fit(X)
         self._check_params_at_call()
         n_threads = effective_n_threads(self.n_jobs)
-        with index_lock(self).write(), restore_on_error(self), openmp_region(n_threads):
+        with index_writer(self), index_lock(self).write(), restore_on_error(self), \
+                openmp_region(n_threads):
             rows = self._validate_rows(X, reset=False)
             self._add_rows(rows, n_threads, Progress(self.verbose, type(self).__name__))
         if rows.shape[0] > rows.chunk_rows():
@@ -527,8 +540,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         require(isinstance(metric, str) and metric in METRICS, f"effective_metric_ {metric!r} is not a metric")
         n = check_scalar_int(self.n_samples_fit_, "n_samples_fit_", 0, 2**62)
         check_scalar_int(self._n_features_out, "_n_features_out", n, n + 1)
-        check_int_array(self.codes_, "codes_", (None, m), 0, k,
-                        dtype=_quantizer.code_dtype(k))
+        self._check_codes(m, k)
         check_scalar_int(self.n_removed_, "n_removed_", 0, n + 1)
         if self.removed_ is None:
             require(self.n_removed_ == 0, "n_removed_ > 0 but removed_ is None")
@@ -539,6 +551,12 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         if self.vectors_ is not None:
             self.vectors_ = self._checked_vectors(
                 self.vectors_, n, d, dtype, range_bound(d, np.dtype(self._kernel_dtype or dtype)))
+
+    def _check_codes(self, m, k):
+        from ._persist import check_int_array
+
+        check_int_array(self.codes_, "codes_", (None, m), 0, k,
+                        dtype=_quantizer.code_dtype(k))
 
     @staticmethod
     def _checked_vectors(vectors, n, d, dtype, bound):

@@ -13,6 +13,13 @@ For a query q and a list l, with r_hat the decoded residual::
 
 so a list's table costs m * k additions, not k * D multiply-adds.
 
+The lists are split across sealed segments (``pqsk._segments``): segment
+s holds its own lists, list l being rows ``seg_offsets[s, l]:seg_offsets[s,
+l + 1]`` of its codes and ids; a probed list is scanned in every segment
+with the same table, into one heap.  Segments are passed as tables of
+addresses (``seg_codes[s]``, ``seg_ids[s]``: the data pointers of C-contiguous
+arrays of the growing part's dtypes, kept alive by the caller).
+
 Appends go to a growing part (codes, ids and list labels in arrival
 order) that the search scans too: per query, the growing entries whose
 list is probed are picked out in one pass over the labels and scored with
@@ -24,7 +31,7 @@ for entries that would enter the heap.
 cimport cython
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
-from libc.stdint cimport int32_t, int64_t, uint8_t, INT64_MAX
+from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t, INT64_MAX
 
 from ._heap cimport heap_init, heap_push, heap_sort, pair_greater
 from ._kernels cimport code_t, index_t, build_table, scan_codes, scan_some
@@ -34,9 +41,9 @@ cdef inline void scan_list(Py_ssize_t l,
                            floating coarse_term,
                            const floating* query_table,  # IN (m, k): -<q_j, r_c>
                            const floating[:, :, ::1] list_terms,
-                           const code_t[:, ::1] codes,
-                           const index_t[::1] ids,
-                           const int64_t[::1] offsets,
+                           const uintptr_t[::1] seg_codes,   # IN (S,) code arrays
+                           const uintptr_t[::1] seg_ids,     # IN (S,) id arrays
+                           const int64_t[:, ::1] seg_offsets,  # IN (S, n_lists + 1)
                            const code_t* g_codes,        # IN (g, m) growing part
                            const index_t* g_ids,         # IN (g,)
                            const int64_t* g_rows,        # IN rows of list l in it
@@ -49,23 +56,30 @@ cdef inline void scan_list(Py_ssize_t l,
                            floating* heap_dist,
                            int64_t* heap_idx,
                            Py_ssize_t n_neighbors) noexcept nogil:
-    """Scan list l (its sorted block, then its ``n_g`` growing entries)
-    into the heap."""
-    cdef Py_ssize_t start = offsets[l]
-    cdef Py_ssize_t n_l = offsets[l + 1] - start
+    """Scan list l (its block in each sealed segment, then its ``n_g``
+    growing entries) into the heap."""
+    cdef Py_ssize_t n_seg = seg_offsets.shape[0]
+    cdef Py_ssize_t start, n_l, s
+    cdef Py_ssize_t n_all = n_g
     cdef Py_ssize_t i
     cdef const floating* table = query_table
     cdef const floating* terms
-    if n_l == 0 and n_g == 0:
+    for s in range(n_seg):
+        n_all = n_all + seg_offsets[s, l + 1] - seg_offsets[s, l]
+    if n_all == 0:
         return
     if not inner_product:
         terms = &list_terms[l, 0, 0]
         for i in range(m * k):
             list_table[i] = terms[i] + 2 * query_table[i]
         table = list_table
-    if n_l > 0:
-        scan_codes(table, &codes[start, 0], n_l, m, k, coarse_term, &ids[start],
-                   deleted, heap_dist, heap_idx, n_neighbors)
+    for s in range(n_seg):
+        start = seg_offsets[s, l]
+        n_l = seg_offsets[s, l + 1] - start
+        if n_l > 0:
+            scan_codes(table, (<const code_t*> seg_codes[s]) + start * m, n_l, m, k,
+                       coarse_term, (<const index_t*> seg_ids[s]) + start,
+                       deleted, heap_dist, heap_idx, n_neighbors)
     if n_g > 0:
         scan_some(table, g_codes, g_rows, n_g, m, k, coarse_term, g_ids,
                   deleted, heap_dist, heap_idx, n_neighbors)
@@ -75,9 +89,9 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                const floating[:, ::1] coarse,          # IN  (nq, n_lists)
                const floating[:, :, ::1] codebooks_t,  # IN  (m, ds, k) residual codebooks
                const floating[:, :, ::1] list_terms,   # IN  (n_lists, m, k) (L2 only)
-               const code_t[:, ::1] codes,             # IN  (n, m), list after list
-               const index_t[::1] ids,                 # IN  (n,)
-               const int64_t[::1] offsets,             # IN  (n_lists + 1,)
+               const uintptr_t[::1] seg_codes,         # IN  (S,) sealed segments' codes
+               const uintptr_t[::1] seg_ids,           # IN  (S,) and ids
+               const int64_t[:, ::1] seg_offsets,      # IN  (S, n_lists + 1)
                const code_t[:, ::1] g_codes,           # IN  (g, m) growing part
                const index_t[::1] g_ids,               # IN  (g,)
                const int32_t[::1] g_lists,             # IN  (g,) list of each entry
@@ -102,9 +116,9 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
     by (distance, id).
 
     ``coarse[q, l]`` is ``||q - c_l||^2`` (L2) or ``-<q, c_l>`` (IP).
-    Requires 1 <= n_probe <= n_lists.  A list holds its sorted block and
-    the growing entries labelled with it; ids marked in ``deleted`` are
-    never returned.  Scratch rows are per thread and padded by the caller
+    Requires 1 <= n_probe <= n_lists.  A list holds its blocks in the
+    sealed segments and the growing entries labelled with it; ids marked
+    in ``deleted`` are never returned.  Scratch rows are per thread and padded by the caller
     to whole cache lines (no false sharing); ``slot_of`` rows must hold -1
     and are left so.  The sorted heap is copied to the output row at the
     end.
@@ -179,7 +193,7 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
             heap_init(hd, hi, kn)
             for p in range(n_probe):
                 lo = se[p - 1] if p > 0 else 0
-                scan_list(pi[p], pd[p], qt, list_terms, codes, ids, offsets,
+                scan_list(pi[p], pd[p], qt, list_terms, seg_codes, seg_ids, seg_offsets,
                           gc, gi, gs + lo, se[p] - lo, dead, inner_product, m, k,
                           qt + m * k, hd, hi, kn)
             # Too few live entries: probe further lists in coarse order.
@@ -200,7 +214,7 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                     if g_lists[i] == best_l:
                         gm[n_x] = i
                         n_x = n_x + 1
-                scan_list(best_l, best_d, qt, list_terms, codes, ids, offsets,
+                scan_list(best_l, best_d, qt, list_terms, seg_codes, seg_ids, seg_offsets,
                           gc, gi, gm, n_x, dead, inner_product, m, k, qt + m * k,
                           hd, hi, kn)
                 last_d = best_d

@@ -1,6 +1,8 @@
 """IVFPQNeighbors: inverted file over residual product-quantization codes."""
 
+import math
 import warnings
+import weakref
 from numbers import Integral
 
 import numpy as np
@@ -11,9 +13,11 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import _growable, _quantizer
 from ._base import BasePQNeighbors, PQParamsMixin, RemovalMixin
-from ._persist import IndexIOMixin, check_int_array, require
+from ._persist import IndexIOMixin, require
+from ._segments import DEFAULT_SEGMENT_SIZE, SEGMENT_PARAMETER_CONSTRAINTS, Segment
 from ._store import chunk_slices
-from ._utils import effective_n_threads, index_lock, release_memory
+from ._utils import (effective_n_threads, index_lock, index_writer, range_bound,
+                     release_memory)
 
 # Seed article, step 8: the coarse quantizer wants ~256 training points per
 # cell; below ~39 per cell k-means is poorly determined.
@@ -22,17 +26,87 @@ MIN_POINTS_PER_LIST = 39
 
 # Appended rows go to a growing part that every query scans (the entries
 # of the probed lists are picked out of it in one pass over its labels).
-# It is merged into the sorted lists once it holds more than GROWING_SHARE
-# of the stored entries and more than GROWING_MIN of them: a merge costs
-# one pass over the index and happens every ~GROWING_SHARE * n rows, so an
-# append costs O(rows) amortized, and a query scans at most ~1/64 of the
-# index more than it would with every list sorted.
+# It is sealed into a new segment (sorted by list) once it holds more than
+# GROWING_SHARE of the stored entries and more than GROWING_MIN of them (or
+# segment_size): sealing costs O(growing part), and a query scans at most
+# ~1/64 of the index more than it would with every list sorted.
 GROWING_SHARE = 1 / 64
 GROWING_MIN = 1024
-# Removed entries stay in their lists as tombstones (skipped by the search)
-# until a merge drops them; ``remove`` merges once they exceed this share
-# of the stored entries.
-DEAD_SHARE = 0.5
+# Merge policy: the newest MERGE_FACTOR segments, when of one size class
+# (floor(log_F(rows))) and within segment_size together, become one.
+MERGE_FACTOR = 8
+# Removed entries stay in their segments as tombstones (skipped by the
+# search); ``remove`` rewrites a segment once more than this share of its
+# entries are removed (and ``compact`` any segment holding one).
+COMPACT_SHARE = 0.5
+
+# Outside ``__dict__``: removed entries per segment uid (with the
+# ``n_removed_`` they were counted at), and the assembled ``codes_`` view.
+_DEAD_COUNTS = weakref.WeakKeyDictionary()
+_DEAD_STAMP = weakref.WeakKeyDictionary()
+_ASSEMBLED = weakref.WeakKeyDictionary()
+
+
+def _empty_growing(m, code_dtype, id_dtype):
+    # Fresh arrays, never views of a buffer: the next append allocates.
+    return {"growing_codes_": np.empty((0, m), dtype=code_dtype),
+            "growing_ids_": np.empty(0, dtype=id_dtype),
+            "growing_lists_": np.empty(0, dtype=np.int32)}
+
+
+def _sealed(codes, ids, lists, n_lists, lo, hi):
+    """A segment of entries given in id order: sorted by list, stably (ids
+    ascend within a list), ids in [lo, hi)."""
+    order = np.argsort(lists, kind="stable")
+    offsets = np.zeros(n_lists + 1, dtype=np.int64)
+    np.cumsum(np.bincount(lists, minlength=n_lists), out=offsets[1:])
+    return Segment({"codes": codes[order], "ids": ids[order], "list_offsets": offsets},
+                   {"lo": int(lo), "hi": int(hi)})
+
+
+def _segment_lists(seg, n_lists):
+    return np.repeat(np.arange(n_lists, dtype=np.int32), np.diff(seg["list_offsets"]))
+
+
+def _live(removed, ids):
+    """Mask of the ids not removed (ids past ``removed`` are new rows)."""
+    if removed is None:
+        return np.ones(ids.shape[0], dtype=bool)
+    n = removed.shape[0]
+    inside = ids < n
+    return ~(removed[np.where(inside, ids, 0)] & inside)
+
+
+def _merged(segs, removed, n_lists):
+    """One segment holding the live entries of adjacent segments ``segs``
+    (within a list, in segment order, so ids still ascend)."""
+    codes = np.concatenate([s["codes"] for s in segs])
+    ids = np.concatenate([s["ids"] for s in segs])
+    lists = np.concatenate([_segment_lists(s, n_lists) for s in segs])
+    keep = _live(removed, ids)
+    if not keep.all():
+        codes, ids, lists = codes[keep], ids[keep], lists[keep]
+    return _sealed(codes, ids, lists, n_lists, segs[0].meta["lo"], segs[-1].meta["hi"])
+
+
+def _compacted(seg, removed):
+    """``seg`` without its removed entries (itself when it has none, None
+    when none is left)."""
+    keep = _live(removed, seg["ids"])
+    if keep.all():
+        return seg
+    if not keep.any():
+        return None
+    n_lists = seg["list_offsets"].shape[0] - 1
+    lists = _segment_lists(seg, n_lists)[keep]
+    offsets = np.zeros(n_lists + 1, dtype=np.int64)
+    np.cumsum(np.bincount(lists, minlength=n_lists), out=offsets[1:])
+    return Segment({"codes": seg["codes"][keep], "ids": seg["ids"][keep],
+                    "list_offsets": offsets}, seg.meta)
+
+
+def _size_class(rows):
+    return int(math.log(max(rows, 1)) / math.log(MERGE_FACTOR) + 1e-9)
 
 
 class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors):
@@ -204,6 +278,7 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
         "n_lists": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "n_probe": [Interval(Integral, 1, None, closed="left")],
         "coarse_max_iter": [Interval(Integral, 1, None, closed="left")],
+        **SEGMENT_PARAMETER_CONSTRAINTS,
     }
 
     _search_params = BasePQNeighbors._search_params + ("n_probe",)
@@ -226,6 +301,7 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
         tol=1e-4,
         max_train_samples="auto",
         codebooks=None,
+        segment_size=DEFAULT_SEGMENT_SIZE,
         n_jobs=None,
         random_state=None,
         verbose=0,
@@ -245,6 +321,7 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
         self.tol = tol
         self.max_train_samples = max_train_samples
         self.codebooks = codebooks
+        self.segment_size = segment_size
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.verbose = verbose
@@ -321,22 +398,20 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
             np.empty((0, self.n_subspaces, self.n_codewords), dtype=X.dtype)
             if self._inner_product else _quantizer.list_terms(centroids, codebooks)
         )
-        self.codes_ = np.empty((0, self.n_subspaces), dtype=_quantizer.code_dtype(self.n_codewords))
-        self.ids_ = np.empty(0, dtype=np.int32)
-        self.list_offsets_ = np.zeros(n_lists + 1, dtype=np.int64)
-        self.__dict__.update(self._empty_growing())
-        self._add_rows(X, n_threads, progress, merge=True)
+        self.segments_ = ()
+        self.__dict__.update(_empty_growing(
+            self.n_subspaces, _quantizer.code_dtype(self.n_codewords), np.int32))
+        self._add_rows(X, n_threads, progress, fit=True)
 
-    def _empty_growing(self):
-        # Fresh arrays, never views of a buffer: the next append allocates.
-        return {"growing_codes_": self.codes_[:0].copy(),
-                "growing_ids_": self.ids_[:0].copy(),
-                "growing_lists_": np.empty(0, dtype=np.int32)}
+    # -- segments ------------------------------------------------------------
+    def _segment_size(self):
+        return int(self.segment_size)
 
-    def _add_rows(self, X, n_threads, progress, merge=False):
+    def _add_rows(self, X, n_threads, progress, fit=False):
         # Everything is computed before the attributes are replaced (one
         # dict update), so an error leaves the index as it was: rows are
-        # written past the published growing part only.
+        # written past the published growing part only, and sealed
+        # segments are never modified.
         first_id = self.n_samples_fit_  # ids continue, removed ones included
         b = X.shape[0]
         # X (a FitRows) is read once, chunk by chunk.
@@ -345,11 +420,24 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
         n_total = first_id + b
         id_dtype = np.dtype(np.int32 if n_total < 2**31 else np.int64)
         new_ids = np.arange(first_id, n_total, dtype=id_dtype)
+        segments = self.segments_
+        if segments and segments[0]["ids"].dtype != id_dtype:  # past 2**31 ids, once
+            segments = tuple(Segment({"codes": s["codes"], "ids": s["ids"].astype(id_dtype),
+                                      "list_offsets": s["list_offsets"]}, s.meta)
+                             for s in segments)
         g = self.growing_codes_.shape[0] + b
-        if merge or g > max(GROWING_MIN, GROWING_SHARE * (self.codes_.shape[0] + g)):
-            state = self._merged_state((codes, new_ids, labels), id_dtype)
-            progress(f"indexed {b} vectors; {g} appended rows merged into the "
-                     f"{self.n_lists_} sorted lists")
+        threshold = min(self._segment_size(),
+                        max(GROWING_MIN, GROWING_SHARE * (self._n_stored() + b)))
+        if fit or g > threshold:
+            sealed = self._sealed_growing((codes, new_ids, labels), id_dtype, n_total)
+            segments = self._merge_tail(segments + sealed)
+            state = {"segments_": segments}
+            state.update(_empty_growing(codes.shape[1], codes.dtype, id_dtype))
+            for name in ("growing_codes", "growing_ids", "growing_lists"):
+                _growable.discard(self, name)
+            progress(f"indexed {b} vectors; sealed {len(sealed)} segment(s) of "
+                     f"{', '.join(str(s['ids'].shape[0]) for s in sealed)} rows; "
+                     f"{len(segments)} segment(s)")
         else:
             state = {
                 "growing_codes_": self._appended("growing_codes", self.growing_codes_,
@@ -361,8 +449,8 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
                 "growing_lists_": self._appended("growing_lists", self.growing_lists_,
                                                  labels),
             }
-            if self.ids_.dtype != id_dtype:
-                state["ids_"] = self.ids_.astype(id_dtype)
+            if segments is not self.segments_:
+                state["segments_"] = segments
             progress(f"indexed {b} vectors ({g} in the growing part)")
         state["vectors_"] = self._grown_vectors(X)
         state.update(self._size_state(n_total))
@@ -373,88 +461,131 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
         view[current.shape[0]:] = rows
         return view
 
-    def _merged_state(self, extra=None, id_dtype=None):
-        """Attributes of the index with the growing part (and ``extra``:
-        (codes, ids, lists) of new rows) merged into the sorted lists, and
-        removed entries dropped.  One pass over the index; within a list,
-        the sorted entries keep their order and the growing ones follow in
-        arrival order (ids ascending, as one fit would store them)."""
-        L = self.n_lists_
-        id_dtype = self.ids_.dtype if id_dtype is None else id_dtype
-        codes, ids = self.codes_, self.ids_
-        old_counts = np.diff(self.list_offsets_)
+    def _sealed_growing(self, extra=None, id_dtype=None, n_total=None):
+        """New sealed segments holding the growing part (its removed
+        entries dropped) and ``extra`` (codes, ids, lists of new rows, none
+        removed), in pieces of at most ``segment_size`` rows, consecutive
+        in id order.  Nothing of the estimator changes."""
         g_codes, g_ids, g_lists = (self.growing_codes_, self.growing_ids_,
                                    self.growing_lists_)
-        if self._n_dead():
-            removed = self.removed_
-            keep = ~removed[ids]
-            if not keep.all():
-                old_lists = np.repeat(np.arange(L), old_counts)
-                old_counts = np.bincount(old_lists[keep], minlength=L)
-                codes, ids = codes[keep], ids[keep]
-            keep = ~removed[g_ids]
+        id_dtype = g_ids.dtype if id_dtype is None else id_dtype
+        n_total = self.n_samples_fit_ if n_total is None else n_total
+        if self.removed_ is not None and g_ids.shape[0]:
+            keep = ~self.removed_[g_ids]
             if not keep.all():
                 g_codes, g_ids, g_lists = g_codes[keep], g_ids[keep], g_lists[keep]
-        if extra is not None and g_codes.shape[0]:  # new rows, none of them removed
+        if extra is not None and g_codes.shape[0]:
             g_codes = np.concatenate([g_codes, extra[0]])
             g_ids = np.concatenate([g_ids.astype(id_dtype, copy=False), extra[1]])
             g_lists = np.concatenate([g_lists, extra[2]])
         elif extra is not None:  # no growing part: the new rows alone, uncopied
-            g_codes, g_ids, g_lists = extra[0], extra[1].astype(id_dtype, copy=False), extra[2]
-        g_counts = np.bincount(g_lists, minlength=L)
-        offsets = np.zeros(L + 1, dtype=np.int64)
-        np.cumsum(old_counts + g_counts, out=offsets[1:])
-        g_start = np.zeros(L, dtype=np.int64)  # first growing entry of list l, by list
-        np.cumsum(g_counts[:-1], out=g_start[1:])
-        # Old entries move down by the growing entries of the lists before
-        # theirs (offsets[l] = old start of l + g_start[l]); growing entries
-        # go after the old entries of their list.
-        order = np.argsort(g_lists, kind="stable")
-        if codes.shape[0] == 0:
-            # Nothing sorted yet (fit, or every sorted entry removed): the
-            # lists are the growing entries in list order.  No scatter: a
-            # fit of n rows holds n codes twice, not four times.
-            state = {"codes_": g_codes[order], "ids_": g_ids[order].astype(id_dtype,
-                                                                         copy=False),
-                     "list_offsets_": offsets}
-            del order
-            for name in ("growing_codes", "growing_ids", "growing_lists"):
-                _growable.discard(self, name)
-            state.update({"growing_codes_": state["codes_"][:0].copy(),
-                          "growing_ids_": state["ids_"][:0].copy(),
-                          "growing_lists_": np.empty(0, dtype=np.int32)})
-            return state
-        dest_old = np.arange(codes.shape[0]) + np.repeat(g_start, old_counts)
-        lab = g_lists[order]
-        dest_g = (offsets[:-1][lab] + old_counts[lab]
-                  + np.arange(lab.shape[0]) - g_start[lab])
-        new_codes = np.empty((offsets[-1], codes.shape[1]), dtype=codes.dtype)
-        new_ids = np.empty(offsets[-1], dtype=id_dtype)
-        new_codes[dest_old] = codes
-        new_ids[dest_old] = ids  # (cast to id_dtype)
-        new_codes[dest_g] = g_codes[order]
-        new_ids[dest_g] = g_ids[order]
-        for name in ("growing_codes", "growing_ids", "growing_lists"):
-            _growable.discard(self, name)
-        state = {"codes_": new_codes, "ids_": new_ids, "list_offsets_": offsets}
-        state.update({"growing_codes_": new_codes[:0].copy(),
-                      "growing_ids_": new_ids[:0].copy(),
-                      "growing_lists_": np.empty(0, dtype=np.int32)})
-        return state
+            g_codes, g_ids, g_lists = extra
+        g_ids = g_ids.astype(id_dtype, copy=False)
+        lo = self.segments_[-1].meta["hi"] if self.segments_ else 0
+        out = []
+        for sl in chunk_slices(g_ids.shape[0], self._segment_size()):
+            hi = int(g_ids[sl.stop]) if sl.stop < g_ids.shape[0] else n_total
+            out.append(_sealed(g_codes[sl], g_ids[sl], g_lists[sl], self.n_lists_, lo, hi))
+            lo = hi
+        _DEAD_COUNTS.setdefault(self, {}).update({s.uid: 0 for s in out})
+        return tuple(out)
+
+    def _merge_tail(self, segments):
+        """Tiered merging of adjacent segments: while the newest
+        ``MERGE_FACTOR`` segments are of one size class (the same
+        ``floor(log_F(rows))``) and together hold at most ``segment_size``
+        rows, they become one (removed entries dropped).  Each row is
+        rewritten once per size class it climbs: O(log n) amortized per
+        appended row, and at most ``MERGE_FACTOR - 1`` segments per class."""
+        segs = list(segments)
+        F = MERGE_FACTOR
+        while len(segs) >= F:
+            tail = segs[-F:]
+            rows = [s["ids"].shape[0] for s in tail]
+            if len({_size_class(r) for r in rows}) > 1 or sum(rows) > self._segment_size():
+                break
+            merged = _merged(tail, self.removed_, self.n_lists_)
+            _DEAD_COUNTS.setdefault(self, {})[merged.uid] = 0
+            segs[-F:] = [merged] if merged["ids"].shape[0] else []
+        return tuple(segs)
 
     def _n_stored(self):
-        return self.codes_.shape[0] + self.growing_codes_.shape[0]
+        return (sum(s["ids"].shape[0] for s in self.segments_)
+                + self.growing_codes_.shape[0])
 
     def _n_dead(self):
         """Removed entries still stored (tombstones not yet merged away)."""
         return self._n_stored() - self._n_live
 
+    def _dead_counts(self):
+        """{segment uid: removed entries it still stores}, kept outside
+        ``__dict__`` and updated by ``remove`` in O(ids removed); computed
+        in one pass over the ids when unknown (after ``load``)."""
+        counts = _DEAD_COUNTS.setdefault(self, {})
+        stamp = _DEAD_STAMP.get(self)
+        missing = [s for s in self.segments_ if s.uid not in counts]
+        if stamp != self.n_removed_ or missing:
+            todo = self.segments_ if stamp != self.n_removed_ else missing
+            for s in todo:
+                counts[s.uid] = (0 if self.removed_ is None
+                                 else int(np.count_nonzero(self.removed_[s["ids"]])))
+            _DEAD_STAMP[self] = self.n_removed_
+        return counts
+
+    # -- inspection: the sealed entries as one sorted index ------------------
+    def _assembled(self):
+        segs = self.segments_
+        cached = _ASSEMBLED.get(self)
+        if cached is not None and cached[0] is segs:
+            return cached[1]
+        if len(segs) == 1:
+            parts = (segs[0]["codes"], segs[0]["ids"], segs[0]["list_offsets"])
+        elif not segs:
+            m = self.codebooks_.shape[0]
+            parts = (self.growing_codes_[:0].reshape(0, m), self.growing_ids_[:0],
+                     np.zeros(self.n_lists_ + 1, np.int64))
+        else:
+            one = _merged(segs, None, self.n_lists_)
+            parts = (one["codes"], one["ids"], one["list_offsets"])
+        _ASSEMBLED[self] = (segs, parts)
+        return parts
+
+    @property
+    def codes_(self):
+        """Residual codes of the sealed segments as one index sorted by list
+        (read-only; a copy assembled from ``segments_`` when there are
+        several): (n_sealed, n_subspaces), uint8 or uint16."""
+        return self._assembled()[0]
+
+    @property
+    def ids_(self):
+        """Ids of ``codes_``'s rows: (n_sealed,), int32 or int64."""
+        return self._assembled()[1]
+
+    @property
+    def list_offsets_(self):
+        """List l holds rows ``list_offsets_[l]:list_offsets_[l + 1]`` of
+        ``codes_`` (and the growing entries labelled l): (n_lists + 1,) int64."""
+        return self._assembled()[2]
+
+    _legacy_attributes = ("codes_", "ids_", "list_offsets_")
+
+    # -- loading -------------------------------------------------------------
+    def _check_codes(self, m, k):
+        pass  # each segment's codes: _check_segments
+
     def _check_loaded_state(self):
         """Loaded-index invariants (see ``BasePQNeighbors``), and the list
         terms, which are derived state, recomputed rather than read."""
         from ._persist import check_float_array, check_scalar_int
-        from ._utils import range_bound
 
+        legacy = [a for a in self._legacy_attributes if a in self.__dict__]
+        if legacy:  # format 1 or 2: one sorted part, becomes one segment
+            require(len(legacy) == 3 and "segments_" not in self.__dict__,
+                    "an index holds either segments_ or codes_, ids_ and list_offsets_")
+            codes, ids, off = (self.__dict__.pop(a) for a in self._legacy_attributes)
+            self.segments_ = (Segment({"codes": codes, "ids": ids, "list_offsets": off},
+                                      {"lo": 0, "hi": int(self.n_samples_fit_)}),)
         super()._check_loaded_state()
         cb, dtype, d = self.codebooks_, self._fit_dtype_, self.n_features_in_
         m, k, _ = cb.shape
@@ -463,43 +594,76 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
         check_float_array(self.cluster_centers_, "cluster_centers_", (L, d), dtype, bound)
         # Residuals of vectors and centroids both within ``bound``.
         check_float_array(cb, "codebooks_", cb.shape, dtype, 2 * bound)
-        n, n_codes = self.n_samples_fit_, self.codes_.shape[0]
-        off = self.list_offsets_
-        check_int_array(off, "list_offsets_", (L + 1,), 0, n_codes + 1, dtype=np.int64)
-        require(off[0] == 0 and off[-1] == n_codes and bool(np.all(off[1:] >= off[:-1])),
-                "list_offsets_ must rise from 0 to the number of codes")
-        check_int_array(self.ids_, "ids_", (n_codes,), 0, max(1, n),
-                        dtype=np.int32 if n < 2**31 else np.int64)
+        self._check_segments(m, k, L)
         if self.effective_metric_ == "dot":
             self._list_terms = np.empty((0, m, k), dtype=dtype)
         else:
             self._list_terms = _quantizer.list_terms(self.cluster_centers_, cb)
-        # Every live id stored exactly once, sorted part and growing part
-        # together (removed ones may stay as tombstones until a merge).
+        # Every live id stored exactly once, segments and growing part
+        # together (removed ones may stay as tombstones until compacted).
         self._check_growing_state()
+
+    def _check_segments(self, m, k, L):
+        """Each sealed segment: codes in range, offsets rising from 0 to its
+        size, ids in its id range; the ranges ascending and disjoint."""
+        from ._persist import check_int_array
+
+        segs = self.segments_
+        require(isinstance(segs, tuple) and all(isinstance(s, Segment) for s in segs),
+                "segments_ must be a tuple of segments")
+        n = self.n_samples_fit_
+        id_dtype = np.int32 if n < 2**31 else np.int64
+        code_dtype = _quantizer.code_dtype(k)
+        prev_hi = 0
+        for i, s in enumerate(segs):
+            where = f"segment {i}"
+            require(s.names == ["codes", "ids", "list_offsets"],
+                    f"{where} must hold codes, ids and list_offsets")
+            meta = s.meta
+            require(set(meta) == {"lo", "hi"} and all(type(v) is int for v in meta.values()),
+                    f"{where}: meta must be the integers lo and hi")
+            lo, hi = meta["lo"], meta["hi"]
+            require(prev_hi <= lo <= hi <= n, f"{where}: id range [{lo}, {hi}) out of order")
+            prev_hi = hi
+            n_s = s["ids"].shape[0] if s["ids"].ndim == 1 else -1
+            check_int_array(s["codes"], f"{where} codes", (n_s, m), 0, k, dtype=code_dtype)
+            check_int_array(s["ids"], f"{where} ids", (n_s,), lo, max(lo + 1, hi),
+                            dtype=id_dtype)
+            off = s["list_offsets"]
+            check_int_array(off, f"{where} list_offsets", (L + 1,), 0, n_s + 1,
+                            dtype=np.int64)
+            require(off[0] == 0 and off[-1] == n_s and bool(np.all(off[1:] >= off[:-1])),
+                    f"{where}: list_offsets must rise from 0 to the number of codes")
+            for name in ("codes", "ids", "list_offsets"):
+                require(s[name].flags.c_contiguous, f"{where} {name} is not C-contiguous")
 
     def _check_growing_state(self):
         """Invariants of the growing part and the tombstones, after ``load``."""
+        from ._persist import check_int_array
+
         if not hasattr(self, "growing_codes_"):  # saved before appends grew in place
-            self.__dict__.update(self._empty_growing())
+            self.__dict__.update(_empty_growing(self.codebooks_.shape[0],
+                                                self.segments_[0]["codes"].dtype,
+                                                self.segments_[0]["ids"].dtype)
+                                 if self.segments_ else {})
         g = self.growing_codes_.shape[0] if self.growing_codes_.ndim == 2 else -1
         m, k = self.codebooks_.shape[:2]
-        require(self.growing_codes_.dtype == self.codes_.dtype,
-                f"growing_codes_ must be {self.codes_.dtype}")
+        n = self.n_samples_fit_
+        id_dtype = np.dtype(np.int32 if n < 2**31 else np.int64)
+        require(self.growing_codes_.dtype == _quantizer.code_dtype(k),
+                f"growing_codes_ must be {_quantizer.code_dtype(k)}")
         check_int_array(self.growing_codes_, "growing_codes_", (g, m), 0, k)
-        require(self.growing_ids_.dtype == self.ids_.dtype,
-                "growing_ids_ and ids_ differ in dtype")
-        check_int_array(self.growing_ids_, "growing_ids_", (g,), 0,
-                        max(1, self.n_samples_fit_))
+        require(self.growing_ids_.dtype == id_dtype, f"growing_ids_ must be {id_dtype}")
+        lo = self.segments_[-1].meta["hi"] if self.segments_ else 0
+        check_int_array(self.growing_ids_, "growing_ids_", (g,), lo, max(lo + 1, n))
         require(self.growing_lists_.dtype == np.int32, "growing_lists_ must be int32")
         check_int_array(self.growing_lists_, "growing_lists_", (g,), 0, self.n_lists_)
         # Each id is stored at most once, and every live id is stored (the
         # kernel would return duplicates, or miss rows, otherwise).  Sizes
         # are compared first: nothing is allocated per claimed id.
-        n = self.n_samples_fit_
-        n_stored = self.ids_.shape[0] + g
+        n_stored = self._n_stored()
         require(n_stored + self.n_removed_ >= n, "fewer ids are stored than are live")
-        stored = np.concatenate([self.ids_, self.growing_ids_])  # in [0, n): checked
+        stored = np.concatenate([s["ids"] for s in self.segments_] + [self.growing_ids_])
         stored.sort()
         require(n_stored < 2 or bool(np.all(stored[1:] != stored[:-1])),
                 "an id is stored twice")
@@ -507,29 +671,93 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
                        else n_stored - int(np.count_nonzero(self.removed_[stored])))
         require(live_stored == n - self.n_removed_, "a live id is not stored")
 
+    # -- removal and compaction ----------------------------------------------
     def _remove_rows(self, ids, removed):
-        # Tombstones: ``removed_`` (already updated) is read by the search;
-        # the entries stay in their lists until a merge drops them.
-        if self._n_dead() > DEAD_SHARE * self._n_stored():
-            self.__dict__.update(self._merged_state())
+        # Tombstones: ``removed_`` (already updated) is read by the search.
+        # Count them per segment (O(ids)); ``_after_remove`` compacts the
+        # segments past COMPACT_SHARE, one at a time.
+        counts = _DEAD_COUNTS.setdefault(self, {})
+        stamp = _DEAD_STAMP.get(self)
+        segs = self.segments_
+        if stamp == self.n_removed_ - ids.size and all(s.uid in counts for s in segs):
+            if segs:
+                his = np.array([s.meta["hi"] for s in segs])
+                where = np.searchsorted(his, ids, side="right")  # == len: growing part
+                hits = np.bincount(where, minlength=len(segs) + 1)
+                for s, h in zip(segs, hits[:len(segs)].tolist()):
+                    counts[s.uid] += h
+            _DEAD_STAMP[self] = self.n_removed_
+        else:
+            _DEAD_STAMP.pop(self, None)  # recount at the next use
+
+    def _after_remove(self):
+        counts = self._dead_counts()
+        for seg in self.segments_:
+            if counts[seg.uid] > COMPACT_SHARE * seg["ids"].shape[0]:
+                self._replace_segment(seg, lambda s=seg: _compacted(s, self.removed_))
+        g = self.growing_ids_.shape[0]
+        if g and self._growing_dead() > COMPACT_SHARE * g:
+            self._seal_growing_now()
+
+    def _growing_dead(self):
+        if self.removed_ is None or not self.growing_ids_.shape[0]:
+            return 0
+        return int(np.count_nonzero(self.removed_[self.growing_ids_]))
+
+    def _replace_segment(self, seg, build):
+        """Swap ``seg`` for ``build()`` (a segment, or None to drop it).
+        The caller holds the writer lock (no other writer runs); the new
+        segment is built under the read lock, so queries go on meanwhile,
+        and only the swap of the tuple takes the write lock."""
+        with index_lock(self).read():
+            new = build()
+        if new is seg:
+            return
+        if new is not None:
+            _DEAD_COUNTS.setdefault(self, {})[new.uid] = 0
+        with index_lock(self).write():
+            self.segments_ = tuple(
+                s for s in (new if s is seg else s for s in self.segments_) if s is not None
+                and s["ids"].shape[0])
+
+    def _seal_growing_now(self):
+        """Seal the growing part (removed entries dropped) into a segment,
+        then apply the merge policy; built under the read lock, swapped
+        under the write lock."""
+        with index_lock(self).read():
+            sealed = self._sealed_growing()
+            segments = self._merge_tail(self.segments_ + sealed)
+            empty = _empty_growing(self.growing_codes_.shape[1], self.growing_codes_.dtype,
+                                   self.growing_ids_.dtype)
+        with index_lock(self).write():
+            for name in ("growing_codes", "growing_ids", "growing_lists"):
+                _growable.discard(self, name)
+            self.__dict__.update(empty, segments_=tuple(
+                s for s in segments if s["ids"].shape[0]))
 
     def compact(self):
-        """Merge the growing part into the sorted lists and drop the removed
-        entries.
+        """Drop the removed entries and seal the growing part, one segment
+        at a time.
 
         Never needed for correct answers; it frees the memory of removed
-        entries and spares queries the growing part.  Costs one pass over
-        the index (``remove`` does it by itself once half of the stored
-        entries are removed).
+        entries and spares queries the growing part.  Each segment that
+        holds removed entries is rewritten (O(its size)) while queries go
+        on; only the switch to the new segment waits for running queries.
+        ``remove`` does this by itself for a segment once more than
+        ``COMPACT_SHARE`` (1/2) of its entries are removed.
 
         Returns
         -------
         self : IVFPQNeighbors
         """
         check_is_fitted(self)
-        with index_lock(self).write():
-            if self.growing_codes_.shape[0] or self._n_dead():
-                self.__dict__.update(self._merged_state())
+        with index_writer(self):
+            counts = self._dead_counts()
+            for seg in self.segments_:
+                if counts[seg.uid]:
+                    self._replace_segment(seg, lambda s=seg: _compacted(s, self.removed_))
+            if self.growing_codes_.shape[0]:
+                self._seal_growing_now()
         return self
 
     def _n_probe(self):
@@ -548,34 +776,36 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
         dist = np.empty((Q.shape[0], n_candidates), dtype=self._fit_dtype_)
         ind = np.empty((Q.shape[0], n_candidates), dtype=np.int64)
         growing = (self.growing_codes_, self.growing_ids_, self.growing_lists_)
+        segments = [(s["codes"], s["ids"], s["list_offsets"]) for s in self.segments_]
         deleted = self.removed_.view(np.uint8) if self._n_dead() else None
         # Chunks bound the (rows, n_lists) coarse table.
         step = _quantizer.chunk_rows(self.n_lists_)
         for sl in chunk_slices(Q.shape[0], step):
             coarse = _quantizer.coarse_terms(Q[sl], self.cluster_centers_, ip)
             dist[sl], ind[sl] = _quantizer.ivf_search(
-                Q[sl], coarse, self.codebooks_, self._list_terms, self.codes_, self.ids_,
-                self.list_offsets_, n_candidates, n_probe, ip, n_threads,
+                Q[sl], coarse, self.codebooks_, self._list_terms, segments,
+                n_candidates, n_probe, ip, n_threads,
                 growing=growing, deleted=deleted,
             )
         return dist, ind
 
     def _reconstruct(self):
-        lists = np.concatenate([np.repeat(np.arange(self.n_lists_),
-                                          np.diff(self.list_offsets_)),
-                                self.growing_lists_])
-        ids = np.concatenate([self.ids_, self.growing_ids_])
-        codes = np.concatenate([self.codes_, self.growing_codes_])
         X_hat = np.zeros((self.n_samples_fit_, self.n_features_in_), dtype=self._fit_dtype_)
-        X_hat[ids] = self.cluster_centers_[lists] + _quantizer.decode(codes, self.codebooks_)
+        parts = [(s["codes"], s["ids"], _segment_lists(s, self.n_lists_))
+                 for s in self.segments_]
+        parts.append((self.growing_codes_, self.growing_ids_, self.growing_lists_))
+        for codes, ids, lists in parts:
+            X_hat[ids] = (self.cluster_centers_[lists]
+                          + _quantizer.decode(codes, self.codebooks_))
         return X_hat
 
     def _memory_parts(self):
         return (
-            {"codes": self.codes_.nbytes + self.growing_codes_.nbytes,
-             "ids": self.ids_.nbytes + self.growing_ids_.nbytes,
+            {"codes": sum(s["codes"].nbytes for s in self.segments_)
+             + self.growing_codes_.nbytes,
+             "ids": sum(s["ids"].nbytes for s in self.segments_) + self.growing_ids_.nbytes,
              "lists": self.growing_lists_.nbytes},
-            {"list_offsets": self.list_offsets_.nbytes,
+            {"list_offsets": sum(s["list_offsets"].nbytes for s in self.segments_),
              "centroids": self.cluster_centers_.nbytes,
              "codebooks": self.codebooks_.nbytes,
              "list_terms": self._list_terms.nbytes},

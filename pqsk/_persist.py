@@ -95,6 +95,10 @@ _NOT_SAVED = frozenset({"_list_terms"})
 
 _MT_KEYS = 624
 
+# Parameters added in a format version: files of earlier versions lack
+# them, and the estimator keeps its default.
+_PARAMS_SINCE = {"segment_size": 3}
+
 
 class IndexFormatError(ValueError):
     """A saved index is unreadable, corrupted, or not what was asked for."""
@@ -409,13 +413,15 @@ def _save_locked(path, overwrite, header, arrays, reading):
     lock = _SaveLock(path)
     data_dir = tmp = None
     switched = False
+    written = []  # segment files this save created
     try:
         version1, entries = _check_target(path, overwrite)
         numbers = [int(m.group(1)) for m in map(_DATA_DIR.fullmatch, entries) if m]
         data = f"v{max(numbers, default=0) + 1:06d}"
         data_dir = os.path.join(path, data)
-        header_sha, header_files = _write_data(path, data_dir, header, arrays,
-                                 _segment_files(path) if MANIFEST in entries else {})
+        header_sha, header_files = _write_data(
+            path, data_dir, header, arrays,
+            _segment_files(path) if MANIFEST in entries else {}, written)
         reading.close()
         _fsync_dir(path)
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "data": data,
@@ -433,6 +439,15 @@ def _save_locked(path, overwrite, header, arrays, reading):
         elif not switched:  # else the next save would remove them
             if data_dir is not None:
                 shutil.rmtree(data_dir, ignore_errors=True)
+            for fname in written:
+                try:
+                    os.remove(fname)
+                except OSError:
+                    pass
+            try:
+                os.rmdir(os.path.join(path, SEGMENTS))  # if this save made it
+            except OSError:
+                pass
             if tmp is not None:
                 try:
                     os.remove(tmp)
@@ -481,7 +496,7 @@ def _header_segment_files(files):
     return {meta["segment_file"] for meta in files.values() if "segment_file" in meta}
 
 
-def _write_segment_array(path, item, previous):
+def _write_segment_array(path, item, previous, written):
     """The header entry of a segment array, writing its file under
     ``path/segments/`` unless the current version already holds it.  A file
     is written to a temporary name and renamed into place, so a file the
@@ -497,12 +512,15 @@ def _write_segment_array(path, item, previous):
         return entry, False
     tmp = os.path.join(seg_dir, f".{fname}.tmp-{secrets.token_hex(8)}")
     a = np.ascontiguousarray(a)
+    written.append(tmp)
     _write_durable(tmp, lambda f: np.lib.format.write_array(f, a, allow_pickle=False))
+    if fname not in previous:  # (a file the current version uses stays)
+        written.append(full)
     os.replace(tmp, full)
     return entry, True
 
 
-def _write_data(path, data_dir, header, arrays, previous):
+def _write_data(path, data_dir, header, arrays, previous, written):
     """Create ``data_dir`` with the arrays and header.json, all fsynced,
     and the segment files the current version lacks; returns the
     header's SHA-256 and its table of arrays."""
@@ -515,7 +533,7 @@ def _write_data(path, data_dir, header, arrays, previous):
             if not os.path.isdir(os.path.join(path, SEGMENTS)):
                 os.mkdir(os.path.join(path, SEGMENTS))
                 _fsync_dir(path)
-            files[name], wrote = _write_segment_array(path, a, previous)
+            files[name], wrote = _write_segment_array(path, a, previous, written)
             wrote_segments |= wrote
             continue
         if isinstance(a, RowStore):
@@ -690,18 +708,24 @@ def _load_from(path, data_dir, header_sha, mmap_mode, verify, expected):
         checksums = {name: meta["sha256"] for name, meta in header["arrays"].items()}
         params = {k: _decode_value("param." + k, v, arrays)
                   for k, v in header["params"].items()}
-        if set(params) != set(est.get_params(deep=False)):
+        expected = {p for p in est.get_params(deep=False)
+                    if _PARAMS_SINCE.get(p, 0) <= version or p in params}
+        if set(params) != expected:
             raise IndexFormatError(
                 f"{path}: the parameters saved for {cls.__name__} are "
-                f"{sorted(params)}, not {sorted(est.get_params(deep=False))}.")
+                f"{sorted(params)}, not {sorted(expected)}.")
         est.set_params(**params)
         est._validate_params()
         for k, v in header["attributes"].items():
-            if not _ATTRIBUTE.fullmatch(k) or hasattr(cls, k) or k in params:
+            # Attributes an older format stored that are now computed
+            # (``_legacy_attributes``) are read into ``__dict__``, where
+            # ``_check_loaded_state`` converts them.
+            legacy = version < FORMAT_VERSION and k in getattr(cls, "_legacy_attributes", ())
+            if not _ATTRIBUTE.fullmatch(k) or (hasattr(cls, k) and not legacy) or k in params:
                 raise IndexFormatError(f"{path}: {k!r} is not an attribute an index has.")
             value = _decode_value(k, v, arrays, checksums)
             if k not in _NOT_SAVED:
-                setattr(est, k, value)
+                est.__dict__[k] = value
     except IndexFormatError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:

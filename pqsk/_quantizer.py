@@ -654,13 +654,15 @@ def list_terms(centroids, codebooks):
     return np.ascontiguousarray(terms, dtype=codebooks.dtype)
 
 
-def ivf_search(Q, coarse, codebooks, terms, codes, ids, offsets, n_neighbors,
+def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
                n_probe, inner_product=False, n_threads=1, growing=None, deleted=None):
     """Search ``n_probe`` lists per query (see ``pqsk._ivf``).
 
-    ``growing``: (codes, ids, lists) of entries appended since the lists
-    were sorted (ids of ``ids``' dtype, lists int32), scanned with the
-    lists they belong to; ``deleted``: uint8 tombstones by id, or None.
+    ``segments``: a list of (codes, ids, offsets), each sorted list after
+    list (codes C-contiguous (n_s, m), ids (n_s,), offsets (n_lists + 1,)
+    int64), all with the same code and id dtypes.  ``growing``: (codes,
+    ids, lists) of entries in arrival order (lists int32), scanned with
+    the lists they belong to; ``deleted``: uint8 tombstones by id, or None.
 
     Returns (dist, idx): (nq, n_neighbors) arrays, rows sorted by
     (distance, id); ``dist`` as in :func:`adc_search` (squared L2 or minus
@@ -672,16 +674,33 @@ def ivf_search(Q, coarse, codebooks, terms, codes, ids, offsets, n_neighbors,
     dtype = codebooks.dtype
     nt = max(n_threads, 1)
     if growing is None:
+        codes, ids = segments[0][:2]
         growing = (codes[:0], ids[:0], np.empty(0, np.int32))
     g_codes, g_ids, g_lists = growing
     g = g_codes.shape[0]
+    n_lists = coarse.shape[1]
+    # The kernel reads each segment through its data pointer: check here
+    # what it trusts (dtypes, contiguity, sizes).
+    seg_codes = np.empty(len(segments), dtype=np.uintp)
+    seg_ids = np.empty(len(segments), dtype=np.uintp)
+    seg_offsets = np.empty((len(segments), n_lists + 1), dtype=np.int64)
+    for s, (codes, ids, offsets) in enumerate(segments):
+        if not (codes.dtype == g_codes.dtype and ids.dtype == g_ids.dtype
+                and codes.flags.c_contiguous and ids.flags.c_contiguous
+                and codes.shape == (ids.shape[0], m) and offsets.shape == (n_lists + 1,)
+                and offsets[-1] == ids.shape[0]):
+            raise ValueError("segment arrays do not match the growing part")
+        seg_codes[s] = codes.ctypes.data
+        seg_ids[s] = ids.ctypes.data
+        seg_offsets[s] = offsets
     dist = np.empty((nq, n_neighbors), dtype=dtype)
     idx = np.empty((nq, n_neighbors), dtype=np.int64)
-    slot_of = scratch(nt, offsets.shape[0] - 1, np.int32)
+    slot_of = scratch(nt, n_lists, np.int32)
     slot_of.fill(-1)
     _ivf.ivf_search(
         np.ascontiguousarray(Q, dtype=dtype), np.ascontiguousarray(coarse, dtype=dtype),
-        _transposed(codebooks), terms, codes, ids, offsets, g_codes, g_ids, g_lists,
+        _transposed(codebooks), terms, seg_codes, seg_ids, seg_offsets, g_codes, g_ids,
+        g_lists,
         _NO_TOMBSTONES if deleted is None else deleted, bool(inner_product),
         n_probe, dist, idx, scratch(nt, 2 * m * k, dtype), scratch(nt, n_probe, dtype),
         scratch(nt, n_probe, np.int64), scratch(nt, n_neighbors, dtype),

@@ -116,7 +116,21 @@ class RWLock:
 
 
 _LOCKS = weakref.WeakKeyDictionary()
+_WRITERS = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
+
+
+def index_writer(estimator):
+    """The estimator's writer mutex: writers (``fit``, ``partial_fit``,
+    ``remove``, ``compact``) hold it for their whole run, so that one of
+    them may build new segments under the *read* lock (queries go on) and
+    take the write lock only to switch to them, knowing no other writer
+    changed the index in between.  Re-entrant."""
+    with _LOCKS_GUARD:
+        lock = _WRITERS.get(estimator)
+        if lock is None:
+            lock = _WRITERS[estimator] = threading.RLock()
+        return lock
 
 
 def index_lock(estimator):

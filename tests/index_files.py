@@ -2,8 +2,9 @@
 damaged disk would (used by test_persistence.py, test_file_fuzz.py and
 test_save_kill.py).
 
-Works on both layouts: format version 2 (``MANIFEST.json`` naming a data
-directory) and version 1 (``header.json`` and the ``.npy`` files directly
+Works on every layout: format versions 2 and 3 (``MANIFEST.json`` naming
+a data directory; in version 3 the arrays of sealed segments live in
+``segments/``) and version 1 (``header.json`` and the ``.npy`` files directly
 in the index directory), so that the regression tests also run against
 the code that wrote version 1.
 """
@@ -61,9 +62,25 @@ def write_header(path, header, recompute=True):
     write_header_bytes(path, json.dumps(header, indent=1).encode(), recompute)
 
 
+# An IVF index stores codes, ids and list offsets per sealed segment; the
+# tests address those of its first segment by the names of format 2.
+ALIASES = {"codes_": "segments_.0.codes", "ids_": "segments_.0.ids",
+           "list_offsets_": "segments_.0.list_offsets"}
+
+
+def array_name(header, name):
+    """The header's key for array ``name`` (see ALIASES)."""
+    if name not in header["arrays"] and ALIASES.get(name) in header["arrays"]:
+        return ALIASES[name]
+    return name
+
+
 def array_file(path, name, header=None):
     header = read_header(path) if header is None else header
-    return os.path.join(data_dir(path), header["arrays"][name]["file"])
+    meta = header["arrays"][array_name(header, name)]
+    if "segment_file" in meta:
+        return os.path.join(str(path), "segments", meta["segment_file"])
+    return os.path.join(data_dir(path), meta["file"])
 
 
 def read_array(path, name):
@@ -80,7 +97,7 @@ def rewrite_array(path, name, a, recompute=True):
     np.save(buf, a, allow_pickle=False)
     replace_file(array_file(path, name, header), buf.getvalue())
     if recompute:
-        meta = header["arrays"][name]
+        meta = header["arrays"][array_name(header, name)]
         meta["shape"] = list(a.shape)
         meta["dtype"] = a.dtype.str
         meta["sha256"] = sha256_array(a)
@@ -110,8 +127,14 @@ def write_version1(estimator, path):
 
     arrays = {}
     params = {k: _encode_value("param." + k, v, arrays)
-              for k, v in estimator.get_params(deep=False).items()}
-    attrs = {k: _encode_value(k, v, arrays) for k, v in vars(estimator).items()
+              for k, v in estimator.get_params(deep=False).items()
+              if k != "segment_size"}  # a parameter since format 3
+    state = dict(vars(estimator))
+    if "segments_" in state:  # format 1 held an IVF index as one sorted part
+        del state["segments_"]
+        state.update(codes_=estimator.codes_, ids_=estimator.ids_,
+                     list_offsets_=estimator.list_offsets_)
+    attrs = {k: _encode_value(k, v, arrays) for k, v in state.items()
              if k not in params}
     os.mkdir(path)
     files = {}

@@ -259,7 +259,18 @@ def test_ivf_search_matches_twin(metric, code_dtype, dtype, data):
         longest = np.sqrt((cb ** 2).sum(-1).max(axis=1).sum())  # largest ||r_hat||
         assert_allclose(terms, ref, rtol=0,
                         atol=RTOL[np.dtype(dtype)] * scale(centroids, [[longest]]).max())
-    dist, idx = _quantizer.ivf_search(Q, coarse, codebooks, terms, codes, ids, offsets,
+    # The entries split across 1-3 sealed segments (each sorted by list):
+    # the kernel scans a list's block in each, into one heap.
+    n_seg = data.draw(st.integers(1, 3))
+    owner = np.random.RandomState(data.draw(st.integers(0, 2**16))).randint(0, n_seg, n)
+    segments = []
+    for s in range(n_seg):
+        sel = owner == s
+        seg_off = np.zeros(n_lists + 1, np.int64)
+        np.cumsum(np.bincount(lists[sel], minlength=n_lists), out=seg_off[1:])
+        segments.append((np.ascontiguousarray(codes[sel]), np.ascontiguousarray(ids[sel]),
+                         seg_off))
+    dist, idx = _quantizer.ivf_search(Q, coarse, codebooks, terms, segments,
                                       kn, n_probe, ip, n_threads=data.draw(st.integers(1, 2)))
     assert dist.dtype == dtype and idx.dtype == np.int64 and dist.shape == (Q.shape[0], kn)
     keys = code_keys(codes, lists)

@@ -92,7 +92,7 @@ def test_save_load_round_trip(fitted, tmp_path, mmap_mode):
     loaded.partial_fit(X[:7])
     fitted.partial_fit(X[:7])
     _same_results(fitted, loaded)
-    assert sorted(os.listdir(path)) == [".pqsk-lock", "MANIFEST.json", "v000001"]
+    assert _listing(path) == [".pqsk-lock", "MANIFEST.json", "v000001"]
     with open(path / "MANIFEST.json") as f:
         manifest = json.load(f)
     assert manifest["format"] == "pqsk-index" and manifest["format_version"] == 3
@@ -215,7 +215,23 @@ def test_failed_save_keeps_the_old_index(tmp_path, monkeypatch):
     monkeypatch.undo()
     _same_results(nn, pqsk.load(path))
     # The failed save removed what it wrote.
-    assert sorted(os.listdir(path)) == [".pqsk-lock", "MANIFEST.json", "v000001"]
+    assert _listing(path) == [".pqsk-lock", "MANIFEST.json", "v000001"]
+
+
+def _listing(path):
+    """The entries of an index directory, ``segments/`` aside, which must
+    hold exactly the segment files the current header names."""
+    entries = sorted(os.listdir(path))
+    header = files.read_header(path)
+    named = sorted(m["segment_file"] for m in header["arrays"].values()
+                   if "segment_file" in m)
+    if named:
+        assert "segments" in entries
+        assert sorted(os.listdir(os.path.join(path, "segments"))) == named
+        entries.remove("segments")
+    else:
+        assert "segments" not in entries
+    return entries
 
 
 def test_upgrade_interrupted_after_the_switch(tmp_path, monkeypatch):
@@ -237,7 +253,7 @@ def test_upgrade_interrupted_after_the_switch(tmp_path, monkeypatch):
     assert "header.json" in os.listdir(path)
     _same_results(other, pqsk.load(path))
     nn.save(path, overwrite=True)
-    assert sorted(os.listdir(path)) == [".pqsk-lock", "MANIFEST.json", "v000002"]
+    assert _listing(path) == [".pqsk-lock", "MANIFEST.json", "v000002"]
     _same_results(nn, pqsk.load(path))
 
 
@@ -252,8 +268,7 @@ def test_version1_index_loads_and_is_upgraded_by_save(tmp_path, key):
     _same_results(nn, loaded)
     (path / "README.txt").write_text("not ours")
     loaded.save(path, overwrite=True)
-    assert sorted(os.listdir(path)) == [".pqsk-lock", "MANIFEST.json", "README.txt",
-                                        "v000001"]
+    assert _listing(path) == [".pqsk-lock", "MANIFEST.json", "README.txt", "v000001"]
     _same_results(nn, pqsk.load(path))
 
 
@@ -271,7 +286,7 @@ def test_version1_list_terms_are_recomputed(tmp_path):
 @pytest.mark.parametrize("edit", [
     lambda h: h["params"].__setitem__("n_probe", 4),
     lambda h: h["attributes"].__setitem__("n_samples_fit_", 599),
-    lambda h: h["arrays"]["ids_"].__setitem__("sha256", "0" * 64),
+    lambda h: h["arrays"][files.array_name(h, "ids_")].__setitem__("sha256", "0" * 64),
 ])
 def test_header_edits_are_detected(tmp_path, edit):
     path, nn = _saved(tmp_path)
@@ -474,7 +489,7 @@ def test_finding15_npy_claiming_terabytes(tmp_path):
     shape = (2**40, 4)  # 4 TiB of uint8 codes, in a file of a few KiB
     open(f, "wb").write(files.npy_bytes(
         f"{{'descr': '|u1', 'fortran_order': False, 'shape': {shape}, }}", data))
-    files.edit_header(path, lambda h: h["arrays"]["codes_"].__setitem__("shape", list(shape)))
+    files.edit_header(path, lambda h: h["arrays"][files.array_name(h, "codes_")].__setitem__("shape", list(shape)))
     for mmap_mode in (None, "r"):
         _rejected(path, "truncated", mmap_mode=mmap_mode)
 
@@ -508,7 +523,7 @@ def test_truncated_array(tmp_path):
     data = open(f, "rb").read()
     open(f, "wb").write(data[: len(data) // 2])
     for mmap_mode in (None, "r"):
-        _rejected(path, "'codes_'.*unreadable or truncated", mmap_mode=mmap_mode)
+        _rejected(path, "codes.*unreadable or truncated", mmap_mode=mmap_mode)
 
 
 def test_corrupted_array(tmp_path):
@@ -533,8 +548,8 @@ def test_wrong_version_and_bad_header(tmp_path):
 
 def test_mismatched_shape_and_missing_file(tmp_path):
     path, _ = _saved(tmp_path)
-    files.edit_header(path, lambda h: h["arrays"]["ids_"].__setitem__("shape", [5]))
-    _rejected(path, "'ids_' has shape")
+    files.edit_header(path, lambda h: h["arrays"][files.array_name(h, "ids_")].__setitem__("shape", [5]))
+    _rejected(path, "ids' has shape")
     path, _ = _saved(tmp_path, "hnsw")
     os.remove(files.array_file(path, "links0_"))
     _rejected(path, "'links0_' is missing")
