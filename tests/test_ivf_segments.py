@@ -194,3 +194,69 @@ def test_compact_lets_queries_run():
     assert nn._n_dead() == 0
     for ind in answers:
         assert not np.isin(ind, removed).any()
+
+
+# -- data drift: refit_codebooks ----------------------------------------------
+
+def test_refit_codebooks_follows_drift():
+    """Fitted on small-scale data, then fed data 6x wider (drift): the old
+    codebooks quantize it coarsely; refitting on a sample of the new data
+    re-encodes every segment and the growing part, and the reconstruction
+    error of the new rows falls several-fold (7x here)."""
+    r = np.random.RandomState(1)
+    old = _blobs(3000)
+    new = (_blobs(3000, seed=9) * 6 + r.randn(16) * 10).astype(np.float32)
+    nn = _ivf(segment_size=1024, n_probe=16).fit(old)
+    nn.partial_fit(new[:2500])
+    nn.partial_fit(new[2500:2700])  # some rows stay in the growing part
+    assert nn.growing_codes_.shape[0] == 200
+    nn.remove(np.arange(0, 2000))
+    Xall = np.vstack([old, new[:2700]])
+
+    def new_rows_error():
+        X_hat = nn._reconstruct()
+        return ((X_hat[3000:] - Xall[3000:]) ** 2).sum(1).mean()
+
+    error_before = new_rows_error()
+    segs_before = nn.segments_
+    nn.refit_codebooks(new[:2000], X=Xall)
+    assert new_rows_error() < error_before / 4
+    assert len(nn.segments_) == len(segs_before)
+    for a, b in zip(nn.segments_, segs_before):
+        assert a.uid != b.uid and a.meta == b.meta
+        assert_array_equal(a["ids"], b["ids"])
+        assert_array_equal(a["list_offsets"], b["list_offsets"])
+    # Every stored code is the encoding of its residual with the new codebooks.
+    for seg in nn.segments_:
+        lists = np.repeat(np.arange(16), np.diff(seg["list_offsets"]))
+        res = Xall[seg["ids"]] - nn.cluster_centers_[lists]
+        assert (seg["codes"] == _naive.encode(res.astype(np.float64),
+                                              nn.codebooks_.astype(np.float64))).mean() > 0.99
+    got = nn.kneighbors(new[2700:2800], n_neighbors=10)[1]
+    assert not np.isin(got, np.arange(2000)).any()
+
+
+def test_refit_codebooks_from_kept_vectors_equals_refit_from_X():
+    a = _ivf(segment_size=1024, refine_factor=2).fit(X[:3000])
+    b = _ivf(segment_size=1024).fit(X[:3000])
+    a.refit_codebooks(X[3000:4000])
+    b.refit_codebooks(X[3000:4000], X=X[:3000])
+    assert_array_equal(a.codebooks_, b.codebooks_)
+    for sa, sb in zip(a.segments_, b.segments_):
+        assert_array_equal(sa["codes"], sb["codes"])
+
+
+def test_refit_codebooks_bad_input_leaves_the_index_unchanged():
+    nn = _ivf().fit(X[:2000])
+    state = (nn.codebooks_, nn.segments_)
+    with pytest.raises(ValueError, match="raw vectors"):
+        nn.refit_codebooks(X[:500])
+    with pytest.raises(ValueError, match="2000 indexed rows"):
+        nn.refit_codebooks(X[:500], X=X[:1999])
+    with pytest.raises(ValueError, match="features"):
+        nn.refit_codebooks(X[:500, :8], X=X[:2000])
+    bad = X[:2000].copy()
+    bad[5, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN|infinity"):
+        nn.refit_codebooks(X[:500], X=bad)
+    assert nn.codebooks_ is state[0] and nn.segments_ is state[1]
