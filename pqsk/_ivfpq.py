@@ -161,6 +161,12 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
         None every row.  Within that sample each k-means sees at most 256
         rows per centroid: ``256 * n_lists`` for the coarse quantizer,
         ``256 * n_codewords`` for the residual codebooks (as faiss does).
+    segment_size : int, default=4_194_304
+        Most rows a sealed segment holds (at least 1,024).  ``fit`` cuts
+        the data into segments of this size; appends are sealed into
+        segments and small segments merged up to it (see Notes).  Only
+        where rows go depends on it, not the answers; changing it after
+        fit affects later sealing and merging.
     n_jobs : int, default=None
         Threads for training, encoding and search (parallel over queries,
         GIL released).  None uses every thread OpenMP allows (threadpoolctl
@@ -203,16 +209,23 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
     ``refine_factor * n_neighbors`` rows per query from the file); other
     input is copied into memory.
 
-    ``partial_fit`` costs O(rows added), amortized, whatever the index
-    size: new entries go to a growing part (arrays with spare capacity,
-    appended in place) that queries scan along with the sorted lists, into
-    the same top-k heap, so the answers are those of one index holding
-    every entry sorted by list.  The growing part is merged into the
-    sorted lists (one pass over the index) when it exceeds 1/64 of the
-    stored entries.  ``remove`` marks ids as tombstones, O(ids removed):
-    queries skip them at no cost unless they would have been returned;
-    merges drop them, and ``remove`` merges when they exceed half the
-    stored entries (or call :meth:`compact`).
+    Segments: the lists are stored in sealed, immutable segments
+    (``segments_``, each at most ``segment_size`` rows of consecutive ids,
+    sorted by list) plus a growing part.  A query scans each probed list
+    in every segment with one table into one top-k heap, so the answers
+    do not depend on the segmentation.  ``partial_fit`` costs O(rows
+    added), amortized, whatever the index size: new entries go to the
+    growing part (arrays with spare capacity, appended in place), which
+    queries scan too; past 1/64 of the stored entries it is sealed into a
+    new segment (O(its size)); the 8 newest segments, when of one size
+    class and within ``segment_size`` together, are merged (each row is
+    rewritten O(log n) times).  ``remove`` marks ids as tombstones, O(ids
+    removed): queries skip them at no cost unless they would have been
+    returned; a segment more than half removed is compacted (rewritten
+    without them, alone), and :meth:`compact` does it for every segment.
+    Compaction and :meth:`refit_codebooks` build new segments while
+    queries go on and swap them in under the write lock.  ``save`` writes
+    only the segments that the previous save of the same path lacks.
 
     Attributes
     ----------
@@ -220,16 +233,22 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
         Coarse centroids.
     codebooks_ : ndarray of shape (n_subspaces, n_codewords, ds)
         Residual codebooks.
-    codes_ : ndarray of shape (n_sorted, n_subspaces), uint8 or uint16
-        Residual codes of the sorted part, list after list.
-    ids_ : ndarray of shape (n_sorted,), int32 or int64
-        Id (row number at fit / partial_fit) of each code; int32 while the
-        index holds fewer than 2**31 vectors.
+    segments_ : tuple of Segment
+        The sealed segments, in id order: each holds ``codes`` (n_s,
+        n_subspaces), ``ids`` (n_s,) and ``list_offsets`` (n_lists + 1,)
+        (list l is rows ``list_offsets[l]:list_offsets[l + 1]``), and
+        ``meta`` {"lo", "hi"}, its id range.  Read-only.
+    codes_ : ndarray of shape (n_sealed, n_subspaces), uint8 or uint16
+        Residual codes of the sealed segments as one index sorted by list
+        (a read-only property, assembled when there are several segments).
+    ids_ : ndarray of shape (n_sealed,), int32 or int64
+        Id (row number at fit / partial_fit) of each code of ``codes_``;
+        int32 while the index holds fewer than 2**31 vectors.
     list_offsets_ : ndarray of shape (n_lists + 1,), int64
         List l holds ``codes_[list_offsets_[l]:list_offsets_[l + 1]]``
         and the growing entries labelled l.
     growing_codes_ : ndarray of shape (n_growing, n_subspaces)
-        Residual codes of the rows appended since the last merge, in
+        Residual codes of the rows appended since the last seal, in
         arrival order (the growing part; see Notes).
     growing_ids_ : ndarray of shape (n_growing,), dtype of ``ids_``
     growing_lists_ : ndarray of shape (n_growing,), int32
