@@ -11,6 +11,12 @@ test process's threads) that forks the processes which save:
   alternating two contents, and the driver SIGKILLs it at a random moment,
   30 times.
 
+Each runs on two kinds of content: two unrelated HNSW indexes, and two
+states of one segmented IVF index (the second has two more sealed segments
+and one compacted segment), so that a save reuses the segment files the
+other state shares and writes only its own, and the clean-up after the
+switch removes files the other state still needs on disk.
+
 After every kill the driver loads the index and checks its answers are
 those of one of the two contents.
 """
@@ -27,29 +33,34 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
 
-def _run_driver(mode, tmp_path):
+def _run_driver(mode, kind, tmp_path):
     import pqsk
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(pqsk.__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
                MKL_NUM_THREADS="1", PYTHONPATH=root)
-    proc = subprocess.run([sys.executable, __file__, mode, str(tmp_path)],
+    proc = subprocess.run([sys.executable, __file__, mode, kind, str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=600)
     tail = (proc.stdout + proc.stderr)[-3000:]
     assert proc.returncode == 0, f"driver exited with {proc.returncode}:\n{tail}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_kill_at_every_step(tmp_path):
-    summary = _run_driver("steps", tmp_path)
+KINDS = pytest.mark.parametrize("kind", ["hnsw", "ivf-segments"])
+
+
+@KINDS
+def test_kill_at_every_step(tmp_path, kind):
+    summary = _run_driver("steps", kind, tmp_path)
     # Every step of a save was a kill point, then a save went through.
     assert summary["steps"] >= 20, summary
     assert summary["loaded_old"] > 0 and summary["loaded_new"] > 0, summary
     assert summary["failures"] == [], summary["failures"][:3]
 
 
-def test_random_kills(tmp_path):
-    summary = _run_driver("random", tmp_path)
+@KINDS
+def test_random_kills(tmp_path, kind):
+    summary = _run_driver("random", kind, tmp_path)
     assert summary["kills"] == 30, summary
     assert summary["failures"] == [], summary["failures"][:3]
     # The kills landed inside saves, not only between them.
@@ -58,14 +69,28 @@ def test_random_kills(tmp_path):
 
 # -- the driver ---------------------------------------------------------------
 
-def _contents():
+def _contents(kind):
+    import copy
+
     import numpy as np
 
-    from pqsk import HNSWPQNeighbors
+    from pqsk import HNSWPQNeighbors, IVFPQNeighbors
 
     rng = np.random.RandomState(0)
     X = rng.randn(1500, 16).astype(np.float32)
     Q = rng.randn(10, 16).astype(np.float32)
+    if kind == "ivf-segments":
+        X = rng.randn(4200, 16).astype(np.float32)
+        a = IVFPQNeighbors(5, n_lists=8, n_probe=8, n_subspaces=4, n_codewords=16,
+                           segment_size=1024, random_state=0).fit(X[:3000])
+        b = copy.deepcopy(a)
+        b.partial_fit(X[3000:4200])  # sealed as two more segments
+        b.remove(np.arange(0, 700))  # compacts the first
+        shared = {s.uid for s in a.segments_} & {s.uid for s in b.segments_}
+        assert len(a.segments_) == 3 and len(b.segments_) == 5 and len(shared) == 2
+        answers = [est.kneighbors(Q, return_distance=False) for est in (a, b)]
+        assert not (answers[0] == answers[1]).all()
+        return [a, b], Q, answers
     a = HNSWPQNeighbors(5, n_links=8, ef_construction=32, n_subspaces=4, n_codewords=16,
                         refine_factor=2, random_state=0).fit(X)
     b = HNSWPQNeighbors(5, n_links=8, ef_construction=32, n_subspaces=4, n_codewords=16,
@@ -116,14 +141,26 @@ def _arm_kill_at(k):
 
 
 def _leftovers(path):
-    """Entries beyond the manifest, the lock and one data directory."""
+    """Entries beyond the manifest, the lock and one data directory, and
+    segment files the current version does not name."""
     if not os.path.isdir(path):
         return -1
-    return len([e for e in os.listdir(path) if e not in ("MANIFEST.json", ".pqsk-lock")]) - 1
+    entries = [e for e in os.listdir(path)
+               if e not in ("MANIFEST.json", ".pqsk-lock", "segments")]
+    stray = 0
+    seg_dir = os.path.join(path, "segments")
+    if os.path.isdir(seg_dir):
+        with open(os.path.join(path, "MANIFEST.json")) as f:
+            data = json.load(f)["data"]
+        with open(os.path.join(path, data, "header.json")) as f:
+            named = {m["segment_file"] for m in json.load(f)["arrays"].values()
+                     if "segment_file" in m}
+        stray = len(set(os.listdir(seg_dir)) - named)
+    return len(entries) - 1 + stray
 
 
-def _drive_steps(workdir):
-    ests, Q, answers = _contents()
+def _drive_steps(workdir, kind):
+    ests, Q, answers = _contents(kind)
     path = os.path.join(workdir, "index")
     ests[0].save(path)
     current, summary = 0, {"steps": 0, "loaded_old": 0, "loaded_new": 0, "failures": []}
@@ -152,12 +189,12 @@ def _drive_steps(workdir):
     return summary
 
 
-def _drive_random(workdir, n_kills=30):
+def _drive_random(workdir, kind, n_kills=30):
     import random
     import signal
     import time
 
-    ests, Q, answers = _contents()
+    ests, Q, answers = _contents(kind)
     path = os.path.join(workdir, "index")
     ests[0].save(path)
     t0 = time.perf_counter()
@@ -187,6 +224,7 @@ def _drive_random(workdir, n_kills=30):
 
 
 if __name__ == "__main__":
-    mode, workdir = sys.argv[1], sys.argv[2]
-    result = _drive_steps(workdir) if mode == "steps" else _drive_random(workdir)
+    mode, kind, workdir = sys.argv[1], sys.argv[2], sys.argv[3]
+    result = (_drive_steps(workdir, kind) if mode == "steps"
+              else _drive_random(workdir, kind))
     print(json.dumps(result))
