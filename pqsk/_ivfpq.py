@@ -1,6 +1,5 @@
 """IVFPQNeighbors: inverted file over residual product-quantization codes."""
 
-import math
 import warnings
 import weakref
 from numbers import Integral
@@ -32,9 +31,12 @@ MIN_POINTS_PER_LIST = 39
 # ~1/64 of the index more than it would with every list sorted.
 GROWING_SHARE = 1 / 64
 GROWING_MIN = 1024
-# Merge policy: the newest MERGE_FACTOR segments, when of one size class
-# (floor(log_F(rows))) and within segment_size together, become one.
-MERGE_FACTOR = 8
+# Merge policy (size-tiered, on adjacent segments): while the newest
+# segment is at least 1/MERGE_RATIO the size of the one before it, and the
+# two hold at most segment_size rows, they become one.  Sizes then fall
+# geometrically from old to new segments: at most log_R(n / seal size)
+# + n / segment_size segments, each row rewritten O(log n) times.
+MERGE_RATIO = 2
 # Removed entries stay in their segments as tombstones (skipped by the
 # search); ``remove`` rewrites a segment once more than this share of its
 # entries are removed (and ``compact`` any segment holding one).
@@ -103,10 +105,6 @@ def _compacted(seg, removed):
     np.cumsum(np.bincount(lists, minlength=n_lists), out=offsets[1:])
     return Segment({"codes": seg["codes"][keep], "ids": seg["ids"][keep],
                     "list_offsets": offsets}, seg.meta)
-
-
-def _size_class(rows):
-    return int(math.log(max(rows, 1)) / math.log(MERGE_FACTOR) + 1e-9)
 
 
 class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors):
@@ -217,8 +215,9 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
     added), amortized, whatever the index size: new entries go to the
     growing part (arrays with spare capacity, appended in place), which
     queries scan too; past 1/64 of the stored entries it is sealed into a
-    new segment (O(its size)); the 8 newest segments, when of one size
-    class and within ``segment_size`` together, are merged (each row is
+    new segment (O(its size)); the newest segment is merged with the one
+    before it while it holds at least half as many rows and the two fit in
+    ``segment_size`` (sizes fall geometrically: O(log n) segments, each row
     rewritten O(log n) times).  ``remove`` marks ids as tombstones, O(ids
     removed): queries skip them at no cost unless they would have been
     returned; a segment more than half removed is compacted (rewritten
@@ -510,22 +509,21 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
         return tuple(out)
 
     def _merge_tail(self, segments):
-        """Tiered merging of adjacent segments: while the newest
-        ``MERGE_FACTOR`` segments are of one size class (the same
-        ``floor(log_F(rows))``) and together hold at most ``segment_size``
-        rows, they become one (removed entries dropped).  Each row is
-        rewritten once per size class it climbs: O(log n) amortized per
-        appended row, and at most ``MERGE_FACTOR - 1`` segments per class."""
+        """Size-tiered merging of adjacent segments: while the newest holds
+        at least ``1 / MERGE_RATIO`` of the rows of the one before it and
+        the two at most ``segment_size``, they become one (removed entries
+        dropped).  Segment sizes then fall geometrically from the oldest to
+        the newest: O(log n) segments, and a row is rewritten each time its
+        segment grows by half, O(log n) times, amortized O(log n) per
+        appended row."""
         segs = list(segments)
-        F = MERGE_FACTOR
-        while len(segs) >= F:
-            tail = segs[-F:]
-            rows = [s["ids"].shape[0] for s in tail]
-            if len({_size_class(r) for r in rows}) > 1 or sum(rows) > self._segment_size():
+        while len(segs) >= 2:
+            older, newer = (s["ids"].shape[0] for s in segs[-2:])
+            if older > MERGE_RATIO * newer or older + newer > self._segment_size():
                 break
-            merged = _merged(tail, self.removed_, self.n_lists_)
+            merged = _merged(segs[-2:], self.removed_, self.n_lists_)
             _DEAD_COUNTS.setdefault(self, {})[merged.uid] = 0
-            segs[-F:] = [merged] if merged["ids"].shape[0] else []
+            segs[-2:] = [merged] if merged["ids"].shape[0] else []
         return tuple(segs)
 
     def _n_stored(self):

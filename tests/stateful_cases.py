@@ -38,13 +38,13 @@ from test_fitted_state import same_state
 
 def small_segments():
     """The IVF machine works on ~100 rows: seal the growing part past 8
-    entries, merge 3 segments of a size class, and cap segments at 48 rows
+    entries, merge size-tiered (ratio 2), and cap segments at 48 rows
     (below the public minimum of segment_size), so that sequences of calls
     go through sealing, merging, per-segment compaction and multi-segment
     fits.  Patches the module: only for the child process test_stateful.py
     runs (pytest imports this file in the main process too, for doctests)."""
     _ivfpq.GROWING_MIN = 8
-    _ivfpq.MERGE_FACTOR = 3
+    _ivfpq.MERGE_RATIO = 2
     IVFPQNeighbors._segment_size = lambda self: 48
 
 D = 8

@@ -66,7 +66,6 @@ def test_answers_do_not_depend_on_the_segments(metric):
 
 def test_appends_seal_and_merge_without_rewriting_old_segments(monkeypatch):
     monkeypatch.setattr(_ivfpq, "GROWING_MIN", 100)
-    monkeypatch.setattr(_ivfpq, "MERGE_FACTOR", 3)
     nn = _ivf(segment_size=2048).fit(X[:2000])
     first = nn.segments_[0]
     seen = []
