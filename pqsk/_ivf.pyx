@@ -11,7 +11,11 @@ For a query q and a list l, with r_hat the decoded residual::
                                - 2 <q, r_hat>                    (per query, all lists)
     IP:  -<q, c_l + r_hat>     = -<q, c_l> - <q, r_hat>
 
-so a list's table costs m * k additions, not k * D multiply-adds.
+so a list's table costs m * k additions, not k * D multiply-adds.  The
+precomputed table holds n_lists * m * k floats; when the index does not
+keep it (``list_terms`` with 0 rows, for very many lists), an L2 list's
+table is built from the residual query ``q - c_l`` directly (k * D
+multiply-adds per probed list, the distances being the same).
 
 The lists are split across sealed segments (``pqsk._segments``): segment
 s holds its own lists, list l being rows ``seg_offsets[s, l]:seg_offsets[s,
@@ -41,6 +45,11 @@ cdef inline void scan_list(Py_ssize_t l,
                            floating coarse_term,
                            const floating* query_table,  # IN (m, k): -<q_j, r_c>
                            const floating[:, :, ::1] list_terms,
+                           const floating* q,            # IN (D,) the query
+                           const floating[:, ::1] centroids,  # IN (n_lists, D)
+                           const floating* cbt,          # IN (m, ds, k) codebooks
+                           Py_ssize_t ds,
+                           floating* rq,                 # scratch (D,)
                            const uintptr_t[::1] seg_codes,   # IN (S,) code arrays
                            const uintptr_t[::1] seg_ids,     # IN (S,) id arrays
                            const int64_t[:, ::1] seg_offsets,  # IN (S, n_lists + 1)
@@ -64,31 +73,39 @@ cdef inline void scan_list(Py_ssize_t l,
     cdef Py_ssize_t i
     cdef const floating* table = query_table
     cdef const floating* terms
+    cdef floating bias = coarse_term
     for s in range(n_seg):
         n_all = n_all + seg_offsets[s, l + 1] - seg_offsets[s, l]
     if n_all == 0:
         return
-    if not inner_product:
+    if not inner_product and list_terms.shape[0] > 0:
         terms = &list_terms[l, 0, 0]
         for i in range(m * k):
             list_table[i] = terms[i] + 2 * query_table[i]
         table = list_table
+    elif not inner_product:  # no precomputed terms: the residual query's table
+        for i in range(m * ds):
+            rq[i] = q[i] - centroids[l, i]
+        build_table(rq, cbt, m, ds, k, False, list_table)
+        table = list_table
+        bias = 0
     for s in range(n_seg):
         start = seg_offsets[s, l]
         n_l = seg_offsets[s, l + 1] - start
         if n_l > 0:
             scan_codes(table, (<const code_t*> seg_codes[s]) + start * m, n_l, m, k,
-                       coarse_term, (<const index_t*> seg_ids[s]) + start,
+                       bias, (<const index_t*> seg_ids[s]) + start,
                        deleted, heap_dist, heap_idx, n_neighbors)
     if n_g > 0:
-        scan_some(table, g_codes, g_rows, n_g, m, k, coarse_term, g_ids,
+        scan_some(table, g_codes, g_rows, n_g, m, k, bias, g_ids,
                   deleted, heap_dist, heap_idx, n_neighbors)
 
 
 def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                const floating[:, ::1] coarse,          # IN  (nq, n_lists)
                const floating[:, :, ::1] codebooks_t,  # IN  (m, ds, k) residual codebooks
-               const floating[:, :, ::1] list_terms,   # IN  (n_lists, m, k) (L2 only)
+               const floating[:, :, ::1] list_terms,   # IN  (n_lists, m, k) or (0, m, k)
+               const floating[:, ::1] centroids,       # IN  (n_lists, D)
                const uintptr_t[::1] seg_codes,         # IN  (S,) sealed segments' codes
                const uintptr_t[::1] seg_ids,           # IN  (S,) and ids
                const int64_t[:, ::1] seg_offsets,      # IN  (S, n_lists + 1)
@@ -100,7 +117,7 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                Py_ssize_t n_probe,
                floating[:, ::1] out_dist,              # OUT (nq, n_neighbors)
                int64_t[:, ::1] out_idx,                # OUT (nq, n_neighbors)
-               floating[:, ::1] work,                  # scratch (n_threads, 2 * m * k)
+               floating[:, ::1] work,                  # scratch (n_threads, 2 * m * k + D)
                floating[:, ::1] probe_dist,            # scratch (n_threads, >= n_probe)
                int64_t[:, ::1] probe_idx,              # scratch (n_threads, >= n_probe)
                floating[:, ::1] heap_d,                # scratch (n_threads, >= n_neighbors)
@@ -193,7 +210,8 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
             heap_init(hd, hi, kn)
             for p in range(n_probe):
                 lo = se[p - 1] if p > 0 else 0
-                scan_list(pi[p], pd[p], qt, list_terms, seg_codes, seg_ids, seg_offsets,
+                scan_list(pi[p], pd[p], qt, list_terms, &Q[q, 0], centroids,
+                          &codebooks_t[0, 0, 0], ds, qt + 2 * m * k, seg_codes, seg_ids, seg_offsets,
                           gc, gi, gs + lo, se[p] - lo, dead, inner_product, m, k,
                           qt + m * k, hd, hi, kn)
             # Too few live entries: probe further lists in coarse order.
@@ -214,7 +232,8 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                     if g_lists[i] == best_l:
                         gm[n_x] = i
                         n_x = n_x + 1
-                scan_list(best_l, best_d, qt, list_terms, seg_codes, seg_ids, seg_offsets,
+                scan_list(best_l, best_d, qt, list_terms, &Q[q, 0], centroids,
+                          &codebooks_t[0, 0, 0], ds, qt + 2 * m * k, seg_codes, seg_ids, seg_offsets,
                           gc, gi, gm, n_x, dead, inner_product, m, k, qt + m * k,
                           hd, hi, kn)
                 last_d = best_d

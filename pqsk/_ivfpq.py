@@ -129,7 +129,9 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
         keeps a precomputed table of ``n_lists * n_subspaces * n_codewords``
         floats (10 MiB for 1024 lists, m=10, k=256) that makes each probed
         list's lookup tables cost m * k additions instead of k * D
-        multiply-adds.
+        multiply-adds, while it takes at most 512 MiB; beyond that it is
+        not kept and each probed list's tables are built from the residual
+        query (same distances, k * D multiply-adds per probed list).
     n_probe : int, default=8
         Lists scanned per query; can be changed after fit with
         ``set_params``.  A value above ``n_lists`` is clipped to
@@ -904,7 +906,7 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
             coarse = _quantizer.coarse_terms(Q[sl], self.cluster_centers_, ip)
             dist[sl], ind[sl] = _quantizer.ivf_search(
                 Q[sl], coarse, self.codebooks_, self._list_terms, segments,
-                n_candidates, n_probe, ip, n_threads,
+                n_candidates, n_probe, ip, n_threads, centroids=self.cluster_centers_,
                 growing=growing, deleted=deleted,
             )
         return dist, ind

@@ -644,10 +644,21 @@ def assign_encode(X, centroids, codebooks, n_threads=1):
     return labels, codes
 
 
+# The precomputed L2 list terms are kept while they take at most this
+# much memory (n_lists * m * k floats: 48 MiB for 4,096 lists, m=12,
+# k=256; 6 GiB for 65,536 lists, m=96); beyond it each probed list's table
+# is built from the residual query at search time (k * D multiply-adds).
+LIST_TERMS_MAX_BYTES = 512 * 2**20
+
+
 def list_terms(centroids, codebooks):
     """(n_lists, m, k): ``||r_jc||^2 + 2 <c_l block j, r_jc>``, the part of
-    the L2 ADC table that depends on the list but not on the query."""
+    the L2 ADC table that depends on the list but not on the query; (0, m,
+    k) when that table would exceed ``LIST_TERMS_MAX_BYTES`` (the search
+    then builds each list's table from the residual query)."""
     m, k, ds = codebooks.shape
+    if centroids.shape[0] * m * k * codebooks.dtype.itemsize > LIST_TERMS_MAX_BYTES:
+        return np.empty((0, m, k), dtype=codebooks.dtype)
     blocks = centroids.reshape(centroids.shape[0], m, ds)
     terms = 2 * np.einsum("ljd,jkd->ljk", blocks, codebooks)
     terms += np.einsum("jkd,jkd->jk", codebooks, codebooks)[None]
@@ -655,7 +666,8 @@ def list_terms(centroids, codebooks):
 
 
 def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
-               n_probe, inner_product=False, n_threads=1, growing=None, deleted=None):
+               n_probe, inner_product=False, n_threads=1, growing=None, deleted=None,
+               centroids=None):
     """Search ``n_probe`` lists per query (see ``pqsk._ivf``).
 
     ``segments``: a list of (codes, ids, offsets), each sorted list after
@@ -663,6 +675,8 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
     int64), all with the same code and id dtypes.  ``growing``: (codes,
     ids, lists) of entries in arrival order (lists int32), scanned with
     the lists they belong to; ``deleted``: uint8 tombstones by id, or None.
+    ``centroids`` (n_lists, D) are needed for L2 when ``terms`` is empty
+    (see :func:`list_terms`).
 
     Returns (dist, idx): (nq, n_neighbors) arrays, rows sorted by
     (distance, id); ``dist`` as in :func:`adc_search` (squared L2 or minus
@@ -679,6 +693,12 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
     g_codes, g_ids, g_lists = growing
     g = g_codes.shape[0]
     n_lists = coarse.shape[1]
+    if centroids is None:
+        centroids = np.empty((0, Q.shape[1]), dtype=dtype)
+    centroids = np.ascontiguousarray(centroids, dtype=dtype)
+    if not inner_product and terms.shape[0] != n_lists and (
+            terms.shape[0] != 0 or centroids.shape != (n_lists, Q.shape[1])):
+        raise ValueError("L2 search needs the list terms or the centroids")
     # The kernel reads each segment through its data pointer: check here
     # what it trusts (dtypes, contiguity, sizes).
     seg_codes = np.empty(len(segments), dtype=np.uintp)
@@ -699,10 +719,11 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
     slot_of.fill(-1)
     _ivf.ivf_search(
         np.ascontiguousarray(Q, dtype=dtype), np.ascontiguousarray(coarse, dtype=dtype),
-        _transposed(codebooks), terms, seg_codes, seg_ids, seg_offsets, g_codes, g_ids,
+        _transposed(codebooks), terms, centroids, seg_codes, seg_ids, seg_offsets, g_codes, g_ids,
         g_lists,
         _NO_TOMBSTONES if deleted is None else deleted, bool(inner_product),
-        n_probe, dist, idx, scratch(nt, 2 * m * k, dtype), scratch(nt, n_probe, dtype),
+        n_probe, dist, idx, scratch(nt, 2 * m * k + Q.shape[1], dtype),
+        scratch(nt, n_probe, dtype),
         scratch(nt, n_probe, np.int64), scratch(nt, n_neighbors, dtype),
         scratch(nt, n_neighbors, np.int64), slot_of, scratch(nt, g, np.int64),
         scratch(nt, g, np.int64), scratch(nt, n_probe + 1, np.int64), n_threads,

@@ -279,3 +279,26 @@ def test_same_answers_as_pqneighbors_with_one_list():
     d2, i2 = pq.kneighbors(X[:20] - ivf.cluster_centers_[0])
     assert_allclose(d1, d2, rtol=1e-5)
     assert_array_equal(i1, i2)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+def test_without_precomputed_list_terms_the_answers_stay(metric, monkeypatch):
+    """Past LIST_TERMS_MAX_BYTES the n_lists x m x k table is not kept; each
+    probed list's table is then built from the residual query: the same
+    distances (up to rounding), the same neighbours."""
+    from pqsk import _quantizer
+
+    rng = np.random.RandomState(0)
+    X = rng.randn(3000, 16)
+    Q = rng.randn(30, 16)
+    kw = dict(n_lists=16, n_probe=5, n_subspaces=4, n_codewords=32, random_state=0,
+              metric=metric)
+    with_table = IVFPQNeighbors(8, **kw).fit(X)
+    monkeypatch.setattr(_quantizer, "LIST_TERMS_MAX_BYTES", 0)
+    without = IVFPQNeighbors(8, **kw).fit(X)
+    assert with_table._list_terms.shape[0] == 16 and without._list_terms.shape[0] == 0
+    assert without.memory_usage_["list_terms"] == 0
+    d1, i1 = with_table.kneighbors(Q)
+    d2, i2 = without.kneighbors(Q)
+    assert_allclose(d1, d2, rtol=1e-9, atol=1e-9)
+    assert_array_equal(i1, i2)
