@@ -670,12 +670,18 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         return dist.astype(self._fit_dtype_, copy=False), ind
 
     def _self_queries(self):
-        """Query vectors standing for the indexed points (for X=None): the
-        raw vectors when kept (normalised for cosine), else the
-        reconstructions.  Every row at once: n_samples_fit x n_features."""
+        """(slice, query vectors) pairs standing for the indexed points (for
+        X=None), in id order: the raw vectors when kept (normalised for
+        cosine), a chunk at a time, so that a memory-mapped store is never
+        read whole into memory; else the reconstructions, all at once
+        (n_samples_fit x n_features)."""
+        n = self.n_samples_fit_
         if self.vectors_ is not None:
-            return self._prepare(np.asarray(self.vectors_))
-        return self._reconstruct()
+            step = rows_per_chunk(self.n_features_in_ * self.vectors_.dtype.itemsize)
+            for sl in chunk_slices(n, step):
+                yield sl, self._prepare(self.vectors_[sl])
+            return
+        yield slice(0, n), self._reconstruct()
 
     def _finish_distances(self, raw):
         if self.effective_metric_ == "euclidean":
@@ -725,31 +731,40 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                     "kneighbors(X=None) queries every indexed point, but "
                     f"{self.n_removed_} were removed; pass the query points as X."
                 )
-            Q = self._self_queries()
             n_neighbors += 1
+            n_queries = self.n_samples_fit_
         else:
             Q = self._validate_queries(X)
+            n_queries = Q.shape[0]
         n_fit = self._n_live
         if n_neighbors > n_fit:
             if query_is_train:
                 raise ValueError(
                     f"Expected n_neighbors < n_samples_fit, but n_neighbors = "
                     f"{n_neighbors - 1}, n_samples_fit = {n_fit}, n_samples = "
-                    f"{Q.shape[0]}"
+                    f"{n_queries}"
                 )
             raise ValueError(
                 f"Expected n_neighbors <= n_samples_fit, but n_neighbors = "
-                f"{n_neighbors}, n_samples_fit = {n_fit}, n_samples = {Q.shape[0]}"
+                f"{n_neighbors}, n_samples_fit = {n_fit}, n_samples = {n_queries}"
             )
         # One thread per query at most: a parallel region for a handful of
         # queries costs more than it saves, badly so on a busy machine.
-        n_threads = max(1, min(effective_n_threads(self.n_jobs), Q.shape[0]))
+        n_threads = max(1, min(effective_n_threads(self.n_jobs), n_queries))
         with openmp_region(n_threads):
-            dist, ind = self._search_refined(Q, n_neighbors, n_threads)
+            if query_is_train:
+                dist = ind = None
+                for sl, Q in self._self_queries():
+                    d, i = self._search_refined(Q, n_neighbors, n_threads)
+                    if dist is None:
+                        dist = np.empty((n_queries, n_neighbors), dtype=d.dtype)
+                        ind = np.empty((n_queries, n_neighbors), dtype=i.dtype)
+                    dist[sl], ind[sl] = d, i
+            else:
+                dist, ind = self._search_refined(Q, n_neighbors, n_threads)
         if query_is_train:
             # Drop each point from its own row; where it is not among the
             # results (duplicates), drop the first column as scikit-learn does.
-            n_queries = Q.shape[0]
             mask = ind != np.arange(n_queries)[:, None]
             no_self = np.all(mask, axis=1)
             mask[no_self, 0] = False

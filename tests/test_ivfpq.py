@@ -68,7 +68,7 @@ def test_ivf_with_all_lists_matches_exhaustive_adc(blobs, metric):
     nn = IVFPQNeighbors(n_neighbors=10, n_lists=8, n_probe=8, n_subspaces=4, n_codewords=16,
                         metric=metric, random_state=0).fit(X)
     dist, ind = nn.kneighbors(X[:20])
-    X_hat = nn._self_queries().astype(np.float64)
+    X_hat = nn._reconstruct().astype(np.float64)
     Q = X[:20].astype(np.float64)
     if metric == "cosine":
         Q = Q / np.linalg.norm(Q, axis=1, keepdims=True)
