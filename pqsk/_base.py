@@ -35,6 +35,7 @@ from ._utils import (
     Progress,
     effective_n_threads,
     index_lock,
+    index_writer,
     openmp_region,
     range_bound,
     release_memory,
@@ -199,22 +200,35 @@ class RemovalMixin:
         # Checked and applied under the lock: two concurrent removes must not
         # both start from the same old mask.  The mask is updated in place
         # (O(len(ids)), no copy of it): readers wait for the lock.
-        with index_lock(self).write():
-            n = self.n_samples_fit_
-            if ids.min() < 0 or ids.max() >= n:
-                raise ValueError(f"ids must lie in [0, {n}), got values in "
-                                 f"[{ids.min()}, {ids.max()}].")
-            removed = self.removed_
-            if removed is not None and removed[ids].any():
-                raise ValueError(
-                    f"ids {ids[removed[ids]][:10].tolist()} were already removed.")
-            removed = (_growable.owned(self, "removed", removed) if removed is not None
-                       else _growable.grow(self, "removed", np.zeros(0, bool), n, False))
-            removed[ids] = True
-            self.removed_ = removed
-            self.n_removed_ = self.n_removed_ + int(ids.size)
-            self._remove_rows(ids, removed)
+        with index_writer(self):
+            with index_lock(self).write():
+                self._mark_removed(ids)
+            # Still the only writer: follow-up work (HNSW compacts sealed
+            # segments past a share of tombstones) takes the locks it needs.
+            self._after_remove()
         return self
+
+    def _after_remove(self):
+        """Hook run after ``remove`` published its tombstones, under the
+        writer mutex but not the RWLock."""
+
+    def _mark_removed(self, ids):
+        """Check ``ids`` against the index and mark them removed (caller
+        holds the write lock)."""
+        n = self.n_samples_fit_
+        if ids.min() < 0 or ids.max() >= n:
+            raise ValueError(f"ids must lie in [0, {n}), got values in "
+                             f"[{ids.min()}, {ids.max()}].")
+        removed = self.removed_
+        if removed is not None and removed[ids].any():
+            raise ValueError(
+                f"ids {ids[removed[ids]][:10].tolist()} were already removed.")
+        removed = (_growable.owned(self, "removed", removed) if removed is not None
+                   else _growable.grow(self, "removed", np.zeros(0, bool), n, False))
+        removed[ids] = True
+        self.removed_ = removed
+        self.n_removed_ = self.n_removed_ + int(ids.size)
+        self._remove_rows(ids, removed)
 
 
 def _check_n_neighbors(n_neighbors):
@@ -463,7 +477,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             The fitted estimator.
         """
         # A failed fit leaves a fitted index as it was (restore_on_error).
-        with index_lock(self).write(), restore_on_error(self):
+        with index_writer(self), index_lock(self).write(), restore_on_error(self):
             rows = self._validate_rows(X, reset=True)
             progress = Progress(self.verbose, type(self).__name__)
             self._fit_dtype_ = rows.dtype
@@ -500,7 +514,8 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             return self.fit(X)
         self._check_params_at_call()
         n_threads = effective_n_threads(self.n_jobs)
-        with index_lock(self).write(), restore_on_error(self), openmp_region(n_threads):
+        with index_writer(self), index_lock(self).write(), \
+                restore_on_error(self), openmp_region(n_threads):
             rows = self._validate_rows(X, reset=False)
             self._add_rows(rows, n_threads, Progress(self.verbose, type(self).__name__))
         if rows.shape[0] > rows.chunk_rows():

@@ -129,6 +129,23 @@ def index_lock(estimator):
         return lock
 
 
+_WRITERS = weakref.WeakKeyDictionary()
+
+
+def index_writer(estimator):
+    """The estimator's writer mutex (a ``threading.Lock``), kept like
+    ``index_lock``'s RWLock.  Writers (``fit``, ``partial_fit``, ``remove``,
+    ``compact``) take it before the RWLock, so that one of them may do long
+    work under the *read* lock (a compaction building a new segment while
+    queries go on) and take the write lock only to publish: no other
+    writer can change the index in between.  Not re-entrant."""
+    with _LOCKS_GUARD:
+        lock = _WRITERS.get(estimator)
+        if lock is None:
+            lock = _WRITERS[estimator] = threading.Lock()
+        return lock
+
+
 @contextmanager
 def restore_on_error(estimator):
     """Put back the estimator's attributes if the block raises.
