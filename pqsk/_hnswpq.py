@@ -266,7 +266,8 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         **SEGMENT_PARAMETER_CONSTRAINTS,
     }
 
-    _search_params = BasePQNeighbors._search_params + ("ef_search",)
+    # segment_size is read by every append: validated at every call too.
+    _search_params = BasePQNeighbors._search_params + ("ef_search", "segment_size")
     _kernel_dtype = np.float32  # the graph is built and walked in float32
 
     def __init__(

@@ -17,6 +17,7 @@ import pytest
 from numpy.testing import assert_array_equal
 
 from pqsk import HNSWPQNeighbors, IVFPQNeighbors, PQNeighbors
+from pqsk._segments import Segment
 
 rng = np.random.RandomState(0)
 X = rng.randn(400, 8).astype(np.float32)
@@ -50,6 +51,15 @@ def same_state(a, b):
         if isinstance(va, np.ndarray) or isinstance(vb, np.ndarray):
             if not (isinstance(va, np.ndarray) and isinstance(vb, np.ndarray)
                     and va.dtype == vb.dtype and np.array_equal(va, vb)):
+                return False
+        elif isinstance(va, tuple) and all(isinstance(s, Segment) for s in va):
+            # Sealed segments: a copy (pickle) keeps each one's uid and arrays.
+            if not (isinstance(vb, tuple) and len(va) == len(vb) and all(
+                    isinstance(t, Segment) and s.uid == t.uid and s.meta == t.meta
+                    and s.names == t.names
+                    and all(s[n].dtype == t[n].dtype and np.array_equal(s[n], t[n])
+                            for n in s.names)
+                    for s, t in zip(va, vb))):
                 return False
         elif isinstance(va, np.random.RandomState):
             sa, sb = va.get_state(), vb.get_state()
