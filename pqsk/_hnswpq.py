@@ -408,7 +408,7 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         seg = Segment(arrays, {"entry_point": int(self.entry_point_),
                                "max_level": int(self.max_level_)})
         cached = _TOMBSTONES.get(self)
-        m, k = self.codebooks_.shape[:2]
+        m = self.codebooks_.shape[0]
         self.__dict__.update(_empty_graph(m, self.links0_.shape[1] // 2, self.codes_.dtype))
         self.ids_ = np.empty(0, np.int64)
         self.segments_ = self.segments_ + (seg,)
@@ -686,6 +686,8 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
                 new = Segment(arrays, {"entry_point": int(state["entry_point_"]),
                                        "max_level": int(state["max_level_"])})
                 rng = state["_levels_rng_"]
+                fresh = [None, None, np.zeros(ids.size, np.uint8), 0]
+        # Publishing is a reference swap (and the cache entry's).
         with lock.write():
             self.segments_ = tuple(s for s in (new if s is seg else s
                                                for s in self.segments_) if s is not None)
@@ -693,8 +695,8 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
             cache = self._segment_cache()
             cache.pop(seg.uid, None)
             if new is not None:
-                cache[new.uid] = [self.removed_, self.n_removed_,
-                                  np.zeros(ids.size, np.uint8), 0]
+                fresh[:2] = self.removed_, self.n_removed_
+                cache[new.uid] = fresh
 
     def _compact_growing(self):
         """Rebuild the growing graph from its live nodes, if it holds removed

@@ -19,10 +19,8 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
-import pqsk
 import pqsk._hnswpq as H
 from pqsk import HNSWPQNeighbors, IndexFormatError
-from pqsk._segments import Segment
 import index_files as files
 
 S = 1024
