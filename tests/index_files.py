@@ -62,8 +62,13 @@ def write_header(path, header, recompute=True):
 
 
 def array_file(path, name, header=None):
+    """The file of array ``name``: in the data directory, or under
+    ``segments/`` for an array of a sealed segment (format version 3)."""
     header = read_header(path) if header is None else header
-    return os.path.join(data_dir(path), header["arrays"][name]["file"])
+    meta = header["arrays"][name]
+    if "file" not in meta and "segment_file" in meta:
+        return os.path.join(str(path), "segments", meta["segment_file"])
+    return os.path.join(data_dir(path), meta["file"])
 
 
 def read_array(path, name):
