@@ -177,7 +177,9 @@ class RemovalMixin:
         ``n_samples_fit_``.  On error nothing is removed.  Costs
         O(len(ids)): the ids are marked in ``removed_`` in place (an array
         read from ``removed_`` earlier sees the change) and the search
-        skips them; the index drops their entries later (see ``compact``).
+        skips them; the index drops their entries later (see ``compact``;
+        :class:`HNSWPQNeighbors` also rebuilds, here, a sealed segment
+        left with more than half of its nodes removed).
 
         Parameters
         ----------

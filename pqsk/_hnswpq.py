@@ -653,12 +653,21 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
 
     def _after_remove(self):
         # Sealed segments past COMPACT_SHARE of removed nodes are rebuilt,
-        # one at a time (see compact).
+        # one at a time (see compact).  The removal itself is done: a
+        # compaction that fails (memory) is reported, not raised, so that
+        # remove keeps its contract (on error nothing is removed).
         for seg in self.segments_:
             with index_lock(self).read():
                 _, n_dead = self._segment_tombstones(seg)
             if n_dead > COMPACT_SHARE * seg["ids"].shape[0]:
-                self._compact_segment(seg)
+                try:
+                    self._compact_segment(seg)
+                except Exception as e:  # noqa: BLE001 - reported as a warning
+                    warnings.warn(
+                        f"the ids are removed, but compacting a segment failed "
+                        f"({type(e).__name__}: {e}); call compact() to retry.",
+                        RuntimeWarning)
+                    return
 
     def _compact_segment(self, seg):
         """Replace ``seg`` by a segment of its live nodes (or drop it when
@@ -895,8 +904,12 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         """The growing graph as ``_graphs`` gives it (no parent tree)."""
         return {a: getattr(self, a) for a in SEARCH_ATTRS}
 
+    def _codebooks_t(self):
+        """The codebooks as the search kernel reads them: (m, ds, k) float32."""
+        return np.ascontiguousarray(self.codebooks_.transpose(0, 2, 1), dtype=np.float32)
+
     def _graph_search(self, graph, deleted, Q, n_out, n_threads, ef=None,
-                      from_entry=False):
+                      from_entry=False, cbt=None):
         """(dist float32, node int64, distance computations per query) of
         one graph; nodes are positions in that graph.
 
@@ -915,7 +928,7 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         n_dist = np.zeros(nq, dtype=np.int64)
         codes8 = codes if codes.dtype == np.uint8 else np.empty((0, m), np.uint8)
         codes16 = codes if codes.dtype == np.uint16 else np.empty((0, m), np.uint16)
-        cbt = np.ascontiguousarray(self.codebooks_.transpose(0, 2, 1), dtype=np.float32)
+        cbt = self._codebooks_t() if cbt is None else cbt
         _hnsw.hnsw_search(
             Q, cbt, codes8, codes16, deleted, graph["links0_"], graph["upper_links_"],
             graph["upper_offsets_"], graph["entry_point_"],
@@ -933,16 +946,19 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         # Fan out: each graph gives its best min(n_candidates, its live
         # nodes), mapped to ids; merge_topk keeps the best n_candidates.
         parts = []
+        cbt = self._codebooks_t()
+        Q = np.ascontiguousarray(Q, dtype=np.float32)
         for graph, deleted, live in self._graphs():
             n_out = min(n_candidates, live)
-            dist, ind, _ = self._graph_search(graph, deleted, Q, n_out, n_threads)
+            dist, ind, _ = self._graph_search(graph, deleted, Q, n_out, n_threads, cbt=cbt)
             # A beam can end with fewer live nodes than asked for (many
             # tombstones, or a start node from which few nodes are
             # reachable): search those queries again over the whole graph.
             short = ind[:, -1] == _NO_ID
             if short.any():
                 d2, i2, _ = self._graph_search(graph, deleted, Q[short], n_out, n_threads,
-                                               ef=graph["codes_"].shape[0], from_entry=True)
+                                               ef=graph["codes_"].shape[0], from_entry=True,
+                                               cbt=cbt)
                 dist[short], ind[short] = d2, i2
             if graph["ids_"] is not None:
                 ind = graph["ids_"][ind]

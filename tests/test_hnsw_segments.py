@@ -194,6 +194,51 @@ def test_a_large_batch_is_split_at_segment_size():
     _check_exact(_exhaustive(nn), Q, 5)
 
 
+def _failing_on_call(monkeypatch, call):
+    """Make the ``call``-th graph build (1-based) fail before linking."""
+    real = HNSWPQNeighbors._build_scratch
+    calls = []
+
+    def build_scratch(self, *args):
+        calls.append(1)
+        if len(calls) == call:
+            raise MemoryError
+        return real(self, *args)
+
+    monkeypatch.setattr(HNSWPQNeighbors, "_build_scratch", build_scratch)
+
+
+def test_a_failed_piece_keeps_the_pieces_linked_before(monkeypatch, tmp_path):
+    """The first piece of a batch rewrites old nodes' links (it cannot be
+    undone); a later piece failing leaves the index with the first one."""
+    nn = _hnsw().fit(X[:1000])
+    _failing_on_call(monkeypatch, 2)
+    with pytest.raises(MemoryError):
+        nn.partial_fit(X[1000:1500])  # 24 rows, seal, then 476 rows: fails
+    monkeypatch.undo()
+    assert nn.n_samples_fit_ == S and nn.codes_.shape[0] == S and nn.segments_ == ()
+    nn.save(tmp_path / "i")
+    HNSWPQNeighbors.load(tmp_path / "i")  # every invariant holds
+    nn.partial_fit(X[S:1500])
+    assert [s["ids"].shape[0] for s in nn.segments_] == [S]
+    assert_array_equal(nn.ids_, np.arange(S, 1500))
+    _check_exact(_exhaustive(nn), Q, 5)
+
+
+def test_a_failed_fit_leaves_the_index_unchanged(monkeypatch, fitted):
+    from test_fitted_state import same_state
+
+    nn = _copy(fitted)
+    before = _copy(nn)
+    _failing_on_call(monkeypatch, 2)  # the second graph of the new fit
+    with pytest.raises(MemoryError):
+        nn.fit(X[::-1])
+    monkeypatch.undo()
+    assert same_state(nn, before)
+    for a, b in zip(before.kneighbors(Q), nn.kneighbors(Q)):
+        assert_array_equal(a, b)
+
+
 def test_segment_size_is_checked_and_changes_only_future_sealing(fitted):
     with pytest.raises(ValueError, match="segment_size"):
         _hnsw(segment_size=1023).fit(X)
@@ -273,6 +318,20 @@ def test_remove_compacts_a_segment_past_half_removed(fitted):
     nn.remove(np.arange(S, 2 * S))  # a whole segment: dropped
     assert nn.segments_ == (new,)
     _check_exact(_exhaustive(nn), Q, 10)
+
+
+def test_a_failed_auto_compaction_does_not_undo_the_removal(monkeypatch, fitted):
+    nn = _copy(fitted)
+    first = nn.segments_[0]
+    _failing_on_call(monkeypatch, 1)
+    with pytest.warns(RuntimeWarning, match="compacting a segment failed.*MemoryError"):
+        nn.remove(np.arange(600))
+    monkeypatch.undo()
+    assert nn.n_removed_ == 600 and nn.segments_[0] is first
+    ind = nn.kneighbors(Q, n_neighbors=10, return_distance=False)
+    assert not np.isin(ind, np.arange(600)).any()
+    nn.compact()
+    assert_array_equal(nn.segments_[0]["ids"], np.arange(600, S))
 
 
 def test_compact_rebuilds_every_graph_with_tombstones(fitted):
