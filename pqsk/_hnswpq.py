@@ -176,8 +176,9 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
     ``segment_size``) graphs of consecutive rows, the last one growing).
     A query searches every graph with the same ``ef_search`` and merges
     their answers (fan-out and top-k merge): it costs the sum of the
-    searches, so time grows with the number of segments, and recall is at
-    least that of one graph of the same size.  With refine_factor > 0 the
+    searches, so time grows with the number of segments; a neighbour is
+    found whenever the search of its own graph finds it, so recall is at
+    least that of one graph searched alone.  With refine_factor > 0 the
     merged candidates are re-ranked by exact distance, as for one graph.
     Removed nodes stay in their graph as tombstones; ``remove`` rebuilds
     a sealed segment as soon as more than ``COMPACT_SHARE`` (1/2) of its
@@ -801,12 +802,11 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
             require(seg["ids"].shape[0] > 0, f"{where}is empty")
             stored.append(check_graph(_segment_graph(seg), where, *form, removed))
         if segments or self.ids_ is not None:
-            count = np.zeros(n, np.uint8)
+            seen = np.zeros(n, bool)
             for ids in stored:  # each graph's ids are distinct (ascending)
-                count[ids] += 1
-            require(int(count.max(initial=0)) <= 1, "an id is stored in two graphs")
-            require(bool(np.all((count == 1) | removed)),
-                    "an id is neither a node nor removed")
+                require(not seen[ids].any(), "an id is stored in two graphs")
+                seen[ids] = True
+            require(bool(np.all(seen | removed)), "an id is neither a node nor removed")
         self._check_growing_state()
 
     def _check_growing_state(self):
