@@ -682,17 +682,10 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
             ids = np.ascontiguousarray(seg["ids"][live])
             new, rng = None, self._levels_rng_
             if ids.size:
-                codes = np.ascontiguousarray(seg["codes"][live])
-                owner = _Owner()  # holds the new graph's buffers, not the estimator
-                m = codes.shape[1]
-                state = self._grown_graph(
-                    _empty_graph(m, seg["links0"].shape[1] // 2, codes.dtype), codes, owner)
-                self._link(state, 0, self._node_vectors(codes, ids),
-                           Progress(self.verbose, type(self).__name__), owner=owner,
-                           publish=False)
-                arrays = {name: _trimmed(state[name + "_"]) for name in SEGMENT_ARRAYS
-                          if name != "ids"}
-                arrays["ids"] = ids
+                # _Owner: the new graph's buffers are not the estimator's.
+                state, _ = self._rebuilt_graph(np.ascontiguousarray(seg["codes"][live]), ids,
+                                               _Owner())
+                arrays = {name: _trimmed(state[name + "_"]) for name in SEGMENT_ARRAYS}
                 new = Segment(arrays, {"entry_point": int(state["entry_point_"]),
                                        "max_level": int(state["max_level_"])})
                 rng = state["_levels_rng_"]
@@ -718,20 +711,27 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
             node_ids = (np.arange(self.codes_.shape[0], dtype=np.int64) if self.ids_ is None
                         else self.ids_)
             live = ~self.removed_[node_ids]
-            ids = node_ids[live].astype(np.int64)
-            codes = self.codes_[live]
-            vectors = self._node_vectors(codes, ids)
-            m = codes.shape[1]
-            empty = _empty_graph(m, self.links0_.shape[1] // 2, self.codes_.dtype)
             # The new arrays are the estimator's growable buffers (appends
             # continue in them); the published views stay those of the old.
-            state = self._grown_graph(empty, codes)
-            state["ids_"] = ids
-            st = self._link(state, 0, vectors, Progress(self.verbose, type(self).__name__),
-                            publish=False)
+            state, st = self._rebuilt_graph(self.codes_[live],
+                                            node_ids[live].astype(np.int64), self)
         with lock.write():
             self.__dict__.update(state)
             _BUILD[self] = st
+
+    def _rebuilt_graph(self, codes, ids, owner):
+        """A new graph of the nodes ``codes`` (their ``ids``), built beside
+        the index in ``owner``'s growable buffers and not published:
+        (graph state, build scratch).  Linked from the raw vectors when
+        kept, else the decoded codes."""
+        m = codes.shape[1]
+        state = self._grown_graph(_empty_graph(m, self.links0_.shape[1] // 2, codes.dtype),
+                                  codes, owner)
+        state["ids_"] = ids
+        st = self._link(state, 0, self._node_vectors(codes, ids),
+                        Progress(self.verbose, type(self).__name__), owner=owner,
+                        publish=False)
+        return state, st
 
     def _segment_cache(self):
         cache = _SEGMENT_TOMBSTONES.get(self)
