@@ -1043,9 +1043,10 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         cached = _TOMBSTONES.get(self)
         if cached is not None and cached[1] is not None and cached[1] is self.ids_:
             spare += cached[3].nbytes
-        uids = {seg.uid for seg in self.segments_}
-        spare += sum(entry[2].nbytes for uid, entry in
-                     _SEGMENT_TOMBSTONES.get(self, {}).items() if uid in uids)
+        # By segment, not over the cache: queries may add entries meanwhile.
+        cache = _SEGMENT_TOMBSTONES.get(self, {})
+        entries = [cache.get(seg.uid) for seg in self.segments_]
+        spare += sum(entry[2].nbytes for entry in entries if entry is not None)
         return super()._reserved_bytes() + spare
 
 
