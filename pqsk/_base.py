@@ -177,7 +177,9 @@ class RemovalMixin:
         ``n_samples_fit_``.  On error nothing is removed.  Costs
         O(len(ids)): the ids are marked in ``removed_`` in place (an array
         read from ``removed_`` earlier sees the change) and the search
-        skips them; the index drops their entries later (see ``compact``).
+        skips them; the index drops their entries later (see ``compact``;
+        :class:`HNSWPQNeighbors` also rebuilds, here, a sealed segment
+        left with more than half of its nodes removed).
 
         Parameters
         ----------
@@ -203,12 +205,18 @@ class RemovalMixin:
         with index_writer(self):
             with index_lock(self).write():
                 self._mark_removed(ids)
-            # Outside the write lock (queries go on), no other writer:
-            # compaction the removal calls for.
+            # Still the only writer: follow-up work (HNSW compacts sealed
+            # segments past a share of tombstones) takes the locks it needs.
             self._after_remove()
         return self
 
+    def _after_remove(self):
+        """Hook run after ``remove`` published its tombstones, under the
+        writer mutex but not the RWLock."""
+
     def _mark_removed(self, ids):
+        """Check ``ids`` against the index and mark them removed (caller
+        holds the write lock)."""
         n = self.n_samples_fit_
         if ids.min() < 0 or ids.max() >= n:
             raise ValueError(f"ids must lie in [0, {n}), got values in "
@@ -223,10 +231,6 @@ class RemovalMixin:
         self.removed_ = removed
         self.n_removed_ = self.n_removed_ + int(ids.size)
         self._remove_rows(ids, removed)
-
-    def _after_remove(self):
-        """Called after ``remove`` with the writer lock held and the
-        read/write lock free: segment compaction, if any."""
 
 
 def _check_n_neighbors(n_neighbors):
@@ -553,8 +557,6 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                 self.vectors_, n, d, dtype, range_bound(d, np.dtype(self._kernel_dtype or dtype)))
 
     def _check_codes(self, m, k):
-        from ._persist import check_int_array
-
         check_int_array(self.codes_, "codes_", (None, m), 0, k,
                         dtype=_quantizer.code_dtype(k))
 

@@ -16,10 +16,12 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import _growable, _hnsw, _quantizer
 from ._quantizer import scratch
+from ._segments import (DEFAULT_SEGMENT_SIZE, SEGMENT_PARAMETER_CONSTRAINTS, Segment,
+                        merge_topk)
 from ._store import FitRows
 from ._base import BasePQNeighbors, PQParamsMixin, RemovalMixin, _check_n_neighbors
 from ._persist import IndexIOMixin, check_int_array, require
-from ._utils import Progress, effective_n_threads, index_lock
+from ._utils import Progress, effective_n_threads, index_lock, index_writer
 
 MAX_LEVEL = 32
 MAX_LINKS = 2048  # more links per node than this is never useful
@@ -31,6 +33,16 @@ REPAIR_SAMPLE = 4096  # reachable nodes tried for a component with no way out
 # (one linear pass) runs at fit and compact, when the entry point changes,
 # and when the local check cannot give a node a parent.
 LOST_PER_NODE = 4  # room to record nodes that lost their parent, per inserted node
+# ``remove`` rebuilds a sealed segment (see ``compact``) as soon as more than
+# this share of its nodes are removed: tombstoned nodes are still walked
+# through by every query, so past half of them a segment costs about twice
+# what its live nodes need.
+COMPACT_SHARE = 0.5
+# Arrays of a sealed segment (a graph, as the growing graph's attributes
+# without the trailing underscore) and its scalars.
+SEGMENT_ARRAYS = ("codes", "levels", "links0", "upper_links", "upper_offsets", "ids")
+SEGMENT_META = ("entry_point", "max_level")
+_NO_ID = np.iinfo(np.int64).max
 
 
 _BUILD = weakref.WeakKeyDictionary()    # estimator -> build scratch (_build_scratch)
@@ -38,8 +50,11 @@ _PENDING = weakref.WeakKeyDictionary()  # estimator -> state an append is publis
 
 
 _MARKS = threading.local()
-# estimator -> (removed_, ids_, n_removed_, node mask)
+# estimator -> (removed_, ids_, n_removed_, node mask): the growing graph's
 _TOMBSTONES = weakref.WeakKeyDictionary()
+# estimator -> {segment uid: [removed_, n_removed_, node mask, removed nodes]}:
+# each sealed segment's node-order tombstones (uint8, one per node)
+_SEGMENT_TOMBSTONES = weakref.WeakKeyDictionary()
 _NO_TOMBSTONES = np.empty(0, np.uint8)
 
 
@@ -93,7 +108,13 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         Beam width at query time; can be changed after fit with
         ``set_params``.  It is raised to the number of candidates needed
         (``n_neighbors``, or ``refine_factor * n_neighbors``) when smaller,
-        and lowered to the number of indexed vectors when larger.
+        and lowered to the number of nodes of the graph searched when larger.
+        Each graph (every sealed segment and the growing one) is searched
+        with this width.
+    segment_size : int, default=4_194_304
+        The most nodes a graph holds before it is sealed into an immutable
+        segment (at least 1024; see Notes).  Not structural: changing it
+        after fit only changes when the next segments are sealed.
     n_subspaces, n_codewords, init, max_iter, n_init, tol, max_train_samples, codebooks
         Product quantizer parameters, as in :class:`PQTransformer`.
     metric : {"euclidean", "sqeuclidean", "cosine", "dot"}, default="euclidean"
@@ -138,26 +159,60 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
 
     Memory: X is validated and encoded chunk by chunk (see
     :class:`BasePQNeighbors`), but the rows being inserted are linked by
-    their float32 vectors, all at once: ``fit`` holds
-    ``n_samples * n_features * 4`` bytes while it builds the graph, and
-    ``partial_fit`` that much for its batch (old nodes are read from their
-    codes).  ``compact`` re-links the live nodes from the raw vectors when
-    kept (normalised for cosine), else their decoded codes, all at once.
+    their float32 vectors, one graph's share at a time: ``fit`` holds
+    ``min(n_samples, segment_size) * n_features * 4`` bytes while it
+    builds a graph, and ``partial_fit`` that much for its batch (old nodes
+    are read from their codes).  ``compact`` re-links the live nodes of
+    one graph at a time from the raw vectors when kept (normalised for
+    cosine), else their decoded codes.
+
+    Segments: the graph that takes appends (the attributes ``codes_``,
+    ``links0_``...) is the *growing* graph.  When an append finds it
+    holding ``segment_size`` nodes, it is sealed: its rows become an
+    immutable :class:`~pqsk._segments.Segment` in ``segments_`` (a graph of
+    its own, never modified again) and a new, empty growing graph takes the
+    rows; a batch is split so that each graph holds at most
+    ``segment_size`` nodes (``fit`` of n rows builds ceil(n /
+    ``segment_size``) graphs of consecutive rows, the last one growing).
+    A query searches every graph with the same ``ef_search`` and merges
+    their answers (fan-out and top-k merge): it costs the sum of the
+    searches, so time grows with the number of segments; a neighbour is
+    found whenever the search of its own graph finds it, so recall is at
+    least that of one graph searched alone.  With refine_factor > 0 the
+    merged candidates are re-ranked by exact distance, as for one graph.
+    Removed nodes stay in their graph as tombstones; ``remove`` rebuilds
+    a sealed segment as soon as more than ``COMPACT_SHARE`` (1/2) of its
+    nodes are removed, and ``compact`` rebuilds every graph holding
+    removed nodes, one at a time, each new segment replacing the old one
+    in ``segments_`` by one reference swap (queries go on meanwhile;
+    see ``compact``).  ``save`` writes each sealed segment's arrays once,
+    under ``segments/`` of the index directory: saving again to the same
+    path writes only the segments made since (and the growing graph), and
+    ``load(..., mmap_mode="r")`` maps them from those files.
 
     Attributes
     ----------
     codebooks_ : ndarray of shape (n_subspaces, n_codewords, ds)
-    codes_ : ndarray of shape (n_samples_fit, n_subspaces), uint8 or uint16
-    levels_ : ndarray of shape (n_samples_fit,), int32
+    segments_ : tuple of Segment
+        The sealed graphs, oldest first (empty until the growing graph
+        first reaches ``segment_size``).  Each holds the arrays ``codes``,
+        ``levels``, ``links0``, ``upper_links``, ``upper_offsets`` (as the
+        attributes below) and ``ids`` (int64, ascending: the id of each
+        node), and ``meta`` ``entry_point`` and ``max_level``.
+    codes_ : ndarray of shape (n_nodes, n_subspaces), uint8 or uint16
+        Codes of the growing graph's nodes (``n_nodes`` is
+        ``n_samples_fit_`` while nothing was sealed or removed); this and
+        the graph attributes below describe the growing graph.
+    levels_ : ndarray of shape (n_nodes,), int32
         Level of each node.
-    links0_ : ndarray of shape (n_samples_fit, 2 * n_links), int32
+    links0_ : ndarray of shape (n_nodes, 2 * n_links), int32
         Level-0 neighbours, -1 for unused slots.
     upper_links_ : ndarray of shape (n_upper_rows, n_links), int32
         Upper-level neighbours, one row per (node, level >= 1) pair
         (``n_upper_rows`` is the sum of the levels); node i's level l (1 <= l <= levels_[i]) is
         row ``upper_offsets_[i] + l - 1``.
-    upper_offsets_ : ndarray of shape (n_samples_fit,), int64
-    level0_parent_ : ndarray of shape (n_samples_fit,), int32
+    upper_offsets_ : ndarray of shape (n_nodes,), int64
+    level0_parent_ : ndarray of shape (n_nodes,), int32
         For each node, a node that links to it on level 0 (-1 for the entry
         point), such that following them from any node leads to the entry
         point: a certificate that every node is reachable, which lets
@@ -165,6 +220,12 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
     entry_point_ : int
         A node of the top level, where every search starts.
     max_level_ : int
+    ids_ : ndarray of shape (n_nodes,), int64, or None
+        Id of each node of the growing graph, ascending; None when node i
+        is id i (before any sealing or ``compact``).
+    removed_ : ndarray of shape (n_samples_fit,), bool, or None
+        Tombstones by id (see ``remove``); None before any removal.
+    n_removed_ : int
     vectors_ : RowStore of shape (n_samples_fit, n_features) or None
         Raw vectors (as given, also for cosine), kept only when
         ``refine_factor > 0``; memmap input is kept by reference.
@@ -203,9 +264,11 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         "n_links": [Interval(Integral, 2, MAX_LINKS, closed="both")],
         "ef_construction": [Interval(Integral, 1, None, closed="left")],
         "ef_search": [Interval(Integral, 1, None, closed="left")],
+        **SEGMENT_PARAMETER_CONSTRAINTS,
     }
 
-    _search_params = BasePQNeighbors._search_params + ("ef_search",)
+    # segment_size is read by every append: validated at every call too.
+    _search_params = BasePQNeighbors._search_params + ("ef_search", "segment_size")
     _kernel_dtype = np.float32  # the graph is built and walked in float32
 
     def __init__(
@@ -215,6 +278,7 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         n_links=16,
         ef_construction=200,
         ef_search=64,
+        segment_size=DEFAULT_SEGMENT_SIZE,
         n_subspaces=8,
         n_codewords=256,
         metric="euclidean",
@@ -234,6 +298,7 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         self.n_links = n_links
         self.ef_construction = ef_construction
         self.ef_search = ef_search
+        self.segment_size = segment_size
         self.n_subspaces = n_subspaces
         self.n_codewords = n_codewords
         self.metric = metric
@@ -258,21 +323,53 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         self.__dict__.update(_empty_graph(self.n_subspaces, self.n_links,
                                           _quantizer.code_dtype(self.n_codewords)))
         self.ids_ = None
+        self.segments_ = ()
+        _SEGMENT_TOMBSTONES.pop(self, None)
         self._add_rows(X, effective_n_threads(self.n_jobs), progress)
 
-    def _node_vectors(self):
-        """float vectors of the graph's nodes, in node order: raw when
-        kept (normalised for cosine), else decoded.  All at once (the graph
-        build needs them): n_nodes x n_features."""
+    def _node_vectors(self, codes, ids):
+        """float32 vectors of a graph's nodes (``codes``, ``ids``: theirs,
+        in node order): raw when kept (normalised for cosine), else
+        decoded.  All at once (the graph build needs them):
+        n_nodes x n_features."""
         if self.vectors_ is None:
-            return _quantizer.decode(self.codes_, self.codebooks_)
-        ids = np.arange(self.codes_.shape[0]) if self.ids_ is None else self.ids_
-        return FitRows(self.vectors_, self._fit_dtype_,
-                       self.effective_metric_ == "cosine").take(ids)
+            vectors = _quantizer.decode(codes, self.codebooks_)
+        else:
+            vectors = FitRows(self.vectors_, self._fit_dtype_,
+                              self.effective_metric_ == "cosine").take(ids)
+        return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def _add_rows(self, X, n_threads, progress):
+        """Append X to the growing graph, sealing it into a segment whenever
+        it holds ``segment_size`` nodes: a batch is inserted in pieces that
+        fill the growing graph up to that size, so ``fit`` builds
+        ceil(n / segment_size) graphs of consecutive rows and holds the
+        float32 rows of one piece at a time."""
         codes = _quantizer.encode_rows(X, self.codebooks_, n_threads)
         progress(f"encoded {X.shape[0]} vectors")
+        b, size = X.shape[0], self.segment_size
+        start = 0
+        committed = False
+        try:
+            while start < b:
+                if self.codes_.shape[0] >= size:
+                    self._seal()
+                n_old = self.codes_.shape[0]
+                stop = min(b, start + size - n_old)
+                piece = X if (start, stop) == (0, b) else FitRows(
+                    X.raw[start:stop], X.dtype, X.unit_norm)
+                self._add_piece(piece, codes[start:stop], progress)
+                start = stop
+                committed = committed or n_old > 0
+                if committed and start < b:
+                    # The pieces so far rewrote old nodes' links: if a later
+                    # piece fails, the index keeps them (_after_failed_write).
+                    _PENDING[self] = dict(self.__dict__)
+        finally:
+            if start >= b:
+                _PENDING.pop(self, None)
+
+    def _add_piece(self, X, codes, progress):
         n_nodes, first_id, b = self.codes_.shape[0], self.n_samples_fit_, X.shape[0]
         state = self._grown_graph({a: getattr(self, a) for a in GRAPH_ATTRS}, codes)
         if self.ids_ is not None or first_id != n_nodes:
@@ -281,6 +378,7 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
             ids[n_nodes:] = np.arange(first_id, first_id + b)
             state["ids_"] = ids
         state["vectors_"] = self._grown_vectors(X)
+        old_removed = self.removed_
         state.update(self._size_state(first_id + b))
         mask = self._extended_tombstones(b)
         # The new nodes are linked by their raw vectors (float32, all of
@@ -292,6 +390,44 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         self._link(state, n_nodes, new, progress)
         if mask is not None:
             _TOMBSTONES[self] = (self.removed_, self.ids_, self.n_removed_, mask)
+        # The sealed segments' tombstones do not change with an append:
+        # their cached masks now go with the grown removed_.
+        for entry in _SEGMENT_TOMBSTONES.get(self, {}).values():
+            if entry[0] is old_removed and entry[1] == self.n_removed_:
+                entry[0] = self.removed_
+
+    def _seal(self):
+        """Turn the growing graph into a sealed segment (trimmed copies of
+        its published rows; the capacity buffers are dropped) and start an
+        empty growing graph."""
+        n = self.codes_.shape[0]
+        ids = (np.arange(n, dtype=np.int64) if self.ids_ is None
+               else np.array(self.ids_, dtype=np.int64))
+        arrays = {name: np.array(getattr(self, name + "_")) for name in SEGMENT_ARRAYS
+                  if name != "ids"}
+        arrays["ids"] = ids
+        seg = Segment(arrays, {"entry_point": int(self.entry_point_),
+                               "max_level": int(self.max_level_)})
+        cached = _TOMBSTONES.get(self)
+        m = self.codebooks_.shape[0]
+        self.__dict__.update(_empty_graph(m, self.links0_.shape[1] // 2, self.codes_.dtype))
+        self.ids_ = np.empty(0, np.int64)
+        self.segments_ = self.segments_ + (seg,)
+        for name in ("codes", "levels", "links0", "upper_links", "upper_offsets",
+                     "level0_parent", "ids", "node_tombstones", "build_indeg",
+                     "build_copies", "build_visited"):
+            _growable.discard(self, name)
+        _BUILD.pop(self, None)
+        _TOMBSTONES.pop(self, None)
+        if self.n_removed_:
+            # The growing graph's node mask, when current, is the segment's.
+            if (cached is not None and cached[0] is self.removed_
+                    and cached[2] == self.n_removed_ and cached[3].size == n):
+                mask = np.array(cached[3], dtype=np.uint8)
+            else:
+                mask = self.removed_[ids].view(np.uint8)
+            self._segment_cache()[seg.uid] = [self.removed_, self.n_removed_, mask,
+                                              int(np.count_nonzero(mask))]
 
     def _extended_tombstones(self, b):
         """The cached node-order tombstones (after a ``compact``) with b live
@@ -304,9 +440,11 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
             return None
         return _growable.grow(self, "node_tombstones", cached[3], b, 0)
 
-    def _grown_graph(self, graph, codes):
+    def _grown_graph(self, graph, codes, owner=None):
         """The graph arrays with ``codes`` appended as unlinked nodes (levels
-        drawn, link slots -1), grown in place past the used rows."""
+        drawn, link slots -1), grown in place past the used rows (in the
+        buffers of ``owner``, by default the estimator: see ``_growable``)."""
+        owner = self if owner is None else owner
         n_old, b = graph["codes_"].shape[0], codes.shape[0]
         M = graph["links0_"].shape[1] // 2
         rng = copy.deepcopy(self._levels_rng_)  # advanced only if the append is
@@ -314,23 +452,23 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         n_rows = graph["upper_links_"].shape[0]  # = the sum of the old levels
         state = dict(graph)
         state["_levels_rng_"] = rng
-        state["codes_"] = _growable.grow(self, "codes", graph["codes_"], b)
+        state["codes_"] = _growable.grow(owner, "codes", graph["codes_"], b)
         state["codes_"][n_old:] = codes
-        state["levels_"] = _growable.grow(self, "levels", graph["levels_"], b)
+        state["levels_"] = _growable.grow(owner, "levels", graph["levels_"], b)
         state["levels_"][n_old:] = new_levels
-        state["upper_offsets_"] = off = _growable.grow(self, "upper_offsets",
+        state["upper_offsets_"] = off = _growable.grow(owner, "upper_offsets",
                                                        graph["upper_offsets_"], b)
         off[n_old:] = n_rows
         off[n_old + 1:] += np.cumsum(new_levels[:-1])
-        state["links0_"] = _growable.grow(self, "links0", graph["links0_"], b, -1)
-        state["upper_links_"] = _growable.grow(self, "upper_links", graph["upper_links_"],
+        state["links0_"] = _growable.grow(owner, "links0", graph["links0_"], b, -1)
+        state["upper_links_"] = _growable.grow(owner, "upper_links", graph["upper_links_"],
                                                int(new_levels.sum()), -1)
-        state["level0_parent_"] = _growable.grow(self, "level0_parent",
+        state["level0_parent_"] = _growable.grow(owner, "level0_parent",
                                                  graph["level0_parent_"], b,
                                                  _hnsw.PARENT_LOST)
         return state
 
-    def _build_scratch(self, graph, n_old, n):
+    def _build_scratch(self, graph, n_old, n, owner):
         """In-degrees, copy chains and visited marks for a
         build that adds nodes n_old .. n - 1 to ``graph``: kept from the
         last build when it left the published graph (O(new nodes)), else
@@ -344,27 +482,33 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
                   "visited": np.zeros(n_old, np.uint32), "gen": np.zeros(1, np.uint32)}
         extra = n - n_old
         grow = _growable.grow
-        return {"indeg": grow(self, "build_indeg", st["indeg"], extra, 0),
-                "last_copies": grow(self, "build_copies", st["last_copies"], extra, -1),
-                "visited": grow(self, "build_visited", st["visited"], extra, 0),
+        return {"indeg": grow(owner, "build_indeg", st["indeg"], extra, 0),
+                "last_copies": grow(owner, "build_copies", st["last_copies"], extra, -1),
+                "visited": grow(owner, "build_visited", st["visited"], extra, 0),
                 "gen": st["gen"], "links0": graph["links0_"],
                 "recheck": st.get("recheck", False)}
 
-    def _link(self, state, n_old, vectors, progress):
+    def _link(self, state, n_old, vectors, progress, owner=None, publish=True):
         """Link nodes n_old .. n - 1 of the grown ``state`` (``vectors``: their
         float32 rows), check reachability, and publish ``state``.
 
         Everything that can fail is done before the build kernel runs; from
         then on the old nodes' rows are being rewritten, so ``state`` is
         the index (``_after_failed_write``) even if an interrupt comes.
+
+        With ``publish=False`` (a new graph, ``n_old == 0``, built beside
+        the index: compaction) nothing of the estimator changes; the
+        caller publishes ``state`` and the returned build scratch.
+        ``owner`` holds the growable buffers (default: the estimator).
         """
+        owner = self if owner is None else owner
         links0, upper = state["links0_"], state["upper_links_"]
         n, M0 = links0.shape
         codes = state["codes_"]
         m = codes.shape[1]
         ip = self._inner_product
         ep, top = state["entry_point_"], state["max_level_"]
-        st = self._build_scratch(state, n_old, n)
+        st = self._build_scratch(state, n_old, n, owner)
         ef_c = max(1, min(self.ef_construction, n))
         width = M0 + 1
         D = vectors.shape[1]
@@ -386,9 +530,10 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         )
         data = (vectors, n_old, codes8, codes16, cb)
         # Point of no return: the kernel rewrites old nodes' rows in place.
-        if n_old:
-            _PENDING[self] = state
-        _BUILD[self] = st
+        if publish:
+            if n_old:
+                _PENDING[self] = state
+            _BUILD[self] = st
         first_ep = ep
         for start in range(n_old, n, BUILD_CHUNK):
             stop = min(n, start + BUILD_CHUNK)
@@ -439,68 +584,186 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
             unreached = np.flatnonzero(parent == _hnsw.PARENT_LOST)
             if unreached.size and fix(unreached):
                 warnings.warn("HNSW level-0 repair gave up; some nodes stay unreachable.")
-        self.__dict__.update(state)
-        _PENDING.pop(self, None)
+        if publish:
+            self.__dict__.update(state)
+            _PENDING.pop(self, None)
+        return st
 
     def _after_failed_write(self):
         # A partial_fit interrupted after the kernel started rewriting old
         # nodes' links cannot be undone: keep the new state (see _link),
         # whose nodes may lack a parent: the next append looks for them all.
+        # (Or the pieces of a batch committed before the failing one: see
+        # _add_rows.)
         state = _PENDING.pop(self, None)
         if state is not None:
             self.__dict__.update(state)
-            _BUILD[self]["recheck"] = True
+            st = _BUILD.get(self)
+            if st is not None:
+                st["recheck"] = True
 
     def _remove_rows(self, ids, removed):
         # Tombstones: the nodes stay in the graph for routing; searches
         # read ``removed_`` (updated in place by ``remove``) in node order
-        # and never return them.  See ``compact``.
+        # and never return them.  See ``compact``.  The sealed segments'
+        # cached masks are updated in place too: O(len(ids)) per segment.
+        cache = _SEGMENT_TOMBSTONES.get(self)
+        if cache:
+            previous = self.n_removed_ - ids.size
+            for seg in self.segments_:
+                entry = cache.get(seg.uid)
+                if entry is None or entry[0] is not removed or entry[1] != previous:
+                    cache.pop(seg.uid, None)  # computed again at next use
+                    continue
+                pos = _positions(seg["ids"], ids)
+                entry[2][pos] = 1
+                entry[1], entry[3] = self.n_removed_, entry[3] + int(pos.size)
         cached = _TOMBSTONES.get(self)
         if (self.ids_ is None or cached is None or cached[0] is not removed
                 or cached[1] is not self.ids_ or cached[3].size == 0):
             return  # the view of removed_ is current, or computed at next use
-        pos = np.searchsorted(self.ids_, ids)  # ids_ ascend: node order is id order
-        pos = pos[pos < self.ids_.shape[0]]
-        pos = pos[np.isin(self.ids_[pos], ids)]
-        cached[3][pos] = 1
+        cached[3][_positions(self.ids_, ids)] = 1
         _TOMBSTONES[self] = (removed, self.ids_, self.n_removed_, cached[3])
 
     def compact(self):
-        """Rebuild the graph without the removed nodes.
+        """Rebuild, one graph at a time, every graph holding removed nodes.
 
         After many ``remove`` calls the tombstoned nodes still cost memory
         and search time (they are walked through).  ``compact`` re-inserts
-        the live nodes into a fresh graph (same codes, same ids; the build
+        the live nodes of each such graph (every sealed segment, then the
+        growing graph) into a fresh graph (same codes, same ids; the build
         uses the raw vectors if kept, else the decoded ones), so it costs
-        about as much as building the graph anew.
+        about as much as building those graphs anew.  A sealed segment left
+        with no live node is dropped.
+
+        Queries go on meanwhile: each new graph is built under the index's
+        read lock, and the write lock is held only to swap it in (one
+        reference: ``segments_``, or the growing graph's attributes).
+        Other writers (``partial_fit``, ``remove``...) wait.
 
         Returns
         -------
         self : HNSWPQNeighbors
         """
         check_is_fitted(self)
-        with index_lock(self).write():
-            return self._compact()
-
-    def _compact(self):
-        if not self.n_removed_:
-            return self
-        node_ids = np.arange(self.codes_.shape[0]) if self.ids_ is None else self.ids_
-        live = ~self.removed_[node_ids]
-        vectors = np.ascontiguousarray(self._node_vectors()[live], dtype=np.float32)
-        m, k = self.codebooks_.shape[:2]
-        empty = _empty_graph(m, self.links0_.shape[1] // 2, self.codes_.dtype)
-        state = self._grown_graph(empty, self.codes_[live])
-        state["ids_"] = node_ids[live].astype(np.int64)
-        self._link(state, 0, vectors, Progress(self.verbose, type(self).__name__))
+        with index_writer(self):
+            for seg in self.segments_:
+                self._compact_segment(seg)
+            self._compact_growing()
         return self
 
+    def _after_remove(self):
+        # Sealed segments past COMPACT_SHARE of removed nodes are rebuilt,
+        # one at a time (see compact).  The removal itself is done: a
+        # compaction that fails (memory) is reported, not raised, so that
+        # remove keeps its contract (on error nothing is removed).
+        for seg in self.segments_:
+            with index_lock(self).read():
+                _, n_dead = self._segment_tombstones(seg)
+            if n_dead > COMPACT_SHARE * seg["ids"].shape[0]:
+                try:
+                    self._compact_segment(seg)
+                except Exception as e:  # noqa: BLE001 - reported as a warning
+                    warnings.warn(
+                        f"the ids are removed, but compacting a segment failed "
+                        f"({type(e).__name__}: {e}); call compact() to retry.",
+                        RuntimeWarning)
+                    return
+
+    def _compact_segment(self, seg):
+        """Replace ``seg`` by a segment of its live nodes (or drop it when
+        none is left); the caller holds the writer mutex."""
+        lock = index_lock(self)
+        with lock.read():
+            mask, n_dead = self._segment_tombstones(seg)
+            if not n_dead:
+                return
+            live = mask == 0
+            ids = np.ascontiguousarray(seg["ids"][live])
+            new, rng = None, self._levels_rng_
+            if ids.size:
+                # _Owner: the new graph's buffers are not the estimator's.
+                state, _ = self._rebuilt_graph(np.ascontiguousarray(seg["codes"][live]), ids,
+                                               _Owner())
+                arrays = {name: _trimmed(state[name + "_"]) for name in SEGMENT_ARRAYS}
+                new = Segment(arrays, {"entry_point": int(state["entry_point_"]),
+                                       "max_level": int(state["max_level_"])})
+                rng = state["_levels_rng_"]
+                fresh = [None, None, np.zeros(ids.size, np.uint8), 0]
+        # Publishing is a reference swap (and the cache entry's).
+        with lock.write():
+            self.segments_ = tuple(s for s in (new if s is seg else s
+                                               for s in self.segments_) if s is not None)
+            self._levels_rng_ = rng
+            cache = self._segment_cache()
+            cache.pop(seg.uid, None)
+            if new is not None:
+                fresh[:2] = self.removed_, self.n_removed_
+                cache[new.uid] = fresh
+
+    def _compact_growing(self):
+        """Rebuild the growing graph from its live nodes, if it holds removed
+        ones; the caller holds the writer mutex."""
+        lock = index_lock(self)
+        with lock.read():
+            if not self.n_removed_ or self._tombstones().size == 0:
+                return
+            node_ids = (np.arange(self.codes_.shape[0], dtype=np.int64) if self.ids_ is None
+                        else self.ids_)
+            live = ~self.removed_[node_ids]
+            # The new arrays are the estimator's growable buffers (appends
+            # continue in them); the published views stay those of the old.
+            state, st = self._rebuilt_graph(self.codes_[live],
+                                            node_ids[live].astype(np.int64), self)
+        with lock.write():
+            self.__dict__.update(state)
+            _BUILD[self] = st
+
+    def _rebuilt_graph(self, codes, ids, owner):
+        """A new graph of the nodes ``codes`` (their ``ids``), built beside
+        the index in ``owner``'s growable buffers and not published:
+        (graph state, build scratch).  Linked from the raw vectors when
+        kept, else the decoded codes."""
+        m = codes.shape[1]
+        state = self._grown_graph(_empty_graph(m, self.links0_.shape[1] // 2, codes.dtype),
+                                  codes, owner)
+        state["ids_"] = ids
+        st = self._link(state, 0, self._node_vectors(codes, ids),
+                        Progress(self.verbose, type(self).__name__), owner=owner,
+                        publish=False)
+        return state, st
+
+    def _segment_cache(self):
+        cache = _SEGMENT_TOMBSTONES.get(self)
+        if cache is None:
+            cache = _SEGMENT_TOMBSTONES[self] = {}
+        return cache
+
+    def _segment_tombstones(self, seg):
+        """(uint8 node mask, number of removed nodes) of a sealed segment;
+        the mask is empty when none is removed (the kernel then skips the
+        check).  Computed once (O(segment)) and cached outside ``__dict__``,
+        keyed by (segment uid, ``removed_``, ``n_removed_``); ``remove``
+        and ``partial_fit`` keep it current at O(their ids)."""
+        if not self.n_removed_:
+            return _NO_TOMBSTONES, 0
+        cache = self._segment_cache()
+        entry = cache.get(seg.uid)
+        if entry is None or entry[0] is not self.removed_ or entry[1] != self.n_removed_:
+            mask = self.removed_[seg["ids"]].view(np.uint8)
+            entry = [self.removed_, self.n_removed_, mask, int(np.count_nonzero(mask))]
+            cache[seg.uid] = entry
+        return (entry[2] if entry[3] else _NO_TOMBSTONES), entry[3]
+
     def _check_loaded_state(self):
-        """Loaded-index invariants (see ``BasePQNeighbors``) and the graph's:
-        links in range, padded with -1 only at the end of a row, an
+        """Loaded-index invariants (see ``BasePQNeighbors``) and the graphs':
+        every sealed segment and the growing graph pass ``check_graph``
+        (links in range, padded with -1 only at the end of a row, an
         upper-level link at level l pointing at a node of level >= l,
-        every live node reachable on level 0 from the entry point."""
-        from ._persist import check_float_array, check_scalar_int
+        every live node reachable on level 0 from the entry point), and
+        every id is stored in at most one graph, every live id in one."""
+        from ._persist import check_float_array
+
         from ._utils import range_bound
 
         super()._check_loaded_state()
@@ -510,57 +773,40 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         check_float_array(cb, "codebooks_", cb.shape, cb.dtype, bound)
         # vectors_: checked by the base class against the float32 bound
         # (_kernel_dtype), chunk by chunk.
+        if not hasattr(self, "segments_"):  # saved before sealed segments
+            self.segments_ = ()
+        segments = self.segments_
+        require(isinstance(segments, tuple)
+                and all(isinstance(s, Segment) for s in segments),
+                "segments_ must be a tuple of segments")
+        require(len({s.uid for s in segments}) == len(segments),
+                "segments_ holds a segment twice")
         n, n_nodes = self.n_samples_fit_, self.codes_.shape[0]
-        require(n_nodes <= n <= n_nodes + self.n_removed_,
-                "every id must be a node or removed")
         removed = (np.zeros(n, bool) if self.removed_ is None else self.removed_)
         if self.ids_ is None:
-            require(n_nodes == n, "codes_ and n_samples_fit_ differ")
-        else:
-            check_int_array(self.ids_, "ids_", (n_nodes,), 0, n, dtype=np.int64)
-            require(bool(np.all(self.ids_[1:] > self.ids_[:-1])),
-                    "ids_ must be increasing")
-            is_node = np.zeros(n, bool)
-            is_node[self.ids_] = True
-            require(bool(np.all(is_node | removed)), "an id is neither a node nor removed")
-        links0, upper = self.links0_, self.upper_links_
+            require(n_nodes == n and not segments, "codes_ and n_samples_fit_ differ")
+        upper = self.upper_links_
         require(isinstance(upper, np.ndarray) and upper.ndim == 2
                 and 2 <= upper.shape[1] <= MAX_LINKS, "upper_links_ must be (rows, M)")
-        M = upper.shape[1]
-        check_int_array(self.levels_, "levels_", (n_nodes,), 0, MAX_LEVEL + 1, dtype=np.int32)
-        levels = self.levels_
-        off = np.zeros(n_nodes, np.int64)
-        np.cumsum(levels[:-1], out=off[1:])
-        check_int_array(self.upper_offsets_, "upper_offsets_", (n_nodes,), 0, 2**62,
-                        dtype=np.int64)
-        require(np.array_equal(self.upper_offsets_, off), "upper_offsets_ do not match levels_")
-        check_int_array(links0, "links0_", (n_nodes, 2 * M), -1, n_nodes, dtype=np.int32)
-        n_rows = int(levels.sum(dtype=np.int64))
-        check_int_array(upper, "upper_links_", (n_rows, M), -1, n_nodes, dtype=np.int32)
-        for name, links in (("links0_", links0), ("upper_links_", upper)):
-            unused = links < 0  # the kernels stop at the first -1 of a row
-            require(bool(np.all(unused[:, 1:] >= unused[:, :-1])),
-                    f"{name} has links after an unused (-1) slot")
-        # Row r of upper_links_ is level row_level[r] of its node: its links
-        # must reach nodes that have that level.
-        row_level = np.arange(n_rows) - np.repeat(off, levels) + 1
-        used = upper >= 0
-        require(bool(np.all(levels[upper[used]] >= np.broadcast_to(
-            row_level[:, None], upper.shape)[used])),
-            "an upper-level link points at a node without that level")
-        entry = check_scalar_int(self.entry_point_, "entry_point_", -1, max(n_nodes, 0))
-        top = check_scalar_int(self.max_level_, "max_level_", -1, MAX_LEVEL + 1)
+        m, k = cb.shape[:2]
+        form = (m, k, upper.shape[1], _quantizer.code_dtype(k))
         require(isinstance(self._levels_rng_, np.random.RandomState),
                 "_levels_rng_ must be a RandomState")
-        if n_nodes == 0:
-            require(entry == -1 and top == -1, "an empty graph has no entry point")
-            self._check_growing_state()
-            return
-        require(entry >= 0 and levels[entry] == top == int(levels.max()),
-                "entry_point_ is not on the top level")
-        node_removed = removed if self.ids_ is None else removed[self.ids_]
-        require(bool(np.all(_reachable(links0, entry) | node_removed)),
-                "a live node is unreachable from the entry point on level 0")
+        stored = [check_graph(self._growing_graph(), "", *form, removed)]
+        for i, seg in enumerate(segments):
+            where = f"segment {i} "
+            require(seg.names == sorted(SEGMENT_ARRAYS),
+                    f"{where}must hold the arrays {sorted(SEGMENT_ARRAYS)}")
+            require(sorted(seg.meta) == sorted(SEGMENT_META),
+                    f"{where}must hold {sorted(SEGMENT_META)}")
+            require(seg["ids"].shape[0] > 0, f"{where}is empty")
+            stored.append(check_graph(_segment_graph(seg), where, *form, removed))
+        if segments or self.ids_ is not None:
+            seen = np.zeros(n, bool)
+            for ids in stored:  # each graph's ids are distinct (ascending)
+                require(not seen[ids].any(), "an id is stored in two graphs")
+                seen[ids] = True
+            require(bool(np.all(seen | removed)), "an id is neither a node nor removed")
         self._check_growing_state()
 
     def _check_growing_state(self):
@@ -600,22 +846,24 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
             n = max(n, min(self.ef_search, self._n_live))
         return n
 
-    def _ef(self, n_out):
+    def _ef(self, n_out, n_nodes=None):
         # A beam wider than the graph holds nothing more: cap it there
         # (this also bounds the scratch memory of a huge ef_search).
-        return max(1, min(max(self.ef_search, n_out), self.codes_.shape[0]))
+        n_nodes = self.codes_.shape[0] if n_nodes is None else n_nodes
+        return max(1, min(max(self.ef_search, n_out), n_nodes))
 
     def _tombstones(self):
-        """uint8 mask of removed nodes in node order, or an empty array when
-        no node of the graph is removed (none ever was, or ``compact``
-        dropped them all); the kernel then skips the check.
+        """uint8 mask of removed nodes of the growing graph in node order,
+        or an empty array when no node of it is removed (none ever was, or
+        ``compact`` dropped them all); the kernel then skips the check.
 
-        Before any ``compact`` (``ids_`` is None) it is ``removed_`` itself,
-        viewed as uint8.  Otherwise it is computed once (O(n)) and cached
-        outside ``__dict__``, keyed by (``removed_``, ``ids_``,
-        ``n_removed_``): ``remove`` marks ids in place in both, and
-        ``partial_fit`` extends both (see ``_remove_rows``,
-        ``_extend_tombstones``), so neither pays O(n) again.
+        Before any ``compact`` or sealing (``ids_`` is None) it is
+        ``removed_`` itself, viewed as uint8.  Otherwise it is computed once
+        (O(n)) and cached outside ``__dict__``, keyed by (``removed_``,
+        ``ids_``, ``n_removed_``): ``remove`` marks ids in place in both,
+        and ``partial_fit`` extends both (see ``_remove_rows``,
+        ``_extend_tombstones``), so neither pays O(n) again.  Sealed
+        segments have theirs (``_segment_tombstones``).
         """
         if not self.n_removed_:
             return _NO_TOMBSTONES
@@ -631,27 +879,60 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         _TOMBSTONES[self] = (self.removed_, self.ids_, self.n_removed_, mask)
         return mask
 
-    def _graph_search(self, Q, n_out, n_threads, ef=None, from_entry=False):
-        """(dist float32, node int64, distance computations per query).
+    def _graphs(self):
+        """The graphs a query fans out to, as (graph, tombstones, live
+        nodes): every sealed segment then the growing graph, those with a
+        live node only.  ``graph`` holds the growing graph's attribute names
+        (``codes_``, ``links0_``, ..., ``ids_``: None when node i is id i).
+        O(number of segments): the masks and counts are cached."""
+        out = []
+        live_sealed = 0
+        for seg in self.segments_:
+            mask, n_dead = self._segment_tombstones(seg)
+            live = seg["ids"].shape[0] - n_dead
+            live_sealed += live
+            if live:
+                out.append((_segment_graph(seg), mask, live))
+        # Every live id is stored exactly once: the rest are the growing
+        # graph's.
+        live = self._n_live - live_sealed
+        if live > 0 and self.codes_.shape[0]:
+            out.append((self._growing_graph(), self._tombstones(), live))
+        return out
+
+    def _growing_graph(self):
+        """The growing graph as ``_graphs`` gives it (no parent tree)."""
+        return {a: getattr(self, a) for a in SEARCH_ATTRS}
+
+    def _codebooks_t(self):
+        """The codebooks as the search kernel reads them: (m, ds, k) float32."""
+        return np.ascontiguousarray(self.codebooks_.transpose(0, 2, 1), dtype=np.float32)
+
+    def _graph_search(self, graph, deleted, Q, n_out, n_threads, ef=None,
+                      from_entry=False, cbt=None):
+        """(dist float32, node int64, distance computations per query) of
+        one graph; nodes are positions in that graph.
 
         ``from_entry`` skips the descent and starts the level-0 beam at the
         entry point, from which every node is reachable (see
         ``repair_level0``): with ``ef = n`` that visits the whole graph.
         """
         Q = np.ascontiguousarray(Q, dtype=np.float32)
-        nq, n = Q.shape[0], self.codes_.shape[0]
+        codes = graph["codes_"]
+        nq, n = Q.shape[0], codes.shape[0]
         m, k = self.codebooks_.shape[:2]
-        ef = self._ef(n_out) if ef is None else ef
+        ef = self._ef(n_out, n) if ef is None else ef
         nt = max(1, n_threads)
         dist = np.empty((nq, n_out), dtype=np.float32)
         ind = np.empty((nq, n_out), dtype=np.int64)
         n_dist = np.zeros(nq, dtype=np.int64)
-        codes8 = self.codes_ if self.codes_.dtype == np.uint8 else np.empty((0, m), np.uint8)
-        codes16 = self.codes_ if self.codes_.dtype == np.uint16 else np.empty((0, m), np.uint16)
-        cbt = np.ascontiguousarray(self.codebooks_.transpose(0, 2, 1), dtype=np.float32)
+        codes8 = codes if codes.dtype == np.uint8 else np.empty((0, m), np.uint8)
+        codes16 = codes if codes.dtype == np.uint16 else np.empty((0, m), np.uint16)
+        cbt = self._codebooks_t() if cbt is None else cbt
         _hnsw.hnsw_search(
-            Q, cbt, codes8, codes16, self._tombstones(), self.links0_, self.upper_links_,
-            self.upper_offsets_, self.entry_point_, 0 if from_entry else self.max_level_, ef,
+            Q, cbt, codes8, codes16, deleted, graph["links0_"], graph["upper_links_"],
+            graph["upper_offsets_"], graph["entry_point_"],
+            0 if from_entry else graph["max_level_"], ef,
             self._inner_product,
             dist, ind, n_dist,
             *visited_marks(nt, n),
@@ -662,25 +943,39 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         return dist, ind, n_dist
 
     def _search(self, Q, n_candidates, n_threads):
-        dist, ind, _ = self._graph_search(Q, n_candidates, n_threads)
-        # A beam can end with fewer live nodes than asked for (many
-        # tombstones, or a start node from which few nodes are reachable):
-        # search those queries again over the whole graph.
-        short = ind[:, -1] == np.iinfo(np.int64).max
-        if short.any():
-            d2, i2, _ = self._graph_search(Q[short], n_candidates, n_threads,
-                                           ef=self.codes_.shape[0], from_entry=True)
-            dist[short], ind[short] = d2, i2
-        if self.ids_ is not None:
-            ind = self.ids_[ind]
-        return dist, ind
+        # Fan out: each graph gives its best min(n_candidates, its live
+        # nodes), mapped to ids; merge_topk keeps the best n_candidates.
+        parts = []
+        cbt = self._codebooks_t()
+        Q = np.ascontiguousarray(Q, dtype=np.float32)
+        for graph, deleted, live in self._graphs():
+            n_out = min(n_candidates, live)
+            dist, ind, _ = self._graph_search(graph, deleted, Q, n_out, n_threads, cbt=cbt)
+            # A beam can end with fewer live nodes than asked for (many
+            # tombstones, or a start node from which few nodes are
+            # reachable): search those queries again over the whole graph.
+            short = ind[:, -1] == _NO_ID
+            if short.any():
+                d2, i2, _ = self._graph_search(graph, deleted, Q[short], n_out, n_threads,
+                                               ef=graph["codes_"].shape[0], from_entry=True,
+                                               cbt=cbt)
+                dist[short], ind[short] = d2, i2
+            if graph["ids_"] is not None:
+                ind = graph["ids_"][ind]
+            parts.append((dist, ind))
+        return merge_topk(parts, n_candidates)
 
     def _reconstruct(self):
-        X_hat = _quantizer.decode(self.codes_, self.codebooks_)
-        if self.ids_ is None:
-            return X_hat
-        out = np.zeros((self.n_samples_fit_, X_hat.shape[1]), X_hat.dtype)
-        out[self.ids_] = X_hat
+        m = self.codebooks_.shape[0]
+        if not self.segments_ and self.ids_ is None:
+            return _quantizer.decode(self.codes_, self.codebooks_)
+        out = np.zeros((self.n_samples_fit_, m * self.codebooks_.shape[2]),
+                       self.codebooks_.dtype)
+        for seg in self.segments_:
+            out[seg["ids"]] = _quantizer.decode(seg["codes"], self.codebooks_)
+        if self.codes_.shape[0]:
+            ids = np.arange(self.codes_.shape[0]) if self.ids_ is None else self.ids_
+            out[ids] = _quantizer.decode(self.codes_, self.codebooks_)
         return out
 
     def search_stats(self, X, n_neighbors=None):
@@ -695,28 +990,45 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         -------
         stats : dict
             ``"distance_computations"``: mean number of ADC distances
-            evaluated per query; ``"ef"``: the beam width used (which
-            accounts for ``refine_factor``, as ``kneighbors`` does).
+            evaluated per query, summed over the graphs searched (every
+            sealed segment and the growing graph); ``"ef"``: the beam width
+            used (which accounts for ``refine_factor``, as ``kneighbors``
+            does); ``"n_graphs"``: the number of graphs searched.
         """
         self._check_fitted()
         self._check_params_at_call()
         n_neighbors = _check_n_neighbors(self.n_neighbors if n_neighbors is None
                                          else n_neighbors)
         Q = self._validate_queries(X)
+        n_threads = effective_n_threads(self.n_jobs)
         with index_lock(self).read():
             n_out = self._n_candidates(n_neighbors)
-            _, _, n_dist = self._graph_search(Q, n_out, effective_n_threads(self.n_jobs))
-        return {"distance_computations": float(n_dist.mean()), "ef": self._ef(n_out)}
+            total = np.zeros(Q.shape[0], np.int64)
+            graphs = self._graphs()
+            for graph, deleted, live in graphs:
+                _, _, n_dist = self._graph_search(graph, deleted, Q, min(n_out, live),
+                                                  n_threads)
+                total += n_dist
+            ef = max([self._ef(n_out, g["codes_"].shape[0]) for g, _, _ in graphs],
+                     default=1)
+        return {"distance_computations": float(total.mean()), "ef": ef,
+                "n_graphs": len(graphs)}
 
     def _memory_parts(self):
-        return (
-            {"codes": self.codes_.nbytes, "links0": self.links0_.nbytes,
-             "upper_links": self.upper_links_.nbytes, "levels": self.levels_.nbytes,
-             "upper_offsets": self.upper_offsets_.nbytes,
-             "level0_parent": self.level0_parent_.nbytes,
-             "ids": 0 if self.ids_ is None else self.ids_.nbytes},
-            {"codebooks": self.codebooks_.nbytes},
-        )
+        # Sealed segments count in the same parts as the growing graph
+        # (memory-mapped ones included: their pages are read on demand).
+        parts = {"codes": self.codes_.nbytes, "links0": self.links0_.nbytes,
+                 "upper_links": self.upper_links_.nbytes, "levels": self.levels_.nbytes,
+                 "upper_offsets": self.upper_offsets_.nbytes,
+                 "level0_parent": self.level0_parent_.nbytes,
+                 "ids": 0 if self.ids_ is None else self.ids_.nbytes}
+        for seg in self.segments_:
+            for name in SEGMENT_ARRAYS:
+                parts[name] += seg[name].nbytes
+        return parts, {"codebooks": self.codebooks_.nbytes}
+
+    def _n_stored(self):
+        return self.codes_.shape[0] + sum(seg["ids"].shape[0] for seg in self.segments_)
 
     def _reserved_bytes(self):
         spare = sum(_growable.spare_bytes(self, name, getattr(self, name + "_"))
@@ -731,7 +1043,19 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
         cached = _TOMBSTONES.get(self)
         if cached is not None and cached[1] is not None and cached[1] is self.ids_:
             spare += cached[3].nbytes
+        # By segment, not over the cache: queries may add entries meanwhile.
+        cache = _SEGMENT_TOMBSTONES.get(self, {})
+        entries = [cache.get(seg.uid) for seg in self.segments_]
+        spare += sum(entry[2].nbytes for entry in entries if entry is not None)
         return super()._reserved_bytes() + spare
+
+
+def _segment_graph(seg):
+    """A sealed segment's graph under the growing graph's attribute names."""
+    graph = {name + "_": seg[name] for name in SEGMENT_ARRAYS}
+    meta = seg.meta
+    graph["entry_point_"], graph["max_level_"] = meta["entry_point"], meta["max_level"]
+    return graph
 
 
 def _level0_adjacency(links0):
@@ -956,6 +1280,9 @@ def _link_unreachable_safely(links0, vectors, entry_point, inner_product):
 
 GRAPH_ATTRS = ("codes_", "levels_", "links0_", "upper_links_", "upper_offsets_",
                "level0_parent_", "entry_point_", "max_level_")
+# What a search (and a load check) reads of a graph.
+SEARCH_ATTRS = ("codes_", "levels_", "links0_", "upper_links_", "upper_offsets_",
+                "entry_point_", "max_level_", "ids_")
 
 
 def _empty_graph(m, n_links, code_dtype):
@@ -985,3 +1312,79 @@ class _NodeVectors:
         out[old] = _quantizer.decode(self.codes[idx[old]], self.codebooks)
         out[~old] = self.new_rows[idx[~old] - self.first_new]
         return out
+
+
+class _Owner:
+    """Holds the growable buffers of a graph built beside the index (a
+    compacted segment), so that the estimator's own are not replaced."""
+
+
+def _trimmed(a):
+    """``a`` without the spare capacity of the buffer it views."""
+    return np.array(a) if a.base is not None and a.base.nbytes != a.nbytes else a
+
+
+def _positions(node_ids, ids):
+    """Positions in ``node_ids`` (ascending) of those of ``ids`` it holds."""
+    pos = np.searchsorted(node_ids, ids)
+    inside = pos < node_ids.shape[0]
+    pos, ids = pos[inside], ids[inside]
+    return pos[node_ids[pos] == ids]
+
+
+def check_graph(graph, where, m, k, M, code_dtype, removed):
+    """Check one loaded graph (the growing graph's attribute names:
+    ``codes_``, ``levels_``, ``links0_``, ``upper_links_``,
+    ``upper_offsets_``, ``entry_point_``, ``max_level_``, ``ids_``) for
+    what the kernels rely on; raise ValueError (``require``) otherwise.
+
+    ``where`` prefixes the messages (empty for the growing graph); m, k:
+    the codebooks'; M: links per upper-level row; ``removed``: the bool
+    tombstones by id (``n_samples_fit_`` of them).  Returns the graph's
+    node ids (int64, ascending)."""
+    from ._persist import check_scalar_int
+
+    n = removed.shape[0]
+    codes = graph["codes_"]
+    check_int_array(codes, f"{where}codes_", (None, m), 0, k, dtype=code_dtype)
+    n_nodes = codes.shape[0]
+    ids = graph["ids_"]
+    if ids is None:
+        require(n_nodes <= n, f"{where}codes_ and n_samples_fit_ differ")
+        ids = np.arange(n_nodes, dtype=np.int64)
+    else:
+        check_int_array(ids, f"{where}ids_", (n_nodes,), 0, n, dtype=np.int64)
+        require(bool(np.all(ids[1:] > ids[:-1])), f"{where}ids_ must be increasing")
+    levels, links0, upper = graph["levels_"], graph["links0_"], graph["upper_links_"]
+    check_int_array(levels, f"{where}levels_", (n_nodes,), 0, MAX_LEVEL + 1, dtype=np.int32)
+    off = np.zeros(n_nodes, np.int64)
+    np.cumsum(levels[:-1], out=off[1:])
+    check_int_array(graph["upper_offsets_"], f"{where}upper_offsets_", (n_nodes,), 0, 2**62,
+                    dtype=np.int64)
+    require(np.array_equal(graph["upper_offsets_"], off),
+            f"{where}upper_offsets_ do not match levels_")
+    check_int_array(links0, f"{where}links0_", (n_nodes, 2 * M), -1, n_nodes, dtype=np.int32)
+    n_rows = int(levels.sum(dtype=np.int64))
+    check_int_array(upper, f"{where}upper_links_", (n_rows, M), -1, n_nodes, dtype=np.int32)
+    for name, links in (("links0_", links0), ("upper_links_", upper)):
+        unused = links < 0  # the kernels stop at the first -1 of a row
+        require(bool(np.all(unused[:, 1:] >= unused[:, :-1])),
+                f"{where}{name} has links after an unused (-1) slot")
+    # Row r of upper_links_ is level row_level[r] of its node: its links
+    # must reach nodes that have that level.
+    row_level = np.arange(n_rows) - np.repeat(off, levels) + 1
+    used = upper >= 0
+    require(bool(np.all(levels[upper[used]] >= np.broadcast_to(
+        row_level[:, None], upper.shape)[used])),
+        f"{where}an upper-level link points at a node without that level")
+    entry = check_scalar_int(graph["entry_point_"], f"{where}entry_point_", -1,
+                             max(n_nodes, 0))
+    top = check_scalar_int(graph["max_level_"], f"{where}max_level_", -1, MAX_LEVEL + 1)
+    if n_nodes == 0:
+        require(entry == -1 and top == -1, f"{where}an empty graph has no entry point")
+        return ids
+    require(entry >= 0 and levels[entry] == top == int(levels.max()),
+            f"{where}entry_point_ is not on the top level")
+    require(bool(np.all(_reachable(links0, entry) | removed[ids])),
+            f"{where}a live node is unreachable from the entry point on level 0")
+    return ids

@@ -76,9 +76,11 @@ def array_name(header, name):
 
 
 def array_file(path, name, header=None):
+    """The file of array ``name``: in the data directory, or under
+    ``segments/`` for an array of a sealed segment (format version 3)."""
     header = read_header(path) if header is None else header
     meta = header["arrays"][array_name(header, name)]
-    if "segment_file" in meta:
+    if "file" not in meta and "segment_file" in meta:
         return os.path.join(str(path), "segments", meta["segment_file"])
     return os.path.join(data_dir(path), meta["file"])
 
@@ -130,10 +132,13 @@ def write_version1(estimator, path):
               for k, v in estimator.get_params(deep=False).items()
               if k != "segment_size"}  # a parameter since format 3
     state = dict(vars(estimator))
-    if "segments_" in state:  # format 1 held an IVF index as one sorted part
+    if "segments_" in state:  # format 1 had no segments
         del state["segments_"]
-        state.update(codes_=estimator.codes_, ids_=estimator.ids_,
-                     list_offsets_=estimator.list_offsets_)
+        if hasattr(type(estimator), "list_offsets_"):  # IVF: one sorted part
+            state.update(codes_=estimator.codes_, ids_=estimator.ids_,
+                         list_offsets_=estimator.list_offsets_)
+        else:  # HNSW: one graph
+            assert estimator.segments_ == (), "format 1 cannot hold sealed graphs"
     attrs = {k: _encode_value(k, v, arrays) for k, v in state.items()
              if k not in params}
     os.mkdir(path)

@@ -102,7 +102,9 @@ class IndexMachine(RuleBasedStateMachine):
         if self.kind == "ivf":
             small_segments()
             return IVFPQNeighbors(3, n_lists=4, n_probe=2, **common)
-        return HNSWPQNeighbors(3, n_links=4, ef_construction=16, ef_search=8, **common)
+        # The smallest segment_size: the seal rules below make segments.
+        return HNSWPQNeighbors(3, n_links=4, ef_construction=16, ef_search=8,
+                               segment_size=1024, **common)
 
     @initialize(seed=st.integers(0, 2**16), n=st.integers(40, 90),
                 metric=st.sampled_from(METRICS), refine=st.sampled_from([0, 0, 3]),
@@ -159,6 +161,26 @@ class IndexMachine(RuleBasedStateMachine):
     @rule()
     def compact(self):
         self.est.compact()
+
+    @precondition(lambda self: self.kind == "hnsw")
+    @rule(seed=st.integers(0, 2**16), extra=st.integers(0, 40))
+    def partial_fit_that_seals(self, seed, extra):
+        # Fill the growing graph to segment_size and go past it.
+        self.partial_fit(seed, 1024 - self.est.codes_.shape[0] + extra, duplicates=False)
+
+    @precondition(lambda self: self.kind == "hnsw" and self.est.segments_)
+    @rule(data=st.data())
+    def remove_most_of_a_segment(self, data):
+        # Past half of a sealed segment removed: remove compacts it.
+        seg = data.draw(st.sampled_from(self.est.segments_))
+        live = [int(i) for i in seg["ids"] if int(i) in self.vectors]
+        if len(self.vectors) - len(live) < 8:
+            return
+        share = data.draw(st.sampled_from([0.6, 1.0]))
+        ids = live[:int(np.ceil(share * len(live)))]
+        self.est.remove(ids)
+        for i in ids:
+            del self.vectors[i]
 
     # -- parameters ----------------------------------------------------------
     @rule(k=st.integers(1, 6), probe=st.integers(1, 4), ef=st.integers(1, 40),
@@ -235,7 +257,8 @@ class IndexMachine(RuleBasedStateMachine):
         if self.kind == "ivf":
             return est.n_probe >= est.n_lists_
         if self.kind == "hnsw":
-            return est.ef_search >= est.codes_.shape[0]
+            return est.ef_search >= max([est.codes_.shape[0]]
+                                        + [s["ids"].shape[0] for s in est.segments_])
         return True
 
     def check_exact(self, Q, k, dist, ind, live):

@@ -11,7 +11,6 @@ import copy
 import pickle
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest

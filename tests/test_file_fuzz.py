@@ -2,7 +2,8 @@
 
 For each kind of index (PQTransformer, PQNeighbors with uint16 codes and
 refine, IVF-PQ with L2, dot, refine, float64 and removed ids, HNSW-PQ with
-refine, tombstones and after compact) the saved files are tampered with,
+refine, tombstones, after compact, and with sealed segments) the saved
+files are tampered with,
 one change per case:
 
 * every array: values (NaN, inf, huge, out-of-range ints, -1, permuted
@@ -87,6 +88,13 @@ def _kinds():
         removed(est)
         est.compact()
 
+    # Two graphs (a sealed segment of 1024 nodes and the growing one), with
+    # tombstones in both: every segment file is fuzzed too.
+    X2 = rng.randn(1100, 8).astype(np.float32)
+
+    def removed2(est):
+        est.remove(np.arange(0, 1100, 9))
+
     return {
         "pqt": (lambda: PQTransformer(**common), X, None),
         "pq": (lambda: PQNeighbors(K, **common), X, None),
@@ -112,6 +120,9 @@ def _kinds():
                                                  ef_search=8, **common), X, removed),
         "hnsw-compacted": (lambda: HNSWPQNeighbors(K, n_links=4, ef_construction=16,
                                                    ef_search=8, **common), X, compacted),
+        "hnsw-segments": (lambda: HNSWPQNeighbors(K, n_links=4, ef_construction=16,
+                                                  ef_search=8, segment_size=1024, **common),
+                          X2, removed2),
     }
 
 
@@ -356,7 +367,8 @@ def _exhaustive(est):
     if hasattr(est, "n_lists_"):
         est.set_params(n_probe=est.n_lists_)
     if hasattr(est, "links0_"):
-        est.set_params(ef_search=max(1, est.codes_.shape[0]))
+        est.set_params(ef_search=max([1, est.codes_.shape[0]]
+                                     + [s["ids"].shape[0] for s in est.segments_]))
     return est
 
 

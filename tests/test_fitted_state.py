@@ -53,10 +53,13 @@ def same_state(a, b):
                     and va.dtype == vb.dtype and np.array_equal(va, vb)):
                 return False
         elif isinstance(va, tuple) and all(isinstance(s, Segment) for s in va):
+            # Sealed segments: a copy (pickle) keeps each one's uid and arrays.
             if not (isinstance(vb, tuple) and len(va) == len(vb) and all(
-                    sa.uid == sb.uid and sa.meta == sb.meta and sa.names == sb.names
-                    and all(np.array_equal(sa[n], sb[n]) for n in sa.names)
-                    for sa, sb in zip(va, vb))):
+                    isinstance(t, Segment) and s.uid == t.uid and s.meta == t.meta
+                    and s.names == t.names
+                    and all(s[n].dtype == t[n].dtype and np.array_equal(s[n], t[n])
+                            for n in s.names)
+                    for s, t in zip(va, vb))):
                 return False
         elif isinstance(va, np.random.RandomState):
             sa, sb = va.get_state(), vb.get_state()

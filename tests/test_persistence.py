@@ -8,7 +8,6 @@ in test_save_kill.py; the regression tests for the findings of issue 10
 import json
 import os
 import pickle
-import sys
 import threading
 
 import joblib
