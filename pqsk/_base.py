@@ -167,6 +167,111 @@ class PQParamsMixin:
         return codebooks
 
 
+class RefitMixin:
+    """``refit_codebooks``: retrain the codebooks on a fresh sample and
+    re-encode every stored vector from its raw vector (data drift).
+
+    Estimators implement ``_refit_training_rows(sample)`` (the rows the
+    codebooks are trained on) and ``_refit_state(codebooks, recode,
+    progress)``, which returns (new attributes, names of growable buffers
+    they replace); ``recode(ids, offset=None)`` encodes the prepared raw
+    rows of ``ids`` (minus ``offset(rows)``, e.g. the coarse centroids of
+    their lists), reading them in id order a chunk at a time.
+    """
+
+    def refit_codebooks(self, X_sample, X=None):
+        """Retrain the codebooks on a fresh sample and re-encode every stored
+        vector, segment by segment.
+
+        For data drift (the seed article's last section): when the vectors
+        added since ``fit`` no longer look like the training sample, the
+        codebooks fit them worse and recall drops.  Everything but the codes
+        stays as it is: ids, tombstones, the segment layout, and the coarse
+        cells (IVF) or the graph links (HNSW).  Rows are re-encoded from the
+        raw vectors: ``vectors_`` (kept when fitted with ``refine_factor >
+        0``), or ``X``, every indexed row in id order (e.g. the memmap the
+        index was built from, grown by the appends).
+
+        Cost: training as in ``fit`` (``n_subspaces`` k-means on at most
+        ``max_train_samples`` rows of the sample), then one pass that reads
+        each stored row (``n_features`` floats, gathered by id, a chunk at a
+        time) and encodes it: ``fit``'s encoding pass, without the coarse
+        assignment or the graph build.  The new codes are built beside the
+        old ones (``n_subspaces`` bytes per stored vector of extra memory)
+        while queries go on with the old codebooks; the switch to the new
+        codebooks and codes takes the write lock only for a pointer swap.
+        Appends and removals wait for the refit.
+
+        Parameters
+        ----------
+        X_sample : array-like of shape (n_train, n_features)
+            Training rows (for example a random sample of recent data).
+        X : array-like of shape (n_samples_fit_, n_features), default=None
+            The indexed rows, row i being id i (removed ids' rows are not
+            read); needed when the index keeps no raw vectors.
+
+        Returns
+        -------
+        self : object
+        """
+        check_is_fitted(self)
+        if self.codebooks is not None:
+            raise ValueError("refit_codebooks trains codebooks; this estimator was given "
+                             "fixed ones (codebooks=...). Set codebooks=None first.")
+        self._check_params_at_call()  # structural parameters changed after fit
+        n_threads = effective_n_threads(self.n_jobs)
+        progress = Progress(self.verbose, type(self).__name__)
+        with index_writer(self):
+            with index_lock(self).read(), openmp_region(n_threads):
+                state, replaced = self._refit(X_sample, X, n_threads, progress)
+            with index_lock(self).write():
+                for name in replaced:
+                    _growable.discard(self, name)
+                self.__dict__.update(state)
+        release_memory()
+        return self
+
+    def _refit(self, X_sample, X, n_threads, progress):
+        sample = np.asarray(self._validate_rows(X_sample, reset=False))
+        if X is not None:
+            source = self._validate_rows(X, reset=False)
+            if source.shape[0] != self.n_samples_fit_:
+                raise ValueError(
+                    f"X must hold the {self.n_samples_fit_} indexed rows in id order, "
+                    f"got {source.shape[0]} rows.")
+        elif self.vectors_ is not None:
+            source = FitRows(self.vectors_, self._fit_dtype_,
+                             self.effective_metric_ == "cosine")
+        else:
+            raise ValueError(
+                "refit_codebooks re-encodes from the raw vectors, which this index does "
+                "not keep (refine_factor=0 at fit): pass X, the indexed rows in id order.")
+        rows = self._refit_training_rows(sample)
+        old_iter = self.n_iter_
+        try:
+            codebooks = self._fit_codebooks(rows, progress)
+            n_iter = self.n_iter_
+        finally:
+            self.n_iter_ = old_iter  # set with the rest, at the switch
+        del rows, sample
+
+        def recode(ids, offset=None):
+            out = np.empty((ids.shape[0], codebooks.shape[0]),
+                           dtype=_quantizer.code_dtype(codebooks.shape[1]))
+            order = np.argsort(ids, kind="stable")  # read the source in id order
+            for sl in chunk_slices(ids.shape[0], source.chunk_rows()):
+                rows = order[sl]
+                part = source.take(ids[rows])
+                if offset is not None:
+                    part = part - offset(rows)
+                out[rows] = _quantizer.encode(part, codebooks, n_threads)
+            return out
+
+        state, replaced = self._refit_state(codebooks, recode, progress)
+        state.update(codebooks_=codebooks, n_iter_=n_iter)
+        return state, replaced
+
+
 class RemovalMixin:
     """``remove(ids)`` for indexes whose ids are stable (IVF, HNSW)."""
 

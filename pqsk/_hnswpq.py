@@ -19,7 +19,8 @@ from ._quantizer import scratch
 from ._segments import (DEFAULT_SEGMENT_SIZE, SEGMENT_PARAMETER_CONSTRAINTS, Segment,
                         merge_topk)
 from ._store import FitRows
-from ._base import BasePQNeighbors, PQParamsMixin, RemovalMixin, _check_n_neighbors
+from ._base import (BasePQNeighbors, PQParamsMixin, RefitMixin, RemovalMixin,
+                    _check_n_neighbors)
 from ._persist import IndexIOMixin, check_int_array, require
 from ._utils import Progress, effective_n_threads, index_lock, index_writer
 
@@ -81,7 +82,8 @@ def sample_levels(n, n_links, random_state):
     return np.minimum(levels, MAX_LEVEL)
 
 
-class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors):
+class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
+                      BasePQNeighbors):
     """Approximate nearest neighbours on an HNSW graph over PQ codes.
 
     Vectors are stored as PQ codes and linked in a hierarchical navigable
@@ -837,6 +839,24 @@ class HNSWPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors
                 require(bool(np.all(np.any(self.links0_[par[child]] == child[:, None],
                                            axis=1))),
                         "level0_parent_ names a parent that does not link to its child")
+
+    # -- data drift (see RefitMixin.refit_codebooks) --------------------------
+    def _refit_training_rows(self, sample):
+        return sample
+
+    def _refit_state(self, codebooks, recode, progress):
+        # The graphs keep their links: they were built from the vectors
+        # (raw when kept, else decoded), and the new codes describe the
+        # same vectors better.
+        segments = []
+        for i, seg in enumerate(self.segments_):
+            arrays = {a: seg[a] for a in seg.names}
+            arrays["codes"] = recode(seg["ids"])
+            segments.append(Segment(arrays, seg.meta))
+            progress(f"re-encoded graph {i + 1} of {len(self.segments_) + 1}")
+        n_nodes = self.codes_.shape[0]
+        growing = recode(np.arange(n_nodes) if self.ids_ is None else self.ids_)
+        return {"segments_": tuple(segments), "codes_": growing}, ("codes",)
 
     def _n_candidates(self, n_neighbors):
         n = super()._n_candidates(n_neighbors)

@@ -11,11 +11,11 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from . import _growable, _quantizer
-from ._base import BasePQNeighbors, PQParamsMixin, RemovalMixin
+from ._base import BasePQNeighbors, PQParamsMixin, RefitMixin, RemovalMixin
 from ._persist import IndexIOMixin, require
 from ._segments import DEFAULT_SEGMENT_SIZE, SEGMENT_PARAMETER_CONSTRAINTS, Segment
-from ._store import FitRows, chunk_slices
-from ._utils import (Progress, effective_n_threads, index_lock, index_writer, range_bound,
+from ._store import chunk_slices
+from ._utils import (effective_n_threads, index_lock, index_writer, range_bound,
                      release_memory)
 
 # Seed article, step 8: the coarse quantizer wants ~256 training points per
@@ -107,7 +107,8 @@ def _compacted(seg, removed):
                     "list_offsets": offsets}, seg.meta)
 
 
-class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors):
+class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
+                     BasePQNeighbors):
     """Approximate nearest neighbours with an inverted file and PQ residuals.
 
     A coarse k-means splits the space into ``n_lists`` cells.  Each vector
@@ -779,108 +780,31 @@ class IVFPQNeighbors(IndexIOMixin, RemovalMixin, PQParamsMixin, BasePQNeighbors)
                 self._seal_growing_now()
         return self
 
-    # -- data drift ----------------------------------------------------------
-    def refit_codebooks(self, X_sample, X=None):
-        """Retrain the residual codebooks on a fresh sample and re-encode
-        every stored vector, segment by segment.
-
-        For data drift (the seed article's last section): when the vectors
-        added since ``fit`` no longer look like the training sample, the
-        codebooks fit them worse and recall drops.  The coarse centroids
-        and the lists stay as they are (so do ids, tombstones and the
-        segment layout); only the codes change.  Rows are re-encoded from
-        the raw vectors: ``vectors_`` (kept when fitted with
-        ``refine_factor > 0``), or ``X``, every indexed row in id order
-        (e.g. the memmap the index was built from, grown by the appends).
-
-        Cost: training as in ``fit`` (``n_subspaces`` k-means on at most
-        ``256 * n_codewords`` rows of the sample), then one pass that reads
-        each stored row (``n_features`` floats, gathered by id, a chunk
-        at a time) and encodes its residual: the same work as ``fit``'s
-        encoding pass, without the coarse assignment.  The new codes are
-        built beside the old ones (``n_subspaces`` bytes per stored vector
-        of extra memory) while queries go on with the old codebooks; the
-        switch to the new codebooks and codes takes the write lock only
-        for a pointer swap.  Appends and removals wait for the refit.
-
-        Parameters
-        ----------
-        X_sample : array-like of shape (n_train, n_features)
-            Training rows (for example a random sample of recent data).
-        X : array-like of shape (n_samples_fit_, n_features), default=None
-            The indexed rows, row i being id i (removed ids' rows are not
-            read); needed when the index keeps no raw vectors.
-
-        Returns
-        -------
-        self : IVFPQNeighbors
-        """
-        check_is_fitted(self)
-        if self.codebooks is not None:
-            raise ValueError("refit_codebooks trains codebooks; this estimator was given "
-                             "fixed ones (codebooks=...). Set codebooks=None first.")
-        self._check_params_at_call()  # structural parameters changed after fit
-        n_threads = effective_n_threads(self.n_jobs)
-        progress = Progress(self.verbose, type(self).__name__)
-        with index_writer(self):
-            with index_lock(self).read():
-                state = self._refit_state(X_sample, X, n_threads, progress)
-            with index_lock(self).write():
-                for name in ("growing_codes",):
-                    _growable.discard(self, name)
-                self.__dict__.update(state)
-        release_memory()
-        return self
-
-    def _refit_state(self, X_sample, X, n_threads, progress):
-        sample = np.asarray(self._validate_rows(X_sample, reset=False))
-        if X is not None:
-            source = self._validate_rows(X, reset=False)
-            if source.shape[0] != self.n_samples_fit_:
-                raise ValueError(
-                    f"X must hold the {self.n_samples_fit_} indexed rows in id order, "
-                    f"got {source.shape[0]} rows.")
-        elif self.vectors_ is not None:
-            source = FitRows(self.vectors_, self._fit_dtype_,
-                             self.effective_metric_ == "cosine")
-        else:
-            raise ValueError(
-                "refit_codebooks re-encodes from the raw vectors, which this index does "
-                "not keep (refine_factor=0 at fit): pass X, the indexed rows in id order.")
+    # -- data drift (see RefitMixin.refit_codebooks) --------------------------
+    def _refit_training_rows(self, sample):
+        # The codebooks quantize residuals: train on the sample's.
         centroids = self.cluster_centers_
-        residuals = sample - centroids[_quantizer.assign(sample, centroids)]
-        old_iter = self.n_iter_
-        try:
-            codebooks = self._fit_codebooks(residuals, progress)
-            n_iter = self.n_iter_
-        finally:
-            self.n_iter_ = old_iter  # set with the rest, at the switch
-        del residuals
+        return sample - centroids[_quantizer.assign(sample, centroids)]
 
-        def recoded(codes, ids, lists):
-            out = np.empty_like(codes)
-            order = np.argsort(ids, kind="stable")  # read the source in id order
-            for sl in chunk_slices(ids.shape[0], source.chunk_rows()):
-                rows = order[sl]
-                res = source.take(ids[rows]) - centroids[lists[rows]]
-                out[rows] = _quantizer.encode(res, codebooks, n_threads)
-            return out
-
+    def _refit_state(self, codebooks, recode, progress):
+        centroids = self.cluster_centers_
         segments = []
         for i, seg in enumerate(self.segments_):
-            codes = recoded(seg["codes"], seg["ids"], _segment_lists(seg, self.n_lists_))
+            lists = _segment_lists(seg, self.n_lists_)
+            codes = recode(seg["ids"], lambda rows, lists=lists: centroids[lists[rows]])
             segments.append(Segment({"codes": codes, "ids": seg["ids"],
                                      "list_offsets": seg["list_offsets"]}, seg.meta))
             progress(f"re-encoded segment {i + 1} of {len(self.segments_)}")
-        growing = recoded(self.growing_codes_, self.growing_ids_, self.growing_lists_)
+        g_lists = self.growing_lists_
+        growing = recode(self.growing_ids_, lambda rows: centroids[g_lists[rows]])
         terms = (np.empty((0,) + codebooks.shape[:2], dtype=codebooks.dtype)
                  if self._inner_product else _quantizer.list_terms(centroids, codebooks))
         counts = _DEAD_COUNTS.setdefault(self, {})
         old = self._dead_counts()
         for new, seg in zip(segments, self.segments_):
             counts[new.uid] = old[seg.uid]
-        return {"codebooks_": codebooks, "n_iter_": n_iter, "segments_": tuple(segments),
-                "growing_codes_": growing, "_list_terms": terms}
+        return {"segments_": tuple(segments), "growing_codes_": growing,
+                "_list_terms": terms}, ("growing_codes",)
 
     def _n_probe(self):
         if self.n_probe > self.n_lists_:
