@@ -1,6 +1,6 @@
 """Saving and loading fitted estimators without pickle.
 
-Layout (format version 2)
+Layout (format version 3)
 -------------------------
 An index is a directory::
 
@@ -10,12 +10,18 @@ An index is a directory::
         header.json    class, parameters, scalar attributes, and for every
                        array its file, shape, dtype and SHA-256
         000.npy ...    one NumPy file per array (``allow_pickle=False``)
+    segments/          the arrays of sealed segments (``pqsk._segments``),
+        <uid>.<name>.npy   written once and shared by every later save
     .pqsk-lock         serialises saves to the same path
 
 Every byte that is read is covered by a checksum: the manifest holds the
 header's SHA-256, the header every array's (array checksums are checked
-when ``verify=True``, the default).  A later format (several data segments)
-only has to name more files in the manifest.
+when ``verify=True``, the default).  A sealed segment never changes, so a
+save writes its files only if the version it replaces does not already
+name them with the same checksums; each new segment file is written under
+a temporary name and renamed into place, so a file some version names is
+never seen half-written.  After the manifest switch, segment files the new
+version does not name are removed.  Version 2 (no segments) still loads.
 
 Saving never deletes first.  ``save`` writes a new ``vNNNNNN/`` next to the
 current one, ``fsync``-ing every file and the directory, then writes the
@@ -29,7 +35,8 @@ by an advisory lock on ``.pqsk-lock`` (POSIX).
 
 Format version 1 (``header.json`` and the ``.npy`` files directly in the
 directory, no header checksum) is still read; saving over it writes
-version 2 and then removes the old files.
+version 3 and then removes the old files.  Parameters added since an old
+file was written (``_PARAMS_SINCE``) keep their defaults.
 
 Loading never executes code from the files: JSON and ``.npy`` only.  Each
 ``.npy`` header is parsed and compared with the JSON header (shape, exact
@@ -58,6 +65,7 @@ import shutil
 import numpy as np
 
 from ._segments import Segment
+from ._segments import array_sha256 as _sha256
 from ._store import RowStore, chunk_slices, rows_per_chunk
 from ._utils import index_lock
 
@@ -102,15 +110,6 @@ _PARAMS_SINCE = {"segment_size": 3}
 
 class IndexFormatError(ValueError):
     """A saved index is unreadable, corrupted, or not what was asked for."""
-
-
-def _sha256(a):
-    h = hashlib.sha256()
-    flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-    step = 64 * 2**20
-    for start in range(0, flat.size, step):
-        h.update(flat[start:start + step])
-    return h.hexdigest()
 
 
 # -- values <-> JSON --------------------------------------------------------

@@ -43,7 +43,8 @@ _UID = re.compile(r"[0-9a-f]{32}")
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
-def _sha256(a):
+def array_sha256(a):
+    """SHA-256 of an array's bytes (C order), hashed 64 MiB at a time."""
     h = hashlib.sha256()
     flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
     step = 64 * 2**20
@@ -110,7 +111,7 @@ class Segment:
         """SHA-256 of an array's bytes, computed once per segment."""
         sha = self._sha.get(name)
         if sha is None:
-            sha = self._sha[name] = _sha256(self._arrays[name])
+            sha = self._sha[name] = array_sha256(self._arrays[name])
         return sha
 
     def __repr__(self):
