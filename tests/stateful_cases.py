@@ -166,7 +166,9 @@ class IndexMachine(RuleBasedStateMachine):
     @rule(seed=st.integers(0, 2**16), extra=st.integers(0, 40))
     def partial_fit_that_seals(self, seed, extra):
         # Fill the growing graph to segment_size and go past it.
-        self.partial_fit(seed, 1024 - self.est.codes_.shape[0] + extra, duplicates=False)
+        # (At least one row: a full growing graph is sealed by the next append.)
+        self.partial_fit(seed, max(1, 1024 - self.est.codes_.shape[0] + extra),
+                         duplicates=False)
 
     @precondition(lambda self: self.kind == "hnsw" and self.est.segments_)
     @rule(data=st.data())
