@@ -1,0 +1,229 @@
+/* 4-bit fast-scan block kernels (see pqsk/_fastscan.pyx).
+ *
+ * Layout: vectors in blocks of 32; for block b and sub-quantizer pair p
+ * (sub-quantizers 2p and 2p+1), 32 bytes, byte i = code[32b+i][2p] |
+ * (code[32b+i][2p+1] << 4).  A block is npairs * 32 bytes.
+ *
+ * lut: (2 * npairs, 16) uint8, the per-query quantized tables; row 2p is
+ * read with the low nibbles, row 2p+1 with the high ones.
+ *
+ * Every kernel has the same contract:
+ *
+ *   Py_ssize_t scan(packed, b, nb, npairs, lut, thr, &mask)
+ *
+ * scans blocks b, b+1, ... < nb and returns the first block in which some
+ * vector's sum S = sum_j lut[j, code_j] (exact, uint16) is <= thr, with
+ * bit i of *mask set for each such vector i of the block; returns nb (mask
+ * untouched) when none is.  The caller re-checks the candidates with the
+ * float tables, tightens thr and calls again from the next block.  The
+ * scalar and SIMD kernels compute the same sums, hence the same masks.
+ *
+ * The SIMD kernels are compiled with __attribute__((target(...))): the
+ * module builds with plain compiler flags and runs on any x86-64; the
+ * caller picks one at import with pqsk_fs_cpu_has_*().
+ */
+#ifndef PQSK_FASTSCAN_IMPL_H
+#define PQSK_FASTSCAN_IMPL_H
+
+#include <Python.h>
+#include <stdint.h>
+
+typedef Py_ssize_t (*pqsk_fs_scan_fn)(const uint8_t *packed, Py_ssize_t b,
+                                      Py_ssize_t nb, Py_ssize_t npairs,
+                                      const uint8_t *lut, uint16_t thr,
+                                      uint32_t *mask);
+
+static inline int pqsk_fs_ctz32(uint32_t x)
+{
+#if defined(__GNUC__) || defined(__clang__)
+    return __builtin_ctz(x);
+#else
+    int n = 0;
+    while (!(x & 1u)) { x >>= 1; n++; }
+    return n;
+#endif
+}
+
+/* ---- portable scalar kernel ------------------------------------------- */
+
+static Py_ssize_t pqsk_fs_scan_scalar(const uint8_t *packed, Py_ssize_t b,
+                                      Py_ssize_t nb, Py_ssize_t npairs,
+                                      const uint8_t *lut, uint16_t thr,
+                                      uint32_t *mask)
+{
+    uint16_t s[32];
+    Py_ssize_t p;
+    int i;
+    for (; b < nb; b++) {
+        const uint8_t *blk = packed + b * npairs * 32;
+        uint32_t msk = 0;
+        for (i = 0; i < 32; i++)
+            s[i] = 0;
+        for (p = 0; p < npairs; p++) {
+            const uint8_t *c = blk + 32 * p;
+            const uint8_t *t0 = lut + 32 * p;
+            const uint8_t *t1 = t0 + 16;
+            for (i = 0; i < 32; i++)
+                s[i] = (uint16_t)(s[i] + t0[c[i] & 15] + t1[c[i] >> 4]);
+        }
+        for (i = 0; i < 32; i++)
+            msk |= (uint32_t)(s[i] <= thr) << i;
+        if (msk) {
+            *mask = msk;
+            return b;
+        }
+    }
+    return nb;
+}
+
+/* ---- x86 SIMD kernels ------------------------------------------------- */
+
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#define PQSK_FS_X86 1
+#include <immintrin.h>
+
+static int pqsk_fs_cpu_has_avx2(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") ? 1 : 0;
+}
+
+static int pqsk_fs_cpu_has_avx512bw(void)
+{
+    __builtin_cpu_init();
+    return (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) ? 1 : 0;
+}
+
+/* One block per 256-bit register.  The 32 uint8 partials of a pair are
+ * added into 16-bit lanes without masking (acc0 lane l gets even + 256 *
+ * odd, modulo 2^16) and the odd bytes alone into acc1; at the end even =
+ * acc0 - (acc1 << 8).  Exact while every sum is < 65536 (m <= 257). */
+__attribute__((target("avx2")))
+static Py_ssize_t pqsk_fs_scan_avx2(const uint8_t *packed, Py_ssize_t b,
+                                    Py_ssize_t nb, Py_ssize_t npairs,
+                                    const uint8_t *lut, uint16_t thr,
+                                    uint32_t *mask)
+{
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i t = _mm256_set1_epi16((short)thr);
+    Py_ssize_t p;
+    for (; b < nb; b++) {
+        const uint8_t *blk = packed + b * npairs * 32;
+        __m256i acc0 = _mm256_setzero_si256();
+        __m256i acc1 = _mm256_setzero_si256();
+        __m256i even, odd, pe, po;
+        uint32_t msk;
+        for (p = 0; p < npairs; p++) {
+            __m256i c = _mm256_loadu_si256((const __m256i *)(blk + 32 * p));
+            __m256i lo = _mm256_and_si256(c, low4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low4);
+            __m256i l0 = _mm256_broadcastsi128_si256(
+                _mm_loadu_si128((const __m128i *)(lut + 32 * p)));
+            __m256i l1 = _mm256_broadcastsi128_si256(
+                _mm_loadu_si128((const __m128i *)(lut + 32 * p + 16)));
+            __m256i r0 = _mm256_shuffle_epi8(l0, lo);
+            __m256i r1 = _mm256_shuffle_epi8(l1, hi);
+            acc0 = _mm256_add_epi16(acc0, r0);
+            acc1 = _mm256_add_epi16(acc1, _mm256_srli_epi16(r0, 8));
+            acc0 = _mm256_add_epi16(acc0, r1);
+            acc1 = _mm256_add_epi16(acc1, _mm256_srli_epi16(r1, 8));
+        }
+        odd = acc1;
+        even = _mm256_sub_epi16(acc0, _mm256_slli_epi16(acc1, 8));
+        /* unsigned S <= thr  <=>  min(S, thr) == S */
+        pe = _mm256_cmpeq_epi16(_mm256_min_epu16(even, t), even);
+        po = _mm256_cmpeq_epi16(_mm256_min_epu16(odd, t), odd);
+        msk = ((uint32_t)_mm256_movemask_epi8(pe) & 0x55555555u) |
+              ((uint32_t)_mm256_movemask_epi8(po) & 0xAAAAAAAAu);
+        if (msk) {
+            *mask = msk;
+            return b;
+        }
+    }
+    return nb;
+}
+
+/* Two blocks per 512-bit register (the low 256 bits block b, the high
+ * ones block b+1), same arithmetic; a last odd block goes to the AVX2
+ * kernel. */
+__attribute__((target("avx512f,avx512bw,avx2")))
+static Py_ssize_t pqsk_fs_scan_avx512bw(const uint8_t *packed, Py_ssize_t b,
+                                        Py_ssize_t nb, Py_ssize_t npairs,
+                                        const uint8_t *lut, uint16_t thr,
+                                        uint32_t *mask)
+{
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const __m512i t = _mm512_set1_epi16((short)thr);
+    const Py_ssize_t stride = npairs * 32;
+    Py_ssize_t p;
+    for (; b + 2 <= nb; b += 2) {
+        const uint8_t *blk = packed + b * stride;
+        __m512i acc0 = _mm512_setzero_si512();
+        __m512i acc1 = _mm512_setzero_si512();
+        __m512i even;
+        uint32_t me, mo, m0, m1;
+        for (p = 0; p < npairs; p++) {
+            __m512i c = _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(blk + 32 * p))),
+                _mm256_loadu_si256((const __m256i *)(blk + stride + 32 * p)), 1);
+            __m512i lo = _mm512_and_si512(c, low4);
+            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), low4);
+            __m512i l0 = _mm512_broadcast_i32x4(
+                _mm_loadu_si128((const __m128i *)(lut + 32 * p)));
+            __m512i l1 = _mm512_broadcast_i32x4(
+                _mm_loadu_si128((const __m128i *)(lut + 32 * p + 16)));
+            __m512i r0 = _mm512_shuffle_epi8(l0, lo);
+            __m512i r1 = _mm512_shuffle_epi8(l1, hi);
+            acc0 = _mm512_add_epi16(acc0, r0);
+            acc1 = _mm512_add_epi16(acc1, _mm512_srli_epi16(r0, 8));
+            acc0 = _mm512_add_epi16(acc0, r1);
+            acc1 = _mm512_add_epi16(acc1, _mm512_srli_epi16(r1, 8));
+        }
+        even = _mm512_sub_epi16(acc0, _mm512_slli_epi16(acc1, 8));
+        /* lane l of 32: block b + (l >= 16), vector 2 (l % 16) (+1 odd) */
+        me = (uint32_t)_mm512_cmple_epu16_mask(even, t);
+        mo = (uint32_t)_mm512_cmple_epu16_mask(acc1, t);
+        if (me | mo) {
+            /* spread 16 lane bits to even bit positions (x), odd ones (y) */
+            uint32_t x0 = me & 0xFFFFu, x1 = me >> 16, y0 = mo & 0xFFFFu, y1 = mo >> 16;
+#define PQSK_FS_SPREAD(v) \
+            v = (v | (v << 8)) & 0x00FF00FFu; v = (v | (v << 4)) & 0x0F0F0F0Fu; \
+            v = (v | (v << 2)) & 0x33333333u; v = (v | (v << 1)) & 0x55555555u;
+            PQSK_FS_SPREAD(x0) PQSK_FS_SPREAD(x1) PQSK_FS_SPREAD(y0) PQSK_FS_SPREAD(y1)
+#undef PQSK_FS_SPREAD
+            m0 = x0 | (y0 << 1);
+            m1 = x1 | (y1 << 1);
+            if (m0) {
+                *mask = m0;
+                return b;
+            }
+            /* the caller re-checks block b + 1 and goes on from b + 2 */
+            *mask = m1;
+            return b + 1;
+        }
+    }
+    if (b < nb)
+        return pqsk_fs_scan_avx2(packed, b, nb, npairs, lut, thr, mask);
+    return nb;
+}
+
+#else
+#define PQSK_FS_X86 0
+static int pqsk_fs_cpu_has_avx2(void) { return 0; }
+static int pqsk_fs_cpu_has_avx512bw(void) { return 0; }
+/* Never selected (the CPU check says no); present so that the module links. */
+static Py_ssize_t pqsk_fs_scan_avx2(const uint8_t *packed, Py_ssize_t b, Py_ssize_t nb,
+                                    Py_ssize_t npairs, const uint8_t *lut, uint16_t thr,
+                                    uint32_t *mask)
+{
+    return pqsk_fs_scan_scalar(packed, b, nb, npairs, lut, thr, mask);
+}
+static Py_ssize_t pqsk_fs_scan_avx512bw(const uint8_t *packed, Py_ssize_t b, Py_ssize_t nb,
+                                        Py_ssize_t npairs, const uint8_t *lut, uint16_t thr,
+                                        uint32_t *mask)
+{
+    return pqsk_fs_scan_scalar(packed, b, nb, npairs, lut, thr, mask);
+}
+#endif
+
+#endif /* PQSK_FASTSCAN_IMPL_H */
