@@ -31,12 +31,13 @@ the CPU lacks.  ``isa()`` names the active one.
 """
 
 import os
+import warnings
 
 cimport cython
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport INFINITY, fabs, floor
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from ._heap cimport heap_init, heap_push, heap_sort
 from ._kernels cimport build_table
@@ -55,6 +56,7 @@ cdef extern from "_fastscan_impl.h" nogil:
     int pqsk_fs_cpu_has_avx2()
     int pqsk_fs_cpu_has_avx512bw()
     int pqsk_fs_ctz32(uint32_t)
+    uint64_t pqsk_fs_read_bytes(const uint8_t*, Py_ssize_t, int)
 
 
 # The most sub-quantizers a 4-bit code may have: sums of m uint8 entries
@@ -98,15 +100,34 @@ def isa():
 
 
 def _select_at_import():
+    best = available_isas()
     wanted = os.environ.get("PQSK_SIMD", "").strip().lower()
     if wanted:
-        set_isa(wanted)
-    else:
-        best = available_isas()
-        set_isa(best[len(best) - 1])
+        try:
+            set_isa(wanted)
+            return
+        except ValueError as e:
+            warnings.warn(f"PQSK_SIMD={wanted!r} ignored: {e}; using {best[len(best) - 1]}",
+                          RuntimeWarning)
+    set_isa(best[len(best) - 1])
 
 
 _select_at_import()
+
+
+def _read_bytes(const uint8_t[::1] data):
+    """XOR of the 8-byte words of ``data`` (its length a multiple of 32),
+    read with the widest loads the CPU has: the benchmark's measure of the
+    memory-read limit of a flat scan (private)."""
+    cdef Py_ssize_t nbytes = data.shape[0]
+    cdef uint64_t r
+    if nbytes % 32:
+        raise ValueError("length must be a multiple of 32")
+    if nbytes == 0:
+        return 0
+    with nogil:
+        r = pqsk_fs_read_bytes(&data[0], nbytes, pqsk_fs_cpu_has_avx2())
+    return r
 
 
 cdef void quantize_tables(const floating* t,    # IN  (m, 16)

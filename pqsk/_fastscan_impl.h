@@ -27,6 +27,7 @@
 
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 
 typedef Py_ssize_t (*pqsk_fs_scan_fn)(const uint8_t *packed, Py_ssize_t b,
                                       Py_ssize_t nb, Py_ssize_t npairs,
@@ -207,6 +208,26 @@ static Py_ssize_t pqsk_fs_scan_avx512bw(const uint8_t *packed, Py_ssize_t b,
     return nb;
 }
 
+/* XOR of every 32-byte row, four independent accumulators. */
+__attribute__((target("avx2")))
+static uint64_t pqsk_fs_read_avx2(const uint8_t *data, Py_ssize_t nbytes)
+{
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    uint64_t out[4];
+    Py_ssize_t i = 0;
+    for (; i + 128 <= nbytes; i += 128) {
+        a0 = _mm256_xor_si256(a0, _mm256_loadu_si256((const __m256i *)(data + i)));
+        a1 = _mm256_xor_si256(a1, _mm256_loadu_si256((const __m256i *)(data + i + 32)));
+        a2 = _mm256_xor_si256(a2, _mm256_loadu_si256((const __m256i *)(data + i + 64)));
+        a3 = _mm256_xor_si256(a3, _mm256_loadu_si256((const __m256i *)(data + i + 96)));
+    }
+    for (; i + 32 <= nbytes; i += 32)
+        a0 = _mm256_xor_si256(a0, _mm256_loadu_si256((const __m256i *)(data + i)));
+    a0 = _mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3));
+    _mm256_storeu_si256((__m256i *)out, a0);
+    return out[0] ^ out[1] ^ out[2] ^ out[3];
+}
+
 #else
 #define PQSK_FS_X86 0
 static int pqsk_fs_cpu_has_avx2(void) { return 0; }
@@ -225,5 +246,22 @@ static Py_ssize_t pqsk_fs_scan_avx512bw(const uint8_t *packed, Py_ssize_t b, Py_
     return pqsk_fs_scan_scalar(packed, b, nb, npairs, lut, thr, mask);
 }
 #endif
+
+static uint64_t pqsk_fs_read_bytes(const uint8_t *data, Py_ssize_t nbytes, int simd)
+{
+    uint64_t r = 0, w;
+    Py_ssize_t i;
+#if PQSK_FS_X86
+    if (simd)
+        return pqsk_fs_read_avx2(data, nbytes);
+#else
+    (void)simd;
+#endif
+    for (i = 0; i + 8 <= nbytes; i += 8) {
+        memcpy(&w, data + i, 8);
+        r ^= w;
+    }
+    return r;
+}
 
 #endif /* PQSK_FASTSCAN_IMPL_H */
