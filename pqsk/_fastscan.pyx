@@ -53,6 +53,7 @@ cdef extern from "_fastscan_impl.h" nogil:
                                  const uint8_t*, uint16_t, uint32_t*)
     Py_ssize_t pqsk_fs_scan_avx512bw(const uint8_t*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
                                      const uint8_t*, uint16_t, uint32_t*)
+    void pqsk_fs_pair_table(const uint8_t*, Py_ssize_t, uint16_t*)
     int pqsk_fs_cpu_has_avx2()
     int pqsk_fs_cpu_has_avx512bw()
     int pqsk_fs_ctz32(uint32_t)
@@ -65,6 +66,8 @@ MAX_SUBSPACES = 257
 
 cdef pqsk_fs_scan_fn _scan = pqsk_fs_scan_scalar
 cdef str _isa = "scalar"
+# The scalar kernel reads pair-sum tables (pqsk_fs_pair_table), not the nibble ones.
+cdef bint _wants_pairs = True
 
 
 def available_isas():
@@ -80,7 +83,7 @@ def available_isas():
 def set_isa(name):
     """Select the block kernel: "scalar", "avx2" or "avx512bw" (private, for
     tests and benchmarks).  Raises ValueError for one the CPU lacks."""
-    global _scan, _isa
+    global _scan, _isa, _wants_pairs
     if name not in ("scalar", "avx2", "avx512bw"):
         raise ValueError(f"unknown instruction set {name!r}; use scalar, avx2 or avx512bw")
     if name not in available_isas():
@@ -92,6 +95,7 @@ def set_isa(name):
     else:
         _scan = pqsk_fs_scan_scalar
     _isa = name
+    _wants_pairs = name == "scalar"
 
 
 def isa():
@@ -193,7 +197,7 @@ cdef inline uint16_t threshold(double worst, const double* params,
 
 
 cdef void fastscan_one(const floating* t,      # IN  (m, 16) float tables
-                       const uint8_t* lut,     # IN  (m2, 16) quantized
+                       const uint8_t* lut,     # IN  (m2, 16) quantized (or pair sums)
                        const double* params,
                        const uint8_t* packed,  # IN  (nb, m2 / 2, 32)
                        Py_ssize_t n,
@@ -246,6 +250,7 @@ def fastscan_search(const floating[:, ::1] Q,               # IN  (nq, D)
                     floating[:, ::1] heap_d,                # scratch (n_threads, >= n_neighbors)
                     int64_t[:, ::1] heap_i,                 # scratch (n_threads, >= n_neighbors)
                     double[:, ::1] param_work,              # scratch (n_threads, >= 3)
+                    uint16_t[:, ::1] pair_work,             # scratch (n_threads, >= m2 / 2 * 256)
                     int n_threads):
     """Exhaustive 4-bit ADC search; rows sorted by (distance, index), empty
     slots (+inf, INT64_MAX).  The caller checks the shapes."""
@@ -262,10 +267,15 @@ def fastscan_search(const floating[:, ::1] Q,               # IN  (nq, D)
     cdef int64_t* hi = NULL
     cdef double* params = NULL
     cdef pqsk_fs_scan_fn scan = _scan
+    cdef bint pairs = _wants_pairs
+    cdef uint16_t* pt = NULL
+    cdef const uint8_t* tab = NULL
     if codebooks_t.shape[2] != 16 or npairs != (m + 1) // 2 or packed.shape[2] != 32:
         raise ValueError("fastscan_search needs 16 codewords and matching packed codes")
     if packed.shape[0] != (n + 31) // 32:
         raise ValueError("packed codes do not hold n vectors")
+    if pairs and pair_work.shape[1] < npairs * 256:
+        raise ValueError("pair_work is too small")
     if nq == 0 or kn == 0:
         return
     with nogil, parallel(num_threads=n_threads):
@@ -275,12 +285,17 @@ def fastscan_search(const floating[:, ::1] Q,               # IN  (nq, D)
         hd = &heap_d[tid, 0]
         hi = &heap_i[tid, 0]
         params = &param_work[tid, 0]
+        pt = &pair_work[tid, 0]
         for q in prange(nq, schedule="dynamic"):
             build_table(&Q[q, 0], &codebooks_t[0, 0, 0], m, ds, 16, inner_product, t)
             quantize_tables(t, m, 2 * npairs, lut, params)
             heap_init(hd, hi, kn)
+            tab = lut
+            if pairs and n > 0:
+                pqsk_fs_pair_table(lut, npairs, pt)
+                tab = <const uint8_t*> pt
             if n > 0:
-                fastscan_one(t, lut, params, &packed[0, 0, 0], n, m, npairs,
+                fastscan_one(t, tab, params, &packed[0, 0, 0], n, m, npairs,
                              hd, hi, kn, scan)
             heap_sort(hd, hi, kn)
             for r in range(kn):

@@ -7,7 +7,8 @@
  * lut: (2 * npairs, 16) uint8, the per-query quantized tables; row 2p is
  * read with the low nibbles, row 2p+1 with the high ones.
  *
- * Every kernel has the same contract:
+ * Every kernel has the same contract (the scalar one reads a table of
+ * pair sums in place of lut, see pqsk_fs_pair_table):
  *
  *   Py_ssize_t scan(packed, b, nb, npairs, lut, thr, &mask)
  *
@@ -20,7 +21,8 @@
  *
  * The SIMD kernels are compiled with __attribute__((target(...))): the
  * module builds with plain compiler flags and runs on any x86-64; the
- * caller picks one at import with pqsk_fs_cpu_has_*().
+ * caller picks one at import with pqsk_fs_cpu_has_*().  Defining
+ * PQSK_FS_NO_SIMD builds the scalar kernel alone (as on other CPUs).
  */
 #ifndef PQSK_FASTSCAN_IMPL_H
 #define PQSK_FASTSCAN_IMPL_H
@@ -47,11 +49,30 @@ static inline int pqsk_fs_ctz32(uint32_t x)
 
 /* ---- portable scalar kernel ------------------------------------------- */
 
+/* The scalar kernel reads a byte of two codes at once from a per-query
+ * table of pair sums: pt[p][byte] = lut[2p][byte & 15] + lut[2p+1][byte >> 4]
+ * (npairs x 256 uint16, built by pqsk_fs_pair_table), passed in place of
+ * lut.  Same sums as the SIMD kernels, one lookup per byte. */
+static void pqsk_fs_pair_table(const uint8_t *lut, Py_ssize_t npairs, uint16_t *pt)
+{
+    Py_ssize_t p;
+    int lo, hi;
+    for (p = 0; p < npairs; p++) {
+        const uint8_t *t0 = lut + 32 * p;
+        const uint8_t *t1 = t0 + 16;
+        uint16_t *row = pt + 256 * p;
+        for (hi = 0; hi < 16; hi++)
+            for (lo = 0; lo < 16; lo++)
+                row[(hi << 4) | lo] = (uint16_t)(t0[lo] + t1[hi]);
+    }
+}
+
 static Py_ssize_t pqsk_fs_scan_scalar(const uint8_t *packed, Py_ssize_t b,
                                       Py_ssize_t nb, Py_ssize_t npairs,
-                                      const uint8_t *lut, uint16_t thr,
+                                      const uint8_t *pair_table, uint16_t thr,
                                       uint32_t *mask)
 {
+    const uint16_t *pt = (const uint16_t *)(const void *)pair_table;
     uint16_t s[32];
     Py_ssize_t p;
     int i;
@@ -59,13 +80,12 @@ static Py_ssize_t pqsk_fs_scan_scalar(const uint8_t *packed, Py_ssize_t b,
         const uint8_t *blk = packed + b * npairs * 32;
         uint32_t msk = 0;
         for (i = 0; i < 32; i++)
-            s[i] = 0;
-        for (p = 0; p < npairs; p++) {
+            s[i] = pt[blk[i]];
+        for (p = 1; p < npairs; p++) {
             const uint8_t *c = blk + 32 * p;
-            const uint8_t *t0 = lut + 32 * p;
-            const uint8_t *t1 = t0 + 16;
+            const uint16_t *row = pt + 256 * p;
             for (i = 0; i < 32; i++)
-                s[i] = (uint16_t)(s[i] + t0[c[i] & 15] + t1[c[i] >> 4]);
+                s[i] = (uint16_t)(s[i] + row[c[i]]);
         }
         for (i = 0; i < 32; i++)
             msk |= (uint32_t)(s[i] <= thr) << i;
@@ -79,7 +99,8 @@ static Py_ssize_t pqsk_fs_scan_scalar(const uint8_t *packed, Py_ssize_t b,
 
 /* ---- x86 SIMD kernels ------------------------------------------------- */
 
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__)) \
+    && !defined(PQSK_FS_NO_SIMD)
 #define PQSK_FS_X86 1
 #include <immintrin.h>
 
@@ -230,6 +251,38 @@ static uint64_t pqsk_fs_read_avx2(const uint8_t *data, Py_ssize_t nbytes)
 
 #else
 #define PQSK_FS_X86 0
+/* The same sums from the nibble tables (the SIMD kernels' input), for
+ * builds without the x86 kernels (never selected there). */
+static Py_ssize_t pqsk_fs_scan_nibbles(const uint8_t *packed, Py_ssize_t b,
+                                       Py_ssize_t nb, Py_ssize_t npairs,
+                                       const uint8_t *lut, uint16_t thr,
+                                       uint32_t *mask)
+{
+    uint16_t s[32];
+    Py_ssize_t p;
+    int i;
+    for (; b < nb; b++) {
+        const uint8_t *blk = packed + b * npairs * 32;
+        uint32_t msk = 0;
+        for (i = 0; i < 32; i++)
+            s[i] = 0;
+        for (p = 0; p < npairs; p++) {
+            const uint8_t *c = blk + 32 * p;
+            const uint8_t *t0 = lut + 32 * p;
+            const uint8_t *t1 = t0 + 16;
+            for (i = 0; i < 32; i++)
+                s[i] = (uint16_t)(s[i] + t0[c[i] & 15] + t1[c[i] >> 4]);
+        }
+        for (i = 0; i < 32; i++)
+            msk |= (uint32_t)(s[i] <= thr) << i;
+        if (msk) {
+            *mask = msk;
+            return b;
+        }
+    }
+    return nb;
+}
+
 static int pqsk_fs_cpu_has_avx2(void) { return 0; }
 static int pqsk_fs_cpu_has_avx512bw(void) { return 0; }
 /* Never selected (the CPU check says no); present so that the module links. */
@@ -237,13 +290,13 @@ static Py_ssize_t pqsk_fs_scan_avx2(const uint8_t *packed, Py_ssize_t b, Py_ssiz
                                     Py_ssize_t npairs, const uint8_t *lut, uint16_t thr,
                                     uint32_t *mask)
 {
-    return pqsk_fs_scan_scalar(packed, b, nb, npairs, lut, thr, mask);
+    return pqsk_fs_scan_nibbles(packed, b, nb, npairs, lut, thr, mask);
 }
 static Py_ssize_t pqsk_fs_scan_avx512bw(const uint8_t *packed, Py_ssize_t b, Py_ssize_t nb,
                                         Py_ssize_t npairs, const uint8_t *lut, uint16_t thr,
                                         uint32_t *mask)
 {
-    return pqsk_fs_scan_scalar(packed, b, nb, npairs, lut, thr, mask);
+    return pqsk_fs_scan_nibbles(packed, b, nb, npairs, lut, thr, mask);
 }
 #endif
 
