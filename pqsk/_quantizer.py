@@ -835,6 +835,7 @@ def fastscan_search(Q, codebooks, packed, n, n_neighbors, inner_product=False,
         Q, _transposed(codebooks), np.ascontiguousarray(packed, dtype=np.uint8), int(n),
         bool(inner_product), dist, idx, scratch(nt, m * 16, codebooks.dtype),
         scratch(nt, (m + 1) // 2 * 32, np.uint8), scratch(nt, n_neighbors, codebooks.dtype),
-        scratch(nt, n_neighbors, np.int64), scratch(nt, 3, np.float64), nt,
+        scratch(nt, n_neighbors, np.int64), scratch(nt, 3, np.float64),
+        scratch(nt, (m + 1) // 2 * 256, np.uint16), nt,
     )
     return dist, idx

@@ -265,3 +265,154 @@ def test_read_bytes_helper():
     for w in words:
         expect ^= int(w)
     assert _fastscan._read_bytes(data) == expect
+
+
+# -- PQNeighbors(n_codewords=16): packed storage, fast-scan search --------------
+
+from pqsk import PQNeighbors, load  # noqa: E402
+
+X_PQ = np.random.RandomState(10).randn(1000, 16).astype(np.float32)
+Q_PQ = np.random.RandomState(11).randn(25, 16).astype(np.float32)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine", "dot"])
+@pytest.mark.parametrize("m", [3, 8])
+def test_pqneighbors_16_codewords_searches_packed_codes(isa, metric, m):
+    X = X_PQ[:, :12] if m == 3 else X_PQ
+    Q = Q_PQ[:, :X.shape[1]]
+    nn = PQNeighbors(7, n_subspaces=m, n_codewords=16, metric=metric, random_state=0).fit(X)
+    assert "codes_" not in vars(nn)
+    packed = nn.packed_codes_
+    assert packed.shape == (32, (m + 1) // 2, 32) and packed.dtype == np.uint8
+    codes = nn.codes_
+    assert codes.shape == (1000, m) and codes.dtype == np.uint8
+    assert_array_equal(codes, _quantizer.encode(nn._prepare(X), nn.codebooks_))
+    # kneighbors == the float ADC search over the unpacked codes.
+    d_ref, i_ref = _quantizer.adc_search(nn._prepare(Q), nn.codebooks_, codes, 7,
+                                         metric == "dot")
+    d, i = nn.kneighbors(Q)
+    assert_array_equal(i, i_ref)
+    assert_array_equal(d, nn._finish_distances(d_ref.copy()))
+    with pytest.raises(AttributeError, match="read-only"):
+        nn.codes_ = codes
+
+
+def test_pqneighbors_memory_is_half_a_byte_per_code():
+    nn = PQNeighbors(5, n_subspaces=8, n_codewords=16, random_state=0).fit(X_PQ[:960])
+    mem = nn.memory_usage_
+    assert mem["codes"] == 960 * 4 and mem["per_vector"] == 4.0  # m / 2 bytes
+    wide = PQNeighbors(5, n_subspaces=8, n_codewords=32, random_state=0).fit(X_PQ[:960])
+    assert "packed_codes_" not in vars(wide) and wide.memory_usage_["per_vector"] == 8.0
+
+
+def test_pqneighbors_partial_fit_appends_to_the_packed_blocks():
+    kw = dict(n_neighbors=6, n_subspaces=4, n_codewords=16, random_state=0)
+    ref = PQNeighbors(**kw).fit(X_PQ)
+    nn = PQNeighbors(codebooks=ref.codebooks_, **{k: v for k, v in kw.items()
+                                                  if k != "random_state"})
+    nn.fit(X_PQ[:45])
+    for a, b in [(45, 46), (46, 64), (64, 100), (100, 333), (333, 1000)]:
+        nn.partial_fit(X_PQ[a:b])
+        assert nn.packed_codes_.shape[0] == -(-b // 32)
+        assert_array_equal(nn.codes_, ref.codes_[:b])
+        nn._check_codes(4, 16)  # padding still 0
+    assert_array_equal(nn.packed_codes_, ref.packed_codes_)
+    for x, y in zip(nn.kneighbors(Q_PQ), ref.kneighbors(Q_PQ)):
+        assert_array_equal(x, y)
+    # Spare blocks: a stream of small appends does not copy the index each time.
+    assert nn.memory_usage_["reserved"] >= 0
+
+
+@pytest.mark.parametrize("mmap_mode", [None, "r"])
+def test_pqneighbors_packed_save_load(tmp_path, mmap_mode):
+    nn = PQNeighbors(5, n_subspaces=3, n_codewords=16, random_state=0).fit(X_PQ[:, :12][:777])
+    nn.save(tmp_path / "i")
+    loaded = load(tmp_path / "i", mmap_mode=mmap_mode)
+    if mmap_mode == "r":
+        assert isinstance(loaded.packed_codes_, np.memmap)
+    assert "codes_" not in vars(loaded)
+    for x, y in zip(nn.kneighbors(Q_PQ[:, :12]), loaded.kneighbors(Q_PQ[:, :12])):
+        assert_array_equal(x, y)
+    loaded.partial_fit(X_PQ[:5, :12])
+    nn.partial_fit(X_PQ[:5, :12])
+    for x, y in zip(nn.kneighbors(Q_PQ[:, :12]), loaded.kneighbors(Q_PQ[:, :12])):
+        assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda a: a.__setitem__((-1, 0, 31), 1), "padding"),       # vector past n
+    (lambda a: a.__setitem__((0, 1, 0), 0x10), "padding"),      # odd m: 4th sub-space
+    (lambda a: a[:-1].copy(), "shape"),                          # a block missing
+    (lambda a: a.reshape(a.shape[0], -1).copy(), "shape"),
+    (lambda a: a.astype(np.int32), "uint8"),
+])
+def test_pqneighbors_crafted_packed_codes_are_rejected(tmp_path, edit, match):
+    from pqsk import IndexFormatError
+
+    import index_files as files
+
+    nn = PQNeighbors(5, n_subspaces=3, n_codewords=16, random_state=0).fit(X_PQ[:, :12][:100])
+    nn.save(tmp_path / "i")
+    files.edit_array(tmp_path / "i", "packed_codes_", edit)
+    with pytest.raises(IndexFormatError, match=match):
+        load(tmp_path / "i")
+
+
+def test_pqneighbors_loads_unpacked_codes_of_earlier_files(tmp_path):
+    """Indexes written before packing hold codes_: converted at load (also
+    from format 1), out-of-range codes refused."""
+    from pqsk import IndexFormatError
+
+    import index_files as files
+
+    nn = PQNeighbors(5, n_subspaces=3, n_codewords=16, random_state=0).fit(X_PQ[:, :12][:300])
+    path = tmp_path / "i"
+    nn.save(path)
+    # Rewrite the file as the previous pqsk wrote it: codes_ instead of packed.
+    header = files.read_header(path)
+    meta = header["arrays"].pop(files.array_name(header, "packed_codes_"))
+    header["arrays"]["codes_"] = meta
+    del header["attributes"]["packed_codes_"]
+    header["attributes"]["codes_"] = {"array": "codes_"}
+    files.write_header(path, header)
+    files.rewrite_array(path, "codes_", nn.codes_)
+    for mmap_mode in (None, "r"):
+        loaded = load(path, mmap_mode=mmap_mode)
+        assert "codes_" not in vars(loaded)
+        assert_array_equal(loaded.packed_codes_, nn.packed_codes_)
+        for x, y in zip(nn.kneighbors(Q_PQ[:, :12]), loaded.kneighbors(Q_PQ[:, :12])):
+            assert_array_equal(x, y)
+    files.edit_array(path, "codes_", lambda a: a.__setitem__((7, 1), 16))
+    with pytest.raises(IndexFormatError, match="inconsistent"):
+        load(path)
+    v1 = tmp_path / "v1"
+    files.write_version1(nn, v1)
+    assert_array_equal(load(v1).packed_codes_, nn.packed_codes_)
+
+
+def test_pqneighbors_refit_switches_storage():
+    nn = PQNeighbors(3, n_subspaces=4, n_codewords=16, random_state=0).fit(X_PQ[:300])
+    assert nn._packed
+    nn.set_params(n_codewords=32).fit(X_PQ[:300])
+    assert "packed_codes_" not in vars(nn) and nn.codes_.shape == (300, 4)
+    nn.set_params(n_codewords=16).fit(X_PQ[:300])
+    assert "codes_" not in vars(nn) and nn.codes_.shape == (300, 4)
+
+
+# scikit-learn's checks on a 4-bit PQNeighbors.  Three checks fit on 10 or
+# 15 rows, fewer than the 16 codewords (refused by design, as for any
+# n_codewords > n_samples); every other check runs.
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+
+_TOO_FEW_ROWS = "the check fits on fewer rows than n_codewords=16"
+
+
+@parametrize_with_checks(
+    [PQNeighbors(n_neighbors=3, n_subspaces=1, n_codewords=16, random_state=0)],
+    expected_failed_checks=lambda est: {
+        "check_n_features_in_after_fitting": _TOO_FEW_ROWS,
+        "check_estimators_nan_inf": _TOO_FEW_ROWS,
+        "check_fit2d_1feature": _TOO_FEW_ROWS,
+    })
+def test_sklearn_checks_on_4bit_pqneighbors(estimator, check):
+    check(estimator)
