@@ -165,67 +165,81 @@ static Py_ssize_t pqsk_fs_scan_avx2(const uint8_t *packed, Py_ssize_t b,
     return nb;
 }
 
-/* Two blocks per 512-bit register (the low 256 bits block b, the high
- * ones block b+1), same arithmetic; a last odd block goes to the AVX2
- * kernel. */
+/* One block per 512-bit register, two pairs at a time: 64 contiguous bytes
+ * of a block (pairs p and p+1) against tables holding pair p's in the low
+ * 256 bits and pair p+1's in the high ones (built once per call); the two
+ * halves of the accumulators are added at the end of the block, an odd
+ * last pair done in 256 bits.  Same sums as the AVX2 kernel. */
+#define PQSK_FS_MAX_PAIRS 129 /* (MAX_SUBSPACES + 1) / 2 */
 __attribute__((target("avx512f,avx512bw,avx2")))
 static Py_ssize_t pqsk_fs_scan_avx512bw(const uint8_t *packed, Py_ssize_t b,
                                         Py_ssize_t nb, Py_ssize_t npairs,
                                         const uint8_t *lut, uint16_t thr,
                                         uint32_t *mask)
 {
+    __m512i tabs[PQSK_FS_MAX_PAIRS + 1];
     const __m512i low4 = _mm512_set1_epi8(0x0F);
-    const __m512i t = _mm512_set1_epi16((short)thr);
-    const Py_ssize_t stride = npairs * 32;
-    Py_ssize_t p;
-    for (; b + 2 <= nb; b += 2) {
-        const uint8_t *blk = packed + b * stride;
+    const __m256i low4y = _mm256_set1_epi8(0x0F);
+    const __m256i t = _mm256_set1_epi16((short)thr);
+    const Py_ssize_t nq = npairs / 2;
+    Py_ssize_t q;
+    __m256i last0 = _mm256_setzero_si256(), last1 = last0;
+    if (npairs > PQSK_FS_MAX_PAIRS)
+        return pqsk_fs_scan_avx2(packed, b, nb, npairs, lut, thr, mask);
+    for (q = 0; q < nq; q++) {
+        /* lo tables of pairs 2q, 2q+1 (rows 4q, 4q+2), hi tables (rows 4q+1, 4q+3) */
+        tabs[2 * q] = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_broadcastsi128_si256(
+                _mm_loadu_si128((const __m128i *)(lut + 64 * q)))),
+            _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut + 64 * q + 32))), 1);
+        tabs[2 * q + 1] = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_broadcastsi128_si256(
+                _mm_loadu_si128((const __m128i *)(lut + 64 * q + 16)))),
+            _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut + 64 * q + 48))), 1);
+    }
+    if (npairs & 1) {
+        last0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut + 32 * (npairs - 1))));
+        last1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut + 32 * (npairs - 1) + 16)));
+    }
+    for (; b < nb; b++) {
+        const uint8_t *blk = packed + b * npairs * 32;
         __m512i acc0 = _mm512_setzero_si512();
         __m512i acc1 = _mm512_setzero_si512();
-        __m512i even;
-        uint32_t me, mo, m0, m1;
-        for (p = 0; p < npairs; p++) {
-            __m512i c = _mm512_inserti64x4(
-                _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(blk + 32 * p))),
-                _mm256_loadu_si256((const __m256i *)(blk + stride + 32 * p)), 1);
+        __m256i a0, a1, even, pe, po;
+        uint32_t msk;
+        for (q = 0; q < nq; q++) {
+            __m512i c = _mm512_loadu_si512((const void *)(blk + 64 * q));
             __m512i lo = _mm512_and_si512(c, low4);
             __m512i hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), low4);
-            __m512i l0 = _mm512_broadcast_i32x4(
-                _mm_loadu_si128((const __m128i *)(lut + 32 * p)));
-            __m512i l1 = _mm512_broadcast_i32x4(
-                _mm_loadu_si128((const __m128i *)(lut + 32 * p + 16)));
-            __m512i r0 = _mm512_shuffle_epi8(l0, lo);
-            __m512i r1 = _mm512_shuffle_epi8(l1, hi);
+            __m512i r0 = _mm512_shuffle_epi8(tabs[2 * q], lo);
+            __m512i r1 = _mm512_shuffle_epi8(tabs[2 * q + 1], hi);
             acc0 = _mm512_add_epi16(acc0, r0);
             acc1 = _mm512_add_epi16(acc1, _mm512_srli_epi16(r0, 8));
             acc0 = _mm512_add_epi16(acc0, r1);
             acc1 = _mm512_add_epi16(acc1, _mm512_srli_epi16(r1, 8));
         }
-        even = _mm512_sub_epi16(acc0, _mm512_slli_epi16(acc1, 8));
-        /* lane l of 32: block b + (l >= 16), vector 2 (l % 16) (+1 odd) */
-        me = (uint32_t)_mm512_cmple_epu16_mask(even, t);
-        mo = (uint32_t)_mm512_cmple_epu16_mask(acc1, t);
-        if (me | mo) {
-            /* spread 16 lane bits to even bit positions (x), odd ones (y) */
-            uint32_t x0 = me & 0xFFFFu, x1 = me >> 16, y0 = mo & 0xFFFFu, y1 = mo >> 16;
-#define PQSK_FS_SPREAD(v) \
-            v = (v | (v << 8)) & 0x00FF00FFu; v = (v | (v << 4)) & 0x0F0F0F0Fu; \
-            v = (v | (v << 2)) & 0x33333333u; v = (v | (v << 1)) & 0x55555555u;
-            PQSK_FS_SPREAD(x0) PQSK_FS_SPREAD(x1) PQSK_FS_SPREAD(y0) PQSK_FS_SPREAD(y1)
-#undef PQSK_FS_SPREAD
-            m0 = x0 | (y0 << 1);
-            m1 = x1 | (y1 << 1);
-            if (m0) {
-                *mask = m0;
-                return b;
-            }
-            /* the caller re-checks block b + 1 and goes on from b + 2 */
-            *mask = m1;
-            return b + 1;
+        a0 = _mm256_add_epi16(_mm512_castsi512_si256(acc0), _mm512_extracti64x4_epi64(acc0, 1));
+        a1 = _mm256_add_epi16(_mm512_castsi512_si256(acc1), _mm512_extracti64x4_epi64(acc1, 1));
+        if (npairs & 1) {
+            __m256i c = _mm256_loadu_si256((const __m256i *)(blk + 32 * (npairs - 1)));
+            __m256i r0 = _mm256_shuffle_epi8(last0, _mm256_and_si256(c, low4y));
+            __m256i r1 = _mm256_shuffle_epi8(
+                last1, _mm256_and_si256(_mm256_srli_epi16(c, 4), low4y));
+            a0 = _mm256_add_epi16(a0, r0);
+            a1 = _mm256_add_epi16(a1, _mm256_srli_epi16(r0, 8));
+            a0 = _mm256_add_epi16(a0, r1);
+            a1 = _mm256_add_epi16(a1, _mm256_srli_epi16(r1, 8));
+        }
+        even = _mm256_sub_epi16(a0, _mm256_slli_epi16(a1, 8));
+        pe = _mm256_cmpeq_epi16(_mm256_min_epu16(even, t), even);
+        po = _mm256_cmpeq_epi16(_mm256_min_epu16(a1, t), a1);
+        msk = ((uint32_t)_mm256_movemask_epi8(pe) & 0x55555555u) |
+              ((uint32_t)_mm256_movemask_epi8(po) & 0xAAAAAAAAu);
+        if (msk) {
+            *mask = msk;
+            return b;
         }
     }
-    if (b < nb)
-        return pqsk_fs_scan_avx2(packed, b, nb, npairs, lut, thr, mask);
     return nb;
 }
 
