@@ -16,7 +16,8 @@ import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-EXTENSIONS = ["pqsk._encode", "pqsk._adc", "pqsk._ivf", "pqsk._hnsw", "pqsk._openmp"]
+EXTENSIONS = ["pqsk._encode", "pqsk._adc", "pqsk._ivf", "pqsk._hnsw", "pqsk._openmp",
+              "pqsk._fastscan"]
 
 
 def _openmp_flags():

@@ -10,7 +10,7 @@ from sklearn.base import (
 )
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
-from . import _quantizer
+from . import _growable, _quantizer
 from ._base import FLOAT_DTYPES, BasePQNeighbors, PQParamsMixin, check_range
 from ._persist import IndexIOMixin, require
 from ._utils import Progress, effective_n_threads, range_bound
@@ -319,6 +319,14 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
     ----------
     codebooks_ : ndarray of shape (n_subspaces, n_codewords, ds)
     codes_ : ndarray of shape (n_samples_fit, n_subspaces), uint8 or uint16
+        With ``n_codewords=16`` (and at most 256 sub-spaces) a read-only
+        copy unpacked from ``packed_codes_`` at each access.
+    packed_codes_ : ndarray of shape (n_blocks, ceil(n_subspaces / 2), 32), uint8
+        Only with ``n_codewords=16``: the codes two per byte, in blocks of
+        32 vectors (``n_subspaces / 2`` bytes per vector), searched by the
+        4-bit fast-scan kernels (``pqsk._fastscan``: SIMD table lookups
+        with uint8 tables, then the candidates re-checked with the float
+        tables, so results equal the float ADC search).
     vectors_ : RowStore of shape (n_samples_fit, n_features) or None
         Raw vectors (as given, also for cosine), kept only if
         ``refine_factor > 0``: an array-like (``np.asarray(vectors_)``,
@@ -395,11 +403,57 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         self.random_state = random_state
         self.verbose = verbose
 
-    def _check_loaded_state(self):
-        from ._persist import check_float_array
+    # 4-bit codes (n_codewords=16, at most 256 sub-spaces) are stored packed
+    # for the fast-scan kernels (``packed_codes_``); ``codes_`` is then
+    # computed on access.  Files that hold ``codes_`` for such an index
+    # (written before packing) are converted at load.
+    _legacy_attributes = ("codes_",)
 
+    @staticmethod
+    def _packs(m, k):
+        """Whether an index of m sub-spaces of k codewords stores packed
+        4-bit codes."""
+        return k == 16 and m <= 256
+
+    @property
+    def _packed(self):
+        return "packed_codes_" in self.__dict__
+
+    def __getattr__(self, name):
+        # Reached only when ``name`` is neither an instance attribute nor
+        # a class attribute: ``codes_`` of a packed index is unpacked here.
+        # (Not a property: a class attribute ``codes_`` would make the
+        # loader refuse the ``codes_`` arrays of every saved PQNeighbors.)
+        if name == "codes_":
+            d = self.__dict__
+            if "packed_codes_" in d:
+                return _quantizer.unpack_codes4(d["packed_codes_"], d["n_samples_fit_"],
+                                                d["codebooks_"].shape[0])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        if name == "codes_" and "packed_codes_" in self.__dict__:
+            raise AttributeError(
+                "codes_ is read-only for 4-bit codes (n_codewords=16): they are stored "
+                "packed in packed_codes_")
+        super().__setattr__(name, value)
+
+    def _check_loaded_state(self):
+        from ._persist import check_float_array, check_int_array
+
+        d = self.__dict__
+        cb = d.get("codebooks_")
+        require(not ("codes_" in d and "packed_codes_" in d),
+                "an index holds either codes_ or packed_codes_")
+        if ("codes_" in d and isinstance(cb, np.ndarray) and cb.ndim == 3
+                and self._packs(cb.shape[0], cb.shape[1])):
+            # Written before 4-bit codes were packed: pack them now.
+            codes = d.pop("codes_")
+            check_int_array(codes, "codes_", (None, cb.shape[0]), 0, 16, dtype=np.uint8)
+            d["packed_codes_"] = _quantizer.pack_codes4(codes)
+            require(codes.shape[0] == self.n_samples_fit_, "codes_ and n_samples_fit_ differ")
         super()._check_loaded_state()
-        require(self.codes_.shape[0] == self.n_samples_fit_, "codes_ and n_samples_fit_ differ")
+        require(self._n_stored() == self.n_samples_fit_, "codes_ and n_samples_fit_ differ")
         # No remove(): the exhaustive search does not look at removed_.
         require(self.removed_ is None and self.n_removed_ == 0,
                 "a PQNeighbors index has no removed vectors")
@@ -407,20 +461,77 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         check_float_array(cb, "codebooks_", cb.shape, cb.dtype,
                           range_bound(self.n_features_in_, cb.dtype))
 
+    def _check_codes(self, m, k):
+        if not self._packs(m, k):
+            require(not self._packed, "packed_codes_ needs n_codewords=16")
+            return super()._check_codes(m, k)
+        require(self._packed, "a 4-bit index stores packed_codes_")
+        packed = self.packed_codes_
+        n = self.n_samples_fit_
+        require(isinstance(packed, np.ndarray) and packed.dtype == np.uint8,
+                "packed_codes_ must be a uint8 array")
+        nb = _quantizer.n_blocks4(n)
+        require(packed.shape == (nb, (m + 1) // 2, _quantizer.FASTSCAN_BLOCK),
+                f"packed_codes_ has shape {packed.shape}, expected "
+                f"({nb}, {(m + 1) // 2}, {_quantizer.FASTSCAN_BLOCK}) for {n} vectors")
+        require(packed.flags.c_contiguous, "packed_codes_ must be C-contiguous")
+        # Padding (vectors past n in the last block, the sub-space that
+        # makes m even) holds code 0.
+        r = n % _quantizer.FASTSCAN_BLOCK
+        if r:
+            require(not packed[-1, :, r:].any(), "padding of packed_codes_ is not 0")
+        if m % 2 and nb:
+            require(not (packed[:, -1, :] >> 4).any(), "padding of packed_codes_ is not 0")
+
     def _fit_index(self, X, progress):
         self.codebooks_ = self._fit_codebooks(X, progress)
-        self.codes_ = np.empty((0, self.n_subspaces), _quantizer.code_dtype(self.n_codewords))
+        m, k = self.codebooks_.shape[:2]
+        self.__dict__.pop("codes_", None)
+        self.__dict__.pop("packed_codes_", None)
+        _growable.discard(self, "packed_codes")
+        if self._packs(m, k):
+            self.packed_codes_ = _quantizer.pack_codes4(np.empty((0, m), np.uint8))
+        else:
+            self.codes_ = np.empty((0, m), _quantizer.code_dtype(k))
         self._add_rows(X, effective_n_threads(self.n_jobs), progress)
 
     def _add_rows(self, X, n_threads, progress):
         codes = _quantizer.encode_rows(X, self.codebooks_, n_threads)
         vectors = self._grown_vectors(X)
-        self.codes_ = np.concatenate([self.codes_, codes])
+        n_total = self.n_samples_fit_ + codes.shape[0]
+        if self._packed:
+            self.packed_codes_ = self._appended_packed(codes)
+        else:
+            self.codes_ = np.concatenate([self.codes_, codes])
         self.vectors_ = vectors
-        self._commit_size(self.codes_.shape[0])
+        self._commit_size(n_total)
         progress(f"encoded {X.shape[0]} vectors")
 
+    def _appended_packed(self, codes):
+        """``packed_codes_`` with ``codes`` appended: O(batch) amortized.  The
+        last partial block is repacked with the new codes; the blocks go to
+        a buffer with spare blocks (``pqsk._growable``).  The one write
+        into the published blocks (the old last block's padding, zero until
+        then) comes last."""
+        old, n_old = self.packed_codes_, self.n_samples_fit_
+        m = self.codebooks_.shape[0]
+        if codes.shape[0] == 0:
+            return old
+        full, r = divmod(n_old, _quantizer.FASTSCAN_BLOCK)
+        if r:
+            head = _quantizer.unpack_codes4(old[full:full + 1], r, m)
+            codes = np.concatenate([head, codes])
+        tail = _quantizer.pack_codes4(codes)
+        view = _growable.grow(self, "packed_codes", old, full + tail.shape[0] - old.shape[0])
+        view[full + 1:] = tail[1:]
+        view[full] = tail[0]
+        return view
+
     def _search(self, Q, n_candidates, n_threads):
+        if self._packed:
+            return _quantizer.fastscan_search(
+                Q, self.codebooks_, self.packed_codes_, self.n_samples_fit_, n_candidates,
+                self._inner_product, n_threads)
         return _quantizer.adc_search(
             Q, self.codebooks_, self.codes_, n_candidates, self._inner_product, n_threads
         )
@@ -428,5 +539,14 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
     def _reconstruct(self):
         return _quantizer.decode(self.codes_, self.codebooks_)
 
+    def _n_stored(self):
+        return self.n_samples_fit_ if self._packed else self.codes_.shape[0]
+
+    def _reserved_bytes(self):
+        extra = (_growable.spare_bytes(self, "packed_codes", self.packed_codes_)
+                 if self._packed else 0)
+        return super()._reserved_bytes() + extra
+
     def _memory_parts(self):
-        return {"codes": self.codes_.nbytes}, {"codebooks": self.codebooks_.nbytes}
+        codes = self.packed_codes_ if self._packed else self.codes_
+        return {"codes": codes.nbytes}, {"codebooks": self.codebooks_.nbytes}

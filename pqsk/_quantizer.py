@@ -763,3 +763,79 @@ def exact_rerank(Q, vectors, cand, n_neighbors, inner_product=False, unit_norm=F
     dist[~valid] = np.inf
     order = np.lexsort((cand, dist), axis=-1)[:, :n_neighbors]
     return np.take_along_axis(dist, order, 1), np.take_along_axis(cand, order, 1)
+
+
+# --- 4-bit codes: packed layout and fast-scan search ---------------------------
+#
+# n_codewords = 16: two codes per byte, in blocks of 32 vectors laid out for
+# in-register table lookups (see pqsk._fastscan).  For block b and pair p of
+# sub-spaces (2p, 2p + 1), 32 bytes: byte i = code[32b + i, 2p] |
+# (code[32b + i, 2p + 1] << 4).  m is padded to an even m2 with code 0 and
+# the last block to 32 vectors with code 0: packed is (n_blocks, m2 / 2, 32)
+# uint8, m / 2 bytes per vector (rounded up).
+
+FASTSCAN_BLOCK = 32
+
+
+def n_blocks4(n):
+    """Blocks of 32 vectors that hold ``n`` vectors."""
+    return -(-int(n) // FASTSCAN_BLOCK)
+
+
+def pack_codes4(codes):
+    """Pack (n, m) codes < 16 into the fast-scan layout, (n_blocks, m2 / 2, 32)
+    uint8 (padding codes 0)."""
+    codes = np.asarray(codes)
+    if codes.ndim != 2:
+        raise ValueError("codes must be a 2-d array")
+    n, m = codes.shape
+    if codes.size and (codes.min() < 0 or codes.max() >= 16):
+        raise ValueError("4-bit codes must lie in [0, 16)")
+    nb, half = n_blocks4(n), (m + 1) // 2
+    padded = np.zeros((nb * FASTSCAN_BLOCK, 2 * half), dtype=np.uint8)
+    padded[:n, :m] = codes
+    pairs = padded.reshape(nb, FASTSCAN_BLOCK, half, 2)
+    packed = pairs[..., 0] | (pairs[..., 1] << 4)          # (nb, 32, half)
+    return np.ascontiguousarray(packed.transpose(0, 2, 1))
+
+
+def unpack_codes4(packed, n, m):
+    """The (n, m) uint8 codes of ``pack_codes4``'s layout."""
+    nb, half = packed.shape[:2]
+    if packed.shape != (nb, (m + 1) // 2, FASTSCAN_BLOCK) or nb != n_blocks4(n):
+        raise ValueError(f"packed codes of shape {packed.shape} do not hold {n} codes of "
+                         f"{m} sub-spaces")
+    rows = np.asarray(packed).transpose(0, 2, 1)              # (nb, 32, half)
+    codes = np.empty((nb, FASTSCAN_BLOCK, half, 2), dtype=np.uint8)
+    np.bitwise_and(rows, 15, out=codes[..., 0])
+    np.right_shift(rows, 4, out=codes[..., 1])
+    return np.ascontiguousarray(codes.reshape(nb * FASTSCAN_BLOCK, 2 * half)[:n, :m])
+
+
+def fastscan_search(Q, codebooks, packed, n, n_neighbors, inner_product=False,
+                    n_threads=1):
+    """Exhaustive ADC search over ``n`` packed 4-bit codes (n_codewords = 16,
+    m <= ``_fastscan.MAX_SUBSPACES``): the same (dist, idx) as
+    :func:`adc_search` on the unpacked codes, distances included (see
+    ``pqsk._fastscan``).  Slots beyond ``n`` hold (+inf, INT64_MAX)."""
+    from . import _fastscan
+
+    m, k, _ = codebooks.shape
+    if k != 16:
+        raise ValueError(f"fast-scan search needs n_codewords=16, got {k}")
+    if m > _fastscan.MAX_SUBSPACES:
+        raise ValueError(f"fast-scan search takes at most {_fastscan.MAX_SUBSPACES} "
+                         f"sub-spaces (uint16 sums), got {m}")
+    Q = np.ascontiguousarray(Q, dtype=codebooks.dtype)
+    nq = Q.shape[0]
+    dist = np.empty((nq, n_neighbors), dtype=codebooks.dtype)
+    idx = np.empty((nq, n_neighbors), dtype=np.int64)
+    nt = max(int(n_threads), 1)
+    _fastscan.fastscan_search(
+        Q, _transposed(codebooks), np.ascontiguousarray(packed, dtype=np.uint8), int(n),
+        bool(inner_product), dist, idx, scratch(nt, m * 16, codebooks.dtype),
+        scratch(nt, (m + 1) // 2 * 32, np.uint8), scratch(nt, n_neighbors, codebooks.dtype),
+        scratch(nt, n_neighbors, np.int64), scratch(nt, 3, np.float64),
+        scratch(nt, (m + 1) // 2 * 256, np.uint16), nt,
+    )
+    return dist, idx

@@ -26,6 +26,8 @@ Q = rng.randn(20, 8).astype(np.float32)
 
 FACTORIES = {
     "pq": lambda: PQNeighbors(5, n_subspaces=4, n_codewords=16, random_state=0),
+    # n_codewords=16 stores packed 4-bit codes; the byte-per-code storage:
+    "pq-8bit": lambda: PQNeighbors(5, n_subspaces=4, n_codewords=32, random_state=0),
     "pq-refine": lambda: PQNeighbors(5, n_subspaces=4, n_codewords=16, refine_factor=3,
                                      metric="cosine", random_state=0),
     "ivf": lambda: IVFPQNeighbors(5, n_lists=8, n_probe=3, n_subspaces=4, n_codewords=16,
@@ -86,7 +88,9 @@ def test_save_load_round_trip(fitted, tmp_path, mmap_mode):
     assert loaded.get_params().keys() == fitted.get_params().keys()
     _same_results(fitted, loaded)
     if mmap_mode == "r":
-        assert isinstance(loaded.codes_, np.memmap)
+        # The stored codes (packed for 4-bit PQNeighbors; codes_ computed).
+        stored = vars(loaded).get("packed_codes_", loaded.codes_)
+        assert isinstance(stored, np.memmap)
     # The loaded index keeps growing, as the original does.
     loaded.partial_fit(X[:7])
     fitted.partial_fit(X[:7])
@@ -367,7 +371,8 @@ def test_finding8_crafted_arrays_are_rejected(tmp_path, key, edit, prepare):
     ("ivf", "list_offsets_", -1),       # offsets out of order
     ("hnsw", "links0_", 10**6),         # link to a node that does not exist
     ("hnsw", "upper_offsets_", 3),      # upper-level rows inconsistent with levels
-    ("pq", "codes_", 200),              # code beyond n_codewords
+    ("pq-8bit", "codes_", 200),         # code beyond n_codewords (4-bit codes
+                                        # are packed: tests/test_fastscan.py)
 ])
 def test_crafted_arrays_with_valid_checksums_are_rejected(tmp_path, key, name, bad_value):
     """A file edited by hand (checksums recomputed) must not reach the kernels."""

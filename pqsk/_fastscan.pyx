@@ -1,0 +1,303 @@
+"""4-bit fast-scan ADC search (n_codewords = 16).
+
+Codes are packed two per byte in blocks of 32 vectors (see
+``pqsk._quantizer.pack_codes4``).  Per query:
+
+1. the float ADC tables ``t[j, c]`` (m x 16) are built as ``build_table``
+   builds them;
+2. they are quantized to uint8: ``bias_j = min_c t[j, c]``, ``delta =
+   max_j (max_c t[j, c] - bias_j) / 255`` (1 if 0), ``q[j, c] =
+   round((t[j, c] - bias_j) / delta)``, so that a code's float distance d
+   and its sum ``S = sum_j q[j, code_j]`` (< 65536 for m <= 257) satisfy
+   ``|d - (sum_j bias_j + delta * S)| <= m * delta / 2`` (plus float
+   rounding, bounded by ``eps`` below);
+3. a block kernel (``_fastscan_impl.h``: scalar, AVX2 vpshufb, AVX-512BW)
+   computes S for 32 vectors at a time and flags those with S <= T, where
+   T is the largest S a vector can have and still beat the worst of the
+   current top-k heap of exact float distances;
+4. each flagged vector gets its exact float ADC distance, summed from the
+   float tables in the order ``scan_codes`` sums (so the distances are
+   bit-identical to ``adc_search``'s) and is offered to the heap, ties by
+   (distance, id).
+
+A vector is skipped only when it provably cannot enter the heap, so the
+result is exactly the float-ADC top-k, whichever kernel runs.
+
+The kernel is chosen at import: AVX-512BW, else AVX2 when the CPU has it
+(``__builtin_cpu_supports``), else scalar; the environment variable
+``PQSK_SIMD=scalar|avx2|avx512bw`` read at import overrides it, and
+``set_isa(name)`` (for tests) changes it; both refuse an instruction set
+the CPU lacks.  ``isa()`` names the active one.
+"""
+
+import os
+import warnings
+
+cimport cython
+from cython cimport floating
+from cython.parallel cimport prange, parallel, threadid
+from libc.math cimport INFINITY, fabs, floor
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+from ._heap cimport heap_init, heap_push, heap_sort
+from ._kernels cimport build_table
+
+
+cdef extern from "_fastscan_impl.h" nogil:
+    ctypedef Py_ssize_t (*pqsk_fs_scan_fn)(const uint8_t*, Py_ssize_t, Py_ssize_t,
+                                           Py_ssize_t, const uint8_t*, uint16_t,
+                                           uint32_t*) noexcept nogil
+    Py_ssize_t pqsk_fs_scan_scalar(const uint8_t*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                                   const uint8_t*, uint16_t, uint32_t*)
+    Py_ssize_t pqsk_fs_scan_avx2(const uint8_t*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                                 const uint8_t*, uint16_t, uint32_t*)
+    Py_ssize_t pqsk_fs_scan_avx512bw(const uint8_t*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                                     const uint8_t*, uint16_t, uint32_t*)
+    void pqsk_fs_pair_table(const uint8_t*, Py_ssize_t, uint16_t*)
+    int pqsk_fs_cpu_has_avx2()
+    int pqsk_fs_cpu_has_avx512bw()
+    int pqsk_fs_ctz32(uint32_t)
+    uint64_t pqsk_fs_read_bytes(const uint8_t*, Py_ssize_t, int)
+
+
+# The most sub-quantizers a 4-bit code may have: sums of m uint8 entries
+# stay below 65536.
+MAX_SUBSPACES = 257
+
+cdef pqsk_fs_scan_fn _scan = pqsk_fs_scan_scalar
+cdef str _isa = "scalar"
+# The scalar kernel reads pair-sum tables (pqsk_fs_pair_table), not the nibble ones.
+cdef bint _wants_pairs = True
+
+
+def available_isas():
+    """The kernels this CPU can run, best last."""
+    out = ["scalar"]
+    if pqsk_fs_cpu_has_avx2():
+        out.append("avx2")
+        if pqsk_fs_cpu_has_avx512bw():
+            out.append("avx512bw")
+    return out
+
+
+def set_isa(name):
+    """Select the block kernel: "scalar", "avx2" or "avx512bw" (private, for
+    tests and benchmarks).  Raises ValueError for one the CPU lacks."""
+    global _scan, _isa, _wants_pairs
+    if name not in ("scalar", "avx2", "avx512bw"):
+        raise ValueError(f"unknown instruction set {name!r}; use scalar, avx2 or avx512bw")
+    if name not in available_isas():
+        raise ValueError(f"this CPU cannot run the {name} kernel")
+    if name == "avx512bw":
+        _scan = pqsk_fs_scan_avx512bw
+    elif name == "avx2":
+        _scan = pqsk_fs_scan_avx2
+    else:
+        _scan = pqsk_fs_scan_scalar
+    _isa = name
+    _wants_pairs = name == "scalar"
+
+
+def isa():
+    """The active block kernel's name."""
+    return _isa
+
+
+def _select_at_import():
+    best = available_isas()
+    wanted = os.environ.get("PQSK_SIMD", "").strip().lower()
+    if wanted:
+        try:
+            set_isa(wanted)
+            return
+        except ValueError as e:
+            warnings.warn(f"PQSK_SIMD={wanted!r} ignored: {e}; using {best[len(best) - 1]}",
+                          RuntimeWarning)
+    set_isa(best[len(best) - 1])
+
+
+_select_at_import()
+
+
+def _read_bytes(const uint8_t[::1] data):
+    """XOR of the 8-byte words of ``data`` (its length a multiple of 32),
+    read with the widest loads the CPU has: the benchmark's measure of the
+    memory-read limit of a flat scan (private)."""
+    cdef Py_ssize_t nbytes = data.shape[0]
+    cdef uint64_t r
+    if nbytes % 32:
+        raise ValueError("length must be a multiple of 32")
+    if nbytes == 0:
+        return 0
+    with nogil:
+        r = pqsk_fs_read_bytes(&data[0], nbytes, pqsk_fs_cpu_has_avx2())
+    return r
+
+
+cdef void quantize_tables(const floating* t,    # IN  (m, 16)
+                          Py_ssize_t m,
+                          Py_ssize_t m2,
+                          uint8_t* lut,         # OUT (m2, 16)
+                          double* params) noexcept nogil:  # OUT sum_bias, delta, eps
+    """uint8 tables of one query (see the module docstring)."""
+    cdef Py_ssize_t j, c
+    cdef double lo, hi, v, span = 0, sum_b = 0, a = 0, delta, x, u
+    for j in range(m):
+        lo = t[j * 16]
+        hi = lo
+        for c in range(1, 16):
+            v = t[j * 16 + c]
+            if v < lo:
+                lo = v
+            if v > hi:
+                hi = v
+        sum_b += lo
+        if hi - lo > span:
+            span = hi - lo
+        a += fabs(lo) if fabs(lo) > fabs(hi) else fabs(hi)
+    delta = span / 255.0
+    if not delta > 0:
+        delta = 1.0
+    for j in range(m):
+        lo = t[j * 16]
+        for c in range(1, 16):
+            if t[j * 16 + c] < lo:
+                lo = t[j * 16 + c]
+        for c in range(16):
+            x = floor((t[j * 16 + c] - lo) / delta + 0.5)
+            if x < 0:
+                x = 0
+            if x > 255:
+                x = 255
+            lut[j * 16 + c] = <uint8_t> x
+    for j in range(m * 16, m2 * 16):
+        lut[j] = 0
+    # Float rounding of a summed distance (m additions of terms of at most
+    # a) and of the double arithmetic here: generous bound, 4 units of the
+    # storage type's rounding per addition.
+    u = 2.384185791015625e-07 if sizeof(floating) == 4 else 4.440892098500626e-16  # 2**-22, 2**-51
+    params[0] = sum_b
+    params[1] = delta
+    params[2] = (m + 2) * a * u
+
+
+cdef inline uint16_t threshold(double worst, const double* params,
+                               Py_ssize_t m) noexcept nogil:
+    """Largest S a vector whose float distance is <= ``worst`` can have
+    (plus one unit of margin), clamped to [0, 65535]."""
+    cdef double s
+    if not worst < INFINITY:
+        return 65535
+    s = (worst - params[0] + params[2]) / params[1] + 0.5 * m + 1.0
+    if s >= 65535.0:
+        return 65535
+    if not s >= 0:
+        return 0
+    return <uint16_t> floor(s)
+
+
+cdef void fastscan_one(const floating* t,      # IN  (m, 16) float tables
+                       const uint8_t* lut,     # IN  (m2, 16) quantized (or pair sums)
+                       const double* params,
+                       const uint8_t* packed,  # IN  (nb, m2 / 2, 32)
+                       Py_ssize_t n,
+                       Py_ssize_t m,
+                       Py_ssize_t npairs,
+                       floating* hd,           # INOUT (kn,) heap
+                       int64_t* hi,
+                       Py_ssize_t kn,
+                       pqsk_fs_scan_fn scan) noexcept nogil:
+    """Offer every code that may enter the heap, with its exact distance."""
+    cdef Py_ssize_t nb = (n + 31) // 32
+    cdef Py_ssize_t b = 0, j, i, base
+    cdef uint32_t mask = 0, tail
+    cdef uint16_t thr = threshold(hd[0], params, m)
+    cdef const uint8_t* blk
+    cdef uint8_t byte
+    cdef floating d
+    tail = 0xFFFFFFFF if n % 32 == 0 else ((<uint32_t> 1 << (n % 32)) - 1)
+    while b < nb:
+        b = scan(packed, b, nb, npairs, lut, thr, &mask)
+        if b >= nb:
+            break
+        if b == nb - 1:
+            mask &= tail
+        base = b * 32
+        blk = packed + b * npairs * 32
+        while mask:
+            i = pqsk_fs_ctz32(mask)
+            mask &= mask - 1
+            # Same additions in the same order as scan_codes: same value.
+            d = 0
+            for j in range(m):
+                byte = blk[(j >> 1) * 32 + i]
+                d = d + t[j * 16 + ((byte >> 4) if (j & 1) else (byte & 15))]
+            if d <= hd[0]:
+                heap_push(hd, hi, kn, d, base + i)
+        thr = threshold(hd[0], params, m)
+        b += 1
+
+
+def fastscan_search(const floating[:, ::1] Q,               # IN  (nq, D)
+                    const floating[:, :, ::1] codebooks_t,  # IN  (m, ds, 16)
+                    const uint8_t[:, :, ::1] packed,        # IN  (nb, m2 / 2, 32)
+                    Py_ssize_t n,
+                    bint inner_product,
+                    floating[:, ::1] out_dist,              # OUT (nq, n_neighbors)
+                    int64_t[:, ::1] out_idx,                # OUT (nq, n_neighbors)
+                    floating[:, ::1] work,                  # scratch (n_threads, >= m * 16)
+                    uint8_t[:, ::1] lut_work,               # scratch (n_threads, >= m2 * 16)
+                    floating[:, ::1] heap_d,                # scratch (n_threads, >= n_neighbors)
+                    int64_t[:, ::1] heap_i,                 # scratch (n_threads, >= n_neighbors)
+                    double[:, ::1] param_work,              # scratch (n_threads, >= 3)
+                    uint16_t[:, ::1] pair_work,             # scratch (n_threads, >= m2 / 2 * 256)
+                    int n_threads):
+    """Exhaustive 4-bit ADC search; rows sorted by (distance, index), empty
+    slots (+inf, INT64_MAX).  The caller checks the shapes."""
+    cdef Py_ssize_t nq = Q.shape[0]
+    cdef Py_ssize_t m = codebooks_t.shape[0]
+    cdef Py_ssize_t ds = codebooks_t.shape[1]
+    cdef Py_ssize_t npairs = packed.shape[1]
+    cdef Py_ssize_t kn = out_dist.shape[1]
+    cdef Py_ssize_t q, r
+    cdef int tid
+    cdef floating* t = NULL
+    cdef uint8_t* lut = NULL
+    cdef floating* hd = NULL
+    cdef int64_t* hi = NULL
+    cdef double* params = NULL
+    cdef pqsk_fs_scan_fn scan = _scan
+    cdef bint pairs = _wants_pairs
+    cdef uint16_t* pt = NULL
+    cdef const uint8_t* tab = NULL
+    if codebooks_t.shape[2] != 16 or npairs != (m + 1) // 2 or packed.shape[2] != 32:
+        raise ValueError("fastscan_search needs 16 codewords and matching packed codes")
+    if packed.shape[0] != (n + 31) // 32:
+        raise ValueError("packed codes do not hold n vectors")
+    if pairs and pair_work.shape[1] < npairs * 256:
+        raise ValueError("pair_work is too small")
+    if nq == 0 or kn == 0:
+        return
+    with nogil, parallel(num_threads=n_threads):
+        tid = threadid()
+        t = &work[tid, 0]
+        lut = &lut_work[tid, 0]
+        hd = &heap_d[tid, 0]
+        hi = &heap_i[tid, 0]
+        params = &param_work[tid, 0]
+        pt = &pair_work[tid, 0]
+        for q in prange(nq, schedule="dynamic"):
+            build_table(&Q[q, 0], &codebooks_t[0, 0, 0], m, ds, 16, inner_product, t)
+            quantize_tables(t, m, 2 * npairs, lut, params)
+            heap_init(hd, hi, kn)
+            tab = lut
+            if pairs and n > 0:
+                pqsk_fs_pair_table(lut, npairs, pt)
+                tab = <const uint8_t*> pt
+            if n > 0:
+                fastscan_one(t, tab, params, &packed[0, 0, 0], n, m, npairs,
+                             hd, hi, kn, scan)
+            heap_sort(hd, hi, kn)
+            for r in range(kn):
+                out_dist[q, r] = hd[r]
+                out_idx[q, r] = hi[r]

@@ -1,0 +1,334 @@
+/* 4-bit fast-scan block kernels (see pqsk/_fastscan.pyx).
+ *
+ * Layout: vectors in blocks of 32; for block b and sub-quantizer pair p
+ * (sub-quantizers 2p and 2p+1), 32 bytes, byte i = code[32b+i][2p] |
+ * (code[32b+i][2p+1] << 4).  A block is npairs * 32 bytes.
+ *
+ * lut: (2 * npairs, 16) uint8, the per-query quantized tables; row 2p is
+ * read with the low nibbles, row 2p+1 with the high ones.
+ *
+ * Every kernel has the same contract (the scalar one reads a table of
+ * pair sums in place of lut, see pqsk_fs_pair_table):
+ *
+ *   Py_ssize_t scan(packed, b, nb, npairs, lut, thr, &mask)
+ *
+ * scans blocks b, b+1, ... < nb and returns the first block in which some
+ * vector's sum S = sum_j lut[j, code_j] (exact, uint16) is <= thr, with
+ * bit i of *mask set for each such vector i of the block; returns nb (mask
+ * untouched) when none is.  The caller re-checks the candidates with the
+ * float tables, tightens thr and calls again from the next block.  The
+ * scalar and SIMD kernels compute the same sums, hence the same masks.
+ *
+ * The SIMD kernels are compiled with __attribute__((target(...))): the
+ * module builds with plain compiler flags and runs on any x86-64; the
+ * caller picks one at import with pqsk_fs_cpu_has_*().  Defining
+ * PQSK_FS_NO_SIMD builds the scalar kernel alone (as on other CPUs).
+ */
+#ifndef PQSK_FASTSCAN_IMPL_H
+#define PQSK_FASTSCAN_IMPL_H
+
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef Py_ssize_t (*pqsk_fs_scan_fn)(const uint8_t *packed, Py_ssize_t b,
+                                      Py_ssize_t nb, Py_ssize_t npairs,
+                                      const uint8_t *lut, uint16_t thr,
+                                      uint32_t *mask);
+
+static inline int pqsk_fs_ctz32(uint32_t x)
+{
+#if defined(__GNUC__) || defined(__clang__)
+    return __builtin_ctz(x);
+#else
+    int n = 0;
+    while (!(x & 1u)) { x >>= 1; n++; }
+    return n;
+#endif
+}
+
+/* ---- portable scalar kernel ------------------------------------------- */
+
+/* The scalar kernel reads a byte of two codes at once from a per-query
+ * table of pair sums: pt[p][byte] = lut[2p][byte & 15] + lut[2p+1][byte >> 4]
+ * (npairs x 256 uint16, built by pqsk_fs_pair_table), passed in place of
+ * lut.  Same sums as the SIMD kernels, one lookup per byte. */
+static void pqsk_fs_pair_table(const uint8_t *lut, Py_ssize_t npairs, uint16_t *pt)
+{
+    Py_ssize_t p;
+    int lo, hi;
+    for (p = 0; p < npairs; p++) {
+        const uint8_t *t0 = lut + 32 * p;
+        const uint8_t *t1 = t0 + 16;
+        uint16_t *row = pt + 256 * p;
+        for (hi = 0; hi < 16; hi++)
+            for (lo = 0; lo < 16; lo++)
+                row[(hi << 4) | lo] = (uint16_t)(t0[lo] + t1[hi]);
+    }
+}
+
+static Py_ssize_t pqsk_fs_scan_scalar(const uint8_t *packed, Py_ssize_t b,
+                                      Py_ssize_t nb, Py_ssize_t npairs,
+                                      const uint8_t *pair_table, uint16_t thr,
+                                      uint32_t *mask)
+{
+    const uint16_t *pt = (const uint16_t *)(const void *)pair_table;
+    uint16_t s[32];
+    Py_ssize_t p;
+    int i;
+    for (; b < nb; b++) {
+        const uint8_t *blk = packed + b * npairs * 32;
+        uint32_t msk = 0;
+        for (i = 0; i < 32; i++)
+            s[i] = pt[blk[i]];
+        for (p = 1; p < npairs; p++) {
+            const uint8_t *c = blk + 32 * p;
+            const uint16_t *row = pt + 256 * p;
+            for (i = 0; i < 32; i++)
+                s[i] = (uint16_t)(s[i] + row[c[i]]);
+        }
+        for (i = 0; i < 32; i++)
+            msk |= (uint32_t)(s[i] <= thr) << i;
+        if (msk) {
+            *mask = msk;
+            return b;
+        }
+    }
+    return nb;
+}
+
+/* ---- x86 SIMD kernels ------------------------------------------------- */
+
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__)) \
+    && !defined(PQSK_FS_NO_SIMD)
+#define PQSK_FS_X86 1
+#include <immintrin.h>
+
+static int pqsk_fs_cpu_has_avx2(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") ? 1 : 0;
+}
+
+static int pqsk_fs_cpu_has_avx512bw(void)
+{
+    __builtin_cpu_init();
+    return (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) ? 1 : 0;
+}
+
+/* One block per 256-bit register.  The 32 uint8 partials of a pair are
+ * added into 16-bit lanes without masking (acc0 lane l gets even + 256 *
+ * odd, modulo 2^16) and the odd bytes alone into acc1; at the end even =
+ * acc0 - (acc1 << 8).  Exact while every sum is < 65536 (m <= 257). */
+__attribute__((target("avx2")))
+static Py_ssize_t pqsk_fs_scan_avx2(const uint8_t *packed, Py_ssize_t b,
+                                    Py_ssize_t nb, Py_ssize_t npairs,
+                                    const uint8_t *lut, uint16_t thr,
+                                    uint32_t *mask)
+{
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i t = _mm256_set1_epi16((short)thr);
+    Py_ssize_t p;
+    for (; b < nb; b++) {
+        const uint8_t *blk = packed + b * npairs * 32;
+        __m256i acc0 = _mm256_setzero_si256();
+        __m256i acc1 = _mm256_setzero_si256();
+        __m256i even, odd, pe, po;
+        uint32_t msk;
+        for (p = 0; p < npairs; p++) {
+            __m256i c = _mm256_loadu_si256((const __m256i *)(blk + 32 * p));
+            __m256i lo = _mm256_and_si256(c, low4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low4);
+            __m256i l0 = _mm256_broadcastsi128_si256(
+                _mm_loadu_si128((const __m128i *)(lut + 32 * p)));
+            __m256i l1 = _mm256_broadcastsi128_si256(
+                _mm_loadu_si128((const __m128i *)(lut + 32 * p + 16)));
+            __m256i r0 = _mm256_shuffle_epi8(l0, lo);
+            __m256i r1 = _mm256_shuffle_epi8(l1, hi);
+            acc0 = _mm256_add_epi16(acc0, r0);
+            acc1 = _mm256_add_epi16(acc1, _mm256_srli_epi16(r0, 8));
+            acc0 = _mm256_add_epi16(acc0, r1);
+            acc1 = _mm256_add_epi16(acc1, _mm256_srli_epi16(r1, 8));
+        }
+        odd = acc1;
+        even = _mm256_sub_epi16(acc0, _mm256_slli_epi16(acc1, 8));
+        /* unsigned S <= thr  <=>  min(S, thr) == S */
+        pe = _mm256_cmpeq_epi16(_mm256_min_epu16(even, t), even);
+        po = _mm256_cmpeq_epi16(_mm256_min_epu16(odd, t), odd);
+        msk = ((uint32_t)_mm256_movemask_epi8(pe) & 0x55555555u) |
+              ((uint32_t)_mm256_movemask_epi8(po) & 0xAAAAAAAAu);
+        if (msk) {
+            *mask = msk;
+            return b;
+        }
+    }
+    return nb;
+}
+
+/* One block per 512-bit register, two pairs at a time: 64 contiguous bytes
+ * of a block (pairs p and p+1) against tables holding pair p's in the low
+ * 256 bits and pair p+1's in the high ones (built once per call); the two
+ * halves of the accumulators are added at the end of the block, an odd
+ * last pair done in 256 bits.  Same sums as the AVX2 kernel. */
+#define PQSK_FS_MAX_PAIRS 129 /* (MAX_SUBSPACES + 1) / 2 */
+__attribute__((target("avx512f,avx512bw,avx2")))
+static Py_ssize_t pqsk_fs_scan_avx512bw(const uint8_t *packed, Py_ssize_t b,
+                                        Py_ssize_t nb, Py_ssize_t npairs,
+                                        const uint8_t *lut, uint16_t thr,
+                                        uint32_t *mask)
+{
+    __m512i tabs[PQSK_FS_MAX_PAIRS + 1];
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const __m256i low4y = _mm256_set1_epi8(0x0F);
+    const __m256i t = _mm256_set1_epi16((short)thr);
+    const Py_ssize_t nq = npairs / 2;
+    Py_ssize_t q;
+    __m256i last0 = _mm256_setzero_si256(), last1 = last0;
+    if (npairs > PQSK_FS_MAX_PAIRS)
+        return pqsk_fs_scan_avx2(packed, b, nb, npairs, lut, thr, mask);
+    for (q = 0; q < nq; q++) {
+        /* lo tables of pairs 2q, 2q+1 (rows 4q, 4q+2), hi tables (rows 4q+1, 4q+3) */
+        tabs[2 * q] = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_broadcastsi128_si256(
+                _mm_loadu_si128((const __m128i *)(lut + 64 * q)))),
+            _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut + 64 * q + 32))), 1);
+        tabs[2 * q + 1] = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_broadcastsi128_si256(
+                _mm_loadu_si128((const __m128i *)(lut + 64 * q + 16)))),
+            _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut + 64 * q + 48))), 1);
+    }
+    if (npairs & 1) {
+        last0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut + 32 * (npairs - 1))));
+        last1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut + 32 * (npairs - 1) + 16)));
+    }
+    for (; b < nb; b++) {
+        const uint8_t *blk = packed + b * npairs * 32;
+        __m512i acc0 = _mm512_setzero_si512();
+        __m512i acc1 = _mm512_setzero_si512();
+        __m256i a0, a1, even, pe, po;
+        uint32_t msk;
+        for (q = 0; q < nq; q++) {
+            __m512i c = _mm512_loadu_si512((const void *)(blk + 64 * q));
+            __m512i lo = _mm512_and_si512(c, low4);
+            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), low4);
+            __m512i r0 = _mm512_shuffle_epi8(tabs[2 * q], lo);
+            __m512i r1 = _mm512_shuffle_epi8(tabs[2 * q + 1], hi);
+            acc0 = _mm512_add_epi16(acc0, r0);
+            acc1 = _mm512_add_epi16(acc1, _mm512_srli_epi16(r0, 8));
+            acc0 = _mm512_add_epi16(acc0, r1);
+            acc1 = _mm512_add_epi16(acc1, _mm512_srli_epi16(r1, 8));
+        }
+        a0 = _mm256_add_epi16(_mm512_castsi512_si256(acc0), _mm512_extracti64x4_epi64(acc0, 1));
+        a1 = _mm256_add_epi16(_mm512_castsi512_si256(acc1), _mm512_extracti64x4_epi64(acc1, 1));
+        if (npairs & 1) {
+            __m256i c = _mm256_loadu_si256((const __m256i *)(blk + 32 * (npairs - 1)));
+            __m256i r0 = _mm256_shuffle_epi8(last0, _mm256_and_si256(c, low4y));
+            __m256i r1 = _mm256_shuffle_epi8(
+                last1, _mm256_and_si256(_mm256_srli_epi16(c, 4), low4y));
+            a0 = _mm256_add_epi16(a0, r0);
+            a1 = _mm256_add_epi16(a1, _mm256_srli_epi16(r0, 8));
+            a0 = _mm256_add_epi16(a0, r1);
+            a1 = _mm256_add_epi16(a1, _mm256_srli_epi16(r1, 8));
+        }
+        even = _mm256_sub_epi16(a0, _mm256_slli_epi16(a1, 8));
+        pe = _mm256_cmpeq_epi16(_mm256_min_epu16(even, t), even);
+        po = _mm256_cmpeq_epi16(_mm256_min_epu16(a1, t), a1);
+        msk = ((uint32_t)_mm256_movemask_epi8(pe) & 0x55555555u) |
+              ((uint32_t)_mm256_movemask_epi8(po) & 0xAAAAAAAAu);
+        if (msk) {
+            *mask = msk;
+            return b;
+        }
+    }
+    return nb;
+}
+
+/* XOR of every 32-byte row, four independent accumulators. */
+__attribute__((target("avx2")))
+static uint64_t pqsk_fs_read_avx2(const uint8_t *data, Py_ssize_t nbytes)
+{
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    uint64_t out[4];
+    Py_ssize_t i = 0;
+    for (; i + 128 <= nbytes; i += 128) {
+        a0 = _mm256_xor_si256(a0, _mm256_loadu_si256((const __m256i *)(data + i)));
+        a1 = _mm256_xor_si256(a1, _mm256_loadu_si256((const __m256i *)(data + i + 32)));
+        a2 = _mm256_xor_si256(a2, _mm256_loadu_si256((const __m256i *)(data + i + 64)));
+        a3 = _mm256_xor_si256(a3, _mm256_loadu_si256((const __m256i *)(data + i + 96)));
+    }
+    for (; i + 32 <= nbytes; i += 32)
+        a0 = _mm256_xor_si256(a0, _mm256_loadu_si256((const __m256i *)(data + i)));
+    a0 = _mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3));
+    _mm256_storeu_si256((__m256i *)out, a0);
+    return out[0] ^ out[1] ^ out[2] ^ out[3];
+}
+
+#else
+#define PQSK_FS_X86 0
+/* The same sums from the nibble tables (the SIMD kernels' input), for
+ * builds without the x86 kernels (never selected there). */
+static Py_ssize_t pqsk_fs_scan_nibbles(const uint8_t *packed, Py_ssize_t b,
+                                       Py_ssize_t nb, Py_ssize_t npairs,
+                                       const uint8_t *lut, uint16_t thr,
+                                       uint32_t *mask)
+{
+    uint16_t s[32];
+    Py_ssize_t p;
+    int i;
+    for (; b < nb; b++) {
+        const uint8_t *blk = packed + b * npairs * 32;
+        uint32_t msk = 0;
+        for (i = 0; i < 32; i++)
+            s[i] = 0;
+        for (p = 0; p < npairs; p++) {
+            const uint8_t *c = blk + 32 * p;
+            const uint8_t *t0 = lut + 32 * p;
+            const uint8_t *t1 = t0 + 16;
+            for (i = 0; i < 32; i++)
+                s[i] = (uint16_t)(s[i] + t0[c[i] & 15] + t1[c[i] >> 4]);
+        }
+        for (i = 0; i < 32; i++)
+            msk |= (uint32_t)(s[i] <= thr) << i;
+        if (msk) {
+            *mask = msk;
+            return b;
+        }
+    }
+    return nb;
+}
+
+static int pqsk_fs_cpu_has_avx2(void) { return 0; }
+static int pqsk_fs_cpu_has_avx512bw(void) { return 0; }
+/* Never selected (the CPU check says no); present so that the module links. */
+static Py_ssize_t pqsk_fs_scan_avx2(const uint8_t *packed, Py_ssize_t b, Py_ssize_t nb,
+                                    Py_ssize_t npairs, const uint8_t *lut, uint16_t thr,
+                                    uint32_t *mask)
+{
+    return pqsk_fs_scan_nibbles(packed, b, nb, npairs, lut, thr, mask);
+}
+static Py_ssize_t pqsk_fs_scan_avx512bw(const uint8_t *packed, Py_ssize_t b, Py_ssize_t nb,
+                                        Py_ssize_t npairs, const uint8_t *lut, uint16_t thr,
+                                        uint32_t *mask)
+{
+    return pqsk_fs_scan_nibbles(packed, b, nb, npairs, lut, thr, mask);
+}
+#endif
+
+static uint64_t pqsk_fs_read_bytes(const uint8_t *data, Py_ssize_t nbytes, int simd)
+{
+    uint64_t r = 0, w;
+    Py_ssize_t i;
+#if PQSK_FS_X86
+    if (simd)
+        return pqsk_fs_read_avx2(data, nbytes);
+#else
+    (void)simd;
+#endif
+    for (i = 0; i + 8 <= nbytes; i += 8) {
+        memcpy(&w, data + i, 8);
+        r ^= w;
+    }
+    return r;
+}
+
+#endif /* PQSK_FASTSCAN_IMPL_H */
