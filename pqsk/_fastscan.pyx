@@ -182,13 +182,14 @@ cdef void quantize_tables(const floating* t,    # IN  (m, 16)
 
 
 cdef inline uint16_t threshold(double worst, const double* params,
-                               Py_ssize_t m) noexcept nogil:
-    """Largest S a vector whose float distance is <= ``worst`` can have
-    (plus one unit of margin), clamped to [0, 65535]."""
+                               double margin) noexcept nogil:
+    """Largest S a vector whose float distance is <= ``worst`` can have,
+    ``margin`` units of rounding allowed (0.5 * m + 1 covers the worst
+    case: exact), clamped to [0, 65535]."""
     cdef double s
     if not worst < INFINITY:
         return 65535
-    s = (worst - params[0] + params[2]) / params[1] + 0.5 * m + 1.0
+    s = (worst - params[0] + params[2]) / params[1] + margin
     if s >= 65535.0:
         return 65535
     if not s >= 0:
@@ -206,12 +207,16 @@ cdef void fastscan_one(const floating* t,      # IN  (m, 16) float tables
                        floating* hd,           # INOUT (kn,) heap
                        int64_t* hi,
                        Py_ssize_t kn,
-                       pqsk_fs_scan_fn scan) noexcept nogil:
-    """Offer every code that may enter the heap, with its exact distance."""
+                       pqsk_fs_scan_fn scan,
+                       double margin) noexcept nogil:
+    """Offer every code whose quantized estimate is within ``margin``
+    units of the heap's worst distance, with its exact distance (every
+    code that may enter the heap when ``margin`` is the worst-case
+    rounding, 0.5 * m + 1)."""
     cdef Py_ssize_t nb = (n + 31) // 32
     cdef Py_ssize_t b = 0, j, i, base
     cdef uint32_t mask = 0, tail
-    cdef uint16_t thr = threshold(hd[0], params, m)
+    cdef uint16_t thr = threshold(hd[0], params, margin)
     cdef const uint8_t* blk
     cdef uint8_t byte
     cdef floating d
@@ -234,7 +239,7 @@ cdef void fastscan_one(const floating* t,      # IN  (m, 16) float tables
                 d = d + t[j * 16 + ((byte >> 4) if (j & 1) else (byte & 15))]
             if d <= hd[0]:
                 heap_push(hd, hi, kn, d, base + i)
-        thr = threshold(hd[0], params, m)
+        thr = threshold(hd[0], params, margin)
         b += 1
 
 
@@ -251,9 +256,19 @@ def fastscan_search(const floating[:, ::1] Q,               # IN  (nq, D)
                     int64_t[:, ::1] heap_i,                 # scratch (n_threads, >= n_neighbors)
                     double[:, ::1] param_work,              # scratch (n_threads, >= 3)
                     uint16_t[:, ::1] pair_work,             # scratch (n_threads, >= m2 / 2 * 256)
-                    int n_threads):
+                    int n_threads,
+                    double margin=-1):
     """Exhaustive 4-bit ADC search; rows sorted by (distance, index), empty
-    slots (+inf, INT64_MAX).  The caller checks the shapes."""
+    slots (+inf, INT64_MAX).  The caller checks the shapes.
+
+    ``margin`` (units of the quantized tables) decides which codes are
+    re-checked with the float tables: a negative value means the
+    worst-case rounding bound, 0.5 * m + 1, and the result is exactly the
+    float ADC top-k; a small one (1-2) re-checks only codes whose estimate
+    is within that many units of the current k-th distance: far fewer
+    float re-checks, and a code is missed only when its rounding error
+    exceeds the margin while its distance is within it of the k-th
+    (near-ties)."""
     cdef Py_ssize_t nq = Q.shape[0]
     cdef Py_ssize_t m = codebooks_t.shape[0]
     cdef Py_ssize_t ds = codebooks_t.shape[1]
@@ -296,7 +311,7 @@ def fastscan_search(const floating[:, ::1] Q,               # IN  (nq, D)
                 tab = <const uint8_t*> pt
             if n > 0:
                 fastscan_one(t, tab, params, &packed[0, 0, 0], n, m, npairs,
-                             hd, hi, kn, scan)
+                             hd, hi, kn, scan, margin if margin >= 0 else 0.5 * m + 1.0)
             heap_sort(hd, hi, kn)
             for r in range(kn):
                 out_dist[q, r] = hd[r]

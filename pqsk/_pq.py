@@ -531,7 +531,7 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         if self._packed:
             return _quantizer.fastscan_search(
                 Q, self.codebooks_, self.packed_codes_, self.n_samples_fit_, n_candidates,
-                self._inner_product, n_threads)
+                self._inner_product, n_threads, margin=_quantizer.FASTSCAN_MARGIN)
         return _quantizer.adc_search(
             Q, self.codebooks_, self.codes_, n_candidates, self._inner_product, n_threads
         )

@@ -812,12 +812,25 @@ def unpack_codes4(packed, n, m):
     return np.ascontiguousarray(codes.reshape(nb * FASTSCAN_BLOCK, 2 * half)[:n, :m])
 
 
+# Codes re-checked with the float tables by the estimators' 4-bit scans:
+# those whose quantized estimate is within this many table units of the
+# current k-th distance (the worst-case rounding bound is 0.5 * m + 1).
+# On GloVe-50 (m=25) the top 50 then match the exact float-ADC top 50 on
+# 99.96-100% of the ids, 1.6-3.7x faster than the exact bound.
+FASTSCAN_MARGIN = 2.0
+
+
 def fastscan_search(Q, codebooks, packed, n, n_neighbors, inner_product=False,
-                    n_threads=1):
+                    n_threads=1, margin=None):
     """Exhaustive ADC search over ``n`` packed 4-bit codes (n_codewords = 16,
-    m <= ``_fastscan.MAX_SUBSPACES``): the same (dist, idx) as
-    :func:`adc_search` on the unpacked codes, distances included (see
-    ``pqsk._fastscan``).  Slots beyond ``n`` hold (+inf, INT64_MAX)."""
+    m <= ``_fastscan.MAX_SUBSPACES``).  With ``margin=None``, the same
+    (dist, idx) as :func:`adc_search` on the unpacked codes, distances
+    included (see ``pqsk._fastscan``); with a margin (table units, e.g.
+    ``FASTSCAN_MARGIN``) only codes whose quantized estimate is within it
+    of the running k-th distance are re-checked: the returned distances are
+    still exact float ADC, and a code is missed only in a near-tie.  Every
+    instruction set gives the same result either way.  Slots beyond ``n``
+    hold (+inf, INT64_MAX)."""
     from . import _fastscan
 
     m, k, _ = codebooks.shape
@@ -837,5 +850,6 @@ def fastscan_search(Q, codebooks, packed, n, n_neighbors, inner_product=False,
         scratch(nt, (m + 1) // 2 * 32, np.uint8), scratch(nt, n_neighbors, codebooks.dtype),
         scratch(nt, n_neighbors, np.int64), scratch(nt, 3, np.float64),
         scratch(nt, (m + 1) // 2 * 256, np.uint16), nt,
+        -1.0 if margin is None else float(margin),
     )
     return dist, idx

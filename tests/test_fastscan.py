@@ -416,3 +416,39 @@ _TOO_FEW_ROWS = "the check fits on fewer rows than n_codewords=16"
     })
 def test_sklearn_checks_on_4bit_pqneighbors(estimator, check):
     check(estimator)
+
+
+@pytest.mark.parametrize("inner_product", [False, True])
+def test_margin_scan_is_exact_float_adc_but_for_near_ties(inner_product):
+    """With the estimators' margin (FASTSCAN_MARGIN) fewer codes are
+    re-checked; the distances returned are still the exact float ADC of
+    the returned codes, every instruction set gives the same result, and
+    the ids match the exact top-k but for near ties."""
+    rng = np.random.RandomState(3)
+    m, n, k = 12, 3000, 40
+    cb = rng.randn(m, 16, 2).astype(np.float32)
+    codes = rng.randint(0, 16, (n, m)).astype(np.uint8)
+    Q = rng.randn(25, 2 * m).astype(np.float32)
+    packed = _quantizer.pack_codes4(codes)
+    exact = _quantizer.fastscan_search(Q, cb, packed, n, k, inner_product)
+    results = {}
+    previous = _fastscan.isa()
+    try:
+        for name in _fastscan.available_isas():
+            _fastscan.set_isa(name)
+            results[name] = _quantizer.fastscan_search(
+                Q, cb, packed, n, k, inner_product, margin=_quantizer.FASTSCAN_MARGIN)
+    finally:
+        _fastscan.set_isa(previous)
+    first = next(iter(results.values()))
+    for d, i in results.values():
+        assert_array_equal(i, first[1])
+        assert_array_equal(d, first[0])
+    d, i = first
+    # Distances: the float ADC of the returned codes (as adc_search adds them).
+    ref_d, ref_i = _quantizer.adc_search(Q, cb, codes, n, inner_product)
+    full = np.empty((Q.shape[0], n), dtype=np.float32)
+    np.put_along_axis(full, ref_i, ref_d, 1)
+    assert_array_equal(np.take_along_axis(full, i, 1), d)
+    overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(i, exact[1])])
+    assert overlap >= 0.99
