@@ -206,7 +206,7 @@ class RefitMixin:
         ----------
         X_sample : array-like of shape (n_train, n_features)
             Training rows (for example a random sample of recent data).
-        X : array-like of shape (n_samples_fit_, n_features), default=None
+        X : array-like of shape (``n_samples_fit_``, n_features), default=None
             The indexed rows, row i being id i (removed ids' rows are not
             read); needed when the index keeps no raw vectors.
 
