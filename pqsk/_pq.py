@@ -72,7 +72,7 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         a lower quantization error on data whose variance is unevenly
         spread over the sub-spaces.  R is learned on at most
         ``64 * n_codewords`` rows of the training sample, 50 alternations
-        (about 5 times plain PQ's training time on GloVe-50; see
+        (about 4.5 times plain PQ's training time on GloVe-50; see
         ``pqsk._opq``); not with ``codebooks``.
     n_jobs : int, default=None
         Threads for training (sub-spaces in parallel, each KMeans on one

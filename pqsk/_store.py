@@ -94,10 +94,10 @@ class FitRows:
         normalisation: rows come out as ``x @ R``.
 
     Rows come out "prepared": C-contiguous, of ``dtype``, normalised when
-    ``unit_norm``, rotated when ``rotation`` is given.  ``raw`` is X itself, for the row store.  ``__array__``
-    materialises every prepared row at once (n_samples x n_features of
-    ``dtype``): only for callers that need the whole array anyway (the
-    HNSW graph build, small inputs).
+    ``unit_norm``, rotated when ``rotation`` is given.  ``raw`` is X
+    itself, for the row store.  ``__array__`` materialises every prepared
+    row at once (n_samples x n_features of ``dtype``): only for callers
+    that need the whole array anyway (the HNSW graph build, small inputs).
     """
 
     def __init__(self, X, dtype, unit_norm, rotation=None):
