@@ -28,7 +28,7 @@ from sklearn.utils._param_validation import (
 )
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from . import _growable, _quantizer
+from . import _growable, _opq, _quantizer
 from ._persist import check_int_array, require
 from ._store import FitRows, RowStore, chunk_slices, rows_per_chunk
 from ._utils import (
@@ -93,6 +93,7 @@ class PQParamsMixin:
             None,
         ],
         "codebooks": ["array-like", None],
+        "rotation": [StrOptions({"opq"}), None],
         "n_jobs": [Interval(Integral, None, -1, closed="right"),
                    Interval(Integral, 1, None, closed="left"), None],
         "random_state": ["random_state"],
@@ -128,6 +129,30 @@ class PQParamsMixin:
         check_range(cb.reshape(-1, n_features), name="codebooks",
                     dtype=getattr(self, "_kernel_dtype", None))
         return cb
+
+    def _fit_rotation(self, X, progress):
+        """The OPQ rotation learned on a training sample of X (prepared
+        rows, an array or a :class:`~pqsk._store.FitRows`), or None for
+        ``rotation=None``.  See :mod:`pqsk._opq` for the cost."""
+        if self.rotation is None:
+            return None
+        if self.codebooks is not None:
+            raise ValueError("rotation='opq' learns the codebooks with the rotation; it "
+                             "cannot be combined with codebooks=... (set one to None).")
+        d = X.shape[1]
+        _quantizer.check_subspaces(d, self.n_subspaces)
+        _quantizer.check_codewords(self.n_codewords, np.inf)
+        rng = check_random_state(self.random_state)
+        sample = _quantizer.training_sample(X, self._max_train_samples(), rng)
+        _quantizer.check_codewords(self.n_codewords, sample.shape[0])
+        progress(f"learning the OPQ rotation on {sample.shape[0]} x {d} rows")
+        R, _, errors = _opq.train_opq(
+            sample, self.n_subspaces, self.n_codewords, init=self.init,
+            max_iter=self.max_iter, n_init=self.n_init, tol=self.tol, random_state=rng,
+            n_threads=effective_n_threads(self.n_jobs), progress=progress)
+        progress(f"OPQ rotation learned: reconstruction error {errors[0]:.6g} -> "
+                 f"{errors[-1]:.6g} on the sample")
+        return R
 
     def _fit_codebooks(self, X, progress):
         """Train the codebooks on (a sample of) X, or take the user's.
@@ -241,7 +266,7 @@ class RefitMixin:
                     f"got {source.shape[0]} rows.")
         elif self.vectors_ is not None:
             source = FitRows(self.vectors_, self._fit_dtype_,
-                             self.effective_metric_ == "cosine")
+                             self.effective_metric_ == "cosine", self._rotation)
         else:
             raise ValueError(
                 "refit_codebooks re-encodes from the raw vectors, which this index does "
@@ -442,7 +467,8 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """{parameter: the value the fitted index was built with} for the
         parameters that define the fitted state.  Subclasses add theirs."""
         m, k = self.codebooks_.shape[:2]
-        return {"metric": self.effective_metric_, "n_subspaces": m, "n_codewords": k}
+        return {"metric": self.effective_metric_, "n_subspaces": m, "n_codewords": k,
+                "rotation": None if self._rotation is None else "opq"}
 
     # -- shared machinery -------------------------------------------------
     def _check_params_at_call(self):
@@ -480,6 +506,16 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """Whether the kernels rank by minus the inner product ("dot") rather
         than by squared L2 (every other metric), as fitted."""
         return self.effective_metric_ == "dot"
+
+    @property
+    def _rotation(self):
+        """The fitted OPQ rotation R (rows and queries are searched as
+        ``x @ R``), or None; files saved before OPQ have no ``rotation_``."""
+        return self.__dict__.get("rotation_")
+
+    def _rotate(self, Q):
+        R = self._rotation
+        return Q if R is None else np.ascontiguousarray(Q @ R, dtype=Q.dtype)
 
     def _prepare(self, X):
         if self.effective_metric_ == "cosine":
@@ -533,7 +569,8 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             dtype = X.dtype if reset else self._fit_dtype_
             X = np.ascontiguousarray(X, dtype=dtype)
             check_range(X, dtype=self._kernel_dtype)
-            return FitRows(X, dtype, self._unit_norm(reset))
+            return FitRows(X, dtype, self._unit_norm(reset),
+                           None if reset else self._rotation)
         # The head gives validate_data's errors (too few rows, wrong width,
         # feature names, NaN in the head) exactly as for a whole array.
         head_rows = rows_per_chunk(X.shape[1] * 8)
@@ -558,7 +595,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                 break
         check_range(np.zeros((1, X.shape[1]), dtype), extremes=(lo, hi),
                     dtype=self._kernel_dtype)
-        return FitRows(X, dtype, self._unit_norm(reset))
+        return FitRows(X, dtype, self._unit_norm(reset), None if reset else self._rotation)
 
     def _unit_norm(self, reset):
         metric = self.metric if reset else self.effective_metric_
@@ -595,6 +632,8 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             # Raw vectors are kept, for good, when fitted with re-ranking.
             self.vectors_ = (RowStore.empty(rows.shape[1], rows.dtype)
                              if self.refine_factor > 0 else None)
+            # OPQ: every row is encoded, and every query searched, as x @ R.
+            self.rotation_ = rows.rotation = self._fit_rotation(rows, progress)
             self._fit_index(rows, progress)
         _CHECKED_PARAMS.pop(self, None)
         release_memory()
@@ -645,6 +684,9 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         m, k, _ = check_codebooks(self, _quantizer.MAX_CODEWORDS)
         require(self.codebooks_.dtype == dtype, "_fit_dtype_ differs from the codebooks' dtype")
         d = self.n_features_in_
+        self.rotation_ = self._rotation  # missing (saved before OPQ): None
+        if self.rotation_ is not None:
+            _opq.check_rotation(self.rotation_, d, dtype)
         metric = self.effective_metric_
         require(isinstance(metric, str) and metric in METRICS, f"effective_metric_ {metric!r} is not a metric")
         n = check_scalar_int(self.n_samples_fit_, "n_samples_fit_", 0, 2**62)
@@ -766,8 +808,12 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         return max(n_neighbors, min(n_neighbors * self.refine_factor, self._n_live))
 
     def _search_refined(self, Q, n_neighbors, n_threads):
-        """ADC search, then exact re-ranking when ``refine_factor > 0``."""
-        dist, ind = self._search(Q, self._n_candidates(n_neighbors), n_threads)
+        """ADC search, then exact re-ranking when ``refine_factor > 0``.
+
+        Q is prepared (normalised for cosine) but not rotated: the ADC
+        search sees ``Q @ rotation_``, the re-ranking compares Q itself with
+        the raw (unrotated) vectors."""
+        dist, ind = self._search(self._rotate(Q), self._n_candidates(n_neighbors), n_threads)
         if self.refine_factor > 0:
             # Only the candidate rows are read from the row store; stored
             # rows are raw, so cosine normalises them here.
@@ -781,14 +827,17 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         X=None), in id order: the raw vectors when kept (normalised for
         cosine), a chunk at a time, so that a memory-mapped store is never
         read whole into memory; else the reconstructions, all at once
-        (n_samples_fit x n_features)."""
+        (n_samples_fit x n_features), rotated back to the input space
+        (``x_hat @ rotation_.T``) as ``_search_refined`` rotates them."""
         n = self.n_samples_fit_
         if self.vectors_ is not None:
             step = rows_per_chunk(self.n_features_in_ * self.vectors_.dtype.itemsize)
             for sl in chunk_slices(n, step):
                 yield sl, self._prepare(self.vectors_[sl])
             return
-        yield slice(0, n), self._reconstruct()
+        X_hat = self._reconstruct()
+        R = self._rotation
+        yield slice(0, n), X_hat if R is None else np.ascontiguousarray(X_hat @ R.T)
 
     def _finish_distances(self, raw):
         if self.effective_metric_ == "euclidean":

@@ -117,7 +117,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         The most nodes a graph holds before it is sealed into an immutable
         segment (at least 1024; see Notes).  Not structural: changing it
         after fit only changes when the next segments are sealed.
-    n_subspaces, n_codewords, init, max_iter, n_init, tol, max_train_samples, codebooks
+    n_subspaces, n_codewords, init, max_iter, n_init, tol, max_train_samples, codebooks, rotation
         Product quantizer parameters, as in :class:`PQTransformer`.
     metric : {"euclidean", "sqeuclidean", "cosine", "dot"}, default="euclidean"
         As in :class:`PQNeighbors`.
@@ -236,6 +236,10 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         the kernels use it.  Changing ``metric`` afterwards makes queries
         and ``partial_fit`` raise until the next fit.
     n_samples_fit_ : int
+    rotation_ : ndarray of shape (n_features, n_features) or None
+        The OPQ rotation R (``rotation="opq"``), in the fitted dtype: rows
+        are encoded and queries searched as ``x @ R``; ``vectors_`` stay
+        unrotated.
     n_iter_ : int
     n_features_in_ : int
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
@@ -292,6 +296,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         tol=1e-4,
         max_train_samples="auto",
         codebooks=None,
+        rotation=None,
         n_jobs=None,
         random_state=None,
         verbose=0,
@@ -312,6 +317,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         self.tol = tol
         self.max_train_samples = max_train_samples
         self.codebooks = codebooks
+        self.rotation = rotation
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.verbose = verbose
@@ -338,7 +344,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
             vectors = _quantizer.decode(codes, self.codebooks_)
         else:
             vectors = FitRows(self.vectors_, self._fit_dtype_,
-                              self.effective_metric_ == "cosine").take(ids)
+                              self.effective_metric_ == "cosine", self._rotation).take(ids)
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def _add_rows(self, X, n_threads, progress):
@@ -359,7 +365,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
                 n_old = self.codes_.shape[0]
                 stop = min(b, start + size - n_old)
                 piece = X if (start, stop) == (0, b) else FitRows(
-                    X.raw[start:stop], X.dtype, X.unit_norm)
+                    X.raw[start:stop], X.dtype, X.unit_norm, X.rotation)
                 self._add_piece(piece, codes[start:stop], progress)
                 start = stop
                 committed = committed or n_old > 0
@@ -1019,7 +1025,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         self._check_params_at_call()
         n_neighbors = _check_n_neighbors(self.n_neighbors if n_neighbors is None
                                          else n_neighbors)
-        Q = self._validate_queries(X)
+        Q = self._rotate(self._validate_queries(X))
         n_threads = effective_n_threads(self.n_jobs)
         with index_lock(self).read():
             n_out = self._n_candidates(n_neighbors)

@@ -139,7 +139,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         ``n_lists`` with a warning.  When the probed lists hold fewer than
         the requested neighbours, further lists are scanned in centroid
         order, so every query gets real neighbours.
-    n_subspaces, n_codewords, init, max_iter, n_init, tol, codebooks
+    n_subspaces, n_codewords, init, max_iter, n_init, tol, codebooks, rotation
         Product quantizer of the residuals, as in :class:`PQTransformer`.
     metric : {"euclidean", "sqeuclidean", "cosine", "dot"}, default="euclidean"
         As in :class:`PQNeighbors`.
@@ -190,6 +190,10 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
     centroids still do not depend on ``n_jobs``).  Vectors are
     assigned to cells by L2 distance for every metric; cells are ranked at
     query time by ``||q - c||`` (every metric but "dot") or ``<q, c>`` ("dot").
+    With ``rotation="opq"`` the rotation R is learned first, with a flat
+    PQ on the training sample (as faiss's ``OPQMatrix`` before an IVFPQ);
+    the coarse quantizer, the residual codebooks and the queries then all
+    work on the rotated rows ``x @ R``.
 
     Memory: ``fit`` and ``partial_fit`` read X (a ``np.memmap`` or
     ``np.load(path, mmap_mode="r")`` array included) chunk by chunk (see
@@ -261,6 +265,10 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         the kernels use it.  Changing ``metric`` afterwards makes queries
         and ``partial_fit`` raise until the next fit.
     n_samples_fit_ : int
+    rotation_ : ndarray of shape (n_features, n_features) or None
+        The OPQ rotation R (``rotation="opq"``), in the fitted dtype: rows
+        are encoded and queries searched as ``x @ R``; ``vectors_`` stay
+        unrotated.
     n_iter_ : int
         The most KMeans iterations run by any residual codebook.
     vectors_ : RowStore of shape (n_samples_fit, n_features) or None
@@ -322,6 +330,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         tol=1e-4,
         max_train_samples="auto",
         codebooks=None,
+        rotation=None,
         segment_size=DEFAULT_SEGMENT_SIZE,
         n_jobs=None,
         random_state=None,
@@ -342,6 +351,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         self.tol = tol
         self.max_train_samples = max_train_samples
         self.codebooks = codebooks
+        self.rotation = rotation
         self.segment_size = segment_size
         self.n_jobs = n_jobs
         self.random_state = random_state

@@ -104,8 +104,11 @@ _NOT_SAVED = frozenset({"_list_terms"})
 _MT_KEYS = 624
 
 # Parameters added in a format version: files of earlier versions lack
-# them, and the estimator keeps its default.
-_PARAMS_SINCE = {"segment_size": 3}
+# them, and the estimator keeps its default.  ``rotation`` came within
+# format 3 (no format change: a new file without OPQ reads as before):
+# version-3 files written before it lack it, so it is required only from
+# the next format on.
+_PARAMS_SINCE = {"segment_size": 3, "rotation": 4}
 
 
 class IndexFormatError(ValueError):

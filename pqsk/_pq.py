@@ -10,7 +10,7 @@ from sklearn.base import (
 )
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
-from . import _growable, _quantizer
+from . import _growable, _opq, _quantizer
 from ._base import FLOAT_DTYPES, BasePQNeighbors, PQParamsMixin, check_range
 from ._persist import IndexIOMixin, require
 from ._utils import Progress, effective_n_threads, range_bound
@@ -61,6 +61,19 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
     codebooks : array-like of shape (n_subspaces, n_codewords, ds), default=None
         Use these codebooks instead of training; ``fit`` then only records
         the input's shape.
+    rotation : {"opq"} or None, default=None
+        ``"opq"`` learns an orthogonal D x D rotation R together with the
+        codebooks (non-parametric OPQ: Ge et al., "Optimized Product
+        Quantization", CVPR 2013), alternating encoding, the Procrustes
+        solution for R (an SVD) and Lloyd updates of the codebooks on the
+        training sample; every row is then encoded, and every query
+        searched, as ``x @ R`` (after cosine normalisation).  L2 distances
+        and inner products are unchanged by R, so the same code size gives
+        a lower quantization error on data whose variance is unevenly
+        spread over the sub-spaces.  R is learned on at most
+        ``64 * n_codewords`` rows of the training sample, 50 alternations
+        (about 4.5 times plain PQ's training time on GloVe-50; see
+        ``pqsk._opq``); not with ``codebooks``.
     n_jobs : int, default=None
         Threads for training (sub-spaces in parallel, each KMeans on one
         thread, so the codebooks do not depend on ``n_jobs``) and encoding.
@@ -78,6 +91,9 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         float64 when fitted on float64).
     code_dtype_ : numpy.dtype
         uint8 or uint16.
+    rotation_ : ndarray of shape (n_features, n_features) or None
+        The OPQ rotation R (``rotation="opq"``), in the codebooks' dtype;
+        the codebooks quantize ``x @ R``.
     n_iter_ : int
         The most KMeans iterations run in any sub-space (0 when
         ``codebooks`` was supplied).
@@ -126,6 +142,7 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         tol=1e-4,
         max_train_samples="auto",
         codebooks=None,
+        rotation=None,
         n_jobs=None,
         random_state=None,
         verbose=0,
@@ -138,6 +155,7 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         self.tol = tol
         self.max_train_samples = max_train_samples
         self.codebooks = codebooks
+        self.rotation = rotation
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.verbose = verbose
@@ -157,15 +175,22 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         self : PQTransformer
         """
         X = check_range(validate_data(self, X, dtype=FLOAT_DTYPES, order="C"))
-        self.codebooks_ = self._fit_codebooks(X, Progress(self.verbose, "PQTransformer"))
+        progress = Progress(self.verbose, "PQTransformer")
+        self.rotation_ = self._fit_rotation(X, progress)
+        if self.rotation_ is not None:
+            X = np.ascontiguousarray(X @ self.rotation_)
+        self.codebooks_ = self._fit_codebooks(X, progress)
         self.code_dtype_ = _quantizer.code_dtype(self.n_codewords)
         self._n_features_out = self.n_subspaces
         return self
 
     def _validate(self, X):
+        """X checked, in the codebooks' dtype, and rotated (``x @ R``)."""
         check_is_fitted(self)
         X = validate_data(self, X, dtype=FLOAT_DTYPES, order="C", reset=False)
-        return check_range(np.ascontiguousarray(X, dtype=self.codebooks_.dtype))
+        X = check_range(np.ascontiguousarray(X, dtype=self.codebooks_.dtype))
+        R = self.__dict__.get("rotation_")  # files saved before OPQ lack it
+        return X if R is None else np.ascontiguousarray(X @ R)
 
     def transform(self, X):
         """Encode X: the index of the nearest codeword in each sub-space.
@@ -194,7 +219,8 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         Returns
         -------
         X_hat : ndarray of shape (n_samples, n_features)
-            Concatenated codewords, in the dtype of ``codebooks_``.
+            Concatenated codewords, in the dtype of ``codebooks_``, rotated
+            back (``x_hat @ R.T``) when fitted with ``rotation="opq"``.
         """
         check_is_fitted(self)
         codes = check_array(X, dtype=None, ensure_min_samples=0)
@@ -214,7 +240,9 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
                 f"codes must lie in [0, {k}), got values in "
                 f"[{codes.min()}, {codes.max()}]."
             )
-        return _quantizer.decode(codes, self.codebooks_)
+        X_hat = _quantizer.decode(codes, self.codebooks_)
+        R = self.__dict__.get("rotation_")
+        return X_hat if R is None else np.ascontiguousarray(X_hat @ R.T)
 
     def score(self, X, y=None):
         """Minus the mean squared reconstruction error of X.
@@ -251,7 +279,8 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         -------
         tables : ndarray of shape (n_queries, n_subspaces, n_codewords)
             The sum over j of ``tables[q, j, codes[i, j]]`` is the ADC
-            distance between query q and code i.
+            distance between query q and code i (with ``rotation="opq"``,
+            between ``q @ R`` and the codewords).
         """
         if metric not in ("sqeuclidean", "dot"):
             raise ValueError(f"metric must be 'sqeuclidean' or 'dot', got {metric!r}.")
@@ -269,6 +298,9 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
                           range_bound(self.n_features_in_, cb.dtype))
         require(self.code_dtype_ == _quantizer.code_dtype(k),
                 "code_dtype_ does not match the codebooks")
+        self.rotation_ = self.__dict__.get("rotation_")  # saved before OPQ: None
+        if self.rotation_ is not None:
+            _opq.check_rotation(self.rotation_, self.n_features_in_, cb.dtype)
         check_scalar_int(self._n_features_out, "_n_features_out", m, m + 1)
 
     def __sklearn_tags__(self):
@@ -292,7 +324,7 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
     n_neighbors : int, default=5
         Neighbours returned by ``kneighbors`` and, plus one in
         ``mode="distance"``, stored per row by ``transform``.
-    n_subspaces, n_codewords, init, max_iter, n_init, tol, max_train_samples, codebooks
+    n_subspaces, n_codewords, init, max_iter, n_init, tol, max_train_samples, codebooks, rotation
         Product quantizer parameters, as in :class:`PQTransformer`.
     metric : {"euclidean", "sqeuclidean", "cosine", "dot"}, default="euclidean"
         ``"euclidean"`` returns square-rooted ADC distances, as
@@ -331,6 +363,10 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         Raw vectors (as given, also for cosine), kept only if
         ``refine_factor > 0``: an array-like (``np.asarray(vectors_)``,
         ``vectors_[ids]``); memmap input is kept by reference.
+    rotation_ : ndarray of shape (n_features, n_features) or None
+        The OPQ rotation R (``rotation="opq"``), in the fitted dtype: rows
+        are encoded and queries searched as ``x @ R``; ``vectors_`` stay
+        unrotated.
     n_iter_ : int
         The most KMeans iterations run in any sub-space.
     effective_metric_ : str
@@ -383,6 +419,7 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         tol=1e-4,
         max_train_samples="auto",
         codebooks=None,
+        rotation=None,
         n_jobs=None,
         random_state=None,
         verbose=0,
@@ -399,6 +436,7 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         self.tol = tol
         self.max_train_samples = max_train_samples
         self.codebooks = codebooks
+        self.rotation = rotation
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.verbose = verbose

@@ -89,18 +89,22 @@ class FitRows:
         The fitted dtype, float32 or float64.
     unit_norm : bool
         Normalise each row (``metric="cosine"``).
+    rotation : ndarray of shape (n_features, n_features) or None
+        Orthogonal matrix R (OPQ) each prepared row is multiplied by, after
+        normalisation: rows come out as ``x @ R``.
 
     Rows come out "prepared": C-contiguous, of ``dtype``, normalised when
-    ``unit_norm``.  ``raw`` is X itself, for the row store.  ``__array__``
-    materialises every prepared row at once (n_samples x n_features of
-    ``dtype``): only for callers that need the whole array anyway (the
-    HNSW graph build, small inputs).
+    ``unit_norm``, rotated when ``rotation`` is given.  ``raw`` is X
+    itself, for the row store.  ``__array__`` materialises every prepared
+    row at once (n_samples x n_features of ``dtype``): only for callers
+    that need the whole array anyway (the HNSW graph build, small inputs).
     """
 
-    def __init__(self, X, dtype, unit_norm):
+    def __init__(self, X, dtype, unit_norm, rotation=None):
         self.raw = X
         self.dtype = np.dtype(dtype)
         self.unit_norm = bool(unit_norm)
+        self.rotation = rotation
         self.shape = X.shape
         self.ndim = 2
 
@@ -121,7 +125,13 @@ class FitRows:
         buf = (np.empty((min(step, self.shape[0]), self.shape[1]), dtype=self.dtype)
                if self.unit_norm else None)
         for sl in chunk_slices(self.shape[0], step):
-            yield sl, prepare_rows(self.raw[sl], self.dtype, self.unit_norm, out=buf)
+            yield sl, self._rotated(prepare_rows(self.raw[sl], self.dtype,
+                                                 self.unit_norm, out=buf))
+
+    def _rotated(self, rows):
+        if self.rotation is None:
+            return rows
+        return np.ascontiguousarray(rows @ self.rotation, dtype=self.dtype)
 
     def raw_chunks(self, rows=None):
         """(slice, rows of ``dtype``, not normalised) pairs, in order."""
@@ -139,6 +149,8 @@ class FitRows:
                 prepare_rows(part, self.dtype, True, out=out[sl])
             else:
                 out[sl] = part
+            if self.rotation is not None:
+                out[sl] = out[sl] @ self.rotation
         return out
 
     def __getitem__(self, key):
@@ -148,7 +160,7 @@ class FitRows:
         return self.take(key)
 
     def __array__(self, dtype=None, copy=None):
-        if (not self.unit_norm and self.raw.dtype == self.dtype
+        if (not self.unit_norm and self.rotation is None and self.raw.dtype == self.dtype
                 and self.raw.flags.c_contiguous and not copy):
             out = np.asarray(self.raw)
         else:

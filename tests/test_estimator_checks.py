@@ -14,6 +14,13 @@ ESTIMATORS = [
                    random_state=0),
     PQTransformer(n_subspaces=1, n_codewords=8, random_state=0),
     PQNeighbors(n_neighbors=3, n_subspaces=1, n_codewords=8, random_state=0),
+    # OPQ (one sub-space: the tiny data may have a single feature).
+    HNSWPQNeighbors(n_neighbors=3, n_links=4, ef_construction=16, n_subspaces=1,
+                    n_codewords=8, rotation="opq", random_state=0),
+    IVFPQNeighbors(n_neighbors=3, n_lists=2, n_probe=2, n_subspaces=1, n_codewords=8,
+                   rotation="opq", random_state=0),
+    PQTransformer(n_subspaces=1, n_codewords=8, rotation="opq", random_state=0),
+    PQNeighbors(n_neighbors=3, n_subspaces=1, n_codewords=8, rotation="opq", random_state=0),
 ]
 
 

@@ -176,6 +176,7 @@ def test_finding5_metric_changed_after_fit_is_refused(kind, fitted_metric, new_m
     ("pq", {"n_subspaces": 2}), ("pq", {"n_codewords": 8}),
     ("ivf", {"n_subspaces": 8}), ("ivf", {"n_codewords": 300}), ("ivf", {"n_lists": 4}),
     ("hnsw", {"n_links": 3}), ("hnsw", {"n_codewords": 1, "n_subspaces": 1}),
+    ("pq", {"rotation": "opq"}), ("ivf", {"rotation": "opq"}), ("hnsw", {"rotation": "opq"}),
 ])
 def test_finding5_structural_params_changed_after_fit_are_refused(kind, params):
     nn = FACTORIES[kind]().fit(X)
