@@ -105,7 +105,9 @@ _MT_KEYS = 624
 
 # Parameters added in a format version: files of earlier versions lack
 # them, and the estimator keeps its default.
-_PARAMS_SINCE = {"segment_size": 3}
+# anisotropic_threshold came after format 3 without a format change:
+# format-3 files may lack it (then None, as anisotropic_threshold_).
+_PARAMS_SINCE = {"segment_size": 3, "anisotropic_threshold": 4}
 
 
 class IndexFormatError(ValueError):

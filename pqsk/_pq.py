@@ -11,7 +11,8 @@ from sklearn.base import (
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from . import _quantizer
-from ._base import FLOAT_DTYPES, BasePQNeighbors, PQParamsMixin, check_range
+from ._base import (FLOAT_DTYPES, BasePQNeighbors, PQParamsMixin,
+                    check_anisotropic_state, check_range)
 from ._persist import IndexIOMixin, require
 from ._utils import Progress, effective_n_threads, range_bound
 
@@ -66,6 +67,20 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         thread, so the codebooks do not depend on ``n_jobs``) and encoding.
         None uses every thread OpenMP allows (threadpoolctl limits apply);
         -1 all CPUs.
+    anisotropic_threshold : float > 0 or None, default=None
+        None trains codebooks for the squared reconstruction error (k-means)
+        and encodes each sub-vector by its nearest codeword.  A float T
+        uses the score-aware (anisotropic) loss of Guo et al., "Accelerating
+        Large-Scale Inference with Anisotropic Vector Quantization", ICML
+        2020: the error parallel to a row x is weighted ``eta = (d - 1) s /
+        (1 - s)`` times the orthogonal error, ``s = (T / ||x||)^2`` (``T /
+        ||x||`` clipped to 0.99).  The k-means codebooks are refined by
+        alternating score-aware assignment (coordinate descent over the
+        sub-spaces) and the closed-form codebook update, and ``transform``
+        encodes with the same assignment.  The transformer has no metric:
+        the loss applies to the rows as given (their norms set eta; T is on
+        the scale of ``<q, x>``, 0.2 the ScaNN default for unit-norm data).
+        Codes then fit inner products better and squared distances worse.
     random_state : int, RandomState instance or None, default=None
         Seeds the training sample and the KMeans initialisations.
     verbose : int, default=0
@@ -81,6 +96,9 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
     n_iter_ : int
         The most KMeans iterations run in any sub-space (0 when
         ``codebooks`` was supplied).
+    anisotropic_threshold_ : float or None
+        The anisotropic threshold the codebooks were trained with and that
+        ``transform`` encodes with (``anisotropic_threshold`` at fit).
     n_features_in_ : int
         Number of features seen during fit.
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
@@ -126,6 +144,7 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         tol=1e-4,
         max_train_samples="auto",
         codebooks=None,
+        anisotropic_threshold=None,
         n_jobs=None,
         random_state=None,
         verbose=0,
@@ -138,6 +157,7 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         self.tol = tol
         self.max_train_samples = max_train_samples
         self.codebooks = codebooks
+        self.anisotropic_threshold = anisotropic_threshold
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.verbose = verbose
@@ -181,7 +201,8 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
             go to the smaller index).
         """
         X = self._validate(X)
-        return _quantizer.encode(X, self.codebooks_, effective_n_threads(self.n_jobs))
+        return _quantizer.encode(X, self.codebooks_, effective_n_threads(self.n_jobs),
+                                  **self._anisotropic_kw())
 
     def inverse_transform(self, X):
         """Reconstruct vectors from their codes.
@@ -233,7 +254,8 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         score : float
         """
         X = self._validate(X)
-        codes = _quantizer.encode(X, self.codebooks_, effective_n_threads(self.n_jobs))
+        codes = _quantizer.encode(X, self.codebooks_, effective_n_threads(self.n_jobs),
+                                  **self._anisotropic_kw())
         err = X - _quantizer.decode(codes, self.codebooks_)
         return -float(np.mean(np.einsum("ij,ij->i", err, err, dtype=np.float64)))
 
@@ -264,6 +286,7 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         from ._persist import check_codebooks, check_float_array, check_scalar_int
 
         m, k, _ = check_codebooks(self, _quantizer.MAX_CODEWORDS)
+        check_anisotropic_state(self)
         cb = self.codebooks_
         check_float_array(cb, "codebooks_", cb.shape, cb.dtype,
                           range_bound(self.n_features_in_, cb.dtype))
@@ -312,6 +335,16 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         Threads for training, encoding and search (parallel over queries,
         GIL released).  None uses every thread OpenMP allows (threadpoolctl
         limits apply).
+    anisotropic_threshold : float > 0 or None, default=None
+        Score-aware (anisotropic) quantization, as in :class:`PQTransformer`:
+        None is the k-means loss; a float T (0.2 for unit-norm data, the
+        ScaNN default) weights the error parallel to each vector by
+        ``eta = (d - 1) s / (1 - s)``, ``s = (T / ||x||)^2``, over the
+        orthogonal error, in training and in every encoding (``fit``,
+        ``partial_fit``, ``refit_codebooks``).  Only for
+        ``metric="dot"`` or ``"cosine"`` (fit raises ValueError for L2
+        metrics).  Structural: the value used is ``anisotropic_threshold_``,
+        and ``partial_fit`` raises if the parameter changed since fit.
     random_state : int, RandomState instance or None, default=None
     verbose : int, default=0
 
@@ -325,6 +358,8 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         ``vectors_[ids]``); memmap input is kept by reference.
     n_iter_ : int
         The most KMeans iterations run in any sub-space.
+    anisotropic_threshold_ : float or None
+        ``anisotropic_threshold`` at fit: the loss every encoding uses.
     effective_metric_ : str
         The metric the index was built with (``metric`` at the last fit);
         the kernels use it.  Changing ``metric`` afterwards makes queries
@@ -375,6 +410,7 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         tol=1e-4,
         max_train_samples="auto",
         codebooks=None,
+        anisotropic_threshold=None,
         n_jobs=None,
         random_state=None,
         verbose=0,
@@ -391,6 +427,7 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         self.tol = tol
         self.max_train_samples = max_train_samples
         self.codebooks = codebooks
+        self.anisotropic_threshold = anisotropic_threshold
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.verbose = verbose
@@ -413,7 +450,8 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         self._add_rows(X, effective_n_threads(self.n_jobs), progress)
 
     def _add_rows(self, X, n_threads, progress):
-        codes = _quantizer.encode_rows(X, self.codebooks_, n_threads)
+        codes = _quantizer.encode_rows(X, self.codebooks_, n_threads,
+                                       **self._anisotropic_kw())
         vectors = self._grown_vectors(X)
         self.codes_ = np.concatenate([self.codes_, codes])
         self.vectors_ = vectors
