@@ -31,7 +31,8 @@ and ``||r||^2 = sum_j ||r_j||^2``.  So
   codeword c with rows S_c, ``(|S_c| I + sum_i (eta_i - 1) u_ij u_ij^T) w =
   sum_i x_ij + sum_i (eta_i - 1) a_i u_ij`` with ``a_i = r_i . u_i - r_ij .
   u_ij + x_ij . u_ij``, a ds x ds system per codeword (positive definite:
-  its eigenvalues are at least ``|S_c| min(1, eta)``);
+  its eigenvalues are at least ``|S_c| min(1, eta)``; a tiny ridge toward
+  the current codeword covers eta near 0);
 * :func:`train_anisotropic` starts from the k-means codebooks and
   alternates the two.
 
@@ -55,6 +56,8 @@ ENCODE_SWEEPS = 4
 TRAIN_ITERATIONS = 8
 # Training stops when an alternation lowers the loss by less than this share.
 TRAIN_TOL = 1e-4
+# Ridge of the codebook update, per row of a codeword (see update_codebooks).
+RIDGE = 1e-6
 # float64 values per (rows, k) temporary when encoding.
 _BLOCK_VALUES = 2**21
 
@@ -235,11 +238,14 @@ def update_codebooks(X, codes, codebooks, threshold, directions=None):
             outer = (uj[part, :, None] * uj[part, None, :]).reshape(-1, ds * ds)
             outer *= w[part, None]
             M += onehot[:, part] @ outer
-        M = M.reshape(k, ds, ds) + counts[:, None, None] * eye
-        rhs = onehot @ (xj + (w * a)[:, None] * uj)
-        empty = counts == 0
-        M[empty] = eye
-        rhs[empty] = cb[j][empty]
+        # A ridge toward the current codeword keeps M positive definite
+        # when eta is near 0 (the loss then barely sees the parallel error;
+        # d = 1 gives eta = 0): the minimiser of loss + ridge * ||w - old||^2
+        # has a loss no larger than the old codeword's.  Unused codewords
+        # stay as they are.
+        ridge = RIDGE * np.maximum(counts, 1)
+        M = M.reshape(k, ds, ds) + (counts + ridge)[:, None, None] * eye
+        rhs = onehot @ (xj + (w * a)[:, None] * uj) + ridge[:, None] * cb[j]
         cb[j] = np.linalg.solve(M, rhs[:, :, None])[:, :, 0]
         p = a - np.einsum("ij,ij->i", cb[j][cj], uj)
     return cb
