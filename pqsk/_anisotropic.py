@@ -167,44 +167,62 @@ def anisotropic_encode(X, codebooks, threshold, directions=None, init_codes=None
 
 
 def _encode_chunk(Xc, U, w, cb, c_norms, codes, n_sweeps):
-    """Coordinate descent on one chunk; ``codes`` updated in place."""
+    """Coordinate descent on one chunk; ``codes`` updated in place.  A row
+    none of whose codes changed in a sweep is at a fixed point: later
+    sweeps visit only the rows that moved in the previous one."""
     m, k, ds = cb.shape
     R = Xc - _decode(codes, cb)
     p = np.einsum("ij,ij->i", R, U)
     nrm = np.einsum("ij,ij->i", R, R)
-    rows = np.arange(Xc.shape[0])
+    act = np.arange(Xc.shape[0])
     for _ in range(n_sweeps):
-        changed = 0
-        for j in range(m):
-            sl = slice(j * ds, (j + 1) * ds)
-            xj, uj, rj = Xc[:, sl], U[:, sl], R[:, sl]
-            p_o = p - np.einsum("ij,ij->i", rj, uj) + np.einsum("ij,ij->i", xj, uj)
-            n_o = nrm - np.einsum("ij,ij->i", rj, rj) + np.einsum("ij,ij->i", xj, xj)
-            # r . u and ||r||^2 for every codeword of block j.
-            pp = uj @ cb[j].T
-            np.subtract(p_o[:, None], pp, out=pp)
-            loss = xj @ cb[j].T
-            loss *= -2
-            loss += c_norms[j]
-            loss += n_o[:, None]
-            pp *= pp
-            pp *= w[:, None]
-            loss += pp
-            best = np.argmin(loss, axis=1)
-            cur = codes[:, j].astype(np.intp)
-            move = loss[rows, best] < loss[rows, cur]
-            if not move.any():
-                continue
-            changed += int(np.count_nonzero(move))
-            codes[move, j] = best[move]
-            new_rj = xj[move] - cb[j][best[move]]
-            rj[move] = new_rj
-            p[move] = p_o[move] - np.einsum("ij,ij->i", xj[move], uj[move]) \
-                + np.einsum("ij,ij->i", new_rj, uj[move])
-            nrm[move] = n_o[move] - np.einsum("ij,ij->i", xj[move], xj[move]) \
-                + np.einsum("ij,ij->i", new_rj, new_rj)
-        if not changed:
+        if act.size == 0:
             break
+        full = act.size == Xc.shape[0]
+        Xa, Ua, wa = (Xc, U, w) if full else (Xc[act], U[act], w[act])
+        Ra, pa, na, ca = (R, p, nrm, codes) if full else (R[act], p[act], nrm[act],
+                                                          codes[act])
+        moved = _sweep(Xa, Ua, wa, cb, c_norms, Ra, pa, na, ca)
+        if not full:
+            R[act], p[act], nrm[act], codes[act] = Ra, pa, na, ca
+        act = act[moved]
+
+
+def _sweep(Xc, U, w, cb, c_norms, R, p, nrm, codes):
+    """One pass over the sub-spaces (arrays updated in place); returns the
+    mask of rows whose code changed."""
+    m, k, ds = cb.shape
+    rows = np.arange(Xc.shape[0])
+    moved = np.zeros(Xc.shape[0], dtype=bool)
+    for j in range(m):
+        sl = slice(j * ds, (j + 1) * ds)
+        xj, uj, rj = Xc[:, sl], U[:, sl], R[:, sl]
+        p_o = p - np.einsum("ij,ij->i", rj, uj) + np.einsum("ij,ij->i", xj, uj)
+        n_o = nrm - np.einsum("ij,ij->i", rj, rj) + np.einsum("ij,ij->i", xj, xj)
+        # r . u and ||r||^2 for every codeword of block j.
+        pp = uj @ cb[j].T
+        np.subtract(p_o[:, None], pp, out=pp)
+        loss = xj @ cb[j].T
+        loss *= -2
+        loss += c_norms[j]
+        loss += n_o[:, None]
+        pp *= pp
+        pp *= w[:, None]
+        loss += pp
+        best = np.argmin(loss, axis=1)
+        cur = codes[:, j].astype(np.intp)
+        move = loss[rows, best] < loss[rows, cur]
+        if not move.any():
+            continue
+        moved |= move
+        codes[move, j] = best[move]
+        new_rj = xj[move] - cb[j][best[move]]
+        rj[move] = new_rj
+        p[move] = p_o[move] - np.einsum("ij,ij->i", xj[move], uj[move]) \
+            + np.einsum("ij,ij->i", new_rj, uj[move])
+        nrm[move] = n_o[move] - np.einsum("ij,ij->i", xj[move], xj[move]) \
+            + np.einsum("ij,ij->i", new_rj, new_rj)
+    return moved
 
 
 def update_codebooks(X, codes, codebooks, threshold, directions=None):
