@@ -341,10 +341,18 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         ScaNN default) weights the error parallel to each vector by
         ``eta = (d - 1) s / (1 - s)``, ``s = (T / ||x||)^2``, over the
         orthogonal error, in training and in every encoding (``fit``,
-        ``partial_fit``, ``refit_codebooks``).  Only for
-        ``metric="dot"`` or ``"cosine"`` (fit raises ValueError for L2
-        metrics).  Structural: the value used is ``anisotropic_threshold_``,
-        and ``partial_fit`` raises if the parameter changed since fit.
+        ``partial_fit``).  Only for ``metric="dot"`` or ``"cosine"`` (fit
+        raises ValueError for L2 metrics).  T is on the scale of the
+        vectors' norms (below ``||x|| / sqrt(d)`` eta is under 1).
+        Structural: the value used is ``anisotropic_threshold_``, and
+        ``partial_fit`` raises if the parameter changed since fit.
+        Training costs far more than k-means, and encoding than the
+        nearest-codeword kernel (GloVe 50-d, m=10, k=256, one thread on a
+        loaded machine: fit of 399,000 vectors 5.6 s -> 97 s).  Measured
+        recall@10 without re-ranking (same data): "cosine" (ranked by
+        ``||q - x_hat||^2``) 0.447 -> 0.450 with T=0.2, 0.453 with T=0.3;
+        "dot" on the raw vectors (median norm 4.4) with T=2.2, 0.269 ->
+        0.335 (k=16: 0.066 -> 0.108).
     random_state : int, RandomState instance or None, default=None
     verbose : int, default=0
 
