@@ -77,6 +77,16 @@ def check_range(X, extremes=None, dtype=None, name="X"):
     return X
 
 
+def check_anisotropic_state(est, metric=None):
+    """Validate a loaded ``anisotropic_threshold_``; files written before
+    it existed have none: None (the k-means loss) is set."""
+    t = est.__dict__.setdefault("anisotropic_threshold_", None)
+    require(t is None or (isinstance(t, float) and np.isfinite(t) and t > 0),
+            "anisotropic_threshold_ must be None or a finite float > 0")
+    require(t is None or metric in (None, "dot", "cosine"),
+            "anisotropic_threshold_ is set for an L2 metric")
+
+
 class PQParamsMixin:
     """Product-quantization parameters shared by every estimator."""
 
@@ -98,6 +108,7 @@ class PQParamsMixin:
                    Interval(Integral, 1, None, closed="left"), None],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
+        "anisotropic_threshold": [Interval(Real, 0, None, closed="neither"), None],
     }
 
     def _max_train_samples(self):
@@ -154,12 +165,24 @@ class PQParamsMixin:
                  f"{errors[-1]:.6g} on the sample")
         return R
 
-    def _fit_codebooks(self, X, progress):
+    def _anisotropic_kw(self):
+        """Keyword arguments of the ``_quantizer`` encoders: the fitted
+        anisotropic threshold (see :mod:`pqsk._anisotropic`), if any."""
+        t = getattr(self, "anisotropic_threshold_", None)
+        return {} if t is None else {"threshold": t}
+
+    def _fit_codebooks(self, X, progress, directions=None):
         """Train the codebooks on (a sample of) X, or take the user's.
 
         Sets ``n_iter_``, the most Lloyd iterations any sub-space ran (0
-        for supplied codebooks), and returns the codebooks.
+        for supplied codebooks), and ``anisotropic_threshold_``, and
+        returns the codebooks.  With ``anisotropic_threshold`` the k-means
+        codebooks are refined for the anisotropic loss, whose directions
+        are the rows of ``directions`` (default X; IVF passes the rows
+        whose residuals X holds, X then being the whole sample).
         """
+        threshold = getattr(self, "anisotropic_threshold", None)
+        self.anisotropic_threshold_ = None if threshold is None else float(threshold)
         n, d = X.shape
         _quantizer.check_subspaces(d, self.n_subspaces)
         _quantizer.check_codewords(self.n_codewords, np.inf)
@@ -168,7 +191,12 @@ class PQParamsMixin:
             self.n_iter_ = 0
             return self._check_user_codebooks(d, X.dtype)
         rng = check_random_state(self.random_state)
-        sample = _quantizer.training_sample(X, self._max_train_samples(), rng)
+        if directions is None:
+            sample = _quantizer.training_sample(X, self._max_train_samples(), rng)
+        else:  # the same rows of both (as training_sample draws them)
+            rows = _quantizer.sample_rows(n, self._max_train_samples(), rng)
+            sample = _quantizer.gather_rows(X, rows)
+            directions = _quantizer.gather_rows(directions, rows)
         _quantizer.check_codewords(self.n_codewords, sample.shape[0])
         progress(
             f"training {self.n_subspaces} x KMeans({self.n_codewords}) on "
@@ -188,6 +216,14 @@ class PQParamsMixin:
         )
         self.n_iter_ = int(n_iter.max())
         progress(f"codebooks trained (at most {self.n_iter_} KMeans iterations)")
+        if threshold is not None:
+            from ._anisotropic import train_anisotropic
+
+            codebooks, losses = train_anisotropic(
+                sample, self.n_subspaces, self.n_codewords, float(threshold),
+                directions=directions, codebooks=codebooks, progress=progress)
+            progress(f"anisotropic codebooks: mean loss {losses[0]:.4g} -> "
+                     f"{losses[-1]:.4g} in {len(losses) - 1} iterations")
         release_memory()  # training's temporaries, before the index is built
         return codebooks
 
@@ -274,7 +310,8 @@ class RefitMixin:
         rows = self._refit_training_rows(sample)
         old_iter = self.n_iter_
         try:
-            codebooks = self._fit_codebooks(rows, progress)
+            codebooks = self._fit_codebooks(
+                rows, progress, directions=None if rows is sample else sample)
             n_iter = self.n_iter_
         finally:
             self.n_iter_ = old_iter  # set with the rest, at the switch
@@ -286,10 +323,11 @@ class RefitMixin:
             order = np.argsort(ids, kind="stable")  # read the source in id order
             for sl in chunk_slices(ids.shape[0], source.chunk_rows()):
                 rows = order[sl]
-                part = source.take(ids[rows])
+                part = raw = source.take(ids[rows])
                 if offset is not None:
                     part = part - offset(rows)
-                out[rows] = _quantizer.encode(part, codebooks, n_threads)
+                out[rows] = _quantizer.encode(part, codebooks, n_threads, directions=raw,
+                                              **self._anisotropic_kw())
             return out
 
         state, replaced = self._refit_state(codebooks, recode, progress)
@@ -468,7 +506,8 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         parameters that define the fitted state.  Subclasses add theirs."""
         m, k = self.codebooks_.shape[:2]
         return {"metric": self.effective_metric_, "n_subspaces": m, "n_codewords": k,
-                "rotation": None if self._rotation is None else "opq"}
+                "rotation": None if self._rotation is None else "opq",
+                "anisotropic_threshold": self.anisotropic_threshold_}
 
     # -- shared machinery -------------------------------------------------
     def _check_params_at_call(self):
@@ -622,6 +661,12 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """
         # A failed fit leaves a fitted index as it was (restore_on_error).
         with index_writer(self), index_lock(self).write(), restore_on_error(self):
+            if self.anisotropic_threshold is not None and self.metric not in ("dot",
+                                                                              "cosine"):
+                raise ValueError(
+                    f"anisotropic_threshold={self.anisotropic_threshold!r} needs an "
+                    f"inner-product metric ('dot' or 'cosine'), got metric="
+                    f"{self.metric!r}; set anisotropic_threshold=None for L2 metrics.")
             rows = self._validate_rows(X, reset=True)
             progress = Progress(self.verbose, type(self).__name__)
             self._fit_dtype_ = rows.dtype
@@ -689,6 +734,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             _opq.check_rotation(self.rotation_, d, dtype)
         metric = self.effective_metric_
         require(isinstance(metric, str) and metric in METRICS, f"effective_metric_ {metric!r} is not a metric")
+        check_anisotropic_state(self, metric)
         n = check_scalar_int(self.n_samples_fit_, "n_samples_fit_", 0, 2**62)
         check_scalar_int(self._n_features_out, "_n_features_out", n, n + 1)
         self._check_codes(m, k)

@@ -130,6 +130,16 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         Threads for training, encoding and search (parallel over queries).
         The graph is always built on one thread, so it is deterministic
         for a given ``random_state``.
+    anisotropic_threshold : float > 0 or None, default=None
+        Score-aware (anisotropic) quantization, as in :class:`PQTransformer`:
+        None is the k-means loss; a float T (0.2 for unit-norm data, the
+        ScaNN default) weights the error parallel to each vector by
+        ``eta = (d - 1) s / (1 - s)``, ``s = (T / ||x||)^2``, over the
+        orthogonal error, in training and in every encoding (``fit``,
+        ``partial_fit``, ``refit_codebooks``).  Only for
+        ``metric="dot"`` or ``"cosine"`` (fit raises ValueError for L2
+        metrics).  Structural: the value used is ``anisotropic_threshold_``,
+        and ``partial_fit`` raises if the parameter changed since fit.
     random_state : int, RandomState instance or None, default=None
         Seeds the quantizer training and the node levels.
     verbose : int, default=0
@@ -241,6 +251,8 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         are encoded and queries searched as ``x @ R``; ``vectors_`` stay
         unrotated.
     n_iter_ : int
+    anisotropic_threshold_ : float or None
+        ``anisotropic_threshold`` at fit: the loss every encoding uses.
     n_features_in_ : int
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
 
@@ -297,6 +309,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         max_train_samples="auto",
         codebooks=None,
         rotation=None,
+        anisotropic_threshold=None,
         n_jobs=None,
         random_state=None,
         verbose=0,
@@ -318,6 +331,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         self.max_train_samples = max_train_samples
         self.codebooks = codebooks
         self.rotation = rotation
+        self.anisotropic_threshold = anisotropic_threshold
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.verbose = verbose
@@ -353,7 +367,8 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         fill the growing graph up to that size, so ``fit`` builds
         ceil(n / segment_size) graphs of consecutive rows and holds the
         float32 rows of one piece at a time."""
-        codes = _quantizer.encode_rows(X, self.codebooks_, n_threads)
+        codes = _quantizer.encode_rows(X, self.codebooks_, n_threads,
+                                       **self._anisotropic_kw())
         progress(f"encoded {X.shape[0]} vectors")
         b, size = X.shape[0], self.segment_size
         start = 0

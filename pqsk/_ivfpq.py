@@ -174,6 +174,16 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         limits apply).  Every KMeans runs on one thread (the residual
         codebooks' sub-spaces side by side), so the fitted index does not
         depend on ``n_jobs``.
+    anisotropic_threshold : float > 0 or None, default=None
+        Score-aware (anisotropic) quantization, as in :class:`PQTransformer`:
+        None is the k-means loss; a float T (0.2 for unit-norm data, the
+        ScaNN default) weights the error parallel to each vector by
+        ``eta = (d - 1) s / (1 - s)``, ``s = (T / ||x||)^2``, over the
+        orthogonal error, in training and in every encoding (``fit``,
+        ``partial_fit``, ``refit_codebooks``); the residual ``x - c`` is quantized, the loss has the direction of x.  Only for
+        ``metric="dot"`` or ``"cosine"`` (fit raises ValueError for L2
+        metrics).  Structural: the value used is ``anisotropic_threshold_``,
+        and ``partial_fit`` raises if the parameter changed since fit.
     random_state : int, RandomState instance or None, default=None
     verbose : int, default=0
         Progress messages on stderr.
@@ -271,6 +281,8 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         unrotated.
     n_iter_ : int
         The most KMeans iterations run by any residual codebook.
+    anisotropic_threshold_ : float or None
+        ``anisotropic_threshold`` at fit: the loss every encoding uses.
     vectors_ : RowStore of shape (n_samples_fit, n_features) or None
         Raw vectors (as given, also for cosine), kept only if
         ``refine_factor > 0``: an array-like (``np.asarray(vectors_)``,
@@ -331,6 +343,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         max_train_samples="auto",
         codebooks=None,
         rotation=None,
+        anisotropic_threshold=None,
         segment_size=DEFAULT_SEGMENT_SIZE,
         n_jobs=None,
         random_state=None,
@@ -352,6 +365,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         self.max_train_samples = max_train_samples
         self.codebooks = codebooks
         self.rotation = rotation
+        self.anisotropic_threshold = anisotropic_threshold
         self.segment_size = segment_size
         self.n_jobs = n_jobs
         self.random_state = random_state
@@ -417,9 +431,11 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         pq_train = _quantizer.gather_rows(X, _quantizer.subsample_rows(
             train_rows, n, self._max_train_samples(), rng))
         residuals = pq_train - centroids[_quantizer.assign(pq_train, centroids)]
-        del pq_train
-        codebooks = self._fit_codebooks(residuals, progress)
-        del residuals
+        # The anisotropic loss has the direction of the row, not the residual's.
+        codebooks = self._fit_codebooks(
+            residuals, progress,
+            directions=None if self.anisotropic_threshold is None else pq_train)
+        del residuals, pq_train
         release_memory()  # the training sample, before the index is built
 
         self.cluster_centers_ = centroids
@@ -447,7 +463,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         b = X.shape[0]
         # X (a FitRows) is read once, chunk by chunk.
         labels, codes = _quantizer.assign_encode(X, self.cluster_centers_, self.codebooks_,
-                                                 n_threads)
+                                                 n_threads, **self._anisotropic_kw())
         n_total = first_id + b
         id_dtype = np.dtype(np.int32 if n_total < 2**31 else np.int64)
         new_ids = np.arange(first_id, n_total, dtype=id_dtype)

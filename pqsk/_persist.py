@@ -104,11 +104,11 @@ _NOT_SAVED = frozenset({"_list_terms"})
 _MT_KEYS = 624
 
 # Parameters added in a format version: files of earlier versions lack
-# them, and the estimator keeps its default.  ``rotation`` came within
-# format 3 (no format change: a new file without OPQ reads as before):
-# version-3 files written before it lack it, so it is required only from
-# the next format on.
-_PARAMS_SINCE = {"segment_size": 3, "rotation": 4}
+# them, and the estimator keeps its default.  ``rotation`` and
+# ``anisotropic_threshold`` came within format 3 (no format change: a file
+# without them reads as before): version-3 files written before them lack
+# them, so they are required only from the next format on.
+_PARAMS_SINCE = {"segment_size": 3, "rotation": 4, "anisotropic_threshold": 4}
 
 
 class IndexFormatError(ValueError):

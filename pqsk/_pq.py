@@ -11,7 +11,8 @@ from sklearn.base import (
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from . import _growable, _opq, _quantizer
-from ._base import FLOAT_DTYPES, BasePQNeighbors, PQParamsMixin, check_range
+from ._base import (FLOAT_DTYPES, BasePQNeighbors, PQParamsMixin,
+                    check_anisotropic_state, check_range)
 from ._persist import IndexIOMixin, require
 from ._utils import Progress, effective_n_threads, range_bound
 
@@ -79,6 +80,20 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         thread, so the codebooks do not depend on ``n_jobs``) and encoding.
         None uses every thread OpenMP allows (threadpoolctl limits apply);
         -1 all CPUs.
+    anisotropic_threshold : float > 0 or None, default=None
+        None trains codebooks for the squared reconstruction error (k-means)
+        and encodes each sub-vector by its nearest codeword.  A float T
+        uses the score-aware (anisotropic) loss of Guo et al., "Accelerating
+        Large-Scale Inference with Anisotropic Vector Quantization", ICML
+        2020: the error parallel to a row x is weighted ``eta = (d - 1) s /
+        (1 - s)`` times the orthogonal error, ``s = (T / ||x||)^2`` (``T /
+        ||x||`` clipped to 0.99).  The k-means codebooks are refined by
+        alternating score-aware assignment (coordinate descent over the
+        sub-spaces) and the closed-form codebook update, and ``transform``
+        encodes with the same assignment.  The transformer has no metric:
+        the loss applies to the rows as given (their norms set eta; T is on
+        the scale of ``<q, x>``, 0.2 the ScaNN default for unit-norm data).
+        Codes then fit inner products better and squared distances worse.
     random_state : int, RandomState instance or None, default=None
         Seeds the training sample and the KMeans initialisations.
     verbose : int, default=0
@@ -97,6 +112,9 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
     n_iter_ : int
         The most KMeans iterations run in any sub-space (0 when
         ``codebooks`` was supplied).
+    anisotropic_threshold_ : float or None
+        The anisotropic threshold the codebooks were trained with and that
+        ``transform`` encodes with (``anisotropic_threshold`` at fit).
     n_features_in_ : int
         Number of features seen during fit.
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
@@ -143,6 +161,7 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         max_train_samples="auto",
         codebooks=None,
         rotation=None,
+        anisotropic_threshold=None,
         n_jobs=None,
         random_state=None,
         verbose=0,
@@ -156,6 +175,7 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         self.max_train_samples = max_train_samples
         self.codebooks = codebooks
         self.rotation = rotation
+        self.anisotropic_threshold = anisotropic_threshold
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.verbose = verbose
@@ -206,7 +226,8 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
             go to the smaller index).
         """
         X = self._validate(X)
-        return _quantizer.encode(X, self.codebooks_, effective_n_threads(self.n_jobs))
+        return _quantizer.encode(X, self.codebooks_, effective_n_threads(self.n_jobs),
+                                  **self._anisotropic_kw())
 
     def inverse_transform(self, X):
         """Reconstruct vectors from their codes.
@@ -261,7 +282,8 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         score : float
         """
         X = self._validate(X)
-        codes = _quantizer.encode(X, self.codebooks_, effective_n_threads(self.n_jobs))
+        codes = _quantizer.encode(X, self.codebooks_, effective_n_threads(self.n_jobs),
+                                  **self._anisotropic_kw())
         err = X - _quantizer.decode(codes, self.codebooks_)
         return -float(np.mean(np.einsum("ij,ij->i", err, err, dtype=np.float64)))
 
@@ -293,6 +315,7 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         from ._persist import check_codebooks, check_float_array, check_scalar_int
 
         m, k, _ = check_codebooks(self, _quantizer.MAX_CODEWORDS)
+        check_anisotropic_state(self)
         cb = self.codebooks_
         check_float_array(cb, "codebooks_", cb.shape, cb.dtype,
                           range_bound(self.n_features_in_, cb.dtype))
@@ -344,6 +367,24 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         Threads for training, encoding and search (parallel over queries,
         GIL released).  None uses every thread OpenMP allows (threadpoolctl
         limits apply).
+    anisotropic_threshold : float > 0 or None, default=None
+        Score-aware (anisotropic) quantization, as in :class:`PQTransformer`:
+        None is the k-means loss; a float T (0.2 for unit-norm data, the
+        ScaNN default) weights the error parallel to each vector by
+        ``eta = (d - 1) s / (1 - s)``, ``s = (T / ||x||)^2``, over the
+        orthogonal error, in training and in every encoding (``fit``,
+        ``partial_fit``).  Only for ``metric="dot"`` or ``"cosine"`` (fit
+        raises ValueError for L2 metrics).  T is on the scale of the
+        vectors' norms (below ``||x|| / sqrt(d)`` eta is under 1).
+        Structural: the value used is ``anisotropic_threshold_``, and
+        ``partial_fit`` raises if the parameter changed since fit.
+        Training costs far more than k-means, and encoding than the
+        nearest-codeword kernel (GloVe 50-d, m=10, k=256, one thread on a
+        loaded machine: fit of 399,000 vectors 5.6 s -> 97 s).  Measured
+        recall@10 without re-ranking (same data): "cosine" (ranked by
+        ``||q - x_hat||^2``) 0.447 -> 0.450 with T=0.2, 0.453 with T=0.3;
+        "dot" on the raw vectors (median norm 4.4) with T=2.2, 0.269 ->
+        0.335 (k=16: 0.066 -> 0.108).
     random_state : int, RandomState instance or None, default=None
     verbose : int, default=0
 
@@ -369,6 +410,8 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         unrotated.
     n_iter_ : int
         The most KMeans iterations run in any sub-space.
+    anisotropic_threshold_ : float or None
+        ``anisotropic_threshold`` at fit: the loss every encoding uses.
     effective_metric_ : str
         The metric the index was built with (``metric`` at the last fit);
         the kernels use it.  Changing ``metric`` afterwards makes queries
@@ -420,6 +463,7 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         max_train_samples="auto",
         codebooks=None,
         rotation=None,
+        anisotropic_threshold=None,
         n_jobs=None,
         random_state=None,
         verbose=0,
@@ -437,6 +481,7 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         self.max_train_samples = max_train_samples
         self.codebooks = codebooks
         self.rotation = rotation
+        self.anisotropic_threshold = anisotropic_threshold
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.verbose = verbose
@@ -534,7 +579,8 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         self._add_rows(X, effective_n_threads(self.n_jobs), progress)
 
     def _add_rows(self, X, n_threads, progress):
-        codes = _quantizer.encode_rows(X, self.codebooks_, n_threads)
+        codes = _quantizer.encode_rows(X, self.codebooks_, n_threads,
+                                       **self._anisotropic_kw())
         vectors = self._grown_vectors(X)
         n_total = self.n_samples_fit_ + codes.shape[0]
         if self._packed:

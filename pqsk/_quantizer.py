@@ -305,20 +305,30 @@ def _transposed(codebooks):
     return np.ascontiguousarray(codebooks.transpose(0, 2, 1))
 
 
-def encode_rows(X, codebooks, n_threads=1):
+def encode_rows(X, codebooks, n_threads=1, threshold=None):
     """PQ codes of the rows of X, an array or a :class:`~pqsk._store.FitRows`,
     encoded chunk by chunk (see :func:`row_chunks`)."""
     m, k, _ = codebooks.shape
     codes = np.empty((X.shape[0], m), dtype=code_dtype(k))
     for sl, chunk in row_chunks(X):
-        codes[sl] = encode(chunk, codebooks, n_threads)
+        codes[sl] = encode(chunk, codebooks, n_threads, threshold)
     return codes
 
 
-def encode(X, codebooks, n_threads=1):
-    """PQ codes of the rows of X: (n, m) array of ``code_dtype(k)``."""
+def encode(X, codebooks, n_threads=1, threshold=None, directions=None):
+    """PQ codes of the rows of X: (n, m) array of ``code_dtype(k)``.
+
+    With ``threshold`` (the anisotropic threshold T) the codes minimise
+    the anisotropic loss of :mod:`pqsk._anisotropic`, whose directions are
+    the rows of ``directions`` (default X); otherwise the nearest codeword
+    of each sub-vector.
+    """
     m, k, _ = codebooks.shape
     X = np.ascontiguousarray(X, dtype=codebooks.dtype)
+    if threshold is not None:
+        from ._anisotropic import anisotropic_encode
+
+        return anisotropic_encode(X, codebooks, threshold, directions)
     n_threads = max(1, min(n_threads, X.shape[0] // 64))  # rows are cheap: few threads
     codes = np.empty((X.shape[0], m), dtype=code_dtype(k))
     work = scratch(n_threads, m * k, codebooks.dtype)
@@ -596,22 +606,27 @@ def assign(X, centroids, out=None, c_norms=None, block=None):
     return labels
 
 
-def encode_residuals(X, labels, centroids, codebooks, n_threads=1):
-    """PQ codes of ``X - centroids[labels]``, computed chunk by chunk."""
+def encode_residuals(X, labels, centroids, codebooks, n_threads=1, threshold=None):
+    """PQ codes of ``X - centroids[labels]``, computed chunk by chunk (an
+    anisotropic loss, with ``threshold``, has the rows of X as directions)."""
     m, k, _ = codebooks.shape
     codes = np.empty((X.shape[0], m), dtype=code_dtype(k))
     for sl, chunk in row_chunks(X):
-        codes[sl] = encode(chunk - centroids[labels[sl]], codebooks, n_threads)
+        codes[sl] = encode(chunk - centroids[labels[sl]], codebooks, n_threads, threshold,
+                           chunk)
     return codes
 
 
-def assign_encode(X, centroids, codebooks, n_threads=1):
+def assign_encode(X, centroids, codebooks, n_threads=1, threshold=None):
     """Coarse list and residual PQ code of each row of X, in one pass.
 
     X is an array or a :class:`~pqsk._store.FitRows` (a memmap's rows are
     read once, chunk by chunk).  Per chunk: the nearest centroid of each
     row (:func:`assign`), then the PQ codes of the residuals.  Working
     memory: a few chunks, whatever the number of rows.
+
+    With ``threshold`` the residuals are encoded for the anisotropic loss
+    whose directions are the rows themselves (the score is ``<q, x>``).
 
     Returns
     -------
@@ -638,7 +653,7 @@ def assign_encode(X, centroids, codebooks, n_threads=1):
         labels[sl] = lab[:rows]
         np.take(centroids, lab[:rows], axis=0, out=residuals[:rows])
         np.subtract(chunk, residuals[:rows], out=residuals[:rows])
-        codes[sl] = encode(residuals[:rows], codebooks, n_threads)
+        codes[sl] = encode(residuals[:rows], codebooks, n_threads, threshold, chunk)
     if n > rows_per_chunk(X.shape[1] * codebooks.dtype.itemsize):
         release_memory()  # the chunks' temporaries, before the caller's next step
     return labels, codes

@@ -1,0 +1,279 @@
+"""Anisotropic (score-aware) quantization: ``anisotropic_threshold``
+(Guo et al., ICML 2020) and ``pqsk._anisotropic``."""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+from sklearn.base import clone
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+import index_files as files
+from pqsk import HNSWPQNeighbors, IVFPQNeighbors, PQNeighbors, PQTransformer
+from pqsk import _anisotropic as aniso
+from pqsk import _quantizer
+
+
+def _rows(n, d, seed, norms=(0.5, 1.5)):
+    """Gaussian clusters, each row rescaled to a norm drawn in ``norms``."""
+    rng = np.random.RandomState(seed)
+    centers = rng.randn(20, d)
+    X = centers[rng.randint(20, size=n)] + 0.7 * rng.randn(n, d)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    X *= rng.uniform(*norms, size=(n, 1))
+    return X.astype(np.float32), centers
+
+
+# --- eta -------------------------------------------------------------------
+
+def test_eta_matches_theorem_3_4():
+    # (d - 1) s / (1 - s), s = (T / ||x||)^2: ScaNN's 0.2 on unit vectors, d=50.
+    assert_allclose(aniso.anisotropic_eta(0.2, [1.0], 50), [49 * 0.04 / 0.96])
+    assert_allclose(aniso.anisotropic_eta(0.2, [2.0], 50), [49 * 0.01 / 0.99])
+    # s = 1 / d gives eta = 1: the plain loss.
+    assert_allclose(aniso.anisotropic_eta(1 / np.sqrt(16), [1.0], 16), [1.0])
+    # T >= ||x||: T / ||x|| clipped to 0.99; a zero row gets the plain loss.
+    cap = 9 * 0.99**2 / (1 - 0.99**2)
+    assert_allclose(aniso.anisotropic_eta(0.3, [0.3, 0.1, 0.0], 10), [cap, cap, 1.0])
+
+
+# --- the loss: encoding and codebook update ------------------------------------
+
+@pytest.mark.parametrize("threshold", [0.05, 0.2, 0.5, 2.0])
+def test_coordinate_descent_never_increases_the_loss(threshold):
+    X, _ = _rows(2000, 24, 0, norms=(0.2, 3.0))
+    cb, _ = _quantizer.train_codebooks(X, 6, 16, random_state=0)
+    plain = _quantizer.encode(X, cb)
+    codes = aniso.anisotropic_encode(X, cb, threshold)
+    before = aniso.anisotropic_loss(X, plain, cb, threshold)
+    after = aniso.anisotropic_loss(X, codes, cb, threshold)
+    assert np.all(after <= before + 1e-9 * (1 + before))
+    assert after.mean() < before.mean()  # it does move codes
+    # From other starting codes too (random ones), and with one sweep.
+    start = np.random.RandomState(1).randint(16, size=plain.shape).astype(np.uint8)
+    one = aniso.anisotropic_encode(X, cb, threshold, init_codes=start, n_sweeps=1)
+    first = aniso.anisotropic_loss(X, start, cb, threshold)
+    assert np.all(aniso.anisotropic_loss(X, one, cb, threshold) <= first + 1e-9 * (1 + first))
+
+
+def test_encoding_with_eta_one_is_the_nearest_codeword():
+    X, _ = _rows(1000, 16, 2, norms=(1.0, 1.0))
+    cb, _ = _quantizer.train_codebooks(X, 4, 16, random_state=0)
+    codes = aniso.anisotropic_encode(X, cb, 1 / np.sqrt(16))  # eta = 1 on unit rows
+    assert_array_equal(codes, _quantizer.encode(X, cb))
+
+
+def test_separate_directions_define_the_loss():
+    # IVF: residuals are quantized, the direction is the full row.
+    X, _ = _rows(1500, 16, 3)
+    shift = X[::-1] * 0.5
+    R = X - shift
+    cb, _ = _quantizer.train_codebooks(R, 4, 16, random_state=0)
+    codes = aniso.anisotropic_encode(R, cb, 0.4, directions=X)
+    before = aniso.anisotropic_loss(R, _quantizer.encode(R, cb), cb, 0.4, directions=X)
+    after = aniso.anisotropic_loss(R, codes, cb, 0.4, directions=X)
+    assert np.all(after <= before + 1e-9 * (1 + before))
+    # Not the codes of the residuals' own directions.
+    assert not np.array_equal(codes, aniso.anisotropic_encode(R, cb, 0.4))
+    # The loss by hand: the residual's error, the row's direction and norm.
+    r = R - _quantizer.decode(codes, cb)
+    u = X / np.linalg.norm(X, axis=1, keepdims=True)
+    eta = aniso.anisotropic_eta(0.4, np.linalg.norm(X, axis=1), 16)
+    p = np.einsum("ij,ij->i", r.astype(np.float64), u)
+    assert_allclose(after, np.einsum("ij,ij->i", r, r) + (eta - 1) * p * p, rtol=1e-5)
+
+
+def test_codebook_update_and_training_never_increase_the_loss():
+    X, _ = _rows(3000, 16, 4)
+    cb, _ = _quantizer.train_codebooks(X, 4, 32, random_state=0)
+    codes = aniso.anisotropic_encode(X, cb, 0.5)
+    before = aniso.anisotropic_loss(X, codes, cb, 0.5).mean()
+    new = aniso.update_codebooks(X, codes, cb, 0.5)
+    assert aniso.anisotropic_loss(X, codes, new, 0.5).mean() <= before * (1 + 1e-12)
+    trained, losses = aniso.train_anisotropic(X, 4, 32, 0.5, random_state=0)
+    assert np.all(np.diff(losses) <= 1e-6 * losses[0])
+    assert losses[-1] < 0.97 * losses[0]
+    assert trained.dtype == np.float32 and trained.shape == (4, 32, 4)
+
+
+# --- estimators ------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls,kw", [(PQNeighbors, {}), (IVFPQNeighbors, {"n_lists": 4}),
+                                    (HNSWPQNeighbors, {"n_links": 6})])
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
+def test_l2_metrics_are_refused(cls, kw, metric):
+    X, _ = _rows(300, 8, 5)
+    with pytest.raises(ValueError, match="anisotropic_threshold"):
+        cls(n_subspaces=2, n_codewords=8, metric=metric, anisotropic_threshold=0.2,
+            **kw).fit(X)
+
+
+@pytest.mark.parametrize("value", [0, -0.1, "0.2"])
+def test_threshold_is_validated(value):
+    X, _ = _rows(300, 8, 5)
+    with pytest.raises(ValueError, match="anisotropic_threshold"):
+        PQTransformer(n_subspaces=2, n_codewords=8, anisotropic_threshold=value).fit(X)
+
+
+def test_every_encoding_uses_the_anisotropic_assignment():
+    X, _ = _rows(2000, 16, 6)
+    T = 0.5
+    pq = PQTransformer(n_subspaces=4, n_codewords=16, anisotropic_threshold=T,
+                       random_state=0).fit(X)
+    assert pq.anisotropic_threshold_ == T
+    assert_array_equal(pq.transform(X), aniso.anisotropic_encode(X, pq.codebooks_, T))
+    nn = PQNeighbors(n_subspaces=4, n_codewords=16, metric="dot", anisotropic_threshold=T,
+                     random_state=0).fit(X[:1500])
+    nn.partial_fit(X[1500:])
+    assert_array_equal(nn.codes_, aniso.anisotropic_encode(X, nn.codebooks_, T))
+    ivf = IVFPQNeighbors(n_lists=4, n_subspaces=4, n_codewords=16, metric="dot",
+                         anisotropic_threshold=T, random_state=0).fit(X[:1500])
+    ivf.partial_fit(X[1500:])
+    labels = _quantizer.assign(X, ivf.cluster_centers_)
+    expected = aniso.anisotropic_encode(X - ivf.cluster_centers_[labels], ivf.codebooks_, T,
+                                        directions=X)
+    assert_array_equal(ivf.codes_, expected[ivf.ids_])
+    hnsw = HNSWPQNeighbors(n_links=6, ef_construction=16, n_subspaces=4, n_codewords=16,
+                           metric="cosine", anisotropic_threshold=T, random_state=0).fit(X)
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    assert_array_equal(hnsw.codes_, aniso.anisotropic_encode(Xn, hnsw.codebooks_, T))
+
+
+def test_refit_codebooks_keeps_the_anisotropic_loss():
+    X, _ = _rows(2000, 16, 7)
+    ivf = IVFPQNeighbors(n_lists=4, n_subspaces=4, n_codewords=16, metric="dot",
+                         anisotropic_threshold=0.5, random_state=0).fit(X)
+    ivf.refit_codebooks(X[::2], X=X)
+    labels = _quantizer.assign(X, ivf.cluster_centers_)
+    expected = aniso.anisotropic_encode(X - ivf.cluster_centers_[labels], ivf.codebooks_,
+                                        0.5, directions=X)
+    assert_array_equal(ivf.codes_, expected[ivf.ids_])
+
+
+def test_changing_the_threshold_after_fit_is_refused():
+    X, _ = _rows(1000, 16, 8)
+    nn = PQNeighbors(n_subspaces=4, n_codewords=16, metric="dot", anisotropic_threshold=0.5,
+                     random_state=0).fit(X)
+    for value in (None, 0.3):
+        nn.set_params(anisotropic_threshold=value)
+        with pytest.raises(ValueError, match="anisotropic_threshold"):
+            nn.partial_fit(X[:10])
+    nn.set_params(anisotropic_threshold=0.5)
+    nn.partial_fit(X[:10])
+    # A transformer encodes with the fitted value.
+    pq = PQTransformer(n_subspaces=4, n_codewords=16, anisotropic_threshold=0.5,
+                       random_state=0).fit(X)
+    codes = pq.transform(X)
+    pq.set_params(anisotropic_threshold=None)
+    assert_array_equal(pq.transform(X), codes)
+
+
+def _recall(idx, truth):
+    return np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(idx, truth)])
+
+
+def test_dot_recall_is_higher_than_plain_pq():
+    # Clusters with norms in [0.5, 1.5], d=32, m=8, k=16, no re-ranking.
+    # Measured (seeds 0-3): plain 0.299-0.305, T=0.5 0.335-0.365.
+    X, centers = _rows(4000, 32, 0)
+    rng = np.random.RandomState(100)
+    Q = centers[rng.randint(20, size=200)] + 0.7 * rng.randn(200, 32)
+    Q = (Q / np.linalg.norm(Q, axis=1, keepdims=True)).astype(np.float32)
+    truth = np.argsort(-(Q @ X.T), axis=1)[:, :10]
+    common = dict(n_subspaces=8, n_codewords=16, metric="dot", random_state=0)
+    plain = _recall(PQNeighbors(**common).fit(X).kneighbors(Q, 10, return_distance=False),
+                    truth)
+    score = _recall(PQNeighbors(anisotropic_threshold=0.5, **common).fit(X).kneighbors(
+        Q, 10, return_distance=False), truth)
+    assert score >= plain + 0.02, (plain, score)
+
+
+def test_cosine_codes_score_the_top_neighbours_better():
+    # Unit rows, d=32, m=8, k=16, T=0.2 (eta = 1.29): the loss is built for
+    # the score error of the pairs that score high.  Measured (seeds 0-3):
+    # the mean squared error of <q, x_hat> on each query's true top-10 is
+    # 0.583-0.587 times plain PQ's, over all pairs 0.98 times.
+    X, centers = _rows(4000, 32, 1, norms=(1.0, 1.0))
+    rng = np.random.RandomState(101)
+    Q = centers[rng.randint(20, size=200)] + 0.7 * rng.randn(200, 32)
+    Q = (Q / np.linalg.norm(Q, axis=1, keepdims=True)).astype(np.float32)
+    S = Q @ X.T
+    truth = np.argsort(-S, axis=1)[:, :10]
+    errors = []
+    for T in (None, 0.2):
+        nn = PQNeighbors(n_subspaces=8, n_codewords=16, metric="cosine",
+                         anisotropic_threshold=T, random_state=0).fit(X)
+        E = Q @ nn._reconstruct().T - S
+        errors.append((np.mean(np.take_along_axis(E, truth, 1) ** 2), np.mean(E**2)))
+    assert errors[1][0] < 0.7 * errors[0][0], errors
+    assert errors[1][1] < errors[0][1], errors
+
+
+# --- persistence -----------------------------------------------------------------
+
+def test_save_load_round_trip(tmp_path):
+    X, _ = _rows(1000, 16, 9)
+    nn = IVFPQNeighbors(n_lists=4, n_probe=2, n_subspaces=4, n_codewords=16, metric="dot",
+                        anisotropic_threshold=0.5, random_state=0).fit(X)
+    nn.save(tmp_path / "idx")
+    back = IVFPQNeighbors.load(tmp_path / "idx")
+    assert back.anisotropic_threshold == 0.5 and back.anisotropic_threshold_ == 0.5
+    assert_array_equal(back.kneighbors(X[:20])[1], nn.kneighbors(X[:20])[1])
+    back.partial_fit(X[:50])
+    nn.partial_fit(X[:50])
+    assert_array_equal(back.codes_, nn.codes_)
+    pq = PQTransformer(n_subspaces=4, n_codewords=16, anisotropic_threshold=0.5,
+                       random_state=0).fit(X)
+    pq.save(tmp_path / "pq")
+    assert_array_equal(PQTransformer.load(tmp_path / "pq").transform(X), pq.transform(X))
+
+
+@pytest.mark.parametrize("cls", [PQNeighbors, PQTransformer])
+def test_files_without_the_parameter_still_load(tmp_path, cls):
+    # Files written before anisotropic_threshold existed (format 3) lack the
+    # parameter and the fitted attribute.
+    X, _ = _rows(500, 8, 10)
+    est = cls(n_subspaces=2, n_codewords=8, random_state=0).fit(X)
+    path = str(tmp_path / "old")
+    est.save(path)
+
+    def strip(header):
+        del header["params"]["anisotropic_threshold"]
+        del header["attributes"]["anisotropic_threshold_"]
+
+    files.edit_header(path, strip)
+    back = cls.load(path)
+    assert back.anisotropic_threshold is None and back.anisotropic_threshold_ is None
+    if cls is PQNeighbors:
+        back.partial_fit(X[:5])
+    else:
+        assert_array_equal(back.transform(X), est.transform(X))
+
+
+def test_a_bad_fitted_threshold_is_refused(tmp_path):
+    from pqsk import IndexFormatError
+
+    X, _ = _rows(500, 8, 11)
+    nn = PQNeighbors(n_subspaces=2, n_codewords=8, random_state=0).fit(X)  # euclidean
+    path = str(tmp_path / "bad")
+    nn.save(path)
+    for value in (0.2, -1.0, "x"):
+        files.edit_header(path, lambda h, v=value: h["attributes"].__setitem__(
+            "anisotropic_threshold_", v))
+        with pytest.raises(IndexFormatError, match="anisotropic_threshold_"):
+            PQNeighbors.load(path)
+
+
+# --- scikit-learn's checks, with the loss on -----------------------------------------
+
+@parametrize_with_checks([
+    PQTransformer(n_subspaces=1, n_codewords=8, anisotropic_threshold=0.2, random_state=0),
+    PQNeighbors(n_neighbors=3, n_subspaces=1, n_codewords=8, metric="dot",
+                anisotropic_threshold=0.2, random_state=0),
+])
+def test_sklearn_compatible_with_the_loss(estimator, check):
+    check(estimator)
+
+
+def test_clone_keeps_the_parameter():
+    est = IVFPQNeighbors(metric="cosine", anisotropic_threshold=0.2)
+    assert clone(est).get_params()["anisotropic_threshold"] == 0.2
