@@ -120,6 +120,30 @@ static int pqsk_fs_cpu_has_avx512bw(void)
  * added into 16-bit lanes without masking (acc0 lane l gets even + 256 *
  * odd, modulo 2^16) and the odd bytes alone into acc1; at the end even =
  * acc0 - (acc1 << 8).  Exact while every sum is < 65536 (m <= 257). */
+/* Adds one pair's partials (r0: low nibbles' table, r1: high nibbles')
+ * into the two accumulators. */
+__attribute__((target("avx2")))
+static inline void pqsk_fs_add_pair_avx2(__m256i r0, __m256i r1, __m256i *acc0,
+                                         __m256i *acc1)
+{
+    *acc0 = _mm256_add_epi16(*acc0, r0);
+    *acc1 = _mm256_add_epi16(*acc1, _mm256_srli_epi16(r0, 8));
+    *acc0 = _mm256_add_epi16(*acc0, r1);
+    *acc1 = _mm256_add_epi16(*acc1, _mm256_srli_epi16(r1, 8));
+}
+
+/* Bit i set for each vector i of the block whose sum S <= thr (t holds
+ * thr in every 16-bit lane); unsigned compare: min(S, thr) == S. */
+__attribute__((target("avx2")))
+static inline uint32_t pqsk_fs_block_mask_avx2(__m256i acc0, __m256i acc1, __m256i t)
+{
+    __m256i even = _mm256_sub_epi16(acc0, _mm256_slli_epi16(acc1, 8));
+    __m256i pe = _mm256_cmpeq_epi16(_mm256_min_epu16(even, t), even);
+    __m256i po = _mm256_cmpeq_epi16(_mm256_min_epu16(acc1, t), acc1);
+    return ((uint32_t)_mm256_movemask_epi8(pe) & 0x55555555u) |
+           ((uint32_t)_mm256_movemask_epi8(po) & 0xAAAAAAAAu);
+}
+
 __attribute__((target("avx2")))
 static Py_ssize_t pqsk_fs_scan_avx2(const uint8_t *packed, Py_ssize_t b,
                                     Py_ssize_t nb, Py_ssize_t npairs,
@@ -133,7 +157,6 @@ static Py_ssize_t pqsk_fs_scan_avx2(const uint8_t *packed, Py_ssize_t b,
         const uint8_t *blk = packed + b * npairs * 32;
         __m256i acc0 = _mm256_setzero_si256();
         __m256i acc1 = _mm256_setzero_si256();
-        __m256i even, odd, pe, po;
         uint32_t msk;
         for (p = 0; p < npairs; p++) {
             __m256i c = _mm256_loadu_si256((const __m256i *)(blk + 32 * p));
@@ -143,20 +166,10 @@ static Py_ssize_t pqsk_fs_scan_avx2(const uint8_t *packed, Py_ssize_t b,
                 _mm_loadu_si128((const __m128i *)(lut + 32 * p)));
             __m256i l1 = _mm256_broadcastsi128_si256(
                 _mm_loadu_si128((const __m128i *)(lut + 32 * p + 16)));
-            __m256i r0 = _mm256_shuffle_epi8(l0, lo);
-            __m256i r1 = _mm256_shuffle_epi8(l1, hi);
-            acc0 = _mm256_add_epi16(acc0, r0);
-            acc1 = _mm256_add_epi16(acc1, _mm256_srli_epi16(r0, 8));
-            acc0 = _mm256_add_epi16(acc0, r1);
-            acc1 = _mm256_add_epi16(acc1, _mm256_srli_epi16(r1, 8));
+            pqsk_fs_add_pair_avx2(_mm256_shuffle_epi8(l0, lo), _mm256_shuffle_epi8(l1, hi),
+                                  &acc0, &acc1);
         }
-        odd = acc1;
-        even = _mm256_sub_epi16(acc0, _mm256_slli_epi16(acc1, 8));
-        /* unsigned S <= thr  <=>  min(S, thr) == S */
-        pe = _mm256_cmpeq_epi16(_mm256_min_epu16(even, t), even);
-        po = _mm256_cmpeq_epi16(_mm256_min_epu16(odd, t), odd);
-        msk = ((uint32_t)_mm256_movemask_epi8(pe) & 0x55555555u) |
-              ((uint32_t)_mm256_movemask_epi8(po) & 0xAAAAAAAAu);
+        msk = pqsk_fs_block_mask_avx2(acc0, acc1, t);
         if (msk) {
             *mask = msk;
             return b;
@@ -205,7 +218,7 @@ static Py_ssize_t pqsk_fs_scan_avx512bw(const uint8_t *packed, Py_ssize_t b,
         const uint8_t *blk = packed + b * npairs * 32;
         __m512i acc0 = _mm512_setzero_si512();
         __m512i acc1 = _mm512_setzero_si512();
-        __m256i a0, a1, even, pe, po;
+        __m256i a0, a1;
         uint32_t msk;
         for (q = 0; q < nq; q++) {
             __m512i c = _mm512_loadu_si512((const void *)(blk + 64 * q));
@@ -222,19 +235,12 @@ static Py_ssize_t pqsk_fs_scan_avx512bw(const uint8_t *packed, Py_ssize_t b,
         a1 = _mm256_add_epi16(_mm512_castsi512_si256(acc1), _mm512_extracti64x4_epi64(acc1, 1));
         if (npairs & 1) {
             __m256i c = _mm256_loadu_si256((const __m256i *)(blk + 32 * (npairs - 1)));
-            __m256i r0 = _mm256_shuffle_epi8(last0, _mm256_and_si256(c, low4y));
-            __m256i r1 = _mm256_shuffle_epi8(
-                last1, _mm256_and_si256(_mm256_srli_epi16(c, 4), low4y));
-            a0 = _mm256_add_epi16(a0, r0);
-            a1 = _mm256_add_epi16(a1, _mm256_srli_epi16(r0, 8));
-            a0 = _mm256_add_epi16(a0, r1);
-            a1 = _mm256_add_epi16(a1, _mm256_srli_epi16(r1, 8));
+            pqsk_fs_add_pair_avx2(
+                _mm256_shuffle_epi8(last0, _mm256_and_si256(c, low4y)),
+                _mm256_shuffle_epi8(last1, _mm256_and_si256(_mm256_srli_epi16(c, 4), low4y)),
+                &a0, &a1);
         }
-        even = _mm256_sub_epi16(a0, _mm256_slli_epi16(a1, 8));
-        pe = _mm256_cmpeq_epi16(_mm256_min_epu16(even, t), even);
-        po = _mm256_cmpeq_epi16(_mm256_min_epu16(a1, t), a1);
-        msk = ((uint32_t)_mm256_movemask_epi8(pe) & 0x55555555u) |
-              ((uint32_t)_mm256_movemask_epi8(po) & 0xAAAAAAAAu);
+        msk = pqsk_fs_block_mask_avx2(a0, a1, t);
         if (msk) {
             *mask = msk;
             return b;
