@@ -244,7 +244,8 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
     :class:`BasePQNeighbors` and ``pqsk._store.CHUNK_ROWS``).  Peak extra
     memory during ``fit`` is the index + the training sample + a few
     chunks (each at most 65,536 rows and 32 MiB).  The index: ``m + 4``
-    bytes per vector (codes and int32 ids), the centroids, and the
+    bytes per vector (codes and int32 ids; ``ceil(m / 2) + 4`` with
+    ``n_codewords=16``, plus each list's padding to 32 vectors), the centroids, and the
     precomputed list terms (``n_lists * m * k`` floats).  The training
     sample: the coarse k-means holds at most ``256 * n_lists`` rows while
     ``n_train * n_lists <= 2**28`` (at most 262,144 rows) and none beyond
@@ -287,7 +288,16 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         The sealed segments, in id order: each holds ``codes`` (n_s,
         n_subspaces), ``ids`` (n_s,) and ``list_offsets`` (n_lists + 1,)
         (list l is rows ``list_offsets[l]:list_offsets[l + 1]``), and
-        ``meta`` {"lo", "hi"}, its id range.  Read-only.
+        ``meta`` {"lo", "hi"}, its id range.  Read-only.  With
+        ``n_codewords=16`` (4-bit codes) a segment holds, in place of
+        ``codes``, ``packed`` (n_blocks, (n_subspaces + 1) // 2, 32) uint8:
+        the codes two per byte in the fast-scan layout of blocks of 32
+        vectors, each list starting on a block boundary (padding codes 0),
+        and ``list_blocks`` (n_lists + 1,) int64 (list l is blocks
+        ``list_blocks[l]:list_blocks[l + 1]``); queries scan its lists
+        with the 4-bit fast-scan kernels (``pqsk._fastscan``): about
+        ``m / 2 + 4`` bytes per vector.  Indexes saved with plain 4-bit
+        codes still load and are searched as they are.
     codes_ : ndarray of shape (n_sealed, n_subspaces), uint8 or uint16
         Residual codes of the sealed segments as one index sorted by list
         (a read-only property, assembled when there are several segments).
