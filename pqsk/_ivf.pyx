@@ -24,6 +24,19 @@ with the same table, into one heap.  Segments are passed as tables of
 addresses (``seg_codes[s]``, ``seg_ids[s]``: the data pointers of C-contiguous
 arrays of the growing part's dtypes, kept alive by the caller).
 
+4-bit packed segments (n_codewords = 16): ``seg_packed[s]`` (non-zero) is
+the address of the segment's codes in the fast-scan layout (see
+``pqsk._fastscan``), each list starting on a block boundary, list l being
+blocks ``seg_blocks[s, l]:seg_blocks[s, l + 1]`` (its entries still rows
+``seg_offsets[s, l]:seg_offsets[s, l + 1]`` of the ids).  A probed list's
+float table is quantized to uint8 once (m * 16 values) and its blocks are
+scanned with the block kernel ``_fastscan`` selected (passed as an
+address): the codes whose estimate is within ``fs_margin`` table units of
+the heap's worst distance (coarse term included) are re-checked with the
+float table plus the coarse term, summed in ``scan_codes``'s order (same
+distances as an unpacked segment), and offered under their ids, tombstones
+read as ``scan_codes`` does.
+
 Appends go to a growing part (codes, ids and list labels in arrival
 order) that the search scans too: per query, the growing entries whose
 list is probed are picked out in one pass over the labels and scored with
@@ -35,10 +48,68 @@ for entries that would enter the heap.
 cimport cython
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
-from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t, INT64_MAX
+from libc.math cimport fabs
+from libc.stdint cimport (int32_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr_t,
+                          INT64_MAX)
 
 from ._heap cimport heap_init, heap_push, heap_sort, pair_greater
 from ._kernels cimport code_t, index_t, build_table, scan_codes, scan_some
+from ._fastscan_common cimport (pqsk_fs_scan_fn, pqsk_fs_pair_table, pqsk_fs_ctz32,
+                                quantize_tables, threshold)
+
+
+cdef inline void scan_packed(const floating* t,     # IN  (m, 16) float table
+                             const uint8_t* tab,    # IN  quantized table (or pair sums)
+                             const double* params,  # IN  its quantization
+                             const uint8_t* packed,  # IN  (nb, npairs, 32) the list's blocks
+                             Py_ssize_t n,
+                             Py_ssize_t m,
+                             Py_ssize_t npairs,
+                             floating bias,
+                             const index_t* ids,    # IN  (n,)
+                             const uint8_t* deleted,
+                             floating* hd,
+                             int64_t* hi,
+                             Py_ssize_t kn,
+                             pqsk_fs_scan_fn scan,
+                             double margin) noexcept nogil:
+    """Offer the ``n`` packed codes of one list whose quantized estimate
+    is within ``margin`` units of the heap's worst distance (bias
+    included), with their exact distances ``bias + sum_j t[j, code_j]``."""
+    cdef Py_ssize_t nb = (n + 31) // 32
+    cdef Py_ssize_t b = 0, j, i, base
+    cdef uint32_t mask = 0, tail
+    cdef const uint8_t* blk
+    cdef uint8_t byte
+    cdef floating d
+    cdef int64_t e
+    # The bias enters every partial sum: its rounding (as quantize_tables
+    # bounds the tables', 4 units per addition) widens the threshold.
+    cdef double u = 2.384185791015625e-07 if sizeof(floating) == 4 else 4.440892098500626e-16
+    cdef double slack = (m + 2) * fabs(<double> bias) * u
+    cdef uint16_t thr = threshold(<double> hd[0] - <double> bias + slack, params, margin)
+    tail = 0xFFFFFFFF if n % 32 == 0 else ((<uint32_t> 1 << (n % 32)) - 1)
+    while b < nb:
+        b = scan(packed, b, nb, npairs, tab, thr, &mask)
+        if b >= nb:
+            break
+        if b == nb - 1:
+            mask &= tail
+        base = b * 32
+        blk = packed + b * npairs * 32
+        while mask:
+            i = pqsk_fs_ctz32(mask)
+            mask &= mask - 1
+            # Same additions in the same order as scan_codes: same value.
+            d = bias
+            for j in range(m):
+                byte = blk[(j >> 1) * 32 + i]
+                d = d + t[j * 16 + ((byte >> 4) if (j & 1) else (byte & 15))]
+            e = ids[base + i]
+            if d <= hd[0] and (deleted == NULL or not deleted[e]):
+                heap_push(hd, hi, kn, d, e)
+        thr = threshold(<double> hd[0] - <double> bias + slack, params, margin)
+        b += 1
 
 
 cdef inline void scan_list(Py_ssize_t l,
@@ -53,6 +124,14 @@ cdef inline void scan_list(Py_ssize_t l,
                            const uintptr_t[::1] seg_codes,   # IN (S,) code arrays
                            const uintptr_t[::1] seg_ids,     # IN (S,) id arrays
                            const int64_t[:, ::1] seg_offsets,  # IN (S, n_lists + 1)
+                           const uintptr_t[::1] seg_packed,    # IN (S,) packed codes or 0
+                           const int64_t[:, ::1] seg_blocks,   # IN (S, n_lists + 1) or (0, .)
+                           pqsk_fs_scan_fn fs_scan,
+                           bint fs_pairs,
+                           double fs_margin,
+                           uint8_t* lut,                 # scratch (m2, 16)
+                           uint16_t* pair_tab,           # scratch (m2 / 2, 256)
+                           double* params,               # scratch (3,)
                            const code_t* g_codes,        # IN (g, m) growing part
                            const index_t* g_ids,         # IN (g,)
                            const int64_t* g_rows,        # IN rows of list l in it
@@ -74,6 +153,9 @@ cdef inline void scan_list(Py_ssize_t l,
     cdef const floating* table = query_table
     cdef const floating* terms
     cdef floating bias = coarse_term
+    cdef Py_ssize_t npairs = (m + 1) // 2
+    cdef bint quantized = False
+    cdef const uint8_t* tab = lut
     for s in range(n_seg):
         n_all = n_all + seg_offsets[s, l + 1] - seg_offsets[s, l]
     if n_all == 0:
@@ -92,7 +174,18 @@ cdef inline void scan_list(Py_ssize_t l,
     for s in range(n_seg):
         start = seg_offsets[s, l]
         n_l = seg_offsets[s, l + 1] - start
-        if n_l > 0:
+        if n_l > 0 and seg_packed[s] != 0:
+            if not quantized:
+                quantize_tables(table, m, 2 * npairs, lut, params)
+                if fs_pairs:
+                    pqsk_fs_pair_table(lut, npairs, pair_tab)
+                    tab = <const uint8_t*> pair_tab
+                quantized = True
+            scan_packed(table, tab, params,
+                        (<const uint8_t*> seg_packed[s]) + seg_blocks[s, l] * npairs * 32,
+                        n_l, m, npairs, bias, (<const index_t*> seg_ids[s]) + start,
+                        deleted, heap_dist, heap_idx, n_neighbors, fs_scan, fs_margin)
+        elif n_l > 0:
             scan_codes(table, (<const code_t*> seg_codes[s]) + start * m, n_l, m, k,
                        bias, (<const index_t*> seg_ids[s]) + start,
                        deleted, heap_dist, heap_idx, n_neighbors)
@@ -109,6 +202,8 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                const uintptr_t[::1] seg_codes,         # IN  (S,) sealed segments' codes
                const uintptr_t[::1] seg_ids,           # IN  (S,) and ids
                const int64_t[:, ::1] seg_offsets,      # IN  (S, n_lists + 1)
+               const uintptr_t[::1] seg_packed,        # IN  (S,) packed 4-bit codes or 0
+               const int64_t[:, ::1] seg_blocks,       # IN  (S, n_lists + 1) block offsets
                const code_t[:, ::1] g_codes,           # IN  (g, m) growing part
                const index_t[::1] g_ids,               # IN  (g,)
                const int32_t[::1] g_lists,             # IN  (g,) list of each entry
@@ -126,6 +221,13 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                int64_t[:, ::1] g_match,                # scratch (n_threads, >= g)
                int64_t[:, ::1] g_sorted,               # scratch (n_threads, >= g)
                int64_t[:, ::1] slot_end,               # scratch (n_threads, >= n_probe + 1)
+               uint8_t[:, ::1] lut_work,               # scratch (n_threads, >= m2 * 16)
+               uint16_t[:, ::1] pair_work,             # scratch (n_threads, >= m2 / 2 * 256)
+               double[:, ::1] param_work,              # scratch (n_threads, >= 3)
+               size_t fs_kernel,                       # address of the block kernel
+               bint fs_pairs,                          # it reads pair-sum tables
+               double fs_margin,                       # re-check margin (table units),
+                                                       # < 0: exact (0.5 * m + 1)
                int n_threads):
     """Search the ``n_probe`` lists with the smallest coarse term, then,
     while the heap is not full (fewer than ``n_neighbors`` live entries
@@ -159,6 +261,12 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
     cdef int64_t* gm = NULL
     cdef int64_t* gs = NULL
     cdef int64_t* se = NULL
+    cdef uint8_t* lw = NULL
+    cdef uint16_t* pw = NULL
+    cdef double* prm = NULL
+    cdef pqsk_fs_scan_fn fs_scan = <pqsk_fs_scan_fn> fs_kernel
+    if fs_margin < 0:  # exact: the worst-case rounding of the quantized tables
+        fs_margin = 0.5 * m + 1.0
     cdef const code_t* gc = &g_codes[0, 0] if g > 0 else NULL
     cdef const index_t* gi = &g_ids[0] if g > 0 else NULL
     cdef const uint8_t* dead = &deleted[0] if deleted.shape[0] > 0 else NULL
@@ -176,6 +284,9 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
         gm = &g_match[tid, 0]
         gs = &g_sorted[tid, 0]
         se = &slot_end[tid, 0]
+        lw = &lut_work[tid, 0]
+        pw = &pair_work[tid, 0]
+        prm = &param_work[tid, 0]
         for q in prange(nq, schedule="dynamic"):
             # The n_probe nearest lists, nearest first.
             heap_init(pd, pi, n_probe)
@@ -212,6 +323,7 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                 lo = se[p - 1] if p > 0 else 0
                 scan_list(pi[p], pd[p], qt, list_terms, &Q[q, 0], centroids,
                           &codebooks_t[0, 0, 0], ds, qt + 2 * m * k, seg_codes, seg_ids, seg_offsets,
+                          seg_packed, seg_blocks, fs_scan, fs_pairs, fs_margin, lw, pw, prm,
                           gc, gi, gs + lo, se[p] - lo, dead, inner_product, m, k,
                           qt + m * k, hd, hi, kn)
             # Too few live entries: probe further lists in coarse order.
@@ -234,6 +346,7 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                         n_x = n_x + 1
                 scan_list(best_l, best_d, qt, list_terms, &Q[q, 0], centroids,
                           &codebooks_t[0, 0, 0], ds, qt + 2 * m * k, seg_codes, seg_ids, seg_offsets,
+                          seg_packed, seg_blocks, fs_scan, fs_pairs, fs_margin, lw, pw, prm,
                           gc, gi, gm, n_x, dead, inner_product, m, k, qt + m * k,
                           hd, hi, kn)
                 last_d = best_d

@@ -56,14 +56,48 @@ def _empty_growing(m, code_dtype, id_dtype):
             "growing_lists_": np.empty(0, dtype=np.int32)}
 
 
-def _sealed(codes, ids, lists, n_lists, lo, hi):
+def _packs(m, k):
+    """Whether sealed segments store their codes packed for the 4-bit
+    fast-scan kernels (n_codewords = 16, m <= ``_fastscan.MAX_SUBSPACES``)."""
+    from . import _fastscan
+
+    return k == 16 and m <= _fastscan.MAX_SUBSPACES
+
+
+def _segment(codes, ids, offsets, meta, pack):
+    """A segment of entries sorted by list (list l rows ``offsets[l]:
+    offsets[l + 1]``): arrays codes, ids and list_offsets; or, when
+    ``pack``, the codes packed list by list in fast-scan blocks (each list
+    starting on a block boundary, padding codes 0): packed (n_blocks,
+    (m + 1) // 2, 32) uint8 and list_blocks (n_lists + 1,) int64 (list l
+    in blocks ``list_blocks[l]:list_blocks[l + 1]``), no codes."""
+    if not pack:
+        return Segment({"codes": codes, "ids": ids, "list_offsets": offsets}, meta)
+    packed, blocks = _quantizer.pack_lists4(codes, offsets)
+    return Segment({"packed": packed, "ids": ids, "list_offsets": offsets,
+                    "list_blocks": blocks}, meta)
+
+
+def _is_packed(seg):
+    return "packed" in seg.names
+
+
+def _segment_codes(seg, m=None):
+    """The (n_s, m) codes of a segment, in entry order, packed or not."""
+    if not _is_packed(seg):
+        return seg["codes"]
+    if m is None:
+        raise ValueError("unpacking needs n_subspaces")
+    return _quantizer.unpack_lists4(seg["packed"], seg["list_offsets"], seg["list_blocks"], m)
+
+
+def _sealed(codes, ids, lists, n_lists, lo, hi, pack=False):
     """A segment of entries given in id order: sorted by list, stably (ids
     ascend within a list), ids in [lo, hi)."""
     order = np.argsort(lists, kind="stable")
     offsets = np.zeros(n_lists + 1, dtype=np.int64)
     np.cumsum(np.bincount(lists, minlength=n_lists), out=offsets[1:])
-    return Segment({"codes": codes[order], "ids": ids[order], "list_offsets": offsets},
-                   {"lo": int(lo), "hi": int(hi)})
+    return _segment(codes[order], ids[order], offsets, {"lo": int(lo), "hi": int(hi)}, pack)
 
 
 def _segment_lists(seg, n_lists):
@@ -79,19 +113,20 @@ def _live(removed, ids):
     return ~(removed[np.where(inside, ids, 0)] & inside)
 
 
-def _merged(segs, removed, n_lists):
+def _merged(segs, removed, n_lists, m, pack=False):
     """One segment holding the live entries of adjacent segments ``segs``
     (within a list, in segment order, so ids still ascend)."""
-    codes = np.concatenate([s["codes"] for s in segs])
+    codes = np.concatenate([_segment_codes(s, m) for s in segs])
     ids = np.concatenate([s["ids"] for s in segs])
     lists = np.concatenate([_segment_lists(s, n_lists) for s in segs])
     keep = _live(removed, ids)
     if not keep.all():
         codes, ids, lists = codes[keep], ids[keep], lists[keep]
-    return _sealed(codes, ids, lists, n_lists, segs[0].meta["lo"], segs[-1].meta["hi"])
+    return _sealed(codes, ids, lists, n_lists, segs[0].meta["lo"], segs[-1].meta["hi"],
+                   pack)
 
 
-def _compacted(seg, removed):
+def _compacted(seg, removed, m, pack=False):
     """``seg`` without its removed entries (itself when it has none, None
     when none is left)."""
     keep = _live(removed, seg["ids"])
@@ -103,8 +138,7 @@ def _compacted(seg, removed):
     lists = _segment_lists(seg, n_lists)[keep]
     offsets = np.zeros(n_lists + 1, dtype=np.int64)
     np.cumsum(np.bincount(lists, minlength=n_lists), out=offsets[1:])
-    return Segment({"codes": seg["codes"][keep], "ids": seg["ids"][keep],
-                    "list_offsets": offsets}, seg.meta)
+    return _segment(_segment_codes(seg, m)[keep], seg["ids"][keep], offsets, seg.meta, pack)
 
 
 class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
@@ -210,7 +244,8 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
     :class:`BasePQNeighbors` and ``pqsk._store.CHUNK_ROWS``).  Peak extra
     memory during ``fit`` is the index + the training sample + a few
     chunks (each at most 65,536 rows and 32 MiB).  The index: ``m + 4``
-    bytes per vector (codes and int32 ids), the centroids, and the
+    bytes per vector (codes and int32 ids; ``ceil(m / 2) + 4`` with
+    ``n_codewords=16``, plus each list's padding to 32 vectors), the centroids, and the
     precomputed list terms (``n_lists * m * k`` floats).  The training
     sample: the coarse k-means holds at most ``256 * n_lists`` rows while
     ``n_train * n_lists <= 2**28`` (at most 262,144 rows) and none beyond
@@ -253,7 +288,16 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         The sealed segments, in id order: each holds ``codes`` (n_s,
         n_subspaces), ``ids`` (n_s,) and ``list_offsets`` (n_lists + 1,)
         (list l is rows ``list_offsets[l]:list_offsets[l + 1]``), and
-        ``meta`` {"lo", "hi"}, its id range.  Read-only.
+        ``meta`` {"lo", "hi"}, its id range.  Read-only.  With
+        ``n_codewords=16`` (4-bit codes) a segment holds, in place of
+        ``codes``, ``packed`` (n_blocks, (n_subspaces + 1) // 2, 32) uint8:
+        the codes two per byte in the fast-scan layout of blocks of 32
+        vectors, each list starting on a block boundary (padding codes 0),
+        and ``list_blocks`` (n_lists + 1,) int64 (list l is blocks
+        ``list_blocks[l]:list_blocks[l + 1]``); queries scan its lists
+        with the 4-bit fast-scan kernels (``pqsk._fastscan``): about
+        ``m / 2 + 4`` bytes per vector.  Indexes saved with plain 4-bit
+        codes still load and are searched as they are.
     codes_ : ndarray of shape (n_sealed, n_subspaces), uint8 or uint16
         Residual codes of the sealed segments as one index sorted by list
         (a read-only property, assembled when there are several segments).
@@ -469,8 +513,8 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         new_ids = np.arange(first_id, n_total, dtype=id_dtype)
         segments = self.segments_
         if segments and segments[0]["ids"].dtype != id_dtype:  # past 2**31 ids, once
-            segments = tuple(Segment({"codes": s["codes"], "ids": s["ids"].astype(id_dtype),
-                                      "list_offsets": s["list_offsets"]}, s.meta)
+            segments = tuple(Segment({**{name: s[name] for name in s.names},
+                                      "ids": s["ids"].astype(id_dtype)}, s.meta)
                              for s in segments)
         g = self.growing_codes_.shape[0] + b
         threshold = min(self._segment_size(),
@@ -532,7 +576,8 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         out = []
         for sl in chunk_slices(g_ids.shape[0], self._segment_size()):
             hi = int(g_ids[sl.stop]) if sl.stop < g_ids.shape[0] else n_total
-            out.append(_sealed(g_codes[sl], g_ids[sl], g_lists[sl], self.n_lists_, lo, hi))
+            out.append(_sealed(g_codes[sl], g_ids[sl], g_lists[sl], self.n_lists_, lo, hi,
+                               self._packs()))
             lo = hi
         _DEAD_COUNTS.setdefault(self, {}).update({s.uid: 0 for s in out})
         return tuple(out)
@@ -550,7 +595,8 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
             older, newer = (s["ids"].shape[0] for s in segs[-2:])
             if older > MERGE_RATIO * newer or older + newer > self._segment_size():
                 break
-            merged = _merged(segs[-2:], self.removed_, self.n_lists_)
+            merged = _merged(segs[-2:], self.removed_, self.n_lists_, self._m(),
+                             self._packs())
             _DEAD_COUNTS.setdefault(self, {})[merged.uid] = 0
             segs[-2:] = [merged] if merged["ids"].shape[0] else []
         return tuple(segs)
@@ -585,13 +631,14 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         if cached is not None and cached[0] is segs:
             return cached[1]
         if len(segs) == 1:
-            parts = (segs[0]["codes"], segs[0]["ids"], segs[0]["list_offsets"])
+            parts = (_segment_codes(segs[0], self._m()), segs[0]["ids"],
+                     segs[0]["list_offsets"])
         elif not segs:
             m = self.codebooks_.shape[0]
             parts = (self.growing_codes_[:0].reshape(0, m), self.growing_ids_[:0],
                      np.zeros(self.n_lists_ + 1, np.int64))
         else:
-            one = _merged(segs, None, self.n_lists_)
+            one = _merged(segs, None, self.n_lists_, self._m())
             parts = (one["codes"], one["ids"], one["list_offsets"])
         _ASSEMBLED[self] = (segs, parts)
         return parts
@@ -663,8 +710,14 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         prev_hi = 0
         for i, s in enumerate(segs):
             where = f"segment {i}"
-            require(s.names == ["codes", "ids", "list_offsets"],
-                    f"{where} must hold codes, ids and list_offsets")
+            packed = _is_packed(s)
+            require(s.names == (["ids", "list_blocks", "list_offsets", "packed"] if packed
+                                else ["codes", "ids", "list_offsets"]),
+                    f"{where} must hold codes, ids and list_offsets, or packed, ids, "
+                    f"list_offsets and list_blocks")
+            require(not packed or _packs(m, k),
+                    f"{where}: packed codes need n_codewords=16 and at most "
+                    f"MAX_SUBSPACES sub-spaces")
             meta = s.meta
             require(set(meta) == {"lo", "hi"} and all(type(v) is int for v in meta.values()),
                     f"{where}: meta must be the integers lo and hi")
@@ -672,7 +725,9 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
             require(prev_hi <= lo <= hi <= n, f"{where}: id range [{lo}, {hi}) out of order")
             prev_hi = hi
             n_s = s["ids"].shape[0] if s["ids"].ndim == 1 else -1
-            check_int_array(s["codes"], f"{where} codes", (n_s, m), 0, k, dtype=code_dtype)
+            if not packed:
+                check_int_array(s["codes"], f"{where} codes", (n_s, m), 0, k,
+                                dtype=code_dtype)
             check_int_array(s["ids"], f"{where} ids", (n_s,), lo, max(lo + 1, hi),
                             dtype=id_dtype)
             off = s["list_offsets"]
@@ -680,8 +735,33 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
                             dtype=np.int64)
             require(off[0] == 0 and off[-1] == n_s and bool(np.all(off[1:] >= off[:-1])),
                     f"{where}: list_offsets must rise from 0 to the number of codes")
-            for name in ("codes", "ids", "list_offsets"):
+            if packed:
+                self._check_packed(s, where, m, L)
+            for name in s.names:
                 require(s[name].flags.c_contiguous, f"{where} {name} is not C-contiguous")
+
+    @staticmethod
+    def _check_packed(s, where, m, L):
+        """A packed segment's blocks: list l in ``list_blocks[l]:
+        list_blocks[l + 1]``, as many blocks as its entries need, every
+        padding code (past a list's entries, or the odd sub-space) 0."""
+        from ._persist import check_int_array
+
+        blocks, off, packed = s["list_blocks"], s["list_offsets"], s["packed"]
+        check_int_array(blocks, f"{where} list_blocks", (L + 1,), 0, max(1, off[-1] + 1),
+                        dtype=np.int64)
+        n_l = np.diff(off)
+        require(blocks[0] == 0 and bool(np.all(np.diff(blocks) == -(-n_l // 32))),
+                f"{where}: list_blocks must give each list the blocks its entries need")
+        nb, half = int(blocks[-1]), (m + 1) // 2
+        require(isinstance(packed, np.ndarray) and packed.dtype == np.uint8
+                and packed.shape == (nb, half, 32),
+                f"{where}: packed must be uint8 of shape ({nb}, {half}, 32)")
+        padded = _quantizer.unpack_codes4(packed, nb * 32, 2 * half)
+        real = np.zeros(nb * 32, dtype=bool)
+        real[_quantizer.list_rows4(off, blocks)] = True
+        require(not padded[~real].any() and not padded[:, m:].any(),
+                f"{where}: padding codes of packed blocks must be 0")
 
     def _check_growing_state(self):
         """Invariants of the growing part and the tombstones, after ``load``."""
@@ -689,7 +769,8 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
 
         if not hasattr(self, "growing_codes_"):  # saved before appends grew in place
             self.__dict__.update(_empty_growing(self.codebooks_.shape[0],
-                                                self.segments_[0]["codes"].dtype,
+                                                _quantizer.code_dtype(
+                                                    self.codebooks_.shape[1]),
                                                 self.segments_[0]["ids"].dtype)
                                  if self.segments_ else {})
         g = self.growing_codes_.shape[0] if self.growing_codes_.ndim == 2 else -1
@@ -740,7 +821,8 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         counts = self._dead_counts()
         for seg in self.segments_:
             if counts[seg.uid] > COMPACT_SHARE * seg["ids"].shape[0]:
-                self._replace_segment(seg, lambda s=seg: _compacted(s, self.removed_))
+                self._replace_segment(seg, lambda s=seg: _compacted(s, self.removed_, self._m(),
+                                                                  self._packs()))
         g = self.growing_ids_.shape[0]
         if g and self._growing_dead() > COMPACT_SHARE * g:
             self._seal_growing_now()
@@ -801,7 +883,8 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
             counts = self._dead_counts()
             for seg in self.segments_:
                 if counts[seg.uid]:
-                    self._replace_segment(seg, lambda s=seg: _compacted(s, self.removed_))
+                    self._replace_segment(seg, lambda s=seg: _compacted(s, self.removed_, self._m(),
+                                                                  self._packs()))
             if self.growing_codes_.shape[0]:
                 self._seal_growing_now()
         return self
@@ -818,8 +901,8 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         for i, seg in enumerate(self.segments_):
             lists = _segment_lists(seg, self.n_lists_)
             codes = recode(seg["ids"], lambda rows, lists=lists: centroids[lists[rows]])
-            segments.append(Segment({"codes": codes, "ids": seg["ids"],
-                                     "list_offsets": seg["list_offsets"]}, seg.meta))
+            segments.append(_segment(codes, seg["ids"], seg["list_offsets"], seg.meta,
+                                     _packs(*codebooks.shape[:2])))
             progress(f"re-encoded segment {i + 1} of {len(self.segments_)}")
         g_lists = self.growing_lists_
         growing = recode(self.growing_ids_, lambda rows: centroids[g_lists[rows]])
@@ -831,6 +914,12 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
             counts[new.uid] = old[seg.uid]
         return {"segments_": tuple(segments), "growing_codes_": growing,
                 "_list_terms": terms}, ("growing_codes",)
+
+    def _m(self):
+        return self.codebooks_.shape[0]
+
+    def _packs(self):
+        return _packs(*self.codebooks_.shape[:2])
 
     def _n_probe(self):
         if self.n_probe > self.n_lists_:
@@ -848,7 +937,9 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         dist = np.empty((Q.shape[0], n_candidates), dtype=self._fit_dtype_)
         ind = np.empty((Q.shape[0], n_candidates), dtype=np.int64)
         growing = (self.growing_codes_, self.growing_ids_, self.growing_lists_)
-        segments = [(s["codes"], s["ids"], s["list_offsets"]) for s in self.segments_]
+        segments = [(s["packed"], s["ids"], s["list_offsets"], s["list_blocks"])
+                    if _is_packed(s) else (s["codes"], s["ids"], s["list_offsets"])
+                    for s in self.segments_]
         deleted = self.removed_.view(np.uint8) if self._n_dead() else None
         # Chunks bound the (rows, n_lists) coarse table.
         step = _quantizer.chunk_rows(self.n_lists_)
@@ -858,12 +949,13 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
                 Q[sl], coarse, self.codebooks_, self._list_terms, segments,
                 n_candidates, n_probe, ip, n_threads, centroids=self.cluster_centers_,
                 growing=growing, deleted=deleted,
+                fastscan_margin=_quantizer.FASTSCAN_MARGIN,
             )
         return dist, ind
 
     def _reconstruct(self):
         X_hat = np.zeros((self.n_samples_fit_, self.n_features_in_), dtype=self._fit_dtype_)
-        parts = [(s["codes"], s["ids"], _segment_lists(s, self.n_lists_))
+        parts = [(_segment_codes(s, self._m()), s["ids"], _segment_lists(s, self.n_lists_))
                  for s in self.segments_]
         parts.append((self.growing_codes_, self.growing_ids_, self.growing_lists_))
         for codes, ids, lists in parts:
@@ -873,11 +965,14 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
 
     def _memory_parts(self):
         return (
-            {"codes": sum(s["codes"].nbytes for s in self.segments_)
+            {"codes": sum(s["packed" if _is_packed(s) else "codes"].nbytes
+                          for s in self.segments_)
              + self.growing_codes_.nbytes,
              "ids": sum(s["ids"].nbytes for s in self.segments_) + self.growing_ids_.nbytes,
              "lists": self.growing_lists_.nbytes},
-            {"list_offsets": sum(s["list_offsets"].nbytes for s in self.segments_),
+            {"list_offsets": sum(s["list_offsets"].nbytes
+                                 + (s["list_blocks"].nbytes if _is_packed(s) else 0)
+                                 for s in self.segments_),
              "centroids": self.cluster_centers_.nbytes,
              "codebooks": self.codebooks_.nbytes,
              "list_terms": self._list_terms.nbytes},

@@ -682,12 +682,17 @@ def list_terms(centroids, codebooks):
 
 def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
                n_probe, inner_product=False, n_threads=1, growing=None, deleted=None,
-               centroids=None):
+               centroids=None, fastscan_margin=None):
     """Search ``n_probe`` lists per query (see ``pqsk._ivf``).
 
     ``segments``: a list of (codes, ids, offsets), each sorted list after
     list (codes C-contiguous (n_s, m), ids (n_s,), offsets (n_lists + 1,)
-    int64), all with the same code and id dtypes.  ``growing``: (codes,
+    int64), all with the same code and id dtypes; or, for 4-bit codes
+    (n_codewords = 16, m <= ``_fastscan.MAX_SUBSPACES``), (packed, ids,
+    offsets, blocks): the codes in the fast-scan layout, list l in blocks
+    ``blocks[l]:blocks[l + 1]`` (see :func:`pack_lists4`), scanned with the
+    block kernel ``_fastscan`` selected; ``fastscan_margin`` as in
+    :func:`fastscan_search` (None: exact).  ``growing``: (codes,
     ids, lists) of entries in arrival order (lists int32), scanned with
     the lists they belong to; ``deleted``: uint8 tombstones by id, or None.
     ``centroids`` (n_lists, D) are needed for L2 when ``terms`` is empty
@@ -704,6 +709,8 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
     nt = max(n_threads, 1)
     if growing is None:
         codes, ids = segments[0][:2]
+        if len(segments[0]) == 4:
+            codes = np.empty((0, m), dtype=code_dtype(k))
         growing = (codes[:0], ids[:0], np.empty(0, np.int32))
     g_codes, g_ids, g_lists = growing
     g = g_codes.shape[0]
@@ -719,7 +726,28 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
     seg_codes = np.empty(len(segments), dtype=np.uintp)
     seg_ids = np.empty(len(segments), dtype=np.uintp)
     seg_offsets = np.empty((len(segments), n_lists + 1), dtype=np.int64)
-    for s, (codes, ids, offsets) in enumerate(segments):
+    seg_packed = np.zeros(len(segments), dtype=np.uintp)
+    seg_blocks = np.zeros((len(segments), n_lists + 1), dtype=np.int64)
+    for s, seg in enumerate(segments):
+        if len(seg) == 4:
+            from . import _fastscan
+
+            packed, ids, offsets, blocks = seg
+            n_l = np.diff(offsets) if offsets.shape == (n_lists + 1,) else None
+            if not (k == 16 and m <= _fastscan.MAX_SUBSPACES and packed.dtype == np.uint8
+                    and ids.dtype == g_ids.dtype and packed.flags.c_contiguous
+                    and ids.flags.c_contiguous and n_l is not None
+                    and offsets[0] == 0 and offsets[-1] == ids.shape[0]
+                    and blocks.shape == (n_lists + 1,) and blocks[0] == 0
+                    and packed.shape == (blocks[-1], (m + 1) // 2, FASTSCAN_BLOCK)
+                    and bool(np.all(np.diff(blocks) == -(-n_l // FASTSCAN_BLOCK)))):
+                raise ValueError("packed segment arrays do not match")
+            seg_packed[s] = packed.ctypes.data if packed.size else 0
+            seg_ids[s] = ids.ctypes.data
+            seg_offsets[s] = offsets
+            seg_blocks[s] = blocks
+            continue
+        codes, ids, offsets = seg
         if not (codes.dtype == g_codes.dtype and ids.dtype == g_ids.dtype
                 and codes.flags.c_contiguous and ids.flags.c_contiguous
                 and codes.shape == (ids.shape[0], m) and offsets.shape == (n_lists + 1,)
@@ -728,20 +756,31 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
         seg_codes[s] = codes.ctypes.data
         seg_ids[s] = ids.ctypes.data
         seg_offsets[s] = offsets
+    packs = any(len(seg) == 4 for seg in segments)
+    kernel, pairs = 0, False
+    if packs:
+        from . import _fastscan
+
+        kernel, pairs = _fastscan._kernel()
     dist = np.empty((nq, n_neighbors), dtype=dtype)
     idx = np.empty((nq, n_neighbors), dtype=np.int64)
     slot_of = scratch(nt, n_lists, np.int32)
     slot_of.fill(-1)
     _ivf.ivf_search(
         np.ascontiguousarray(Q, dtype=dtype), np.ascontiguousarray(coarse, dtype=dtype),
-        _transposed(codebooks), terms, centroids, seg_codes, seg_ids, seg_offsets, g_codes, g_ids,
+        _transposed(codebooks), terms, centroids, seg_codes, seg_ids, seg_offsets, seg_packed,
+        seg_blocks, g_codes, g_ids,
         g_lists,
         _NO_TOMBSTONES if deleted is None else deleted, bool(inner_product),
         n_probe, dist, idx, scratch(nt, 2 * m * k + Q.shape[1], dtype),
         scratch(nt, n_probe, dtype),
         scratch(nt, n_probe, np.int64), scratch(nt, n_neighbors, dtype),
         scratch(nt, n_neighbors, np.int64), slot_of, scratch(nt, g, np.int64),
-        scratch(nt, g, np.int64), scratch(nt, n_probe + 1, np.int64), n_threads,
+        scratch(nt, g, np.int64), scratch(nt, n_probe + 1, np.int64),
+        scratch(nt, (m + 1) // 2 * 32 if packs else 1, np.uint8),
+        scratch(nt, (m + 1) // 2 * 256 if packs else 1, np.uint16),
+        scratch(nt, 3, np.float64), kernel, pairs,
+        -1.0 if fastscan_margin is None else float(fastscan_margin), n_threads,
     )
     return dist, idx
 
@@ -825,6 +864,38 @@ def unpack_codes4(packed, n, m):
     np.bitwise_and(rows, 15, out=codes[..., 0])
     np.right_shift(rows, 4, out=codes[..., 1])
     return np.ascontiguousarray(codes.reshape(nb * FASTSCAN_BLOCK, 2 * half)[:n, :m])
+
+
+def pack_lists4(codes, offsets):
+    """Pack (n, m) codes < 16 sorted by list (list l rows ``offsets[l]:
+    offsets[l + 1]``) list by list, each list starting on a block boundary
+    (padding codes 0): (packed (n_blocks, m2 / 2, 32) uint8, blocks
+    (n_lists + 1,) int64), list l in blocks ``blocks[l]:blocks[l + 1]``."""
+    codes = np.asarray(codes)
+    n, m = codes.shape
+    offsets = np.asarray(offsets, dtype=np.int64)
+    n_l = np.diff(offsets)
+    blocks = np.zeros(offsets.shape[0], dtype=np.int64)
+    np.cumsum(-(-n_l // FASTSCAN_BLOCK), out=blocks[1:])
+    padded = np.zeros((int(blocks[-1]) * FASTSCAN_BLOCK, m), dtype=np.uint8)
+    padded[list_rows4(offsets, blocks)] = codes
+    return pack_codes4(padded), blocks
+
+
+def list_rows4(offsets, blocks):
+    """Row of each entry (in entry order) in the padded layout of
+    :func:`pack_lists4`."""
+    n_l = np.diff(offsets)
+    lists = np.repeat(np.arange(n_l.shape[0]), n_l)
+    return (blocks[:-1][lists] * FASTSCAN_BLOCK + np.arange(int(offsets[-1]))
+            - offsets[:-1][lists])
+
+
+def unpack_lists4(packed, offsets, blocks, m):
+    """The (n, m) uint8 codes, in entry order, of :func:`pack_lists4`'s layout."""
+    nb = int(blocks[-1])
+    return np.ascontiguousarray(
+        unpack_codes4(packed, nb * FASTSCAN_BLOCK, m)[list_rows4(offsets, blocks)])
 
 
 # Codes re-checked with the float tables by the estimators' 4-bit scans:

@@ -63,15 +63,20 @@ def write_header(path, header, recompute=True):
 
 
 # An IVF index stores codes, ids and list offsets per sealed segment; the
-# tests address those of its first segment by the names of format 2.
+# tests address those of its first segment by the names of format 2.  With
+# 4-bit codes the segment's codes are packed (fast-scan blocks): "codes_"
+# then names that array.
 ALIASES = {"codes_": "segments_.0.codes", "ids_": "segments_.0.ids",
            "list_offsets_": "segments_.0.list_offsets"}
+PACKED_ALIASES = {"codes_": "segments_.0.packed"}
 
 
 def array_name(header, name):
     """The header's key for array ``name`` (see ALIASES)."""
     if name not in header["arrays"] and ALIASES.get(name) in header["arrays"]:
         return ALIASES[name]
+    if name not in header["arrays"] and PACKED_ALIASES.get(name) in header["arrays"]:
+        return PACKED_ALIASES[name]
     return name
 
 

@@ -82,7 +82,8 @@ def test_appends_seal_and_merge_without_rewriting_old_segments(monkeypatch):
     # Answers: the naive oracle over every stored entry.
     lists = np.concatenate([np.repeat(np.arange(16), np.diff(s["list_offsets"]))
                             for s in nn.segments_] + [nn.growing_lists_])
-    codes = np.concatenate([s["codes"] for s in nn.segments_] + [nn.growing_codes_])
+    codes = np.concatenate([_ivfpq._segment_codes(s, 4) for s in nn.segments_]
+                           + [nn.growing_codes_])
     ids = np.concatenate([s["ids"] for s in nn.segments_] + [nn.growing_ids_])
     assert np.array_equal(np.sort(ids), np.arange(5000))
     Qd = Q.astype(np.float64)
@@ -120,17 +121,18 @@ def test_save_writes_only_new_segments(tmp_path, monkeypatch):
     nn.save(path)
     seg_dir = path / "segments"
     stat = {f: os.stat(seg_dir / f) for f in os.listdir(seg_dir)}
-    assert len(stat) == 3 * 3  # codes, ids, list_offsets of 3 segments
+    # 4-bit codes: packed, ids, list_offsets, list_blocks of 3 segments
+    assert len(stat) == 3 * 4
     nn.partial_fit(X[3000:3200])  # seals one more segment
     assert len(nn.segments_) == 4
     nn.save(path, overwrite=True)
     after = {f: os.stat(seg_dir / f) for f in os.listdir(seg_dir)}
-    assert len(after) == 12 and set(stat) < set(after)
+    assert len(after) == 16 and set(stat) < set(after)
     for f, st in stat.items():  # the old files were not written again
         assert (after[f].st_ino, after[f].st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
     # Loaded memory-mapped, appended to, and saved over itself.
     loaded = pqsk.load(path, mmap_mode="r")
-    assert isinstance(loaded.segments_[0]["codes"], np.memmap)
+    assert isinstance(loaded.segments_[0]["packed"], np.memmap)
     assert_array_equal(loaded.kneighbors(Q)[1], nn.kneighbors(Q)[1])
     loaded.remove(np.arange(0, 700))  # compacts segment 0: a new file set
     loaded.partial_fit(X[3200:3300])
@@ -146,7 +148,7 @@ def test_damaged_segment_file_is_refused(tmp_path):
     path = tmp_path / "index"
     nn.save(path)
     seg = nn.segments_[1]
-    fname = path / "segments" / f"{seg.uid}.codes.npy"
+    fname = path / "segments" / f"{seg.uid}.packed.npy"
     raw = bytearray(fname.read_bytes())
     raw[-3] ^= 1
     fname.write_bytes(bytes(raw))
@@ -160,7 +162,7 @@ def test_damaged_segment_file_is_refused(tmp_path):
 def test_segments_are_immutable():
     nn = _ivf().fit(X[:2000])
     with pytest.raises(ValueError):
-        nn.segments_[0]["codes"][0, 0] = 1
+        nn.segments_[0]["packed"][0, 0, 0] = 1
     assert isinstance(nn.segments_, tuple) and isinstance(nn.segments_[0], Segment)
 
 
@@ -229,7 +231,7 @@ def test_refit_codebooks_follows_drift():
     for seg in nn.segments_:
         lists = np.repeat(np.arange(16), np.diff(seg["list_offsets"]))
         res = Xall[seg["ids"]] - nn.cluster_centers_[lists]
-        assert (seg["codes"] == _naive.encode(res.astype(np.float64),
+        assert (_ivfpq._segment_codes(seg, 4) == _naive.encode(res.astype(np.float64),
                                               nn.codebooks_.astype(np.float64))).mean() > 0.99
     got = nn.kneighbors(new[2700:2800], n_neighbors=10)[1]
     assert not np.isin(got, np.arange(2000)).any()
@@ -242,7 +244,8 @@ def test_refit_codebooks_from_kept_vectors_equals_refit_from_X():
     b.refit_codebooks(X[3000:4000], X=X[:3000])
     assert_array_equal(a.codebooks_, b.codebooks_)
     for sa, sb in zip(a.segments_, b.segments_):
-        assert_array_equal(sa["codes"], sb["codes"])
+        assert_array_equal(sa["packed"], sb["packed"])
+        assert_array_equal(sa["list_blocks"], sb["list_blocks"])
 
 
 def test_refit_codebooks_bad_input_leaves_the_index_unchanged():

@@ -206,8 +206,12 @@ def test_memory_and_ids():
     nn = IVFPQNeighbors(n_lists=16, n_subspaces=8, n_codewords=16, random_state=0).fit(X)
     mem = nn.memory_usage_
     assert nn.ids_.dtype == np.int32
-    assert mem["per_vector"] == 8 + 4
-    assert mem["codes"] == 2000 * 8
+    # 4-bit codes: packed two per byte (m / 2 bytes), each list padded to
+    # whole blocks of 32 vectors (at most 31 padding vectors a list).
+    assert mem["codes"] == nn.segments_[0]["packed"].nbytes
+    assert 2000 * 4 <= mem["codes"] <= (2000 + 16 * 31) * 4
+    assert mem["per_vector"] == (mem["codes"] + mem["ids"]) / 2000
+    assert 4 + 4 <= mem["per_vector"] <= 4 + 4 + 16 * 31 * 4 / 2000
 
 
 def test_n_probe_is_clipped_with_a_warning():

@@ -89,7 +89,10 @@ def test_save_load_round_trip(fitted, tmp_path, mmap_mode):
     _same_results(fitted, loaded)
     if mmap_mode == "r":
         # The stored codes (packed for 4-bit PQNeighbors; codes_ computed).
-        stored = vars(loaded).get("packed_codes_", loaded.codes_)
+        # (IVF with 4-bit codes: its segments' packed codes.)
+        segs = vars(loaded).get("segments_") or ()
+        stored = (segs[0]["packed"] if segs and "packed" in segs[0].names
+                  else vars(loaded).get("packed_codes_", loaded.codes_))
         assert isinstance(stored, np.memmap)
     # The loaded index keeps growing, as the original does.
     loaded.partial_fit(X[:7])
@@ -316,12 +319,23 @@ def _drop_half_the_entries(path):
     ids = files.read_array(path, "ids_")
     codes = files.read_array(path, "codes_")
     off = files.read_array(path, "list_offsets_")
+    packed = "segments_.0.list_blocks" in files.read_header(path)["arrays"]
+    if packed:  # 4-bit codes: the segment's packed blocks, unpacked here
+        from pqsk import _quantizer
+
+        blocks = files.read_array(path, "segments_.0.list_blocks")
+        codes = _quantizer.unpack_lists4(codes, off, blocks, 4)
     keep = np.arange(len(ids)) % 2 == 0
     lists = np.repeat(np.arange(len(off) - 1), np.diff(off))
     new_off = np.zeros_like(off)
     np.cumsum(np.bincount(lists[keep], minlength=len(off) - 1), out=new_off[1:])
     files.rewrite_array(path, "ids_", ids[keep])
-    files.rewrite_array(path, "codes_", codes[keep])
+    if packed:  # a consistent packed segment of the entries kept
+        new_packed, new_blocks = _quantizer.pack_lists4(codes[keep], new_off)
+        files.rewrite_array(path, "codes_", new_packed)
+        files.rewrite_array(path, "segments_.0.list_blocks", new_blocks)
+    else:
+        files.rewrite_array(path, "codes_", codes[keep])
     files.rewrite_array(path, "list_offsets_", new_off)
 
 
@@ -527,7 +541,8 @@ def test_truncated_array(tmp_path):
     data = open(f, "rb").read()
     open(f, "wb").write(data[: len(data) // 2])
     for mmap_mode in (None, "r"):
-        _rejected(path, "codes.*unreadable or truncated", mmap_mode=mmap_mode)
+        # (IVF with 4-bit codes: the segment's packed codes)
+        _rejected(path, "(codes|packed).*unreadable or truncated", mmap_mode=mmap_mode)
 
 
 def test_corrupted_array(tmp_path):
