@@ -17,8 +17,8 @@ Systems:
   ``IndexRefineFlat``;
 * pqsk ``PQNeighbors(n_codewords=16, n_subspaces=25)`` (4-bit fast-scan,
   exhaustive) + ``refine_factor``;
-* pqsk ``IVFPQNeighbors(n_lists=1000, n_subspaces=25, n_codewords=256)`` +
-  ``refine_factor``.
+* pqsk ``IVFPQNeighbors(n_lists=1000, n_subspaces=25)``, ``n_codewords``
+  16 (4-bit fast-scan lists) and 256, + ``refine_factor``.
 
 Usage::
 
@@ -127,22 +127,24 @@ def run_pqsk_flat4(base, queries, gt, quick):
     return rows
 
 
-def run_pqsk_ivf(base, queries, gt, quick):
+def run_pqsk_ivf(base, queries, gt, quick, n_codewords=256):
     from pqsk import IVFPQNeighbors
 
+    bits = "4-bit fast-scan" if n_codewords == 16 else "8-bit"
     t0 = time.perf_counter()
-    nn = IVFPQNeighbors(K, n_lists=200 if quick else 1000, n_subspaces=25, n_codewords=256,
-                        metric="cosine", refine_factor=1, random_state=0, n_jobs=1).fit(base)
+    nn = IVFPQNeighbors(K, n_lists=200 if quick else 1000, n_subspaces=25,
+                        n_codewords=n_codewords, metric="cosine", refine_factor=1,
+                        random_state=0, n_jobs=1).fit(base)
     build = time.perf_counter() - t0
     mem = nn.memory_usage_
     bpv = (mem["codes"] + mem["ids"] + mem["vectors"] + mem.get("vectors_mapped", 0)) \
         / base.shape[0]
     rows = []
     for n_probe in (5, 10, 20, 40, 80):
-        for refine in (2, 5, 10, 20):
+        for refine in (2, 5, 10, 20, 40):
             nn.set_params(n_probe=n_probe, refine_factor=refine)
             t, ind = best_time(lambda: nn.kneighbors(queries, return_distance=False))
-            rows.append({"system": "pqsk IVFPQNeighbors 8-bit (m=25) + refine",
+            rows.append({"system": f"pqsk IVFPQNeighbors {bits} (m=25) + refine",
                          "setting": f"n_probe={n_probe} refine_factor={refine}",
                          "recall": recall(ind, gt), "qps": len(queries) / t,
                          "bytes_per_vector": bpv, "build_s": build})
@@ -171,13 +173,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_frontier")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--systems", nargs="+",
-                    default=["scann", "faiss", "pqsk-flat4", "pqsk-ivf"])
+                    default=["scann", "faiss", "pqsk-flat4", "pqsk-ivf4", "pqsk-ivf"])
     args = ap.parse_args(argv)
     _, base, queries = load_glove(args.quick, 0)
     if args.quick:
         queries = queries[:200]
     gt = exact_top_k(queries, base, K)
     runners = {"scann": run_scann, "faiss": run_faiss, "pqsk-flat4": run_pqsk_flat4,
+               "pqsk-ivf4": lambda *a: run_pqsk_ivf(*a, n_codewords=16),
                "pqsk-ivf": run_pqsk_ivf}
     rows = []
     with threadpool_limits(1):

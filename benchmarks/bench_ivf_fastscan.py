@@ -15,7 +15,6 @@ import json
 import os
 import time
 
-import numpy as np
 
 from benchmarks.bench_frontier import K, RESULTS, best_time, recall
 from benchmarks.bench_pq import exact_top_k, load_glove
