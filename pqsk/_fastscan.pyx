@@ -36,17 +36,16 @@ import warnings
 cimport cython
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
-from libc.math cimport INFINITY, fabs, floor
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
-from ._heap cimport heap_init, heap_push, heap_sort
+from ._heap cimport heap_init, heap_sort
 from ._kernels cimport build_table
 
 
 from ._fastscan_common cimport (
     pqsk_fs_scan_fn, pqsk_fs_scan_scalar, pqsk_fs_scan_avx2, pqsk_fs_scan_avx512bw,
-    pqsk_fs_pair_table, pqsk_fs_cpu_has_avx2, pqsk_fs_cpu_has_avx512bw, pqsk_fs_ctz32,
-    pqsk_fs_read_bytes, quantize_tables, threshold)
+    pqsk_fs_pair_table, pqsk_fs_cpu_has_avx2, pqsk_fs_cpu_has_avx512bw,
+    pqsk_fs_read_bytes, quantize_tables, scan_packed)
 
 
 # The most sub-quantizers a 4-bit code may have: sums of m uint8 entries
@@ -129,52 +128,6 @@ def _read_bytes(const uint8_t[::1] data):
     return r
 
 
-cdef void fastscan_one(const floating* t,      # IN  (m, 16) float tables
-                       const uint8_t* lut,     # IN  (m2, 16) quantized (or pair sums)
-                       const double* params,
-                       const uint8_t* packed,  # IN  (nb, m2 / 2, 32)
-                       Py_ssize_t n,
-                       Py_ssize_t m,
-                       Py_ssize_t npairs,
-                       floating* hd,           # INOUT (kn,) heap
-                       int64_t* hi,
-                       Py_ssize_t kn,
-                       pqsk_fs_scan_fn scan,
-                       double margin) noexcept nogil:
-    """Offer every code whose quantized estimate is within ``margin``
-    units of the heap's worst distance, with its exact distance (every
-    code that may enter the heap when ``margin`` is the worst-case
-    rounding, 0.5 * m + 1)."""
-    cdef Py_ssize_t nb = (n + 31) // 32
-    cdef Py_ssize_t b = 0, j, i, base
-    cdef uint32_t mask = 0, tail
-    cdef uint16_t thr = threshold(hd[0], params, margin)
-    cdef const uint8_t* blk
-    cdef uint8_t byte
-    cdef floating d
-    tail = 0xFFFFFFFF if n % 32 == 0 else ((<uint32_t> 1 << (n % 32)) - 1)
-    while b < nb:
-        b = scan(packed, b, nb, npairs, lut, thr, &mask)
-        if b >= nb:
-            break
-        if b == nb - 1:
-            mask &= tail
-        base = b * 32
-        blk = packed + b * npairs * 32
-        while mask:
-            i = pqsk_fs_ctz32(mask)
-            mask &= mask - 1
-            # Same additions in the same order as scan_codes: same value.
-            d = 0
-            for j in range(m):
-                byte = blk[(j >> 1) * 32 + i]
-                d = d + t[j * 16 + ((byte >> 4) if (j & 1) else (byte & 15))]
-            if d <= hd[0]:
-                heap_push(hd, hi, kn, d, base + i)
-        thr = threshold(hd[0], params, margin)
-        b += 1
-
-
 def fastscan_search(const floating[:, ::1] Q,               # IN  (nq, D)
                     const floating[:, :, ::1] codebooks_t,  # IN  (m, ds, 16)
                     const uint8_t[:, :, ::1] packed,        # IN  (nb, m2 / 2, 32)
@@ -242,8 +195,9 @@ def fastscan_search(const floating[:, ::1] Q,               # IN  (nq, D)
                 pqsk_fs_pair_table(lut, npairs, pt)
                 tab = <const uint8_t*> pt
             if n > 0:
-                fastscan_one(t, tab, params, &packed[0, 0, 0], n, m, npairs,
-                             hd, hi, kn, scan, margin if margin >= 0 else 0.5 * m + 1.0)
+                scan_packed(t, tab, params, &packed[0, 0, 0], n, m, npairs, 0,
+                            <const int64_t*> NULL, NULL, hd, hi, kn, scan,
+                            margin if margin >= 0 else 0.5 * m + 1.0)
             heap_sort(hd, hi, kn)
             for r in range(kn):
                 out_dist[q, r] = hd[r]

@@ -7,6 +7,9 @@ from cython cimport floating
 from libc.math cimport INFINITY, fabs, floor
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
+from ._heap cimport heap_push
+from ._kernels cimport index_t
+
 
 cdef extern from "_fastscan_impl.h" nogil:
     ctypedef Py_ssize_t (*pqsk_fs_scan_fn)(const uint8_t*, Py_ssize_t, Py_ssize_t,
@@ -86,3 +89,61 @@ cdef inline uint16_t threshold(double worst, const double* params,
     if not s >= 0:
         return 0
     return <uint16_t> floor(s)
+
+
+cdef inline void scan_packed(const floating* t,     # IN  (m, 16) float table
+                             const uint8_t* tab,    # IN  quantized table (or pair sums)
+                             const double* params,  # IN  its quantization
+                             const uint8_t* packed,  # IN  (nb, npairs, 32) the list's blocks
+                             Py_ssize_t n,
+                             Py_ssize_t m,
+                             Py_ssize_t npairs,
+                             floating bias,
+                             const index_t* ids,    # IN  (n,), or NULL: row numbers
+                             const uint8_t* deleted,
+                             floating* hd,
+                             int64_t* hi,
+                             Py_ssize_t kn,
+                             pqsk_fs_scan_fn scan,
+                             double margin) noexcept nogil:
+    """Offer the ``n`` packed codes (an IVF list, or a whole flat index)
+    whose quantized estimate is within ``margin`` units of the heap's
+    worst distance (bias included), with their exact distances ``bias +
+    sum_j t[j, code_j]`` (every code that may enter the heap when
+    ``margin`` is the worst-case rounding, 0.5 * m + 1); ids from ``ids``,
+    or the row numbers when it is NULL; ``deleted`` (tombstones by id) may
+    be NULL."""
+    cdef Py_ssize_t nb = (n + 31) // 32
+    cdef Py_ssize_t b = 0, j, i, base
+    cdef uint32_t mask = 0, tail
+    cdef const uint8_t* blk
+    cdef uint8_t byte
+    cdef floating d
+    cdef int64_t e
+    # The bias enters every partial sum: its rounding (as quantize_tables
+    # bounds the tables', 4 units per addition) widens the threshold.
+    cdef double u = 2.384185791015625e-07 if sizeof(floating) == 4 else 4.440892098500626e-16
+    cdef double slack = (m + 2) * fabs(<double> bias) * u
+    cdef uint16_t thr = threshold(<double> hd[0] - <double> bias + slack, params, margin)
+    tail = 0xFFFFFFFF if n % 32 == 0 else ((<uint32_t> 1 << (n % 32)) - 1)
+    while b < nb:
+        b = scan(packed, b, nb, npairs, tab, thr, &mask)
+        if b >= nb:
+            break
+        if b == nb - 1:
+            mask &= tail
+        base = b * 32
+        blk = packed + b * npairs * 32
+        while mask:
+            i = pqsk_fs_ctz32(mask)
+            mask &= mask - 1
+            # Same additions in the same order as scan_codes: same value.
+            d = bias
+            for j in range(m):
+                byte = blk[(j >> 1) * 32 + i]
+                d = d + t[j * 16 + ((byte >> 4) if (j & 1) else (byte & 15))]
+            e = base + i if ids == NULL else ids[base + i]
+            if d <= hd[0] and (deleted == NULL or not deleted[e]):
+                heap_push(hd, hi, kn, d, e)
+        thr = threshold(<double> hd[0] - <double> bias + slack, params, margin)
+        b += 1

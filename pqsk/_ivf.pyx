@@ -48,68 +48,13 @@ for entries that would enter the heap.
 cimport cython
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
-from libc.math cimport fabs
 from libc.stdint cimport (int32_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr_t,
                           INT64_MAX)
 
 from ._heap cimport heap_init, heap_push, heap_sort, pair_greater
 from ._kernels cimport code_t, index_t, build_table, scan_codes, scan_some
-from ._fastscan_common cimport (pqsk_fs_scan_fn, pqsk_fs_pair_table, pqsk_fs_ctz32,
+from ._fastscan_common cimport (pqsk_fs_scan_fn, pqsk_fs_pair_table, scan_packed,
                                 quantize_tables, threshold)
-
-
-cdef inline void scan_packed(const floating* t,     # IN  (m, 16) float table
-                             const uint8_t* tab,    # IN  quantized table (or pair sums)
-                             const double* params,  # IN  its quantization
-                             const uint8_t* packed,  # IN  (nb, npairs, 32) the list's blocks
-                             Py_ssize_t n,
-                             Py_ssize_t m,
-                             Py_ssize_t npairs,
-                             floating bias,
-                             const index_t* ids,    # IN  (n,)
-                             const uint8_t* deleted,
-                             floating* hd,
-                             int64_t* hi,
-                             Py_ssize_t kn,
-                             pqsk_fs_scan_fn scan,
-                             double margin) noexcept nogil:
-    """Offer the ``n`` packed codes of one list whose quantized estimate
-    is within ``margin`` units of the heap's worst distance (bias
-    included), with their exact distances ``bias + sum_j t[j, code_j]``."""
-    cdef Py_ssize_t nb = (n + 31) // 32
-    cdef Py_ssize_t b = 0, j, i, base
-    cdef uint32_t mask = 0, tail
-    cdef const uint8_t* blk
-    cdef uint8_t byte
-    cdef floating d
-    cdef int64_t e
-    # The bias enters every partial sum: its rounding (as quantize_tables
-    # bounds the tables', 4 units per addition) widens the threshold.
-    cdef double u = 2.384185791015625e-07 if sizeof(floating) == 4 else 4.440892098500626e-16
-    cdef double slack = (m + 2) * fabs(<double> bias) * u
-    cdef uint16_t thr = threshold(<double> hd[0] - <double> bias + slack, params, margin)
-    tail = 0xFFFFFFFF if n % 32 == 0 else ((<uint32_t> 1 << (n % 32)) - 1)
-    while b < nb:
-        b = scan(packed, b, nb, npairs, tab, thr, &mask)
-        if b >= nb:
-            break
-        if b == nb - 1:
-            mask &= tail
-        base = b * 32
-        blk = packed + b * npairs * 32
-        while mask:
-            i = pqsk_fs_ctz32(mask)
-            mask &= mask - 1
-            # Same additions in the same order as scan_codes: same value.
-            d = bias
-            for j in range(m):
-                byte = blk[(j >> 1) * 32 + i]
-                d = d + t[j * 16 + ((byte >> 4) if (j & 1) else (byte & 15))]
-            e = ids[base + i]
-            if d <= hd[0] and (deleted == NULL or not deleted[e]):
-                heap_push(hd, hi, kn, d, e)
-        thr = threshold(<double> hd[0] - <double> bias + slack, params, margin)
-        b += 1
 
 
 cdef inline void scan_list(Py_ssize_t l,
