@@ -17,7 +17,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 EXTENSIONS = ["pqsk._encode", "pqsk._adc", "pqsk._ivf", "pqsk._hnsw", "pqsk._openmp",
-              "pqsk._fastscan"]
+              "pqsk._fastscan", "pqsk._rerank"]
 
 
 def _openmp_flags():

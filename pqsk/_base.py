@@ -492,9 +492,11 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         end with ``_commit_size``."""
         raise NotImplementedError
 
-    def _search(self, Q, n_candidates, n_threads):
+    def _search(self, Q, n_candidates, n_threads, ranking_only=False):
         """ADC distances and int64 ids of the best ``n_candidates``, rows
-        sorted by (dist, id)."""
+        sorted by (dist, id).  ``ranking_only``: the caller re-ranks the
+        candidates with exact distances, so the distances may be cheaper
+        estimates of the ADC ones (4-bit IVF lists)."""
         raise NotImplementedError
 
     def _reconstruct(self):
@@ -859,13 +861,15 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         Q is prepared (normalised for cosine) but not rotated: the ADC
         search sees ``Q @ rotation_``, the re-ranking compares Q itself with
         the raw (unrotated) vectors."""
-        dist, ind = self._search(self._rotate(Q), self._n_candidates(n_neighbors), n_threads)
+        dist, ind = self._search(self._rotate(Q), self._n_candidates(n_neighbors), n_threads,
+                                 ranking_only=self.refine_factor > 0)
         if self.refine_factor > 0:
             # Only the candidate rows are read from the row store; stored
             # rows are raw, so cosine normalises them here.
             return _quantizer.exact_rerank(Q, self.vectors_, ind, n_neighbors,
                                            self._inner_product,
-                                           unit_norm=self.effective_metric_ == "cosine")
+                                           unit_norm=self.effective_metric_ == "cosine",
+                                           n_threads=n_threads)
         return dist.astype(self._fit_dtype_, copy=False), ind
 
     def _self_queries(self):

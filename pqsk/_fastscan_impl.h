@@ -10,12 +10,14 @@
  * Every kernel has the same contract (the scalar one reads a table of
  * pair sums in place of lut, see pqsk_fs_pair_table):
  *
- *   Py_ssize_t scan(packed, b, nb, npairs, lut, thr, &mask)
+ *   Py_ssize_t scan(packed, b, nb, npairs, lut, thr, &mask, sums)
  *
  * scans blocks b, b+1, ... < nb and returns the first block in which some
  * vector's sum S = sum_j lut[j, code_j] (exact, uint16) is <= thr, with
  * bit i of *mask set for each such vector i of the block; returns nb (mask
- * untouched) when none is.  The caller re-checks the candidates with the
+ * untouched) when none is.  When ``sums`` is not NULL, the returned
+ * block's 32 sums are stored there, even vectors first: vector i's sum is
+ * sums[(i & 1) * 16 + (i >> 1)] (the SIMD kernels' lane order).  The caller re-checks the candidates with the
  * float tables, tightens thr and calls again from the next block.  The
  * scalar and SIMD kernels compute the same sums, hence the same masks.
  *
@@ -34,7 +36,7 @@
 typedef Py_ssize_t (*pqsk_fs_scan_fn)(const uint8_t *packed, Py_ssize_t b,
                                       Py_ssize_t nb, Py_ssize_t npairs,
                                       const uint8_t *lut, uint16_t thr,
-                                      uint32_t *mask);
+                                      uint32_t *mask, uint16_t *sums);
 
 static inline int pqsk_fs_ctz32(uint32_t x)
 {
@@ -70,7 +72,7 @@ static void pqsk_fs_pair_table(const uint8_t *lut, Py_ssize_t npairs, uint16_t *
 static Py_ssize_t pqsk_fs_scan_scalar(const uint8_t *packed, Py_ssize_t b,
                                       Py_ssize_t nb, Py_ssize_t npairs,
                                       const uint8_t *pair_table, uint16_t thr,
-                                      uint32_t *mask)
+                                      uint32_t *mask, uint16_t *sums)
 {
     const uint16_t *pt = (const uint16_t *)(const void *)pair_table;
     uint16_t s[32];
@@ -91,6 +93,9 @@ static Py_ssize_t pqsk_fs_scan_scalar(const uint8_t *packed, Py_ssize_t b,
             msk |= (uint32_t)(s[i] <= thr) << i;
         if (msk) {
             *mask = msk;
+            if (sums)
+                for (i = 0; i < 32; i++)
+                    sums[(i & 1) * 16 + (i >> 1)] = s[i];
             return b;
         }
     }
@@ -133,22 +138,30 @@ static inline void pqsk_fs_add_pair_avx2(__m256i r0, __m256i r1, __m256i *acc0,
 }
 
 /* Bit i set for each vector i of the block whose sum S <= thr (t holds
- * thr in every 16-bit lane); unsigned compare: min(S, thr) == S. */
+ * thr in every 16-bit lane); unsigned compare: min(S, thr) == S.  When
+ * some bit is set and sums is not NULL, the 32 sums are stored there
+ * (even vectors, then odd ones). */
 __attribute__((target("avx2")))
-static inline uint32_t pqsk_fs_block_mask_avx2(__m256i acc0, __m256i acc1, __m256i t)
+static inline uint32_t pqsk_fs_block_mask_avx2(__m256i acc0, __m256i acc1, __m256i t,
+                                               uint16_t *sums)
 {
     __m256i even = _mm256_sub_epi16(acc0, _mm256_slli_epi16(acc1, 8));
     __m256i pe = _mm256_cmpeq_epi16(_mm256_min_epu16(even, t), even);
     __m256i po = _mm256_cmpeq_epi16(_mm256_min_epu16(acc1, t), acc1);
-    return ((uint32_t)_mm256_movemask_epi8(pe) & 0x55555555u) |
-           ((uint32_t)_mm256_movemask_epi8(po) & 0xAAAAAAAAu);
+    uint32_t msk = ((uint32_t)_mm256_movemask_epi8(pe) & 0x55555555u) |
+                   ((uint32_t)_mm256_movemask_epi8(po) & 0xAAAAAAAAu);
+    if (msk && sums) {
+        _mm256_storeu_si256((__m256i *)(void *)sums, even);
+        _mm256_storeu_si256((__m256i *)(void *)(sums + 16), acc1);
+    }
+    return msk;
 }
 
 __attribute__((target("avx2")))
 static Py_ssize_t pqsk_fs_scan_avx2(const uint8_t *packed, Py_ssize_t b,
                                     Py_ssize_t nb, Py_ssize_t npairs,
                                     const uint8_t *lut, uint16_t thr,
-                                    uint32_t *mask)
+                                    uint32_t *mask, uint16_t *sums)
 {
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     const __m256i t = _mm256_set1_epi16((short)thr);
@@ -169,7 +182,7 @@ static Py_ssize_t pqsk_fs_scan_avx2(const uint8_t *packed, Py_ssize_t b,
             pqsk_fs_add_pair_avx2(_mm256_shuffle_epi8(l0, lo), _mm256_shuffle_epi8(l1, hi),
                                   &acc0, &acc1);
         }
-        msk = pqsk_fs_block_mask_avx2(acc0, acc1, t);
+        msk = pqsk_fs_block_mask_avx2(acc0, acc1, t, sums);
         if (msk) {
             *mask = msk;
             return b;
@@ -188,7 +201,7 @@ __attribute__((target("avx512f,avx512bw,avx2")))
 static Py_ssize_t pqsk_fs_scan_avx512bw(const uint8_t *packed, Py_ssize_t b,
                                         Py_ssize_t nb, Py_ssize_t npairs,
                                         const uint8_t *lut, uint16_t thr,
-                                        uint32_t *mask)
+                                        uint32_t *mask, uint16_t *sums)
 {
     __m512i tabs[PQSK_FS_MAX_PAIRS + 1];
     const __m512i low4 = _mm512_set1_epi8(0x0F);
@@ -198,7 +211,7 @@ static Py_ssize_t pqsk_fs_scan_avx512bw(const uint8_t *packed, Py_ssize_t b,
     Py_ssize_t q;
     __m256i last0 = _mm256_setzero_si256(), last1 = last0;
     if (npairs > PQSK_FS_MAX_PAIRS)
-        return pqsk_fs_scan_avx2(packed, b, nb, npairs, lut, thr, mask);
+        return pqsk_fs_scan_avx2(packed, b, nb, npairs, lut, thr, mask, sums);
     for (q = 0; q < nq; q++) {
         /* lo tables of pairs 2q, 2q+1 (rows 4q, 4q+2), hi tables (rows 4q+1, 4q+3) */
         tabs[2 * q] = _mm512_inserti64x4(
@@ -240,7 +253,7 @@ static Py_ssize_t pqsk_fs_scan_avx512bw(const uint8_t *packed, Py_ssize_t b,
                 _mm256_shuffle_epi8(last1, _mm256_and_si256(_mm256_srli_epi16(c, 4), low4y)),
                 &a0, &a1);
         }
-        msk = pqsk_fs_block_mask_avx2(a0, a1, t);
+        msk = pqsk_fs_block_mask_avx2(a0, a1, t, sums);
         if (msk) {
             *mask = msk;
             return b;
@@ -276,7 +289,7 @@ static uint64_t pqsk_fs_read_avx2(const uint8_t *data, Py_ssize_t nbytes)
 static Py_ssize_t pqsk_fs_scan_nibbles(const uint8_t *packed, Py_ssize_t b,
                                        Py_ssize_t nb, Py_ssize_t npairs,
                                        const uint8_t *lut, uint16_t thr,
-                                       uint32_t *mask)
+                                       uint32_t *mask, uint16_t *sums)
 {
     uint16_t s[32];
     Py_ssize_t p;
@@ -297,6 +310,9 @@ static Py_ssize_t pqsk_fs_scan_nibbles(const uint8_t *packed, Py_ssize_t b,
             msk |= (uint32_t)(s[i] <= thr) << i;
         if (msk) {
             *mask = msk;
+            if (sums)
+                for (i = 0; i < 32; i++)
+                    sums[(i & 1) * 16 + (i >> 1)] = s[i];
             return b;
         }
     }
@@ -308,15 +324,15 @@ static int pqsk_fs_cpu_has_avx512bw(void) { return 0; }
 /* Never selected (the CPU check says no); present so that the module links. */
 static Py_ssize_t pqsk_fs_scan_avx2(const uint8_t *packed, Py_ssize_t b, Py_ssize_t nb,
                                     Py_ssize_t npairs, const uint8_t *lut, uint16_t thr,
-                                    uint32_t *mask)
+                                    uint32_t *mask, uint16_t *sums)
 {
-    return pqsk_fs_scan_nibbles(packed, b, nb, npairs, lut, thr, mask);
+    return pqsk_fs_scan_nibbles(packed, b, nb, npairs, lut, thr, mask, sums);
 }
 static Py_ssize_t pqsk_fs_scan_avx512bw(const uint8_t *packed, Py_ssize_t b, Py_ssize_t nb,
                                         Py_ssize_t npairs, const uint8_t *lut, uint16_t thr,
-                                        uint32_t *mask)
+                                        uint32_t *mask, uint16_t *sums)
 {
-    return pqsk_fs_scan_nibbles(packed, b, nb, npairs, lut, thr, mask);
+    return pqsk_fs_scan_nibbles(packed, b, nb, npairs, lut, thr, mask, sums);
 }
 #endif
 

@@ -983,7 +983,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         )
         return dist, ind, n_dist
 
-    def _search(self, Q, n_candidates, n_threads):
+    def _search(self, Q, n_candidates, n_threads, ranking_only=False):
         # Fan out: each graph gives its best min(n_candidates, its live
         # nodes), mapped to ids; merge_topk keeps the best n_candidates.
         parts = []

@@ -54,7 +54,23 @@ from libc.stdint cimport (int32_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr
 from ._heap cimport heap_init, heap_push, heap_sort, pair_greater
 from ._kernels cimport code_t, index_t, build_table, scan_codes, scan_some
 from ._fastscan_common cimport (pqsk_fs_scan_fn, pqsk_fs_pair_table, scan_packed,
-                                quantize_tables, threshold)
+                                scan_packed_estimate, quantize_tables, threshold)
+
+# Estimate mode: a heap entry scored by its quantized estimate is held
+# under a handle, EST_FLAG | (probe slot << 40) | (row in the concatenated
+# segments); EST_MAX_PROBE and EST_MAX_ROWS keep a handle below INT64_MAX
+# (an empty slot).
+cdef extern from *:
+    """
+    #define PQSK_EST_FLAG ((int64_t)1 << 62)
+    #define PQSK_EST_ROW_BITS 40
+    #define PQSK_EST_MAX_PROBE ((int64_t)1 << 21)
+    #define PQSK_EST_MAX_ROWS ((int64_t)1 << 40)
+    """
+    const int64_t EST_FLAG "PQSK_EST_FLAG"
+    const int EST_ROW_BITS "PQSK_EST_ROW_BITS"
+    const int64_t EST_MAX_PROBE "PQSK_EST_MAX_PROBE"
+    const int64_t EST_MAX_ROWS "PQSK_EST_MAX_ROWS"
 
 
 cdef inline void scan_list(Py_ssize_t l,
@@ -74,6 +90,9 @@ cdef inline void scan_list(Py_ssize_t l,
                            pqsk_fs_scan_fn fs_scan,
                            bint fs_pairs,
                            double fs_margin,
+                           bint estimate,                # packed lists: estimates, see below
+                           int64_t handle,               # EST_FLAG | (slot << 40), < 0: ids
+                           const int64_t* seg_base,      # IN  (S + 1,) first row of each segment
                            uint8_t* lut,                 # scratch (m2, 16)
                            uint16_t* pair_tab,           # scratch (m2 / 2, 256)
                            double* params,               # scratch (3,)
@@ -90,7 +109,11 @@ cdef inline void scan_list(Py_ssize_t l,
                            int64_t* heap_idx,
                            Py_ssize_t n_neighbors) noexcept nogil:
     """Scan list l (its block in each sealed segment, then its ``n_g``
-    growing entries) into the heap."""
+    growing entries) into the heap.  With ``estimate``, a packed segment's
+    entries enter the heap under their quantized estimate and a handle
+    (``handle`` + their row in the concatenated segments), re-scored by
+    ``rescore_estimates``; other entries always under their exact
+    distance and id."""
     cdef Py_ssize_t n_seg = seg_offsets.shape[0]
     cdef Py_ssize_t start, n_l, s
     cdef Py_ssize_t n_all = n_g
@@ -101,6 +124,7 @@ cdef inline void scan_list(Py_ssize_t l,
     cdef Py_ssize_t npairs = (m + 1) // 2
     cdef bint quantized = False
     cdef const uint8_t* tab = lut
+    cdef floating two = 2
     for s in range(n_seg):
         n_all = n_all + seg_offsets[s, l + 1] - seg_offsets[s, l]
     if n_all == 0:
@@ -108,7 +132,7 @@ cdef inline void scan_list(Py_ssize_t l,
     if not inner_product and list_terms.shape[0] > 0:
         terms = &list_terms[l, 0, 0]
         for i in range(m * k):
-            list_table[i] = terms[i] + 2 * query_table[i]
+            list_table[i] = terms[i] + two * query_table[i]   # (in floating: vectorised)
         table = list_table
     elif not inner_product:  # no precomputed terms: the residual query's table
         for i in range(m * ds):
@@ -126,10 +150,18 @@ cdef inline void scan_list(Py_ssize_t l,
                     pqsk_fs_pair_table(lut, npairs, pair_tab)
                     tab = <const uint8_t*> pair_tab
                 quantized = True
-            scan_packed(table, tab, params,
-                        (<const uint8_t*> seg_packed[s]) + seg_blocks[s, l] * npairs * 32,
-                        n_l, m, npairs, bias, (<const index_t*> seg_ids[s]) + start,
-                        deleted, heap_dist, heap_idx, n_neighbors, fs_scan, fs_margin)
+            if estimate:
+                scan_packed_estimate(
+                    tab, params,
+                    (<const uint8_t*> seg_packed[s]) + seg_blocks[s, l] * npairs * 32,
+                    n_l, npairs, bias, (<const index_t*> seg_ids[s]) + start, deleted,
+                    handle + seg_base[s] + start if handle >= 0 else -1,
+                    heap_dist, heap_idx, n_neighbors, fs_scan)
+            else:
+                scan_packed(table, tab, params,
+                            (<const uint8_t*> seg_packed[s]) + seg_blocks[s, l] * npairs * 32,
+                            n_l, m, npairs, bias, (<const index_t*> seg_ids[s]) + start,
+                            deleted, heap_dist, heap_idx, n_neighbors, fs_scan, fs_margin)
         elif n_l > 0:
             scan_codes(table, (<const code_t*> seg_codes[s]) + start * m, n_l, m, k,
                        bias, (<const index_t*> seg_ids[s]) + start,
@@ -137,6 +169,76 @@ cdef inline void scan_list(Py_ssize_t l,
     if n_g > 0:
         scan_some(table, g_codes, g_rows, n_g, m, k, bias, g_ids,
                   deleted, heap_dist, heap_idx, n_neighbors)
+
+
+cdef inline Py_ssize_t empty_slots(const int64_t* hi, Py_ssize_t kh) noexcept nogil:
+    cdef Py_ssize_t r, n = 0
+    for r in range(kh):
+        n += hi[r] == INT64_MAX
+    return n
+
+
+cdef inline void rescore_estimates(const floating* query_table,  # IN (m, k)
+                                   const floating[:, :, ::1] list_terms,
+                                   bint inner_product,
+                                   const floating* probe_d,     # IN coarse terms of the slots
+                                   const int64_t* probe_l,      # IN lists of the slots
+                                   const uintptr_t[::1] seg_ids,
+                                   const int64_t[:, ::1] seg_offsets,
+                                   const uintptr_t[::1] seg_packed,
+                                   const int64_t[:, ::1] seg_blocks,
+                                   const int64_t* seg_base,
+                                   const index_t* id_type,      # read for its type alone
+                                   Py_ssize_t m,
+                                   Py_ssize_t k,
+                                   floating* hd,                # INOUT (kh,) the heap
+                                   int64_t* hi,
+                                   Py_ssize_t kh,
+                                   floating* hd2,               # scratch (kn,)
+                                   int64_t* hi2,
+                                   Py_ssize_t kn) noexcept nogil:
+    """Score each entry of the ``kh``-heap with its float ADC distance
+    (the same table values, summed in the same order, as ``scan_list``
+    without estimates, so the same distance) and its id, and leave the
+    best ``kn`` (kn <= kh) sorted by (distance, id) in ``hd[:kn]``."""
+    cdef Py_ssize_t r, j, s, lane, npairs = (m + 1) // 2
+    cdef int64_t h, row, l, i
+    cdef const uint8_t* blk
+    cdef uint8_t byte
+    cdef Py_ssize_t c
+    cdef floating d
+    cdef floating two = 2
+    heap_init(hd2, hi2, kn)
+    for r in range(kh):
+        h = hi[r]
+        if h == INT64_MAX:
+            continue
+        if not (h & EST_FLAG):
+            heap_push(hd2, hi2, kn, hd[r], h)
+            continue
+        i = (h >> EST_ROW_BITS) & (EST_MAX_PROBE - 1)   # the probe slot
+        row = h & (EST_MAX_ROWS - 1)
+        s = 0
+        while seg_base[s + 1] <= row:
+            s += 1
+        row -= seg_base[s]
+        l = probe_l[i]
+        d = probe_d[i]
+        i = row - seg_offsets[s, l]                      # entry of the list
+        blk = (<const uint8_t*> seg_packed[s]) + (seg_blocks[s, l] + i // 32) * npairs * 32
+        lane = i % 32
+        for j in range(m):
+            byte = blk[(j >> 1) * 32 + lane]
+            c = (byte >> 4) if (j & 1) else (byte & 15)
+            if inner_product:
+                d = d + query_table[j * k + c]
+            else:
+                d = d + (list_terms[l, j, c] + two * query_table[j * k + c])
+        heap_push(hd2, hi2, kn, d, (<const index_t*> seg_ids[s])[row])
+    heap_sort(hd2, hi2, kn)
+    for r in range(kn):
+        hd[r] = hd2[r]
+        hi[r] = hi2[r]
 
 
 def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
@@ -173,6 +275,13 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                bint fs_pairs,                          # it reads pair-sum tables
                double fs_margin,                       # re-check margin (table units),
                                                        # < 0: exact (0.5 * m + 1)
+               bint fs_estimate,                       # rank packed lists by estimates
+               Py_ssize_t fs_extra,                    # ... in a heap of n_neighbors + fs_extra
+               bint fs_rescore,                        # ... then re-scored with float tables
+               const int64_t[::1] seg_base,            # IN  (S + 1,) first row of each segment
+               floating[:, ::1] heap_d2,               # scratch (n_threads, >= n_neighbors)
+               int64_t[:, ::1] heap_i2,                # scratch (n_threads, >= n_neighbors)
+                                                       # (heap_d, heap_i: >= n_neighbors + fs_extra)
                int n_threads):
     """Search the ``n_probe`` lists with the smallest coarse term, then,
     while the heap is not full (fewer than ``n_neighbors`` live entries
@@ -186,6 +295,22 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
     to whole cache lines (no false sharing); ``slot_of`` rows must hold -1
     and are left so.  The sorted heap is copied to the output row at the
     end.
+
+    ``fs_estimate`` (the estimators' mode): packed lists are ranked by
+    their quantized estimates alone, with no float re-check per entry, in
+    a heap of ``n_neighbors + fs_extra`` entries; these are then re-scored
+    with the float tables (``rescore_estimates``) and the best
+    ``n_neighbors`` kept, so the distances returned are float ADC
+    distances, but an entry whose estimate ranks it outside the larger
+    heap is missed even if its float distance would enter the top
+    ``n_neighbors`` (the quantization error is at most 0.5 * m + 1 table
+    units; ``fs_extra`` absorbs the typical one).  Without ``fs_rescore``
+    the estimates themselves are returned (for callers that re-rank the
+    candidates with exact distances), the entries entering the heap under
+    their ids (read from the list's ids, in order: no lookups at the end).  Used
+    when the lists have precomputed terms or the metric is an inner
+    product (else the per-list tables would have to be kept), for
+    n_probe < 2**21 and fewer than 2**40 sealed rows.
     """
     cdef Py_ssize_t nq = Q.shape[0]
     cdef Py_ssize_t n_lists = coarse.shape[1]
@@ -210,6 +335,14 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
     cdef uint16_t* pw = NULL
     cdef double* prm = NULL
     cdef pqsk_fs_scan_fn fs_scan = <pqsk_fs_scan_fn> fs_kernel
+    cdef floating* hd2 = NULL
+    cdef int64_t* hi2 = NULL
+    cdef const int64_t* sbase = &seg_base[0]
+    cdef Py_ssize_t kh
+    cdef bint est = (fs_estimate and (inner_product or list_terms.shape[0] > 0)
+                     and n_probe < EST_MAX_PROBE
+                     and seg_base[seg_base.shape[0] - 1] < EST_MAX_ROWS)
+    kh = kn + fs_extra if est else kn
     if fs_margin < 0:  # exact: the worst-case rounding of the quantized tables
         fs_margin = 0.5 * m + 1.0
     cdef const code_t* gc = &g_codes[0, 0] if g > 0 else NULL
@@ -225,6 +358,8 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
         pi = &probe_idx[tid, 0]
         hd = &heap_d[tid, 0]
         hi = &heap_i[tid, 0]
+        hd2 = &heap_d2[tid, 0]
+        hi2 = &heap_i2[tid, 0]
         so = &slot_of[tid, 0]
         gm = &g_match[tid, 0]
         gs = &g_sorted[tid, 0]
@@ -235,8 +370,9 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
         for q in prange(nq, schedule="dynamic"):
             # The n_probe nearest lists, nearest first.
             heap_init(pd, pi, n_probe)
-            for l in range(n_lists):
-                heap_push(pd, pi, n_probe, coarse[q, l], l)
+            for l in range(n_lists):   # (the comparison inline: most lists lose it)
+                if pair_greater(pd[0], pi[0], coarse[q, l], l):
+                    heap_push(pd, pi, n_probe, coarse[q, l], l)
             heap_sort(pd, pi, n_probe)
 
             # Growing entries of the probed lists, grouped by probe slot:
@@ -263,18 +399,22 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                     so[pi[p]] = -1
 
             build_table(&Q[q, 0], &codebooks_t[0, 0, 0], m, ds, k, True, qt)
-            heap_init(hd, hi, kn)
+            heap_init(hd, hi, kh)
             for p in range(n_probe):
                 lo = se[p - 1] if p > 0 else 0
                 scan_list(pi[p], pd[p], qt, list_terms, &Q[q, 0], centroids,
                           &codebooks_t[0, 0, 0], ds, qt + 2 * m * k, seg_codes, seg_ids, seg_offsets,
-                          seg_packed, seg_blocks, fs_scan, fs_pairs, fs_margin, lw, pw, prm,
+                          seg_packed, seg_blocks, fs_scan, fs_pairs, fs_margin,
+                          est, (EST_FLAG | (<int64_t> p << EST_ROW_BITS)) if fs_rescore else -1,
+                          sbase, lw, pw, prm,
                           gc, gi, gs + lo, se[p] - lo, dead, inner_product, m, k,
-                          qt + m * k, hd, hi, kn)
+                          qt + m * k, hd, hi, kh)
             # Too few live entries: probe further lists in coarse order.
             last_d = pd[n_probe - 1]
             last_l = pi[n_probe - 1]
-            while hi[0] == INT64_MAX:        # an empty slot is the heap's root
+            # (fewer than kn entries: more than kh - kn empty slots; an
+            # empty slot is the root whenever there is one)
+            while hi[0] == INT64_MAX and empty_slots(hi, kh) > kh - kn:
                 best_l = -1
                 best_d = 0
                 for l in range(n_lists):
@@ -291,12 +431,18 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                         n_x = n_x + 1
                 scan_list(best_l, best_d, qt, list_terms, &Q[q, 0], centroids,
                           &codebooks_t[0, 0, 0], ds, qt + 2 * m * k, seg_codes, seg_ids, seg_offsets,
-                          seg_packed, seg_blocks, fs_scan, fs_pairs, fs_margin, lw, pw, prm,
+                          seg_packed, seg_blocks, fs_scan, fs_pairs, fs_margin,
+                          False, 0, sbase, lw, pw, prm,
                           gc, gi, gm, n_x, dead, inner_product, m, k, qt + m * k,
-                          hd, hi, kn)
+                          hd, hi, kh)
                 last_d = best_d
                 last_l = best_l
-            heap_sort(hd, hi, kn)
+            if est and fs_rescore:
+                rescore_estimates(qt, list_terms, inner_product, pd, pi, seg_ids, seg_offsets,
+                                  seg_packed, seg_blocks, sbase, gi, m, k, hd, hi, kh,
+                                  hd2, hi2, kn)
+            else:
+                heap_sort(hd, hi, kn)
             for r in range(kn):
                 out_dist[q, r] = hd[r]
                 out_idx[q, r] = hi[r]

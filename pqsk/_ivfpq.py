@@ -931,7 +931,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
             return self.n_lists_
         return self.n_probe
 
-    def _search(self, Q, n_candidates, n_threads):
+    def _search(self, Q, n_candidates, n_threads, ranking_only=False):
         ip = self._inner_product
         n_probe = self._n_probe()
         dist = np.empty((Q.shape[0], n_candidates), dtype=self._fit_dtype_)
@@ -950,6 +950,11 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
                 n_candidates, n_probe, ip, n_threads, centroids=self.cluster_centers_,
                 growing=growing, deleted=deleted,
                 fastscan_margin=_quantizer.FASTSCAN_MARGIN,
+                # Where the margin covers the worst-case rounding (m <= 2) the
+                # re-checked scan is exact at no extra cost; elsewhere it is
+                # approximate anyway and the estimates are cheaper.
+                fastscan_estimate=0.5 * self._m() + 1 > _quantizer.FASTSCAN_MARGIN,
+                fastscan_rescore=not ranking_only,
             )
         return dist, ind
 

@@ -345,3 +345,34 @@ def ivf_search_entries(Q, centroids, codebooks, lists, codes, ids, n_probe, n_ne
         out_d[q, :best.size] = dist[best]
         out_i[q, :best.size] = ids[sel][best]
     return out_d, out_i
+
+
+def exact_rerank(Q, vectors, cand, n_neighbors, inner_product=False, unit_norm=False):
+    """Oracle of ``pqsk._rerank.exact_rerank``: for each query, the exact
+    distance (squared L2, or minus the inner product, in float64) to each
+    candidate's raw row (scaled to unit norm first with ``unit_norm``,
+    norms below ``10 * eps`` counting as 1), ids outside ``[0, n)`` scored
+    +inf; the best ``n_neighbors`` (distance, id) pairs, sorted, empty
+    slots ``(+inf, EMPTY_ID)``."""
+    X = np.asarray(vectors, dtype=np.float64)
+    eps = np.finfo(np.asarray(vectors[:0]).dtype).eps
+    nq = cand.shape[0]
+    dist = np.full((nq, n_neighbors), np.inf)
+    idx = np.full((nq, n_neighbors), EMPTY_ID, dtype=np.int64)
+    for q in range(nq):
+        scored = []
+        for i in cand[q].tolist():
+            if 0 <= i < X.shape[0]:
+                x = X[i]
+                if unit_norm:
+                    norm = np.sqrt(x @ x)
+                    x = x / (norm if norm >= 10 * eps else 1.0)
+                d = -(Q[q] @ x) if inner_product else float(((Q[q] - x) ** 2).sum())
+            else:
+                d = np.inf
+            scored.append((d, i))
+        scored.sort()
+        kept = [p for p in scored if p < (np.inf, EMPTY_ID)][:n_neighbors]
+        for r, (d, i) in enumerate(kept):
+            dist[q, r], idx[q, r] = d, i
+    return dist, idx

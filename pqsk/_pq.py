@@ -611,7 +611,7 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         view[full] = tail[0]
         return view
 
-    def _search(self, Q, n_candidates, n_threads):
+    def _search(self, Q, n_candidates, n_threads, ranking_only=False):
         if self._packed:
             return _quantizer.fastscan_search(
                 Q, self.codebooks_, self.packed_codes_, self.n_samples_fit_, n_candidates,

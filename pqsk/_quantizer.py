@@ -682,7 +682,8 @@ def list_terms(centroids, codebooks):
 
 def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
                n_probe, inner_product=False, n_threads=1, growing=None, deleted=None,
-               centroids=None, fastscan_margin=None):
+               centroids=None, fastscan_margin=None, fastscan_estimate=False,
+               fastscan_rescore=True):
     """Search ``n_probe`` lists per query (see ``pqsk._ivf``).
 
     ``segments``: a list of (codes, ids, offsets), each sorted list after
@@ -692,7 +693,11 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
     offsets, blocks): the codes in the fast-scan layout, list l in blocks
     ``blocks[l]:blocks[l + 1]`` (see :func:`pack_lists4`), scanned with the
     block kernel ``_fastscan`` selected; ``fastscan_margin`` as in
-    :func:`fastscan_search` (None: exact).  ``growing``: (codes,
+    :func:`fastscan_search` (None: exact); ``fastscan_estimate``: rank the
+    packed entries by their quantized estimates and re-score only the
+    ``n_neighbors`` kept (see ``pqsk._ivf.ivf_search``; the margin is then
+    unused for those lists); with ``fastscan_rescore=False`` the packed
+    entries' distances are those estimates (for a caller that re-ranks).  ``growing``: (codes,
     ids, lists) of entries in arrival order (lists int32), scanned with
     the lists they belong to; ``deleted``: uint8 tombstones by id, or None.
     ``centroids`` (n_lists, D) are needed for L2 when ``terms`` is empty
@@ -728,7 +733,9 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
     seg_offsets = np.empty((len(segments), n_lists + 1), dtype=np.int64)
     seg_packed = np.zeros(len(segments), dtype=np.uintp)
     seg_blocks = np.zeros((len(segments), n_lists + 1), dtype=np.int64)
+    seg_base = np.zeros(len(segments) + 1, dtype=np.int64)
     for s, seg in enumerate(segments):
+        seg_base[s + 1] = seg_base[s] + seg[1].shape[0]
         if len(seg) == 4:
             from . import _fastscan
 
@@ -764,6 +771,7 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
         kernel, pairs = _fastscan._kernel()
     dist = np.empty((nq, n_neighbors), dtype=dtype)
     idx = np.empty((nq, n_neighbors), dtype=np.int64)
+    extra = FASTSCAN_EXTRA(n_neighbors) if fastscan_estimate and fastscan_rescore else 0
     slot_of = scratch(nt, n_lists, np.int32)
     slot_of.fill(-1)
     _ivf.ivf_search(
@@ -774,13 +782,15 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
         _NO_TOMBSTONES if deleted is None else deleted, bool(inner_product),
         n_probe, dist, idx, scratch(nt, 2 * m * k + Q.shape[1], dtype),
         scratch(nt, n_probe, dtype),
-        scratch(nt, n_probe, np.int64), scratch(nt, n_neighbors, dtype),
-        scratch(nt, n_neighbors, np.int64), slot_of, scratch(nt, g, np.int64),
+        scratch(nt, n_probe, np.int64), scratch(nt, n_neighbors + extra, dtype),
+        scratch(nt, n_neighbors + extra, np.int64), slot_of, scratch(nt, g, np.int64),
         scratch(nt, g, np.int64), scratch(nt, n_probe + 1, np.int64),
         scratch(nt, (m + 1) // 2 * 32 if packs else 1, np.uint8),
         scratch(nt, (m + 1) // 2 * 256 if packs else 1, np.uint16),
         scratch(nt, 3, np.float64), kernel, pairs,
-        -1.0 if fastscan_margin is None else float(fastscan_margin), n_threads,
+        -1.0 if fastscan_margin is None else float(fastscan_margin),
+        bool(fastscan_estimate), extra, bool(fastscan_rescore), seg_base, scratch(nt, n_neighbors, dtype),
+        scratch(nt, n_neighbors, np.int64), n_threads,
     )
     return dist, idx
 
@@ -788,35 +798,44 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
 _NO_TOMBSTONES = np.empty(0, np.uint8)
 
 
-def exact_rerank(Q, vectors, cand, n_neighbors, inner_product=False, unit_norm=False):
+def exact_rerank(Q, vectors, cand, n_neighbors, inner_product=False, unit_norm=False,
+                 n_threads=1):
     """Re-rank candidate ids by exact distance to the raw ``vectors``.
 
     ``vectors`` is an array or a :class:`~pqsk._store.RowStore`; only the
-    candidate rows are read, a chunk of queries at a time.  With
-    ``unit_norm`` (cosine) the gathered rows are normalised first.
-    ``cand`` is (nq, n_cand) int64; ids >= len(vectors) (empty slots) sort
-    last.  Returns (dist, idx) of shape (nq, n_neighbors), rows sorted by
-    (exact distance, id); distances are squared L2 or minus the inner
-    product, in the dtype of ``vectors``.
+    candidate rows are read (the kernel ``pqsk._rerank`` reads them in
+    place, prefetching ahead).  With ``unit_norm`` (cosine) each row is
+    scaled to unit norm first.  ``cand`` is (nq, n_cand) int64; ids
+    outside ``[0, len(vectors))`` (empty slots) sort last.  Returns (dist,
+    idx) of shape (nq, n_neighbors), rows sorted by (exact distance, id);
+    distances are squared L2 or minus the inner product, in the dtype of
+    ``vectors``; slots no valid candidate fills hold (+inf, INT64_MAX).
+    The naive version is :func:`pqsk._naive.exact_rerank`.
     """
-    nq, n_cand = cand.shape
-    d = vectors.shape[1]
-    valid = cand < vectors.shape[0]
-    safe = np.where(valid, cand, 0)
-    dist = np.empty((nq, n_cand), dtype=vectors.dtype)
-    for sl in chunk_slices(nq, chunk_rows(n_cand * d)):
-        V = vectors[safe[sl]]                      # (rows, n_cand, D), a copy
-        if unit_norm:
-            flat = V.reshape(-1, d)
-            unit_rows(flat, out=flat)
-        if inner_product:
-            dist[sl] = -np.einsum("qcd,qd->qc", V, Q[sl])
-        else:
-            diff = V - Q[sl][:, None, :]
-            dist[sl] = np.einsum("qcd,qcd->qc", diff, diff)
-    dist[~valid] = np.inf
-    order = np.lexsort((cand, dist), axis=-1)[:, :n_neighbors]
-    return np.take_along_axis(dist, order, 1), np.take_along_axis(cand, order, 1)
+    from . import _rerank
+
+    dtype = vectors.dtype
+    parts = vectors.chunks if hasattr(vectors, "chunks") else (vectors,)
+    # The kernel reads each part through its address: C-contiguous rows of
+    # the queries' dtype (a part that is not is copied, which only a
+    # caller passing such an array pays).
+    parts = [p if (p.dtype == dtype and p.flags.c_contiguous) else
+             np.ascontiguousarray(p, dtype=dtype) for p in parts if p.shape[0]]
+    if not parts:
+        parts = [np.empty((0, Q.shape[1]), dtype=dtype)]
+    part_ptr = np.array([p.ctypes.data for p in parts], dtype=np.uintp)
+    part_start = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum([p.shape[0] for p in parts], out=part_start[1:])
+    cand = np.ascontiguousarray(cand, dtype=np.int64)
+    nq = cand.shape[0]
+    nt = max(1, n_threads)
+    dist = np.empty((nq, n_neighbors), dtype=dtype)
+    idx = np.empty((nq, n_neighbors), dtype=np.int64)
+    _rerank.exact_rerank(np.ascontiguousarray(Q, dtype=dtype), part_ptr, part_start, cand,
+                         bool(unit_norm), bool(inner_product), dist, idx,
+                         scratch(nt, n_neighbors, dtype), scratch(nt, n_neighbors, np.int64),
+                         nt)
+    return dist, idx
 
 
 # --- 4-bit codes: packed layout and fast-scan search ---------------------------
@@ -904,6 +923,13 @@ def unpack_lists4(packed, offsets, blocks, m):
 # On GloVe-50 (m=25) the top 50 then match the exact float-ADC top 50 on
 # 99.96-100% of the ids, 1.6-3.7x faster than the exact bound.
 FASTSCAN_MARGIN = 2.0
+
+
+def FASTSCAN_EXTRA(n_neighbors):
+    """Entries the estimators' IVF 4-bit scan ranks by quantized estimate
+    beyond the ``n_neighbors`` it re-scores and returns (see
+    ``pqsk._ivf.ivf_search``, ``fs_estimate``)."""
+    return n_neighbors + 8
 
 
 def fastscan_search(Q, codebooks, packed, n, n_neighbors, inner_product=False,

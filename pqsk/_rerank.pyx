@@ -1,0 +1,147 @@
+"""Exact re-ranking of ADC candidates (the "reorder" stage).
+
+For query q and its candidate ids ``cand[q, :]``, the exact distance to
+each candidate's raw vector x (squared L2, or minus the inner product) is
+computed and the best ``n_neighbors`` kept in a bounded heap, sorted by
+(distance, id).  The naive version, kept as the test oracle, is
+``pqsk._naive.exact_rerank``::
+
+    for q, c:  d[q, c] = ||Q[q] - x_c||^2  or  -<Q[q], x_c>
+    out[q] = the n_neighbors smallest (d, id) pairs
+
+Only the candidate rows are read, one after another, the next rows being
+prefetched while a row is scored: a query costs about ``n_candidates``
+row reads (cache misses when the rows are in DRAM, page reads when they
+are memory-mapped and cold), not a gathered copy of them.
+
+The raw vectors are held in parts (the chunks of a
+:class:`pqsk._store.RowStore`): part p holds rows ``part_start[p]:
+part_start[p + 1]`` at address ``part_ptr[p]`` (C-contiguous, the
+queries' dtype; the caller keeps them alive).  With ``unit_norm``
+(cosine) a row is scaled to unit norm as ``sklearn.preprocessing.
+normalize`` does (a norm below ``10 * eps`` counts as 1) before the
+distance.  Ids outside ``[0, n_rows)`` (empty slots) are scored +inf.
+"""
+
+cimport cython
+from cython cimport floating
+from cython.parallel cimport prange, parallel, threadid
+from libc.math cimport sqrt, INFINITY
+from libc.stdint cimport int64_t, uintptr_t
+
+from ._heap cimport heap_init, heap_push, heap_sort, pair_greater
+
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define pqsk_prefetch(p) __builtin_prefetch((const void *)(p), 0, 0)
+    #else
+    #define pqsk_prefetch(p) ((void)0)
+    #endif
+    """
+    void pqsk_prefetch(const void* p) noexcept nogil
+
+# Candidates ahead whose rows are prefetched.
+DEF LOOKAHEAD = 6
+
+
+cdef inline const floating* row_address(int64_t i,
+                                        const uintptr_t[::1] part_ptr,
+                                        const int64_t[::1] part_start,
+                                        Py_ssize_t d,
+                                        const floating* type_hint) noexcept nogil:
+    """Address of row i (0 <= i < n_rows): a binary search over the parts."""
+    cdef Py_ssize_t lo = 0, hi = part_ptr.shape[0] - 1, mid
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if part_start[mid] <= i:
+            lo = mid
+        else:
+            hi = mid - 1
+    return (<const floating*> part_ptr[lo]) + (i - part_start[lo]) * d
+
+
+cdef inline floating row_distance(const floating* q,
+                                  const floating* x,
+                                  Py_ssize_t d,
+                                  bint unit_norm,
+                                  bint inner_product,
+                                  floating eps10) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef double acc = 0, nrm = 0, t
+    cdef floating scale = 1
+    if unit_norm:
+        for j in range(d):
+            nrm += <double> x[j] * x[j]
+        nrm = sqrt(nrm)
+        if nrm >= eps10:
+            scale = <floating> nrm
+    if inner_product:
+        for j in range(d):
+            acc += <double> q[j] * (x[j] / scale)
+        return <floating> -acc
+    for j in range(d):
+        t = <double> q[j] - <double> (x[j] / scale)
+        acc += t * t
+    return <floating> acc
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def exact_rerank(const floating[:, ::1] Q,        # IN  (nq, D) prepared queries
+                 const uintptr_t[::1] part_ptr,   # IN  (P,) row parts (P >= 1)
+                 const int64_t[::1] part_start,   # IN  (P + 1,) their first rows
+                 const int64_t[:, ::1] cand,      # IN  (nq, n_cand) candidate ids
+                 bint unit_norm,
+                 bint inner_product,
+                 floating[:, ::1] out_dist,       # OUT (nq, n_neighbors)
+                 int64_t[:, ::1] out_idx,         # OUT (nq, n_neighbors)
+                 floating[:, ::1] heap_d,         # scratch (n_threads, >= n_neighbors)
+                 int64_t[:, ::1] heap_i,          # scratch (n_threads, >= n_neighbors)
+                 int n_threads):
+    """Re-rank each query's candidates by exact distance (see the module
+    docstring); rows of the output sorted by (distance, id), slots no
+    valid candidate fills (+inf, INT64_MAX).  The caller checks shapes."""
+    cdef Py_ssize_t nq = Q.shape[0]
+    cdef Py_ssize_t d = Q.shape[1]
+    cdef Py_ssize_t n_cand = cand.shape[1]
+    cdef Py_ssize_t kn = out_dist.shape[1]
+    cdef int64_t n_rows = part_start[part_start.shape[0] - 1]
+    cdef Py_ssize_t q, c, r
+    cdef int64_t i, a
+    cdef floating dist
+    cdef floating* hd = NULL
+    cdef int64_t* hi = NULL
+    cdef const floating* hint = NULL
+    cdef floating eps10 = <floating> (10 * (1.1920928955078125e-07 if sizeof(floating) == 4
+                                            else 2.220446049250313e-16))
+    cdef int tid
+    if nq == 0 or kn == 0:
+        return
+    with nogil, parallel(num_threads=n_threads):
+        tid = threadid()
+        hd = &heap_d[tid, 0]
+        hi = &heap_i[tid, 0]
+        for q in prange(nq, schedule="static"):
+            heap_init(hd, hi, kn)
+            for c in range(min(LOOKAHEAD, n_cand)):
+                a = cand[q, c]
+                if 0 <= a < n_rows:
+                    pqsk_prefetch(row_address(a, part_ptr, part_start, d, hint))
+            for c in range(n_cand):
+                if c + LOOKAHEAD < n_cand:
+                    a = cand[q, c + LOOKAHEAD]
+                    if 0 <= a < n_rows:
+                        pqsk_prefetch(row_address(a, part_ptr, part_start, d, hint))
+                i = cand[q, c]
+                if 0 <= i < n_rows:
+                    dist = row_distance(&Q[q, 0], row_address(i, part_ptr, part_start, d, hint),
+                                        d, unit_norm, inner_product, eps10)
+                else:
+                    dist = INFINITY
+                if pair_greater(hd[0], hi[0], dist, i):
+                    heap_push(hd, hi, kn, dist, i)
+            heap_sort(hd, hi, kn)
+            for r in range(kn):
+                out_dist[q, r] = hd[r]
+                out_idx[q, r] = hi[r]
