@@ -5,7 +5,7 @@ cimported by ``pqsk._fastscan`` (exhaustive search) and ``pqsk._ivf``
 
 from cython cimport floating
 from libc.math cimport INFINITY, fabs, floor
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, INT64_MAX
 
 from ._heap cimport heap_push
 from ._kernels cimport index_t
@@ -154,6 +154,108 @@ cdef inline void scan_packed(const floating* t,     # IN  (m, 16) float table
         b += 1
 
 
+# -- a reservoir of (estimate, handle) pairs ---------------------------------
+#
+# The estimators' IVF scan ranks packed entries by their quantized
+# estimates alone.  A bounded heap pays a sift-down per entry taken; the
+# reservoir appends entries below its threshold to a buffer of ``cap``
+# pairs and, when it is full, keeps the ``keep`` smallest (a selection in
+# O(cap)) and lowers the threshold to the largest kept: O(1) amortized per
+# entry.  Pairs compare as (estimate, handle), so the entries kept do not
+# depend on the order they arrive in.
+
+ctypedef struct reservoir_t:
+    double* d            # (cap,) estimates
+    int64_t* h           # (cap,) handles
+    Py_ssize_t n         # pairs held
+    Py_ssize_t cap       # >= 2 * keep
+    Py_ssize_t keep
+    double thr_d         # a pair enters when it is < (thr_d, thr_h)
+    int64_t thr_h
+
+
+cdef inline void res_init(reservoir_t* r, double* d, int64_t* h, Py_ssize_t cap,
+                          Py_ssize_t keep) noexcept nogil:
+    r.d = d
+    r.h = h
+    r.n = 0
+    r.cap = cap
+    r.keep = keep
+    r.thr_d = INFINITY
+    r.thr_h = INT64_MAX
+
+
+cdef inline bint pair_less(double d1, int64_t h1, double d2, int64_t h2) noexcept nogil:
+    return d1 < d2 or (d1 == d2 and h1 < h2)
+
+
+cdef inline void select_pairs(double* d, int64_t* h, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
+    """Reorder the n pairs so that the k smallest come first (in no order;
+    0 < k < n): quickselect, median-of-three pivots, Hoare partitions."""
+    cdef Py_ssize_t lo = 0, hi = n - 1, i, j, mid
+    cdef double pd, td
+    cdef int64_t ph, th
+    while hi > lo:
+        mid = lo + (hi - lo) // 2
+        # median of three to d[mid]
+        if pair_less(d[mid], h[mid], d[lo], h[lo]):
+            td = d[mid]; d[mid] = d[lo]; d[lo] = td
+            th = h[mid]; h[mid] = h[lo]; h[lo] = th
+        if pair_less(d[hi], h[hi], d[lo], h[lo]):
+            td = d[hi]; d[hi] = d[lo]; d[lo] = td
+            th = h[hi]; h[hi] = h[lo]; h[lo] = th
+        if pair_less(d[hi], h[hi], d[mid], h[mid]):
+            td = d[hi]; d[hi] = d[mid]; d[mid] = td
+            th = h[hi]; h[hi] = h[mid]; h[mid] = th
+        pd = d[mid]
+        ph = h[mid]
+        i = lo
+        j = hi
+        while i <= j:
+            while pair_less(d[i], h[i], pd, ph):
+                i += 1
+            while pair_less(pd, ph, d[j], h[j]):
+                j -= 1
+            if i <= j:
+                td = d[i]; d[i] = d[j]; d[j] = td
+                th = h[i]; h[i] = h[j]; h[j] = th
+                i += 1
+                j -= 1
+        # [lo, j] <= pivot <= [i, hi]
+        if k - 1 <= j:
+            hi = j
+        elif k - 1 >= i:
+            lo = i
+        else:
+            return
+
+
+cdef inline void res_shrink(reservoir_t* r) noexcept nogil:
+    """Keep the ``keep`` smallest pairs; the threshold becomes the largest."""
+    cdef Py_ssize_t a
+    if r.n <= r.keep:
+        return
+    select_pairs(r.d, r.h, r.n, r.keep)
+    r.n = r.keep
+    r.thr_d = r.d[0]
+    r.thr_h = r.h[0]
+    for a in range(1, r.keep):
+        if pair_less(r.thr_d, r.thr_h, r.d[a], r.h[a]):
+            r.thr_d = r.d[a]
+            r.thr_h = r.h[a]
+
+
+cdef inline void res_push(reservoir_t* r, double d, int64_t h) noexcept nogil:
+    if pair_less(d, h, r.thr_d, r.thr_h):
+        if r.n == r.cap:
+            res_shrink(r)
+            if not pair_less(d, h, r.thr_d, r.thr_h):
+                return
+        r.d[r.n] = d
+        r.h[r.n] = h
+        r.n += 1
+
+
 cdef inline void scan_packed_estimate(const uint8_t* tab,    # IN  quantized table (or pair sums)
                                       const double* params,  # IN  its quantization
                                       const uint8_t* packed,  # IN  (nb, npairs, 32) the list's blocks
@@ -162,24 +264,21 @@ cdef inline void scan_packed_estimate(const uint8_t* tab,    # IN  quantized tab
                                       double bias,
                                       const index_t* ids,    # IN  (n,) ids of the n entries
                                       const uint8_t* deleted,
-                                      int64_t handle,        # handle of entry 0, or < 0: ids
-                                      floating* hd,
-                                      int64_t* hi,
-                                      Py_ssize_t kn,
+                                      int64_t handle,        # handle of entry 0
+                                      reservoir_t* res,
                                       pqsk_fs_scan_fn scan) noexcept nogil:
-    """Offer the ``n`` packed codes to the heap under their quantized
+    """Offer the ``n`` packed codes to the reservoir under their quantized
     estimate ``bias + sum_bias + delta * S`` (no float re-check), entry i
-    under ``handle + i`` (under its id when ``handle < 0``); ``deleted`` (tombstones by id, may be NULL) is
-    read only for entries that would enter the heap.  The caller re-scores
-    what the heap keeps with the float tables (see ``pqsk._ivf``)."""
+    under ``handle + i``; ``deleted`` (tombstones by id, may be NULL) is
+    read only for entries that would enter it.  The caller scores what
+    the reservoir keeps (see ``pqsk._ivf``)."""
     cdef Py_ssize_t nb = (n + 31) // 32
     cdef Py_ssize_t b = 0, i
     cdef uint32_t mask = 0, tail
     cdef uint16_t sums[32]
     cdef double base = bias + params[0]
-    cdef floating e
-    cdef int64_t key
-    cdef uint16_t thr = threshold(<double> hd[0] - bias, params, 0.0)
+    cdef double e
+    cdef uint16_t thr = threshold(res.thr_d - bias, params, 0.0)
     tail = 0xFFFFFFFF if n % 32 == 0 else ((<uint32_t> 1 << (n % 32)) - 1)
     while b < nb:
         b = scan(packed, b, nb, npairs, tab, thr, &mask, sums)
@@ -190,11 +289,9 @@ cdef inline void scan_packed_estimate(const uint8_t* tab,    # IN  quantized tab
         while mask:
             i = pqsk_fs_ctz32(mask)
             mask &= mask - 1
-            e = <floating> (base + params[1] * sums[(i & 1) * 16 + (i >> 1)])
-            key = ids[b * 32 + i] if handle < 0 else handle + b * 32 + i
-            # (heap_push's test inline: equal sums at the threshold lose it)
-            if (e < hd[0] or (e == hd[0] and key < hi[0])) and (
+            e = base + params[1] * sums[(i & 1) * 16 + (i >> 1)]
+            if pair_less(e, handle + b * 32 + i, res.thr_d, res.thr_h) and (
                     deleted == NULL or not deleted[ids[b * 32 + i]]):
-                heap_push(hd, hi, kn, e, key)
-        thr = threshold(<double> hd[0] - bias, params, 0.0)
+                res_push(res, e, handle + b * 32 + i)
+        thr = threshold(res.thr_d - bias, params, 0.0)
         b += 1

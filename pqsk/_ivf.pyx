@@ -54,23 +54,28 @@ from libc.stdint cimport (int32_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr
 from ._heap cimport heap_init, heap_push, heap_sort, pair_greater
 from ._kernels cimport code_t, index_t, build_table, scan_codes, scan_some
 from ._fastscan_common cimport (pqsk_fs_scan_fn, pqsk_fs_pair_table, scan_packed,
-                                scan_packed_estimate, quantize_tables, threshold)
+                                scan_packed_estimate, quantize_tables, threshold,
+                                reservoir_t, res_init, res_shrink)
 
-# Estimate mode: a heap entry scored by its quantized estimate is held
-# under a handle, EST_FLAG | (probe slot << 40) | (row in the concatenated
-# segments); EST_MAX_PROBE and EST_MAX_ROWS keep a handle below INT64_MAX
-# (an empty slot).
+# Estimate mode: an entry scored by its quantized estimate is held in a
+# reservoir (``pqsk._fastscan_common``) under a handle, (probe slot << 40) |
+# (row in the concatenated segments); EST_MAX_PROBE and EST_MAX_ROWS keep
+# handles unique and below INT64_MAX.
 cdef extern from *:
     """
-    #define PQSK_EST_FLAG ((int64_t)1 << 62)
     #define PQSK_EST_ROW_BITS 40
     #define PQSK_EST_MAX_PROBE ((int64_t)1 << 21)
     #define PQSK_EST_MAX_ROWS ((int64_t)1 << 40)
+    #if defined(__GNUC__) || defined(__clang__)
+    #define pqsk_prefetch(p) __builtin_prefetch((const void *)(p), 0, 0)
+    #else
+    #define pqsk_prefetch(p) ((void)0)
+    #endif
     """
-    const int64_t EST_FLAG "PQSK_EST_FLAG"
     const int EST_ROW_BITS "PQSK_EST_ROW_BITS"
     const int64_t EST_MAX_PROBE "PQSK_EST_MAX_PROBE"
     const int64_t EST_MAX_ROWS "PQSK_EST_MAX_ROWS"
+    void pqsk_prefetch(const void* p) noexcept nogil
 
 
 cdef inline void scan_list(Py_ssize_t l,
@@ -90,12 +95,12 @@ cdef inline void scan_list(Py_ssize_t l,
                            pqsk_fs_scan_fn fs_scan,
                            bint fs_pairs,
                            double fs_margin,
-                           bint estimate,                # packed lists: estimates, see below
-                           int64_t handle,               # EST_FLAG | (slot << 40), < 0: ids
+                           reservoir_t* res,             # packed lists' estimates, or NULL
+                           int64_t handle,               # slot << 40
                            const int64_t* seg_base,      # IN  (S + 1,) first row of each segment
                            uint8_t* lut,                 # scratch (m2, 16)
                            uint16_t* pair_tab,           # scratch (m2 / 2, 256)
-                           double* params,               # scratch (3,)
+                           double* params,               # scratch (4,)
                            const code_t* g_codes,        # IN (g, m) growing part
                            const index_t* g_ids,         # IN (g,)
                            const int64_t* g_rows,        # IN rows of list l in it
@@ -109,11 +114,11 @@ cdef inline void scan_list(Py_ssize_t l,
                            int64_t* heap_idx,
                            Py_ssize_t n_neighbors) noexcept nogil:
     """Scan list l (its block in each sealed segment, then its ``n_g``
-    growing entries) into the heap.  With ``estimate``, a packed segment's
-    entries enter the heap under their quantized estimate and a handle
-    (``handle`` + their row in the concatenated segments), re-scored by
-    ``rescore_estimates``; other entries always under their exact
-    distance and id."""
+    growing entries) into the heap.  With a reservoir ``res``, a packed
+    segment's entries enter it instead, under their quantized estimate and
+    a handle (``handle`` + their row in the concatenated segments), scored
+    by ``resolve_reservoir``; other entries always enter the heap under
+    their exact distance and id."""
     cdef Py_ssize_t n_seg = seg_offsets.shape[0]
     cdef Py_ssize_t start, n_l, s
     cdef Py_ssize_t n_all = n_g
@@ -122,8 +127,10 @@ cdef inline void scan_list(Py_ssize_t l,
     cdef const floating* terms
     cdef floating bias = coarse_term
     cdef Py_ssize_t npairs = (m + 1) // 2
-    cdef bint quantized = False
-    cdef const uint8_t* tab = lut
+    # Inner products share the query's table across lists: quantized once
+    # per query (params[3] says the lut holds it; the caller clears it).
+    cdef bint quantized = inner_product and params[3] != 0
+    cdef const uint8_t* tab = <const uint8_t*> pair_tab if (quantized and fs_pairs) else lut
     cdef floating two = 2
     for s in range(n_seg):
         n_all = n_all + seg_offsets[s, l + 1] - seg_offsets[s, l]
@@ -150,13 +157,13 @@ cdef inline void scan_list(Py_ssize_t l,
                     pqsk_fs_pair_table(lut, npairs, pair_tab)
                     tab = <const uint8_t*> pair_tab
                 quantized = True
-            if estimate:
+                params[3] = inner_product
+            if res != NULL:
                 scan_packed_estimate(
                     tab, params,
                     (<const uint8_t*> seg_packed[s]) + seg_blocks[s, l] * npairs * 32,
                     n_l, npairs, bias, (<const index_t*> seg_ids[s]) + start, deleted,
-                    handle + seg_base[s] + start if handle >= 0 else -1,
-                    heap_dist, heap_idx, n_neighbors, fs_scan)
+                    handle + seg_base[s] + start, res, fs_scan)
             else:
                 scan_packed(table, tab, params,
                             (<const uint8_t*> seg_packed[s]) + seg_blocks[s, l] * npairs * 32,
@@ -171,14 +178,24 @@ cdef inline void scan_list(Py_ssize_t l,
                   deleted, heap_dist, heap_idx, n_neighbors)
 
 
-cdef inline Py_ssize_t empty_slots(const int64_t* hi, Py_ssize_t kh) noexcept nogil:
+cdef inline Py_ssize_t empty_slots(const int64_t* hi, Py_ssize_t kn) noexcept nogil:
     cdef Py_ssize_t r, n = 0
-    for r in range(kh):
+    for r in range(kn):
         n += hi[r] == INT64_MAX
     return n
 
 
-cdef inline void rescore_estimates(const floating* query_table,  # IN (m, k)
+cdef inline Py_ssize_t segment_of(const int64_t* seg_base, int64_t row) noexcept nogil:
+    """The segment holding row ``row`` of the concatenated segments."""
+    cdef Py_ssize_t s = 0
+    while seg_base[s + 1] <= row:
+        s += 1
+    return s
+
+
+cdef inline void resolve_reservoir(reservoir_t* res,
+                                   bint rescore,
+                                   const floating* query_table,  # IN (m, k)
                                    const floating[:, :, ::1] list_terms,
                                    bint inner_product,
                                    const floating* probe_d,     # IN coarse terms of the slots
@@ -191,16 +208,14 @@ cdef inline void rescore_estimates(const floating* query_table,  # IN (m, k)
                                    const index_t* id_type,      # read for its type alone
                                    Py_ssize_t m,
                                    Py_ssize_t k,
-                                   floating* hd,                # INOUT (kh,) the heap
+                                   floating* hd,                # INOUT (kn,) the heap
                                    int64_t* hi,
-                                   Py_ssize_t kh,
-                                   floating* hd2,               # scratch (kn,)
-                                   int64_t* hi2,
                                    Py_ssize_t kn) noexcept nogil:
-    """Score each entry of the ``kh``-heap with its float ADC distance
-    (the same table values, summed in the same order, as ``scan_list``
-    without estimates, so the same distance) and its id, and leave the
-    best ``kn`` (kn <= kh) sorted by (distance, id) in ``hd[:kn]``."""
+    """Offer the reservoir's ``keep`` best entries to the heap under their
+    ids: with ``rescore``, under their float ADC distance (the same table
+    values, summed in the same order, as ``scan_list`` without estimates,
+    so the same distance); without, under their estimate.  Their ids are
+    prefetched first, so the (random) id reads overlap."""
     cdef Py_ssize_t r, j, s, lane, npairs = (m + 1) // 2
     cdef int64_t h, row, l, i
     cdef const uint8_t* blk
@@ -208,37 +223,33 @@ cdef inline void rescore_estimates(const floating* query_table,  # IN (m, k)
     cdef Py_ssize_t c
     cdef floating d
     cdef floating two = 2
-    heap_init(hd2, hi2, kn)
-    for r in range(kh):
-        h = hi[r]
-        if h == INT64_MAX:
-            continue
-        if not (h & EST_FLAG):
-            heap_push(hd2, hi2, kn, hd[r], h)
-            continue
+    res_shrink(res)
+    for r in range(res.n):       # prefetch the ids first: the reads then overlap
+        row = res.h[r] & (EST_MAX_ROWS - 1)
+        s = segment_of(seg_base, row)
+        pqsk_prefetch((<const index_t*> seg_ids[s]) + row - seg_base[s])
+    for r in range(res.n):
+        h = res.h[r]
         i = (h >> EST_ROW_BITS) & (EST_MAX_PROBE - 1)   # the probe slot
         row = h & (EST_MAX_ROWS - 1)
-        s = 0
-        while seg_base[s + 1] <= row:
-            s += 1
+        s = segment_of(seg_base, row)
         row -= seg_base[s]
-        l = probe_l[i]
-        d = probe_d[i]
-        i = row - seg_offsets[s, l]                      # entry of the list
-        blk = (<const uint8_t*> seg_packed[s]) + (seg_blocks[s, l] + i // 32) * npairs * 32
-        lane = i % 32
-        for j in range(m):
-            byte = blk[(j >> 1) * 32 + lane]
-            c = (byte >> 4) if (j & 1) else (byte & 15)
-            if inner_product:
-                d = d + query_table[j * k + c]
-            else:
-                d = d + (list_terms[l, j, c] + two * query_table[j * k + c])
-        heap_push(hd2, hi2, kn, d, (<const index_t*> seg_ids[s])[row])
-    heap_sort(hd2, hi2, kn)
-    for r in range(kn):
-        hd[r] = hd2[r]
-        hi[r] = hi2[r]
+        if rescore:
+            l = probe_l[i]
+            d = probe_d[i]
+            i = row - seg_offsets[s, l]                      # entry of the list
+            blk = (<const uint8_t*> seg_packed[s]) + (seg_blocks[s, l] + i // 32) * npairs * 32
+            lane = i % 32
+            for j in range(m):
+                byte = blk[(j >> 1) * 32 + lane]
+                c = (byte >> 4) if (j & 1) else (byte & 15)
+                if inner_product:
+                    d = d + query_table[j * k + c]
+                else:
+                    d = d + (list_terms[l, j, c] + two * query_table[j * k + c])
+        else:
+            d = <floating> res.d[r]
+        heap_push(hd, hi, kn, d, (<const index_t*> seg_ids[s])[row])
 
 
 def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
@@ -270,7 +281,7 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                int64_t[:, ::1] slot_end,               # scratch (n_threads, >= n_probe + 1)
                uint8_t[:, ::1] lut_work,               # scratch (n_threads, >= m2 * 16)
                uint16_t[:, ::1] pair_work,             # scratch (n_threads, >= m2 / 2 * 256)
-               double[:, ::1] param_work,              # scratch (n_threads, >= 3)
+               double[:, ::1] param_work,              # scratch (n_threads, >= 4)
                size_t fs_kernel,                       # address of the block kernel
                bint fs_pairs,                          # it reads pair-sum tables
                double fs_margin,                       # re-check margin (table units),
@@ -279,9 +290,9 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                Py_ssize_t fs_extra,                    # ... in a heap of n_neighbors + fs_extra
                bint fs_rescore,                        # ... then re-scored with float tables
                const int64_t[::1] seg_base,            # IN  (S + 1,) first row of each segment
-               floating[:, ::1] heap_d2,               # scratch (n_threads, >= n_neighbors)
-               int64_t[:, ::1] heap_i2,                # scratch (n_threads, >= n_neighbors)
-                                                       # (heap_d, heap_i: >= n_neighbors + fs_extra)
+               double[:, ::1] res_d,                   # scratch (n_threads, >= 2 * (n_neighbors
+               int64_t[:, ::1] res_h,                  #   + fs_extra)): the reservoir
+               int64_t[:, ::1] res_state,              # scratch (n_threads, 8): its state
                int n_threads):
     """Search the ``n_probe`` lists with the smallest coarse term, then,
     while the heap is not full (fewer than ``n_neighbors`` live entries
@@ -298,19 +309,18 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
 
     ``fs_estimate`` (the estimators' mode): packed lists are ranked by
     their quantized estimates alone, with no float re-check per entry, in
-    a heap of ``n_neighbors + fs_extra`` entries; these are then re-scored
-    with the float tables (``rescore_estimates``) and the best
-    ``n_neighbors`` kept, so the distances returned are float ADC
-    distances, but an entry whose estimate ranks it outside the larger
-    heap is missed even if its float distance would enter the top
+    a reservoir keeping the ``n_neighbors + fs_extra`` best; these are
+    then re-scored with the float tables (``resolve_reservoir``) and
+    offered to the heap, so the distances returned are float ADC
+    distances, but an entry whose estimate ranks it outside the reservoir
+    is missed even if its float distance would enter the top
     ``n_neighbors`` (the quantization error is at most 0.5 * m + 1 table
     units; ``fs_extra`` absorbs the typical one).  Without ``fs_rescore``
     the estimates themselves are returned (for callers that re-rank the
-    candidates with exact distances), the entries entering the heap under
-    their ids (read from the list's ids, in order: no lookups at the end).  Used
-    when the lists have precomputed terms or the metric is an inner
-    product (else the per-list tables would have to be kept), for
-    n_probe < 2**21 and fewer than 2**40 sealed rows.
+    candidates with exact distances).  Used when the lists have
+    precomputed terms or the metric is an inner product (else the
+    per-list tables would have to be kept), for n_probe < 2**21 and
+    fewer than 2**40 sealed rows.
     """
     cdef Py_ssize_t nq = Q.shape[0]
     cdef Py_ssize_t n_lists = coarse.shape[1]
@@ -335,14 +345,15 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
     cdef uint16_t* pw = NULL
     cdef double* prm = NULL
     cdef pqsk_fs_scan_fn fs_scan = <pqsk_fs_scan_fn> fs_kernel
-    cdef floating* hd2 = NULL
-    cdef int64_t* hi2 = NULL
+    cdef reservoir_t* rs = NULL
     cdef const int64_t* sbase = &seg_base[0]
-    cdef Py_ssize_t kh
     cdef bint est = (fs_estimate and (inner_product or list_terms.shape[0] > 0)
                      and n_probe < EST_MAX_PROBE
                      and seg_base[seg_base.shape[0] - 1] < EST_MAX_ROWS)
-    kh = kn + fs_extra if est else kn
+    cdef Py_ssize_t keep = kn + (fs_extra if fs_rescore else 0)
+    if est and (res_d.shape[1] < 2 * keep or res_h.shape[1] < 2 * keep
+                or res_state.shape[1] * 8 < <Py_ssize_t> sizeof(reservoir_t)):
+        raise ValueError("reservoir scratch too small")
     if fs_margin < 0:  # exact: the worst-case rounding of the quantized tables
         fs_margin = 0.5 * m + 1.0
     cdef const code_t* gc = &g_codes[0, 0] if g > 0 else NULL
@@ -358,8 +369,7 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
         pi = &probe_idx[tid, 0]
         hd = &heap_d[tid, 0]
         hi = &heap_i[tid, 0]
-        hd2 = &heap_d2[tid, 0]
-        hi2 = &heap_i2[tid, 0]
+        rs = <reservoir_t*> &res_state[tid, 0]
         so = &slot_of[tid, 0]
         gm = &g_match[tid, 0]
         gs = &g_sorted[tid, 0]
@@ -399,22 +409,26 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                     so[pi[p]] = -1
 
             build_table(&Q[q, 0], &codebooks_t[0, 0, 0], m, ds, k, True, qt)
-            heap_init(hd, hi, kh)
+            prm[3] = 0                       # no quantized table of this query yet
+            heap_init(hd, hi, kn)
+            if est:
+                res_init(rs, &res_d[tid, 0], &res_h[tid, 0], 2 * keep, keep)
             for p in range(n_probe):
                 lo = se[p - 1] if p > 0 else 0
                 scan_list(pi[p], pd[p], qt, list_terms, &Q[q, 0], centroids,
                           &codebooks_t[0, 0, 0], ds, qt + 2 * m * k, seg_codes, seg_ids, seg_offsets,
                           seg_packed, seg_blocks, fs_scan, fs_pairs, fs_margin,
-                          est, (EST_FLAG | (<int64_t> p << EST_ROW_BITS)) if fs_rescore else -1,
+                          rs if est else NULL, <int64_t> p << EST_ROW_BITS,
                           sbase, lw, pw, prm,
                           gc, gi, gs + lo, se[p] - lo, dead, inner_product, m, k,
-                          qt + m * k, hd, hi, kh)
+                          qt + m * k, hd, hi, kn)
             # Too few live entries: probe further lists in coarse order.
             last_d = pd[n_probe - 1]
             last_l = pi[n_probe - 1]
-            # (fewer than kn entries: more than kh - kn empty slots; an
-            # empty slot is the root whenever there is one)
-            while hi[0] == INT64_MAX and empty_slots(hi, kh) > kh - kn:
+            # (fewer than kn entries: in the heap, whose root is an empty
+            # slot whenever there is one, and the reservoir)
+            while hi[0] == INT64_MAX and (kn - empty_slots(hi, kn)
+                                          + (rs.n if est else 0)) < kn:
                 best_l = -1
                 best_d = 0
                 for l in range(n_lists):
@@ -432,17 +446,16 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                 scan_list(best_l, best_d, qt, list_terms, &Q[q, 0], centroids,
                           &codebooks_t[0, 0, 0], ds, qt + 2 * m * k, seg_codes, seg_ids, seg_offsets,
                           seg_packed, seg_blocks, fs_scan, fs_pairs, fs_margin,
-                          False, 0, sbase, lw, pw, prm,
+                          NULL, 0, sbase, lw, pw, prm,
                           gc, gi, gm, n_x, dead, inner_product, m, k, qt + m * k,
-                          hd, hi, kh)
+                          hd, hi, kn)
                 last_d = best_d
                 last_l = best_l
-            if est and fs_rescore:
-                rescore_estimates(qt, list_terms, inner_product, pd, pi, seg_ids, seg_offsets,
-                                  seg_packed, seg_blocks, sbase, gi, m, k, hd, hi, kh,
-                                  hd2, hi2, kn)
-            else:
-                heap_sort(hd, hi, kn)
+            if est:
+                resolve_reservoir(rs, fs_rescore, qt, list_terms, inner_product, pd, pi,
+                                  seg_ids, seg_offsets, seg_packed, seg_blocks, sbase, gi,
+                                  m, k, hd, hi, kn)
+            heap_sort(hd, hi, kn)
             for r in range(kn):
                 out_dist[q, r] = hd[r]
                 out_idx[q, r] = hi[r]

@@ -22,7 +22,7 @@ from threadpoolctl import ThreadpoolController
 
 
 from . import _adc, _encode, _ivf
-from ._store import chunk_slices, rows_per_chunk, unit_rows
+from ._store import chunk_slices, rows_per_chunk
 from ._utils import release_memory
 
 MAX_CODEWORDS = 65536
@@ -782,15 +782,17 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
         _NO_TOMBSTONES if deleted is None else deleted, bool(inner_product),
         n_probe, dist, idx, scratch(nt, 2 * m * k + Q.shape[1], dtype),
         scratch(nt, n_probe, dtype),
-        scratch(nt, n_probe, np.int64), scratch(nt, n_neighbors + extra, dtype),
-        scratch(nt, n_neighbors + extra, np.int64), slot_of, scratch(nt, g, np.int64),
+        scratch(nt, n_probe, np.int64), scratch(nt, n_neighbors, dtype),
+        scratch(nt, n_neighbors, np.int64), slot_of, scratch(nt, g, np.int64),
         scratch(nt, g, np.int64), scratch(nt, n_probe + 1, np.int64),
         scratch(nt, (m + 1) // 2 * 32 if packs else 1, np.uint8),
         scratch(nt, (m + 1) // 2 * 256 if packs else 1, np.uint16),
-        scratch(nt, 3, np.float64), kernel, pairs,
+        scratch(nt, 4, np.float64), kernel, pairs,
         -1.0 if fastscan_margin is None else float(fastscan_margin),
-        bool(fastscan_estimate), extra, bool(fastscan_rescore), seg_base, scratch(nt, n_neighbors, dtype),
-        scratch(nt, n_neighbors, np.int64), n_threads,
+        bool(fastscan_estimate), extra, bool(fastscan_rescore), seg_base,
+        scratch(nt, 2 * (n_neighbors + extra) if fastscan_estimate else 1, np.float64),
+        scratch(nt, 2 * (n_neighbors + extra) if fastscan_estimate else 1, np.int64),
+        scratch(nt, 8, np.int64), n_threads,
     )
     return dist, idx
 

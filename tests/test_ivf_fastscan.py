@@ -13,6 +13,11 @@ table.  What must hold:
   of 1/31/32/33/64/65 entries, growing part and tombstones included, and
   on every instruction set; with the estimators' margin, the exact oracle
   ``_naive.ivf_search_entries`` but for near ties, distances exact;
+* the estimators' estimate mode (packed entries ranked by their quantized
+  estimates in a bounded reservoir): the k best estimates are the first k
+  of the estimates of every entry, whatever k, n_probe, instruction set
+  and tombstones; with exhaustive settings and re-ranking, the exact
+  neighbours;
 * persistence (mmap), load checks, old (unpacked) files, appends,
   removal, compaction and codebook refits.
 """
@@ -111,6 +116,50 @@ def _check_against_oracle(nn, Q, k, n_probe):
     if removed is not None:
         assert not removed[ind[got]].any()
     return dist, ind
+
+
+# -- estimate mode -----------------------------------------------------------------
+@pytest.mark.parametrize("metric", ["euclidean", "dot"])
+def test_estimate_reservoir_keeps_the_best_estimates(isa, metric):
+    """The reservoir (selections, threshold) keeps what a sort of every
+    entry's estimate keeps: the same k smallest estimates, and each
+    returned id with its own estimate (ties may go to either id)."""
+    nn = _ivf(metric=metric).fit(X[:3000])
+    nn.remove(np.arange(0, 3000, 7))
+    Qp = _prepared(nn, Q[:20])
+    lists, _, ids = _entries(nn)
+    live = np.bincount(lists[~nn.removed_[ids]], minlength=nn.n_lists_)
+    coarse = _quantizer.coarse_terms(Qp, nn.cluster_centers_, metric == "dot")
+    for n_probe in (1, 3, 24):
+        nn.set_params(n_probe=n_probe)
+        # Every entry of the probed lists (no query has fewer: no list
+        # beyond n_probe is scanned), then smaller k.
+        n_all = int(live[np.argsort(coarse, axis=1)[:, :n_probe]].sum(axis=1).min())
+        d_all, i_all = nn._search(Qp, n_all, 1, ranking_only=True)
+        for kn in sorted({min(v, n_all) for v in (1, 5, 37, max(1, n_all // 2), n_all)}):
+            d, i = nn._search(Qp, kn, 1, ranking_only=True)
+            assert_array_equal(d, d_all[:, :kn])
+            for q in range(len(Qp)):
+                est = dict(zip(i_all[q].tolist(), d_all[q].tolist()))
+                got = i[q][i[q] != INT64_MAX]
+                assert len(set(got.tolist())) == got.size
+                assert all(est[j] == dq for j, dq in zip(got.tolist(), d[q].tolist()))
+                assert not nn.removed_[got].any()
+
+
+def test_estimate_mode_with_exhaustive_reranking_is_exact():
+    """n_probe = n_lists and every live entry re-ranked: brute force."""
+    from sklearn.neighbors import NearestNeighbors
+
+    nn = _ivf(refine_factor=400, metric="cosine").fit(X[:3000])
+    nn.remove(np.arange(5, 3000, 11))
+    live = np.setdiff1d(np.arange(3000), np.arange(5, 3000, 11))
+    nn.set_params(n_probe=24)
+    d, i = nn.kneighbors(Q, n_neighbors=8)
+    ref = NearestNeighbors(n_neighbors=8, metric="cosine").fit(X[live])
+    d_ref, i_ref = ref.kneighbors(Q)
+    assert_array_equal(i, live[i_ref])
+    assert_allclose(d, d_ref, rtol=1e-4, atol=1e-5)
 
 
 # -- layout ------------------------------------------------------------------
