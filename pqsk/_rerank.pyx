@@ -42,7 +42,7 @@ cdef extern from *:
     void pqsk_prefetch(const void* p) noexcept nogil
 
 # Candidates ahead whose rows are prefetched.
-DEF LOOKAHEAD = 6
+DEF LOOKAHEAD = 8
 
 
 cdef inline const floating* row_address(int64_t i,
@@ -61,29 +61,49 @@ cdef inline const floating* row_address(int64_t i,
     return (<const floating*> part_ptr[lo]) + (i - part_start[lo]) * d
 
 
+cdef inline void prefetch_row(const floating* x, Py_ssize_t d) noexcept nogil:
+    """Every cache line of a row (a row of 50 float32 spans 4)."""
+    cdef const char* p = <const char*> x
+    cdef Py_ssize_t b
+    for b in range(0, d * <Py_ssize_t> sizeof(floating), 64):
+        pqsk_prefetch(p + b)
+    pqsk_prefetch(p + d * <Py_ssize_t> sizeof(floating) - 1)
+
+
 cdef inline floating row_distance(const floating* q,
                                   const floating* x,
                                   Py_ssize_t d,
+                                  double q_norm2,
                                   bint unit_norm,
                                   bint inner_product,
-                                  floating eps10) noexcept nogil:
+                                  double eps10) noexcept nogil:
+    """One pass over the row, in double: <q, x>, ||x||^2 (and, for L2
+    without scaling, the squared differences).  With ``unit_norm`` the row
+    counts as x / ||x|| (||x|| < eps10: as x):
+
+        L2: ||q||^2 - 2 <q, x> / n + ||x||^2 / n^2,    IP: -<q, x> / n
+    """
     cdef Py_ssize_t j
-    cdef double acc = 0, nrm = 0, t
-    cdef floating scale = 1
-    if unit_norm:
+    cdef double dot = 0, nrm = 0, acc = 0, t, n
+    if not unit_norm:
+        if inner_product:
+            for j in range(d):
+                dot += <double> q[j] * x[j]
+            return <floating> -dot
         for j in range(d):
-            nrm += <double> x[j] * x[j]
-        nrm = sqrt(nrm)
-        if nrm >= eps10:
-            scale = <floating> nrm
-    if inner_product:
-        for j in range(d):
-            acc += <double> q[j] * (x[j] / scale)
-        return <floating> -acc
+            t = <double> q[j] - <double> x[j]
+            acc += t * t
+        return <floating> acc
     for j in range(d):
-        t = <double> q[j] - <double> (x[j] / scale)
-        acc += t * t
-    return <floating> acc
+        dot += <double> q[j] * x[j]
+        nrm += <double> x[j] * x[j]
+    n = sqrt(nrm)
+    if not n >= eps10:
+        n = 1.0
+    if inner_product:
+        return <floating> (-dot / n)
+    acc = q_norm2 - 2 * dot / n + nrm / (n * n)
+    return <floating> (acc if acc > 0 else 0)
 
 
 @cython.boundscheck(False)
@@ -107,14 +127,15 @@ def exact_rerank(const floating[:, ::1] Q,        # IN  (nq, D) prepared queries
     cdef Py_ssize_t n_cand = cand.shape[1]
     cdef Py_ssize_t kn = out_dist.shape[1]
     cdef int64_t n_rows = part_start[part_start.shape[0] - 1]
-    cdef Py_ssize_t q, c, r
+    cdef Py_ssize_t q, c, r, j
     cdef int64_t i, a
+    cdef double qn
     cdef floating dist
     cdef floating* hd = NULL
     cdef int64_t* hi = NULL
     cdef const floating* hint = NULL
-    cdef floating eps10 = <floating> (10 * (1.1920928955078125e-07 if sizeof(floating) == 4
-                                            else 2.220446049250313e-16))
+    cdef double eps10 = 10 * (1.1920928955078125e-07 if sizeof(floating) == 4
+                              else 2.220446049250313e-16)
     cdef int tid
     if nq == 0 or kn == 0:
         return
@@ -124,19 +145,22 @@ def exact_rerank(const floating[:, ::1] Q,        # IN  (nq, D) prepared queries
         hi = &heap_i[tid, 0]
         for q in prange(nq, schedule="static"):
             heap_init(hd, hi, kn)
+            qn = 0
+            for j in range(d):
+                qn = qn + <double> Q[q, j] * Q[q, j]
             for c in range(min(LOOKAHEAD, n_cand)):
                 a = cand[q, c]
                 if 0 <= a < n_rows:
-                    pqsk_prefetch(row_address(a, part_ptr, part_start, d, hint))
+                    prefetch_row(row_address(a, part_ptr, part_start, d, hint), d)
             for c in range(n_cand):
                 if c + LOOKAHEAD < n_cand:
                     a = cand[q, c + LOOKAHEAD]
                     if 0 <= a < n_rows:
-                        pqsk_prefetch(row_address(a, part_ptr, part_start, d, hint))
+                        prefetch_row(row_address(a, part_ptr, part_start, d, hint), d)
                 i = cand[q, c]
                 if 0 <= i < n_rows:
                     dist = row_distance(&Q[q, 0], row_address(i, part_ptr, part_start, d, hint),
-                                        d, unit_norm, inner_product, eps10)
+                                        d, qn, unit_norm, inner_product, eps10)
                 else:
                     dist = INFINITY
                 if pair_greater(hd[0], hi[0], dist, i):
