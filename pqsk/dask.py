@@ -76,11 +76,17 @@ def _trainer(est):
 
 
 def _train(est, *parts):
-    """Train the quantizers on the sample rows; return an index of ``est``'s
-    class holding them and no row."""
+    """Train the quantizers on the sample rows; return their trained state."""
     sample = np.concatenate(parts) if len(parts) > 1 else parts[0]
-    trained = _trainer(est).fit(sample)._trained_state()
-    return clone(est)._fit_trained(trained)
+    return _trainer(est).fit(sample)._trained_state()
+
+
+def _rebuilt(quantizers):
+    """The template (an index holding the trained quantizers and no row)
+    from (unfitted estimator, trained state): what the graph carries, as
+    derived tables (IVF list terms) are bigger than the state."""
+    est, state = quantizers
+    return clone(est)._fit_trained(state)
 
 
 def _rows(chunks):
@@ -389,12 +395,13 @@ class ShardedNeighbors(BaseEstimator):
         progress(f"training the quantizers on {n_sample} of {n} rows, drawn from "
                  f"{len(chunks)} chunk(s)")
         parts = [p for p in dask.compute(*parts) if p.shape[0]]
-        template = dask.compute(delayed(_train)(est, *parts))[0]
+        trained = dask.compute(delayed(_train)(est, *parts))[0]
         del parts
+        template = clone(est)._fit_trained(trained)
 
         groups = self._groups(lengths)
         seeds = rng.randint(np.iinfo(np.int32).max, size=len(groups))
-        tpl = _literal(template, "template")
+        tpl = self._template_node(template)
         shards, ranges = [], []
         for g, seed in zip(groups, seeds):
             shards.append(delayed(_build_shard)(tpl, int(seed), *[chunks[i] for i in g]))
@@ -449,14 +456,13 @@ class ShardedNeighbors(BaseEstimator):
         template = self.template_
         chunks, lengths, lazy = self._chunked(
             X, lambda A: template._validate_rows(A, reset=False))
+        tpl = self._template_node(template)
         if lazy:  # NaN and range, before any shard changes
-            dask.compute(*[delayed(_checked_rows)(_literal(template, "template"), c)
-                           for c in chunks])
+            dask.compute(*[delayed(_checked_rows)(tpl, c) for c in chunks])
         bounds = _chunk_bounds(lengths) + self.n_samples_fit_
         shards, ranges, live = list(self.shards_), list(self._ranges), list(self._live)
         changed = {}
         rng = check_random_state(self._seed())
-        tpl = _literal(template, "template")
         for i, c in enumerate(chunks):
             m = int(lengths[i])
             if m == 0:
@@ -481,6 +487,13 @@ class ShardedNeighbors(BaseEstimator):
         self._removed = np.concatenate([self._removed, np.zeros(n_new, bool)])
         self.n_samples_fit_ += n_new
         return self
+
+    @staticmethod
+    def _template_node(template):
+        """The template as a node of the task graph (rebuilt on a worker
+        from the trained state)."""
+        return delayed(_rebuilt)(_literal((clone(template), template._trained_state()),
+                                          "quantizers"))
 
     def _seed(self):
         """Seed of the new shards' seeds: fixed by the estimator's
@@ -624,7 +637,7 @@ class ShardedNeighbors(BaseEstimator):
                                                 X.dtype))
             k = self._n_neighbors(n_neighbors, view, X.shape[0], False)
             X = X.rechunk({1: -1})
-            tpl = _literal(template, "template")
+            tpl = self._template_node(template)
             dists, inds = [], []
             for block, nb in zip(X.to_delayed()[:, 0], X.chunks[0]):
                 Q = delayed(_prepared)(tpl, block)
