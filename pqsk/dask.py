@@ -252,7 +252,10 @@ class ShardedNeighbors(BaseEstimator):
     With the same quantizers, an inverted file probes the same lists in
     every shard: sharded :class:`~pqsk.IVFPQNeighbors` and
     :class:`~pqsk.PQNeighbors` (with ``refine_factor=0``) return the
-    answers of one index of all the rows built with those quantizers.
+    answers of one index of all the rows built with those quantizers, ties
+    aside, except for queries whose ``n_probe`` lists hold fewer than k
+    rows in some shard: that shard fills its top k from the next lists, so
+    the answer can only be closer.
 
     It runs on the current ``dask.distributed`` client, or on dask's local
     scheduler when there is none.  A worker lost between or during queries
