@@ -10,6 +10,7 @@ tasks that made it (its rows and the shared quantizers, or the saved
 directory it was loaded from).
 """
 
+import contextlib
 import json
 import os
 import pickle
@@ -77,6 +78,7 @@ def _trainer(est):
 
 def _train(est, *parts):
     """Train the quantizers on the sample rows; return their trained state."""
+    parts = [p for p in parts if p.shape[0]]
     sample = np.concatenate(parts) if len(parts) > 1 else parts[0]
     return _trainer(est).fit(sample)._trained_state()
 
@@ -221,7 +223,7 @@ def _persist(values):
     """Compute the delayed ``values`` and keep their results where they are
     (worker memory on a distributed cluster); wait for them, raising the
     first task's error."""
-    values = list(dask.persist(*values))
+    values = list(dask.persist(*values, optimize_graph=False))  # keep placements
     if _client() is not None:
         from distributed import futures_of, wait
 
@@ -231,6 +233,49 @@ def _persist(values):
             if f.status == "error":
                 f.result()
     return values
+
+
+def _places(groups, shards=()):
+    """A worker for each new shard (None: the scheduler's choice): the
+    workers holding the fewest shards (``shards``, and the new ones placed
+    so far), among them the one holding most rows of the shard's chunks
+    (``groups``: lists of (chunk, rows))."""
+    client = _client()
+    if client is None:
+        return [None] * len(groups)
+    from distributed import futures_of
+
+    workers = sorted(client.nthreads())
+    if not workers:
+        return [None] * len(groups)
+    futures = [f for g in groups for c, _ in g for f in futures_of(c)]
+    futures += [f for s in shards for f in futures_of(s)]
+    who = client.who_has(futures) if futures else {}
+    load = dict.fromkeys(workers, 0)
+    for s in shards:
+        for f in futures_of(s):
+            for w in who.get(f.key, ())[:1]:
+                load[w] = load.get(w, 0) + 1
+    out = []
+    for g in groups:
+        held = {}
+        for c, rows in g:
+            for f in futures_of(c):
+                for w in who.get(f.key, ()):
+                    held[w] = held.get(w, 0) + rows
+        least = min(load[w] for w in workers)
+        w = max((w for w in workers if load[w] == least), key=lambda w: held.get(w, 0))
+        load[w] += 1
+        out.append(w)
+    return out
+
+
+def _on(worker):
+    """Run the tasks made in this block on ``worker`` while it lives
+    (a rebuild after its loss runs anywhere)."""
+    if worker is None:
+        return contextlib.nullcontext()
+    return dask.annotate(workers=[worker], allow_other_workers=True)
 
 
 def _chunk_bounds(chunks):
@@ -397,17 +442,20 @@ class ShardedNeighbors(BaseEstimator):
                                                       rows[a:b] - bounds[i]))
         progress(f"training the quantizers on {n_sample} of {n} rows, drawn from "
                  f"{len(chunks)} chunk(s)")
-        parts = [p for p in dask.compute(*parts) if p.shape[0]]
+        # The sample goes from the chunks' workers to the training task,
+        # never through the client; every chunk is checked before it ends.
         trained = dask.compute(delayed(_train)(est, *parts))[0]
-        del parts
         template = clone(est)._fit_trained(trained)
 
         groups = self._groups(lengths)
         seeds = rng.randint(np.iinfo(np.int32).max, size=len(groups))
         tpl = self._template_node(template)
         shards, ranges = [], []
-        for g, seed in zip(groups, seeds):
-            shards.append(delayed(_build_shard)(tpl, int(seed), *[chunks[i] for i in g]))
+        places = _places([[(chunks[i], lengths[i]) for i in g] for g in groups])
+        for g, seed, place in zip(groups, seeds, places):
+            with _on(place):
+                shards.append(delayed(_build_shard)(tpl, int(seed),
+                                                    *[chunks[i] for i in g]))
             start, stop = bounds[g[0]], bounds[g[-1] + 1]
             ranges.append(np.array([[0, start, stop - start]], np.int64))
         progress(f"building {len(shards)} shard(s)")
@@ -471,7 +519,9 @@ class ShardedNeighbors(BaseEstimator):
             if m == 0:
                 continue
             if self.n_shards is None or len(shards) < self.n_shards:
-                shards.append(delayed(_build_shard)(tpl, int(rng.randint(2**31 - 1)), c))
+                with _on(_places([[(c, m)]], self.shards_)[0]):
+                    shards.append(delayed(_build_shard)(tpl, int(rng.randint(2**31 - 1)),
+                                                        c))
                 ranges.append(np.array([[0, bounds[i], m]], np.int64))
                 live.append(m)
                 changed[len(shards) - 1] = True

@@ -94,6 +94,9 @@ def test_sharded_equals_one_index_with_same_quantizers(client, make):
 def test_n_shards_groups_numpy_input_and_partial_fit_remove(client):
     sharded = ShardedNeighbors(ivf(), n_shards=2).fit(X[:2000])
     assert sharded.shard_sizes_ == [1000, 1000]
+    futures = [distributed.futures_of(s)[0] for s in sharded.shards_]
+    who = client.who_has(futures)
+    assert len({w for f in futures for w in who[f.key]}) == 2  # one shard per worker
     ref = reference(sharded, X[:2000])
     sharded.partial_fit(da.from_array(X[2000:], chunks=(600, 16)))
     ref.partial_fit(X[2000:])
