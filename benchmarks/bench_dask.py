@@ -97,6 +97,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--hnsw-n", type=int, default=None)
+    ap.add_argument("--only", choices=["IVFPQNeighbors", "HNSWPQNeighbors"], default=None,
+                    help="run one estimator; the other's row is kept from dask.json")
     args = ap.parse_args()
     hnsw_n = args.hnsw_n or args.n
 
@@ -106,11 +108,13 @@ def main():
     from sklearn.base import clone
     from threadpoolctl import threadpool_limits
 
-    from pqsk.dask import ShardedNeighbors
+    from pqsk.dask import ShardedNeighbors, _trainer
 
     Q = make_queries()
     rows = []
     for name, est in estimators().items():
+        if args.only and name != args.only:
+            continue
         n = hnsw_n if name.startswith("HNSW") else args.n
         sizes = block_sizes(n)
         X = np.concatenate([make_block(b, m) for b, m in enumerate(sizes)])
@@ -121,9 +125,18 @@ def main():
             single_build = time.perf_counter() - t
             single_recall = recall(single.kneighbors(Q)[1], true)
             single_qps = qps(single.kneighbors, Q)
+            # The training alone (one task of the sharded build), on a sample
+            # of the size both builds draw.
+            sample = X[np.sort(np.random.RandomState(1).choice(
+                n, ShardedNeighbors(est)._sample_size(clone(est), n), replace=False))]
+            t = time.perf_counter()
+            _trainer(clone(est).set_params(n_lists=single.n_lists_)
+                     if hasattr(single, "n_lists_") else clone(est)).fit(sample)
+            train_s = time.perf_counter() - t
+            del sample
         print(f"{name} n={n}: single build {single_build:.1f} s, recall "
               f"{single_recall:.4f}, {single_qps:.0f} q/s", flush=True)
-        del single
+        single = None
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                           dashboard_address=":0") as cluster, Client(cluster) as client:
             omp = set(client.run(lambda: os.environ.get("OMP_NUM_THREADS")).values())
@@ -141,6 +154,7 @@ def main():
               f"{sharded_recall:.4f}, {sharded_qps:.0f} q/s (OMP_NUM_THREADS {omp})",
               flush=True)
         rows.append({"estimator": name, "n": n, "single_build_s": single_build,
+                     "train_s": train_s,
                      "sharded_build_s": sharded_build,
                      "build_ratio": sharded_build / single_build,
                      "single_recall": single_recall, "sharded_recall": sharded_recall,
@@ -151,6 +165,10 @@ def main():
                                          "n_links", "ef_construction", "ef_search",
                                          "metric")}})
         del X
+    if args.only:
+        with open(os.path.join(RESULTS, "dask.json")) as f:
+            kept = [r for r in json.load(f)["rows"] if r["estimator"] != args.only]
+        rows = sorted(kept + rows, key=lambda r: r["estimator"] != "IVFPQNeighbors")
     write(rows, args)
 
 
@@ -173,15 +191,17 @@ def write(rows, args):
         "",
         "Command: `flock /work/bench.lock python -m benchmarks.bench_dask"
         + (f" --n {args.n}" if args.n != 1_000_000 else "")
-        + (f" --hnsw-n {args.hnsw_n}" if args.hnsw_n else "") + "`",
+        + (f" --hnsw-n {args.hnsw_n}" if args.hnsw_n else "")
+        + "` (each row may come from its own `--only ESTIMATOR` run)",
         "",
-        "| estimator | n | build 1 process (s) | build sharded (s) | ratio | "
-        "recall 1 process | recall sharded | diff | q/s 1 process | q/s sharded |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| estimator | n | build 1 process (s) | of which training (s) | build sharded (s) "
+        "| ratio | recall 1 process | recall sharded | diff | q/s 1 process | q/s sharded |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        train = f"{r['train_s']:.1f}" if "train_s" in r else "-"
         lines.append(
-            f"| {r['estimator']} | {r['n']:,} | {r['single_build_s']:.1f} | "
+            f"| {r['estimator']} | {r['n']:,} | {r['single_build_s']:.1f} | {train} | "
             f"{r['sharded_build_s']:.1f} | {r['build_ratio']:.2f}x | "
             f"{r['single_recall']:.4f} | {r['sharded_recall']:.4f} | "
             f"{r['sharded_recall'] - r['single_recall']:+.4f} | {r['single_qps']:,.0f} | "

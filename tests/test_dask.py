@@ -34,15 +34,26 @@ def client():
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=":0") as cluster, \
             distributed.Client(cluster) as c:
+        c.register_plugin(GraphCounter())
         yield c
 
 
-def n_transitions(client):
-    """Tasks the scheduler was given so far (those that became 'waiting')."""
-    def count(dask_scheduler):
-        return sum(1 for entry in dask_scheduler.transition_log if entry[2] == "waiting")
+class GraphCounter(distributed.diagnostics.plugin.SchedulerPlugin):
+    """Counts the task graphs clients send to the scheduler."""
 
-    return client.run_on_scheduler(count)
+    name = "pqsk-graph-counter"
+
+    def __init__(self):
+        self.n = 0
+
+    def update_graph(self, scheduler, **kwargs):
+        self.n += 1
+
+
+def n_graphs(client):
+    """Task graphs the scheduler was sent so far."""
+    return client.run_on_scheduler(
+        lambda dask_scheduler: dask_scheduler.plugins[GraphCounter.name].n)
 
 
 def reference(sharded, X):
@@ -139,14 +150,15 @@ def test_bad_input_raises_single_machine_errors_before_any_task(client):
         (lambda e: e.kneighbors(Q, n_neighbors=1001), ValueError),
         (lambda e: e.kneighbors(da.from_array(Q[:, :5])), ValueError),
     ]
+    assert n_graphs(client) > 0  # the counter sees graphs (fit sent some)
     for call, exc in cases:
         with pytest.raises(exc) as expected:
             call(single)
-        before = n_transitions(client)
+        before = n_graphs(client)
         with pytest.raises(exc) as got:
             call(sharded)
         assert str(got.value) == str(expected.value)
-        assert n_transitions(client) == before  # no task was submitted
+        assert n_graphs(client) == before  # no task was submitted
     with pytest.raises(ValueError, match="NaN"):
         ShardedNeighbors(ivf()).fit(bad_nan)
     bad = X[:1000].copy()
