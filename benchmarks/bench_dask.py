@@ -176,7 +176,7 @@ def write(rows, args):
     os.makedirs(RESULTS, exist_ok=True)
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "date": time.strftime("%Y-%m-%d"),
-            "load_before": os.getloadavg()[0]}
+            "load_at_end": os.getloadavg()[0]}
     with open(os.path.join(RESULTS, "dask.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = [
@@ -187,7 +187,9 @@ def write(rows, args):
         "process: one thread; sharded: `ShardedNeighbors(n_shards=2)` on "
         "`LocalCluster(n_workers=2, threads_per_worker=1, processes=True)`, the data "
         "persisted on the workers before the clock starts. "
-        f"{meta['machine']} (shared), {meta['date']}.",
+        f"{meta['machine']} (shared), {meta['date']}; 1-minute load average "
+        f"{meta['load_at_end']:.1f} when the run ended (other jobs share the 2 cores: "
+        "the 2 workers then get less than 2 cores).",
         "",
         "Command: `flock /work/bench.lock python -m benchmarks.bench_dask"
         + (f" --n {args.n}" if args.n != 1_000_000 else "")
