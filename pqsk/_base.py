@@ -715,6 +715,53 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             release_memory()  # after a chunked pass; not after every small batch
         return self
 
+    # -- shards that share trained quantizers (pqsk.dask) -------------------
+    # Fitted attributes that make up the trained quantizers: what
+    # ``_trained_state`` hands out and ``_fit_trained`` copies (subclasses
+    # add theirs).  Every other fitted attribute describes indexed rows.
+    _trained_attrs = ("_fit_dtype_", "effective_metric_", "n_features_in_",
+                      "feature_names_in_", "codebooks_", "rotation_",
+                      "anisotropic_threshold_", "n_iter_")
+
+    def _start_empty(self):
+        """Set up the row state of an index holding no rows, its quantizers
+        trained (``_fit_index`` after training; ``_fit_trained``)."""
+        raise NotImplementedError
+
+    def _trained_state(self):
+        """{attribute: value} of the trained quantizers of this fitted
+        index (arrays by reference), for ``_fit_trained``."""
+        check_is_fitted(self)
+        return {a: self.__dict__[a] for a in self._trained_attrs if a in self.__dict__}
+
+    def _fit_trained(self, trained, X=None):
+        """``fit(X)`` with the quantizers of ``trained`` (another index's
+        ``_trained_state()``) instead of quantizers trained on X.
+
+        Indexes built so from one state compare their distances and ids:
+        the shards of :class:`pqsk.dask.ShardedNeighbors`.  X (None: no
+        row) is validated as by ``partial_fit``, its rows get ids 0, 1, ...
+        The structural parameters must be those the state was trained with.
+        """
+        with index_writer(self), index_lock(self).write(), restore_on_error(self):
+            self.__dict__.update(trained)
+            rows = None if X is None else self._validate_rows(X, reset=False)
+            self.n_samples_fit_ = self._n_features_out = 0
+            self.n_removed_ = 0
+            self.removed_ = None
+            self.vectors_ = (RowStore.empty(self.n_features_in_, self._fit_dtype_)
+                             if self.refine_factor > 0 else None)
+            self._start_empty()
+            _CHECKED_PARAMS.pop(self, None)
+            self._check_params_at_call()
+            if rows is not None and rows.shape[0]:
+                n_threads = effective_n_threads(self.n_jobs)
+                with openmp_region(n_threads):
+                    self._add_rows(rows, n_threads,
+                                   Progress(self.verbose, type(self).__name__))
+        _CHECKED_PARAMS.pop(self, None)
+        return self
+
     def _check_loaded_state(self):
         """Invariants the kernels rely on, checked after ``load``.
 

@@ -341,13 +341,16 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
 
     def _fit_index(self, X, progress):
         self.codebooks_ = self._fit_codebooks(X, progress)
+        self._start_empty()
+        self._add_rows(X, effective_n_threads(self.n_jobs), progress)
+
+    def _start_empty(self):
+        m, k = self.codebooks_.shape[:2]
         self._levels_rng_ = check_random_state(self.random_state)
-        self.__dict__.update(_empty_graph(self.n_subspaces, self.n_links,
-                                          _quantizer.code_dtype(self.n_codewords)))
+        self.__dict__.update(_empty_graph(m, self.n_links, _quantizer.code_dtype(k)))
         self.ids_ = None
         self.segments_ = ()
         _SEGMENT_TOMBSTONES.pop(self, None)
-        self._add_rows(X, effective_n_threads(self.n_jobs), progress)
 
     def _node_vectors(self, codes, ids):
         """float32 vectors of a graph's nodes (``codes``, ``ids``: theirs,

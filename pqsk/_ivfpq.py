@@ -485,14 +485,21 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         self.cluster_centers_ = centroids
         self.codebooks_ = codebooks
         self.n_lists_ = n_lists
+        self._start_empty()
+        self._add_rows(X, n_threads, progress, fit=True)
+
+    _trained_attrs = BasePQNeighbors._trained_attrs + ("cluster_centers_", "n_lists_")
+
+    def _start_empty(self):
+        codebooks = self.codebooks_
+        m, k = codebooks.shape[:2]
         self._list_terms = (
-            np.empty((0, self.n_subspaces, self.n_codewords), dtype=X.dtype)
-            if self._inner_product else _quantizer.list_terms(centroids, codebooks)
+            np.empty((0, m, k), dtype=codebooks.dtype)
+            if self._inner_product else _quantizer.list_terms(self.cluster_centers_,
+                                                              codebooks)
         )
         self.segments_ = ()
-        self.__dict__.update(_empty_growing(
-            self.n_subspaces, _quantizer.code_dtype(self.n_codewords), np.int32))
-        self._add_rows(X, n_threads, progress, fit=True)
+        self.__dict__.update(_empty_growing(m, _quantizer.code_dtype(k), np.int32))
 
     # -- segments ------------------------------------------------------------
     def _segment_size(self):

@@ -568,6 +568,10 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
 
     def _fit_index(self, X, progress):
         self.codebooks_ = self._fit_codebooks(X, progress)
+        self._start_empty()
+        self._add_rows(X, effective_n_threads(self.n_jobs), progress)
+
+    def _start_empty(self):
         m, k = self.codebooks_.shape[:2]
         self.__dict__.pop("codes_", None)
         self.__dict__.pop("packed_codes_", None)
@@ -576,7 +580,6 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
             self.packed_codes_ = _quantizer.pack_codes4(np.empty((0, m), np.uint8))
         else:
             self.codes_ = np.empty((0, m), _quantizer.code_dtype(k))
-        self._add_rows(X, effective_n_threads(self.n_jobs), progress)
 
     def _add_rows(self, X, n_threads, progress):
         codes = _quantizer.encode_rows(X, self.codebooks_, n_threads,

@@ -1,0 +1,883 @@
+"""An index sharded over a dask cluster: :class:`ShardedNeighbors`.
+
+``pip install pqsk[dask]``.  This module is the only part of pqsk that
+imports dask; ``import pqsk`` does not import it.
+
+The engine is dask's: shards are ordinary pqsk indexes held in the memory of
+dask workers as the results of tasks, queries are tasks placed next to the
+shards, and a shard lost with its worker is recomputed by dask from the
+tasks that made it (its rows and the shared quantizers, or the saved
+directory it was loaded from).
+"""
+
+import contextlib
+import json
+import os
+import pickle
+import shutil
+import threading
+import uuid
+import warnings
+import weakref
+from numbers import Integral
+
+import dask
+import dask.array as da
+import numpy as np
+from dask import delayed
+from scipy import sparse
+from sklearn.base import BaseEstimator, clone
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import HasMethods, Interval
+from sklearn.utils.validation import check_is_fitted
+
+from ._base import BasePQNeighbors, _check_n_neighbors
+from ._hnswpq import HNSWPQNeighbors
+from ._ivfpq import POINTS_PER_LIST
+from ._persist import load as _load_index
+from ._pq import PQNeighbors
+from ._segments import merge_topk
+from ._utils import Progress, effective_n_threads, openmp_region
+
+__all__ = ["ShardedNeighbors"]
+
+MANIFEST = "manifest.json"
+FORMAT = "pqsk-sharded"
+FORMAT_VERSION = 1
+_NO_ID = np.iinfo(np.int64).max
+
+
+# -- tasks (run on the workers) ----------------------------------------------
+
+def _checked_sample(est, chunk, rows):
+    """Validate a chunk of ``fit`` input as ``fit`` does (its errors), and
+    return its rows ``rows`` (the chunk's part of the training sample).
+    ``est`` is None when the client validated the input already."""
+    if est is not None:
+        clone(est)._validate_rows(chunk, reset=True)
+    return np.asarray(chunk[rows])
+
+
+def _checked_rows(template, chunk):
+    """Validate a chunk of ``partial_fit`` input against the trained index."""
+    template._validate_rows(chunk, reset=False)
+    return chunk.shape[0]
+
+
+def _trainer(est):
+    """The estimator whose ``fit`` on the sample trains the quantizers: the
+    estimator itself, or for HNSW (whose quantizers are the codebooks alone)
+    a PQNeighbors with the same quantizer parameters, which does not build
+    a graph over the sample."""
+    if isinstance(est, HNSWPQNeighbors):
+        pq = PQNeighbors().get_params()
+        params = {k: v for k, v in est.get_params(deep=False).items() if k in pq}
+        return PQNeighbors(**{**params, "refine_factor": 0})
+    return clone(est)
+
+
+def _train(est, *parts):
+    """Train the quantizers on the sample rows; return their trained state."""
+    parts = [p for p in parts if p.shape[0]]
+    sample = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    return _trainer(est).fit(sample)._trained_state()
+
+
+def _rebuilt(quantizers):
+    """The template (an index holding the trained quantizers and no row)
+    from (unfitted estimator, trained state): what the graph carries, as
+    derived tables (IVF list terms) are bigger than the state."""
+    est, state = quantizers
+    return clone(est)._fit_trained(state)
+
+
+def _rows(chunks):
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+
+def _build_shard(template, seed, *chunks):
+    """A shard: the rows of ``chunks`` indexed with the template's quantizers
+    (local ids 0, 1, ...).  ``seed`` fixes the shard's own randomness (HNSW
+    levels), so that a rebuild after a lost worker gives the same shard."""
+    shard = clone(template).set_params(random_state=seed)
+    return shard._fit_trained(template._trained_state(), _rows(chunks))
+
+
+def _copy(shard):
+    # Tasks never modify their inputs (dask may hold or recompute them).
+    return pickle.loads(pickle.dumps(shard, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _appended(shard, *chunks):
+    return _copy(shard).partial_fit(_rows(chunks))
+
+
+def _removed(shard, local_ids):
+    return _copy(shard).remove(local_ids)
+
+
+def _saved(shard, path):
+    shard.save(path)
+    return path
+
+
+def _loaded(path):
+    return _load_index(path)
+
+
+_VIEWS = weakref.WeakKeyDictionary()  # shard -> {search parameters: view}
+_VIEWS_LOCK = threading.Lock()
+
+
+def _view(shard, params):
+    """The shard with the search parameters ``params``: a shallow copy
+    sharing its arrays (shards are never modified), cached per shard so
+    that caches keyed by the estimator survive from one query to the next."""
+    key = tuple(sorted(params.items()))
+    with _VIEWS_LOCK:
+        views = _VIEWS.setdefault(shard, {})
+        view = views.get(key)
+        if view is None:
+            if len(views) >= 8:
+                views.clear()
+            view = object.__new__(type(shard))
+            view.__dict__.update(shard.__dict__)
+            view.set_params(**params)
+            views[key] = view
+    return view
+
+
+def _global(ind, ranges):
+    """Local ids of a shard -> global ids.  ``ranges`` rows are (first
+    local id, first global id, length), sorted by local id."""
+    out = np.full(ind.shape, _NO_ID, np.int64)
+    ok = (ind >= 0) & (ind < ranges[-1, 0] + ranges[-1, 2]) if len(ranges) else ind < 0
+    r = np.searchsorted(ranges[:, 0], ind[ok], side="right") - 1
+    out[ok] = ind[ok] - ranges[r, 0] + ranges[r, 1]
+    return out
+
+
+def _search_shard(shard, Q, n_neighbors, params, ranges):
+    """(raw distances, global ids) of the shard's ``n_neighbors`` best for
+    the prepared queries Q, rows sorted by (distance, id)."""
+    view = _view(shard, params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the client warned already
+        view._check_params_at_call()
+        n_threads = max(1, min(effective_n_threads(view.n_jobs), Q.shape[0]))
+        with openmp_region(n_threads):
+            dist, ind = view._search_refined(Q, n_neighbors, n_threads)
+    return dist, _global(ind, ranges)
+
+
+def _self_queries(shard, ranges):
+    """(global ids, query vectors) standing for the shard's indexed points,
+    as the single-machine ``kneighbors(X=None)`` makes them."""
+    Q = np.concatenate([q for _, q in shard._self_queries()])
+    ids = _global(np.arange(shard.n_samples_fit_), ranges)
+    return ids, Q
+
+
+def _prepared(template, block):
+    return template._validate_queries(block)
+
+
+def _merged(n_neighbors, *parts):
+    return merge_topk(list(parts), n_neighbors)
+
+
+def _merged_finished(template, n_neighbors, *parts):
+    dist, ind = merge_topk(list(parts), n_neighbors)
+    return template._finish_distances(dist.copy()), ind
+
+
+def _graph_block(ind, dist, n_fit, mode):
+    n, k = ind.shape
+    data = np.ones(ind.size) if mode == "connectivity" else np.ravel(dist)
+    return sparse.csr_matrix((data, ind.ravel(), np.arange(0, n * k + 1, k)),
+                             shape=(n, n_fit))
+
+
+# -- client side ---------------------------------------------------------------
+
+def _client():
+    """The current dask.distributed client, or None."""
+    try:
+        from distributed import get_client
+    except ImportError:  # dask without distributed: the local scheduler
+        return None
+    try:
+        return get_client()
+    except ValueError:
+        return None
+
+
+def _literal(value, what):
+    """``value`` as a dask graph node of its own, under a fresh key (no
+    hashing of big arrays).  Its data is part of the graph: dask can
+    recompute whatever depends on it."""
+    return delayed(value, name=f"pqsk-{what}-{uuid.uuid4().hex}", traverse=False)
+
+
+def _persist(values):
+    """Compute the delayed ``values`` and keep their results where they are
+    (worker memory on a distributed cluster); wait for them, raising the
+    first task's error."""
+    values = list(dask.persist(*values, optimize_graph=False))  # keep placements
+    if _client() is not None:
+        from distributed import futures_of, wait
+
+        futures = [f for v in values for f in futures_of(v)]
+        wait(futures)
+        for f in futures:
+            if f.status == "error":
+                f.result()
+    return values
+
+
+def _places(groups, shards=()):
+    """A worker for each new shard (None: the scheduler's choice): the
+    workers holding the fewest shards (``shards``, and the new ones placed
+    so far), among them the one holding most rows of the shard's chunks
+    (``groups``: lists of (chunk, rows))."""
+    client = _client()
+    if client is None:
+        return [None] * len(groups)
+    from distributed import futures_of
+
+    workers = sorted(client.nthreads())
+    if not workers:
+        return [None] * len(groups)
+    futures = [f for g in groups for c, _ in g for f in futures_of(c)]
+    futures += [f for s in shards for f in futures_of(s)]
+    who = client.who_has(futures) if futures else {}
+    load = dict.fromkeys(workers, 0)
+    for s in shards:
+        for f in futures_of(s):
+            for w in who.get(f.key, ())[:1]:
+                load[w] = load.get(w, 0) + 1
+    out = []
+    for g in groups:
+        held = {}
+        for c, rows in g:
+            for f in futures_of(c):
+                for w in who.get(f.key, ()):
+                    held[w] = held.get(w, 0) + rows
+        least = min(load[w] for w in workers)
+        w = max((w for w in workers if load[w] == least), key=lambda w: held.get(w, 0))
+        load[w] += 1
+        out.append(w)
+    return out
+
+
+def _on(worker):
+    """Run the tasks made in this block on ``worker`` while it lives
+    (a rebuild after its loss runs anywhere)."""
+    if worker is None:
+        return contextlib.nullcontext()
+    return dask.annotate(workers=[worker], allow_other_workers=True)
+
+
+def _chunk_bounds(chunks):
+    return np.concatenate([[0], np.cumsum(chunks)]).astype(np.int64)
+
+
+class ShardedNeighbors(BaseEstimator):
+    """A pqsk neighbours index split into shards held by dask workers.
+
+    A meta-estimator around a pqsk neighbours estimator
+    (:class:`~pqsk.IVFPQNeighbors`, :class:`~pqsk.HNSWPQNeighbors` or
+    :class:`~pqsk.PQNeighbors`).  ``fit`` trains the quantizers once, on a
+    sample drawn across the chunks of X, then builds one shard per chunk
+    (or per group of chunks) on the workers, every shard an index of that
+    class using the same quantizers.  Queries go to every shard; each
+    returns its top k, and the answers are merged into the global top k
+    with global ids (row numbers of the fit data, then of ``partial_fit``).
+
+    With the same quantizers, an inverted file probes the same lists in
+    every shard: sharded :class:`~pqsk.IVFPQNeighbors` and
+    :class:`~pqsk.PQNeighbors` (with ``refine_factor=0``) return the
+    answers of one index of all the rows built with those quantizers, ties
+    aside, except for queries whose ``n_probe`` lists hold fewer than k
+    rows in some shard: that shard fills its top k from the next lists, so
+    the answer can only be closer.
+
+    It runs on the current ``dask.distributed`` client, or on dask's local
+    scheduler when there is none.  A worker lost between or during queries
+    costs no answer: dask rebuilds its shards from the tasks that made them.
+
+    Parameters
+    ----------
+    estimator : pqsk neighbours estimator
+        The template: its parameters build every shard.  Search parameters
+        (``n_neighbors``, ``n_probe``, ``ef_search``, ``refine_factor``,
+        ``n_jobs``, ``mode``) are read from it at every call, so
+        ``set_params(estimator__n_probe=16)`` applies to the next query
+        without rebuilding anything.
+    n_shards : int, default=None
+        Number of shards.  None: one shard per chunk of X (a NumPy X is
+        split into one chunk per worker), and ``partial_fit`` adds a shard
+        per chunk.  An int: the chunks are grouped (or split) into that many
+        shards of consecutive rows, and ``partial_fit`` appends its chunks
+        to the smallest shards.
+
+    Attributes
+    ----------
+    template_ : pqsk neighbours estimator
+        A fitted index of ``estimator``'s class holding the trained
+        quantizers (coarse centroids, codebooks, rotation) and no row.
+    shards_ : list of dask.delayed.Delayed
+        The shards: persisted results (futures on a distributed cluster).
+    n_samples_fit_ : int
+        Ids given so far (removed ones included).
+    n_removed_ : int
+        Ids removed.
+    n_features_in_ : int
+        Width of the indexed vectors.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pqsk import IVFPQNeighbors
+    >>> from pqsk.dask import ShardedNeighbors
+    >>> X = np.random.RandomState(0).rand(2000, 8).astype(np.float32)
+    >>> index = ShardedNeighbors(
+    ...     IVFPQNeighbors(n_lists=8, n_probe=8, n_subspaces=4, n_codewords=16,
+    ...                    random_state=0), n_shards=2).fit(X)
+    >>> len(index.shards_), index.shard_sizes_
+    (2, [1000, 1000])
+    >>> dist, ind = index.kneighbors(X[:3], n_neighbors=2)
+    >>> ind.shape
+    (3, 2)
+    """
+
+    _parameter_constraints = {
+        "estimator": [HasMethods(["fit", "kneighbors"])],
+        "n_shards": [Interval(Integral, 1, None, closed="left"), None],
+    }
+
+    def __init__(self, estimator, *, n_shards=None):
+        self.estimator = estimator
+        self.n_shards = n_shards
+
+    # -- input -------------------------------------------------------------
+    def _check_estimator(self):
+        self._validate_params()
+        if not isinstance(self.estimator, BasePQNeighbors):
+            raise TypeError(
+                "estimator must be a pqsk neighbours estimator (PQNeighbors, "
+                f"IVFPQNeighbors, HNSWPQNeighbors), got {type(self.estimator).__name__}.")
+
+    def _chunked(self, X, validator):
+        """X as a list of row chunks (delayed, or dask keys) and their
+        lengths.  A NumPy array is validated here (``validator``: its
+        errors before any task); a dask array is checked for its width and
+        dtype here, for NaN and range by a task per chunk."""
+        if isinstance(X, da.Array):
+            if X.ndim != 2:
+                validator(np.zeros((1,) * X.ndim, X.dtype))  # the estimator's error
+            if any(np.isnan(c) for c in X.chunks[0]):
+                raise ValueError("X has chunks of unknown size; call "
+                                 "X.compute_chunk_sizes() first.")
+            validator(np.zeros((1, X.shape[1]), X.dtype))  # width and dtype
+            X = X.rechunk({1: -1})
+            return list(X.to_delayed()[:, 0]), list(X.chunks[0]), True
+        X = validator(X)
+        n = X.shape[0]
+        pieces = self.n_shards or max(1, len(_workers()) or 1)
+        bounds = np.linspace(0, n, min(pieces, n) + 1).astype(np.int64)
+        raw = X.raw if hasattr(X, "raw") else X
+        chunks = [_literal(raw[a:b], "rows") for a, b in zip(bounds[:-1], bounds[1:])]
+        return chunks, list(np.diff(bounds)), False
+
+    def _sample_size(self, est, n):
+        mts = est.max_train_samples
+        if mts is None:
+            return n
+        if mts != "auto":
+            return min(n, int(mts))
+        if hasattr(est, "n_lists"):
+            return min(n, POINTS_PER_LIST * est._resolve_n_lists(n))
+        return min(n, est._max_train_samples())
+
+    # -- fit -----------------------------------------------------------------
+    def fit(self, X, y=None):
+        """Train the quantizers on a sample of X, then build the shards.
+
+        Parameters
+        ----------
+        X : dask.array.Array or array-like of shape (n_samples, n_features)
+            Vectors to index; row i gets id i.  A dask array's chunks of
+            rows become the shards (or groups of them, see ``n_shards``),
+            built on the workers that hold them.
+        y : ignored
+
+        Returns
+        -------
+        self : object
+        """
+        self._check_estimator()
+        est = clone(self.estimator)
+        progress = Progress(est.verbose, type(self).__name__)
+
+        def validate(A):
+            return clone(est)._validate_rows(A, reset=True)
+
+        chunks, lengths, lazy = self._chunked(X, validate)
+        n = int(sum(lengths))
+        if n == 0:
+            validate(np.zeros((0, 1)))  # the estimator's "0 sample(s)" error
+        if getattr(est, "n_lists", None) == "auto":  # as a single index of n rows
+            est.set_params(n_lists=est._resolve_n_lists(n))
+        rng = check_random_state(est.random_state)
+        n_sample = self._sample_size(est, n)
+        rows = np.arange(n) if n_sample >= n else np.sort(
+            rng.choice(n, n_sample, replace=False))
+        bounds = _chunk_bounds(lengths)
+        parts = []
+        for i, c in enumerate(chunks):
+            a, b = np.searchsorted(rows, bounds[i:i + 2])
+            if lazy or b > a:  # dask chunks are all validated
+                parts.append(delayed(_checked_sample)(est if lazy else None, c,
+                                                      rows[a:b] - bounds[i]))
+        progress(f"training the quantizers on {n_sample} of {n} rows, drawn from "
+                 f"{len(chunks)} chunk(s)")
+        # The sample goes from the chunks' workers to the training task,
+        # never through the client; every chunk is checked before it ends.
+        trained = dask.compute(delayed(_train)(est, *parts))[0]
+        template = clone(est)._fit_trained(trained)
+
+        groups = self._groups(lengths)
+        seeds = rng.randint(np.iinfo(np.int32).max, size=len(groups))
+        tpl = self._template_node(template)
+        shards, ranges = [], []
+        places = _places([[(chunks[i], lengths[i]) for i in g] for g in groups])
+        for g, seed, place in zip(groups, seeds, places):
+            with _on(place):
+                shards.append(delayed(_build_shard)(tpl, int(seed),
+                                                    *[chunks[i] for i in g]))
+            start, stop = bounds[g[0]], bounds[g[-1] + 1]
+            ranges.append(np.array([[0, start, stop - start]], np.int64))
+        progress(f"building {len(shards)} shard(s)")
+        self.shards_ = _persist(shards)
+        self.template_ = template
+        self.n_features_in_ = template.n_features_in_
+        if hasattr(template, "feature_names_in_"):
+            self.feature_names_in_ = template.feature_names_in_
+        self.n_samples_fit_ = n
+        self.n_removed_ = 0
+        self._ranges = ranges
+        self._live = [int(r[:, 2].sum()) for r in ranges]
+        self._removed = np.zeros(n, bool)
+        self._token = uuid.uuid4().hex
+        progress(f"{len(shards)} shard(s) built")
+        return self
+
+    def _groups(self, lengths):
+        """Chunk numbers of each shard: one chunk each, or ``n_shards``
+        groups of consecutive chunks of about equal rows."""
+        k = len(lengths)
+        if self.n_shards is None or self.n_shards >= k:
+            return [[i] for i in range(k)]
+        cum = np.cumsum(lengths)
+        cut = np.searchsorted(cum, cum[-1] * np.arange(1, self.n_shards) / self.n_shards)
+        edges = np.unique(np.concatenate([[0], np.minimum(cut + 1, k), [k]]))
+        return [list(range(a, b)) for a, b in zip(edges[:-1], edges[1:])]
+
+    def partial_fit(self, X, y=None):
+        """Index more rows with the trained quantizers (no retraining).
+
+        New rows get ids ``n_samples_fit_``, ``n_samples_fit_ + 1``, ...
+        Each chunk becomes a new shard (``n_shards=None``, or fewer shards
+        than ``n_shards``), or is appended to the smallest shard.  An
+        unfitted estimator is fitted on X instead.
+
+        Parameters
+        ----------
+        X : dask.array.Array or array-like of shape (n_samples, n_features)
+        y : ignored
+
+        Returns
+        -------
+        self : object
+        """
+        if not hasattr(self, "template_"):
+            return self.fit(X)
+        self._check_estimator()
+        template = self.template_
+        chunks, lengths, lazy = self._chunked(
+            X, lambda A: template._validate_rows(A, reset=False))
+        tpl = self._template_node(template)
+        if lazy:  # NaN and range, before any shard changes
+            dask.compute(*[delayed(_checked_rows)(tpl, c) for c in chunks])
+        bounds = _chunk_bounds(lengths) + self.n_samples_fit_
+        shards, ranges, live = list(self.shards_), list(self._ranges), list(self._live)
+        changed = {}
+        rng = check_random_state(self._seed())
+        for i, c in enumerate(chunks):
+            m = int(lengths[i])
+            if m == 0:
+                continue
+            if self.n_shards is None or len(shards) < self.n_shards:
+                with _on(_places([[(c, m)]], self.shards_)[0]):
+                    shards.append(delayed(_build_shard)(tpl, int(rng.randint(2**31 - 1)),
+                                                        c))
+                ranges.append(np.array([[0, bounds[i], m]], np.int64))
+                live.append(m)
+                changed[len(shards) - 1] = True
+                continue
+            j = int(np.argmin(live))
+            local = int(ranges[j][-1, 0] + ranges[j][-1, 2])
+            shards[j] = delayed(_appended)(shards[j], c)
+            ranges[j] = np.vstack([ranges[j], [[local, bounds[i], m]]])
+            live[j] += m
+            changed[j] = True
+        done = _persist([shards[j] for j in changed])
+        for j, s in zip(changed, done):
+            shards[j] = s
+        n_new = int(sum(lengths))
+        self.shards_, self._ranges, self._live = shards, ranges, live
+        self._removed = np.concatenate([self._removed, np.zeros(n_new, bool)])
+        self.n_samples_fit_ += n_new
+        return self
+
+    @staticmethod
+    def _template_node(template):
+        """The template as a node of the task graph (rebuilt on a worker
+        from the trained state)."""
+        return delayed(_rebuilt)(_literal((clone(template), template._trained_state()),
+                                          "quantizers"))
+
+    def _seed(self):
+        """Seed of the new shards' seeds: fixed by the estimator's
+        ``random_state`` and the ids given so far, if any is fixed."""
+        rs = self.estimator.random_state
+        if rs is None:
+            return None
+        return (check_random_state(rs).randint(2**31 - 1) + self.n_samples_fit_) % 2**31
+
+    # -- remove ----------------------------------------------------------------
+    def remove(self, ids):
+        """Remove indexed vectors by global id; each shard removes its own.
+
+        Errors (ids not integers, duplicated, out of range, already
+        removed) are those of the single-machine estimators, raised before
+        any shard changes.
+
+        Parameters
+        ----------
+        ids : array-like of int
+
+        Returns
+        -------
+        self : object
+        """
+        check_is_fitted(self)
+        if not hasattr(self.template_, "remove"):
+            raise AttributeError(f"{type(self.template_).__name__} indexes have no remove; "
+                                 "use IVFPQNeighbors or HNSWPQNeighbors.")
+        ids = np.asarray(ids)
+        if ids.size == 0:
+            return self
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"ids must be integers, got dtype {ids.dtype}.")
+        ids = ids.ravel().astype(np.int64)
+        if np.unique(ids).size != ids.size:
+            raise ValueError("ids contain duplicates.")
+        n = self.n_samples_fit_
+        if ids.min() < 0 or ids.max() >= n:
+            raise ValueError(f"ids must lie in [0, {n}), got values in "
+                             f"[{ids.min()}, {ids.max()}].")
+        if self._removed[ids].any():
+            raise ValueError(f"ids {ids[self._removed[ids]][:10].tolist()} were already "
+                             "removed.")
+        shard, local = self._route(ids)
+        shards, live = list(self.shards_), list(self._live)
+        changed = {}
+        for j in np.unique(shard):
+            mine = local[shard == j]
+            changed[j] = delayed(_removed)(shards[j], mine)
+            live[j] -= mine.size
+        for j, s in zip(changed, _persist(list(changed.values()))):
+            shards[j] = s
+        self._removed[ids] = True
+        self.shards_, self._live = shards, live
+        self.n_removed_ += int(ids.size)
+        return self
+
+    def _route(self, ids):
+        """(shard number, local id) of each global id."""
+        table = np.vstack([np.column_stack([r, np.full(len(r), j)])
+                           for j, r in enumerate(self._ranges)])
+        table = table[np.argsort(table[:, 1])]
+        r = np.searchsorted(table[:, 1], ids, side="right") - 1
+        return table[r, 3], ids - table[r, 1] + table[r, 0]
+
+    # -- queries -----------------------------------------------------------------
+    def _search_params(self):
+        """The search parameters to send with a query, validated here (with
+        the single-machine errors), and a view of the template having them."""
+        view = object.__new__(type(self.template_))
+        view.__dict__.update(self.template_.__dict__)
+        view.set_params(**{k: v for k, v in self.estimator.get_params(deep=False).items()
+                           if k != "random_state"})
+        view._check_params_at_call()
+        if hasattr(view, "_n_probe"):
+            view._n_probe()  # warns here when n_probe > n_lists
+        return {k: getattr(view, k) for k in view._search_params}, view
+
+    def _n_neighbors(self, n_neighbors, view, n_queries, query_is_train):
+        if n_neighbors is None:
+            n_neighbors = view.n_neighbors
+        n_neighbors = _check_n_neighbors(n_neighbors)
+        n_fit = self.n_samples_fit_ - self.n_removed_
+        if query_is_train:
+            if self.n_removed_:
+                raise ValueError(
+                    "kneighbors(X=None) queries every indexed point, but "
+                    f"{self.n_removed_} were removed; pass the query points as X.")
+            if n_neighbors + 1 > n_fit:
+                raise ValueError(
+                    f"Expected n_neighbors < n_samples_fit, but n_neighbors = "
+                    f"{n_neighbors}, n_samples_fit = {n_fit}, n_samples = {n_queries}")
+        elif n_neighbors > n_fit:
+            raise ValueError(
+                f"Expected n_neighbors <= n_samples_fit, but n_neighbors = "
+                f"{n_neighbors}, n_samples_fit = {n_fit}, n_samples = {n_queries}")
+        return n_neighbors
+
+    def _fan_out(self, Q, n_neighbors, params):
+        """Delayed (raw dist, global ids) of each shard for the prepared Q."""
+        return [delayed(_search_shard)(s, Q, min(n_neighbors, live), params, r)
+                for s, live, r in zip(self.shards_, self._live, self._ranges) if live]
+
+    def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
+        """Find the (approximate) K-neighbors of points, on every shard.
+
+        Each shard returns its top ``n_neighbors``; they are merged into the
+        global top ``n_neighbors``.  Latency: the slowest shard plus the
+        merge.
+
+        Parameters
+        ----------
+        X : array-like or dask.array.Array of shape (n_queries, n_features), \
+                default=None
+            Query points.  A NumPy array gives NumPy answers; a dask array
+            gives dask arrays, computed lazily, block by block.  None: the
+            neighbours of each indexed point, itself excluded (NumPy).
+        n_neighbors : int, default=None
+            The estimator's ``n_neighbors`` if None.
+        return_distance : bool, default=True
+
+        Returns
+        -------
+        neigh_dist : ndarray or dask array of shape (n_queries, n_neighbors)
+            Only if ``return_distance``.
+        neigh_ind : ndarray or dask array of shape (n_queries, n_neighbors), int64
+            Global ids, sorted by distance, ties broken by the smaller id.
+        """
+        check_is_fitted(self)
+        params, view = self._search_params()
+        template = self.template_
+        if X is None:
+            dist, ind = self._kneighbors_self(n_neighbors, view, params)
+        elif isinstance(X, da.Array):
+            if X.ndim == 2 and any(np.isnan(c) for c in X.chunks[0]):
+                raise ValueError("X has chunks of unknown size; call "
+                                 "X.compute_chunk_sizes() first.")
+            # Width, dimensions and dtype: the estimator's errors, here.
+            template._validate_queries(np.zeros((1,) * (X.ndim - 1) + X.shape[1:],
+                                                X.dtype))
+            k = self._n_neighbors(n_neighbors, view, X.shape[0], False)
+            X = X.rechunk({1: -1})
+            tpl = self._template_node(template)
+            dists, inds = [], []
+            for block, nb in zip(X.to_delayed()[:, 0], X.chunks[0]):
+                Q = delayed(_prepared)(tpl, block)
+                d, i = delayed(_merged_finished, nout=2)(
+                    tpl, k, *self._fan_out(Q, k, params))
+                dists.append(da.from_delayed(d, (nb, k), dtype=template._fit_dtype_))
+                inds.append(da.from_delayed(i, (nb, k), dtype=np.int64))
+            dist, ind = da.concatenate(dists), da.concatenate(inds)
+            return (dist, ind) if return_distance else ind
+        else:
+            Q = template._validate_queries(X)
+            k = self._n_neighbors(n_neighbors, view, Q.shape[0], False)
+            merged = delayed(_merged)(k, *self._fan_out(_literal(Q, "queries"), k, params))
+            dist, ind = dask.compute(merged)[0]
+            dist = template._finish_distances(dist.copy())
+        return (dist, ind) if return_distance else ind
+
+    def _kneighbors_self(self, n_neighbors, view, params):
+        n = self.n_samples_fit_
+        k = self._n_neighbors(n_neighbors, view, n, True) + 1
+        merged = []
+        for s, r in zip(self.shards_, self._ranges):
+            ids_q = delayed(_self_queries, nout=2)(s, r)
+            merged.append((ids_q[0], delayed(_merged)(k, *self._fan_out(ids_q[1], k, params))))
+        dist = np.empty((n, k), self.template_._fit_dtype_)
+        ind = np.empty((n, k), np.int64)
+        for ids, (d, i) in dask.compute(*merged):
+            dist[ids], ind[ids] = d, i
+        # Drop each point from its own row (the first column where it is
+        # not there: duplicates), as the single-machine estimators do.
+        mask = ind != np.arange(n)[:, None]
+        mask[np.all(mask, axis=1), 0] = False
+        ind = ind[mask].reshape(n, k - 1)
+        dist = dist[mask].reshape(n, k - 1)
+        return self.template_._finish_distances(dist), ind
+
+    def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):
+        """The (weighted) graph of k-neighbors of the query points.
+
+        Parameters
+        ----------
+        X : array-like or dask.array.Array of shape (n_queries, n_features), \
+                default=None
+        n_neighbors : int, default=None
+        mode : {"connectivity", "distance"}, default="connectivity"
+
+        Returns
+        -------
+        A : sparse matrix of shape (n_queries, n_samples_fit_), CSR
+            For a dask array X, a dask array whose blocks are CSR matrices.
+        """
+        check_is_fitted(self)
+        if mode not in ("connectivity", "distance"):
+            raise ValueError(
+                'Unsupported mode, must be one of "connectivity", or "distance" '
+                f'but got "{mode}" instead')
+        dist, ind = self.kneighbors(X, n_neighbors, return_distance=True)
+        n_fit = self.n_samples_fit_
+        if isinstance(ind, da.Array):
+            return da.map_blocks(_graph_block, ind, dist, n_fit, mode,
+                                 chunks=(ind.chunks[0], (n_fit,)), dtype=np.float64,
+                                 meta=sparse.csr_matrix((0, 0)))
+        return _graph_block(ind, dist, n_fit, mode)
+
+    def transform(self, X):
+        """Sparse k-neighbors graph of X, as the wrapped estimator's
+        ``transform`` (``n_neighbors + 1`` entries per row in
+        ``mode="distance"``).
+
+        Parameters
+        ----------
+        X : array-like or dask.array.Array of shape (n_queries, n_features)
+
+        Returns
+        -------
+        Xt : sparse matrix of shape (n_queries, n_samples_fit_), CSR
+        """
+        check_is_fitted(self)
+        _, view = self._search_params()
+        add_one = view.mode == "distance"
+        return self.kneighbors_graph(X, n_neighbors=view.n_neighbors + add_one,
+                                     mode=view.mode)
+
+    @property
+    def shard_sizes_(self):
+        """Live (not removed) vectors of each shard (list of ints)."""
+        check_is_fitted(self)
+        return list(self._live)
+
+    # -- save / load -------------------------------------------------------------
+    def save(self, path, *, overwrite=False):
+        """Write every shard from its worker, and a manifest, under ``path``.
+
+        ``path`` must be reachable by every worker under the same name: a
+        shared file system on a multi-machine cluster, any local directory
+        on a one-machine cluster.  The shards go to a new sub-directory;
+        the manifest naming it is replaced last, atomically, so an
+        interrupted save leaves the previous one readable.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+        overwrite : bool, default=False
+            Replace a sharded index already saved at ``path``.
+
+        Returns
+        -------
+        self : object
+        """
+        check_is_fitted(self)
+        path = os.path.abspath(os.fspath(path))
+        manifest = os.path.join(path, MANIFEST)
+        old = None
+        if os.path.exists(manifest):
+            if not overwrite:
+                raise FileExistsError(f"{path} holds a sharded index; pass "
+                                      "overwrite=True to replace it.")
+            old = _read_manifest(path)["data"]
+        elif os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+            raise FileExistsError(f"{path} exists and is not a sharded pqsk index.")
+        data = f"data-{uuid.uuid4().hex}"
+        os.makedirs(os.path.join(path, data))
+        dirs = [os.path.join(data, f"shard-{j:05d}") for j in range(len(self.shards_))]
+        dask.compute(*[delayed(_saved)(s, os.path.join(path, d))
+                       for s, d in zip(self.shards_, dirs)])
+        self.template_.save(os.path.join(path, data, "template"))
+        np.save(os.path.join(path, data, "removed.npy"), self._removed)
+        content = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "data": data,
+            "n_shards": self.n_shards, "n_samples_fit": int(self.n_samples_fit_),
+            "shards": [{"dir": d, "ranges": r.tolist(), "live": int(live)}
+                       for d, r, live in zip(dirs, self._ranges, self._live)],
+        }
+        tmp = manifest + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(content, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, manifest)
+        if old is not None and old != data:
+            shutil.rmtree(os.path.join(path, old), ignore_errors=True)
+        return self
+
+    @classmethod
+    def load(cls, path):
+        """Reopen a sharded index saved with :meth:`save` on the current
+        cluster: each shard is read by a task on a worker (and read again
+        if that worker is lost).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+
+        Returns
+        -------
+        sharded : ShardedNeighbors
+        """
+        path = os.path.abspath(os.fspath(path))
+        m = _read_manifest(path)
+        template = _load_index(os.path.join(path, m["data"], "template"))
+        self = cls(clone(template), n_shards=m["n_shards"])
+        self.shards_ = _persist([delayed(_loaded)(os.path.join(path, s["dir"]))
+                                 for s in m["shards"]])
+        self.template_ = template
+        self.n_features_in_ = template.n_features_in_
+        if hasattr(template, "feature_names_in_"):
+            self.feature_names_in_ = template.feature_names_in_
+        self._ranges = [np.array(s["ranges"], np.int64).reshape(-1, 3) for s in m["shards"]]
+        self._live = [int(s["live"]) for s in m["shards"]]
+        self._removed = np.load(os.path.join(path, m["data"], "removed.npy"))
+        self.n_samples_fit_ = int(m["n_samples_fit"])
+        self.n_removed_ = int(self._removed.sum())
+        if self._removed.shape != (self.n_samples_fit_,):
+            raise ValueError(f"{path}: removed.npy does not match the manifest.")
+        return self
+
+
+def _read_manifest(path):
+    with open(os.path.join(path, MANIFEST)) as f:
+        m = json.load(f)
+    if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} holds no sharded pqsk index of a known version.")
+    return m
+
+
+def _workers():
+    client = _client()
+    if client is None:
+        return []
+    return list(client.nthreads())

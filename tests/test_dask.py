@@ -1,0 +1,256 @@
+"""pqsk.dask.ShardedNeighbors on a real dask.distributed LocalCluster
+(2 worker processes, one thread each)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+
+from pqsk import HNSWPQNeighbors, IVFPQNeighbors, PQNeighbors
+
+da = pytest.importorskip("dask.array")
+distributed = pytest.importorskip("distributed")
+
+from pqsk.dask import ShardedNeighbors  # noqa: E402
+
+rng = np.random.RandomState(42)
+CENTERS = rng.randn(20, 16).astype(np.float32) * 4
+X = (CENTERS[rng.randint(20, size=3000)] + rng.randn(3000, 16)).astype(np.float32)
+Q = (CENTERS[rng.randint(20, size=60)] + rng.randn(60, 16)).astype(np.float32)
+
+
+def ivf(**kw):
+    return IVFPQNeighbors(n_lists=16, n_probe=3, n_subspaces=4, n_codewords=32,
+                          random_state=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def client():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0") as cluster, \
+            distributed.Client(cluster) as c:
+        c.register_plugin(GraphCounter())
+        yield c
+
+
+class GraphCounter(distributed.diagnostics.plugin.SchedulerPlugin):
+    """Counts the task graphs clients send to the scheduler."""
+
+    name = "pqsk-graph-counter"
+
+    def __init__(self):
+        self.n = 0
+
+    def update_graph(self, scheduler, **kwargs):
+        self.n += 1
+
+
+def n_graphs(client):
+    """Task graphs the scheduler was sent so far."""
+    return client.run_on_scheduler(
+        lambda dask_scheduler: dask_scheduler.plugins[GraphCounter.name].n)
+
+
+def reference(sharded, X):
+    """One index of all the rows, built with the sharded index's quantizers."""
+    return clone(sharded.template_)._fit_trained(sharded.template_._trained_state(), X)
+
+
+def test_import_pqsk_does_not_import_dask():
+    code = ("import sys, pqsk; bad = [m for m in sys.modules if m == 'dask' or "
+            "m.startswith(('dask.', 'distributed'))]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("make", [ivf, lambda: PQNeighbors(n_subspaces=4, n_codewords=32,
+                                                           random_state=0)])
+def test_sharded_equals_one_index_with_same_quantizers(client, make):
+    sharded = ShardedNeighbors(make()).fit(da.from_array(X, chunks=(700, 16)))
+    assert len(sharded.shards_) == 5 and sum(sharded.shard_sizes_) == 3000
+    ref = reference(sharded, X)
+    dist, ind = sharded.kneighbors(Q, n_neighbors=7)
+    d0, i0 = ref.kneighbors(Q, n_neighbors=7)
+    np.testing.assert_array_equal(ind, i0)
+    np.testing.assert_allclose(dist, d0, rtol=1e-6)
+    # Probed lists holding fewer than k rows in a shard: that shard scans
+    # further lists, so its answers can only be closer.
+    if hasattr(ref, "n_probe"):
+        sharded.set_params(estimator__n_probe=1)
+        d1, _ = sharded.kneighbors(Q, n_neighbors=60)
+        r1, _ = ref.set_params(n_probe=1).kneighbors(Q, n_neighbors=60)
+        assert np.all(d1 <= r1 * (1 + 1e-6)) and np.any(d1 < r1 * (1 - 1e-6))
+        sharded.set_params(estimator__n_probe=3)
+        ref.set_params(n_probe=3)
+    # X=None: every indexed point, itself excluded.
+    np.testing.assert_array_equal(sharded.kneighbors(n_neighbors=3)[1],
+                                  ref.kneighbors(n_neighbors=3)[1])
+    # Dask-array queries: lazy dask arrays, the same answers.
+    dd, di = sharded.kneighbors(da.from_array(Q, chunks=(25, 16)), n_neighbors=7)
+    assert isinstance(di, da.Array) and di.chunks[0] == (25, 25, 10)
+    np.testing.assert_array_equal(di.compute(), i0)
+    # (rounding of the batched products differs with the block's rows)
+    np.testing.assert_allclose(dd.compute(), d0, rtol=1e-5)
+    # Graphs, as the single index's.
+    g = sharded.kneighbors_graph(Q, n_neighbors=4, mode="distance")
+    assert (g != ref.kneighbors_graph(Q, n_neighbors=4, mode="distance")).nnz == 0
+    gt = sharded.transform(da.from_array(Q, chunks=(30, 16))).compute()
+    np.testing.assert_allclose(gt.toarray(), ref.transform(Q).toarray(), rtol=1e-5)
+
+
+def test_n_shards_groups_numpy_input_and_partial_fit_remove(client):
+    sharded = ShardedNeighbors(ivf(), n_shards=2).fit(X[:2000])
+    assert sharded.shard_sizes_ == [1000, 1000]
+    futures = [distributed.futures_of(s)[0] for s in sharded.shards_]
+    who = client.who_has(futures)
+    assert len({w for f in futures for w in who[f.key]}) == 2  # one shard per worker
+    ref = reference(sharded, X[:2000])
+    sharded.partial_fit(da.from_array(X[2000:], chunks=(600, 16)))
+    ref.partial_fit(X[2000:])
+    assert len(sharded.shards_) == 2 and sorted(sharded.shard_sizes_) == [1400, 1600]
+    removed = rng.choice(3000, 300, replace=False)
+    sharded.remove(removed)
+    ref.remove(removed)
+    assert sharded.n_removed_ == 300 and sum(sharded.shard_sizes_) == 2700
+    ind = sharded.kneighbors(X[:50], n_neighbors=5, return_distance=False)
+    np.testing.assert_array_equal(ind, ref.kneighbors(X[:50], n_neighbors=5)[1])
+    assert not np.isin(ind, removed).any()
+
+
+def test_search_params_per_call_without_rebuilding(client):
+    sharded = ShardedNeighbors(ivf(refine_factor=0)).fit(da.from_array(X, chunks=1000))
+    keys = [s.key for s in sharded.shards_]
+    ref = reference(sharded, X)
+    for n_probe in (1, 8):
+        sharded.set_params(estimator__n_probe=n_probe, estimator__n_neighbors=4)
+        ref.set_params(n_probe=n_probe, n_neighbors=4)
+        np.testing.assert_array_equal(sharded.kneighbors(Q)[1], ref.kneighbors(Q)[1])
+    assert [s.key for s in sharded.shards_] == keys
+    with pytest.raises(ValueError, match="n_subspaces=8 was set after fit"):
+        sharded.set_params(estimator__n_subspaces=8).kneighbors(Q)
+
+
+def test_bad_input_raises_single_machine_errors_before_any_task(client):
+    sharded = ShardedNeighbors(ivf()).fit(X[:1000])
+    single = ivf().fit(X[:1000])
+    bad_nan = Q.copy()
+    bad_nan[3, 2] = np.nan
+    cases = [
+        (lambda e: e.kneighbors(Q[:, :5]), ValueError),
+        (lambda e: e.kneighbors(bad_nan), ValueError),
+        (lambda e: e.partial_fit(bad_nan), ValueError),
+        (lambda e: e.partial_fit(Q[:, :5]), ValueError),
+        (lambda e: e.remove([5, 1000]), ValueError),
+        (lambda e: e.remove([5, 5]), ValueError),
+        (lambda e: e.remove([1.5]), TypeError),
+        (lambda e: e.kneighbors(Q, n_neighbors=1001), ValueError),
+        (lambda e: e.kneighbors(da.from_array(Q[:, :5])), ValueError),
+    ]
+    assert n_graphs(client) > 0  # the counter sees graphs (fit sent some)
+    for call, exc in cases:
+        with pytest.raises(exc) as expected:
+            call(single)
+        before = n_graphs(client)
+        with pytest.raises(exc) as got:
+            call(sharded)
+        assert str(got.value) == str(expected.value)
+        assert n_graphs(client) == before  # no task was submitted
+    with pytest.raises(ValueError, match="NaN"):
+        ShardedNeighbors(ivf()).fit(bad_nan)
+    bad = X[:1000].copy()
+    bad[900, 1] = np.inf
+    with pytest.raises(ValueError, match="infinity"):  # found by the checking tasks
+        ShardedNeighbors(ivf()).fit(da.from_array(bad, chunks=300))
+
+
+def _wait_replaced(client, dead, n=2, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            workers = client.run(os.getpid)
+        except (OSError, distributed.comm.CommClosedError):  # the dead one, not removed yet
+            workers = {}
+        if len(workers) == n and dead not in workers.values():
+            return
+        time.sleep(0.2)
+    raise TimeoutError("the nanny did not restart the killed worker")
+
+
+def _kill_a_shard_holder(client, sharded):
+    pids = client.run(os.getpid)
+    futures = [f for s in sharded.shards_ for f in distributed.futures_of(s)]
+    who = client.who_has(futures)
+    victim = sorted({w for f in futures for w in who[f.key]})[0]
+    os.kill(pids[victim], signal.SIGKILL)
+    _wait_replaced(client, pids[victim])
+
+
+@pytest.mark.parametrize("make", [ivf, lambda: HNSWPQNeighbors(
+    n_subspaces=4, n_codewords=32, n_links=8, ef_construction=40, random_state=0)])
+def test_worker_killed_between_queries_costs_no_answer(client, make, tmp_path):
+    sharded = ShardedNeighbors(make()).fit(da.from_array(X, chunks=(750, 16)))
+    sharded.remove([1, 2, 3])
+    before = sharded.kneighbors(Q, n_neighbors=5)
+    _kill_a_shard_holder(client, sharded)
+    after = sharded.kneighbors(Q, n_neighbors=5)
+    np.testing.assert_array_equal(after[1], before[1])
+    np.testing.assert_array_equal(after[0], before[0])
+    # A loaded index reads a lost shard again from the saved directory.
+    sharded.save(tmp_path / "index")
+    loaded = ShardedNeighbors.load(tmp_path / "index")
+    np.testing.assert_array_equal(loaded.kneighbors(Q, n_neighbors=5)[1], before[1])
+    _kill_a_shard_holder(client, loaded)
+    np.testing.assert_array_equal(loaded.kneighbors(Q, n_neighbors=5)[1], before[1])
+
+
+def test_save_load_round_trip_and_overwrite(client, tmp_path):
+    sharded = ShardedNeighbors(ivf(), n_shards=3).fit(X)
+    sharded.remove([0, 10])
+    path = tmp_path / "idx"
+    sharded.save(path)
+    with pytest.raises(FileExistsError):
+        sharded.save(path)
+    loaded = ShardedNeighbors.load(path)
+    assert loaded.n_removed_ == 2 and loaded.shard_sizes_ == sharded.shard_sizes_
+    np.testing.assert_array_equal(loaded.kneighbors(Q)[1], sharded.kneighbors(Q)[1])
+    loaded.partial_fit(X[:10]).save(path, overwrite=True)
+    again = ShardedNeighbors.load(path)
+    assert again.n_samples_fit_ == 3010
+    assert len([p for p in os.listdir(path) if p.startswith("data-")]) == 1
+    with pytest.raises(ValueError, match="were already removed"):
+        again.remove([10])
+
+
+def test_sharded_hnsw_recall_close_to_one_index(client):
+    est = HNSWPQNeighbors(n_subspaces=8, n_codewords=64, refine_factor=4, random_state=0)
+    sharded = ShardedNeighbors(est).fit(da.from_array(X, chunks=1000))
+    single = clone(est).fit(X)
+    d2 = ((Q[:, None, :] - X[None]) ** 2).sum(-1)
+    true = np.argsort(d2, axis=1)[:, :10]
+
+    def recall(ind):
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ind, true)])
+
+    r_sharded = recall(sharded.kneighbors(Q, n_neighbors=10)[1])
+    r_single = recall(single.kneighbors(Q, n_neighbors=10)[1])
+    assert r_sharded > 0.8 and r_sharded >= r_single - 0.05
+
+
+def test_wrong_estimator_and_local_scheduler():
+    from sklearn.neighbors import NearestNeighbors
+
+    with pytest.raises(TypeError, match="pqsk neighbours estimator"):
+        ShardedNeighbors(NearestNeighbors()).fit(X)
+    # dask's local scheduler (no cluster): the same answers.
+    import dask
+
+    with dask.config.set(scheduler="sync"):
+        sharded = ShardedNeighbors(ivf(), n_shards=3).fit(X)
+        ref = reference(sharded, X)
+        np.testing.assert_array_equal(sharded.kneighbors(Q)[1], ref.kneighbors(Q)[1])
+        with pytest.raises(AttributeError, match="no remove"):
+            ShardedNeighbors(PQNeighbors(n_subspaces=4, n_codewords=16)).fit(X).remove([1])
