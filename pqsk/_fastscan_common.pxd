@@ -22,6 +22,7 @@ cdef extern from "_fastscan_impl.h" nogil:
     Py_ssize_t pqsk_fs_scan_avx512bw(const uint8_t*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
                                      const uint8_t*, uint16_t, uint32_t*, uint16_t*)
     void pqsk_fs_pair_table(const uint8_t*, Py_ssize_t, uint16_t*)
+    void pqsk_fs_quantize_f32(const float*, Py_ssize_t, Py_ssize_t, uint8_t*, double*)
     int pqsk_fs_cpu_has_avx2()
     int pqsk_fs_cpu_has_avx512bw()
     int pqsk_fs_ctz32(uint32_t)
@@ -46,6 +47,9 @@ cdef inline void quantize_tables(const floating* t,    # IN  (m, 16)
     cdef Py_ssize_t j, c
     cdef double span = 0, sum_b = 0, a = 0, delta, u
     cdef floating lo, hi, v, inv, x
+    if floating is float:   # the same, in SSE2 (see _fastscan_impl.h)
+        pqsk_fs_quantize_f32(t, m, m2, lut, params)
+        return
     for j in range(m):
         lo = t[j * 16]
         hi = lo

@@ -102,6 +102,95 @@ static Py_ssize_t pqsk_fs_scan_scalar(const uint8_t *packed, Py_ssize_t b,
     return nb;
 }
 
+/* ---- per-query table quantization (float32 tables) -------------------- */
+
+/* quantize_tables (pqsk/_fastscan_common.pxd) for float32 tables, in SSE2
+ * (part of every x86-64; a plain C loop elsewhere): the same operations in
+ * the same precision, hence the same bytes and parameters.  Row j's
+ * minimum lo_j and the largest row span give delta = span / 255; entry
+ * (j, c) is (uint8)((t - lo_j) * (float)(1 / delta) + 0.5f), saturated at
+ * 255; rows m..m2-1 are zero.  params: sum of lo_j, delta, float rounding
+ * bound (see the .pxd). */
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__SSE2__)
+#include <emmintrin.h>
+#define PQSK_FS_SSE2 1
+#else
+#define PQSK_FS_SSE2 0
+#endif
+
+static void pqsk_fs_quantize_f32(const float *t, Py_ssize_t m, Py_ssize_t m2,
+                                 uint8_t *lut, double *params)
+{
+    double span = 0, sum_b = 0, a = 0, delta;
+    float inv;
+    Py_ssize_t j;
+    int c;
+    for (j = 0; j < m; j++) {
+        const float *row = t + 16 * j;
+        float lo = row[0], hi = row[0], alo, ahi;
+#if PQSK_FS_SSE2
+        __m128 v0 = _mm_loadu_ps(row), v1 = _mm_loadu_ps(row + 4);
+        __m128 v2 = _mm_loadu_ps(row + 8), v3 = _mm_loadu_ps(row + 12);
+        __m128 mn = _mm_min_ps(_mm_min_ps(v0, v1), _mm_min_ps(v2, v3));
+        __m128 mx = _mm_max_ps(_mm_max_ps(v0, v1), _mm_max_ps(v2, v3));
+        mn = _mm_min_ps(mn, _mm_shuffle_ps(mn, mn, _MM_SHUFFLE(1, 0, 3, 2)));
+        mn = _mm_min_ps(mn, _mm_shuffle_ps(mn, mn, _MM_SHUFFLE(2, 3, 0, 1)));
+        mx = _mm_max_ps(mx, _mm_shuffle_ps(mx, mx, _MM_SHUFFLE(1, 0, 3, 2)));
+        mx = _mm_max_ps(mx, _mm_shuffle_ps(mx, mx, _MM_SHUFFLE(2, 3, 0, 1)));
+        lo = _mm_cvtss_f32(mn);
+        hi = _mm_cvtss_f32(mx);
+#else
+        for (c = 1; c < 16; c++) {
+            lo = row[c] < lo ? row[c] : lo;
+            hi = row[c] > hi ? row[c] : hi;
+        }
+#endif
+        sum_b += lo;
+        if ((double)hi - (double)lo > span)
+            span = (double)hi - (double)lo;
+        alo = lo < 0 ? -lo : lo;
+        ahi = hi < 0 ? -hi : hi;
+        a += alo > ahi ? alo : ahi;
+    }
+    delta = span / 255.0;
+    if (!(delta > 0))
+        delta = 1.0;
+    inv = (float)(1.0 / delta);
+    for (j = 0; j < m; j++) {
+        const float *row = t + 16 * j;
+        uint8_t *out = lut + 16 * j;
+#if PQSK_FS_SSE2
+        __m128 v0 = _mm_loadu_ps(row), v1 = _mm_loadu_ps(row + 4);
+        __m128 v2 = _mm_loadu_ps(row + 8), v3 = _mm_loadu_ps(row + 12);
+        __m128 mn = _mm_min_ps(_mm_min_ps(v0, v1), _mm_min_ps(v2, v3));
+        __m128 vi = _mm_set1_ps(inv), half = _mm_set1_ps(0.5f);
+        __m128i i0, i1, i2, i3;
+        mn = _mm_min_ps(mn, _mm_shuffle_ps(mn, mn, _MM_SHUFFLE(1, 0, 3, 2)));
+        mn = _mm_min_ps(mn, _mm_shuffle_ps(mn, mn, _MM_SHUFFLE(2, 3, 0, 1)));
+        i0 = _mm_cvttps_epi32(_mm_add_ps(_mm_mul_ps(_mm_sub_ps(v0, mn), vi), half));
+        i1 = _mm_cvttps_epi32(_mm_add_ps(_mm_mul_ps(_mm_sub_ps(v1, mn), vi), half));
+        i2 = _mm_cvttps_epi32(_mm_add_ps(_mm_mul_ps(_mm_sub_ps(v2, mn), vi), half));
+        i3 = _mm_cvttps_epi32(_mm_add_ps(_mm_mul_ps(_mm_sub_ps(v3, mn), vi), half));
+        /* (values in [0, 256): the signed 16-bit pack is exact, the
+         * unsigned 8-bit pack saturates at 255) */
+        _mm_storeu_si128((__m128i *)(void *)out,
+                         _mm_packus_epi16(_mm_packs_epi32(i0, i1), _mm_packs_epi32(i2, i3)));
+#else
+        float lo = row[0], x;
+        for (c = 1; c < 16; c++)
+            lo = row[c] < lo ? row[c] : lo;
+        for (c = 0; c < 16; c++) {
+            x = (row[c] - lo) * inv + 0.5f;
+            out[c] = (uint8_t)(x < 255.0f ? x : 255.0f);
+        }
+#endif
+    }
+    memset(lut + 16 * m, 0, (size_t)(16 * (m2 - m)));
+    params[0] = sum_b;
+    params[1] = delta;
+    params[2] = (double)(m + 2) * a * 2.384185791015625e-07;
+}
+
 /* ---- x86 SIMD kernels ------------------------------------------------- */
 
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__)) \
