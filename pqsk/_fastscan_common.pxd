@@ -4,7 +4,7 @@ cimported by ``pqsk._fastscan`` (exhaustive search) and ``pqsk._ivf``
 (IVF lists of packed segments).  See ``pqsk/_fastscan.pyx`` for the maths."""
 
 from cython cimport floating
-from libc.math cimport INFINITY, fabs, floor
+from libc.math cimport INFINITY, fabs
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, INT64_MAX
 
 from ._heap cimport heap_push
@@ -97,7 +97,7 @@ cdef inline uint16_t threshold(double worst, const double* params,
         return 65535
     if not s >= 0:
         return 0
-    return <uint16_t> floor(s)
+    return <uint16_t> s   # (s >= 0: truncation is floor, without a libm call)
 
 
 cdef inline void scan_packed(const floating* t,     # IN  (m, 16) float table
