@@ -33,6 +33,8 @@ the CPU lacks.  ``isa()`` names the active one.
 import os
 import warnings
 
+import numpy as np
+
 cimport cython
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
@@ -111,6 +113,21 @@ def _select_at_import():
 
 
 _select_at_import()
+
+
+def _quantize_tables(const floating[:, ::1] t):
+    """(lut, params) of ``quantize_tables`` for a (m, 16) table (tests):
+    lut (m, 16) uint8, params (sum of row minima, delta, rounding bound)."""
+    cdef Py_ssize_t m = t.shape[0]
+    if t.shape[1] != 16 or m == 0:
+        raise ValueError("t must be (m, 16), m >= 1")
+    lut = np.zeros((m, 16), dtype=np.uint8)
+    params = np.zeros(3, dtype=np.float64)
+    cdef uint8_t[:, ::1] lv = lut
+    cdef double[::1] pv = params
+    with nogil:
+        quantize_tables(&t[0, 0], m, m, &lv[0, 0], &pv[0])
+    return lut, params
 
 
 def _read_bytes(const uint8_t[::1] data):

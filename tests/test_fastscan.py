@@ -452,3 +452,34 @@ def test_margin_scan_is_exact_float_adc_but_for_near_ties(inner_product):
     assert_array_equal(np.take_along_axis(full, i, 1), d)
     overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(i, exact[1])])
     assert overlap >= 0.99
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_table_quantization_matches_its_definition(dtype):
+    """quantize_tables (SSE2 for float32, a loop for float64) against the
+    same arithmetic in NumPy, in the table's precision: row minima, one
+    step delta = largest row span / 255, round((t - lo) / delta) computed
+    as (t - lo) * (1 / delta) + 0.5 truncated, saturated at 255."""
+    r = np.random.RandomState(7)
+    for m in (1, 3, 25, 64):
+        t = (r.randn(m, 16) * r.choice([1e-3, 1.0, 50.0], (m, 1))).astype(dtype)
+        t[0, 3] = t[0].min() - 1.0                 # a row with a far outlier
+        if m > 2:
+            t[2] = 0.5                             # a flat row
+        lut, params = _fastscan._quantize_tables(t)
+        lo = t.min(axis=1)
+        span = float((t.max(axis=1).astype(np.float64) - lo.astype(np.float64)).max())
+        delta = span / 255.0 if span > 0 else 1.0
+        inv = dtype(1.0 / delta)
+        x = (t - lo[:, None]) * inv + dtype(0.5)
+        assert x.dtype == dtype
+        expected = np.minimum(x, dtype(255)).astype(np.uint8)
+        assert_array_equal(lut, expected)
+        assert params[0] == pytest.approx(float(lo.astype(np.float64).sum()), rel=1e-12)
+        assert params[1] == delta
+        # every entry within half a step (plus float rounding) of the exact ratio
+        exact = (t.astype(np.float64) - lo[:, None]) / delta
+        assert np.all(np.abs(lut - np.minimum(exact, 255)) <= 0.5 + 1e-4)
+    flat = np.zeros((4, 16), dtype)
+    lut, params = _fastscan._quantize_tables(flat)
+    assert not lut.any() and params[1] == 1.0
