@@ -8,6 +8,7 @@
   only ``_fit_index``, ``_search`` and ``_self_queries``.
 """
 
+import warnings
 import weakref
 from numbers import Integral, Real
 
@@ -43,6 +44,43 @@ from ._utils import (
 )
 
 METRICS = ("euclidean", "sqeuclidean", "cosine", "dot")
+
+# scikit-learn's names for the Euclidean distance, accepted as ``metric``:
+# "l2" always, "minkowski" with p=2 (``p``, or ``metric_params["p"]``).
+METRIC_ALIASES = ("l2", "minkowski")
+
+
+def resolve_metric(metric, p=2, metric_params=None, warn=False):
+    """(effective metric, effective metric params) of the ``metric``,
+    ``p`` and ``metric_params`` parameters, as
+    :class:`sklearn.neighbors.NearestNeighbors` sets ``effective_metric_``
+    and ``effective_metric_params_``: ``"minkowski"`` with p=2 is
+    ``"euclidean"`` (the p in ``metric_params`` wins over ``p``, with a
+    warning when ``warn``), and ``"l2"`` is ``"euclidean"`` too (scikit-learn keeps the
+    name "l2"; pqsk's kernels know one name per metric).  Every pqsk metric
+    is one of squared L2 or the inner product, so the effective parameters
+    are always empty; other values raise ValueError.
+    """
+    params = {} if metric_params is None else dict(metric_params)
+    if warn and "p" in params and p is not None:
+        warnings.warn("Parameter p is found in metric_params. The corresponding "
+                      "parameter from __init__ is ignored.", SyntaxWarning, stacklevel=4)
+    p_eff = params.pop("p", p)
+    if params:
+        raise ValueError(
+            f"metric_params {sorted(params)} are not supported: pqsk's metrics "
+            f"{METRICS} take no parameters (metric='minkowski' takes p=2 only).")
+    if metric == "minkowski":
+        if p_eff != 2:
+            raise ValueError(
+                f"metric='minkowski' is supported with p=2 (the Euclidean distance) "
+                f"only, got p={p_eff!r}: product quantization approximates L2 "
+                "distances and inner products.")
+        return "euclidean", {}
+    if metric == "l2":
+        return "euclidean", {}
+    return metric, {}
+
 
 # Estimator -> the search-time parameter values last found valid (kept
 # outside ``__dict__``, so that pickling, cloning and saving never see it).
@@ -202,18 +240,23 @@ class PQParamsMixin:
             f"training {self.n_subspaces} x KMeans({self.n_codewords}) on "
             f"{sample.shape[0]} x {d // self.n_subspaces} sub-vectors"
         )
-        codebooks, n_iter = _quantizer.train_codebooks(
-            sample,
-            self.n_subspaces,
-            self.n_codewords,
-            init=self.init,
-            max_iter=self.max_iter,
-            n_init=self.n_init,
-            tol=self.tol,
-            random_state=rng,
-            n_threads=effective_n_threads(self.n_jobs),
-            progress=progress,
-        )
+        with progress.bar(self.n_subspaces, "codebooks", unit="sub-spaces") as bar:
+            def subspace_done(msg, level=1):  # called once per sub-space trained
+                bar.update()
+                progress(msg, level)
+
+            codebooks, n_iter = _quantizer.train_codebooks(
+                sample,
+                self.n_subspaces,
+                self.n_codewords,
+                init=self.init,
+                max_iter=self.max_iter,
+                n_init=self.n_init,
+                tol=self.tol,
+                random_state=rng,
+                n_threads=effective_n_threads(self.n_jobs),
+                progress=subspace_done,
+            )
         self.n_iter_ = int(n_iter.max())
         progress(f"codebooks trained (at most {self.n_iter_} KMeans iterations)")
         if threshold is not None:
@@ -466,15 +509,18 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
 
     _neighbors_parameter_constraints = {
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
-        "metric": [StrOptions(set(METRICS))],
+        "metric": [StrOptions(set(METRICS) | set(METRIC_ALIASES))],
+        "p": [Interval(Real, 0, None, closed="right"), None],
+        "metric_params": [dict, None],
         "mode": [StrOptions({"distance", "connectivity"})],
         "refine_factor": [Interval(Integral, 0, None, closed="left")],
+        "radius": [Interval(Real, None, None, closed="neither")],
     }
 
     # Parameters read at search time: they may change with ``set_params``
     # after fit and are validated at every call.  Every other parameter
     # shapes the fitted index; see ``_fitted_values``.
-    _search_params = ("n_neighbors", "refine_factor", "n_jobs", "mode")
+    _search_params = ("n_neighbors", "refine_factor", "n_jobs", "mode", "radius")
 
     # dtype the kernels compute distances in, when not the fitted dtype.
     _kernel_dtype = None
@@ -524,7 +570,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         names = self._search_params
         fitted_values = self._fitted_values()
         key = tuple((type(v), v) for v in (getattr(self, n) for n in
-                                           (*names, *fitted_values)))
+                                           (*names, *fitted_values, *self._metric_names)))
         if _CHECKED_PARAMS.get(self) == key:
             return
         validate_parameter_constraints(
@@ -534,6 +580,8 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         )
         for name, fitted in fitted_values.items():
             value = getattr(self, name)
+            if name == "metric":  # aliases: compared by what they mean
+                value = self._param_metric()
             if value != fitted:
                 raise ValueError(
                     f"{name}={value!r} was set after fit, but this index was built "
@@ -541,6 +589,22 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                     f"value (partial_fit cannot change it), or set {name} back."
                 )
         _CHECKED_PARAMS[self] = key
+
+    # The parameters that together name the metric (see ``resolve_metric``).
+    _metric_names = ("metric", "p", "metric_params")
+
+    def _param_metric(self):
+        """The metric the parameters name now (aliases resolved): what the
+        next ``fit`` gives ``effective_metric_``."""
+        return resolve_metric(self.metric, self.p, self.metric_params)[0]
+
+    @property
+    def effective_metric_params_(self):
+        """Parameters of ``effective_metric_``: always ``{}`` (pqsk's metrics
+        take none; "minkowski" with p=2 is "euclidean"), as
+        :class:`~sklearn.neighbors.NearestNeighbors` reports them."""
+        self.effective_metric_  # AttributeError when not fitted
+        return {}
 
     @property
     def _inner_product(self):
@@ -639,7 +703,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         return FitRows(X, dtype, self._unit_norm(reset), None if reset else self._rotation)
 
     def _unit_norm(self, reset):
-        metric = self.metric if reset else self.effective_metric_
+        metric = self._param_metric() if reset else self.effective_metric_
         return metric == "cosine"
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -663,8 +727,8 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """
         # A failed fit leaves a fitted index as it was (restore_on_error).
         with index_writer(self), index_lock(self).write(), restore_on_error(self):
-            if self.anisotropic_threshold is not None and self.metric not in ("dot",
-                                                                              "cosine"):
+            metric = resolve_metric(self.metric, self.p, self.metric_params, warn=True)[0]
+            if self.anisotropic_threshold is not None and metric not in ("dot", "cosine"):
                 raise ValueError(
                     f"anisotropic_threshold={self.anisotropic_threshold!r} needs an "
                     f"inner-product metric ('dot' or 'cosine'), got metric="
@@ -672,7 +736,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             rows = self._validate_rows(X, reset=True)
             progress = Progress(self.verbose, type(self).__name__)
             self._fit_dtype_ = rows.dtype
-            self.effective_metric_ = self.metric
+            self.effective_metric_ = metric
             self.n_samples_fit_ = 0
             self.n_removed_ = 0
             self.removed_ = None
