@@ -916,6 +916,12 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         growing = recode(np.arange(n_nodes) if self.ids_ is None else self.ids_)
         return {"segments_": tuple(segments), "codes_": growing}, ("codes",)
 
+    @property
+    def _radius_first_k(self):
+        # radius_neighbors starts at the beam width: the first search
+        # costs what kneighbors does.
+        return self.ef_search
+
     def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
         """As :meth:`BasePQNeighbors.kneighbors`; warns (``UserWarning``)
         when ``ef_search < n_neighbors``: the beam is then widened to

@@ -966,6 +966,21 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
             return self.n_lists_
         return self.n_probe
 
+    def _radius_caps(self, Q):
+        """Entries in the ``n_probe`` lists nearest each row of Q (removed
+        ones included): what ``radius_neighbors`` may visit per query."""
+        sizes = np.bincount(self.growing_lists_, minlength=self.n_lists_).astype(np.int64)
+        for s in self.segments_:
+            sizes += np.diff(s["list_offsets"])
+        n_probe = min(self.n_probe, self.n_lists_)
+        caps = np.empty(Q.shape[0], dtype=np.int64)
+        for sl in chunk_slices(Q.shape[0], _quantizer.chunk_rows(self.n_lists_)):
+            coarse = _quantizer.coarse_terms(Q[sl], self.cluster_centers_,
+                                             self._inner_product)
+            probed = np.argpartition(coarse, n_probe - 1, axis=1)[:, :n_probe]
+            caps[sl] = sizes[probed].sum(axis=1)
+        return caps
+
     def _search(self, Q, n_candidates, n_threads, ranking_only=False):
         ip = self._inner_product
         n_probe = self._n_probe()
