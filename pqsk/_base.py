@@ -1026,8 +1026,12 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         Returns
         -------
         neigh_dist : ndarray of shape (n_queries, n_neighbors)
-            Distances under ``metric``, in the dtype of the fitted data
-            (float32 unless fitted on float64); only if ``return_distance``.
+            Distances under ``metric``, in the float dtype the index was
+            fitted in: float64 when fitted on float64, else float32
+            (float32, float16 and integer input), whatever the queries'
+            dtype (they are converted to it).  scikit-learn's
+            :class:`~sklearn.neighbors.NearestNeighbors` returns float64
+            in every case.  Only if ``return_distance``.
         neigh_ind : ndarray of shape (n_queries, n_neighbors), int64
             Indices of the nearest indexed points, sorted by distance, ties
             broken by the smaller index.
