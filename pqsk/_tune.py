@@ -128,14 +128,19 @@ def _recall(estimator, source, Q, found, kth):
     nq, k = found.shape
     valid = (found >= 0) & (found < estimator.n_samples_fit_)
     ids = np.unique(found[valid])
-    pos = np.searchsorted(ids, np.where(valid, found, 0))
     rows = source[ids] if isinstance(source, np.ndarray) else source.take(ids)
-    hits = 0
-    for q in range(nq):
-        d = _ranking(estimator, Q[q:q + 1], rows[pos[q][valid[q]]])[0]
-        tol = 1e-7 * max(1.0, abs(kth[q]))
-        hits += int(np.count_nonzero(d <= kth[q] + tol))
-    return hits / (nq * k)
+    rows = np.asarray(estimator._prepare(np.asarray(rows)), dtype=np.float64)
+    # (nq, k, D) rows of the found ids; invalid slots read row 0, then fail.
+    R = rows[np.searchsorted(ids, np.where(valid, found, ids[0] if ids.size else 0))]
+    Q = np.asarray(Q, dtype=np.float64)
+    if estimator._inner_product:
+        d = -np.einsum("qkd,qd->qk", R, Q)
+    else:
+        diff = R - Q[:, None, :]
+        d = np.einsum("qkd,qkd->qk", diff, diff)
+    tol = 1e-7 * np.maximum(1.0, np.abs(kth))
+    hits = valid & (d <= (kth + tol)[:, None])
+    return int(np.count_nonzero(hits)) / (nq * k)
 
 
 def _pareto(recall, times):
