@@ -374,8 +374,9 @@ def tune_search(estimator, X_sample=None, target_recall=0.95, n_neighbors=10, *,
     times = np.array([measured[(rf_of >= rf_of[i]) & (kn_of >= kn_of[i])].min()
                       for i in range(len(rows))])
     reaches = recall >= target_recall
-    if reaches.any():
-        pick = int(np.argmin(np.where(reaches, times, np.inf)))
+    if reaches.any():  # the fastest; of equally fast ones, the most accurate
+        order = np.lexsort((-recall, np.where(reaches, times, np.inf)))
+        pick = int(order[0])
     else:
         top = recall == recall.max()
         pick = int(np.argmin(np.where(top, times, np.inf)))
