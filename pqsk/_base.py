@@ -1252,8 +1252,9 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         nq = Q.shape[0]
         n_live = self._n_live
         caps = np.minimum(self._radius_caps(Q), n_live)
-        out_d, out_i = [None] * nq, [None] * nq
-        pending = np.arange(nq)
+        out_d = [np.empty(0, dtype=self._fit_dtype_) for _ in range(nq)]
+        out_i = [np.empty(0, dtype=np.int64) for _ in range(nq)]
+        pending = np.arange(nq if n_live else 0)  # all removed: nothing in range
         k = min(n_live, self._radius_first_k + int(self_query))
         while pending.size:
             k = max(1, min(k, int(caps[pending].max())))

@@ -184,3 +184,11 @@ def test_bad_calls():
         ivf.radius_neighbors(radius=0.5)
     # With X the removed point is never returned.
     assert all(3 not in row for row in ivf.radius_neighbors(X[:5], radius=0.8)[1])
+
+
+@pytest.mark.parametrize("cls", [IVFPQNeighbors, HNSWPQNeighbors])
+def test_every_point_removed(cls):
+    nn = cls(**PQ).fit(X).remove(np.arange(X.shape[0]))
+    dist, ind = nn.radius_neighbors(X[:2], radius=10.0)
+    assert [i.size for i in ind] == [0, 0] and dist[0].dtype == np.float64
+    assert nn.radius_neighbors_graph(X[:2], radius=10.0).nnz == 0
