@@ -923,7 +923,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         return self.ef_search
 
     def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
-        """As :meth:`BasePQNeighbors.kneighbors`; warns (``UserWarning``)
+        """As for every searcher (see :class:`PQNeighbors`); warns (``UserWarning``)
         when ``ef_search < n_neighbors``: the beam is then widened to
         ``n_neighbors``, so the search costs more than ``ef_search`` says
         (hnswlib raises the beam the same way)."""
