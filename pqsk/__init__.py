@@ -4,6 +4,7 @@ from ._hnswpq import HNSWPQNeighbors
 from ._ivfpq import IVFPQNeighbors
 from ._persist import IndexFormatError, load
 from ._pq import PQNeighbors, PQTransformer
+from ._tune import tune_search
 
 __version__ = "0.1.0.dev0"
 
@@ -15,4 +16,5 @@ __all__ = [
     "PQTransformer",
     "__version__",
     "load",
+    "tune_search",
 ]

@@ -8,6 +8,7 @@
   only ``_fit_index``, ``_search`` and ``_self_queries``.
 """
 
+import warnings
 import weakref
 from numbers import Integral, Real
 
@@ -43,6 +44,43 @@ from ._utils import (
 )
 
 METRICS = ("euclidean", "sqeuclidean", "cosine", "dot")
+
+# scikit-learn's names for the Euclidean distance, accepted as ``metric``:
+# "l2" always, "minkowski" with p=2 (``p``, or ``metric_params["p"]``).
+METRIC_ALIASES = ("l2", "minkowski")
+
+
+def resolve_metric(metric, p=2, metric_params=None, warn=False):
+    """(effective metric, effective metric params) of the ``metric``,
+    ``p`` and ``metric_params`` parameters, as
+    :class:`sklearn.neighbors.NearestNeighbors` sets ``effective_metric_``
+    and ``effective_metric_params_``: ``"minkowski"`` with p=2 is
+    ``"euclidean"`` (the p in ``metric_params`` wins over ``p``, with a
+    warning when ``warn``), and ``"l2"`` is ``"euclidean"`` too (scikit-learn keeps the
+    name "l2"; pqsk's kernels know one name per metric).  Every pqsk metric
+    is one of squared L2 or the inner product, so the effective parameters
+    are always empty; other values raise ValueError.
+    """
+    params = {} if metric_params is None else dict(metric_params)
+    if warn and "p" in params and p is not None:
+        warnings.warn("Parameter p is found in metric_params. The corresponding "
+                      "parameter from __init__ is ignored.", SyntaxWarning, stacklevel=4)
+    p_eff = params.pop("p", p)
+    if params:
+        raise ValueError(
+            f"metric_params {sorted(params)} are not supported: pqsk's metrics "
+            f"{METRICS} take no parameters (metric='minkowski' takes p=2 only).")
+    if metric == "minkowski":
+        if p_eff != 2:
+            raise ValueError(
+                f"metric='minkowski' is supported with p=2 (the Euclidean distance) "
+                f"only, got p={p_eff!r}: product quantization approximates L2 "
+                "distances and inner products.")
+        return "euclidean", {}
+    if metric == "l2":
+        return "euclidean", {}
+    return metric, {}
+
 
 # Estimator -> the search-time parameter values last found valid (kept
 # outside ``__dict__``, so that pickling, cloning and saving never see it).
@@ -202,18 +240,23 @@ class PQParamsMixin:
             f"training {self.n_subspaces} x KMeans({self.n_codewords}) on "
             f"{sample.shape[0]} x {d // self.n_subspaces} sub-vectors"
         )
-        codebooks, n_iter = _quantizer.train_codebooks(
-            sample,
-            self.n_subspaces,
-            self.n_codewords,
-            init=self.init,
-            max_iter=self.max_iter,
-            n_init=self.n_init,
-            tol=self.tol,
-            random_state=rng,
-            n_threads=effective_n_threads(self.n_jobs),
-            progress=progress,
-        )
+        with progress.bar(self.n_subspaces, "codebooks", unit="sub-spaces") as bar:
+            def subspace_done(msg, level=1):  # called once per sub-space trained
+                bar.update()
+                progress(msg, level)
+
+            codebooks, n_iter = _quantizer.train_codebooks(
+                sample,
+                self.n_subspaces,
+                self.n_codewords,
+                init=self.init,
+                max_iter=self.max_iter,
+                n_init=self.n_init,
+                tol=self.tol,
+                random_state=rng,
+                n_threads=effective_n_threads(self.n_jobs),
+                progress=subspace_done,
+            )
         self.n_iter_ = int(n_iter.max())
         progress(f"codebooks trained (at most {self.n_iter_} KMeans iterations)")
         if threshold is not None:
@@ -466,15 +509,18 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
 
     _neighbors_parameter_constraints = {
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
-        "metric": [StrOptions(set(METRICS))],
+        "metric": [StrOptions(set(METRICS) | set(METRIC_ALIASES))],
+        "p": [Interval(Real, 0, None, closed="right"), None],
+        "metric_params": [dict, None],
         "mode": [StrOptions({"distance", "connectivity"})],
         "refine_factor": [Interval(Integral, 0, None, closed="left")],
+        "radius": [Interval(Real, None, None, closed="neither")],
     }
 
     # Parameters read at search time: they may change with ``set_params``
     # after fit and are validated at every call.  Every other parameter
     # shapes the fitted index; see ``_fitted_values``.
-    _search_params = ("n_neighbors", "refine_factor", "n_jobs", "mode")
+    _search_params = ("n_neighbors", "refine_factor", "n_jobs", "mode", "radius")
 
     # dtype the kernels compute distances in, when not the fitted dtype.
     _kernel_dtype = None
@@ -524,7 +570,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         names = self._search_params
         fitted_values = self._fitted_values()
         key = tuple((type(v), v) for v in (getattr(self, n) for n in
-                                           (*names, *fitted_values)))
+                                           (*names, *fitted_values, *self._metric_names)))
         if _CHECKED_PARAMS.get(self) == key:
             return
         validate_parameter_constraints(
@@ -534,6 +580,8 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         )
         for name, fitted in fitted_values.items():
             value = getattr(self, name)
+            if name == "metric":  # aliases: compared by what they mean
+                value = self._param_metric()
             if value != fitted:
                 raise ValueError(
                     f"{name}={value!r} was set after fit, but this index was built "
@@ -541,6 +589,22 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                     f"value (partial_fit cannot change it), or set {name} back."
                 )
         _CHECKED_PARAMS[self] = key
+
+    # The parameters that together name the metric (see ``resolve_metric``).
+    _metric_names = ("metric", "p", "metric_params")
+
+    def _param_metric(self):
+        """The metric the parameters name now (aliases resolved): what the
+        next ``fit`` gives ``effective_metric_``."""
+        return resolve_metric(self.metric, self.p, self.metric_params)[0]
+
+    @property
+    def effective_metric_params_(self):
+        """Parameters of ``effective_metric_``: always ``{}`` (pqsk's metrics
+        take none; "minkowski" with p=2 is "euclidean"), as
+        :class:`~sklearn.neighbors.NearestNeighbors` reports them."""
+        self.effective_metric_  # AttributeError when not fitted
+        return {}
 
     @property
     def _inner_product(self):
@@ -639,7 +703,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         return FitRows(X, dtype, self._unit_norm(reset), None if reset else self._rotation)
 
     def _unit_norm(self, reset):
-        metric = self.metric if reset else self.effective_metric_
+        metric = self._param_metric() if reset else self.effective_metric_
         return metric == "cosine"
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -663,8 +727,8 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """
         # A failed fit leaves a fitted index as it was (restore_on_error).
         with index_writer(self), index_lock(self).write(), restore_on_error(self):
-            if self.anisotropic_threshold is not None and self.metric not in ("dot",
-                                                                              "cosine"):
+            metric = resolve_metric(self.metric, self.p, self.metric_params, warn=True)[0]
+            if self.anisotropic_threshold is not None and metric not in ("dot", "cosine"):
                 raise ValueError(
                     f"anisotropic_threshold={self.anisotropic_threshold!r} needs an "
                     f"inner-product metric ('dot' or 'cosine'), got metric="
@@ -672,7 +736,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             rows = self._validate_rows(X, reset=True)
             progress = Progress(self.verbose, type(self).__name__)
             self._fit_dtype_ = rows.dtype
-            self.effective_metric_ = self.metric
+            self.effective_metric_ = metric
             self.n_samples_fit_ = 0
             self.n_removed_ = 0
             self.removed_ = None
@@ -962,8 +1026,12 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         Returns
         -------
         neigh_dist : ndarray of shape (n_queries, n_neighbors)
-            Distances under ``metric``, in the dtype of the fitted data
-            (float32 unless fitted on float64); only if ``return_distance``.
+            Distances under ``metric``, in the float dtype the index was
+            fitted in: float64 when fitted on float64, else float32
+            (float32, float16 and integer input), whatever the queries'
+            dtype (they are converted to it).  scikit-learn's
+            :class:`~sklearn.neighbors.NearestNeighbors` returns float64
+            in every case.  Only if ``return_distance``.
         neigh_ind : ndarray of shape (n_queries, n_neighbors), int64
             Indices of the nearest indexed points, sorted by distance, ties
             broken by the smaller index.
@@ -1062,6 +1130,196 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         return sparse.csr_matrix(
             (data, ind.ravel(), indptr), shape=(n_queries, self.n_samples_fit_)
         )
+
+    # -- radius queries ----------------------------------------------------
+    # Candidates are fetched k at a time with the k-neighbours search, k
+    # doubling, until the k-th is beyond the radius or the query has no
+    # more points to visit (``_radius_caps``).
+
+    # Candidates asked for first (HNSW: its beam width).
+    _radius_first_k = 16
+
+    def radius_neighbors(self, X=None, radius=None, return_distance=True,
+                         sort_results=False):
+        """Find the (approximate) neighbors within a given radius of points.
+
+        Approximate: a query returns the points within ``radius`` among
+        those the index visits for it, which are
+
+        * :class:`PQNeighbors`: every indexed point;
+        * :class:`IVFPQNeighbors`: the points of the ``n_probe`` lists
+          nearest the query (its last request, of at most twice as many
+          candidates as those lists hold, may reach into the next lists in
+          centroid order, as ``kneighbors`` does when the probed lists hold
+          too few points);
+        * :class:`HNSWPQNeighbors`: those a beam search of width ``max(k,
+          ef_search)`` returns (its k best), k doubling from ``ef_search``
+          until the k-th is beyond ``radius``.
+
+        Candidates are fetched with the k-neighbours search, k doubling
+        from 16 (HNSW: ``ef_search``) until the k-th candidate is beyond
+        ``radius`` or the query's visitable points are all fetched; each
+        doubling repeats the search (a flat index rescans every code).
+        Without re-ranking, the distances (and so the radius test) are the
+        ADC distances between the query and the decoded points; with
+        ``refine_factor > 0`` they are exact (the best k of ``refine_factor
+        * k`` ADC candidates, by exact distance), so with an exhaustive
+        search (flat, ``n_probe = n_lists``, or ``ef_search`` at least the
+        number of points) and enough re-ranking the result is
+        :class:`~sklearn.neighbors.NearestNeighbors`'s.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features), default=None
+            The query points.  If None, the indexed points (their raw
+            vectors when kept, else their reconstructions), each point
+            excluded from its own neighbors, as scikit-learn does.
+        radius : float, default=None
+            Range, in the units of ``metric`` (for ``"dot"``, ``-<q, x> <=
+            radius``, which may be negative); the estimator's ``radius``
+            if None.
+        return_distance : bool, default=True
+            Whether to return the distances.
+        sort_results : bool, default=False
+            Accepted for scikit-learn's API; results are always sorted by
+            distance, ties broken by the smaller index.  Requires
+            ``return_distance=True``, as in scikit-learn.
+
+        Returns
+        -------
+        neigh_dist : ndarray of shape (n_queries,), dtype=object
+            Array of arrays: the distances of each query's neighbors, in
+            the dtype of the fitted data (float32 unless fitted on
+            float64); only if ``return_distance``.
+        neigh_ind : ndarray of shape (n_queries,), dtype=object
+            Array of int64 arrays: the indices of each query's neighbors.
+        """
+        self._check_fitted()
+        with index_lock(self).read():
+            return self._radius_neighbors(X, radius, return_distance, sort_results)
+
+    def _check_radius(self, radius):
+        if radius is None:
+            radius = self.radius  # validated with the search parameters
+        elif isinstance(radius, bool) or not isinstance(radius, Real):
+            raise TypeError(f"radius must be a real number, got {radius!r}.")
+        radius = float(radius)
+        if not np.isfinite(radius):
+            raise ValueError(f"radius must be finite, got {radius}.")
+        if radius < 0 and self.effective_metric_ != "dot":
+            raise ValueError(f"radius must be >= 0 for metric={self.effective_metric_!r}, "
+                             f"got {radius}.")
+        return radius
+
+    def _radius_neighbors(self, X, radius, return_distance, sort_results):
+        self._check_params_at_call()
+        radius = self._check_radius(radius)
+        if sort_results and not return_distance:
+            raise ValueError("return_distance must be True if sort_results is True.")
+        query_is_train = X is None
+        if query_is_train:
+            if self.n_removed_:
+                raise ValueError(
+                    "radius_neighbors(X=None) queries every indexed point, but "
+                    f"{self.n_removed_} were removed; pass the query points as X.")
+            n_queries = self.n_samples_fit_
+            parts = self._self_queries()
+        else:
+            Q = self._validate_queries(X)
+            n_queries = Q.shape[0]
+            parts = [(slice(0, n_queries), Q)]
+        n_threads = max(1, min(effective_n_threads(self.n_jobs), n_queries))
+        dist = np.empty(n_queries, dtype=object)
+        ind = np.empty(n_queries, dtype=object)
+        with openmp_region(n_threads):
+            for sl, Q in parts:
+                for q, (d, i) in enumerate(zip(*self._radius_search(Q, radius, n_threads,
+                                                                    query_is_train))):
+                    row = sl.start + q
+                    if query_is_train:  # the point itself, wherever it is
+                        keep = i != row
+                        d, i = d[keep], i[keep]
+                    dist[row], ind[row] = d, i
+        return (dist, ind) if return_distance else ind
+
+    def _radius_caps(self, Q):
+        """The most points a search of each row of Q can visit (int64)."""
+        return np.full(Q.shape[0], self._n_live, dtype=np.int64)
+
+    def _radius_search(self, Q, radius, n_threads, self_query=False):
+        """(distances, ids): two lists of arrays, one pair per row of Q, of
+        the candidates within ``radius`` (finished distances), sorted."""
+        nq = Q.shape[0]
+        n_live = self._n_live
+        caps = np.minimum(self._radius_caps(Q), n_live)
+        out_d = [np.empty(0, dtype=self._fit_dtype_) for _ in range(nq)]
+        out_i = [np.empty(0, dtype=np.int64) for _ in range(nq)]
+        pending = np.arange(nq if n_live else 0)  # all removed: nothing in range
+        k = min(n_live, self._radius_first_k + int(self_query))
+        while pending.size:
+            k = max(1, min(k, int(caps[pending].max())))
+            # Chunks bound the (rows, k) results of a round.
+            step = max(1, (1 << 22) // k)
+            still = []
+            for start in range(0, pending.size, step):
+                rows = pending[start:start + step]
+                d, i = self._search_refined(Q[rows], k, n_threads)
+                d = self._finish_distances(np.array(d, copy=True))
+                done = (d[:, -1] > radius) | (k >= caps[rows])
+                for r, row in enumerate(rows):
+                    if not done[r]:
+                        continue
+                    keep = (d[r] <= radius) & (i[r] >= 0) & (i[r] < self.n_samples_fit_)
+                    out_d[row], out_i[row] = d[r][keep], i[r][keep].astype(np.int64)
+                still.append(rows[~done])
+            pending = np.concatenate(still)
+            k *= 2
+        return out_d, out_i
+
+    def radius_neighbors_graph(self, X=None, radius=None, mode="connectivity",
+                               sort_results=False):
+        """Compute the (weighted) graph of neighbors within ``radius``.
+
+        Approximate, as :meth:`radius_neighbors`, which it calls.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features), default=None
+            The query points; if None, the indexed points (self excluded).
+        radius : float, default=None
+            Range; the estimator's ``radius`` if None.
+        mode : {"connectivity", "distance"}, default="connectivity"
+            ``"connectivity"`` stores ones, ``"distance"`` the distances
+            under ``metric``.
+        sort_results : bool, default=False
+            Accepted for scikit-learn's API (rows are always sorted by
+            distance); in ``"connectivity"`` mode it is ignored.
+
+        Returns
+        -------
+        A : sparse matrix of shape (n_queries, n_samples_fit), CSR
+            ``A[i, j]`` is the edge from query i to indexed point j.
+        """
+        check_is_fitted(self)
+        if mode == "connectivity":
+            ind = self.radius_neighbors(X, radius, return_distance=False)
+            dist = None
+        elif mode == "distance":
+            dist, ind = self.radius_neighbors(X, radius, return_distance=True,
+                                              sort_results=sort_results)
+        else:
+            raise ValueError(
+                'Unsupported mode, must be one of "connectivity", or "distance" '
+                f'but got "{mode}" instead'
+            )
+        n_queries = ind.shape[0]
+        counts = np.fromiter((a.shape[0] for a in ind), dtype=np.int64, count=n_queries)
+        indptr = np.concatenate([[0], np.cumsum(counts)])
+        indices = (np.concatenate(list(ind)) if n_queries else np.empty(0, np.int64))
+        data = (np.ones(indices.shape[0], dtype=np.float64) if dist is None
+                else np.concatenate(list(dist)) if n_queries else np.empty(0))
+        return sparse.csr_matrix((data, indices, indptr),
+                                 shape=(n_queries, self.n_samples_fit_))
 
     def transform(self, X):
         """Sparse k-neighbors graph of X, as :class:`~sklearn.neighbors.KNeighborsTransformer`.

@@ -26,7 +26,8 @@ from ._utils import Progress, effective_n_threads, index_lock, index_writer
 
 MAX_LEVEL = 32
 MAX_LINKS = 2048  # more links per node than this is never useful
-BUILD_CHUNK = 20000  # nodes inserted between two progress messages
+BUILD_CHUNK = 20000  # nodes inserted per call of the build kernel
+PROGRESS_CHUNK = 2048  # the same when a progress bar is shown
 REPAIR_PASSES = 8  # level-0 repair passes before giving up (each is linear)
 REPAIR_SAMPLE = 4096  # reachable nodes tried for a component with no way out
 # After an append only the nodes it touched are checked, through a parent
@@ -119,7 +120,10 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         after fit only changes when the next segments are sealed.
     n_subspaces, n_codewords, init, max_iter, n_init, tol, max_train_samples, codebooks, rotation
         Product quantizer parameters, as in :class:`PQTransformer`.
-    metric : {"euclidean", "sqeuclidean", "cosine", "dot"}, default="euclidean"
+    metric : {"euclidean", "sqeuclidean", "cosine", "dot", "l2", "minkowski"}, \
+            default="euclidean"
+        ``"l2"``, and ``"minkowski"`` with ``p=2``, are ``"euclidean"``
+        (``effective_metric_``).
         As in :class:`PQNeighbors`.
     refine_factor : int, default=0
         If positive, the raw vectors are kept and the best
@@ -143,7 +147,22 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
     random_state : int, RandomState instance or None, default=None
         Seeds the quantizer training and the node levels.
     verbose : int, default=0
-        Progress of the graph build on stderr.
+        Progress on stderr: 1 shows the stages and progress bars for
+        training, encoding and the graph build, 2 also a line per
+        sub-space.
+    radius : float, default=1.0
+        Range of :meth:`radius_neighbors` and :meth:`radius_neighbors_graph`
+        when they are not given one, in the units of ``metric`` (for
+        ``"dot"``, a bound on ``-<q, x>``, which may be negative).  A
+        search parameter: may change after fit.
+    p : float, default=2
+        Power of the Minkowski metric, for ``metric="minkowski"``, which
+        is supported with ``p=2`` only (it is then ``"euclidean"``, as in
+        :class:`~sklearn.neighbors.NearestNeighbors`); ignored otherwise.
+    metric_params : dict, default=None
+        As in :class:`~sklearn.neighbors.NearestNeighbors`: only ``{"p":
+        2}`` with ``metric="minkowski"`` (pqsk's metrics take no
+        parameters).
 
     Notes
     -----
@@ -242,9 +261,13 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         Raw vectors (as given, also for cosine), kept only when
         ``refine_factor > 0``; memmap input is kept by reference.
     effective_metric_ : str
-        The metric the index was built with (``metric`` at the last fit);
-        the kernels use it.  Changing ``metric`` afterwards makes queries
-        and ``partial_fit`` raise until the next fit.
+        The metric the index was built with (``metric`` at the last fit,
+        aliases resolved: ``"l2"`` and ``"minkowski"`` with p=2 are
+        ``"euclidean"``); the kernels use it.  Changing ``metric``
+        afterwards (to another metric, not an alias) makes queries and
+        ``partial_fit`` raise until the next fit.
+    effective_metric_params_ : dict
+        Always ``{}``: pqsk's metrics take no parameters.
     n_samples_fit_ : int
     rotation_ : ndarray of shape (n_features, n_features) or None
         The OPQ rotation R (``rotation="opq"``), in the fitted dtype: rows
@@ -313,6 +336,9 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         n_jobs=None,
         random_state=None,
         verbose=0,
+        radius=1.0,
+        p=2,
+        metric_params=None,
     ):
         self.n_neighbors = n_neighbors
         self.n_links = n_links
@@ -335,6 +361,9 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.verbose = verbose
+        self.radius = radius
+        self.p = p
+        self.metric_params = metric_params
 
     def _fitted_values(self):
         return {**super()._fitted_values(), "n_links": self.links0_.shape[1] // 2}
@@ -370,8 +399,8 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         fill the growing graph up to that size, so ``fit`` builds
         ceil(n / segment_size) graphs of consecutive rows and holds the
         float32 rows of one piece at a time."""
-        codes = _quantizer.encode_rows(X, self.codebooks_, n_threads,
-                                       **self._anisotropic_kw())
+        codes = _quantizer.encode_rows(progress.rows(X, "encoding"), self.codebooks_,
+                                       n_threads, **self._anisotropic_kw())
         progress(f"encoded {X.shape[0]} vectors")
         b, size = X.shape[0], self.segment_size
         start = 0
@@ -561,17 +590,22 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
                 _PENDING[self] = state
             _BUILD[self] = st
         first_ep = ep
-        for start in range(n_old, n, BUILD_CHUNK):
-            stop = min(n, start + BUILD_CHUNK)
-            ep, top = _hnsw.hnsw_build(
-                *data, state["levels_"], links0, upper, state["upper_offsets_"], start,
-                stop, ep, top, ef_c, ip, st["indeg"], st["last_copies"], n_old,
-                st["visited"], st["gen"], **kernel_scratch, parent=parent,
-                lost=lost, counts=counts,
-            )
-            state["entry_point_"], state["max_level_"] = int(ep), int(top)
-            progress(f"graph: {stop - n_old}/{n - n_old} nodes inserted "
-                     f"({counts[0] / max(1, stop - n_old):.0f} distances per node)")
+        bar = progress.bar(n - n_old, "graph", unit="nodes")
+        # Insertion is sequential: the graph does not depend on the chunks.
+        step = BUILD_CHUNK if not bar.active else PROGRESS_CHUNK
+        with bar:
+            for start in range(n_old, n, step):
+                stop = min(n, start + step)
+                ep, top = _hnsw.hnsw_build(
+                    *data, state["levels_"], links0, upper, state["upper_offsets_"],
+                    start, stop, ep, top, ef_c, ip, st["indeg"], st["last_copies"],
+                    n_old, st["visited"], st["gen"], **kernel_scratch, parent=parent,
+                    lost=lost, counts=counts,
+                )
+                state["entry_point_"], state["max_level_"] = int(ep), int(top)
+                bar.update(stop - start)
+        progress(f"graph: {n - n_old} nodes inserted "
+                 f"({counts[0] / max(1, n - n_old):.0f} distances per node)")
 
         def fix(nodes):
             """fix_parents on ``nodes``: how many stay without a parent."""
@@ -881,6 +915,26 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         n_nodes = self.codes_.shape[0]
         growing = recode(np.arange(n_nodes) if self.ids_ is None else self.ids_)
         return {"segments_": tuple(segments), "codes_": growing}, ("codes",)
+
+    @property
+    def _radius_first_k(self):
+        # radius_neighbors starts at the beam width: the first search
+        # costs what kneighbors does.
+        return self.ef_search
+
+    def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
+        """As for every searcher (see :class:`PQNeighbors`); warns (``UserWarning``)
+        when ``ef_search < n_neighbors``: the beam is then widened to
+        ``n_neighbors``, so the search costs more than ``ef_search`` says
+        (hnswlib raises the beam the same way)."""
+        result = super().kneighbors(X, n_neighbors, return_distance)
+        k = self.n_neighbors if n_neighbors is None else n_neighbors
+        if self.ef_search < k:
+            warnings.warn(
+                f"ef_search={self.ef_search} is smaller than n_neighbors={k}: the "
+                f"search used a beam of {k}. Set ef_search >= n_neighbors (recall "
+                "grows with it).", UserWarning, stacklevel=2)
+        return result
 
     def _n_candidates(self, n_neighbors):
         n = super()._n_candidates(n_neighbors)

@@ -175,7 +175,10 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         order, so every query gets real neighbours.
     n_subspaces, n_codewords, init, max_iter, n_init, tol, codebooks, rotation
         Product quantizer of the residuals, as in :class:`PQTransformer`.
-    metric : {"euclidean", "sqeuclidean", "cosine", "dot"}, default="euclidean"
+    metric : {"euclidean", "sqeuclidean", "cosine", "dot", "l2", "minkowski"}, \
+            default="euclidean"
+        ``"l2"``, and ``"minkowski"`` with ``p=2``, are ``"euclidean"``
+        (``effective_metric_``).
         As in :class:`PQNeighbors`.
     refine_factor : int, default=0
         If positive, the raw vectors are kept too (``4 * n_features`` more
@@ -220,7 +223,21 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         and ``partial_fit`` raises if the parameter changed since fit.
     random_state : int, RandomState instance or None, default=None
     verbose : int, default=0
-        Progress messages on stderr.
+        Progress on stderr: 1 shows the stages and a progress bar for
+        training and encoding, 2 also a line per sub-space.
+    radius : float, default=1.0
+        Range of :meth:`radius_neighbors` and :meth:`radius_neighbors_graph`
+        when they are not given one, in the units of ``metric`` (for
+        ``"dot"``, a bound on ``-<q, x>``, which may be negative).  A
+        search parameter: may change after fit.
+    p : float, default=2
+        Power of the Minkowski metric, for ``metric="minkowski"``, which
+        is supported with ``p=2`` only (it is then ``"euclidean"``, as in
+        :class:`~sklearn.neighbors.NearestNeighbors`); ignored otherwise.
+    metric_params : dict, default=None
+        As in :class:`~sklearn.neighbors.NearestNeighbors`: only ``{"p":
+        2}`` with ``metric="minkowski"`` (pqsk's metrics take no
+        parameters).
 
     Notes
     -----
@@ -315,9 +332,13 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         The list each growing entry belongs to.
     n_lists_ : int
     effective_metric_ : str
-        The metric the index was built with (``metric`` at the last fit);
-        the kernels use it.  Changing ``metric`` afterwards makes queries
-        and ``partial_fit`` raise until the next fit.
+        The metric the index was built with (``metric`` at the last fit,
+        aliases resolved: ``"l2"`` and ``"minkowski"`` with p=2 are
+        ``"euclidean"``); the kernels use it.  Changing ``metric``
+        afterwards (to another metric, not an alias) makes queries and
+        ``partial_fit`` raise until the next fit.
+    effective_metric_params_ : dict
+        Always ``{}``: pqsk's metrics take no parameters.
     n_samples_fit_ : int
     rotation_ : ndarray of shape (n_features, n_features) or None
         The OPQ rotation R (``rotation="opq"``), in the fitted dtype: rows
@@ -392,6 +413,9 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         n_jobs=None,
         random_state=None,
         verbose=0,
+        radius=1.0,
+        p=2,
+        metric_params=None,
     ):
         self.n_neighbors = n_neighbors
         self.n_lists = n_lists
@@ -414,6 +438,9 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.verbose = verbose
+        self.radius = radius
+        self.p = p
+        self.metric_params = metric_params
 
     def _fitted_values(self):
         fitted = super()._fitted_values()
@@ -513,7 +540,8 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         first_id = self.n_samples_fit_  # ids continue, removed ones included
         b = X.shape[0]
         # X (a FitRows) is read once, chunk by chunk.
-        labels, codes = _quantizer.assign_encode(X, self.cluster_centers_, self.codebooks_,
+        labels, codes = _quantizer.assign_encode(progress.rows(X, "encoding"),
+                                                 self.cluster_centers_, self.codebooks_,
                                                  n_threads, **self._anisotropic_kw())
         n_total = first_id + b
         id_dtype = np.dtype(np.int32 if n_total < 2**31 else np.int64)
@@ -937,6 +965,21 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
             )
             return self.n_lists_
         return self.n_probe
+
+    def _radius_caps(self, Q):
+        """Entries in the ``n_probe`` lists nearest each row of Q (removed
+        ones included): what ``radius_neighbors`` may visit per query."""
+        sizes = np.bincount(self.growing_lists_, minlength=self.n_lists_).astype(np.int64)
+        for s in self.segments_:
+            sizes += np.diff(s["list_offsets"])
+        n_probe = min(self.n_probe, self.n_lists_)
+        caps = np.empty(Q.shape[0], dtype=np.int64)
+        for sl in chunk_slices(Q.shape[0], _quantizer.chunk_rows(self.n_lists_)):
+            coarse = _quantizer.coarse_terms(Q[sl], self.cluster_centers_,
+                                             self._inner_product)
+            probed = np.argpartition(coarse, n_probe - 1, axis=1)[:, :n_probe]
+            caps[sl] = sizes[probed].sum(axis=1)
+        return caps
 
     def _search(self, Q, n_candidates, n_threads, ranking_only=False):
         ip = self._inner_product

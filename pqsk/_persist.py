@@ -104,11 +104,13 @@ _NOT_SAVED = frozenset({"_list_terms"})
 _MT_KEYS = 624
 
 # Parameters added in a format version: files of earlier versions lack
-# them, and the estimator keeps its default.  ``rotation`` and
-# ``anisotropic_threshold`` came within format 3 (no format change: a file
+# them, and the estimator keeps its default.  ``rotation``,
+# ``anisotropic_threshold``, ``radius``, ``p`` and ``metric_params`` came
+# within format 3 (no format change: a file
 # without them reads as before): version-3 files written before them lack
 # them, so they are required only from the next format on.
-_PARAMS_SINCE = {"segment_size": 3, "rotation": 4, "anisotropic_threshold": 4}
+_PARAMS_SINCE = {"segment_size": 3, "rotation": 4, "anisotropic_threshold": 4,
+                 "radius": 4, "p": 4, "metric_params": 4}
 
 
 class IndexFormatError(ValueError):
@@ -127,6 +129,16 @@ def _encode_value(name, value, arrays):
         return float(value)
     if isinstance(value, np.dtype):
         return {"dtype": value.str}
+    if isinstance(value, dict):  # metric_params: str keys, scalar values
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError(f"cannot save {name!r}: a dict with non-string keys")
+        out = {}
+        for k, v in value.items():
+            v = _encode_value(f"{name}[{k!r}]", v, {})
+            if isinstance(v, dict):
+                raise TypeError(f"cannot save {name!r}: {k!r} is not a scalar")
+            out[k] = v
+        return {"dict": out}
     if isinstance(value, np.random.RandomState):
         kind, keys, pos, has_gauss, gauss = value.get_state()  # a copy
         arrays[name + ".rng_keys"] = keys
@@ -190,6 +202,12 @@ def _decode_value(name, value, arrays, checksums=None):
             if not isinstance(content, str) or content not in _DTYPES:
                 raise IndexFormatError(f"{name!r}: unsupported dtype {content!r}")
             return _DTYPES[content]
+        if kind == "dict":
+            if not (isinstance(content, dict) and all(
+                    v is None or isinstance(v, (bool, int, float, str))
+                    for v in content.values())):
+                raise IndexFormatError(f"{name!r} must map names to scalars")
+            return dict(content)
         if kind == "strings":
             if not (isinstance(content, list) and all(isinstance(s, str) for s in content)):
                 raise IndexFormatError(f"{name!r} must be a list of strings")

@@ -349,7 +349,10 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         ``mode="distance"``, stored per row by ``transform``.
     n_subspaces, n_codewords, init, max_iter, n_init, tol, max_train_samples, codebooks, rotation
         Product quantizer parameters, as in :class:`PQTransformer`.
-    metric : {"euclidean", "sqeuclidean", "cosine", "dot"}, default="euclidean"
+    metric : {"euclidean", "sqeuclidean", "cosine", "dot", "l2", "minkowski"}, \
+            default="euclidean"
+        ``"l2"``, and ``"minkowski"`` with ``p=2``, are ``"euclidean"``
+        (``effective_metric_``).
         ``"euclidean"`` returns square-rooted ADC distances, as
         :class:`~sklearn.neighbors.NearestNeighbors` does;
         ``"sqeuclidean"`` the ADC squared distances; ``"cosine"``
@@ -387,6 +390,21 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         0.335 (k=16: 0.066 -> 0.108).
     random_state : int, RandomState instance or None, default=None
     verbose : int, default=0
+        Progress on stderr: 1 shows the stages and a progress bar for
+        training and encoding, 2 also a line per sub-space.
+    radius : float, default=1.0
+        Range of :meth:`radius_neighbors` and :meth:`radius_neighbors_graph`
+        when they are not given one, in the units of ``metric`` (for
+        ``"dot"``, a bound on ``-<q, x>``, which may be negative).  A
+        search parameter: may change after fit.
+    p : float, default=2
+        Power of the Minkowski metric, for ``metric="minkowski"``, which
+        is supported with ``p=2`` only (it is then ``"euclidean"``, as in
+        :class:`~sklearn.neighbors.NearestNeighbors`); ignored otherwise.
+    metric_params : dict, default=None
+        As in :class:`~sklearn.neighbors.NearestNeighbors`: only ``{"p":
+        2}`` with ``metric="minkowski"`` (pqsk's metrics take no
+        parameters).
 
     Attributes
     ----------
@@ -413,9 +431,13 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
     anisotropic_threshold_ : float or None
         ``anisotropic_threshold`` at fit: the loss every encoding uses.
     effective_metric_ : str
-        The metric the index was built with (``metric`` at the last fit);
-        the kernels use it.  Changing ``metric`` afterwards makes queries
-        and ``partial_fit`` raise until the next fit.
+        The metric the index was built with (``metric`` at the last fit,
+        aliases resolved: ``"l2"`` and ``"minkowski"`` with p=2 are
+        ``"euclidean"``); the kernels use it.  Changing ``metric``
+        afterwards (to another metric, not an alias) makes queries and
+        ``partial_fit`` raise until the next fit.
+    effective_metric_params_ : dict
+        Always ``{}``: pqsk's metrics take no parameters.
     n_samples_fit_ : int
     n_features_in_ : int
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
@@ -467,6 +489,9 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         n_jobs=None,
         random_state=None,
         verbose=0,
+        radius=1.0,
+        p=2,
+        metric_params=None,
     ):
         self.n_neighbors = n_neighbors
         self.n_subspaces = n_subspaces
@@ -485,6 +510,9 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.verbose = verbose
+        self.radius = radius
+        self.p = p
+        self.metric_params = metric_params
 
     # 4-bit codes (n_codewords=16, at most 256 sub-spaces) are stored packed
     # for the fast-scan kernels (``packed_codes_``); ``codes_`` is then
@@ -582,8 +610,8 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
             self.codes_ = np.empty((0, m), _quantizer.code_dtype(k))
 
     def _add_rows(self, X, n_threads, progress):
-        codes = _quantizer.encode_rows(X, self.codebooks_, n_threads,
-                                       **self._anisotropic_kw())
+        codes = _quantizer.encode_rows(progress.rows(X, "encoding"), self.codebooks_,
+                                       n_threads, **self._anisotropic_kw())
         vectors = self._grown_vectors(X)
         n_total = self.n_samples_fit_ + codes.shape[0]
         if self._packed:

@@ -57,22 +57,211 @@ def effective_n_threads(n_jobs):
 
 
 class Progress:
-    """Progress messages on stderr when ``verbose`` is positive.
+    """Progress messages and bars on stderr when ``verbose`` is positive.
 
     Library code never prints to stdout; a user who sets ``verbose`` sees
-    these lines on stderr.
+    these on stderr.  ``progress(msg, level=1)`` writes one timestamped
+    line when ``verbose >= level``; ``progress.bar(total, desc)`` gives a
+    :class:`ProgressBar` for a loop of known length (``tqdm``'s look, no
+    dependency); ``progress.rows(X, desc)`` wraps chunked rows so that
+    reading them advances a bar.
     """
 
-    def __init__(self, verbose, name):
+    def __init__(self, verbose, name, stream=None):
         self.verbose = verbose
         self.name = name
         self._t0 = time.perf_counter()
+        self._stream = stream  # None: sys.stderr when writing (pytest swaps it)
+        self._bar = None  # the bar drawn on the terminal's last line, if any
+        self._lock = threading.RLock()
+
+    @property
+    def stream(self):
+        return sys.stderr if self._stream is None else self._stream
 
     def __call__(self, msg, level=1):
         if self.verbose >= level:
             t = time.perf_counter() - self._t0
-            sys.stderr.write(f"[{self.name}] {t:8.2f}s {msg}\n")
-            sys.stderr.flush()
+            with self._lock:
+                bar = self._bar
+                if bar is not None:
+                    bar._clear()  # the message goes above the bar
+                self.stream.write(f"[{self.name}] {t:8.2f}s {msg}\n")
+                if bar is not None:
+                    bar._draw()
+                self.stream.flush()
+
+    def bar(self, total, desc, unit="it", level=1):
+        """A :class:`ProgressBar` of ``total`` steps (None: unknown), drawn
+        when ``verbose >= level``; use it as a context manager."""
+        return ProgressBar(self, total, desc, unit, active=self.verbose >= level)
+
+    def rows(self, X, desc, unit="vectors", level=1):
+        """X (a :class:`~pqsk._store.FitRows`, read with ``X.chunks()``) as
+        an object whose chunks advance a bar of ``X.shape[0]`` rows; X
+        itself when nothing is shown or X is not read in chunks."""
+        if self.verbose < level or not hasattr(X, "chunks"):
+            return X
+        return _CountedRows(X, self.bar(X.shape[0], desc, unit, level))
+
+
+class _CountedRows:
+    """Rows that advance a progress bar as their chunks are read (the bar
+    closes after the last chunk); everything else is X's."""
+
+    def __init__(self, X, bar):
+        self._rows = X
+        self._bar = bar
+
+    def __getattr__(self, name):
+        return getattr(self._rows, name)
+
+    @property
+    def shape(self):
+        return self._rows.shape
+
+    def chunks(self):
+        try:
+            for sl, chunk in self._rows.chunks():
+                yield sl, chunk
+                self._bar.update(sl.stop - sl.start)
+        finally:
+            self._bar.close()
+
+
+def _si(x):
+    """x with an SI suffix, tqdm-like: 950, 9.50k, 12.3M."""
+    for suffix in ("", "k", "M", "G", "T"):
+        if abs(x) < 999.5:
+            if suffix == "":
+                return f"{x:.3g}" if x != int(x) or abs(x) < 1 else f"{int(x)}"
+            return f"{x:.3g}{suffix}"
+        x /= 1000
+    return f"{x:.3g}P"
+
+
+def _clock(seconds):
+    """mm:ss, or h:mm:ss past an hour."""
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class ProgressBar:
+    """A progress bar in the style of ``tqdm``, on the :class:`Progress`'s
+    stream::
+
+        [HNSWPQNeighbors] graph:  42%|████▏     | 4.20k/10.0k [00:06<00:08, 6.81k nodes/s]
+
+    percentage, done / total, elapsed < remaining time, and the rate.
+    When the stream is a terminal the line is redrawn in place (``\\r``)
+    at most every ``TTY_INTERVAL`` seconds; otherwise (a log file, a
+    notebook, a pipe) a plain line is written at most every
+    ``PLAIN_INTERVAL`` seconds.  Both write the final state on
+    :meth:`close`.  Thread-safe: ``update`` may be called from several
+    threads.  An inactive bar (``verbose`` too low) writes nothing.
+    """
+
+    TTY_INTERVAL = 0.1
+    PLAIN_INTERVAL = 5.0
+    WIDTH = 10  # characters of the bar itself
+
+    def __init__(self, progress, total, desc, unit="it", active=True):
+        self.progress = progress
+        self.total = None if total is None else int(total)
+        self.desc = desc
+        self.unit = unit
+        self.active = active
+        self.n = 0
+        self.closed = False
+        self._t0 = self._last = time.perf_counter()
+        self._shown = 0  # characters of the line on the terminal
+        stream = progress.stream
+        isatty = getattr(stream, "isatty", None)
+        try:
+            self._tty = bool(isatty()) if isatty is not None else False
+        except (ValueError, OSError):  # closed stream
+            self._tty = False
+        enc = getattr(stream, "encoding", None) or ""
+        self._blocks = "utf" in enc.lower()
+        if active and self._tty:
+            with progress._lock:
+                progress._bar = self
+                self._draw()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def update(self, n=1):
+        """Advance the bar by n steps."""
+        if not self.active:
+            return
+        with self.progress._lock:
+            if self.closed:
+                return
+            self.n += n
+            now = time.perf_counter()
+            wait = self.TTY_INTERVAL if self._tty else self.PLAIN_INTERVAL
+            if now - self._last >= wait:
+                self._last = now
+                if self._tty:
+                    self._draw()
+                else:
+                    self.progress.stream.write(self.format() + "\n")
+                self.progress.stream.flush()
+
+    def close(self):
+        """Write the final state and end the line."""
+        if not self.active:
+            return
+        with self.progress._lock:
+            if self.closed:
+                return
+            self.closed = True
+            stream = self.progress.stream
+            if self._tty:
+                self._draw()
+                stream.write("\n")
+                if self.progress._bar is self:
+                    self.progress._bar = None
+            else:
+                stream.write(self.format() + "\n")
+            stream.flush()
+
+    def format(self):
+        """The bar's line (no line ending)."""
+        elapsed = time.perf_counter() - self._t0
+        rate = self.n / elapsed if elapsed > 0 else 0.0
+        head = f"[{self.progress.name}] {self.desc}: "
+        rate_s = f"{_si(rate)} {self.unit}/s" if rate else f"? {self.unit}/s"
+        if self.total is None:
+            return f"{head}{_si(self.n)} {self.unit} [{_clock(elapsed)}, {rate_s}]"
+        frac = min(1.0, self.n / self.total) if self.total else 1.0
+        filled = frac * self.WIDTH
+        full = int(filled)
+        if self._blocks:
+            partial = " ▏▎▍▌▋▊▉"[int((filled - full) * 8)] if full < self.WIDTH else ""
+            bar = "█" * full + partial
+        else:
+            bar = "#" * full
+        bar = bar.ljust(self.WIDTH)
+        left = (self.total - self.n) / rate if rate and self.n < self.total else 0.0
+        return (f"{head}{100 * frac:3.0f}%|{bar}| {_si(self.n)}/{_si(self.total)} "
+                f"[{_clock(elapsed)}<{_clock(left)}, {rate_s}]")
+
+    def _draw(self):
+        line = self.format()
+        pad = max(0, self._shown - len(line))
+        self.progress.stream.write("\r" + line + " " * pad)
+        self._shown = len(line)
+
+    def _clear(self):
+        self.progress.stream.write("\r" + " " * self._shown + "\r")
+        self._shown = 0
 
 
 class RWLock:

@@ -128,7 +128,8 @@ def test_agrees_with_exhaustive_adc(fitted, metric):
 def test_ef_search_is_raised_to_n_neighbors(fitted):
     X, nn = fitted
     nn = copy.deepcopy(nn).set_params(ef_search=2)
-    dist, ind = nn.kneighbors(X[:5], n_neighbors=30)
+    with pytest.warns(UserWarning, match="ef_search=2 is smaller than n_neighbors=30"):
+        dist, ind = nn.kneighbors(X[:5], n_neighbors=30)
     assert ind.shape == (5, 30) and np.all(ind < nn.n_samples_fit_)
     assert nn.search_stats(X[:5], n_neighbors=30)["ef"] == 30
     assert np.all(np.diff(dist, axis=1) >= 0)
@@ -428,8 +429,11 @@ def test_poor_graph_still_returns_full_rows():
     X = np.random.RandomState(1).randn(40, 6).astype(np.float32)
     nn = HNSWPQNeighbors(1, n_links=2, ef_construction=1, ef_search=1, n_subspaces=3,
                          n_codewords=2, random_state=0).fit(X)
-    for ind in (nn.kneighbors(n_neighbors=5, return_distance=False),
-                nn.kneighbors(X, n_neighbors=39, return_distance=False)):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "ef_search=1 is smaller", UserWarning)
+        results = (nn.kneighbors(n_neighbors=5, return_distance=False),
+                   nn.kneighbors(X, n_neighbors=39, return_distance=False))
+    for ind in results:
         assert np.all((ind >= 0) & (ind < 40))
         assert all(len(set(row)) == ind.shape[1] for row in ind)
 
