@@ -342,8 +342,8 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
     def _fit_index(self, X, progress):
         self.codebooks_ = self._fit_codebooks(X, progress)
         self._levels_rng_ = check_random_state(self.random_state)
-        self.__dict__.update(_empty_graph(self.n_subspaces, self.n_links,
-                                          _quantizer.code_dtype(self.n_codewords)))
+        self.__dict__.update(_empty_graph(self.codebooks_.shape[0], self.n_links,
+                                          _quantizer.code_dtype(self.codebooks_.shape[1])))
         self.ids_ = None
         self.segments_ = ()
         _SEGMENT_TOMBSTONES.pop(self, None)
@@ -352,7 +352,8 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
     def _node_vectors(self, codes, ids):
         """float32 vectors of a graph's nodes (``codes``, ``ids``: theirs,
         in node order): raw when kept (normalised for cosine), else
-        decoded.  All at once (the graph build needs them):
+        decoded (in the codebooks' padded layout, as the build reads
+        them).  All at once (the graph build needs them):
         n_nodes x n_features."""
         if self.vectors_ is None:
             vectors = _quantizer.decode(codes, self.codebooks_)
@@ -525,6 +526,9 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         ``owner`` holds the growable buffers (default: the estimator).
         """
         owner = self if owner is None else owner
+        # The kernel reads rows in the codebooks' padded layout (a copy only
+        # when n_subspaces does not divide n_features).
+        vectors = _quantizer.padded_rows(vectors, self.codebooks_)
         links0, upper = state["links0_"], state["upper_links_"]
         n, M0 = links0.shape
         codes = state["codes_"]
@@ -958,7 +962,8 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         entry point, from which every node is reachable (see
         ``repair_level0``): with ``ef = n`` that visits the whole graph.
         """
-        Q = np.ascontiguousarray(Q, dtype=np.float32)
+        Q = _quantizer.padded_rows(np.ascontiguousarray(Q, dtype=np.float32),
+                                   self.codebooks_)
         codes = graph["codes_"]
         nq, n = Q.shape[0], codes.shape[0]
         m, k = self.codebooks_.shape[:2]
@@ -1007,16 +1012,15 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         return merge_topk(parts, n_candidates)
 
     def _reconstruct(self):
-        m = self.codebooks_.shape[0]
+        d = self.n_features_in_
         if not self.segments_ and self.ids_ is None:
-            return _quantizer.decode(self.codes_, self.codebooks_)
-        out = np.zeros((self.n_samples_fit_, m * self.codebooks_.shape[2]),
-                       self.codebooks_.dtype)
+            return _quantizer.decode(self.codes_, self.codebooks_, d)
+        out = np.zeros((self.n_samples_fit_, d), self.codebooks_.dtype)
         for seg in self.segments_:
-            out[seg["ids"]] = _quantizer.decode(seg["codes"], self.codebooks_)
+            out[seg["ids"]] = _quantizer.decode(seg["codes"], self.codebooks_, d)
         if self.codes_.shape[0]:
             ids = np.arange(self.codes_.shape[0]) if self.ids_ is None else self.ids_
-            out[ids] = _quantizer.decode(self.codes_, self.codebooks_)
+            out[ids] = _quantizer.decode(self.codes_, self.codebooks_, d)
         return out
 
     def search_stats(self, X, n_neighbors=None):

@@ -424,7 +424,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
     def _max_train_samples(self):
         # PQParamsMixin uses this for the residual codebooks, which see at
         # most 256 rows per codeword of the training sample.
-        return POINTS_PER_LIST * self.n_codewords
+        return POINTS_PER_LIST * self._codewords_cap()
 
     def _resolve_n_lists(self, n_samples):
         if self.n_lists == "auto":
@@ -436,8 +436,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
 
     def _fit_index(self, X, progress):
         n, d = X.shape
-        _quantizer.check_subspaces(d, self.n_subspaces)
-        _quantizer.check_codewords(self.n_codewords, np.inf)
+        self._pq_shape(d, n)  # m and k checked before any training
         n_threads = effective_n_threads(self.n_jobs)
         rng = check_random_state(self.random_state)
         n_lists = self._resolve_n_lists(n)
@@ -485,13 +484,13 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         self.cluster_centers_ = centroids
         self.codebooks_ = codebooks
         self.n_lists_ = n_lists
+        m, k = codebooks.shape[:2]
         self._list_terms = (
-            np.empty((0, self.n_subspaces, self.n_codewords), dtype=X.dtype)
+            np.empty((0, m, k), dtype=X.dtype)
             if self._inner_product else _quantizer.list_terms(centroids, codebooks)
         )
         self.segments_ = ()
-        self.__dict__.update(_empty_growing(
-            self.n_subspaces, _quantizer.code_dtype(self.n_codewords), np.int32))
+        self.__dict__.update(_empty_growing(m, _quantizer.code_dtype(k), np.int32))
         self._add_rows(X, n_threads, progress, fit=True)
 
     # -- segments ------------------------------------------------------------
@@ -960,7 +959,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         parts.append((self.growing_codes_, self.growing_ids_, self.growing_lists_))
         for codes, ids, lists in parts:
             X_hat[ids] = (self.cluster_centers_[lists]
-                          + _quantizer.decode(codes, self.codebooks_))
+                          + _quantizer.decode(codes, self.codebooks_, self.n_features_in_))
         return X_hat
 
     def _memory_parts(self):

@@ -187,7 +187,7 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-            Training vectors; n_features must be a multiple of n_subspaces.
+            Training vectors; at least ``n_subspaces`` features.
         y : ignored
 
         Returns
@@ -200,8 +200,8 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         if self.rotation_ is not None:
             X = np.ascontiguousarray(X @ self.rotation_)
         self.codebooks_ = self._fit_codebooks(X, progress)
-        self.code_dtype_ = _quantizer.code_dtype(self.n_codewords)
-        self._n_features_out = self.n_subspaces
+        self.code_dtype_ = _quantizer.code_dtype(self.codebooks_.shape[1])
+        self._n_features_out = self.codebooks_.shape[0]
         return self
 
     def _validate(self, X):
@@ -261,7 +261,7 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
                 f"codes must lie in [0, {k}), got values in "
                 f"[{codes.min()}, {codes.max()}]."
             )
-        X_hat = _quantizer.decode(codes, self.codebooks_)
+        X_hat = _quantizer.decode(codes, self.codebooks_, self.n_features_in_)
         R = self.__dict__.get("rotation_")
         return X_hat if R is None else np.ascontiguousarray(X_hat @ R.T)
 
@@ -284,7 +284,7 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         X = self._validate(X)
         codes = _quantizer.encode(X, self.codebooks_, effective_n_threads(self.n_jobs),
                                   **self._anisotropic_kw())
-        err = X - _quantizer.decode(codes, self.codebooks_)
+        err = X - _quantizer.decode(codes, self.codebooks_, X.shape[1])
         return -float(np.mean(np.einsum("ij,ij->i", err, err, dtype=np.float64)))
 
     def distance_tables(self, X, metric="sqeuclidean"):
@@ -621,7 +621,7 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         )
 
     def _reconstruct(self):
-        return _quantizer.decode(self.codes_, self.codebooks_)
+        return _quantizer.decode(self.codes_, self.codebooks_, self.n_features_in_)
 
     def _n_stored(self):
         return self.n_samples_fit_ if self._packed else self.codes_.shape[0]

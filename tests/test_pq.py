@@ -328,11 +328,12 @@ def test_pipeline_with_precomputed_knn_classifier_on_digits():
 # --- bad input -------------------------------------------------------------------
 
 @pytest.mark.parametrize("Est", [PQTransformer, PQNeighbors])
-def test_subspaces_must_divide_features(Est):
+def test_subspaces_need_not_divide_features(Est):
     X = rng.randn(30, 6)
-    msg = re.escape("Valid values of n_subspaces for 6 features: [1, 2, 3, 6]")
-    with pytest.raises(ValueError, match=msg):
-        Est(n_subspaces=4, n_codewords=4).fit(X)
+    est = Est(n_subspaces=4, n_codewords=4, random_state=0).fit(X)  # widths 2, 2, 1, 1
+    assert est.codebooks_.shape == (4, 4, 2)
+    with pytest.raises(ValueError, match="n_subspaces=7 is larger than the number of"):
+        Est(n_subspaces=7, n_codewords=4).fit(X)
 
 
 @pytest.mark.parametrize("Est", [PQTransformer, PQNeighbors])
@@ -400,7 +401,7 @@ def test_bad_codebooks_and_codes():
     X = rng.randn(30, 4)
     with pytest.raises(ValueError, match="codebooks must have shape"):
         PQTransformer(n_subspaces=2, n_codewords=2, codebooks=np.zeros((2, 3, 2))).fit(X)
-    with pytest.raises(ValueError, match="cover 6 features, but X has 4"):
+    with pytest.raises(ValueError, match=r"= \(2, 2, 2\) for X with 4 features, got \(2, 2, 3\)"):
         PQTransformer(n_subspaces=2, n_codewords=2, codebooks=np.zeros((2, 2, 3))).fit(X)
     bad = np.zeros((2, 2, 2))
     bad[0, 0, 0] = np.nan
