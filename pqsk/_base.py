@@ -134,7 +134,7 @@ class PQParamsMixin:
         supplied = self.codebooks is not None and np.ndim(self.codebooks) == 3
         k = self._codewords_cap()
         if self.n_codewords == "auto" and not supplied:
-            k = max(1, min(k, n_train))
+            k = max(1, min(k, n_train // 2))  # k-means with 2+ rows per codeword
         if self.n_subspaces != "auto":
             m = self.n_subspaces
         elif supplied:

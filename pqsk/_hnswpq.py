@@ -102,7 +102,13 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
     n_neighbors : int, default=5
     n_links : int, default=16
         M, links per node on the upper levels (2 * M on level 0); between 2
-        and 2048.
+        and 2048.  The links cost about ``8 * M + 16`` bytes per vector
+        (int32 level-0 and upper links, levels, ids): 144 by default, to
+        which the codes (``ceil(n_features / 2)`` bytes by default) and,
+        with ``refine_factor > 0`` (the default), the raw vectors
+        (``4 * n_features``) add.  M=8 saves 64 bytes per vector; on 64-d
+        uniform data it lowers recall@10 at the defaults from 0.90 to 0.71
+        (``benchmarks/results/defaults.md``).
     ef_construction : int, default=200
         Beam width while inserting nodes: larger builds a better graph,
         more slowly.
@@ -121,10 +127,14 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         Product quantizer parameters, as in :class:`PQTransformer`.
     metric : {"euclidean", "sqeuclidean", "cosine", "dot"}, default="euclidean"
         As in :class:`PQNeighbors`.
-    refine_factor : int, default=0
+    refine_factor : int, default=10
         If positive, the raw vectors are kept and the best
         ``max(refine_factor * n_neighbors, ef_search)`` ADC candidates of
-        the beam are re-ranked by exact distance.
+        the beam are re-ranked by exact distance.  The default costs
+        ``4 * n_features`` bytes per vector (none for a memmap, kept by
+        reference); recall@10 at the defaults with and without it is in
+        ``benchmarks/results/defaults.md``.  0 keeps only the codes and
+        the graph.
     mode : {"distance", "connectivity"}, default="distance"
     n_jobs : int, default=None
         Threads for training, encoding and search (parallel over queries).
@@ -297,10 +307,10 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         ef_construction=200,
         ef_search=64,
         segment_size=DEFAULT_SEGMENT_SIZE,
-        n_subspaces=8,
-        n_codewords=256,
+        n_subspaces="auto",
+        n_codewords="auto",
         metric="euclidean",
-        refine_factor=0,
+        refine_factor=10,
         mode="distance",
         init="random",
         max_iter=25,

@@ -50,7 +50,7 @@ def test_seed_dry_run_codes_tables_and_top3():
 
     nn = PQNeighbors(
         n_neighbors=3, n_subspaces=2, n_codewords=2, codebooks=CB_SEED,
-        metric="sqeuclidean",
+        metric="sqeuclidean", refine_factor=0
     ).fit(X_SEED)
     dist, ind = nn.kneighbors(Q_SEED)
     assert_array_equal(ind, [[3, 4, 0]])
@@ -81,7 +81,7 @@ def test_adc_distance_equals_distance_to_decoded(seed, m, k, metric):
     X = r.randn(40, 8)
     Q = r.randn(5, 8)
     nn = PQNeighbors(n_neighbors=40, n_subspaces=m, n_codewords=k, metric=metric,
-                     random_state=seed).fit(X)
+                     random_state=seed, refine_factor=0).fit(X)
     dist, ind = nn.kneighbors(Q)
     X_hat = PQTransformer(n_subspaces=m, n_codewords=k,
                           codebooks=nn.codebooks_).fit(X).inverse_transform(nn.codes_)
