@@ -66,9 +66,9 @@ def make_estimator(kind, refine):
 
     if kind == "ivf":
         return IVFPQNeighbors(K, n_subspaces=12, refine_factor=refine, random_state=0,
-                              n_jobs=1)
+                              n_jobs=1, n_codewords=256, n_probe=8)
     return HNSWPQNeighbors(K, n_subspaces=12, refine_factor=refine, random_state=0,
-                           n_jobs=1)
+                           n_jobs=1, n_codewords=256)
 
 
 def timed(f, *args):

@@ -134,7 +134,7 @@ def run_pqsk_ivf(base, queries, gt, quick, n_codewords=256):
     t0 = time.perf_counter()
     nn = IVFPQNeighbors(K, n_lists=200 if quick else 1000, n_subspaces=25,
                         n_codewords=n_codewords, metric="cosine", refine_factor=1,
-                        random_state=0, n_jobs=1).fit(base)
+                        random_state=0, n_jobs=1, n_probe=8).fit(base)
     build = time.perf_counter() - t0
     mem = nn.memory_usage_
     bpv = (mem["codes"] + mem["ids"] + mem["vectors"] + mem.get("vectors_mapped", 0)) \

@@ -86,7 +86,7 @@ def main(argv=None):
         log("pqsk M=32 efC=40: fit")
         nn = HNSWPQNeighbors(N_NEIGHBORS, n_links=32, ef_construction=40, n_subspaces=M,
                              n_codewords=K, metric="cosine", max_train_samples=65536,
-                             random_state=0, n_jobs=1)
+                             random_state=0, n_jobs=1, refine_factor=0)
         build, _ = timed(nn.fit, base)
         res["pqsk_like"] = {
             "build_s": build, "bytes_graph_codes": nn.memory_usage_["per_vector"],

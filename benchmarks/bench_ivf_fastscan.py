@@ -35,7 +35,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         nn = IVFPQNeighbors(K, n_lists=200 if args.quick else 1000, n_subspaces=25,
                             n_codewords=k, metric="cosine", refine_factor=10,
-                            random_state=0, n_jobs=2).fit(base)
+                            random_state=0, n_jobs=2, n_probe=8).fit(base)
         build = time.perf_counter() - t0
         nn.set_params(n_jobs=1)
         mem = nn.memory_usage_

@@ -48,7 +48,7 @@ def pqsk_runs(base, queries, truth, args):
 
     nn = IVFPQNeighbors(N_NEIGHBORS, n_lists=N_LISTS, n_subspaces=M, n_codewords=K,
                         metric="cosine", max_train_samples=100_000, refine_factor=REFINE,
-                        random_state=0, n_jobs=args.threads)
+                        random_state=0, n_jobs=args.threads, n_probe=8)
     log("pqsk: fit")
     build, _ = timed(nn.fit, base)
     mem = nn.memory_usage_

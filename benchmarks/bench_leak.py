@@ -37,14 +37,16 @@ def main(argv=None):
     X = rng.randn(20_000, 32).astype(np.float32)
     Q = rng.randn(10, 32).astype(np.float32)
     estimators = {
-        "PQNeighbors": PQNeighbors(10, n_subspaces=8, n_codewords=64, random_state=0),
+        "PQNeighbors": PQNeighbors(10, n_subspaces=8, n_codewords=64, random_state=0,
+                                   refine_factor=0),
         "IVFPQNeighbors": IVFPQNeighbors(10, n_lists=64, n_probe=8, n_subspaces=8,
-                                         n_codewords=64, random_state=0),
+                                         n_codewords=64, random_state=0, refine_factor=0),
         "IVFPQNeighbors (refine)": IVFPQNeighbors(10, n_lists=64, n_probe=8, n_subspaces=8,
                                                   n_codewords=64, refine_factor=5,
                                                   random_state=0),
         "HNSWPQNeighbors": HNSWPQNeighbors(10, n_links=16, ef_construction=64,
-                                           n_subspaces=8, n_codewords=64, random_state=0),
+                                           n_subspaces=8, n_codewords=64, random_state=0,
+                                           refine_factor=0),
     }
     rows = []
     for name, est in estimators.items():

@@ -169,7 +169,7 @@ def pqsk_cosine_ranking():
     Q = rng.standard_normal((20, 4)).astype(np.float32)
     Q /= np.linalg.norm(Q, axis=1, keepdims=True)
     params = dict(n_subspaces=2, n_codewords=4, random_state=0, n_jobs=1)
-    nn = PQNeighbors(n_neighbors=5, metric="cosine", **params).fit(X)
+    nn = PQNeighbors(n_neighbors=5, metric="cosine", refine_factor=0, **params).fit(X)
     ind = nn.kneighbors(Q, return_distance=False)
     X_hat = PQTransformer(codebooks=nn.codebooks_, **params).fit(X).inverse_transform(nn.codes_)
     by = {
@@ -218,7 +218,7 @@ def bench_pqsk(train, base, queries, truth, args):
     # again (PQNeighbors has no way to take codes encoded elsewhere).
     nn = PQNeighbors(
         n_neighbors=N_NEIGHBORS, n_subspaces=N_SUBSPACES, n_codewords=N_CODEWORDS,
-        metric="cosine", codebooks=pq.codebooks_, random_state=0, n_jobs=n,
+        metric="cosine", codebooks=pq.codebooks_, random_state=0, n_jobs=n, refine_factor=0
     )
     r["searcher_fit_s"], _ = timed(nn.fit, base)
     # metric="cosine" normalises the (already unit-length) base again, which

@@ -103,7 +103,7 @@ def child(n):
     # The peak is measured over fit only, not over the data generation.
     window = reset_peak_rss()
     nn = IVFPQNeighbors(10, n_lists=N_LISTS, n_probe=N_PROBE, n_subspaces=M, n_codewords=K,
-                        random_state=0, n_jobs=1)
+                        random_state=0, n_jobs=1, refine_factor=0)
     with threadpool_limits(1):
         t0 = time.perf_counter()
         nn.fit(X)
@@ -267,7 +267,7 @@ def ooc_child(config, n, data_dir, threads):
         refine = 10 if config.endswith("refine10") else 0
         nn = IVFPQNeighbors(OOC_K, n_lists=OOC_LISTS, n_probe=OOC_PROBE, n_subspaces=OOC_M,
                             metric="cosine", refine_factor=refine, random_state=0,
-                            n_jobs=threads)
+                            n_jobs=threads, n_codewords=256)
         with threadpool_limits(threads):
             base = rss_anon_mib()
             sampler = PeakSampler().start()

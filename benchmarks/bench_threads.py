@@ -31,12 +31,13 @@ def main(argv=None):
     n_calls = 4000
     estimators = {
         "PQNeighbors (100k codes, exhaustive)": PQNeighbors(
-            10, n_subspaces=8, n_codewords=256, random_state=0),
+            10, n_subspaces=8, n_codewords=256, random_state=0, refine_factor=0),
         "IVFPQNeighbors (n_lists=256, n_probe=16)": IVFPQNeighbors(
-            10, n_lists=256, n_probe=16, n_subspaces=8, n_codewords=256, random_state=0),
+            10, n_lists=256, n_probe=16, n_subspaces=8, n_codewords=256, random_state=0,
+            refine_factor=0),
         "HNSWPQNeighbors (M=16, ef_search=64)": HNSWPQNeighbors(
             10, n_links=16, ef_construction=100, n_subspaces=8, n_codewords=256,
-            random_state=0),
+            random_state=0, refine_factor=0),
     }
     rows = []
     with threadpool_limits(1):

@@ -112,7 +112,7 @@ def ivf_pqsk(train, seed):
     from pqsk import IVFPQNeighbors
 
     nn = IVFPQNeighbors(n_lists=N_LISTS, n_subspaces=M, n_codewords=K,
-                        random_state=seed, n_jobs=1)
+                        random_state=seed, n_jobs=1, refine_factor=0, n_probe=8)
     wall, cpu, _ = timed(nn.fit, train)
     # _reconstruct: centroid + decoded residual of every indexed row, by id.
     return {"wall_s": wall, "cpu_s": cpu,

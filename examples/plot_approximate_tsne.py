@@ -59,7 +59,7 @@ isomap_neighbors = 10
 
 def make_transformers(n_neighbors):
     """The three neighbour searches compared, for a given n_neighbors."""
-    pq = dict(n_subspaces=16, n_codewords=256, random_state=0)
+    pq = dict(n_subspaces=16, n_codewords=256, refine_factor=0, random_state=0)
     return {
         "exact\n(KNeighborsTransformer)": KNeighborsTransformer(
             n_neighbors=n_neighbors, mode="distance"

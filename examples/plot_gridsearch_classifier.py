@@ -56,7 +56,8 @@ X_train, X_test, y_train, y_test = train_test_split(
 # be pushed before accuracy suffers.
 K = 5
 pipe = make_pipeline(
-    PQNeighbors(n_neighbors=K, mode="distance", random_state=0),
+    PQNeighbors(n_neighbors=K, mode="distance", random_state=0,
+                n_subspaces=8, n_codewords=256, refine_factor=0),
     KNeighborsClassifier(n_neighbors=K, metric="precomputed"),
 )
 n_subspaces = [2, 4, 8, 16, 32]
@@ -142,7 +143,7 @@ plt.show()
 # mean squared error on the data it is given: on each validation fold
 # here.  ``GridSearchCV`` uses it when no ``scoring`` is passed.
 pq_search = GridSearchCV(
-    PQTransformer(random_state=0),
+    PQTransformer(random_state=0, n_subspaces=8, n_codewords=256),
     {"n_subspaces": n_subspaces, "n_codewords": n_codewords},
     cv=4,
 )

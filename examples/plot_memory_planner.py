@@ -76,7 +76,7 @@ def fit(kind, X, n_lists=LISTS_SMALL):
                   random_state=0)
     refine = 1 if kind.endswith("+ refine") else 0
     if kind == "PQ":
-        return PQNeighbors(**common).fit(X)
+        return PQNeighbors(refine_factor=0, **common).fit(X)
     if kind.startswith("IVF-PQ"):
         return IVFPQNeighbors(n_lists=n_lists, refine_factor=refine, **common).fit(X)
     return HNSWPQNeighbors(n_links=N_LINKS, ef_construction=16, refine_factor=refine,
@@ -205,7 +205,7 @@ for D in DIMS:
     X = rng.standard_normal((N_SMALL, D)).astype(np.float32)
     est = IVFPQNeighbors(
         n_lists=LISTS_SMALL, n_subspaces=D // DIMS_PER_BYTE, n_codewords=N_CODEWORDS,
-        codebooks=random_codebooks(D), metric="euclidean",
+        codebooks=random_codebooks(D), metric="euclidean", refine_factor=0, n_probe=8
     ).fit(X)
     per_list = est.memory_usage_["list_terms"] / est.n_lists_
     n_lists = int(4 * np.sqrt(capacity["IVF-PQ", D]))

@@ -107,7 +107,7 @@ fig.subplots_adjust(left=0.16, right=0.98, top=0.92, bottom=0.02, hspace=0.1)
 # the codes of the indexed vectors (in ``codes_``), and compares each query
 # with every code through small lookup tables.  Its interface is the one
 # of :class:`~sklearn.neighbors.NearestNeighbors`.
-nn = PQNeighbors(n_neighbors=5, n_subspaces=8, n_codewords=64, random_state=0)
+nn = PQNeighbors(n_neighbors=5, n_subspaces=8, n_codewords=64, random_state=0, refine_factor=0)
 nn.fit(X_index)
 dist, ind = nn.kneighbors(X_query)
 print("distances of the first query:", np.round(dist[0], 1))

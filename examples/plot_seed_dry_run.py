@@ -150,7 +150,7 @@ nn = PQNeighbors(
     n_subspaces=m,
     n_codewords=k,
     metric="sqeuclidean",
-    codebooks=naive_codebooks,
+    codebooks=naive_codebooks, refine_factor=0
 ).fit(X)
 dist, ind = nn.kneighbors(q)
 print("stored codes:\n", nn.codes_)
@@ -168,7 +168,8 @@ print("top 3 (index, distance):", [(int(i), float(d)) for i, d in zip(ind[0], di
 # nearest neighbours of ``q``.  (All three get the same approximate
 # distance, because they share a code.)
 nn_km = PQNeighbors(
-    n_neighbors=3, n_subspaces=m, n_codewords=k, metric="sqeuclidean", random_state=0
+    n_neighbors=3, n_subspaces=m, n_codewords=k, metric="sqeuclidean", random_state=0,
+    refine_factor=0
 ).fit(X)
 for j in range(m):
     print(f"learned codebook of sub-space {j}:\n{nn_km.codebooks_[j]}")

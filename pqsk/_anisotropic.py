@@ -40,6 +40,13 @@ For IVF the rows quantized are residuals ``x - c_l`` but the score is
 ``<q, x>``: the directions (and norms, hence eta) are passed separately
 (``directions``) from the rows quantized.
 
+Rows of D features are worked on in the padded layout of
+:mod:`pqsk._quantizer` (zero columns after each sub-space narrower than
+``ds``; nothing changes when m divides D): the zero columns add nothing
+to ``r . u`` or ``||r||^2``, their codeword entries stay 0 in the update
+(their equations read ``(|S_c| + ridge) w = ridge * 0``), and eta uses the
+true D.
+
 Everything is computed in float64, a chunk of rows at a time.
 """
 
@@ -99,10 +106,23 @@ def _directions(D):
     return U, norms
 
 
-def row_weights(directions, threshold):
-    """(unit directions, eta - 1) of the rows of ``directions``, float64."""
+def row_weights(directions, threshold, codebooks=None):
+    """(unit directions, eta - 1) of the rows of ``directions``, float64;
+    the directions in the padded layout of ``codebooks`` when given (eta
+    from the true number of features)."""
     U, norms = _directions(directions)
-    return U, anisotropic_eta(threshold, norms, directions.shape[1]) - 1
+    w = anisotropic_eta(threshold, norms, directions.shape[1]) - 1
+    if codebooks is not None:
+        from ._quantizer import padded_rows
+
+        U = padded_rows(U, codebooks)
+    return U, w
+
+
+def _padded64(X, codebooks):
+    from ._quantizer import padded_rows
+
+    return padded_rows(np.asarray(X, dtype=np.float64), codebooks)
 
 
 def _decode(codes, codebooks):
@@ -116,8 +136,8 @@ def _decode(codes, codebooks):
 def anisotropic_loss(X, codes, codebooks, threshold, directions=None):
     """Per-row loss ``||r||^2 + (eta - 1) (r . u)^2`` of the codes of X
     (``r = X - decode(codes)``; u and eta from ``directions``, default X)."""
-    U, w = row_weights(X if directions is None else directions, threshold)
-    R = np.asarray(X, dtype=np.float64) - _decode(codes, np.asarray(codebooks, np.float64))
+    U, w = row_weights(X if directions is None else directions, threshold, codebooks)
+    R = _padded64(X, codebooks) - _decode(codes, np.asarray(codebooks, np.float64))
     p = np.einsum("ij,ij->i", R, U)
     return np.einsum("ij,ij->i", R, R) + w * p * p
 
@@ -161,7 +181,7 @@ def anisotropic_encode(X, codebooks, threshold, directions=None, init_codes=None
     step = max(1, _BLOCK_VALUES // k)
     for sl in chunk_slices(X.shape[0], step):
         D = X[sl] if directions is None else directions[sl]
-        _encode_chunk(np.asarray(X[sl], dtype=np.float64), *row_weights(D, threshold),
+        _encode_chunk(_padded64(X[sl], cb), *row_weights(D, threshold, cb),
                       cb, c_norms, codes[sl], n_sweeps)
     return codes
 
@@ -236,8 +256,8 @@ def update_codebooks(X, codes, codebooks, threshold, directions=None):
     m, k, ds = codebooks.shape
     n = X.shape[0]
     cb = np.array(codebooks, dtype=np.float64, copy=True)
-    Xf = np.asarray(X, dtype=np.float64)
-    U, w = row_weights(X if directions is None else directions, threshold)
+    Xf = _padded64(X, cb)
+    U, w = row_weights(X if directions is None else directions, threshold, cb)
     R = Xf - _decode(codes, cb)
     p = np.einsum("ij,ij->i", R, U)
     del R
@@ -282,7 +302,7 @@ def train_anisotropic(X, n_subspaces, n_codewords, threshold, directions=None,
 
     Returns
     -------
-    codebooks : ndarray of shape (m, k, ds), dtype of X
+    codebooks : ndarray of shape (m, k, ceil(D / m)), dtype of X
     losses : list of float
         Mean loss of the plain k-means codes, then after each alternation.
     """

@@ -129,8 +129,8 @@ class PQParamsMixin:
     """Product-quantization parameters shared by every estimator."""
 
     _pq_parameter_constraints = {
-        "n_subspaces": [Interval(Integral, 1, None, closed="left")],
-        "n_codewords": [Interval(Integral, 1, None, closed="left")],
+        "n_subspaces": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
+        "n_codewords": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "init": [StrOptions({"random", "k-means++"})],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "n_init": [Interval(Integral, 1, None, closed="left")],
@@ -151,31 +151,60 @@ class PQParamsMixin:
 
     def _max_train_samples(self):
         if self.max_train_samples == "auto":
-            return 256 * self.n_codewords
+            return 256 * self._codewords_cap()
         return self.max_train_samples
 
-    def _check_user_codebooks(self, n_features, dtype):
+    def _codewords_cap(self):
+        """k before the training sample is known: ``n_codewords``, 256 for
+        "auto" (or the supplied codebooks' k)."""
+        if self.n_codewords != "auto":
+            return self.n_codewords
+        if self.codebooks is not None and np.ndim(self.codebooks) == 3:
+            return np.shape(self.codebooks)[1]
+        return _quantizer.AUTO_CODEWORDS
+
+    def _pq_shape(self, n_features, n_train):
+        """(m, k) for rows of ``n_features`` features trained on ``n_train``
+        rows: the parameters, with "auto" resolved (see
+        :func:`pqsk._quantizer.auto_n_subspaces` and ``AUTO_CODEWORDS``;
+        the supplied codebooks' shape when there are some).  Raises
+        ValueError for m > n_features or k > 65536."""
+        supplied = self.codebooks is not None and np.ndim(self.codebooks) == 3
+        k = self._codewords_cap()
+        if self.n_codewords == "auto" and not supplied:
+            k = max(1, min(k, n_train // 2))  # k-means with 2+ rows per codeword
+        if self.n_subspaces != "auto":
+            m = self.n_subspaces
+        elif supplied:
+            m = np.shape(self.codebooks)[0]
+        else:
+            m = _quantizer.auto_n_subspaces(n_features, self._codewords_cap())
+        _quantizer.check_subspaces(n_features, m)
+        _quantizer.check_codewords(k, np.inf)
+        return int(m), int(k)
+
+    def _check_user_codebooks(self, n_features, dtype, shape):
         cb = np.asarray(self.codebooks)
         if cb.dtype.kind not in "fiu":
             raise TypeError(f"codebooks must be a numeric array, got dtype {cb.dtype}.")
-        expected = (self.n_subspaces, self.n_codewords)
-        if cb.ndim != 3 or cb.shape[:2] != expected:
+        m, k = shape
+        expected = (m, k, -(-n_features // m))
+        if cb.shape != expected:
             raise ValueError(
                 "codebooks must have shape (n_subspaces, n_codewords, "
-                f"n_features // n_subspaces) = {expected + ('ds',)}, got {cb.shape}."
-            )
-        if cb.shape[0] * cb.shape[2] != n_features:
-            raise ValueError(
-                f"codebooks of shape {cb.shape} cover {cb.shape[0] * cb.shape[2]} "
-                f"features, but X has {n_features} features."
+                f"ceil(n_features / n_subspaces)) = {expected} for X with {n_features} "
+                f"features, got {cb.shape}."
             )
         with np.errstate(over="ignore"):
-            cb = np.ascontiguousarray(cb, dtype=dtype)
+            cb = np.array(cb, dtype=dtype, order="C", copy=True)
+        # Columns beyond a sub-space's width (m not dividing n_features)
+        # are not part of any codeword.
+        _quantizer.zero_padding(cb, n_features)
         # Checked after the cast: float64 values beyond float32's range
         # become inf only then.
         if not np.all(np.isfinite(cb)):
             raise ValueError(f"codebooks contain NaN or infinity (in {cb.dtype}).")
-        check_range(cb.reshape(-1, n_features), name="codebooks",
+        check_range(cb.reshape(-1, cb.shape[2]), name="codebooks",
                     dtype=getattr(self, "_kernel_dtype", None))
         return cb
 
@@ -189,14 +218,14 @@ class PQParamsMixin:
             raise ValueError("rotation='opq' learns the codebooks with the rotation; it "
                              "cannot be combined with codebooks=... (set one to None).")
         d = X.shape[1]
-        _quantizer.check_subspaces(d, self.n_subspaces)
-        _quantizer.check_codewords(self.n_codewords, np.inf)
+        self._pq_shape(d, X.shape[0])  # m and k checked before the sample is drawn
         rng = check_random_state(self.random_state)
         sample = _quantizer.training_sample(X, self._max_train_samples(), rng)
-        _quantizer.check_codewords(self.n_codewords, sample.shape[0])
+        m, k = self._pq_shape(d, sample.shape[0])
+        _quantizer.check_codewords(k, sample.shape[0])
         progress(f"learning the OPQ rotation on {sample.shape[0]} x {d} rows")
         R, _, errors = _opq.train_opq(
-            sample, self.n_subspaces, self.n_codewords, init=self.init,
+            sample, m, k, init=self.init,
             max_iter=self.max_iter, n_init=self.n_init, tol=self.tol, random_state=rng,
             n_threads=effective_n_threads(self.n_jobs), progress=progress)
         progress(f"OPQ rotation learned: reconstruction error {errors[0]:.6g} -> "
@@ -209,7 +238,7 @@ class PQParamsMixin:
         t = getattr(self, "anisotropic_threshold_", None)
         return {} if t is None else {"threshold": t}
 
-    def _fit_codebooks(self, X, progress, directions=None):
+    def _fit_codebooks(self, X, progress, directions=None, shape=None):
         """Train the codebooks on (a sample of) X, or take the user's.
 
         Sets ``n_iter_``, the most Lloyd iterations any sub-space ran (0
@@ -218,16 +247,17 @@ class PQParamsMixin:
         codebooks are refined for the anisotropic loss, whose directions
         are the rows of ``directions`` (default X; IVF passes the rows
         whose residuals X holds, X then being the whole sample).
+        ``shape``: the (m, k) to train (``refit_codebooks`` keeps the
+        fitted ones); default the parameters' (see ``_pq_shape``).
         """
         threshold = getattr(self, "anisotropic_threshold", None)
         self.anisotropic_threshold_ = None if threshold is None else float(threshold)
         n, d = X.shape
-        _quantizer.check_subspaces(d, self.n_subspaces)
-        _quantizer.check_codewords(self.n_codewords, np.inf)
+        m, k = self._pq_shape(d, n) if shape is None else shape
         if self.codebooks is not None:
             progress("using the supplied codebooks")
             self.n_iter_ = 0
-            return self._check_user_codebooks(d, X.dtype)
+            return self._check_user_codebooks(d, X.dtype, (m, k))
         rng = check_random_state(self.random_state)
         if directions is None:
             sample = _quantizer.training_sample(X, self._max_train_samples(), rng)
@@ -235,20 +265,22 @@ class PQParamsMixin:
             rows = _quantizer.sample_rows(n, self._max_train_samples(), rng)
             sample = _quantizer.gather_rows(X, rows)
             directions = _quantizer.gather_rows(directions, rows)
-        _quantizer.check_codewords(self.n_codewords, sample.shape[0])
+        if shape is None:
+            m, k = self._pq_shape(d, sample.shape[0])  # "auto": k <= the sample's rows
+        _quantizer.check_codewords(k, sample.shape[0])
         progress(
-            f"training {self.n_subspaces} x KMeans({self.n_codewords}) on "
-            f"{sample.shape[0]} x {d // self.n_subspaces} sub-vectors"
+            f"training {m} x KMeans({k}) on {sample.shape[0]} x "
+            + (f"{d // m}" if d % m == 0 else f"{d // m}-{d // m + 1}") + " sub-vectors"
         )
-        with progress.bar(self.n_subspaces, "codebooks", unit="sub-spaces") as bar:
+        with progress.bar(m, "codebooks", unit="sub-spaces") as bar:
             def subspace_done(msg, level=1):  # called once per sub-space trained
                 bar.update()
                 progress(msg, level)
 
             codebooks, n_iter = _quantizer.train_codebooks(
                 sample,
-                self.n_subspaces,
-                self.n_codewords,
+                m,
+                k,
                 init=self.init,
                 max_iter=self.max_iter,
                 n_init=self.n_init,
@@ -263,7 +295,7 @@ class PQParamsMixin:
             from ._anisotropic import train_anisotropic
 
             codebooks, losses = train_anisotropic(
-                sample, self.n_subspaces, self.n_codewords, float(threshold),
+                sample, m, k, float(threshold),
                 directions=directions, codebooks=codebooks, progress=progress)
             progress(f"anisotropic codebooks: mean loss {losses[0]:.4g} -> "
                      f"{losses[-1]:.4g} in {len(losses) - 1} iterations")
@@ -354,7 +386,8 @@ class RefitMixin:
         old_iter = self.n_iter_
         try:
             codebooks = self._fit_codebooks(
-                rows, progress, directions=None if rows is sample else sample)
+                rows, progress, directions=None if rows is sample else sample,
+                shape=self.codebooks_.shape[:2])
             n_iter = self.n_iter_
         finally:
             self.n_iter_ = old_iter  # set with the rest, at the switch
@@ -553,7 +586,10 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """{parameter: the value the fitted index was built with} for the
         parameters that define the fitted state.  Subclasses add theirs."""
         m, k = self.codebooks_.shape[:2]
-        return {"metric": self.effective_metric_, "n_subspaces": m, "n_codewords": k,
+        # "auto" chose m and k at fit.
+        fitted = {"n_subspaces": m, "n_codewords": k}
+        return {"metric": self.effective_metric_,
+                **{p: v for p, v in fitted.items() if not isinstance(getattr(self, p), str)},
                 "rotation": None if self._rotation is None else "opq",
                 "anisotropic_threshold": self.anisotropic_threshold_}
 

@@ -103,7 +103,13 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
     n_neighbors : int, default=5
     n_links : int, default=16
         M, links per node on the upper levels (2 * M on level 0); between 2
-        and 2048.
+        and 2048.  The links cost about ``8 * M + 16`` bytes per vector
+        (int32 level-0 and upper links, levels, ids): 144 by default, to
+        which the codes (``ceil(n_features / 2)`` bytes by default) and,
+        with ``refine_factor > 0`` (the default), the raw vectors
+        (``4 * n_features``) add.  M=8 saves 64 bytes per vector; on 64-d
+        uniform data it lowers recall@10 at the defaults from 0.90 to 0.71
+        (``benchmarks/results/defaults.md``).
     ef_construction : int, default=200
         Beam width while inserting nodes: larger builds a better graph,
         more slowly.
@@ -125,10 +131,14 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         ``"l2"``, and ``"minkowski"`` with ``p=2``, are ``"euclidean"``
         (``effective_metric_``).
         As in :class:`PQNeighbors`.
-    refine_factor : int, default=0
+    refine_factor : int, default=10
         If positive, the raw vectors are kept and the best
         ``max(refine_factor * n_neighbors, ef_search)`` ADC candidates of
-        the beam are re-ranked by exact distance.
+        the beam are re-ranked by exact distance.  The default costs
+        ``4 * n_features`` bytes per vector (none for a memmap, kept by
+        reference); recall@10 at the defaults with and without it is in
+        ``benchmarks/results/defaults.md``.  0 keeps only the codes and
+        the graph.
     mode : {"distance", "connectivity"}, default="distance"
     n_jobs : int, default=None
         Threads for training, encoding and search (parallel over queries).
@@ -320,10 +330,10 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         ef_construction=200,
         ef_search=64,
         segment_size=DEFAULT_SEGMENT_SIZE,
-        n_subspaces=8,
-        n_codewords=256,
+        n_subspaces="auto",
+        n_codewords="auto",
         metric="euclidean",
-        refine_factor=0,
+        refine_factor=10,
         mode="distance",
         init="random",
         max_iter=25,
@@ -384,7 +394,8 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
     def _node_vectors(self, codes, ids):
         """float32 vectors of a graph's nodes (``codes``, ``ids``: theirs,
         in node order): raw when kept (normalised for cosine), else
-        decoded.  All at once (the graph build needs them):
+        decoded (in the codebooks' padded layout, as the build reads
+        them).  All at once (the graph build needs them):
         n_nodes x n_features."""
         if self.vectors_ is None:
             vectors = _quantizer.decode(codes, self.codebooks_)
@@ -557,6 +568,9 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         ``owner`` holds the growable buffers (default: the estimator).
         """
         owner = self if owner is None else owner
+        # The kernel reads rows in the codebooks' padded layout (a copy only
+        # when n_subspaces does not divide n_features).
+        vectors = _quantizer.padded_rows(vectors, self.codebooks_)
         links0, upper = state["links0_"], state["upper_links_"]
         n, M0 = links0.shape
         codes = state["codes_"]
@@ -1015,7 +1029,8 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         entry point, from which every node is reachable (see
         ``repair_level0``): with ``ef = n`` that visits the whole graph.
         """
-        Q = np.ascontiguousarray(Q, dtype=np.float32)
+        Q = _quantizer.padded_rows(np.ascontiguousarray(Q, dtype=np.float32),
+                                   self.codebooks_)
         codes = graph["codes_"]
         nq, n = Q.shape[0], codes.shape[0]
         m, k = self.codebooks_.shape[:2]
@@ -1064,16 +1079,15 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         return merge_topk(parts, n_candidates)
 
     def _reconstruct(self):
-        m = self.codebooks_.shape[0]
+        d = self.n_features_in_
         if not self.segments_ and self.ids_ is None:
-            return _quantizer.decode(self.codes_, self.codebooks_)
-        out = np.zeros((self.n_samples_fit_, m * self.codebooks_.shape[2]),
-                       self.codebooks_.dtype)
+            return _quantizer.decode(self.codes_, self.codebooks_, d)
+        out = np.zeros((self.n_samples_fit_, d), self.codebooks_.dtype)
         for seg in self.segments_:
-            out[seg["ids"]] = _quantizer.decode(seg["codes"], self.codebooks_)
+            out[seg["ids"]] = _quantizer.decode(seg["codes"], self.codebooks_, d)
         if self.codes_.shape[0]:
             ids = np.arange(self.codes_.shape[0]) if self.ids_ is None else self.ids_
-            out[ids] = _quantizer.decode(self.codes_, self.codebooks_)
+            out[ids] = _quantizer.decode(self.codes_, self.codebooks_, d)
         return out
 
     def search_stats(self, X, n_neighbors=None):

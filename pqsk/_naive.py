@@ -8,7 +8,12 @@ Conventions shared with the kernels:
   (``inner_product=True``): smaller is always better;
 * results are sorted by the pair (distance, id), so ties in distance go to
   the smaller id;
-* output slots that no candidate fills hold ``(+inf, INT64_MAX)``.
+* output slots that no candidate fills hold ``(+inf, INT64_MAX)``;
+* the D features are cut into m contiguous sub-spaces, the first ``D % m``
+  of ``D // m + 1`` features, the others of ``D // m``
+  (:func:`subspace_slices`); codebooks are (m, k, ceil(D / m)), codeword
+  c of sub-space j being ``codebooks[j, c, :width_j]`` (the rest is
+  padding, never read here).
 """
 
 import heapq
@@ -18,21 +23,36 @@ import numpy as np
 EMPTY_ID = np.iinfo(np.int64).max
 
 
+def subspace_slices(n_features, n_subspaces):
+    """The m slices of features, in order: the first ``D % m`` sub-spaces
+    are one feature wider than the others."""
+    out, start = [], 0
+    for j in range(n_subspaces):
+        width = n_features // n_subspaces + (1 if j < n_features % n_subspaces else 0)
+        out.append(slice(start, start + width))
+        start += width
+    return out
+
+
 def encode(X, codebooks):
     """codes[i, j] = argmin_c ||X[i, j-th block] - codebooks[j, c]||^2 (ties: smallest c)."""
     m, k, ds = codebooks.shape
     codes = np.empty((X.shape[0], m), dtype=np.int64)
-    for j in range(m):
-        sub = X[:, j * ds:(j + 1) * ds]
-        d = ((sub[:, None, :] - codebooks[j][None, :, :]) ** 2).sum(axis=2)
+    for j, sl in enumerate(subspace_slices(X.shape[1], m)):
+        sub = X[:, sl]
+        cb = codebooks[j][:, :sub.shape[1]]
+        d = ((sub[:, None, :] - cb[None, :, :]) ** 2).sum(axis=2)
         codes[:, j] = np.argmin(d, axis=1)
     return codes
 
 
-def decode(codes, codebooks):
-    """Concatenate, for each row, the codewords its code names."""
-    m = codebooks.shape[0]
-    return np.hstack([codebooks[j][codes[:, j]] for j in range(m)])
+def decode(codes, codebooks, n_features=None):
+    """Concatenate, for each row, the codewords its code names (each cut
+    to its sub-space's width for ``n_features`` features; default m * ds)."""
+    m, _, ds = codebooks.shape
+    d = m * ds if n_features is None else n_features
+    return np.hstack([codebooks[j][codes[:, j]][:, :sl.stop - sl.start]
+                      for j, sl in enumerate(subspace_slices(d, m))])
 
 
 def adc_tables(Q, codebooks, inner_product=False, dtype=np.float64):
@@ -48,9 +68,9 @@ def adc_tables(Q, codebooks, inner_product=False, dtype=np.float64):
     Q = np.asarray(Q).astype(dtype)
     cb = np.asarray(codebooks).astype(dtype)
     tables = np.zeros((Q.shape[0], m, k), dtype=dtype)
-    for j in range(m):
-        for d in range(ds):
-            qd = Q[:, j * ds + d][:, None]          # (nq, 1)
+    for j, sl in enumerate(subspace_slices(Q.shape[1], m)):
+        for d in range(sl.stop - sl.start):
+            qd = Q[:, sl.start + d][:, None]        # (nq, 1)
             cd = cb[j, :, d][None, :]               # (1, k)
             if inner_product:
                 tables[:, j, :] -= qd * cd
@@ -156,7 +176,7 @@ def ivf_candidates(q, centroids, codebooks, codes, ids, offsets, lists,
     out_ids, out_d = [], []
     for l in lists:
         rows = slice(int(offsets[l]), int(offsets[l + 1]))
-        x_hat = C[l] + decode(np.asarray(codes[rows], dtype=np.int64), cb)
+        x_hat = C[l] + decode(np.asarray(codes[rows], dtype=np.int64), cb, C.shape[1])
         if inner_product:
             d = -(x_hat @ q)
         else:
@@ -324,7 +344,7 @@ def ivf_search_entries(Q, centroids, codebooks, lists, codes, ids, n_probe, n_ne
     hold (inf, INT64_MAX)."""
     Q = np.asarray(Q, dtype=np.float64)
     C = np.asarray(centroids, dtype=np.float64)
-    X_hat = C[lists] + decode(codes, np.asarray(codebooks, dtype=np.float64))
+    X_hat = C[lists] + decode(codes, np.asarray(codebooks, dtype=np.float64), C.shape[1])
     live = np.ones(len(ids), bool) if removed is None else ~np.asarray(removed)[ids]
     out_d = np.full((Q.shape[0], n_neighbors), np.inf)
     out_i = np.full((Q.shape[0], n_neighbors), np.iinfo(np.int64).max, dtype=np.int64)

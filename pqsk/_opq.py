@@ -44,13 +44,14 @@ def _lloyd_step(Y, codes, codebooks):
     """Codewords moved to the mean of the sub-vectors coded to them
     (codewords no row uses keep their place).  In place; returns
     codebooks."""
-    m, k, ds = codebooks.shape
+    m, k, _ = codebooks.shape
+    bounds = _quantizer.subspace_bounds(Y.shape[1], m)
     for j in range(m):
         c = codes[:, j].astype(np.intp)
         counts = np.bincount(c, minlength=k)
         used = counts > 0
-        block = Y[:, j * ds:(j + 1) * ds]
-        for t in range(ds):
+        block = Y[:, bounds[j]:bounds[j + 1]]
+        for t in range(block.shape[1]):
             sums = np.bincount(c, weights=block[:, t], minlength=k)
             codebooks[j, used, t] = sums[used] / counts[used]
     return codebooks
@@ -60,7 +61,7 @@ def reconstruction_error(Y, codebooks, n_threads=1):
     """Mean squared error of the rows of Y against their PQ reconstruction,
     and their codes."""
     codes = _quantizer.encode(Y, codebooks, n_threads)
-    err = Y - _quantizer.decode(codes, codebooks)
+    err = Y - _quantizer.decode(codes, codebooks, Y.shape[1])
     return float(np.mean(np.einsum("ij,ij->i", err, err, dtype=np.float64))), codes
 
 
@@ -81,7 +82,7 @@ def train_opq(X, n_subspaces, n_codewords, *, n_iter=50, lloyd_iter=1, init="ran
     ----------
     X : ndarray of shape (n, D)
         The (prepared: normalised for cosine) training sample, float32 or
-        float64; D a multiple of ``n_subspaces``.
+        float64; D at least ``n_subspaces``.
     n_subspaces, n_codewords : int
     n_iter : int, default=50
         Alternations (encode, Procrustes, codebook update).
@@ -97,8 +98,9 @@ def train_opq(X, n_subspaces, n_codewords, *, n_iter=50, lloyd_iter=1, init="ran
     -------
     R : ndarray of shape (D, D), dtype of X
         Orthogonal: rows are encoded as ``x @ R``.
-    codebooks : ndarray of shape (n_subspaces, n_codewords, D / n_subspaces)
-        Codebooks for the rotated rows.
+    codebooks : ndarray of shape (n_subspaces, n_codewords, ceil(D / n_subspaces))
+        Codebooks for the rotated rows (zero beyond each sub-space's width,
+        see :mod:`pqsk._quantizer`).
     errors : list of float
         Mean squared reconstruction error on the rows learned on, after
         the initial PQ and after each alternation (non-increasing up to
@@ -120,7 +122,7 @@ def train_opq(X, n_subspaces, n_codewords, *, n_iter=50, lloyd_iter=1, init="ran
     err, codes = reconstruction_error(Y, codebooks, n_threads)
     errors = [err]
     for it in range(n_iter):
-        R = procrustes(X, _quantizer.decode(codes, codebooks))
+        R = procrustes(X, _quantizer.decode(codes, codebooks, d))
         Y = np.ascontiguousarray(X @ R.astype(dtype))
         for _ in range(lloyd_iter):
             codes = _quantizer.encode(Y, codebooks, n_threads)

@@ -992,10 +992,16 @@ def check_codebooks(est, max_codewords):
     require(isinstance(cb, np.ndarray) and cb.dtype in (np.float32, np.float64)
             and cb.ndim == 3, "codebooks_ must be a 3-d float32 or float64 array")
     m, k, ds = cb.shape
-    require(m >= 1 and ds >= 1 and m * ds == d,
+    # Sub-spaces of nearly equal widths (pqsk._quantizer): ds = ceil(d / m),
+    # the columns past a narrower sub-space's width zero.  Files written
+    # before uneven sub-spaces have m * ds == d, which passes as before.
+    require(1 <= m <= d and ds == -(-d // m),
             f"codebooks_ of shape {cb.shape} do not cover n_features_in_={d}")
     require(1 <= k <= max_codewords, f"codebooks_ hold {k} codewords per sub-space")
     check_float_array(cb, "codebooks_", cb.shape, cb.dtype, np.inf)
+    narrow = range(d % m, m) if d % m else ()  # sub-spaces of ds - 1 features
+    require(not any(np.any(cb[j, :, ds - 1:]) for j in narrow),
+            "codebooks_ are not zero past the width of each sub-space")
     check_scalar_int(est.n_iter_, "n_iter_", 0, 2**31)
     names = getattr(est, "feature_names_in_", None)
     if names is not None or hasattr(est, "feature_names_in_"):

@@ -22,7 +22,9 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
     """Product quantizer: compress vectors to short codes of codeword indices.
 
     The ``n_features`` columns are split into ``n_subspaces`` (m) contiguous
-    blocks of ``ds = n_features / m`` columns; each block gets its own
+    blocks of nearly equal widths (``n_features / m`` when m divides it;
+    otherwise the first ``n_features % m`` blocks are one column wider, as
+    in ScaNN); each block gets its own
     codebook of ``n_codewords`` (k) codewords learned with
     :class:`~sklearn.cluster.KMeans`.  A vector is stored as the m indices
     of its nearest codewords, ``m`` bytes for k <= 256 (Jégou, Douze and
@@ -31,11 +33,20 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
 
     Parameters
     ----------
-    n_subspaces : int, default=8
-        Number of sub-spaces m; must divide ``n_features``.
-    n_codewords : int, default=256
+    n_subspaces : int or "auto", default="auto"
+        Number of sub-spaces m, from 1 to ``n_features``: the code length,
+        m bytes per vector for k <= 256 (two per byte for k = 16 in the
+        search estimators).  ``"auto"``: ``ceil(n_features / 2)`` (2
+        features per sub-space), or ``n_features`` when k <= 16, so
+        ``ceil(n_features / 2)`` bytes per vector by default (25 for a
+        50-d vector of 200 float32 bytes); the measurements behind it are in
+        ``benchmarks/results/defaults.md``.  Fewer sub-spaces make smaller
+        codes and faster scans at a lower recall.
+    n_codewords : int or "auto", default="auto"
         Codewords per sub-space k, at most 65536 and at most the number of
         training samples.  Codes are uint8 for k <= 256, else uint16.
+        ``"auto"``: 256, or half the training rows when there are fewer
+        than 512 (so that each k-means still has two rows per codeword).
     init : {"random", "k-means++"}, default="random"
         KMeans initialisation.  ``"random"`` (as faiss does) trains about
         three times faster than ``"k-means++"`` for a near-identical
@@ -61,7 +72,10 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         ``max_iter``).
     codebooks : array-like of shape (n_subspaces, n_codewords, ds), default=None
         Use these codebooks instead of training; ``fit`` then only records
-        the input's shape.
+        the input's shape.  ``ds = ceil(n_features / n_subspaces)``;
+        ``codebooks[j, c, :w]`` is codeword c of sub-space j of width w,
+        entries past w are ignored (set to 0).  With "auto" parameters m
+        and k are the codebooks'.
     rotation : {"opq"} or None, default=None
         ``"opq"`` learns an orthogonal D x D rotation R together with the
         codebooks (non-parametric OPQ: Ge et al., "Optimized Product
@@ -103,7 +117,9 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
     ----------
     codebooks_ : ndarray of shape (n_subspaces, n_codewords, ds)
         ``codebooks_[j, c]`` is codeword c of sub-space j (float32, or
-        float64 when fitted on float64).
+        float64 when fitted on float64), ``ds = ceil(n_features / m)``;
+        zero past the width of a narrower sub-space.  Its shape gives the
+        m and k that "auto" chose.
     code_dtype_ : numpy.dtype
         uint8 or uint16.
     rotation_ : ndarray of shape (n_features, n_features) or None
@@ -151,8 +167,8 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
 
     def __init__(
         self,
-        n_subspaces=8,
-        n_codewords=256,
+        n_subspaces="auto",
+        n_codewords="auto",
         *,
         init="random",
         max_iter=25,
@@ -187,7 +203,7 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-            Training vectors; n_features must be a multiple of n_subspaces.
+            Training vectors; at least ``n_subspaces`` features.
         y : ignored
 
         Returns
@@ -200,8 +216,8 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         if self.rotation_ is not None:
             X = np.ascontiguousarray(X @ self.rotation_)
         self.codebooks_ = self._fit_codebooks(X, progress)
-        self.code_dtype_ = _quantizer.code_dtype(self.n_codewords)
-        self._n_features_out = self.n_subspaces
+        self.code_dtype_ = _quantizer.code_dtype(self.codebooks_.shape[1])
+        self._n_features_out = self.codebooks_.shape[0]
         return self
 
     def _validate(self, X):
@@ -261,7 +277,7 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
                 f"codes must lie in [0, {k}), got values in "
                 f"[{codes.min()}, {codes.max()}]."
             )
-        X_hat = _quantizer.decode(codes, self.codebooks_)
+        X_hat = _quantizer.decode(codes, self.codebooks_, self.n_features_in_)
         R = self.__dict__.get("rotation_")
         return X_hat if R is None else np.ascontiguousarray(X_hat @ R.T)
 
@@ -284,7 +300,7 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         X = self._validate(X)
         codes = _quantizer.encode(X, self.codebooks_, effective_n_threads(self.n_jobs),
                                   **self._anisotropic_kw())
-        err = X - _quantizer.decode(codes, self.codebooks_)
+        err = X - _quantizer.decode(codes, self.codebooks_, X.shape[1])
         return -float(np.mean(np.einsum("ij,ij->i", err, err, dtype=np.float64)))
 
     def distance_tables(self, X, metric="sqeuclidean"):
@@ -335,8 +351,9 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
 class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
     """Exhaustive nearest-neighbour search over product-quantization codes.
 
-    Only the codes are stored (``n_subspaces`` bytes per vector for
-    ``n_codewords <= 256``).  A query builds ``n_subspaces`` lookup tables of
+    The codes are stored (``n_subspaces`` bytes per vector for
+    ``n_codewords <= 256``), and by default the raw vectors for
+    re-ranking (``refine_factor``).  A query builds ``n_subspaces`` lookup tables of
     ``n_codewords`` distances, then every code's distance is the sum of m
     table entries (asymmetric distance computation, ADC); a bounded heap
     keeps the best ``n_neighbors``.  As a transformer it behaves as
@@ -360,10 +377,18 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         ``||q - x_hat||^2 / 2`` (x_hat the decoded vector; this is
         ``1 - cos(q, x)`` when x_hat = x); ``"dot"`` returns ``-<q, x_hat>``
         (maximum inner product).
-    refine_factor : int, default=0
+    refine_factor : int, default=10
         If positive, the raw vectors are kept too and ``refine_factor *
         n_neighbors`` ADC candidates are re-ranked by exact distance, so
-        the returned distances are exact.  0 keeps only codes.
+        the returned distances are exact.  0 keeps only codes.  Cost of the
+        default: ``4 * n_features`` bytes per vector for the float32 raw
+        vectors (none for a memmap, kept by reference), beside the
+        ``ceil(n_features / 2)`` bytes of codes, and 15-25% of the
+        queries/s; with it, recall@10 is 0.98-1.0 on GloVe-50, 64-d
+        blobs and uniform data, without it 0.62-0.89
+        (``benchmarks/results/defaults.md``).  Must be positive at fit for
+        re-ranking to be possible later (it is a search parameter after
+        that).
     mode : {"distance", "connectivity"}, default="distance"
         What ``transform`` stores in the graph.
     n_jobs : int, default=None
@@ -473,10 +498,10 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         self,
         n_neighbors=5,
         *,
-        n_subspaces=8,
-        n_codewords=256,
+        n_subspaces="auto",
+        n_codewords="auto",
         metric="euclidean",
-        refine_factor=0,
+        refine_factor=10,
         mode="distance",
         init="random",
         max_iter=25,
@@ -652,7 +677,7 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         )
 
     def _reconstruct(self):
-        return _quantizer.decode(self.codes_, self.codebooks_)
+        return _quantizer.decode(self.codes_, self.codebooks_, self.n_features_in_)
 
     def _n_stored(self):
         return self.n_samples_fit_ if self._packed else self.codes_.shape[0]

@@ -7,8 +7,21 @@ estimators do that.
 
 Layout conventions (as in Jégou et al., 2011):
 
-* ``codebooks``: (m, k, ds) array, ``codebooks[j, c]`` is codeword c of
-  sub-space j, which covers features ``j * ds`` to ``(j + 1) * ds - 1``.
+* sub-spaces: the D features are cut into m contiguous sub-spaces of
+  nearly equal widths, as ScaNN does: the first ``D % m`` are ``ds =
+  ceil(D / m)`` features wide, the others ``D // m`` (``np.array_split``'s
+  rule); see :func:`subspace_widths`.  When m divides D every sub-space is
+  ``ds = D / m`` wide.
+* ``codebooks``: (m, k, ds) array, ``ds = ceil(D / m)``;
+  ``codebooks[j, c, :w_j]`` is codeword c of sub-space j (``w_j`` its
+  width), and ``codebooks[j, c, w_j:]`` is zero.
+* the padded layout: a row of D features is laid out in ``m * ds``
+  columns, sub-space j in columns ``j * ds`` to ``j * ds + w_j - 1``,
+  followed by zeros (:func:`pad_features`).  Zero columns in both the
+  row and the codewords change no squared distance and no inner product,
+  so the kernels, which read sub-space j at ``j * ds``, are the same for
+  every width; when m divides D the layout is the row itself (no copy).
+  The functions below take rows of D features and pad them as needed.
 * ``codes``: (n, m) uint8 (k <= 256) or uint16 array, ``codes[i, j]`` is
   the codeword of vector i in sub-space j.
 """
@@ -26,6 +39,14 @@ from ._store import chunk_slices, rows_per_chunk
 from ._utils import release_memory
 
 MAX_CODEWORDS = 65536
+# n_codewords="auto": 256 (one byte per sub-space), or half the training
+# rows when there are fewer than 512 (at least 1), so that every k-means
+# still clusters (two rows per codeword on average).
+AUTO_CODEWORDS = 256
+# n_subspaces="auto": sub-spaces of about this many features, for 8-bit
+# codes (k > 16) and for 4-bit codes (k <= 16); see auto_n_subspaces.
+AUTO_WIDTH_8BIT = 2
+AUTO_WIDTH_4BIT = 1
 
 
 def code_dtype(n_codewords):
@@ -33,19 +54,125 @@ def code_dtype(n_codewords):
     return np.dtype(np.uint8) if n_codewords <= 256 else np.dtype(np.uint16)
 
 
-def valid_n_subspaces(n_features):
-    """The values of m that divide ``n_features``."""
-    return [m for m in range(1, n_features + 1) if n_features % m == 0]
-
-
 def check_subspaces(n_features, n_subspaces):
-    if n_features % n_subspaces != 0:
+    """Raise ValueError when m sub-spaces cannot split ``n_features``
+    features (each needs at least one)."""
+    if n_subspaces > n_features:
         raise ValueError(
-            f"n_subspaces={n_subspaces} does not divide the number of features "
-            f"({n_features}); each sub-space must have the same width. Valid "
-            f"values of n_subspaces for {n_features} features: "
-            f"{valid_n_subspaces(n_features)}."
+            f"n_subspaces={n_subspaces} is larger than the number of features "
+            f"({n_features}); each sub-space needs at least one feature. Use "
+            f"n_subspaces <= {n_features} (or n_subspaces='auto')."
         )
+
+
+def auto_n_subspaces(n_features, n_codewords):
+    """m for ``n_subspaces="auto"``: ``ceil(D / 2)`` sub-spaces (about 2
+    features each) for 8-bit codes, ``D`` for ``n_codewords <= 16`` (4-bit
+    codes): the same ``D / 2`` bytes per vector either way.  Chosen from
+    ``benchmarks/bench_defaults.py`` (results/defaults.md): with re-ranking
+    (``refine_factor=10``) 4 features per sub-space reach recall@10 0.99 on
+    GloVe-50 and uniform data but 0.82 on 64-d Gaussian blobs; 2 reach
+    0.98-1.0 on all three."""
+    width = AUTO_WIDTH_4BIT if n_codewords <= 16 else AUTO_WIDTH_8BIT
+    return max(1, -(-int(n_features) // width))
+
+
+def subspace_widths(n_features, n_subspaces):
+    """Width of each sub-space, (m,) int64: the first ``D % m`` are
+    ``ceil(D / m)`` features wide, the others ``D // m``."""
+    check_subspaces(n_features, n_subspaces)
+    ds, extra = divmod(n_features, n_subspaces)
+    widths = np.full(n_subspaces, ds, dtype=np.int64)
+    widths[:extra] += 1
+    return widths
+
+
+def subspace_bounds(n_features, n_subspaces):
+    """Feature offsets of the sub-spaces, (m + 1,) int64: sub-space j covers
+    features ``bounds[j]:bounds[j + 1]``."""
+    bounds = np.zeros(n_subspaces + 1, dtype=np.int64)
+    np.cumsum(subspace_widths(n_features, n_subspaces), out=bounds[1:])
+    return bounds
+
+
+def padded_width(n_features, n_subspaces):
+    """``m * ceil(D / m)``: the columns of the padded layout."""
+    return n_subspaces * -(-n_features // n_subspaces)
+
+
+def pad_features(X, n_subspaces, out=None):
+    """Rows of X (n, D) in the padded layout (see the module docstring),
+    C-contiguous (n, m * ceil(D / m)); X itself (made C-contiguous) when
+    m divides D.  ``out``: a buffer of that shape to write into."""
+    n, d = X.shape
+    m = n_subspaces
+    if d % m == 0:
+        return np.ascontiguousarray(X)
+    ds, extra = -(-d // m), d % m
+    if out is None:
+        out = np.empty((n, m * ds), dtype=X.dtype)
+    # The first ``extra`` sub-spaces are full: one contiguous block.
+    out[:, :extra * ds] = X[:, :extra * ds]
+    blocks = out[:, extra * ds:].reshape(n, m - extra, ds)
+    blocks[:, :, :ds - 1] = X[:, extra * ds:].reshape(n, m - extra, ds - 1)
+    blocks[:, :, ds - 1] = 0
+    return out
+
+
+def unpad_features(Y, n_features, n_subspaces):
+    """Inverse of :func:`pad_features`: the (n, D) rows of the padded rows Y."""
+    n = Y.shape[0]
+    d, m = n_features, n_subspaces
+    if d % m == 0:
+        return Y
+    ds, extra = -(-d // m), d % m
+    out = np.empty((n, d), dtype=Y.dtype)
+    out[:, :extra * ds] = Y[:, :extra * ds]
+    out[:, extra * ds:].reshape(n, m - extra, ds - 1)[...] = (
+        Y[:, extra * ds:].reshape(n, m - extra, ds)[:, :, :ds - 1])
+    return out
+
+
+def padded_rows(X, codebooks):
+    """X in the padded layout of ``codebooks`` (m, k, ds): X itself when it
+    already has ``m * ds`` columns (m divides D, or X is padded), else
+    :func:`pad_features`; ValueError when X's width does not fit."""
+    m, _, ds = codebooks.shape
+    d = X.shape[1]
+    if d == m * ds:
+        return X
+    if not (m <= d < m * ds and -(-d // m) == ds):
+        raise ValueError(f"rows of {d} features do not fit codebooks of shape "
+                         f"{codebooks.shape}")
+    return pad_features(X, m)
+
+
+def n_features_of(codebooks, n_features=None):
+    """D of codebooks (m, k, ds): ``n_features`` checked, or m * ds."""
+    m, _, ds = codebooks.shape
+    if n_features is None:
+        return m * ds
+    if not (m <= n_features <= m * ds and -(-n_features // m) == ds):
+        raise ValueError(f"codebooks of shape {codebooks.shape} do not split "
+                         f"{n_features} features")
+    return int(n_features)
+
+
+def zero_padding(codebooks, n_features):
+    """Set the columns of ``codebooks`` beyond each sub-space's width to 0
+    (in place); returns codebooks."""
+    m, _, ds = codebooks.shape
+    widths = subspace_widths(n_features, m)
+    for j in np.flatnonzero(widths < ds):
+        codebooks[j, :, widths[j]:] = 0
+    return codebooks
+
+
+def padding_is_zero(codebooks, n_features):
+    """Whether every column beyond a sub-space's width is 0."""
+    m, _, ds = codebooks.shape
+    widths = subspace_widths(n_features, m)
+    return all(not np.any(codebooks[j, :, widths[j]:]) for j in np.flatnonzero(widths < ds))
 
 
 def check_codewords(n_codewords, n_samples):
@@ -228,26 +355,33 @@ def train_codebooks(
     most k distinct sub-vectors, they are its codewords and its
     quantization is exact.
 
+    Sub-space j is features ``subspace_bounds(D, m)[j:j + 2]`` of X (m
+    need not divide D).
+
     Returns
     -------
-    codebooks : ndarray of shape (m, k, ds), dtype of X
+    codebooks : ndarray of shape (m, k, ceil(D / m)), dtype of X
+        Zero beyond each sub-space's width.
     n_iter : ndarray of shape (m,), int
         Lloyd iterations run in each sub-space (both stages).
     """
     n, d = X.shape
     check_subspaces(d, n_subspaces)
     check_codewords(n_codewords, n)
-    ds = d // n_subspaces
+    bounds = subspace_bounds(d, n_subspaces)
+    ds = -(-d // n_subspaces)
     rng = check_random_state(random_state)
     seeds = rng.randint(np.iinfo(np.int32).max, size=n_subspaces)
-    codebooks = np.empty((n_subspaces, n_codewords, ds), dtype=X.dtype)
+    # Zero beyond each sub-space's width (the padded layout).
+    codebooks = np.zeros((n_subspaces, n_codewords, ds), dtype=X.dtype)
     n_iter = np.zeros(n_subspaces, dtype=np.int64)
 
     def fit_one(j):
+        lo, hi = bounds[j], bounds[j + 1]
         # OpenMP thread limits are per thread: set this fit's own.
         with one_openmp_thread():
-            codebooks[j], n_iter[j], n_distinct = fit_kmeans(
-                X[:, j * ds:(j + 1) * ds], n_codewords, init=init, n_init=n_init,
+            codebooks[j, :, :hi - lo], n_iter[j], n_distinct = fit_kmeans(
+                X[:, lo:hi], n_codewords, init=init, n_init=n_init,
                 max_iter=max_iter, tol=tol, random_state=seeds[j],
             )
         if progress is not None:
@@ -329,6 +463,7 @@ def encode(X, codebooks, n_threads=1, threshold=None, directions=None):
         from ._anisotropic import anisotropic_encode
 
         return anisotropic_encode(X, codebooks, threshold, directions)
+    X = padded_rows(X, codebooks)
     n_threads = max(1, min(n_threads, X.shape[0] // 64))  # rows are cheap: few threads
     codes = np.empty((X.shape[0], m), dtype=code_dtype(k))
     work = scratch(n_threads, m * k, codebooks.dtype)
@@ -336,20 +471,23 @@ def encode(X, codebooks, n_threads=1, threshold=None, directions=None):
     return codes
 
 
-def decode(codes, codebooks):
-    """Reconstruction of each code: (n, m * ds) array of the codebooks' dtype."""
+def decode(codes, codebooks, n_features=None):
+    """Reconstruction of each code: (n, D) array of the codebooks' dtype,
+    D = ``n_features``; by default (None) the padded layout, ``m * ds``
+    columns (the same when m divides D)."""
     m, _, ds = codebooks.shape
+    d = n_features_of(codebooks, n_features)
     out = np.empty((codes.shape[0], m * ds), dtype=codebooks.dtype)
     for j in range(m):
         np.take(codebooks[j], codes[:, j], axis=0, out=out[:, j * ds:(j + 1) * ds])
-    return out
+    return unpad_features(out, d, m) if d != m * ds else out
 
 
 def adc_tables(Q, codebooks, inner_product=False, n_threads=1):
     """ADC lookup tables, (nq, m, k): squared L2 distances between each
     query's sub-vectors and the codewords, or minus their dot products."""
     m, k, _ = codebooks.shape
-    Q = np.ascontiguousarray(Q, dtype=codebooks.dtype)
+    Q = padded_rows(np.ascontiguousarray(Q, dtype=codebooks.dtype), codebooks)
     tables = np.empty((Q.shape[0], m, k), dtype=codebooks.dtype)
     _adc.adc_tables(Q, _transposed(codebooks), bool(inner_product), tables, n_threads)
     return tables
@@ -366,7 +504,7 @@ def adc_search(Q, codebooks, codes, n_neighbors, inner_product=False, n_threads=
         Row numbers into ``codes``, sorted by (dist, idx).
     """
     m, k, _ = codebooks.shape
-    Q = np.ascontiguousarray(Q, dtype=codebooks.dtype)
+    Q = padded_rows(np.ascontiguousarray(Q, dtype=codebooks.dtype), codebooks)
     nq = Q.shape[0]
     dist = np.empty((nq, n_neighbors), dtype=codebooks.dtype)
     idx = np.empty((nq, n_neighbors), dtype=np.int64)
@@ -674,7 +812,7 @@ def list_terms(centroids, codebooks):
     m, k, ds = codebooks.shape
     if centroids.shape[0] * m * k * codebooks.dtype.itemsize > LIST_TERMS_MAX_BYTES:
         return np.empty((0, m, k), dtype=codebooks.dtype)
-    blocks = centroids.reshape(centroids.shape[0], m, ds)
+    blocks = padded_rows(centroids, codebooks).reshape(centroids.shape[0], m, ds)
     terms = 2 * np.einsum("ljd,jkd->ljk", blocks, codebooks)
     terms += np.einsum("jkd,jkd->jk", codebooks, codebooks)[None]
     return np.ascontiguousarray(terms, dtype=codebooks.dtype)
@@ -712,6 +850,14 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
     nq = Q.shape[0]
     dtype = codebooks.dtype
     nt = max(n_threads, 1)
+    # The kernel reads queries and centroids in the padded layout (a copy
+    # only when m does not divide D; the centroids are read only for L2
+    # without the list terms).
+    Q = padded_rows(np.ascontiguousarray(Q, dtype=dtype), codebooks)
+    if centroids is not None and (inner_product or terms.shape[0] != 0):
+        centroids = None
+    if centroids is not None:
+        centroids = padded_rows(np.ascontiguousarray(centroids, dtype=dtype), codebooks)
     if growing is None:
         codes, ids = segments[0][:2]
         if len(segments[0]) == 4:
@@ -953,7 +1099,7 @@ def fastscan_search(Q, codebooks, packed, n, n_neighbors, inner_product=False,
     if m > _fastscan.MAX_SUBSPACES:
         raise ValueError(f"fast-scan search takes at most {_fastscan.MAX_SUBSPACES} "
                          f"sub-spaces (uint16 sums), got {m}")
-    Q = np.ascontiguousarray(Q, dtype=codebooks.dtype)
+    Q = padded_rows(np.ascontiguousarray(Q, dtype=codebooks.dtype), codebooks)
     nq = Q.shape[0]
     dist = np.empty((nq, n_neighbors), dtype=codebooks.dtype)
     idx = np.empty((nq, n_neighbors), dtype=np.int64)

@@ -35,13 +35,13 @@ def _blobs(n, d=8, seed=0, dtype=np.float32):
 
 def _ivf(**kw):
     kw = {"n_neighbors": 7, "n_lists": 16, "n_probe": 3, "n_subspaces": 4,
-          "n_codewords": 16, "random_state": 0, **kw}
+          "n_codewords": 16, "random_state": 0, "refine_factor": 0, **kw}
     return IVFPQNeighbors(**kw)
 
 
 def _hnsw(**kw):
     kw = {"n_neighbors": 5, "n_links": 6, "ef_construction": 32, "n_subspaces": 4,
-          "n_codewords": 16, "random_state": 0, **kw}
+          "n_codewords": 16, "random_state": 0, "refine_factor": 0, **kw}
     return HNSWPQNeighbors(**kw)
 
 
@@ -369,7 +369,8 @@ def test_hnsw_interrupted_append_keeps_a_consistent_index(monkeypatch):
     assert nn.n_samples_fit_ == 1100 and _reachable(nn)
     _check_parent_tree(nn)  # the interrupted append's nodes got parents too
     # Searched over the whole graph, every row is found at its ADC distance.
-    ref = PQNeighbors(1, n_subspaces=4, n_codewords=16, codebooks=nn.codebooks_).fit(X)
+    ref = PQNeighbors(1, n_subspaces=4, n_codewords=16, codebooks=nn.codebooks_,
+                      refine_factor=0).fit(X)
     dist = nn.set_params(ef_search=1100).kneighbors(X[1000:], n_neighbors=1)[0]
     np.testing.assert_allclose(dist, ref.kneighbors(X[1000:])[0], rtol=1e-5, atol=1e-6)
 

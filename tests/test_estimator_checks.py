@@ -8,6 +8,12 @@ from pqsk import HNSWPQNeighbors, IVFPQNeighbors, PQNeighbors, PQTransformer
 # Parameters small enough for scikit-learn's tiny check data (some checks
 # fit on 10 or 20 rows).
 ESTIMATORS = [
+    # Default parameters: the tiny data has fewer rows than 256 codewords,
+    # fewer features than sub-spaces of 4, a single inverted list...
+    HNSWPQNeighbors(),
+    IVFPQNeighbors(),
+    PQTransformer(),
+    PQNeighbors(),
     HNSWPQNeighbors(n_neighbors=3, n_links=4, ef_construction=16, n_subspaces=1,
                     n_codewords=8, random_state=0),
     IVFPQNeighbors(n_neighbors=3, n_lists=2, n_probe=2, n_subspaces=1, n_codewords=8,

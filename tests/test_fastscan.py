@@ -280,7 +280,8 @@ Q_PQ = np.random.RandomState(11).randn(25, 16).astype(np.float32)
 def test_pqneighbors_16_codewords_searches_packed_codes(isa, metric, m):
     X = X_PQ[:, :12] if m == 3 else X_PQ
     Q = Q_PQ[:, :X.shape[1]]
-    nn = PQNeighbors(7, n_subspaces=m, n_codewords=16, metric=metric, random_state=0).fit(X)
+    nn = PQNeighbors(7, n_subspaces=m, n_codewords=16, metric=metric, random_state=0,
+                     refine_factor=0).fit(X)
     assert "codes_" not in vars(nn)
     packed = nn.packed_codes_
     assert packed.shape == (32, (m + 1) // 2, 32) and packed.dtype == np.uint8
@@ -298,10 +299,12 @@ def test_pqneighbors_16_codewords_searches_packed_codes(isa, metric, m):
 
 
 def test_pqneighbors_memory_is_half_a_byte_per_code():
-    nn = PQNeighbors(5, n_subspaces=8, n_codewords=16, random_state=0).fit(X_PQ[:960])
+    nn = PQNeighbors(5, n_subspaces=8, n_codewords=16, random_state=0,
+                     refine_factor=0).fit(X_PQ[:960])
     mem = nn.memory_usage_
     assert mem["codes"] == 960 * 4 and mem["per_vector"] == 4.0  # m / 2 bytes
-    wide = PQNeighbors(5, n_subspaces=8, n_codewords=32, random_state=0).fit(X_PQ[:960])
+    wide = PQNeighbors(5, n_subspaces=8, n_codewords=32, random_state=0,
+                       refine_factor=0).fit(X_PQ[:960])
     assert "packed_codes_" not in vars(wide) and wide.memory_usage_["per_vector"] == 8.0
 
 
@@ -325,7 +328,8 @@ def test_pqneighbors_partial_fit_appends_to_the_packed_blocks():
 
 @pytest.mark.parametrize("mmap_mode", [None, "r"])
 def test_pqneighbors_packed_save_load(tmp_path, mmap_mode):
-    nn = PQNeighbors(5, n_subspaces=3, n_codewords=16, random_state=0).fit(X_PQ[:, :12][:777])
+    nn = PQNeighbors(5, n_subspaces=3, n_codewords=16, random_state=0,
+                     refine_factor=0).fit(X_PQ[:, :12][:777])
     nn.save(tmp_path / "i")
     loaded = load(tmp_path / "i", mmap_mode=mmap_mode)
     if mmap_mode == "r":
@@ -351,7 +355,8 @@ def test_pqneighbors_crafted_packed_codes_are_rejected(tmp_path, edit, match):
 
     import index_files as files
 
-    nn = PQNeighbors(5, n_subspaces=3, n_codewords=16, random_state=0).fit(X_PQ[:, :12][:100])
+    nn = PQNeighbors(5, n_subspaces=3, n_codewords=16, random_state=0,
+                     refine_factor=0).fit(X_PQ[:, :12][:100])
     nn.save(tmp_path / "i")
     files.edit_array(tmp_path / "i", "packed_codes_", edit)
     with pytest.raises(IndexFormatError, match=match):
@@ -365,7 +370,8 @@ def test_pqneighbors_loads_unpacked_codes_of_earlier_files(tmp_path):
 
     import index_files as files
 
-    nn = PQNeighbors(5, n_subspaces=3, n_codewords=16, random_state=0).fit(X_PQ[:, :12][:300])
+    nn = PQNeighbors(5, n_subspaces=3, n_codewords=16, random_state=0,
+                     refine_factor=0).fit(X_PQ[:, :12][:300])
     path = tmp_path / "i"
     nn.save(path)
     # Rewrite the file as the previous pqsk wrote it: codes_ instead of packed.
@@ -391,7 +397,8 @@ def test_pqneighbors_loads_unpacked_codes_of_earlier_files(tmp_path):
 
 
 def test_pqneighbors_refit_switches_storage():
-    nn = PQNeighbors(3, n_subspaces=4, n_codewords=16, random_state=0).fit(X_PQ[:300])
+    nn = PQNeighbors(3, n_subspaces=4, n_codewords=16, random_state=0,
+                     refine_factor=0).fit(X_PQ[:300])
     assert nn._packed
     nn.set_params(n_codewords=32).fit(X_PQ[:300])
     assert "packed_codes_" not in vars(nn) and nn.codes_.shape == (300, 4)
@@ -408,7 +415,7 @@ _TOO_FEW_ROWS = "the check fits on fewer rows than n_codewords=16"
 
 
 @parametrize_with_checks(
-    [PQNeighbors(n_neighbors=3, n_subspaces=1, n_codewords=16, random_state=0)],
+    [PQNeighbors(n_neighbors=3, n_subspaces=1, n_codewords=16, random_state=0, refine_factor=0)],
     expected_failed_checks=lambda est: {
         "check_n_features_in_after_fitting": _TOO_FEW_ROWS,
         "check_estimators_nan_inf": _TOO_FEW_ROWS,

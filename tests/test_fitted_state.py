@@ -25,11 +25,14 @@ Q = rng.randn(10, 8).astype(np.float32)
 METRICS = ["euclidean", "sqeuclidean", "cosine", "dot"]
 
 FACTORIES = {
-    "pq": lambda **kw: PQNeighbors(5, n_subspaces=4, n_codewords=16, random_state=0, **kw),
+    "pq": lambda **kw: PQNeighbors(5, n_subspaces=4, n_codewords=16, random_state=0,
+                                   **{"refine_factor": 0, **kw}),
     "ivf": lambda **kw: IVFPQNeighbors(5, n_lists=8, n_probe=3, n_subspaces=4,
-                                       n_codewords=16, random_state=0, **kw),
+                                       n_codewords=16, random_state=0,
+                                       **{"refine_factor": 0, **kw}),
     "hnsw": lambda **kw: HNSWPQNeighbors(5, n_links=6, ef_construction=32, n_subspaces=4,
-                                         n_codewords=16, random_state=0, **kw),
+                                         n_codewords=16, random_state=0,
+                                         **{"refine_factor": 0, **kw}),
 }
 
 
@@ -196,7 +199,7 @@ def test_finding5_structural_params_changed_after_fit_are_refused(kind, params):
 
 def test_ivf_n_lists_auto_after_fit_is_accepted():
     nn = IVFPQNeighbors(5, n_lists="auto", n_subspaces=4, n_codewords=16,
-                        random_state=0).fit(X)
+                        random_state=0, refine_factor=0).fit(X)
     nn.kneighbors(Q)
     nn.set_params(n_lists=nn.n_lists_)
     nn.kneighbors(Q)
@@ -233,16 +236,17 @@ def test_finding6_hnsw_float64_beyond_float32_range_is_rejected(value):
     data[3, 2] = value
     with pytest.raises(ValueError, match="overflow"):
         HNSWPQNeighbors(5, n_links=6, n_subspaces=4, n_codewords=16,
-                        random_state=0).fit(data)
+                        random_state=0, refine_factor=0).fit(data)
     nn = HNSWPQNeighbors(5, n_links=6, n_subspaces=4, n_codewords=16,
-                         random_state=0).fit(X.astype(np.float64))
+                         random_state=0, refine_factor=0).fit(X.astype(np.float64))
     with pytest.raises(ValueError, match="overflow"):
         nn.kneighbors(data[:5])
     with pytest.raises(ValueError, match="overflow"):
         nn.partial_fit(data[:5])
     assert nn.n_samples_fit_ == 400
     # The other estimators compute in float64 and take such data.
-    PQNeighbors(5, n_subspaces=4, n_codewords=16, random_state=0).fit(data * 1e-10)
+    PQNeighbors(5, n_subspaces=4, n_codewords=16, random_state=0,
+                refine_factor=0).fit(data * 1e-10)
 
 
 @pytest.mark.parametrize("dtype, value", [(np.float32, 1e30), (np.float64, 1e39)])
@@ -259,7 +263,7 @@ def test_finding7_user_codebooks_cast_to_float32_overflowing_are_rejected():
     cb = rng.randn(4, 16, 2)
     cb[0, 0, 0] = 1e39  # finite in float64, inf in float32
     with pytest.raises(ValueError, match="codebooks contain NaN or infinity"):
-        PQNeighbors(5, n_subspaces=4, n_codewords=16, codebooks=cb).fit(X)
+        PQNeighbors(5, n_subspaces=4, n_codewords=16, codebooks=cb, refine_factor=0).fit(X)
 
 
 @pytest.mark.parametrize("refine", [0, 10])
@@ -279,7 +283,7 @@ def test_finding9_hnsw_refine_after_remove_and_compact(refine):
 
 def test_finding9_hnsw_tombstones_not_rebuilt_per_call():
     nn = HNSWPQNeighbors(3, n_links=6, n_subspaces=4, n_codewords=16,
-                         random_state=0).fit(X)
+                         random_state=0, refine_factor=0).fit(X)
     nn.remove(np.arange(50))
     mask = nn._tombstones()
     assert mask.sum() == 50

@@ -33,7 +33,7 @@ Q = rng.randn(20, D).astype(np.float32)
 def _hnsw(**kw):
     kw = {"n_neighbors": 5, "n_links": 8, "ef_construction": 32, "ef_search": 48,
           "n_subspaces": 8, "n_codewords": 32, "segment_size": S, "random_state": 0,
-          "n_jobs": 1, **kw}
+          "n_jobs": 1, "refine_factor": 0, **kw}
     return HNSWPQNeighbors(**kw)
 
 

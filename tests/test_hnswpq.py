@@ -58,7 +58,7 @@ def _reachable_on_level0(nn):
 def fitted():
     X = rng.randn(3000, 16).astype(np.float32)
     nn = HNSWPQNeighbors(n_neighbors=10, n_links=8, ef_construction=64, n_subspaces=4,
-                         n_codewords=32, random_state=0).fit(X)
+                         n_codewords=32, random_state=0, refine_factor=0).fit(X)
     return X, nn
 
 
@@ -116,9 +116,10 @@ def test_agrees_with_exhaustive_adc(fitted, metric):
     X, _ = fitted
     X = X[:1500]
     nn = HNSWPQNeighbors(n_neighbors=10, n_links=12, ef_construction=100, ef_search=200,
-                         n_subspaces=4, n_codewords=32, metric=metric, random_state=0).fit(X)
+                         n_subspaces=4, n_codewords=32, metric=metric, random_state=0,
+                         refine_factor=0).fit(X)
     exhaustive = PQNeighbors(n_neighbors=10, n_subspaces=4, n_codewords=32,
-                             codebooks=nn.codebooks_, metric=metric).fit(X)
+                             codebooks=nn.codebooks_, metric=metric, refine_factor=0).fit(X)
     d1, i1 = nn.kneighbors(X[:100] + 0.1)
     d2, i2 = exhaustive.kneighbors(X[:100] + 0.1)
     assert _recall(i1, i2) > 0.97
@@ -139,7 +140,7 @@ def test_ef_search_can_change_after_fit(fitted):
     X, nn = fitted
     nn = copy.deepcopy(nn)
     exhaustive = PQNeighbors(n_neighbors=10, n_subspaces=4, n_codewords=32,
-                             codebooks=nn.codebooks_).fit(X)
+                             codebooks=nn.codebooks_, refine_factor=0).fit(X)
     ref = exhaustive.kneighbors(X[:200] + 0.05, return_distance=False)
     r_small = _recall(nn.set_params(ef_search=10).kneighbors(X[:200] + 0.05,
                                                              return_distance=False), ref)
@@ -339,11 +340,11 @@ def test_kneighbors_without_X_and_memory(fitted):
 def test_bad_parameters():
     X = rng.randn(100, 8)
     with pytest.raises(ValueError, match="n_links"):
-        HNSWPQNeighbors(n_links=1).fit(X)
+        HNSWPQNeighbors(n_links=1, refine_factor=0).fit(X)
     with pytest.raises(ValueError, match="ef_search"):
-        HNSWPQNeighbors(ef_search=0).fit(X)
+        HNSWPQNeighbors(ef_search=0, refine_factor=0).fit(X)
     nn = HNSWPQNeighbors(n_links=4, ef_construction=16, n_subspaces=2, n_codewords=16,
-                         random_state=0).fit(X)
+                         random_state=0, refine_factor=0).fit(X)
     with pytest.raises(ValueError, match="refit"):
         nn.set_params(refine_factor=3).kneighbors(X[:2])
 

@@ -33,7 +33,7 @@ def _blobs(n, d=16, seed=0, dtype=np.float32):
 
 def _ivf(**kw):
     params = dict(n_lists=16, n_probe=4, n_subspaces=4, n_codewords=16, random_state=0,
-                  n_jobs=1)
+                  n_jobs=1, refine_factor=0)
     params.update(kw)
     return IVFPQNeighbors(5, **params)
 

@@ -66,7 +66,7 @@ def test_ivf_with_all_lists_matches_exhaustive_adc(blobs, metric):
     """Probing every list gives the ADC distances of the decoded vectors."""
     X = blobs[:1000]
     nn = IVFPQNeighbors(n_neighbors=10, n_lists=8, n_probe=8, n_subspaces=4, n_codewords=16,
-                        metric=metric, random_state=0).fit(X)
+                        metric=metric, random_state=0, refine_factor=0).fit(X)
     dist, ind = nn.kneighbors(X[:20])
     X_hat = nn._reconstruct().astype(np.float64)
     Q = X[:20].astype(np.float64)
@@ -195,7 +195,8 @@ def test_refine_returns_exact_distances(blobs, metric):
 
 def test_refine_needs_vectors_kept_at_fit():
     X = rng.randn(300, 8)
-    nn = IVFPQNeighbors(n_lists=4, n_subspaces=2, n_codewords=16, random_state=0).fit(X)
+    nn = IVFPQNeighbors(n_lists=4, n_subspaces=2, n_codewords=16, random_state=0,
+                        refine_factor=0).fit(X)
     assert nn.vectors_ is None
     with pytest.raises(ValueError, match="refit"):
         nn.set_params(refine_factor=5).kneighbors(X[:2])
@@ -233,6 +234,11 @@ def test_training_size_rules():
     # "auto" keeps at least 39 points per list, and subsamples 256 per list.
     nn = IVFPQNeighbors(n_subspaces=2, n_codewords=16, random_state=0).fit(X)
     assert nn.n_lists_ == 200 // 39
+    # Fewer than 39 rows: one list (exhaustive), without a warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nn = IVFPQNeighbors(n_subspaces=2, n_codewords=16, random_state=0).fit(X[:30])
+    assert nn.n_lists_ == 1
 
 
 def test_kneighbors_without_X_excludes_self():

@@ -30,11 +30,14 @@ _ALL = correlated(0, 4200)
 X, Q = _ALL[:4000], _ALL[4000:]
 
 FACTORIES = {
-    "pq": lambda **kw: PQNeighbors(10, n_subspaces=8, n_codewords=32, random_state=0, **kw),
+    "pq": lambda **kw: PQNeighbors(10, n_subspaces=8, n_codewords=32, random_state=0,
+                                   **{"refine_factor": 0, **kw}),
     "ivf": lambda **kw: IVFPQNeighbors(10, n_lists=8, n_probe=8, n_subspaces=8,
-                                       n_codewords=32, random_state=0, **kw),
+                                       n_codewords=32, random_state=0,
+                                       **{"refine_factor": 0, **kw}),
     "hnsw": lambda **kw: HNSWPQNeighbors(10, n_links=8, ef_construction=64, n_subspaces=8,
-                                         n_codewords=32, random_state=0, **kw),
+                                         n_codewords=32, random_state=0,
+                                         **{"refine_factor": 0, **kw}),
 }
 
 

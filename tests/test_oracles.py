@@ -437,7 +437,7 @@ def raw_distances(metric, dist):
 def test_pq_neighbors_match_twin(metric, code_dtype, dtype, data):
     X, Q, m, k, seed = data.draw(fit_problem(code_dtype, dtype))
     est = PQNeighbors(n_subspaces=m, n_codewords=k, metric=metric, random_state=seed,
-                      n_jobs=data.draw(st.sampled_from([1, 2]))).fit(X)
+                      n_jobs=data.draw(st.sampled_from([1, 2])), refine_factor=0).fit(X)
     assert est.codes_.dtype == code_dtype and est.codebooks_.dtype == dtype
     kn = data.draw(st.integers(1, 12))
     dist, ind = est.kneighbors(Q, n_neighbors=kn)
@@ -465,7 +465,8 @@ def test_ivf_neighbors_match_twin(metric, code_dtype, dtype, data):
     n_lists = data.draw(st.integers(1, 4))
     est = IVFPQNeighbors(n_lists=n_lists, n_probe=data.draw(st.integers(1, n_lists)),
                          n_subspaces=m, n_codewords=k, metric=metric, random_state=seed,
-                         max_train_samples=None, n_jobs=data.draw(st.sampled_from([1, 2])))
+                         max_train_samples=None, n_jobs=data.draw(st.sampled_from([1, 2])),
+                         refine_factor=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # few points per list
         est.fit(X)
@@ -512,7 +513,8 @@ def test_hnsw_neighbors_match_twin(metric, code_dtype, dtype, data):
     ef_search = data.draw(st.integers(1, 40))
     est = HNSWPQNeighbors(n_links=n_links, ef_construction=data.draw(st.integers(1, 24)),
                           ef_search=ef_search, n_subspaces=m, n_codewords=k, metric=metric,
-                          random_state=seed, n_jobs=data.draw(st.sampled_from([1, 2]))).fit(X)
+                          random_state=seed, n_jobs=data.draw(st.sampled_from([1, 2])),
+                          refine_factor=0).fit(X)
     assert est.codes_.dtype == code_dtype and est.codebooks_.dtype == dtype
     gone = removed_ids(est, data)
     n_nodes = est.codes_.shape[0]

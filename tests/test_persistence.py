@@ -41,6 +41,12 @@ FACTORIES = {
     "hnsw-refine": lambda: HNSWPQNeighbors(5, n_links=6, ef_construction=32, n_subspaces=4,
                                            n_codewords=16, refine_factor=4,
                                            random_state=np.random.RandomState(3)),
+    # Sub-spaces of unequal widths (8 features: 3 + 3 + 2, 2 + 2 + 1 + 1 + 1 + 1).
+    "pq-uneven": lambda: PQNeighbors(5, n_subspaces=3, n_codewords=32, random_state=0),
+    "ivf-uneven": lambda: IVFPQNeighbors(5, n_lists=8, n_probe=3, n_subspaces=6,
+                                         n_codewords=16, random_state=0),
+    "hnsw-uneven": lambda: HNSWPQNeighbors(5, n_links=6, ef_construction=32, n_subspaces=3,
+                                           n_codewords=16, random_state=0),
 }
 
 
@@ -372,6 +378,11 @@ def _remove_and_compact(nn):
      None),
     ("hnsw", lambda p: files.edit_array(p, "codebooks_",
                                         lambda a: a.__setitem__(0, 1e30)), None),
+    # Uneven sub-spaces: the padding column of a narrower sub-space is not 0.
+    ("pq-uneven", lambda p: files.edit_array(p, "codebooks_",
+                                             lambda a: a.__setitem__((2, 0, 2), 1.0)), None),
+    ("ivf-uneven", lambda p: files.edit_array(p, "codebooks_",
+                                              lambda a: a.__setitem__((5, 3, 1), 0.5)), None),
 ])
 def test_finding8_crafted_arrays_are_rejected(tmp_path, key, edit, prepare):
     path, nn = _saved(tmp_path, key, prepare)

@@ -18,7 +18,8 @@ def _blobs(n, d=16, seed=0, scale=1.0, shift=0.0):
 
 def _hnsw(**kw):
     params = dict(n_links=8, ef_construction=32, ef_search=32, n_subspaces=4,
-                  n_codewords=16, random_state=0, n_jobs=1, segment_size=1024)
+                  n_codewords=16, random_state=0, n_jobs=1, segment_size=1024,
+                  refine_factor=0)
     params.update(kw)
     return HNSWPQNeighbors(5, **params)
 
