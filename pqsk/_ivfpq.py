@@ -991,7 +991,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         sizes = np.bincount(self.growing_lists_, minlength=self.n_lists_).astype(np.int64)
         for s in self.segments_:
             sizes += np.diff(s["list_offsets"])
-        n_probe = min(self.n_probe, self.n_lists_)
+        n_probe = min(self._n_probe(), self.n_lists_)
         caps = np.empty(Q.shape[0], dtype=np.int64)
         for sl in chunk_slices(Q.shape[0], _quantizer.chunk_rows(self.n_lists_)):
             coarse = _quantizer.coarse_terms(Q[sl], self.cluster_centers_,

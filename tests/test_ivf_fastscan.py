@@ -60,7 +60,7 @@ Q = _blobs(60, seed=3)
 
 def _ivf(**kw):
     params = dict(n_lists=24, n_probe=4, n_subspaces=5, n_codewords=16, random_state=0,
-                  n_jobs=1, segment_size=1024)
+                  n_jobs=1, segment_size=1024, refine_factor=0)
     params.update(kw)
     return IVFPQNeighbors(10, **params)
 

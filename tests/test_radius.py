@@ -78,7 +78,7 @@ def test_radius_argument_and_parameter():
 
 
 def test_all_and_nothing():
-    nn = PQNeighbors(**PQ).fit(X)
+    nn = PQNeighbors(refine_factor=0, **PQ).fit(X)
     dist, ind = nn.radius_neighbors(Q[:3], radius=100.0)
     assert all(np.array_equal(np.sort(i), np.arange(300)) for i in ind)
     dist, ind = nn.radius_neighbors(Q[:3] + 10, radius=0.0)
@@ -104,7 +104,7 @@ def test_flat_without_refine_is_the_adc_ball(metric):
     whose ADC distance is within the radius (for "dot", a negative radius:
     inner products above 2.6)."""
     r = 0.75 if metric == "euclidean" else -2.6
-    nn = PQNeighbors(metric=metric, **PQ).fit(X)
+    nn = PQNeighbors(metric=metric, refine_factor=0, **PQ).fit(X)
     dist, ind = nn.radius_neighbors(Q, radius=r)
     D = _adc(nn, Q, metric)
     for q in range(Q.shape[0]):
@@ -118,7 +118,7 @@ def test_ivf_visits_the_probed_lists():
     """IVF: every point of the n_probe nearest lists within the radius (ADC),
     and nothing beyond the radius; the rest of the ball may be missed."""
     r = 0.8
-    nn = IVFPQNeighbors(n_lists=6, n_probe=2, **PQ).fit(X)
+    nn = IVFPQNeighbors(n_lists=6, n_probe=2, refine_factor=0, **PQ).fit(X)
     dist, ind = nn.radius_neighbors(Q, radius=r)
     D = _adc(nn, Q, "euclidean")
     offsets, ids = nn.list_offsets_, nn.ids_
@@ -141,7 +141,7 @@ def test_ivf_visits_the_probed_lists():
 
 def test_hnsw_returns_part_of_the_adc_ball():
     r = 0.75
-    nn = HNSWPQNeighbors(n_links=8, ef_search=16, **PQ).fit(X)
+    nn = HNSWPQNeighbors(n_links=8, ef_search=16, refine_factor=0, **PQ).fit(X)
     dist, ind = nn.radius_neighbors(Q, radius=r)
     D = _adc(nn, Q, "euclidean")
     found = total = 0
@@ -166,7 +166,7 @@ def test_dtype_of_distances():
 
 
 def test_bad_calls():
-    nn = PQNeighbors(**PQ).fit(X)
+    nn = PQNeighbors(refine_factor=0, **PQ).fit(X)
     with pytest.raises(ValueError, match="return_distance must be True"):
         nn.radius_neighbors(Q, return_distance=False, sort_results=True)
     with pytest.raises(ValueError, match="radius must be >= 0"):
@@ -179,7 +179,7 @@ def test_bad_calls():
         nn.radius_neighbors_graph(Q, mode="weights")
     with pytest.raises(InvalidParameterError, match="radius"):
         nn.set_params(radius="far").radius_neighbors(Q)
-    ivf = IVFPQNeighbors(n_lists=4, n_probe=4, **PQ).fit(X).remove([3])
+    ivf = IVFPQNeighbors(n_lists=4, n_probe=4, refine_factor=0, **PQ).fit(X).remove([3])
     with pytest.raises(ValueError, match="were removed"):
         ivf.radius_neighbors(radius=0.5)
     # With X the removed point is never returned.
@@ -188,7 +188,7 @@ def test_bad_calls():
 
 @pytest.mark.parametrize("cls", [IVFPQNeighbors, HNSWPQNeighbors])
 def test_every_point_removed(cls):
-    nn = cls(**PQ).fit(X).remove(np.arange(X.shape[0]))
+    nn = cls(refine_factor=0, **PQ).fit(X).remove(np.arange(X.shape[0]))
     dist, ind = nn.radius_neighbors(X[:2], radius=10.0)
     assert [i.size for i in ind] == [0, 0] and dist[0].dtype == np.float64
     assert nn.radius_neighbors_graph(X[:2], radius=10.0).nnz == 0

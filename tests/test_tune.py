@@ -99,7 +99,7 @@ def test_removed_points_are_not_in_the_truth():
 
 
 def test_unreachable_target_sets_the_best_and_warns():
-    nn = PQNeighbors(**PQ).fit(X_FIT)  # codes only: no re-ranking possible
+    nn = PQNeighbors(refine_factor=0, **PQ).fit(X_FIT)  # codes only: no re-ranking
     with pytest.warns(UserWarning, match="no setting measured reaches recall 1.0"):
         result = tune_search(nn, X_Q, 1.0, K, X=X_FIT, random_state=0)
     assert not result.target_reached and result.params == {"refine_factor": 0}
@@ -135,7 +135,7 @@ def test_frontier_makes_a_dataframe():
 
 
 def test_bad_input():
-    nn = IVFPQNeighbors(n_lists=8, n_probe=2, **PQ).fit(X_FIT)
+    nn = IVFPQNeighbors(n_lists=8, n_probe=2, refine_factor=0, **PQ).fit(X_FIT)
     with pytest.raises(ValueError, match="pass X"):
         tune_search(nn, X_Q)
     with pytest.raises(ValueError, match="X must hold the 2000 indexed rows"):
