@@ -3,7 +3,8 @@
 Data: n x 96 float32 (default n = 1 M), a mixture of 1,000 Gaussians,
 generated block by block (125,000 rows, block b from seed b) both in this
 process (the single-process index) and on the workers as a dask array
-persisted there before the clock starts (the data lives on the workers),
+persisted there before the clock starts (the data lives on the workers;
+pqsk is imported in the workers first, as in this process),
 so both indexes see the same rows.  1,000 held-out queries from the same
 mixture; exact cosine top-10 by brute force.
 
@@ -11,8 +12,13 @@ Single process: ``fit`` on the NumPy array with ``n_jobs=1`` and BLAS held
 to one thread (threadpoolctl).  Sharded: ``ShardedNeighbors(n_shards=2)``
 on ``LocalCluster(n_workers=2, threads_per_worker=1, processes=True)``
 (the nanny sets ``OMP_NUM_THREADS=1`` in the workers): the quantizers are
-trained once by one task, then each worker builds its shard.  Query
-throughput: 1,000 NumPy queries in one call, median of 3.
+trained once by one task (``train_n_jobs=None``: with every core of its
+worker's machine, as the other worker waits), then each worker builds its
+shard.  The sharded build's time is broken down from dask's task stream:
+the training task, the slowest shard build, and the data moved between
+workers (no row goes through the client).  Query throughput: 1,000 NumPy
+queries in one call, median of 3.  The machine is shared: the 1-minute
+load average is recorded before each build.
 
 IVF-PQ: ``metric="cosine", n_lists=1024, n_subspaces=24, n_codewords=256,
 n_probe=16``.  HNSW-PQ: ``n_links=16, ef_construction=80, ef_search=64``,
@@ -104,11 +110,11 @@ def main():
 
     import dask.array as da
     from dask import delayed
-    from distributed import Client, LocalCluster, wait
+    from distributed import Client, LocalCluster, get_task_stream, wait
     from sklearn.base import clone
     from threadpoolctl import threadpool_limits
 
-    from pqsk.dask import ShardedNeighbors, _trainer
+    from pqsk.dask import ShardedNeighbors, _train
 
     Q = make_queries()
     rows = []
@@ -120,18 +126,20 @@ def main():
         X = np.concatenate([make_block(b, m) for b, m in enumerate(sizes)])
         with threadpool_limits(1):
             true = exact_cosine(X, Q)
-            t = time.perf_counter()
+            single_load = os.getloadavg()[0]
+            t, cpu = time.perf_counter(), time.process_time()
             single = clone(est).fit(X)
             single_build = time.perf_counter() - t
+            single_cpu = time.process_time() - cpu
             single_recall = recall(single.kneighbors(Q)[1], true)
             single_qps = qps(single.kneighbors, Q)
-            # The training alone (one task of the sharded build), on a sample
-            # of the size both builds draw.
+            # The training alone (the sharded build's training task, here on
+            # one thread), on a sample of the size both builds draw.
             sample = X[np.sort(np.random.RandomState(1).choice(
                 n, ShardedNeighbors(est)._sample_size(clone(est), n), replace=False))]
             t = time.perf_counter()
-            _trainer(clone(est).set_params(n_lists=single.n_lists_)
-                     if hasattr(single, "n_lists_") else clone(est)).fit(sample)
+            _train(clone(est).set_params(n_lists=single.n_lists_)
+                   if hasattr(single, "n_lists_") else clone(est), 1, sample)
             train_s = time.perf_counter() - t
             del sample
         print(f"{name} n={n}: single build {single_build:.1f} s, recall "
@@ -145,17 +153,27 @@ def main():
                                  for b, m in enumerate(sizes)])
             Xd = client.persist(Xd)
             wait(Xd)
-            t = time.perf_counter()
-            sharded = ShardedNeighbors(clone(est), n_shards=2).fit(Xd)
-            sharded_build = time.perf_counter() - t
+            client.run(warm_up)  # pqsk imported, as in this process
+            sharded_load = os.getloadavg()[0]
+            cpu = client.run(time.process_time)
+            with get_task_stream(client) as stream:
+                start = time.time()
+                sharded = ShardedNeighbors(clone(est), n_shards=2).fit(Xd)
+                stop = time.time()
+            cpu = [v - cpu[w] for w, v in client.run(time.process_time).items()]
+            sharded_build = stop - start
+            phases = breakdown(stream.data, start, stop)
             sharded_recall = recall(sharded.kneighbors(Q)[1], true)
             sharded_qps = qps(sharded.kneighbors, Q)
-        print(f"{name}: sharded build {sharded_build:.1f} s, recall "
+        print(f"{name}: sharded build {sharded_build:.1f} s {phases}, recall "
               f"{sharded_recall:.4f}, {sharded_qps:.0f} q/s (OMP_NUM_THREADS {omp})",
               flush=True)
         rows.append({"estimator": name, "n": n, "single_build_s": single_build,
-                     "train_s": train_s,
-                     "sharded_build_s": sharded_build,
+                     "train_s": train_s, "single_load": single_load,
+                     "single_cpu_s": single_cpu, "worker_cpu_s": sorted(cpu),
+                     "cpu_ratio": max(cpu) / single_cpu,
+                     "sharded_build_s": sharded_build, "sharded_load": sharded_load,
+                     **phases,
                      "build_ratio": sharded_build / single_build,
                      "single_recall": single_recall, "sharded_recall": sharded_recall,
                      "single_qps": single_qps, "sharded_qps": sharded_qps,
@@ -172,6 +190,45 @@ def main():
     write(rows, args)
 
 
+def warm_up():
+    """Import pqsk's modules in a worker (about 2 s on this machine), as
+    the single-process build finds them imported: long-lived workers pay
+    it once, not per ``fit``."""
+    import pqsk.dask  # noqa: F401
+
+
+def breakdown(stream, start, stop):
+    """The sharded build's timeline, from dask's task stream (worker clock
+    = this machine's ``time.time()``, the build ran from ``start`` to
+    ``stop``): seconds before the training task starts (sampling and
+    checking the chunks), of the training task, between its end and the
+    first shard build (the client makes the template, the graph is sent),
+    from the first shard build's start to the last one's end, and after it
+    (the client waits for the results); plus the slowest shard build's
+    compute, and all the seconds spent moving data between workers."""
+    def spans(prefix, action="compute"):
+        return [(s["start"], s["stop"]) for r in stream
+                if key_name(r["key"]).startswith(prefix)
+                for s in r["startstops"] if s["action"] == action]
+
+    train, shards = spans("_train"), spans("_build_shard")
+    train_start = min(a for a, _ in train)
+    train_stop = max(b for _, b in train)
+    shard_start = min(a for a, _ in shards)
+    shard_stop = max(b for _, b in shards)
+    return {"before_train_s": train_start - start,
+            "train_task_s": train_stop - train_start,
+            "handoff_s": shard_start - train_stop,
+            "shards_s": shard_stop - shard_start,
+            "after_shards_s": stop - shard_stop,
+            "slowest_shard_s": max(b - a for a, b in shards),
+            "transfer_s": sum(b - a for a, b in spans("", "transfer"))}
+
+
+def key_name(key):
+    return key[0] if isinstance(key, tuple) else str(key)
+
+
 def write(rows, args):
     os.makedirs(RESULTS, exist_ok=True)
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -184,28 +241,61 @@ def write(rows, args):
         "",
         f"Synthetic clustered {D}-d float32 (1,000 Gaussians), cosine, "
         f"{N_QUERIES} queries, recall@{K} against exact cosine neighbours; single "
-        "process: one thread; sharded: `ShardedNeighbors(n_shards=2)` on "
+        "process: one thread; sharded: `ShardedNeighbors(n_shards=2)` (default "
+        "`train_n_jobs=None`: the training task uses both cores) on "
         "`LocalCluster(n_workers=2, threads_per_worker=1, processes=True)`, the data "
-        "persisted on the workers before the clock starts. "
+        "generated by tasks on the workers (8 chunks of 125,000 rows) and persisted "
+        "there, and pqsk imported in the workers, before the clock starts. "
         f"{meta['machine']} (shared), {meta['date']}; 1-minute load average "
-        f"{meta['load_at_end']:.1f} when the run ended (other jobs share the 2 cores: "
-        "the 2 workers then get less than 2 cores).",
+        f"{meta['load_at_end']:.1f} when the run ended, and before each build in the "
+        "table (other jobs share the 2 cores: the 2 workers then get less than 2 cores).",
         "",
         "Command: `flock /work/bench.lock python -m benchmarks.bench_dask"
         + (f" --n {args.n}" if args.n != 1_000_000 else "")
         + (f" --hnsw-n {args.hnsw_n}" if args.hnsw_n else "")
         + "` (each row may come from its own `--only ESTIMATOR` run)",
         "",
-        "| estimator | n | build 1 process (s) | of which training (s) | build sharded (s) "
-        "| ratio | recall 1 process | recall sharded | diff | q/s 1 process | q/s sharded |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Build times (s). Training: the training alone, on one thread, in this "
+        "process. The sharded build's timeline, from dask's task stream: before the "
+        "training task (the chunks checked and sampled), the training task, the "
+        "handoff (the client makes the template, the shard tasks are sent), the "
+        "shard builds (first start to last end), after them (results awaited); "
+        "transfers: seconds of data moved between workers (summed over tasks, "
+        "overlapping the rest). CPU seconds: of the single process, and of each "
+        "worker process during the sharded build; the CPU ratio (busiest worker / "
+        "single process) estimates the wall-clock ratio on an unloaded machine "
+        "(an upper bound: the training worker's two training threads count twice).",
+        "",
+        "| estimator | n | 1 process (load) | of which training | sharded (load) "
+        "| before training | training task | handoff | shard builds | after | transfers "
+        "| ratio | CPU s 1 process | CPU s per worker | CPU ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def cell(r, key, fmt="{:.1f}"):
+        return fmt.format(r[key]) if key in r else "-"
+
+    for r in rows:
+        lines.append(
+            f"| {r['estimator']} | {r['n']:,} | {r['single_build_s']:.1f} "
+            f"({cell(r, 'single_load')}) | {cell(r, 'train_s')} | "
+            f"{r['sharded_build_s']:.1f} ({cell(r, 'sharded_load')}) | "
+            + " | ".join(cell(r, k) for k in ("before_train_s", "train_task_s",
+                                               "handoff_s", "shards_s", "after_shards_s",
+                                               "transfer_s"))
+            + f" | **{r['build_ratio']:.2f}x** | "
+            + (f"{r['single_cpu_s']:.1f} | "
+               + " / ".join(f"{c:.1f}" for c in r["worker_cpu_s"])
+               + f" | {r['cpu_ratio']:.2f}x |" if "cpu_ratio" in r else "- | - | - |"))
+    lines += [
+        "",
+        "| estimator | recall 1 process | recall sharded | diff | q/s 1 process "
+        "| q/s sharded |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        train = f"{r['train_s']:.1f}" if "train_s" in r else "-"
         lines.append(
-            f"| {r['estimator']} | {r['n']:,} | {r['single_build_s']:.1f} | {train} | "
-            f"{r['sharded_build_s']:.1f} | {r['build_ratio']:.2f}x | "
-            f"{r['single_recall']:.4f} | {r['sharded_recall']:.4f} | "
+            f"| {r['estimator']} | {r['single_recall']:.4f} | {r['sharded_recall']:.4f} | "
             f"{r['sharded_recall'] - r['single_recall']:+.4f} | {r['single_qps']:,.0f} | "
             f"{r['sharded_qps']:,.0f} |")
     lines += ["", "Parameters: " + "; ".join(

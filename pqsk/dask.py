@@ -76,11 +76,21 @@ def _trainer(est):
     return clone(est)
 
 
-def _train(est, *parts):
-    """Train the quantizers on the sample rows; return their trained state."""
+def _no_rows(*args, **kwargs):
+    """``_add_rows`` of a trainer: its ``fit`` indexes none of the sample."""
+
+
+def _train(est, train_n_jobs, *parts):
+    """Train the quantizers on the sample rows; return their trained state.
+
+    The trainer runs with ``n_jobs=train_n_jobs`` (None: every CPU of this
+    worker's machine, as the other workers wait for this task), and trains
+    only: the sample's rows are not indexed (the shards index every row)."""
     parts = [p for p in parts if p.shape[0]]
     sample = np.concatenate(parts) if len(parts) > 1 else parts[0]
-    return _trainer(est).fit(sample)._trained_state()
+    trainer = _trainer(est).set_params(n_jobs=-1 if train_n_jobs is None else train_n_jobs)
+    trainer._add_rows = _no_rows  # this throw-away instance only
+    return trainer.fit(sample)._trained_state()
 
 
 def _rebuilt(quantizers):
@@ -320,6 +330,16 @@ class ShardedNeighbors(BaseEstimator):
         per chunk.  An int: the chunks are grouped (or split) into that many
         shards of consecutive rows, and ``partial_fit`` appends its chunks
         to the smallest shards.
+    train_n_jobs : int, default=None
+        Threads of the task that trains the quantizers (the other workers
+        wait for it): the estimator's ``n_jobs`` during training only, on
+        the worker that runs it.  None: every CPU of that worker's machine;
+        ``-1`` likewise, ``-2`` all but one, and so on.  The trained
+        quantizers do not depend on it: the codebooks' sub-spaces are
+        trained side by side, one thread each; the coarse k-means adds its
+        passes' sums in a fixed order when streamed, and runs on one thread
+        otherwise (up to ``2**28`` = sample rows x ``n_lists``: then it is
+        the serial part of the build, see the user guide's cost model).
 
     Attributes
     ----------
@@ -354,11 +374,14 @@ class ShardedNeighbors(BaseEstimator):
     _parameter_constraints = {
         "estimator": [HasMethods(["fit", "kneighbors"])],
         "n_shards": [Interval(Integral, 1, None, closed="left"), None],
+        "train_n_jobs": [Interval(Integral, 1, None, closed="left"),
+                         Interval(Integral, None, -1, closed="right"), None],
     }
 
-    def __init__(self, estimator, *, n_shards=None):
+    def __init__(self, estimator, *, n_shards=None, train_n_jobs=None):
         self.estimator = estimator
         self.n_shards = n_shards
+        self.train_n_jobs = train_n_jobs
 
     # -- input -------------------------------------------------------------
     def _check_estimator(self):
@@ -444,7 +467,7 @@ class ShardedNeighbors(BaseEstimator):
                  f"{len(chunks)} chunk(s)")
         # The sample goes from the chunks' workers to the training task,
         # never through the client; every chunk is checked before it ends.
-        trained = dask.compute(delayed(_train)(est, *parts))[0]
+        trained = dask.compute(delayed(_train)(est, self.train_n_jobs, *parts))[0]
         template = clone(est)._fit_trained(trained)
 
         groups = self._groups(lengths)

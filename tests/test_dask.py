@@ -254,3 +254,43 @@ def test_wrong_estimator_and_local_scheduler():
         np.testing.assert_array_equal(sharded.kneighbors(Q)[1], ref.kneighbors(Q)[1])
         with pytest.raises(AttributeError, match="no remove"):
             ShardedNeighbors(PQNeighbors(n_subspaces=4, n_codewords=16)).fit(X).remove([1])
+
+
+def _assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        if isinstance(a[name], np.ndarray):
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        else:
+            assert a[name] == b[name], name
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("make", [ivf, lambda: PQNeighbors(n_subspaces=4, n_codewords=32,
+                                                           random_state=0)])
+def test_training_task_state_independent_of_threads_and_indexes_no_row(
+        make, streamed, monkeypatch):
+    from pqsk import _quantizer
+    from pqsk.dask import _train
+
+    if streamed:  # the coarse k-means streamed (and threaded) at any size
+        if not hasattr(make(), "n_lists"):
+            pytest.skip("no coarse quantizer")
+        monkeypatch.setattr(_quantizer, "STREAMED_THRESHOLD", 0)
+    one = _train(make(), 1, X[:1500], X[1500:])
+    two = _train(make(), 2, X[:1500], X[1500:])
+    _assert_same_state(one, two)
+    # Training without indexing the sample gives the quantizers of a fit.
+    _assert_same_state(one, make().set_params(n_jobs=1).fit(X)._trained_state())
+
+
+def test_train_n_jobs_on_the_cluster(client):
+    chunks = da.from_array(X, chunks=(1000, 16))
+    states = [ShardedNeighbors(ivf(), train_n_jobs=t).fit(chunks).template_._trained_state()
+              for t in (1, None)]
+    _assert_same_state(*states)
+    before = n_graphs(client)
+    for bad in (0, 1.5, "all"):
+        with pytest.raises(ValueError, match="train_n_jobs"):
+            ShardedNeighbors(ivf(), train_n_jobs=bad).fit(chunks)
+    assert n_graphs(client) == before
