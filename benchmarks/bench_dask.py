@@ -93,7 +93,7 @@ def estimators():
     from pqsk import HNSWPQNeighbors, IVFPQNeighbors
 
     common = dict(metric="cosine", n_subspaces=24, n_codewords=256, n_neighbors=K,
-                  n_jobs=1, random_state=0)
+                  refine_factor=0, n_jobs=1, random_state=0)
     return {"IVFPQNeighbors": IVFPQNeighbors(n_lists=1024, n_probe=16, **common),
             "HNSWPQNeighbors": HNSWPQNeighbors(n_links=16, ef_construction=80,
                                                ef_search=64, **common)}

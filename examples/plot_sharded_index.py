@@ -48,7 +48,8 @@ cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
 client = Client(cluster)
 Xd = da.from_array(X, chunks=(5_000, 32))
 
-est = IVFPQNeighbors(n_lists=64, n_subspaces=8, n_neighbors=10, random_state=0)
+est = IVFPQNeighbors(n_lists=64, n_subspaces=8, n_neighbors=10, refine_factor=0,
+                     random_state=0)
 index = ShardedNeighbors(est).fit(Xd)
 print("rows per shard:", index.shard_sizes_)
 
