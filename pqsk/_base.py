@@ -30,6 +30,7 @@ from sklearn.utils._param_validation import (
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import _growable, _opq, _quantizer
+from ._filter import check_filter
 from ._persist import check_int_array, require
 from ._store import FitRows, RowStore, chunk_slices, rows_per_chunk
 from ._utils import (
@@ -538,11 +539,14 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         end with ``_commit_size``."""
         raise NotImplementedError
 
-    def _search(self, Q, n_candidates, n_threads, ranking_only=False):
+    def _search(self, Q, n_candidates, n_threads, ranking_only=False, blocked=None):
         """ADC distances and int64 ids of the best ``n_candidates``, rows
-        sorted by (dist, id).  ``ranking_only``: the caller re-ranks the
-        candidates with exact distances, so the distances may be cheaper
-        estimates of the ADC ones (4-bit IVF lists)."""
+        sorted by (dist, id), empty slots (+inf, INT64_MAX).
+        ``ranking_only``: the caller re-ranks the candidates with exact
+        distances, so the distances may be cheaper estimates of the ADC
+        ones (4-bit IVF lists).  ``blocked``: a :class:`pqsk._filter.Blocked`
+        (ids removed or not allowed, one row per query of Q or one for
+        all), which replaces the tombstones: the kernels skip those ids."""
         raise NotImplementedError
 
     def _reconstruct(self):
@@ -966,14 +970,17 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             )
         return max(n_neighbors, min(n_neighbors * self.refine_factor, self._n_live))
 
-    def _search_refined(self, Q, n_neighbors, n_threads):
+    def _search_refined(self, Q, n_neighbors, n_threads, blocked=None):
         """ADC search, then exact re-ranking when ``refine_factor > 0``.
 
         Q is prepared (normalised for cosine) but not rotated: the ADC
         search sees ``Q @ rotation_``, the re-ranking compares Q itself with
-        the raw (unrotated) vectors."""
+        the raw (unrotated) vectors.  ``blocked`` (filtered search): see
+        ``_search``; the re-ranking sees only the candidates it lets
+        through."""
+        kw = {} if blocked is None else {"blocked": blocked}
         dist, ind = self._search(self._rotate(Q), self._n_candidates(n_neighbors), n_threads,
-                                 ranking_only=self.refine_factor > 0)
+                                 ranking_only=self.refine_factor > 0, **kw)
         if self.refine_factor > 0:
             # Only the candidate rows are read from the row store; stored
             # rows are raw, so cosine normalises them here.
@@ -1007,7 +1014,29 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             raw *= 0.5
         return raw
 
-    def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
+    def _search_filtered(self, Q, n_neighbors, n_threads, flt, first):
+        """``_search_refined`` of the queries Q, numbered from ``first``
+        in the filter ``flt`` (a :class:`pqsk._filter.QueryFilter` or
+        None); per-query filters are searched a chunk of queries at a
+        time (each with a dense block of masks)."""
+        if flt is None:
+            return self._search_refined(Q, n_neighbors, n_threads)
+        removed = self.removed_ if self.n_removed_ else None
+        if not flt.per_query:
+            return self._search_refined(Q, n_neighbors, n_threads, flt.blocked(removed))
+        dist = ind = None
+        for sl in chunk_slices(Q.shape[0], flt.chunk_rows()):
+            blocked = flt.blocked(removed, slice(first + sl.start, first + sl.stop))
+            d, i = self._search_refined(Q[sl], n_neighbors, n_threads, blocked)
+            if dist is None:
+                dist = np.empty((Q.shape[0], d.shape[1]), dtype=d.dtype)
+                ind = np.empty((Q.shape[0], i.shape[1]), dtype=i.dtype)
+            dist[sl], ind[sl] = d, i
+        if dist is None:  # no query
+            return self._search_refined(Q, n_neighbors, n_threads)
+        return dist, ind
+
+    def kneighbors(self, X=None, n_neighbors=None, return_distance=True, *, filter=None):
         """Find the (approximate) K-neighbors of points.
 
         Parameters
@@ -1022,6 +1051,17 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             if None.
         return_distance : bool, default=True
             Whether to return the distances.
+        filter : array-like or sparse matrix, default=None
+            The indexed ids each query may return (see
+            :ref:`filtering`): a boolean mask of shape
+            (n_samples_fit,), an array of allowed ids, or a scipy sparse
+            matrix (or 2-d boolean array) of shape (n_queries,
+            n_samples_fit) whose nonzero entries in row i are the ids
+            query i may return.  Applied inside the search, not to its
+            results: each query gets ``n_neighbors`` allowed ids whenever
+            that many are allowed (and not removed).  When fewer are, the
+            row ends with id -1 at distance +inf.  With ``X=None`` each
+            point is still excluded from its own row.
 
         Returns
         -------
@@ -1038,9 +1078,9 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """
         self._check_fitted()
         with index_lock(self).read():
-            return self._kneighbors(X, n_neighbors, return_distance)
+            return self._kneighbors(X, n_neighbors, return_distance, filter)
 
-    def _kneighbors(self, X, n_neighbors, return_distance):
+    def _kneighbors(self, X, n_neighbors, return_distance, filter=None):
         self._check_params_at_call()
         if n_neighbors is None:
             n_neighbors = self.n_neighbors
@@ -1057,6 +1097,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         else:
             Q = self._validate_queries(X)
             n_queries = Q.shape[0]
+        flt = check_filter(filter, self.n_samples_fit_, n_queries)
         n_fit = self._n_live
         if n_neighbors > n_fit:
             if query_is_train:
@@ -1076,18 +1117,31 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             if query_is_train:
                 dist = ind = None
                 for sl, Q in self._self_queries():
-                    d, i = self._search_refined(Q, n_neighbors, n_threads)
+                    d, i = self._search_filtered(Q, n_neighbors, n_threads, flt, sl.start)
                     if dist is None:
                         dist = np.empty((n_queries, n_neighbors), dtype=d.dtype)
                         ind = np.empty((n_queries, n_neighbors), dtype=i.dtype)
                     dist[sl], ind[sl] = d, i
             else:
-                dist, ind = self._search_refined(Q, n_neighbors, n_threads)
+                dist, ind = self._search_filtered(Q, n_neighbors, n_threads, flt, 0)
+        if flt is not None:
+            # Fewer allowed ids than n_neighbors: the empty slots (+inf,
+            # INT64_MAX, last in each row) become (+inf, -1).
+            empty = (ind < 0) | (ind >= self.n_samples_fit_)
+            if empty.any():
+                ind[empty] = -1
+                dist[empty] = np.inf
         if query_is_train:
             # Drop each point from its own row; where it is not among the
-            # results (duplicates), drop the first column as scikit-learn does.
+            # results (duplicates), drop the first column as scikit-learn does
+            # (or, when the filter does not allow the point, the last one).
             mask = ind != np.arange(n_queries)[:, None]
             no_self = np.all(mask, axis=1)
+            if flt is not None:
+                self_ok = (flt.allowed if not flt.per_query
+                           else flt.matrix.diagonal().astype(bool))
+                mask[no_self & ~self_ok, -1] = False
+                no_self &= self_ok
             mask[no_self, 0] = False
             ind = ind[mask].reshape(n_queries, n_neighbors - 1)
             dist = dist[mask].reshape(n_queries, n_neighbors - 1)
@@ -1095,7 +1149,8 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             return self._finish_distances(dist), ind
         return ind
 
-    def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):
+    def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity", *,
+                         filter=None):
         """Compute the (weighted) graph of k-neighbors for points in X.
 
         Parameters
@@ -1107,6 +1162,10 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         mode : {"connectivity", "distance"}, default="connectivity"
             ``"connectivity"`` stores ones, ``"distance"`` the distances
             under ``metric``.
+        filter : array-like or sparse matrix, default=None
+            The ids each query may link to, as in :meth:`kneighbors`.  A
+            row whose query has fewer than ``n_neighbors`` allowed ids
+            holds only those.
 
         Returns
         -------
@@ -1115,10 +1174,11 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """
         check_is_fitted(self)
         if mode == "connectivity":
-            ind = self.kneighbors(X, n_neighbors, return_distance=False)
+            ind = self.kneighbors(X, n_neighbors, return_distance=False, filter=filter)
             data = np.ones(ind.size, dtype=np.float64)
         elif mode == "distance":
-            dist, ind = self.kneighbors(X, n_neighbors, return_distance=True)
+            dist, ind = self.kneighbors(X, n_neighbors, return_distance=True,
+                                        filter=filter)
             data = np.ravel(dist)
         else:
             raise ValueError(
@@ -1126,6 +1186,11 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                 f'but got "{mode}" instead'
             )
         n_queries, k = ind.shape
+        found = ind >= 0  # filtered rows may hold fewer than k
+        if not found.all():
+            indptr = np.concatenate([[0], np.cumsum(found.sum(axis=1))])
+            return sparse.csr_matrix((data[found.ravel()], ind[found], indptr),
+                                     shape=(n_queries, self.n_samples_fit_))
         indptr = np.arange(0, n_queries * k + 1, k)
         return sparse.csr_matrix(
             (data, ind.ravel(), indptr), shape=(n_queries, self.n_samples_fit_)
