@@ -1205,7 +1205,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
     _radius_first_k = 16
 
     def radius_neighbors(self, X=None, radius=None, return_distance=True,
-                         sort_results=False):
+                         sort_results=False, *, filter=None):
         """Find the (approximate) neighbors within a given radius of points.
 
         Approximate: a query returns the points within ``radius`` among
@@ -1249,6 +1249,10 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             Accepted for scikit-learn's API; results are always sorted by
             distance, ties broken by the smaller index.  Requires
             ``return_distance=True``, as in scikit-learn.
+        filter : array-like or sparse matrix, default=None
+            The ids each query may return, as in :meth:`kneighbors`
+            (applied inside the search; the candidates fetched are allowed
+            ones only).
 
         Returns
         -------
@@ -1261,7 +1265,8 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """
         self._check_fitted()
         with index_lock(self).read():
-            return self._radius_neighbors(X, radius, return_distance, sort_results)
+            return self._radius_neighbors(X, radius, return_distance, sort_results,
+                                          filter)
 
     def _check_radius(self, radius):
         if radius is None:
@@ -1276,7 +1281,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                              f"got {radius}.")
         return radius
 
-    def _radius_neighbors(self, X, radius, return_distance, sort_results):
+    def _radius_neighbors(self, X, radius, return_distance, sort_results, filter=None):
         self._check_params_at_call()
         radius = self._check_radius(radius)
         if sort_results and not return_distance:
@@ -1293,13 +1298,14 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             Q = self._validate_queries(X)
             n_queries = Q.shape[0]
             parts = [(slice(0, n_queries), Q)]
+        flt = check_filter(filter, self.n_samples_fit_, n_queries)
         n_threads = max(1, min(effective_n_threads(self.n_jobs), n_queries))
         dist = np.empty(n_queries, dtype=object)
         ind = np.empty(n_queries, dtype=object)
         with openmp_region(n_threads):
             for sl, Q in parts:
-                for q, (d, i) in enumerate(zip(*self._radius_search(Q, radius, n_threads,
-                                                                    query_is_train))):
+                for q, (d, i) in enumerate(zip(*self._radius_search(
+                        Q, radius, n_threads, query_is_train, flt, sl.start))):
                     row = sl.start + q
                     if query_is_train:  # the point itself, wherever it is
                         keep = i != row
@@ -1311,24 +1317,39 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """The most points a search of each row of Q can visit (int64)."""
         return np.full(Q.shape[0], self._n_live, dtype=np.int64)
 
-    def _radius_search(self, Q, radius, n_threads, self_query=False):
+    def _radius_search(self, Q, radius, n_threads, self_query=False, flt=None, first=0):
         """(distances, ids): two lists of arrays, one pair per row of Q, of
-        the candidates within ``radius`` (finished distances), sorted."""
+        the candidates within ``radius`` (finished distances), sorted.
+        ``flt``: the filter of queries numbered from ``first``."""
         nq = Q.shape[0]
         n_live = self._n_live
         caps = np.minimum(self._radius_caps(Q), n_live)
+        removed = self.removed_ if self.n_removed_ else None
+        shared = None
+        if flt is not None:  # at most the allowed live ids
+            if flt.per_query:
+                allowed = np.diff(flt.matrix.indptr)[first:first + nq].astype(np.int64)
+            else:
+                shared = flt.blocked(removed)
+                allowed = shared.allowed_counts(nq)
+            caps = np.minimum(caps, allowed)
         out_d = [np.empty(0, dtype=self._fit_dtype_) for _ in range(nq)]
         out_i = [np.empty(0, dtype=np.int64) for _ in range(nq)]
-        pending = np.arange(nq if n_live else 0)  # all removed: nothing in range
+        pending = np.flatnonzero(caps > 0)  # all removed / none allowed: nothing
         k = min(n_live, self._radius_first_k + int(self_query))
         while pending.size:
             k = max(1, min(k, int(caps[pending].max())))
             # Chunks bound the (rows, k) results of a round.
             step = max(1, (1 << 22) // k)
+            if flt is not None and flt.per_query:
+                step = min(step, flt.chunk_rows())
             still = []
             for start in range(0, pending.size, step):
                 rows = pending[start:start + step]
-                d, i = self._search_refined(Q[rows], k, n_threads)
+                blocked = (shared if flt is None or not flt.per_query
+                           else flt.blocked(removed, first + rows))
+                kw = {} if blocked is None else {"blocked": blocked}
+                d, i = self._search_refined(Q[rows], k, n_threads, **kw)
                 d = self._finish_distances(np.array(d, copy=True))
                 done = (d[:, -1] > radius) | (k >= caps[rows])
                 for r, row in enumerate(rows):
@@ -1342,7 +1363,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         return out_d, out_i
 
     def radius_neighbors_graph(self, X=None, radius=None, mode="connectivity",
-                               sort_results=False):
+                               sort_results=False, *, filter=None):
         """Compute the (weighted) graph of neighbors within ``radius``.
 
         Approximate, as :meth:`radius_neighbors`, which it calls.
@@ -1359,6 +1380,8 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         sort_results : bool, default=False
             Accepted for scikit-learn's API (rows are always sorted by
             distance); in ``"connectivity"`` mode it is ignored.
+        filter : array-like or sparse matrix, default=None
+            The ids each query may link to, as in :meth:`kneighbors`.
 
         Returns
         -------
@@ -1367,11 +1390,11 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """
         check_is_fitted(self)
         if mode == "connectivity":
-            ind = self.radius_neighbors(X, radius, return_distance=False)
+            ind = self.radius_neighbors(X, radius, return_distance=False, filter=filter)
             dist = None
         elif mode == "distance":
             dist, ind = self.radius_neighbors(X, radius, return_distance=True,
-                                              sort_results=sort_results)
+                                              sort_results=sort_results, filter=filter)
         else:
             raise ValueError(
                 'Unsupported mode, must be one of "connectivity", or "distance" '

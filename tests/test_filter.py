@@ -291,3 +291,30 @@ def test_hnsw_walk_alone_keeps_the_contract(key, share, monkeypatch):
     ind = est.kneighbors(Q, n_neighbors=10, return_distance=False,
                          filter=sparse.csr_matrix(dense))
     check_contract(est, ind, dense, 10)
+
+
+@pytest.mark.parametrize("key", ["flat", "ivf", "hnsw"])
+def test_radius_neighbors_with_filter(key):
+    est = fitted("exact", key)
+    allowed = np.random.RandomState(10).rand(N) < 0.2
+    radius = 2.0
+    dist, ind = est.radius_neighbors(Q, radius=radius, filter=allowed)
+    ids = np.flatnonzero(allowed)
+    ref_d, ref_i = NearestNeighbors().fit(X[ids]).radius_neighbors(Q, radius=radius,
+                                                                   sort_results=True)
+    for q in range(Q.shape[0]):
+        assert_array_equal(ind[q], ids[ref_i[q]])
+        assert_allclose(dist[q], ref_d[q], rtol=1e-4, atol=1e-5)
+    # Per query, and X=None (each point excluded); the graph form.
+    dense = np.random.RandomState(11).rand(Q.shape[0], N) < 0.1
+    ind = est.radius_neighbors(Q, radius=radius, return_distance=False,
+                               filter=sparse.csr_matrix(dense))
+    for q in range(Q.shape[0]):
+        near = np.flatnonzero(dense[q] & (np.linalg.norm(X - Q[q], axis=1) <= radius))
+        assert_array_equal(np.sort(ind[q]), near)
+    ind = est.radius_neighbors(None, radius=1.0, return_distance=False, filter=allowed)
+    for p in range(0, N, 53):
+        near = np.flatnonzero(allowed & (np.linalg.norm(X - X[p], axis=1) <= 1.0))
+        assert_array_equal(np.sort(ind[p]), near[near != p])
+    G = est.radius_neighbors_graph(Q, radius=radius, filter=np.zeros(N, bool))
+    assert G.nnz == 0 and G.shape == (Q.shape[0], N)
