@@ -13,7 +13,7 @@ scan, kept in ``pqsk._naive.adc_scan`` as the test oracle, is::
 cimport cython
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint8_t
 
 from ._heap cimport heap_init, heap_sort
 from ._kernels cimport code_t, build_table, scan_codes
@@ -75,8 +75,15 @@ def adc_search(const floating[:, ::1] Q,               # IN  (nq, D)
                floating[:, ::1] work,                  # scratch (n_threads, >= m * k)
                floating[:, ::1] heap_d,                # scratch (n_threads, >= n_neighbors)
                int64_t[:, ::1] heap_i,                 # scratch (n_threads, >= n_neighbors)
-               int n_threads):
+               int n_threads,
+               const uint8_t[::1] blocked=None,        # IN  (nq * stride or n,) or None
+               Py_ssize_t blocked_stride=0):
     """Exhaustive ADC search: build each query's tables, scan every code.
+
+    ``blocked`` (filtered search): codes whose row is marked are skipped,
+    read as tombstones are (only for a code that would enter the heap);
+    query q reads ``blocked[q * blocked_stride:]`` (stride 0: one mask for
+    every query, of length >= n).  The caller checks the length.
 
     Parallel over queries; each thread builds its tables and keeps its heap
     in its own scratch rows (padded by the caller to whole cache lines, so
@@ -94,6 +101,10 @@ def adc_search(const floating[:, ::1] Q,               # IN  (nq, D)
     cdef floating* t = NULL
     cdef floating* hd = NULL
     cdef int64_t* hi = NULL
+    cdef const uint8_t* blk = NULL
+    cdef const uint8_t* bq = NULL
+    if blocked is not None and blocked.shape[0] > 0:
+        blk = &blocked[0]
     if nq == 0 or kn == 0:
         return
     with nogil, parallel(num_threads=n_threads):
@@ -105,8 +116,9 @@ def adc_search(const floating[:, ::1] Q,               # IN  (nq, D)
             build_table(&Q[q, 0], &codebooks_t[0, 0, 0], m, ds, k,
                         inner_product, t)
             heap_init(hd, hi, kn)
+            bq = blk + q * blocked_stride if blk != NULL else NULL
             if n > 0:
-                scan_codes(t, &codes[0, 0], n, m, k, 0, <const int64_t*> NULL, NULL,
+                scan_codes(t, &codes[0, 0], n, m, k, 0, <const int64_t*> NULL, bq,
                            hd, hi, kn)
             heap_sort(hd, hi, kn)
             for r in range(kn):

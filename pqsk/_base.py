@@ -30,6 +30,7 @@ from sklearn.utils._param_validation import (
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import _growable, _opq, _quantizer
+from ._filter import check_filter
 from ._persist import check_int_array, require
 from ._store import FitRows, RowStore, chunk_slices, rows_per_chunk
 from ._utils import (
@@ -571,11 +572,14 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         end with ``_commit_size``."""
         raise NotImplementedError
 
-    def _search(self, Q, n_candidates, n_threads, ranking_only=False):
+    def _search(self, Q, n_candidates, n_threads, ranking_only=False, blocked=None):
         """ADC distances and int64 ids of the best ``n_candidates``, rows
-        sorted by (dist, id).  ``ranking_only``: the caller re-ranks the
-        candidates with exact distances, so the distances may be cheaper
-        estimates of the ADC ones (4-bit IVF lists)."""
+        sorted by (dist, id), empty slots (+inf, INT64_MAX).
+        ``ranking_only``: the caller re-ranks the candidates with exact
+        distances, so the distances may be cheaper estimates of the ADC
+        ones (4-bit IVF lists).  ``blocked``: a :class:`pqsk._filter.Blocked`
+        (ids removed or not allowed, one row per query of Q or one for
+        all), which replaces the tombstones: the kernels skip those ids."""
         raise NotImplementedError
 
     def _reconstruct(self):
@@ -1002,14 +1006,17 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             )
         return max(n_neighbors, min(n_neighbors * self.refine_factor, self._n_live))
 
-    def _search_refined(self, Q, n_neighbors, n_threads):
+    def _search_refined(self, Q, n_neighbors, n_threads, blocked=None):
         """ADC search, then exact re-ranking when ``refine_factor > 0``.
 
         Q is prepared (normalised for cosine) but not rotated: the ADC
         search sees ``Q @ rotation_``, the re-ranking compares Q itself with
-        the raw (unrotated) vectors."""
+        the raw (unrotated) vectors.  ``blocked`` (filtered search): see
+        ``_search``; the re-ranking sees only the candidates it lets
+        through."""
+        kw = {} if blocked is None else {"blocked": blocked}
         dist, ind = self._search(self._rotate(Q), self._n_candidates(n_neighbors), n_threads,
-                                 ranking_only=self.refine_factor > 0)
+                                 ranking_only=self.refine_factor > 0, **kw)
         if self.refine_factor > 0:
             # Only the candidate rows are read from the row store; stored
             # rows are raw, so cosine normalises them here.
@@ -1043,7 +1050,29 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             raw *= 0.5
         return raw
 
-    def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
+    def _search_filtered(self, Q, n_neighbors, n_threads, flt, first):
+        """``_search_refined`` of the queries Q, numbered from ``first``
+        in the filter ``flt`` (a :class:`pqsk._filter.QueryFilter` or
+        None); per-query filters are searched a chunk of queries at a
+        time (each with a dense block of masks)."""
+        if flt is None:
+            return self._search_refined(Q, n_neighbors, n_threads)
+        removed = self.removed_ if self.n_removed_ else None
+        if not flt.per_query:
+            return self._search_refined(Q, n_neighbors, n_threads, flt.blocked(removed))
+        dist = ind = None
+        for sl in chunk_slices(Q.shape[0], flt.chunk_rows()):
+            blocked = flt.blocked(removed, slice(first + sl.start, first + sl.stop))
+            d, i = self._search_refined(Q[sl], n_neighbors, n_threads, blocked)
+            if dist is None:
+                dist = np.empty((Q.shape[0], d.shape[1]), dtype=d.dtype)
+                ind = np.empty((Q.shape[0], i.shape[1]), dtype=i.dtype)
+            dist[sl], ind[sl] = d, i
+        if dist is None:  # no query
+            return self._search_refined(Q, n_neighbors, n_threads)
+        return dist, ind
+
+    def kneighbors(self, X=None, n_neighbors=None, return_distance=True, *, filter=None):
         """Find the (approximate) K-neighbors of points.
 
         Parameters
@@ -1058,6 +1087,17 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             if None.
         return_distance : bool, default=True
             Whether to return the distances.
+        filter : array-like or sparse matrix, default=None
+            The indexed ids each query may return (see
+            :ref:`filtering`): a boolean mask of shape
+            (n_samples_fit,), an array of allowed ids, or a scipy sparse
+            matrix (or 2-d boolean array) of shape (n_queries,
+            n_samples_fit) whose nonzero entries in row i are the ids
+            query i may return.  Applied inside the search, not to its
+            results: each query gets ``n_neighbors`` allowed ids whenever
+            that many are allowed (and not removed).  When fewer are, the
+            row ends with id -1 at distance +inf.  With ``X=None`` each
+            point is still excluded from its own row.
 
         Returns
         -------
@@ -1074,9 +1114,9 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """
         self._check_fitted()
         with index_lock(self).read():
-            return self._kneighbors(X, n_neighbors, return_distance)
+            return self._kneighbors(X, n_neighbors, return_distance, filter)
 
-    def _kneighbors(self, X, n_neighbors, return_distance):
+    def _kneighbors(self, X, n_neighbors, return_distance, filter=None):
         self._check_params_at_call()
         if n_neighbors is None:
             n_neighbors = self.n_neighbors
@@ -1093,6 +1133,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         else:
             Q = self._validate_queries(X)
             n_queries = Q.shape[0]
+        flt = check_filter(filter, self.n_samples_fit_, n_queries)
         n_fit = self._n_live
         if n_neighbors > n_fit:
             if query_is_train:
@@ -1112,18 +1153,31 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             if query_is_train:
                 dist = ind = None
                 for sl, Q in self._self_queries():
-                    d, i = self._search_refined(Q, n_neighbors, n_threads)
+                    d, i = self._search_filtered(Q, n_neighbors, n_threads, flt, sl.start)
                     if dist is None:
                         dist = np.empty((n_queries, n_neighbors), dtype=d.dtype)
                         ind = np.empty((n_queries, n_neighbors), dtype=i.dtype)
                     dist[sl], ind[sl] = d, i
             else:
-                dist, ind = self._search_refined(Q, n_neighbors, n_threads)
+                dist, ind = self._search_filtered(Q, n_neighbors, n_threads, flt, 0)
+        if flt is not None:
+            # Fewer allowed ids than n_neighbors: the empty slots (+inf,
+            # INT64_MAX, last in each row) become (+inf, -1).
+            empty = (ind < 0) | (ind >= self.n_samples_fit_)
+            if empty.any():
+                ind[empty] = -1
+                dist[empty] = np.inf
         if query_is_train:
             # Drop each point from its own row; where it is not among the
-            # results (duplicates), drop the first column as scikit-learn does.
+            # results (duplicates), drop the first column as scikit-learn does
+            # (or, when the filter does not allow the point, the last one).
             mask = ind != np.arange(n_queries)[:, None]
             no_self = np.all(mask, axis=1)
+            if flt is not None:
+                self_ok = (flt.allowed if not flt.per_query
+                           else flt.matrix.diagonal().astype(bool))
+                mask[no_self & ~self_ok, -1] = False
+                no_self &= self_ok
             mask[no_self, 0] = False
             ind = ind[mask].reshape(n_queries, n_neighbors - 1)
             dist = dist[mask].reshape(n_queries, n_neighbors - 1)
@@ -1131,7 +1185,8 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             return self._finish_distances(dist), ind
         return ind
 
-    def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):
+    def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity", *,
+                         filter=None):
         """Compute the (weighted) graph of k-neighbors for points in X.
 
         Parameters
@@ -1143,6 +1198,10 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         mode : {"connectivity", "distance"}, default="connectivity"
             ``"connectivity"`` stores ones, ``"distance"`` the distances
             under ``metric``.
+        filter : array-like or sparse matrix, default=None
+            The ids each query may link to, as in :meth:`kneighbors`.  A
+            row whose query has fewer than ``n_neighbors`` allowed ids
+            holds only those.
 
         Returns
         -------
@@ -1151,10 +1210,11 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """
         check_is_fitted(self)
         if mode == "connectivity":
-            ind = self.kneighbors(X, n_neighbors, return_distance=False)
+            ind = self.kneighbors(X, n_neighbors, return_distance=False, filter=filter)
             data = np.ones(ind.size, dtype=np.float64)
         elif mode == "distance":
-            dist, ind = self.kneighbors(X, n_neighbors, return_distance=True)
+            dist, ind = self.kneighbors(X, n_neighbors, return_distance=True,
+                                        filter=filter)
             data = np.ravel(dist)
         else:
             raise ValueError(
@@ -1162,6 +1222,11 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                 f'but got "{mode}" instead'
             )
         n_queries, k = ind.shape
+        found = ind >= 0  # filtered rows may hold fewer than k
+        if not found.all():
+            indptr = np.concatenate([[0], np.cumsum(found.sum(axis=1))])
+            return sparse.csr_matrix((data[found.ravel()], ind[found], indptr),
+                                     shape=(n_queries, self.n_samples_fit_))
         indptr = np.arange(0, n_queries * k + 1, k)
         return sparse.csr_matrix(
             (data, ind.ravel(), indptr), shape=(n_queries, self.n_samples_fit_)
@@ -1176,7 +1241,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
     _radius_first_k = 16
 
     def radius_neighbors(self, X=None, radius=None, return_distance=True,
-                         sort_results=False):
+                         sort_results=False, *, filter=None):
         """Find the (approximate) neighbors within a given radius of points.
 
         Approximate: a query returns the points within ``radius`` among
@@ -1220,6 +1285,10 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             Accepted for scikit-learn's API; results are always sorted by
             distance, ties broken by the smaller index.  Requires
             ``return_distance=True``, as in scikit-learn.
+        filter : array-like or sparse matrix, default=None
+            The ids each query may return, as in :meth:`kneighbors`
+            (applied inside the search; the candidates fetched are allowed
+            ones only).
 
         Returns
         -------
@@ -1232,7 +1301,8 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """
         self._check_fitted()
         with index_lock(self).read():
-            return self._radius_neighbors(X, radius, return_distance, sort_results)
+            return self._radius_neighbors(X, radius, return_distance, sort_results,
+                                          filter)
 
     def _check_radius(self, radius):
         if radius is None:
@@ -1247,7 +1317,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                              f"got {radius}.")
         return radius
 
-    def _radius_neighbors(self, X, radius, return_distance, sort_results):
+    def _radius_neighbors(self, X, radius, return_distance, sort_results, filter=None):
         self._check_params_at_call()
         radius = self._check_radius(radius)
         if sort_results and not return_distance:
@@ -1264,13 +1334,14 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             Q = self._validate_queries(X)
             n_queries = Q.shape[0]
             parts = [(slice(0, n_queries), Q)]
+        flt = check_filter(filter, self.n_samples_fit_, n_queries)
         n_threads = max(1, min(effective_n_threads(self.n_jobs), n_queries))
         dist = np.empty(n_queries, dtype=object)
         ind = np.empty(n_queries, dtype=object)
         with openmp_region(n_threads):
             for sl, Q in parts:
-                for q, (d, i) in enumerate(zip(*self._radius_search(Q, radius, n_threads,
-                                                                    query_is_train))):
+                for q, (d, i) in enumerate(zip(*self._radius_search(
+                        Q, radius, n_threads, query_is_train, flt, sl.start))):
                     row = sl.start + q
                     if query_is_train:  # the point itself, wherever it is
                         keep = i != row
@@ -1282,24 +1353,39 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """The most points a search of each row of Q can visit (int64)."""
         return np.full(Q.shape[0], self._n_live, dtype=np.int64)
 
-    def _radius_search(self, Q, radius, n_threads, self_query=False):
+    def _radius_search(self, Q, radius, n_threads, self_query=False, flt=None, first=0):
         """(distances, ids): two lists of arrays, one pair per row of Q, of
-        the candidates within ``radius`` (finished distances), sorted."""
+        the candidates within ``radius`` (finished distances), sorted.
+        ``flt``: the filter of queries numbered from ``first``."""
         nq = Q.shape[0]
         n_live = self._n_live
         caps = np.minimum(self._radius_caps(Q), n_live)
+        removed = self.removed_ if self.n_removed_ else None
+        shared = None
+        if flt is not None:  # at most the allowed live ids
+            if flt.per_query:
+                allowed = np.diff(flt.matrix.indptr)[first:first + nq].astype(np.int64)
+            else:
+                shared = flt.blocked(removed)
+                allowed = shared.allowed_counts(nq)
+            caps = np.minimum(caps, allowed)
         out_d = [np.empty(0, dtype=self._fit_dtype_) for _ in range(nq)]
         out_i = [np.empty(0, dtype=np.int64) for _ in range(nq)]
-        pending = np.arange(nq if n_live else 0)  # all removed: nothing in range
+        pending = np.flatnonzero(caps > 0)  # all removed / none allowed: nothing
         k = min(n_live, self._radius_first_k + int(self_query))
         while pending.size:
             k = max(1, min(k, int(caps[pending].max())))
             # Chunks bound the (rows, k) results of a round.
             step = max(1, (1 << 22) // k)
+            if flt is not None and flt.per_query:
+                step = min(step, flt.chunk_rows())
             still = []
             for start in range(0, pending.size, step):
                 rows = pending[start:start + step]
-                d, i = self._search_refined(Q[rows], k, n_threads)
+                blocked = (shared if flt is None or not flt.per_query
+                           else flt.blocked(removed, first + rows))
+                kw = {} if blocked is None else {"blocked": blocked}
+                d, i = self._search_refined(Q[rows], k, n_threads, **kw)
                 d = self._finish_distances(np.array(d, copy=True))
                 done = (d[:, -1] > radius) | (k >= caps[rows])
                 for r, row in enumerate(rows):
@@ -1313,7 +1399,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         return out_d, out_i
 
     def radius_neighbors_graph(self, X=None, radius=None, mode="connectivity",
-                               sort_results=False):
+                               sort_results=False, *, filter=None):
         """Compute the (weighted) graph of neighbors within ``radius``.
 
         Approximate, as :meth:`radius_neighbors`, which it calls.
@@ -1330,6 +1416,8 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         sort_results : bool, default=False
             Accepted for scikit-learn's API (rows are always sorted by
             distance); in ``"connectivity"`` mode it is ignored.
+        filter : array-like or sparse matrix, default=None
+            The ids each query may link to, as in :meth:`kneighbors`.
 
         Returns
         -------
@@ -1338,11 +1426,11 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """
         check_is_fitted(self)
         if mode == "connectivity":
-            ind = self.radius_neighbors(X, radius, return_distance=False)
+            ind = self.radius_neighbors(X, radius, return_distance=False, filter=filter)
             dist = None
         elif mode == "distance":
             dist, ind = self.radius_neighbors(X, radius, return_distance=True,
-                                              sort_results=sort_results)
+                                              sort_results=sort_results, filter=filter)
         else:
             raise ValueError(
                 'Unsupported mode, must be one of "connectivity", or "distance" '

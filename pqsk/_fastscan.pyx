@@ -159,7 +159,9 @@ def fastscan_search(const floating[:, ::1] Q,               # IN  (nq, D)
                     double[:, ::1] param_work,              # scratch (n_threads, >= 3)
                     uint16_t[:, ::1] pair_work,             # scratch (n_threads, >= m2 / 2 * 256)
                     int n_threads,
-                    double margin=-1):
+                    double margin=-1,
+                    const uint8_t[::1] blocked=None,        # IN  filter mask or None
+                    Py_ssize_t blocked_stride=0):
     """Exhaustive 4-bit ADC search; rows sorted by (distance, index), empty
     slots (+inf, INT64_MAX).  The caller checks the shapes.
 
@@ -170,7 +172,10 @@ def fastscan_search(const floating[:, ::1] Q,               # IN  (nq, D)
     is within that many units of the current k-th distance: far fewer
     float re-checks, and a code is missed only when its rounding error
     exceeds the margin while its distance is within it of the k-th
-    (near-ties)."""
+    (near-ties).
+
+    ``blocked``: rows to skip, as in ``pqsk._adc.adc_search`` (query q
+    reads ``blocked[q * blocked_stride:]``)."""
     cdef Py_ssize_t nq = Q.shape[0]
     cdef Py_ssize_t m = codebooks_t.shape[0]
     cdef Py_ssize_t ds = codebooks_t.shape[1]
@@ -187,6 +192,10 @@ def fastscan_search(const floating[:, ::1] Q,               # IN  (nq, D)
     cdef bint pairs = _wants_pairs
     cdef uint16_t* pt = NULL
     cdef const uint8_t* tab = NULL
+    cdef const uint8_t* blk = NULL
+    cdef const uint8_t* bq = NULL
+    if blocked is not None and blocked.shape[0] > 0:
+        blk = &blocked[0]
     if codebooks_t.shape[2] != 16 or npairs != (m + 1) // 2 or packed.shape[2] != 32:
         raise ValueError("fastscan_search needs 16 codewords and matching packed codes")
     if packed.shape[0] != (n + 31) // 32:
@@ -211,9 +220,10 @@ def fastscan_search(const floating[:, ::1] Q,               # IN  (nq, D)
             if pairs and n > 0:
                 pqsk_fs_pair_table(lut, npairs, pt)
                 tab = <const uint8_t*> pt
+            bq = blk + q * blocked_stride if blk != NULL else NULL
             if n > 0:
                 scan_packed(t, tab, params, &packed[0, 0, 0], n, m, npairs, 0,
-                            <const int64_t*> NULL, NULL, hd, hi, kn, scan,
+                            <const int64_t*> NULL, bq, hd, hi, kn, scan,
                             margin if margin >= 0 else 0.5 * m + 1.0)
             heap_sort(hd, hi, kn)
             for r in range(kn):

@@ -938,13 +938,17 @@ def hnsw_search(const float[:, ::1] Q,                 # IN  (nq, D) float32
                 float[:, ::1] cand_d, int64_t[:, ::1] cand_i,   # scratch (n_threads, n)
                 float[:, ::1] res_d, int64_t[:, ::1] res_i,     # scratch (n_threads, ef + 1)
                 float[:, ::1] tables,                  # scratch (n_threads, m * k)
-                int n_threads):
+                int n_threads,
+                Py_ssize_t deleted_stride=0):
     """ADC search: greedy descent through the upper levels, then a beam of
     width ``ef`` (>= n_out) on level 0.  Rows come out sorted by
     (distance, id); slots beyond the nodes found hold (+inf, INT64_MAX).
     Parallel over queries; each thread has its own scratch row.  ``visited``
     and ``gens`` persist across calls (a row's marks are valid for its
-    generation counter, which only grows): start them at zero once."""
+    generation counter, which only grows): start them at zero once.
+    Query q reads its tombstones at ``deleted[q * deleted_stride:]`` (0:
+    one mask for every query; a filtered search marks the nodes it must
+    not return, which the beam still walks through)."""
     cdef Py_ssize_t nq = Q.shape[0]
     cdef Py_ssize_t n = links0.shape[0]
     cdef Py_ssize_t n_out = out_dist.shape[1]
@@ -965,7 +969,7 @@ def hnsw_search(const float[:, ::1] Q,                 # IN  (nq, D) float32
                        codebooks_t.shape[1], codebooks_t.shape[2],
                        &codes8[0, 0] if codes8.shape[0] > 0 else NULL,
                        &codes16[0, 0] if codes16.shape[0] > 0 else NULL,
-                       &deleted[0] if deleted.shape[0] > 0 else NULL,
+                       &deleted[q * deleted_stride] if deleted.shape[0] > 0 else NULL,
                        n, entry_point, max_level, ef, inner_product,
                        &tables[tid, 0], &visited[tid, 0], &gens[tid, 0],
                        &cand_d[tid, 0], &cand_i[tid, 0], &res_d[tid, 0], &res_i[tid, 0],

@@ -59,6 +59,15 @@ _TOMBSTONES = weakref.WeakKeyDictionary()
 _SEGMENT_TOMBSTONES = weakref.WeakKeyDictionary()
 _NO_TOMBSTONES = np.empty(0, np.uint8)
 
+# Filtered search: a query whose filter allows fewer than
+# max(FILTER_SCAN_MIN, FILTER_SCAN_FRACTION * live points) ids scans those
+# ids (ADC over their codes, then re-ranking) instead of walking the graph.
+# A beam that must collect ef allowed nodes visits about ef / s nodes at
+# selectivity s, while the scan reads s * n codes: they cost the same near
+# s = sqrt(ef / n), 1.8 % for ef = 64 and n = 200,000.
+FILTER_SCAN_FRACTION = 0.02
+FILTER_SCAN_MIN = 256
+
 
 def visited_marks(n_threads, n):
     """This Python thread's visited-mark rows and generation counters,
@@ -936,12 +945,18 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         # costs what kneighbors does.
         return self.ef_search
 
-    def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
+    def kneighbors(self, X=None, n_neighbors=None, return_distance=True, *, filter=None):
         """As for every searcher (see :class:`PQNeighbors`); warns (``UserWarning``)
         when ``ef_search < n_neighbors``: the beam is then widened to
         ``n_neighbors``, so the search costs more than ``ef_search`` says
-        (hnswlib raises the beam the same way)."""
-        result = super().kneighbors(X, n_neighbors, return_distance)
+        (hnswlib raises the beam the same way).
+
+        With a ``filter`` the beam walks through the nodes the filter
+        rejects (they still lead to others) but never returns them; a
+        query whose filter allows fewer than ``max(FILTER_SCAN_MIN,
+        FILTER_SCAN_FRACTION * live points)`` ids (256, 2 %) scans those
+        ids' codes instead (see :ref:`filtering`)."""
+        result = super().kneighbors(X, n_neighbors, return_distance, filter=filter)
         k = self.n_neighbors if n_neighbors is None else n_neighbors
         if self.ef_search < k:
             warnings.warn(
@@ -1021,7 +1036,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         return np.ascontiguousarray(self.codebooks_.transpose(0, 2, 1), dtype=np.float32)
 
     def _graph_search(self, graph, deleted, Q, n_out, n_threads, ef=None,
-                      from_entry=False, cbt=None):
+                      from_entry=False, cbt=None, deleted_stride=0):
         """(dist float32, node int64, distance computations per query) of
         one graph; nodes are positions in that graph.
 
@@ -1051,11 +1066,13 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
             *visited_marks(nt, n),
             scratch(nt, n, np.float32), scratch(nt, n, np.int64),
             scratch(nt, ef + 1, np.float32), scratch(nt, ef + 1, np.int64),
-            scratch(nt, m * k, np.float32), n_threads,
+            scratch(nt, m * k, np.float32), n_threads, deleted_stride,
         )
         return dist, ind, n_dist
 
-    def _search(self, Q, n_candidates, n_threads, ranking_only=False):
+    def _search(self, Q, n_candidates, n_threads, ranking_only=False, blocked=None):
+        if blocked is not None:
+            return self._search_blocked(Q, n_candidates, n_threads, blocked)
         # Fan out: each graph gives its best min(n_candidates, its live
         # nodes), mapped to ids; merge_topk keeps the best n_candidates.
         parts = []
@@ -1077,6 +1094,88 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
                 ind = graph["ids_"][ind]
             parts.append((dist, ind))
         return merge_topk(parts, n_candidates)
+
+    def _search_blocked(self, Q, n_candidates, n_threads, blocked):
+        """Filtered ``_search``: ``blocked`` (by id, removed ones included)
+        replaces the tombstones; queries allowing few ids scan them."""
+        Q = np.ascontiguousarray(Q, dtype=np.float32)
+        nq = Q.shape[0]
+        dist = np.full((nq, n_candidates), np.inf, dtype=np.float32)
+        ind = np.full((nq, n_candidates), _NO_ID, dtype=np.int64)
+        n_allowed = blocked.allowed_counts(nq)
+        scan = n_allowed < max(FILTER_SCAN_MIN, FILTER_SCAN_FRACTION * self._n_live)
+        graphs = [(g, g["ids_"], g["codes_"].shape[0]) for g, _, _ in self._graphs()]
+        walk = np.flatnonzero(~scan)
+        if walk.size:
+            d, i = self._walk_blocked(Q[walk], n_candidates, n_threads,
+                                      blocked.take(walk), graphs)
+            dist[walk], ind[walk] = d, i
+        rows = np.flatnonzero(scan)
+        if rows.size:
+            d, i = self._scan_blocked(Q[rows], n_candidates, n_threads,
+                                      blocked.take(rows), graphs)
+            dist[rows], ind[rows] = d, i
+        return dist, ind
+
+    def _walk_blocked(self, Q, n_candidates, n_threads, blocked, graphs):
+        """Beam search of every graph, blocked nodes walked through."""
+        nq = Q.shape[0]
+        cbt = self._codebooks_t()
+        parts = []
+        for graph, ids, n_nodes in graphs:
+            gb = blocked.for_nodes(ids)
+            counts = gb.allowed_counts(nq, n_nodes if ids is None else None)
+            n_out = min(n_candidates, int(counts.max()))
+            if n_out == 0:
+                continue
+            d, i, _ = self._graph_search(graph, gb.mask, Q, n_out, n_threads, cbt=cbt,
+                                         deleted_stride=gb.stride)
+            # A beam that ends with fewer allowed nodes than the graph holds
+            # (up to n_out): search those queries again over the whole graph.
+            found = np.count_nonzero(i != _NO_ID, axis=1)
+            short = np.flatnonzero(found < np.minimum(n_out, counts))
+            if short.size:
+                sb = gb.take(short)
+                d[short], i[short], _ = self._graph_search(
+                    graph, sb.mask, Q[short], n_out, n_threads, ef=n_nodes,
+                    from_entry=True, cbt=cbt, deleted_stride=sb.stride)
+            if ids is not None:
+                ok = i != _NO_ID
+                i[ok] = ids[i[ok]]
+            parts.append((d, i))
+        if not parts:
+            return (np.full((nq, n_candidates), np.inf, np.float32),
+                    np.full((nq, n_candidates), _NO_ID, np.int64))
+        return merge_topk(parts, n_candidates)
+
+    def _scan_blocked(self, Q, n_candidates, n_threads, blocked, graphs):
+        """Exhaustive ADC over the allowed nodes' codes only (the few-ids
+        case of a filtered search): exact ADC top ``n_candidates``."""
+        nq = Q.shape[0]
+        cb = self.codebooks_.astype(np.float32)
+        dist = np.full((nq, n_candidates), np.inf, dtype=np.float32)
+        ind = np.full((nq, n_candidates), _NO_ID, dtype=np.int64)
+        per_graph = [(graph["codes_"], ids, blocked.for_nodes(ids).rows[:, :n_nodes])
+                     for graph, ids, n_nodes in graphs]
+        shared = not blocked.stride
+        for q in range(1 if shared else nq):
+            codes, owners = [], []
+            for g_codes, ids, rows in per_graph:
+                nodes = np.flatnonzero(rows[0 if shared else q] == 0)
+                codes.append(g_codes[nodes])
+                owners.append(nodes if ids is None else ids[nodes])
+            if not codes:
+                continue
+            codes = np.concatenate(codes)
+            owners = np.concatenate(owners)
+            kn = min(n_candidates, codes.shape[0])
+            if kn == 0:
+                continue
+            sel = slice(None) if shared else slice(q, q + 1)
+            d, i = _quantizer.adc_search(Q[sel], cb, codes, kn, self._inner_product,
+                                         n_threads)
+            dist[sel, :kn], ind[sel, :kn] = d, owners[i]
+        return dist, ind
 
     def _reconstruct(self):
         d = self.n_features_in_

@@ -293,7 +293,8 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                double[:, ::1] res_d,                   # scratch (n_threads, >= 2 * (n_neighbors
                int64_t[:, ::1] res_h,                  #   + fs_extra)): the reservoir
                int64_t[:, ::1] res_state,              # scratch (n_threads, 8): its state
-               int n_threads):
+               int n_threads,
+               Py_ssize_t deleted_stride=0):
     """Search the ``n_probe`` lists with the smallest coarse term, then,
     while the heap is not full (fewer than ``n_neighbors`` live entries
     seen), the next lists in coarse order.  Rows of the output are sorted
@@ -302,7 +303,10 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
     ``coarse[q, l]`` is ``||q - c_l||^2`` (L2) or ``-<q, c_l>`` (IP).
     Requires 1 <= n_probe <= n_lists.  A list holds its blocks in the
     sealed segments and the growing entries labelled with it; ids marked
-    in ``deleted`` are never returned.  Scratch rows are per thread and padded by the caller
+    in ``deleted`` are never returned; query q reads
+    ``deleted[q * deleted_stride:]`` (0: one mask for every query; a
+    filtered search passes removed-or-not-allowed per query), and the
+    lists probed past ``n_probe`` count only the entries it lets through.  Scratch rows are per thread and padded by the caller
     to whole cache lines (no false sharing); ``slot_of`` rows must hold -1
     and are left so.  The sorted heap is copied to the output row at the
     end.
@@ -359,6 +363,7 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
     cdef const code_t* gc = &g_codes[0, 0] if g > 0 else NULL
     cdef const index_t* gi = &g_ids[0] if g > 0 else NULL
     cdef const uint8_t* dead = &deleted[0] if deleted.shape[0] > 0 else NULL
+    cdef const uint8_t* dq = NULL
     cdef int tid
     if nq == 0 or kn == 0:
         return
@@ -408,6 +413,7 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                 for p in range(n_probe):
                     so[pi[p]] = -1
 
+            dq = dead + q * deleted_stride if dead != NULL else NULL
             build_table(&Q[q, 0], &codebooks_t[0, 0, 0], m, ds, k, True, qt)
             prm[3] = 0                       # no quantized table of this query yet
             heap_init(hd, hi, kn)
@@ -420,7 +426,7 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                           seg_packed, seg_blocks, fs_scan, fs_pairs, fs_margin,
                           rs if est else NULL, <int64_t> p << EST_ROW_BITS,
                           sbase, lw, pw, prm,
-                          gc, gi, gs + lo, se[p] - lo, dead, inner_product, m, k,
+                          gc, gi, gs + lo, se[p] - lo, dq, inner_product, m, k,
                           qt + m * k, hd, hi, kn)
             # Too few live entries: probe further lists in coarse order.
             last_d = pd[n_probe - 1]
@@ -447,7 +453,7 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                           &codebooks_t[0, 0, 0], ds, qt + 2 * m * k, seg_codes, seg_ids, seg_offsets,
                           seg_packed, seg_blocks, fs_scan, fs_pairs, fs_margin,
                           NULL, 0, sbase, lw, pw, prm,
-                          gc, gi, gm, n_x, dead, inner_product, m, k, qt + m * k,
+                          gc, gi, gm, n_x, dq, inner_product, m, k, qt + m * k,
                           hd, hi, kn)
                 last_d = best_d
                 last_l = best_l

@@ -1000,7 +1000,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
             caps[sl] = sizes[probed].sum(axis=1)
         return caps
 
-    def _search(self, Q, n_candidates, n_threads, ranking_only=False):
+    def _search(self, Q, n_candidates, n_threads, ranking_only=False, blocked=None):
         ip = self._inner_product
         n_probe = self._n_probe()
         dist = np.empty((Q.shape[0], n_candidates), dtype=self._fit_dtype_)
@@ -1013,6 +1013,10 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         # Chunks bound the (rows, n_lists) coarse table.
         step = _quantizer.chunk_rows(self.n_lists_)
         for sl in chunk_slices(Q.shape[0], step):
+            stride = 0
+            if blocked is not None:  # filtered: removed or not allowed, by id
+                part = blocked.take(sl)
+                deleted, stride = part.mask, part.stride
             coarse = _quantizer.coarse_terms(Q[sl], self.cluster_centers_, ip)
             dist[sl], ind[sl] = _quantizer.ivf_search(
                 Q[sl], coarse, self.codebooks_, self._list_terms, segments,
@@ -1023,7 +1027,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
                 # re-checked scan is exact at no extra cost; elsewhere it is
                 # approximate anyway and the estimates are cheaper.
                 fastscan_estimate=0.5 * self._m() + 1 > _quantizer.FASTSCAN_MARGIN,
-                fastscan_rescore=not ranking_only,
+                fastscan_rescore=not ranking_only, deleted_stride=stride,
             )
         return dist, ind
 

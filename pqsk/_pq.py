@@ -667,14 +667,17 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         view[full] = tail[0]
         return view
 
-    def _search(self, Q, n_candidates, n_threads, ranking_only=False):
+    def _search(self, Q, n_candidates, n_threads, ranking_only=False, blocked=None):
+        # Exhaustive: a filtered search is exact (blocked rows are skipped
+        # inside the scan, so every allowed row competes).
         if self._packed:
             return _quantizer.fastscan_search(
                 Q, self.codebooks_, self.packed_codes_, self.n_samples_fit_, n_candidates,
-                self._inner_product, n_threads, margin=_quantizer.FASTSCAN_MARGIN)
+                self._inner_product, n_threads, margin=_quantizer.FASTSCAN_MARGIN,
+                blocked=blocked)
         return _quantizer.adc_search(
-            Q, self.codebooks_, self.codes_, n_candidates, self._inner_product, n_threads
-        )
+            Q, self.codebooks_, self.codes_, n_candidates, self._inner_product, n_threads,
+            blocked=blocked)
 
     def _reconstruct(self):
         return _quantizer.decode(self.codes_, self.codebooks_, self.n_features_in_)

@@ -493,8 +493,25 @@ def adc_tables(Q, codebooks, inner_product=False, n_threads=1):
     return tables
 
 
-def adc_search(Q, codebooks, codes, n_neighbors, inner_product=False, n_threads=1):
+def _blocked_args(blocked, nq, n):
+    """(mask, stride) for the kernels from a :class:`pqsk._filter.Blocked`
+    (or None), its length checked against nq queries over n rows."""
+    if blocked is None:
+        return None, 0
+    mask, stride = blocked.mask, int(blocked.stride)
+    if not (mask.dtype == np.uint8 and mask.ndim == 1 and mask.flags.c_contiguous
+            and (mask.shape[0] >= n if stride == 0
+                 else stride >= n and mask.shape[0] >= nq * stride)):
+        raise ValueError("the filter mask does not cover the queries and rows")
+    return mask, stride
+
+
+def adc_search(Q, codebooks, codes, n_neighbors, inner_product=False, n_threads=1,
+               blocked=None):
     """Exhaustive ADC search over every code.
+
+    ``blocked`` (filtered search, a :class:`pqsk._filter.Blocked` over the
+    rows of ``codes``): rows never returned.
 
     Returns
     -------
@@ -508,11 +525,12 @@ def adc_search(Q, codebooks, codes, n_neighbors, inner_product=False, n_threads=
     nq = Q.shape[0]
     dist = np.empty((nq, n_neighbors), dtype=codebooks.dtype)
     idx = np.empty((nq, n_neighbors), dtype=np.int64)
+    mask, stride = _blocked_args(blocked, nq, codes.shape[0])
     _adc.adc_search(
         Q, _transposed(codebooks), np.ascontiguousarray(codes), bool(inner_product),
         dist, idx, scratch(n_threads, m * k, codebooks.dtype),
         scratch(n_threads, n_neighbors, codebooks.dtype),
-        scratch(n_threads, n_neighbors, np.int64), n_threads,
+        scratch(n_threads, n_neighbors, np.int64), n_threads, mask, stride,
     )
     return dist, idx
 
@@ -821,7 +839,7 @@ def list_terms(centroids, codebooks):
 def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
                n_probe, inner_product=False, n_threads=1, growing=None, deleted=None,
                centroids=None, fastscan_margin=None, fastscan_estimate=False,
-               fastscan_rescore=True):
+               fastscan_rescore=True, deleted_stride=0):
     """Search ``n_probe`` lists per query (see ``pqsk._ivf``).
 
     ``segments``: a list of (codes, ids, offsets), each sorted list after
@@ -837,7 +855,9 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
     unused for those lists); with ``fastscan_rescore=False`` the packed
     entries' distances are those estimates (for a caller that re-ranks).  ``growing``: (codes,
     ids, lists) of entries in arrival order (lists int32), scanned with
-    the lists they belong to; ``deleted``: uint8 tombstones by id, or None.
+    the lists they belong to; ``deleted``: uint8 tombstones by id, or None;
+    with ``deleted_stride`` > 0, one row of them per query (filtered
+    search: query q reads ``deleted[q * deleted_stride:]``).
     ``centroids`` (n_lists, D) are needed for L2 when ``terms`` is empty
     (see :func:`list_terms`).
 
@@ -858,6 +878,10 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
         centroids = None
     if centroids is not None:
         centroids = padded_rows(np.ascontiguousarray(centroids, dtype=dtype), codebooks)
+    if deleted is not None and deleted_stride:
+        if not (deleted.dtype == np.uint8 and deleted.ndim == 1
+                and deleted.flags.c_contiguous and deleted.shape[0] >= nq * deleted_stride):
+            raise ValueError("per-query tombstones do not cover the queries")
     if growing is None:
         codes, ids = segments[0][:2]
         if len(segments[0]) == 4:
@@ -938,7 +962,7 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
         bool(fastscan_estimate), extra, bool(fastscan_rescore), seg_base,
         scratch(nt, 2 * (n_neighbors + extra) if fastscan_estimate else 1, np.float64),
         scratch(nt, 2 * (n_neighbors + extra) if fastscan_estimate else 1, np.int64),
-        scratch(nt, 8, np.int64), n_threads,
+        scratch(nt, 8, np.int64), n_threads, int(deleted_stride) if deleted is not None else 0,
     )
     return dist, idx
 
@@ -1081,7 +1105,7 @@ def FASTSCAN_EXTRA(n_neighbors):
 
 
 def fastscan_search(Q, codebooks, packed, n, n_neighbors, inner_product=False,
-                    n_threads=1, margin=None):
+                    n_threads=1, margin=None, blocked=None):
     """Exhaustive ADC search over ``n`` packed 4-bit codes (n_codewords = 16,
     m <= ``_fastscan.MAX_SUBSPACES``).  With ``margin=None``, the same
     (dist, idx) as :func:`adc_search` on the unpacked codes, distances
@@ -1090,7 +1114,8 @@ def fastscan_search(Q, codebooks, packed, n, n_neighbors, inner_product=False,
     of the running k-th distance are re-checked: the returned distances are
     still exact float ADC, and a code is missed only in a near-tie.  Every
     instruction set gives the same result either way.  Slots beyond ``n``
-    hold (+inf, INT64_MAX)."""
+    hold (+inf, INT64_MAX).  ``blocked``: rows never returned, as in
+    :func:`adc_search`."""
     from . import _fastscan
 
     m, k, _ = codebooks.shape
@@ -1110,6 +1135,6 @@ def fastscan_search(Q, codebooks, packed, n, n_neighbors, inner_product=False,
         scratch(nt, (m + 1) // 2 * 32, np.uint8), scratch(nt, n_neighbors, codebooks.dtype),
         scratch(nt, n_neighbors, np.int64), scratch(nt, 3, np.float64),
         scratch(nt, (m + 1) // 2 * 256, np.uint16), nt,
-        -1.0 if margin is None else float(margin),
+        -1.0 if margin is None else float(margin), *_blocked_args(blocked, nq, int(n)),
     )
     return dist, idx
