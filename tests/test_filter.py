@@ -119,7 +119,8 @@ def test_hnsw_scan_and_walk_agree(key, monkeypatch):
 
 
 def test_flat_matches_naive_adc_oracle():
-    est = PQNeighbors(K, n_subspaces=4, n_codewords=32, random_state=0).fit(X)
+    est = PQNeighbors(K, n_subspaces=4, n_codewords=32, refine_factor=0,
+                      random_state=0).fit(X)
     allowed = np.random.RandomState(3).rand(N) < 0.2
     d, i = est.kneighbors(Q, n_neighbors=7, filter=allowed, return_distance=True)
     tables = _naive.adc_tables(Q, est.codebooks_, dtype=np.float32)
