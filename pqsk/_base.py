@@ -412,6 +412,20 @@ class RefitMixin:
         return state, replaced
 
 
+def checked_remove_ids(ids):
+    """The ids given to ``remove`` as a flat int64 array (possibly empty),
+    refusing non-integers and duplicates (the range is the caller's)."""
+    ids = np.asarray(ids)
+    if ids.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"ids must be integers, got dtype {ids.dtype}.")
+    ids = ids.ravel().astype(np.int64)
+    if np.unique(ids).size != ids.size:
+        raise ValueError("ids contain duplicates.")
+    return ids
+
+
 class RemovalMixin:
     """``remove(ids)`` for indexes whose ids are stable (IVF, HNSW)."""
 
@@ -436,14 +450,9 @@ class RemovalMixin:
         self : object
         """
         check_is_fitted(self)
-        ids = np.asarray(ids)
+        ids = checked_remove_ids(ids)
         if ids.size == 0:
             return self
-        if ids.dtype.kind not in "iu":
-            raise TypeError(f"ids must be integers, got dtype {ids.dtype}.")
-        ids = ids.ravel().astype(np.int64)
-        if np.unique(ids).size != ids.size:
-            raise ValueError("ids contain duplicates.")
         # Checked and applied under the lock: two concurrent removes must not
         # both start from the same old mask.  The mask is updated in place
         # (O(len(ids)), no copy of it): readers wait for the lock.

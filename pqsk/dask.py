@@ -31,7 +31,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import BasePQNeighbors, _check_n_neighbors
+from ._base import BasePQNeighbors, _check_n_neighbors, checked_remove_ids
 from ._hnswpq import HNSWPQNeighbors
 from ._ivfpq import POINTS_PER_LIST
 from ._persist import load as _load_index
@@ -599,14 +599,9 @@ class ShardedNeighbors(BaseEstimator):
         if not hasattr(self.template_, "remove"):
             raise AttributeError(f"{type(self.template_).__name__} indexes have no remove; "
                                  "use IVFPQNeighbors or HNSWPQNeighbors.")
-        ids = np.asarray(ids)
+        ids = checked_remove_ids(ids)
         if ids.size == 0:
             return self
-        if ids.dtype.kind not in "iu":
-            raise TypeError(f"ids must be integers, got dtype {ids.dtype}.")
-        ids = ids.ravel().astype(np.int64)
-        if np.unique(ids).size != ids.size:
-            raise ValueError("ids contain duplicates.")
         n = self.n_samples_fit_
         if ids.min() < 0 or ids.max() >= n:
             raise ValueError(f"ids must lie in [0, {n}), got values in "
