@@ -1,7 +1,7 @@
 """
-===============================
+================================
 An index bigger than one machine
-===============================
+================================
 
 :class:`pqsk.dask.ShardedNeighbors` splits a pqsk index into shards held by
 the workers of a dask cluster: the quantizers are trained once on a sample

@@ -757,7 +757,7 @@ class ShardedNeighbors(BaseEstimator):
 
         Returns
         -------
-        A : sparse matrix of shape (n_queries, n_samples_fit_), CSR
+        A : sparse matrix of shape (n_queries, ``n_samples_fit_``), CSR
             For a dask array X, a dask array whose blocks are CSR matrices.
         """
         check_is_fitted(self)
@@ -784,7 +784,7 @@ class ShardedNeighbors(BaseEstimator):
 
         Returns
         -------
-        Xt : sparse matrix of shape (n_queries, n_samples_fit_), CSR
+        Xt : sparse matrix of shape (n_queries, ``n_samples_fit_``), CSR
         """
         check_is_fitted(self)
         _, view = self._search_params()
