@@ -56,6 +56,7 @@ from ._kernels cimport code_t, index_t, build_table, scan_codes, scan_some
 from ._fastscan_common cimport (pqsk_fs_scan_fn, pqsk_fs_pair_table, scan_packed,
                                 scan_packed_estimate, quantize_tables, threshold,
                                 reservoir_t, res_init, res_shrink)
+from ._prefetch cimport pqsk_prefetch
 
 # Estimate mode: an entry scored by its quantized estimate is held in a
 # reservoir (``pqsk._fastscan_common``) under a handle, (probe slot << 40) |
@@ -66,16 +67,10 @@ cdef extern from *:
     #define PQSK_EST_ROW_BITS 40
     #define PQSK_EST_MAX_PROBE ((int64_t)1 << 21)
     #define PQSK_EST_MAX_ROWS ((int64_t)1 << 40)
-    #if defined(__GNUC__) || defined(__clang__)
-    #define pqsk_prefetch(p) __builtin_prefetch((const void *)(p), 0, 0)
-    #else
-    #define pqsk_prefetch(p) ((void)0)
-    #endif
     """
     const int EST_ROW_BITS "PQSK_EST_ROW_BITS"
     const int64_t EST_MAX_PROBE "PQSK_EST_MAX_PROBE"
     const int64_t EST_MAX_ROWS "PQSK_EST_MAX_ROWS"
-    void pqsk_prefetch(const void* p) noexcept nogil
 
 
 cdef inline void scan_list(Py_ssize_t l,

@@ -31,15 +31,7 @@ from libc.stdint cimport int64_t, uintptr_t
 
 from ._heap cimport heap_init, heap_push, heap_sort, pair_greater
 
-cdef extern from *:
-    """
-    #if defined(__GNUC__) || defined(__clang__)
-    #define pqsk_prefetch(p) __builtin_prefetch((const void *)(p), 0, 0)
-    #else
-    #define pqsk_prefetch(p) ((void)0)
-    #endif
-    """
-    void pqsk_prefetch(const void* p) noexcept nogil
+from ._prefetch cimport pqsk_prefetch
 
 # Candidates ahead whose rows are prefetched.
 DEF LOOKAHEAD = 8
