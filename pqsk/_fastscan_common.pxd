@@ -250,14 +250,15 @@ cdef inline void res_shrink(reservoir_t* r) noexcept nogil:
 
 
 cdef inline void res_push(reservoir_t* r, double d, int64_t h) noexcept nogil:
-    if pair_less(d, h, r.thr_d, r.thr_h):
-        if r.n == r.cap:
-            res_shrink(r)
-            if not pair_less(d, h, r.thr_d, r.thr_h):
-                return
-        r.d[r.n] = d
-        r.h[r.n] = h
-        r.n += 1
+    """Add (d, h), which the caller found below the threshold; when the
+    buffer is full, shrink first (the threshold drops) and test again."""
+    if r.n == r.cap:
+        res_shrink(r)
+        if not pair_less(d, h, r.thr_d, r.thr_h):
+            return
+    r.d[r.n] = d
+    r.h[r.n] = h
+    r.n += 1
 
 
 cdef inline void scan_packed_estimate(const uint8_t* tab,    # IN  quantized table (or pair sums)
