@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from benchmarks.bench_frontier import best_time, recall
 from benchmarks.bench_pq import exact_top_k, machine_info
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -33,19 +34,6 @@ def embeddings(n, d, seed):
     X = z @ basis + 0.05 * r.randn(n, d) / np.sqrt(d)
     X /= np.linalg.norm(X, axis=1, keepdims=True)
     return X.astype(np.float32)
-
-
-def best_time(fn, repeats=3):
-    best, out = np.inf, None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
-def recall(ind, gt):
-    return float(np.mean([len(set(a[:K]) & set(b[:K])) / K for a, b in zip(ind, gt)]))
 
 
 def run(d, n, n_queries, n_lists, m, bits):
