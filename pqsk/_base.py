@@ -412,6 +412,16 @@ class RefitMixin:
         return state, replaced
 
 
+def _check_graph_mode(mode):
+    """The ``mode`` of ``kneighbors_graph`` / ``radius_neighbors_graph``,
+    refused as scikit-learn refuses it."""
+    if mode not in ("connectivity", "distance"):
+        raise ValueError(
+            'Unsupported mode, must be one of "connectivity", or "distance" '
+            f'but got "{mode}" instead'
+        )
+
+
 def checked_remove_ids(ids):
     """The ids given to ``remove`` as a flat int64 array (possibly empty),
     refusing non-integers and duplicates (the range is the caller's)."""
@@ -1218,18 +1228,14 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             ``A[i, j]`` is the edge from query i to indexed point j.
         """
         check_is_fitted(self)
+        _check_graph_mode(mode)
         if mode == "connectivity":
             ind = self.kneighbors(X, n_neighbors, return_distance=False, filter=filter)
             data = np.ones(ind.size, dtype=np.float64)
-        elif mode == "distance":
+        else:
             dist, ind = self.kneighbors(X, n_neighbors, return_distance=True,
                                         filter=filter)
             data = np.ravel(dist)
-        else:
-            raise ValueError(
-                'Unsupported mode, must be one of "connectivity", or "distance" '
-                f'but got "{mode}" instead'
-            )
         n_queries, k = ind.shape
         found = ind >= 0  # filtered rows may hold fewer than k
         if not found.all():
@@ -1434,17 +1440,13 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             ``A[i, j]`` is the edge from query i to indexed point j.
         """
         check_is_fitted(self)
+        _check_graph_mode(mode)
         if mode == "connectivity":
             ind = self.radius_neighbors(X, radius, return_distance=False, filter=filter)
             dist = None
-        elif mode == "distance":
+        else:
             dist, ind = self.radius_neighbors(X, radius, return_distance=True,
                                               sort_results=sort_results, filter=filter)
-        else:
-            raise ValueError(
-                'Unsupported mode, must be one of "connectivity", or "distance" '
-                f'but got "{mode}" instead'
-            )
         n_queries = ind.shape[0]
         counts = np.fromiter((a.shape[0] for a in ind), dtype=np.int64, count=n_queries)
         indptr = np.concatenate([[0], np.cumsum(counts)])
