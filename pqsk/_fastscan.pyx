@@ -46,7 +46,7 @@ from ._kernels cimport build_table
 
 from ._fastscan_common cimport (
     pqsk_fs_scan_fn, pqsk_fs_scan_scalar, pqsk_fs_scan_avx2, pqsk_fs_scan_avx512bw,
-    pqsk_fs_pair_table, pqsk_fs_cpu_has_avx2, pqsk_fs_cpu_has_avx512bw,
+    pqsk_fs_prep_table, pqsk_fs_cpu_has_avx2, pqsk_fs_cpu_has_avx512bw,
     pqsk_fs_read_bytes, quantize_tables, scan_packed)
 
 
@@ -56,8 +56,9 @@ MAX_SUBSPACES = 257
 
 cdef pqsk_fs_scan_fn _scan = pqsk_fs_scan_scalar
 cdef str _isa = "scalar"
-# The scalar kernel reads pair-sum tables (pqsk_fs_pair_table), not the nibble ones.
-cdef bint _wants_pairs = True
+# The table layout the kernel reads (pqsk_fs_prep_table): 0 the nibble
+# tables (AVX2), 1 pair sums (scalar), 2 wide tables (AVX-512).
+cdef int _prep = 1
 
 
 def available_isas():
@@ -73,7 +74,7 @@ def available_isas():
 def set_isa(name):
     """Select the block kernel: "scalar", "avx2" or "avx512bw" (private, for
     tests and benchmarks).  Raises ValueError for one the CPU lacks."""
-    global _scan, _isa, _wants_pairs
+    global _scan, _isa, _prep
     if name not in ("scalar", "avx2", "avx512bw"):
         raise ValueError(f"unknown instruction set {name!r}; use scalar, avx2 or avx512bw")
     if name not in available_isas():
@@ -85,7 +86,7 @@ def set_isa(name):
     else:
         _scan = pqsk_fs_scan_scalar
     _isa = name
-    _wants_pairs = name == "scalar"
+    _prep = 2 if name == "avx512bw" else (1 if name == "scalar" else 0)
 
 
 def isa():
@@ -94,9 +95,10 @@ def isa():
 
 
 def _kernel():
-    """(address of the active block kernel, whether it reads pair-sum
-    tables): the one selection, passed to ``pqsk._ivf`` (private)."""
-    return <size_t> _scan, bool(_wants_pairs)
+    """(address of the active block kernel, the table layout it reads, for
+    ``pqsk_fs_prep_table``): the one selection, passed to ``pqsk._ivf``
+    (private)."""
+    return <size_t> _scan, int(_prep)
 
 
 def _select_at_import():
@@ -189,7 +191,7 @@ def fastscan_search(const floating[:, ::1] Q,               # IN  (nq, D)
     cdef int64_t* hi = NULL
     cdef double* params = NULL
     cdef pqsk_fs_scan_fn scan = _scan
-    cdef bint pairs = _wants_pairs
+    cdef int prep = _prep
     cdef uint16_t* pt = NULL
     cdef const uint8_t* tab = NULL
     cdef const uint8_t* blk = NULL
@@ -200,7 +202,7 @@ def fastscan_search(const floating[:, ::1] Q,               # IN  (nq, D)
         raise ValueError("fastscan_search needs 16 codewords and matching packed codes")
     if packed.shape[0] != (n + 31) // 32:
         raise ValueError("packed codes do not hold n vectors")
-    if pairs and pair_work.shape[1] < npairs * 256:
+    if prep != 0 and pair_work.shape[1] < npairs * 256:
         raise ValueError("pair_work is too small")
     if nq == 0 or kn == 0:
         return
@@ -217,9 +219,8 @@ def fastscan_search(const floating[:, ::1] Q,               # IN  (nq, D)
             quantize_tables(t, m, 2 * npairs, lut, params)
             heap_init(hd, hi, kn)
             tab = lut
-            if pairs and n > 0:
-                pqsk_fs_pair_table(lut, npairs, pt)
-                tab = <const uint8_t*> pt
+            if n > 0:
+                tab = pqsk_fs_prep_table(prep, lut, npairs, pt)
             bq = blk + q * blocked_stride if blk != NULL else NULL
             if n > 0:
                 scan_packed(t, tab, params, &packed[0, 0, 0], n, m, npairs, 0,

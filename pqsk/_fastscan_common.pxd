@@ -22,6 +22,7 @@ cdef extern from "_fastscan_impl.h" nogil:
     Py_ssize_t pqsk_fs_scan_avx512bw(const uint8_t*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
                                      const uint8_t*, uint16_t, uint32_t*, uint16_t*)
     void pqsk_fs_pair_table(const uint8_t*, Py_ssize_t, uint16_t*)
+    const uint8_t* pqsk_fs_prep_table(int, const uint8_t*, Py_ssize_t, uint16_t*)
     void pqsk_fs_quantize_f32(const float*, Py_ssize_t, Py_ssize_t, uint8_t*, double*)
     int pqsk_fs_cpu_has_avx2()
     int pqsk_fs_cpu_has_avx512bw()
@@ -169,8 +170,8 @@ cdef inline void scan_packed(const floating* t,     # IN  (m, 16) float table
 # depend on the order they arrive in.
 
 ctypedef struct reservoir_t:
-    double* d            # (cap,) estimates
-    int64_t* h           # (cap,) handles
+    double* d            # (2 * cap,) estimates, then scratch
+    int64_t* h           # (2 * cap,) handles, then scratch
     Py_ssize_t n         # pairs held
     Py_ssize_t cap       # >= 2 * keep
     Py_ssize_t keep
@@ -193,45 +194,109 @@ cdef inline bint pair_less(double d1, int64_t h1, double d2, int64_t h2) noexcep
     return d1 < d2 or (d1 == d2 and h1 < h2)
 
 
-cdef inline void select_pairs(double* d, int64_t* h, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
-    """Reorder the n pairs so that the k smallest come first (in no order;
-    0 < k < n): quickselect, median-of-three pivots, Hoare partitions."""
-    cdef Py_ssize_t lo = 0, hi = n - 1, i, j, mid
-    cdef double pd, td
-    cdef int64_t ph, th
-    while hi > lo:
-        mid = lo + (hi - lo) // 2
-        # median of three to d[mid]
-        if pair_less(d[mid], h[mid], d[lo], h[lo]):
-            td = d[mid]; d[mid] = d[lo]; d[lo] = td
-            th = h[mid]; h[mid] = h[lo]; h[lo] = th
-        if pair_less(d[hi], h[hi], d[lo], h[lo]):
-            td = d[hi]; d[hi] = d[lo]; d[lo] = td
-            th = h[hi]; h[hi] = h[lo]; h[lo] = th
-        if pair_less(d[hi], h[hi], d[mid], h[mid]):
-            td = d[hi]; d[hi] = d[mid]; d[mid] = td
-            th = h[hi]; h[hi] = h[mid]; h[mid] = th
-        pd = d[mid]
-        ph = h[mid]
-        i = lo
-        j = hi
-        while i <= j:
-            while pair_less(d[i], h[i], pd, ph):
-                i += 1
-            while pair_less(pd, ph, d[j], h[j]):
-                j -= 1
-            if i <= j:
-                td = d[i]; d[i] = d[j]; d[j] = td
-                th = h[i]; h[i] = h[j]; h[j] = th
-                i += 1
-                j -= 1
-        # [lo, j] <= pivot <= [i, hi]
-        if k - 1 <= j:
-            hi = j
-        elif k - 1 >= i:
-            lo = i
-        else:
+cdef inline Py_ssize_t partition_pairs(double* d, int64_t* h, double* td, int64_t* th,
+                                       Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    """Partition pairs [lo, hi) (hi - lo >= 3, distinct pairs) around the
+    median of the first, middle and last: returns j with [lo, j) the pairs
+    below that pivot and [j, hi) the others, lo < j < hi - 1.  Branchless:
+    each pair is written both to the next front and to the next back slot
+    of (td, th), and only the side it belongs to advances (no mispredicted
+    comparison per pair); the result is copied back."""
+    cdef Py_ssize_t mid = lo + (hi - lo) // 2, i, j = lo, t = hi, a, b, c, tmp
+    cdef double pd, x
+    cdef int64_t ph, y
+    cdef bint less
+    # the median of three, by position
+    a = lo
+    b = mid
+    c = hi - 1
+    if pair_less(d[b], h[b], d[a], h[a]):
+        tmp = a; a = b; b = tmp
+    if pair_less(d[c], h[c], d[b], h[b]):
+        b = c
+        if pair_less(d[b], h[b], d[a], h[a]):
+            b = a
+    pd = d[b]
+    ph = h[b]
+    for i in range(lo, hi):
+        x = d[i]
+        y = h[i]
+        less = (x < pd) | ((x == pd) & (y < ph))
+        td[j] = x
+        th[j] = y
+        td[t - 1] = x
+        th[t - 1] = y
+        j += less
+        t -= 1 - less
+    for i in range(lo, hi):
+        d[i] = td[i]
+        h[i] = th[i]
+    return j
+
+
+cdef inline void insertion_sort_pairs(double* d, int64_t* h, Py_ssize_t lo,
+                                      Py_ssize_t hi) noexcept nogil:
+    """Sort pairs [lo, hi) ascending."""
+    cdef Py_ssize_t i, j
+    cdef double pd
+    cdef int64_t ph
+    for i in range(lo + 1, hi):
+        pd = d[i]
+        ph = h[i]
+        j = i - 1
+        while j >= lo and pair_less(pd, ph, d[j], h[j]):
+            d[j + 1] = d[j]
+            h[j + 1] = h[j]
+            j -= 1
+        d[j + 1] = pd
+        h[j + 1] = ph
+
+
+cdef inline void select_pairs(double* d, int64_t* h, Py_ssize_t n, Py_ssize_t k,
+                              double* td, int64_t* th) noexcept nogil:
+    """Reorder the n distinct pairs so that the k smallest come first (in
+    no order; 0 <= k <= n): quickselect with branchless partitions
+    (``partition_pairs``; td, th: n pairs of scratch), insertion sort of
+    the last range."""
+    cdef Py_ssize_t lo = 0, hi = n, j
+    while hi - lo > 16:
+        j = partition_pairs(d, h, td, th, lo, hi)
+        if j == k:
             return
+        if j > k:
+            hi = j
+        else:
+            lo = j
+    insertion_sort_pairs(d, h, lo, hi)
+
+
+cdef inline void sort_pairs(double* d, int64_t* h, Py_ssize_t n,
+                            double* td, int64_t* th) noexcept nogil:
+    """Sort the n distinct pairs ascending: quicksort with the branchless
+    partitions of ``partition_pairs`` (td, th: n pairs of scratch), the
+    smaller side first (at most log2(n) ranges wait), insertion sort
+    below 17 pairs."""
+    cdef Py_ssize_t stack[128]
+    cdef Py_ssize_t top, lo, hi, j
+    stack[0] = 0
+    stack[1] = n
+    top = 2
+    while top > 0:
+        top -= 2
+        lo = stack[top]
+        hi = stack[top + 1]
+        while hi - lo > 16:
+            j = partition_pairs(d, h, td, th, lo, hi)
+            if j - lo < hi - j:
+                stack[top] = j
+                stack[top + 1] = hi
+                hi = j
+            else:
+                stack[top] = lo
+                stack[top + 1] = j
+                lo = j
+            top += 2
+        insertion_sort_pairs(d, h, lo, hi)
 
 
 cdef inline void res_shrink(reservoir_t* r) noexcept nogil:
@@ -239,7 +304,7 @@ cdef inline void res_shrink(reservoir_t* r) noexcept nogil:
     cdef Py_ssize_t a
     if r.n <= r.keep:
         return
-    select_pairs(r.d, r.h, r.n, r.keep)
+    select_pairs(r.d, r.h, r.n, r.keep, r.d + r.cap, r.h + r.cap)
     r.n = r.keep
     r.thr_d = r.d[0]
     r.thr_h = r.h[0]

@@ -69,6 +69,45 @@ static void pqsk_fs_pair_table(const uint8_t *lut, Py_ssize_t npairs, uint16_t *
     }
 }
 
+/* AVX-512 wide tables: see pqsk_fs_scan_avx512bw. */
+#define PQSK_FS_MAX_PAIRS 129 /* (MAX_SUBSPACES + 1) / 2 */
+static void pqsk_fs_wide_table(const uint8_t *lut, Py_ssize_t npairs, uint8_t *out)
+{
+    Py_ssize_t q, nq = npairs / 2;
+    int half, rep;
+    if (npairs > PQSK_FS_MAX_PAIRS) {
+        memcpy(out, lut, (size_t)npairs * 32);
+        return;
+    }
+    for (q = 0; q < nq; q++)
+        for (half = 0; half < 2; half++)
+            for (rep = 0; rep < 2; rep++) {
+                memcpy(out + (2 * q + half) * 64 + 16 * rep, lut + 64 * q + 16 * half, 16);
+                memcpy(out + (2 * q + half) * 64 + 32 + 16 * rep, lut + 64 * q + 32 + 16 * half, 16);
+            }
+    if (npairs & 1)
+        for (half = 0; half < 2; half++)
+            for (rep = 0; rep < 2; rep++)
+                memcpy(out + nq * 128 + 32 * half + 16 * rep, lut + 32 * (npairs - 1) + 16 * half, 16);
+}
+
+/* The table a kernel reads, from the nibble tables lut (m2 x 16):
+ * prep 0 lut itself (AVX2), 1 pair sums (scalar), 2 wide tables
+ * (AVX-512), the last two written to work (npairs * 256 uint16). */
+static inline const uint8_t *pqsk_fs_prep_table(int prep, const uint8_t *lut,
+                                                Py_ssize_t npairs, uint16_t *work)
+{
+    if (prep == 1) {
+        pqsk_fs_pair_table(lut, npairs, work);
+        return (const uint8_t *)work;
+    }
+    if (prep == 2) {
+        pqsk_fs_wide_table(lut, npairs, (uint8_t *)work);
+        return (const uint8_t *)work;
+    }
+    return lut;
+}
+
 static Py_ssize_t pqsk_fs_scan_scalar(const uint8_t *packed, Py_ssize_t b,
                                       Py_ssize_t nb, Py_ssize_t npairs,
                                       const uint8_t *pair_table, uint16_t thr,
@@ -282,17 +321,25 @@ static Py_ssize_t pqsk_fs_scan_avx2(const uint8_t *packed, Py_ssize_t b,
 
 /* One block per 512-bit register, two pairs at a time: 64 contiguous bytes
  * of a block (pairs p and p+1) against tables holding pair p's in the low
- * 256 bits and pair p+1's in the high ones (built once per call); the two
- * halves of the accumulators are added at the end of the block, an odd
- * last pair done in 256 bits.  Same sums as the AVX2 kernel. */
-#define PQSK_FS_MAX_PAIRS 129 /* (MAX_SUBSPACES + 1) / 2 */
+ * 256 bits and pair p+1's in the high ones; the two halves of the
+ * accumulators are added at the end of the block, an odd last pair done in
+ * 256 bits.  Same sums as the AVX2 kernel.
+ *
+ * The kernel reads "wide" tables, laid out once per quantized table by
+ * pqsk_fs_wide_table (not per call: the caller calls once per block with
+ * survivors, and building them in registers takes the shuffle port the
+ * lookups need): for q < npairs / 2, row 2q (64 bytes) holds the low
+ * nibbles' tables of pairs 2q and 2q+1, each 16-byte table twice, row
+ * 2q+1 their high nibbles' tables; for an odd npairs, two 32-byte rows
+ * follow with the last pair's two tables, each twice.  npairs * 64 + 64
+ * bytes at most.  Beyond PQSK_FS_MAX_PAIRS pairs the wide buffer holds the
+ * plain nibble tables and the AVX2 kernel scans. */
 __attribute__((target("avx512f,avx512bw,avx2")))
 static Py_ssize_t pqsk_fs_scan_avx512bw(const uint8_t *packed, Py_ssize_t b,
                                         Py_ssize_t nb, Py_ssize_t npairs,
-                                        const uint8_t *lut, uint16_t thr,
+                                        const uint8_t *wide, uint16_t thr,
                                         uint32_t *mask, uint16_t *sums)
 {
-    __m512i tabs[PQSK_FS_MAX_PAIRS + 1];
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     const __m256i low4y = _mm256_set1_epi8(0x0F);
     const __m256i t = _mm256_set1_epi16((short)thr);
@@ -300,21 +347,10 @@ static Py_ssize_t pqsk_fs_scan_avx512bw(const uint8_t *packed, Py_ssize_t b,
     Py_ssize_t q;
     __m256i last0 = _mm256_setzero_si256(), last1 = last0;
     if (npairs > PQSK_FS_MAX_PAIRS)
-        return pqsk_fs_scan_avx2(packed, b, nb, npairs, lut, thr, mask, sums);
-    for (q = 0; q < nq; q++) {
-        /* lo tables of pairs 2q, 2q+1 (rows 4q, 4q+2), hi tables (rows 4q+1, 4q+3) */
-        tabs[2 * q] = _mm512_inserti64x4(
-            _mm512_castsi256_si512(_mm256_broadcastsi128_si256(
-                _mm_loadu_si128((const __m128i *)(lut + 64 * q)))),
-            _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut + 64 * q + 32))), 1);
-        tabs[2 * q + 1] = _mm512_inserti64x4(
-            _mm512_castsi256_si512(_mm256_broadcastsi128_si256(
-                _mm_loadu_si128((const __m128i *)(lut + 64 * q + 16)))),
-            _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut + 64 * q + 48))), 1);
-    }
+        return pqsk_fs_scan_avx2(packed, b, nb, npairs, wide, thr, mask, sums);
     if (npairs & 1) {
-        last0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut + 32 * (npairs - 1))));
-        last1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lut + 32 * (npairs - 1) + 16)));
+        last0 = _mm256_loadu_si256((const __m256i *)(wide + nq * 128));
+        last1 = _mm256_loadu_si256((const __m256i *)(wide + nq * 128 + 32));
     }
     for (; b < nb; b++) {
         const uint8_t *blk = packed + b * npairs * 32;
@@ -326,8 +362,10 @@ static Py_ssize_t pqsk_fs_scan_avx512bw(const uint8_t *packed, Py_ssize_t b,
             __m512i c = _mm512_loadu_si512((const void *)(blk + 64 * q));
             __m512i lo = _mm512_and_si512(c, low4);
             __m512i hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), low4);
-            __m512i r0 = _mm512_shuffle_epi8(tabs[2 * q], lo);
-            __m512i r1 = _mm512_shuffle_epi8(tabs[2 * q + 1], hi);
+            __m512i r0 = _mm512_shuffle_epi8(
+                _mm512_loadu_si512((const void *)(wide + 128 * q)), lo);
+            __m512i r1 = _mm512_shuffle_epi8(
+                _mm512_loadu_si512((const void *)(wide + 128 * q + 64)), hi);
             acc0 = _mm512_add_epi16(acc0, r0);
             acc1 = _mm512_add_epi16(acc1, _mm512_srli_epi16(r0, 8));
             acc0 = _mm512_add_epi16(acc0, r1);

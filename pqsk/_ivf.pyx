@@ -45,6 +45,8 @@ sorted index holding every entry.  Removed ids are tombstones, read only
 for entries that would enter the heap.
 """
 
+import numpy as np
+
 cimport cython
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
@@ -53,9 +55,9 @@ from libc.stdint cimport (int32_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr
 
 from ._heap cimport heap_init, heap_push, heap_sort, pair_greater
 from ._kernels cimport code_t, index_t, build_table, scan_codes, scan_some
-from ._fastscan_common cimport (pqsk_fs_scan_fn, pqsk_fs_pair_table, scan_packed,
-                                scan_packed_estimate, quantize_tables, threshold,
-                                reservoir_t, res_init, res_shrink)
+from ._fastscan_common cimport (pqsk_fs_scan_fn, pqsk_fs_prep_table, scan_packed,
+                                scan_packed_estimate, quantize_tables, threshold, sort_pairs,
+                                reservoir_t, res_init, res_push, res_shrink, pair_less)
 from ._prefetch cimport pqsk_prefetch
 
 # Estimate mode: an entry scored by its quantized estimate is held in a
@@ -88,7 +90,7 @@ cdef inline void scan_list(Py_ssize_t l,
                            const uintptr_t[::1] seg_packed,    # IN (S,) packed codes or 0
                            const int64_t[:, ::1] seg_blocks,   # IN (S, n_lists + 1) or (0, .)
                            pqsk_fs_scan_fn fs_scan,
-                           bint fs_pairs,
+                           int fs_prep,
                            double fs_margin,
                            reservoir_t* res,             # packed lists' estimates, or NULL
                            int64_t handle,               # slot << 40
@@ -125,7 +127,7 @@ cdef inline void scan_list(Py_ssize_t l,
     # Inner products share the query's table across lists: quantized once
     # per query (params[3] says the lut holds it; the caller clears it).
     cdef bint quantized = inner_product and params[3] != 0
-    cdef const uint8_t* tab = <const uint8_t*> pair_tab if (quantized and fs_pairs) else lut
+    cdef const uint8_t* tab = <const uint8_t*> pair_tab if (quantized and fs_prep != 0) else lut
     cdef floating two = 2
     for s in range(n_seg):
         n_all = n_all + seg_offsets[s, l + 1] - seg_offsets[s, l]
@@ -148,9 +150,7 @@ cdef inline void scan_list(Py_ssize_t l,
         if n_l > 0 and seg_packed[s] != 0:
             if not quantized:
                 quantize_tables(table, m, 2 * npairs, lut, params)
-                if fs_pairs:
-                    pqsk_fs_pair_table(lut, npairs, pair_tab)
-                    tab = <const uint8_t*> pair_tab
+                tab = pqsk_fs_prep_table(fs_prep, lut, npairs, pair_tab)
                 quantized = True
                 params[3] = inner_product
             if res != NULL:
@@ -188,7 +188,7 @@ cdef inline Py_ssize_t segment_of(const int64_t* seg_base, int64_t row) noexcept
     return s
 
 
-cdef inline void resolve_reservoir(reservoir_t* res,
+cdef inline bint resolve_reservoir(reservoir_t* res,
                                    bint rescore,
                                    const floating* query_table,  # IN (m, k)
                                    const floating[:, :, ::1] list_terms,
@@ -210,7 +210,12 @@ cdef inline void resolve_reservoir(reservoir_t* res,
     ids: with ``rescore``, under their float ADC distance (the same table
     values, summed in the same order, as ``scan_list`` without estimates,
     so the same distance); without, under their estimate.  Their ids are
-    prefetched first, so the (random) id reads overlap."""
+    prefetched first, so the (random) id reads overlap.
+
+    Returns whether the heap arrays were left sorted: without ``rescore``
+    and with nothing in the heap yet (every list packed), the entries are
+    written there sorted by (estimate, id) instead of pushed one by one
+    (then heap-sorted)."""
     cdef Py_ssize_t r, j, s, lane, npairs = (m + 1) // 2
     cdef int64_t h, row, l, i
     cdef const uint8_t* blk
@@ -223,6 +228,16 @@ cdef inline void resolve_reservoir(reservoir_t* res,
         row = res.h[r] & (EST_MAX_ROWS - 1)
         s = segment_of(seg_base, row)
         pqsk_prefetch((<const index_t*> seg_ids[s]) + row - seg_base[s])
+    if not rescore and res.n <= kn and empty_slots(hi, kn) == kn:
+        for r in range(res.n):
+            row = res.h[r] & (EST_MAX_ROWS - 1)
+            s = segment_of(seg_base, row)
+            res.h[r] = (<const index_t*> seg_ids[s])[row - seg_base[s]]
+        sort_pairs(res.d, res.h, res.n, res.d + res.cap, res.h + res.cap)
+        for r in range(res.n):
+            hd[r] = <floating> res.d[r]
+            hi[r] = res.h[r]
+        return True
     for r in range(res.n):
         h = res.h[r]
         i = (h >> EST_ROW_BITS) & (EST_MAX_PROBE - 1)   # the probe slot
@@ -245,6 +260,7 @@ cdef inline void resolve_reservoir(reservoir_t* res,
         else:
             d = <floating> res.d[r]
         heap_push(hd, hi, kn, d, (<const index_t*> seg_ids[s])[row])
+    return False
 
 
 def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
@@ -278,15 +294,15 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                uint16_t[:, ::1] pair_work,             # scratch (n_threads, >= m2 / 2 * 256)
                double[:, ::1] param_work,              # scratch (n_threads, >= 4)
                size_t fs_kernel,                       # address of the block kernel
-               bint fs_pairs,                          # it reads pair-sum tables
+               int fs_prep,                            # the table layout it reads
                double fs_margin,                       # re-check margin (table units),
                                                        # < 0: exact (0.5 * m + 1)
                bint fs_estimate,                       # rank packed lists by estimates
                Py_ssize_t fs_extra,                    # ... in a heap of n_neighbors + fs_extra
                bint fs_rescore,                        # ... then re-scored with float tables
                const int64_t[::1] seg_base,            # IN  (S + 1,) first row of each segment
-               double[:, ::1] res_d,                   # scratch (n_threads, >= 2 * (n_neighbors
-               int64_t[:, ::1] res_h,                  #   + fs_extra)): the reservoir
+               double[:, ::1] res_d,                   # scratch (n_threads, >= 4 * max(n_probe,
+               int64_t[:, ::1] res_h,                  #   n_neighbors + fs_extra)): the reservoirs
                int64_t[:, ::1] res_state,              # scratch (n_threads, 8): its state
                int n_threads,
                Py_ssize_t deleted_stride=0):
@@ -350,8 +366,10 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                      and n_probe < EST_MAX_PROBE
                      and seg_base[seg_base.shape[0] - 1] < EST_MAX_ROWS)
     cdef Py_ssize_t keep = kn + (fs_extra if fs_rescore else 0)
-    if est and (res_d.shape[1] < 2 * keep or res_h.shape[1] < 2 * keep
-                or res_state.shape[1] * 8 < <Py_ssize_t> sizeof(reservoir_t)):
+    # the reservoir's size (the second half of its rows is scratch)
+    cdef Py_ssize_t cap = min(res_d.shape[1], res_h.shape[1]) // 2
+    if (cap < 2 * n_probe or (est and cap < 2 * keep)
+            or res_state.shape[1] * 8 < <Py_ssize_t> sizeof(reservoir_t)):
         raise ValueError("reservoir scratch too small")
     if fs_margin < 0:  # exact: the worst-case rounding of the quantized tables
         fs_margin = 0.5 * m + 1.0
@@ -378,12 +396,18 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
         pw = &pair_work[tid, 0]
         prm = &param_work[tid, 0]
         for q in prange(nq, schedule="dynamic"):
-            # The n_probe nearest lists, nearest first.
-            heap_init(pd, pi, n_probe)
-            for l in range(n_lists):   # (the comparison inline: most lists lose it)
-                if pair_greater(pd[0], pi[0], coarse[q, l], l):
-                    heap_push(pd, pi, n_probe, coarse[q, l], l)
-            heap_sort(pd, pi, n_probe)
+            # The n_probe nearest lists, nearest first: a reservoir of
+            # (coarse term, list) pairs (cheap appends under a threshold
+            # that most lists fail), then sorted.
+            res_init(rs, &res_d[tid, 0], &res_h[tid, 0], 2 * n_probe, n_probe)
+            for l in range(n_lists):
+                if pair_less(coarse[q, l], l, rs.thr_d, rs.thr_h):
+                    res_push(rs, coarse[q, l], l)
+            res_shrink(rs)
+            sort_pairs(rs.d, rs.h, rs.n, rs.d + rs.cap, rs.h + rs.cap)
+            for p in range(n_probe):
+                pd[p] = <floating> rs.d[p]
+                pi[p] = rs.h[p]
 
             # Growing entries of the probed lists, grouped by probe slot:
             # slot p's rows are gs[se[p - 1]:se[p]] (se[-1] meaning 0).
@@ -413,12 +437,12 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
             prm[3] = 0                       # no quantized table of this query yet
             heap_init(hd, hi, kn)
             if est:
-                res_init(rs, &res_d[tid, 0], &res_h[tid, 0], 2 * keep, keep)
+                res_init(rs, &res_d[tid, 0], &res_h[tid, 0], cap, keep)
             for p in range(n_probe):
                 lo = se[p - 1] if p > 0 else 0
                 scan_list(pi[p], pd[p], qt, list_terms, &Q[q, 0], centroids,
                           &codebooks_t[0, 0, 0], ds, qt + 2 * m * k, seg_codes, seg_ids, seg_offsets,
-                          seg_packed, seg_blocks, fs_scan, fs_pairs, fs_margin,
+                          seg_packed, seg_blocks, fs_scan, fs_prep, fs_margin,
                           rs if est else NULL, <int64_t> p << EST_ROW_BITS,
                           sbase, lw, pw, prm,
                           gc, gi, gs + lo, se[p] - lo, dq, inner_product, m, k,
@@ -446,17 +470,40 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                         n_x = n_x + 1
                 scan_list(best_l, best_d, qt, list_terms, &Q[q, 0], centroids,
                           &codebooks_t[0, 0, 0], ds, qt + 2 * m * k, seg_codes, seg_ids, seg_offsets,
-                          seg_packed, seg_blocks, fs_scan, fs_pairs, fs_margin,
+                          seg_packed, seg_blocks, fs_scan, fs_prep, fs_margin,
                           NULL, 0, sbase, lw, pw, prm,
                           gc, gi, gm, n_x, dq, inner_product, m, k, qt + m * k,
                           hd, hi, kn)
                 last_d = best_d
                 last_l = best_l
-            if est:
-                resolve_reservoir(rs, fs_rescore, qt, list_terms, inner_product, pd, pi,
-                                  seg_ids, seg_offsets, seg_packed, seg_blocks, sbase, gi,
-                                  m, k, hd, hi, kn)
-            heap_sort(hd, hi, kn)
+            if not (est and resolve_reservoir(rs, fs_rescore, qt, list_terms, inner_product,
+                                              pd, pi, seg_ids, seg_offsets, seg_packed,
+                                              seg_blocks, sbase, gi, m, k, hd, hi, kn)):
+                heap_sort(hd, hi, kn)
             for r in range(kn):
                 out_dist[q, r] = hd[r]
                 out_idx[q, r] = hi[r]
+
+
+def _reservoir_keep(const double[::1] d, const int64_t[::1] h, Py_ssize_t keep,
+                    Py_ssize_t cap):
+    """The pairs a reservoir of ``cap`` pairs keeping ``keep`` holds after
+    (d[i], h[i]) were offered in order, sorted (tests: ``res_push``,
+    ``res_shrink``, ``select_pairs``, ``sort_pairs``).  Pairs must be
+    distinct, 1 <= keep, 2 * keep <= cap."""
+    cdef Py_ssize_t n = d.shape[0], i
+    if h.shape[0] != n or keep < 1 or cap < 2 * keep:
+        raise ValueError("bad reservoir test input")
+    buf_d = np.empty(2 * cap, dtype=np.float64)
+    buf_h = np.empty(2 * cap, dtype=np.int64)
+    cdef double[::1] bd = buf_d
+    cdef int64_t[::1] bh = buf_h
+    cdef reservoir_t r
+    with nogil:
+        res_init(&r, &bd[0], &bh[0], cap, keep)
+        for i in range(n):
+            if pair_less(d[i], h[i], r.thr_d, r.thr_h):
+                res_push(&r, d[i], h[i])
+        res_shrink(&r)
+        sort_pairs(r.d, r.h, r.n, r.d + r.cap, r.h + r.cap)
+    return buf_d[:r.n].copy(), buf_h[:r.n].copy()

@@ -934,16 +934,18 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
         seg_ids[s] = ids.ctypes.data
         seg_offsets[s] = offsets
     packs = any(len(seg) == 4 for seg in segments)
-    kernel, pairs = 0, False
+    kernel, prep = 0, 0
     if packs:
         from . import _fastscan
 
-        kernel, pairs = _fastscan._kernel()
+        kernel, prep = _fastscan._kernel()
     dist = np.empty((nq, n_neighbors), dtype=dtype)
     idx = np.empty((nq, n_neighbors), dtype=np.int64)
     extra = FASTSCAN_EXTRA(n_neighbors) if fastscan_estimate and fastscan_rescore else 0
     slot_of = scratch(nt, n_lists, np.int32)
     slot_of.fill(-1)
+    # The reservoirs (probes, then estimates) hold twice the pairs kept, + scratch.
+    res_cap = 4 * max(n_probe, n_neighbors + extra)
     _ivf.ivf_search(
         np.ascontiguousarray(Q, dtype=dtype), np.ascontiguousarray(coarse, dtype=dtype),
         _transposed(codebooks), terms, centroids, seg_codes, seg_ids, seg_offsets, seg_packed,
@@ -957,11 +959,10 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
         scratch(nt, g, np.int64), scratch(nt, n_probe + 1, np.int64),
         scratch(nt, (m + 1) // 2 * 32 if packs else 1, np.uint8),
         scratch(nt, (m + 1) // 2 * 256 if packs else 1, np.uint16),
-        scratch(nt, 4, np.float64), kernel, pairs,
+        scratch(nt, 4, np.float64), kernel, prep,
         -1.0 if fastscan_margin is None else float(fastscan_margin),
         bool(fastscan_estimate), extra, bool(fastscan_rescore), seg_base,
-        scratch(nt, 2 * (n_neighbors + extra) if fastscan_estimate else 1, np.float64),
-        scratch(nt, 2 * (n_neighbors + extra) if fastscan_estimate else 1, np.int64),
+        scratch(nt, res_cap, np.float64), scratch(nt, res_cap, np.int64),
         scratch(nt, 8, np.int64), n_threads, int(deleted_stride) if deleted is not None else 0,
     )
     return dist, idx

@@ -147,6 +147,53 @@ def test_estimate_reservoir_keeps_the_best_estimates(isa, metric):
                 assert not nn.removed_[got].any()
 
 
+@pytest.mark.parametrize("spread", [2, 40, 10**6])
+def test_reservoir_keeps_exactly_the_smallest_pairs(spread):
+    """The reservoir (appends under a threshold, branchless quickselect when
+    full, quicksort at the end) against a sort of every pair: estimates
+    drawn from few values (many ties, broken by the handle), in random,
+    ascending and descending order, for reservoir sizes around the kept
+    count and streams shorter and longer than the reservoir."""
+    from pqsk import _ivf as kernels
+
+    rng = np.random.RandomState(spread)
+    for n in (1, 15, 16, 17, 80, 300, 2000):
+        h = rng.permutation(3 * n)[:n].astype(np.int64)
+        for order in ("random", "ascending", "descending"):
+            d = rng.randint(0, spread, size=n).astype(np.float64)
+            if order != "random":
+                o = np.lexsort((h, d))
+                d, h = d[o], h[o]
+                if order == "descending":
+                    d, h = d[::-1].copy(), h[::-1].copy()
+            for keep in (1, 2, 7, 40, 100):
+                for cap in (2 * keep, 2 * keep + 3, 5 * keep):
+                    got_d, got_h = kernels._reservoir_keep(d, h, keep, cap)
+                    ref = np.lexsort((h, d))[:keep]
+                    assert_array_equal(got_d, d[ref])
+                    assert_array_equal(got_h, h[ref])
+    with pytest.raises(ValueError):
+        kernels._reservoir_keep(np.zeros(3), np.arange(3, dtype=np.int64), 4, 7)
+
+
+def test_probes_are_the_nearest_lists_in_order():
+    """Probe selection (the same reservoir, over every list's coarse term)
+    scans the n_probe nearest lists, ties to the smaller list: with one
+    list per probe the candidates come from exactly those lists."""
+    nn = _ivf(metric="euclidean").fit(X[:3000])
+    Qp = _prepared(nn, Q[:30])
+    lists, _, ids = _entries(nn)
+    coarse = _quantizer.coarse_terms(Qp, nn.cluster_centers_, False)
+    sizes = np.bincount(lists, minlength=nn.n_lists_)
+    for n_probe in (1, 2, 5, 24):
+        nn.set_params(n_probe=n_probe)
+        for q in range(len(Qp)):
+            want = np.lexsort((np.arange(coarse.shape[1]), coarse[q]))[:n_probe]
+            # as many candidates as the probed lists hold: no list beyond
+            _, i = nn._search(Qp[q:q + 1], int(sizes[want].sum()), 1, ranking_only=True)
+            assert np.sort(i[0]).tolist() == np.sort(ids[np.isin(lists, want)]).tolist()
+
+
 def test_estimate_mode_with_exhaustive_reranking_is_exact():
     """n_probe = n_lists and every live entry re-ranked: brute force."""
     from sklearn.neighbors import NearestNeighbors
