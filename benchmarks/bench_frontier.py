@@ -18,7 +18,15 @@ Systems:
 * pqsk ``PQNeighbors(n_codewords=16, n_subspaces=25)`` (4-bit fast-scan,
   exhaustive) + ``refine_factor``;
 * pqsk ``IVFPQNeighbors(n_lists=1000, n_subspaces=25)``, ``n_codewords``
-  16 (4-bit fast-scan lists) and 256, + ``refine_factor``.
+  16 (4-bit fast-scan lists) and 256, ``metric="cosine"``, +
+  ``refine_factor``;
+* pqsk ``IVFPQNeighbors(n_lists=1000, n_subspaces=25, n_codewords=16,
+  metric="dot", anisotropic_threshold=0.2)``: ScaNN's configuration (the
+  rows are unit-norm, so "dot" ranks as cosine does; score-aware codes;
+  one lookup table per query shared by every list), + ``refine_factor``.
+
+The IVF systems share one sweep (``PROBES`` cells probed x ``RERANK``
+candidates re-ranked per neighbour).
 
 Usage::
 
@@ -40,6 +48,11 @@ from benchmarks.bench_pq import exact_top_k, load_glove, machine_info
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 K = 10
 LEVELS = (0.80, 0.90, 0.95)
+# One sweep of cells probed (ScaNN leaves, faiss nprobe, pqsk n_probe) and of
+# candidates re-ranked per neighbour (ScaNN reorder / K, faiss k_factor,
+# pqsk refine_factor), the same for every IVF system.
+PROBES = (5, 10, 20, 30, 40, 60, 80)
+RERANK = (2, 5, 10, 20)
 
 
 def recall(ind, gt):
@@ -69,8 +82,8 @@ def run_scann(base, queries, gt, quick):
     # codes (25 sub-spaces x 4 bits) + raw float32 for the reorder + an int32 id
     bpv = 25 / 2 + 4 * base.shape[1] + 4
     rows = []
-    for leaves in (5, 10, 20, 40, 80):
-        for reorder in (20, 50, 100, 200):
+    for leaves in PROBES:
+        for reorder in (K * r for r in RERANK):
             t, (ind, _) = best_time(lambda: searcher.search_batched(
                 queries, leaves_to_search=leaves, pre_reorder_num_neighbors=reorder))
             rows.append({"system": "ScaNN tree + score_ah(2, T=0.2) + reorder",
@@ -94,8 +107,8 @@ def run_faiss(base, queries, gt, quick):
     build = time.perf_counter() - t0
     bpv = 25 / 2 + 8 + 4 * d  # 4-bit codes, int64 ids, raw float32
     rows = []
-    for nprobe in (5, 10, 20, 40, 80):
-        for k_factor in (2, 5, 10, 20):
+    for nprobe in PROBES:
+        for k_factor in RERANK:
             params = faiss.IndexRefineSearchParameters(
                 k_factor=k_factor, base_index_params=faiss.SearchParametersIVF(nprobe=nprobe))
             t, (_, ind) = best_time(lambda: index.search(queries, K, params=params))
@@ -127,24 +140,32 @@ def run_pqsk_flat4(base, queries, gt, quick):
     return rows
 
 
-def run_pqsk_ivf(base, queries, gt, quick, n_codewords=256):
+def run_pqsk_ivf(base, queries, gt, quick, n_codewords=256, anisotropic=False):
+    """pqsk IVFPQNeighbors, 1,000 lists, 25 sub-spaces.  ``anisotropic``:
+    the configuration ScaNN's row uses (``metric="dot"`` on the unit-norm
+    rows, which ranks them as cosine does, score-aware codes with T=0.2,
+    one shared lookup table per query); otherwise ``metric="cosine"``
+    (L2 tables per probed list)."""
     from pqsk import IVFPQNeighbors
 
     bits = "4-bit fast-scan" if n_codewords == 16 else "8-bit"
+    kind = "dot, anisotropic T=0.2" if anisotropic else "cosine"
     t0 = time.perf_counter()
     nn = IVFPQNeighbors(K, n_lists=200 if quick else 1000, n_subspaces=25,
-                        n_codewords=n_codewords, metric="cosine", refine_factor=1,
+                        n_codewords=n_codewords, refine_factor=1,
+                        metric="dot" if anisotropic else "cosine",
+                        anisotropic_threshold=0.2 if anisotropic else None,
                         random_state=0, n_jobs=1, n_probe=8).fit(base)
     build = time.perf_counter() - t0
     mem = nn.memory_usage_
     bpv = (mem["codes"] + mem["ids"] + mem["vectors"] + mem.get("vectors_mapped", 0)) \
         / base.shape[0]
     rows = []
-    for n_probe in (5, 10, 20, 40, 80):
-        for refine in (2, 5, 10, 20, 40):
+    for n_probe in PROBES:
+        for refine in RERANK:
             nn.set_params(n_probe=n_probe, refine_factor=refine)
             t, ind = best_time(lambda: nn.kneighbors(queries, return_distance=False))
-            rows.append({"system": f"pqsk IVFPQNeighbors {bits} (m=25) + refine",
+            rows.append({"system": f"pqsk IVFPQNeighbors {bits} (m=25, {kind}) + refine",
                          "setting": f"n_probe={n_probe} refine_factor={refine}",
                          "recall": recall(ind, gt), "qps": len(queries) / t,
                          "bytes_per_vector": bpv, "build_s": build})
@@ -173,7 +194,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_frontier")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--systems", nargs="+",
-                    default=["scann", "faiss", "pqsk-flat4", "pqsk-ivf4", "pqsk-ivf"])
+                    default=["scann", "faiss", "pqsk-ivf4-aniso", "pqsk-ivf4", "pqsk-flat4",
+                             "pqsk-ivf"])
     args = ap.parse_args(argv)
     _, base, queries = load_glove(args.quick, 0)
     if args.quick:
@@ -181,6 +203,7 @@ def main(argv=None):
     gt = exact_top_k(queries, base, K)
     runners = {"scann": run_scann, "faiss": run_faiss, "pqsk-flat4": run_pqsk_flat4,
                "pqsk-ivf4": lambda *a: run_pqsk_ivf(*a, n_codewords=16),
+               "pqsk-ivf4-aniso": lambda *a: run_pqsk_ivf(*a, n_codewords=16, anisotropic=True),
                "pqsk-ivf": run_pqsk_ivf}
     rows = []
     with threadpool_limits(1):
