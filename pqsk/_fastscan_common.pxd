@@ -5,7 +5,8 @@ cimported by ``pqsk._fastscan`` (exhaustive search) and ``pqsk._ivf``
 
 from cython cimport floating
 from libc.math cimport INFINITY, fabs
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, INT64_MAX
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, INT64_MAX, UINT64_MAX
+from libc.string cimport memcpy
 
 from ._heap cimport heap_push
 from ._kernels cimport index_t
@@ -24,6 +25,7 @@ cdef extern from "_fastscan_impl.h" nogil:
     void pqsk_fs_pair_table(const uint8_t*, Py_ssize_t, uint16_t*)
     const uint8_t* pqsk_fs_prep_table(int, const uint8_t*, Py_ssize_t, uint16_t*)
     void pqsk_fs_quantize_f32(const float*, Py_ssize_t, Py_ssize_t, uint8_t*, double*)
+    bint pqsk_any_le16_f32(const float*, float)
     int pqsk_fs_cpu_has_avx2()
     int pqsk_fs_cpu_has_avx512bw()
     int pqsk_fs_ctz32(uint32_t)
@@ -83,6 +85,17 @@ cdef inline void quantize_tables(const floating* t,    # IN  (m, 16)
     params[0] = sum_b
     params[1] = delta
     params[2] = (m + 2) * a * u
+
+
+cdef inline bint any_le16(const floating* x, double t) noexcept nogil:
+    """Whether some of x[0..15] is <= t (SSE2 for float32)."""
+    cdef int i
+    cdef bint hit = False
+    if floating is float:
+        return pqsk_any_le16_f32(x, <float> t)
+    for i in range(16):
+        hit |= x[i] <= t
+    return hit
 
 
 cdef inline uint16_t threshold(double worst, const double* params,
@@ -159,36 +172,7 @@ cdef inline void scan_packed(const floating* t,     # IN  (m, 16) float table
         b += 1
 
 
-# -- a reservoir of (estimate, handle) pairs ---------------------------------
-#
-# The estimators' IVF scan ranks packed entries by their quantized
-# estimates alone.  A bounded heap pays a sift-down per entry taken; the
-# reservoir appends entries below its threshold to a buffer of ``cap``
-# pairs and, when it is full, keeps the ``keep`` smallest (a selection in
-# O(cap)) and lowers the threshold to the largest kept: O(1) amortized per
-# entry.  Pairs compare as (estimate, handle), so the entries kept do not
-# depend on the order they arrive in.
-
-ctypedef struct reservoir_t:
-    double* d            # (2 * cap,) estimates, then scratch
-    int64_t* h           # (2 * cap,) handles, then scratch
-    Py_ssize_t n         # pairs held
-    Py_ssize_t cap       # >= 2 * keep
-    Py_ssize_t keep
-    double thr_d         # a pair enters when it is < (thr_d, thr_h)
-    int64_t thr_h
-
-
-cdef inline void res_init(reservoir_t* r, double* d, int64_t* h, Py_ssize_t cap,
-                          Py_ssize_t keep) noexcept nogil:
-    r.d = d
-    r.h = h
-    r.n = 0
-    r.cap = cap
-    r.keep = keep
-    r.thr_d = INFINITY
-    r.thr_h = INT64_MAX
-
+# -- sorting (estimate, id) pairs --------------------------------------------
 
 cdef inline bint pair_less(double d1, int64_t h1, double d2, int64_t h2) noexcept nogil:
     return d1 < d2 or (d1 == d2 and h1 < h2)
@@ -252,24 +236,6 @@ cdef inline void insertion_sort_pairs(double* d, int64_t* h, Py_ssize_t lo,
         h[j + 1] = ph
 
 
-cdef inline void select_pairs(double* d, int64_t* h, Py_ssize_t n, Py_ssize_t k,
-                              double* td, int64_t* th) noexcept nogil:
-    """Reorder the n distinct pairs so that the k smallest come first (in
-    no order; 0 <= k <= n): quickselect with branchless partitions
-    (``partition_pairs``; td, th: n pairs of scratch), insertion sort of
-    the last range."""
-    cdef Py_ssize_t lo = 0, hi = n, j
-    while hi - lo > 16:
-        j = partition_pairs(d, h, td, th, lo, hi)
-        if j == k:
-            return
-        if j > k:
-            hi = j
-        else:
-            lo = j
-    insertion_sort_pairs(d, h, lo, hi)
-
-
 cdef inline void sort_pairs(double* d, int64_t* h, Py_ssize_t n,
                             double* td, int64_t* th) noexcept nogil:
     """Sort the n distinct pairs ascending: quicksort with the branchless
@@ -299,29 +265,172 @@ cdef inline void sort_pairs(double* d, int64_t* h, Py_ssize_t n,
         insertion_sort_pairs(d, h, lo, hi)
 
 
+# -- a reservoir of (estimate, handle) pairs ---------------------------------
+#
+# The estimators' IVF scan ranks packed entries by their quantized
+# estimates alone (and picks the probed lists by their coarse terms).  A
+# bounded heap pays a sift-down per entry taken; the reservoir appends
+# entries below its threshold to a buffer of ``cap`` and, when it is full,
+# keeps the ``keep`` smallest (a selection in O(cap)) and lowers the
+# threshold to the largest kept: O(1) amortized per entry.
+#
+# Entries must arrive in increasing handle order (the scans offer them so:
+# probe slot, then row).  Then the order (estimate, handle) is the order
+# (estimate, arrival): the buffer keeps arrival order (its compactions are
+# stable), an estimate is held as a uint64 key with the same order as the
+# double (``res_key``), and a selection needs no handle comparisons: it
+# finds the keep-th smallest key T and keeps every key < T and the first
+# arrivals equal to T.  A new entry enters only below the threshold
+# (strictly: an equal estimate arrived later).
+
+ctypedef struct reservoir_t:
+    uint64_t* key        # (cap,) estimates as keys, in arrival order
+    int64_t* h           # (cap,) their handles
+    uint64_t* work       # (2 * cap,) selection scratch
+    Py_ssize_t n         # entries held
+    Py_ssize_t cap       # >= 2 * keep
+    Py_ssize_t keep
+    uint64_t thr_key     # an entry enters when its key is < thr_key
+    double thr_d         # the estimate of thr_key (INFINITY: any)
+
+
+cdef inline uint64_t res_key(double d) noexcept nogil:
+    """A uint64 in the order of the doubles (not NaN; -0.0 as +0.0)."""
+    cdef uint64_t u
+    d = d + 0.0
+    memcpy(&u, &d, 8)
+    if u >> 63:
+        return ~u
+    return u | (<uint64_t> 1 << 63)
+
+
+cdef inline double res_value(uint64_t key) noexcept nogil:
+    """The double of a ``res_key``."""
+    cdef uint64_t u = (key & ~(<uint64_t> 1 << 63)) if key >> 63 else ~key
+    cdef double d
+    memcpy(&d, &u, 8)
+    return d
+
+
+cdef inline void res_init(reservoir_t* r, uint64_t* key, int64_t* h, uint64_t* work,
+                          Py_ssize_t cap, Py_ssize_t keep) noexcept nogil:
+    """An empty reservoir over caller memory: key and h of ``cap``, work of
+    ``2 * cap``; 1 <= keep, 2 * keep <= cap."""
+    r.key = key
+    r.h = h
+    r.work = work
+    r.n = 0
+    r.cap = cap
+    r.keep = keep
+    r.thr_key = UINT64_MAX
+    r.thr_d = INFINITY
+
+
+cdef inline Py_ssize_t partition_keys(uint64_t* a, uint64_t* t, Py_ssize_t lo, Py_ssize_t hi,
+                                      uint64_t pivot, bint or_equal) noexcept nogil:
+    """Partition a[lo:hi] into the keys < pivot (<= with ``or_equal``) and
+    the others; returns where the others start.  Branchless: each key is
+    written to the next front and the next back slot of t, only its side
+    advances; copied back to a."""
+    cdef Py_ssize_t i, j = lo, e = hi
+    cdef uint64_t x
+    cdef bint front
+    for i in range(lo, hi):
+        x = a[i]
+        front = (x < pivot) | (or_equal & (x == pivot))
+        t[j] = x
+        t[e - 1] = x
+        j += front
+        e -= 1 - front
+    memcpy(a + lo, t + lo, (hi - lo) * sizeof(uint64_t))
+    return j
+
+
+cdef inline uint64_t select_key(uint64_t* a, uint64_t* t, Py_ssize_t n,
+                                Py_ssize_t k) noexcept nogil:
+    """The k-th smallest (0-based, k < n) of a[0:n] (reordered; t: n keys
+    of scratch): quickselect, median-of-three pivots, a second partition
+    when the pivot's equals hold the answer (so duplicates always make
+    progress), insertion sort of the last range."""
+    cdef Py_ssize_t lo = 0, hi = n, j, i
+    cdef uint64_t x, y, z, pivot
+    while hi - lo > 16:
+        x = a[lo]
+        y = a[lo + (hi - lo) // 2]
+        z = a[hi - 1]
+        if y < x:
+            x, y = y, x
+        if z < y:
+            y = x if z < x else z
+        pivot = y
+        j = partition_keys(a, t, lo, hi, pivot, False)   # [lo, j) < pivot
+        if k < j:
+            hi = j
+            continue
+        i = partition_keys(a, t, j, hi, pivot, True)     # [j, i) == pivot
+        if k < i:
+            return pivot
+        lo = i
+    for i in range(lo + 1, hi):
+        x = a[i]
+        j = i - 1
+        while j >= lo and x < a[j]:
+            a[j + 1] = a[j]
+            j -= 1
+        a[j + 1] = x
+    return a[k]
+
+
 cdef inline void res_shrink(reservoir_t* r) noexcept nogil:
-    """Keep the ``keep`` smallest pairs; the threshold becomes the largest."""
-    cdef Py_ssize_t a
+    """Keep the ``keep`` smallest (estimate, arrival) entries, in arrival
+    order; the threshold becomes the largest kept."""
+    cdef Py_ssize_t i, j = 0, n_less = 0, budget
+    cdef uint64_t T, x
+    cdef bint take, eq
     if r.n <= r.keep:
         return
-    select_pairs(r.d, r.h, r.n, r.keep, r.d + r.cap, r.h + r.cap)
+    memcpy(r.work, r.key, r.n * sizeof(uint64_t))
+    T = select_key(r.work, r.work + r.cap, r.n, r.keep - 1)
+    for i in range(r.n):
+        n_less += r.key[i] < T
+    budget = r.keep - n_less           # the first arrivals equal to T
+    for i in range(r.n):               # stable, branchless compaction
+        x = r.key[i]
+        eq = x == T
+        take = (x < T) | (eq & (budget > 0))
+        budget -= eq & take
+        r.key[j] = x
+        r.h[j] = r.h[i]
+        j += take
     r.n = r.keep
-    r.thr_d = r.d[0]
-    r.thr_h = r.h[0]
-    for a in range(1, r.keep):
-        if pair_less(r.thr_d, r.thr_h, r.d[a], r.h[a]):
-            r.thr_d = r.d[a]
-            r.thr_h = r.h[a]
+    r.thr_key = T
+    r.thr_d = res_value(T)
+
+
+cdef inline void res_sorted(reservoir_t* r, double* d, double* td) noexcept nogil:
+    """The held entries as (estimate, handle) pairs sorted ascending: the
+    estimates written to d, the handles sorted in r.h (td: n doubles of
+    scratch; r.work is used too: the reservoir is done with)."""
+    cdef Py_ssize_t i
+    for i in range(r.n):
+        d[i] = res_value(r.key[i])
+    sort_pairs(d, r.h, r.n, td, <int64_t*> r.work)
+
+
+cdef inline bint res_accepts(const reservoir_t* r, double d) noexcept nogil:
+    """Whether an entry of estimate d arriving now would be kept so far."""
+    return res_key(d) < r.thr_key
 
 
 cdef inline void res_push(reservoir_t* r, double d, int64_t h) noexcept nogil:
-    """Add (d, h), which the caller found below the threshold; when the
-    buffer is full, shrink first (the threshold drops) and test again."""
+    """Add (d, h), which ``res_accepts``; when the buffer is full, shrink
+    first (the threshold drops) and test again."""
+    cdef uint64_t key = res_key(d)
     if r.n == r.cap:
         res_shrink(r)
-        if not pair_less(d, h, r.thr_d, r.thr_h):
+        if not key < r.thr_key:
             return
-    r.d[r.n] = d
+    r.key[r.n] = key
     r.h[r.n] = h
     r.n += 1
 
@@ -360,8 +469,7 @@ cdef inline void scan_packed_estimate(const uint8_t* tab,    # IN  quantized tab
             i = pqsk_fs_ctz32(mask)
             mask &= mask - 1
             e = base + params[1] * sums[(i & 1) * 16 + (i >> 1)]
-            if pair_less(e, handle + b * 32 + i, res.thr_d, res.thr_h) and (
-                    deleted == NULL or not deleted[ids[b * 32 + i]]):
+            if res_accepts(res, e) and (deleted == NULL or not deleted[ids[b * 32 + i]]):
                 res_push(res, e, handle + b * 32 + i)
         thr = threshold(res.thr_d - bias, params, 0.0)
         b += 1

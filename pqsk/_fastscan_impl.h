@@ -157,6 +157,23 @@ static Py_ssize_t pqsk_fs_scan_scalar(const uint8_t *packed, Py_ssize_t b,
 #define PQSK_FS_SSE2 0
 #endif
 
+/* Whether some of the 16 floats x[0..15] is <= t (a cheap test before
+ * the exact ones: selections over many values most of which fail). */
+static inline int pqsk_any_le16_f32(const float *x, float t)
+{
+#if PQSK_FS_SSE2
+    __m128 tv = _mm_set1_ps(t);
+    __m128 a = _mm_or_ps(_mm_cmple_ps(_mm_loadu_ps(x), tv), _mm_cmple_ps(_mm_loadu_ps(x + 4), tv));
+    __m128 b = _mm_or_ps(_mm_cmple_ps(_mm_loadu_ps(x + 8), tv), _mm_cmple_ps(_mm_loadu_ps(x + 12), tv));
+    return _mm_movemask_ps(_mm_or_ps(a, b)) != 0;
+#else
+    int i, hit = 0;
+    for (i = 0; i < 16; i++)
+        hit |= x[i] <= t;
+    return hit;
+#endif
+}
+
 static void pqsk_fs_quantize_f32(const float *t, Py_ssize_t m, Py_ssize_t m2,
                                  uint8_t *lut, double *params)
 {

@@ -50,14 +50,15 @@ import numpy as np
 cimport cython
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
-from libc.stdint cimport (int32_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr_t,
+from libc.stdint cimport (int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t,
                           INT64_MAX)
 
 from ._heap cimport heap_init, heap_push, heap_sort, pair_greater
 from ._kernels cimport code_t, index_t, build_table, scan_codes, scan_some
 from ._fastscan_common cimport (pqsk_fs_scan_fn, pqsk_fs_prep_table, scan_packed,
-                                scan_packed_estimate, quantize_tables, threshold, sort_pairs,
-                                reservoir_t, res_init, res_push, res_shrink, pair_less)
+                                scan_packed_estimate, quantize_tables, threshold, sort_pairs, any_le16,
+                                reservoir_t, res_init, res_push, res_shrink, res_accepts,
+                                res_sorted, res_value)
 from ._prefetch cimport pqsk_prefetch
 
 # Estimate mode: an entry scored by its quantized estimate is held in a
@@ -205,7 +206,8 @@ cdef inline bint resolve_reservoir(reservoir_t* res,
                                    Py_ssize_t k,
                                    floating* hd,                # INOUT (kn,) the heap
                                    int64_t* hi,
-                                   Py_ssize_t kn) noexcept nogil:
+                                   Py_ssize_t kn,
+                                   double* dbuf) noexcept nogil:    # scratch (2 * res.n,)
     """Offer the reservoir's ``keep`` best entries to the heap under their
     ids: with ``rescore``, under their float ADC distance (the same table
     values, summed in the same order, as ``scan_list`` without estimates,
@@ -233,9 +235,9 @@ cdef inline bint resolve_reservoir(reservoir_t* res,
             row = res.h[r] & (EST_MAX_ROWS - 1)
             s = segment_of(seg_base, row)
             res.h[r] = (<const index_t*> seg_ids[s])[row - seg_base[s]]
-        sort_pairs(res.d, res.h, res.n, res.d + res.cap, res.h + res.cap)
+        res_sorted(res, dbuf, dbuf + res.n)     # by (estimate, id)
         for r in range(res.n):
-            hd[r] = <floating> res.d[r]
+            hd[r] = <floating> dbuf[r]
             hi[r] = res.h[r]
         return True
     for r in range(res.n):
@@ -258,7 +260,7 @@ cdef inline bint resolve_reservoir(reservoir_t* res,
                 else:
                     d = d + (list_terms[l, j, c] + two * query_table[j * k + c])
         else:
-            d = <floating> res.d[r]
+            d = <floating> res_value(res.key[r])
         heap_push(hd, hi, kn, d, (<const index_t*> seg_ids[s])[row])
     return False
 
@@ -282,7 +284,7 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                floating[:, ::1] out_dist,              # OUT (nq, n_neighbors)
                int64_t[:, ::1] out_idx,                # OUT (nq, n_neighbors)
                floating[:, ::1] work,                  # scratch (n_threads, 2 * m * k + D)
-               floating[:, ::1] probe_dist,            # scratch (n_threads, >= n_probe)
+               floating[:, ::1] probe_dist,            # scratch (n_threads, >= 2 * n_probe)
                int64_t[:, ::1] probe_idx,              # scratch (n_threads, >= n_probe)
                floating[:, ::1] heap_d,                # scratch (n_threads, >= n_neighbors)
                int64_t[:, ::1] heap_i,                 # scratch (n_threads, >= n_neighbors)
@@ -301,17 +303,23 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                Py_ssize_t fs_extra,                    # ... in a heap of n_neighbors + fs_extra
                bint fs_rescore,                        # ... then re-scored with float tables
                const int64_t[::1] seg_base,            # IN  (S + 1,) first row of each segment
-               double[:, ::1] res_d,                   # scratch (n_threads, >= 4 * max(n_probe,
-               int64_t[:, ::1] res_h,                  #   n_neighbors + fs_extra)): the reservoirs
+               double[:, ::1] res_d,                   # scratch (n_threads, >= 2 * c), (n_threads,
+               int64_t[:, ::1] res_h,                  #   >= 4 * c), c = 2 * max(n_probe, n_neighbors
+                                                       #   + fs_extra): the reservoirs
                int64_t[:, ::1] res_state,              # scratch (n_threads, 8): its state
                int n_threads,
-               Py_ssize_t deleted_stride=0):
+               Py_ssize_t deleted_stride=0,
+               const floating[:, ::1] coarse_bias=None):  # IN (nq, n_lists) or None
     """Search the ``n_probe`` lists with the smallest coarse term, then,
     while the heap is not full (fewer than ``n_neighbors`` live entries
     seen), the next lists in coarse order.  Rows of the output are sorted
     by (distance, id).
 
-    ``coarse[q, l]`` is ``||q - c_l||^2`` (L2) or ``-<q, c_l>`` (IP).
+    ``coarse[q, l]`` is ``||q - c_l||^2`` (L2) or ``-<q, c_l>`` (IP); it
+    orders the lists and is the term added to the list's entries, unless
+    ``coarse_bias`` is given: then it only orders the lists and
+    ``coarse_bias[q, l]`` is added (inner-product tables on lists probed
+    by L2: ``-<q, c_l>``, ``coarse`` the L2 terms).
     Requires 1 <= n_probe <= n_lists.  A list holds its blocks in the
     sealed segments and the growing entries labelled with it; ids marked
     in ``deleted`` are never returned; query q reads
@@ -348,7 +356,12 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
     cdef floating last_d, best_d
     cdef int64_t last_l
     cdef floating* qt = NULL
+    cdef const floating* crow = NULL
     cdef floating* pd = NULL
+    cdef floating* pb = NULL      # the probed lists' terms added (pd without coarse_bias)
+    cdef bint has_bias = coarse_bias is not None
+    if has_bias and (coarse_bias.shape[0] != nq or coarse_bias.shape[1] != n_lists):
+        raise ValueError("coarse_bias does not match coarse")
     cdef int64_t* pi = NULL
     cdef floating* hd = NULL
     cdef int64_t* hi = NULL
@@ -366,8 +379,13 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                      and n_probe < EST_MAX_PROBE
                      and seg_base[seg_base.shape[0] - 1] < EST_MAX_ROWS)
     cdef Py_ssize_t keep = kn + (fs_extra if fs_rescore else 0)
-    # the reservoir's size (the second half of its rows is scratch)
-    cdef Py_ssize_t cap = min(res_d.shape[1], res_h.shape[1]) // 2
+    # The reservoirs' largest size: res_h rows hold the handles, the keys
+    # and twice as much scratch, res_d rows the sorted estimates + scratch.
+    cdef Py_ssize_t cap = min(res_d.shape[1] // 2, res_h.shape[1] // 4)
+    cdef int64_t* rh = NULL
+    cdef uint64_t* rkey = NULL
+    cdef uint64_t* rwork = NULL
+    cdef double* rd = NULL
     if (cap < 2 * n_probe or (est and cap < 2 * keep)
             or res_state.shape[1] * 8 < <Py_ssize_t> sizeof(reservoir_t)):
         raise ValueError("reservoir scratch too small")
@@ -384,10 +402,15 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
         tid = threadid()
         qt = &work[tid, 0]
         pd = &probe_dist[tid, 0]
+        pb = pd + n_probe
         pi = &probe_idx[tid, 0]
         hd = &heap_d[tid, 0]
         hi = &heap_i[tid, 0]
         rs = <reservoir_t*> &res_state[tid, 0]
+        rh = &res_h[tid, 0]
+        rkey = <uint64_t*> &res_h[tid, cap]
+        rwork = <uint64_t*> &res_h[tid, 2 * cap]
+        rd = &res_d[tid, 0]
         so = &slot_of[tid, 0]
         gm = &g_match[tid, 0]
         gs = &g_sorted[tid, 0]
@@ -399,15 +422,23 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
             # The n_probe nearest lists, nearest first: a reservoir of
             # (coarse term, list) pairs (cheap appends under a threshold
             # that most lists fail), then sorted.
-            res_init(rs, &res_d[tid, 0], &res_h[tid, 0], 2 * n_probe, n_probe)
-            for l in range(n_lists):
-                if pair_less(coarse[q, l], l, rs.thr_d, rs.thr_h):
-                    res_push(rs, coarse[q, l], l)
+            res_init(rs, rkey, rh, rwork, 2 * n_probe, n_probe)
+            crow = &coarse[q, 0]
+            l = 0
+            while l < n_lists:
+                # 16 lists at a time tested at once against the threshold
+                # (a superset of the exact test)
+                if l + 16 > n_lists or any_le16(crow + l, rs.thr_d):
+                    for i in range(l, min(l + 16, n_lists)):
+                        if res_accepts(rs, crow[i]):
+                            res_push(rs, crow[i], i)
+                l = l + 16
             res_shrink(rs)
-            sort_pairs(rs.d, rs.h, rs.n, rs.d + rs.cap, rs.h + rs.cap)
+            res_sorted(rs, rd, rd + n_probe)
             for p in range(n_probe):
-                pd[p] = <floating> rs.d[p]
+                pd[p] = <floating> rd[p]
                 pi[p] = rs.h[p]
+                pb[p] = coarse_bias[q, pi[p]] if has_bias else pd[p]
 
             # Growing entries of the probed lists, grouped by probe slot:
             # slot p's rows are gs[se[p - 1]:se[p]] (se[-1] meaning 0).
@@ -437,10 +468,10 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
             prm[3] = 0                       # no quantized table of this query yet
             heap_init(hd, hi, kn)
             if est:
-                res_init(rs, &res_d[tid, 0], &res_h[tid, 0], cap, keep)
+                res_init(rs, rkey, rh, rwork, 2 * keep, keep)
             for p in range(n_probe):
                 lo = se[p - 1] if p > 0 else 0
-                scan_list(pi[p], pd[p], qt, list_terms, &Q[q, 0], centroids,
+                scan_list(pi[p], pb[p], qt, list_terms, &Q[q, 0], centroids,
                           &codebooks_t[0, 0, 0], ds, qt + 2 * m * k, seg_codes, seg_ids, seg_offsets,
                           seg_packed, seg_blocks, fs_scan, fs_prep, fs_margin,
                           rs if est else NULL, <int64_t> p << EST_ROW_BITS,
@@ -468,7 +499,8 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                     if g_lists[i] == best_l:
                         gm[n_x] = i
                         n_x = n_x + 1
-                scan_list(best_l, best_d, qt, list_terms, &Q[q, 0], centroids,
+                scan_list(best_l, coarse_bias[q, best_l] if has_bias else best_d, qt,
+                          list_terms, &Q[q, 0], centroids,
                           &codebooks_t[0, 0, 0], ds, qt + 2 * m * k, seg_codes, seg_ids, seg_offsets,
                           seg_packed, seg_blocks, fs_scan, fs_prep, fs_margin,
                           NULL, 0, sbase, lw, pw, prm,
@@ -477,8 +509,8 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                 last_d = best_d
                 last_l = best_l
             if not (est and resolve_reservoir(rs, fs_rescore, qt, list_terms, inner_product,
-                                              pd, pi, seg_ids, seg_offsets, seg_packed,
-                                              seg_blocks, sbase, gi, m, k, hd, hi, kn)):
+                                              pb, pi, seg_ids, seg_offsets, seg_packed,
+                                              seg_blocks, sbase, gi, m, k, hd, hi, kn, rd)):
                 heap_sort(hd, hi, kn)
             for r in range(kn):
                 out_dist[q, r] = hd[r]
@@ -487,23 +519,22 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
 
 def _reservoir_keep(const double[::1] d, const int64_t[::1] h, Py_ssize_t keep,
                     Py_ssize_t cap):
-    """The pairs a reservoir of ``cap`` pairs keeping ``keep`` holds after
-    (d[i], h[i]) were offered in order, sorted (tests: ``res_push``,
-    ``res_shrink``, ``select_pairs``, ``sort_pairs``).  Pairs must be
-    distinct, 1 <= keep, 2 * keep <= cap."""
+    """The entries a reservoir of ``cap`` keeping ``keep`` holds after
+    (d[i], h[i]) were offered in order (h increasing, as the scans offer
+    them), sorted by (estimate, handle) (tests).  1 <= keep, 2 * keep <= cap."""
     cdef Py_ssize_t n = d.shape[0], i
     if h.shape[0] != n or keep < 1 or cap < 2 * keep:
         raise ValueError("bad reservoir test input")
+    buf_h = np.empty(4 * cap, dtype=np.int64)
     buf_d = np.empty(2 * cap, dtype=np.float64)
-    buf_h = np.empty(2 * cap, dtype=np.int64)
-    cdef double[::1] bd = buf_d
     cdef int64_t[::1] bh = buf_h
+    cdef double[::1] bd = buf_d
     cdef reservoir_t r
     with nogil:
-        res_init(&r, &bd[0], &bh[0], cap, keep)
+        res_init(&r, <uint64_t*> &bh[cap], &bh[0], <uint64_t*> &bh[2 * cap], cap, keep)
         for i in range(n):
-            if pair_less(d[i], h[i], r.thr_d, r.thr_h):
+            if res_accepts(&r, d[i]):
                 res_push(&r, d[i], h[i])
         res_shrink(&r)
-        sort_pairs(r.d, r.h, r.n, r.d + r.cap, r.h + r.cap)
+        res_sorted(&r, &bd[0], &bd[cap])
     return buf_d[:r.n].copy(), buf_h[:r.n].copy()

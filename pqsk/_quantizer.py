@@ -738,6 +738,18 @@ def coarse_terms(Q, centroids, inner_product):
     return prod
 
 
+def coarse_terms_l2_ip(Q, centroids):
+    """(L2 terms, IP terms) of :func:`coarse_terms` from one product: the
+    lists probed by ``||q - c_l||^2`` (the cells are L2 Voronoi cells) and
+    scored with inner-product tables, whose entries get ``-<q, c_l>``."""
+    prod = Q @ centroids.T
+    bias = np.negative(prod)
+    prod *= -2
+    prod += np.einsum("ij,ij->i", Q, Q)[:, None]
+    prod += np.einsum("ij,ij->i", centroids, centroids)[None, :]
+    return prod, bias
+
+
 def assign(X, centroids, out=None, c_norms=None, block=None):
     """Index of the L2-nearest centroid of each row (chunked GEMM).
 
@@ -839,7 +851,7 @@ def list_terms(centroids, codebooks):
 def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
                n_probe, inner_product=False, n_threads=1, growing=None, deleted=None,
                centroids=None, fastscan_margin=None, fastscan_estimate=False,
-               fastscan_rescore=True, deleted_stride=0):
+               fastscan_rescore=True, deleted_stride=0, coarse_bias=None):
     """Search ``n_probe`` lists per query (see ``pqsk._ivf``).
 
     ``segments``: a list of (codes, ids, offsets), each sorted list after
@@ -859,7 +871,9 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
     with ``deleted_stride`` > 0, one row of them per query (filtered
     search: query q reads ``deleted[q * deleted_stride:]``).
     ``centroids`` (n_lists, D) are needed for L2 when ``terms`` is empty
-    (see :func:`list_terms`).
+    (see :func:`list_terms`).  ``coarse_bias`` (nq, n_lists), or None:
+    the terms added to each list's entries when ``coarse`` only orders the
+    lists (see :func:`coarse_terms_l2_ip`).
 
     Returns (dist, idx): (nq, n_neighbors) arrays, rows sorted by
     (distance, id); ``dist`` as in :func:`adc_search` (squared L2 or minus
@@ -944,8 +958,8 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
     extra = FASTSCAN_EXTRA(n_neighbors) if fastscan_estimate and fastscan_rescore else 0
     slot_of = scratch(nt, n_lists, np.int32)
     slot_of.fill(-1)
-    # The reservoirs (probes, then estimates) hold twice the pairs kept, + scratch.
-    res_cap = 4 * max(n_probe, n_neighbors + extra)
+    # The reservoirs (probes, then estimates) hold twice the entries kept.
+    res_cap = 2 * max(n_probe, n_neighbors + extra)
     _ivf.ivf_search(
         np.ascontiguousarray(Q, dtype=dtype), np.ascontiguousarray(coarse, dtype=dtype),
         _transposed(codebooks), terms, centroids, seg_codes, seg_ids, seg_offsets, seg_packed,
@@ -953,7 +967,7 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
         g_lists,
         _NO_TOMBSTONES if deleted is None else deleted, bool(inner_product),
         n_probe, dist, idx, scratch(nt, 2 * m * k + Q.shape[1], dtype),
-        scratch(nt, n_probe, dtype),
+        scratch(nt, 2 * n_probe, dtype),
         scratch(nt, n_probe, np.int64), scratch(nt, n_neighbors, dtype),
         scratch(nt, n_neighbors, np.int64), slot_of, scratch(nt, g, np.int64),
         scratch(nt, g, np.int64), scratch(nt, n_probe + 1, np.int64),
@@ -962,8 +976,9 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
         scratch(nt, 4, np.float64), kernel, prep,
         -1.0 if fastscan_margin is None else float(fastscan_margin),
         bool(fastscan_estimate), extra, bool(fastscan_rescore), seg_base,
-        scratch(nt, res_cap, np.float64), scratch(nt, res_cap, np.int64),
+        scratch(nt, 2 * res_cap, np.float64), scratch(nt, 4 * res_cap, np.int64),
         scratch(nt, 8, np.int64), n_threads, int(deleted_stride) if deleted is not None else 0,
+        None if coarse_bias is None else np.ascontiguousarray(coarse_bias, dtype=dtype),
     )
     return dist, idx
 

@@ -149,28 +149,31 @@ def test_estimate_reservoir_keeps_the_best_estimates(isa, metric):
 
 @pytest.mark.parametrize("spread", [2, 40, 10**6])
 def test_reservoir_keeps_exactly_the_smallest_pairs(spread):
-    """The reservoir (appends under a threshold, branchless quickselect when
-    full, quicksort at the end) against a sort of every pair: estimates
-    drawn from few values (many ties, broken by the handle), in random,
-    ascending and descending order, for reservoir sizes around the kept
-    count and streams shorter and longer than the reservoir."""
+    """The reservoir (appends under a threshold, a branchless quickselect of
+    the keys when full, stable compactions, a quicksort at the end) against
+    a sort of every (estimate, handle) pair: handles arriving in increasing
+    order as the scans offer them, estimates drawn from few values (many
+    ties, which go to the earlier handle) in random, ascending and
+    descending order, negative and zero estimates (-0.0 equal to 0.0),
+    reservoir sizes around the kept count, streams shorter and longer than
+    the reservoir."""
     from pqsk import _ivf as kernels
 
     rng = np.random.RandomState(spread)
     for n in (1, 15, 16, 17, 80, 300, 2000):
-        h = rng.permutation(3 * n)[:n].astype(np.int64)
+        h = np.sort(rng.permutation(3 * n)[:n]).astype(np.int64)
         for order in ("random", "ascending", "descending"):
-            d = rng.randint(0, spread, size=n).astype(np.float64)
+            d = (rng.randint(0, spread, size=n) - spread // 2).astype(np.float64)
+            d[d == 0] = rng.choice([0.0, -0.0], size=int(np.sum(d == 0)))
             if order != "random":
-                o = np.lexsort((h, d))
-                d, h = d[o], h[o]
+                d = np.sort(d)
                 if order == "descending":
-                    d, h = d[::-1].copy(), h[::-1].copy()
+                    d = d[::-1].copy()
             for keep in (1, 2, 7, 40, 100):
                 for cap in (2 * keep, 2 * keep + 3, 5 * keep):
                     got_d, got_h = kernels._reservoir_keep(d, h, keep, cap)
                     ref = np.lexsort((h, d))[:keep]
-                    assert_array_equal(got_d, d[ref])
+                    assert_array_equal(got_d, d[ref] + 0.0)
                     assert_array_equal(got_h, h[ref])
     with pytest.raises(ValueError):
         kernels._reservoir_keep(np.zeros(3), np.arange(3, dtype=np.int64), 4, 7)
