@@ -21,9 +21,10 @@ Systems:
   16 (4-bit fast-scan lists) and 256, ``metric="cosine"``, +
   ``refine_factor``;
 * pqsk ``IVFPQNeighbors(n_lists=1000, n_subspaces=25, n_codewords=16,
-  metric="dot", anisotropic_threshold=0.2)``: ScaNN's configuration (the
-  rows are unit-norm, so "dot" ranks as cosine does; score-aware codes;
-  one lookup table per query shared by every list), + ``refine_factor``.
+  metric="cosine", anisotropic_threshold=0.2)``: ScaNN's configuration
+  (score-aware codes scored by the inner product, one lookup table per
+  query shared by every list; lists probed by ``||q - c||``), +
+  ``refine_factor``.
 
 The IVF systems share one sweep (``PROBES`` cells probed x ``RERANK``
 candidates re-ranked per neighbour).
@@ -141,19 +142,17 @@ def run_pqsk_flat4(base, queries, gt, quick):
 
 
 def run_pqsk_ivf(base, queries, gt, quick, n_codewords=256, anisotropic=False):
-    """pqsk IVFPQNeighbors, 1,000 lists, 25 sub-spaces.  ``anisotropic``:
-    the configuration ScaNN's row uses (``metric="dot"`` on the unit-norm
-    rows, which ranks them as cosine does, score-aware codes with T=0.2,
-    one shared lookup table per query); otherwise ``metric="cosine"``
-    (L2 tables per probed list)."""
+    """pqsk IVFPQNeighbors, 1,000 lists, 25 sub-spaces, ``metric="cosine"``.
+    ``anisotropic``: the configuration ScaNN's row uses (score-aware codes
+    with T=0.2, scored by the inner product with one lookup table per
+    query); otherwise L2 tables per probed list."""
     from pqsk import IVFPQNeighbors
 
     bits = "4-bit fast-scan" if n_codewords == 16 else "8-bit"
-    kind = "dot, anisotropic T=0.2" if anisotropic else "cosine"
+    kind = "anisotropic T=0.2" if anisotropic else "k-means codes"
     t0 = time.perf_counter()
     nn = IVFPQNeighbors(K, n_lists=200 if quick else 1000, n_subspaces=25,
-                        n_codewords=n_codewords, refine_factor=1,
-                        metric="dot" if anisotropic else "cosine",
+                        n_codewords=n_codewords, refine_factor=1, metric="cosine",
                         anisotropic_threshold=0.2 if anisotropic else None,
                         random_state=0, n_jobs=1, n_probe=8).fit(base)
     build = time.perf_counter() - t0

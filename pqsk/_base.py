@@ -557,7 +557,9 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
     inner product with x_hat: the decoded vectors are shorter than 1 by
     varying amounts, and the L2 form accounts for it.  On GloVe 50-d with
     m=10, k=256 it finds 0.45 of the true top-10 where the inner-product
-    form finds 0.35.
+    form finds 0.35.  (:class:`IVFPQNeighbors` with
+    ``anisotropic_threshold`` ranks cosine candidates by the inner
+    product, ``1 - <q, x_hat>``, whose error that loss bounds.)
     """
 
     _neighbors_parameter_constraints = {

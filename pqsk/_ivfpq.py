@@ -235,10 +235,16 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         ScaNN default) weights the error parallel to each vector by
         ``eta = (d - 1) s / (1 - s)``, ``s = (T / ||x||)^2``, over the
         orthogonal error, in training and in every encoding (``fit``,
-        ``partial_fit``, ``refit_codebooks``); the residual ``x - c`` is quantized, the loss has the direction of x.  Only for
+        ``partial_fit``, ``refit_codebooks``); the residual ``x - c`` is
+        quantized, the loss has the direction of x.  Only for
         ``metric="dot"`` or ``"cosine"`` (fit raises ValueError for L2
-        metrics).  Structural: the value used is ``anisotropic_threshold_``,
-        and ``partial_fit`` raises if the parameter changed since fit.
+        metrics).  With ``"cosine"`` the lists are then scored by the inner
+        product with ``x_hat`` (the error that loss bounds; one lookup table
+        per query for every list) instead of by ``||q - x_hat||``, and
+        still probed by ``||q - c||``: ScaNN's configuration, the fastest
+        here for unit-norm embeddings (see the frontier in the user guide).
+        Structural: the value used is ``anisotropic_threshold_``, and
+        ``partial_fit`` raises if the parameter changed since fit.
     random_state : int, RandomState instance or None, default=None
     verbose : int, default=0
         Progress on stderr: 1 shows the stages and a progress bar for
@@ -539,7 +545,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         m, k = codebooks.shape[:2]
         self._list_terms = (
             np.empty((0, m, k), dtype=codebooks.dtype)
-            if self._inner_product else _quantizer.list_terms(self.cluster_centers_,
+            if self._ip_tables else _quantizer.list_terms(self.cluster_centers_,
                                                               codebooks)
         )
         self.segments_ = ()
@@ -740,7 +746,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         # Residuals of vectors and centroids both within ``bound``.
         check_float_array(cb, "codebooks_", cb.shape, dtype, 2 * bound)
         self._check_segments(m, k, L)
-        if self.effective_metric_ == "dot":
+        if self._ip_tables:
             self._list_terms = np.empty((0, m, k), dtype=dtype)
         else:
             self._list_terms = _quantizer.list_terms(self.cluster_centers_, cb)
@@ -959,7 +965,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         g_lists = self.growing_lists_
         growing = recode(self.growing_ids_, lambda rows: centroids[g_lists[rows]])
         terms = (np.empty((0,) + codebooks.shape[:2], dtype=codebooks.dtype)
-                 if self._inner_product else _quantizer.list_terms(centroids, codebooks))
+                 if self._ip_tables else _quantizer.list_terms(centroids, codebooks))
         counts = _DEAD_COUNTS.setdefault(self, {})
         old = self._dead_counts()
         for new, seg in zip(segments, self.segments_):
@@ -1000,8 +1006,20 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
             caps[sl] = sizes[probed].sum(axis=1)
         return caps
 
+    @property
+    def _ip_tables(self):
+        """Whether the lists are scored with inner-product tables: for
+        "dot", and for "cosine" with score-aware codes (the anisotropic loss
+        bounds the error of the inner product, which on unit vectors ranks
+        as cosine does; one table per query then serves every list).  The
+        lists are probed by ``||q - c||`` for every metric but "dot"."""
+        return self.effective_metric_ == "dot" or (
+            self.effective_metric_ == "cosine"
+            and self.__dict__.get("anisotropic_threshold_") is not None)
+
     def _search(self, Q, n_candidates, n_threads, ranking_only=False, blocked=None):
-        ip = self._inner_product
+        ip = self._ip_tables
+        l2_probes = ip and not self._inner_product
         n_probe = self._n_probe()
         dist = np.empty((Q.shape[0], n_candidates), dtype=self._fit_dtype_)
         ind = np.empty((Q.shape[0], n_candidates), dtype=np.int64)
@@ -1017,7 +1035,10 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
             if blocked is not None:  # filtered: removed or not allowed, by id
                 part = blocked.take(sl)
                 deleted, stride = part.mask, part.stride
-            coarse = _quantizer.coarse_terms(Q[sl], self.cluster_centers_, ip)
+            if l2_probes:
+                coarse, bias = _quantizer.coarse_terms_l2_ip(Q[sl], self.cluster_centers_)
+            else:
+                coarse, bias = _quantizer.coarse_terms(Q[sl], self.cluster_centers_, ip), None
             dist[sl], ind[sl] = _quantizer.ivf_search(
                 Q[sl], coarse, self.codebooks_, self._list_terms, segments,
                 n_candidates, n_probe, ip, n_threads, centroids=self.cluster_centers_,
@@ -1028,7 +1049,14 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
                 # approximate anyway and the estimates are cheaper.
                 fastscan_estimate=0.5 * self._m() + 1 > _quantizer.FASTSCAN_MARGIN,
                 fastscan_rescore=not ranking_only, deleted_stride=stride,
+                coarse_bias=bias,
             )
+        if l2_probes:
+            # -<q, x_hat> on unit vectors as the squared L2 distance the
+            # cosine metric reports (halved by _finish_distances):
+            # 2 - 2 <q, x_hat>.
+            dist *= 2
+            dist += 2
         return dist, ind
 
     def _reconstruct(self):

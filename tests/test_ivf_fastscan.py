@@ -197,6 +197,43 @@ def test_probes_are_the_nearest_lists_in_order():
             assert np.sort(i[0]).tolist() == np.sort(ids[np.isin(lists, want)]).tolist()
 
 
+@pytest.mark.parametrize("n_codewords", [16, 256])
+def test_cosine_anisotropic_scores_inner_products_on_lists_probed_by_l2(n_codewords):
+    """metric="cosine" with anisotropic codes: the lists probed are the
+    n_probe nearest by ||q - c|| and their entries are scored 1 - <q,
+    x_hat> (the inner product, one table per query), not ||q - x_hat||^2
+    / 2; exhaustive re-ranking is still brute force."""
+    from sklearn.neighbors import NearestNeighbors
+
+    nn = _ivf(metric="cosine", anisotropic_threshold=0.2, n_codewords=n_codewords,
+              n_subspaces=4, refine_factor=1).fit(X[:3000]).set_params(refine_factor=0)
+    assert nn._ip_tables and nn._list_terms.shape[0] == 0
+    Qp = _prepared(nn, Q[:25])
+    lists, codes, ids = _entries(nn)
+    where = {int(i): r for r, i in enumerate(ids)}
+    X_hat = (nn.cluster_centers_.astype(np.float64)[lists]
+             + _naive.decode(codes, nn.codebooks_.astype(np.float64)))
+    C = nn.cluster_centers_.astype(np.float64)
+    l2 = ((Qp.astype(np.float64)[:, None, :] - C[None]) ** 2).sum(-1)
+    sizes = np.bincount(lists, minlength=nn.n_lists_)
+    for n_probe in (1, 3):
+        nn.set_params(n_probe=n_probe)
+        for q in range(len(Qp)):
+            want = np.lexsort((np.arange(nn.n_lists_), l2[q]))[:n_probe]
+            kn = int(sizes[want].sum())
+            d, i = nn.kneighbors(Q[q:q + 1], n_neighbors=kn)
+            assert np.sort(i[0]).tolist() == np.sort(ids[np.isin(lists, want)]).tolist()
+            rows = np.array([where[int(j)] for j in i[0]])
+            expected = 1 - X_hat[rows] @ Qp[q].astype(np.float64)
+            assert_allclose(d[0], expected, rtol=1e-4, atol=1e-5)
+    nn.set_params(n_probe=24, refine_factor=400)
+    d, i = nn.kneighbors(Q, n_neighbors=8)
+    ref = NearestNeighbors(n_neighbors=8, metric="cosine").fit(X[:3000])
+    d_ref, i_ref = ref.kneighbors(Q)
+    assert_array_equal(i, i_ref)
+    assert_allclose(d, d_ref, rtol=1e-4, atol=1e-5)
+
+
 def test_estimate_mode_with_exhaustive_reranking_is_exact():
     """n_probe = n_lists and every live entry re-ranked: brute force."""
     from sklearn.neighbors import NearestNeighbors
