@@ -739,13 +739,14 @@ def coarse_terms(Q, centroids, inner_product):
 
 
 def coarse_terms_l2_ip(Q, centroids):
-    """(L2 terms, IP terms) of :func:`coarse_terms` from one product: the
-    lists probed by ``||q - c_l||^2`` (the cells are L2 Voronoi cells) and
-    scored with inner-product tables, whose entries get ``-<q, c_l>``."""
+    """(ranking terms, IP terms) from one product, for lists probed by
+    ``||q - c_l||^2`` (the cells are L2 Voronoi cells) and scored with
+    inner-product tables, whose entries get ``-<q, c_l>``: the ranking
+    terms are ``||c_l||^2 - 2 <q, c_l>`` (the query's ``||q||^2``, the same
+    for all its lists, left out)."""
     prod = Q @ centroids.T
     bias = np.negative(prod)
     prod *= -2
-    prod += np.einsum("ij,ij->i", Q, Q)[:, None]
     prod += np.einsum("ij,ij->i", centroids, centroids)[None, :]
     return prod, bias
 
