@@ -251,14 +251,16 @@ def update_codebooks(X, codes, codebooks, threshold, directions=None):
 
 def train_anisotropic(X, n_subspaces, n_codewords, threshold, directions=None,
                       codebooks=None, n_iter=TRAIN_ITERATIONS, tol=TRAIN_TOL,
-                      progress=None, **kmeans_params):
+                      progress=None, n_threads=1, **kmeans_params):
     """Anisotropic codebooks for the rows of X.
 
     Starts from ``codebooks`` or, by default, from the k-means codebooks of
     :func:`pqsk._quantizer.train_codebooks` (``kmeans_params`` passed on),
     then alternates :func:`anisotropic_encode` and :func:`update_codebooks`
     at most ``n_iter`` times, stopping once an alternation lowers the mean
-    loss by less than ``tol`` of it.
+    loss by less than ``tol`` of it.  ``n_threads`` is passed on to the
+    k-means training and the encoding kernel (the result does not depend
+    on it).
 
     Returns
     -------
@@ -270,11 +272,13 @@ def train_anisotropic(X, n_subspaces, n_codewords, threshold, directions=None,
 
     if codebooks is None:
         codebooks, _ = _quantizer.train_codebooks(X, n_subspaces, n_codewords,
-                                                  progress=progress, **kmeans_params)
-    codes = _quantizer.encode(X, codebooks)
+                                                  progress=progress, n_threads=n_threads,
+                                                  **kmeans_params)
+    codes = _quantizer.encode(X, codebooks, n_threads)
     losses = [float(np.mean(anisotropic_loss(X, codes, codebooks, threshold, directions)))]
     for it in range(n_iter):
-        codes = anisotropic_encode(X, codebooks, threshold, directions, init_codes=codes)
+        codes = anisotropic_encode(X, codebooks, threshold, directions, init_codes=codes,
+                                   n_threads=n_threads)
         new = update_codebooks(X, codes, codebooks, threshold, directions).astype(X.dtype)
         codebooks = new
         losses.append(float(np.mean(anisotropic_loss(X, codes, codebooks, threshold,

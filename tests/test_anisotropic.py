@@ -93,6 +93,9 @@ def test_codebook_update_and_training_never_increase_the_loss():
     assert np.all(np.diff(losses) <= 1e-6 * losses[0])
     assert losses[-1] < 0.97 * losses[0]
     assert trained.dtype == np.float32 and trained.shape == (4, 32, 4)
+    two, losses2 = aniso.train_anisotropic(X, 4, 32, 0.5, random_state=0, n_threads=2)
+    assert_array_equal(two, trained)
+    assert losses2 == losses
 
 
 # --- the Cython kernel against its NumPy oracle ----------------------------------------
