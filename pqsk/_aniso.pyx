@@ -15,7 +15,7 @@ def anisotropic_encode_rows(const double[:, ::1] X,             # IN  (n, m * ds
                             const double[:, ::1] c_norms,       # IN  (m, k) ||cb[j, c]||^2
                             code_t[:, ::1] codes,               # INOUT (n, m)
                             int n_sweeps,
-                            double[:, ::1] work,                # scratch (n_threads, 2 m k + 2 m + k)
+                            double[:, ::1] work,                # scratch (n_threads, 2 m k + 2 m)
                             int n_threads):
     """Lower each row's loss ``||r||^2 + w (r . u)^2`` (``r = x -
     decode(codes)``) by at most ``n_sweeps`` sweeps of coordinate descent
@@ -39,13 +39,15 @@ def anisotropic_encode_rows(const double[:, ::1] X,             # IN  (n, m * ds
     cdef Py_ssize_t ds = cb_t.shape[1]
     cdef Py_ssize_t k = cb_t.shape[2]
     cdef Py_ssize_t i, j, c, d, cur, best, sweep
-    cdef double p, nrm, po, no, diff, wi, bl, ru, rr, r, s
+    cdef double p, nrm, po, no, diff, wi, bl, ru, rr, r, s, xd, ud, lc, lcur
     cdef bint moved
     cdef double* xc
     cdef double* uc
     cdef double* xx
     cdef double* xu
-    cdef double* loss
+    cdef double* txc
+    cdef double* tuc
+    cdef const double* tcn
     cdef const double* x
     cdef const double* u
     cdef const double* row
@@ -56,13 +58,11 @@ def anisotropic_encode_rows(const double[:, ::1] X,             # IN  (n, m * ds
     uc = NULL
     xx = NULL
     xu = NULL
-    loss = NULL
     with nogil, parallel(num_threads=n_threads):
         xc = &work[threadid(), 0]
         uc = xc + m * k
         xx = uc + m * k
         xu = xx + m
-        loss = xu + m
         for i in prange(n, schedule="static"):
             x = &X[i, 0]
             u = &U[i, 0]
@@ -71,14 +71,18 @@ def anisotropic_encode_rows(const double[:, ::1] X,             # IN  (n, m * ds
             p = 0
             nrm = 0
             for j in range(m):
+                txc = xc + j * k
+                tuc = uc + j * k
                 for c in range(k):
-                    xc[j * k + c] = 0
-                    uc[j * k + c] = 0
+                    txc[c] = 0
+                    tuc[c] = 0
                 for d in range(ds):
                     row = &cb_t[j, d, 0]
+                    xd = x[j * ds + d]
+                    ud = u[j * ds + d]
                     for c in range(k):
-                        xc[j * k + c] = xc[j * k + c] + x[j * ds + d] * row[c]
-                        uc[j * k + c] = uc[j * k + c] + u[j * ds + d] * row[c]
+                        txc[c] = txc[c] + xd * row[c]
+                        tuc[c] = tuc[c] + ud * row[c]
                 s = 0
                 for d in range(ds):
                     s = s + x[j * ds + d] * x[j * ds + d]
@@ -109,17 +113,22 @@ def anisotropic_encode_rows(const double[:, ::1] X,             # IN  (n, m * ds
                     # n_o is the same for every candidate (it only shifts
                     # the losses); kept so the rounding is the oracle's.
                     no = nrm - rr + xx[j]
-                    for c in range(k):
-                        diff = po - uc[j * k + c]
-                        loss[c] = ((-2 * xc[j * k + c] + c_norms[j, c]) + no) \
-                            + (diff * diff) * wi
+                    txc = xc + j * k
+                    tuc = uc + j * k
+                    tcn = &c_norms[j, 0]
+                    diff = po - tuc[0]
+                    bl = ((-2 * txc[0] + tcn[0]) + no) + (diff * diff) * wi
                     best = 0
-                    bl = loss[0]
+                    lcur = bl
                     for c in range(1, k):
-                        if loss[c] < bl:
-                            bl = loss[c]
+                        diff = po - tuc[c]
+                        lc = ((-2 * txc[c] + tcn[c]) + no) + (diff * diff) * wi
+                        if c == cur:
+                            lcur = lc
+                        if lc < bl:
+                            bl = lc
                             best = c
-                    if not (bl < loss[cur]):
+                    if not (bl < lcur):
                         continue
                     moved = True
                     codes[i, j] = <code_t> best

@@ -193,7 +193,7 @@ def anisotropic_encode(X, codebooks, threshold, directions=None, init_codes=None
     cb_t = _quantizer._transposed(cb)
     c_norms = np.einsum("jkd,jkd->jk", cb, cb)
     n_threads = max(1, min(int(n_threads), n))
-    work = _quantizer.scratch(n_threads, 2 * m * k + 2 * m + k, np.float64)
+    work = _quantizer.scratch(n_threads, 2 * m * k + 2 * m, np.float64)
     step = max(1, _BLOCK_VALUES // (m * ds))
     for sl in chunk_slices(n, step):
         D = X[sl] if directions is None else directions[sl]
