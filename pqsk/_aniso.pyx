@@ -15,7 +15,7 @@ def anisotropic_encode_rows(const double[:, ::1] X,             # IN  (n, m * ds
                             const double[:, ::1] c_norms,       # IN  (m, k) ||cb[j, c]||^2
                             code_t[:, ::1] codes,               # INOUT (n, m)
                             int n_sweeps,
-                            double[:, ::1] work,                # scratch (n_threads, 2 m k + 2 m)
+                            double[:, ::1] work,                # scratch (n_threads, >= 2 m k + 2 m + k)
                             int n_threads):
     """Lower each row's loss ``||r||^2 + w (r . u)^2`` (``r = x -
     decode(codes)``) by at most ``n_sweeps`` sweeps of coordinate descent
@@ -39,7 +39,7 @@ def anisotropic_encode_rows(const double[:, ::1] X,             # IN  (n, m * ds
     cdef Py_ssize_t ds = cb_t.shape[1]
     cdef Py_ssize_t k = cb_t.shape[2]
     cdef Py_ssize_t i, j, c, d, cur, best, sweep
-    cdef double p, nrm, po, no, diff, wi, bl, ru, rr, r, s, xd, ud, lc, lcur
+    cdef double p, nrm, po, no, diff, wi, bl, ru, rr, r, s, xd, ud
     cdef bint moved
     cdef double* xc
     cdef double* uc
@@ -47,6 +47,7 @@ def anisotropic_encode_rows(const double[:, ::1] X,             # IN  (n, m * ds
     cdef double* xu
     cdef double* txc
     cdef double* tuc
+    cdef double* loss
     cdef const double* tcn
     cdef const double* x
     cdef const double* u
@@ -58,11 +59,13 @@ def anisotropic_encode_rows(const double[:, ::1] X,             # IN  (n, m * ds
     uc = NULL
     xx = NULL
     xu = NULL
+    loss = NULL
     with nogil, parallel(num_threads=n_threads):
         xc = &work[threadid(), 0]
         uc = xc + m * k
         xx = uc + m * k
         xu = xx + m
+        loss = xu + m
         for i in prange(n, schedule="static"):
             x = &X[i, 0]
             u = &U[i, 0]
@@ -116,19 +119,16 @@ def anisotropic_encode_rows(const double[:, ::1] X,             # IN  (n, m * ds
                     txc = xc + j * k
                     tuc = uc + j * k
                     tcn = &c_norms[j, 0]
-                    diff = po - tuc[0]
-                    bl = ((-2 * txc[0] + tcn[0]) + no) + (diff * diff) * wi
-                    best = 0
-                    lcur = bl
-                    for c in range(1, k):
+                    for c in range(k):
                         diff = po - tuc[c]
-                        lc = ((-2 * txc[c] + tcn[c]) + no) + (diff * diff) * wi
-                        if c == cur:
-                            lcur = lc
-                        if lc < bl:
-                            bl = lc
+                        loss[c] = ((-2 * txc[c] + tcn[c]) + no) + (diff * diff) * wi
+                    best = 0
+                    bl = loss[0]
+                    for c in range(1, k):
+                        if loss[c] < bl:
+                            bl = loss[c]
                             best = c
-                    if not (bl < lcur):
+                    if not (bl < loss[cur]):
                         continue
                     moved = True
                     codes[i, j] = <code_t> best

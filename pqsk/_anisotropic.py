@@ -142,6 +142,12 @@ def anisotropic_loss(X, codes, codebooks, threshold, directions=None):
     return np.einsum("ij,ij->i", R, R) + w * p * p
 
 
+def kernel_work_width(m, k):
+    """float64 scratch values per thread of the encoding kernel: the (m, k)
+    tables x . c and u . c, ||x_j||^2 and x_j . u_j, and one row of k losses."""
+    return 2 * m * k + 2 * m + k
+
+
 def anisotropic_encode(X, codebooks, threshold, directions=None, init_codes=None,
                        n_sweeps=ENCODE_SWEEPS, n_threads=1):
     """Codes of the rows of X minimising the anisotropic loss, by coordinate
@@ -193,7 +199,7 @@ def anisotropic_encode(X, codebooks, threshold, directions=None, init_codes=None
     cb_t = _quantizer._transposed(cb)
     c_norms = np.einsum("jkd,jkd->jk", cb, cb)
     n_threads = max(1, min(int(n_threads), n))
-    work = _quantizer.scratch(n_threads, 2 * m * k + 2 * m, np.float64)
+    work = _quantizer.scratch(n_threads, kernel_work_width(m, k), np.float64)
     step = max(1, _BLOCK_VALUES // (m * ds))
     for sl in chunk_slices(n, step):
         D = X[sl] if directions is None else directions[sl]

@@ -123,7 +123,7 @@ def _kernel(Xp, U, w, cb, codes, n_sweeps, n_threads=1):
     """Run the kernel on a copy of ``codes``."""
     out = codes.copy()
     m, k, _ = cb.shape
-    work = _quantizer.scratch(n_threads, 2 * m * k + 2 * m, np.float64)
+    work = _quantizer.scratch(n_threads, aniso.kernel_work_width(m, k), np.float64)
     _aniso.anisotropic_encode_rows(Xp, U, w, _quantizer._transposed(cb),
                                    np.einsum("jkd,jkd->jk", cb, cb), out, n_sweeps, work,
                                    n_threads)
