@@ -25,7 +25,7 @@ from setuptools.command.build_ext import build_ext
 from setuptools.modified import newer_group
 
 EXTENSIONS = ["pqsk._encode", "pqsk._adc", "pqsk._ivf", "pqsk._hnsw", "pqsk._openmp",
-              "pqsk._fastscan", "pqsk._rerank"]
+              "pqsk._fastscan", "pqsk._rerank", "pqsk._aniso"]
 
 
 def _openmp_flags():

@@ -65,7 +65,7 @@ TRAIN_ITERATIONS = 8
 TRAIN_TOL = 1e-4
 # Ridge of the codebook update, per row of a codeword (see update_codebooks).
 RIDGE = 1e-6
-# float64 values per (rows, k) temporary when encoding.
+# float64 values per chunk of padded rows (and of directions) when encoding.
 _BLOCK_VALUES = 2**21
 
 
@@ -142,10 +142,20 @@ def anisotropic_loss(X, codes, codebooks, threshold, directions=None):
     return np.einsum("ij,ij->i", R, R) + w * p * p
 
 
+def kernel_work_width(m, k):
+    """float64 scratch values per thread of the encoding kernel: the (m, k)
+    tables x . c and u . c, ||x_j||^2 and x_j . u_j, and one row of k losses."""
+    return 2 * m * k + 2 * m + k
+
+
 def anisotropic_encode(X, codebooks, threshold, directions=None, init_codes=None,
-                       n_sweeps=ENCODE_SWEEPS):
+                       n_sweeps=ENCODE_SWEEPS, n_threads=1):
     """Codes of the rows of X minimising the anisotropic loss, by coordinate
     descent over the sub-spaces (see the module docstring).
+
+    The descent runs in the kernel :func:`pqsk._aniso.anisotropic_encode_rows`
+    (its NumPy oracle is :func:`pqsk._naive.anisotropic_encode_chunk`), a
+    chunk of rows at a time.
 
     Parameters
     ----------
@@ -161,88 +171,44 @@ def anisotropic_encode(X, codebooks, threshold, directions=None, init_codes=None
         Codes to start from; default the plain nearest-codeword codes.
     n_sweeps : int
         At most this many sweeps over the m sub-spaces.
+    n_threads : int, default=1
+        OpenMP threads of the kernel; the codes do not depend on it.
 
     Returns
     -------
     codes : ndarray of shape (n, m), ``code_dtype(k)``
         No row's loss is above that of ``init_codes`` (or of the plain codes).
     """
-    from . import _quantizer
+    from . import _aniso, _quantizer
 
     m, k, ds = codebooks.shape
     if init_codes is None:
-        codes = _quantizer.encode(X, codebooks)
+        codes = _quantizer.encode(X, codebooks, n_threads)
     else:
-        codes = np.array(init_codes, dtype=_quantizer.code_dtype(k), copy=True)
-    if X.shape[0] == 0:
+        codes = np.array(init_codes, dtype=_quantizer.code_dtype(k), order="C", copy=True)
+        if codes.shape != (X.shape[0], m):
+            raise ValueError(f"init_codes has shape {codes.shape}; expected "
+                             f"{(X.shape[0], m)} (one code per row and sub-space)")
+        if codes.size and int(codes.max()) >= k:
+            raise ValueError(f"init_codes holds code {int(codes.max())}; the codebooks "
+                             f"have only {k} codewords")
+    n = X.shape[0]
+    if n == 0 or n_sweeps < 1:
         return codes
-    cb = np.asarray(codebooks, dtype=np.float64)
+    cb = np.ascontiguousarray(codebooks, dtype=np.float64)
+    cb_t = _quantizer._transposed(cb)
     c_norms = np.einsum("jkd,jkd->jk", cb, cb)
-    step = max(1, _BLOCK_VALUES // k)
-    for sl in chunk_slices(X.shape[0], step):
+    n_threads = max(1, min(int(n_threads), n))
+    work = _quantizer.scratch(n_threads, kernel_work_width(m, k), np.float64)
+    step = max(1, _BLOCK_VALUES // (m * ds))
+    for sl in chunk_slices(n, step):
         D = X[sl] if directions is None else directions[sl]
-        _encode_chunk(_padded64(X[sl], cb), *row_weights(D, threshold, cb),
-                      cb, c_norms, codes[sl], n_sweeps)
+        U, w = row_weights(D, threshold, cb)
+        _aniso.anisotropic_encode_rows(np.ascontiguousarray(_padded64(X[sl], cb)),
+                                       np.ascontiguousarray(U),
+                                       np.ascontiguousarray(w), cb_t, c_norms, codes[sl],
+                                       int(n_sweeps), work, n_threads)
     return codes
-
-
-def _encode_chunk(Xc, U, w, cb, c_norms, codes, n_sweeps):
-    """Coordinate descent on one chunk; ``codes`` updated in place.  A row
-    none of whose codes changed in a sweep is at a fixed point: later
-    sweeps visit only the rows that moved in the previous one."""
-    m, k, ds = cb.shape
-    R = Xc - _decode(codes, cb)
-    p = np.einsum("ij,ij->i", R, U)
-    nrm = np.einsum("ij,ij->i", R, R)
-    act = np.arange(Xc.shape[0])
-    for _ in range(n_sweeps):
-        if act.size == 0:
-            break
-        full = act.size == Xc.shape[0]
-        Xa, Ua, wa = (Xc, U, w) if full else (Xc[act], U[act], w[act])
-        Ra, pa, na, ca = (R, p, nrm, codes) if full else (R[act], p[act], nrm[act],
-                                                          codes[act])
-        moved = _sweep(Xa, Ua, wa, cb, c_norms, Ra, pa, na, ca)
-        if not full:
-            R[act], p[act], nrm[act], codes[act] = Ra, pa, na, ca
-        act = act[moved]
-
-
-def _sweep(Xc, U, w, cb, c_norms, R, p, nrm, codes):
-    """One pass over the sub-spaces (arrays updated in place); returns the
-    mask of rows whose code changed."""
-    m, k, ds = cb.shape
-    rows = np.arange(Xc.shape[0])
-    moved = np.zeros(Xc.shape[0], dtype=bool)
-    for j in range(m):
-        sl = slice(j * ds, (j + 1) * ds)
-        xj, uj, rj = Xc[:, sl], U[:, sl], R[:, sl]
-        p_o = p - np.einsum("ij,ij->i", rj, uj) + np.einsum("ij,ij->i", xj, uj)
-        n_o = nrm - np.einsum("ij,ij->i", rj, rj) + np.einsum("ij,ij->i", xj, xj)
-        # r . u and ||r||^2 for every codeword of block j.
-        pp = uj @ cb[j].T
-        np.subtract(p_o[:, None], pp, out=pp)
-        loss = xj @ cb[j].T
-        loss *= -2
-        loss += c_norms[j]
-        loss += n_o[:, None]
-        pp *= pp
-        pp *= w[:, None]
-        loss += pp
-        best = np.argmin(loss, axis=1)
-        cur = codes[:, j].astype(np.intp)
-        move = loss[rows, best] < loss[rows, cur]
-        if not move.any():
-            continue
-        moved |= move
-        codes[move, j] = best[move]
-        new_rj = xj[move] - cb[j][best[move]]
-        rj[move] = new_rj
-        p[move] = p_o[move] - np.einsum("ij,ij->i", xj[move], uj[move]) \
-            + np.einsum("ij,ij->i", new_rj, uj[move])
-        nrm[move] = n_o[move] - np.einsum("ij,ij->i", xj[move], xj[move]) \
-            + np.einsum("ij,ij->i", new_rj, new_rj)
-    return moved
 
 
 def update_codebooks(X, codes, codebooks, threshold, directions=None):
@@ -291,14 +257,16 @@ def update_codebooks(X, codes, codebooks, threshold, directions=None):
 
 def train_anisotropic(X, n_subspaces, n_codewords, threshold, directions=None,
                       codebooks=None, n_iter=TRAIN_ITERATIONS, tol=TRAIN_TOL,
-                      progress=None, **kmeans_params):
+                      progress=None, n_threads=1, **kmeans_params):
     """Anisotropic codebooks for the rows of X.
 
     Starts from ``codebooks`` or, by default, from the k-means codebooks of
     :func:`pqsk._quantizer.train_codebooks` (``kmeans_params`` passed on),
     then alternates :func:`anisotropic_encode` and :func:`update_codebooks`
     at most ``n_iter`` times, stopping once an alternation lowers the mean
-    loss by less than ``tol`` of it.
+    loss by less than ``tol`` of it.  ``n_threads`` is passed on to the
+    k-means training and the encoding kernel (the result does not depend
+    on it).
 
     Returns
     -------
@@ -310,11 +278,13 @@ def train_anisotropic(X, n_subspaces, n_codewords, threshold, directions=None,
 
     if codebooks is None:
         codebooks, _ = _quantizer.train_codebooks(X, n_subspaces, n_codewords,
-                                                  progress=progress, **kmeans_params)
-    codes = _quantizer.encode(X, codebooks)
+                                                  progress=progress, n_threads=n_threads,
+                                                  **kmeans_params)
+    codes = _quantizer.encode(X, codebooks, n_threads)
     losses = [float(np.mean(anisotropic_loss(X, codes, codebooks, threshold, directions)))]
     for it in range(n_iter):
-        codes = anisotropic_encode(X, codebooks, threshold, directions, init_codes=codes)
+        codes = anisotropic_encode(X, codebooks, threshold, directions, init_codes=codes,
+                                   n_threads=n_threads)
         new = update_codebooks(X, codes, codebooks, threshold, directions).astype(X.dtype)
         codebooks = new
         losses.append(float(np.mean(anisotropic_loss(X, codes, codebooks, threshold,

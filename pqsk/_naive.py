@@ -396,3 +396,65 @@ def exact_rerank(Q, vectors, cand, n_neighbors, inner_product=False, unit_norm=F
         for r, (d, i) in enumerate(kept):
             dist[q, r], idx[q, r] = d, i
     return dist, idx
+
+
+def anisotropic_encode_chunk(X, U, w, codebooks, codes, n_sweeps):
+    """Oracle of ``pqsk._aniso.anisotropic_encode_rows``: coordinate descent
+    on the anisotropic loss ``||r||^2 + w_i (r . u_i)^2`` (``r = x_i -
+    decode(codes[i])``), ``codes`` updated in place.
+
+    X and U are (n, m * ds) float64 rows and unit directions in the padded
+    layout, w (n,) is eta - 1, codebooks (m, k, ds).  A sweep visits the
+    sub-spaces in order; sub-space j takes the codeword of least loss
+    given the other blocks (the first on ties) when that loss is strictly
+    below the current code's.  A row none of whose codes changed in a
+    sweep is at a fixed point: later sweeps visit only the rows that moved
+    in the previous one.  At most ``n_sweeps`` sweeps.
+    """
+    cb = np.asarray(codebooks, dtype=np.float64)
+    m, k, ds = cb.shape
+    c_norms = np.einsum("jkd,jkd->jk", cb, cb)
+    R = X - np.hstack([cb[j][codes[:, j]] for j in range(m)])
+    p = np.einsum("ij,ij->i", R, U)
+    nrm = np.einsum("ij,ij->i", R, R)
+    act = np.arange(X.shape[0])
+    for _ in range(n_sweeps):
+        if act.size == 0:
+            break
+        Ra, pa, na, ca = R[act], p[act], nrm[act], codes[act]
+        moved = _anisotropic_sweep(X[act], U[act], w[act], cb, c_norms, Ra, pa, na, ca)
+        R[act], p[act], nrm[act], codes[act] = Ra, pa, na, ca
+        act = act[moved]
+    return codes
+
+
+def _anisotropic_sweep(X, U, w, cb, c_norms, R, p, nrm, codes):
+    """One pass over the sub-spaces (R, p, nrm, codes updated in place);
+    returns the mask of rows whose code changed.  For block j, ``p_o`` and
+    ``n_o`` are r . u and ||r||^2 with block j's codeword taken out (r_j
+    replaced by x_j); codeword c then gives r . u = p_o - u_j . c and
+    ||r||^2 = n_o - 2 x_j . c + ||c||^2."""
+    m, k, ds = cb.shape
+    rows = np.arange(X.shape[0])
+    moved = np.zeros(X.shape[0], dtype=bool)
+    for j in range(m):
+        sl = slice(j * ds, (j + 1) * ds)
+        xj, uj, rj = X[:, sl], U[:, sl], R[:, sl]
+        p_o = p - np.einsum("ij,ij->i", rj, uj) + np.einsum("ij,ij->i", xj, uj)
+        n_o = nrm - np.einsum("ij,ij->i", rj, rj) + np.einsum("ij,ij->i", xj, xj)
+        diff = p_o[:, None] - uj @ cb[j].T
+        loss = ((-2 * (xj @ cb[j].T) + c_norms[j]) + n_o[:, None]) + (diff * diff) * w[:, None]
+        best = np.argmin(loss, axis=1)
+        cur = codes[:, j].astype(np.intp)
+        move = loss[rows, best] < loss[rows, cur]
+        if not move.any():
+            continue
+        moved |= move
+        codes[move, j] = best[move]
+        new_rj = xj[move] - cb[j][best[move]]
+        rj[move] = new_rj
+        p[move] = p_o[move] - np.einsum("ij,ij->i", xj[move], uj[move]) \
+            + np.einsum("ij,ij->i", new_rj, uj[move])
+        nrm[move] = n_o[move] - np.einsum("ij,ij->i", xj[move], xj[move]) \
+            + np.einsum("ij,ij->i", new_rj, new_rj)
+    return moved

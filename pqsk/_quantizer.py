@@ -462,7 +462,7 @@ def encode(X, codebooks, n_threads=1, threshold=None, directions=None):
     if threshold is not None:
         from ._anisotropic import anisotropic_encode
 
-        return anisotropic_encode(X, codebooks, threshold, directions)
+        return anisotropic_encode(X, codebooks, threshold, directions, n_threads=n_threads)
     X = padded_rows(X, codebooks)
     n_threads = max(1, min(n_threads, X.shape[0] // 64))  # rows are cheap: few threads
     codes = np.empty((X.shape[0], m), dtype=code_dtype(k))

@@ -9,8 +9,8 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import index_files as files
 from pqsk import HNSWPQNeighbors, IVFPQNeighbors, PQNeighbors, PQTransformer
+from pqsk import _aniso, _naive, _quantizer
 from pqsk import _anisotropic as aniso
-from pqsk import _quantizer
 
 
 def _rows(n, d, seed, norms=(0.5, 1.5)):
@@ -93,6 +93,147 @@ def test_codebook_update_and_training_never_increase_the_loss():
     assert np.all(np.diff(losses) <= 1e-6 * losses[0])
     assert losses[-1] < 0.97 * losses[0]
     assert trained.dtype == np.float32 and trained.shape == (4, 32, 4)
+    two, losses2 = aniso.train_anisotropic(X, 4, 32, 0.5, random_state=0, n_threads=2)
+    assert_array_equal(two, trained)
+    assert losses2 == losses
+
+
+# --- the Cython kernel against its NumPy oracle ----------------------------------------
+
+def _kernel_case(n, d, m, k, threshold, seed):
+    """Padded float64 rows (norms 0.2-3, one zero row when n > 2), their
+    directions and eta - 1, codebooks drawn from the rows' own blocks plus
+    noise (zero in the padding columns) and random starting codes."""
+    rng = np.random.RandomState(seed)
+    X, _ = _rows(max(n, 1), d, seed, norms=(0.2, 3.0))
+    X = X[:n].astype(np.float64)
+    if n > 2:
+        X[1] = 0
+    Xp = _quantizer.pad_features(X, m)
+    ds = Xp.shape[1] // m
+    src = _quantizer.pad_features(_rows(k, d, seed + 1)[0].astype(np.float64), m)
+    mask = _quantizer.pad_features(np.ones((1, d)), m).reshape(m, 1, ds)
+    cb = (src.reshape(k, m, ds).transpose(1, 0, 2) + 0.05 * rng.randn(m, k, ds)) * mask
+    U, w = aniso.row_weights(X, threshold, cb)
+    codes = rng.randint(k, size=(n, m)).astype(_quantizer.code_dtype(k))
+    return Xp, U, w, np.ascontiguousarray(cb), codes
+
+
+def _kernel(Xp, U, w, cb, codes, n_sweeps, n_threads=1):
+    """Run the kernel on a copy of ``codes``."""
+    out = codes.copy()
+    m, k, _ = cb.shape
+    work = _quantizer.scratch(n_threads, aniso.kernel_work_width(m, k), np.float64)
+    _aniso.anisotropic_encode_rows(Xp, U, w, _quantizer._transposed(cb),
+                                   np.einsum("jkd,jkd->jk", cb, cb), out, n_sweeps, work,
+                                   n_threads)
+    return out
+
+
+def _loss(Xp, U, w, cb, codes):
+    """||r||^2 + w (r . u)^2 by hand, from the decoded rows."""
+    R = Xp - np.hstack([cb[j][codes[:, j]] for j in range(cb.shape[0])])
+    p = np.einsum("ij,ij->i", R, U)
+    return np.einsum("ij,ij->i", R, R) + w * p * p
+
+
+def _assert_same_as_oracle(got, ref, loss):
+    """Codes equal to the oracle's on every row, except rare rows where the
+    summation order tipped a near-tie: there both losses agree to 1e-12."""
+    differ = np.flatnonzero(np.any(got != ref, axis=1))
+    assert differ.size <= max(1, got.shape[0] // 200), differ.size
+    assert_allclose(loss(got)[differ], loss(ref)[differ], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("n,d,m,k", [
+    (600, 24, 6, 16),     # m divides D, 4-bit sized codebooks
+    (400, 23, 5, 256),    # uneven sub-spaces (widths 5, 5, 5, 4, 4), uint8 codes
+    (300, 10, 3, 300),    # uneven, k > 256: uint16 codes
+    (500, 50, 25, 16),    # the GloVe-50 frontier shape: sub-spaces of 2
+])
+@pytest.mark.parametrize("n_sweeps", [1, 4])
+def test_kernel_matches_the_oracle(n, d, m, k, n_sweeps):
+    Xp, U, w, cb, start = _kernel_case(n, d, m, k, 0.3, seed=n + k)
+    ref = _naive.anisotropic_encode_chunk(Xp, U, w, cb, start.copy(), n_sweeps)
+    got = _kernel(Xp, U, w, cb, start, n_sweeps)
+    assert got.dtype == _quantizer.code_dtype(k)
+    assert np.any(got != start)  # the descent moved codes
+    _assert_same_as_oracle(got, ref, lambda c: _loss(Xp, U, w, cb, c))
+    # The loss never increases from the starting codes.
+    before, after = _loss(Xp, U, w, cb, start), _loss(Xp, U, w, cb, got)
+    assert np.all(after <= before * (1 + 1e-12) + 1e-15)
+    assert after.mean() < before.mean()
+    # Threads split the rows: the same codes, bit for bit.
+    assert_array_equal(_kernel(Xp, U, w, cb, start, n_sweeps, n_threads=2), got)
+
+
+def test_kernel_stops_at_a_fixed_point():
+    # Enough sweeps: no single sub-space can lower any row's loss any more
+    # (one more oracle sweep moves nothing), and further sweeps change nothing.
+    Xp, U, w, cb, start = _kernel_case(400, 23, 5, 32, 0.2, seed=5)
+    got = _kernel(Xp, U, w, cb, start, 100)
+    again = _naive.anisotropic_encode_chunk(Xp, U, w, cb, got.copy(), 1)
+    _assert_same_as_oracle(again, got, lambda c: _loss(Xp, U, w, cb, c))
+    assert_array_equal(_kernel(Xp, U, w, cb, got, 100), got)
+    ref = _naive.anisotropic_encode_chunk(Xp, U, w, cb, start.copy(), 100)
+    _assert_same_as_oracle(got, ref, lambda c: _loss(Xp, U, w, cb, c))
+
+
+def test_kernel_ties_go_to_the_first_codeword():
+    # Codeword 7 is a copy of codeword 3 in every sub-space: a row moving
+    # to either takes 3, and a row already on 7 stays (no strict drop).
+    Xp, U, w, cb, start = _kernel_case(500, 24, 6, 16, 0.2, seed=14)
+    cb[:, 7] = cb[:, 3]
+    start[start == 7] = 0
+    got = _kernel(Xp, U, w, cb, start, 4)
+    assert not np.any(got == 7) and np.sum(got == 3) > 50
+    start[:, 0] = 7  # sub-space 0 is visited once in one sweep
+    got = _kernel(Xp, U, w, cb, start, 1)
+    assert np.all(got[:, 0] != 3) and np.sum(got[:, 0] == 7) > 20
+
+
+@pytest.mark.parametrize("k", [16, 300])
+def test_kernel_with_the_plain_loss_finds_the_nearest_codewords(k):
+    # w = 0: the loss separates over the sub-spaces, so one sweep from any
+    # codes lands on each block's nearest codeword.
+    Xp, U, w, cb, start = _kernel_case(500, 23, 5, k, 0.2, seed=k)
+    got = _kernel(Xp, U, np.zeros_like(w), cb, start, 1)
+    assert_array_equal(got, _naive.encode(Xp, cb))
+    assert_array_equal(got, _quantizer.encode(Xp, cb))
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_kernel_on_zero_and_one_row(n):
+    Xp, U, w, cb, start = _kernel_case(n, 12, 4, 16, 0.2, seed=3)
+    ref = _naive.anisotropic_encode_chunk(Xp, U, w, cb, start.copy(), 4)
+    assert_array_equal(_kernel(Xp, U, w, cb, start, 4, n_threads=2), ref)
+    X = Xp[:, :12].astype(np.float32)
+    codes = aniso.anisotropic_encode(X, cb.astype(np.float32), 0.2, n_threads=2)
+    assert codes.shape == (n, 4) and codes.dtype == np.uint8
+
+
+def test_encode_threads_and_chunks_give_the_same_codes(monkeypatch):
+    X, _ = _rows(3000, 20, 12, norms=(0.2, 3.0))
+    cb, _ = _quantizer.train_codebooks(X, 5, 16, random_state=0)
+    one = aniso.anisotropic_encode(X, cb, 0.2)
+    assert_array_equal(aniso.anisotropic_encode(X, cb, 0.2, n_threads=2), one)
+    assert_array_equal(_quantizer.encode(X, cb, 2, 0.2), one)
+    monkeypatch.setattr(aniso, "_BLOCK_VALUES", 7 * 20)  # chunks of 7 rows
+    assert_array_equal(aniso.anisotropic_encode(X, cb, 0.2, n_threads=2), one)
+    # And the oracle on the whole set, in one chunk.
+    U, w = aniso.row_weights(X, 0.2, cb)
+    ref = _naive.anisotropic_encode_chunk(X.astype(np.float64), U, w, cb.astype(np.float64),
+                                          _quantizer.encode(X, cb), aniso.ENCODE_SWEEPS)
+    _assert_same_as_oracle(one, ref, lambda c: aniso.anisotropic_loss(X, c, cb, 0.2))
+
+
+def test_bad_starting_codes_are_refused():
+    X, _ = _rows(50, 8, 13)
+    cb, _ = _quantizer.train_codebooks(X, 2, 8, random_state=0)
+    with pytest.raises(ValueError, match="only 8 codewords"):
+        aniso.anisotropic_encode(X, cb, 0.2, init_codes=np.full((50, 2), 8))
+    with pytest.raises(ValueError, match=r"init_codes has shape \(50, 3\)"):
+        aniso.anisotropic_encode(X, cb, 0.2, init_codes=np.zeros((50, 3)))
 
 
 # --- estimators ------------------------------------------------------------------
