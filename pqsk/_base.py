@@ -297,7 +297,8 @@ class PQParamsMixin:
 
             codebooks, losses = train_anisotropic(
                 sample, m, k, float(threshold),
-                directions=directions, codebooks=codebooks, progress=progress)
+                directions=directions, codebooks=codebooks, progress=progress,
+                n_threads=effective_n_threads(self.n_jobs))
             progress(f"anisotropic codebooks: mean loss {losses[0]:.4g} -> "
                      f"{losses[-1]:.4g} in {len(losses) - 1} iterations")
         release_memory()  # training's temporaries, before the index is built
