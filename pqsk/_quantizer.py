@@ -223,9 +223,9 @@ def row_chunks(X):
 # --- k-means training -------------------------------------------------------
 #
 # Every k-means in pqsk (the sub-space codebooks and the coarse quantizer) is
-# scikit-learn's KMeans on one OpenMP thread, trained on a sample of at most
-# 256 rows per centroid (``max_train_samples="auto"``, as faiss samples), and
-# run in two stages when that sample is large:
+# trained on a sample of at most 256 rows per centroid
+# (``max_train_samples="auto"``, as faiss samples), and run in two stages when
+# that sample is large:
 #
 # 1. KMeans(init, n_init, tol) for ``max_iter - refine_iterations(max_iter)``
 #    iterations on a random subset of FIRST_STAGE_POINTS = 64 rows per
@@ -244,10 +244,12 @@ def row_chunks(X):
 # max_iter (stage 2 gets a quarter of it); a training sample of at most
 # 128 * k rows (max_train_samples <= 128 * k) is clustered in one stage.
 #
-# Results do not depend on n_jobs: KMeans sums each centre in per-thread
-# partial sums, so its output changes with the OpenMP thread count; every
-# KMeans runs on one thread, and n_jobs only runs independent fits (the
-# sub-spaces) side by side.
+# The schedule runs on scikit-learn's KMeans (fit_kmeans), except the coarse
+# quantizer of a large problem (see "inverted file" below: pqsk's own Lloyd
+# passes in fixed tasks).  Results do not depend on n_jobs: KMeans sums each
+# centre in per-thread partial sums, so its output changes with the OpenMP
+# thread count; every KMeans runs on one thread, and n_jobs only runs
+# independent fits (the sub-spaces) side by side.
 
 FIRST_STAGE_POINTS = 64
 REFINE_DIVISOR = 4
@@ -554,12 +556,15 @@ def adc_search(Q, codebooks, codes, n_neighbors, inner_product=False, n_threads=
 #   KMeans holds it); beyond it every pass reads its rows from X, and the
 #   sample is never held.  Both give the same centroids.
 #
-# LLOYD_THRESHOLD = 2**24 (n_lists >= 256 with the default 256 rows per
-# list): from there the task-wise Lloyd is at least as fast per thread as
-# KMeans (benchmarks/results/coarse_lloyd.md: 96-d, 1,024 lists,
-# 262,144 rows), so a one-thread fit costs no more, and a fit with two
-# threads (n_jobs=2, or the training task of pqsk.dask.ShardedNeighbors)
-# runs the coarse k-means on both; below it KMeans's fused loops win.
+# LLOYD_THRESHOLD = 2**24: n_lists >= 256 with the default 256 rows per
+# list.  One-thread CPU seconds of the coarse k-means, KMeans vs the tasks
+# (coarse_max_iter=10, 256 rows per list, unit-norm rows, 2-core AMD EPYC;
+# ``python -m benchmarks.bench_dask --coarse``, results/dask.md): 96-d,
+# 1,024 lists: 4.8 vs 3.1 (1.8 s wall on 2 threads); 96-d, 256 lists: 0.35
+# vs 0.27; 16-d, 256 lists: 0.13 vs 0.09; 128 lists (2**22): the same
+# time.  So from the threshold on a one-thread fit is faster, and a fit
+# with more threads (n_jobs, or the training task of
+# pqsk.dask.ShardedNeighbors) runs the coarse k-means on all of them.
 LLOYD_THRESHOLD = 2**24
 # The sample is gathered in memory up to this (one Lloyd pass then costs
 # less than ~2**28 distance evaluations, a second or so on one thread);
@@ -570,6 +575,7 @@ STREAM_TASK_ROWS = 16384
 # Distance values a task's (rows, n_lists) block holds: 2**19 (2 MiB of
 # float32) kept the block in cache, ~20% faster than 2**22.
 LLOYD_BLOCK = 2**19
+
 
 def sample_rows(n, max_samples, random_state):
     """Sorted numbers of at most ``max_samples`` of ``n`` rows drawn without
