@@ -26,6 +26,7 @@ Layout conventions (as in Jégou et al., 2011):
   the codeword of vector i in sub-space j.
 """
 
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -424,8 +425,9 @@ def row_hashes(A):
     words = words.view(np.uint32) if words.shape[1] % 4 == 0 else words
     h = np.zeros(A.shape[0], dtype=np.uint64)
     with np.errstate(over="ignore"):
-        for col in words.T:
-            h = h * np.uint64(0x9E3779B97F4A7C15) + col.astype(np.uint64)
+        for col in words.T:  # in place: no temporary per column
+            h *= np.uint64(0x9E3779B97F4A7C15)
+            h += col
     return h
 
 
@@ -673,6 +675,7 @@ def train_coarse_streamed(X, rows, n_lists, *, max_iter=25, tol=1e-4, random_sta
             return lambda sl: np.ascontiguousarray(source[np.arange(sl.start, sl.stop)])
         return lambda sl: np.ascontiguousarray(source[row_set[sl]])
 
+    buffers = TaskBuffers()
     with one_blas_thread(), ThreadPoolExecutor(max_workers=workers) as ex:
 
         def run_tasks(fn, read, size):
@@ -727,7 +730,7 @@ def train_coarse_streamed(X, rows, n_lists, *, max_iter=25, tol=1e-4, random_sta
         for read, size, passes in ((stage1, n_first, max_iter - n_refine),
                                    (reader(X, rows), n_train, n_refine)):
             for _ in range(passes):
-                centroids, shift = _lloyd_pass(run_tasks, read, size, centroids)
+                centroids, shift = _lloyd_pass(run_tasks, read, size, centroids, buffers)
                 n_iter += 1
                 if shift <= tol_abs:
                     break
@@ -738,10 +741,27 @@ def train_coarse_streamed(X, rows, n_lists, *, max_iter=25, tol=1e-4, random_sta
 STREAM_FAR = 64
 
 
-def _lloyd_pass(run_tasks, read, size, centroids):
+class TaskBuffers(threading.local):
+    """Buffers each thread reuses from task to task (and pass to pass):
+    ``get(name, rows, width, dtype)`` is a (rows, width) array, allocated
+    when none of that name is large enough.  A dask worker returns freed
+    memory to the system at once (``MALLOC_TRIM_THRESHOLD_``), so a
+    temporary allocated per task is page-faulted in again every time:
+    the training task's system time doubled."""
+
+    def get(self, name, rows, width, dtype):
+        buf = self.__dict__.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != width or buf.dtype != dtype:
+            buf = self.__dict__[name] = np.empty((rows, width), dtype=dtype)
+        return buf[:rows]
+
+
+def _lloyd_pass(run_tasks, read, size, centroids, buffers=None):
     """One Lloyd pass over ``size`` rows (task ``sl`` reads ``read(sl)``):
-    (new centroids, sum of the squared centre shifts).  See
+    (new centroids, sum of the squared centre shifts).  ``buffers``: a
+    :class:`TaskBuffers` the tasks' temporaries are kept in.  See
     :func:`train_coarse_streamed`."""
+    buffers = TaskBuffers() if buffers is None else buffers
     n_lists, d = centroids.shape
     c_norms = np.einsum("ij,ij->i", centroids, centroids)
     # ||a - c||^2 - ||a||^2 = a.(-2c) + ||c||^2; scaling by -2 is exact, so
@@ -751,9 +771,9 @@ def _lloyd_pass(run_tasks, read, size, centroids):
 
     def task(A):
         n = A.shape[0]
-        labels = np.empty(n, dtype=np.intp)
-        dist = np.empty(n, dtype=np.float64)
-        block = np.empty((min(step, n), n_lists), dtype=np.result_type(A, scaled))
+        labels = buffers.get("labels", n, 1, np.intp)[:, 0]
+        dist = buffers.get("dist", n, 1, np.float64)[:, 0]
+        block = buffers.get("block", min(step, n), n_lists, np.result_type(A, scaled))
         for sub in chunk_slices(n, step):
             rows = sub.stop - sub.start
             b = np.matmul(A[sub], scaled, out=block[:rows])
@@ -764,7 +784,9 @@ def _lloyd_pass(run_tasks, read, size, centroids):
         # Per-centre sums in row order (a one-hot sparse product: one pass).
         onehot = sparse.csc_matrix((np.ones(n), labels, np.arange(n + 1)),
                                    shape=(n_lists, n))
-        sums = np.asarray(onehot @ A.astype(np.float64))
+        wide = buffers.get("wide", n, d, np.float64)
+        wide[...] = A
+        sums = np.asarray(onehot @ wide)
         # The STREAM_FAR largest distances, ties by row: those of a stable
         # sort of -dist, found by a partition.
         k = min(STREAM_FAR, n)
