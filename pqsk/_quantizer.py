@@ -562,11 +562,12 @@ def adc_search(Q, codebooks, codes, n_neighbors, inner_product=False, n_threads=
 # list.  One-thread CPU seconds of the coarse k-means, KMeans vs the tasks
 # (coarse_max_iter=10, 256 rows per list, unit-norm rows, 2-core AMD EPYC;
 # ``python -m benchmarks.bench_dask --coarse``, results/dask.md): 96-d,
-# 1,024 lists: 4.8 vs 3.1 (1.8 s wall on 2 threads); 96-d, 256 lists: 0.35
-# vs 0.27; 16-d, 256 lists: 0.13 vs 0.09; 128 lists (2**22): the same
-# time.  So from the threshold on a one-thread fit is faster, and a fit
-# with more threads (n_jobs, or the training task of
-# pqsk.dask.ShardedNeighbors) runs the coarse k-means on all of them.
+# 1,024 lists: 4.75 vs 2.87; 96-d, 256 lists: 0.31 vs 0.24; 16-d, 1,024
+# lists: 1.83 vs 0.86; 96-d, 128 lists (2**22): 0.09 vs 0.08.  So from
+# the threshold on a one-thread fit is faster, and a fit with more threads
+# (n_jobs, or the training task of pqsk.dask.ShardedNeighbors) runs the
+# coarse k-means on all of them (96-d, 1,024 lists: 1.8 s wall on 2
+# threads with the second core free, 3.0 s when another job held it).
 LLOYD_THRESHOLD = 2**24
 # The sample is gathered in memory up to this (one Lloyd pass then costs
 # less than ~2**28 distance evaluations, a second or so on one thread);
