@@ -24,11 +24,20 @@ IVF-PQ: ``metric="cosine", n_lists=1024, n_subspaces=24, n_codewords=256,
 n_probe=16``.  HNSW-PQ: ``n_links=16, ef_construction=80, ef_search=64``,
 same codes, on ``--hnsw-n`` rows (default: n).
 
+``--coarse`` times the coarse k-means alone instead (the training's serial
+part before pqsk ran it in tasks): scikit-learn's KMeans on one thread
+(``fit_kmeans``, used below ``_quantizer.LLOYD_THRESHOLD``) against the
+task-wise Lloyd (``train_coarse_streamed`` on the gathered sample) on one
+and on two threads, on 256 rows per list of the same data (unit-norm, the
+first d features), best of 3, interleaved.
+
 Usage (from the repository root; the machine has 2 cores, so wrap it)::
 
     flock /work/bench.lock python -m benchmarks.bench_dask [--n 1000000] [--hnsw-n N]
+    flock /work/bench.lock python -m benchmarks.bench_dask --coarse
 
-Writes ``benchmarks/results/dask.md`` and ``dask.json``.
+Writes ``benchmarks/results/dask.md`` and ``dask.json`` (a run keeps the
+other runs' rows).
 """
 
 import argparse
@@ -105,8 +114,15 @@ def main():
     ap.add_argument("--hnsw-n", type=int, default=None)
     ap.add_argument("--only", choices=["IVFPQNeighbors", "HNSWPQNeighbors"], default=None,
                     help="run one estimator; the other's row is kept from dask.json")
+    ap.add_argument("--coarse", action="store_true",
+                    help="time the coarse k-means alone (KMeans vs tasks); the "
+                         "estimators' rows are kept from dask.json")
     args = ap.parse_args()
     hnsw_n = args.hnsw_n or args.n
+    kept = load()
+    if args.coarse:
+        write(kept["rows"], args, coarse_bench(), kept["meta"])
+        return
 
     import dask.array as da
     from dask import delayed
@@ -184,10 +200,67 @@ def main():
                                          "metric")}})
         del X
     if args.only:
-        with open(os.path.join(RESULTS, "dask.json")) as f:
-            kept = [r for r in json.load(f)["rows"] if r["estimator"] != args.only]
-        rows = sorted(kept + rows, key=lambda r: r["estimator"] != "IVFPQNeighbors")
-    write(rows, args)
+        others = [r for r in kept["rows"] if r["estimator"] != args.only]
+        rows = sorted(others + rows, key=lambda r: r["estimator"] != "IVFPQNeighbors")
+    write(rows, args, kept["coarse"])
+
+
+def load():
+    """The stored results ({"meta", "rows", "coarse"}), empty when none."""
+    path = os.path.join(RESULTS, "dask.json")
+    if not os.path.exists(path):
+        return {"meta": None, "rows": [], "coarse": []}
+    with open(path) as f:
+        stored = json.load(f)
+    return {"meta": stored.get("meta"), "rows": stored.get("rows", []),
+            "coarse": stored.get("coarse", [])}
+
+
+COARSE_CASES = [(96, 1024), (96, 256), (96, 128), (16, 1024), (16, 256)]
+
+
+def coarse_bench(repeats=3):
+    """The coarse k-means alone (see the module docstring): one row per
+    (d, n_lists) of ``COARSE_CASES``."""
+    from threadpoolctl import threadpool_limits
+
+    from pqsk import _quantizer
+
+    rows = []
+    for d, n_lists in COARSE_CASES:
+        n = 256 * n_lists
+        S = np.concatenate([make_block(b, m) for b, m in enumerate(block_sizes(n))])[:, :d]
+        S = np.ascontiguousarray(S / np.linalg.norm(S, axis=1, keepdims=True))
+
+        def kmeans():
+            with _quantizer.one_openmp_thread():
+                return _quantizer.fit_kmeans(S, n_lists, max_iter=10, random_state=0)[0]
+
+        def tasks(t):
+            return lambda: _quantizer.train_coarse_streamed(
+                S, None, n_lists, max_iter=10, random_state=0, n_threads=t, gather=True)[0]
+
+        best, mse = {}, {}
+        load_before = os.getloadavg()[0]
+        with threadpool_limits(1):
+            for _ in range(repeats):
+                for name, fn in (("kmeans", kmeans), ("tasks1", tasks(1)),
+                                 ("tasks2", tasks(2))):
+                    t, cpu = time.perf_counter(), time.process_time()
+                    centroids = fn()
+                    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+                    old = best.get(name, (np.inf, np.inf))
+                    best[name] = (min(old[0], wall), min(old[1], cpu))
+                    mse[name] = float(((S - centroids[_quantizer.assign(S, centroids)]) ** 2)
+                                      .sum(1).mean())
+        row = {"d": d, "n_lists": n_lists, "n_train": n, "load": load_before,
+               "load_after": os.getloadavg()[0],
+               **{f"{k}_wall_s": v[0] for k, v in best.items()},
+               **{f"{k}_cpu_s": v[1] for k, v in best.items()},
+               "kmeans_mse": mse["kmeans"], "tasks_mse": mse["tasks1"]}
+        print(row, flush=True)
+        rows.append(row)
+    return rows
 
 
 def warm_up():
@@ -229,13 +302,15 @@ def key_name(key):
     return key[0] if isinstance(key, tuple) else str(key)
 
 
-def write(rows, args):
+def write(rows, args, coarse, meta=None):
+    """Write dask.json and dask.md; ``meta``: that of the stored rows (a
+    ``--coarse`` run keeps it), else this run's."""
     os.makedirs(RESULTS, exist_ok=True)
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "date": time.strftime("%Y-%m-%d"),
-            "load_at_end": os.getloadavg()[0]}
+    meta = meta or {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                    "date": time.strftime("%Y-%m-%d"),
+                    "load_at_end": os.getloadavg()[0]}
     with open(os.path.join(RESULTS, "dask.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows, "coarse": coarse}, f, indent=1)
     lines = [
         "# Sharded index on dask (2 worker processes) vs one process",
         "",
@@ -301,6 +376,33 @@ def write(rows, args):
     lines += ["", "Parameters: " + "; ".join(
         f"{r['estimator']}: " + ", ".join(f"{k}={v!r}" for k, v in sorted(r["params"].items()))
         for r in rows), ""]
+    if coarse:
+        lines += [
+            "## The coarse k-means alone",
+            "",
+            "Command: `flock /work/bench.lock python -m benchmarks.bench_dask --coarse`. "
+            "256 rows per list of the data above (unit-norm, the first d features), "
+            "coarse_max_iter=10, best of 3 (interleaved). KMeans: scikit-learn's, on one "
+            "thread (`fit_kmeans`, pqsk's path below sample rows x n_lists = 2**24); "
+            "tasks: pqsk's Lloyd passes in fixed tasks of 16,384 rows "
+            "(`train_coarse_streamed`, gathered sample: the path from 2**24 on), on 1 "
+            "and 2 threads (same centroids). MSE: mean squared distance of the sample "
+            "to its centroid (other random centres, same schedule). Load: 1-minute "
+            "load average before / after.",
+            "",
+            "| d | n_lists | rows | KMeans CPU s | tasks CPU s (1 thread) | per-thread "
+            "ratio | KMeans wall s | tasks wall s, 1 thread | 2 threads | MSE KMeans "
+            "| MSE tasks | load |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for c in coarse:
+            lines.append(
+                f"| {c['d']} | {c['n_lists']:,} | {c['n_train']:,} | {c['kmeans_cpu_s']:.2f} "
+                f"| {c['tasks1_cpu_s']:.2f} | {c['tasks1_cpu_s'] / c['kmeans_cpu_s']:.2f}x "
+                f"| {c['kmeans_wall_s']:.2f} | {c['tasks1_wall_s']:.2f} "
+                f"| {c['tasks2_wall_s']:.2f} | {c['kmeans_mse']:.4f} | {c['tasks_mse']:.4f} "
+                f"| {c['load']:.1f} / {c['load_after']:.1f} |")
+        lines.append("")
     with open(os.path.join(RESULTS, "dask.md"), "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))

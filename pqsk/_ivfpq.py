@@ -227,8 +227,9 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         Threads for training, encoding and search (parallel over queries,
         GIL released).  None uses every thread OpenMP allows (threadpoolctl
         limits apply).  Every KMeans runs on one thread (the residual
-        codebooks' sub-spaces side by side), so the fitted index does not
-        depend on ``n_jobs``.
+        codebooks' sub-spaces side by side) and the coarse k-means of a
+        large sample runs in fixed tasks (see Notes), so the fitted index
+        does not depend on ``n_jobs``.
     anisotropic_threshold : float > 0 or None, default=None
         Score-aware (anisotropic) quantization, as in :class:`PQTransformer`:
         None is the k-means loss; a float T (0.2 for unit-norm data, the
@@ -265,14 +266,19 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
 
     Notes
     -----
-    The coarse quantizer is :class:`~sklearn.cluster.KMeans` (random
-    initialisation, ``coarse_max_iter`` iterations in two stages) while
-    ``n_train * n_lists <= 2**28``; beyond that, one Lloyd pass costs
-    seconds and the same two-stage schedule runs streamed: random centres,
-    Lloyd passes over ``64 * n_lists`` of the training rows, then the last
-    ``ceil(coarse_max_iter / 4)`` over all of them, each pass reading its
-    rows from X in tasks of 16,384, ``n_jobs`` tasks side by side (the
-    centroids still do not depend on ``n_jobs``).  Vectors are
+    The coarse quantizer is :class:`~sklearn.cluster.KMeans` on one thread
+    (random initialisation, ``coarse_max_iter`` iterations in two stages)
+    while ``n_train * n_lists < 2**24`` (fewer than 256 lists with the
+    default sample).  From there on the same two-stage schedule runs as
+    pqsk's own Lloyd passes: random centres, passes over ``64 * n_lists``
+    of the training rows, then the last ``ceil(coarse_max_iter / 4)`` over
+    all of them, each pass in tasks of 16,384 rows, ``n_jobs`` tasks side
+    by side, their per-centre sums added in task order (the centroids do
+    not depend on ``n_jobs``).  It is faster than KMeans on one thread at
+    these sizes (96-d, 1,024 lists, 262,144 rows: 2.9 s instead of 4.8 s),
+    and uses every thread.  Up to ``n_train * n_lists = 2**28`` the
+    training sample is held in memory; beyond, each pass reads its rows
+    from X (streamed).  Vectors are
     assigned to cells by L2 distance for every metric; cells are ranked at
     query time by ``||q - c||`` (every metric but "dot") or ``<q, c>`` ("dot").
     With ``rotation="opq"`` the rotation R is learned first, with a flat
@@ -288,8 +294,9 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
     bytes per vector (codes and int32 ids; ``ceil(m / 2) + 4`` with
     ``n_codewords=16``, plus each list's padding to 32 vectors), the centroids, and the
     precomputed list terms (``n_lists * m * k`` floats).  The training
-    sample: the coarse k-means holds at most ``256 * n_lists`` rows while
-    ``n_train * n_lists <= 2**28`` (at most 262,144 rows) and none beyond
+    sample: the coarse k-means holds at most ``1.25 * 256 * n_lists`` rows
+    (the sample and its stage-1 rows) while ``n_train * n_lists <= 2**28``
+    (at most 262,144 rows) and none beyond
     (streamed: per thread a task of 16,384 rows and an (n_lists, D) float64
     sum); the residual codebooks ``256 * k`` rows.  Example: 4,000,000 x 96
     float32 in a memmap, cosine, ``n_lists=4096``, m=12, k=256: index

@@ -26,9 +26,12 @@ Layout conventions (as in Jégou et al., 2011):
   the codeword of vector i in sub-space j.
 """
 
+import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from scipy import sparse
 from sklearn.cluster import KMeans
 from sklearn.utils import check_random_state
 from threadpoolctl import ThreadpoolController
@@ -221,9 +224,9 @@ def row_chunks(X):
 # --- k-means training -------------------------------------------------------
 #
 # Every k-means in pqsk (the sub-space codebooks and the coarse quantizer) is
-# scikit-learn's KMeans on one OpenMP thread, trained on a sample of at most
-# 256 rows per centroid (``max_train_samples="auto"``, as faiss samples), and
-# run in two stages when that sample is large:
+# trained on a sample of at most 256 rows per centroid
+# (``max_train_samples="auto"``, as faiss samples), and run in two stages when
+# that sample is large:
 #
 # 1. KMeans(init, n_init, tol) for ``max_iter - refine_iterations(max_iter)``
 #    iterations on a random subset of FIRST_STAGE_POINTS = 64 rows per
@@ -242,10 +245,12 @@ def row_chunks(X):
 # max_iter (stage 2 gets a quarter of it); a training sample of at most
 # 128 * k rows (max_train_samples <= 128 * k) is clustered in one stage.
 #
-# Results do not depend on n_jobs: KMeans sums each centre in per-thread
-# partial sums, so its output changes with the OpenMP thread count; every
-# KMeans runs on one thread, and n_jobs only runs independent fits (the
-# sub-spaces) side by side.
+# The schedule runs on scikit-learn's KMeans (fit_kmeans), except the coarse
+# quantizer of a large problem (see "inverted file" below: pqsk's own Lloyd
+# passes in fixed tasks).  Results do not depend on n_jobs: KMeans sums each
+# centre in per-thread partial sums, so its output changes with the OpenMP
+# thread count; every KMeans runs on one thread, and n_jobs only runs
+# independent fits (the sub-spaces) side by side.
 
 FIRST_STAGE_POINTS = 64
 REFINE_DIVISOR = 4
@@ -420,8 +425,9 @@ def row_hashes(A):
     words = words.view(np.uint32) if words.shape[1] % 4 == 0 else words
     h = np.zeros(A.shape[0], dtype=np.uint64)
     with np.errstate(over="ignore"):
-        for col in words.T:
-            h = h * np.uint64(0x9E3779B97F4A7C15) + col.astype(np.uint64)
+        for col in words.T:  # in place: no temporary per column
+            h *= np.uint64(0x9E3779B97F4A7C15)
+            h += col
     return h
 
 
@@ -536,14 +542,42 @@ def adc_search(Q, codebooks, codes, n_neighbors, inner_product=False, n_threads=
 
 
 # --- inverted file: coarse quantizer and lists ---------------------------------
-
-# KMeans runs on the coarse training sample while n_train * n_lists stays
-# below this; beyond it (one Lloyd pass costs more than ~2**28 distance
-# evaluations, a second or more) the coarse quantizer is trained by
-# ``train_coarse_streamed``, which never holds the whole sample.
+#
+# The coarse k-means follows the two-stage schedule of fit_kmeans, by one
+# of two implementations chosen by the size of the problem (never by the
+# thread count):
+#
+# * below LLOYD_THRESHOLD (n_train * n_lists), fit_kmeans: scikit-learn's
+#   KMeans on one OpenMP thread (its per-thread partial sums would make
+#   the centroids depend on the thread count);
+# * from LLOYD_THRESHOLD on, train_coarse_streamed: Lloyd passes in fixed
+#   tasks of STREAM_TASK_ROWS rows, each task's per-centre sums in float64,
+#   added in task order, so that the tasks run side by side on ``n_threads``
+#   threads and the centroids still do not depend on ``n_threads``.  Up to
+#   STREAMED_THRESHOLD the training sample is gathered in memory once (as
+#   KMeans holds it); beyond it every pass reads its rows from X, and the
+#   sample is never held.  Both give the same centroids.
+#
+# LLOYD_THRESHOLD = 2**24: n_lists >= 256 with the default 256 rows per
+# list.  One-thread CPU seconds of the coarse k-means, KMeans vs the tasks
+# (coarse_max_iter=10, 256 rows per list, unit-norm rows, 2-core AMD EPYC;
+# ``python -m benchmarks.bench_dask --coarse``, results/dask.md): 96-d,
+# 1,024 lists: 4.75 vs 2.87; 96-d, 256 lists: 0.31 vs 0.24; 16-d, 1,024
+# lists: 1.83 vs 0.86; 96-d, 128 lists (2**22): 0.09 vs 0.08.  So from
+# the threshold on a one-thread fit is faster, and a fit with more threads
+# (n_jobs, or the training task of pqsk.dask.ShardedNeighbors) runs the
+# coarse k-means on all of them (96-d, 1,024 lists: 1.8 s wall on 2
+# threads with the second core free, 3.0 s when another job held it).
+LLOYD_THRESHOLD = 2**24
+# The sample is gathered in memory up to this (one Lloyd pass then costs
+# less than ~2**28 distance evaluations, a second or so on one thread);
+# beyond it each pass streams its rows from X.
 STREAMED_THRESHOLD = 2**28
-# Sample rows per task of a streamed Lloyd pass.
+# Sample rows per task of a Lloyd pass (fixed: the centroids depend on it).
 STREAM_TASK_ROWS = 16384
+# Distance values a task's (rows, n_lists) block holds: 2**19 (2 MiB of
+# float32) kept the block in cache, ~20% faster than 2**22.
+LLOYD_BLOCK = 2**19
 
 
 def sample_rows(n, max_samples, random_state):
@@ -573,34 +607,39 @@ def train_coarse(X, n_lists, *, rows=None, max_iter=25, tol=1e-4, random_state=N
     """Coarse centroids, (n_lists, D), and the Lloyd iterations run.
 
     The training sample is ``X[rows]`` (every row of X when ``rows`` is
-    None); X is an array or a :class:`~pqsk._store.FitRows`.  Up to
-    ``STREAMED_THRESHOLD`` (see there) :func:`fit_kmeans` (random init,
-    the two-stage schedule) clusters the sample in memory; beyond it
-    :func:`train_coarse_streamed` follows the same schedule with the
-    second stage streamed.  The centroids do not depend on ``n_threads``.
+    None); X is an array or a :class:`~pqsk._store.FitRows`.  Below
+    ``LLOYD_THRESHOLD`` (sample rows x ``n_lists``, see there)
+    :func:`fit_kmeans` (KMeans on one thread, random init, the two-stage
+    schedule) clusters the sample; from it on :func:`train_coarse_streamed`
+    follows the same schedule in fixed tasks, ``n_threads`` side by side,
+    on the sample gathered in memory up to ``STREAMED_THRESHOLD`` and
+    streamed from X beyond.  The centroids do not depend on ``n_threads``.
     """
     rng = check_random_state(random_state)
     n_train = X.shape[0] if rows is None else len(rows)
-    if n_train * n_lists <= STREAMED_THRESHOLD:
-        with one_openmp_thread():
-            centroids, n_iter, _ = fit_kmeans(gather_rows(X, rows), n_lists,
-                                              max_iter=max_iter, tol=tol, random_state=rng)
-        return centroids, n_iter
-    return train_coarse_streamed(X, rows, n_lists, max_iter=max_iter, tol=tol,
-                                 random_state=rng, n_threads=n_threads)
+    work = n_train * n_lists
+    streamed = work > STREAMED_THRESHOLD  # tested first: it bounds memory
+    if streamed or work >= LLOYD_THRESHOLD:
+        return train_coarse_streamed(X, rows, n_lists, max_iter=max_iter, tol=tol,
+                                     random_state=rng, n_threads=n_threads,
+                                     gather=not streamed)
+    with one_openmp_thread():
+        centroids, n_iter, _ = fit_kmeans(gather_rows(X, rows), n_lists,
+                                          max_iter=max_iter, tol=tol, random_state=rng)
+    return centroids, n_iter
 
 
 def train_coarse_streamed(X, rows, n_lists, *, max_iter=25, tol=1e-4, random_state=None,
-                          n_threads=1):
+                          n_threads=1, gather=False):
     """The two-stage k-means of :func:`fit_kmeans` on ``X[rows]`` (every
-    row of X when ``rows`` is None), without holding that sample.
+    row of X when ``rows`` is None), in fixed tasks of rows.
 
     1. Random initialisation (``n_lists`` rows drawn from the stage-1
        rows), then ``max_iter - ceil(max_iter / 4)`` Lloyd passes over
        ``FIRST_STAGE_POINTS * n_lists`` rows of the sample;
     2. ``ceil(max_iter / 4)`` Lloyd passes over the whole sample.
 
-    Each pass reads its rows from X ``STREAM_TASK_ROWS`` at a time and
+    Each pass runs over its rows in tasks of ``STREAM_TASK_ROWS`` and
     stops the stage early when the centres move (sum of squared shifts)
     less than ``tol`` times the sample's mean feature variance, as KMeans
     does.  A centre left without rows moves to the row farthest from its
@@ -611,100 +650,156 @@ def train_coarse_streamed(X, rows, n_lists, *, max_iter=25, tol=1e-4, random_sta
 
     Each task (its rows' nearest centres, their per-centre sums in float64)
     runs on one BLAS thread, ``n_threads`` tasks side by side, and the sums
-    are added in task order: the centroids do not depend on ``n_threads``
-    or on where X lives.  Memory: per thread a task's rows, a
-    (rows, n_lists) distance block of at most ``chunk_rows(n_lists)`` rows
-    and an (n_lists, D) float64 sum; the sample is never gathered.
+    are added in task order: the centroids do not depend on ``n_threads``,
+    on ``gather`` or on where X lives.  With ``gather`` the sample (and the
+    stage-1 rows) is read from X once and held in memory, as KMeans holds
+    it; without, every pass reads its rows from X and the sample is never
+    held.  Memory besides: per thread a task's rows, a (rows, n_lists)
+    distance block of ``chunk_rows(n_lists, LLOYD_BLOCK)`` rows and an
+    (n_lists, D) float64 sum.
 
     Returns (centroids of X's dtype, Lloyd passes run).
     """
     rng = check_random_state(random_state)
     n_train = X.shape[0] if rows is None else len(rows)
     d = X.shape[1]
-    workers = max(1, n_threads)
+    workers = max(1, int(n_threads))
+    if gather:
+        X, rows = np.ascontiguousarray(gather_rows(X, rows)), None
 
-    def read(row_set, sl):
-        idx = np.arange(sl.start, sl.stop) if row_set is None else row_set[sl]
-        return np.ascontiguousarray(X[idx])
+    def reader(source, row_set):
+        """Task ``sl`` of a row set of ``source`` (None: its rows in order),
+        as C-contiguous rows."""
+        if row_set is None and isinstance(source, np.ndarray):
+            return lambda sl: np.ascontiguousarray(source[sl])  # a view if C-contiguous
+        if row_set is None:
+            return lambda sl: np.ascontiguousarray(source[np.arange(sl.start, sl.stop)])
+        return lambda sl: np.ascontiguousarray(source[row_set[sl]])
 
-    def run_tasks(fn, row_set, size):
-        """fn on each task of ``size`` rows, in order, ``workers`` at a time."""
-        tasks = list(chunk_slices(size, STREAM_TASK_ROWS))
-        with one_blas_thread(), ThreadPoolExecutor(max_workers=workers) as ex:
-            for start in range(0, len(tasks), workers):
-                yield from ex.map(lambda sl: fn(read(row_set, sl), sl),
-                                  tasks[start:start + workers])
+    buffers = TaskBuffers()
+    with one_blas_thread(), ThreadPoolExecutor(max_workers=workers) as ex:
 
-    # Pass 0: row hashes (degenerate samples) and the feature variance (tol).
-    hashes, total, total_sq = [], np.zeros(d), np.zeros(d)
-    for h, s1, s2 in run_tasks(lambda A, sl: (row_hashes(A), A.sum(0, dtype=np.float64),
-                                              np.einsum("ij,ij->j", A, A, dtype=np.float64)),
-                               rows, n_train):
-        hashes.append(h)
-        total += s1
-        total_sq += s2
-    hashes = np.concatenate(hashes)
-    ordered = np.sort(hashes)
-    if np.any(ordered[1:] == ordered[:-1]):
-        distinct = np.concatenate([[True], ordered[1:] != ordered[:-1]])
-        if np.count_nonzero(distinct) <= n_lists:
-            # At most n_lists distinct rows: one of each is exact.
-            _, pos = np.unique(hashes, return_index=True)
-            points = gather_rows(X, np.sort(pos) if rows is None else rows[np.sort(pos)])
-            with one_openmp_thread():
-                return fit_kmeans(np.ascontiguousarray(points), n_lists)[:2]
-    del hashes, ordered
-    mean = total / n_train
-    tol_abs = float(np.mean(np.maximum(total_sq / n_train - mean**2, 0))) * tol
+        def run_tasks(fn, read, size):
+            """fn on each task of ``size`` rows; results in task order, at
+            most ``workers`` tasks running or waiting to be consumed."""
+            tasks = chunk_slices(size, STREAM_TASK_ROWS)
+            if workers == 1:
+                for sl in tasks:
+                    yield fn(read(sl))
+                return
+            pending = deque()
+            for sl in tasks:
+                if len(pending) == workers:
+                    yield pending.popleft().result()
+                pending.append(ex.submit(lambda sl=sl: fn(read(sl))))
+            while pending:
+                yield pending.popleft().result()
 
-    n_refine = refine_iterations(max_iter) if max_iter >= 2 else 0
-    first = subsample_rows(rows, X.shape[0] if rows is None else n_train,
-                           FIRST_STAGE_POINTS * n_lists, rng)
-    n_first = n_train if first is None else len(first)
-    seeds = np.sort(rng.choice(n_first, size=n_lists, replace=False))
-    centroids = np.ascontiguousarray(X[seeds if first is None else first[seeds]])
-    n_iter = 0
-    for row_set, size, passes in ((first, n_first, max_iter - n_refine),
-                                  (rows, n_train, n_refine)):
-        for _ in range(passes):
-            centroids, shift = _lloyd_pass(run_tasks, row_set, size, centroids)
-            n_iter += 1
-            if shift <= tol_abs:
-                break
+        # Pass 0: row hashes (degenerate samples) and the feature variance (tol).
+        hashes, total, total_sq = [], np.zeros(d), np.zeros(d)
+        for h, s1, s2 in run_tasks(
+                lambda A: (row_hashes(A), A.sum(0, dtype=np.float64),
+                           np.einsum("ij,ij->j", A, A, dtype=np.float64)),
+                reader(X, rows), n_train):
+            hashes.append(h)
+            total += s1
+            total_sq += s2
+        hashes = np.concatenate(hashes)
+        ordered = np.sort(hashes)
+        if np.any(ordered[1:] == ordered[:-1]):
+            distinct = np.concatenate([[True], ordered[1:] != ordered[:-1]])
+            if np.count_nonzero(distinct) <= n_lists:
+                # At most n_lists distinct rows: one of each is exact.
+                _, pos = np.unique(hashes, return_index=True)
+                points = gather_rows(X, np.sort(pos) if rows is None else rows[np.sort(pos)])
+                with one_openmp_thread():
+                    return fit_kmeans(np.ascontiguousarray(points), n_lists)[:2]
+        del hashes, ordered
+        mean = total / n_train
+        tol_abs = float(np.mean(np.maximum(total_sq / n_train - mean**2, 0))) * tol
+
+        n_refine = refine_iterations(max_iter) if max_iter >= 2 else 0
+        first = subsample_rows(rows, X.shape[0] if rows is None else n_train,
+                               FIRST_STAGE_POINTS * n_lists, rng)
+        n_first = n_train if first is None else len(first)
+        seeds = np.sort(rng.choice(n_first, size=n_lists, replace=False))
+        centroids = np.ascontiguousarray(X[seeds if first is None else first[seeds]])
+        # With gather, the stage-1 rows are read from the sample once.
+        stage1 = (reader(np.ascontiguousarray(X[first]), None) if gather and first is not None
+                  else reader(X, first))
+        n_iter = 0
+        for read, size, passes in ((stage1, n_first, max_iter - n_refine),
+                                   (reader(X, rows), n_train, n_refine)):
+            for _ in range(passes):
+                centroids, shift = _lloyd_pass(run_tasks, read, size, centroids, buffers)
+                n_iter += 1
+                if shift <= tol_abs:
+                    break
     return centroids, n_iter
 
 
-# Farthest rows each task of a streamed Lloyd pass keeps, for empty clusters.
+# Farthest rows each task of a Lloyd pass keeps, for empty clusters.
 STREAM_FAR = 64
 
 
-def _lloyd_pass(run_tasks, row_set, size, centroids):
-    """One Lloyd pass over a streamed row set: (new centroids, sum of the
-    squared centre shifts).  See :func:`train_coarse_streamed`."""
+class TaskBuffers(threading.local):
+    """Buffers each thread reuses from task to task (and pass to pass):
+    ``get(name, rows, width, dtype)`` is a (rows, width) array, allocated
+    when none of that name is large enough.  A dask worker returns freed
+    memory to the system at once (``MALLOC_TRIM_THRESHOLD_``), so a
+    temporary allocated per task is page-faulted in again every time:
+    the training task's system time doubled."""
+
+    def get(self, name, rows, width, dtype):
+        buf = self.__dict__.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != width or buf.dtype != dtype:
+            buf = self.__dict__[name] = np.empty((rows, width), dtype=dtype)
+        return buf[:rows]
+
+
+def _lloyd_pass(run_tasks, read, size, centroids, buffers=None):
+    """One Lloyd pass over ``size`` rows (task ``sl`` reads ``read(sl)``):
+    (new centroids, sum of the squared centre shifts).  ``buffers``: a
+    :class:`TaskBuffers` the tasks' temporaries are kept in.  See
+    :func:`train_coarse_streamed`."""
+    buffers = TaskBuffers() if buffers is None else buffers
     n_lists, d = centroids.shape
     c_norms = np.einsum("ij,ij->i", centroids, centroids)
-    step = chunk_rows(n_lists)
+    # ||a - c||^2 - ||a||^2 = a.(-2c) + ||c||^2; scaling by -2 is exact, so
+    # one product and one addition give each block (KMeans's arithmetic).
+    scaled = np.ascontiguousarray(-2 * centroids.T)
+    step = chunk_rows(n_lists, LLOYD_BLOCK)
 
-    def task(A, sl):
-        labels = np.empty(A.shape[0], dtype=np.intp)
-        dist = np.empty(A.shape[0], dtype=np.float64)
-        for sub in chunk_slices(A.shape[0], step):
-            block = A[sub] @ centroids.T
-            block *= -2
-            block += c_norms
-            labels[sub] = np.argmin(block, axis=1)
-            dist[sub] = np.take_along_axis(block, labels[sub, None], 1)[:, 0]
+    def task(A):
+        n = A.shape[0]
+        labels = buffers.get("labels", n, 1, np.intp)[:, 0]
+        dist = buffers.get("dist", n, 1, np.float64)[:, 0]
+        block = buffers.get("block", min(step, n), n_lists, np.result_type(A, scaled))
+        for sub in chunk_slices(n, step):
+            rows = sub.stop - sub.start
+            b = np.matmul(A[sub], scaled, out=block[:rows])
+            b += c_norms
+            np.argmin(b, axis=1, out=labels[sub])
+            dist[sub] = b[np.arange(rows), labels[sub]]
         dist += np.einsum("ij,ij->i", A, A)
-        sums = np.empty((n_lists, d), dtype=np.float64)
-        for j in range(d):
-            sums[:, j] = np.bincount(labels, weights=A[:, j], minlength=n_lists)
-        far = np.argsort(-dist, kind="stable")[:STREAM_FAR]
+        # Per-centre sums in row order (a one-hot sparse product: one pass).
+        onehot = sparse.csc_matrix((np.ones(n), labels, np.arange(n + 1)),
+                                   shape=(n_lists, n))
+        wide = buffers.get("wide", n, d, np.float64)
+        wide[...] = A
+        sums = np.asarray(onehot @ wide)
+        # The STREAM_FAR largest distances, ties by row: those of a stable
+        # sort of -dist, found by a partition.
+        k = min(STREAM_FAR, n)
+        cut = np.partition(dist, n - k)[n - k]
+        cand = np.flatnonzero(dist >= cut)
+        far = cand[np.argsort(-dist[cand], kind="stable")[:k]]
         return sums, np.bincount(labels, minlength=n_lists), dist[far], A[far]
 
     sums = np.zeros((n_lists, d), dtype=np.float64)
     counts = np.zeros(n_lists, dtype=np.int64)
     far_d, far_rows = [], []
-    for s, c, fd, fr in run_tasks(task, row_set, size):
+    for s, c, fd, fr in run_tasks(task, read, size):
         sums += s
         counts += c
         far_d.append(fd)
@@ -720,7 +815,6 @@ def _lloyd_pass(run_tasks, row_set, size, centroids):
         new[empty[order.size:]] = centroids[empty[order.size:]]
     shift = float(((new.astype(np.float64) - centroids) ** 2).sum())
     return new, shift
-
 
 def chunk_rows(width, budget=2**22):
     """Rows per chunk so that a (rows, width) temporary holds ~budget values."""

@@ -336,10 +336,11 @@ class ShardedNeighbors(BaseEstimator):
         the worker that runs it.  None: every CPU of that worker's machine;
         ``-1`` likewise, ``-2`` all but one, and so on.  The trained
         quantizers do not depend on it: the codebooks' sub-spaces are
-        trained side by side, one thread each; the coarse k-means adds its
-        passes' sums in a fixed order when streamed, and runs on one thread
-        otherwise (up to ``2**28`` = sample rows x ``n_lists``: then it is
-        the serial part of the build, see the user guide's cost model).
+        trained side by side, one thread each; the coarse k-means runs in
+        fixed tasks side by side, adding their sums in task order (from
+        sample rows x ``n_lists`` = ``2**24`` on, e.g. 256 lists; below,
+        it is a KMeans on one thread, the serial part of the build, see
+        the user guide's cost model).
 
     Attributes
     ----------

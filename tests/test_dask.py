@@ -267,18 +267,20 @@ def _assert_same_state(a, b):
             assert a[name] == b[name], name
 
 
-@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("coarse", ["kmeans", "lloyd", "streamed"])
 @pytest.mark.parametrize("make", [ivf, lambda: PQNeighbors(n_subspaces=4, n_codewords=32,
                                                            refine_factor=0, random_state=0)])
 def test_training_task_state_independent_of_threads_and_indexes_no_row(
-        make, streamed, monkeypatch):
+        make, coarse, monkeypatch):
     from pqsk import _quantizer
     from pqsk.dask import _train
 
-    if streamed:  # the coarse k-means streamed (and threaded) at any size
+    if coarse != "kmeans":  # the coarse k-means in threaded tasks at any size
         if not hasattr(make(), "n_lists"):
             pytest.skip("no coarse quantizer")
-        monkeypatch.setattr(_quantizer, "STREAMED_THRESHOLD", 0)
+        monkeypatch.setattr(_quantizer, "LLOYD_THRESHOLD", 0)
+        if coarse == "streamed":
+            monkeypatch.setattr(_quantizer, "STREAMED_THRESHOLD", 0)
     one = _train(make(), 1, X[:1500], X[1500:])
     two = _train(make(), 2, X[:1500], X[1500:])
     _assert_same_state(one, two)
@@ -286,11 +288,37 @@ def test_training_task_state_independent_of_threads_and_indexes_no_row(
     _assert_same_state(one, make().set_params(n_jobs=1).fit(X)._trained_state())
 
 
-def test_train_n_jobs_on_the_cluster(client):
+def _set_lloyd_threshold(value):
+    """Set pqsk._quantizer.LLOYD_THRESHOLD (here or in a worker); returns
+    the old value."""
+    from pqsk import _quantizer
+
+    old, _quantizer.LLOYD_THRESHOLD = _quantizer.LLOYD_THRESHOLD, value
+    return old
+
+
+@pytest.mark.parametrize("coarse", ["kmeans", "lloyd"])
+def test_train_n_jobs_on_the_cluster(client, coarse):
     chunks = da.from_array(X, chunks=(1000, 16))
-    states = [ShardedNeighbors(ivf(), train_n_jobs=t).fit(chunks).template_._trained_state()
-              for t in (1, None)]
+    # "lloyd": the coarse k-means in threaded tasks, in the workers and here.
+    threshold = 0 if coarse == "lloyd" else None
+    if threshold is not None:
+        old = client.run(_set_lloyd_threshold, threshold)
+        old_here = _set_lloyd_threshold(threshold)
+    try:
+        states = [ShardedNeighbors(ivf(), train_n_jobs=t).fit(chunks).template_._trained_state()
+                  for t in (1, None)]
+        # The sample is every row, in order: the quantizers of a local fit.
+        local = ivf().set_params(n_jobs=1).fit(X)._trained_state()
+    finally:
+        if threshold is not None:
+            client.run(_set_lloyd_threshold, next(iter(old.values())))
+            _set_lloyd_threshold(old_here)
     _assert_same_state(*states)
+    _assert_same_state(states[0], local)
+    if coarse == "lloyd":  # the workers took the other path
+        assert not np.array_equal(local["cluster_centers_"],
+                                  ivf().fit(X).cluster_centers_)
     before = n_graphs(client)
     for bad in (0, 1.5, "all"):
         with pytest.raises(ValueError, match="train_n_jobs"):
