@@ -507,6 +507,12 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         # k-means needs are gathered (at sorted positions, so a memmap is
         # read in file order), never the whole sample unless it is small.
         train_rows = _quantizer.sample_rows(n, cap, rng)
+        drawn_from = self.__dict__.get("_sample_drawn_from")
+        if drawn_from is not None and train_rows is None:
+            # X is already the sample a fit of ``drawn_from`` rows draws
+            # (pqsk.dask trains on it): the same draw, to continue the same
+            # random stream, and every row of X.
+            _quantizer.sample_rows(drawn_from, cap, rng)
         n_train = n if train_rows is None else train_rows.shape[0]
         if n_train < n_lists:
             raise ValueError(

@@ -31,6 +31,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval
 from sklearn.utils.validation import check_is_fitted
 
+from . import _quantizer
 from ._base import BasePQNeighbors, _check_n_neighbors, checked_remove_ids
 from ._hnswpq import HNSWPQNeighbors
 from ._ivfpq import POINTS_PER_LIST
@@ -80,8 +81,9 @@ def _no_rows(*args, **kwargs):
     """``_add_rows`` of a trainer: its ``fit`` indexes none of the sample."""
 
 
-def _train(est, train_n_jobs, *parts):
-    """Train the quantizers on the sample rows; return their trained state.
+def _train(est, train_n_jobs, n_rows, *parts):
+    """Train the quantizers on the sample rows (drawn from ``n_rows``);
+    return their trained state.
 
     The trainer runs with ``n_jobs=train_n_jobs`` (None: every CPU of this
     worker's machine, as the other workers wait for this task), and trains
@@ -90,6 +92,7 @@ def _train(est, train_n_jobs, *parts):
     sample = np.concatenate(parts) if len(parts) > 1 else parts[0]
     trainer = _trainer(est).set_params(n_jobs=-1 if train_n_jobs is None else train_n_jobs)
     trainer._add_rows = _no_rows  # this throw-away instance only
+    trainer._sample_drawn_from = n_rows  # (IVF: the sample of a fit of n_rows)
     return trainer.fit(sample)._trained_state()
 
 
@@ -428,6 +431,11 @@ class ShardedNeighbors(BaseEstimator):
     def fit(self, X, y=None):
         """Train the quantizers on a sample of X, then build the shards.
 
+        The sample is the rows a single fit of X draws (same random_state);
+        for :class:`~pqsk.IVFPQNeighbors` with an integer random_state the
+        training then repeats that fit's, so the quantizers, hence the
+        answers, are those of ``estimator.fit(X)``.
+
         Parameters
         ----------
         X : dask.array.Array or array-like of shape (n_samples, n_features)
@@ -455,8 +463,12 @@ class ShardedNeighbors(BaseEstimator):
             est.set_params(n_lists=est._resolve_n_lists(n))
         rng = check_random_state(est.random_state)
         n_sample = self._sample_size(est, n)
-        rows = np.arange(n) if n_sample >= n else np.sort(
-            rng.choice(n, n_sample, replace=False))
+        # The rows a single index of X would train on (the same draw); the
+        # IVF trainer repeats the draw to continue the same random stream:
+        # with an integer random_state its quantizers are those of
+        # ``est.fit(X)``.
+        rows = _quantizer.sample_rows(n, n_sample, rng)
+        rows = np.arange(n) if rows is None else rows
         bounds = _chunk_bounds(lengths)
         parts = []
         for i, c in enumerate(chunks):
@@ -468,7 +480,7 @@ class ShardedNeighbors(BaseEstimator):
                  f"{len(chunks)} chunk(s)")
         # The sample goes from the chunks' workers to the training task,
         # never through the client; every chunk is checked before it ends.
-        trained = dask.compute(delayed(_train)(est, self.train_n_jobs, *parts))[0]
+        trained = dask.compute(delayed(_train)(est, self.train_n_jobs, n, *parts))[0]
         template = clone(est)._fit_trained(trained)
 
         groups = self._groups(lengths)
