@@ -155,7 +155,7 @@ def main():
                 n, ShardedNeighbors(est)._sample_size(clone(est), n), replace=False))]
             t = time.perf_counter()
             _train(clone(est).set_params(n_lists=single.n_lists_)
-                   if hasattr(single, "n_lists_") else clone(est), 1, sample)
+                   if hasattr(single, "n_lists_") else clone(est), 1, n, sample)
             train_s = time.perf_counter() - t
             del sample
         print(f"{name} n={n}: single build {single_build:.1f} s, recall "
