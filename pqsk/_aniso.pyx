@@ -8,6 +8,28 @@ from cython.parallel cimport prange, parallel, threadid
 from ._kernels cimport code_t
 
 
+ctypedef struct block_sums:
+    double ru      # r . u
+    double rr      # ||r||^2
+
+
+cdef inline block_sums block_residual(const double* x, const double* u, const double* cw,
+                                      Py_ssize_t ds, Py_ssize_t k) noexcept nogil:
+    """r . u and ||r||^2 of one block, r = x - the codeword at cw (a column
+    of the transposed codebook: stride k).  Returned by value: the caller's
+    variable stays private to its prange thread."""
+    cdef Py_ssize_t d
+    cdef double r
+    cdef block_sums out
+    out.ru = 0
+    out.rr = 0
+    for d in range(ds):
+        r = x[d] - cw[d * k]
+        out.ru = out.ru + r * u[d]
+        out.rr = out.rr + r * r
+    return out
+
+
 def anisotropic_encode_rows(const double[:, ::1] X,             # IN  (n, m * ds) padded rows
                             const double[:, ::1] U,             # IN  (n, m * ds) unit directions
                             const double[::1] w,                # IN  (n,) eta - 1
@@ -39,8 +61,9 @@ def anisotropic_encode_rows(const double[:, ::1] X,             # IN  (n, m * ds
     cdef Py_ssize_t ds = cb_t.shape[1]
     cdef Py_ssize_t k = cb_t.shape[2]
     cdef Py_ssize_t i, j, c, d, cur, best, sweep
-    cdef double p, nrm, po, no, diff, wi, bl, ru, rr, r, s, xd, ud
+    cdef double p, nrm, po, no, diff, wi, bl, r, s, xd, ud
     cdef bint moved
+    cdef block_sums bs
     cdef double* xc
     cdef double* uc
     cdef double* xx
@@ -105,17 +128,11 @@ def anisotropic_encode_rows(const double[:, ::1] X,             # IN  (n, m * ds
                 for j in range(m):
                     cur = codes[i, j]
                     # r . u and ||r||^2 without block j's codeword.
-                    cw = &cb_t[j, 0, cur]
-                    ru = 0
-                    rr = 0
-                    for d in range(ds):
-                        r = x[j * ds + d] - cw[d * k]
-                        ru = ru + r * u[j * ds + d]
-                        rr = rr + r * r
-                    po = p - ru + xu[j]
+                    bs = block_residual(x + j * ds, u + j * ds, &cb_t[j, 0, cur], ds, k)
+                    po = p - bs.ru + xu[j]
                     # n_o is the same for every candidate (it only shifts
                     # the losses); kept so the rounding is the oracle's.
-                    no = nrm - rr + xx[j]
+                    no = nrm - bs.rr + xx[j]
                     txc = xc + j * k
                     tuc = uc + j * k
                     tcn = &c_norms[j, 0]
@@ -132,14 +149,8 @@ def anisotropic_encode_rows(const double[:, ::1] X,             # IN  (n, m * ds
                         continue
                     moved = True
                     codes[i, j] = <code_t> best
-                    cw = &cb_t[j, 0, best]
-                    ru = 0
-                    rr = 0
-                    for d in range(ds):
-                        r = x[j * ds + d] - cw[d * k]
-                        ru = ru + r * u[j * ds + d]
-                        rr = rr + r * r
-                    p = po - xu[j] + ru
-                    nrm = no - xx[j] + rr
+                    bs = block_residual(x + j * ds, u + j * ds, &cb_t[j, 0, best], ds, k)
+                    p = po - xu[j] + bs.ru
+                    nrm = no - xx[j] + bs.rr
                 if not moved:
                     break
