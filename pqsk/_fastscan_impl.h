@@ -93,7 +93,8 @@ static void pqsk_fs_wide_table(const uint8_t *lut, Py_ssize_t npairs, uint8_t *o
 
 /* The table a kernel reads, from the nibble tables lut (m2 x 16):
  * prep 0 lut itself (AVX2), 1 pair sums (scalar), 2 wide tables
- * (AVX-512), the last two written to work (npairs * 256 uint16). */
+ * (AVX-512, 64-byte aligned), the last two written to work (npairs * 256
+ * uint16). */
 static inline const uint8_t *pqsk_fs_prep_table(int prep, const uint8_t *lut,
                                                 Py_ssize_t npairs, uint16_t *work)
 {
@@ -102,8 +103,11 @@ static inline const uint8_t *pqsk_fs_prep_table(int prep, const uint8_t *lut,
         return (const uint8_t *)work;
     }
     if (prep == 2) {
-        pqsk_fs_wide_table(lut, npairs, (uint8_t *)work);
-        return (const uint8_t *)work;
+        /* on a cache-line boundary: the kernel's 64-byte loads never
+         * split (work has room: npairs * 512 >= npairs * 64 + 64 + 63) */
+        uint8_t *out = (uint8_t *)(((uintptr_t)(void *)work + 63) & ~(uintptr_t)63);
+        pqsk_fs_wide_table(lut, npairs, out);
+        return (const uint8_t *)out;
     }
     return lut;
 }
