@@ -24,6 +24,7 @@ cdef extern from "_fastscan_impl.h" nogil:
                                      const uint8_t*, uint16_t, uint32_t*, uint16_t*)
     void pqsk_fs_pair_table(const uint8_t*, Py_ssize_t, uint16_t*)
     const uint8_t* pqsk_fs_prep_table(int, const uint8_t*, Py_ssize_t, uint16_t*)
+    const uint8_t* pqsk_fs_prepared(int, const uint8_t*, uint16_t*)
     void pqsk_fs_quantize_f32(const float*, Py_ssize_t, Py_ssize_t, uint8_t*, double*)
     bint pqsk_any_le16_f32(const float*, float)
     int pqsk_fs_cpu_has_avx2()

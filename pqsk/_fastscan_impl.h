@@ -95,6 +95,17 @@ static void pqsk_fs_wide_table(const uint8_t *lut, Py_ssize_t npairs, uint8_t *o
  * prep 0 lut itself (AVX2), 1 pair sums (scalar), 2 wide tables
  * (AVX-512, 64-byte aligned), the last two written to work (npairs * 256
  * uint16). */
+/* Where pqsk_fs_prep_table puts (put) the table for prep, without
+ * writing it (a table prepared once and read again). */
+static inline const uint8_t *pqsk_fs_prepared(int prep, const uint8_t *lut, uint16_t *work)
+{
+    if (prep == 1)
+        return (const uint8_t *)work;
+    if (prep == 2)
+        return (const uint8_t *)(((uintptr_t)(void *)work + 63) & ~(uintptr_t)63);
+    return lut;
+}
+
 static inline const uint8_t *pqsk_fs_prep_table(int prep, const uint8_t *lut,
                                                 Py_ssize_t npairs, uint16_t *work)
 {
@@ -105,7 +116,7 @@ static inline const uint8_t *pqsk_fs_prep_table(int prep, const uint8_t *lut,
     if (prep == 2) {
         /* on a cache-line boundary: the kernel's 64-byte loads never
          * split (work has room: npairs * 512 >= npairs * 64 + 64 + 63) */
-        uint8_t *out = (uint8_t *)(((uintptr_t)(void *)work + 63) & ~(uintptr_t)63);
+        uint8_t *out = (uint8_t *)pqsk_fs_prepared(prep, lut, work);
         pqsk_fs_wide_table(lut, npairs, out);
         return (const uint8_t *)out;
     }

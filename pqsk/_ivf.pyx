@@ -55,7 +55,8 @@ from libc.stdint cimport (int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_
 
 from ._heap cimport heap_init, heap_push, heap_sort, pair_greater
 from ._kernels cimport code_t, index_t, build_table, scan_codes, scan_some
-from ._fastscan_common cimport (pqsk_fs_scan_fn, pqsk_fs_prep_table, scan_packed,
+from ._fastscan_common cimport (pqsk_fs_scan_fn, pqsk_fs_prep_table, pqsk_fs_prepared,
+                                scan_packed,
                                 scan_packed_estimate, quantize_tables, threshold, sort_pairs, any_le16,
                                 reservoir_t, res_init, res_push, res_shrink, res_accepts,
                                 res_sorted, res_value)
@@ -128,7 +129,7 @@ cdef inline void scan_list(Py_ssize_t l,
     # Inner products share the query's table across lists: quantized once
     # per query (params[3] says the lut holds it; the caller clears it).
     cdef bint quantized = inner_product and params[3] != 0
-    cdef const uint8_t* tab = <const uint8_t*> pair_tab if (quantized and fs_prep != 0) else lut
+    cdef const uint8_t* tab = pqsk_fs_prepared(fs_prep, lut, pair_tab)  # (once quantized)
     cdef floating two = 2
     for s in range(n_seg):
         n_all = n_all + seg_offsets[s, l + 1] - seg_offsets[s, l]
