@@ -1,8 +1,6 @@
 """PQTransformer and PQNeighbors: the seed notes' dry run, exactness,
 metrics, the neighbors contract, scikit-learn integration and bad input."""
 
-import re
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
