@@ -327,12 +327,13 @@ cdef inline void res_init(reservoir_t* r, uint64_t* key, int64_t* h, uint64_t* w
     r.thr_d = INFINITY
 
 
-cdef inline Py_ssize_t partition_keys(uint64_t* a, uint64_t* t, Py_ssize_t lo, Py_ssize_t hi,
-                                      uint64_t pivot, bint or_equal) noexcept nogil:
-    """Partition a[lo:hi] into the keys < pivot (<= with ``or_equal``) and
-    the others; returns where the others start.  Branchless: each key is
-    written to the next front and the next back slot of t, only its side
-    advances; copied back to a."""
+cdef inline Py_ssize_t partition_keys(const uint64_t* a, uint64_t* t, Py_ssize_t lo,
+                                      Py_ssize_t hi, uint64_t pivot,
+                                      bint or_equal) noexcept nogil:
+    """Write a[lo:hi] to t[lo:hi] partitioned into the keys < pivot (<= with
+    ``or_equal``) and the others; returns where the others start.
+    Branchless: each key is written to the next front and the next back
+    slot of t, only its side advances."""
     cdef Py_ssize_t i, j = lo, e = hi
     cdef uint64_t x
     cdef bint front
@@ -343,35 +344,44 @@ cdef inline Py_ssize_t partition_keys(uint64_t* a, uint64_t* t, Py_ssize_t lo, P
         t[e - 1] = x
         j += front
         e -= 1 - front
-    memcpy(a + lo, t + lo, (hi - lo) * sizeof(uint64_t))
     return j
 
 
-cdef inline uint64_t select_key(uint64_t* a, uint64_t* t, Py_ssize_t n,
-                                Py_ssize_t k) noexcept nogil:
-    """The k-th smallest (0-based, k < n) of a[0:n] (reordered; t: n keys
-    of scratch): quickselect, median-of-three pivots, a second partition
-    when the pivot's equals hold the answer (so duplicates always make
+cdef inline uint64_t select_key(const uint64_t* keys, uint64_t* b1, uint64_t* b2,
+                                Py_ssize_t n, Py_ssize_t k) noexcept nogil:
+    """The k-th smallest (0-based, k < n) of keys[0:n] (left as they are;
+    b1, b2: n keys of scratch each): quickselect, median-of-three pivots,
+    each partition written to the other buffer (only the range holding the
+    answer is kept, so nothing is copied back), a second partition when
+    the pivot's equals hold the answer (so duplicates always make
     progress), insertion sort of the last range."""
     cdef Py_ssize_t lo = 0, hi = n, j, i
     cdef uint64_t x, y, z, pivot
+    cdef const uint64_t* src = keys
+    cdef uint64_t* dst = b1
+    cdef uint64_t* other = b2
+    cdef uint64_t* a
     while hi - lo > 16:
-        x = a[lo]
-        y = a[lo + (hi - lo) // 2]
-        z = a[hi - 1]
+        x = src[lo]
+        y = src[lo + (hi - lo) // 2]
+        z = src[hi - 1]
         if y < x:
             x, y = y, x
         if z < y:
             y = x if z < x else z
         pivot = y
-        j = partition_keys(a, t, lo, hi, pivot, False)   # [lo, j) < pivot
+        j = partition_keys(src, dst, lo, hi, pivot, False)   # [lo, j) < pivot
+        src, dst, other = dst, other, dst
         if k < j:
             hi = j
             continue
-        i = partition_keys(a, t, j, hi, pivot, True)     # [j, i) == pivot
+        i = partition_keys(src, dst, j, hi, pivot, True)     # [j, i) == pivot
+        src, dst, other = dst, other, dst
         if k < i:
             return pivot
         lo = i
+    a = dst
+    memcpy(a + lo, src + lo, (hi - lo) * sizeof(uint64_t))
     for i in range(lo + 1, hi):
         x = a[i]
         j = i - 1
@@ -390,8 +400,7 @@ cdef inline void res_shrink(reservoir_t* r) noexcept nogil:
     cdef bint take, eq
     if r.n <= r.keep:
         return
-    memcpy(r.work, r.key, r.n * sizeof(uint64_t))
-    T = select_key(r.work, r.work + r.cap, r.n, r.keep - 1)
+    T = select_key(r.key, r.work, r.work + r.cap, r.n, r.keep - 1)
     for i in range(r.n):
         n_less += r.key[i] < T
     budget = r.keep - n_less           # the first arrivals equal to T
