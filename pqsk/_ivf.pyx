@@ -56,8 +56,7 @@ from libc.stdint cimport (int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_
 from ._heap cimport heap_init, heap_push, heap_sort, pair_greater
 from ._kernels cimport code_t, index_t, build_table, scan_codes, scan_some
 from ._fastscan_common cimport (pqsk_fs_scan_fn, pqsk_fs_prep_table, pqsk_fs_prepared,
-                                scan_packed,
-                                scan_packed_estimate, quantize_tables, threshold, sort_pairs, any_le16,
+                                scan_packed, scan_packed_estimate, quantize_tables, any_le16,
                                 reservoir_t, res_init, res_push, res_shrink, res_accepts,
                                 res_sorted, res_value)
 from ._prefetch cimport pqsk_prefetch
