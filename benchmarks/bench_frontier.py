@@ -105,17 +105,27 @@ def run_scann(base, queries, gt, quick):
     return rows
 
 
+def faiss_fastscan_refine(base, n_lists, m=25):
+    """faiss IndexIVFPQFastScan (``m`` 4-bit codes, inner product, flat
+    coarse quantizer) wrapped in IndexRefineFlat, trained on and holding
+    ``base``."""
+    import faiss
+
+    d = base.shape[1]
+    ivf = faiss.IndexIVFPQFastScan(faiss.IndexFlatIP(d), d, n_lists, m, 4,
+                                   faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexRefineFlat(ivf)
+    index.train(base)
+    index.add(base)
+    return index
+
+
 def run_faiss(base, queries, gt, quick):
     import faiss
 
     faiss.omp_set_num_threads(1)
-    d, n_lists = base.shape[1], (200 if quick else 1000)
     t0 = time.perf_counter()
-    quantizer = faiss.IndexFlatIP(d)
-    ivf = faiss.IndexIVFPQFastScan(quantizer, d, n_lists, 25, 4, faiss.METRIC_INNER_PRODUCT)
-    index = faiss.IndexRefineFlat(ivf)
-    index.train(base)
-    index.add(base)
+    index = faiss_fastscan_refine(base, 200 if quick else 1000)
     build = time.perf_counter() - t0
     bpv = faiss.serialize_index(index).size / base.shape[0]
     rows = []
