@@ -38,14 +38,15 @@ PLATEAU = 0.002
 
 
 def _knob(estimator):
-    """(name, default values) of the estimator's candidate-count knob."""
-    from ._hnswpq import HNSWPQNeighbors
-    from ._ivfpq import IVFPQNeighbors
-
-    if isinstance(estimator, IVFPQNeighbors):
+    """(name, default values) of the estimator's candidate-count knob:
+    ``n_probe`` for an inverted file, ``ef_search`` for a graph, none for
+    an exhaustive scan (read from the parameters, so no estimator module
+    is imported)."""
+    params = estimator.get_params(deep=False)
+    if "n_probe" in params:
         n = estimator.n_lists_
         return "n_probe", sorted({min(2**i, n) for i in range(n.bit_length() + 1)})
-    if isinstance(estimator, HNSWPQNeighbors):
+    if "ef_search" in params:
         return "ef_search", None  # depends on k: see _default_values
     return None, [None]
 
@@ -257,6 +258,48 @@ def tune_search(estimator, X_sample=None, target_recall=0.95, n_neighbors=10, *,
     >>> nn.n_probe == result.params["n_probe"]
     True
     """
+    k = _check_args(estimator, target_recall, n_neighbors, n_queries, n_repeats)
+    progress = Progress(verbose, "tune_search")
+    rng = check_random_state(random_state)
+    source = _row_source(estimator, X)
+    own = X_sample is None
+    kq = k + own  # neighbours asked for: the point itself too
+    knob, refine, values = _grid(estimator, param_grid, kq)
+    Q_raw, self_ids = _queries(estimator, source, X_sample, n_queries, k, rng)
+    Q = estimator._prepare(Q_raw)  # normalised for cosine, as the index does
+    with progress.bar(estimator.n_samples_fit_, "exact neighbours", unit="vectors") as bar:
+        kth = _exact_neighbors(estimator, source, Q, k, self_ids, bar)[:, k - 1]
+
+    def measure():
+        found, best = _timed_search(estimator, Q_raw, kq, n_repeats)
+        if own:  # drop the point itself, else the first column (kneighbors(X=None))
+            mask = found != self_ids[:, None]
+            mask[np.all(mask, axis=1), 0] = False
+            found = found[mask].reshape(found.shape[0], k)
+        return _recall(estimator, source, Q, found, kth), best / Q.shape[0]
+
+    rows = _walk(estimator, knob, refine, values, kq, target_recall, measure, progress)
+    recall, times, measured = _times(rows, knob)
+    reaches = recall >= target_recall
+    pick = _choose(rows, recall, times, reaches, target_recall)
+    params = dict(rows[pick][0])
+    estimator.set_params(**params)
+    frontier = {}
+    if knob is not None:
+        frontier[knob] = np.array([p[knob] for p, _, _ in rows])
+    frontier["refine_factor"] = np.array([p["refine_factor"] for p, _, _ in rows])
+    frontier.update(recall=recall, queries_per_second=1 / times, time_per_query=times,
+                    measured_time_per_query=measured, reaches_target=reaches,
+                    pareto=_pareto(recall, times))
+    progress(f"chose {params}: recall {recall[pick]:.3f}, {1 / times[pick]:,.0f} q/s")
+    return Bunch(params=params, recall=float(recall[pick]),
+                 queries_per_second=float(1 / times[pick]),
+                 time_per_query=float(times[pick]), target_reached=bool(reaches[pick]),
+                 frontier=frontier)
+
+
+def _check_args(estimator, target_recall, n_neighbors, n_queries, n_repeats):
+    """Validate tune_search's arguments; returns k (int)."""
     if not isinstance(estimator, BasePQNeighbors):
         raise TypeError("tune_search tunes a PQNeighbors, IVFPQNeighbors or "
                         f"HNSWPQNeighbors, got {type(estimator).__name__}.")
@@ -272,12 +315,13 @@ def tune_search(estimator, X_sample=None, target_recall=0.95, n_neighbors=10, *,
     if k > estimator._n_live:
         raise ValueError(f"n_neighbors={k} is more than the {estimator._n_live} "
                          "indexed points.")
-    progress = Progress(verbose, "tune_search")
-    rng = check_random_state(random_state)
-    source = _row_source(estimator, X)
+    return k
+
+
+def _grid(estimator, param_grid, kq):
+    """(knob name or None, refine_factor values, knob values), each sorted
+    ascending: ``param_grid``'s where given, else the defaults."""
     knob, values = _knob(estimator)
-    own = X_sample is None
-    kq = k + own  # neighbours asked for: the point itself too
     grid = dict(param_grid or {})
     unknown = set(grid) - {"refine_factor", knob}
     if unknown:
@@ -288,9 +332,13 @@ def tune_search(estimator, X_sample=None, target_recall=0.95, n_neighbors=10, *,
     if knob is not None:
         values = sorted(grid.get(knob, _default_values(knob, values, kq,
                                                        estimator._n_live)))
+    return knob, refine, values
 
-    # Queries and ground truth.
-    if own:
+
+def _queries(estimator, source, X_sample, n_queries, k, rng):
+    """(raw queries (nq, d) in the fit dtype, C-contiguous; their own ids
+    (nq,) when they are indexed points, else None)."""
+    if X_sample is None:
         live = np.arange(estimator.n_samples_fit_)
         if estimator.removed_ is not None:
             live = live[~estimator.removed_]
@@ -306,26 +354,28 @@ def tune_search(estimator, X_sample=None, target_recall=0.95, n_neighbors=10, *,
         take = np.sort(rng.choice(X_sample.shape[0], min(n_queries, X_sample.shape[0]),
                                   replace=False))
         Q_raw = X_sample[take]
-    Q_raw = np.ascontiguousarray(Q_raw, dtype=estimator._fit_dtype_)
-    Q = estimator._prepare(Q_raw)  # normalised for cosine, as the index does
-    with progress.bar(estimator.n_samples_fit_, "exact neighbours", unit="vectors") as bar:
-        kth = _exact_neighbors(estimator, source, Q, k, self_ids, bar)[:, k - 1]
+    return np.ascontiguousarray(Q_raw, dtype=estimator._fit_dtype_), self_ids
 
-    def measure():
-        best, found, spent, runs = np.inf, None, 0.0, 0
-        # At least n_repeats runs, more (up to MAX_RUNS) while they take
-        # under MIN_SECONDS in all: short runs are the noisiest.
-        while runs < n_repeats or (spent < MIN_SECONDS and runs < MAX_RUNS):
-            t0 = time.perf_counter()
-            found = estimator.kneighbors(Q_raw, n_neighbors=kq, return_distance=False)
-            t = time.perf_counter() - t0
-            best, spent, runs = min(best, t), spent + t, runs + 1
-        if own:  # drop the point itself, else the first column (kneighbors(X=None))
-            mask = found != self_ids[:, None]
-            mask[np.all(mask, axis=1), 0] = False
-            found = found[mask].reshape(found.shape[0], k)
-        return _recall(estimator, source, Q, found, kth), best / Q.shape[0]
 
+def _timed_search(estimator, Q_raw, kq, n_repeats):
+    """(ids found, fastest run in seconds): at least n_repeats runs, more
+    (up to MAX_RUNS) while they took under MIN_SECONDS in all, since short
+    runs are the noisiest."""
+    best, found, spent, runs = np.inf, None, 0.0, 0
+    while runs < n_repeats or (spent < MIN_SECONDS and runs < MAX_RUNS):
+        t0 = time.perf_counter()
+        found = estimator.kneighbors(Q_raw, n_neighbors=kq, return_distance=False)
+        t = time.perf_counter() - t0
+        best, spent, runs = min(best, t), spent + t, runs + 1
+    return found, best
+
+
+def _walk(estimator, knob, refine, values, kq, target_recall, measure, progress):
+    """Measure the settings, each row (one refine_factor) from its cheapest
+    knob value up, until the target is reached, the setting is PRUNE times
+    slower than the best one reaching it, or recall reaches a plateau.
+    Returns [(params, recall, seconds per query)], in order.  The
+    estimator's parameters are restored if anything fails."""
     original = {name: getattr(estimator, name) for name in ("refine_factor", knob)
                 if name is not None}
     rows = []
@@ -363,40 +413,36 @@ def tune_search(estimator, X_sample=None, target_recall=0.95, n_neighbors=10, *,
     except BaseException:
         estimator.set_params(**original)
         raise
+    return rows
 
+
+def _times(rows, knob):
+    """(recall, time per query, measured time per query) arrays of the
+    rows.  Timing noise only adds time, and a setting costs no more than
+    one that fetches more candidates (a larger knob, a larger
+    refine_factor): its time is the least measured among those."""
     recall = np.array([r for _, r, _ in rows])
     measured = np.array([t for _, _, t in rows])
-    # Timing noise only adds time, and a setting costs no more than one
-    # that fetches more candidates (a larger knob, a larger refine_factor):
-    # its time is the least measured among those.
     rf_of = np.array([p["refine_factor"] for p, _, _ in rows])
     kn_of = np.array([0 if knob is None else p[knob] for p, _, _ in rows])
     times = np.array([measured[(rf_of >= rf_of[i]) & (kn_of >= kn_of[i])].min()
                       for i in range(len(rows))])
-    reaches = recall >= target_recall
-    if reaches.any():  # the fastest; of equally fast ones, the most accurate
+    return recall, times, measured
+
+
+def _choose(rows, recall, times, reaches, target_recall):
+    """Index of the setting to set: the fastest reaching the target (of
+    equally fast ones, the most accurate); else, with a warning, the most
+    accurate (the fastest of equals)."""
+    if reaches.any():
         order = np.lexsort((-recall, np.where(reaches, times, np.inf)))
-        pick = int(order[0])
-    else:
-        top = recall == recall.max()
-        pick = int(np.argmin(np.where(top, times, np.inf)))
-        warnings.warn(
-            f"no setting measured reaches recall {target_recall} (the best is "
-            f"{recall[pick]:.3f}); set the one with the highest recall: {rows[pick][0]}. "
-            "Raise refine_factor's range (the index must keep its raw vectors: fit with "
-            "refine_factor > 0), or rebuild with more sub-spaces.", UserWarning,
-            stacklevel=2)
-    params = dict(rows[pick][0])
-    estimator.set_params(**params)
-    frontier = {}
-    if knob is not None:
-        frontier[knob] = np.array([p[knob] for p, _, _ in rows])
-    frontier["refine_factor"] = np.array([p["refine_factor"] for p, _, _ in rows])
-    frontier.update(recall=recall, queries_per_second=1 / times, time_per_query=times,
-                    measured_time_per_query=measured, reaches_target=reaches,
-                    pareto=_pareto(recall, times))
-    progress(f"chose {params}: recall {recall[pick]:.3f}, {1 / times[pick]:,.0f} q/s")
-    return Bunch(params=params, recall=float(recall[pick]),
-                 queries_per_second=float(1 / times[pick]),
-                 time_per_query=float(times[pick]), target_reached=bool(reaches[pick]),
-                 frontier=frontier)
+        return int(order[0])
+    top = recall == recall.max()
+    pick = int(np.argmin(np.where(top, times, np.inf)))
+    warnings.warn(
+        f"no setting measured reaches recall {target_recall} (the best is "
+        f"{recall[pick]:.3f}); set the one with the highest recall: {rows[pick][0]}. "
+        "Raise refine_factor's range (the index must keep its raw vectors: fit with "
+        "refine_factor > 0), or rebuild with more sub-spaces.", UserWarning,
+        stacklevel=3)
+    return pick
