@@ -133,11 +133,6 @@ class FitRows:
             return rows
         return np.ascontiguousarray(rows @ self.rotation, dtype=self.dtype)
 
-    def raw_chunks(self, rows=None):
-        """(slice, rows of ``dtype``, not normalised) pairs, in order."""
-        for sl in chunk_slices(self.shape[0], rows or self.chunk_rows()):
-            yield sl, np.ascontiguousarray(self.raw[sl], dtype=self.dtype)
-
     def take(self, rows):
         """Prepared rows at the (preferably sorted) indices ``rows``,
         gathered a chunk at a time."""
