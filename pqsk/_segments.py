@@ -219,8 +219,8 @@ class SegmentTombstones:
     count : int
         Removed entries the segment still stores.
     mask : ndarray of shape (n_s,), uint8, or None
-        1 where the segment's entry (in its own order) is removed.  Only
-        indexes whose search reads it (graphs) ask for it; made then.
+        1 where the segment's entry (in its own order) is removed.  Kept
+        only by indexes whose search reads it (graphs, ``_node_masks``).
     """
 
     __slots__ = ("removed", "n_removed", "count", "mask")
@@ -344,26 +344,25 @@ class SegmentWritesMixin:
         ids = seg["ids"]
         return (int(ids[0]), int(ids[-1]) + 1) if ids.shape[0] else (0, 0)
 
-    def _tombstone_record(self, seg, mask):
+    def _tombstone_record(self, seg):
         """The current :class:`SegmentTombstones` of ``seg`` (some id is
-        removed), computed (O(segment)) when missing or stale."""
+        removed), computed (O(segment)) when missing or stale, with its
+        mask when the index reads masks."""
         removed, n_removed = self.removed_, self.n_removed_
         entries = runtime(self).segment_tombstones
         entry = entries.get(seg.uid)
         if entry is None or entry.removed is not removed or entry.n_removed != n_removed:
             flags = removed[seg["ids"]]
             entry = SegmentTombstones(removed, n_removed, int(np.count_nonzero(flags)),
-                                      flags.view(np.uint8) if mask else None)
+                                      flags.view(np.uint8) if self._node_masks else None)
             entries[seg.uid] = entry
-        elif mask and entry.mask is None:
-            entry.mask = removed[seg["ids"]].view(np.uint8)
         return entry
 
     def _segment_dead(self, seg):
         """Removed entries ``seg`` still stores."""
         if not self.n_removed_:
             return 0
-        return self._tombstone_record(seg, False).count
+        return self._tombstone_record(seg).count
 
     def _segment_tombstones(self, seg):
         """(uint8 mask of ``seg``'s removed entries in its order, number of
@@ -372,10 +371,12 @@ class SegmentWritesMixin:
         O(their ids)."""
         if not self.n_removed_:
             return NO_TOMBSTONES, 0
-        entry = self._tombstone_record(seg, False)
+        entry = self._tombstone_record(seg)
         if not entry.count:
             return NO_TOMBSTONES, 0
-        return self._tombstone_record(seg, True).mask, entry.count
+        if entry.mask is None:  # recorded when none was removed
+            entry.mask = self.removed_[seg["ids"]].view(np.uint8)
+        return entry.mask, entry.count
 
     def _note_segment(self, seg, mask=None):
         """Record the tombstones of ``seg``, just made from the current
