@@ -510,7 +510,8 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         """New sealed segments holding the growing part (its removed
         entries dropped) and ``extra`` (codes, ids, lists of new rows, none
         removed), in pieces of at most ``segment_size`` rows, consecutive
-        in id order.  Nothing of the estimator changes."""
+        in id order, their tombstone records kept (none removed).  No
+        attribute of the estimator changes."""
         g_codes, g_ids, g_lists = (self.growing_codes_, self.growing_ids_,
                                    self.growing_lists_)
         id_dtype = g_ids.dtype if id_dtype is None else id_dtype
