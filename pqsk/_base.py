@@ -9,7 +9,6 @@
 """
 
 import warnings
-import weakref
 from numbers import Integral, Real
 
 import numpy as np
@@ -32,12 +31,11 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from . import _growable, _opq, _quantizer
 from ._filter import check_filter
 from ._persist import check_int_array, require
+from ._runtime import index_lock, index_writer, runtime
 from ._store import FitRows, RowStore, chunk_slices, rows_per_chunk
 from ._utils import (
     Progress,
     effective_n_threads,
-    index_lock,
-    index_writer,
     openmp_region,
     range_bound,
     release_memory,
@@ -82,10 +80,6 @@ def resolve_metric(metric, p=2, metric_params=None, warn=False):
         return "euclidean", {}
     return metric, {}
 
-
-# Estimator -> the search-time parameter values last found valid (kept
-# outside ``__dict__``, so that pickling, cloning and saving never see it).
-_CHECKED_PARAMS = weakref.WeakKeyDictionary()
 
 # float16 and integer input are computed in float32; float64 stays float64.
 FLOAT_DTYPES = [np.float32, np.float64]
@@ -423,81 +417,6 @@ def _check_graph_mode(mode):
         )
 
 
-def checked_remove_ids(ids):
-    """The ids given to ``remove`` as a flat int64 array (possibly empty),
-    refusing non-integers and duplicates (the range is the caller's)."""
-    ids = np.asarray(ids)
-    if ids.size == 0:
-        return np.empty(0, dtype=np.int64)
-    if ids.dtype.kind not in "iu":
-        raise TypeError(f"ids must be integers, got dtype {ids.dtype}.")
-    ids = ids.ravel().astype(np.int64)
-    if np.unique(ids).size != ids.size:
-        raise ValueError("ids contain duplicates.")
-    return ids
-
-
-class RemovalMixin:
-    """``remove(ids)`` for indexes whose ids are stable (IVF, HNSW)."""
-
-    def remove(self, ids):
-        """Remove indexed vectors by id; they never appear in results again.
-
-        Ids are not reused: later ``partial_fit`` rows continue from
-        ``n_samples_fit_``.  On error nothing is removed.  Costs
-        O(len(ids)): the ids are marked in ``removed_`` in place (an array
-        read from ``removed_`` earlier sees the change) and the search
-        skips them; the index drops their entries later (see ``compact``;
-        :class:`HNSWPQNeighbors` also rebuilds, here, a sealed segment
-        left with more than half of its nodes removed).
-
-        Parameters
-        ----------
-        ids : array-like of int
-            Ids (row numbers at fit / partial_fit) of vectors to remove.
-
-        Returns
-        -------
-        self : object
-        """
-        check_is_fitted(self)
-        ids = checked_remove_ids(ids)
-        if ids.size == 0:
-            return self
-        # Checked and applied under the lock: two concurrent removes must not
-        # both start from the same old mask.  The mask is updated in place
-        # (O(len(ids)), no copy of it): readers wait for the lock.
-        with index_writer(self):
-            with index_lock(self).write():
-                self._mark_removed(ids)
-            # Still the only writer: follow-up work (HNSW compacts sealed
-            # segments past a share of tombstones) takes the locks it needs.
-            self._after_remove()
-        return self
-
-    def _after_remove(self):
-        """Hook run after ``remove`` published its tombstones, under the
-        writer mutex but not the RWLock."""
-
-    def _mark_removed(self, ids):
-        """Check ``ids`` against the index and mark them removed (caller
-        holds the write lock)."""
-        n = self.n_samples_fit_
-        if ids.min() < 0 or ids.max() >= n:
-            raise ValueError(f"ids must lie in [0, {n}), got values in "
-                             f"[{ids.min()}, {ids.max()}].")
-        removed = self.removed_
-        if removed is not None and removed[ids].any():
-            raise ValueError(
-                f"ids {ids[removed[ids]][:10].tolist()} were already removed.")
-        removed = (_growable.owned(self, "removed", removed) if removed is not None
-                   else _growable.grow(self, "removed", np.zeros(0, bool), n, False))
-        removed[ids] = True
-        self.removed_ = removed
-        self.n_removed_ = self.n_removed_ + int(ids.size)
-        self._remove_rows(ids, removed)
-
-
 def _check_n_neighbors(n_neighbors):
     if not isinstance(n_neighbors, (Integral, np.integer)) or isinstance(n_neighbors, bool):
         raise TypeError(
@@ -633,7 +552,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         fitted_values = self._fitted_values()
         key = tuple((type(v), v) for v in (getattr(self, n) for n in
                                            (*names, *fitted_values, *self._metric_names)))
-        if _CHECKED_PARAMS.get(self) == key:
+        if runtime(self).checked_params == key:
             return
         validate_parameter_constraints(
             {n: self._parameter_constraints[n] for n in names},
@@ -650,7 +569,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                     f"with {name}={fitted!r}; call fit to rebuild it with the new "
                     f"value (partial_fit cannot change it), or set {name} back."
                 )
-        _CHECKED_PARAMS[self] = key
+        runtime(self).checked_params = key
 
     # The parameters that together name the metric (see ``resolve_metric``).
     _metric_names = ("metric", "p", "metric_params")
@@ -808,7 +727,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             # OPQ: every row is encoded, and every query searched, as x @ R.
             self.rotation_ = rows.rotation = self._fit_rotation(rows, progress)
             self._fit_index(rows, progress)
-        _CHECKED_PARAMS.pop(self, None)
+        runtime(self).checked_params = None
         release_memory()
         return self
 
@@ -878,14 +797,14 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             self.vectors_ = (RowStore.empty(self.n_features_in_, self._fit_dtype_)
                              if self.refine_factor > 0 else None)
             self._start_empty()
-            _CHECKED_PARAMS.pop(self, None)
+            runtime(self).checked_params = None
             self._check_params_at_call()
             if rows is not None and rows.shape[0]:
                 n_threads = effective_n_threads(self.n_jobs)
                 with openmp_region(n_threads):
                     self._add_rows(rows, n_threads,
                                    Progress(self.verbose, type(self).__name__))
-        _CHECKED_PARAMS.pop(self, None)
+        runtime(self).checked_params = None
         return self
 
     def _check_loaded_state(self):

@@ -7,8 +7,9 @@ rows writes them past the used part and then publishes a longer view, so
 an append costs O(b) amortized: the buffer is reallocated (doubling its
 capacity) only when it is full.
 
-Buffers live outside the estimator's ``__dict__``: pickling, cloning and
-``save`` see only the views, that is the used rows.  An attribute that is
+Buffers live in the owner's runtime state (``pqsk._runtime``), outside
+the estimator's ``__dict__``: pickling, cloning and ``save`` see only the
+views, that is the used rows.  An attribute that is
 not a prefix view of the estimator's own buffer (an index loaded from disk
 or unpickled, a fresh fit, a memory-mapped array) is copied into a new
 buffer on the first append after it: O(n) once.
@@ -17,19 +18,16 @@ Rows past a published view are never visible through it, so writing them
 changes nothing a reader holding that view sees; the new length is
 published last, by assigning the longer view.  The HNSW graph is the one
 structure that also rewrites used rows (back-links of old nodes), which is
-why appends run under the index's write lock (see ``pqsk._utils``).
+why appends run under the index's write lock (see ``pqsk._runtime``).
 """
 
-import weakref
-
 import numpy as np
+
+from ._runtime import runtime
 
 # Rows a buffer is created with at least: a stream of 1-row appends then
 # reallocates only O(log n) times.
 MIN_CAPACITY = 64
-
-_BUFFERS = weakref.WeakKeyDictionary()  # estimator -> {name: buffer}
-
 
 def _is_prefix(view, buf):
     """Whether ``view`` is ``buf[:len(view)]``."""
@@ -51,7 +49,8 @@ def grow(owner, name, current, extra, fill=None):
     Parameters
     ----------
     owner : object
-        The estimator (buffers are kept per estimator, weakly).
+        The estimator, or another object holding buffers (a graph built
+        beside the index); buffers are kept in its runtime state.
     name : str
         Which of its buffers.
     current : ndarray of shape (n, ...)
@@ -65,9 +64,7 @@ def grow(owner, name, current, extra, fill=None):
     """
     n = current.shape[0]
     need = n + int(extra)
-    bufs = _BUFFERS.get(owner)
-    if bufs is None:
-        bufs = _BUFFERS[owner] = {}
+    bufs = runtime(owner).buffers
     buf = bufs.get(name)
     if not extra and _is_prefix(current, buf):
         return current  # already a writable prefix: the same object
@@ -91,15 +88,13 @@ def owned(owner, name, current):
 
 def discard(owner, name):
     """Forget ``owner``'s buffer ``name`` (its views stay valid)."""
-    bufs = _BUFFERS.get(owner)
-    if bufs is not None:
-        bufs.pop(name, None)
+    runtime(owner).buffers.pop(name, None)
 
 
 def spare_bytes(owner, name, view):
     """Bytes allocated past ``view`` in ``owner``'s buffer ``name`` (0 when
     ``view`` does not live in it)."""
-    buf = _BUFFERS.get(owner, {}).get(name)
+    buf = runtime(owner).buffers.get(name)
     if view is None or not _is_prefix(view, buf):
         return 0
     return buf.nbytes - view.nbytes

@@ -5,24 +5,23 @@ from numbers import Integral
 
 import threading
 import warnings
-import weakref
 
 import numpy as np
 from scipy import sparse
 from scipy.sparse.csgraph import breadth_first_order, connected_components
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
-from sklearn.utils.validation import check_is_fitted
 
 from . import _growable, _hnsw, _quantizer
 from ._quantizer import scratch
-from ._segments import (DEFAULT_SEGMENT_SIZE, SEGMENT_PARAMETER_CONSTRAINTS, Segment,
-                        merge_topk)
+from ._segments import (DEFAULT_SEGMENT_SIZE, NO_ID, NO_TOMBSTONES,
+                        SEGMENT_PARAMETER_CONSTRAINTS, Segment, SegmentWritesMixin,
+                        merge_topk, positions)
 from ._store import FitRows
-from ._base import (BasePQNeighbors, PQParamsMixin, RefitMixin, RemovalMixin,
-                    _check_n_neighbors)
+from ._base import BasePQNeighbors, PQParamsMixin, RefitMixin, _check_n_neighbors
 from ._persist import IndexIOMixin, check_int_array, require
-from ._utils import Progress, effective_n_threads, index_lock, index_writer
+from ._runtime import index_lock, runtime
+from ._utils import Progress, effective_n_threads
 
 MAX_LEVEL = 32
 MAX_LINKS = 2048  # more links per node than this is never useful
@@ -35,29 +34,15 @@ REPAIR_SAMPLE = 4096  # reachable nodes tried for a component with no way out
 # (one linear pass) runs at fit and compact, when the entry point changes,
 # and when the local check cannot give a node a parent.
 LOST_PER_NODE = 4  # room to record nodes that lost their parent, per inserted node
-# ``remove`` rebuilds a sealed segment (see ``compact``) as soon as more than
-# this share of its nodes are removed: tombstoned nodes are still walked
-# through by every query, so past half of them a segment costs about twice
-# what its live nodes need.
-COMPACT_SHARE = 0.5
 # Arrays of a sealed segment (a graph, as the growing graph's attributes
 # without the trailing underscore) and its scalars.
 SEGMENT_ARRAYS = ("codes", "levels", "links0", "upper_links", "upper_offsets", "ids")
 SEGMENT_META = ("entry_point", "max_level")
-_NO_ID = np.iinfo(np.int64).max
 
-
-_BUILD = weakref.WeakKeyDictionary()    # estimator -> build scratch (_build_scratch)
-_PENDING = weakref.WeakKeyDictionary()  # estimator -> state an append is publishing
-
-
+# Per-thread visited marks of the searches (see ``visited_marks``).  The
+# per-estimator state (build scratch, tombstone caches) is in its runtime
+# state: ``pqsk._runtime``.
 _MARKS = threading.local()
-# estimator -> (removed_, ids_, n_removed_, node mask): the growing graph's
-_TOMBSTONES = weakref.WeakKeyDictionary()
-# estimator -> {segment uid: [removed_, n_removed_, node mask, removed nodes]}:
-# each sealed segment's node-order tombstones (uint8, one per node)
-_SEGMENT_TOMBSTONES = weakref.WeakKeyDictionary()
-_NO_TOMBSTONES = np.empty(0, np.uint8)
 
 # Filtered search: a query whose filter allows fewer than
 # max(FILTER_SCAN_MIN, FILTER_SCAN_FRACTION * live points) ids scans those
@@ -92,7 +77,7 @@ def sample_levels(n, n_links, random_state):
     return np.minimum(levels, MAX_LEVEL)
 
 
-class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
+class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin,
                       BasePQNeighbors):
     """Approximate nearest neighbours on an HNSW graph over PQ codes.
 
@@ -398,7 +383,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         self.__dict__.update(_empty_graph(m, self.n_links, _quantizer.code_dtype(k)))
         self.ids_ = None
         self.segments_ = ()
-        _SEGMENT_TOMBSTONES.pop(self, None)
+        self._forget_tombstones()
 
     def _node_vectors(self, codes, ids):
         """float32 vectors of a graph's nodes (``codes``, ``ids``: theirs,
@@ -439,10 +424,10 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
                 if committed and start < b:
                     # The pieces so far rewrote old nodes' links: if a later
                     # piece fails, the index keeps them (_after_failed_write).
-                    _PENDING[self] = dict(self.__dict__)
+                    runtime(self).pending = dict(self.__dict__)
         finally:
             if start >= b:
-                _PENDING.pop(self, None)
+                runtime(self).pending = None
 
     def _add_piece(self, X, codes, progress):
         n_nodes, first_id, b = self.codes_.shape[0], self.n_samples_fit_, X.shape[0]
@@ -464,12 +449,10 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
             new[sl] = chunk
         self._link(state, n_nodes, new, progress)
         if mask is not None:
-            _TOMBSTONES[self] = (self.removed_, self.ids_, self.n_removed_, mask)
-        # The sealed segments' tombstones do not change with an append:
-        # their cached masks now go with the grown removed_.
-        for entry in _SEGMENT_TOMBSTONES.get(self, {}).values():
-            if entry[0] is old_removed and entry[1] == self.n_removed_:
-                entry[0] = self.removed_
+            runtime(self).growing_tombstones = (self.removed_, self.ids_, self.n_removed_,
+                                                mask)
+        # The sealed segments' tombstones do not change with an append.
+        self._note_grown(old_removed)
 
     def _seal(self):
         """Turn the growing graph into a sealed segment (trimmed copies of
@@ -483,7 +466,8 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         arrays["ids"] = ids
         seg = Segment(arrays, {"entry_point": int(self.entry_point_),
                                "max_level": int(self.max_level_)})
-        cached = _TOMBSTONES.get(self)
+        rt = runtime(self)
+        cached = rt.growing_tombstones
         m = self.codebooks_.shape[0]
         self.__dict__.update(_empty_graph(m, self.links0_.shape[1] // 2, self.codes_.dtype))
         self.ids_ = np.empty(0, np.int64)
@@ -492,8 +476,8 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
                      "level0_parent", "ids", "node_tombstones", "build_indeg",
                      "build_copies", "build_visited"):
             _growable.discard(self, name)
-        _BUILD.pop(self, None)
-        _TOMBSTONES.pop(self, None)
+        rt.build = rt.growing_tombstones = None
+        mask = None
         if self.n_removed_:
             # The growing graph's node mask, when current, is the segment's.
             if (cached is not None and cached[0] is self.removed_
@@ -501,14 +485,13 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
                 mask = np.array(cached[3], dtype=np.uint8)
             else:
                 mask = self.removed_[ids].view(np.uint8)
-            self._segment_cache()[seg.uid] = [self.removed_, self.n_removed_, mask,
-                                              int(np.count_nonzero(mask))]
+        self._note_segment(seg, mask)
 
     def _extended_tombstones(self, b):
         """The cached node-order tombstones (after a ``compact``) with b live
         nodes appended, grown in place; None when there is nothing cached
         to extend (``_tombstones`` then computes it when next needed)."""
-        cached = _TOMBSTONES.get(self)
+        cached = runtime(self).growing_tombstones
         if (self.ids_ is None or cached is None or cached[0] is not self.removed_
                 or cached[1] is not self.ids_ or cached[2] != self.n_removed_
                 or cached[3].size == 0):
@@ -548,7 +531,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         build that adds nodes n_old .. n - 1 to ``graph``: kept from the
         last build when it left the published graph (O(new nodes)), else
         computed (O(n), after a load or an unpickling)."""
-        st = _BUILD.get(self)
+        st = runtime(self).build
         if not (st is not None and n_old and st["links0"] is self.links0_
                 and st["indeg"].shape[0] == n_old):
             old = graph["links0_"][:n_old]
@@ -610,8 +593,8 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         # Point of no return: the kernel rewrites old nodes' rows in place.
         if publish:
             if n_old:
-                _PENDING[self] = state
-            _BUILD[self] = st
+                runtime(self).pending = state
+            runtime(self).build = st
         first_ep = ep
         bar = progress.bar(n - n_old, "graph", unit="nodes")
         # Insertion is sequential: the graph does not depend on the chunks.
@@ -669,7 +652,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
                 warnings.warn("HNSW level-0 repair gave up; some nodes stay unreachable.")
         if publish:
             self.__dict__.update(state)
-            _PENDING.pop(self, None)
+            runtime(self).pending = None
         return st
 
     def _after_failed_write(self):
@@ -678,35 +661,29 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         # whose nodes may lack a parent: the next append looks for them all.
         # (Or the pieces of a batch committed before the failing one: see
         # _add_rows.)
-        state = _PENDING.pop(self, None)
+        state, runtime(self).pending = runtime(self).pending, None
         if state is not None:
             self.__dict__.update(state)
-            st = _BUILD.get(self)
+            st = runtime(self).build
             if st is not None:
                 st["recheck"] = True
+
+    # -- removal and compaction (the policy: SegmentWritesMixin) --------------
+    _node_masks = True  # the graph search reads each segment's node mask
 
     def _remove_rows(self, ids, removed):
         # Tombstones: the nodes stay in the graph for routing; searches
         # read ``removed_`` (updated in place by ``remove``) in node order
-        # and never return them.  See ``compact``.  The sealed segments'
-        # cached masks are updated in place too: O(len(ids)) per segment.
-        cache = _SEGMENT_TOMBSTONES.get(self)
-        if cache:
-            previous = self.n_removed_ - ids.size
-            for seg in self.segments_:
-                entry = cache.get(seg.uid)
-                if entry is None or entry[0] is not removed or entry[1] != previous:
-                    cache.pop(seg.uid, None)  # computed again at next use
-                    continue
-                pos = _positions(seg["ids"], ids)
-                entry[2][pos] = 1
-                entry[1], entry[3] = self.n_removed_, entry[3] + int(pos.size)
-        cached = _TOMBSTONES.get(self)
+        # and never return them.  See ``compact``.  The cached masks (the
+        # sealed segments', the growing graph's) are updated in place too.
+        super()._remove_rows(ids, removed)
+        rt = runtime(self)
+        cached = rt.growing_tombstones
         if (self.ids_ is None or cached is None or cached[0] is not removed
                 or cached[1] is not self.ids_ or cached[3].size == 0):
             return  # the view of removed_ is current, or computed at next use
-        cached[3][_positions(self.ids_, ids)] = 1
-        _TOMBSTONES[self] = (removed, self.ids_, self.n_removed_, cached[3])
+        cached[3][positions(self.ids_, ids)] = 1
+        rt.growing_tombstones = (removed, self.ids_, self.n_removed_, cached[3])
 
     def compact(self):
         """Rebuild, one graph at a time, every graph holding removed nodes.
@@ -728,61 +705,25 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         -------
         self : HNSWPQNeighbors
         """
-        check_is_fitted(self)
-        with index_writer(self):
-            for seg in self.segments_:
-                self._compact_segment(seg)
-            self._compact_growing()
-        return self
+        return self._compact_all()
 
-    def _after_remove(self):
-        # Sealed segments past COMPACT_SHARE of removed nodes are rebuilt,
-        # one at a time (see compact).  The removal itself is done: a
-        # compaction that fails (memory) is reported, not raised, so that
-        # remove keeps its contract (on error nothing is removed).
-        for seg in self.segments_:
-            with index_lock(self).read():
-                _, n_dead = self._segment_tombstones(seg)
-            if n_dead > COMPACT_SHARE * seg["ids"].shape[0]:
-                try:
-                    self._compact_segment(seg)
-                except Exception as e:  # noqa: BLE001 - reported as a warning
-                    warnings.warn(
-                        f"the ids are removed, but compacting a segment failed "
-                        f"({type(e).__name__}: {e}); call compact() to retry.",
-                        RuntimeWarning)
-                    return
-
-    def _compact_segment(self, seg):
-        """Replace ``seg`` by a segment of its live nodes (or drop it when
-        none is left); the caller holds the writer mutex."""
-        lock = index_lock(self)
-        with lock.read():
-            mask, n_dead = self._segment_tombstones(seg)
-            if not n_dead:
-                return
-            live = mask == 0
-            ids = np.ascontiguousarray(seg["ids"][live])
-            new, rng = None, self._levels_rng_
-            if ids.size:
-                # _Owner: the new graph's buffers are not the estimator's.
-                state, _ = self._rebuilt_graph(np.ascontiguousarray(seg["codes"][live]), ids,
-                                               _Owner())
-                arrays = {name: _trimmed(state[name + "_"]) for name in SEGMENT_ARRAYS}
-                new = Segment(arrays, {"entry_point": int(state["entry_point_"]),
-                                       "max_level": int(state["max_level_"])})
-                rng = state["_levels_rng_"]
-                fresh = [None, None, np.zeros(ids.size, np.uint8), 0]
-        # Publishing is a reference swap (and the cache entry's).
-        with lock.write():
-            self.segments_ = tuple(s for s in (new if s is seg else s
-                                               for s in self.segments_) if s is not None)
-            self._levels_rng_ = rng
-            cache = self._segment_cache()
-            cache.pop(seg.uid, None)
-            if new is not None:
-                fresh[:2] = self.removed_, self.n_removed_
-                cache[new.uid] = fresh
+    def _compacted_segment(self, seg):
+        """(A segment of ``seg``'s live nodes, or None when none is left;
+        the advanced level generator), built beside the index."""
+        mask, n_dead = self._segment_tombstones(seg)
+        if not n_dead:
+            return seg, {}
+        live = mask == 0
+        ids = np.ascontiguousarray(seg["ids"][live])
+        if not ids.size:
+            return None, {}
+        # _Owner: the new graph's buffers are not the estimator's.
+        state, _ = self._rebuilt_graph(np.ascontiguousarray(seg["codes"][live]), ids,
+                                       _Owner())
+        arrays = {name: _trimmed(state[name + "_"]) for name in SEGMENT_ARRAYS}
+        new = Segment(arrays, {"entry_point": int(state["entry_point_"]),
+                               "max_level": int(state["max_level_"])})
+        return new, {"_levels_rng_": state["_levels_rng_"]}
 
     def _compact_growing(self):
         """Rebuild the growing graph from its live nodes, if it holds removed
@@ -800,7 +741,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
                                             node_ids[live].astype(np.int64), self)
         with lock.write():
             self.__dict__.update(state)
-            _BUILD[self] = st
+            runtime(self).build = st
 
     def _rebuilt_graph(self, codes, ids, owner):
         """A new graph of the nodes ``codes`` (their ``ids``), built beside
@@ -815,28 +756,6 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
                         Progress(self.verbose, type(self).__name__), owner=owner,
                         publish=False)
         return state, st
-
-    def _segment_cache(self):
-        cache = _SEGMENT_TOMBSTONES.get(self)
-        if cache is None:
-            cache = _SEGMENT_TOMBSTONES[self] = {}
-        return cache
-
-    def _segment_tombstones(self, seg):
-        """(uint8 node mask, number of removed nodes) of a sealed segment;
-        the mask is empty when none is removed (the kernel then skips the
-        check).  Computed once (O(segment)) and cached outside ``__dict__``,
-        keyed by (segment uid, ``removed_``, ``n_removed_``); ``remove``
-        and ``partial_fit`` keep it current at O(their ids)."""
-        if not self.n_removed_:
-            return _NO_TOMBSTONES, 0
-        cache = self._segment_cache()
-        entry = cache.get(seg.uid)
-        if entry is None or entry[0] is not self.removed_ or entry[1] != self.n_removed_:
-            mask = self.removed_[seg["ids"]].view(np.uint8)
-            entry = [self.removed_, self.n_removed_, mask, int(np.count_nonzero(mask))]
-            cache[seg.uid] = entry
-        return (entry[2] if entry[3] else _NO_TOMBSTONES), entry[3]
 
     def _check_loaded_state(self):
         """Loaded-index invariants (see ``BasePQNeighbors``) and the graphs':
@@ -986,15 +905,15 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
 
         Before any ``compact`` or sealing (``ids_`` is None) it is
         ``removed_`` itself, viewed as uint8.  Otherwise it is computed once
-        (O(n)) and cached outside ``__dict__``, keyed by (``removed_``,
+        (O(n)) and cached in the runtime state, keyed by (``removed_``,
         ``ids_``, ``n_removed_``): ``remove`` marks ids in place in both,
         and ``partial_fit`` extends both (see ``_remove_rows``,
-        ``_extend_tombstones``), so neither pays O(n) again.  Sealed
+        ``_extended_tombstones``), so neither pays O(n) again.  Sealed
         segments have theirs (``_segment_tombstones``).
         """
         if not self.n_removed_:
-            return _NO_TOMBSTONES
-        cached = _TOMBSTONES.get(self)
+            return NO_TOMBSTONES
+        cached = runtime(self).growing_tombstones
         if (cached is not None and cached[0] is self.removed_ and cached[1] is self.ids_
                 and cached[2] == self.n_removed_):
             return cached[3]
@@ -1002,8 +921,8 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
             mask = self.removed_.view(np.uint8)
         else:
             mask = self.removed_[self.ids_]
-            mask = mask.view(np.uint8) if mask.any() else _NO_TOMBSTONES
-        _TOMBSTONES[self] = (self.removed_, self.ids_, self.n_removed_, mask)
+            mask = mask.view(np.uint8) if mask.any() else NO_TOMBSTONES
+        runtime(self).growing_tombstones = (self.removed_, self.ids_, self.n_removed_, mask)
         return mask
 
     def _graphs(self):
@@ -1084,7 +1003,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
             # A beam can end with fewer live nodes than asked for (many
             # tombstones, or a start node from which few nodes are
             # reachable): search those queries again over the whole graph.
-            short = ind[:, -1] == _NO_ID
+            short = ind[:, -1] == NO_ID
             if short.any():
                 d2, i2, _ = self._graph_search(graph, deleted, Q[short], n_out, n_threads,
                                                ef=graph["codes_"].shape[0], from_entry=True,
@@ -1101,7 +1020,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         Q = np.ascontiguousarray(Q, dtype=np.float32)
         nq = Q.shape[0]
         dist = np.full((nq, n_candidates), np.inf, dtype=np.float32)
-        ind = np.full((nq, n_candidates), _NO_ID, dtype=np.int64)
+        ind = np.full((nq, n_candidates), NO_ID, dtype=np.int64)
         n_allowed = blocked.allowed_counts(nq)
         scan = n_allowed < max(FILTER_SCAN_MIN, FILTER_SCAN_FRACTION * self._n_live)
         graphs = [(g, g["ids_"], g["codes_"].shape[0]) for g, _, _ in self._graphs()]
@@ -1132,7 +1051,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
                                          deleted_stride=gb.stride)
             # A beam that ends with fewer allowed nodes than the graph holds
             # (up to n_out): search those queries again over the whole graph.
-            found = np.count_nonzero(i != _NO_ID, axis=1)
+            found = np.count_nonzero(i != NO_ID, axis=1)
             short = np.flatnonzero(found < np.minimum(n_out, counts))
             if short.size:
                 sb = gb.take(short)
@@ -1140,12 +1059,12 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
                     graph, sb.mask, Q[short], n_out, n_threads, ef=n_nodes,
                     from_entry=True, cbt=cbt, deleted_stride=sb.stride)
             if ids is not None:
-                ok = i != _NO_ID
+                ok = i != NO_ID
                 i[ok] = ids[i[ok]]
             parts.append((d, i))
         if not parts:
             return (np.full((nq, n_candidates), np.inf, np.float32),
-                    np.full((nq, n_candidates), _NO_ID, np.int64))
+                    np.full((nq, n_candidates), NO_ID, np.int64))
         return merge_topk(parts, n_candidates)
 
     def _scan_blocked(self, Q, n_candidates, n_threads, blocked, graphs):
@@ -1154,7 +1073,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         nq = Q.shape[0]
         cb = self.codebooks_.astype(np.float32)
         dist = np.full((nq, n_candidates), np.inf, dtype=np.float32)
-        ind = np.full((nq, n_candidates), _NO_ID, dtype=np.int64)
+        ind = np.full((nq, n_candidates), NO_ID, dtype=np.int64)
         per_graph = [(graph["codes_"], ids, blocked.for_nodes(ids).rows[:, :n_nodes])
                      for graph, ids, n_nodes in graphs]
         shared = not blocked.stride
@@ -1245,19 +1164,19 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         spare = sum(_growable.spare_bytes(self, name, getattr(self, name + "_"))
                     for name in ("codes", "levels", "links0", "upper_links",
                                  "upper_offsets", "level0_parent", "ids"))
-        st = _BUILD.get(self)
+        rt = runtime(self)
+        st = rt.build
         if st is not None and st["links0"] is self.links0_:
             spare += sum(_growable.spare_bytes(self, "build_" + key, st[key])
                          + st[key].nbytes for key in ("indeg", "visited"))
             spare += (_growable.spare_bytes(self, "build_copies", st["last_copies"])
                       + st["last_copies"].nbytes)
-        cached = _TOMBSTONES.get(self)
+        cached = rt.growing_tombstones
         if cached is not None and cached[1] is not None and cached[1] is self.ids_:
             spare += cached[3].nbytes
-        # By segment, not over the cache: queries may add entries meanwhile.
-        cache = _SEGMENT_TOMBSTONES.get(self, {})
-        entries = [cache.get(seg.uid) for seg in self.segments_]
-        spare += sum(entry[2].nbytes for entry in entries if entry is not None)
+        # By segment, not over the records: queries may add some meanwhile.
+        records = [rt.segment_tombstones.get(seg.uid) for seg in self.segments_]
+        spare += sum(r.mask.nbytes for r in records if r is not None and r.mask is not None)
         return super()._reserved_bytes() + spare
 
 

@@ -1,22 +1,20 @@
 """IVFPQNeighbors: inverted file over residual product-quantization codes."""
 
 import warnings
-import weakref
 from numbers import Integral
 
 import numpy as np
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from sklearn.utils.validation import check_is_fitted
-
-from . import _growable, _quantizer
-from ._base import BasePQNeighbors, PQParamsMixin, RefitMixin, RemovalMixin
+from . import _growable, _lists, _quantizer
+from ._base import BasePQNeighbors, PQParamsMixin, RefitMixin
 from ._persist import IndexIOMixin, require
-from ._segments import DEFAULT_SEGMENT_SIZE, SEGMENT_PARAMETER_CONSTRAINTS, Segment
+from ._runtime import index_lock, runtime
+from ._segments import (COMPACT_SHARE, DEFAULT_SEGMENT_SIZE, SEGMENT_PARAMETER_CONSTRAINTS,
+                        Segment, SegmentWritesMixin)
 from ._store import chunk_slices
-from ._utils import (effective_n_threads, index_lock, index_writer, range_bound,
-                     release_memory)
+from ._utils import effective_n_threads, range_bound, release_memory
 
 # Seed article, step 8: the coarse quantizer wants ~256 training points per
 # cell; below ~39 per cell k-means is poorly determined.
@@ -36,125 +34,7 @@ def auto_n_probe(n_lists):
     """
     return int(min(n_lists, -(-2 * np.sqrt(n_lists) // 1)))
 
-# Appended rows go to a growing part that every query scans (the entries
-# of the probed lists are picked out of it in one pass over its labels).
-# It is sealed into a new segment (sorted by list) once it holds more than
-# GROWING_SHARE of the stored entries and more than GROWING_MIN of them (or
-# segment_size): sealing costs O(growing part), and a query scans at most
-# ~1/64 of the index more than it would with every list sorted.
-GROWING_SHARE = 1 / 64
-GROWING_MIN = 1024
-# Merge policy (size-tiered, on adjacent segments): while the newest
-# segment is at least 1/MERGE_RATIO the size of the one before it, and the
-# two hold at most segment_size rows, they become one.  Sizes then fall
-# geometrically from old to new segments: at most log_R(n / seal size)
-# + n / segment_size segments, each row rewritten O(log n) times.
-MERGE_RATIO = 2
-# Removed entries stay in their segments as tombstones (skipped by the
-# search); ``remove`` rewrites a segment once more than this share of its
-# entries are removed (and ``compact`` any segment holding one).
-COMPACT_SHARE = 0.5
-
-# Outside ``__dict__``: removed entries per segment uid (with the
-# ``n_removed_`` they were counted at), and the assembled ``codes_`` view.
-_DEAD_COUNTS = weakref.WeakKeyDictionary()
-_DEAD_STAMP = weakref.WeakKeyDictionary()
-_ASSEMBLED = weakref.WeakKeyDictionary()
-
-
-def _empty_growing(m, code_dtype, id_dtype):
-    # Fresh arrays, never views of a buffer: the next append allocates.
-    return {"growing_codes_": np.empty((0, m), dtype=code_dtype),
-            "growing_ids_": np.empty(0, dtype=id_dtype),
-            "growing_lists_": np.empty(0, dtype=np.int32)}
-
-
-def _packs(m, k):
-    """Whether sealed segments store their codes packed for the 4-bit
-    fast-scan kernels (n_codewords = 16, m <= ``_fastscan.MAX_SUBSPACES``)."""
-    from . import _fastscan
-
-    return k == 16 and m <= _fastscan.MAX_SUBSPACES
-
-
-def _segment(codes, ids, offsets, meta, pack):
-    """A segment of entries sorted by list (list l rows ``offsets[l]:
-    offsets[l + 1]``): arrays codes, ids and list_offsets; or, when
-    ``pack``, the codes packed list by list in fast-scan blocks (each list
-    starting on a block boundary, padding codes 0): packed (n_blocks,
-    (m + 1) // 2, 32) uint8 and list_blocks (n_lists + 1,) int64 (list l
-    in blocks ``list_blocks[l]:list_blocks[l + 1]``), no codes."""
-    if not pack:
-        return Segment({"codes": codes, "ids": ids, "list_offsets": offsets}, meta)
-    packed, blocks = _quantizer.pack_lists4(codes, offsets)
-    return Segment({"packed": packed, "ids": ids, "list_offsets": offsets,
-                    "list_blocks": blocks}, meta)
-
-
-def _is_packed(seg):
-    return "packed" in seg.names
-
-
-def _segment_codes(seg, m=None):
-    """The (n_s, m) codes of a segment, in entry order, packed or not."""
-    if not _is_packed(seg):
-        return seg["codes"]
-    if m is None:
-        raise ValueError("unpacking needs n_subspaces")
-    return _quantizer.unpack_lists4(seg["packed"], seg["list_offsets"], seg["list_blocks"], m)
-
-
-def _sealed(codes, ids, lists, n_lists, lo, hi, pack=False):
-    """A segment of entries given in id order: sorted by list, stably (ids
-    ascend within a list), ids in [lo, hi)."""
-    order = np.argsort(lists, kind="stable")
-    offsets = np.zeros(n_lists + 1, dtype=np.int64)
-    np.cumsum(np.bincount(lists, minlength=n_lists), out=offsets[1:])
-    return _segment(codes[order], ids[order], offsets, {"lo": int(lo), "hi": int(hi)}, pack)
-
-
-def _segment_lists(seg, n_lists):
-    return np.repeat(np.arange(n_lists, dtype=np.int32), np.diff(seg["list_offsets"]))
-
-
-def _live(removed, ids):
-    """Mask of the ids not removed (ids past ``removed`` are new rows)."""
-    if removed is None:
-        return np.ones(ids.shape[0], dtype=bool)
-    n = removed.shape[0]
-    inside = ids < n
-    return ~(removed[np.where(inside, ids, 0)] & inside)
-
-
-def _merged(segs, removed, n_lists, m, pack=False):
-    """One segment holding the live entries of adjacent segments ``segs``
-    (within a list, in segment order, so ids still ascend)."""
-    codes = np.concatenate([_segment_codes(s, m) for s in segs])
-    ids = np.concatenate([s["ids"] for s in segs])
-    lists = np.concatenate([_segment_lists(s, n_lists) for s in segs])
-    keep = _live(removed, ids)
-    if not keep.all():
-        codes, ids, lists = codes[keep], ids[keep], lists[keep]
-    return _sealed(codes, ids, lists, n_lists, segs[0].meta["lo"], segs[-1].meta["hi"],
-                   pack)
-
-
-def _compacted(seg, removed, m, pack=False):
-    """``seg`` without its removed entries (itself when it has none, None
-    when none is left)."""
-    keep = _live(removed, seg["ids"])
-    if keep.all():
-        return seg
-    if not keep.any():
-        return None
-    n_lists = seg["list_offsets"].shape[0] - 1
-    lists = _segment_lists(seg, n_lists)[keep]
-    offsets = np.zeros(n_lists + 1, dtype=np.int64)
-    np.cumsum(np.bincount(lists, minlength=n_lists), out=offsets[1:])
-    return _segment(_segment_codes(seg, m)[keep], seg["ids"][keep], offsets, seg.meta, pack)
-
-
-class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
+class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin,
                      BasePQNeighbors):
     """Approximate nearest neighbours with an inverted file and PQ residuals.
 
@@ -562,7 +442,8 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
                                                               codebooks)
         )
         self.segments_ = ()
-        self.__dict__.update(_empty_growing(m, _quantizer.code_dtype(k), np.int32))
+        self.__dict__.update(_lists.empty_growing(m, _quantizer.code_dtype(k), np.int32))
+        self._forget_tombstones()
 
     # -- segments ------------------------------------------------------------
     def _segment_size(self):
@@ -587,14 +468,14 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
             segments = tuple(Segment({**{name: s[name] for name in s.names},
                                       "ids": s["ids"].astype(id_dtype)}, s.meta)
                              for s in segments)
+            for old, new in zip(self.segments_, segments):
+                self._note_recoded(old, new)
         g = self.growing_codes_.shape[0] + b
-        threshold = min(self._segment_size(),
-                        max(GROWING_MIN, GROWING_SHARE * (self._n_stored() + b)))
-        if fit or g > threshold:
+        if fit or _lists.growing_full(g, self._n_stored() + b, self._segment_size()):
             sealed = self._sealed_growing((codes, new_ids, labels), id_dtype, n_total)
             segments = self._merge_tail(segments + sealed)
             state = {"segments_": segments}
-            state.update(_empty_growing(codes.shape[1], codes.dtype, id_dtype))
+            state.update(_lists.empty_growing(codes.shape[1], codes.dtype, id_dtype))
             for name in ("growing_codes", "growing_ids", "growing_lists"):
                 _growable.discard(self, name)
             progress(f"indexed {b} vectors; sealed {len(sealed)} segment(s) of "
@@ -616,7 +497,9 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
             progress(f"indexed {b} vectors ({g} in the growing part)")
         state["vectors_"] = self._grown_vectors(X)
         state.update(self._size_state(n_total))
+        old_removed = self.removed_
         self.__dict__.update(state)
+        self._note_grown(old_removed)
 
     def _appended(self, name, current, rows):
         view = _growable.grow(self, name, current, rows.shape[0])
@@ -627,7 +510,8 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         """New sealed segments holding the growing part (its removed
         entries dropped) and ``extra`` (codes, ids, lists of new rows, none
         removed), in pieces of at most ``segment_size`` rows, consecutive
-        in id order.  Nothing of the estimator changes."""
+        in id order, their tombstone records kept (none removed).  No
+        attribute of the estimator changes."""
         g_codes, g_ids, g_lists = (self.growing_codes_, self.growing_ids_,
                                    self.growing_lists_)
         id_dtype = g_ids.dtype if id_dtype is None else id_dtype
@@ -647,30 +531,19 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         out = []
         for sl in chunk_slices(g_ids.shape[0], self._segment_size()):
             hi = int(g_ids[sl.stop]) if sl.stop < g_ids.shape[0] else n_total
-            out.append(_sealed(g_codes[sl], g_ids[sl], g_lists[sl], self.n_lists_, lo, hi,
-                               self._packs()))
+            out.append(_lists.sealed(g_codes[sl], g_ids[sl], g_lists[sl], self.n_lists_,
+                                     lo, hi, self._packs()))
+            self._note_segment(out[-1])
             lo = hi
-        _DEAD_COUNTS.setdefault(self, {}).update({s.uid: 0 for s in out})
         return tuple(out)
 
     def _merge_tail(self, segments):
-        """Size-tiered merging of adjacent segments: while the newest holds
-        at least ``1 / MERGE_RATIO`` of the rows of the one before it and
-        the two at most ``segment_size``, they become one (removed entries
-        dropped).  Segment sizes then fall geometrically from the oldest to
-        the newest: O(log n) segments, and a row is rewritten each time its
-        segment grows by half, O(log n) times, amortized O(log n) per
-        appended row."""
-        segs = list(segments)
-        while len(segs) >= 2:
-            older, newer = (s["ids"].shape[0] for s in segs[-2:])
-            if older > MERGE_RATIO * newer or older + newer > self._segment_size():
-                break
-            merged = _merged(segs[-2:], self.removed_, self.n_lists_, self._m(),
-                             self._packs())
-            _DEAD_COUNTS.setdefault(self, {})[merged.uid] = 0
-            segs[-2:] = [merged] if merged["ids"].shape[0] else []
-        return tuple(segs)
+        """``segments`` after the merge policy (``_lists.merge_tail``)."""
+        segments, made = _lists.merge_tail(segments, self.removed_, self.n_lists_,
+                                           self._m(), self._packs(), self._segment_size())
+        for seg in made:
+            self._note_segment(seg)
+        return segments
 
     def _n_stored(self):
         return (sum(s["ids"].shape[0] for s in self.segments_)
@@ -680,38 +553,23 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         """Removed entries still stored (tombstones not yet merged away)."""
         return self._n_stored() - self._n_live
 
-    def _dead_counts(self):
-        """{segment uid: removed entries it still stores}, kept outside
-        ``__dict__`` and updated by ``remove`` in O(ids removed); computed
-        in one pass over the ids when unknown (after ``load``)."""
-        counts = _DEAD_COUNTS.setdefault(self, {})
-        stamp = _DEAD_STAMP.get(self)
-        missing = [s for s in self.segments_ if s.uid not in counts]
-        if stamp != self.n_removed_ or missing:
-            todo = self.segments_ if stamp != self.n_removed_ else missing
-            for s in todo:
-                counts[s.uid] = (0 if self.removed_ is None
-                                 else int(np.count_nonzero(self.removed_[s["ids"]])))
-            _DEAD_STAMP[self] = self.n_removed_
-        return counts
-
     # -- inspection: the sealed entries as one sorted index ------------------
     def _assembled(self):
         segs = self.segments_
-        cached = _ASSEMBLED.get(self)
+        cached = runtime(self).assembled
         if cached is not None and cached[0] is segs:
             return cached[1]
         if len(segs) == 1:
-            parts = (_segment_codes(segs[0], self._m()), segs[0]["ids"],
+            parts = (_lists.segment_codes(segs[0], self._m()), segs[0]["ids"],
                      segs[0]["list_offsets"])
         elif not segs:
             m = self.codebooks_.shape[0]
             parts = (self.growing_codes_[:0].reshape(0, m), self.growing_ids_[:0],
                      np.zeros(self.n_lists_ + 1, np.int64))
         else:
-            one = _merged(segs, None, self.n_lists_, self._m())
+            one = _lists.merged(segs, None, self.n_lists_, self._m())
             parts = (one["codes"], one["ids"], one["list_offsets"])
-        _ASSEMBLED[self] = (segs, parts)
+        runtime(self).assembled = (segs, parts)
         return parts
 
     @property
@@ -736,7 +594,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
 
     # -- loading -------------------------------------------------------------
     def _check_codes(self, m, k):
-        pass  # each segment's codes: _check_segments
+        pass  # each segment's codes: _lists.check_segments
 
     def _check_loaded_state(self):
         """Loaded-index invariants (see ``BasePQNeighbors``), and the list
@@ -758,7 +616,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         check_float_array(self.cluster_centers_, "cluster_centers_", (L, d), dtype, bound)
         # Residuals of vectors and centroids both within ``bound``.
         check_float_array(cb, "codebooks_", cb.shape, dtype, 2 * bound)
-        self._check_segments(m, k, L)
+        _lists.check_segments(self.segments_, m, k, L, self.n_samples_fit_)
         if self._ip_tables:
             self._list_terms = np.empty((0, m, k), dtype=dtype)
         else:
@@ -767,83 +625,14 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         # together (removed ones may stay as tombstones until compacted).
         self._check_growing_state()
 
-    def _check_segments(self, m, k, L):
-        """Each sealed segment: codes in range, offsets rising from 0 to its
-        size, ids in its id range; the ranges ascending and disjoint."""
-        from ._persist import check_int_array
-
-        segs = self.segments_
-        require(isinstance(segs, tuple) and all(isinstance(s, Segment) for s in segs),
-                "segments_ must be a tuple of segments")
-        n = self.n_samples_fit_
-        id_dtype = np.int32 if n < 2**31 else np.int64
-        code_dtype = _quantizer.code_dtype(k)
-        prev_hi = 0
-        for i, s in enumerate(segs):
-            where = f"segment {i}"
-            packed = _is_packed(s)
-            require(s.names == (["ids", "list_blocks", "list_offsets", "packed"] if packed
-                                else ["codes", "ids", "list_offsets"]),
-                    f"{where} must hold codes, ids and list_offsets, or packed, ids, "
-                    f"list_offsets and list_blocks")
-            require(not packed or _packs(m, k),
-                    f"{where}: packed codes need n_codewords=16 and at most "
-                    f"MAX_SUBSPACES sub-spaces")
-            meta = s.meta
-            require(set(meta) == {"lo", "hi"} and all(type(v) is int for v in meta.values()),
-                    f"{where}: meta must be the integers lo and hi")
-            lo, hi = meta["lo"], meta["hi"]
-            require(prev_hi <= lo <= hi <= n, f"{where}: id range [{lo}, {hi}) out of order")
-            prev_hi = hi
-            n_s = s["ids"].shape[0] if s["ids"].ndim == 1 else -1
-            if not packed:
-                check_int_array(s["codes"], f"{where} codes", (n_s, m), 0, k,
-                                dtype=code_dtype)
-            check_int_array(s["ids"], f"{where} ids", (n_s,), lo, max(lo + 1, hi),
-                            dtype=id_dtype)
-            off = s["list_offsets"]
-            check_int_array(off, f"{where} list_offsets", (L + 1,), 0, n_s + 1,
-                            dtype=np.int64)
-            require(off[0] == 0 and off[-1] == n_s and bool(np.all(off[1:] >= off[:-1])),
-                    f"{where}: list_offsets must rise from 0 to the number of codes")
-            if packed:
-                self._check_packed(s, where, m, L)
-            for name in s.names:
-                require(s[name].flags.c_contiguous, f"{where} {name} is not C-contiguous")
-
-    @staticmethod
-    def _check_packed(s, where, m, L):
-        """A packed segment's blocks: list l in ``list_blocks[l]:
-        list_blocks[l + 1]``, as many blocks as its entries need, every
-        padding code (past a list's entries, or the odd sub-space) 0."""
-        from ._persist import check_int_array
-
-        blocks, off, packed = s["list_blocks"], s["list_offsets"], s["packed"]
-        check_int_array(blocks, f"{where} list_blocks", (L + 1,), 0, max(1, off[-1] + 1),
-                        dtype=np.int64)
-        n_l = np.diff(off)
-        require(blocks[0] == 0 and bool(np.all(np.diff(blocks) == -(-n_l // 32))),
-                f"{where}: list_blocks must give each list the blocks its entries need")
-        nb, half = int(blocks[-1]), (m + 1) // 2
-        require(isinstance(packed, np.ndarray) and packed.dtype == np.uint8
-                and packed.shape == (nb, half, 32),
-                f"{where}: packed must be uint8 of shape ({nb}, {half}, 32)")
-        padded = _quantizer.unpack_codes4(packed, nb * 32, 2 * half)
-        real = np.zeros(nb * 32, dtype=bool)
-        real[_quantizer.list_rows4(off, blocks)] = True
-        require(not padded[~real].any() and not padded[:, m:].any(),
-                f"{where}: padding codes of packed blocks must be 0")
-
     def _check_growing_state(self):
         """Invariants of the growing part and the tombstones, after ``load``."""
         from ._persist import check_int_array
 
         if not hasattr(self, "growing_codes_"):  # saved before appends grew in place
-            self.__dict__.update(_empty_growing(self.codebooks_.shape[0],
-                                                _quantizer.code_dtype(
-                                                    self.codebooks_.shape[1]),
-                                                self.segments_[0]["ids"].dtype)
-                                 if self.segments_ else {})
+            self.__dict__.update(_lists.empty_growing(
+                self.codebooks_.shape[0], _quantizer.code_dtype(self.codebooks_.shape[1]),
+                self.segments_[0]["ids"].dtype) if self.segments_ else {})
         g = self.growing_codes_.shape[0] if self.growing_codes_.ndim == 2 else -1
         m, k = self.codebooks_.shape[:2]
         n = self.n_samples_fit_
@@ -869,65 +658,34 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
                        else n_stored - int(np.count_nonzero(self.removed_[stored])))
         require(live_stored == n - self.n_removed_, "a live id is not stored")
 
-    # -- removal and compaction ----------------------------------------------
-    def _remove_rows(self, ids, removed):
-        # Tombstones: ``removed_`` (already updated) is read by the search.
-        # Count them per segment (O(ids)); ``_after_remove`` compacts the
-        # segments past COMPACT_SHARE, one at a time.
-        counts = _DEAD_COUNTS.setdefault(self, {})
-        stamp = _DEAD_STAMP.get(self)
-        segs = self.segments_
-        if stamp == self.n_removed_ - ids.size and all(s.uid in counts for s in segs):
-            if segs:
-                his = np.array([s.meta["hi"] for s in segs])
-                where = np.searchsorted(his, ids, side="right")  # == len: growing part
-                hits = np.bincount(where, minlength=len(segs) + 1)
-                for s, h in zip(segs, hits[:len(segs)].tolist()):
-                    counts[s.uid] += h
-            _DEAD_STAMP[self] = self.n_removed_
-        else:
-            _DEAD_STAMP.pop(self, None)  # recount at the next use
+    # -- removal and compaction (the policy: SegmentWritesMixin) --------------
+    def _segment_span(self, seg):
+        meta = seg.meta
+        return meta["lo"], meta["hi"]
 
-    def _after_remove(self):
-        counts = self._dead_counts()
-        for seg in self.segments_:
-            if counts[seg.uid] > COMPACT_SHARE * seg["ids"].shape[0]:
-                self._replace_segment(seg, lambda s=seg: _compacted(s, self.removed_, self._m(),
-                                                                  self._packs()))
-        g = self.growing_ids_.shape[0]
-        if g and self._growing_dead() > COMPACT_SHARE * g:
-            self._seal_growing_now()
+    def _compacted_segment(self, seg):
+        return _lists.compacted(seg, self.removed_, self._m(), self._packs()), {}
 
     def _growing_dead(self):
         if self.removed_ is None or not self.growing_ids_.shape[0]:
             return 0
         return int(np.count_nonzero(self.removed_[self.growing_ids_]))
 
-    def _replace_segment(self, seg, build):
-        """Swap ``seg`` for ``build()`` (a segment, or None to drop it).
-        The caller holds the writer lock (no other writer runs); the new
-        segment is built under the read lock, so queries go on meanwhile,
-        and only the swap of the tuple takes the write lock."""
-        with index_lock(self).read():
-            new = build()
-        if new is seg:
-            return
-        if new is not None:
-            _DEAD_COUNTS.setdefault(self, {})[new.uid] = 0
-        with index_lock(self).write():
-            self.segments_ = tuple(
-                s for s in (new if s is seg else s for s in self.segments_) if s is not None
-                and s["ids"].shape[0])
+    def _growing_past_share(self):
+        g = self.growing_ids_.shape[0]
+        return bool(g) and self._growing_dead() > COMPACT_SHARE * g
 
-    def _seal_growing_now(self):
+    def _compact_growing(self):
         """Seal the growing part (removed entries dropped) into a segment,
         then apply the merge policy; built under the read lock, swapped
-        under the write lock."""
+        under the write lock.  The caller holds the writer mutex."""
+        if not self.growing_codes_.shape[0]:
+            return
         with index_lock(self).read():
             sealed = self._sealed_growing()
             segments = self._merge_tail(self.segments_ + sealed)
-            empty = _empty_growing(self.growing_codes_.shape[1], self.growing_codes_.dtype,
-                                   self.growing_ids_.dtype)
+            empty = _lists.empty_growing(self.growing_codes_.shape[1],
+                                         self.growing_codes_.dtype, self.growing_ids_.dtype)
         with index_lock(self).write():
             for name in ("growing_codes", "growing_ids", "growing_lists"):
                 _growable.discard(self, name)
@@ -949,16 +707,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         -------
         self : IVFPQNeighbors
         """
-        check_is_fitted(self)
-        with index_writer(self):
-            counts = self._dead_counts()
-            for seg in self.segments_:
-                if counts[seg.uid]:
-                    self._replace_segment(seg, lambda s=seg: _compacted(s, self.removed_, self._m(),
-                                                                  self._packs()))
-            if self.growing_codes_.shape[0]:
-                self._seal_growing_now()
-        return self
+        return self._compact_all()
 
     # -- data drift (see RefitMixin.refit_codebooks) --------------------------
     def _refit_training_rows(self, sample):
@@ -970,19 +719,16 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         centroids = self.cluster_centers_
         segments = []
         for i, seg in enumerate(self.segments_):
-            lists = _segment_lists(seg, self.n_lists_)
+            lists = _lists.segment_lists(seg, self.n_lists_)
             codes = recode(seg["ids"], lambda rows, lists=lists: centroids[lists[rows]])
-            segments.append(_segment(codes, seg["ids"], seg["list_offsets"], seg.meta,
-                                     _packs(*codebooks.shape[:2])))
+            segments.append(_lists.list_segment(codes, seg["ids"], seg["list_offsets"],
+                                                seg.meta, _lists.packs(*codebooks.shape[:2])))
+            self._note_recoded(seg, segments[-1])
             progress(f"re-encoded segment {i + 1} of {len(self.segments_)}")
         g_lists = self.growing_lists_
         growing = recode(self.growing_ids_, lambda rows: centroids[g_lists[rows]])
         terms = (np.empty((0,) + codebooks.shape[:2], dtype=codebooks.dtype)
                  if self._ip_tables else _quantizer.list_terms(centroids, codebooks))
-        counts = _DEAD_COUNTS.setdefault(self, {})
-        old = self._dead_counts()
-        for new, seg in zip(segments, self.segments_):
-            counts[new.uid] = old[seg.uid]
         return {"segments_": tuple(segments), "growing_codes_": growing,
                 "_list_terms": terms}, ("growing_codes",)
 
@@ -990,7 +736,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         return self.codebooks_.shape[0]
 
     def _packs(self):
-        return _packs(*self.codebooks_.shape[:2])
+        return _lists.packs(*self.codebooks_.shape[:2])
 
     def _n_probe(self):
         if self.n_probe == "auto":
@@ -1038,7 +784,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         ind = np.empty((Q.shape[0], n_candidates), dtype=np.int64)
         growing = (self.growing_codes_, self.growing_ids_, self.growing_lists_)
         segments = [(s["packed"], s["ids"], s["list_offsets"], s["list_blocks"])
-                    if _is_packed(s) else (s["codes"], s["ids"], s["list_offsets"])
+                    if _lists.is_packed(s) else (s["codes"], s["ids"], s["list_offsets"])
                     for s in self.segments_]
         deleted = self.removed_.view(np.uint8) if self._n_dead() else None
         # Chunks bound the (rows, n_lists) coarse table.
@@ -1074,8 +820,8 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
 
     def _reconstruct(self):
         X_hat = np.zeros((self.n_samples_fit_, self.n_features_in_), dtype=self._fit_dtype_)
-        parts = [(_segment_codes(s, self._m()), s["ids"], _segment_lists(s, self.n_lists_))
-                 for s in self.segments_]
+        parts = [(_lists.segment_codes(s, self._m()), s["ids"],
+                  _lists.segment_lists(s, self.n_lists_)) for s in self.segments_]
         parts.append((self.growing_codes_, self.growing_ids_, self.growing_lists_))
         for codes, ids, lists in parts:
             X_hat[ids] = (self.cluster_centers_[lists]
@@ -1084,13 +830,13 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
 
     def _memory_parts(self):
         return (
-            {"codes": sum(s["packed" if _is_packed(s) else "codes"].nbytes
+            {"codes": sum(s["packed" if _lists.is_packed(s) else "codes"].nbytes
                           for s in self.segments_)
              + self.growing_codes_.nbytes,
              "ids": sum(s["ids"].nbytes for s in self.segments_) + self.growing_ids_.nbytes,
              "lists": self.growing_lists_.nbytes},
             {"list_offsets": sum(s["list_offsets"].nbytes
-                                 + (s["list_blocks"].nbytes if _is_packed(s) else 0)
+                                 + (s["list_blocks"].nbytes if _lists.is_packed(s) else 0)
                                  for s in self.segments_),
              "centroids": self.cluster_centers_.nbytes,
              "codebooks": self.codebooks_.nbytes,

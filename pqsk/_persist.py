@@ -67,7 +67,7 @@ import numpy as np
 from ._segments import Segment
 from ._segments import array_sha256 as _sha256
 from ._store import RowStore, chunk_slices, rows_per_chunk
-from ._utils import index_lock
+from ._runtime import index_lock
 
 FORMAT = "pqsk-index"
 FORMAT_VERSION = 3

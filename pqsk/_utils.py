@@ -6,7 +6,6 @@ import os
 import sys
 import threading
 import time
-import weakref
 from contextlib import contextmanager
 from numbers import Integral
 
@@ -262,74 +261,6 @@ class ProgressBar:
     def _clear(self):
         self.progress.stream.write("\r" + " " * self._shown + "\r")
         self._shown = 0
-
-
-class RWLock:
-    """Many readers or one writer.  Waiting writers block new readers, so
-    a stream of queries cannot starve ``partial_fit``.  Not re-entrant."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._waiting = 0
-
-    @contextmanager
-    def read(self):
-        with self._cond:
-            while self._writer or self._waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def write(self):
-        with self._cond:
-            self._waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
-_LOCKS = weakref.WeakKeyDictionary()
-_WRITERS = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def index_writer(estimator):
-    """The estimator's writer mutex: writers (``fit``, ``partial_fit``,
-    ``remove``, ``compact``) hold it for their whole run, so that one of
-    them may build new segments under the *read* lock (queries go on) and
-    take the write lock only to switch to them, knowing no other writer
-    changed the index in between.  Re-entrant."""
-    with _LOCKS_GUARD:
-        lock = _WRITERS.get(estimator)
-        if lock is None:
-            lock = _WRITERS[estimator] = threading.RLock()
-        return lock
-
-
-def index_lock(estimator):
-    """The estimator's RWLock, kept outside its ``__dict__`` so that pickling,
-    cloning and saving never see it."""
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(estimator)
-        if lock is None:
-            lock = _LOCKS[estimator] = RWLock()
-        return lock
 
 
 @contextmanager

@@ -32,12 +32,12 @@ from sklearn.utils._param_validation import HasMethods, Interval
 from sklearn.utils.validation import check_is_fitted
 
 from . import _quantizer
-from ._base import BasePQNeighbors, _check_n_neighbors, checked_remove_ids
+from ._base import BasePQNeighbors, _check_n_neighbors
 from ._hnswpq import HNSWPQNeighbors
 from ._ivfpq import POINTS_PER_LIST
 from ._persist import load as _load_index
 from ._pq import PQNeighbors
-from ._segments import merge_topk
+from ._segments import checked_remove_ids, merge_topk
 from ._utils import Progress, effective_n_threads, openmp_region
 
 __all__ = ["ShardedNeighbors"]

@@ -31,7 +31,7 @@ from numpy.testing import assert_allclose
 
 import pqsk
 from pqsk import HNSWPQNeighbors, IVFPQNeighbors, PQNeighbors
-from pqsk import _ivfpq
+from pqsk import _lists
 from test_fitted_state import same_state
 
 
@@ -43,8 +43,8 @@ def small_segments():
     go through sealing, merging, per-segment compaction and multi-segment
     fits.  Patches the module: only for the child process test_stateful.py
     runs (pytest imports this file in the main process too, for doctests)."""
-    _ivfpq.GROWING_MIN = 8
-    _ivfpq.MERGE_RATIO = 2
+    _lists.GROWING_MIN = 8
+    _lists.MERGE_RATIO = 2
     IVFPQNeighbors._segment_size = lambda self: 48
 
 D = 8

@@ -19,7 +19,7 @@ from numpy.testing import assert_array_equal
 import pqsk
 import pqsk._hnswpq as H
 from pqsk import HNSWPQNeighbors, IndexFormatError, IVFPQNeighbors, PQNeighbors
-from pqsk import _ivfpq, _naive
+from pqsk import _lists, _naive
 import index_files as files
 from test_fitted_state import same_state
 
@@ -126,13 +126,13 @@ def test_ivf_appends_grow_in_place():
 def test_ivf_merges_past_the_share_and_keeps_the_layout_of_one_fit(monkeypatch):
     """The growing part is merged once it exceeds its share; the merged
     lists are laid out as one batch appended at once would be."""
-    monkeypatch.setattr(_ivfpq, "GROWING_MIN", 50)
+    monkeypatch.setattr(_lists, "GROWING_MIN", 50)
     X = _blobs(3000)
     a = _ivf().fit(X[:1000])
     b = copy.deepcopy(a)
     for s in range(1000, 3000, 25):
         a.partial_fit(X[s:s + 25])
-        assert a.growing_codes_.shape[0] <= max(50, _ivfpq.GROWING_SHARE * a._n_stored())
+        assert a.growing_codes_.shape[0] <= max(50, _lists.GROWING_SHARE * a._n_stored())
     b.partial_fit(X[1000:])
     assert b.growing_codes_.shape[0] == 0
     a.compact()
@@ -484,7 +484,7 @@ def test_ivf_random_sequences_with_small_merge_threshold(monkeypatch, seed):
     """Random appends and removals with merges and automatic compaction
     happening often: after every step the index answers as its merged copy,
     and returns only live ids."""
-    monkeypatch.setattr(_ivfpq, "GROWING_MIN", 40)
+    monkeypatch.setattr(_lists, "GROWING_MIN", 40)
     r = np.random.RandomState(seed)
     X = _blobs(1500, seed=seed)
     nn = _ivf(n_probe=int(r.randint(1, 5))).fit(X[:700])

@@ -573,7 +573,7 @@ def test_reader_thread_gets_valid_answers_while_compact_runs(fitted):
 
 
 def test_writers_are_serialised_by_the_writer_mutex():
-    from pqsk._utils import index_writer
+    from pqsk._runtime import index_writer
 
     nn = _hnsw()
     lock = index_writer(nn)

@@ -27,7 +27,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 import pqsk
-from pqsk import IVFPQNeighbors, _fastscan, _ivfpq, _naive, _quantizer
+from pqsk import IVFPQNeighbors, _fastscan, _lists, _naive, _quantizer
 from pqsk._segments import Segment
 
 from index_files import edit_array, read_header
@@ -68,9 +68,9 @@ def _ivf(**kw):
 def _entries(nn):
     """(lists, codes, ids) of every stored entry, segments then growing part."""
     m = nn.codebooks_.shape[0]
-    lists = np.concatenate([_ivfpq._segment_lists(s, nn.n_lists_) for s in nn.segments_]
+    lists = np.concatenate([_lists.segment_lists(s, nn.n_lists_) for s in nn.segments_]
                            + [nn.growing_lists_])
-    codes = np.concatenate([_ivfpq._segment_codes(s, m) for s in nn.segments_]
+    codes = np.concatenate([_lists.segment_codes(s, m) for s in nn.segments_]
                            + [nn.growing_codes_])
     ids = np.concatenate([s["ids"] for s in nn.segments_] + [nn.growing_ids_])
     return lists, codes, ids.astype(np.int64)
@@ -380,7 +380,7 @@ def test_packed_segment_arrays_are_checked():
 # -- the estimator against the exact oracle ---------------------------------------
 @pytest.mark.parametrize("metric", ["euclidean", "cosine", "dot"])
 def test_ivf_matches_the_exact_oracle(metric, monkeypatch):
-    monkeypatch.setattr(_ivfpq, "GROWING_MIN", 100)
+    monkeypatch.setattr(_lists, "GROWING_MIN", 100)
     nn = _ivf(metric=metric).fit(X[:4500])
     nn.partial_fit(X[4500:4600])  # growing part
     assert nn.growing_codes_.shape[0] == 100 and len(nn.segments_) == 5
@@ -464,7 +464,7 @@ def test_old_unpacked_files_still_load(tmp_path):
     nn = _ivf().fit(X[:3000])
     m = nn.codebooks_.shape[0]
     old = _ivf().fit(X[:3000])
-    old.segments_ = tuple(Segment({"codes": np.ascontiguousarray(_ivfpq._segment_codes(s, m)),
+    old.segments_ = tuple(Segment({"codes": np.ascontiguousarray(_lists.segment_codes(s, m)),
                                    "ids": s["ids"], "list_offsets": s["list_offsets"]},
                                   s.meta) for s in old.segments_)
     path = tmp_path / "old"
@@ -475,22 +475,22 @@ def test_old_unpacked_files_still_load(tmp_path):
                     nn.set_params(n_probe=5).kneighbors(Q)):
         assert_array_equal(a, b)
     loaded.partial_fit(X[3000:4200])
-    assert any(_ivfpq._is_packed(s) for s in loaded.segments_)
+    assert any(_lists.is_packed(s) for s in loaded.segments_)
     _check_against_oracle(loaded, Q, 10, 4)
     loaded.remove(np.arange(0, 3000, 2))
     loaded.compact()
-    assert all(_ivfpq._is_packed(s) for s in loaded.segments_)
+    assert all(_lists.is_packed(s) for s in loaded.segments_)
     _check_against_oracle(loaded, Q, 10, 4)
 
 
 # -- updates ----------------------------------------------------------------------
 def test_partial_fit_remove_compact_refit(monkeypatch):
-    monkeypatch.setattr(_ivfpq, "GROWING_MIN", 100)
+    monkeypatch.setattr(_lists, "GROWING_MIN", 100)
     nn = _ivf(metric="cosine", refine_factor=0).fit(X[:2000])
     for s in range(2000, 5000, 250):
         nn.partial_fit(X[s:s + 250])
         nn.remove(np.arange(s - 2000, s - 2000 + 40))
-    assert all(_ivfpq._is_packed(s) for s in nn.segments_)
+    assert all(_lists.is_packed(s) for s in nn.segments_)
     _check_against_oracle(nn, Q, 10, 4)
     nn.remove(np.setdiff1d(np.arange(3000, 4000), np.flatnonzero(nn.removed_)))
     # (segments past the removal share were compacted)
@@ -506,5 +506,5 @@ def test_partial_fit_remove_compact_refit(monkeypatch):
     # A codebook refit re-encodes into packed segments.
     drift = X[:5000] * 1.1 + 0.5
     nn.refit_codebooks(drift[:3000], drift)
-    assert all(_ivfpq._is_packed(s) for s in nn.segments_)
+    assert all(_lists.is_packed(s) for s in nn.segments_)
     _check_against_oracle(nn, Q, 10, 4)

@@ -19,7 +19,7 @@ import pytest
 from numpy.testing import assert_array_equal
 
 import pqsk
-from pqsk import IVFPQNeighbors, _ivfpq, _naive
+from pqsk import IVFPQNeighbors, _lists, _naive
 from pqsk._segments import Segment
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*training samples for n_lists")
@@ -65,7 +65,7 @@ def test_answers_do_not_depend_on_the_segments(metric):
 
 
 def test_appends_seal_and_merge_without_rewriting_old_segments(monkeypatch):
-    monkeypatch.setattr(_ivfpq, "GROWING_MIN", 100)
+    monkeypatch.setattr(_lists, "GROWING_MIN", 100)
     nn = _ivf(segment_size=2048).fit(X[:2000])
     first = nn.segments_[0]
     seen = []
@@ -82,7 +82,7 @@ def test_appends_seal_and_merge_without_rewriting_old_segments(monkeypatch):
     # Answers: the naive oracle over every stored entry.
     lists = np.concatenate([np.repeat(np.arange(16), np.diff(s["list_offsets"]))
                             for s in nn.segments_] + [nn.growing_lists_])
-    codes = np.concatenate([_ivfpq._segment_codes(s, 4) for s in nn.segments_]
+    codes = np.concatenate([_lists.segment_codes(s, 4) for s in nn.segments_]
                            + [nn.growing_codes_])
     ids = np.concatenate([s["ids"] for s in nn.segments_] + [nn.growing_ids_])
     assert np.array_equal(np.sort(ids), np.arange(5000))
@@ -115,7 +115,7 @@ def test_remove_compacts_one_segment_past_the_share():
 
 
 def test_save_writes_only_new_segments(tmp_path, monkeypatch):
-    monkeypatch.setattr(_ivfpq, "GROWING_MIN", 100)
+    monkeypatch.setattr(_lists, "GROWING_MIN", 100)
     nn = _ivf(segment_size=1024).fit(X[:3000])
     path = tmp_path / "index"
     nn.save(path)
@@ -231,7 +231,7 @@ def test_refit_codebooks_follows_drift():
     for seg in nn.segments_:
         lists = np.repeat(np.arange(16), np.diff(seg["list_offsets"]))
         res = Xall[seg["ids"]] - nn.cluster_centers_[lists]
-        assert (_ivfpq._segment_codes(seg, 4) == _naive.encode(res.astype(np.float64),
+        assert (_lists.segment_codes(seg, 4) == _naive.encode(res.astype(np.float64),
                                               nn.codebooks_.astype(np.float64))).mean() > 0.99
     got = nn.kneighbors(new[2700:2800], n_neighbors=10)[1]
     assert not np.isin(got, np.arange(2000)).any()

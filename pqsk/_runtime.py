@@ -1,0 +1,136 @@
+"""Per-estimator runtime state: what an index holds only while it runs here.
+
+An estimator's ``__dict__`` is its saved, pickled and cloned state: the
+fitted attributes.  Some state belongs to the running process only: the
+locks that order queries and writers, the spare capacity behind arrays that
+grow in place, caches derived from the fitted attributes.  It must not be
+pickled, copied, saved or cloned, and a query must not change
+``__dict__`` (scikit-learn's ``check_dict_unchanged``).  So it lives in one
+:class:`Runtime` object per estimator, reached with :func:`runtime` and
+kept in a weak-key dictionary: it goes away with the estimator, and a copy
+or an unpickled estimator starts with a fresh one.
+
+Per-thread scratch (visited marks, kernel buffers) is not per-estimator
+state and stays in thread-locals beside the kernels that use it.
+"""
+
+import threading
+import weakref
+from contextlib import contextmanager
+
+
+class RWLock:
+    """Many readers or one writer.  Waiting writers block new readers, so
+    a stream of queries cannot starve ``partial_fit``.  Not re-entrant."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+
+    @contextmanager
+    def read(self):
+        with self._cond:
+            while self._writer or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self):
+        with self._cond:
+            self._waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class Runtime:
+    """The runtime state of one estimator (or of another owner of growable
+    buffers, such as a graph built beside an index).
+
+    Attributes
+    ----------
+    lock : RWLock
+        Queries and saves hold it to read; writers take it to publish.
+    writer : threading.RLock
+        The writer mutex (see :func:`index_writer`).
+    buffers : dict of str to ndarray
+        The buffers with spare rows under the arrays that grow in place
+        (see :mod:`pqsk._growable`).
+    checked_params : tuple or None
+        The search-time parameter values last found valid
+        (``BasePQNeighbors._check_params_at_call``).
+    segment_tombstones : dict of str to pqsk._segments.SegmentTombstones
+        Per sealed segment uid: how many of its entries are removed, and
+        for graphs their node-order mask (see :mod:`pqsk._segments`).
+    growing_tombstones : tuple or None
+        HNSW: the growing graph's node-order tombstones, as
+        (``removed_``, ``ids_``, ``n_removed_``, mask), the key first.
+    build : dict or None
+        HNSW: the build scratch (in-degrees, copy chains, visited marks)
+        left by the last graph build, reused by the next append.
+    pending : dict or None
+        HNSW: the state an append is publishing, put back if it fails
+        after old nodes' links were rewritten.
+    assembled : tuple or None
+        IVF: (``segments_``, (codes, ids, list offsets)), the sealed
+        segments as one sorted index (``codes_``, ``ids_``...).
+    """
+
+    __slots__ = ("lock", "writer", "buffers", "checked_params", "segment_tombstones",
+                 "growing_tombstones", "build", "pending", "assembled")
+
+    def __init__(self):
+        self.lock = RWLock()
+        self.writer = threading.RLock()
+        self.buffers = {}
+        self.checked_params = None
+        self.segment_tombstones = {}
+        self.growing_tombstones = None
+        self.build = None
+        self.pending = None
+        self.assembled = None
+
+
+_RUNTIMES = weakref.WeakKeyDictionary()  # owner -> Runtime
+_GUARD = threading.Lock()
+
+
+def runtime(owner):
+    """The :class:`Runtime` of ``owner``, created on first use."""
+    state = _RUNTIMES.get(owner)
+    if state is None:
+        with _GUARD:  # two threads asking first get the same one
+            state = _RUNTIMES.get(owner)
+            if state is None:
+                state = _RUNTIMES[owner] = Runtime()
+    return state
+
+
+def index_writer(estimator):
+    """The estimator's writer mutex: writers (``fit``, ``partial_fit``,
+    ``remove``, ``compact``) hold it for their whole run, so that one of
+    them may build new segments under the *read* lock (queries go on) and
+    take the write lock only to switch to them, knowing no other writer
+    changed the index in between.  Re-entrant."""
+    return runtime(estimator).writer
+
+
+def index_lock(estimator):
+    """The estimator's :class:`RWLock`."""
+    return runtime(estimator).lock
