@@ -521,8 +521,9 @@ def _link_unreachable(links0, vectors, reach, adj, inner_product):
 def repair_level0(links0, vectors, entry_point, inner_product=False):
     """Link every node unreachable from the entry point on level 0.
 
-    HNSW's pruning can leave a node with no incoming link.  Each pass finds the unreachable nodes with one
-    breadth-first search, groups them into strongly connected components
+    HNSW's pruning can leave a node with no incoming link.  Each pass
+    finds the unreachable nodes with one breadth-first search, groups them
+    into strongly connected components
     and links each component that no other unreachable node reaches to the
     reachable part, from the nearest reachable node one of its members
     links to: in a free slot, else instead of a link whose target keeps
