@@ -40,6 +40,7 @@ REPAIR_SAMPLE = 4096  # reachable nodes tried for a component with no way out
 # (one linear pass) runs at fit and compact, when the entry point changes,
 # and when the local check cannot give a node a parent.
 LOST_PER_NODE = 4  # room to record nodes that lost their parent, per inserted node
+EMPTY = np.iinfo(np.int64).max  # a result slot the search did not fill
 
 # The arrays and scalars of a graph, as the estimator's attributes.
 GRAPH_ATTRS = ("codes_", "levels_", "links0_", "upper_links_", "upper_offsets_",
@@ -383,6 +384,31 @@ def search(graph, deleted, Q, n_out, ef, codebooks, inner_product, n_threads,
     )
     return dist, ind, n_dist
 
+
+
+def search_complete(graph, deleted, Q, n_out, ef, codebooks, inner_product, n_threads,
+                    cbt=None, deleted_stride=0, wanted=None):
+    """``search`` (same parameters), with the queries whose beam ended
+    holding fewer than ``wanted`` nodes (int or (n_queries,); default
+    n_out) searched again over the whole graph.
+
+    A beam can come short when many nodes are marked ``deleted``, or when
+    few nodes are reachable from where the descent ended; a beam as wide
+    as the graph from the entry point, from which every node is
+    reachable, finds every node it may return.  Returns (dist, ind).
+    """
+    cbt = codebooks_t(codebooks) if cbt is None else cbt
+    dist, ind, _ = search(graph, deleted, Q, n_out, ef, codebooks, inner_product, n_threads,
+                          cbt=cbt, deleted_stride=deleted_stride)
+    found = np.count_nonzero(ind != EMPTY, axis=1)
+    short = np.flatnonzero(found < (n_out if wanted is None else wanted))
+    if short.size:
+        if deleted_stride:  # one row of marks per query
+            deleted = np.ascontiguousarray(deleted.reshape(-1, deleted_stride)[short]).ravel()
+        dist[short], ind[short], _ = search(
+            graph, deleted, np.asarray(Q)[short], n_out, graph["codes_"].shape[0], codebooks,
+            inner_product, n_threads, from_entry=True, cbt=cbt, deleted_stride=deleted_stride)
+    return dist, ind
 
 # -- reachability on level 0 --------------------------------------------------
 

@@ -864,16 +864,9 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         Q = np.ascontiguousarray(Q, dtype=np.float32)
         for graph, deleted, live in self._graphs():
             n_out = min(n_candidates, live)
-            dist, ind, _ = self._graph_search(graph, deleted, Q, n_out, n_threads, cbt=cbt)
-            # A beam can end with fewer live nodes than asked for (many
-            # tombstones, or a start node from which few nodes are
-            # reachable): search those queries again over the whole graph.
-            short = ind[:, -1] == _NO_ID
-            if short.any():
-                d2, i2, _ = self._graph_search(graph, deleted, Q[short], n_out, n_threads,
-                                               ef=graph["codes_"].shape[0], from_entry=True,
-                                               cbt=cbt)
-                dist[short], ind[short] = d2, i2
+            dist, ind = _graph.search_complete(
+                graph, deleted, Q, n_out, self._ef(n_out, graph["codes_"].shape[0]),
+                self.codebooks_, self._inner_product, n_threads, cbt=cbt)
             if graph["ids_"] is not None:
                 ind = graph["ids_"][ind]
             parts.append((dist, ind))
@@ -912,17 +905,12 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
             n_out = min(n_candidates, int(counts.max()))
             if n_out == 0:
                 continue
-            d, i, _ = self._graph_search(graph, gb.mask, Q, n_out, n_threads, cbt=cbt,
-                                         deleted_stride=gb.stride)
-            # A beam that ends with fewer allowed nodes than the graph holds
-            # (up to n_out): search those queries again over the whole graph.
-            found = np.count_nonzero(i != _NO_ID, axis=1)
-            short = np.flatnonzero(found < np.minimum(n_out, counts))
-            if short.size:
-                sb = gb.take(short)
-                d[short], i[short], _ = self._graph_search(
-                    graph, sb.mask, Q[short], n_out, n_threads, ef=n_nodes,
-                    from_entry=True, cbt=cbt, deleted_stride=sb.stride)
+            # Queries whose beam ends with fewer allowed nodes than the graph
+            # holds (up to n_out) are searched again over the whole graph.
+            d, i = _graph.search_complete(
+                graph, gb.mask, Q, n_out, self._ef(n_out, n_nodes), self.codebooks_,
+                self._inner_product, n_threads, cbt=cbt, deleted_stride=gb.stride,
+                wanted=np.minimum(n_out, counts))
             if ids is not None:
                 ok = i != _NO_ID
                 i[ok] = ids[i[ok]]

@@ -247,3 +247,52 @@ def test_visited_marks_are_kept_per_thread_and_grow():
     assert G.visited_marks(1, 50)[0] is rows  # reused while large enough
     bigger = G.visited_marks(2, rows.shape[1] + 1)[0]
     assert bigger.shape[1] > rows.shape[1] and not bigger.any()
+
+
+def _island_graph(n=40, seed=0):
+    """A graph whose descent strands the beam: the entry point 0 reaches
+    every node on level 0 (0 -> 1, 0 -> 2 -> 3 -> ...), but node 1, which
+    the descent moves to for a query near it, has no level-0 link."""
+    r = np.random.RandomState(seed)
+    codes = r.randint(0, N_CODEWORDS, (n, N_SUBSPACES)).astype(np.uint8)
+    codes[1] = (codes[0] + 1) % N_CODEWORDS
+    levels = np.zeros(n, np.int32)
+    levels[:2] = 1
+    offsets = np.zeros(n, np.int64)
+    offsets[1:] = 1
+    offsets[2:] = 2
+    upper = np.array([[1] + [-1] * (M - 1), [0] + [-1] * (M - 1)], np.int32)
+    links0 = np.full((n, 2 * M), -1, np.int32)
+    links0[0, :2] = [1, 2]
+    links0[2:-1, 0] = np.arange(3, n)
+    graph = {"codes_": codes, "levels_": levels, "links0_": links0, "upper_links_": upper,
+             "upper_offsets_": offsets, "entry_point_": 0, "max_level_": 1, "ids_": None}
+    _check(graph, np.zeros(n, bool))
+    return graph
+
+
+@pytest.mark.parametrize("per_query", [False, True])
+def test_search_complete_fills_short_beams(per_query):
+    """A beam stranded where the descent ended finds too few nodes; those
+    queries are searched again over the whole graph from the entry point,
+    which finds the exact top k of the nodes they may return."""
+    graph, cb = _island_graph(), _codebooks()
+    n, nq = graph["codes_"].shape[0], 5
+    Q = np.repeat(_naive.decode(graph["codes_"][1:2], cb), nq, axis=0).astype(np.float32)
+    Q[1:] += 0.01 * rng.randn(nq - 1, N_FEATURES).astype(np.float32)
+    masks = (rng.rand(nq, n) < 0.3).astype(np.uint8)
+    masks[:, :2] = 0
+    if not per_query:
+        masks[:] = masks[0]
+    deleted, stride = (masks.ravel(), n) if per_query else (masks[0], 0)
+    _, ind, _ = G.search(graph, deleted, Q, 5, 5, cb, False, 1, deleted_stride=stride)
+    assert np.all(ind[:, 1:] == INT64_MAX)  # only node 1 found
+    dist, ind = G.search_complete(graph, deleted, Q, 5, 5, cb, False, 1,
+                                  deleted_stride=stride)
+    tables = _naive.adc_tables(Q, cb)
+    for q in range(nq):
+        full = _naive.adc_distances(tables[q], graph["codes_"])
+        full[masks[q] == 1] = np.inf
+        ref = np.lexsort((np.arange(n), full))[:5]
+        assert_array_equal(ind[q], ref)
+        assert_allclose(dist[q], full[ref], rtol=1e-5, atol=1e-5)
