@@ -183,6 +183,15 @@ def build_scratch(graph, n_old, n, owner, kept=None):
             "recheck": st.get("recheck", False)}
 
 
+
+def build_scratch_bytes(scratch, owner):
+    """Bytes held by a build scratch whose buffers ``owner`` holds, their
+    spare capacity included."""
+    buffers = (("indeg", "build_indeg"), ("visited", "build_visited"),
+               ("last_copies", "build_copies"))
+    return sum(_growable.spare_bytes(owner, name, scratch[key]) + scratch[key].nbytes
+               for key, name in buffers)
+
 def _split_codes(codes):
     """(codes8, codes16): ``codes`` as the one its dtype fits, the other
     empty, as the kernels take them."""

@@ -1019,10 +1019,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
                                  "upper_offsets", "level0_parent", "ids"))
         st = _BUILD.get(self)
         if st is not None and st["links0"] is self.links0_:
-            spare += sum(_growable.spare_bytes(self, "build_" + key, st[key])
-                         + st[key].nbytes for key in ("indeg", "visited"))
-            spare += (_growable.spare_bytes(self, "build_copies", st["last_copies"])
-                      + st["last_copies"].nbytes)
+            spare += _graph.build_scratch_bytes(st, self)
         cached = _TOMBSTONES.get(self)
         if cached is not None and cached[1] is not None and cached[1] is self.ids_:
             spare += cached[3].nbytes
