@@ -17,7 +17,7 @@ import pytest
 from numpy.testing import assert_array_equal
 
 import pqsk
-import pqsk._hnswpq as H
+import pqsk._graph as G
 from pqsk import HNSWPQNeighbors, IndexFormatError, IVFPQNeighbors, PQNeighbors
 from pqsk import _lists, _naive
 import index_files as files
@@ -216,7 +216,7 @@ def test_ivf_crafted_growing_arrays_are_rejected(tmp_path, name, bad):
 # -- HNSW ---------------------------------------------------------------------
 
 def _reachable(nn):
-    return H._reachable(nn.links0_, nn.entry_point_).all()
+    return G._reachable(nn.links0_, nn.entry_point_).all()
 
 
 def _check_parent_tree(nn):
@@ -243,13 +243,13 @@ def test_hnsw_reachable_after_many_one_row_appends(monkeypatch):
     of the whole graph (the full repair runs at fit and when the entry
     point changes only)."""
     full = []
-    repair = H.repair_level0
+    repair = G.repair_level0
 
     def counting(links0, *args):
         full.append(links0.shape[0])
         return repair(links0, *args)
 
-    monkeypatch.setattr(H, "repair_level0", counting)
+    monkeypatch.setattr(G, "repair_level0", counting)
     X = _blobs(1000, d=16)
     nn = _hnsw(n_links=4, ef_construction=24).fit(X[:300])
     full.clear()
@@ -300,13 +300,13 @@ def test_hnsw_append_does_not_decode_the_whole_index(monkeypatch):
     X = _blobs(1200, d=16)
     nn = _hnsw().fit(X[:1000])
     sizes = []
-    decode = H._quantizer.decode
+    decode = G._quantizer.decode
 
     def spy(codes, codebooks):
         sizes.append(codes.shape[0])
         return decode(codes, codebooks)
 
-    monkeypatch.setattr(H._quantizer, "decode", spy)
+    monkeypatch.setattr(G._quantizer, "decode", spy)
     for i in range(1000, 1200, 10):
         nn.partial_fit(X[i:i + 10])
     assert max(sizes, default=0) < 100
@@ -353,15 +353,15 @@ def test_hnsw_interrupted_append_keeps_a_consistent_index(monkeypatch):
     place) cannot be undone: the rows stay added and the index is whole."""
     X = _blobs(1100, d=16)
     nn = _hnsw().fit(X[:1000])
-    fix = H._hnsw.fix_parents
+    fix = G._hnsw.fix_parents
 
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(H._hnsw, "fix_parents", interrupted)
+    monkeypatch.setattr(G._hnsw, "fix_parents", interrupted)
     with pytest.raises(KeyboardInterrupt):
         nn.partial_fit(X[1000:1050])
-    monkeypatch.setattr(H._hnsw, "fix_parents", fix)
+    monkeypatch.setattr(G._hnsw, "fix_parents", fix)
     assert nn.n_samples_fit_ == 1050 and nn.codes_.shape[0] == 1050
     assert nn.links0_.max() < 1050 and nn.level0_parent_.shape == (1050,)
     assert _reachable(nn)
@@ -387,7 +387,7 @@ def test_hnsw_failed_append_before_linking_leaves_the_index_unchanged(monkeypatc
         raise MemoryError
 
     # The last step before linking starts (buffers grown, rows written).
-    monkeypatch.setattr(HNSWPQNeighbors, "_build_scratch", failing)
+    monkeypatch.setattr(G, "build_scratch", failing)
     with pytest.raises(MemoryError):
         nn.partial_fit(X[1010:1050])
     monkeypatch.undo()
@@ -417,7 +417,7 @@ def test_hnsw_crafted_parent_tree_is_rebuilt(tmp_path, name, bad):
 
     files.edit_array(tmp_path / "i", name, craft)  # checksums recomputed
     loaded = pqsk.load(tmp_path / "i")
-    assert_array_equal(loaded.level0_parent_, H._parents(nn.links0_, nn.entry_point_))
+    assert_array_equal(loaded.level0_parent_, G._parents(nn.links0_, nn.entry_point_))
     for a, b in zip(nn.kneighbors(X[:20]), loaded.kneighbors(X[:20])):
         assert_array_equal(a, b)
     loaded.partial_fit(X[:30])  # and it takes appends
@@ -440,7 +440,7 @@ def test_hnsw_append_to_an_index_saved_with_the_old_layout(tmp_path):
 
     files.edit_header(tmp_path / "i", drop)
     loaded = pqsk.load(tmp_path / "i")
-    assert_array_equal(loaded.level0_parent_, H._parents(nn.links0_, nn.entry_point_))
+    assert_array_equal(loaded.level0_parent_, G._parents(nn.links0_, nn.entry_point_))
     loaded.partial_fit(X[600:])
     assert _reachable(loaded)
 

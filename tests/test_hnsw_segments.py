@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
-import pqsk._hnswpq as H
+import pqsk._graph as G
 from pqsk import HNSWPQNeighbors, IndexFormatError
 import index_files as files
 
@@ -94,7 +94,7 @@ def test_fit_builds_consecutive_graphs_of_segment_size(fitted):
     assert_array_equal(nn.ids_, np.arange(2 * S, 3000))
     assert nn.codes_.shape[0] == 3000 - 2 * S
     for seg in nn.segments_:
-        assert set(seg.names) == set(H.SEGMENT_ARRAYS)
+        assert set(seg.names) == set(G.SEGMENT_ARRAYS)
         assert seg["ids"].dtype == np.int64 and seg["links0"].shape == (S, 16)
         assert not seg["links0"].flags.writeable  # sealed: read-only
         meta = seg.meta
@@ -196,16 +196,16 @@ def test_a_large_batch_is_split_at_segment_size():
 
 def _failing_on_call(monkeypatch, call):
     """Make the ``call``-th graph build (1-based) fail before linking."""
-    real = HNSWPQNeighbors._build_scratch
+    real = G.build_scratch
     calls = []
 
-    def build_scratch(self, *args):
+    def build_scratch(*args):
         calls.append(1)
         if len(calls) == call:
             raise MemoryError
-        return real(self, *args)
+        return real(*args)
 
-    monkeypatch.setattr(HNSWPQNeighbors, "_build_scratch", build_scratch)
+    monkeypatch.setattr(G, "build_scratch", build_scratch)
 
 
 def test_a_failed_piece_keeps_the_pieces_linked_before(monkeypatch, tmp_path):
@@ -379,7 +379,7 @@ def test_save_writes_new_segments_only(tmp_path, fitted):
     fitted.save(path)
     first = _segment_files(path)
     assert {f.split(".")[0] for f in first} == {s.uid for s in fitted.segments_}
-    assert len(first) == 2 * len(H.SEGMENT_ARRAYS)
+    assert len(first) == 2 * len(G.SEGMENT_ARRAYS)
     nn = HNSWPQNeighbors.load(path)
     nn.partial_fit(X[:200])  # 952 + 200: one more segment sealed
     assert len(nn.segments_) == 3
@@ -387,7 +387,7 @@ def test_save_writes_new_segments_only(tmp_path, fitted):
     second = _segment_files(path)
     new = set(second) - set(first)
     assert {f.split(".")[0] for f in new} == {nn.segments_[2].uid}
-    assert len(new) == len(H.SEGMENT_ARRAYS)
+    assert len(new) == len(G.SEGMENT_ARRAYS)
     for f, st in first.items():  # old files are the same files, unchanged
         assert (second[f].st_ino, second[f].st_mtime_ns, second[f].st_size) == \
             (st.st_ino, st.st_mtime_ns, st.st_size)

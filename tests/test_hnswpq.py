@@ -87,7 +87,7 @@ def test_graph_invariants(fitted):
 
 
 def test_level_histogram_decays_geometrically():
-    from pqsk._hnswpq import sample_levels
+    from pqsk._graph import sample_levels
 
     M = 8
     levels = sample_levels(200_000, M, np.random.RandomState(1))
@@ -213,16 +213,16 @@ def test_copies_are_linked_by_the_build(monkeypatch):
     """Finding 13: the build itself leaves copies reachable: a newcomer
     identical to an old neighbour is not the link systematically dropped
     (before, most copies waited for the level-0 repair, once per node)."""
-    import pqsk._hnswpq as H
+    import pqsk._graph as G
 
     stranded = []
-    repair = H.repair_level0
+    repair = G.repair_level0
 
     def counting_repair(links0, vectors, entry_point, *args):
-        stranded.append(int((~H._reachable(links0, entry_point)).sum()))
+        stranded.append(int((~G._reachable(links0, entry_point)).sum()))
         return repair(links0, vectors, entry_point, *args)
 
-    monkeypatch.setattr(H, "repair_level0", counting_repair)
+    monkeypatch.setattr(G, "repair_level0", counting_repair)
     X, _ = _many_copies(1)
     HNSWPQNeighbors(n_links=8, ef_construction=64, n_subspaces=2, n_codewords=16,
                     random_state=0).fit(X)
@@ -350,7 +350,7 @@ def test_bad_parameters():
 
 
 def test_repair_level0_links_unreachable_nodes():
-    from pqsk._hnswpq import _reachable, repair_level0
+    from pqsk._graph import _reachable, repair_level0
 
     V = rng.randn(6, 3).astype(np.float32)
     links0 = np.full((6, 4), -1, np.int32)
@@ -373,11 +373,11 @@ def test_repair_level0_links_unreachable_nodes():
 def test_repair_level0_is_linear(monkeypatch):
     """Finding 13: the repair costs a bounded number of breadth-first passes
     over the graph, never one per unreachable node."""
-    import pqsk._hnswpq as H
+    import pqsk._graph as G
 
     calls = []
-    bfs = H.breadth_first_order
-    monkeypatch.setattr(H, "breadth_first_order",
+    bfs = G.breadth_first_order
+    monkeypatch.setattr(G, "breadth_first_order",
                         lambda *a, **k: calls.append(1) or bfs(*a, **k))
     n, k, width = 1500, 9, 8
     links0 = np.full((n, width), -1, np.int32)
@@ -386,9 +386,9 @@ def test_repair_level0_is_linear(monkeypatch):
     # ...that every other node links into, and nothing links out of.
     links0[k:, :3] = np.argsort(rng.rand(n - k, k), axis=1)[:, :3]
     V = rng.randn(n, 4).astype(np.float32)
-    assert H._reachable(links0, 0).sum() == k
-    H.repair_level0(links0, V, 0)
-    assert H._reachable(links0, 0).all()
+    assert G._reachable(links0, 0).sum() == k
+    G.repair_level0(links0, V, 0)
+    assert G._reachable(links0, 0).all()
     assert len(calls) <= 12
     # The lists stay well formed: valid ids, no self links, no repeats.
     assert np.all(links0 >= -1) and np.all(links0 < n)
@@ -401,7 +401,7 @@ def test_repair_level0_is_linear(monkeypatch):
 def test_repair_level0_on_random_graphs(seed):
     """Whatever the graph (islands, full lists, no way out of a group), the
     repair makes every node reachable and keeps the lists well formed."""
-    from pqsk._hnswpq import _reachable, repair_level0
+    from pqsk._graph import _reachable, repair_level0
 
     r = np.random.RandomState(seed)
     n, width = r.randint(2, 200), r.choice([4, 8])
@@ -463,7 +463,7 @@ def test_repair_never_gives_up_on_one_dimensional_inner_products():
     node reachable (and a saved index that loads)."""
     import warnings
 
-    from pqsk._hnswpq import _reachable
+    from pqsk._graph import _reachable
 
     for seed in range(40):
         r = np.random.RandomState(seed)
