@@ -30,8 +30,20 @@ from sklearn.utils._param_validation import (
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import _growable, _opq, _quantizer
+from ._checks import (
+    check_anisotropic_state,
+    check_bool_mask,
+    check_codebooks,
+    check_graph_mode,
+    check_int_array,
+    check_n_neighbors,
+    check_range,
+    check_scalar_int,
+    checked_remove_ids,
+    checked_vectors,
+    require,
+)
 from ._filter import check_filter
-from ._persist import check_int_array, require
 from ._store import FitRows, RowStore, chunk_slices, rows_per_chunk
 from ._utils import (
     Progress,
@@ -89,41 +101,6 @@ _CHECKED_PARAMS = weakref.WeakKeyDictionary()
 
 # float16 and integer input are computed in float32; float64 stays float64.
 FLOAT_DTYPES = [np.float32, np.float64]
-
-
-def check_range(X, extremes=None, dtype=None, name="X"):
-    """Reject values whose squared distances would overflow.
-
-    Distances sum D squared differences of up to twice the largest value:
-    past ``sqrt(max / (4 D))`` they become inf and every ranking is
-    meaningless, so the data must be scaled (or given as float64) first.
-    ``extremes``: (X.min(), X.max()) when the caller has them already;
-    ``dtype``: the dtype the distances are computed in, when it is not
-    X's own (HNSW builds and walks its graph in float32).
-    """
-    if X.size == 0:
-        return X
-    lo, hi = (X.min(), X.max()) if extremes is None else extremes  # no |X| temporary
-    work = X.dtype if dtype is None else np.dtype(dtype)
-    bound = range_bound(int(X.shape[1]), work)
-    peak = max(float(hi), -float(lo))
-    if not peak <= bound:  # NaN fails too
-        raise ValueError(
-            f"{name} has values up to {peak:.3g}; with {X.shape[1]} features, squared "
-            f"distances in {work} overflow past {bound:.3g}. Scale the data down"
-            + (" or pass float64." if work == np.float32 and dtype is None else ".")
-        )
-    return X
-
-
-def check_anisotropic_state(est, metric=None):
-    """Validate a loaded ``anisotropic_threshold_``; files written before
-    it existed have none: None (the k-means loss) is set."""
-    t = est.__dict__.setdefault("anisotropic_threshold_", None)
-    require(t is None or (isinstance(t, float) and np.isfinite(t) and t > 0),
-            "anisotropic_threshold_ must be None or a finite float > 0")
-    require(t is None or metric in (None, "dot", "cosine"),
-            "anisotropic_threshold_ is set for an L2 metric")
 
 
 class PQParamsMixin:
@@ -413,30 +390,6 @@ class RefitMixin:
         return state, replaced
 
 
-def _check_graph_mode(mode):
-    """The ``mode`` of ``kneighbors_graph`` / ``radius_neighbors_graph``,
-    refused as scikit-learn refuses it."""
-    if mode not in ("connectivity", "distance"):
-        raise ValueError(
-            'Unsupported mode, must be one of "connectivity", or "distance" '
-            f'but got "{mode}" instead'
-        )
-
-
-def checked_remove_ids(ids):
-    """The ids given to ``remove`` as a flat int64 array (possibly empty),
-    refusing non-integers and duplicates (the range is the caller's)."""
-    ids = np.asarray(ids)
-    if ids.size == 0:
-        return np.empty(0, dtype=np.int64)
-    if ids.dtype.kind not in "iu":
-        raise TypeError(f"ids must be integers, got dtype {ids.dtype}.")
-    ids = ids.ravel().astype(np.int64)
-    if np.unique(ids).size != ids.size:
-        raise ValueError("ids contain duplicates.")
-    return ids
-
-
 class RemovalMixin:
     """``remove(ids)`` for indexes whose ids are stable (IVF, HNSW)."""
 
@@ -496,17 +449,6 @@ class RemovalMixin:
         self.removed_ = removed
         self.n_removed_ = self.n_removed_ + int(ids.size)
         self._remove_rows(ids, removed)
-
-
-def _check_n_neighbors(n_neighbors):
-    if not isinstance(n_neighbors, (Integral, np.integer)) or isinstance(n_neighbors, bool):
-        raise TypeError(
-            f"n_neighbors does not take {type(n_neighbors).__name__} value, enter "
-            "an integer value."
-        )
-    if n_neighbors <= 0:
-        raise ValueError(f"Expected n_neighbors > 0. Got {n_neighbors}.")
-    return int(n_neighbors)
 
 
 class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -896,8 +838,6 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         ``set_params`` may have changed before the save.  Subclasses add
         their own arrays and the range of their floats.
         """
-        from ._persist import check_bool_mask, check_codebooks, check_scalar_int
-
         dtype = self._fit_dtype_
         require(isinstance(dtype, np.dtype) and dtype in (np.float32, np.float64),
                 "_fit_dtype_ must be float32 or float64")
@@ -921,33 +861,12 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             require(int(np.count_nonzero(self.removed_)) == self.n_removed_,
                     "removed_ does not match n_removed_")
         if self.vectors_ is not None:
-            self.vectors_ = self._checked_vectors(
+            self.vectors_ = checked_vectors(
                 self.vectors_, n, d, dtype, range_bound(d, np.dtype(self._kernel_dtype or dtype)))
 
     def _check_codes(self, m, k):
         check_int_array(self.codes_, "codes_", (None, m), 0, k,
                         dtype=_quantizer.code_dtype(k))
-
-    @staticmethod
-    def _checked_vectors(vectors, n, d, dtype, bound):
-        """The raw vectors as a row store, every chunk checked (dtype,
-        C order, finite, within ``bound``) a ``CHUNK_BYTES`` slice at a
-        time.  ``load`` gives one array, memory-mapped with ``mmap_mode``:
-        it becomes the store's only chunk, by reference."""
-        from ._persist import check_float_array
-
-        if isinstance(vectors, np.ndarray):
-            require(vectors.ndim == 2, "vectors_ must be 2-d")
-            vectors = RowStore(vectors.shape[1], vectors.dtype, [vectors])
-        require(isinstance(vectors, RowStore), "vectors_ must be a row store")
-        require(vectors.shape == (n, d) and vectors.dtype == dtype,
-                f"vectors_ has shape {vectors.shape} and dtype {vectors.dtype}, expected "
-                f"({n}, {d}) and {np.dtype(dtype)}")
-        step = rows_per_chunk(d * np.dtype(dtype).itemsize)
-        for chunk in vectors.chunks:
-            for sl in chunk_slices(chunk.shape[0], step):
-                check_float_array(chunk[sl], "vectors_", (None, d), dtype, bound)
-        return vectors
 
     def _memory_parts(self):
         """({part: bytes} growing with the vectors, {part: bytes} fixed)."""
@@ -1142,7 +1061,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         self._check_params_at_call()
         if n_neighbors is None:
             n_neighbors = self.n_neighbors
-        n_neighbors = _check_n_neighbors(n_neighbors)
+        n_neighbors = check_n_neighbors(n_neighbors)
         query_is_train = X is None
         if query_is_train:
             if self.n_removed_:
@@ -1231,7 +1150,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             ``A[i, j]`` is the edge from query i to indexed point j.
         """
         check_is_fitted(self)
-        _check_graph_mode(mode)
+        check_graph_mode(mode)
         if mode == "connectivity":
             ind = self.kneighbors(X, n_neighbors, return_distance=False, filter=filter)
             data = np.ones(ind.size, dtype=np.float64)
@@ -1443,7 +1362,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             ``A[i, j]`` is the edge from query i to indexed point j.
         """
         check_is_fitted(self)
-        _check_graph_mode(mode)
+        check_graph_mode(mode)
         if mode == "connectivity":
             ind = self.radius_neighbors(X, radius, return_distance=False, filter=filter)
             dist = None

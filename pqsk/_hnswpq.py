@@ -19,9 +19,10 @@ from ._quantizer import scratch
 from ._segments import (DEFAULT_SEGMENT_SIZE, SEGMENT_PARAMETER_CONSTRAINTS, Segment,
                         merge_topk)
 from ._store import FitRows
-from ._base import (BasePQNeighbors, PQParamsMixin, RefitMixin, RemovalMixin,
-                    _check_n_neighbors)
-from ._persist import IndexIOMixin, check_int_array, require
+from ._base import BasePQNeighbors, PQParamsMixin, RefitMixin, RemovalMixin
+from ._checks import (check_float_array, check_int_array, check_n_neighbors,
+                      check_scalar_int, require)
+from ._persist import IndexIOMixin
 from ._utils import Progress, effective_n_threads, index_lock, index_writer
 
 MAX_LEVEL = 32
@@ -845,8 +846,6 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         upper-level link at level l pointing at a node of level >= l,
         every live node reachable on level 0 from the entry point), and
         every id is stored in at most one graph, every live id in one."""
-        from ._persist import check_float_array
-
         from ._utils import range_bound
 
         super()._check_loaded_state()
@@ -1208,8 +1207,8 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         """
         self._check_fitted()
         self._check_params_at_call()
-        n_neighbors = _check_n_neighbors(self.n_neighbors if n_neighbors is None
-                                         else n_neighbors)
+        n_neighbors = check_n_neighbors(self.n_neighbors if n_neighbors is None
+                                        else n_neighbors)
         Q = self._rotate(self._validate_queries(X))
         n_threads = effective_n_threads(self.n_jobs)
         with index_lock(self).read():
@@ -1553,8 +1552,6 @@ def check_graph(graph, where, m, k, M, code_dtype, removed):
     the codebooks'; M: links per upper-level row; ``removed``: the bool
     tombstones by id (``n_samples_fit_`` of them).  Returns the graph's
     node ids (int64, ascending)."""
-    from ._persist import check_scalar_int
-
     n = removed.shape[0]
     codes = graph["codes_"]
     check_int_array(codes, f"{where}codes_", (None, m), 0, k, dtype=code_dtype)

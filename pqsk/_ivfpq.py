@@ -12,7 +12,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import _growable, _quantizer
 from ._base import BasePQNeighbors, PQParamsMixin, RefitMixin, RemovalMixin
-from ._persist import IndexIOMixin, require
+from ._checks import check_float_array, check_int_array, check_scalar_int, require
+from ._persist import IndexIOMixin
 from ._segments import DEFAULT_SEGMENT_SIZE, SEGMENT_PARAMETER_CONSTRAINTS, Segment
 from ._store import chunk_slices
 from ._utils import (effective_n_threads, index_lock, index_writer, range_bound,
@@ -741,8 +742,6 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
     def _check_loaded_state(self):
         """Loaded-index invariants (see ``BasePQNeighbors``), and the list
         terms, which are derived state, recomputed rather than read."""
-        from ._persist import check_float_array, check_scalar_int
-
         legacy = [a for a in self._legacy_attributes if a in self.__dict__]
         if legacy:  # format 1 or 2: one sorted part, becomes one segment
             require(len(legacy) == 3 and "segments_" not in self.__dict__,
@@ -770,8 +769,6 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
     def _check_segments(self, m, k, L):
         """Each sealed segment: codes in range, offsets rising from 0 to its
         size, ids in its id range; the ranges ascending and disjoint."""
-        from ._persist import check_int_array
-
         segs = self.segments_
         require(isinstance(segs, tuple) and all(isinstance(s, Segment) for s in segs),
                 "segments_ must be a tuple of segments")
@@ -816,8 +813,6 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         """A packed segment's blocks: list l in ``list_blocks[l]:
         list_blocks[l + 1]``, as many blocks as its entries need, every
         padding code (past a list's entries, or the odd sub-space) 0."""
-        from ._persist import check_int_array
-
         blocks, off, packed = s["list_blocks"], s["list_offsets"], s["packed"]
         check_int_array(blocks, f"{where} list_blocks", (L + 1,), 0, max(1, off[-1] + 1),
                         dtype=np.int64)
@@ -836,8 +831,6 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
 
     def _check_growing_state(self):
         """Invariants of the growing part and the tombstones, after ``load``."""
-        from ._persist import check_int_array
-
         if not hasattr(self, "growing_codes_"):  # saved before appends grew in place
             self.__dict__.update(_empty_growing(self.codebooks_.shape[0],
                                                 _quantizer.code_dtype(

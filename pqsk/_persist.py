@@ -64,6 +64,7 @@ import shutil
 
 import numpy as np
 
+from ._checks import require
 from ._segments import Segment
 from ._segments import array_sha256 as _sha256
 from ._store import RowStore, chunk_slices, rows_per_chunk
@@ -923,89 +924,3 @@ class IndexIOMixin:
                 f"{os.fspath(path)} holds a {type(est).__name__}, not a {cls.__name__}."
             )
         return est
-
-
-# -- checks used by the estimators' ``_check_loaded_state`` -------------------
-
-def require(cond, msg):
-    if not cond:
-        raise ValueError(msg)
-
-
-def check_scalar_int(value, name, lo, hi):
-    """``value`` is a Python int (not a bool) in [lo, hi)."""
-    require(type(value) is int and lo <= value < hi,
-            f"{name} must be an int in [{lo}, {hi}), got {value!r}")
-    return value
-
-
-def _check_shape(a, name, shape):
-    ok = a.ndim == len(shape) and all(s is None or s == t for s, t in zip(shape, a.shape))
-    require(ok, f"{name} has shape {a.shape}, expected "
-                f"({', '.join('n' if s is None else str(s) for s in shape)})")
-
-
-def check_int_array(a, name, shape, lo, hi, dtype=None):
-    """``a`` is an integer ndarray of ``shape`` (None: any length) and
-    ``dtype`` if given, C-contiguous in native byte order, with values in
-    [lo, hi)."""
-    require(isinstance(a, np.ndarray) and a.dtype.kind in "iu",
-            f"{name} must be an integer array")
-    if dtype is not None:
-        require(a.dtype == dtype, f"{name} has dtype {a.dtype}, expected {np.dtype(dtype)}")
-    require(a.flags.c_contiguous and a.dtype.isnative,
-            f"{name} must be C-contiguous in native byte order")
-    _check_shape(a, name, shape)
-    if a.size:
-        require(int(a.min()) >= lo and int(a.max()) < hi,
-                f"{name} has values outside [{lo}, {hi})")
-
-
-def check_float_array(a, name, shape, dtype, bound):
-    """``a`` is a C-contiguous native ndarray of exactly ``shape`` and
-    ``dtype``, finite, with every value in [-bound, bound]."""
-    require(isinstance(a, np.ndarray) and a.dtype == dtype,
-            f"{name} must be a {np.dtype(dtype)} array")
-    require(a.flags.c_contiguous and a.dtype.isnative,
-            f"{name} must be C-contiguous in native byte order")
-    _check_shape(a, name, shape)
-    if a.size:
-        lo, hi = float(a.min()), float(a.max())  # NaN propagates to both
-        require(np.isfinite(lo) and np.isfinite(hi), f"{name} contain NaN or infinity")
-        require(max(hi, -lo) <= bound,
-                f"{name} have values up to {max(hi, -lo):.3g}, beyond {bound:.3g} where "
-                "squared distances overflow")
-
-
-def check_bool_mask(a, name, n):
-    require(isinstance(a, np.ndarray) and a.dtype == np.bool_ and a.shape == (n,)
-            and a.flags.c_contiguous, f"{name} must be a bool array of shape ({n},)")
-
-
-def check_codebooks(est, max_codewords):
-    """Checks shared by every estimator's codebooks_: a 3-d float32 or
-    float64 array (m, k, ds) covering ``n_features_in_`` features, k at
-    most ``max_codewords``, finite.  Returns (m, k, ds); the range is
-    checked by the caller, which knows how the codebooks are used."""
-    d = check_scalar_int(est.n_features_in_, "n_features_in_", 1, 2**31)
-    cb = est.codebooks_
-    require(isinstance(cb, np.ndarray) and cb.dtype in (np.float32, np.float64)
-            and cb.ndim == 3, "codebooks_ must be a 3-d float32 or float64 array")
-    m, k, ds = cb.shape
-    # Sub-spaces of nearly equal widths (pqsk._quantizer): ds = ceil(d / m),
-    # the columns past a narrower sub-space's width zero.  Files written
-    # before uneven sub-spaces have m * ds == d, which passes as before.
-    require(1 <= m <= d and ds == -(-d // m),
-            f"codebooks_ of shape {cb.shape} do not cover n_features_in_={d}")
-    require(1 <= k <= max_codewords, f"codebooks_ hold {k} codewords per sub-space")
-    check_float_array(cb, "codebooks_", cb.shape, cb.dtype, np.inf)
-    narrow = range(d % m, m) if d % m else ()  # sub-spaces of ds - 1 features
-    require(not any(np.any(cb[j, :, ds - 1:]) for j in narrow),
-            "codebooks_ are not zero past the width of each sub-space")
-    check_scalar_int(est.n_iter_, "n_iter_", 0, 2**31)
-    names = getattr(est, "feature_names_in_", None)
-    if names is not None or hasattr(est, "feature_names_in_"):
-        require(isinstance(names, np.ndarray) and names.dtype == object
-                and names.shape == (d,) and all(isinstance(s, str) for s in names),
-                "feature_names_in_ must hold n_features_in_ strings")
-    return m, k, ds

@@ -11,9 +11,10 @@ from sklearn.base import (
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from . import _growable, _opq, _quantizer
-from ._base import (FLOAT_DTYPES, BasePQNeighbors, PQParamsMixin,
-                    check_anisotropic_state, check_range)
-from ._persist import IndexIOMixin, require
+from ._base import FLOAT_DTYPES, BasePQNeighbors, PQParamsMixin
+from ._checks import (check_anisotropic_state, check_codebooks, check_float_array,
+                      check_int_array, check_range, check_scalar_int, require)
+from ._persist import IndexIOMixin
 from ._utils import Progress, effective_n_threads, range_bound
 
 
@@ -328,8 +329,6 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         )
 
     def _check_loaded_state(self):
-        from ._persist import check_codebooks, check_float_array, check_scalar_int
-
         m, k, _ = check_codebooks(self, _quantizer.MAX_CODEWORDS)
         check_anisotropic_state(self)
         cb = self.codebooks_
@@ -575,8 +574,6 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         super().__setattr__(name, value)
 
     def _check_loaded_state(self):
-        from ._persist import check_float_array, check_int_array
-
         d = self.__dict__
         cb = d.get("codebooks_")
         require(not ("codes_" in d and "packed_codes_" in d),

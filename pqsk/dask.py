@@ -32,7 +32,8 @@ from sklearn.utils._param_validation import HasMethods, Interval
 from sklearn.utils.validation import check_is_fitted
 
 from . import _quantizer
-from ._base import BasePQNeighbors, _check_n_neighbors, checked_remove_ids
+from ._base import BasePQNeighbors
+from ._checks import check_n_neighbors, checked_remove_ids
 from ._hnswpq import HNSWPQNeighbors
 from ._ivfpq import POINTS_PER_LIST
 from ._persist import load as _load_index
@@ -660,7 +661,7 @@ class ShardedNeighbors(BaseEstimator):
     def _n_neighbors(self, n_neighbors, view, n_queries, query_is_train):
         if n_neighbors is None:
             n_neighbors = view.n_neighbors
-        n_neighbors = _check_n_neighbors(n_neighbors)
+        n_neighbors = check_n_neighbors(n_neighbors)
         n_fit = self.n_samples_fit_ - self.n_removed_
         if query_is_train:
             if self.n_removed_:
