@@ -26,7 +26,9 @@ version does not name are removed.  Version 2 (no segments) still loads.
 Saving never deletes first.  ``save`` writes a new ``vNNNNNN/`` next to the
 current one, ``fsync``-ing every file and the directory, then writes the
 manifest to a temporary file, ``fsync``-s it and renames it over
-``MANIFEST.json`` (an atomic switch), ``fsync``-ing the directory again.
+``MANIFEST.json`` (an atomic switch), ``fsync``-ing the directory again
+(the steps of :func:`write_json_atomic`, which other small manifests use
+too).
 Only then are the previous data directory and any leftovers of an
 interrupted save removed.  A save killed at any point leaves the previous
 index readable (or, once the manifest is switched, the new one); the
@@ -38,7 +40,10 @@ directory, no header checksum) is still read; saving over it writes
 version 3 and then removes the old files.  Parameters added since an old
 file was written (``_PARAMS_SINCE``) keep their defaults.
 
-Loading never executes code from the files: JSON and ``.npy`` only.  Each
+Loading never executes code from the files: JSON and ``.npy`` only.  The
+header's class name is looked up among the classes that registered
+themselves (every pqsk subclass of :class:`IndexIOMixin`); this module
+imports no estimator.  Each
 ``.npy`` header is parsed and compared with the JSON header (shape, exact
 dtype in native byte order, C order) and its size with the file's before
 any data is read.  Derived tables are recomputed rather than read.  Then
@@ -69,6 +74,7 @@ from ._segments import Segment
 from ._segments import array_sha256 as _sha256
 from ._store import RowStore, chunk_slices, rows_per_chunk
 from ._utils import index_lock
+from ._version import __version__
 
 FORMAT = "pqsk-index"
 FORMAT_VERSION = 3
@@ -116,6 +122,12 @@ _PARAMS_SINCE = {"segment_size": 3, "rotation": 4, "anisotropic_threshold": 4,
 
 class IndexFormatError(ValueError):
     """A saved index is unreadable, corrupted, or not what was asked for."""
+
+
+# The classes a saved index may hold, by the name its header gives: every
+# subclass of ``IndexIOMixin`` defined in pqsk registers itself (the
+# estimators), so that this module imports none of them.
+_CLASSES = {}
 
 
 # -- values <-> JSON --------------------------------------------------------
@@ -305,6 +317,46 @@ def _write_durable(path, write):
         os.fsync(f.fileno())
 
 
+def _replace_durable(directory, name, raw):
+    """Write the bytes ``raw`` to a new file of a unique temporary name
+    (``.<name>.tmp-<random hex>``) in ``directory``, fsync it, and rename
+    it over ``directory/name``: an atomic switch, which a reader sees
+    entirely or not at all.  On failure the temporary file is removed and
+    ``name`` is unchanged.  Not durable until the directory is fsynced."""
+    tmp = os.path.join(directory, f".{name}.tmp-{secrets.token_hex(8)}")
+    try:
+        _write_durable(tmp, lambda f: f.write(raw))
+        os.replace(tmp, os.path.join(directory, name))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(directory, name, content):
+    """Replace the small JSON file ``directory/name`` with ``content``,
+    atomically and durably.
+
+    The JSON goes to a file of a unique temporary name (two writers never
+    share one), which is fsynced and renamed over ``name``; then the
+    directory is fsynced, so that the switch survives a crash.  Whenever
+    the process or the machine stops, ``name`` holds the old content or
+    the new, complete.  A temporary file left by a crash is named
+    ``.<name>.tmp-<hex>``; the caller's next write may remove it.
+
+    Parameters
+    ----------
+    directory : str
+        An existing directory.
+    name : str
+        The file's name in ``directory``.
+    content : JSON-serialisable object
+        Written with ``json.dumps(content, indent=1)``.
+    """
+    _replace_durable(directory, name, json.dumps(content, indent=1).encode())
+    _fsync_dir(directory)
+
+
 class _SaveLock:
     """Exclusive advisory lock of ``path/.pqsk-lock`` (no-op without fcntl)."""
 
@@ -387,8 +439,6 @@ def save(estimator, path, *, overwrite=False):
     """
     from sklearn.utils.validation import check_is_fitted
 
-    from . import __version__
-
     check_is_fitted(estimator)
     # Writing a file that ``load`` refuses helps nobody: parameters fit
     # would reject (set with set_params) are refused here already.
@@ -432,7 +482,7 @@ def _save_locked(path, overwrite, header, arrays, reading):
     if not created:
         _check_target(path, overwrite)  # before the lock file is created
     lock = _SaveLock(path)
-    data_dir = tmp = None
+    data_dir = None
     switched = False
     written = []  # segment files this save created
     try:
@@ -447,9 +497,9 @@ def _save_locked(path, overwrite, header, arrays, reading):
         _fsync_dir(path)
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "data": data,
                     "header_sha256": header_sha}
-        tmp = os.path.join(path, f".{MANIFEST}.tmp-{secrets.token_hex(8)}")
-        _write_durable(tmp, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-        os.replace(tmp, os.path.join(path, MANIFEST))  # the switch
+        # The switch: ``write_json_atomic``'s steps, with the moment of the
+        # rename known (after it, the new data directory must stay).
+        _replace_durable(path, MANIFEST, json.dumps(manifest, indent=1).encode())
         switched = True
         _fsync_dir(path)
         _remove_leftovers(path, keep=data, version1=version1,
@@ -469,11 +519,6 @@ def _save_locked(path, overwrite, header, arrays, reading):
                 os.rmdir(os.path.join(path, SEGMENTS))  # if this save made it
             except OSError:
                 pass
-            if tmp is not None:
-                try:
-                    os.remove(tmp)
-                except OSError:
-                    pass
         raise
     finally:
         lock.release()
@@ -698,10 +743,6 @@ def load(path, *, mmap_mode=None, verify=True):
 
 
 def _load_from(path, data_dir, header_sha, mmap_mode, verify, expected):
-    from . import HNSWPQNeighbors, IVFPQNeighbors, PQNeighbors, PQTransformer
-
-    classes = {c.__name__: c for c in
-               (PQTransformer, PQNeighbors, IVFPQNeighbors, HNSWPQNeighbors)}
     header_path = os.path.join(data_dir, HEADER)
     raw = _read_small(header_path, MAX_HEADER_BYTES)
     if header_sha is not None and hashlib.sha256(raw).hexdigest() != header_sha:
@@ -715,7 +756,8 @@ def _load_from(path, data_dir, header_sha, mmap_mode, verify, expected):
             f"{path} has format version {version!r}; this pqsk reads versions "
             f"{READABLE_VERSIONS}. Re-save it with the pqsk that wrote it, or upgrade."
         )
-    cls = classes.get(header.get("class"))
+    name = header.get("class")
+    cls = _CLASSES.get(name) if isinstance(name, str) else None
     if cls is None:
         raise IndexFormatError(f"{path} holds an unknown class {header.get('class')!r}.")
     for key in ("params", "attributes", "arrays"):
@@ -857,7 +899,19 @@ def _load_array(path, data_dir, name, meta, mmap_mode, verify):
 
 class IndexIOMixin:
     """``save`` / ``load`` for pqsk estimators (see :mod:`pqsk._persist`),
-    and pickling under the index's read lock."""
+    and pickling under the index's read lock.
+
+    Every subclass defined in pqsk registers itself under its class name,
+    the name a saved header gives: :func:`load` finds the class to build
+    there.  Subclasses defined elsewhere are not registered (their files
+    do not load, as the class is not pqsk's).
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__module__.partition(".")[0] == __name__.partition(".")[0]:
+            if _CLASSES.setdefault(cls.__name__, cls) is not cls:
+                raise TypeError(f"two pqsk classes are named {cls.__name__!r}")
 
     def __getstate__(self):
         # Under the read lock, so that a pickle (or copy.deepcopy) taken
