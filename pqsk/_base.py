@@ -19,6 +19,7 @@ from sklearn.base import (
     ClassNamePrefixFeaturesOutMixin,
     TransformerMixin,
     _fit_context,
+    clone,
 )
 from sklearn.preprocessing import normalize
 from sklearn.utils import assert_all_finite, check_random_state
@@ -503,6 +504,31 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
     form finds 0.35.  (:class:`IVFPQNeighbors` with
     ``anisotropic_threshold`` ranks cosine candidates by the inner
     product, ``1 - <q, x_hat>``, whose error that loss bounds.)
+
+    The shard protocol: the ``_shard_*`` methods (one section below) are
+    what a meta-estimator holding one index per shard may call, and the
+    only private methods :mod:`pqsk.dask` uses.  To build shards that
+    answer as one index:
+
+    1. on an unfitted estimator, ``_shard_rows(X)`` validates input as
+       ``fit`` does; ``set_params(**_shard_params(n))`` fixes what a fit
+       of n rows resolves from the data; ``_shard_sample_size(n)`` rows
+       (sampled from the n) are given to ``_shard_train(sample, n,
+       n_jobs)``, which returns the trained quantizers (a dict of fitted
+       attributes, ``_shard_quantizers()`` of the trainer);
+    2. ``clone(estimator)._shard_from_quantizers(quantizers, X)`` builds
+       each shard from its rows X (local ids 0, 1, ...); a fitted shard
+       takes more rows through ``partial_fit`` (validated beforehand by
+       its ``_shard_rows``) and drops some through ``remove``;
+    3. a query: ``_shard_search_params()`` on the client (errors and
+       warnings there), ``_shard_prepare_queries(X)`` (array of shape
+       (n_queries, n_features), fitted dtype) or ``_shard_self_queries()``
+       (the indexed points); each shard runs ``_shard_with_params(
+       **params)._shard_search(Q, k)``, giving raw distances (dtype
+       ``_shard_dtype()``) and local int64 ids, (n_queries, k), rows
+       sorted by (distance, id); the caller maps ids to global ones,
+       merges the shards' rows by (distance, id) and applies
+       ``_shard_finish`` to the merged distances.
     """
 
     _neighbors_parameter_constraints = {
@@ -525,9 +551,22 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
 
     # -- subclass hooks -------------------------------------------------
     def _fit_index(self, X, progress):
-        """Train the quantizers on validated, metric-prepared X and index it
-        (typically through ``_add_rows``)."""
-        raise NotImplementedError
+        """Train the quantizers on validated, metric-prepared X (a
+        :class:`~pqsk._store.FitRows`) and index it."""
+        self._train_quantizers(X, progress)
+        self._start_empty()
+        self._add_rows(X, effective_n_threads(self.n_jobs), progress)
+
+    def _train_quantizers(self, X, progress, drawn_from=None):
+        """Set the trained quantizers (the ``_trained_attrs`` a fit sets
+        after ``_begin_fit``: here the codebooks) from X.
+
+        ``drawn_from``: None, or X is the training sample a fit of
+        ``drawn_from`` rows draws (the shard protocol's ``_shard_train``);
+        an estimator whose fit draws its sample from the random stream
+        repeats that draw, so that the stream continues as in that fit.
+        """
+        self.codebooks_ = self._fit_codebooks(X, progress)
 
     def _add_rows(self, X, n_threads, progress):
         """Append prepared rows to a trained index, ids continuing from
@@ -731,28 +770,35 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """
         # A failed fit leaves a fitted index as it was (restore_on_error).
         with index_writer(self), index_lock(self).write(), restore_on_error(self):
-            metric = resolve_metric(self.metric, self.p, self.metric_params, warn=True)[0]
-            if self.anisotropic_threshold is not None and metric not in ("dot", "cosine"):
-                raise ValueError(
-                    f"anisotropic_threshold={self.anisotropic_threshold!r} needs an "
-                    f"inner-product metric ('dot' or 'cosine'), got metric="
-                    f"{self.metric!r}; set anisotropic_threshold=None for L2 metrics.")
-            rows = self._validate_rows(X, reset=True)
-            progress = Progress(self.verbose, type(self).__name__)
-            self._fit_dtype_ = rows.dtype
-            self.effective_metric_ = metric
-            self.n_samples_fit_ = 0
-            self.n_removed_ = 0
-            self.removed_ = None
-            # Raw vectors are kept, for good, when fitted with re-ranking.
-            self.vectors_ = (RowStore.empty(rows.shape[1], rows.dtype)
-                             if self.refine_factor > 0 else None)
-            # OPQ: every row is encoded, and every query searched, as x @ R.
-            self.rotation_ = rows.rotation = self._fit_rotation(rows, progress)
+            rows, progress = self._begin_fit(X)
             self._fit_index(rows, progress)
         _CHECKED_PARAMS.pop(self, None)
         release_memory()
         return self
+
+    def _begin_fit(self, X):
+        """What ``fit`` does before training: check the metric, validate X,
+        reset the row state, learn the OPQ rotation.  Returns (the rows, a
+        :class:`~pqsk._store.FitRows`, and the progress reporter)."""
+        metric = resolve_metric(self.metric, self.p, self.metric_params, warn=True)[0]
+        if self.anisotropic_threshold is not None and metric not in ("dot", "cosine"):
+            raise ValueError(
+                f"anisotropic_threshold={self.anisotropic_threshold!r} needs an "
+                f"inner-product metric ('dot' or 'cosine'), got metric="
+                f"{self.metric!r}; set anisotropic_threshold=None for L2 metrics.")
+        rows = self._validate_rows(X, reset=True)
+        progress = Progress(self.verbose, type(self).__name__)
+        self._fit_dtype_ = rows.dtype
+        self.effective_metric_ = metric
+        self.n_samples_fit_ = 0
+        self.n_removed_ = 0
+        self.removed_ = None
+        # Raw vectors are kept, for good, when fitted with re-ranking.
+        self.vectors_ = (RowStore.empty(rows.shape[1], rows.dtype)
+                         if self.refine_factor > 0 else None)
+        # OPQ: every row is encoded, and every query searched, as x @ R.
+        self.rotation_ = rows.rotation = self._fit_rotation(rows, progress)
+        return rows, progress
 
     def partial_fit(self, X, y=None):
         """Add rows to the index without retraining the quantizers.
@@ -783,36 +829,72 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             release_memory()  # after a chunked pass; not after every small batch
         return self
 
-    # -- shards that share trained quantizers (pqsk.dask) -------------------
+    # -- the shard protocol ------------------------------------------------
+    # What a meta-estimator that shards an index (pqsk.dask.ShardedNeighbors)
+    # may call, and nothing else private: see "The shard protocol" in the
+    # class docstring.  Shards built from one set of trained quantizers
+    # compare their raw distances and ids, so their answers merge.
+
     # Fitted attributes that make up the trained quantizers: what
-    # ``_trained_state`` hands out and ``_fit_trained`` copies (subclasses
-    # add theirs).  Every other fitted attribute describes indexed rows.
+    # ``_shard_quantizers`` hands out and ``_shard_from_quantizers`` copies
+    # (subclasses add theirs).  Every other fitted attribute describes
+    # indexed rows.
     _trained_attrs = ("_fit_dtype_", "effective_metric_", "n_features_in_",
                       "feature_names_in_", "codebooks_", "rotation_",
                       "anisotropic_threshold_", "n_iter_")
 
     def _start_empty(self):
         """Set up the row state of an index holding no rows, its quantizers
-        trained (``_fit_index`` after training; ``_fit_trained``)."""
+        trained (``_fit_index`` after training; ``_shard_from_quantizers``)."""
         raise NotImplementedError
 
-    def _trained_state(self):
+    def _shard_rows(self, X):
+        """X validated as this estimator's next ``fit`` (unfitted) or
+        ``partial_fit`` (fitted) validates it, with its errors: the rows as
+        given (an array of shape (n_rows, n_features), not converted)."""
+        return self._validate_rows(X, reset=not hasattr(self, "n_samples_fit_")).raw
+
+    def _shard_params(self, n_rows):
+        """{parameter: value} fixing what a ``fit`` of ``n_rows`` rows would
+        resolve from the data ("auto" values of structural parameters), so
+        that quantizers trained on a sample are those of that fit."""
+        return {}
+
+    def _shard_sample_size(self, n_rows):
+        """How many rows a ``fit`` of ``n_rows`` rows trains on (int)."""
+        cap = self._max_train_samples()
+        return n_rows if cap is None else min(n_rows, int(cap))
+
+    def _shard_train(self, sample, n_rows, n_jobs=None):
+        """Train the quantizers on ``sample`` (array of shape (n_sample,
+        n_features): the rows a fit of ``n_rows`` rows would train on,
+        ``_shard_sample_size(n_rows)`` of them) without indexing any row;
+        return them as ``_shard_quantizers`` does.  Trained with ``n_jobs``
+        threads (None: every CPU); this estimator is not changed."""
+        trainer = clone(self).set_params(n_jobs=-1 if n_jobs is None else n_jobs)
+        trainer._validate_params()
+        rows, progress = trainer._begin_fit(sample)
+        trainer._train_quantizers(rows, progress, drawn_from=n_rows)
+        return trainer._shard_quantizers()
+
+    def _shard_quantizers(self):
         """{attribute: value} of the trained quantizers of this fitted
-        index (arrays by reference), for ``_fit_trained``."""
+        index (arrays by reference, to be treated as read-only), for
+        ``_shard_from_quantizers``."""
         check_is_fitted(self)
         return {a: self.__dict__[a] for a in self._trained_attrs if a in self.__dict__}
 
-    def _fit_trained(self, trained, X=None):
-        """``fit(X)`` with the quantizers of ``trained`` (another index's
-        ``_trained_state()``) instead of quantizers trained on X.
+    def _shard_from_quantizers(self, quantizers, X=None):
+        """``fit(X)`` with ``quantizers`` (another index's
+        ``_shard_quantizers()``) instead of quantizers trained on X.
 
-        Indexes built so from one state compare their distances and ids:
-        the shards of :class:`pqsk.dask.ShardedNeighbors`.  X (None: no
-        row) is validated as by ``partial_fit``, its rows get ids 0, 1, ...
-        The structural parameters must be those the state was trained with.
+        Indexes built so from one state compare their distances and ids.
+        X (None: no row) is validated as by ``partial_fit``, its rows get
+        ids 0, 1, ...  The structural parameters must be those the
+        quantizers were trained with.  Returns self.
         """
         with index_writer(self), index_lock(self).write(), restore_on_error(self):
-            self.__dict__.update(trained)
+            self.__dict__.update(quantizers)
             rows = None if X is None else self._validate_rows(X, reset=False)
             self.n_samples_fit_ = self._n_features_out = 0
             self.n_removed_ = 0
@@ -829,6 +911,51 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                                    Progress(self.verbose, type(self).__name__))
         _CHECKED_PARAMS.pop(self, None)
         return self
+
+    def _shard_with_params(self, **params):
+        """A view of this fitted index with ``params`` (search parameters)
+        set: a shallow copy sharing every fitted array, for queries only."""
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        return view.set_params(**params)
+
+    def _shard_search_params(self):
+        """{name: value} of the search parameters, validated as a query
+        validates them (its errors and warnings)."""
+        self._check_params_at_call()
+        return {name: getattr(self, name) for name in self._search_params}
+
+    def _shard_prepare_queries(self, X):
+        """The queries X validated and prepared as ``kneighbors`` prepares
+        them (fitted dtype, C order, normalised for cosine): an array of
+        shape (n_queries, n_features), for ``_shard_search``."""
+        return self._validate_queries(X)
+
+    def _shard_self_queries(self):
+        """The prepared queries standing for the indexed points in id
+        order (shape (n_samples_fit_, n_features)), as ``kneighbors(X=None)``
+        makes them."""
+        return np.concatenate([q for _, q in self._self_queries()])
+
+    def _shard_search(self, Q, n_neighbors):
+        """(raw distances, ids) of the ``n_neighbors`` best of the prepared
+        queries Q: arrays of shape (n_queries, n_neighbors), distances in
+        ``_shard_dtype()`` before ``_shard_finish``, ids int64 (local:
+        0 .. n_samples_fit_ - 1; empty slots +inf and INT64_MAX), rows
+        sorted by (distance, id), so answers of shards merge by sorting."""
+        self._check_params_at_call()
+        n_threads = max(1, min(effective_n_threads(self.n_jobs), Q.shape[0]))
+        with openmp_region(n_threads):
+            return self._search_refined(Q, n_neighbors, n_threads)
+
+    def _shard_finish(self, dist):
+        """The distances ``kneighbors`` returns, from raw ones of
+        ``_shard_search`` (a new array; ``dist`` is not changed)."""
+        return self._finish_distances(np.array(dist, copy=True))
+
+    def _shard_dtype(self):
+        """The dtype of the distances (the fitted float dtype)."""
+        return self._fit_dtype_
 
     def _check_loaded_state(self):
         """Invariants the kernels rely on, checked after ``load``.

@@ -388,11 +388,6 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
     def _fitted_values(self):
         return {**super()._fitted_values(), "n_links": self.links0_.shape[1] // 2}
 
-    def _fit_index(self, X, progress):
-        self.codebooks_ = self._fit_codebooks(X, progress)
-        self._start_empty()
-        self._add_rows(X, effective_n_threads(self.n_jobs), progress)
-
     def _start_empty(self):
         m, k = self.codebooks_.shape[:2]
         self._levels_rng_ = check_random_state(self.random_state)

@@ -494,6 +494,11 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         return self.n_lists
 
     def _fit_index(self, X, progress):
+        self._train_quantizers(X, progress)
+        self._start_empty()
+        self._add_rows(X, effective_n_threads(self.n_jobs), progress, fit=True)
+
+    def _train_quantizers(self, X, progress, drawn_from=None):
         n, d = X.shape
         self._pq_shape(d, n)  # m and k checked before any training
         n_threads = effective_n_threads(self.n_jobs)
@@ -508,7 +513,6 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         # k-means needs are gathered (at sorted positions, so a memmap is
         # read in file order), never the whole sample unless it is small.
         train_rows = _quantizer.sample_rows(n, cap, rng)
-        drawn_from = self.__dict__.get("_sample_drawn_from")
         if drawn_from is not None and train_rows is None:
             # X is already the sample a fit of ``drawn_from`` rows draws
             # (pqsk.dask trains on it): the same draw, to continue the same
@@ -549,8 +553,20 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         self.cluster_centers_ = centroids
         self.codebooks_ = codebooks
         self.n_lists_ = n_lists
-        self._start_empty()
-        self._add_rows(X, n_threads, progress, fit=True)
+
+    # -- the shard protocol (see BasePQNeighbors) ----------------------------
+    def _shard_params(self, n_rows):
+        return {"n_lists": self._resolve_n_lists(n_rows)}
+
+    def _shard_sample_size(self, n_rows):
+        if self.max_train_samples == "auto":
+            return min(n_rows, POINTS_PER_LIST * self._resolve_n_lists(n_rows))
+        return super()._shard_sample_size(n_rows)
+
+    def _shard_search_params(self):
+        params = super()._shard_search_params()
+        self._n_probe()  # warns here when n_probe > n_lists
+        return params
 
     _trained_attrs = BasePQNeighbors._trained_attrs + ("cluster_centers_", "n_lists_")
 

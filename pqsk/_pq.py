@@ -616,11 +616,6 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         if m % 2 and nb:
             require(not (packed[:, -1, :] >> 4).any(), "padding of packed_codes_ is not 0")
 
-    def _fit_index(self, X, progress):
-        self.codebooks_ = self._fit_codebooks(X, progress)
-        self._start_empty()
-        self._add_rows(X, effective_n_threads(self.n_jobs), progress)
-
     def _start_empty(self):
         m, k = self.codebooks_.shape[:2]
         self.__dict__.pop("codes_", None)
