@@ -19,10 +19,11 @@ from ._quantizer import scratch
 from ._segments import (DEFAULT_SEGMENT_SIZE, SEGMENT_PARAMETER_CONSTRAINTS, Segment,
                         merge_topk)
 from ._store import FitRows
-from ._base import BasePQNeighbors, PQParamsMixin, RefitMixin, RemovalMixin
+from ._base import BasePQNeighbors, RemovalMixin
 from ._checks import (check_float_array, check_int_array, check_n_neighbors,
                       check_scalar_int, require)
 from ._persist import IndexIOMixin
+from ._training import PQParamsMixin, RefitMixin
 from ._utils import Progress, effective_n_threads, index_lock, index_writer
 
 MAX_LEVEL = 32

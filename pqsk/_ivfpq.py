@@ -11,11 +11,12 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from . import _growable, _quantizer
-from ._base import BasePQNeighbors, PQParamsMixin, RefitMixin, RemovalMixin
+from ._base import BasePQNeighbors, RemovalMixin
 from ._checks import check_float_array, check_int_array, check_scalar_int, require
 from ._persist import IndexIOMixin
 from ._segments import DEFAULT_SEGMENT_SIZE, SEGMENT_PARAMETER_CONSTRAINTS, Segment
 from ._store import chunk_slices
+from ._training import PQParamsMixin, RefitMixin
 from ._utils import (effective_n_threads, index_lock, index_writer, range_bound,
                      release_memory)
 
