@@ -11,7 +11,6 @@ and the shard protocol :mod:`pqsk.dask` builds on.  Estimators implement
 indexes whose ids are stable.
 """
 
-import warnings
 import weakref
 from numbers import Integral, Real
 
@@ -25,27 +24,27 @@ from sklearn.base import (
     clone,
 )
 from sklearn.preprocessing import normalize
-from sklearn.utils import assert_all_finite
 from sklearn.utils._param_validation import (
     Interval,
     StrOptions,
     validate_parameter_constraints,
 )
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
 from . import _growable, _opq, _quantizer
 from ._checks import (
-    check_anisotropic_state,
-    check_bool_mask,
-    check_codebooks,
+    METRIC_ALIASES,
+    METRICS,
+    check_enough_points,
     check_graph_mode,
     check_int_array,
     check_n_neighbors,
-    check_range,
-    check_scalar_int,
+    check_neighbors_state,
+    check_self_query,
+    checked_queries,
     checked_remove_ids,
-    checked_vectors,
-    require,
+    checked_rows,
+    resolve_metric,
 )
 from ._filter import check_filter
 from ._radius import RadiusNeighborsMixin
@@ -56,57 +55,13 @@ from ._utils import (
     index_lock,
     index_writer,
     openmp_region,
-    range_bound,
     release_memory,
     restore_on_error,
 )
 
-METRICS = ("euclidean", "sqeuclidean", "cosine", "dot")
-
-# scikit-learn's names for the Euclidean distance, accepted as ``metric``:
-# "l2" always, "minkowski" with p=2 (``p``, or ``metric_params["p"]``).
-METRIC_ALIASES = ("l2", "minkowski")
-
-
-def resolve_metric(metric, p=2, metric_params=None, warn=False):
-    """(effective metric, effective metric params) of the ``metric``,
-    ``p`` and ``metric_params`` parameters, as
-    :class:`sklearn.neighbors.NearestNeighbors` sets ``effective_metric_``
-    and ``effective_metric_params_``: ``"minkowski"`` with p=2 is
-    ``"euclidean"`` (the p in ``metric_params`` wins over ``p``, with a
-    warning when ``warn``), and ``"l2"`` is ``"euclidean"`` too (scikit-learn keeps the
-    name "l2"; pqsk's kernels know one name per metric).  Every pqsk metric
-    is one of squared L2 or the inner product, so the effective parameters
-    are always empty; other values raise ValueError.
-    """
-    params = {} if metric_params is None else dict(metric_params)
-    if warn and "p" in params and p is not None:
-        warnings.warn("Parameter p is found in metric_params. The corresponding "
-                      "parameter from __init__ is ignored.", SyntaxWarning, stacklevel=4)
-    p_eff = params.pop("p", p)
-    if params:
-        raise ValueError(
-            f"metric_params {sorted(params)} are not supported: pqsk's metrics "
-            f"{METRICS} take no parameters (metric='minkowski' takes p=2 only).")
-    if metric == "minkowski":
-        if p_eff != 2:
-            raise ValueError(
-                f"metric='minkowski' is supported with p=2 (the Euclidean distance) "
-                f"only, got p={p_eff!r}: product quantization approximates L2 "
-                "distances and inner products.")
-        return "euclidean", {}
-    if metric == "l2":
-        return "euclidean", {}
-    return metric, {}
-
-
 # Estimator -> the search-time parameter values last found valid (kept
 # outside ``__dict__``, so that pickling, cloning and saving never see it).
 _CHECKED_PARAMS = weakref.WeakKeyDictionary()
-
-# float16 and integer input are computed in float32; float64 stays float64.
-FLOAT_DTYPES = [np.float32, np.float64]
-
 
 class RemovalMixin:
     """``remove(ids)`` for indexes whose ids are stable (IVF, HNSW)."""
@@ -224,29 +179,9 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
     product, ``1 - <q, x_hat>``, whose error that loss bounds.)
 
     The shard protocol: the ``_shard_*`` methods (one section below) are
-    what a meta-estimator holding one index per shard may call, and the
-    only private methods :mod:`pqsk.dask` uses.  To build shards that
-    answer as one index:
-
-    1. on an unfitted estimator, ``_shard_rows(X)`` validates input as
-       ``fit`` does; ``set_params(**_shard_params(n))`` fixes what a fit
-       of n rows resolves from the data; ``_shard_sample_size(n)`` rows
-       (sampled from the n) are given to ``_shard_train(sample, n,
-       n_jobs)``, which returns the trained quantizers (a dict of fitted
-       attributes, ``_shard_quantizers()`` of the trainer);
-    2. ``clone(estimator)._shard_from_quantizers(quantizers, X)`` builds
-       each shard from its rows X (local ids 0, 1, ...); a fitted shard
-       takes more rows through ``partial_fit`` (validated beforehand by
-       its ``_shard_rows``) and drops some through ``remove``;
-    3. a query: ``_shard_search_params()`` on the client (errors and
-       warnings there), ``_shard_prepare_queries(X)`` (array of shape
-       (n_queries, n_features), fitted dtype) or ``_shard_self_queries()``
-       (the indexed points); each shard runs ``_shard_with_params(
-       **params)._shard_search(Q, k)``, giving raw distances (dtype
-       ``_shard_dtype()``) and local int64 ids, (n_queries, k), rows
-       sorted by (distance, id); the caller maps ids to global ones,
-       merges the shards' rows by (distance, id) and applies
-       ``_shard_finish`` to the merged distances.
+    what a meta-estimator holding one index per shard (:mod:`pqsk.dask`)
+    may call; doc/user_guide/dask.rst ("The shard protocol") describes
+    them together, with shapes and dtypes.
     """
 
     _neighbors_parameter_constraints = {
@@ -275,16 +210,10 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
         self._start_empty()
         self._add_rows(X, effective_n_threads(self.n_jobs), progress)
 
-    def _train_quantizers(self, X, progress, drawn_from=None):
-        """Set the trained quantizers (the ``_trained_attrs`` a fit sets
-        after ``_begin_fit``: here the codebooks) from X.
-
-        ``drawn_from``: None, or X is the training sample a fit of
-        ``drawn_from`` rows draws (the shard protocol's ``_shard_train``);
-        an estimator whose fit draws its sample from the random stream
-        repeats that draw, so that the stream continues as in that fit.
-        """
-        self.codebooks_ = self._fit_codebooks(X, progress)
+    def _start_empty(self):
+        """Set up the row state of an index holding no rows, its quantizers
+        trained (``_fit_index`` after training; ``_shard_from_quantizers``)."""
+        raise NotImplementedError
 
     def _add_rows(self, X, n_threads, progress):
         """Append prepared rows to a trained index, ids continuing from
@@ -394,73 +323,17 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
             check_is_fitted(self)
 
     def _validate_queries(self, X):
+        """The queries X validated (see :func:`pqsk._checks.checked_queries`)
+        and prepared for the metric."""
         self._check_fitted()
-        extremes = self._clean_query_extremes(X)
-        if extremes is None:
-            X = validate_data(self, X, dtype=FLOAT_DTYPES, order="C", reset=False)
-            X = np.ascontiguousarray(X, dtype=self._fit_dtype_)
-        return self._prepare(check_range(X, extremes, dtype=self._kernel_dtype))
-
-    def _clean_query_extremes(self, X):
-        """(min, max) of input ``validate_data`` would pass through unchanged
-        (a finite, C-contiguous 2-D ndarray of the fitted dtype and width,
-        from an estimator fitted without feature names), else None.  Such
-        queries skip scikit-learn's generic checks (about 100 us a call);
-        anything else, including every error case, goes through
-        ``validate_data``."""
-        if not (type(X) is np.ndarray and X.ndim == 2 and X.shape[0] > 0
-                and X.dtype == self._fit_dtype_ and X.flags.c_contiguous
-                and X.shape[1] == self.n_features_in_
-                and not hasattr(self, "feature_names_in_")):
-            return None
-        lo, hi = X.min(), X.max()
-        return (lo, hi) if np.isfinite(lo) and np.isfinite(hi) else None
+        return self._prepare(checked_queries(self, X))
 
     def _validate_rows(self, X, reset):
         """Validate ``fit`` (``reset=True``) or ``partial_fit`` input without
-        copying it: a :class:`~pqsk._store.FitRows` that hands out its rows
-        chunk by chunk, in the fitted dtype, normalised for cosine.
-
-        A 2-D float or integer ndarray (a memmap included) is checked chunk
-        by chunk: its first chunk through scikit-learn's ``validate_data``
-        (the ``n_features_in_`` / feature-names contract and its errors),
-        then every chunk for NaN / infinity and for the overflow range
-        (``check_range``), in the dtype it will be computed in.  Any other
-        array-like (lists, DataFrames...) goes through ``validate_data``
-        whole, which converts it to one array first.
-        """
-        if not (isinstance(X, np.ndarray) and X.ndim == 2 and X.shape[1] > 0
-                and X.dtype.kind in "fiu" and X.dtype.itemsize <= 8):
-            X = validate_data(self, X, dtype=FLOAT_DTYPES, order="C", reset=reset)
-            dtype = X.dtype if reset else self._fit_dtype_
-            X = np.ascontiguousarray(X, dtype=dtype)
-            check_range(X, dtype=self._kernel_dtype)
-            return FitRows(X, dtype, self._unit_norm(reset),
-                           None if reset else self._rotation)
-        # The head gives validate_data's errors (too few rows, wrong width,
-        # feature names, NaN in the head) exactly as for a whole array.
-        head_rows = rows_per_chunk(X.shape[1] * 8)
-        head = validate_data(self, X[:head_rows], dtype=FLOAT_DTYPES, order="C",
-                             reset=reset)
-        dtype = head.dtype if reset else self._fit_dtype_
-        bound = range_bound(X.shape[1], np.dtype(self._kernel_dtype or dtype))
-        lo = hi = 0.0
-        for sl in chunk_slices(X.shape[0], rows_per_chunk(X.shape[1] * X.dtype.itemsize)):
-            raw = X[sl]
-            c_lo, c_hi = raw.min(), raw.max()
-            if not (np.isfinite(c_lo) and np.isfinite(c_hi)):
-                assert_all_finite(raw, estimator_name=type(self).__name__, input_name="X")
-            if raw.dtype != dtype:
-                # The range is checked in the dtype the index computes in:
-                # float64 beyond float32's range becomes inf only here.
-                with np.errstate(over="ignore"):
-                    chunk = np.asarray(raw, dtype=dtype)
-                c_lo, c_hi = chunk.min(), chunk.max()
-            lo, hi = min(lo, float(c_lo)), max(hi, float(c_hi))
-            if not max(hi, -lo) <= bound:
-                break
-        check_range(np.zeros((1, X.shape[1]), dtype), extremes=(lo, hi),
-                    dtype=self._kernel_dtype)
+        copying it (see :func:`pqsk._checks.checked_rows`): a
+        :class:`~pqsk._store.FitRows` that hands out its rows chunk by
+        chunk, in the fitted dtype, normalised for cosine."""
+        X, dtype = checked_rows(self, X, reset)
         return FitRows(X, dtype, self._unit_norm(reset), None if reset else self._rotation)
 
     def _unit_norm(self, reset):
@@ -488,17 +361,18 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
         """
         # A failed fit leaves a fitted index as it was (restore_on_error).
         with index_writer(self), index_lock(self).write(), restore_on_error(self):
-            rows, progress = self._begin_fit(X)
+            metric = resolve_metric(self.metric, self.p, self.metric_params, warn=True)[0]
+            rows, progress = self._begin_fit(X, metric)
             self._fit_index(rows, progress)
         _CHECKED_PARAMS.pop(self, None)
         release_memory()
         return self
 
-    def _begin_fit(self, X):
-        """What ``fit`` does before training: check the metric, validate X,
-        reset the row state, learn the OPQ rotation.  Returns (the rows, a
-        :class:`~pqsk._store.FitRows`, and the progress reporter)."""
-        metric = resolve_metric(self.metric, self.p, self.metric_params, warn=True)[0]
+    def _begin_fit(self, X, metric):
+        """What ``fit`` does before training, ``metric`` being the effective
+        metric: check it, validate X, reset the row state, learn the OPQ
+        rotation.  Returns (the rows, a :class:`~pqsk._store.FitRows`, and
+        the progress reporter)."""
         if self.anisotropic_threshold is not None and metric not in ("dot", "cosine"):
             raise ValueError(
                 f"anisotropic_threshold={self.anisotropic_threshold!r} needs an "
@@ -547,70 +421,52 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
             release_memory()  # after a chunked pass; not after every small batch
         return self
 
-    # -- the shard protocol ------------------------------------------------
-    # What a meta-estimator that shards an index (pqsk.dask.ShardedNeighbors)
-    # may call, and nothing else private: see "The shard protocol" in the
-    # class docstring.  Shards built from one set of trained quantizers
+    # -- the shard protocol (doc/user_guide/dask.rst, "The shard protocol") --
+    # What pqsk.dask calls: shards built from one set of trained quantizers
     # compare their raw distances and ids, so their answers merge.
 
-    # Fitted attributes that make up the trained quantizers: what
-    # ``_shard_quantizers`` hands out and ``_shard_from_quantizers`` copies
-    # (subclasses add theirs).  Every other fitted attribute describes
-    # indexed rows.
+    # Fitted attributes that make up the trained quantizers (subclasses add
+    # theirs); every other fitted attribute describes indexed rows.
     _trained_attrs = ("_fit_dtype_", "effective_metric_", "n_features_in_",
                       "feature_names_in_", "codebooks_", "rotation_",
                       "anisotropic_threshold_", "n_iter_")
 
-    def _start_empty(self):
-        """Set up the row state of an index holding no rows, its quantizers
-        trained (``_fit_index`` after training; ``_shard_from_quantizers``)."""
-        raise NotImplementedError
-
     def _shard_rows(self, X):
-        """X validated as this estimator's next ``fit`` (unfitted) or
-        ``partial_fit`` (fitted) validates it, with its errors: the rows as
-        given (an array of shape (n_rows, n_features), not converted)."""
+        """X (returned as given) validated as the next ``fit`` (unfitted)
+        or ``partial_fit`` (fitted) validates it."""
         return self._validate_rows(X, reset=not hasattr(self, "n_samples_fit_")).raw
 
     def _shard_params(self, n_rows):
-        """{parameter: value} fixing what a ``fit`` of ``n_rows`` rows would
-        resolve from the data ("auto" values of structural parameters), so
-        that quantizers trained on a sample are those of that fit."""
+        """{parameter: value} fixing what a fit of ``n_rows`` rows resolves
+        from the data."""
         return {}
 
     def _shard_sample_size(self, n_rows):
-        """How many rows a ``fit`` of ``n_rows`` rows trains on (int)."""
+        """How many rows a fit of ``n_rows`` rows trains on."""
         cap = self._max_train_samples()
         return n_rows if cap is None else min(n_rows, int(cap))
 
     def _shard_train(self, sample, n_rows, n_jobs=None):
-        """Train the quantizers on ``sample`` (array of shape (n_sample,
-        n_features): the rows a fit of ``n_rows`` rows would train on,
-        ``_shard_sample_size(n_rows)`` of them) without indexing any row;
-        return them as ``_shard_quantizers`` does.  Trained with ``n_jobs``
-        threads (None: every CPU); this estimator is not changed."""
+        """The quantizers (as ``_shard_quantizers``) a fit of ``n_rows``
+        rows trains on its training sample ``sample``, trained with
+        ``n_jobs`` threads without indexing a row; self is not changed."""
         trainer = clone(self).set_params(n_jobs=-1 if n_jobs is None else n_jobs)
         trainer._validate_params()
-        rows, progress = trainer._begin_fit(sample)
+        rows, progress = trainer._begin_fit(sample, trainer._param_metric())
         trainer._train_quantizers(rows, progress, drawn_from=n_rows)
         return trainer._shard_quantizers()
 
     def _shard_quantizers(self):
-        """{attribute: value} of the trained quantizers of this fitted
-        index (arrays by reference, to be treated as read-only), for
-        ``_shard_from_quantizers``."""
+        """{attribute: value} of the trained quantizers (arrays by
+        reference, read only)."""
         check_is_fitted(self)
         return {a: self.__dict__[a] for a in self._trained_attrs if a in self.__dict__}
 
     def _shard_from_quantizers(self, quantizers, X=None):
         """``fit(X)`` with ``quantizers`` (another index's
-        ``_shard_quantizers()``) instead of quantizers trained on X.
-
-        Indexes built so from one state compare their distances and ids.
-        X (None: no row) is validated as by ``partial_fit``, its rows get
-        ids 0, 1, ...  The structural parameters must be those the
-        quantizers were trained with.  Returns self.
-        """
+        ``_shard_quantizers()``): X (None: no row) validated as by
+        ``partial_fit``, ids 0, 1, ...; the structural parameters must be
+        those the quantizers were trained with.  Returns self."""
         with index_writer(self), index_lock(self).write(), restore_on_error(self):
             self.__dict__.update(quantizers)
             rows = None if X is None else self._validate_rows(X, reset=False)
@@ -631,48 +487,39 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
         return self
 
     def _shard_with_params(self, **params):
-        """A view of this fitted index with ``params`` (search parameters)
-        set: a shallow copy sharing every fitted array, for queries only."""
+        """A shallow copy sharing every fitted array, with ``params``
+        (search parameters) set: for queries only."""
         view = object.__new__(type(self))
         view.__dict__.update(self.__dict__)
         return view.set_params(**params)
 
     def _shard_search_params(self):
-        """{name: value} of the search parameters, validated as a query
-        validates them (its errors and warnings)."""
+        """The search parameters, validated as a query validates them."""
         self._check_params_at_call()
         return {name: getattr(self, name) for name in self._search_params}
 
     def _shard_prepare_queries(self, X):
-        """The queries X validated and prepared as ``kneighbors`` prepares
-        them (fitted dtype, C order, normalised for cosine): an array of
-        shape (n_queries, n_features), for ``_shard_search``."""
+        """X validated and prepared as ``kneighbors`` prepares queries."""
         return self._validate_queries(X)
 
     def _shard_self_queries(self):
-        """The prepared queries standing for the indexed points in id
-        order (shape (n_samples_fit_, n_features)), as ``kneighbors(X=None)``
-        makes them."""
+        """The prepared queries standing for the indexed points, in id order."""
         return np.concatenate([q for _, q in self._self_queries()])
 
     def _shard_search(self, Q, n_neighbors):
-        """(raw distances, ids) of the ``n_neighbors`` best of the prepared
-        queries Q: arrays of shape (n_queries, n_neighbors), distances in
-        ``_shard_dtype()`` before ``_shard_finish``, ids int64 (local:
-        0 .. n_samples_fit_ - 1; empty slots +inf and INT64_MAX), rows
-        sorted by (distance, id), so answers of shards merge by sorting."""
+        """(raw distances, local int64 ids) of the ``n_neighbors`` best of
+        the prepared queries Q, rows sorted by (distance, id)."""
         self._check_params_at_call()
         n_threads = max(1, min(effective_n_threads(self.n_jobs), Q.shape[0]))
         with openmp_region(n_threads):
             return self._search_refined(Q, n_neighbors, n_threads)
 
     def _shard_finish(self, dist):
-        """The distances ``kneighbors`` returns, from raw ones of
-        ``_shard_search`` (a new array; ``dist`` is not changed)."""
+        """The distances ``kneighbors`` returns, from raw ones (a copy)."""
         return self._finish_distances(np.array(dist, copy=True))
 
     def _shard_dtype(self):
-        """The dtype of the distances (the fitted float dtype)."""
+        """The dtype of the distances."""
         return self._fit_dtype_
 
     def _check_loaded_state(self):
@@ -683,31 +530,11 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
         ``set_params`` may have changed before the save.  Subclasses add
         their own arrays and the range of their floats.
         """
-        dtype = self._fit_dtype_
-        require(isinstance(dtype, np.dtype) and dtype in (np.float32, np.float64),
-                "_fit_dtype_ must be float32 or float64")
-        m, k, _ = check_codebooks(self, _quantizer.MAX_CODEWORDS)
-        require(self.codebooks_.dtype == dtype, "_fit_dtype_ differs from the codebooks' dtype")
-        d = self.n_features_in_
+        m, k = check_neighbors_state(self, _quantizer.MAX_CODEWORDS)
         self.rotation_ = self._rotation  # missing (saved before OPQ): None
         if self.rotation_ is not None:
-            _opq.check_rotation(self.rotation_, d, dtype)
-        metric = self.effective_metric_
-        require(isinstance(metric, str) and metric in METRICS, f"effective_metric_ {metric!r} is not a metric")
-        check_anisotropic_state(self, metric)
-        n = check_scalar_int(self.n_samples_fit_, "n_samples_fit_", 0, 2**62)
-        check_scalar_int(self._n_features_out, "_n_features_out", n, n + 1)
+            _opq.check_rotation(self.rotation_, self.n_features_in_, self._fit_dtype_)
         self._check_codes(m, k)
-        check_scalar_int(self.n_removed_, "n_removed_", 0, n + 1)
-        if self.removed_ is None:
-            require(self.n_removed_ == 0, "n_removed_ > 0 but removed_ is None")
-        else:
-            check_bool_mask(self.removed_, "removed_", n)
-            require(int(np.count_nonzero(self.removed_)) == self.n_removed_,
-                    "removed_ does not match n_removed_")
-        if self.vectors_ is not None:
-            self.vectors_ = checked_vectors(
-                self.vectors_, n, d, dtype, range_bound(d, np.dtype(self._kernel_dtype or dtype)))
 
     def _check_codes(self, m, k):
         check_int_array(self.codes_, "codes_", (None, m), 0, k,
@@ -909,29 +736,15 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
         n_neighbors = check_n_neighbors(n_neighbors)
         query_is_train = X is None
         if query_is_train:
-            if self.n_removed_:
-                raise ValueError(
-                    "kneighbors(X=None) queries every indexed point, but "
-                    f"{self.n_removed_} were removed; pass the query points as X."
-                )
-            n_neighbors += 1
+            check_self_query(self.n_removed_, "kneighbors")
             n_queries = self.n_samples_fit_
         else:
             Q = self._validate_queries(X)
             n_queries = Q.shape[0]
         flt = check_filter(filter, self.n_samples_fit_, n_queries)
-        n_fit = self._n_live
-        if n_neighbors > n_fit:
-            if query_is_train:
-                raise ValueError(
-                    f"Expected n_neighbors < n_samples_fit, but n_neighbors = "
-                    f"{n_neighbors - 1}, n_samples_fit = {n_fit}, n_samples = "
-                    f"{n_queries}"
-                )
-            raise ValueError(
-                f"Expected n_neighbors <= n_samples_fit, but n_neighbors = "
-                f"{n_neighbors}, n_samples_fit = {n_fit}, n_samples = {n_queries}"
-            )
+        check_enough_points(n_neighbors, self._n_live, n_queries, query_is_train)
+        if query_is_train:
+            n_neighbors += 1  # each point finds itself, dropped below
         # One thread per query at most: a parallel region for a handful of
         # queries costs more than it saves, badly so on a busy machine.
         n_threads = max(1, min(effective_n_threads(self.n_jobs), n_queries))

@@ -11,9 +11,10 @@ from sklearn.base import (
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from . import _growable, _opq, _quantizer
-from ._base import FLOAT_DTYPES, BasePQNeighbors
-from ._checks import (check_anisotropic_state, check_codebooks, check_float_array,
-                      check_int_array, check_range, check_scalar_int, require)
+from ._base import BasePQNeighbors
+from ._checks import (FLOAT_DTYPES, check_anisotropic_state, check_codebooks,
+                      check_float_array, check_int_array, check_range, check_scalar_int,
+                      require)
 from ._persist import IndexIOMixin
 from ._training import PQParamsMixin
 from ._utils import Progress, effective_n_threads, range_bound

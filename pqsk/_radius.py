@@ -13,7 +13,7 @@ import numpy as np
 from scipy import sparse
 from sklearn.utils.validation import check_is_fitted
 
-from ._checks import check_graph_mode
+from ._checks import check_graph_mode, check_self_query
 from ._filter import check_filter
 from ._utils import effective_n_threads, index_lock, openmp_region
 
@@ -116,10 +116,7 @@ class RadiusNeighborsMixin:
             raise ValueError("return_distance must be True if sort_results is True.")
         query_is_train = X is None
         if query_is_train:
-            if self.n_removed_:
-                raise ValueError(
-                    "radius_neighbors(X=None) queries every indexed point, but "
-                    f"{self.n_removed_} were removed; pass the query points as X.")
+            check_self_query(self.n_removed_, "radius_neighbors")
             n_queries = self.n_samples_fit_
             parts = self._self_queries()
         else:

@@ -143,6 +143,19 @@ class PQParamsMixin:
                  f"{errors[-1]:.6g} on the sample")
         return R
 
+    def _train_quantizers(self, X, progress, drawn_from=None):
+        """Set the trained quantizers (the ``_trained_attrs`` a fit sets
+        after ``_begin_fit``: here the codebooks) from X, the prepared rows
+        (a :class:`~pqsk._store.FitRows`).  Estimators with more
+        quantizers (IVF's coarse centroids) override it.
+
+        ``drawn_from``: None, or X is the training sample a fit of
+        ``drawn_from`` rows draws (the shard protocol's ``_shard_train``);
+        an estimator whose fit draws its sample from the random stream
+        repeats that draw, so that the stream continues as in that fit.
+        """
+        self.codebooks_ = self._fit_codebooks(X, progress)
+
     def _anisotropic_kw(self):
         """Keyword arguments of the ``_quantizer`` encoders: the fitted
         anisotropic threshold (see :mod:`pqsk._anisotropic`), if any."""

@@ -39,7 +39,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import _quantizer
 from ._base import BasePQNeighbors
-from ._checks import check_n_neighbors, checked_remove_ids
+from ._checks import (check_enough_points, check_n_neighbors, check_self_query,
+                      checked_remove_ids)
 from ._persist import load as _load_index
 from ._persist import write_json_atomic
 from ._segments import merge_topk
@@ -626,20 +627,10 @@ class ShardedNeighbors(BaseEstimator):
         if n_neighbors is None:
             n_neighbors = view.n_neighbors
         n_neighbors = check_n_neighbors(n_neighbors)
-        n_fit = self.n_samples_fit_ - self.n_removed_
         if query_is_train:
-            if self.n_removed_:
-                raise ValueError(
-                    "kneighbors(X=None) queries every indexed point, but "
-                    f"{self.n_removed_} were removed; pass the query points as X.")
-            if n_neighbors + 1 > n_fit:
-                raise ValueError(
-                    f"Expected n_neighbors < n_samples_fit, but n_neighbors = "
-                    f"{n_neighbors}, n_samples_fit = {n_fit}, n_samples = {n_queries}")
-        elif n_neighbors > n_fit:
-            raise ValueError(
-                f"Expected n_neighbors <= n_samples_fit, but n_neighbors = "
-                f"{n_neighbors}, n_samples_fit = {n_fit}, n_samples = {n_queries}")
+            check_self_query(self.n_removed_, "kneighbors")
+        check_enough_points(n_neighbors, self.n_samples_fit_ - self.n_removed_, n_queries,
+                            query_is_train)
         return n_neighbors
 
     def _fan_out(self, Q, n_neighbors, params):
