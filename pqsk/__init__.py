@@ -2,7 +2,8 @@
 
 from ._hnswpq import HNSWPQNeighbors
 from ._ivfpq import IVFPQNeighbors
-from ._persist import IndexFormatError, load
+from ._checks import IndexFormatError
+from ._persist import load
 from ._pq import PQNeighbors, PQTransformer
 from ._tune import tune_search
 from ._version import __version__

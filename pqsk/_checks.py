@@ -15,11 +15,11 @@ Each check raises ``ValueError`` or ``TypeError`` on failure:
   files (``require``, ``check_scalar_int``, ``check_int_array``,
   ``check_float_array``, ``check_bool_mask``, ``check_codebooks``,
   ``check_anisotropic_state``, ``checked_vectors``,
-  ``check_neighbors_state``), whose errors
-  ``load`` turns into :class:`pqsk.IndexFormatError`.  Two of them also
-  normalise what files of older versions hold: ``check_anisotropic_state``
-  sets a missing threshold to None, ``checked_vectors`` wraps an array in
-  a row store.
+  ``check_neighbors_state``), whose errors ``load`` turns into
+  :class:`IndexFormatError` (``pqsk.IndexFormatError``, the error of every
+  unreadable file).  Two of them also normalise what files of older
+  versions hold: ``check_anisotropic_state`` sets a missing threshold to
+  None, ``checked_vectors`` wraps an array in a row store.
 
 The module imports nothing from pqsk but the row store and the range bound.
 Checks that read an estimator use only its fitted attributes and the class
@@ -76,6 +76,10 @@ def resolve_metric(metric, p=2, metric_params=None, warn=False):
 
 # float16 and integer input are computed in float32; float64 stays float64.
 FLOAT_DTYPES = [np.float32, np.float64]
+
+
+class IndexFormatError(ValueError):
+    """A saved index is unreadable, corrupted, or not what was asked for."""
 
 
 def require(cond, msg):
