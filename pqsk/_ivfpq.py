@@ -560,9 +560,12 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         return {"n_lists": self._resolve_n_lists(n_rows)}
 
     def _shard_sample_size(self, n_rows):
+        # The cap of _train_quantizers' sample.
         if self.max_train_samples == "auto":
-            return min(n_rows, POINTS_PER_LIST * self._resolve_n_lists(n_rows))
-        return super()._shard_sample_size(n_rows)
+            cap = POINTS_PER_LIST * self._resolve_n_lists(n_rows)
+        else:
+            cap = self.max_train_samples
+        return n_rows if cap is None else min(n_rows, cap)
 
     def _shard_search_params(self):
         params = super()._shard_search_params()

@@ -341,3 +341,21 @@ def test_train_n_jobs_on_the_cluster(client, coarse):
         with pytest.raises(ValueError, match="train_n_jobs"):
             ShardedNeighbors(ivf(), train_n_jobs=bad).fit(chunks)
     assert n_graphs(client) == before
+
+
+@pytest.mark.parametrize("max_train_samples", ["auto", None, 500, 100_000])
+@pytest.mark.parametrize("n", [300, 5000, 200_000])
+def test_shard_sample_size_is_what_a_fit_trains_on(max_train_samples, n):
+    # "auto": 256 rows per codeword (PQ, HNSW), per list (IVF); else the cap.
+    cap = {"auto": None, None: n}.get(max_train_samples, max_train_samples)
+    for est, auto in [(PQNeighbors(n_subspaces=4, n_codewords=16), 256 * 16),
+                      (HNSWPQNeighbors(n_subspaces=4, n_codewords=8), 256 * 8),
+                      (ivf(), 256 * 16)]:
+        est.set_params(max_train_samples=max_train_samples)
+        expected = min(n, auto if cap is None else cap)
+        assert est._shard_sample_size(n) == expected, type(est).__name__
+    # n_lists="auto": as a fit of n rows resolves it.
+    est = ivf(max_train_samples=max_train_samples).set_params(n_lists="auto")
+    assert est._shard_params(n) == {"n_lists": est._resolve_n_lists(n)}
+    if max_train_samples == "auto":
+        assert est._shard_sample_size(n) == min(n, 256 * est._resolve_n_lists(n))
