@@ -63,6 +63,7 @@ from ._utils import (
 # outside ``__dict__``, so that pickling, cloning and saving never see it).
 _CHECKED_PARAMS = weakref.WeakKeyDictionary()
 
+
 class RemovalMixin:
     """``remove(ids)`` for indexes whose ids are stable (IVF, HNSW)."""
 
