@@ -152,7 +152,7 @@ def main():
             # The training alone (the sharded build's training task, here on
             # one thread), on a sample of the size both builds draw.
             sample = X[np.sort(np.random.RandomState(1).choice(
-                n, ShardedNeighbors(est)._sample_size(clone(est), n), replace=False))]
+                n, clone(est)._shard_sample_size(n), replace=False))]
             t = time.perf_counter()
             _train(clone(est).set_params(n_lists=single.n_lists_)
                    if hasattr(single, "n_lists_") else clone(est), 1, n, sample)

@@ -56,7 +56,7 @@ print("rows per shard:", index.shard_sizes_)
 # %%
 # One index of all the rows with the same quantizers (what the sharded index
 # equals), and a separately trained single-machine index for comparison.
-one = clone(index.template_)._fit_trained(index.template_._trained_state(), X)
+one = clone(index.template_)._shard_from_quantizers(index.template_._shard_quantizers(), X)
 single = clone(est).fit(X)
 
 probes = [1, 2, 4, 8, 16, 32]

@@ -2,11 +2,11 @@
 
 from ._hnswpq import HNSWPQNeighbors
 from ._ivfpq import IVFPQNeighbors
-from ._persist import IndexFormatError, load
+from ._checks import IndexFormatError
+from ._persist import load
 from ._pq import PQNeighbors, PQTransformer
 from ._tune import tune_search
-
-__version__ = "0.1.0.dev0"
+from ._version import __version__
 
 __all__ = [
     "HNSWPQNeighbors",

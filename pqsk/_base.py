@@ -1,14 +1,16 @@
-"""What every pqsk estimator shares: PQ parameters and the neighbors contract.
+"""The neighbors contract every pqsk search estimator shares.
 
-* :class:`PQParamsMixin` validates the product-quantization parameters and
-  fits (or accepts user-supplied) codebooks through the quantizer core.
-* :class:`BasePQNeighbors` owns input validation, the metrics, and the
-  ``kneighbors`` / ``kneighbors_graph`` / ``transform`` contract of
-  :class:`sklearn.neighbors.KNeighborsTransformer`.  Subclasses implement
-  only ``_fit_index``, ``_search`` and ``_self_queries``.
+:class:`BasePQNeighbors` owns input validation, the metrics, ``fit`` /
+``partial_fit``, and the ``kneighbors`` / ``kneighbors_graph`` /
+``transform`` contract of :class:`sklearn.neighbors.KNeighborsTransformer`
+(``radius_neighbors`` from :class:`pqsk._radius.RadiusNeighborsMixin`),
+and the shard protocol :mod:`pqsk.dask` builds on.  Estimators implement
+``_start_empty``, ``_add_rows``, ``_search``, ``_reconstruct`` and
+``_memory_parts``, and mix in the quantizer training of
+:mod:`pqsk._training`.  ``remove`` and the segment write policy of the
+indexes whose ids are stable are :class:`pqsk._segments.SegmentWritesMixin`.
 """
 
-import warnings
 from numbers import Integral, Real
 
 import numpy as np
@@ -18,417 +20,44 @@ from sklearn.base import (
     ClassNamePrefixFeaturesOutMixin,
     TransformerMixin,
     _fit_context,
+    clone,
 )
 from sklearn.preprocessing import normalize
-from sklearn.utils import assert_all_finite, check_random_state
 from sklearn.utils._param_validation import (
     Interval,
     StrOptions,
     validate_parameter_constraints,
 )
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
 from . import _growable, _opq, _quantizer
+from ._checks import (
+    METRIC_ALIASES,
+    METRICS,
+    check_enough_points,
+    check_graph_mode,
+    check_int_array,
+    check_n_neighbors,
+    check_neighbors_state,
+    check_self_query,
+    checked_queries,
+    checked_rows,
+    resolve_metric,
+)
 from ._filter import check_filter
-from ._persist import check_int_array, require
+from ._radius import RadiusNeighborsMixin
 from ._runtime import index_lock, index_writer, runtime
 from ._store import FitRows, RowStore, chunk_slices, rows_per_chunk
 from ._utils import (
     Progress,
     effective_n_threads,
     openmp_region,
-    range_bound,
     release_memory,
     restore_on_error,
 )
 
-METRICS = ("euclidean", "sqeuclidean", "cosine", "dot")
-
-# scikit-learn's names for the Euclidean distance, accepted as ``metric``:
-# "l2" always, "minkowski" with p=2 (``p``, or ``metric_params["p"]``).
-METRIC_ALIASES = ("l2", "minkowski")
-
-
-def resolve_metric(metric, p=2, metric_params=None, warn=False):
-    """(effective metric, effective metric params) of the ``metric``,
-    ``p`` and ``metric_params`` parameters, as
-    :class:`sklearn.neighbors.NearestNeighbors` sets ``effective_metric_``
-    and ``effective_metric_params_``: ``"minkowski"`` with p=2 is
-    ``"euclidean"`` (the p in ``metric_params`` wins over ``p``, with a
-    warning when ``warn``), and ``"l2"`` is ``"euclidean"`` too (scikit-learn keeps the
-    name "l2"; pqsk's kernels know one name per metric).  Every pqsk metric
-    is one of squared L2 or the inner product, so the effective parameters
-    are always empty; other values raise ValueError.
-    """
-    params = {} if metric_params is None else dict(metric_params)
-    if warn and "p" in params and p is not None:
-        warnings.warn("Parameter p is found in metric_params. The corresponding "
-                      "parameter from __init__ is ignored.", SyntaxWarning, stacklevel=4)
-    p_eff = params.pop("p", p)
-    if params:
-        raise ValueError(
-            f"metric_params {sorted(params)} are not supported: pqsk's metrics "
-            f"{METRICS} take no parameters (metric='minkowski' takes p=2 only).")
-    if metric == "minkowski":
-        if p_eff != 2:
-            raise ValueError(
-                f"metric='minkowski' is supported with p=2 (the Euclidean distance) "
-                f"only, got p={p_eff!r}: product quantization approximates L2 "
-                "distances and inner products.")
-        return "euclidean", {}
-    if metric == "l2":
-        return "euclidean", {}
-    return metric, {}
-
-
-# float16 and integer input are computed in float32; float64 stays float64.
-FLOAT_DTYPES = [np.float32, np.float64]
-
-
-def check_range(X, extremes=None, dtype=None, name="X"):
-    """Reject values whose squared distances would overflow.
-
-    Distances sum D squared differences of up to twice the largest value:
-    past ``sqrt(max / (4 D))`` they become inf and every ranking is
-    meaningless, so the data must be scaled (or given as float64) first.
-    ``extremes``: (X.min(), X.max()) when the caller has them already;
-    ``dtype``: the dtype the distances are computed in, when it is not
-    X's own (HNSW builds and walks its graph in float32).
-    """
-    if X.size == 0:
-        return X
-    lo, hi = (X.min(), X.max()) if extremes is None else extremes  # no |X| temporary
-    work = X.dtype if dtype is None else np.dtype(dtype)
-    bound = range_bound(int(X.shape[1]), work)
-    peak = max(float(hi), -float(lo))
-    if not peak <= bound:  # NaN fails too
-        raise ValueError(
-            f"{name} has values up to {peak:.3g}; with {X.shape[1]} features, squared "
-            f"distances in {work} overflow past {bound:.3g}. Scale the data down"
-            + (" or pass float64." if work == np.float32 and dtype is None else ".")
-        )
-    return X
-
-
-def check_anisotropic_state(est, metric=None):
-    """Validate a loaded ``anisotropic_threshold_``; files written before
-    it existed have none: None (the k-means loss) is set."""
-    t = est.__dict__.setdefault("anisotropic_threshold_", None)
-    require(t is None or (isinstance(t, float) and np.isfinite(t) and t > 0),
-            "anisotropic_threshold_ must be None or a finite float > 0")
-    require(t is None or metric in (None, "dot", "cosine"),
-            "anisotropic_threshold_ is set for an L2 metric")
-
-
-class PQParamsMixin:
-    """Product-quantization parameters shared by every estimator."""
-
-    _pq_parameter_constraints = {
-        "n_subspaces": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
-        "n_codewords": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
-        "init": [StrOptions({"random", "k-means++"})],
-        "max_iter": [Interval(Integral, 1, None, closed="left")],
-        "n_init": [Interval(Integral, 1, None, closed="left")],
-        "tol": [Interval(Real, 0, None, closed="left")],
-        "max_train_samples": [
-            Interval(Integral, 1, None, closed="left"),
-            StrOptions({"auto"}),
-            None,
-        ],
-        "codebooks": ["array-like", None],
-        "rotation": [StrOptions({"opq"}), None],
-        "n_jobs": [Interval(Integral, None, -1, closed="right"),
-                   Interval(Integral, 1, None, closed="left"), None],
-        "random_state": ["random_state"],
-        "verbose": ["verbose"],
-        "anisotropic_threshold": [Interval(Real, 0, None, closed="neither"), None],
-    }
-
-    def _max_train_samples(self):
-        if self.max_train_samples == "auto":
-            return 256 * self._codewords_cap()
-        return self.max_train_samples
-
-    def _codewords_cap(self):
-        """k before the training sample is known: ``n_codewords``, 256 for
-        "auto" (or the supplied codebooks' k)."""
-        if self.n_codewords != "auto":
-            return self.n_codewords
-        if self.codebooks is not None and np.ndim(self.codebooks) == 3:
-            return np.shape(self.codebooks)[1]
-        return _quantizer.AUTO_CODEWORDS
-
-    def _pq_shape(self, n_features, n_train):
-        """(m, k) for rows of ``n_features`` features trained on ``n_train``
-        rows: the parameters, with "auto" resolved (see
-        :func:`pqsk._quantizer.auto_n_subspaces` and ``AUTO_CODEWORDS``;
-        the supplied codebooks' shape when there are some).  Raises
-        ValueError for m > n_features or k > 65536."""
-        supplied = self.codebooks is not None and np.ndim(self.codebooks) == 3
-        k = self._codewords_cap()
-        if self.n_codewords == "auto" and not supplied:
-            k = max(1, min(k, n_train // 2))  # k-means with 2+ rows per codeword
-        if self.n_subspaces != "auto":
-            m = self.n_subspaces
-        elif supplied:
-            m = np.shape(self.codebooks)[0]
-        else:
-            m = _quantizer.auto_n_subspaces(n_features, self._codewords_cap())
-        _quantizer.check_subspaces(n_features, m)
-        _quantizer.check_codewords(k, np.inf)
-        return int(m), int(k)
-
-    def _check_user_codebooks(self, n_features, dtype, shape):
-        cb = np.asarray(self.codebooks)
-        if cb.dtype.kind not in "fiu":
-            raise TypeError(f"codebooks must be a numeric array, got dtype {cb.dtype}.")
-        m, k = shape
-        expected = (m, k, -(-n_features // m))
-        if cb.shape != expected:
-            raise ValueError(
-                "codebooks must have shape (n_subspaces, n_codewords, "
-                f"ceil(n_features / n_subspaces)) = {expected} for X with {n_features} "
-                f"features, got {cb.shape}."
-            )
-        with np.errstate(over="ignore"):
-            cb = np.array(cb, dtype=dtype, order="C", copy=True)
-        # Columns beyond a sub-space's width (m not dividing n_features)
-        # are not part of any codeword.
-        _quantizer.zero_padding(cb, n_features)
-        # Checked after the cast: float64 values beyond float32's range
-        # become inf only then.
-        if not np.all(np.isfinite(cb)):
-            raise ValueError(f"codebooks contain NaN or infinity (in {cb.dtype}).")
-        check_range(cb.reshape(-1, cb.shape[2]), name="codebooks",
-                    dtype=getattr(self, "_kernel_dtype", None))
-        return cb
-
-    def _fit_rotation(self, X, progress):
-        """The OPQ rotation learned on a training sample of X (prepared
-        rows, an array or a :class:`~pqsk._store.FitRows`), or None for
-        ``rotation=None``.  See :mod:`pqsk._opq` for the cost."""
-        if self.rotation is None:
-            return None
-        if self.codebooks is not None:
-            raise ValueError("rotation='opq' learns the codebooks with the rotation; it "
-                             "cannot be combined with codebooks=... (set one to None).")
-        d = X.shape[1]
-        self._pq_shape(d, X.shape[0])  # m and k checked before the sample is drawn
-        rng = check_random_state(self.random_state)
-        sample = _quantizer.training_sample(X, self._max_train_samples(), rng)
-        m, k = self._pq_shape(d, sample.shape[0])
-        _quantizer.check_codewords(k, sample.shape[0])
-        progress(f"learning the OPQ rotation on {sample.shape[0]} x {d} rows")
-        R, _, errors = _opq.train_opq(
-            sample, m, k, init=self.init,
-            max_iter=self.max_iter, n_init=self.n_init, tol=self.tol, random_state=rng,
-            n_threads=effective_n_threads(self.n_jobs), progress=progress)
-        progress(f"OPQ rotation learned: reconstruction error {errors[0]:.6g} -> "
-                 f"{errors[-1]:.6g} on the sample")
-        return R
-
-    def _anisotropic_kw(self):
-        """Keyword arguments of the ``_quantizer`` encoders: the fitted
-        anisotropic threshold (see :mod:`pqsk._anisotropic`), if any."""
-        t = getattr(self, "anisotropic_threshold_", None)
-        return {} if t is None else {"threshold": t}
-
-    def _fit_codebooks(self, X, progress, directions=None, shape=None):
-        """Train the codebooks on (a sample of) X, or take the user's.
-
-        Sets ``n_iter_``, the most Lloyd iterations any sub-space ran (0
-        for supplied codebooks), and ``anisotropic_threshold_``, and
-        returns the codebooks.  With ``anisotropic_threshold`` the k-means
-        codebooks are refined for the anisotropic loss, whose directions
-        are the rows of ``directions`` (default X; IVF passes the rows
-        whose residuals X holds, X then being the whole sample).
-        ``shape``: the (m, k) to train (``refit_codebooks`` keeps the
-        fitted ones); default the parameters' (see ``_pq_shape``).
-        """
-        threshold = getattr(self, "anisotropic_threshold", None)
-        self.anisotropic_threshold_ = None if threshold is None else float(threshold)
-        n, d = X.shape
-        m, k = self._pq_shape(d, n) if shape is None else shape
-        if self.codebooks is not None:
-            progress("using the supplied codebooks")
-            self.n_iter_ = 0
-            return self._check_user_codebooks(d, X.dtype, (m, k))
-        rng = check_random_state(self.random_state)
-        if directions is None:
-            sample = _quantizer.training_sample(X, self._max_train_samples(), rng)
-        else:  # the same rows of both (as training_sample draws them)
-            rows = _quantizer.sample_rows(n, self._max_train_samples(), rng)
-            sample = _quantizer.gather_rows(X, rows)
-            directions = _quantizer.gather_rows(directions, rows)
-        if shape is None:
-            m, k = self._pq_shape(d, sample.shape[0])  # "auto": k <= the sample's rows
-        _quantizer.check_codewords(k, sample.shape[0])
-        progress(
-            f"training {m} x KMeans({k}) on {sample.shape[0]} x "
-            + (f"{d // m}" if d % m == 0 else f"{d // m}-{d // m + 1}") + " sub-vectors"
-        )
-        with progress.bar(m, "codebooks", unit="sub-spaces") as bar:
-            def subspace_done(msg, level=1):  # called once per sub-space trained
-                bar.update()
-                progress(msg, level)
-
-            codebooks, n_iter = _quantizer.train_codebooks(
-                sample,
-                m,
-                k,
-                init=self.init,
-                max_iter=self.max_iter,
-                n_init=self.n_init,
-                tol=self.tol,
-                random_state=rng,
-                n_threads=effective_n_threads(self.n_jobs),
-                progress=subspace_done,
-            )
-        self.n_iter_ = int(n_iter.max())
-        progress(f"codebooks trained (at most {self.n_iter_} KMeans iterations)")
-        if threshold is not None:
-            from ._anisotropic import train_anisotropic
-
-            codebooks, losses = train_anisotropic(
-                sample, m, k, float(threshold),
-                directions=directions, codebooks=codebooks, progress=progress,
-                n_threads=effective_n_threads(self.n_jobs))
-            progress(f"anisotropic codebooks: mean loss {losses[0]:.4g} -> "
-                     f"{losses[-1]:.4g} in {len(losses) - 1} iterations")
-        release_memory()  # training's temporaries, before the index is built
-        return codebooks
-
-
-class RefitMixin:
-    """``refit_codebooks``: retrain the codebooks on a fresh sample and
-    re-encode every stored vector from its raw vector (data drift).
-
-    Estimators implement ``_refit_training_rows(sample)`` (the rows the
-    codebooks are trained on) and ``_refit_state(codebooks, recode,
-    progress)``, which returns (new attributes, names of growable buffers
-    they replace); ``recode(ids, offset=None)`` encodes the prepared raw
-    rows of ``ids`` (minus ``offset(rows)``, e.g. the coarse centroids of
-    their lists), reading them in id order a chunk at a time.
-    """
-
-    def refit_codebooks(self, X_sample, X=None):
-        """Retrain the codebooks on a fresh sample and re-encode every stored
-        vector, segment by segment.
-
-        For data drift (the seed article's last section): when the vectors
-        added since ``fit`` no longer look like the training sample, the
-        codebooks fit them worse and recall drops.  Everything but the codes
-        stays as it is: ids, tombstones, the segment layout, and the coarse
-        cells (IVF) or the graph links (HNSW).  Rows are re-encoded from the
-        raw vectors: ``vectors_`` (kept when fitted with ``refine_factor >
-        0``), or ``X``, every indexed row in id order (e.g. the memmap the
-        index was built from, grown by the appends).
-
-        Cost: training as in ``fit`` (``n_subspaces`` k-means on at most
-        ``max_train_samples`` rows of the sample), then one pass that reads
-        each stored row (``n_features`` floats, gathered by id, a chunk at a
-        time) and encodes it: ``fit``'s encoding pass, without the coarse
-        assignment or the graph build.  The new codes are built beside the
-        old ones (``n_subspaces`` bytes per stored vector of extra memory)
-        while queries go on with the old codebooks; the switch to the new
-        codebooks and codes takes the write lock only for a pointer swap.
-        Appends and removals wait for the refit.
-
-        Parameters
-        ----------
-        X_sample : array-like of shape (n_train, n_features)
-            Training rows (for example a random sample of recent data).
-        X : array-like of shape (``n_samples_fit_``, n_features), default=None
-            The indexed rows, row i being id i (removed ids' rows are not
-            read); needed when the index keeps no raw vectors.
-
-        Returns
-        -------
-        self : object
-        """
-        check_is_fitted(self)
-        if self.codebooks is not None:
-            raise ValueError("refit_codebooks trains codebooks; this estimator was given "
-                             "fixed ones (codebooks=...). Set codebooks=None first.")
-        self._check_params_at_call()  # structural parameters changed after fit
-        n_threads = effective_n_threads(self.n_jobs)
-        progress = Progress(self.verbose, type(self).__name__)
-        with index_writer(self):
-            with index_lock(self).read(), openmp_region(n_threads):
-                state, replaced = self._refit(X_sample, X, n_threads, progress)
-            with index_lock(self).write():
-                for name in replaced:
-                    _growable.discard(self, name)
-                self.__dict__.update(state)
-        release_memory()
-        return self
-
-    def _refit(self, X_sample, X, n_threads, progress):
-        sample = np.asarray(self._validate_rows(X_sample, reset=False))
-        if X is not None:
-            source = self._validate_rows(X, reset=False)
-            if source.shape[0] != self.n_samples_fit_:
-                raise ValueError(
-                    f"X must hold the {self.n_samples_fit_} indexed rows in id order, "
-                    f"got {source.shape[0]} rows.")
-        elif self.vectors_ is not None:
-            source = FitRows(self.vectors_, self._fit_dtype_,
-                             self.effective_metric_ == "cosine", self._rotation)
-        else:
-            raise ValueError(
-                "refit_codebooks re-encodes from the raw vectors, which this index does "
-                "not keep (refine_factor=0 at fit): pass X, the indexed rows in id order.")
-        rows = self._refit_training_rows(sample)
-        old_iter = self.n_iter_
-        try:
-            codebooks = self._fit_codebooks(
-                rows, progress, directions=None if rows is sample else sample,
-                shape=self.codebooks_.shape[:2])
-            n_iter = self.n_iter_
-        finally:
-            self.n_iter_ = old_iter  # set with the rest, at the switch
-        del rows, sample
-
-        def recode(ids, offset=None):
-            out = np.empty((ids.shape[0], codebooks.shape[0]),
-                           dtype=_quantizer.code_dtype(codebooks.shape[1]))
-            order = np.argsort(ids, kind="stable")  # read the source in id order
-            for sl in chunk_slices(ids.shape[0], source.chunk_rows()):
-                rows = order[sl]
-                part = raw = source.take(ids[rows])
-                if offset is not None:
-                    part = part - offset(rows)
-                out[rows] = _quantizer.encode(part, codebooks, n_threads, directions=raw,
-                                              **self._anisotropic_kw())
-            return out
-
-        state, replaced = self._refit_state(codebooks, recode, progress)
-        state.update(codebooks_=codebooks, n_iter_=n_iter)
-        return state, replaced
-
-
-def _check_graph_mode(mode):
-    """The ``mode`` of ``kneighbors_graph`` / ``radius_neighbors_graph``,
-    refused as scikit-learn refuses it."""
-    if mode not in ("connectivity", "distance"):
-        raise ValueError(
-            'Unsupported mode, must be one of "connectivity", or "distance" '
-            f'but got "{mode}" instead'
-        )
-
-
-def _check_n_neighbors(n_neighbors):
-    if not isinstance(n_neighbors, (Integral, np.integer)) or isinstance(n_neighbors, bool):
-        raise TypeError(
-            f"n_neighbors does not take {type(n_neighbors).__name__} value, enter "
-            "an integer value."
-        )
-    if n_neighbors <= 0:
-        raise ValueError(f"Expected n_neighbors > 0. Got {n_neighbors}.")
-    return int(n_neighbors)
-
-
-class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin,
+                      BaseEstimator):
     """The neighbors contract shared by pqsk's search estimators.
 
     Memory model of ``fit`` and ``partial_fit`` (out-of-core input): X is
@@ -480,6 +109,11 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
     form finds 0.35.  (:class:`IVFPQNeighbors` with
     ``anisotropic_threshold`` ranks cosine candidates by the inner
     product, ``1 - <q, x_hat>``, whose error that loss bounds.)
+
+    The shard protocol: the ``_shard_*`` methods (one section below) are
+    what a meta-estimator holding one index per shard (:mod:`pqsk.dask`)
+    may call; doc/user_guide/dask.rst ("The shard protocol") describes
+    them together, with shapes and dtypes.
     """
 
     _neighbors_parameter_constraints = {
@@ -502,8 +136,15 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
 
     # -- subclass hooks -------------------------------------------------
     def _fit_index(self, X, progress):
-        """Train the quantizers on validated, metric-prepared X and index it
-        (typically through ``_add_rows``)."""
+        """Train the quantizers on validated, metric-prepared X (a
+        :class:`~pqsk._store.FitRows`) and index it."""
+        self._train_quantizers(X, progress)
+        self._start_empty()
+        self._add_rows(X, effective_n_threads(self.n_jobs), progress)
+
+    def _start_empty(self):
+        """Set up the row state of an index holding no rows, its quantizers
+        trained (``_fit_index`` after training; ``_shard_from_quantizers``)."""
         raise NotImplementedError
 
     def _add_rows(self, X, n_threads, progress):
@@ -614,73 +255,17 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             check_is_fitted(self)
 
     def _validate_queries(self, X):
+        """The queries X validated (see :func:`pqsk._checks.checked_queries`)
+        and prepared for the metric."""
         self._check_fitted()
-        extremes = self._clean_query_extremes(X)
-        if extremes is None:
-            X = validate_data(self, X, dtype=FLOAT_DTYPES, order="C", reset=False)
-            X = np.ascontiguousarray(X, dtype=self._fit_dtype_)
-        return self._prepare(check_range(X, extremes, dtype=self._kernel_dtype))
-
-    def _clean_query_extremes(self, X):
-        """(min, max) of input ``validate_data`` would pass through unchanged
-        (a finite, C-contiguous 2-D ndarray of the fitted dtype and width,
-        from an estimator fitted without feature names), else None.  Such
-        queries skip scikit-learn's generic checks (about 100 us a call);
-        anything else, including every error case, goes through
-        ``validate_data``."""
-        if not (type(X) is np.ndarray and X.ndim == 2 and X.shape[0] > 0
-                and X.dtype == self._fit_dtype_ and X.flags.c_contiguous
-                and X.shape[1] == self.n_features_in_
-                and not hasattr(self, "feature_names_in_")):
-            return None
-        lo, hi = X.min(), X.max()
-        return (lo, hi) if np.isfinite(lo) and np.isfinite(hi) else None
+        return self._prepare(checked_queries(self, X))
 
     def _validate_rows(self, X, reset):
         """Validate ``fit`` (``reset=True``) or ``partial_fit`` input without
-        copying it: a :class:`~pqsk._store.FitRows` that hands out its rows
-        chunk by chunk, in the fitted dtype, normalised for cosine.
-
-        A 2-D float or integer ndarray (a memmap included) is checked chunk
-        by chunk: its first chunk through scikit-learn's ``validate_data``
-        (the ``n_features_in_`` / feature-names contract and its errors),
-        then every chunk for NaN / infinity and for the overflow range
-        (``check_range``), in the dtype it will be computed in.  Any other
-        array-like (lists, DataFrames...) goes through ``validate_data``
-        whole, which converts it to one array first.
-        """
-        if not (isinstance(X, np.ndarray) and X.ndim == 2 and X.shape[1] > 0
-                and X.dtype.kind in "fiu" and X.dtype.itemsize <= 8):
-            X = validate_data(self, X, dtype=FLOAT_DTYPES, order="C", reset=reset)
-            dtype = X.dtype if reset else self._fit_dtype_
-            X = np.ascontiguousarray(X, dtype=dtype)
-            check_range(X, dtype=self._kernel_dtype)
-            return FitRows(X, dtype, self._unit_norm(reset),
-                           None if reset else self._rotation)
-        # The head gives validate_data's errors (too few rows, wrong width,
-        # feature names, NaN in the head) exactly as for a whole array.
-        head_rows = rows_per_chunk(X.shape[1] * 8)
-        head = validate_data(self, X[:head_rows], dtype=FLOAT_DTYPES, order="C",
-                             reset=reset)
-        dtype = head.dtype if reset else self._fit_dtype_
-        bound = range_bound(X.shape[1], np.dtype(self._kernel_dtype or dtype))
-        lo = hi = 0.0
-        for sl in chunk_slices(X.shape[0], rows_per_chunk(X.shape[1] * X.dtype.itemsize)):
-            raw = X[sl]
-            c_lo, c_hi = raw.min(), raw.max()
-            if not (np.isfinite(c_lo) and np.isfinite(c_hi)):
-                assert_all_finite(raw, estimator_name=type(self).__name__, input_name="X")
-            if raw.dtype != dtype:
-                # The range is checked in the dtype the index computes in:
-                # float64 beyond float32's range becomes inf only here.
-                with np.errstate(over="ignore"):
-                    chunk = np.asarray(raw, dtype=dtype)
-                c_lo, c_hi = chunk.min(), chunk.max()
-            lo, hi = min(lo, float(c_lo)), max(hi, float(c_hi))
-            if not max(hi, -lo) <= bound:
-                break
-        check_range(np.zeros((1, X.shape[1]), dtype), extremes=(lo, hi),
-                    dtype=self._kernel_dtype)
+        copying it (see :func:`pqsk._checks.checked_rows`): a
+        :class:`~pqsk._store.FitRows` that hands out its rows chunk by
+        chunk, in the fitted dtype, normalised for cosine."""
+        X, dtype = checked_rows(self, X, reset)
         return FitRows(X, dtype, self._unit_norm(reset), None if reset else self._rotation)
 
     def _unit_norm(self, reset):
@@ -709,27 +294,35 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         # A failed fit leaves a fitted index as it was (restore_on_error).
         with index_writer(self), index_lock(self).write(), restore_on_error(self):
             metric = resolve_metric(self.metric, self.p, self.metric_params, warn=True)[0]
-            if self.anisotropic_threshold is not None and metric not in ("dot", "cosine"):
-                raise ValueError(
-                    f"anisotropic_threshold={self.anisotropic_threshold!r} needs an "
-                    f"inner-product metric ('dot' or 'cosine'), got metric="
-                    f"{self.metric!r}; set anisotropic_threshold=None for L2 metrics.")
-            rows = self._validate_rows(X, reset=True)
-            progress = Progress(self.verbose, type(self).__name__)
-            self._fit_dtype_ = rows.dtype
-            self.effective_metric_ = metric
-            self.n_samples_fit_ = 0
-            self.n_removed_ = 0
-            self.removed_ = None
-            # Raw vectors are kept, for good, when fitted with re-ranking.
-            self.vectors_ = (RowStore.empty(rows.shape[1], rows.dtype)
-                             if self.refine_factor > 0 else None)
-            # OPQ: every row is encoded, and every query searched, as x @ R.
-            self.rotation_ = rows.rotation = self._fit_rotation(rows, progress)
+            rows, progress = self._begin_fit(X, metric)
             self._fit_index(rows, progress)
         runtime(self).checked_params = None
         release_memory()
         return self
+
+    def _begin_fit(self, X, metric):
+        """What ``fit`` does before training, ``metric`` being the effective
+        metric: check it, validate X, reset the row state, learn the OPQ
+        rotation.  Returns (the rows, a :class:`~pqsk._store.FitRows`, and
+        the progress reporter)."""
+        if self.anisotropic_threshold is not None and metric not in ("dot", "cosine"):
+            raise ValueError(
+                f"anisotropic_threshold={self.anisotropic_threshold!r} needs an "
+                f"inner-product metric ('dot' or 'cosine'), got metric="
+                f"{self.metric!r}; set anisotropic_threshold=None for L2 metrics.")
+        rows = self._validate_rows(X, reset=True)
+        progress = Progress(self.verbose, type(self).__name__)
+        self._fit_dtype_ = rows.dtype
+        self.effective_metric_ = metric
+        self.n_samples_fit_ = 0
+        self.n_removed_ = 0
+        self.removed_ = None
+        # Raw vectors are kept, for good, when fitted with re-ranking.
+        self.vectors_ = (RowStore.empty(rows.shape[1], rows.dtype)
+                         if self.refine_factor > 0 else None)
+        # OPQ: every row is encoded, and every query searched, as x @ R.
+        self.rotation_ = rows.rotation = self._fit_rotation(rows, progress)
+        return rows, progress
 
     def partial_fit(self, X, y=None):
         """Add rows to the index without retraining the quantizers.
@@ -760,36 +353,54 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             release_memory()  # after a chunked pass; not after every small batch
         return self
 
-    # -- shards that share trained quantizers (pqsk.dask) -------------------
-    # Fitted attributes that make up the trained quantizers: what
-    # ``_trained_state`` hands out and ``_fit_trained`` copies (subclasses
-    # add theirs).  Every other fitted attribute describes indexed rows.
+    # -- the shard protocol (doc/user_guide/dask.rst, "The shard protocol") --
+    # What pqsk.dask calls: shards built from one set of trained quantizers
+    # compare their raw distances and ids, so their answers merge.
+
+    # Fitted attributes that make up the trained quantizers (subclasses add
+    # theirs); every other fitted attribute describes indexed rows.
     _trained_attrs = ("_fit_dtype_", "effective_metric_", "n_features_in_",
                       "feature_names_in_", "codebooks_", "rotation_",
                       "anisotropic_threshold_", "n_iter_")
 
-    def _start_empty(self):
-        """Set up the row state of an index holding no rows, its quantizers
-        trained (``_fit_index`` after training; ``_fit_trained``)."""
-        raise NotImplementedError
+    def _shard_rows(self, X):
+        """X (returned as given) validated as the next ``fit`` (unfitted)
+        or ``partial_fit`` (fitted) validates it."""
+        return self._validate_rows(X, reset=not hasattr(self, "n_samples_fit_")).raw
 
-    def _trained_state(self):
-        """{attribute: value} of the trained quantizers of this fitted
-        index (arrays by reference), for ``_fit_trained``."""
+    def _shard_params(self, n_rows):
+        """{parameter: value} fixing what a fit of ``n_rows`` rows resolves
+        from the data."""
+        return {}
+
+    def _shard_sample_size(self, n_rows):
+        """How many rows a fit of ``n_rows`` rows trains on."""
+        cap = self._max_train_samples()
+        return n_rows if cap is None else min(n_rows, int(cap))
+
+    def _shard_train(self, sample, n_rows, n_jobs=None):
+        """The quantizers (as ``_shard_quantizers``) a fit of ``n_rows``
+        rows trains on its training sample ``sample``, trained with
+        ``n_jobs`` threads without indexing a row; self is not changed."""
+        trainer = clone(self).set_params(n_jobs=-1 if n_jobs is None else n_jobs)
+        trainer._validate_params()
+        rows, progress = trainer._begin_fit(sample, trainer._param_metric())
+        trainer._train_quantizers(rows, progress, drawn_from=n_rows)
+        return trainer._shard_quantizers()
+
+    def _shard_quantizers(self):
+        """{attribute: value} of the trained quantizers (arrays by
+        reference, read only)."""
         check_is_fitted(self)
         return {a: self.__dict__[a] for a in self._trained_attrs if a in self.__dict__}
 
-    def _fit_trained(self, trained, X=None):
-        """``fit(X)`` with the quantizers of ``trained`` (another index's
-        ``_trained_state()``) instead of quantizers trained on X.
-
-        Indexes built so from one state compare their distances and ids:
-        the shards of :class:`pqsk.dask.ShardedNeighbors`.  X (None: no
-        row) is validated as by ``partial_fit``, its rows get ids 0, 1, ...
-        The structural parameters must be those the state was trained with.
-        """
+    def _shard_from_quantizers(self, quantizers, X=None):
+        """``fit(X)`` with ``quantizers`` (another index's
+        ``_shard_quantizers()``): X (None: no row) validated as by
+        ``partial_fit``, ids 0, 1, ...; the structural parameters must be
+        those the quantizers were trained with.  Returns self."""
         with index_writer(self), index_lock(self).write(), restore_on_error(self):
-            self.__dict__.update(trained)
+            self.__dict__.update(quantizers)
             rows = None if X is None else self._validate_rows(X, reset=False)
             self.n_samples_fit_ = self._n_features_out = 0
             self.n_removed_ = 0
@@ -807,6 +418,42 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         runtime(self).checked_params = None
         return self
 
+    def _shard_with_params(self, **params):
+        """A shallow copy sharing every fitted array, with ``params``
+        (search parameters) set: for queries only."""
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        return view.set_params(**params)
+
+    def _shard_search_params(self):
+        """The search parameters, validated as a query validates them."""
+        self._check_params_at_call()
+        return {name: getattr(self, name) for name in self._search_params}
+
+    def _shard_prepare_queries(self, X):
+        """X validated and prepared as ``kneighbors`` prepares queries."""
+        return self._validate_queries(X)
+
+    def _shard_self_queries(self):
+        """The prepared queries standing for the indexed points, in id order."""
+        return np.concatenate([q for _, q in self._self_queries()])
+
+    def _shard_search(self, Q, n_neighbors):
+        """(raw distances, local int64 ids) of the ``n_neighbors`` best of
+        the prepared queries Q, rows sorted by (distance, id)."""
+        self._check_params_at_call()
+        n_threads = max(1, min(effective_n_threads(self.n_jobs), Q.shape[0]))
+        with openmp_region(n_threads):
+            return self._search_refined(Q, n_neighbors, n_threads)
+
+    def _shard_finish(self, dist):
+        """The distances ``kneighbors`` returns, from raw ones (a copy)."""
+        return self._finish_distances(np.array(dist, copy=True))
+
+    def _shard_dtype(self):
+        """The dtype of the distances."""
+        return self._fit_dtype_
+
     def _check_loaded_state(self):
         """Invariants the kernels rely on, checked after ``load``.
 
@@ -815,58 +462,15 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         ``set_params`` may have changed before the save.  Subclasses add
         their own arrays and the range of their floats.
         """
-        from ._persist import check_bool_mask, check_codebooks, check_scalar_int
-
-        dtype = self._fit_dtype_
-        require(isinstance(dtype, np.dtype) and dtype in (np.float32, np.float64),
-                "_fit_dtype_ must be float32 or float64")
-        m, k, _ = check_codebooks(self, _quantizer.MAX_CODEWORDS)
-        require(self.codebooks_.dtype == dtype, "_fit_dtype_ differs from the codebooks' dtype")
-        d = self.n_features_in_
+        m, k = check_neighbors_state(self, _quantizer.MAX_CODEWORDS)
         self.rotation_ = self._rotation  # missing (saved before OPQ): None
         if self.rotation_ is not None:
-            _opq.check_rotation(self.rotation_, d, dtype)
-        metric = self.effective_metric_
-        require(isinstance(metric, str) and metric in METRICS, f"effective_metric_ {metric!r} is not a metric")
-        check_anisotropic_state(self, metric)
-        n = check_scalar_int(self.n_samples_fit_, "n_samples_fit_", 0, 2**62)
-        check_scalar_int(self._n_features_out, "_n_features_out", n, n + 1)
+            _opq.check_rotation(self.rotation_, self.n_features_in_, self._fit_dtype_)
         self._check_codes(m, k)
-        check_scalar_int(self.n_removed_, "n_removed_", 0, n + 1)
-        if self.removed_ is None:
-            require(self.n_removed_ == 0, "n_removed_ > 0 but removed_ is None")
-        else:
-            check_bool_mask(self.removed_, "removed_", n)
-            require(int(np.count_nonzero(self.removed_)) == self.n_removed_,
-                    "removed_ does not match n_removed_")
-        if self.vectors_ is not None:
-            self.vectors_ = self._checked_vectors(
-                self.vectors_, n, d, dtype, range_bound(d, np.dtype(self._kernel_dtype or dtype)))
 
     def _check_codes(self, m, k):
         check_int_array(self.codes_, "codes_", (None, m), 0, k,
                         dtype=_quantizer.code_dtype(k))
-
-    @staticmethod
-    def _checked_vectors(vectors, n, d, dtype, bound):
-        """The raw vectors as a row store, every chunk checked (dtype,
-        C order, finite, within ``bound``) a ``CHUNK_BYTES`` slice at a
-        time.  ``load`` gives one array, memory-mapped with ``mmap_mode``:
-        it becomes the store's only chunk, by reference."""
-        from ._persist import check_float_array
-
-        if isinstance(vectors, np.ndarray):
-            require(vectors.ndim == 2, "vectors_ must be 2-d")
-            vectors = RowStore(vectors.shape[1], vectors.dtype, [vectors])
-        require(isinstance(vectors, RowStore), "vectors_ must be a row store")
-        require(vectors.shape == (n, d) and vectors.dtype == dtype,
-                f"vectors_ has shape {vectors.shape} and dtype {vectors.dtype}, expected "
-                f"({n}, {d}) and {np.dtype(dtype)}")
-        step = rows_per_chunk(d * np.dtype(dtype).itemsize)
-        for chunk in vectors.chunks:
-            for sl in chunk_slices(chunk.shape[0], step):
-                check_float_array(chunk[sl], "vectors_", (None, d), dtype, bound)
-        return vectors
 
     def _memory_parts(self):
         """({part: bytes} growing with the vectors, {part: bytes} fixed)."""
@@ -1061,32 +665,18 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         self._check_params_at_call()
         if n_neighbors is None:
             n_neighbors = self.n_neighbors
-        n_neighbors = _check_n_neighbors(n_neighbors)
+        n_neighbors = check_n_neighbors(n_neighbors)
         query_is_train = X is None
         if query_is_train:
-            if self.n_removed_:
-                raise ValueError(
-                    "kneighbors(X=None) queries every indexed point, but "
-                    f"{self.n_removed_} were removed; pass the query points as X."
-                )
-            n_neighbors += 1
+            check_self_query(self.n_removed_, "kneighbors")
             n_queries = self.n_samples_fit_
         else:
             Q = self._validate_queries(X)
             n_queries = Q.shape[0]
         flt = check_filter(filter, self.n_samples_fit_, n_queries)
-        n_fit = self._n_live
-        if n_neighbors > n_fit:
-            if query_is_train:
-                raise ValueError(
-                    f"Expected n_neighbors < n_samples_fit, but n_neighbors = "
-                    f"{n_neighbors - 1}, n_samples_fit = {n_fit}, n_samples = "
-                    f"{n_queries}"
-                )
-            raise ValueError(
-                f"Expected n_neighbors <= n_samples_fit, but n_neighbors = "
-                f"{n_neighbors}, n_samples_fit = {n_fit}, n_samples = {n_queries}"
-            )
+        check_enough_points(n_neighbors, self._n_live, n_queries, query_is_train)
+        if query_is_train:
+            n_neighbors += 1  # each point finds itself, dropped below
         # One thread per query at most: a parallel region for a handful of
         # queries costs more than it saves, badly so on a busy machine.
         n_threads = max(1, min(effective_n_threads(self.n_jobs), n_queries))
@@ -1150,7 +740,7 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             ``A[i, j]`` is the edge from query i to indexed point j.
         """
         check_is_fitted(self)
-        _check_graph_mode(mode)
+        check_graph_mode(mode)
         if mode == "connectivity":
             ind = self.kneighbors(X, n_neighbors, return_distance=False, filter=filter)
             data = np.ones(ind.size, dtype=np.float64)
@@ -1168,215 +758,6 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         return sparse.csr_matrix(
             (data, ind.ravel(), indptr), shape=(n_queries, self.n_samples_fit_)
         )
-
-    # -- radius queries ----------------------------------------------------
-    # Candidates are fetched k at a time with the k-neighbours search, k
-    # doubling, until the k-th is beyond the radius or the query has no
-    # more points to visit (``_radius_caps``).
-
-    # Candidates asked for first (HNSW: its beam width).
-    _radius_first_k = 16
-
-    def radius_neighbors(self, X=None, radius=None, return_distance=True,
-                         sort_results=False, *, filter=None):
-        """Find the (approximate) neighbors within a given radius of points.
-
-        Approximate: a query returns the points within ``radius`` among
-        those the index visits for it, which are
-
-        * :class:`PQNeighbors`: every indexed point;
-        * :class:`IVFPQNeighbors`: the points of the ``n_probe`` lists
-          nearest the query (its last request, of at most twice as many
-          candidates as those lists hold, may reach into the next lists in
-          centroid order, as ``kneighbors`` does when the probed lists hold
-          too few points);
-        * :class:`HNSWPQNeighbors`: those a beam search of width ``max(k,
-          ef_search)`` returns (its k best), k doubling from ``ef_search``
-          until the k-th is beyond ``radius``.
-
-        Candidates are fetched with the k-neighbours search, k doubling
-        from 16 (HNSW: ``ef_search``) until the k-th candidate is beyond
-        ``radius`` or the query's visitable points are all fetched; each
-        doubling repeats the search (a flat index rescans every code).
-        Without re-ranking, the distances (and so the radius test) are the
-        ADC distances between the query and the decoded points; with
-        ``refine_factor > 0`` they are exact (the best k of ``refine_factor
-        * k`` ADC candidates, by exact distance), so with an exhaustive
-        search (flat, ``n_probe = n_lists``, or ``ef_search`` at least the
-        number of points) and enough re-ranking the result is
-        :class:`~sklearn.neighbors.NearestNeighbors`'s.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_queries, n_features), default=None
-            The query points.  If None, the indexed points (their raw
-            vectors when kept, else their reconstructions), each point
-            excluded from its own neighbors, as scikit-learn does.
-        radius : float, default=None
-            Range, in the units of ``metric`` (for ``"dot"``, ``-<q, x> <=
-            radius``, which may be negative); the estimator's ``radius``
-            if None.
-        return_distance : bool, default=True
-            Whether to return the distances.
-        sort_results : bool, default=False
-            Accepted for scikit-learn's API; results are always sorted by
-            distance, ties broken by the smaller index.  Requires
-            ``return_distance=True``, as in scikit-learn.
-        filter : array-like or sparse matrix, default=None
-            The ids each query may return, as in :meth:`kneighbors`
-            (applied inside the search; the candidates fetched are allowed
-            ones only).
-
-        Returns
-        -------
-        neigh_dist : ndarray of shape (n_queries,), dtype=object
-            Array of arrays: the distances of each query's neighbors, in
-            the dtype of the fitted data (float32 unless fitted on
-            float64); only if ``return_distance``.
-        neigh_ind : ndarray of shape (n_queries,), dtype=object
-            Array of int64 arrays: the indices of each query's neighbors.
-        """
-        self._check_fitted()
-        with index_lock(self).read():
-            return self._radius_neighbors(X, radius, return_distance, sort_results,
-                                          filter)
-
-    def _check_radius(self, radius):
-        if radius is None:
-            radius = self.radius  # validated with the search parameters
-        elif isinstance(radius, bool) or not isinstance(radius, Real):
-            raise TypeError(f"radius must be a real number, got {radius!r}.")
-        radius = float(radius)
-        if not np.isfinite(radius):
-            raise ValueError(f"radius must be finite, got {radius}.")
-        if radius < 0 and self.effective_metric_ != "dot":
-            raise ValueError(f"radius must be >= 0 for metric={self.effective_metric_!r}, "
-                             f"got {radius}.")
-        return radius
-
-    def _radius_neighbors(self, X, radius, return_distance, sort_results, filter=None):
-        self._check_params_at_call()
-        radius = self._check_radius(radius)
-        if sort_results and not return_distance:
-            raise ValueError("return_distance must be True if sort_results is True.")
-        query_is_train = X is None
-        if query_is_train:
-            if self.n_removed_:
-                raise ValueError(
-                    "radius_neighbors(X=None) queries every indexed point, but "
-                    f"{self.n_removed_} were removed; pass the query points as X.")
-            n_queries = self.n_samples_fit_
-            parts = self._self_queries()
-        else:
-            Q = self._validate_queries(X)
-            n_queries = Q.shape[0]
-            parts = [(slice(0, n_queries), Q)]
-        flt = check_filter(filter, self.n_samples_fit_, n_queries)
-        n_threads = max(1, min(effective_n_threads(self.n_jobs), n_queries))
-        dist = np.empty(n_queries, dtype=object)
-        ind = np.empty(n_queries, dtype=object)
-        with openmp_region(n_threads):
-            for sl, Q in parts:
-                for q, (d, i) in enumerate(zip(*self._radius_search(
-                        Q, radius, n_threads, query_is_train, flt, sl.start))):
-                    row = sl.start + q
-                    if query_is_train:  # the point itself, wherever it is
-                        keep = i != row
-                        d, i = d[keep], i[keep]
-                    dist[row], ind[row] = d, i
-        return (dist, ind) if return_distance else ind
-
-    def _radius_caps(self, Q):
-        """The most points a search of each row of Q can visit (int64)."""
-        return np.full(Q.shape[0], self._n_live, dtype=np.int64)
-
-    def _radius_search(self, Q, radius, n_threads, self_query=False, flt=None, first=0):
-        """(distances, ids): two lists of arrays, one pair per row of Q, of
-        the candidates within ``radius`` (finished distances), sorted.
-        ``flt``: the filter of queries numbered from ``first``."""
-        nq = Q.shape[0]
-        n_live = self._n_live
-        caps = np.minimum(self._radius_caps(Q), n_live)
-        removed = self.removed_ if self.n_removed_ else None
-        shared = None
-        if flt is not None:  # at most the allowed live ids
-            if flt.per_query:
-                allowed = np.diff(flt.matrix.indptr)[first:first + nq].astype(np.int64)
-            else:
-                shared = flt.blocked(removed)
-                allowed = shared.allowed_counts(nq)
-            caps = np.minimum(caps, allowed)
-        out_d = [np.empty(0, dtype=self._fit_dtype_) for _ in range(nq)]
-        out_i = [np.empty(0, dtype=np.int64) for _ in range(nq)]
-        pending = np.flatnonzero(caps > 0)  # all removed / none allowed: nothing
-        k = min(n_live, self._radius_first_k + int(self_query))
-        while pending.size:
-            k = max(1, min(k, int(caps[pending].max())))
-            # Chunks bound the (rows, k) results of a round.
-            step = max(1, (1 << 22) // k)
-            if flt is not None and flt.per_query:
-                step = min(step, flt.chunk_rows())
-            still = []
-            for start in range(0, pending.size, step):
-                rows = pending[start:start + step]
-                blocked = (shared if flt is None or not flt.per_query
-                           else flt.blocked(removed, first + rows))
-                kw = {} if blocked is None else {"blocked": blocked}
-                d, i = self._search_refined(Q[rows], k, n_threads, **kw)
-                d = self._finish_distances(np.array(d, copy=True))
-                done = (d[:, -1] > radius) | (k >= caps[rows])
-                for r, row in enumerate(rows):
-                    if not done[r]:
-                        continue
-                    keep = (d[r] <= radius) & (i[r] >= 0) & (i[r] < self.n_samples_fit_)
-                    out_d[row], out_i[row] = d[r][keep], i[r][keep].astype(np.int64)
-                still.append(rows[~done])
-            pending = np.concatenate(still)
-            k *= 2
-        return out_d, out_i
-
-    def radius_neighbors_graph(self, X=None, radius=None, mode="connectivity",
-                               sort_results=False, *, filter=None):
-        """Compute the (weighted) graph of neighbors within ``radius``.
-
-        Approximate, as :meth:`radius_neighbors`, which it calls.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_queries, n_features), default=None
-            The query points; if None, the indexed points (self excluded).
-        radius : float, default=None
-            Range; the estimator's ``radius`` if None.
-        mode : {"connectivity", "distance"}, default="connectivity"
-            ``"connectivity"`` stores ones, ``"distance"`` the distances
-            under ``metric``.
-        sort_results : bool, default=False
-            Accepted for scikit-learn's API (rows are always sorted by
-            distance); in ``"connectivity"`` mode it is ignored.
-        filter : array-like or sparse matrix, default=None
-            The ids each query may link to, as in :meth:`kneighbors`.
-
-        Returns
-        -------
-        A : sparse matrix of shape (n_queries, n_samples_fit), CSR
-            ``A[i, j]`` is the edge from query i to indexed point j.
-        """
-        check_is_fitted(self)
-        _check_graph_mode(mode)
-        if mode == "connectivity":
-            ind = self.radius_neighbors(X, radius, return_distance=False, filter=filter)
-            dist = None
-        else:
-            dist, ind = self.radius_neighbors(X, radius, return_distance=True,
-                                              sort_results=sort_results, filter=filter)
-        n_queries = ind.shape[0]
-        counts = np.fromiter((a.shape[0] for a in ind), dtype=np.int64, count=n_queries)
-        indptr = np.concatenate([[0], np.cumsum(counts)])
-        indices = (np.concatenate(list(ind)) if n_queries else np.empty(0, np.int64))
-        data = (np.ones(indices.shape[0], dtype=np.float64) if dist is None
-                else np.concatenate(list(dist)) if n_queries else np.empty(0))
-        return sparse.csr_matrix((data, indices, indptr),
-                                 shape=(n_queries, self.n_samples_fit_))
 
     def transform(self, X):
         """Sparse k-neighbors graph of X, as :class:`~sklearn.neighbors.KNeighborsTransformer`.

@@ -27,7 +27,7 @@ from scipy import sparse
 from scipy.sparse.csgraph import breadth_first_order, connected_components
 
 from . import _growable, _hnsw, _quantizer
-from ._persist import check_int_array, check_scalar_int, require
+from ._checks import check_int_array, check_scalar_int, require
 
 MAX_LEVEL = 32
 MAX_LINKS = 2048  # more links per node than this is never useful

@@ -16,9 +16,11 @@ from ._segments import (DEFAULT_SEGMENT_SIZE, NO_ID, NO_TOMBSTONES,
                         SEGMENT_PARAMETER_CONSTRAINTS, Segment, SegmentWritesMixin,
                         merge_topk, positions)
 from ._store import FitRows
-from ._base import BasePQNeighbors, PQParamsMixin, RefitMixin, _check_n_neighbors
-from ._persist import IndexIOMixin, require
+from ._base import BasePQNeighbors
+from ._checks import check_float_array, check_n_neighbors, require
+from ._persist import IndexIOMixin
 from ._runtime import index_lock, runtime
+from ._training import PQParamsMixin, RefitMixin
 from ._utils import Progress, effective_n_threads
 
 # Filtered search: a query whose filter allows fewer than
@@ -326,11 +328,6 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
     def _fitted_values(self):
         return {**super()._fitted_values(), "n_links": self.links0_.shape[1] // 2}
 
-    def _fit_index(self, X, progress):
-        self.codebooks_ = self._fit_codebooks(X, progress)
-        self._start_empty()
-        self._add_rows(X, effective_n_threads(self.n_jobs), progress)
-
     def _start_empty(self):
         m, k = self.codebooks_.shape[:2]
         self._levels_rng_ = check_random_state(self.random_state)
@@ -600,8 +597,6 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
         upper-level link at level l pointing at a node of level >= l,
         every live node reachable on level 0 from the entry point), and
         every id is stored in at most one graph, every live id in one."""
-        from ._persist import check_float_array
-
         from ._utils import range_bound
 
         super()._check_loaded_state()
@@ -894,8 +889,8 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
         """
         self._check_fitted()
         self._check_params_at_call()
-        n_neighbors = _check_n_neighbors(self.n_neighbors if n_neighbors is None
-                                         else n_neighbors)
+        n_neighbors = check_n_neighbors(self.n_neighbors if n_neighbors is None
+                                        else n_neighbors)
         Q = self._rotate(self._validate_queries(X))
         n_threads = effective_n_threads(self.n_jobs)
         with index_lock(self).read():

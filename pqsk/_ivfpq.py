@@ -8,12 +8,14 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from . import _growable, _lists, _quantizer
-from ._base import BasePQNeighbors, PQParamsMixin, RefitMixin
-from ._persist import IndexIOMixin, require
+from ._base import BasePQNeighbors
+from ._checks import check_float_array, check_int_array, check_scalar_int, require
+from ._persist import IndexIOMixin
 from ._runtime import index_lock, runtime
 from ._segments import (COMPACT_SHARE, DEFAULT_SEGMENT_SIZE, SEGMENT_PARAMETER_CONSTRAINTS,
                         Segment, SegmentWritesMixin)
 from ._store import chunk_slices
+from ._training import PQParamsMixin, RefitMixin
 from ._utils import effective_n_threads, range_bound, release_memory
 
 # Seed article, step 8: the coarse quantizer wants ~256 training points per
@@ -373,6 +375,11 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         return self.n_lists
 
     def _fit_index(self, X, progress):
+        self._train_quantizers(X, progress)
+        self._start_empty()
+        self._add_rows(X, effective_n_threads(self.n_jobs), progress, fit=True)
+
+    def _train_quantizers(self, X, progress, drawn_from=None):
         n, d = X.shape
         self._pq_shape(d, n)  # m and k checked before any training
         n_threads = effective_n_threads(self.n_jobs)
@@ -387,7 +394,6 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         # k-means needs are gathered (at sorted positions, so a memmap is
         # read in file order), never the whole sample unless it is small.
         train_rows = _quantizer.sample_rows(n, cap, rng)
-        drawn_from = self.__dict__.get("_sample_drawn_from")
         if drawn_from is not None and train_rows is None:
             # X is already the sample a fit of ``drawn_from`` rows draws
             # (pqsk.dask trains on it): the same draw, to continue the same
@@ -428,8 +434,23 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         self.cluster_centers_ = centroids
         self.codebooks_ = codebooks
         self.n_lists_ = n_lists
-        self._start_empty()
-        self._add_rows(X, n_threads, progress, fit=True)
+
+    # -- the shard protocol (see BasePQNeighbors) ----------------------------
+    def _shard_params(self, n_rows):
+        return {"n_lists": self._resolve_n_lists(n_rows)}
+
+    def _shard_sample_size(self, n_rows):
+        # The cap of _train_quantizers' sample.
+        if self.max_train_samples == "auto":
+            cap = POINTS_PER_LIST * self._resolve_n_lists(n_rows)
+        else:
+            cap = self.max_train_samples
+        return n_rows if cap is None else min(n_rows, cap)
+
+    def _shard_search_params(self):
+        params = super()._shard_search_params()
+        self._n_probe()  # warns here when n_probe > n_lists
+        return params
 
     _trained_attrs = BasePQNeighbors._trained_attrs + ("cluster_centers_", "n_lists_")
 
@@ -599,8 +620,6 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
     def _check_loaded_state(self):
         """Loaded-index invariants (see ``BasePQNeighbors``), and the list
         terms, which are derived state, recomputed rather than read."""
-        from ._persist import check_float_array, check_scalar_int
-
         legacy = [a for a in self._legacy_attributes if a in self.__dict__]
         if legacy:  # format 1 or 2: one sorted part, becomes one segment
             require(len(legacy) == 3 and "segments_" not in self.__dict__,
@@ -627,8 +646,6 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
 
     def _check_growing_state(self):
         """Invariants of the growing part and the tombstones, after ``load``."""
-        from ._persist import check_int_array
-
         if not hasattr(self, "growing_codes_"):  # saved before appends grew in place
             self.__dict__.update(_lists.empty_growing(
                 self.codebooks_.shape[0], _quantizer.code_dtype(self.codebooks_.shape[1]),

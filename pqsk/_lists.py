@@ -19,7 +19,7 @@ made, merged and compacted.
 import numpy as np
 
 from . import _quantizer
-from ._persist import check_int_array, require
+from ._checks import check_int_array, require
 from ._segments import Segment
 
 # Appended rows go to a growing part that every query scans (the entries

@@ -26,7 +26,9 @@ version does not name are removed.  Version 2 (no segments) still loads.
 Saving never deletes first.  ``save`` writes a new ``vNNNNNN/`` next to the
 current one, ``fsync``-ing every file and the directory, then writes the
 manifest to a temporary file, ``fsync``-s it and renames it over
-``MANIFEST.json`` (an atomic switch), ``fsync``-ing the directory again.
+``MANIFEST.json`` (an atomic switch), ``fsync``-ing the directory again
+(the steps of :func:`write_json_atomic`, which other small manifests use
+too).
 Only then are the previous data directory and any leftovers of an
 interrupted save removed.  A save killed at any point leaves the previous
 index readable (or, once the manifest is switched, the new one); the
@@ -38,7 +40,12 @@ directory, no header checksum) is still read; saving over it writes
 version 3 and then removes the old files.  Parameters added since an old
 file was written (``_PARAMS_SINCE``) keep their defaults.
 
-Loading never executes code from the files: JSON and ``.npy`` only.  Each
+The header's JSON form of each value is :mod:`pqsk._header`'s.
+
+Loading never executes code from the files: JSON and ``.npy`` only.  The
+header's class name is looked up among the classes that registered
+themselves (every pqsk subclass of :class:`IndexIOMixin`); this module
+imports no estimator.  Each
 ``.npy`` header is parsed and compared with the JSON header (shape, exact
 dtype in native byte order, C order) and its size with the file's before
 any data is read.  Derived tables are recomputed rather than read.  Then
@@ -64,10 +71,12 @@ import shutil
 
 import numpy as np
 
-from ._segments import Segment
+from ._checks import IndexFormatError, require
+from ._header import ATTRIBUTE, DTYPES, NOT_SAVED, SegmentArray, decode_value, encode_estimator
 from ._segments import array_sha256 as _sha256
 from ._store import RowStore, chunk_slices, rows_per_chunk
 from ._runtime import index_lock
+from ._version import __version__
 
 FORMAT = "pqsk-index"
 FORMAT_VERSION = 3
@@ -87,22 +96,8 @@ _DATA_DIR = re.compile(r"v(\d{6,12})")
 _ARRAY_FILE = re.compile(r"\d{3,9}\.npy")
 _SEGMENT_FILE = re.compile(r"[0-9a-f]{32}\.[a-z][a-z0-9_]{0,31}\.npy")
 _SEGMENT_TMP = re.compile(r"\.[0-9a-f]{32}\.[a-z][a-z0-9_]{0,31}\.npy\.tmp-[0-9a-f]+")
-_UID = re.compile(r"[0-9a-f]{32}")
 _TMP_MANIFEST = re.compile(re.escape("." + MANIFEST) + r"\.tmp-[0-9a-f]+")
 _SHA = re.compile(r"[0-9a-f]{64}")
-_ATTRIBUTE = re.compile(r"_?[a-z][a-z0-9_]{0,63}")
-
-# Array dtypes a saved index may hold, always in native byte order.
-_DTYPES = {np.dtype(t).str: np.dtype(t) for t in
-           (np.bool_, np.uint8, np.uint16, np.uint32, np.int32, np.int64,
-            np.float32, np.float64)}
-
-# Derived from other attributes and recomputed by ``_check_loaded_state``:
-# never written (version 1 files hold them; they are ignored).
-_NOT_SAVED = frozenset({"_list_terms"})
-
-_MT_KEYS = 624
-
 # Parameters added in a format version: files of earlier versions lack
 # them, and the estimator keeps its default.  ``rotation``,
 # ``anisotropic_threshold``, ``radius``, ``p`` and ``metric_params`` came
@@ -113,173 +108,10 @@ _PARAMS_SINCE = {"segment_size": 3, "rotation": 4, "anisotropic_threshold": 4,
                  "radius": 4, "p": 4, "metric_params": 4}
 
 
-class IndexFormatError(ValueError):
-    """A saved index is unreadable, corrupted, or not what was asked for."""
-
-
-# -- values <-> JSON --------------------------------------------------------
-
-def _encode_value(name, value, arrays):
-    """JSON form of a parameter or attribute; arrays go to ``arrays``."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value)
-    if isinstance(value, np.dtype):
-        return {"dtype": value.str}
-    if isinstance(value, dict):  # metric_params: str keys, scalar values
-        if not all(isinstance(k, str) for k in value):
-            raise TypeError(f"cannot save {name!r}: a dict with non-string keys")
-        out = {}
-        for k, v in value.items():
-            v = _encode_value(f"{name}[{k!r}]", v, {})
-            if isinstance(v, dict):
-                raise TypeError(f"cannot save {name!r}: {k!r} is not a scalar")
-            out[k] = v
-        return {"dict": out}
-    if isinstance(value, np.random.RandomState):
-        kind, keys, pos, has_gauss, gauss = value.get_state()  # a copy
-        arrays[name + ".rng_keys"] = keys
-        return {"random_state": [kind, int(pos), int(has_gauss), float(gauss)]}
-    if isinstance(value, RowStore):
-        arrays[name] = value  # written chunk by chunk into one .npy
-        return {"array": name}
-    if isinstance(value, tuple) and all(isinstance(s, Segment) for s in value):
-        out = []
-        for i, seg in enumerate(value):
-            refs = {}
-            for a in seg.names:
-                key = f"{name}.{i}.{a}"
-                arrays[key] = _SegmentArray(seg, a)
-                refs[a] = key
-            out.append({"uid": seg.uid, "meta": seg.meta, "arrays": refs})
-        return {"segments": out}
-    if isinstance(value, np.ndarray):
-        if value.dtype.kind == "O":
-            if all(isinstance(v, str) for v in value.ravel()):
-                return {"strings": [str(v) for v in value.ravel()]}
-            raise TypeError(f"cannot save {name!r}: an object array of non-strings")
-        arrays[name] = value
-        return {"array": name}
-    raise TypeError(f"cannot save {name!r} of type {type(value).__name__}")
-
-
-class _SegmentArray:
-    """An array of a sealed segment: written once, to
-    ``segments/<uid>.<name>.npy``, and shared by every save after."""
-
-    __slots__ = ("segment", "name")
-
-    def __init__(self, segment, name):
-        self.segment, self.name = segment, name
-
-    @property
-    def file(self):
-        return f"{self.segment.uid}.{self.name}.npy"
-
-
-def _take(arrays, key, name):
-    """Array ``key`` of the header, for ``name``; each serves one value."""
-    if not isinstance(key, str) or key not in arrays:
-        raise IndexFormatError(f"{name!r} names an array the header does not list")
-    a = arrays.pop(key)
-    if a is None:
-        raise IndexFormatError(f"{name!r} names an array another value uses")
-    arrays[key] = None
-    return a
-
-
-def _decode_value(name, value, arrays, checksums=None):
-    if isinstance(value, dict):
-        if len(value) != 1:
-            raise IndexFormatError(f"unknown encoding for {name!r} in the header")
-        (kind, content), = value.items()
-        if kind == "array":
-            return _take(arrays, content, name)
-        if kind == "dtype":
-            if not isinstance(content, str) or content not in _DTYPES:
-                raise IndexFormatError(f"{name!r}: unsupported dtype {content!r}")
-            return _DTYPES[content]
-        if kind == "dict":
-            if not (isinstance(content, dict) and all(
-                    v is None or isinstance(v, (bool, int, float, str))
-                    for v in content.values())):
-                raise IndexFormatError(f"{name!r} must map names to scalars")
-            return dict(content)
-        if kind == "strings":
-            if not (isinstance(content, list) and all(isinstance(s, str) for s in content)):
-                raise IndexFormatError(f"{name!r} must be a list of strings")
-            out = np.empty(len(content), dtype=object)
-            out[:] = content
-            return out
-        if kind == "random_state":
-            return _decode_random_state(name, content,
-                                        _take(arrays, name + ".rng_keys", name))
-        if kind == "segments":
-            return _decode_segments(name, content, arrays, checksums or {})
-        raise IndexFormatError(f"unknown encoding for {name!r} in the header")
-    if isinstance(value, list):
-        raise IndexFormatError(f"{name!r}: lists are not a saved value")
-    return value
-
-
-def _decode_segments(name, content, arrays, checksums):
-    """A tuple of :class:`Segment` from its header entry: uid, meta (JSON
-    scalars) and arrays, each checked for form (the estimator checks what
-    they hold)."""
-    if not isinstance(content, list):
-        raise IndexFormatError(f"{name!r} must be a list of segments")
-    out, seen = [], set()
-    for entry in content:
-        ok = (isinstance(entry, dict) and set(entry) == {"uid", "meta", "arrays"}
-              and isinstance(entry["uid"], str) and _UID.fullmatch(entry["uid"])
-              and isinstance(entry["meta"], dict) and isinstance(entry["arrays"], dict)
-              and all(isinstance(v, (int, str)) and not isinstance(v, bool)
-                      for v in entry["meta"].values()))
-        if not ok or entry["uid"] in seen:
-            raise IndexFormatError(f"{name!r} holds a malformed segment entry")
-        seen.add(entry["uid"])
-        seg_arrays, sums = {}, {}
-        for a, key in entry["arrays"].items():
-            if not (isinstance(a, str) and _ATTRIBUTE.fullmatch(a) and a[0] != "_"):
-                raise IndexFormatError(f"{name!r}: bad segment array name {a!r}")
-            seg_arrays[a] = _take(arrays, key, name)
-            if key in checksums:
-                sums[a] = checksums[key]
-        out.append(Segment(seg_arrays, entry["meta"], entry["uid"], sums))
-    return tuple(out)
-
-
-def _decode_random_state(name, state, keys):
-    """A RandomState from its saved state, every field checked: numpy does
-    not check ``pos``, and a huge one makes the next draw read far out of
-    bounds."""
-    if not (isinstance(state, list) and len(state) == 4):
-        raise IndexFormatError(f"{name!r}: a random state is [kind, pos, has_gauss, gauss]")
-    kind, pos, has_gauss, gauss = state
-    ok = (kind == "MT19937" and type(pos) is int and 0 <= pos <= _MT_KEYS
-          and type(has_gauss) is int and has_gauss in (0, 1)
-          and type(gauss) in (int, float) and np.isfinite(gauss)
-          and isinstance(keys, np.ndarray) and keys.dtype == np.uint32
-          and keys.shape == (_MT_KEYS,))
-    if not ok:
-        raise IndexFormatError(f"{name!r} is not a valid MT19937 random state")
-    rs = np.random.RandomState()
-    rs.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, float(gauss)))
-    return rs
-
-
-def _encode_estimator(estimator):
-    """(params, attributes, arrays) of the estimator's JSON header; the
-    caller holds the estimator's read lock."""
-    arrays = {}
-    params = {k: _encode_value("param." + k, v, arrays)
-              for k, v in estimator.get_params(deep=False).items()}
-    attrs = {k: _encode_value(k, v, arrays) for k, v in vars(estimator).items()
-             if k not in params and k not in _NOT_SAVED}
-    return params, attrs, arrays
+# The classes a saved index may hold, by the name its header gives: every
+# subclass of ``IndexIOMixin`` defined in pqsk registers itself (the
+# estimators), so that this module imports none of them.
+_CLASSES = {}
 
 
 # -- durable file operations -------------------------------------------------
@@ -302,6 +134,46 @@ def _write_durable(path, write):
         write(f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _replace_durable(directory, name, raw):
+    """Write the bytes ``raw`` to a new file of a unique temporary name
+    (``.<name>.tmp-<random hex>``) in ``directory``, fsync it, and rename
+    it over ``directory/name``: an atomic switch, which a reader sees
+    entirely or not at all.  On failure the temporary file is removed and
+    ``name`` is unchanged.  Not durable until the directory is fsynced."""
+    tmp = os.path.join(directory, f".{name}.tmp-{secrets.token_hex(8)}")
+    try:
+        _write_durable(tmp, lambda f: f.write(raw))
+        os.replace(tmp, os.path.join(directory, name))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(directory, name, content):
+    """Replace the small JSON file ``directory/name`` with ``content``,
+    atomically and durably.
+
+    The JSON goes to a file of a unique temporary name (two writers never
+    share one), which is fsynced and renamed over ``name``; then the
+    directory is fsynced, so that the switch survives a crash.  Whenever
+    the process or the machine stops, ``name`` holds the old content or
+    the new, complete.  A temporary file left by a crash is named
+    ``.<name>.tmp-<hex>``; the caller's next write may remove it.
+
+    Parameters
+    ----------
+    directory : str
+        An existing directory.
+    name : str
+        The file's name in ``directory``.
+    content : JSON-serialisable object
+        Written with ``json.dumps(content, indent=1)``.
+    """
+    _replace_durable(directory, name, json.dumps(content, indent=1).encode())
+    _fsync_dir(directory)
 
 
 class _SaveLock:
@@ -386,8 +258,6 @@ def save(estimator, path, *, overwrite=False):
     """
     from sklearn.utils.validation import check_is_fitted
 
-    from . import __version__
-
     check_is_fitted(estimator)
     # Writing a file that ``load`` refuses helps nobody: parameters fit
     # would reject (set with set_params) are refused here already.
@@ -399,7 +269,7 @@ def save(estimator, path, *, overwrite=False):
     reading = contextlib.ExitStack()
     reading.enter_context(index_lock(estimator).read())
     try:
-        params, attrs, arrays = _encode_estimator(estimator)
+        params, attrs, arrays = encode_estimator(estimator)
     except BaseException:
         reading.close()
         raise
@@ -431,7 +301,7 @@ def _save_locked(path, overwrite, header, arrays, reading):
     if not created:
         _check_target(path, overwrite)  # before the lock file is created
     lock = _SaveLock(path)
-    data_dir = tmp = None
+    data_dir = None
     switched = False
     written = []  # segment files this save created
     try:
@@ -446,9 +316,9 @@ def _save_locked(path, overwrite, header, arrays, reading):
         _fsync_dir(path)
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "data": data,
                     "header_sha256": header_sha}
-        tmp = os.path.join(path, f".{MANIFEST}.tmp-{secrets.token_hex(8)}")
-        _write_durable(tmp, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-        os.replace(tmp, os.path.join(path, MANIFEST))  # the switch
+        # The switch: ``write_json_atomic``'s steps, with the moment of the
+        # rename known (after it, the new data directory must stay).
+        _replace_durable(path, MANIFEST, json.dumps(manifest, indent=1).encode())
         switched = True
         _fsync_dir(path)
         _remove_leftovers(path, keep=data, version1=version1,
@@ -468,11 +338,6 @@ def _save_locked(path, overwrite, header, arrays, reading):
                 os.rmdir(os.path.join(path, SEGMENTS))  # if this save made it
             except OSError:
                 pass
-            if tmp is not None:
-                try:
-                    os.remove(tmp)
-                except OSError:
-                    pass
         raise
     finally:
         lock.release()
@@ -549,7 +414,7 @@ def _write_data(path, data_dir, header, arrays, previous, written):
     wrote_segments = False
     for i, (name, a) in enumerate(sorted(arrays.items())):
         fname = f"{i:03d}.npy"
-        if isinstance(a, _SegmentArray):
+        if isinstance(a, SegmentArray):
             if not os.path.isdir(os.path.join(path, SEGMENTS)):
                 os.mkdir(os.path.join(path, SEGMENTS))
                 _fsync_dir(path)
@@ -697,10 +562,6 @@ def load(path, *, mmap_mode=None, verify=True):
 
 
 def _load_from(path, data_dir, header_sha, mmap_mode, verify, expected):
-    from . import HNSWPQNeighbors, IVFPQNeighbors, PQNeighbors, PQTransformer
-
-    classes = {c.__name__: c for c in
-               (PQTransformer, PQNeighbors, IVFPQNeighbors, HNSWPQNeighbors)}
     header_path = os.path.join(data_dir, HEADER)
     raw = _read_small(header_path, MAX_HEADER_BYTES)
     if header_sha is not None and hashlib.sha256(raw).hexdigest() != header_sha:
@@ -714,7 +575,8 @@ def _load_from(path, data_dir, header_sha, mmap_mode, verify, expected):
             f"{path} has format version {version!r}; this pqsk reads versions "
             f"{READABLE_VERSIONS}. Re-save it with the pqsk that wrote it, or upgrade."
         )
-    cls = classes.get(header.get("class"))
+    name = header.get("class")
+    cls = _CLASSES.get(name) if isinstance(name, str) else None
     if cls is None:
         raise IndexFormatError(f"{path} holds an unknown class {header.get('class')!r}.")
     for key in ("params", "attributes", "arrays"):
@@ -726,7 +588,7 @@ def _load_from(path, data_dir, header_sha, mmap_mode, verify, expected):
                                          meta, mmap_mode, verify)
                   for name, meta in header["arrays"].items()}
         checksums = {name: meta["sha256"] for name, meta in header["arrays"].items()}
-        params = {k: _decode_value("param." + k, v, arrays)
+        params = {k: decode_value("param." + k, v, arrays)
                   for k, v in header["params"].items()}
         expected = {p for p in est.get_params(deep=False)
                     if _PARAMS_SINCE.get(p, 0) <= version or p in params}
@@ -741,10 +603,10 @@ def _load_from(path, data_dir, header_sha, mmap_mode, verify, expected):
             # (``_legacy_attributes``) are read into ``__dict__``, where
             # ``_check_loaded_state`` converts them.
             legacy = version < FORMAT_VERSION and k in getattr(cls, "_legacy_attributes", ())
-            if not _ATTRIBUTE.fullmatch(k) or (hasattr(cls, k) and not legacy) or k in params:
+            if not ATTRIBUTE.fullmatch(k) or (hasattr(cls, k) and not legacy) or k in params:
                 raise IndexFormatError(f"{path}: {k!r} is not an attribute an index has.")
-            value = _decode_value(k, v, arrays, checksums)
-            if k not in _NOT_SAVED:
+            value = decode_value(k, v, arrays, checksums)
+            if k not in NOT_SAVED:
                 est.__dict__[k] = value
     except IndexFormatError:
         raise
@@ -810,7 +672,7 @@ def _load_array(path, data_dir, name, meta, mmap_mode, verify):
     if not (isinstance(shape, list) and len(shape) <= MAX_NDIM
             and all(type(s) is int and s >= 0 for s in shape)):
         raise IndexFormatError(f"{where}: bad shape {shape!r}.")
-    if not (isinstance(dtype_str, str) and dtype_str in _DTYPES):
+    if not (isinstance(dtype_str, str) and dtype_str in DTYPES):
         raise IndexFormatError(
             f"{where}: dtype {dtype_str!r} is not one an index holds (in native byte order).")
     if not (isinstance(sha, str) and _SHA.fullmatch(sha)):
@@ -818,7 +680,7 @@ def _load_array(path, data_dir, name, meta, mmap_mode, verify):
     full = os.path.join(base, fname)
     if not os.path.isfile(full):
         raise IndexFormatError(f"{where} is missing ({fname}).")
-    shape, dtype = tuple(shape), _DTYPES[dtype_str]
+    shape, dtype = tuple(shape), DTYPES[dtype_str]
     try:
         file_shape, fortran, file_dtype, offset = _read_npy_header(full)
     except IndexFormatError as e:
@@ -856,7 +718,19 @@ def _load_array(path, data_dir, name, meta, mmap_mode, verify):
 
 class IndexIOMixin:
     """``save`` / ``load`` for pqsk estimators (see :mod:`pqsk._persist`),
-    and pickling under the index's read lock."""
+    and pickling under the index's read lock.
+
+    Every subclass defined in pqsk registers itself under its class name,
+    the name a saved header gives: :func:`load` finds the class to build
+    there.  Subclasses defined elsewhere are not registered (their files
+    do not load, as the class is not pqsk's).
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__module__.partition(".")[0] == __name__.partition(".")[0]:
+            if _CLASSES.setdefault(cls.__name__, cls) is not cls:
+                raise TypeError(f"two pqsk classes are named {cls.__name__!r}")
 
     def __getstate__(self):
         # Under the read lock, so that a pickle (or copy.deepcopy) taken
@@ -923,89 +797,3 @@ class IndexIOMixin:
                 f"{os.fspath(path)} holds a {type(est).__name__}, not a {cls.__name__}."
             )
         return est
-
-
-# -- checks used by the estimators' ``_check_loaded_state`` -------------------
-
-def require(cond, msg):
-    if not cond:
-        raise ValueError(msg)
-
-
-def check_scalar_int(value, name, lo, hi):
-    """``value`` is a Python int (not a bool) in [lo, hi)."""
-    require(type(value) is int and lo <= value < hi,
-            f"{name} must be an int in [{lo}, {hi}), got {value!r}")
-    return value
-
-
-def _check_shape(a, name, shape):
-    ok = a.ndim == len(shape) and all(s is None or s == t for s, t in zip(shape, a.shape))
-    require(ok, f"{name} has shape {a.shape}, expected "
-                f"({', '.join('n' if s is None else str(s) for s in shape)})")
-
-
-def check_int_array(a, name, shape, lo, hi, dtype=None):
-    """``a`` is an integer ndarray of ``shape`` (None: any length) and
-    ``dtype`` if given, C-contiguous in native byte order, with values in
-    [lo, hi)."""
-    require(isinstance(a, np.ndarray) and a.dtype.kind in "iu",
-            f"{name} must be an integer array")
-    if dtype is not None:
-        require(a.dtype == dtype, f"{name} has dtype {a.dtype}, expected {np.dtype(dtype)}")
-    require(a.flags.c_contiguous and a.dtype.isnative,
-            f"{name} must be C-contiguous in native byte order")
-    _check_shape(a, name, shape)
-    if a.size:
-        require(int(a.min()) >= lo and int(a.max()) < hi,
-                f"{name} has values outside [{lo}, {hi})")
-
-
-def check_float_array(a, name, shape, dtype, bound):
-    """``a`` is a C-contiguous native ndarray of exactly ``shape`` and
-    ``dtype``, finite, with every value in [-bound, bound]."""
-    require(isinstance(a, np.ndarray) and a.dtype == dtype,
-            f"{name} must be a {np.dtype(dtype)} array")
-    require(a.flags.c_contiguous and a.dtype.isnative,
-            f"{name} must be C-contiguous in native byte order")
-    _check_shape(a, name, shape)
-    if a.size:
-        lo, hi = float(a.min()), float(a.max())  # NaN propagates to both
-        require(np.isfinite(lo) and np.isfinite(hi), f"{name} contain NaN or infinity")
-        require(max(hi, -lo) <= bound,
-                f"{name} have values up to {max(hi, -lo):.3g}, beyond {bound:.3g} where "
-                "squared distances overflow")
-
-
-def check_bool_mask(a, name, n):
-    require(isinstance(a, np.ndarray) and a.dtype == np.bool_ and a.shape == (n,)
-            and a.flags.c_contiguous, f"{name} must be a bool array of shape ({n},)")
-
-
-def check_codebooks(est, max_codewords):
-    """Checks shared by every estimator's codebooks_: a 3-d float32 or
-    float64 array (m, k, ds) covering ``n_features_in_`` features, k at
-    most ``max_codewords``, finite.  Returns (m, k, ds); the range is
-    checked by the caller, which knows how the codebooks are used."""
-    d = check_scalar_int(est.n_features_in_, "n_features_in_", 1, 2**31)
-    cb = est.codebooks_
-    require(isinstance(cb, np.ndarray) and cb.dtype in (np.float32, np.float64)
-            and cb.ndim == 3, "codebooks_ must be a 3-d float32 or float64 array")
-    m, k, ds = cb.shape
-    # Sub-spaces of nearly equal widths (pqsk._quantizer): ds = ceil(d / m),
-    # the columns past a narrower sub-space's width zero.  Files written
-    # before uneven sub-spaces have m * ds == d, which passes as before.
-    require(1 <= m <= d and ds == -(-d // m),
-            f"codebooks_ of shape {cb.shape} do not cover n_features_in_={d}")
-    require(1 <= k <= max_codewords, f"codebooks_ hold {k} codewords per sub-space")
-    check_float_array(cb, "codebooks_", cb.shape, cb.dtype, np.inf)
-    narrow = range(d % m, m) if d % m else ()  # sub-spaces of ds - 1 features
-    require(not any(np.any(cb[j, :, ds - 1:]) for j in narrow),
-            "codebooks_ are not zero past the width of each sub-space")
-    check_scalar_int(est.n_iter_, "n_iter_", 0, 2**31)
-    names = getattr(est, "feature_names_in_", None)
-    if names is not None or hasattr(est, "feature_names_in_"):
-        require(isinstance(names, np.ndarray) and names.dtype == object
-                and names.shape == (d,) and all(isinstance(s, str) for s in names),
-                "feature_names_in_ must hold n_features_in_ strings")
-    return m, k, ds

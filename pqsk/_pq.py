@@ -11,9 +11,12 @@ from sklearn.base import (
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from . import _growable, _opq, _quantizer
-from ._base import (FLOAT_DTYPES, BasePQNeighbors, PQParamsMixin,
-                    check_anisotropic_state, check_range)
-from ._persist import IndexIOMixin, require
+from ._base import BasePQNeighbors
+from ._checks import (FLOAT_DTYPES, check_anisotropic_state, check_codebooks,
+                      check_float_array, check_int_array, check_range, check_scalar_int,
+                      require)
+from ._persist import IndexIOMixin
+from ._training import PQParamsMixin
 from ._utils import Progress, effective_n_threads, range_bound
 
 
@@ -328,8 +331,6 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         )
 
     def _check_loaded_state(self):
-        from ._persist import check_codebooks, check_float_array, check_scalar_int
-
         m, k, _ = check_codebooks(self, _quantizer.MAX_CODEWORDS)
         check_anisotropic_state(self)
         cb = self.codebooks_
@@ -575,8 +576,6 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         super().__setattr__(name, value)
 
     def _check_loaded_state(self):
-        from ._persist import check_float_array, check_int_array
-
         d = self.__dict__
         cb = d.get("codebooks_")
         require(not ("codes_" in d and "packed_codes_" in d),
@@ -618,11 +617,6 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
             require(not packed[-1, :, r:].any(), "padding of packed_codes_ is not 0")
         if m % 2 and nb:
             require(not (packed[:, -1, :] >> 4).any(), "padding of packed_codes_ is not 0")
-
-    def _fit_index(self, X, progress):
-        self.codebooks_ = self._fit_codebooks(X, progress)
-        self._start_empty()
-        self._add_rows(X, effective_n_threads(self.n_jobs), progress)
 
     def _start_empty(self):
         m, k = self.codebooks_.shape[:2]

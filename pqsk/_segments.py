@@ -43,6 +43,7 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
 from . import _growable
+from ._checks import checked_remove_ids
 from ._runtime import index_lock, index_writer, runtime
 
 # ``segment_size`` of IVFPQNeighbors and HNSWPQNeighbors: the most rows a
@@ -190,20 +191,6 @@ def positions(sorted_ids, ids):
     inside = pos < sorted_ids.shape[0]
     pos, ids = pos[inside], ids[inside]
     return pos[sorted_ids[pos] == ids]
-
-
-def checked_remove_ids(ids):
-    """The ids given to ``remove`` as a flat int64 array (possibly empty),
-    refusing non-integers and duplicates (the range is the caller's)."""
-    ids = np.asarray(ids)
-    if ids.size == 0:
-        return np.empty(0, dtype=np.int64)
-    if ids.dtype.kind not in "iu":
-        raise TypeError(f"ids must be integers, got dtype {ids.dtype}.")
-    ids = ids.ravel().astype(np.int64)
-    if np.unique(ids).size != ids.size:
-        raise ValueError("ids contain duplicates.")
-    return ids
 
 
 class SegmentTombstones:

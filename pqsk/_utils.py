@@ -18,7 +18,7 @@ from ._openmp import omp_max_threads
 def range_bound(n_features, dtype):
     """Largest absolute value whose squared distances cannot overflow ``dtype``
     over ``n_features`` features: ``sqrt(max / (4 D))``.  Used when data
-    come in (``_base.check_range``) and when a saved index is loaded."""
+    come in (``_checks.check_range``) and when a saved index is loaded."""
     return float(np.sqrt(np.finfo(dtype).max / (4 * max(1, int(n_features)))))
 
 

@@ -8,6 +8,12 @@ dask workers as the results of tasks, queries are tasks placed next to the
 shards, and a shard lost with its worker is recomputed by dask from the
 tasks that made it (its rows and the shared quantizers, or the saved
 directory it was loaded from).
+
+The pqsk estimators are used through the shard protocol of
+:class:`pqsk._base.BasePQNeighbors` (its ``_shard_*`` methods: train the
+quantizers on a sample, build a shard from them, prepare queries, search a
+shard, finish merged distances) and their public API only; this module
+imports no estimator module.
 """
 
 import contextlib
@@ -32,13 +38,13 @@ from sklearn.utils._param_validation import HasMethods, Interval
 from sklearn.utils.validation import check_is_fitted
 
 from . import _quantizer
-from ._base import BasePQNeighbors, _check_n_neighbors
-from ._hnswpq import HNSWPQNeighbors
-from ._ivfpq import POINTS_PER_LIST
+from ._base import BasePQNeighbors
+from ._checks import (check_enough_points, check_n_neighbors, check_self_query,
+                      checked_remove_ids)
 from ._persist import load as _load_index
-from ._pq import PQNeighbors
-from ._segments import checked_remove_ids, merge_topk
-from ._utils import Progress, effective_n_threads, openmp_region
+from ._persist import write_json_atomic
+from ._segments import merge_topk
+from ._utils import Progress
 
 __all__ = ["ShardedNeighbors"]
 
@@ -49,36 +55,22 @@ _NO_ID = np.iinfo(np.int64).max
 
 
 # -- tasks (run on the workers) ----------------------------------------------
+# They use the estimators through the shard protocol of BasePQNeighbors
+# (its ``_shard_*`` methods) only.
 
 def _checked_sample(est, chunk, rows):
     """Validate a chunk of ``fit`` input as ``fit`` does (its errors), and
     return its rows ``rows`` (the chunk's part of the training sample).
     ``est`` is None when the client validated the input already."""
     if est is not None:
-        clone(est)._validate_rows(chunk, reset=True)
+        clone(est)._shard_rows(chunk)
     return np.asarray(chunk[rows])
 
 
 def _checked_rows(template, chunk):
     """Validate a chunk of ``partial_fit`` input against the trained index."""
-    template._validate_rows(chunk, reset=False)
+    template._shard_rows(chunk)
     return chunk.shape[0]
-
-
-def _trainer(est):
-    """The estimator whose ``fit`` on the sample trains the quantizers: the
-    estimator itself, or for HNSW (whose quantizers are the codebooks alone)
-    a PQNeighbors with the same quantizer parameters, which does not build
-    a graph over the sample."""
-    if isinstance(est, HNSWPQNeighbors):
-        pq = PQNeighbors().get_params()
-        params = {k: v for k, v in est.get_params(deep=False).items() if k in pq}
-        return PQNeighbors(**{**params, "refine_factor": 0})
-    return clone(est)
-
-
-def _no_rows(*args, **kwargs):
-    """``_add_rows`` of a trainer: its ``fit`` indexes none of the sample."""
 
 
 def _train(est, train_n_jobs, n_rows, *parts):
@@ -90,10 +82,7 @@ def _train(est, train_n_jobs, n_rows, *parts):
     only: the sample's rows are not indexed (the shards index every row)."""
     parts = [p for p in parts if p.shape[0]]
     sample = np.concatenate(parts) if len(parts) > 1 else parts[0]
-    trainer = _trainer(est).set_params(n_jobs=-1 if train_n_jobs is None else train_n_jobs)
-    trainer._add_rows = _no_rows  # this throw-away instance only
-    trainer._sample_drawn_from = n_rows  # (IVF: the sample of a fit of n_rows)
-    return trainer.fit(sample)._trained_state()
+    return est._shard_train(sample, n_rows, train_n_jobs)
 
 
 def _rebuilt(quantizers):
@@ -101,7 +90,7 @@ def _rebuilt(quantizers):
     from (unfitted estimator, trained state): what the graph carries, as
     derived tables (IVF list terms) are bigger than the state."""
     est, state = quantizers
-    return clone(est)._fit_trained(state)
+    return clone(est)._shard_from_quantizers(state)
 
 
 def _rows(chunks):
@@ -113,7 +102,7 @@ def _build_shard(template, seed, *chunks):
     (local ids 0, 1, ...).  ``seed`` fixes the shard's own randomness (HNSW
     levels), so that a rebuild after a lost worker gives the same shard."""
     shard = clone(template).set_params(random_state=seed)
-    return shard._fit_trained(template._trained_state(), _rows(chunks))
+    return shard._shard_from_quantizers(template._shard_quantizers(), _rows(chunks))
 
 
 def _copy(shard):
@@ -153,10 +142,7 @@ def _view(shard, params):
         if view is None:
             if len(views) >= 8:
                 views.clear()
-            view = object.__new__(type(shard))
-            view.__dict__.update(shard.__dict__)
-            view.set_params(**params)
-            views[key] = view
+            view = views[key] = shard._shard_with_params(**params)
     return view
 
 
@@ -173,26 +159,22 @@ def _global(ind, ranges):
 def _search_shard(shard, Q, n_neighbors, params, ranges):
     """(raw distances, global ids) of the shard's ``n_neighbors`` best for
     the prepared queries Q, rows sorted by (distance, id)."""
-    view = _view(shard, params)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the client warned already
-        view._check_params_at_call()
-        n_threads = max(1, min(effective_n_threads(view.n_jobs), Q.shape[0]))
-        with openmp_region(n_threads):
-            dist, ind = view._search_refined(Q, n_neighbors, n_threads)
+        dist, ind = _view(shard, params)._shard_search(Q, n_neighbors)
     return dist, _global(ind, ranges)
 
 
 def _self_queries(shard, ranges):
     """(global ids, query vectors) standing for the shard's indexed points,
     as the single-machine ``kneighbors(X=None)`` makes them."""
-    Q = np.concatenate([q for _, q in shard._self_queries()])
+    Q = shard._shard_self_queries()
     ids = _global(np.arange(shard.n_samples_fit_), ranges)
     return ids, Q
 
 
 def _prepared(template, block):
-    return template._validate_queries(block)
+    return template._shard_prepare_queries(block)
 
 
 def _merged(n_neighbors, *parts):
@@ -201,7 +183,7 @@ def _merged(n_neighbors, *parts):
 
 def _merged_finished(template, n_neighbors, *parts):
     dist, ind = merge_topk(list(parts), n_neighbors)
-    return template._finish_distances(dist.copy()), ind
+    return template._shard_finish(dist), ind
 
 
 def _graph_block(ind, dist, n_fit, mode):
@@ -413,19 +395,8 @@ class ShardedNeighbors(BaseEstimator):
         n = X.shape[0]
         pieces = self.n_shards or max(1, len(_workers()) or 1)
         bounds = np.linspace(0, n, min(pieces, n) + 1).astype(np.int64)
-        raw = X.raw if hasattr(X, "raw") else X
-        chunks = [_literal(raw[a:b], "rows") for a, b in zip(bounds[:-1], bounds[1:])]
+        chunks = [_literal(X[a:b], "rows") for a, b in zip(bounds[:-1], bounds[1:])]
         return chunks, list(np.diff(bounds)), False
-
-    def _sample_size(self, est, n):
-        mts = est.max_train_samples
-        if mts is None:
-            return n
-        if mts != "auto":
-            return min(n, int(mts))
-        if hasattr(est, "n_lists"):
-            return min(n, POINTS_PER_LIST * est._resolve_n_lists(n))
-        return min(n, est._max_train_samples())
 
     # -- fit -----------------------------------------------------------------
     def fit(self, X, y=None):
@@ -453,16 +424,15 @@ class ShardedNeighbors(BaseEstimator):
         progress = Progress(est.verbose, type(self).__name__)
 
         def validate(A):
-            return clone(est)._validate_rows(A, reset=True)
+            return clone(est)._shard_rows(A)
 
         chunks, lengths, lazy = self._chunked(X, validate)
         n = int(sum(lengths))
         if n == 0:
             validate(np.zeros((0, 1)))  # the estimator's "0 sample(s)" error
-        if getattr(est, "n_lists", None) == "auto":  # as a single index of n rows
-            est.set_params(n_lists=est._resolve_n_lists(n))
+        est.set_params(**est._shard_params(n))  # as a single index of n rows
         rng = check_random_state(est.random_state)
-        n_sample = self._sample_size(est, n)
+        n_sample = est._shard_sample_size(n)
         # The rows a single index of X would train on (the same draw); the
         # IVF trainer repeats the draw to continue the same random stream:
         # with an integer random_state its quantizers are those of
@@ -481,7 +451,7 @@ class ShardedNeighbors(BaseEstimator):
         # The sample goes from the chunks' workers to the training task,
         # never through the client; every chunk is checked before it ends.
         trained = dask.compute(delayed(_train)(est, self.train_n_jobs, n, *parts))[0]
-        template = clone(est)._fit_trained(trained)
+        template = clone(est)._shard_from_quantizers(trained)
 
         groups = self._groups(lengths)
         seeds = rng.randint(np.iinfo(np.int32).max, size=len(groups))
@@ -542,7 +512,7 @@ class ShardedNeighbors(BaseEstimator):
         self._check_estimator()
         template = self.template_
         chunks, lengths, lazy = self._chunked(
-            X, lambda A: template._validate_rows(A, reset=False))
+            X, template._shard_rows)
         tpl = self._template_node(template)
         if lazy:  # NaN and range, before any shard changes
             dask.compute(*[delayed(_checked_rows)(tpl, c) for c in chunks])
@@ -581,7 +551,7 @@ class ShardedNeighbors(BaseEstimator):
     def _template_node(template):
         """The template as a node of the task graph (rebuilt on a worker
         from the trained state)."""
-        return delayed(_rebuilt)(_literal((clone(template), template._trained_state()),
+        return delayed(_rebuilt)(_literal((clone(template), template._shard_quantizers()),
                                           "quantizers"))
 
     def _seed(self):
@@ -648,33 +618,19 @@ class ShardedNeighbors(BaseEstimator):
     def _search_params(self):
         """The search parameters to send with a query, validated here (with
         the single-machine errors), and a view of the template having them."""
-        view = object.__new__(type(self.template_))
-        view.__dict__.update(self.template_.__dict__)
-        view.set_params(**{k: v for k, v in self.estimator.get_params(deep=False).items()
-                           if k != "random_state"})
-        view._check_params_at_call()
-        if hasattr(view, "_n_probe"):
-            view._n_probe()  # warns here when n_probe > n_lists
-        return {k: getattr(view, k) for k in view._search_params}, view
+        view = self.template_._shard_with_params(**{
+            k: v for k, v in self.estimator.get_params(deep=False).items()
+            if k != "random_state"})
+        return view._shard_search_params(), view
 
     def _n_neighbors(self, n_neighbors, view, n_queries, query_is_train):
         if n_neighbors is None:
             n_neighbors = view.n_neighbors
-        n_neighbors = _check_n_neighbors(n_neighbors)
-        n_fit = self.n_samples_fit_ - self.n_removed_
+        n_neighbors = check_n_neighbors(n_neighbors)
         if query_is_train:
-            if self.n_removed_:
-                raise ValueError(
-                    "kneighbors(X=None) queries every indexed point, but "
-                    f"{self.n_removed_} were removed; pass the query points as X.")
-            if n_neighbors + 1 > n_fit:
-                raise ValueError(
-                    f"Expected n_neighbors < n_samples_fit, but n_neighbors = "
-                    f"{n_neighbors}, n_samples_fit = {n_fit}, n_samples = {n_queries}")
-        elif n_neighbors > n_fit:
-            raise ValueError(
-                f"Expected n_neighbors <= n_samples_fit, but n_neighbors = "
-                f"{n_neighbors}, n_samples_fit = {n_fit}, n_samples = {n_queries}")
+            check_self_query(self.n_removed_, "kneighbors")
+        check_enough_points(n_neighbors, self.n_samples_fit_ - self.n_removed_, n_queries,
+                            query_is_train)
         return n_neighbors
 
     def _fan_out(self, Q, n_neighbors, params):
@@ -717,8 +673,8 @@ class ShardedNeighbors(BaseEstimator):
                 raise ValueError("X has chunks of unknown size; call "
                                  "X.compute_chunk_sizes() first.")
             # Width, dimensions and dtype: the estimator's errors, here.
-            template._validate_queries(np.zeros((1,) * (X.ndim - 1) + X.shape[1:],
-                                                X.dtype))
+            template._shard_prepare_queries(np.zeros((1,) * (X.ndim - 1) + X.shape[1:],
+                                                     X.dtype))
             k = self._n_neighbors(n_neighbors, view, X.shape[0], False)
             X = X.rechunk({1: -1})
             tpl = self._template_node(template)
@@ -727,16 +683,16 @@ class ShardedNeighbors(BaseEstimator):
                 Q = delayed(_prepared)(tpl, block)
                 d, i = delayed(_merged_finished, nout=2)(
                     tpl, k, *self._fan_out(Q, k, params))
-                dists.append(da.from_delayed(d, (nb, k), dtype=template._fit_dtype_))
+                dists.append(da.from_delayed(d, (nb, k), dtype=template._shard_dtype()))
                 inds.append(da.from_delayed(i, (nb, k), dtype=np.int64))
             dist, ind = da.concatenate(dists), da.concatenate(inds)
             return (dist, ind) if return_distance else ind
         else:
-            Q = template._validate_queries(X)
+            Q = template._shard_prepare_queries(X)
             k = self._n_neighbors(n_neighbors, view, Q.shape[0], False)
             merged = delayed(_merged)(k, *self._fan_out(_literal(Q, "queries"), k, params))
             dist, ind = dask.compute(merged)[0]
-            dist = template._finish_distances(dist.copy())
+            dist = template._shard_finish(dist)
         return (dist, ind) if return_distance else ind
 
     def _kneighbors_self(self, n_neighbors, view, params):
@@ -746,7 +702,7 @@ class ShardedNeighbors(BaseEstimator):
         for s, r in zip(self.shards_, self._ranges):
             ids_q = delayed(_self_queries, nout=2)(s, r)
             merged.append((ids_q[0], delayed(_merged)(k, *self._fan_out(ids_q[1], k, params))))
-        dist = np.empty((n, k), self.template_._fit_dtype_)
+        dist = np.empty((n, k), self.template_._shard_dtype())
         ind = np.empty((n, k), np.int64)
         for ids, (d, i) in dask.compute(*merged):
             dist[ids], ind[ids] = d, i
@@ -756,7 +712,7 @@ class ShardedNeighbors(BaseEstimator):
         mask[np.all(mask, axis=1), 0] = False
         ind = ind[mask].reshape(n, k - 1)
         dist = dist[mask].reshape(n, k - 1)
-        return self.template_._finish_distances(dist), ind
+        return self.template_._shard_finish(dist), ind
 
     def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):
         """The (weighted) graph of k-neighbors of the query points.
@@ -844,25 +800,28 @@ class ShardedNeighbors(BaseEstimator):
             raise FileExistsError(f"{path} exists and is not a sharded pqsk index.")
         data = f"data-{uuid.uuid4().hex}"
         os.makedirs(os.path.join(path, data))
+        with open(os.path.join(path, data, "removed.npy"), "xb") as f:
+            np.save(f, self._removed)
+            f.flush()
+            os.fsync(f.fileno())
         dirs = [os.path.join(data, f"shard-{j:05d}") for j in range(len(self.shards_))]
         dask.compute(*[delayed(_saved)(s, os.path.join(path, d))
                        for s, d in zip(self.shards_, dirs)])
+        # Each save fsyncs its files and the data directory (which names it).
         self.template_.save(os.path.join(path, data, "template"))
-        np.save(os.path.join(path, data, "removed.npy"), self._removed)
         content = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "data": data,
             "n_shards": self.n_shards, "n_samples_fit": int(self.n_samples_fit_),
             "shards": [{"dir": d, "ranges": r.tolist(), "live": int(live)}
                        for d, r, live in zip(dirs, self._ranges, self._live)],
         }
-        tmp = manifest + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(content, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, manifest)
+        write_json_atomic(path, MANIFEST, content)  # the switch
         if old is not None and old != data:
             shutil.rmtree(os.path.join(path, old), ignore_errors=True)
+        for entry in os.listdir(path):  # temporary manifests of killed saves
+            if entry.startswith(f".{MANIFEST}.tmp-"):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(path, entry))
         return self
 
     @classmethod

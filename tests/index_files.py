@@ -130,10 +130,10 @@ def write_version1(estimator, path):
     it before version 2 (commit 7281d14): header.json and the arrays in
     ``path`` itself, derived list terms included, no header checksum."""
     from pqsk import __version__
-    from pqsk._persist import _encode_value
+    from pqsk._header import encode_value
 
     arrays = {}
-    params = {k: _encode_value("param." + k, v, arrays)
+    params = {k: encode_value("param." + k, v, arrays)
               for k, v in estimator.get_params(deep=False).items()
               if k != "segment_size"}  # a parameter since format 3
     state = dict(vars(estimator))
@@ -144,7 +144,7 @@ def write_version1(estimator, path):
                          list_offsets_=estimator.list_offsets_)
         else:  # HNSW: one graph
             assert estimator.segments_ == (), "format 1 cannot hold sealed graphs"
-    attrs = {k: _encode_value(k, v, arrays) for k, v in state.items()
+    attrs = {k: encode_value(k, v, arrays) for k, v in state.items()
              if k not in params}
     os.mkdir(path)
     files = {}

@@ -60,7 +60,8 @@ def n_graphs(client):
 
 def reference(sharded, X):
     """One index of all the rows, built with the sharded index's quantizers."""
-    return clone(sharded.template_)._fit_trained(sharded.template_._trained_state(), X)
+    template = sharded.template_
+    return clone(template)._shard_from_quantizers(template._shard_quantizers(), X)
 
 
 def test_import_pqsk_does_not_import_dask():
@@ -301,7 +302,7 @@ def test_training_task_state_independent_of_threads_and_indexes_no_row(
     two = _train(make(), 2, len(X), X[:1500], X[1500:])
     _assert_same_state(one, two)
     # Training without indexing the sample gives the quantizers of a fit.
-    _assert_same_state(one, make().set_params(n_jobs=1).fit(X)._trained_state())
+    _assert_same_state(one, make().set_params(n_jobs=1).fit(X)._shard_quantizers())
 
 
 def _set_lloyd_threshold(value):
@@ -322,10 +323,10 @@ def test_train_n_jobs_on_the_cluster(client, coarse):
         old = client.run(_set_lloyd_threshold, threshold)
         old_here = _set_lloyd_threshold(threshold)
     try:
-        states = [ShardedNeighbors(ivf(), train_n_jobs=t).fit(chunks).template_._trained_state()
-                  for t in (1, None)]
+        states = [ShardedNeighbors(ivf(), train_n_jobs=t).fit(chunks)
+                  .template_._shard_quantizers() for t in (1, None)]
         # The sample is every row, in order: the quantizers of a local fit.
-        local = ivf().set_params(n_jobs=1).fit(X)._trained_state()
+        local = ivf().set_params(n_jobs=1).fit(X)._shard_quantizers()
     finally:
         if threshold is not None:
             client.run(_set_lloyd_threshold, next(iter(old.values())))
@@ -340,3 +341,21 @@ def test_train_n_jobs_on_the_cluster(client, coarse):
         with pytest.raises(ValueError, match="train_n_jobs"):
             ShardedNeighbors(ivf(), train_n_jobs=bad).fit(chunks)
     assert n_graphs(client) == before
+
+
+@pytest.mark.parametrize("max_train_samples", ["auto", None, 500, 100_000])
+@pytest.mark.parametrize("n", [300, 5000, 200_000])
+def test_shard_sample_size_is_what_a_fit_trains_on(max_train_samples, n):
+    # "auto": 256 rows per codeword (PQ, HNSW), per list (IVF); else the cap.
+    cap = {"auto": None, None: n}.get(max_train_samples, max_train_samples)
+    for est, auto in [(PQNeighbors(n_subspaces=4, n_codewords=16), 256 * 16),
+                      (HNSWPQNeighbors(n_subspaces=4, n_codewords=8), 256 * 8),
+                      (ivf(), 256 * 16)]:
+        est.set_params(max_train_samples=max_train_samples)
+        expected = min(n, auto if cap is None else cap)
+        assert est._shard_sample_size(n) == expected, type(est).__name__
+    # n_lists="auto": as a fit of n rows resolves it.
+    est = ivf(max_train_samples=max_train_samples).set_params(n_lists="auto")
+    assert est._shard_params(n) == {"n_lists": est._resolve_n_lists(n)}
+    if max_train_samples == "auto":
+        assert est._shard_sample_size(n) == min(n, 256 * est._resolve_n_lists(n))

@@ -11,9 +11,8 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 import pqsk
-from pqsk import HNSWPQNeighbors, IVFPQNeighbors, PQNeighbors, PQTransformer
-from pqsk import _opq, _quantizer
-from pqsk._persist import IndexFormatError
+from pqsk import (HNSWPQNeighbors, IndexFormatError, IVFPQNeighbors, PQNeighbors,
+                  PQTransformer, _opq, _quantizer)
 import index_files as files
 
 D = 32

@@ -717,3 +717,40 @@ def test_huge_sizes_are_rejected_without_allocating(tmp_path, key):
 
     files.edit_header(path, edit)
     _rejected(path, "inconsistent")
+
+
+@pytest.mark.parametrize("name", ["BasePQNeighbors", "ShardedNeighbors", "IndexIOMixin",
+                                  ["PQNeighbors"]])
+def test_a_class_no_estimator_registered_is_refused(tmp_path, name):
+    import hashlib
+
+    path = tmp_path / "index"
+    FACTORIES["pq"]().fit(X).save(path)
+    manifest = json.loads((path / "MANIFEST.json").read_text())
+    header = json.loads((path / manifest["data"] / "header.json").read_text())
+    header["class"] = name
+    raw = json.dumps(header, indent=1).encode()
+    (path / manifest["data"] / "header.json").write_bytes(raw)
+    manifest["header_sha256"] = hashlib.sha256(raw).hexdigest()
+    (path / "MANIFEST.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexFormatError, match="unknown class"):
+        pqsk.load(path)
+
+def test_write_json_atomic(tmp_path, monkeypatch):
+    from pqsk._persist import write_json_atomic
+
+    write_json_atomic(str(tmp_path), "m.json", {"a": 1})
+    write_json_atomic(str(tmp_path), "m.json", {"a": 2})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": 2}
+    assert os.listdir(tmp_path) == ["m.json"]
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_json_atomic(str(tmp_path), "m.json", {"a": 3})
+    monkeypatch.undo()
+    # The old content stays, and no temporary file is left.
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": 2}
+    assert os.listdir(tmp_path) == ["m.json"]
