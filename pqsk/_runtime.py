@@ -90,10 +90,14 @@ class Runtime:
     assembled : tuple or None
         IVF: (``segments_``, (codes, ids, list offsets)), the sealed
         segments as one sorted index (``codes_``, ``ids_``...).
+    views : dict
+        A shard of :mod:`pqsk.dask`: its copies with other search
+        parameters, by the sorted (name, value) pairs (see
+        ``pqsk.dask._view``, which guards it).
     """
 
     __slots__ = ("lock", "writer", "buffers", "checked_params", "segment_tombstones",
-                 "growing_tombstones", "build", "pending", "assembled")
+                 "growing_tombstones", "build", "pending", "assembled", "views")
 
     def __init__(self):
         self.lock = RWLock()
@@ -105,6 +109,7 @@ class Runtime:
         self.build = None
         self.pending = None
         self.assembled = None
+        self.views = {}
 
 
 _RUNTIMES = weakref.WeakKeyDictionary()  # owner -> Runtime

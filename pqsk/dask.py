@@ -24,7 +24,6 @@ import shutil
 import threading
 import uuid
 import warnings
-import weakref
 from numbers import Integral
 
 import dask
@@ -43,7 +42,8 @@ from ._checks import (check_enough_points, check_n_neighbors, check_self_query,
                       checked_remove_ids)
 from ._persist import load as _load_index
 from ._persist import write_json_atomic
-from ._segments import merge_topk
+from ._runtime import runtime
+from ._segments import NO_ID, merge_topk
 from ._utils import Progress
 
 __all__ = ["ShardedNeighbors"]
@@ -51,7 +51,6 @@ __all__ = ["ShardedNeighbors"]
 MANIFEST = "manifest.json"
 FORMAT = "pqsk-sharded"
 FORMAT_VERSION = 1
-_NO_ID = np.iinfo(np.int64).max
 
 
 # -- tasks (run on the workers) ----------------------------------------------
@@ -127,8 +126,7 @@ def _loaded(path):
     return _load_index(path)
 
 
-_VIEWS = weakref.WeakKeyDictionary()  # shard -> {search parameters: view}
-_VIEWS_LOCK = threading.Lock()
+_VIEWS_LOCK = threading.Lock()  # guards every shard's runtime(shard).views
 
 
 def _view(shard, params):
@@ -137,7 +135,7 @@ def _view(shard, params):
     that caches keyed by the estimator survive from one query to the next."""
     key = tuple(sorted(params.items()))
     with _VIEWS_LOCK:
-        views = _VIEWS.setdefault(shard, {})
+        views = runtime(shard).views
         view = views.get(key)
         if view is None:
             if len(views) >= 8:
@@ -149,7 +147,7 @@ def _view(shard, params):
 def _global(ind, ranges):
     """Local ids of a shard -> global ids.  ``ranges`` rows are (first
     local id, first global id, length), sorted by local id."""
-    out = np.full(ind.shape, _NO_ID, np.int64)
+    out = np.full(ind.shape, NO_ID, np.int64)
     ok = (ind >= 0) & (ind < ranges[-1, 0] + ranges[-1, 2]) if len(ranges) else ind < 0
     r = np.searchsorted(ranges[:, 0], ind[ok], side="right") - 1
     out[ok] = ind[ok] - ranges[r, 0] + ranges[r, 1]
