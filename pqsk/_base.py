@@ -29,7 +29,7 @@ from sklearn.utils._param_validation import (
 )
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from . import _growable, _opq, _quantizer
+from . import _growable, _opq, _quantizer, _reorder, _scorers
 from ._filter import check_filter
 from ._persist import check_int_array, require
 from ._store import FitRows, RowStore, chunk_slices, rows_per_chunk
@@ -404,8 +404,8 @@ class RefitMixin:
                 part = raw = source.take(ids[rows])
                 if offset is not None:
                     part = part - offset(rows)
-                out[rows] = _quantizer.encode(part, codebooks, n_threads, directions=raw,
-                                              **self._anisotropic_kw())
+                out[rows] = _scorers.encode(part, codebooks, n_threads, directions=raw,
+                                            **self._anisotropic_kw())
             return out
 
         state, replaced = self._refit_state(codebooks, recode, progress)
@@ -1042,10 +1042,10 @@ class BasePQNeighbors(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         if self.refine_factor > 0:
             # Only the candidate rows are read from the row store; stored
             # rows are raw, so cosine normalises them here.
-            return _quantizer.exact_rerank(Q, self.vectors_, ind, n_neighbors,
-                                           self._inner_product,
-                                           unit_norm=self.effective_metric_ == "cosine",
-                                           n_threads=n_threads)
+            return _reorder.exact_rerank(Q, self.vectors_, ind, n_neighbors,
+                                         self._inner_product,
+                                         unit_norm=self.effective_metric_ == "cosine",
+                                         n_threads=n_threads)
         return dist.astype(self._fit_dtype_, copy=False), ind
 
     def _self_queries(self):

@@ -10,7 +10,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 
 from sklearn.utils.validation import check_is_fitted
 
-from . import _growable, _quantizer
+from . import _growable, _partition, _quantizer, _scorers
 from ._base import BasePQNeighbors, PQParamsMixin, RefitMixin, RemovalMixin
 from ._persist import IndexIOMixin, require
 from ._segments import DEFAULT_SEGMENT_SIZE, SEGMENT_PARAMETER_CONSTRAINTS, Segment
@@ -72,9 +72,7 @@ def _empty_growing(m, code_dtype, id_dtype):
 def _packs(m, k):
     """Whether sealed segments store their codes packed for the 4-bit
     fast-scan kernels (n_codewords = 16, m <= ``_fastscan.MAX_SUBSPACES``)."""
-    from . import _fastscan
-
-    return k == 16 and m <= _fastscan.MAX_SUBSPACES
+    return _scorers.packs4(m, k)
 
 
 def _segment(codes, ids, offsets, meta, pack):
@@ -86,7 +84,7 @@ def _segment(codes, ids, offsets, meta, pack):
     in blocks ``list_blocks[l]:list_blocks[l + 1]``), no codes."""
     if not pack:
         return Segment({"codes": codes, "ids": ids, "list_offsets": offsets}, meta)
-    packed, blocks = _quantizer.pack_lists4(codes, offsets)
+    packed, blocks = _scorers.pack_lists4(codes, offsets)
     return Segment({"packed": packed, "ids": ids, "list_offsets": offsets,
                     "list_blocks": blocks}, meta)
 
@@ -101,7 +99,7 @@ def _segment_codes(seg, m=None):
         return seg["codes"]
     if m is None:
         raise ValueError("unpacking needs n_subspaces")
-    return _quantizer.unpack_lists4(seg["packed"], seg["list_offsets"], seg["list_blocks"], m)
+    return _scorers.unpack_lists4(seg["packed"], seg["list_offsets"], seg["list_blocks"], m)
 
 
 def _sealed(codes, ids, lists, n_lists, lo, hi, pack=False):
@@ -529,7 +527,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         coarse_rows = _quantizer.subsample_rows(train_rows, n, POINTS_PER_LIST * n_lists, rng)
         progress(f"training the coarse quantizer: {n_lists} lists on "
                  f"{n if coarse_rows is None else coarse_rows.shape[0]} rows")
-        centroids, _ = _quantizer.train_coarse(
+        centroids, _ = _partition.train_coarse(
             X, n_lists, rows=coarse_rows, max_iter=self.coarse_max_iter, tol=self.tol,
             random_state=rng, n_threads=n_threads,
         )
@@ -537,7 +535,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         # 256 * n_codewords of) the training rows.
         pq_train = _quantizer.gather_rows(X, _quantizer.subsample_rows(
             train_rows, n, self._max_train_samples(), rng))
-        residuals = pq_train - centroids[_quantizer.assign(pq_train, centroids)]
+        residuals = pq_train - centroids[_partition.assign(pq_train, centroids)]
         # The anisotropic loss has the direction of the row, not the residual's.
         codebooks = self._fit_codebooks(
             residuals, progress,
@@ -558,8 +556,8 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         m, k = codebooks.shape[:2]
         self._list_terms = (
             np.empty((0, m, k), dtype=codebooks.dtype)
-            if self._ip_tables else _quantizer.list_terms(self.cluster_centers_,
-                                                              codebooks)
+            if self._ip_tables else _partition.list_terms(self.cluster_centers_,
+                                                          codebooks)
         )
         self.segments_ = ()
         self.__dict__.update(_empty_growing(m, _quantizer.code_dtype(k), np.int32))
@@ -576,9 +574,9 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         first_id = self.n_samples_fit_  # ids continue, removed ones included
         b = X.shape[0]
         # X (a FitRows) is read once, chunk by chunk.
-        labels, codes = _quantizer.assign_encode(progress.rows(X, "encoding"),
-                                                 self.cluster_centers_, self.codebooks_,
-                                                 n_threads, **self._anisotropic_kw())
+        labels, codes = _scorers.assign_encode(progress.rows(X, "encoding"),
+                                               self.cluster_centers_, self.codebooks_,
+                                               n_threads, **self._anisotropic_kw())
         n_total = first_id + b
         id_dtype = np.dtype(np.int32 if n_total < 2**31 else np.int64)
         new_ids = np.arange(first_id, n_total, dtype=id_dtype)
@@ -762,7 +760,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         if self._ip_tables:
             self._list_terms = np.empty((0, m, k), dtype=dtype)
         else:
-            self._list_terms = _quantizer.list_terms(self.cluster_centers_, cb)
+            self._list_terms = _partition.list_terms(self.cluster_centers_, cb)
         # Every live id stored exactly once, segments and growing part
         # together (removed ones may stay as tombstones until compacted).
         self._check_growing_state()
@@ -828,9 +826,9 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         require(isinstance(packed, np.ndarray) and packed.dtype == np.uint8
                 and packed.shape == (nb, half, 32),
                 f"{where}: packed must be uint8 of shape ({nb}, {half}, 32)")
-        padded = _quantizer.unpack_codes4(packed, nb * 32, 2 * half)
+        padded = _scorers.unpack_codes4(packed, nb * 32, 2 * half)
         real = np.zeros(nb * 32, dtype=bool)
-        real[_quantizer.list_rows4(off, blocks)] = True
+        real[_scorers.list_rows4(off, blocks)] = True
         require(not padded[~real].any() and not padded[:, m:].any(),
                 f"{where}: padding codes of packed blocks must be 0")
 
@@ -964,7 +962,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
     def _refit_training_rows(self, sample):
         # The codebooks quantize residuals: train on the sample's.
         centroids = self.cluster_centers_
-        return sample - centroids[_quantizer.assign(sample, centroids)]
+        return sample - centroids[_partition.assign(sample, centroids)]
 
     def _refit_state(self, codebooks, recode, progress):
         centroids = self.cluster_centers_
@@ -978,7 +976,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
         g_lists = self.growing_lists_
         growing = recode(self.growing_ids_, lambda rows: centroids[g_lists[rows]])
         terms = (np.empty((0,) + codebooks.shape[:2], dtype=codebooks.dtype)
-                 if self._ip_tables else _quantizer.list_terms(centroids, codebooks))
+                 if self._ip_tables else _partition.list_terms(centroids, codebooks))
         counts = _DEAD_COUNTS.setdefault(self, {})
         old = self._dead_counts()
         for new, seg in zip(segments, self.segments_):
@@ -1012,8 +1010,8 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
             sizes += np.diff(s["list_offsets"])
         n_probe = min(self._n_probe(), self.n_lists_)
         caps = np.empty(Q.shape[0], dtype=np.int64)
-        for sl in chunk_slices(Q.shape[0], _quantizer.chunk_rows(self.n_lists_)):
-            coarse = _quantizer.coarse_terms(Q[sl], self.cluster_centers_,
+        for sl in chunk_slices(Q.shape[0], _partition.chunk_rows(self.n_lists_)):
+            coarse = _partition.coarse_terms(Q[sl], self.cluster_centers_,
                                              self._inner_product)
             probed = np.argpartition(coarse, n_probe - 1, axis=1)[:, :n_probe]
             caps[sl] = sizes[probed].sum(axis=1)
@@ -1042,25 +1040,25 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, RemovalMixin, PQParamsMixin,
                     for s in self.segments_]
         deleted = self.removed_.view(np.uint8) if self._n_dead() else None
         # Chunks bound the (rows, n_lists) coarse table.
-        step = _quantizer.chunk_rows(self.n_lists_)
+        step = _partition.chunk_rows(self.n_lists_)
         for sl in chunk_slices(Q.shape[0], step):
             stride = 0
             if blocked is not None:  # filtered: removed or not allowed, by id
                 part = blocked.take(sl)
                 deleted, stride = part.mask, part.stride
             if l2_probes:
-                coarse, bias = _quantizer.coarse_terms_l2_ip(Q[sl], self.cluster_centers_)
+                coarse, bias = _partition.coarse_terms_l2_ip(Q[sl], self.cluster_centers_)
             else:
-                coarse, bias = _quantizer.coarse_terms(Q[sl], self.cluster_centers_, ip), None
-            dist[sl], ind[sl] = _quantizer.ivf_search(
+                coarse, bias = _partition.coarse_terms(Q[sl], self.cluster_centers_, ip), None
+            dist[sl], ind[sl] = _scorers.ivf_search(
                 Q[sl], coarse, self.codebooks_, self._list_terms, segments,
                 n_candidates, n_probe, ip, n_threads, centroids=self.cluster_centers_,
                 growing=growing, deleted=deleted,
-                fastscan_margin=_quantizer.FASTSCAN_MARGIN,
+                fastscan_margin=_scorers.FASTSCAN_MARGIN,
                 # Where the margin covers the worst-case rounding (m <= 2) the
                 # re-checked scan is exact at no extra cost; elsewhere it is
                 # approximate anyway and the estimates are cheaper.
-                fastscan_estimate=0.5 * self._m() + 1 > _quantizer.FASTSCAN_MARGIN,
+                fastscan_estimate=0.5 * self._m() + 1 > _scorers.FASTSCAN_MARGIN,
                 fastscan_rescore=not ranking_only, deleted_stride=stride,
                 coarse_bias=bias,
             )

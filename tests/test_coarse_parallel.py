@@ -1,4 +1,4 @@
-"""The coarse k-means in fixed tasks (pqsk._quantizer.train_coarse_streamed):
+"""The coarse k-means in fixed tasks (pqsk._partition.train_coarse_streamed):
 its Lloyd pass against a naive oracle, its results independent of the thread
 count and of where the sample lives, and train_coarse's choice of path."""
 
@@ -7,7 +7,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.datasets import make_blobs
 
-from pqsk import IVFPQNeighbors, _quantizer
+from pqsk import IVFPQNeighbors, _partition, _quantizer
 from pqsk._store import FitRows, chunk_slices
 
 rng = np.random.RandomState(7)
@@ -57,14 +57,14 @@ def _naive_lloyd_pass(A, centroids, task_rows, n_far):
 
 
 def _serial_tasks(fn, read, size):
-    for sl in chunk_slices(size, _quantizer.STREAM_TASK_ROWS):
+    for sl in chunk_slices(size, _partition.STREAM_TASK_ROWS):
         yield fn(read(sl))
 
 
 @pytest.mark.parametrize("n_far", [64, 2])
 def test_lloyd_pass_matches_the_naive_oracle(monkeypatch, n_far):
-    monkeypatch.setattr(_quantizer, "STREAM_TASK_ROWS", 70)  # several tasks
-    monkeypatch.setattr(_quantizer, "STREAM_FAR", n_far)
+    monkeypatch.setattr(_partition, "STREAM_TASK_ROWS", 70)  # several tasks
+    monkeypatch.setattr(_partition, "STREAM_FAR", n_far)
     A = rng.randn(300, 5)
     A[200:260, 4] += 100.0
     # Far rows at exactly the same distance (1600) from the centre at the
@@ -77,7 +77,7 @@ def test_lloyd_pass_matches_the_naive_oracle(monkeypatch, n_far):
     # no row is near (empty: more than the kept rows when n_far=2).
     centroids = np.vstack([np.zeros(5), A[230], A[5], 1e4 + np.arange(12)[:, None]
                            * np.ones((12, 5))])
-    got, shift = _quantizer._lloyd_pass(_serial_tasks, lambda sl: A[sl], 300, centroids)
+    got, shift = _partition._lloyd_pass(_serial_tasks, lambda sl: A[sl], 300, centroids)
     want, want_shift, n_empty = _naive_lloyd_pass(A, centroids, 70, n_far)
     assert n_empty >= 12
     assert_allclose(got, want, rtol=1e-12, atol=1e-12)
@@ -87,8 +87,8 @@ def test_lloyd_pass_matches_the_naive_oracle(monkeypatch, n_far):
 def test_lloyd_pass_in_float32_matches_the_oracle_up_to_rounding():
     X = _blobs(2000, 8)
     centroids = X[rng.choice(2000, 30, replace=False)]
-    got, _ = _quantizer._lloyd_pass(_serial_tasks, lambda sl: X[sl], 2000, centroids)
-    want, _, _ = _naive_lloyd_pass(X, centroids, _quantizer.STREAM_TASK_ROWS, 64)
+    got, _ = _partition._lloyd_pass(_serial_tasks, lambda sl: X[sl], 2000, centroids)
+    want, _, _ = _naive_lloyd_pass(X, centroids, _partition.STREAM_TASK_ROWS, 64)
     assert got.dtype == np.float32
     assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -96,12 +96,12 @@ def test_lloyd_pass_in_float32_matches_the_oracle_up_to_rounding():
 # -- the same centroids whatever the threads and the source -----------------------------
 
 def test_coarse_lloyd_is_the_same_for_any_threads_gather_and_source(tmp_path, monkeypatch):
-    monkeypatch.setattr(_quantizer, "STREAM_TASK_ROWS", 256)  # 11 tasks per pass
+    monkeypatch.setattr(_partition, "STREAM_TASK_ROWS", 256)  # 11 tasks per pass
     X = _blobs(3000, 12)
     Xn = np.asarray(FitRows(X, np.float32, True))  # normalised as the memmap's rows
     rows = np.sort(rng.choice(3000, 2700, replace=False))
     mm = _memmap(tmp_path, X)
-    runs = [_quantizer.train_coarse_streamed(src, rows, 20, max_iter=10, random_state=3,
+    runs = [_partition.train_coarse_streamed(src, rows, 20, max_iter=10, random_state=3,
                                              n_threads=t, gather=g)
             for src, t, g in ((Xn, 1, False), (Xn, 2, False), (Xn, 3, True), (Xn, 1, True),
                               (FitRows(mm, np.float32, True), 2, True),
@@ -118,11 +118,11 @@ def test_coarse_lloyd_is_as_good_as_kmeans():
     X = _blobs(6000, 16, seed=1)
 
     def inertia(c):
-        return float(((X - c[_quantizer.assign(X, c)]) ** 2).sum())
+        return float(((X - c[_partition.assign(X, c)]) ** 2).sum())
 
     ratios = []
     for seed in range(3):
-        lloyd, _ = _quantizer.train_coarse_streamed(X, None, 40, max_iter=10,
+        lloyd, _ = _partition.train_coarse_streamed(X, None, 40, max_iter=10,
                                                     random_state=seed, gather=True)
         with _quantizer.one_openmp_thread():
             km, _, _ = _quantizer.fit_kmeans(X, 40, max_iter=10, random_state=seed)
@@ -140,15 +140,15 @@ def test_coarse_lloyd_is_as_good_as_kmeans():
 ])
 def test_train_coarse_chooses_by_size_never_by_threads(monkeypatch, n_train, n_lists, path):
     calls = []
-    monkeypatch.setattr(_quantizer, "fit_kmeans",
+    monkeypatch.setattr(_partition, "fit_kmeans",
                         lambda X, k, **kw: calls.append(("kmeans", X.shape[0])) or (X[:k], 0, None))
-    monkeypatch.setattr(_quantizer, "train_coarse_streamed",
+    monkeypatch.setattr(_partition, "train_coarse_streamed",
                         lambda X, rows, k, gather, **kw: calls.append(
                             ("gathered" if gather else "streamed", kw["n_threads"])) or (X[:k], 0))
     X = np.zeros((1, 2), np.float32)
     rows = np.zeros(n_train, dtype=np.intp)  # row numbers only: nothing is computed
     for t in (1, 2):
-        _quantizer.train_coarse(X, n_lists, rows=rows, random_state=0, n_threads=t)
+        _partition.train_coarse(X, n_lists, rows=rows, random_state=0, n_threads=t)
     assert [c[0] for c in calls] == [path, path]
     if path != "kmeans":
         assert [c[1] for c in calls] == [1, 2]  # threads passed on
@@ -162,8 +162,8 @@ def test_ivfpq_fit_on_the_lloyd_path_is_independent_of_n_jobs(monkeypatch):
                               metric="cosine", random_state=0, n_jobs=n_jobs).fit(X)
 
     kmeans = fit(1)
-    monkeypatch.setattr(_quantizer, "LLOYD_THRESHOLD", 0)
-    monkeypatch.setattr(_quantizer, "STREAM_TASK_ROWS", 512)
+    monkeypatch.setattr(_partition, "LLOYD_THRESHOLD", 0)
+    monkeypatch.setattr(_partition, "STREAM_TASK_ROWS", 512)
     a, b = fit(1), fit(2)
     assert not np.array_equal(a.cluster_centers_, kmeans.cluster_centers_)  # path switched
     for name in ("cluster_centers_", "codebooks_", "codes_", "ids_", "list_offsets_"):

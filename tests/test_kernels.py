@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
-from pqsk import _adc, _naive, _quantizer
+from pqsk import _adc, _naive, _quantizer, _scorers
 
 rng = np.random.RandomState(42)
 
@@ -79,7 +79,7 @@ def test_search_matches_oracle(dtype, inner_product, n_threads):
     cb = _random_codebooks(m, k, ds, dtype)
     codes = rng.randint(0, k, size=(500, m)).astype(np.uint8)
     Q = rng.randn(20, m * ds).astype(dtype)
-    dist, idx = _quantizer.adc_search(Q, cb, codes, 10, inner_product, n_threads)
+    dist, idx = _scorers.adc_search(Q, cb, codes, 10, inner_product, n_threads)
     d_ref, i_ref = _naive.adc_scan(_naive.adc_tables(Q, cb, inner_product), codes, 10)
     rtol = 1e-5 if dtype == np.float32 else 1e-12
     assert_allclose(dist, d_ref, rtol=rtol, atol=rtol)
