@@ -159,8 +159,8 @@ def test_largest_m_uses_the_whole_uint16_range(isa):
         _check_same(Q, cb, codes, k, False)
     with pytest.raises(ValueError, match="at most 257"):
         _scorers.fastscan_search(np.zeros((1, m + 1)), np.zeros((m + 1, 16, 1)),
-                                   _scorers.pack_codes4(np.zeros((1, m + 1), np.uint8)),
-                                   1, 1)
+                                 _scorers.pack_codes4(np.zeros((1, m + 1), np.uint8)),
+                                 1, 1)
 
 
 def test_empty_and_too_few_codes(isa):
@@ -168,7 +168,7 @@ def test_empty_and_too_few_codes(isa):
     cb = rng.randn(3, 16, 2).astype(np.float32)
     Q = rng.randn(4, 6).astype(np.float32)
     d, i = _scorers.fastscan_search(Q, cb, _scorers.pack_codes4(np.zeros((0, 3), np.uint8)),
-                                      0, 4)
+                                    0, 4)
     assert np.all(i == INT64_MAX) and np.all(np.isposinf(d))
     codes = rng.randint(0, 16, size=(2, 3)).astype(np.uint8)
     _check_same(Q, cb, codes, 5, False)
@@ -290,7 +290,7 @@ def test_pqneighbors_16_codewords_searches_packed_codes(isa, metric, m):
     assert_array_equal(codes, _quantizer.encode(nn._prepare(X), nn.codebooks_))
     # kneighbors == the float ADC search over the unpacked codes.
     d_ref, i_ref = _scorers.adc_search(nn._prepare(Q), nn.codebooks_, codes, 7,
-                                         metric == "dot")
+                                       metric == "dot")
     d, i = nn.kneighbors(Q)
     assert_array_equal(i, i_ref)
     assert_array_equal(d, nn._finish_distances(d_ref.copy()))

@@ -274,7 +274,7 @@ def test_kernel_wrappers_refuse_short_masks():
         _scorers.adc_search(Q, cb, codes, 3, blocked=Blocked(np.zeros(49, np.uint8), 0, 49))
     with pytest.raises(ValueError, match="does not cover"):
         _scorers.adc_search(Q, cb, codes, 3,
-                              blocked=Blocked(np.zeros(50 * 11, np.uint8), 50, 50))
+                            blocked=Blocked(np.zeros(50 * 11, np.uint8), 50, 50))
 
 
 @pytest.mark.parametrize("key", ["hnsw", "hnsw_segments"])

@@ -349,17 +349,17 @@ def test_packed_scan_equals_unpacked_scan(isa, dtype, metric, m):
                             growing=(g_codes, g_ids, g_lists), deleted=dead)
                 ref = _scorers.ivf_search(Qr, coarse, cb, terms, plain, k, n_probe, **args)
                 got = _scorers.ivf_search(Qr, coarse, cb, terms, packed, k, n_probe,
-                                            **args)
+                                          **args)
                 assert_array_equal(got[1], ref[1])
                 assert_array_equal(got[0], ref[0])
                 # Mixed: one packed segment, one plain.
                 mixed = _scorers.ivf_search(Qr, coarse, cb, terms, [packed[0], plain[1]],
-                                              k, n_probe, **args)
+                                            k, n_probe, **args)
                 assert_array_equal(mixed[1], ref[1])
                 # The estimators' margin: the same but for near ties.
                 fast = _scorers.ivf_search(Qr, coarse, cb, terms, packed, k, n_probe,
-                                             fastscan_margin=_scorers.FASTSCAN_MARGIN,
-                                             **args)
+                                           fastscan_margin=_scorers.FASTSCAN_MARGIN,
+                                           **args)
                 assert np.mean(fast[1] == ref[1]) >= 0.99
 
 
@@ -375,7 +375,7 @@ def test_packed_segment_arrays_are_checked():
                 (np.ascontiguousarray(packed[:, :1]), ids, offsets, blocks)]:
         with pytest.raises(ValueError, match="packed segment"):
             _scorers.ivf_search(Qr, coarse, cb, np.empty((0, 4, 16), np.float32), [seg], 3,
-                                  1, True)
+                                1, True)
 
 
 # -- the estimator against the exact oracle ---------------------------------------

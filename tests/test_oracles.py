@@ -204,7 +204,7 @@ def test_adc_search_matches_twin(metric, code_dtype, dtype, data):
     n = codes.shape[0]
     kn = data.draw(st.integers(1, n + 3))
     dist, idx = _scorers.adc_search(Q, codebooks, codes, kn, ip,
-                                      n_threads=data.draw(st.integers(1, 2)))
+                                    n_threads=data.draw(st.integers(1, 2)))
     assert dist.dtype == dtype and idx.dtype == np.int64 and dist.shape == (Q.shape[0], kn)
     tables = _naive.adc_tables(Q, codebooks, ip)
     x_hat = _naive.decode(codes.astype(np.int64), codebooks)
@@ -277,8 +277,8 @@ def test_ivf_search_matches_twin(metric, code_dtype, dtype, data):
         # is built from the residual query.
         terms = terms[:0]
     dist, idx = _scorers.ivf_search(Q, coarse, codebooks, terms, segments,
-                                      kn, n_probe, ip, n_threads=data.draw(st.integers(1, 2)),
-                                      centroids=centroids)
+                                    kn, n_probe, ip, n_threads=data.draw(st.integers(1, 2)),
+                                    centroids=centroids)
     assert dist.dtype == dtype and idx.dtype == np.int64 and dist.shape == (Q.shape[0], kn)
     keys = code_keys(codes, lists)
     key_of = dict(zip(ids.tolist(), keys.tolist()))

@@ -1,5 +1,5 @@
-"""The exact re-ranking kernel (pqsk._rerank) against its oracle
-(pqsk._naive.exact_rerank): row parts of a RowStore and memory-mapped
+"""The reorder stage: pqsk._reorder.exact_rerank (kernel pqsk._rerank)
+against its oracle (pqsk._naive.exact_rerank): row parts of a RowStore and memory-mapped
 files, cosine scaling (zero rows included), inner products, empty and
 out-of-range candidate ids, one and two threads."""
 

@@ -1,13 +1,17 @@
-"""The coarse k-means in fixed tasks (pqsk._partition.train_coarse_streamed):
-its Lloyd pass against a naive oracle, its results independent of the thread
-count and of where the sample lives, and train_coarse's choice of path."""
+"""The partition stage (pqsk._partition).
+
+The coarse k-means in fixed tasks (train_coarse_streamed): its Lloyd pass
+against a naive oracle, its results independent of the thread count and of
+where the sample lives, and train_coarse's choice of path; the assignment
+to lists and the coarse and list terms against pqsk._naive and brute force.
+"""
 
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.datasets import make_blobs
 
-from pqsk import IVFPQNeighbors, _partition, _quantizer
+from pqsk import IVFPQNeighbors, _naive, _partition, _quantizer
 from pqsk._store import FitRows, chunk_slices
 
 rng = np.random.RandomState(7)
@@ -169,3 +173,65 @@ def test_ivfpq_fit_on_the_lloyd_path_is_independent_of_n_jobs(monkeypatch):
     for name in ("cluster_centers_", "codebooks_", "codes_", "ids_", "list_offsets_"):
         assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
     assert_array_equal(a.kneighbors(X[:50])[1], b.kneighbors(X[:50])[1])
+
+
+# -- assignment, coarse and list terms -----------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_assign_is_the_nearest_centroid(dtype):
+    X = _blobs(700, 6, seed=4).astype(dtype)
+    C = X[rng.choice(700, 30, replace=False)] + rng.randn(30, 6).astype(dtype)
+    d = ((X[:, None, :].astype(np.float64) - C[None].astype(np.float64)) ** 2).sum(-1)
+    labels = _partition.assign(X, C)
+    assert labels.dtype == np.int64 and labels.shape == (700,)
+    # Ties up to rounding aside, the L2-nearest centroid.
+    best = d[np.arange(700), labels]
+    assert_allclose(best, d.min(axis=1), rtol=1e-5, atol=1e-5)
+    assert (labels == d.argmin(axis=1)).mean() > 0.99
+    # Given buffers (a pass over chunks): the same labels.
+    out = np.empty(700, dtype=np.intp)
+    block = np.empty((64, 30), dtype=dtype)
+    c_norms = np.einsum("ij,ij->i", C, C)
+    _partition.assign(X, C, out=out, c_norms=c_norms, block=block)
+    assert_array_equal(out, labels)
+
+
+@pytest.mark.parametrize("inner_product", [False, True])
+def test_coarse_terms_match_the_oracle(inner_product):
+    Q = rng.randn(9, 8)
+    C = rng.randn(13, 8)
+    got = _partition.coarse_terms(Q, C, inner_product)
+    assert_allclose(got, _naive.coarse_terms(Q, C, inner_product), rtol=1e-10, atol=1e-10)
+
+
+def test_coarse_terms_l2_ip_rank_as_l2_and_score_as_ip():
+    Q = rng.randn(9, 8)
+    C = rng.randn(13, 8)
+    rank, bias = _partition.coarse_terms_l2_ip(Q, C)
+    # The ranking terms are ||q - c||^2 without the query's ||q||^2.
+    l2 = _naive.coarse_terms(Q, C, False)
+    assert_allclose(rank + (Q ** 2).sum(1)[:, None], l2, rtol=1e-10, atol=1e-10)
+    assert_allclose(bias, _naive.coarse_terms(Q, C, True), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("d,m", [(12, 4), (10, 4)])
+def test_list_terms_are_the_list_part_of_the_l2_table(d, m, monkeypatch):
+    """||q - c - r||^2 = ||q - c||^2 - 2 <q, r> + (||r||^2 + 2 <c, r>): the
+    list terms are the last part, block by block."""
+    k = 8
+    cb = _quantizer.zero_padding(rng.randn(m, k, -(-d // m)), d)
+    C = rng.randn(5, d)
+    terms = _partition.list_terms(C, cb)
+    assert terms.shape == (5, m, k) and terms.dtype == cb.dtype
+    blocks = _quantizer.pad_features(C, m).reshape(5, m, -1)
+    want = (cb ** 2).sum(-1)[None] + 2 * np.einsum("ljd,jkd->ljk", blocks, cb)
+    assert_allclose(terms, want, rtol=1e-12, atol=1e-12)
+    # Beyond the memory cap the search builds each table from the residual query.
+    monkeypatch.setattr(_partition, "LIST_TERMS_MAX_BYTES", 0)
+    assert _partition.list_terms(C, cb).shape == (0, m, k)
+
+
+def test_chunk_rows_bounds_the_temporary():
+    assert _partition.chunk_rows(1000, 10**6) == 1000
+    assert _partition.chunk_rows(10**9, 10) == 1
+    assert _partition.chunk_rows(0, 7) == 7
