@@ -184,50 +184,89 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
     live indexed vectors than n_neighbors) hold (+inf, INT64_MAX).
     """
     m, k, _ = codebooks.shape
-    nq = Q.shape[0]
+    nq, n_lists = Q.shape[0], coarse.shape[1]
     dtype = codebooks.dtype
-    nt = max(n_threads, 1)
-    # The kernel reads queries and centroids in the padded layout (a copy
-    # only when m does not divide D; the centroids are read only for L2
-    # without the list terms).
+    # The kernel reads the queries in the padded layout (a copy only when
+    # m does not divide D).
     Q = padded_rows(np.ascontiguousarray(Q, dtype=dtype), codebooks)
-    if centroids is not None and (inner_product or terms.shape[0] != 0):
-        centroids = None
-    if centroids is not None:
-        centroids = padded_rows(np.ascontiguousarray(centroids, dtype=dtype), codebooks)
+    centroids = _list_centroids(centroids, terms, n_lists, inner_product, codebooks)
     if deleted is not None and deleted_stride:
         if not (deleted.dtype == np.uint8 and deleted.ndim == 1
                 and deleted.flags.c_contiguous and deleted.shape[0] >= nq * deleted_stride):
             raise ValueError("per-query tombstones do not cover the queries")
-    if growing is None:
-        codes, ids = segments[0][:2]
-        if len(segments[0]) == 4:
-            codes = np.empty((0, m), dtype=code_dtype(k))
-        growing = (codes[:0], ids[:0], np.empty(0, np.int32))
-    g_codes, g_ids, g_lists = growing
-    g = g_codes.shape[0]
-    n_lists = coarse.shape[1]
-    if centroids is None:
-        centroids = np.empty((0, Q.shape[1]), dtype=dtype)
+    g_codes, g_ids, g_lists = _growing_part(growing, segments, m, k)
+    seg_codes, seg_ids, seg_offsets, seg_packed, seg_blocks, seg_base = _segment_table(
+        segments, m, k, n_lists, g_codes.dtype, g_ids.dtype)
+    packs = any(len(seg) == 4 for seg in segments)
+    fs = _fastscan_prep(packs, n_neighbors, fastscan_margin, fastscan_estimate,
+                        fastscan_rescore)
+    work, res_work = _ivf_scratch(max(n_threads, 1), Q.shape[1], m, k, n_lists, n_probe,
+                                  n_neighbors, g_codes.shape[0], fs[4], packs, dtype)
+    dist = np.empty((nq, n_neighbors), dtype=dtype)
+    idx = np.empty((nq, n_neighbors), dtype=np.int64)
+    _ivf.ivf_search(
+        Q, np.ascontiguousarray(coarse, dtype=dtype), transposed(codebooks), terms, centroids,
+        seg_codes, seg_ids, seg_offsets, seg_packed, seg_blocks, g_codes, g_ids, g_lists,
+        _NO_TOMBSTONES if deleted is None else deleted, bool(inner_product), n_probe,
+        dist, idx, *work, *fs, seg_base, *res_work, n_threads,
+        int(deleted_stride) if deleted is not None else 0,
+        None if coarse_bias is None else np.ascontiguousarray(coarse_bias, dtype=dtype),
+    )
+    return dist, idx
+
+
+def _list_centroids(centroids, terms, n_lists, inner_product, codebooks):
+    """The centroids :func:`ivf_search`'s kernel reads, C-contiguous in the
+    padded layout: the (n_lists, m * ds) centroids for L2 without list
+    terms (each probed list's table is then built from the residual
+    query), else none (0 rows).  ValueError when L2 has neither."""
+    m, _, ds = codebooks.shape
+    dtype = codebooks.dtype
+    if centroids is not None and not inner_product and terms.shape[0] == 0:
+        centroids = padded_rows(np.ascontiguousarray(centroids, dtype=dtype), codebooks)
+    else:
+        centroids = np.empty((0, m * ds), dtype=dtype)
     centroids = np.ascontiguousarray(centroids, dtype=dtype)
     if not inner_product and terms.shape[0] != n_lists and (
-            terms.shape[0] != 0 or centroids.shape != (n_lists, Q.shape[1])):
+            terms.shape[0] != 0 or centroids.shape != (n_lists, m * ds)):
         raise ValueError("L2 search needs the list terms or the centroids")
-    # The kernel reads each segment through its data pointer: check here
-    # what it trusts (dtypes, contiguity, sizes).
-    seg_codes = np.empty(len(segments), dtype=np.uintp)
-    seg_ids = np.empty(len(segments), dtype=np.uintp)
-    seg_offsets = np.empty((len(segments), n_lists + 1), dtype=np.int64)
-    seg_packed = np.zeros(len(segments), dtype=np.uintp)
-    seg_blocks = np.zeros((len(segments), n_lists + 1), dtype=np.int64)
-    seg_base = np.zeros(len(segments) + 1, dtype=np.int64)
+    return centroids
+
+
+def _growing_part(growing, segments, m, k):
+    """(codes, ids, lists) of the growing part; without one, empty arrays
+    of the dtypes of the first segment (codes of ``code_dtype(k)`` for a
+    packed one)."""
+    if growing is not None:
+        return growing
+    codes, ids = segments[0][:2]
+    if len(segments[0]) == 4:
+        codes = np.empty((0, m), dtype=code_dtype(k))
+    return codes[:0], ids[:0], np.empty(0, np.int32)
+
+
+def _segment_table(segments, m, k, n_lists, code_dtype, id_dtype):
+    """The sealed segments as the kernel reads them, one row per segment:
+    addresses of the codes, ids and packed codes (0 where absent), list
+    offsets and list blocks ((S, n_lists + 1) int64) and the first row of
+    each segment in their concatenation ((S + 1,) int64).  The kernel
+    trusts the arrays behind the addresses: their dtypes, contiguity and
+    sizes are checked here (ValueError).  The caller keeps the segments
+    alive while the kernel runs."""
+    n_seg = len(segments)
+    seg_codes = np.empty(n_seg, dtype=np.uintp)
+    seg_ids = np.empty(n_seg, dtype=np.uintp)
+    seg_offsets = np.empty((n_seg, n_lists + 1), dtype=np.int64)
+    seg_packed = np.zeros(n_seg, dtype=np.uintp)
+    seg_blocks = np.zeros((n_seg, n_lists + 1), dtype=np.int64)
+    seg_base = np.zeros(n_seg + 1, dtype=np.int64)
     for s, seg in enumerate(segments):
         seg_base[s + 1] = seg_base[s] + seg[1].shape[0]
         if len(seg) == 4:
             packed, ids, offsets, blocks = seg
             n_l = np.diff(offsets) if offsets.shape == (n_lists + 1,) else None
             if not (packs4(m, k) and packed.dtype == np.uint8
-                    and ids.dtype == g_ids.dtype and packed.flags.c_contiguous
+                    and ids.dtype == id_dtype and packed.flags.c_contiguous
                     and ids.flags.c_contiguous and n_l is not None
                     and offsets[0] == 0 and offsets[-1] == ids.shape[0]
                     and blocks.shape == (n_lists + 1,) and blocks[0] == 0
@@ -240,7 +279,7 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
             seg_blocks[s] = blocks
             continue
         codes, ids, offsets = seg
-        if not (codes.dtype == g_codes.dtype and ids.dtype == g_ids.dtype
+        if not (codes.dtype == code_dtype and ids.dtype == id_dtype
                 and codes.flags.c_contiguous and ids.flags.c_contiguous
                 and codes.shape == (ids.shape[0], m) and offsets.shape == (n_lists + 1,)
                 and offsets[-1] == ids.shape[0]):
@@ -248,38 +287,40 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
         seg_codes[s] = codes.ctypes.data
         seg_ids[s] = ids.ctypes.data
         seg_offsets[s] = offsets
-    packs = any(len(seg) == 4 for seg in segments)
-    kernel, prep = 0, 0
-    if packs:
-        kernel, prep = _fastscan._kernel()
-    dist = np.empty((nq, n_neighbors), dtype=dtype)
-    idx = np.empty((nq, n_neighbors), dtype=np.int64)
-    extra = FASTSCAN_EXTRA(n_neighbors) if fastscan_estimate and fastscan_rescore else 0
+    return seg_codes, seg_ids, seg_offsets, seg_packed, seg_blocks, seg_base
+
+
+def _fastscan_prep(packs, n_neighbors, margin, estimate, rescore):
+    """The kernel's fast-scan arguments: (address of the block kernel
+    ``_fastscan`` selected, the table layout it reads (both 0 without
+    packed segments), the re-check margin (-1: exact), estimate mode, the
+    entries ranked by estimate beyond ``n_neighbors`` (``FASTSCAN_EXTRA``
+    when the estimates are re-scored, else 0), re-score)."""
+    kernel, prep = _fastscan._kernel() if packs else (0, 0)
+    extra = FASTSCAN_EXTRA(n_neighbors) if estimate and rescore else 0
+    return (kernel, prep, -1.0 if margin is None else float(margin), bool(estimate), extra,
+            bool(rescore))
+
+
+def _ivf_scratch(nt, width, m, k, n_lists, n_probe, n_neighbors, g, extra, packs, dtype):
+    """Per-thread scratch of the kernel (rows padded to cache lines, see
+    :func:`pqsk._quantizer.scratch`), in the kernel's argument order: the
+    tables and heaps (``slot_of`` filled with -1, as the kernel requires),
+    then the reservoirs, which hold twice the entries kept (probes, then
+    estimates)."""
     slot_of = scratch(nt, n_lists, np.int32)
     slot_of.fill(-1)
-    # The reservoirs (probes, then estimates) hold twice the entries kept.
+    half = (m + 1) // 2
+    work = (scratch(nt, 2 * m * k + width, dtype), scratch(nt, 2 * n_probe, dtype),
+            scratch(nt, n_probe, np.int64), scratch(nt, n_neighbors, dtype),
+            scratch(nt, n_neighbors, np.int64), slot_of, scratch(nt, g, np.int64),
+            scratch(nt, g, np.int64), scratch(nt, n_probe + 1, np.int64),
+            scratch(nt, half * 32 if packs else 1, np.uint8),
+            scratch(nt, half * 256 if packs else 1, np.uint16), scratch(nt, 4, np.float64))
     res_cap = 2 * max(n_probe, n_neighbors + extra)
-    _ivf.ivf_search(
-        np.ascontiguousarray(Q, dtype=dtype), np.ascontiguousarray(coarse, dtype=dtype),
-        transposed(codebooks), terms, centroids, seg_codes, seg_ids, seg_offsets, seg_packed,
-        seg_blocks, g_codes, g_ids,
-        g_lists,
-        _NO_TOMBSTONES if deleted is None else deleted, bool(inner_product),
-        n_probe, dist, idx, scratch(nt, 2 * m * k + Q.shape[1], dtype),
-        scratch(nt, 2 * n_probe, dtype),
-        scratch(nt, n_probe, np.int64), scratch(nt, n_neighbors, dtype),
-        scratch(nt, n_neighbors, np.int64), slot_of, scratch(nt, g, np.int64),
-        scratch(nt, g, np.int64), scratch(nt, n_probe + 1, np.int64),
-        scratch(nt, (m + 1) // 2 * 32 if packs else 1, np.uint8),
-        scratch(nt, (m + 1) // 2 * 256 if packs else 1, np.uint16),
-        scratch(nt, 4, np.float64), kernel, prep,
-        -1.0 if fastscan_margin is None else float(fastscan_margin),
-        bool(fastscan_estimate), extra, bool(fastscan_rescore), seg_base,
-        scratch(nt, 2 * res_cap, np.float64), scratch(nt, 4 * res_cap, np.int64),
-        scratch(nt, 8, np.int64), n_threads, int(deleted_stride) if deleted is not None else 0,
-        None if coarse_bias is None else np.ascontiguousarray(coarse_bias, dtype=dtype),
-    )
-    return dist, idx
+    res_work = (scratch(nt, 2 * res_cap, np.float64), scratch(nt, 4 * res_cap, np.int64),
+                scratch(nt, 8, np.int64))
+    return work, res_work
 
 
 _NO_TOMBSTONES = np.empty(0, np.uint8)
