@@ -195,21 +195,21 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
                 and deleted.flags.c_contiguous and deleted.shape[0] >= nq * deleted_stride):
             raise ValueError("per-query tombstones do not cover the queries")
     g_codes, g_ids, g_lists = _growing_part(growing, segments, m, k)
-    seg_codes, seg_ids, seg_offsets, seg_packed, seg_blocks, seg_base = _segment_table(
-        segments, m, k, n_lists, g_codes.dtype, g_ids.dtype)
+    table = _segment_table(segments, m, k, n_lists, g_codes.dtype, g_ids.dtype)
     packs = any(len(seg) == 4 for seg in segments)
     fs = _fastscan_prep(packs, n_neighbors, fastscan_margin, fastscan_estimate,
                         fastscan_rescore)
-    work, res_work = _ivf_scratch(max(n_threads, 1), Q.shape[1], m, k, n_lists, n_probe,
-                                  n_neighbors, g_codes.shape[0], fs[4], packs, dtype)
+    work = _ivf_scratch(max(n_threads, 1), Q.shape[1], m, k, n_lists, n_probe, n_neighbors,
+                        g_codes.shape[0], fs["extra"], packs, dtype)
+    args = {"inner_product": bool(inner_product), "n_probe": n_probe,
+            "deleted_stride": int(deleted_stride) if deleted is not None else 0,
+            "n_threads": n_threads}
     dist = np.empty((nq, n_neighbors), dtype=dtype)
     idx = np.empty((nq, n_neighbors), dtype=np.int64)
     _ivf.ivf_search(
         Q, np.ascontiguousarray(coarse, dtype=dtype), transposed(codebooks), terms, centroids,
-        seg_codes, seg_ids, seg_offsets, seg_packed, seg_blocks, g_codes, g_ids, g_lists,
-        _NO_TOMBSTONES if deleted is None else deleted, bool(inner_product), n_probe,
-        dist, idx, *work, *fs, seg_base, *res_work, n_threads,
-        int(deleted_stride) if deleted is not None else 0,
+        table, g_codes, g_ids, g_lists, _NO_TOMBSTONES if deleted is None else deleted,
+        args, fs, dist, idx, work,
         None if coarse_bias is None else np.ascontiguousarray(coarse_bias, dtype=dtype),
     )
     return dist, idx
@@ -246,10 +246,11 @@ def _growing_part(growing, segments, m, k):
 
 
 def _segment_table(segments, m, k, n_lists, code_dtype, id_dtype):
-    """The sealed segments as the kernel reads them, one row per segment:
-    addresses of the codes, ids and packed codes (0 where absent), list
-    offsets and list blocks ((S, n_lists + 1) int64) and the first row of
-    each segment in their concatenation ((S + 1,) int64).  The kernel
+    """The sealed segments as the kernel reads them, a tuple of arrays with
+    one row per segment: addresses of the codes, ids and packed codes
+    (uintp, 0 where absent), list offsets and list blocks ((S, n_lists + 1)
+    int64) and the first row of each segment in their concatenation
+    ((S + 1,) int64).  The kernel
     trusts the arrays behind the addresses: their dtypes, contiguity and
     sizes are checked here (ValueError).  The caller keeps the segments
     alive while the kernel runs."""
@@ -291,36 +292,39 @@ def _segment_table(segments, m, k, n_lists, code_dtype, id_dtype):
 
 
 def _fastscan_prep(packs, n_neighbors, margin, estimate, rescore):
-    """The kernel's fast-scan arguments: (address of the block kernel
-    ``_fastscan`` selected, the table layout it reads (both 0 without
-    packed segments), the re-check margin (-1: exact), estimate mode, the
-    entries ranked by estimate beyond ``n_neighbors`` (``FASTSCAN_EXTRA``
-    when the estimates are re-scored, else 0), re-score)."""
+    """The kernel's ``FastScanArgs`` (a dict): the address of the block
+    kernel ``_fastscan`` selected and the table layout it reads (both 0
+    without packed segments), the re-check margin (-1: exact), estimate
+    mode, the entries ranked by estimate beyond ``n_neighbors``
+    (``FASTSCAN_EXTRA`` when the estimates are re-scored, else 0) and
+    re-score."""
     kernel, prep = _fastscan._kernel() if packs else (0, 0)
-    extra = FASTSCAN_EXTRA(n_neighbors) if estimate and rescore else 0
-    return (kernel, prep, -1.0 if margin is None else float(margin), bool(estimate), extra,
-            bool(rescore))
+    return {"kernel": kernel, "prep": prep,
+            "margin": -1.0 if margin is None else float(margin),
+            "estimate": bool(estimate),
+            "extra": FASTSCAN_EXTRA(n_neighbors) if estimate and rescore else 0,
+            "rescore": bool(rescore)}
 
 
 def _ivf_scratch(nt, width, m, k, n_lists, n_probe, n_neighbors, g, extra, packs, dtype):
     """Per-thread scratch of the kernel (rows padded to cache lines, see
-    :func:`pqsk._quantizer.scratch`), in the kernel's argument order: the
+    :func:`pqsk._quantizer.scratch`), a tuple in the kernel's order: the
     tables and heaps (``slot_of`` filled with -1, as the kernel requires),
     then the reservoirs, which hold twice the entries kept (probes, then
     estimates)."""
     slot_of = scratch(nt, n_lists, np.int32)
     slot_of.fill(-1)
     half = (m + 1) // 2
-    work = (scratch(nt, 2 * m * k + width, dtype), scratch(nt, 2 * n_probe, dtype),
-            scratch(nt, n_probe, np.int64), scratch(nt, n_neighbors, dtype),
-            scratch(nt, n_neighbors, np.int64), slot_of, scratch(nt, g, np.int64),
-            scratch(nt, g, np.int64), scratch(nt, n_probe + 1, np.int64),
-            scratch(nt, half * 32 if packs else 1, np.uint8),
-            scratch(nt, half * 256 if packs else 1, np.uint16), scratch(nt, 4, np.float64))
+    tables = (scratch(nt, 2 * m * k + width, dtype), scratch(nt, 2 * n_probe, dtype),
+              scratch(nt, n_probe, np.int64), scratch(nt, n_neighbors, dtype),
+              scratch(nt, n_neighbors, np.int64), slot_of, scratch(nt, g, np.int64),
+              scratch(nt, g, np.int64), scratch(nt, n_probe + 1, np.int64),
+              scratch(nt, half * 32 if packs else 1, np.uint8),
+              scratch(nt, half * 256 if packs else 1, np.uint16), scratch(nt, 4, np.float64))
     res_cap = 2 * max(n_probe, n_neighbors + extra)
-    res_work = (scratch(nt, 2 * res_cap, np.float64), scratch(nt, 4 * res_cap, np.int64),
-                scratch(nt, 8, np.int64))
-    return work, res_work
+    reservoirs = (scratch(nt, 2 * res_cap, np.float64), scratch(nt, 4 * res_cap, np.int64),
+                  scratch(nt, 8, np.int64))
+    return tables + reservoirs
 
 
 _NO_TOMBSTONES = np.empty(0, np.uint8)
