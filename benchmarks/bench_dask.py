@@ -26,7 +26,7 @@ same codes, on ``--hnsw-n`` rows (default: n).
 
 ``--coarse`` times the coarse k-means alone instead (the training's serial
 part before pqsk ran it in tasks): scikit-learn's KMeans on one thread
-(``fit_kmeans``, used below ``_quantizer.LLOYD_THRESHOLD``) against the
+(``fit_kmeans``, used below ``_partition.LLOYD_THRESHOLD``) against the
 task-wise Lloyd (``train_coarse_streamed`` on the gathered sample) on one
 and on two threads, on 256 rows per list of the same data (unit-norm, the
 first d features), best of 3, interleaved.
@@ -224,7 +224,7 @@ def coarse_bench(repeats=3):
     (d, n_lists) of ``COARSE_CASES``."""
     from threadpoolctl import threadpool_limits
 
-    from pqsk import _quantizer
+    from pqsk import _partition, _quantizer
 
     rows = []
     for d, n_lists in COARSE_CASES:
@@ -237,7 +237,7 @@ def coarse_bench(repeats=3):
                 return _quantizer.fit_kmeans(S, n_lists, max_iter=10, random_state=0)[0]
 
         def tasks(t):
-            return lambda: _quantizer.train_coarse_streamed(
+            return lambda: _partition.train_coarse_streamed(
                 S, None, n_lists, max_iter=10, random_state=0, n_threads=t, gather=True)[0]
 
         best, mse = {}, {}
@@ -251,7 +251,7 @@ def coarse_bench(repeats=3):
                     wall, cpu = time.perf_counter() - t, time.process_time() - cpu
                     old = best.get(name, (np.inf, np.inf))
                     best[name] = (min(old[0], wall), min(old[1], cpu))
-                    mse[name] = float(((S - centroids[_quantizer.assign(S, centroids)]) ** 2)
+                    mse[name] = float(((S - centroids[_partition.assign(S, centroids)]) ** 2)
                                       .sum(1).mean())
         row = {"d": d, "n_lists": n_lists, "n_train": n, "load": load_before,
                "load_after": os.getloadavg()[0],

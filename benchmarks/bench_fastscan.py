@@ -2,7 +2,7 @@
 
 One thread.  For n random 4-bit codes of m sub-spaces (m / 2 bytes per
 vector, packed in blocks of 32), each query builds its tables and scans
-every code (``pqsk._quantizer.fastscan_search``, top-10), with each kernel
+every code (``pqsk._scorers.fastscan_search``, top-10), with each kernel
 the CPU can run; the 8-bit ADC scan (``adc_search``, m bytes per vector)
 runs on the same codes for comparison.  Times are the best of a few
 repeats of a batch of queries, per query.
@@ -31,7 +31,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from pqsk import _fastscan, _quantizer
+from pqsk import _fastscan, _scorers
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 N_QUERIES = 20
@@ -70,7 +70,7 @@ def run_case(n, m, rng):
     cb = rng.randn(m, 16, 2).astype(np.float32)
     Q = rng.randn(N_QUERIES, 2 * m).astype(np.float32)
     codes = rng.randint(0, 16, size=(n, m)).astype(np.uint8)
-    packed = _quantizer.pack_codes4(codes)
+    packed = _scorers.pack_codes4(codes)
     gbs = read_gbs(packed)
     limit_ns = packed.nbytes / gbs / n  # ns per vector at the read limit
     rows = []
@@ -82,7 +82,7 @@ def run_case(n, m, rng):
             nq = N_QUERIES if isa != "scalar" else 4
             out = []
             t = best_time(lambda: out.append(
-                _quantizer.fastscan_search(Q[:nq], cb, packed, n, K, False, 1)), 3) / nq
+                _scorers.fastscan_search(Q[:nq], cb, packed, n, K, False, 1)), 3) / nq
             d, i = out[-1]
             if ref is None:
                 ref = (d[:4], i[:4])
@@ -93,7 +93,7 @@ def run_case(n, m, rng):
                          "of_limit": limit_ns / (t / n * 1e9)})
     finally:
         _fastscan.set_isa(before)
-    t = best_time(lambda: _quantizer.adc_search(Q[:4], cb, codes, K, False, 1), 2) / 4
+    t = best_time(lambda: _scorers.adc_search(Q[:4], cb, codes, K, False, 1), 2) / 4
     rows.append({"kernel": "8-bit adc_search", "bytes_per_vector": float(m),
                  "ns_per_vector": t / n * 1e9, "ns_per_code": t / n / m * 1e9,
                  "scan_GB_s": codes.nbytes / t / 1e9, "of_limit": None})

@@ -23,7 +23,7 @@ For each system the script measures
 * bytes per stored vector.
 
 A fourth column runs pqsk's kernels (``pqsk._quantizer.encode`` and
-``adc_search``) on faiss's trained codebooks and faiss's codes, so that the
+``pqsk._scorers.adc_search``) on faiss's trained codebooks and faiss's codes, so that the
 encode and scan speeds are compared on identical inputs, independently of
 the quality of either system's training.
 
@@ -269,7 +269,7 @@ def bench_faiss(faiss, train, base, queries, truth, args):
 
 def bench_kernels(codebooks, faiss_codes, faiss_ind, base, queries, truth, args):
     """pqsk's encode and ADC-search kernels on faiss's codebooks and codes."""
-    from pqsk import _quantizer
+    from pqsk import _quantizer, _scorers
 
     n = args.threads
     r = {"system": "pqsk kernels on faiss codebooks"}
@@ -282,7 +282,7 @@ def bench_kernels(codebooks, faiss_codes, faiss_ind, base, queries, truth, args)
     r["bytes_per_vector"] = codes.nbytes / codes.shape[0]
     log("pqsk kernels on faiss codebooks: searching faiss's codes")
     r["search_s"], r["search_s_all"], (_, ind) = median_timed(
-        lambda: _quantizer.adc_search(
+        lambda: _scorers.adc_search(
             queries, codebooks, faiss_codes, N_NEIGHBORS, args.ranking == "ip", n
         ),
         args.repeats,
@@ -621,12 +621,12 @@ def main(argv=None):
             res["nanopq"] = bench_nanopq(nanopq, train, base, queries, truth, args)
 
         # Recall with the other ADC ranking on each system's own codes.
-        from pqsk import _quantizer
+        from pqsk import _scorers
         log("recall with the other ADC ranking")
         for c in res.values():
             if c is not None:
                 cb = np.ascontiguousarray(c["_codebooks"], dtype=np.float32)
-                _, other = _quantizer.adc_search(
+                _, other = _scorers.adc_search(
                     queries, cb, np.ascontiguousarray(c["_codes"]), N_NEIGHBORS,
                     args.ranking == "l2", args.threads,
                 )
@@ -680,7 +680,7 @@ def main(argv=None):
         notes.append(
             "pqsk kernels on faiss codebooks: `pqsk._quantizer.encode` on faiss's centroids "
             f"(codes equal to faiss's: {k['codes_equal_to_faiss']:.4%} of entries) and "
-            "`pqsk._quantizer.adc_search` over faiss's own codes (neighbour ids equal to "
+            "`pqsk._scorers.adc_search` over faiss's own codes (neighbour ids equal to "
             f"faiss's: {k['ids_equal_to_faiss']:.2%}); no input validation or normalisation."
         )
     if res["nanopq"] is not None:

@@ -53,6 +53,8 @@ Everything is computed in float64, a chunk of rows at a time.
 import numpy as np
 from scipy import sparse
 
+from . import _aniso
+from ._quantizer import code_dtype, encode, padded_rows, scratch, train_codebooks, transposed
 from ._store import chunk_slices
 
 # T / ||x|| is clipped to this: eta <= (d - 1) * 0.9801 / 0.0199.
@@ -113,15 +115,11 @@ def row_weights(directions, threshold, codebooks=None):
     U, norms = _directions(directions)
     w = anisotropic_eta(threshold, norms, directions.shape[1]) - 1
     if codebooks is not None:
-        from ._quantizer import padded_rows
-
         U = padded_rows(U, codebooks)
     return U, w
 
 
 def _padded64(X, codebooks):
-    from ._quantizer import padded_rows
-
     return padded_rows(np.asarray(X, dtype=np.float64), codebooks)
 
 
@@ -179,13 +177,11 @@ def anisotropic_encode(X, codebooks, threshold, directions=None, init_codes=None
     codes : ndarray of shape (n, m), ``code_dtype(k)``
         No row's loss is above that of ``init_codes`` (or of the plain codes).
     """
-    from . import _aniso, _quantizer
-
     m, k, ds = codebooks.shape
     if init_codes is None:
-        codes = _quantizer.encode(X, codebooks, n_threads)
+        codes = encode(X, codebooks, n_threads)
     else:
-        codes = np.array(init_codes, dtype=_quantizer.code_dtype(k), order="C", copy=True)
+        codes = np.array(init_codes, dtype=code_dtype(k), order="C", copy=True)
         if codes.shape != (X.shape[0], m):
             raise ValueError(f"init_codes has shape {codes.shape}; expected "
                              f"{(X.shape[0], m)} (one code per row and sub-space)")
@@ -196,10 +192,10 @@ def anisotropic_encode(X, codebooks, threshold, directions=None, init_codes=None
     if n == 0 or n_sweeps < 1:
         return codes
     cb = np.ascontiguousarray(codebooks, dtype=np.float64)
-    cb_t = _quantizer._transposed(cb)
+    cb_t = transposed(cb)
     c_norms = np.einsum("jkd,jkd->jk", cb, cb)
     n_threads = max(1, min(int(n_threads), n))
-    work = _quantizer.scratch(n_threads, kernel_work_width(m, k), np.float64)
+    work = scratch(n_threads, kernel_work_width(m, k), np.float64)
     step = max(1, _BLOCK_VALUES // (m * ds))
     for sl in chunk_slices(n, step):
         D = X[sl] if directions is None else directions[sl]
@@ -274,13 +270,10 @@ def train_anisotropic(X, n_subspaces, n_codewords, threshold, directions=None,
     losses : list of float
         Mean loss of the plain k-means codes, then after each alternation.
     """
-    from . import _quantizer
-
     if codebooks is None:
-        codebooks, _ = _quantizer.train_codebooks(X, n_subspaces, n_codewords,
-                                                  progress=progress, n_threads=n_threads,
-                                                  **kmeans_params)
-    codes = _quantizer.encode(X, codebooks, n_threads)
+        codebooks, _ = train_codebooks(X, n_subspaces, n_codewords, progress=progress,
+                                       n_threads=n_threads, **kmeans_params)
+    codes = encode(X, codebooks, n_threads)
     losses = [float(np.mean(anisotropic_loss(X, codes, codebooks, threshold, directions)))]
     for it in range(n_iter):
         codes = anisotropic_encode(X, codebooks, threshold, directions, init_codes=codes,

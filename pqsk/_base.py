@@ -30,7 +30,7 @@ from sklearn.utils._param_validation import (
 )
 from sklearn.utils.validation import check_is_fitted
 
-from . import _growable, _opq, _quantizer
+from . import _growable, _opq, _quantizer, _reorder
 from ._checks import (
     METRIC_ALIASES,
     METRICS,
@@ -565,7 +565,7 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
         if self.refine_factor > 0:
             # Only the candidate rows are read from the row store; stored
             # rows are raw, so cosine normalises them here.
-            return _quantizer.exact_rerank(Q, self.vectors_, ind, n_neighbors,
+            return _reorder.exact_rerank(Q, self.vectors_, ind, n_neighbors,
                                            self._inner_product,
                                            unit_norm=self.effective_metric_ == "cosine",
                                            n_threads=n_threads)

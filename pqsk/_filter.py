@@ -106,10 +106,6 @@ class Blocked:
         counts = rows.shape[1] - np.count_nonzero(rows, axis=1).astype(np.int64)
         return np.broadcast_to(counts, (n_queries,)) if not self.stride else counts
 
-    def kernel_args(self):
-        """(mask, stride) as the kernels take them."""
-        return self.mask, self.stride
-
 
 def check_filter(filter, n, n_queries):
     """Validate ``filter`` against an index of ``n`` ids (``n_samples_fit_``)

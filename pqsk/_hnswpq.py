@@ -9,7 +9,7 @@ import numpy as np
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
 
-from . import _graph, _growable, _quantizer
+from . import _graph, _growable, _quantizer, _scorers
 from ._graph import (GRAPH_ATTRS, MAX_LINKS, SEARCH_ATTRS, SEGMENT_ARRAYS, _empty_graph,
                      _Owner, _parents, _segment_graph, _trimmed)
 from ._segments import (DEFAULT_SEGMENT_SIZE, NO_ID, NO_TOMBSTONES,
@@ -355,7 +355,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
         fill the growing graph up to that size, so ``fit`` builds
         ceil(n / segment_size) graphs of consecutive rows and holds the
         float32 rows of one piece at a time."""
-        codes = _quantizer.encode_rows(progress.rows(X, "encoding"), self.codebooks_,
+        codes = _scorers.encode_rows(progress.rows(X, "encoding"), self.codebooks_,
                                        n_threads, **self._anisotropic_kw())
         progress(f"encoded {X.shape[0]} vectors")
         b, size = X.shape[0], self.segment_size
@@ -396,7 +396,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
         # them at once: b x n_features x 4 bytes); old nodes' come from
         # their codes, decoded by the kernel where it needs them.
         new = np.empty((b, X.shape[1]), dtype=np.float32)
-        for sl, chunk in _quantizer.row_chunks(X):
+        for sl, chunk in _scorers.row_chunks(X):
             new[sl] = chunk
         self._link(state, n_nodes, new, progress)
         if mask is not None:
@@ -853,7 +853,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
             if kn == 0:
                 continue
             sel = slice(None) if shared else slice(q, q + 1)
-            d, i = _quantizer.adc_search(Q[sel], cb, codes, kn, self._inner_product,
+            d, i = _scorers.adc_search(Q[sel], cb, codes, kn, self._inner_product,
                                          n_threads)
             dist[sel, :kn], ind[sel, :kn] = d, owners[i]
         return dist, ind

@@ -265,50 +265,37 @@ cdef inline bint resolve_reservoir(reservoir_t* res,
     return False
 
 
+cdef struct SearchArgs:           # IN  what to search
+    bint inner_product            # scores are -<q, x> (else squared L2)
+    Py_ssize_t n_probe            # lists probed per query, 1 <= n_probe <= n_lists
+    Py_ssize_t deleted_stride     # tombstone row per query (0: one row for all)
+    int n_threads                 # OpenMP threads (rows of the scratch)
+
+
+cdef struct FastScanArgs:         # IN  how packed 4-bit lists are scanned
+    size_t kernel                 # address of the block kernel (pqsk_fs_scan_fn)
+    int prep                      # the table layout it reads
+    double margin                 # re-check margin (table units), < 0: exact (0.5 * m + 1)
+    bint estimate                 # rank packed lists by estimates
+    Py_ssize_t extra              # ... in a heap of n_neighbors + extra
+    bint rescore                  # ... then re-scored with float tables
+
+
 def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                const floating[:, ::1] coarse,          # IN  (nq, n_lists)
                const floating[:, :, ::1] codebooks_t,  # IN  (m, ds, k) residual codebooks
                const floating[:, :, ::1] list_terms,   # IN  (n_lists, m, k) or (0, m, k)
-               const floating[:, ::1] centroids,       # IN  (n_lists, D)
-               const uintptr_t[::1] seg_codes,         # IN  (S,) sealed segments' codes
-               const uintptr_t[::1] seg_ids,           # IN  (S,) and ids
-               const int64_t[:, ::1] seg_offsets,      # IN  (S, n_lists + 1)
-               const uintptr_t[::1] seg_packed,        # IN  (S,) packed 4-bit codes or 0
-               const int64_t[:, ::1] seg_blocks,       # IN  (S, n_lists + 1) block offsets
+               const floating[:, ::1] centroids,       # IN  (n_lists, D) or (0, D)
+               tuple segments,                         # IN  the sealed segments, see below
                const code_t[:, ::1] g_codes,           # IN  (g, m) growing part
                const index_t[::1] g_ids,               # IN  (g,)
                const int32_t[::1] g_lists,             # IN  (g,) list of each entry
                const uint8_t[::1] deleted,             # IN  (n_ids,) tombstones, or (0,)
-               bint inner_product,
-               Py_ssize_t n_probe,
+               SearchArgs args,                        # IN
+               FastScanArgs fs,                        # IN
                floating[:, ::1] out_dist,              # OUT (nq, n_neighbors)
                int64_t[:, ::1] out_idx,                # OUT (nq, n_neighbors)
-               floating[:, ::1] work,                  # scratch (n_threads, 2 * m * k + D)
-               floating[:, ::1] probe_dist,            # scratch (n_threads, >= 2 * n_probe)
-               int64_t[:, ::1] probe_idx,              # scratch (n_threads, >= n_probe)
-               floating[:, ::1] heap_d,                # scratch (n_threads, >= n_neighbors)
-               int64_t[:, ::1] heap_i,                 # scratch (n_threads, >= n_neighbors)
-               int32_t[:, ::1] slot_of,                # scratch (n_threads, n_lists), all -1
-               int64_t[:, ::1] g_match,                # scratch (n_threads, >= g)
-               int64_t[:, ::1] g_sorted,               # scratch (n_threads, >= g)
-               int64_t[:, ::1] slot_end,               # scratch (n_threads, >= n_probe + 1)
-               uint8_t[:, ::1] lut_work,               # scratch (n_threads, >= m2 * 16)
-               uint16_t[:, ::1] pair_work,             # scratch (n_threads, >= m2 / 2 * 256)
-               double[:, ::1] param_work,              # scratch (n_threads, >= 4)
-               size_t fs_kernel,                       # address of the block kernel
-               int fs_prep,                            # the table layout it reads
-               double fs_margin,                       # re-check margin (table units),
-                                                       # < 0: exact (0.5 * m + 1)
-               bint fs_estimate,                       # rank packed lists by estimates
-               Py_ssize_t fs_extra,                    # ... in a heap of n_neighbors + fs_extra
-               bint fs_rescore,                        # ... then re-scored with float tables
-               const int64_t[::1] seg_base,            # IN  (S + 1,) first row of each segment
-               double[:, ::1] res_d,                   # scratch (n_threads, >= 2 * c), (n_threads,
-               int64_t[:, ::1] res_h,                  #   >= 4 * c), c = 2 * max(n_probe, n_neighbors
-                                                       #   + fs_extra): the reservoirs
-               int64_t[:, ::1] res_state,              # scratch (n_threads, 8): its state
-               int n_threads,
-               Py_ssize_t deleted_stride=0,
+               tuple scratch,                          # scratch, see below
                const floating[:, ::1] coarse_bias=None):  # IN (nq, n_lists) or None
     """Search the ``n_probe`` lists with the smallest coarse term, then,
     while the heap is not full (fewer than ``n_neighbors`` live entries
@@ -320,31 +307,71 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
     ``coarse_bias`` is given: then it only orders the lists and
     ``coarse_bias[q, l]`` is added (inner-product tables on lists probed
     by L2: ``-<q, c_l>``, ``coarse`` the L2 terms).
-    Requires 1 <= n_probe <= n_lists.  A list holds its blocks in the
-    sealed segments and the growing entries labelled with it; ids marked
-    in ``deleted`` are never returned; query q reads
-    ``deleted[q * deleted_stride:]`` (0: one mask for every query; a
+    Requires 1 <= args.n_probe <= n_lists.  A list holds its blocks in
+    the sealed segments and the growing entries labelled with it; ids
+    marked in ``deleted`` are never returned; query q reads
+    ``deleted[q * args.deleted_stride:]`` (0: one mask for every query; a
     filtered search passes removed-or-not-allowed per query), and the
-    lists probed past ``n_probe`` count only the entries it lets through.  Scratch rows are per thread and padded by the caller
-    to whole cache lines (no false sharing); ``slot_of`` rows must hold -1
-    and are left so.  The sorted heap is copied to the output row at the
-    end.
+    lists probed past ``n_probe`` count only the entries it lets through.
 
-    ``fs_estimate`` (the estimators' mode): packed lists are ranked by
+    ``segments`` is the table ``pqsk._scorers._segment_table`` builds and
+    checks, ``scratch`` the per-thread rows of ``pqsk._scorers._ivf_scratch``
+    (their shapes are on the lines that unpack them below; ``slot_of``
+    rows must hold -1 and are left so).  The sorted heap is copied to the
+    output row at the end.
+
+    ``fs.estimate`` (the estimators' mode): packed lists are ranked by
     their quantized estimates alone, with no float re-check per entry, in
-    a reservoir keeping the ``n_neighbors + fs_extra`` best; these are
+    a reservoir keeping the ``n_neighbors + fs.extra`` best; these are
     then re-scored with the float tables (``resolve_reservoir``) and
     offered to the heap, so the distances returned are float ADC
     distances, but an entry whose estimate ranks it outside the reservoir
     is missed even if its float distance would enter the top
     ``n_neighbors`` (the quantization error is at most 0.5 * m + 1 table
-    units; ``fs_extra`` absorbs the typical one).  Without ``fs_rescore``
+    units; ``fs.extra`` absorbs the typical one).  Without ``fs.rescore``
     the estimates themselves are returned (for callers that re-rank the
     candidates with exact distances).  Used when the lists have
     precomputed terms or the metric is an inner product (else the
     per-list tables would have to be kept), for n_probe < 2**21 and
     fewer than 2**40 sealed rows.
     """
+    # The sealed segments (S of them): addresses of their codes, ids and
+    # packed codes (0 where absent), list offsets and list blocks, and the
+    # first row of each segment in their concatenation.
+    cdef const uintptr_t[::1] seg_codes = segments[0]          # IN  (S,)
+    cdef const uintptr_t[::1] seg_ids = segments[1]            # IN  (S,)
+    cdef const int64_t[:, ::1] seg_offsets = segments[2]       # IN  (S, n_lists + 1)
+    cdef const uintptr_t[::1] seg_packed = segments[3]         # IN  (S,)
+    cdef const int64_t[:, ::1] seg_blocks = segments[4]        # IN  (S, n_lists + 1)
+    cdef const int64_t[::1] seg_base = segments[5]             # IN  (S + 1,)
+    # Per-thread scratch rows, padded by the caller to whole cache lines
+    # (no false sharing).
+    cdef floating[:, ::1] work = scratch[0]          # (n_threads, 2 * m * k + D)
+    cdef floating[:, ::1] probe_dist = scratch[1]    # (n_threads, >= 2 * n_probe)
+    cdef int64_t[:, ::1] probe_idx = scratch[2]      # (n_threads, >= n_probe)
+    cdef floating[:, ::1] heap_d = scratch[3]        # (n_threads, >= n_neighbors)
+    cdef int64_t[:, ::1] heap_i = scratch[4]         # (n_threads, >= n_neighbors)
+    cdef int32_t[:, ::1] slot_of = scratch[5]        # (n_threads, n_lists), all -1
+    cdef int64_t[:, ::1] g_match = scratch[6]        # (n_threads, >= g)
+    cdef int64_t[:, ::1] g_sorted = scratch[7]       # (n_threads, >= g)
+    cdef int64_t[:, ::1] slot_end = scratch[8]       # (n_threads, >= n_probe + 1)
+    cdef uint8_t[:, ::1] lut_work = scratch[9]       # (n_threads, >= m2 * 16)
+    cdef uint16_t[:, ::1] pair_work = scratch[10]    # (n_threads, >= m2 / 2 * 256)
+    cdef double[:, ::1] param_work = scratch[11]     # (n_threads, >= 4)
+    # The reservoirs, c = 2 * max(n_probe, n_neighbors + fs.extra):
+    cdef double[:, ::1] res_d = scratch[12]          # (n_threads, >= 2 * c)
+    cdef int64_t[:, ::1] res_h = scratch[13]         # (n_threads, >= 4 * c)
+    cdef int64_t[:, ::1] res_state = scratch[14]     # (n_threads, 8): their state
+    cdef bint inner_product = args.inner_product
+    cdef Py_ssize_t n_probe = args.n_probe
+    cdef Py_ssize_t deleted_stride = args.deleted_stride
+    cdef int n_threads = args.n_threads
+    cdef size_t fs_kernel = fs.kernel
+    cdef int fs_prep = fs.prep
+    cdef double fs_margin = fs.margin
+    cdef bint fs_estimate = fs.estimate
+    cdef Py_ssize_t fs_extra = fs.extra
+    cdef bint fs_rescore = fs.rescore
     cdef Py_ssize_t nq = Q.shape[0]
     cdef Py_ssize_t n_lists = coarse.shape[1]
     cdef Py_ssize_t m = codebooks_t.shape[0]

@@ -7,7 +7,7 @@ import numpy as np
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from . import _growable, _lists, _quantizer
+from . import _growable, _lists, _partition, _quantizer, _scorers
 from ._base import BasePQNeighbors
 from ._checks import check_float_array, check_int_array, check_scalar_int, require
 from ._persist import IndexIOMixin
@@ -415,7 +415,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         coarse_rows = _quantizer.subsample_rows(train_rows, n, POINTS_PER_LIST * n_lists, rng)
         progress(f"training the coarse quantizer: {n_lists} lists on "
                  f"{n if coarse_rows is None else coarse_rows.shape[0]} rows")
-        centroids, _ = _quantizer.train_coarse(
+        centroids, _ = _partition.train_coarse(
             X, n_lists, rows=coarse_rows, max_iter=self.coarse_max_iter, tol=self.tol,
             random_state=rng, n_threads=n_threads,
         )
@@ -423,7 +423,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         # 256 * n_codewords of) the training rows.
         pq_train = _quantizer.gather_rows(X, _quantizer.subsample_rows(
             train_rows, n, self._max_train_samples(), rng))
-        residuals = pq_train - centroids[_quantizer.assign(pq_train, centroids)]
+        residuals = pq_train - centroids[_partition.assign(pq_train, centroids)]
         # The anisotropic loss has the direction of the row, not the residual's.
         codebooks = self._fit_codebooks(
             residuals, progress,
@@ -459,7 +459,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         m, k = codebooks.shape[:2]
         self._list_terms = (
             np.empty((0, m, k), dtype=codebooks.dtype)
-            if self._ip_tables else _quantizer.list_terms(self.cluster_centers_,
+            if self._ip_tables else _partition.list_terms(self.cluster_centers_,
                                                               codebooks)
         )
         self.segments_ = ()
@@ -478,7 +478,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         first_id = self.n_samples_fit_  # ids continue, removed ones included
         b = X.shape[0]
         # X (a FitRows) is read once, chunk by chunk.
-        labels, codes = _quantizer.assign_encode(progress.rows(X, "encoding"),
+        labels, codes = _scorers.assign_encode(progress.rows(X, "encoding"),
                                                  self.cluster_centers_, self.codebooks_,
                                                  n_threads, **self._anisotropic_kw())
         n_total = first_id + b
@@ -639,7 +639,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         if self._ip_tables:
             self._list_terms = np.empty((0, m, k), dtype=dtype)
         else:
-            self._list_terms = _quantizer.list_terms(self.cluster_centers_, cb)
+            self._list_terms = _partition.list_terms(self.cluster_centers_, cb)
         # Every live id stored exactly once, segments and growing part
         # together (removed ones may stay as tombstones until compacted).
         self._check_growing_state()
@@ -730,7 +730,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
     def _refit_training_rows(self, sample):
         # The codebooks quantize residuals: train on the sample's.
         centroids = self.cluster_centers_
-        return sample - centroids[_quantizer.assign(sample, centroids)]
+        return sample - centroids[_partition.assign(sample, centroids)]
 
     def _refit_state(self, codebooks, recode, progress):
         centroids = self.cluster_centers_
@@ -745,7 +745,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         g_lists = self.growing_lists_
         growing = recode(self.growing_ids_, lambda rows: centroids[g_lists[rows]])
         terms = (np.empty((0,) + codebooks.shape[:2], dtype=codebooks.dtype)
-                 if self._ip_tables else _quantizer.list_terms(centroids, codebooks))
+                 if self._ip_tables else _partition.list_terms(centroids, codebooks))
         return {"segments_": tuple(segments), "growing_codes_": growing,
                 "_list_terms": terms}, ("growing_codes",)
 
@@ -775,8 +775,8 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
             sizes += np.diff(s["list_offsets"])
         n_probe = min(self._n_probe(), self.n_lists_)
         caps = np.empty(Q.shape[0], dtype=np.int64)
-        for sl in chunk_slices(Q.shape[0], _quantizer.chunk_rows(self.n_lists_)):
-            coarse = _quantizer.coarse_terms(Q[sl], self.cluster_centers_,
+        for sl in chunk_slices(Q.shape[0], _partition.chunk_rows(self.n_lists_)):
+            coarse = _partition.coarse_terms(Q[sl], self.cluster_centers_,
                                              self._inner_product)
             probed = np.argpartition(coarse, n_probe - 1, axis=1)[:, :n_probe]
             caps[sl] = sizes[probed].sum(axis=1)
@@ -805,25 +805,25 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
                     for s in self.segments_]
         deleted = self.removed_.view(np.uint8) if self._n_dead() else None
         # Chunks bound the (rows, n_lists) coarse table.
-        step = _quantizer.chunk_rows(self.n_lists_)
+        step = _partition.chunk_rows(self.n_lists_)
         for sl in chunk_slices(Q.shape[0], step):
             stride = 0
             if blocked is not None:  # filtered: removed or not allowed, by id
                 part = blocked.take(sl)
                 deleted, stride = part.mask, part.stride
             if l2_probes:
-                coarse, bias = _quantizer.coarse_terms_l2_ip(Q[sl], self.cluster_centers_)
+                coarse, bias = _partition.coarse_terms_l2_ip(Q[sl], self.cluster_centers_)
             else:
-                coarse, bias = _quantizer.coarse_terms(Q[sl], self.cluster_centers_, ip), None
-            dist[sl], ind[sl] = _quantizer.ivf_search(
+                coarse, bias = _partition.coarse_terms(Q[sl], self.cluster_centers_, ip), None
+            dist[sl], ind[sl] = _scorers.ivf_search(
                 Q[sl], coarse, self.codebooks_, self._list_terms, segments,
                 n_candidates, n_probe, ip, n_threads, centroids=self.cluster_centers_,
                 growing=growing, deleted=deleted,
-                fastscan_margin=_quantizer.FASTSCAN_MARGIN,
+                fastscan_margin=_scorers.FASTSCAN_MARGIN,
                 # Where the margin covers the worst-case rounding (m <= 2) the
                 # re-checked scan is exact at no extra cost; elsewhere it is
                 # approximate anyway and the estimates are cheaper.
-                fastscan_estimate=0.5 * self._m() + 1 > _quantizer.FASTSCAN_MARGIN,
+                fastscan_estimate=0.5 * self._m() + 1 > _scorers.FASTSCAN_MARGIN,
                 fastscan_rescore=not ranking_only, deleted_stride=stride,
                 coarse_bias=bias,
             )

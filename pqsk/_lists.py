@@ -18,7 +18,7 @@ made, merged and compacted.
 
 import numpy as np
 
-from . import _quantizer
+from . import _quantizer, _scorers
 from ._checks import check_int_array, require
 from ._segments import Segment
 
@@ -54,10 +54,8 @@ def empty_growing(m, code_dtype, id_dtype):
 
 def packs(m, k):
     """Whether sealed segments store their codes packed for the 4-bit
-    fast-scan kernels (n_codewords = 16, m <= ``_fastscan.MAX_SUBSPACES``)."""
-    from . import _fastscan
-
-    return k == 16 and m <= _fastscan.MAX_SUBSPACES
+    fast-scan kernels (see :func:`pqsk._scorers.packs4`)."""
+    return _scorers.packs4(m, k)
 
 
 def list_segment(codes, ids, offsets, meta, pack):
@@ -69,7 +67,7 @@ def list_segment(codes, ids, offsets, meta, pack):
     in blocks ``list_blocks[l]:list_blocks[l + 1]``), no codes."""
     if not pack:
         return Segment({"codes": codes, "ids": ids, "list_offsets": offsets}, meta)
-    packed, blocks = _quantizer.pack_lists4(codes, offsets)
+    packed, blocks = _scorers.pack_lists4(codes, offsets)
     return Segment({"packed": packed, "ids": ids, "list_offsets": offsets,
                     "list_blocks": blocks}, meta)
 
@@ -84,7 +82,7 @@ def segment_codes(seg, m=None):
         return seg["codes"]
     if m is None:
         raise ValueError("unpacking needs n_subspaces")
-    return _quantizer.unpack_lists4(seg["packed"], seg["list_offsets"], seg["list_blocks"],
+    return _scorers.unpack_lists4(seg["packed"], seg["list_offsets"], seg["list_blocks"],
                                     m)
 
 
@@ -215,8 +213,8 @@ def _check_packed(s, where, m, n_lists):
     require(isinstance(packed, np.ndarray) and packed.dtype == np.uint8
             and packed.shape == (nb, half, 32),
             f"{where}: packed must be uint8 of shape ({nb}, {half}, 32)")
-    padded = _quantizer.unpack_codes4(packed, nb * 32, 2 * half)
+    padded = _scorers.unpack_codes4(packed, nb * 32, 2 * half)
     real = np.zeros(nb * 32, dtype=bool)
-    real[_quantizer.list_rows4(off, blocks)] = True
+    real[_scorers.list_rows4(off, blocks)] = True
     require(not padded[~real].any() and not padded[:, m:].any(),
             f"{where}: padding codes of packed blocks must be 0")

@@ -10,7 +10,7 @@ from sklearn.base import (
 )
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
-from . import _growable, _opq, _quantizer
+from . import _growable, _opq, _quantizer, _scorers
 from ._base import BasePQNeighbors
 from ._checks import (FLOAT_DTYPES, check_anisotropic_state, check_codebooks,
                       check_float_array, check_int_array, check_range, check_scalar_int,
@@ -245,7 +245,7 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
             go to the smaller index).
         """
         X = self._validate(X)
-        return _quantizer.encode(X, self.codebooks_, effective_n_threads(self.n_jobs),
+        return _scorers.encode(X, self.codebooks_, effective_n_threads(self.n_jobs),
                                   **self._anisotropic_kw())
 
     def inverse_transform(self, X):
@@ -301,7 +301,7 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         score : float
         """
         X = self._validate(X)
-        codes = _quantizer.encode(X, self.codebooks_, effective_n_threads(self.n_jobs),
+        codes = _scorers.encode(X, self.codebooks_, effective_n_threads(self.n_jobs),
                                   **self._anisotropic_kw())
         err = X - _quantizer.decode(codes, self.codebooks_, X.shape[1])
         return -float(np.mean(np.einsum("ij,ij->i", err, err, dtype=np.float64)))
@@ -550,7 +550,7 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
     def _packs(m, k):
         """Whether an index of m sub-spaces of k codewords stores packed
         4-bit codes."""
-        return k == 16 and m <= 256
+        return _scorers.packs4(m, k, exhaustive=True)
 
     @property
     def _packed(self):
@@ -564,7 +564,7 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         if name == "codes_":
             d = self.__dict__
             if "packed_codes_" in d:
-                return _quantizer.unpack_codes4(d["packed_codes_"], d["n_samples_fit_"],
+                return _scorers.unpack_codes4(d["packed_codes_"], d["n_samples_fit_"],
                                                 d["codebooks_"].shape[0])
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
@@ -585,7 +585,7 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
             # Written before 4-bit codes were packed: pack them now.
             codes = d.pop("codes_")
             check_int_array(codes, "codes_", (None, cb.shape[0]), 0, 16, dtype=np.uint8)
-            d["packed_codes_"] = _quantizer.pack_codes4(codes)
+            d["packed_codes_"] = _scorers.pack_codes4(codes)
             require(codes.shape[0] == self.n_samples_fit_, "codes_ and n_samples_fit_ differ")
         super()._check_loaded_state()
         require(self._n_stored() == self.n_samples_fit_, "codes_ and n_samples_fit_ differ")
@@ -605,14 +605,14 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         n = self.n_samples_fit_
         require(isinstance(packed, np.ndarray) and packed.dtype == np.uint8,
                 "packed_codes_ must be a uint8 array")
-        nb = _quantizer.n_blocks4(n)
-        require(packed.shape == (nb, (m + 1) // 2, _quantizer.FASTSCAN_BLOCK),
+        nb = _scorers.n_blocks4(n)
+        require(packed.shape == (nb, (m + 1) // 2, _scorers.FASTSCAN_BLOCK),
                 f"packed_codes_ has shape {packed.shape}, expected "
-                f"({nb}, {(m + 1) // 2}, {_quantizer.FASTSCAN_BLOCK}) for {n} vectors")
+                f"({nb}, {(m + 1) // 2}, {_scorers.FASTSCAN_BLOCK}) for {n} vectors")
         require(packed.flags.c_contiguous, "packed_codes_ must be C-contiguous")
         # Padding (vectors past n in the last block, the sub-space that
         # makes m even) holds code 0.
-        r = n % _quantizer.FASTSCAN_BLOCK
+        r = n % _scorers.FASTSCAN_BLOCK
         if r:
             require(not packed[-1, :, r:].any(), "padding of packed_codes_ is not 0")
         if m % 2 and nb:
@@ -624,12 +624,12 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         self.__dict__.pop("packed_codes_", None)
         _growable.discard(self, "packed_codes")
         if self._packs(m, k):
-            self.packed_codes_ = _quantizer.pack_codes4(np.empty((0, m), np.uint8))
+            self.packed_codes_ = _scorers.pack_codes4(np.empty((0, m), np.uint8))
         else:
             self.codes_ = np.empty((0, m), _quantizer.code_dtype(k))
 
     def _add_rows(self, X, n_threads, progress):
-        codes = _quantizer.encode_rows(progress.rows(X, "encoding"), self.codebooks_,
+        codes = _scorers.encode_rows(progress.rows(X, "encoding"), self.codebooks_,
                                        n_threads, **self._anisotropic_kw())
         vectors = self._grown_vectors(X)
         n_total = self.n_samples_fit_ + codes.shape[0]
@@ -651,11 +651,11 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         m = self.codebooks_.shape[0]
         if codes.shape[0] == 0:
             return old
-        full, r = divmod(n_old, _quantizer.FASTSCAN_BLOCK)
+        full, r = divmod(n_old, _scorers.FASTSCAN_BLOCK)
         if r:
-            head = _quantizer.unpack_codes4(old[full:full + 1], r, m)
+            head = _scorers.unpack_codes4(old[full:full + 1], r, m)
             codes = np.concatenate([head, codes])
-        tail = _quantizer.pack_codes4(codes)
+        tail = _scorers.pack_codes4(codes)
         view = _growable.grow(self, "packed_codes", old, full + tail.shape[0] - old.shape[0])
         view[full + 1:] = tail[1:]
         view[full] = tail[0]
@@ -665,11 +665,11 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         # Exhaustive: a filtered search is exact (blocked rows are skipped
         # inside the scan, so every allowed row competes).
         if self._packed:
-            return _quantizer.fastscan_search(
+            return _scorers.fastscan_search(
                 Q, self.codebooks_, self.packed_codes_, self.n_samples_fit_, n_candidates,
-                self._inner_product, n_threads, margin=_quantizer.FASTSCAN_MARGIN,
+                self._inner_product, n_threads, margin=_scorers.FASTSCAN_MARGIN,
                 blocked=blocked)
-        return _quantizer.adc_search(
+        return _scorers.adc_search(
             Q, self.codebooks_, self.codes_, n_candidates, self._inner_product, n_threads,
             blocked=blocked)
 

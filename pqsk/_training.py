@@ -22,7 +22,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from . import _growable, _opq, _quantizer
+from . import _growable, _opq, _quantizer, _scorers
 from ._anisotropic import train_anisotropic
 from ._checks import check_range
 from ._runtime import index_lock, index_writer
@@ -319,7 +319,7 @@ class RefitMixin:
                 part = raw = source.take(ids[rows])
                 if offset is not None:
                     part = part - offset(rows)
-                out[rows] = _quantizer.encode(part, codebooks, n_threads, directions=raw,
+                out[rows] = _scorers.encode(part, codebooks, n_threads, directions=raw,
                                               **self._anisotropic_kw())
             return out
 

@@ -9,7 +9,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import index_files as files
 from pqsk import HNSWPQNeighbors, IVFPQNeighbors, PQNeighbors, PQTransformer
-from pqsk import _aniso, _naive, _quantizer
+from pqsk import _aniso, _naive, _partition, _quantizer, _scorers
 from pqsk import _anisotropic as aniso
 
 
@@ -124,7 +124,7 @@ def _kernel(Xp, U, w, cb, codes, n_sweeps, n_threads=1):
     out = codes.copy()
     m, k, _ = cb.shape
     work = _quantizer.scratch(n_threads, aniso.kernel_work_width(m, k), np.float64)
-    _aniso.anisotropic_encode_rows(Xp, U, w, _quantizer._transposed(cb),
+    _aniso.anisotropic_encode_rows(Xp, U, w, _quantizer.transposed(cb),
                                    np.einsum("jkd,jkd->jk", cb, cb), out, n_sweeps, work,
                                    n_threads)
     return out
@@ -217,7 +217,7 @@ def test_encode_threads_and_chunks_give_the_same_codes(monkeypatch):
     cb, _ = _quantizer.train_codebooks(X, 5, 16, random_state=0)
     one = aniso.anisotropic_encode(X, cb, 0.2)
     assert_array_equal(aniso.anisotropic_encode(X, cb, 0.2, n_threads=2), one)
-    assert_array_equal(_quantizer.encode(X, cb, 2, 0.2), one)
+    assert_array_equal(_scorers.encode(X, cb, 2, 0.2), one)
     monkeypatch.setattr(aniso, "_BLOCK_VALUES", 7 * 20)  # chunks of 7 rows
     assert_array_equal(aniso.anisotropic_encode(X, cb, 0.2, n_threads=2), one)
     # And the oracle on the whole set, in one chunk.
@@ -269,7 +269,7 @@ def test_every_encoding_uses_the_anisotropic_assignment():
     ivf = IVFPQNeighbors(n_lists=4, n_subspaces=4, n_codewords=16, metric="dot",
                          anisotropic_threshold=T, random_state=0).fit(X[:1500])
     ivf.partial_fit(X[1500:])
-    labels = _quantizer.assign(X, ivf.cluster_centers_)
+    labels = _partition.assign(X, ivf.cluster_centers_)
     expected = aniso.anisotropic_encode(X - ivf.cluster_centers_[labels], ivf.codebooks_, T,
                                         directions=X)
     assert_array_equal(ivf.codes_, expected[ivf.ids_])
@@ -284,7 +284,7 @@ def test_refit_codebooks_keeps_the_anisotropic_loss():
     ivf = IVFPQNeighbors(n_lists=4, n_subspaces=4, n_codewords=16, metric="dot",
                          anisotropic_threshold=0.5, random_state=0).fit(X)
     ivf.refit_codebooks(X[::2], X=X)
-    labels = _quantizer.assign(X, ivf.cluster_centers_)
+    labels = _partition.assign(X, ivf.cluster_centers_)
     expected = aniso.anisotropic_encode(X - ivf.cluster_centers_[labels], ivf.codebooks_,
                                         0.5, directions=X)
     assert_array_equal(ivf.codes_, expected[ivf.ids_])

@@ -289,15 +289,15 @@ def _assert_same_state(a, b):
                                                            refine_factor=0, random_state=0)])
 def test_training_task_state_independent_of_threads_and_indexes_no_row(
         make, coarse, monkeypatch):
-    from pqsk import _quantizer
+    from pqsk import _partition
     from pqsk.dask import _train
 
     if coarse != "kmeans":  # the coarse k-means in threaded tasks at any size
         if not hasattr(make(), "n_lists"):
             pytest.skip("no coarse quantizer")
-        monkeypatch.setattr(_quantizer, "LLOYD_THRESHOLD", 0)
+        monkeypatch.setattr(_partition, "LLOYD_THRESHOLD", 0)
         if coarse == "streamed":
-            monkeypatch.setattr(_quantizer, "STREAMED_THRESHOLD", 0)
+            monkeypatch.setattr(_partition, "STREAMED_THRESHOLD", 0)
     one = _train(make(), 1, len(X), X[:1500], X[1500:])
     two = _train(make(), 2, len(X), X[:1500], X[1500:])
     _assert_same_state(one, two)
@@ -306,11 +306,11 @@ def test_training_task_state_independent_of_threads_and_indexes_no_row(
 
 
 def _set_lloyd_threshold(value):
-    """Set pqsk._quantizer.LLOYD_THRESHOLD (here or in a worker); returns
+    """Set pqsk._partition.LLOYD_THRESHOLD (here or in a worker); returns
     the old value."""
-    from pqsk import _quantizer
+    from pqsk import _partition
 
-    old, _quantizer.LLOYD_THRESHOLD = _quantizer.LLOYD_THRESHOLD, value
+    old, _partition.LLOYD_THRESHOLD = _partition.LLOYD_THRESHOLD, value
     return old
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
 
-from pqsk import _fastscan, _naive, _quantizer
+from pqsk import _fastscan, _naive, _quantizer, _scorers
 
 ISAS = _fastscan.available_isas()
 ALL_ISAS = ["scalar", "avx2", "avx512bw"]
@@ -33,14 +33,14 @@ def isa(request):
 def _oracle(Q, cb, codes, k, inner_product):
     """Float ADC top-k on the plain codes (the 8-bit kernel), checked once
     against the naive NumPy scan."""
-    return _quantizer.adc_search(Q, cb, codes, k, inner_product)
+    return _scorers.adc_search(Q, cb, codes, k, inner_product)
 
 
 def _check_same(Q, cb, codes, k, inner_product, n_threads=1):
     n, m = codes.shape
-    packed = _quantizer.pack_codes4(codes)
+    packed = _scorers.pack_codes4(codes)
     d_ref, i_ref = _oracle(Q, cb, codes, k, inner_product)
-    d, i = _quantizer.fastscan_search(Q, cb, packed, n, k, inner_product, n_threads)
+    d, i = _scorers.fastscan_search(Q, cb, packed, n, k, inner_product, n_threads)
     assert d.dtype == cb.dtype and i.dtype == np.int64 and d.shape == (Q.shape[0], k)
     assert_array_equal(i, i_ref)
     assert_array_equal(d, d_ref)  # same additions in the same order: bit-identical
@@ -56,12 +56,12 @@ def _check_same(Q, cb, codes, k, inner_product, n_threads=1):
 def test_pack_unpack_round_trip(m, n):
     rng = np.random.RandomState(m * 1000 + n)
     codes = rng.randint(0, 16, size=(n, m)).astype(np.uint8)
-    packed = _quantizer.pack_codes4(codes)
+    packed = _scorers.pack_codes4(codes)
     m2 = m + m % 2
     assert packed.dtype == np.uint8 and packed.flags.c_contiguous
     assert packed.shape == (-(-n // 32), m2 // 2, 32)
     assert packed.nbytes == -(-n // 32) * 32 * m2 // 2
-    back = _quantizer.unpack_codes4(packed, n, m)
+    back = _scorers.unpack_codes4(packed, n, m)
     assert back.dtype == np.uint8 and back.shape == (n, m)
     assert_array_equal(back, codes)
     if n:
@@ -71,18 +71,18 @@ def test_pack_unpack_round_trip(m, n):
         hi = codes[n - 1, 2 * p + 1] if 2 * p + 1 < m else 0
         assert packed[b, p, i] == lo | (hi << 4)
         # Padding vectors and the padding sub-space hold code 0.
-        flat = _quantizer.unpack_codes4(packed, len(packed) * 32, m2)
+        flat = _scorers.unpack_codes4(packed, len(packed) * 32, m2)
         assert not flat[n:].any() and not flat[:, m:].any()
 
 
 def test_pack_refuses_codes_beyond_4_bits():
     with pytest.raises(ValueError, match="4-bit"):
-        _quantizer.pack_codes4(np.array([[3, 16]], dtype=np.uint8))
-    packed = _quantizer.pack_codes4(np.zeros((40, 3), np.uint8))
+        _scorers.pack_codes4(np.array([[3, 16]], dtype=np.uint8))
+    packed = _scorers.pack_codes4(np.zeros((40, 3), np.uint8))
     with pytest.raises(ValueError, match="do not hold"):
-        _quantizer.unpack_codes4(packed, 70, 3)
+        _scorers.unpack_codes4(packed, 70, 3)
     with pytest.raises(ValueError, match="do not hold"):
-        _quantizer.unpack_codes4(packed, 40, 5)
+        _scorers.unpack_codes4(packed, 40, 5)
 
 
 # -- search: every kernel equals the float ADC search ---------------------------
@@ -158,21 +158,21 @@ def test_largest_m_uses_the_whole_uint16_range(isa):
     for k in (1, 15, 100):
         _check_same(Q, cb, codes, k, False)
     with pytest.raises(ValueError, match="at most 257"):
-        _quantizer.fastscan_search(np.zeros((1, m + 1)), np.zeros((m + 1, 16, 1)),
-                                   _quantizer.pack_codes4(np.zeros((1, m + 1), np.uint8)),
-                                   1, 1)
+        _scorers.fastscan_search(np.zeros((1, m + 1)), np.zeros((m + 1, 16, 1)),
+                                 _scorers.pack_codes4(np.zeros((1, m + 1), np.uint8)),
+                                 1, 1)
 
 
 def test_empty_and_too_few_codes(isa):
     rng = np.random.RandomState(4)
     cb = rng.randn(3, 16, 2).astype(np.float32)
     Q = rng.randn(4, 6).astype(np.float32)
-    d, i = _quantizer.fastscan_search(Q, cb, _quantizer.pack_codes4(np.zeros((0, 3), np.uint8)),
-                                      0, 4)
+    d, i = _scorers.fastscan_search(Q, cb, _scorers.pack_codes4(np.zeros((0, 3), np.uint8)),
+                                    0, 4)
     assert np.all(i == INT64_MAX) and np.all(np.isposinf(d))
     codes = rng.randint(0, 16, size=(2, 3)).astype(np.uint8)
     _check_same(Q, cb, codes, 5, False)
-    d, i = _quantizer.fastscan_search(Q[:0], cb, _quantizer.pack_codes4(codes), 2, 5)
+    d, i = _scorers.fastscan_search(Q[:0], cb, _scorers.pack_codes4(codes), 2, 5)
     assert d.shape == (0, 5) and i.shape == (0, 5)
 
 
@@ -194,13 +194,13 @@ def test_kernels_agree_with_each_other():
     cb = rng.randn(m, 16, 2).astype(np.float32)
     Q = rng.randn(10, 2 * m).astype(np.float32)
     codes = rng.randint(0, 16, size=(n, m)).astype(np.uint8)
-    packed = _quantizer.pack_codes4(codes)
+    packed = _scorers.pack_codes4(codes)
     before = _fastscan.isa()
     results = {}
     try:
         for name in ISAS:
             _fastscan.set_isa(name)
-            results[name] = _quantizer.fastscan_search(Q, cb, packed, n, 20, True)
+            results[name] = _scorers.fastscan_search(Q, cb, packed, n, 20, True)
     finally:
         _fastscan.set_isa(before)
     for name, (d, i) in results.items():
@@ -233,14 +233,14 @@ def test_forced_scalar_path_via_environment():
     the path of CPUs without AVX2), with the same results."""
     out = _run("""
         import numpy as np
-        from pqsk import _fastscan, _quantizer
+        from pqsk import _fastscan, _scorers
         assert _fastscan.isa() == "scalar", _fastscan.isa()
         rng = np.random.RandomState(8)
         cb = rng.randn(5, 16, 2).astype(np.float32)
         Q = rng.randn(7, 10).astype(np.float32)
         codes = rng.randint(0, 16, size=(999, 5)).astype(np.uint8)
-        d, i = _quantizer.fastscan_search(Q, cb, _quantizer.pack_codes4(codes), 999, 9)
-        d_ref, i_ref = _quantizer.adc_search(Q, cb, codes, 9)
+        d, i = _scorers.fastscan_search(Q, cb, _scorers.pack_codes4(codes), 999, 9)
+        d_ref, i_ref = _scorers.adc_search(Q, cb, codes, 9)
         assert (i == i_ref).all() and (d == d_ref).all()
         print("ok")
     """, PQSK_SIMD="scalar")
@@ -289,8 +289,8 @@ def test_pqneighbors_16_codewords_searches_packed_codes(isa, metric, m):
     assert codes.shape == (1000, m) and codes.dtype == np.uint8
     assert_array_equal(codes, _quantizer.encode(nn._prepare(X), nn.codebooks_))
     # kneighbors == the float ADC search over the unpacked codes.
-    d_ref, i_ref = _quantizer.adc_search(nn._prepare(Q), nn.codebooks_, codes, 7,
-                                         metric == "dot")
+    d_ref, i_ref = _scorers.adc_search(nn._prepare(Q), nn.codebooks_, codes, 7,
+                                       metric == "dot")
     d, i = nn.kneighbors(Q)
     assert_array_equal(i, i_ref)
     assert_array_equal(d, nn._finish_distances(d_ref.copy()))
@@ -436,15 +436,15 @@ def test_margin_scan_is_exact_float_adc_but_for_near_ties(inner_product):
     cb = rng.randn(m, 16, 2).astype(np.float32)
     codes = rng.randint(0, 16, (n, m)).astype(np.uint8)
     Q = rng.randn(25, 2 * m).astype(np.float32)
-    packed = _quantizer.pack_codes4(codes)
-    exact = _quantizer.fastscan_search(Q, cb, packed, n, k, inner_product)
+    packed = _scorers.pack_codes4(codes)
+    exact = _scorers.fastscan_search(Q, cb, packed, n, k, inner_product)
     results = {}
     previous = _fastscan.isa()
     try:
         for name in _fastscan.available_isas():
             _fastscan.set_isa(name)
-            results[name] = _quantizer.fastscan_search(
-                Q, cb, packed, n, k, inner_product, margin=_quantizer.FASTSCAN_MARGIN)
+            results[name] = _scorers.fastscan_search(
+                Q, cb, packed, n, k, inner_product, margin=_scorers.FASTSCAN_MARGIN)
     finally:
         _fastscan.set_isa(previous)
     first = next(iter(results.values()))
@@ -453,7 +453,7 @@ def test_margin_scan_is_exact_float_adc_but_for_near_ties(inner_product):
         assert_array_equal(d, first[0])
     d, i = first
     # Distances: the float ADC of the returned codes (as adc_search adds them).
-    ref_d, ref_i = _quantizer.adc_search(Q, cb, codes, n, inner_product)
+    ref_d, ref_i = _scorers.adc_search(Q, cb, codes, n, inner_product)
     full = np.empty((Q.shape[0], n), dtype=np.float32)
     np.put_along_axis(full, ref_i, ref_d, 1)
     assert_array_equal(np.take_along_axis(full, i, 1), d)

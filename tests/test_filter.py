@@ -264,17 +264,17 @@ def test_bad_filters_are_refused(bad, error, match):
 
 def test_kernel_wrappers_refuse_short_masks():
     # The kernels trust the mask length: the wrappers check it.
-    from pqsk import _quantizer
+    from pqsk import _scorers
     from pqsk._filter import Blocked
 
     est = fitted("approx", "flat4")
     cb = np.ascontiguousarray(est.codebooks_)
     codes = np.zeros((50, 4), np.uint8)
     with pytest.raises(ValueError, match="does not cover"):
-        _quantizer.adc_search(Q, cb, codes, 3, blocked=Blocked(np.zeros(49, np.uint8), 0, 49))
+        _scorers.adc_search(Q, cb, codes, 3, blocked=Blocked(np.zeros(49, np.uint8), 0, 49))
     with pytest.raises(ValueError, match="does not cover"):
-        _quantizer.adc_search(Q, cb, codes, 3,
-                              blocked=Blocked(np.zeros(50 * 11, np.uint8), 50, 50))
+        _scorers.adc_search(Q, cb, codes, 3,
+                            blocked=Blocked(np.zeros(50 * 11, np.uint8), 50, 50))
 
 
 @pytest.mark.parametrize("key", ["hnsw", "hnsw_segments"])

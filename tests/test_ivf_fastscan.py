@@ -27,7 +27,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 import pqsk
-from pqsk import IVFPQNeighbors, _fastscan, _lists, _naive, _quantizer
+from pqsk import IVFPQNeighbors, _fastscan, _lists, _naive, _partition, _quantizer, _scorers
 from pqsk._segments import Segment
 
 from index_files import edit_array, read_header
@@ -129,7 +129,7 @@ def test_estimate_reservoir_keeps_the_best_estimates(isa, metric):
     Qp = _prepared(nn, Q[:20])
     lists, _, ids = _entries(nn)
     live = np.bincount(lists[~nn.removed_[ids]], minlength=nn.n_lists_)
-    coarse = _quantizer.coarse_terms(Qp, nn.cluster_centers_, metric == "dot")
+    coarse = _partition.coarse_terms(Qp, nn.cluster_centers_, metric == "dot")
     for n_probe in (1, 3, 24):
         nn.set_params(n_probe=n_probe)
         # Every entry of the probed lists (no query has fewer: no list
@@ -186,7 +186,7 @@ def test_probes_are_the_nearest_lists_in_order():
     nn = _ivf(metric="euclidean").fit(X[:3000])
     Qp = _prepared(nn, Q[:30])
     lists, _, ids = _entries(nn)
-    coarse = _quantizer.coarse_terms(Qp, nn.cluster_centers_, False)
+    coarse = _partition.coarse_terms(Qp, nn.cluster_centers_, False)
     sizes = np.bincount(lists, minlength=nn.n_lists_)
     for n_probe in (1, 2, 5, 24):
         nn.set_params(n_probe=n_probe)
@@ -257,13 +257,13 @@ def test_pack_lists_layout_round_trip():
     np.cumsum(sizes, out=offsets[1:])
     for m in (1, 4, 5, 16):
         codes = r.randint(0, 16, (offsets[-1], m)).astype(np.uint8)
-        packed, blocks = _quantizer.pack_lists4(codes, offsets)
+        packed, blocks = _scorers.pack_lists4(codes, offsets)
         assert_array_equal(np.diff(blocks), [0, 1, 1, 1, 2, 0, 2, 3, 0])
         assert packed.shape == (blocks[-1], (m + 1) // 2, 32) and packed.dtype == np.uint8
-        assert_array_equal(_quantizer.unpack_lists4(packed, offsets, blocks, m), codes)
+        assert_array_equal(_scorers.unpack_lists4(packed, offsets, blocks, m), codes)
         # Each list on a block boundary, in the flat fast-scan layout.
         for l, n_l in enumerate(sizes):
-            flat = _quantizer.unpack_codes4(packed[blocks[l]:blocks[l + 1]], 32 * (
+            flat = _scorers.unpack_codes4(packed[blocks[l]:blocks[l + 1]], 32 * (
                 blocks[l + 1] - blocks[l]), m)
             assert_array_equal(flat[:n_l], codes[offsets[l]:offsets[l + 1]])
             assert not flat[n_l:].any()
@@ -335,45 +335,45 @@ def test_packed_scan_equals_unpacked_scan(isa, dtype, metric, m):
     deleted[r.choice(ids2[-1] + 1, 30, replace=False)] = 1
     ip = metric == "ip"
     terms = (np.empty((0, m, 16), dtype) if metric != "l2"
-             else _quantizer.list_terms(centroids, cb))
+             else _partition.list_terms(centroids, cb))
     Qr = (3 * r.randn(25, D)).astype(dtype)
-    coarse = _quantizer.coarse_terms(Qr, centroids, ip)
+    coarse = _partition.coarse_terms(Qr, centroids, ip)
     plain = [(codes, seg_ids, offsets), (codes2, ids2, offsets2)]
-    packed = [(*_quantizer.pack_lists4(c, o), i, o) for c, i, o in plain]
+    packed = [(*_scorers.pack_lists4(c, o), i, o) for c, i, o in plain]
     packed = [(p, i, o, b) for p, b, i, o in packed]
     for n_probe in (1, 3, n_lists):
         for k in (1, 10, 500):
             for dead in (None, deleted):
                 args = dict(inner_product=ip, n_threads=2, centroids=centroids,
                             growing=(g_codes, g_ids, g_lists), deleted=dead)
-                ref = _quantizer.ivf_search(Qr, coarse, cb, terms, plain, k, n_probe, **args)
-                got = _quantizer.ivf_search(Qr, coarse, cb, terms, packed, k, n_probe,
+                ref = _scorers.ivf_search(Qr, coarse, cb, terms, plain, k, n_probe, **args)
+                got = _scorers.ivf_search(Qr, coarse, cb, terms, packed, k, n_probe,
                                             **args)
                 assert_array_equal(got[1], ref[1])
                 assert_array_equal(got[0], ref[0])
                 # Mixed: one packed segment, one plain.
-                mixed = _quantizer.ivf_search(Qr, coarse, cb, terms, [packed[0], plain[1]],
+                mixed = _scorers.ivf_search(Qr, coarse, cb, terms, [packed[0], plain[1]],
                                               k, n_probe, **args)
                 assert_array_equal(mixed[1], ref[1])
                 # The estimators' margin: the same but for near ties.
-                fast = _quantizer.ivf_search(Qr, coarse, cb, terms, packed, k, n_probe,
-                                             fastscan_margin=_quantizer.FASTSCAN_MARGIN,
+                fast = _scorers.ivf_search(Qr, coarse, cb, terms, packed, k, n_probe,
+                                             fastscan_margin=_scorers.FASTSCAN_MARGIN,
                                              **args)
                 assert np.mean(fast[1] == ref[1]) >= 0.99
 
 
 def test_packed_segment_arrays_are_checked():
     cb, centroids, offsets, codes = _random_ivf(4, [3, 40, 0])
-    packed, blocks = _quantizer.pack_lists4(codes, offsets)
+    packed, blocks = _scorers.pack_lists4(codes, offsets)
     ids = np.arange(codes.shape[0], dtype=np.int32)
     Qr = np.zeros((1, 8), np.float32)
-    coarse = _quantizer.coarse_terms(Qr, centroids, True)
+    coarse = _partition.coarse_terms(Qr, centroids, True)
     bad = blocks.copy()
     bad[1:] += 1
     for seg in [(packed, ids, offsets, bad), (packed[:-1], ids, offsets, blocks),
                 (np.ascontiguousarray(packed[:, :1]), ids, offsets, blocks)]:
         with pytest.raises(ValueError, match="packed segment"):
-            _quantizer.ivf_search(Qr, coarse, cb, np.empty((0, 4, 16), np.float32), [seg], 3,
+            _scorers.ivf_search(Qr, coarse, cb, np.empty((0, 4, 16), np.float32), [seg], 3,
                                   1, True)
 
 

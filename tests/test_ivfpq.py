@@ -296,7 +296,7 @@ def test_without_precomputed_list_terms_the_answers_stay(metric, monkeypatch):
     """Past LIST_TERMS_MAX_BYTES the n_lists x m x k table is not kept; each
     probed list's table is then built from the residual query: the same
     distances (up to rounding), the same neighbours."""
-    from pqsk import _quantizer
+    from pqsk import _partition
 
     rng = np.random.RandomState(0)
     X = rng.randn(3000, 16)
@@ -304,7 +304,7 @@ def test_without_precomputed_list_terms_the_answers_stay(metric, monkeypatch):
     kw = dict(n_lists=16, n_probe=5, n_subspaces=4, n_codewords=32, random_state=0,
               metric=metric)
     with_table = IVFPQNeighbors(8, **kw).fit(X)
-    monkeypatch.setattr(_quantizer, "LIST_TERMS_MAX_BYTES", 0)
+    monkeypatch.setattr(_partition, "LIST_TERMS_MAX_BYTES", 0)
     without = IVFPQNeighbors(8, **kw).fit(X)
     assert with_table._list_terms.shape[0] == 16 and without._list_terms.shape[0] == 0
     assert without.memory_usage_["list_terms"] == 0

@@ -4,8 +4,9 @@ Property tests (hypothesis) on random small data, for every metric x
 uint8 / uint16 codes x float32 / float64:
 
 * kernel level, through the low-level entry points
-  (``pqsk._quantizer.encode / adc_search / coarse_terms / list_terms /
-  ivf_search`` and ``pqsk._hnsw.hnsw_search``);
+  (``pqsk._quantizer.encode``, ``pqsk._scorers.adc_search / ivf_search``,
+  ``pqsk._partition.coarse_terms / list_terms`` and
+  ``pqsk._hnsw.hnsw_search``);
 * estimator level: ``kneighbors`` of a fitted :class:`PQNeighbors`,
   :class:`IVFPQNeighbors` or :class:`HNSWPQNeighbors` equals the twin
   applied to the fitted arrays.
@@ -37,7 +38,8 @@ from hypothesis import strategies as st
 from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.preprocessing import normalize
 
-from pqsk import HNSWPQNeighbors, IVFPQNeighbors, PQNeighbors, _hnsw, _naive, _quantizer
+from pqsk import (HNSWPQNeighbors, IVFPQNeighbors, PQNeighbors, _hnsw, _naive, _partition,
+                  _quantizer, _scorers)
 
 METRICS = ["euclidean", "sqeuclidean", "cosine", "dot"]
 EMPTY_ID = np.iinfo(np.int64).max
@@ -201,8 +203,8 @@ def test_adc_search_matches_twin(metric, code_dtype, dtype, data):
     ip = metric == "dot"
     n = codes.shape[0]
     kn = data.draw(st.integers(1, n + 3))
-    dist, idx = _quantizer.adc_search(Q, codebooks, codes, kn, ip,
-                                      n_threads=data.draw(st.integers(1, 2)))
+    dist, idx = _scorers.adc_search(Q, codebooks, codes, kn, ip,
+                                    n_threads=data.draw(st.integers(1, 2)))
     assert dist.dtype == dtype and idx.dtype == np.int64 and dist.shape == (Q.shape[0], kn)
     tables = _naive.adc_tables(Q, codebooks, ip)
     x_hat = _naive.decode(codes.astype(np.int64), codebooks)
@@ -244,13 +246,13 @@ def test_ivf_search_matches_twin(metric, code_dtype, dtype, data):
     n, n_lists = codes.shape[0], centroids.shape[0]
     kn = data.draw(st.integers(1, n + 3))
     n_probe = data.draw(st.integers(1, n_lists))
-    coarse = _quantizer.coarse_terms(Q, centroids, ip)
+    coarse = _partition.coarse_terms(Q, centroids, ip)
     r_hat = _naive.decode(codes.astype(np.int64), codebooks)
     tol = RTOL[np.dtype(dtype)] * scale(Q, centroids, r_hat)
     assert_allclose(coarse, _naive.coarse_terms(Q, centroids, ip), rtol=0,
                     atol=tol.max())
     terms = (np.empty((0,) + codebooks.shape[:2], dtype) if ip
-             else _quantizer.list_terms(centroids, codebooks))
+             else _partition.list_terms(centroids, codebooks))
     if not ip:  # ||r||^2 + 2 <c_l block j, r> for every list, block, codeword
         m, k, ds = codebooks.shape
         cb = codebooks.astype(np.float64)
@@ -274,9 +276,9 @@ def test_ivf_search_matches_twin(metric, code_dtype, dtype, data):
         # Without the precomputed terms (too many lists): each list's table
         # is built from the residual query.
         terms = terms[:0]
-    dist, idx = _quantizer.ivf_search(Q, coarse, codebooks, terms, segments,
-                                      kn, n_probe, ip, n_threads=data.draw(st.integers(1, 2)),
-                                      centroids=centroids)
+    dist, idx = _scorers.ivf_search(Q, coarse, codebooks, terms, segments,
+                                    kn, n_probe, ip, n_threads=data.draw(st.integers(1, 2)),
+                                    centroids=centroids)
     assert dist.dtype == dtype and idx.dtype == np.int64 and dist.shape == (Q.shape[0], kn)
     keys = code_keys(codes, lists)
     key_of = dict(zip(ids.tolist(), keys.tolist()))
@@ -496,7 +498,7 @@ def test_ivf_neighbors_match_twin(metric, code_dtype, dtype, data):
         if np.any(np.diff(ranked) <= 2 * tol[q]):
             # Lists nearly tied in the coarse ranking: which one is scanned
             # is the kernel's float rounding to decide; take its ranking.
-            kernel_coarse = _quantizer.coarse_terms(Qp[q:q + 1], C, ip)[0]
+            kernel_coarse = _partition.coarse_terms(Qp[q:q + 1], C, ip)[0]
             scanned = _naive.ivf_probe_order(kernel_coarse, off, est.n_probe, kn, live)
         cid, cd = _naive.ivf_candidates(Qp[q], C, cb, codes, ids, off, scanned, ip, removed)
         check_top_k(raw[q], ind[q], cid, cd, tol[q], [key_of[i] for i in cid.tolist()])

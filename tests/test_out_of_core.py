@@ -19,7 +19,7 @@ from numpy.testing import assert_array_equal
 from sklearn.datasets import make_blobs
 
 import pqsk._store as store_mod
-from pqsk import HNSWPQNeighbors, IVFPQNeighbors, PQNeighbors, _quantizer
+from pqsk import HNSWPQNeighbors, IVFPQNeighbors, PQNeighbors, _partition, _quantizer
 from pqsk._store import FitRows, RowStore, is_file_backed
 
 METRICS = ["euclidean", "sqeuclidean", "cosine", "dot"]
@@ -268,7 +268,7 @@ def test_streamed_coarse_training_is_the_same_for_any_thread_count_and_source(tm
     X = _data(6000, d=16)
     mm = _memmap(tmp_path, X)
     rows = np.sort(np.random.RandomState(0).choice(6000, 5000, replace=False))
-    runs = [_quantizer.train_coarse_streamed(src, rows, 24, max_iter=10, random_state=0,
+    runs = [_partition.train_coarse_streamed(src, rows, 24, max_iter=10, random_state=0,
                                              n_threads=t)
             for src, t in ((X, 1), (X, 2), (mm, 2),
                            (FitRows(mm, np.float32, False), 3))]
@@ -280,7 +280,7 @@ def test_streamed_coarse_training_is_the_same_for_any_thread_count_and_source(tm
         ref, _, _ = _quantizer.fit_kmeans(X[rows], 24, max_iter=10, random_state=0)
 
     def inertia(c):
-        return float(((X - c[_quantizer.assign(X, c)]) ** 2).sum())
+        return float(((X - c[_partition.assign(X, c)]) ** 2).sum())
 
     assert inertia(runs[0][0]) <= 1.02 * inertia(ref)
 
@@ -288,13 +288,13 @@ def test_streamed_coarse_training_is_the_same_for_any_thread_count_and_source(tm
 def test_streamed_coarse_training_with_few_distinct_rows_is_exact():
     X = _data(40)
     Y = np.repeat(X, 200, axis=0)[np.random.RandomState(0).permutation(8000)]
-    c, n_iter = _quantizer.train_coarse_streamed(Y, None, 64, max_iter=10, random_state=0)
+    c, n_iter = _partition.train_coarse_streamed(Y, None, 64, max_iter=10, random_state=0)
     assert n_iter == 0
     assert {tuple(r) for r in c} == {tuple(r) for r in X}
 
 
 def test_ivf_fit_uses_the_streamed_path_past_the_threshold(tmp_path, monkeypatch):
-    monkeypatch.setattr(_quantizer, "STREAMED_THRESHOLD", 10_000)
+    monkeypatch.setattr(_partition, "STREAMED_THRESHOLD", 10_000)
     X = _data(4000)
     mm = _memmap(tmp_path, X)
     a = IVFPQNeighbors(5, n_lists=16, n_subspaces=4, n_codewords=16, metric="cosine",

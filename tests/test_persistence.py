@@ -327,17 +327,17 @@ def _drop_half_the_entries(path):
     off = files.read_array(path, "list_offsets_")
     packed = "segments_.0.list_blocks" in files.read_header(path)["arrays"]
     if packed:  # 4-bit codes: the segment's packed blocks, unpacked here
-        from pqsk import _quantizer
+        from pqsk import _scorers
 
         blocks = files.read_array(path, "segments_.0.list_blocks")
-        codes = _quantizer.unpack_lists4(codes, off, blocks, 4)
+        codes = _scorers.unpack_lists4(codes, off, blocks, 4)
     keep = np.arange(len(ids)) % 2 == 0
     lists = np.repeat(np.arange(len(off) - 1), np.diff(off))
     new_off = np.zeros_like(off)
     np.cumsum(np.bincount(lists[keep], minlength=len(off) - 1), out=new_off[1:])
     files.rewrite_array(path, "ids_", ids[keep])
     if packed:  # a consistent packed segment of the entries kept
-        new_packed, new_blocks = _quantizer.pack_lists4(codes[keep], new_off)
+        new_packed, new_blocks = _scorers.pack_lists4(codes[keep], new_off)
         files.rewrite_array(path, "codes_", new_packed)
         files.rewrite_array(path, "segments_.0.list_blocks", new_blocks)
     else:

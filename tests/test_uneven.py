@@ -16,7 +16,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.neighbors import NearestNeighbors
 
 from pqsk import HNSWPQNeighbors, IVFPQNeighbors, PQNeighbors, PQTransformer
-from pqsk import _anisotropic, _naive, _opq, _quantizer
+from pqsk import _anisotropic, _naive, _opq, _partition, _quantizer, _scorers
 
 rng = np.random.RandomState(7)
 
@@ -33,7 +33,7 @@ def test_widths_bounds_and_padding(d, m):
     X = rng.randn(6, d)
     P = _quantizer.pad_features(X, m)
     ds = -(-d // m)
-    assert P.shape == (6, m * ds) == (6, _quantizer.padded_width(d, m))
+    assert P.shape == (6, m * ds)
     for j in range(m):
         block = P[:, j * ds:(j + 1) * ds]
         assert_array_equal(block[:, :widths[j]], X[:, bounds[j]:bounds[j + 1]])
@@ -57,6 +57,13 @@ def test_more_subspaces_than_features_is_refused():
             est.fit(X)
 
 
+def _padding_is_zero(codebooks, n_features):
+    """Whether every column beyond a sub-space's width is 0."""
+    m, _, ds = codebooks.shape
+    widths = _quantizer.subspace_widths(n_features, m)
+    return all(not np.any(codebooks[j, :, widths[j]:]) for j in np.flatnonzero(widths < ds))
+
+
 def _uneven_codebooks(d, m, k, dtype):
     cb = rng.randn(m, k, -(-d // m)).astype(dtype)
     return _quantizer.zero_padding(cb, d)
@@ -75,7 +82,7 @@ def test_kernels_match_the_oracles(dtype, d, m, k):
         tables = _quantizer.adc_tables(Q, cb, ip)
         # Zero padding adds exact zeros: bit-identical to the oracle in float32.
         assert_array_equal(tables, _naive.adc_tables(Q, cb, ip, dtype=dtype))
-        dist, idx = _quantizer.adc_search(Q, cb, codes, 9, ip, n_threads=2)
+        dist, idx = _scorers.adc_search(Q, cb, codes, 9, ip, n_threads=2)
         od, oi = _naive.adc_scan(tables.astype(np.float64), codes, 9)
         assert_array_equal(idx, oi)
         assert_allclose(dist, od, rtol=1e-5)
@@ -92,25 +99,25 @@ def test_padded_path_equals_hand_padded_rows():
     assert Xp.shape[1] == m * cb.shape[2]
     codes = _quantizer.encode(X, cb)
     assert_array_equal(codes, _quantizer.encode(Xp, cb))
-    for a, b in zip(_quantizer.adc_search(Q, cb, codes, 6),
-                    _quantizer.adc_search(Qp, cb, codes, 6)):
+    for a, b in zip(_scorers.adc_search(Q, cb, codes, 6),
+                    _scorers.adc_search(Qp, cb, codes, 6)):
         assert_array_equal(a, b)
     # 4-bit fast-scan on packed codes.
-    packed = _quantizer.pack_codes4(codes)
-    for a, b in zip(_quantizer.fastscan_search(Q, cb, packed, 200, 6),
-                    _quantizer.adc_search(Q, cb, codes, 6)):
+    packed = _scorers.pack_codes4(codes)
+    for a, b in zip(_scorers.fastscan_search(Q, cb, packed, 200, 6),
+                    _scorers.adc_search(Q, cb, codes, 6)):
         assert_allclose(a, b, rtol=1e-6)
     # IVF: list terms and the residual path give the oracle's distances.
     C = rng.randn(4, d).astype(np.float32)
-    labels = _quantizer.assign(X, C)
-    rcodes = _quantizer.encode_residuals(X, labels, C, cb)
+    labels = _partition.assign(X, C)
+    rcodes = _quantizer.encode(X - C[labels], cb)
     order = np.argsort(labels, kind="stable")
     offsets = np.searchsorted(labels[order], np.arange(5)).astype(np.int64)
     segs = [(np.ascontiguousarray(rcodes[order]), order.astype(np.int32), offsets)]
-    coarse = _quantizer.coarse_terms(Q, C, False)
-    terms = _quantizer.list_terms(C, cb)
+    coarse = _partition.coarse_terms(Q, C, False)
+    terms = _partition.list_terms(C, cb)
     for t in (terms, terms[:0]):
-        dist, idx = _quantizer.ivf_search(Q, coarse, cb, t, segs, 6, 4, centroids=C)
+        dist, idx = _scorers.ivf_search(Q, coarse, cb, t, segs, 6, 4, centroids=C)
         od, oi = _naive.ivf_search(Q, C, cb, rcodes[order], order, offsets, 6, 4)
         assert_array_equal(idx, oi)
         assert_allclose(dist, od, rtol=1e-4, atol=1e-4)
@@ -120,7 +127,7 @@ def test_train_codebooks_pad_with_zeros_and_fit_each_width():
     X = rng.randn(300, 10).astype(np.float32)
     cb, _ = _quantizer.train_codebooks(X, 4, 8, random_state=0)
     assert cb.shape == (4, 8, 3)
-    assert _quantizer.padding_is_zero(cb, 10)
+    assert _padding_is_zero(cb, 10)
     # Exact quantization when there are no more rows than codewords.
     cb, _ = _quantizer.train_codebooks(X[:8], 4, 8, random_state=0)
     codes = _quantizer.encode(X[:8], cb)
@@ -130,10 +137,10 @@ def test_train_codebooks_pad_with_zeros_and_fit_each_width():
 def test_opq_and_anisotropic_keep_the_padding_zero():
     X = rng.randn(400, 10).astype(np.float32)
     R, cb, errors = _opq.train_opq(X, 4, 16, n_iter=5, random_state=0)
-    assert cb.shape == (4, 16, 3) and _quantizer.padding_is_zero(cb, 10)
+    assert cb.shape == (4, 16, 3) and _padding_is_zero(cb, 10)
     assert errors[-1] <= errors[0] * (1 + 1e-5)
     cb, losses = _anisotropic.train_anisotropic(X, 4, 16, 0.2, random_state=0)
-    assert cb.shape == (4, 16, 3) and _quantizer.padding_is_zero(cb, 10)
+    assert cb.shape == (4, 16, 3) and _padding_is_zero(cb, 10)
     assert losses[-1] <= losses[0]
     codes = _anisotropic.anisotropic_encode(X, cb, 0.2)
     loss = _anisotropic.anisotropic_loss(X, codes, cb, 0.2)

@@ -1,12 +1,12 @@
-"""The exact re-ranking kernel (pqsk._rerank) against its oracle
-(pqsk._naive.exact_rerank): row parts of a RowStore and memory-mapped
+"""The reorder stage: pqsk._reorder.exact_rerank (kernel pqsk._rerank)
+against its oracle (pqsk._naive.exact_rerank): row parts of a RowStore and memory-mapped
 files, cosine scaling (zero rows included), inner products, empty and
 out-of-range candidate ids, one and two threads."""
 
 import numpy as np
 import pytest
 
-from pqsk import _naive, _quantizer
+from pqsk import _naive, _reorder
 from pqsk._store import RowStore
 
 EMPTY = np.iinfo(np.int64).max
@@ -29,7 +29,7 @@ def store_of(X, splits, tmp_path=None):
 
 
 def check(Q, store, X, cand, kn, ip, unit, n_threads=1):
-    d, i = _quantizer.exact_rerank(Q, store, cand, kn, ip, unit_norm=unit, n_threads=n_threads)
+    d, i = _reorder.exact_rerank(Q, store, cand, kn, ip, unit_norm=unit, n_threads=n_threads)
     d_ref, i_ref = _naive.exact_rerank(Q.astype(np.float64), X, cand, kn, ip, unit)
     assert d.dtype == X.dtype and i.dtype == np.int64 and d.shape == (Q.shape[0], kn)
     tol = 1e-4 if X.dtype == np.float32 else 1e-10
@@ -69,5 +69,5 @@ def test_rerank_on_a_plain_array_and_no_candidates():
     full = ((X[None] - Q[:, None]) ** 2).sum(-1)
     np.testing.assert_array_equal(np.sort(i, axis=1), np.tile(np.arange(50), (3, 1)))
     np.testing.assert_allclose(d, np.sort(full, axis=1), rtol=1e-5)
-    d, i = _quantizer.exact_rerank(Q[:0], X, cand[:0], 5)
+    d, i = _reorder.exact_rerank(Q[:0], X, cand[:0], 5)
     assert d.shape == (0, 5) and i.shape == (0, 5)
