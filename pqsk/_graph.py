@@ -28,6 +28,7 @@ from scipy.sparse.csgraph import breadth_first_order, connected_components
 
 from . import _growable, _hnsw, _quantizer
 from ._checks import check_int_array, check_scalar_int, require
+from ._segments import NO_ID, merge_topk
 
 MAX_LEVEL = 32
 MAX_LINKS = 2048  # more links per node than this is never useful
@@ -40,7 +41,6 @@ REPAIR_SAMPLE = 4096  # reachable nodes tried for a component with no way out
 # (one linear pass) runs at fit and compact, when the entry point changes,
 # and when the local check cannot give a node a parent.
 LOST_PER_NODE = 4  # room to record nodes that lost their parent, per inserted node
-EMPTY = np.iinfo(np.int64).max  # a result slot the search did not fill
 
 # The arrays and scalars of a graph, as the estimator's attributes.
 GRAPH_ATTRS = ("codes_", "levels_", "links0_", "upper_links_", "upper_offsets_",
@@ -79,7 +79,7 @@ def sample_levels(n, n_links, random_state):
     return np.minimum(levels, MAX_LEVEL)
 
 
-def _empty_graph(m, n_links, code_dtype):
+def empty_graph(m, n_links, code_dtype):
     """The graph attributes of an index with no node (fresh arrays)."""
     return {"codes_": np.empty((0, m), code_dtype), "levels_": np.empty(0, np.int32),
             "links0_": np.empty((0, 2 * n_links), np.int32),
@@ -89,7 +89,7 @@ def _empty_graph(m, n_links, code_dtype):
             "max_level_": -1}
 
 
-def _segment_graph(seg):
+def segment_graph(seg):
     """A sealed segment's graph under the growing graph's attribute names."""
     graph = {name + "_": seg[name] for name in SEGMENT_ARRAYS}
     meta = seg.meta
@@ -116,12 +116,12 @@ class _NodeVectors:
         return out
 
 
-class _Owner:
+class BufferOwner:
     """Holds the growable buffers of a graph built beside the index (a
     compacted segment), so that the estimator's own are not replaced."""
 
 
-def _trimmed(a):
+def trimmed(a):
     """``a`` without the spare capacity of the buffer it views."""
     return np.array(a) if a.base is not None and a.base.nbytes != a.nbytes else a
 
@@ -318,7 +318,7 @@ def link(state, n_old, vectors, codebooks, ef_construction, inner_product, progr
             progress(f"graph: {n_fixed} level-0 links added so that every node "
                      "is reachable")
             st["indeg"][:] = np.bincount(links0[links0 >= 0], minlength=n)
-        parent[:] = _parents(links0, int(ep))
+        parent[:] = level0_parents(links0, int(ep))
         # Nodes the repair could not link: from the nearest reachable
         # node a search for them finds (see fix_parents).
         unreached = np.flatnonzero(parent == _hnsw.PARENT_LOST)
@@ -409,7 +409,7 @@ def search_complete(graph, deleted, Q, n_out, ef, codebooks, inner_product, n_th
     cbt = codebooks_t(codebooks) if cbt is None else cbt
     dist, ind, _ = search(graph, deleted, Q, n_out, ef, codebooks, inner_product, n_threads,
                           cbt=cbt, deleted_stride=deleted_stride)
-    found = np.count_nonzero(ind != EMPTY, axis=1)
+    found = np.count_nonzero(ind != NO_ID, axis=1)
     short = np.flatnonzero(found < (n_out if wanted is None else wanted))
     if short.size:
         if deleted_stride:  # one row of marks per query
@@ -418,6 +418,42 @@ def search_complete(graph, deleted, Q, n_out, ef, codebooks, inner_product, n_th
             graph, deleted, np.asarray(Q)[short], n_out, graph["codes_"].shape[0], codebooks,
             inner_product, n_threads, from_entry=True, cbt=cbt, deleted_stride=deleted_stride)
     return dist, ind
+
+
+def search_blocked(graphs, blocked, Q, n_candidates, ef_of, codebooks, inner_product,
+                   n_threads):
+    """Filtered beam search of several graphs, blocked nodes walked through.
+
+    ``graphs``: (graph, node ids or None, n_nodes) of each graph (sealed
+    segments, then the growing graph); ``blocked``: a
+    :class:`pqsk._filter.Blocked` by id; ``ef_of(n_out, n_nodes)``: the
+    beam width.  Each graph gives its best min(n_candidates, allowed
+    nodes), queries whose beam came short searched again over the whole
+    graph (:func:`search_complete`); the parts are merged.  Returns (dist
+    (nq, n_candidates) float32, ids (nq, n_candidates) int64), rows sorted,
+    empty slots (+inf, NO_ID).
+    """
+    nq = Q.shape[0]
+    cbt = codebooks_t(codebooks)
+    parts = []
+    for graph, ids, n_nodes in graphs:
+        gb = blocked.for_nodes(ids)
+        counts = gb.allowed_counts(nq, n_nodes if ids is None else None)
+        n_out = min(n_candidates, int(counts.max()))
+        if n_out == 0:
+            continue
+        d, i = search_complete(graph, gb.mask, Q, n_out, ef_of(n_out, n_nodes), codebooks,
+                               inner_product, n_threads, cbt=cbt, deleted_stride=gb.stride,
+                               wanted=np.minimum(n_out, counts))
+        if ids is not None:
+            ok = i != NO_ID
+            i[ok] = ids[i[ok]]
+        parts.append((d, i))
+    if not parts:
+        return (np.full((nq, n_candidates), np.inf, np.float32),
+                np.full((nq, n_candidates), NO_ID, np.int64))
+    return merge_topk(parts, n_candidates)
+
 
 # -- reachability on level 0 --------------------------------------------------
 
@@ -432,7 +468,7 @@ def _level0_adjacency(links0):
                              shape=(n, n))
 
 
-def _parents(links0, entry_point):
+def level0_parents(links0, entry_point):
     """Level-0 parent of each node in a breadth-first tree from the entry
     point: ROOT for it, LOST for nodes it does not reach (int32)."""
     n = links0.shape[0]
@@ -727,7 +763,7 @@ def check_graphs(growing, segments, m, k, code_dtype, removed):
         require(sorted(seg.meta) == sorted(SEGMENT_META),
                 f"{where}must hold {sorted(SEGMENT_META)}")
         require(seg["ids"].shape[0] > 0, f"{where}is empty")
-        stored.append(check_graph(_segment_graph(seg), where, *form, removed))
+        stored.append(check_graph(segment_graph(seg), where, *form, removed))
     if segments or growing["ids_"] is not None:
         seen = np.zeros(n, bool)
         for ids in stored:  # each graph's ids are distinct (ascending)
@@ -737,7 +773,7 @@ def check_graphs(growing, segments, m, k, code_dtype, removed):
 
 
 def check_parent_tree(links0, parent, entry_point):
-    """Check a level-0 parent tree (see ``_parents``): int32, in range, one
+    """Check a level-0 parent tree (see ``level0_parents``): int32, in range, one
     root at the entry point, each parent linking to its child; raise
     ValueError (``require``) otherwise."""
     n = links0.shape[0]

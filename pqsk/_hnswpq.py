@@ -10,8 +10,8 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
 
 from . import _graph, _growable, _quantizer, _scorers
-from ._graph import (GRAPH_ATTRS, MAX_LINKS, SEARCH_ATTRS, SEGMENT_ARRAYS, _empty_graph,
-                     _Owner, _parents, _segment_graph, _trimmed)
+from ._graph import (GRAPH_ATTRS, MAX_LINKS, SEARCH_ATTRS, SEGMENT_ARRAYS, BufferOwner,
+                     empty_graph, level0_parents, segment_graph, trimmed)
 from ._segments import (DEFAULT_SEGMENT_SIZE, NO_ID, NO_TOMBSTONES,
                         SEGMENT_PARAMETER_CONSTRAINTS, Segment, SegmentWritesMixin,
                         merge_topk, positions)
@@ -331,7 +331,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
     def _start_empty(self):
         m, k = self.codebooks_.shape[:2]
         self._levels_rng_ = check_random_state(self.random_state)
-        self.__dict__.update(_empty_graph(m, self.n_links, _quantizer.code_dtype(k)))
+        self.__dict__.update(empty_graph(m, self.n_links, _quantizer.code_dtype(k)))
         self.ids_ = None
         self.segments_ = ()
         self._forget_tombstones()
@@ -420,7 +420,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
         rt = runtime(self)
         cached = rt.growing_tombstones
         m = self.codebooks_.shape[0]
-        self.__dict__.update(_empty_graph(m, self.links0_.shape[1] // 2, self.codes_.dtype))
+        self.__dict__.update(empty_graph(m, self.links0_.shape[1] // 2, self.codes_.dtype))
         self.ids_ = np.empty(0, np.int64)
         self.segments_ = self.segments_ + (seg,)
         for name in ("codes", "levels", "links0", "upper_links", "upper_offsets",
@@ -550,10 +550,10 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
         ids = np.ascontiguousarray(seg["ids"][live])
         if not ids.size:
             return None, {}
-        # _Owner: the new graph's buffers are not the estimator's.
+        # BufferOwner: the new graph's buffers are not the estimator's.
         state, _ = self._rebuilt_graph(np.ascontiguousarray(seg["codes"][live]), ids,
-                                       _Owner())
-        arrays = {name: _trimmed(state[name + "_"]) for name in SEGMENT_ARRAYS}
+                                       BufferOwner())
+        arrays = {name: trimmed(state[name + "_"]) for name in SEGMENT_ARRAYS}
         new = Segment(arrays, {"entry_point": int(state["entry_point_"]),
                                "max_level": int(state["max_level_"])})
         return new, {"_levels_rng_": state["_levels_rng_"]}
@@ -582,7 +582,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
         (graph state, build scratch).  Linked from the raw vectors when
         kept, else the decoded codes."""
         m = codes.shape[1]
-        state = self._grown_graph(_empty_graph(m, self.links0_.shape[1] // 2, codes.dtype),
+        state = self._grown_graph(empty_graph(m, self.links0_.shape[1] // 2, codes.dtype),
                                   codes, owner)
         state["ids_"] = ids
         st = self._link(state, 0, self._node_vectors(codes, ids),
@@ -636,7 +636,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
                 return
             except ValueError:
                 pass
-        self.level0_parent_ = _parents(self.links0_, self.entry_point_)
+        self.level0_parent_ = level0_parents(self.links0_, self.entry_point_)
 
     # -- data drift (see RefitMixin.refit_codebooks) --------------------------
     def _refit_training_rows(self, sample):
@@ -736,7 +736,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
             live = seg["ids"].shape[0] - n_dead
             live_sealed += live
             if live:
-                out.append((_segment_graph(seg), mask, live))
+                out.append((segment_graph(seg), mask, live))
         # Every live id is stored exactly once: the rest are the growing
         # graph's.
         live = self._n_live - live_sealed
@@ -793,69 +793,18 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
         graphs = [(g, g["ids_"], g["codes_"].shape[0]) for g, _, _ in self._graphs()]
         walk = np.flatnonzero(~scan)
         if walk.size:
-            d, i = self._walk_blocked(Q[walk], n_candidates, n_threads,
-                                      blocked.take(walk), graphs)
+            d, i = _graph.search_blocked(graphs, blocked.take(walk), Q[walk], n_candidates,
+                                         self._ef, self.codebooks_, self._inner_product,
+                                         n_threads)
             dist[walk], ind[walk] = d, i
         rows = np.flatnonzero(scan)
         if rows.size:
-            d, i = self._scan_blocked(Q[rows], n_candidates, n_threads,
-                                      blocked.take(rows), graphs)
+            sub = blocked.take(rows)
+            parts = [(g["codes_"], ids, sub.for_nodes(ids).rows[:, :n_nodes])
+                     for g, ids, n_nodes in graphs]
+            d, i = _scorers.adc_search_allowed(Q[rows], self.codebooks_, parts, n_candidates,
+                                               self._inner_product, n_threads)
             dist[rows], ind[rows] = d, i
-        return dist, ind
-
-    def _walk_blocked(self, Q, n_candidates, n_threads, blocked, graphs):
-        """Beam search of every graph, blocked nodes walked through."""
-        nq = Q.shape[0]
-        cbt = self._codebooks_t()
-        parts = []
-        for graph, ids, n_nodes in graphs:
-            gb = blocked.for_nodes(ids)
-            counts = gb.allowed_counts(nq, n_nodes if ids is None else None)
-            n_out = min(n_candidates, int(counts.max()))
-            if n_out == 0:
-                continue
-            # Queries whose beam ends with fewer allowed nodes than the graph
-            # holds (up to n_out) are searched again over the whole graph.
-            d, i = _graph.search_complete(
-                graph, gb.mask, Q, n_out, self._ef(n_out, n_nodes), self.codebooks_,
-                self._inner_product, n_threads, cbt=cbt, deleted_stride=gb.stride,
-                wanted=np.minimum(n_out, counts))
-            if ids is not None:
-                ok = i != NO_ID
-                i[ok] = ids[i[ok]]
-            parts.append((d, i))
-        if not parts:
-            return (np.full((nq, n_candidates), np.inf, np.float32),
-                    np.full((nq, n_candidates), NO_ID, np.int64))
-        return merge_topk(parts, n_candidates)
-
-    def _scan_blocked(self, Q, n_candidates, n_threads, blocked, graphs):
-        """Exhaustive ADC over the allowed nodes' codes only (the few-ids
-        case of a filtered search): exact ADC top ``n_candidates``."""
-        nq = Q.shape[0]
-        cb = self.codebooks_.astype(np.float32)
-        dist = np.full((nq, n_candidates), np.inf, dtype=np.float32)
-        ind = np.full((nq, n_candidates), NO_ID, dtype=np.int64)
-        per_graph = [(graph["codes_"], ids, blocked.for_nodes(ids).rows[:, :n_nodes])
-                     for graph, ids, n_nodes in graphs]
-        shared = not blocked.stride
-        for q in range(1 if shared else nq):
-            codes, owners = [], []
-            for g_codes, ids, rows in per_graph:
-                nodes = np.flatnonzero(rows[0 if shared else q] == 0)
-                codes.append(g_codes[nodes])
-                owners.append(nodes if ids is None else ids[nodes])
-            if not codes:
-                continue
-            codes = np.concatenate(codes)
-            owners = np.concatenate(owners)
-            kn = min(n_candidates, codes.shape[0])
-            if kn == 0:
-                continue
-            sel = slice(None) if shared else slice(q, q + 1)
-            d, i = _scorers.adc_search(Q[sel], cb, codes, kn, self._inner_product,
-                                         n_threads)
-            dist[sel, :kn], ind[sel, :kn] = d, owners[i]
         return dist, ind
 
     def _reconstruct(self):

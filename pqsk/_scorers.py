@@ -26,6 +26,7 @@ from ._anisotropic import anisotropic_encode
 from ._partition import assign, chunk_rows
 from ._quantizer import code_dtype, padded_rows, scratch, transposed
 from ._quantizer import encode as plain_encode
+from ._segments import NO_ID, NO_TOMBSTONES
 from ._store import chunk_slices, rows_per_chunk
 from ._utils import release_memory
 
@@ -150,6 +151,40 @@ def adc_search(Q, codebooks, codes, n_neighbors, inner_product=False, n_threads=
     return dist, idx
 
 
+def adc_search_allowed(Q, codebooks, parts, n_neighbors, inner_product=False, n_threads=1):
+    """Exhaustive ADC over the allowed entries of several code arrays only
+    (a filtered search that allows few ids).
+
+    ``parts``: (codes (n_p, m), ids (n_p,) or None for 0..n_p - 1, rows),
+    ``rows`` uint8 (1 or nq, n_p), 0 where an entry may be returned (one
+    row: the same for every query).  Returns (dist, ids) as
+    :func:`adc_search`, (nq, n_neighbors), rows sorted by (distance, id),
+    empty slots (+inf, INT64_MAX).
+    """
+    nq = Q.shape[0]
+    cb = codebooks.astype(np.float32)
+    dist = np.full((nq, n_neighbors), np.inf, dtype=np.float32)
+    ind = np.full((nq, n_neighbors), NO_ID, dtype=np.int64)
+    shared = all(rows.shape[0] == 1 for _, _, rows in parts)
+    for q in range(1 if shared else nq):
+        codes, owners = [], []
+        for p_codes, ids, rows in parts:
+            nodes = np.flatnonzero(rows[0 if shared else q] == 0)
+            codes.append(p_codes[nodes])
+            owners.append(nodes if ids is None else ids[nodes])
+        if not codes:
+            continue
+        codes = np.concatenate(codes)
+        owners = np.concatenate(owners)
+        kn = min(n_neighbors, codes.shape[0])
+        if kn == 0:
+            continue
+        sel = slice(None) if shared else slice(q, q + 1)
+        d, i = adc_search(Q[sel], cb, codes, kn, inner_product, n_threads)
+        dist[sel, :kn], ind[sel, :kn] = d, owners[i]
+    return dist, ind
+
+
 def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
                n_probe, inner_product=False, n_threads=1, growing=None, deleted=None,
                centroids=None, fastscan_margin=None, fastscan_estimate=False,
@@ -208,7 +243,7 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
     idx = np.empty((nq, n_neighbors), dtype=np.int64)
     _ivf.ivf_search(
         Q, np.ascontiguousarray(coarse, dtype=dtype), transposed(codebooks), terms, centroids,
-        table, g_codes, g_ids, g_lists, _NO_TOMBSTONES if deleted is None else deleted,
+        table, g_codes, g_ids, g_lists, NO_TOMBSTONES if deleted is None else deleted,
         args, fs, dist, idx, work,
         None if coarse_bias is None else np.ascontiguousarray(coarse_bias, dtype=dtype),
     )
@@ -325,9 +360,6 @@ def _ivf_scratch(nt, width, m, k, n_lists, n_probe, n_neighbors, g, extra, packs
     reservoirs = (scratch(nt, 2 * res_cap, np.float64), scratch(nt, 4 * res_cap, np.int64),
                   scratch(nt, 8, np.int64))
     return tables + reservoirs
-
-
-_NO_TOMBSTONES = np.empty(0, np.uint8)
 
 
 # --- 4-bit codes: packed layout and fast-scan search ---------------------------

@@ -177,7 +177,7 @@ def merge_topk(parts, n_neighbors):
     if width < n_neighbors:
         pad = n_neighbors - width
         dist = np.concatenate([dist, np.full((nq, pad), np.inf, dist.dtype)], axis=1)
-        idx = np.concatenate([idx, np.full((nq, pad), np.iinfo(np.int64).max, np.int64)],
+        idx = np.concatenate([idx, np.full((nq, pad), NO_ID, np.int64)],
                              axis=1)
     # Sort by (distance, id): lexsort's last key is the primary one.
     order = np.lexsort((idx, dist), axis=1)[:, :n_neighbors]

@@ -417,7 +417,7 @@ def test_hnsw_crafted_parent_tree_is_rebuilt(tmp_path, name, bad):
 
     files.edit_array(tmp_path / "i", name, craft)  # checksums recomputed
     loaded = pqsk.load(tmp_path / "i")
-    assert_array_equal(loaded.level0_parent_, G._parents(nn.links0_, nn.entry_point_))
+    assert_array_equal(loaded.level0_parent_, G.level0_parents(nn.links0_, nn.entry_point_))
     for a, b in zip(nn.kneighbors(X[:20]), loaded.kneighbors(X[:20])):
         assert_array_equal(a, b)
     loaded.partial_fit(X[:30])  # and it takes appends
@@ -440,7 +440,7 @@ def test_hnsw_append_to_an_index_saved_with_the_old_layout(tmp_path):
 
     files.edit_header(tmp_path / "i", drop)
     loaded = pqsk.load(tmp_path / "i")
-    assert_array_equal(loaded.level0_parent_, G._parents(nn.links0_, nn.entry_point_))
+    assert_array_equal(loaded.level0_parent_, G.level0_parents(nn.links0_, nn.entry_point_))
     loaded.partial_fit(X[600:])
     assert _reachable(loaded)
 

@@ -27,8 +27,8 @@ def _build(X, codebooks, inner_product=False, ef_construction=32, pieces=(None,)
     """A graph of the rows X (float32), grown and linked piece by piece
     (``pieces``: the row where each append ends), as an index builds it."""
     codes = _naive.encode(X, codebooks).astype(np.uint8)
-    owner = G._Owner()
-    state = G._empty_graph(N_SUBSPACES, M, np.uint8)
+    owner = G.BufferOwner()
+    state = G.empty_graph(N_SUBSPACES, M, np.uint8)
     levels_rng = np.random.RandomState(seed)
     kept, start = None, 0
     for stop in pieces:
@@ -85,7 +85,7 @@ def test_grow_appends_unlinked_nodes():
     cb = _codebooks()
     graph = _build(rng.randn(50, N_FEATURES).astype(np.float32), cb)
     codes = np.zeros((7, N_SUBSPACES), np.uint8)
-    grown = G.grow(graph, codes, np.random.RandomState(1), G._Owner())
+    grown = G.grow(graph, codes, np.random.RandomState(1), G.BufferOwner())
     assert grown["codes_"].shape[0] == 57
     assert np.all(grown["links0_"][50:] == -1)
     assert np.all(grown["level0_parent_"][50:] == G._hnsw.PARENT_LOST)
@@ -111,7 +111,7 @@ def test_repair_makes_every_node_reachable(built):
     assert added >= 1
     assert G._reachable(links0, graph["entry_point_"]).all()
     _check({**graph, "links0_": links0})
-    parent = G._parents(links0, graph["entry_point_"])
+    parent = G.level0_parents(links0, graph["entry_point_"])
     G.check_parent_tree(links0, parent, graph["entry_point_"])
 
 

@@ -99,6 +99,32 @@ def test_adc_search_pads_empty_slots():
     assert_array_equal(np.sort(idx[:, :3], axis=1), [[0, 1, 2]] * 2)
 
 
+@pytest.mark.parametrize("per_query", [False, True])
+@pytest.mark.parametrize("inner_product", [False, True])
+def test_adc_search_allowed_scores_only_allowed_entries(per_query, inner_product):
+    m, k, ds = 3, 8, 2
+    cb = _codebooks(m, k, ds)
+    # Two parts: node ids 0..n-1, and nodes standing for ids 1000, 1002, ...
+    a = rng.randint(0, k, size=(40, m)).astype(np.uint8)
+    b = rng.randint(0, k, size=(30, m)).astype(np.uint8)
+    b_ids = 1000 + 2 * np.arange(30)
+    nq = 4
+    rows_a = (rng.rand(nq if per_query else 1, 40) < 0.7).astype(np.uint8)  # 1: blocked
+    rows_b = (rng.rand(nq if per_query else 1, 30) < 0.7).astype(np.uint8)
+    Q = rng.randn(nq, m * ds).astype(np.float32)
+    dist, ind = _scorers.adc_search_allowed(Q, cb, [(a, None, rows_a), (b, b_ids, rows_b)], 5,
+                                            inner_product)
+    tables = _naive.adc_tables(Q, cb, inner_product, dtype=np.float32)
+    for q in range(nq):
+        r = q if per_query else 0
+        codes = np.concatenate([a[rows_a[r] == 0], b[rows_b[r] == 0]])
+        ids = np.concatenate([np.flatnonzero(rows_a[r] == 0), b_ids[rows_b[r] == 0]])
+        d_ref = _naive.adc_distances(tables[q], codes)
+        d_ref, i_ref = _naive.top_k(d_ref, ids, 5)
+        assert_array_equal(ind[q], i_ref)
+        assert_allclose(dist[q], d_ref, rtol=1e-5)
+
+
 # -- 4-bit codes: when packed, the packed layout, fast-scan ----------------------------
 
 def test_packs4_bounds():
