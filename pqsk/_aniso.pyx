@@ -43,7 +43,7 @@ def anisotropic_encode_rows(const double[:, ::1] X,             # IN  (n, m * ds
     decode(codes)``) by at most ``n_sweeps`` sweeps of coordinate descent
     over the m sub-spaces, starting from ``codes``.  ``cb_t[j, d, c]`` is
     dimension d of codeword c of sub-space j (the layout of
-    :func:`pqsk._quantizer._transposed`).
+    :func:`pqsk._quantizer.transposed`).
 
     In a sweep, sub-space j takes the codeword c of least loss given the
     other blocks (the first one on ties), but only when that loss is

@@ -1,7 +1,7 @@
 """4-bit fast-scan ADC search (n_codewords = 16).
 
 Codes are packed two per byte in blocks of 32 vectors (see
-``pqsk._quantizer.pack_codes4``).  Per query:
+``pqsk._scorers.pack_codes4``).  Per query:
 
 1. the float ADC tables ``t[j, c]`` (m x 16) are built as ``build_table``
    builds them;

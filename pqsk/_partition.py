@@ -40,15 +40,10 @@ from ._store import chunk_slices
 #   sample is never held.  Both give the same centroids.
 #
 # LLOYD_THRESHOLD = 2**24: n_lists >= 256 with the default 256 rows per
-# list.  One-thread CPU seconds of the coarse k-means, KMeans vs the tasks
-# (coarse_max_iter=10, 256 rows per list, unit-norm rows, 2-core AMD EPYC;
-# ``python -m benchmarks.bench_dask --coarse``, results/dask.md): 96-d,
-# 1,024 lists: 4.75 vs 2.87; 96-d, 256 lists: 0.31 vs 0.24; 16-d, 1,024
-# lists: 1.83 vs 0.86; 96-d, 128 lists (2**22): 0.09 vs 0.08.  So from
-# the threshold on a one-thread fit is faster, and a fit with more threads
-# (n_jobs, or the training task of pqsk.dask.ShardedNeighbors) runs the
-# coarse k-means on all of them (96-d, 1,024 lists: 1.8 s wall on 2
-# threads with the second core free, 3.0 s when another job held it).
+# list.  From there on the tasks are faster than KMeans on one thread, and
+# a fit with more threads (n_jobs, or the training task of
+# pqsk.dask.ShardedNeighbors) runs the coarse k-means on all of them
+# (``python -m benchmarks.bench_dask --coarse``, results/dask.md).
 LLOYD_THRESHOLD = 2**24
 # The sample is gathered in memory up to this (one Lloyd pass then costs
 # less than ~2**28 distance evaluations, a second or so on one thread);
@@ -57,7 +52,7 @@ STREAMED_THRESHOLD = 2**28
 # Sample rows per task of a Lloyd pass (fixed: the centroids depend on it).
 STREAM_TASK_ROWS = 16384
 # Distance values a task's (rows, n_lists) block holds: 2**19 (2 MiB of
-# float32) kept the block in cache, ~20% faster than 2**22.
+# float32), so that the block stays in cache.
 LLOYD_BLOCK = 2**19
 
 

@@ -236,8 +236,8 @@ def gather_rows(X, rows):
 # KMeans(max_iter) clusters the whole sample.  With the defaults (k=256,
 # 65,536 rows: 18 iterations on 16,384 rows, then 7 on all) a sub-space costs
 # about 13 Lloyd passes over the sample instead of 26, for a reconstruction
-# error ~0.5% above that of 25 iterations on every row (GloVe-50, m=10;
-# ``python -m benchmarks.bench_train``).  To trade time for accuracy, raise
+# error slightly above that of 25 iterations on every row
+# (``python -m benchmarks.bench_train``).  To trade time for accuracy, raise
 # max_iter (stage 2 gets a quarter of it); a training sample of at most
 # 128 * k rows (max_train_samples <= 128 * k) is clustered in one stage.
 #
