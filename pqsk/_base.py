@@ -638,11 +638,16 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
             (n_samples_fit,), an array of allowed ids, or a scipy sparse
             matrix (or 2-d boolean array) of shape (n_queries,
             n_samples_fit) whose nonzero entries in row i are the ids
-            query i may return.  Applied inside the search, not to its
-            results: each query gets ``n_neighbors`` allowed ids whenever
-            that many are allowed (and not removed).  When fewer are, the
-            row ends with id -1 at distance +inf.  With ``X=None`` each
-            point is still excluded from its own row.
+            query i may return (negative entries raise ValueError).  A
+            mask is boolean: an integer array of n_samples_fit entries
+            all 0 or 1 could be a mask or ids and raises ValueError (pass
+            ``filter.astype(bool)`` for a mask; ids without repeats, or
+            ``np.flatnonzero(mask)``); an integer array of another
+            length or with other values is ids.  Applied inside the
+            search, not to its results: each query gets ``n_neighbors``
+            allowed ids whenever that many are allowed (and not removed).
+            When fewer are, the row ends with id -1 at distance +inf.
+            With ``X=None`` each point is still excluded from its own row.
 
         Returns
         -------
