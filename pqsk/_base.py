@@ -170,14 +170,10 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
 
     def _fitted_values(self):
         """{parameter: the value the fitted index was built with} for the
-        parameters that define the fitted state.  Subclasses add theirs."""
-        m, k = self.codebooks_.shape[:2]
-        # "auto" chose m and k at fit.
-        fitted = {"n_subspaces": m, "n_codewords": k}
-        return {"metric": self.effective_metric_,
-                **{p: v for p, v in fitted.items() if not isinstance(getattr(self, p), str)},
-                "rotation": None if self._rotation is None else "opq",
-                "anisotropic_threshold": self.anisotropic_threshold_}
+        parameters that define the fitted state (compared with the
+        parameters by ``PQParamsMixin._structural_mismatch``).  Subclasses
+        add theirs."""
+        return {"metric": self.effective_metric_, **self._pq_fitted_values()}
 
     # -- shared machinery -------------------------------------------------
     def _check_params_at_call(self):
@@ -200,16 +196,14 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
             {n: getattr(self, n) for n in names},
             caller_name=type(self).__name__,
         )
-        for name, fitted in fitted_values.items():
-            value = getattr(self, name)
-            if name == "metric":  # aliases: compared by what they mean
-                value = self._param_metric()
-            if value != fitted:
-                raise ValueError(
-                    f"{name}={value!r} was set after fit, but this index was built "
-                    f"with {name}={fitted!r}; call fit to rebuild it with the new "
-                    f"value (partial_fit cannot change it), or set {name} back."
-                )
+        mismatch = self._structural_mismatch()
+        if mismatch is not None:
+            name, value, fitted = mismatch
+            raise ValueError(
+                f"{name}={value!r} was set after fit, but this index was built "
+                f"with {name}={fitted!r}; call fit to rebuild it with the new "
+                f"value (partial_fit cannot change it), or set {name} back."
+            )
         runtime(self).checked_params = key
 
     # The parameters that together name the metric (see ``resolve_metric``).
@@ -638,11 +632,16 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
             (n_samples_fit,), an array of allowed ids, or a scipy sparse
             matrix (or 2-d boolean array) of shape (n_queries,
             n_samples_fit) whose nonzero entries in row i are the ids
-            query i may return.  Applied inside the search, not to its
-            results: each query gets ``n_neighbors`` allowed ids whenever
-            that many are allowed (and not removed).  When fewer are, the
-            row ends with id -1 at distance +inf.  With ``X=None`` each
-            point is still excluded from its own row.
+            query i may return (negative entries raise ValueError).  A
+            mask is boolean: an integer array of n_samples_fit entries
+            all 0 or 1 could be a mask or ids and raises ValueError (pass
+            ``filter.astype(bool)`` for a mask; ids without repeats, or
+            ``np.flatnonzero(mask)``); an integer array of another
+            length or with other values is ids.  Applied inside the
+            search, not to its results: each query gets ``n_neighbors``
+            allowed ids whenever that many are allowed (and not removed).
+            When fewer are, the row ends with id -1 at distance +inf.
+            With ``X=None`` each point is still excluded from its own row.
 
         Returns
         -------

@@ -19,6 +19,18 @@ Three forms are accepted (see :func:`check_filter`):
   with a dense (chunk, n_samples_fit) uint8 block of masks, at most
   ``CHUNK_BYTES`` bytes.
 
+One rule separates masks from ids: a mask is boolean (or sparse), ids are
+integers.  A 1-d integer array of exactly n_samples_fit entries, all 0 or
+1 (``np.ones(n, np.int8)``), reads as both, a 0/1 mask or a list of ids
+0 and 1, so it is refused (ValueError): pass ``f.astype(bool)`` for a
+mask, or the ids as a boolean mask or without repeats (a mask becomes
+ids with ``np.flatnonzero(mask)``).  An integer array of another length,
+or holding other values, is ids.  Entries of a sparse filter are a mask
+whatever its dtype: zero (stored or not) blocks, any positive value
+allows (a count, e.g. from the product of two incidence matrices;
+duplicate entries allow if one does), a negative value is refused
+(ValueError): it reads as "forbidden" to some and as nonzero to others.
+
 Validation is here, in Python; the kernels trust what they get.
 """
 
@@ -114,18 +126,7 @@ def check_filter(filter, n, n_queries):
     if filter is None:
         return None
     if sparse.issparse(filter):
-        if filter.ndim != 2 or filter.shape != (n_queries, n):
-            raise ValueError(
-                f"A sparse filter must have shape (n_queries, n_samples_fit) = "
-                f"({n_queries}, {n}), got {filter.shape}.")
-        if filter.dtype.kind not in "biu":
-            raise TypeError(
-                f"A sparse filter must hold booleans (or 0/1 integers), got dtype "
-                f"{filter.dtype}.")
-        m = sparse.csr_matrix(filter, copy=True)
-        m.eliminate_zeros()  # stored zeros do not allow
-        m.sum_duplicates()
-        return QueryFilter(n, matrix=m)
+        return QueryFilter(n, matrix=_sparse_mask(filter, n, n_queries))
     if isinstance(filter, (str, bytes)) or not hasattr(filter, "__len__") and not \
             isinstance(filter, np.ndarray):
         raise TypeError(
@@ -150,8 +151,16 @@ def check_filter(filter, n, n_queries):
         raise TypeError(
             f"filter must be a boolean mask or integer ids, got dtype {arr.dtype}.")
     if arr.ndim != 1:
-        raise ValueError(f"An id filter must be 1-d, got shape {arr.shape}.")
+        raise ValueError(
+            f"An id filter must be 1-d, got shape {arr.shape}; a per-query mask is a "
+            "boolean array (filter.astype(bool)) or a scipy sparse matrix.")
     lo, hi = int(arr.min()), int(arr.max())
+    if arr.shape[0] == n and lo >= 0 and hi <= 1:
+        raise ValueError(
+            f"filter is an integer array of n_samples_fit={n} entries, all 0 or 1: it "
+            "could be a mask or a list of ids (0 and 1). Pass filter.astype(bool) for "
+            "a mask; for ids, pass them without repeats (np.unique(filter)) or as a "
+            "boolean mask (a mask gives its ids with np.flatnonzero(mask)).")
     if lo < 0 or hi >= n:
         raise ValueError(
             f"filter ids must lie in [0, {n}) (n_samples_fit), got values in "
@@ -159,3 +168,31 @@ def check_filter(filter, n, n_queries):
     allowed = np.zeros(n, dtype=bool)
     allowed[arr] = True
     return QueryFilter(n, allowed=allowed)
+
+
+def _sparse_mask(filter, n, n_queries):
+    """A sparse ``filter`` as a CSR bool (n_queries, n) matrix of its
+    allowed entries: nonzero ones (stored zeros do not allow); negative
+    entries are refused.  Entries are read one by one (COO), before any
+    sum of duplicates could wrap around in a small integer dtype."""
+    if filter.ndim != 2 or filter.shape != (n_queries, n):
+        raise ValueError(
+            f"A sparse filter must have shape (n_queries, n_samples_fit) = "
+            f"({n_queries}, {n}), got {filter.shape}.")
+    if filter.dtype.kind not in "biu":
+        raise TypeError(
+            f"A sparse filter must hold booleans (or integers: 0 blocks, a positive "
+            f"value allows), got dtype "
+            f"{filter.dtype}.")
+    coo = filter.tocoo()
+    if filter.dtype.kind == "i" and coo.nnz and int(coo.data.min()) < 0:
+        raise ValueError(
+            f"A sparse filter has negative entries (the smallest is "
+            f"{int(coo.data.min())}): an entry allows its id when positive and blocks "
+            "it when 0, and a negative one is neither. Pass booleans (e.g. "
+            "filter > 0), or 0 and positive values.")
+    keep = coo.data != 0  # stored zeros do not allow
+    m = sparse.csr_matrix((np.ones(int(keep.sum()), dtype=bool),
+                           (coo.row[keep], coo.col[keep])), shape=(n_queries, n))
+    m.sum_duplicates()
+    return m

@@ -54,8 +54,15 @@ floats finite and small enough that squared distances cannot overflow,
 ids each present once, graph links consistent with node levels, every live
 node reachable...), so a truncated, corrupted, mismatched or hand-crafted
 file raises :class:`IndexFormatError` instead of crashing or answering
-wrongly.  ``mmap_mode="r"`` memory-maps the arrays: an index larger than
-the free RAM is searched from disk, pages loaded on demand.
+wrongly.  Last, the structural parameters (the number of sub-spaces and
+codewords, metric, rotation, anisotropic threshold, lists, links: what
+the estimator's ``_fitted_values`` names) must agree with the arrays, by
+the comparison queries use after ``set_params`` (``_structural_mismatch``):
+``save`` refuses to write a state where one was changed since fit, and
+a header edited to contradict its arrays does not load.
+
+``mmap_mode="r"`` memory-maps the arrays: an index larger than the free
+RAM is searched from disk, pages loaded on demand.
 
 ``save`` and pickling take the index's read lock, so that they see one
 consistent state while other threads run ``partial_fit`` or ``remove``.
@@ -255,6 +262,12 @@ def save(estimator, path, *, overwrite=False):
     FileExistsError
         ``path`` holds an index and ``overwrite`` is False, or ``path`` is
         a file or a directory holding something other than a pqsk index.
+    ValueError
+        A parameter fit would reject, or a structural parameter
+        (``n_subspaces``, ``n_codewords``, ``metric``, ``rotation``,
+        ``anisotropic_threshold``, ``n_lists``, ``n_links``) changed with
+        ``set_params`` since fit: nothing is written, and an index saved
+        at ``path`` before stays as it was.
     """
     from sklearn.utils.validation import check_is_fitted
 
@@ -269,6 +282,7 @@ def save(estimator, path, *, overwrite=False):
     reading = contextlib.ExitStack()
     reading.enter_context(index_lock(estimator).read())
     try:
+        _refuse_structural_changes(estimator)
         params, attrs, arrays = encode_estimator(estimator)
     except BaseException:
         reading.close()
@@ -285,6 +299,20 @@ def save(estimator, path, *, overwrite=False):
         return _save_locked(path, overwrite, header, arrays, reading)
     finally:
         reading.close()
+
+
+def _refuse_structural_changes(estimator):
+    """Refuse to save a structural parameter changed with ``set_params``
+    since fit: the file would hold parameters contradicting its arrays,
+    which ``load`` refuses (see ``_structural_mismatch``)."""
+    mismatch = estimator._structural_mismatch()
+    if mismatch is not None:
+        name, value, fitted = mismatch
+        raise ValueError(
+            f"Cannot save: {name}={value!r} was set after fit, but this "
+            f"{type(estimator).__name__} was built with {name}={fitted!r}, and a saved "
+            f"index must agree with its arrays. Set {name}={fitted!r} back, or call fit "
+            "to rebuild it with the new value, then save.")
 
 
 def _save_locked(path, overwrite, header, arrays, reading):
@@ -618,6 +646,11 @@ def _load_from(path, data_dir, header_sha, mmap_mode, verify, expected):
                 require(v.flags.c_contiguous and v.dtype.isnative,
                         f"{k} is not a C-contiguous array in native byte order")
         est._check_loaded_state()
+        mismatch = est._structural_mismatch()  # a header contradicting the arrays
+        if mismatch is not None:
+            name, value, fitted = mismatch
+            raise ValueError(f"the saved parameter {name}={value!r} contradicts the "
+                             f"arrays, built with {name}={fitted!r}")
     except (AttributeError, TypeError, ValueError, IndexError, KeyError, OverflowError) as e:
         raise IndexFormatError(f"{path}: the index is inconsistent: {e}") from None
     return est
@@ -723,7 +756,9 @@ class IndexIOMixin:
     Every subclass defined in pqsk registers itself under its class name,
     the name a saved header gives: :func:`load` finds the class to build
     there.  Subclasses defined elsewhere are not registered (their files
-    do not load, as the class is not pqsk's).
+    do not load, as the class is not pqsk's).  A subclass provides
+    ``_structural_mismatch()`` (``pqsk._training.PQParamsMixin``), which
+    ``save`` and ``load`` use to refuse parameters contradicting the arrays.
     """
 
     def __init_subclass__(cls, **kwargs):

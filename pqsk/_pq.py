@@ -223,6 +223,12 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         self._n_features_out = self.codebooks_.shape[0]
         return self
 
+    def _fitted_values(self):
+        # The structural parameters: transform encodes with the fitted
+        # quantizer whatever they say now, but save and load refuse a
+        # state where they contradict it (``_structural_mismatch``).
+        return self._pq_fitted_values()
+
     def _validate(self, X):
         """X checked, in the codebooks' dtype, and rotated (``x @ R``)."""
         check_is_fitted(self)

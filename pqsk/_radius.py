@@ -81,7 +81,8 @@ class RadiusNeighborsMixin:
         filter : array-like or sparse matrix, default=None
             The ids each query may return, as in :meth:`kneighbors`
             (applied inside the search; the candidates fetched are allowed
-            ones only).
+            ones only): a boolean mask, ids, or a sparse per-query matrix;
+            a 0/1 integer array of n_samples_fit entries is refused.
 
         Returns
         -------

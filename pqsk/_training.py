@@ -54,6 +54,32 @@ class PQParamsMixin:
         "anisotropic_threshold": [Interval(Real, 0, None, closed="neither"), None],
     }
 
+    def _pq_fitted_values(self):
+        """{parameter: the value the fitted quantizer was built with} for
+        its structural parameters: ``n_subspaces`` and ``n_codewords``
+        (unless "auto", resolved at fit), ``rotation`` and
+        ``anisotropic_threshold``.  The estimators' ``_fitted_values``
+        adds their own (metric, n_lists, n_links)."""
+        m, k = self.codebooks_.shape[:2]
+        fitted = {"n_subspaces": m, "n_codewords": k}
+        return {**{p: v for p, v in fitted.items() if not isinstance(getattr(self, p), str)},
+                "rotation": None if self.__dict__.get("rotation_") is None else "opq",
+                "anisotropic_threshold": self.__dict__.get("anisotropic_threshold_")}
+
+    def _structural_mismatch(self):
+        """(name, value, fitted value) of the first structural parameter
+        whose value contradicts the fitted state (``_fitted_values``),
+        or None when they all agree.  The one comparison behind every
+        check of it: a query or an append after ``set_params``
+        (``_check_params_at_call``), ``save`` (which refuses to write such
+        a state) and ``load`` (a header contradicting its arrays).  The
+        metric is compared by what it means (aliases resolved)."""
+        for name, fitted in self._fitted_values().items():
+            value = self._param_metric() if name == "metric" else getattr(self, name)
+            if value != fitted:
+                return name, value, fitted
+        return None
+
     def _max_train_samples(self):
         if self.max_train_samples == "auto":
             return 256 * self._codewords_cap()

@@ -253,6 +253,8 @@ def test_filter_and_removals(key):
     (sparse.csr_matrix((12, N + 1), dtype=bool), ValueError, r"shape \(n_queries"),
     (sparse.csr_matrix((12, N), dtype=np.float64), TypeError, "booleans"),
     (np.ones((5, N), bool), ValueError, r"shape \(n_queries"),
+    (np.ones(N, np.int8), ValueError, r"astype\(bool\)"),
+    (sparse.csr_matrix(-np.eye(12, N, dtype=np.int8)), ValueError, "negative entries"),
 ])
 def test_bad_filters_are_refused(bad, error, match):
     est = fitted("approx", "ivf")
@@ -319,3 +321,102 @@ def test_radius_neighbors_with_filter(key):
         assert_array_equal(np.sort(ind[p]), near[near != p])
     G = est.radius_neighbors_graph(Q, radius=radius, filter=np.zeros(N, bool))
     assert G.nnz == 0 and G.shape == (Q.shape[0], N)
+
+
+# -- issue 21, item 6: one rule for masks and ids --------------------------------
+
+@pytest.mark.parametrize("key", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int64])
+def test_int_01_array_of_n_entries_is_ambiguous(key, dtype):
+    # np.ones(n, np.int8) used to read as the ids [1, 1, ...] (only id 1
+    # allowed), while the same 0/1 values in a sparse matrix are a mask.
+    est = fitted("exact", key)
+    mask = np.random.RandomState(12).rand(N) < 0.3
+    for f in (np.ones(N, dtype), np.zeros(N, dtype), mask.astype(dtype)):
+        for call in (lambda: est.kneighbors(Q, filter=f),
+                     lambda: est.kneighbors_graph(Q, filter=f),
+                     lambda: est.radius_neighbors(Q, radius=1.0, filter=f),
+                     lambda: est.radius_neighbors_graph(Q, radius=1.0, filter=f)):
+            with pytest.raises(ValueError, match=r"all 0 or 1.*astype\(bool\).*"
+                                                 r"np\.flatnonzero\(mask\)"):
+                call()
+    # Either reading, made explicit, is accepted and means what it says.
+    d, i = est.kneighbors(Q, filter=mask.astype(dtype).astype(bool))
+    d_ref, i_ref = brute(np.flatnonzero(mask), Q, K)
+    assert_array_equal(i, i_ref)
+    assert_array_equal(est.kneighbors(Q, return_distance=False,
+                                      filter=np.flatnonzero(mask)), i)
+    ids01 = np.unique(np.ones(N, dtype))  # the ids reading of np.ones: id 1
+    i1 = est.kneighbors(Q, n_neighbors=2, return_distance=False, filter=ids01)
+    assert np.all(i1[:, 0] == 1) and np.all(i1[:, 1] == -1)
+
+
+@pytest.mark.parametrize("f, allowed", [
+    (np.ones(N - 1, np.int8), [1]),            # another length: ids
+    (np.ones(N + 1, np.int8), [1]),
+    (np.r_[np.zeros(N - 1, np.int64), 2], [0, 2]),  # another value: ids
+    (np.r_[np.ones(N - 1, np.uint16), 5], [1, 5]),
+    ([0, 1], [0, 1]),                          # a short list of ids
+])
+def test_unambiguous_integer_arrays_are_ids(f, allowed):
+    est = fitted("exact", "flat")
+    i = est.kneighbors(Q, n_neighbors=3, return_distance=False, filter=f)
+    assert_array_equal(np.sort(i[:, :len(allowed)], axis=1),
+                       np.tile(allowed, (Q.shape[0], 1)))
+    assert np.all(i[:, len(allowed):] == -1)
+
+
+def test_ambiguity_needs_exactly_n_samples_fit_entries():
+    # The rule reads the index's n_samples_fit_, also on a tiny index,
+    # where ids without repeats can still be all of 0..n-1: a boolean
+    # mask is then the unambiguous form.
+    est = PQNeighbors(1, n_subspaces=2, n_codewords=1, random_state=0).fit(X[:2])
+    for f in ([0, 1], [1, 0], np.array([1, 1], np.int32)):
+        with pytest.raises(ValueError, match="could be a mask or a list of ids"):
+            est.kneighbors(Q[:1], filter=f)
+    assert est.kneighbors(Q[:1], return_distance=False, filter=[True, False])[0, 0] == 0
+    assert est.kneighbors(Q[:1], return_distance=False, filter=[1])[0, 0] == 1
+
+
+@pytest.mark.parametrize("key", ["flat", "ivf", "hnsw"])
+def test_sparse_integer_filters_are_masks(key):
+    # Whatever the dtype: 0 blocks, any positive value allows (a count),
+    # exactly as the boolean matrix of the positive entries.
+    est = fitted("exact", key)
+    r = np.random.RandomState(13)
+    counts = r.randint(0, 4, size=(Q.shape[0], N)) * (r.rand(Q.shape[0], N) < 0.2)
+    ref = est.kneighbors(Q, return_distance=False, filter=sparse.csr_matrix(counts > 0))
+    for dtype in (np.int8, np.uint8, np.int32, np.uint64):
+        M = sparse.csr_matrix(counts.astype(dtype))
+        assert_array_equal(est.kneighbors(Q, return_distance=False, filter=M), ref)
+        assert_array_equal(est.kneighbors(Q, return_distance=False,
+                                          filter=sparse.coo_array(M)), ref)
+    # Duplicate entries allow if one does, even when their sum would wrap
+    # around to 0 (uint8 128 + 128) or below (int8 100 + 100).
+    for dtype, value in ((np.uint8, 128), (np.int8, 100), (np.int16, 0)):
+        row, col = np.zeros(2, int), np.full(2, 17)
+        dup = sparse.coo_matrix((np.array([value, value], dtype), (row, col)),
+                                shape=(1, N))
+        i = est.kneighbors(Q[:1], n_neighbors=2, return_distance=False, filter=dup)
+        assert_array_equal(i[0], [17, -1] if value else [-1, -1])
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc", "coo", "lil", "dok"])
+def test_sparse_filters_with_negative_entries_are_refused(fmt):
+    # A -1 used to count as nonzero, i.e. allowed.
+    est = fitted("approx", "ivf")
+    dense = (np.random.RandomState(14).rand(Q.shape[0], N) < 0.3).astype(np.int8)
+    dense[3, 40] = -1
+    M = sparse.csr_matrix(dense).asformat(fmt)
+    for call in (lambda: est.kneighbors(Q, filter=M),
+                 lambda: est.kneighbors_graph(Q, filter=M),
+                 lambda: est.radius_neighbors(Q, radius=1.0, filter=M)):
+        with pytest.raises(ValueError, match=r"negative entries \(the smallest is -1\)"):
+            call()
+    # Also when a duplicate would cancel it out to a stored zero.
+    dup = sparse.coo_matrix((np.array([1, -1], np.int8), ([0, 0], [5, 5])), shape=(1, N))
+    with pytest.raises(ValueError, match="negative entries"):
+        est.kneighbors(Q[:1], filter=dup)
+    # A 2-d integer array is never a mask (as before), and says how to make one.
+    with pytest.raises(ValueError, match=r"1-d.*astype\(bool\)"):
+        est.kneighbors(Q, filter=dense)

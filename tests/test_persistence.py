@@ -2,12 +2,15 @@
 
 The file-format fuzzing is in test_file_fuzz.py, the kills during a save
 in test_save_kill.py; the regression tests for the findings of issue 10
-(3, 4, 7, 8, 11, 12, 15) are here, named after them.
+(3, 4, 7, 8, 11, 12, 15) are here, named after them, and those of issue 21
+(item 6: structural parameters changed after fit are not saved, and a
+header contradicting its arrays does not load) at the end.
 """
 
 import json
 import os
 import pickle
+import shutil
 import threading
 
 import joblib
@@ -754,3 +757,170 @@ def test_write_json_atomic(tmp_path, monkeypatch):
     # The old content stays, and no temporary file is left.
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": 2}
     assert os.listdir(tmp_path) == ["m.json"]
+
+
+# -- issue 21, item 6: structural parameters must agree with the arrays ---------
+
+# (estimator, {structural parameter: a value other than the fitted one}).
+# A query refuses such a state ("was set after fit"); save used to write
+# it anyway, as an index that loaded and refused every query.
+STRUCTURAL = {
+    "pq": (lambda: PQNeighbors(5, n_subspaces=4, n_codewords=32, random_state=0),
+           {"n_subspaces": 2, "n_codewords": 16, "metric": "dot", "rotation": "opq",
+            "anisotropic_threshold": 0.5}),
+    "ivf": (lambda: IVFPQNeighbors(5, n_lists=8, n_probe=3, n_subspaces=4,
+                                   n_codewords=16, random_state=0),
+            {"n_lists": 4, "n_subspaces": 8, "n_codewords": 32, "metric": "cosine",
+             "rotation": "opq", "anisotropic_threshold": 0.2}),
+    "ivf-aniso": (lambda: IVFPQNeighbors(5, n_lists=8, n_probe=3, n_subspaces=4,
+                                         n_codewords=16, metric="dot",
+                                         anisotropic_threshold=0.5, random_state=0),
+                  {"anisotropic_threshold": None, "metric": "euclidean"}),
+    "hnsw": (lambda: HNSWPQNeighbors(5, n_links=6, ef_construction=32, n_subspaces=4,
+                                     n_codewords=16, random_state=0),
+             {"n_links": 3, "n_subspaces": 2, "n_codewords": 8, "metric": "sqeuclidean",
+              "rotation": "opq", "anisotropic_threshold": 1.0}),
+    "hnsw-opq": (lambda: HNSWPQNeighbors(5, n_links=6, ef_construction=32, n_subspaces=4,
+                                         n_codewords=16, rotation="opq", random_state=0),
+                 {"rotation": None}),
+    "transformer": (lambda: PQTransformer(4, 16, random_state=0),
+                    {"n_subspaces": 2, "n_codewords": 8, "rotation": "opq",
+                     "anisotropic_threshold": 0.5}),
+}
+STRUCTURAL_CASES = [(key, name, value) for key, (_, changes) in STRUCTURAL.items()
+                    for name, value in changes.items()]
+
+
+def _answers(est):
+    return est.transform(Q) if isinstance(est, PQTransformer) else est.kneighbors(Q)
+
+
+def _same_answers(a, b):
+    for x, y in zip(_answers(a), _answers(b)):
+        assert_array_equal(x, y)
+
+
+def _snapshot(path):
+    """Every file under ``path`` with its bytes."""
+    out = {}
+    for root, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(root, name)
+            with open(full, "rb") as f:
+                out[os.path.relpath(full, path)] = f.read()
+    return out
+
+
+@pytest.mark.parametrize("key, name, value", STRUCTURAL_CASES)
+def test_save_refuses_structural_params_changed_after_fit(tmp_path, key, name, value):
+    factory = STRUCTURAL[key][0]
+    est = factory().fit(X)
+    fitted_value = est.get_params()[name]
+    path = tmp_path / "index"
+    est.save(path)
+    before = _snapshot(path)
+    est.set_params(**{name: value})
+    msg = (f"Cannot save: {name}={value!r} was set after fit, but this "
+           f"{type(est).__name__} was built with {name}=.*Set {name}=.* back, or call fit")
+    with pytest.raises(ValueError, match=msg):
+        est.save(path, overwrite=True)
+    with pytest.raises(ValueError, match=msg):
+        est.save(tmp_path / "new")
+    # Nothing written: the index saved before is untouched, no new path.
+    assert _snapshot(path) == before
+    assert not (tmp_path / "new").exists()
+    # Set back, it saves; refitted with the new value, it saves too.
+    est.set_params(**{name: fitted_value})
+    _same_answers(est, pqsk.load(path))
+    est.save(path, overwrite=True)
+    _same_answers(est, pqsk.load(path))
+    refit = {name: value}
+    if "metric" in est.get_params():  # the anisotropic loss needs an inner product
+        if name == "anisotropic_threshold" and value is not None:
+            refit["metric"] = "dot"
+        elif name == "metric" and value not in ("dot", "cosine"):
+            refit["anisotropic_threshold"] = None
+    est.set_params(**refit).fit(X)
+    est.save(path, overwrite=True)
+    _same_answers(est, pqsk.load(path))
+
+
+def test_save_compares_the_metric_by_what_it_means(tmp_path):
+    nn = FACTORIES["ivf"]().fit(X)          # metric="euclidean"
+    for alias in ({"metric": "l2"}, {"metric": "minkowski", "p": 2}):
+        nn.set_params(**alias).save(tmp_path / "i", overwrite=True)
+        loaded = pqsk.load(tmp_path / "i")
+        assert loaded.metric == alias["metric"]
+        _same_results(nn, loaded)
+
+
+_LOAD_CHILD = """
+import json, sys
+import pqsk
+out = []
+for path in sys.argv[1:]:
+    try:
+        pqsk.load(path)
+        out.append(["loaded", ""])
+    except Exception as e:
+        out.append([type(e).__name__, str(e)])
+print(json.dumps(out))
+"""
+
+
+def _load_in_child(paths):
+    """[(outcome, message)] of ``pqsk.load`` on each path, in a child
+    interpreter (a crash there fails the test instead of the run)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(pqsk.__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, "-c", _LOAD_CHILD, *map(str, paths)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_headers_contradicting_their_arrays_do_not_load(tmp_path):
+    # Each structural parameter edited in a saved header, checksums
+    # recomputed (as someone editing the files on purpose would), and the
+    # same state written in format version 1: IndexFormatError at load.
+    paths, expected, saved = [], [], {}
+    for key, name, value in STRUCTURAL_CASES:
+        if key not in saved:
+            saved[key] = STRUCTURAL[key][0]().fit(X)
+            saved[key].save(tmp_path / key)
+        est = saved[key]
+        fitted_value = est.get_params()[name]
+        path = tmp_path / f"{key}-{name}"
+        shutil.copytree(tmp_path / key, path)
+        files.edit_header(path, lambda h: h["params"].__setitem__(name, value))
+        paths.append(path)
+        expected.append((name, value, fitted_value))
+        if not isinstance(est, PQTransformer):  # version 1 had no transformer files
+            old = tmp_path / f"{key}-{name}-v1"
+            files.write_version1(pickle.loads(pickle.dumps(est)).set_params(**{name: value}),
+                                 old)
+            paths.append(old)
+            expected.append((name, value, fitted_value))
+    # Aliases of the fitted metric, and "auto", contradict nothing.
+    for edit in ({"metric": "l2"}, {"metric": "minkowski"}):
+        path = tmp_path / f"ivf-{edit['metric']}"
+        shutil.copytree(tmp_path / "ivf", path)
+        files.edit_header(path, lambda h, e=edit: h["params"].update(e))
+        paths.append(path)
+        expected.append(None)
+    outcomes = _load_in_child(paths)
+    for path, exp, (outcome, message) in zip(paths, expected, outcomes):
+        if exp is None:
+            assert outcome == "loaded", (path, message)
+            continue
+        name, value, fitted_value = exp
+        assert outcome == "IndexFormatError", (path, outcome, message)
+        assert (f"the saved parameter {name}={value!r} contradicts the arrays, built "
+                f"with {name}=") in message, (path, message)
+    # In-process too (the exception, its class and message).
+    with pytest.raises(IndexFormatError, match=r"n_links=3 contradicts the arrays, built "
+                                               r"with n_links=6"):
+        pqsk.load(tmp_path / "hnsw-n_links")
