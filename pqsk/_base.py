@@ -48,6 +48,7 @@ from ._filter import check_filter
 from ._radius import RadiusNeighborsMixin
 from ._runtime import index_lock, index_writer, runtime
 from ._store import FitRows, RowStore, chunk_slices, rows_per_chunk
+from ._training import RefineMixin
 from ._utils import (
     Progress,
     effective_n_threads,
@@ -56,8 +57,8 @@ from ._utils import (
     restore_on_error,
 )
 
-class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin,
-                      BaseEstimator):
+class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin,
+                      TransformerMixin, BaseEstimator):
     """The neighbors contract shared by pqsk's search estimators.
 
     Memory model of ``fit`` and ``partial_fit`` (out-of-core input): X is
@@ -215,7 +216,9 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
                 raise ValueError(
                     f"{name}={value!r} was set after fit, but this index was built "
                     f"with {name}={fitted!r}; call fit to rebuild it with the new "
-                    f"value (partial_fit cannot change it), or set {name} back."
+                    f"value (partial_fit cannot change it"
+                    + ("; set_refine(X) rebuilds the re-ranking rows alone"
+                       if name == "refine_dtype" else "") + f"), or set {name} back."
                 )
         runtime(self).checked_params = key
 
