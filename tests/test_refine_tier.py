@@ -94,13 +94,18 @@ def test_memory_usage_and_attributes(key, rd):
 
 @pytest.mark.parametrize("rd", TIERS)
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
-def test_exhaustive_refine_is_the_exact_search_of_the_decoded_tier(rd, metric):
+@pytest.mark.parametrize("rotation", [None, "opq"])
+def test_exhaustive_refine_is_the_exact_search_of_the_decoded_tier(rd, metric, rotation):
     """IVF probing every list and re-ranking every live point returns the
-    exact neighbours of the decoded tier rows (normalised for cosine),
-    with their distances; also after removals and compaction."""
+    exact neighbours of the decoded tier rows (normalised for cosine; in
+    the input space, also with OPQ), with their distances; also after
+    removals and compaction."""
     nn = IVFPQNeighbors(10, n_lists=8, n_probe=8, n_subspaces=4, n_codewords=32,
                         metric=metric, refine_factor=400, refine_dtype=rd,
-                        random_state=0).fit(X)
+                        rotation=rotation, max_iter=5, random_state=0).fit(X)
+    assert_array_equal(nn._tier.take(np.arange(3), np.float64).round(0),
+                       (X[:3] / (np.linalg.norm(X[:3], axis=1, keepdims=True)
+                                 if metric == "cosine" else 1)).round(0))
     for step in range(3):
         D = decoded(nn)
         if metric == "cosine":
