@@ -90,6 +90,9 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
     rows of each query (keep the file unchanged while the index is used).
     Other rows are copied into memory.  The rows are stored as given, also
     for ``metric="cosine"``: the candidates are normalised at re-rank time.
+    With ``refine_dtype`` "float16" or "int8" the raw vectors are not
+    kept: a compact tier of the prepared rows (``refine_rows_``, see
+    :class:`pqsk._reorder.RefineTier`) is, decoded at re-rank time.
 
     Thread safety: ``kneighbors`` (and what calls it) may run from many
     threads at once, each releasing the GIL in the kernels.  ``fit``,
@@ -492,7 +495,9 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
         """Bytes held by the fitted index, by part (dict of ints).
 
         Each array the index holds, plus ``"vectors"`` (raw vectors kept
-        in memory for ``refine_factor > 0``, else 0), ``"reserved"``
+        in memory for ``refine_factor > 0``, else 0), ``"refine_rows"``
+        (the compact re-ranking tier of ``refine_dtype`` "float16" or
+        "int8": its rows, offset and scale; else 0), ``"reserved"``
         (capacity held by arrays that grow in place, beyond their used
         rows: at most about as much again as those arrays), ``"total"``
         (everything in memory), ``"vectors_mapped"`` (raw vectors read
