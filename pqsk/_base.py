@@ -362,6 +362,8 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
         with index_writer(self), index_lock(self).write(), restore_on_error(self), \
                 openmp_region(n_threads):
             rows = self._validate_rows(X, reset=False)
+            if self._tier is not None:
+                self._tier.check(rows)  # before any piece of an append is added
             self._add_rows(rows, n_threads, Progress(self.verbose, type(self).__name__))
         if rows.shape[0] > rows.chunk_rows():
             release_memory()  # after a chunked pass; not after every small batch

@@ -162,6 +162,15 @@ class RefineTier:
                 f"feature {j} spans [{lo[j]:.6g}, {hi[j]:.6g}]. Use refine_dtype='int8' or "
                 "'float32'.")
 
+    def check(self, X):
+        """Raise ValueError if the rows of X (a :class:`~pqsk._store.FitRows`)
+        cannot be appended (float16: a value beyond +-65504), reading them
+        chunk by chunk, so that an append fails before it changes anything."""
+        if self.kind == "float16":
+            for _, chunk in X.chunks():
+                if chunk.shape[0]:
+                    self._check_float16(chunk.min(axis=0), chunk.max(axis=0))
+
     def encode(self, chunk):
         """Prepared rows (n, n_features) as tier rows: float16 values, or
         uint8 codes ``round((x - offset) / scale)`` clipped to [0, 255]."""

@@ -329,6 +329,17 @@ def test_refusals():
     assert all(vars(nn)[k] is v for k, v in before.items())
     with pytest.raises(ValueError, match="float16.*feature 2"):
         clone(nn).set_params(refine_dtype="float16").fit(wide)
+    # float16: a partial_fit beyond +-65504 changes nothing (HNSW with segments
+    # too: refused before its first piece is added).
+    for key in sorted(FACTORIES):
+        extra = {"segment_size": 1024} if key == "hnsw" else {}
+        f16 = FACTORIES[key](refine_dtype="float16", **extra).fit(X[:1000])
+        state = dict(vars(f16))
+        big = np.concatenate([X[:1500], X[:10] * 1e5])
+        with pytest.raises(ValueError, match="float16.*65504"):
+            f16.partial_fit(big)
+        assert all(vars(f16)[k] is v for k, v in state.items()) and vars(f16).keys() == \
+            state.keys()
     # refit_codebooks and tune_search need X when the raw rows are not kept.
     with pytest.raises(ValueError, match="pass X"):
         nn.refit_codebooks(X[:500])
