@@ -48,6 +48,7 @@ from ._filter import check_filter
 from ._radius import RadiusNeighborsMixin
 from ._runtime import index_lock, index_writer, runtime
 from ._store import FitRows, RowStore, chunk_slices, rows_per_chunk
+from ._training import RefineMixin
 from ._utils import (
     Progress,
     effective_n_threads,
@@ -56,8 +57,8 @@ from ._utils import (
     restore_on_error,
 )
 
-class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin,
-                      BaseEstimator):
+class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin,
+                      TransformerMixin, BaseEstimator):
     """The neighbors contract shared by pqsk's search estimators.
 
     Memory model of ``fit`` and ``partial_fit`` (out-of-core input): X is
@@ -89,6 +90,9 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
     rows of each query (keep the file unchanged while the index is used).
     Other rows are copied into memory.  The rows are stored as given, also
     for ``metric="cosine"``: the candidates are normalised at re-rank time.
+    With ``refine_dtype`` "float16" or "int8" the raw vectors are not
+    kept: a compact tier of the prepared rows (``refine_rows_``, see
+    :class:`pqsk._reorder.RefineTier`) is, decoded at re-rank time.
 
     Thread safety: ``kneighbors`` (and what calls it) may run from many
     threads at once, each releasing the GIL in the kernels.  ``fit``,
@@ -123,6 +127,7 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
         "metric_params": [dict, None],
         "mode": [StrOptions({"distance", "connectivity"})],
         "refine_factor": [Interval(Integral, 0, None, closed="left")],
+        "refine_dtype": [StrOptions(set(_reorder.REFINE_DTYPES))],
         "radius": [Interval(Real, None, None, closed="neither")],
     }
 
@@ -173,7 +178,13 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
         parameters that define the fitted state (compared with the
         parameters by ``PQParamsMixin._structural_mismatch``).  Subclasses
         add theirs."""
-        return {"metric": self.effective_metric_, **self._pq_fitted_values()}
+        return {"metric": self.effective_metric_, **self._pq_fitted_values(),
+                "refine_dtype": self._refine_dtype}
+
+    @property
+    def _refine_dtype(self):
+        """The fitted ``refine_dtype`` ("float32" for files saved before it)."""
+        return self.__dict__.get("refine_dtype_", "float32")
 
     # -- shared machinery -------------------------------------------------
     def _check_params_at_call(self):
@@ -202,7 +213,9 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
             raise ValueError(
                 f"{name}={value!r} was set after fit, but this index was built "
                 f"with {name}={fitted!r}; call fit to rebuild it with the new "
-                f"value (partial_fit cannot change it), or set {name} back."
+                f"value (partial_fit cannot change it"
+                + ("; set_refine(X) rebuilds the re-ranking rows alone"
+                   if name == "refine_dtype" else "") + f"), or set {name} back."
             )
         runtime(self).checked_params = key
 
@@ -311,9 +324,10 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
         self.n_samples_fit_ = 0
         self.n_removed_ = 0
         self.removed_ = None
-        # Raw vectors are kept, for good, when fitted with re-ranking.
-        self.vectors_ = (RowStore.empty(rows.shape[1], rows.dtype)
-                         if self.refine_factor > 0 else None)
+        # What re-ranking reads is kept, for good, when fitted with it: the
+        # raw vectors, or a compact tier trained here (rows not rotated yet).
+        self.refine_dtype_ = self.refine_dtype
+        self.__dict__.update(self._empty_refine(rows, self.refine_factor > 0))
         # OPQ: every row is encoded, and every query searched, as x @ R.
         self.rotation_ = rows.rotation = self._fit_rotation(rows, progress)
         return rows, progress
@@ -342,6 +356,8 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
         with index_writer(self), index_lock(self).write(), restore_on_error(self), \
                 openmp_region(n_threads):
             rows = self._validate_rows(X, reset=False)
+            if self._tier is not None:
+                self._tier.check(rows)  # before any piece of an append is added
             self._add_rows(rows, n_threads, Progress(self.verbose, type(self).__name__))
         if rows.shape[0] > rows.chunk_rows():
             release_memory()  # after a chunked pass; not after every small batch
@@ -355,7 +371,8 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
     # theirs); every other fitted attribute describes indexed rows.
     _trained_attrs = ("_fit_dtype_", "effective_metric_", "n_features_in_",
                       "feature_names_in_", "codebooks_", "rotation_",
-                      "anisotropic_threshold_", "n_iter_")
+                      "anisotropic_threshold_", "n_iter_", "refine_dtype_",
+                      "refine_offset_", "refine_scale_")
 
     def _shard_rows(self, X):
         """X (returned as given) validated as the next ``fit`` (unfitted)
@@ -399,8 +416,7 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
             self.n_samples_fit_ = self._n_features_out = 0
             self.n_removed_ = 0
             self.removed_ = None
-            self.vectors_ = (RowStore.empty(self.n_features_in_, self._fit_dtype_)
-                             if self.refine_factor > 0 else None)
+            self.__dict__.update(self._empty_refine(None, self.refine_factor > 0))
             self._start_empty()
             runtime(self).checked_params = None
             self._check_params_at_call()
@@ -475,7 +491,9 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
         """Bytes held by the fitted index, by part (dict of ints).
 
         Each array the index holds, plus ``"vectors"`` (raw vectors kept
-        in memory for ``refine_factor > 0``, else 0), ``"reserved"``
+        in memory for ``refine_factor > 0``, else 0), ``"refine_rows"``
+        (the compact re-ranking tier of ``refine_dtype`` "float16" or
+        "int8": its rows, offset and scale; else 0), ``"reserved"``
         (capacity held by arrays that grow in place, beyond their used
         rows: at most about as much again as those arrays), ``"total"``
         (everything in memory), ``"vectors_mapped"`` (raw vectors read
@@ -487,9 +505,10 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
         """
         check_is_fitted(self)
         growing, fixed = self._memory_parts()
-        store = self.vectors_
+        store, tier = self.vectors_, self._tier
         parts = {**growing, **fixed,
                  "vectors": 0 if store is None else store.memory_nbytes,
+                 "refine_rows": 0 if tier is None else tier.nbytes,
                  "reserved": self._reserved_bytes()}
         parts["total"] = sum(parts.values())
         parts["vectors_mapped"] = 0 if store is None else store.mapped_nbytes
@@ -519,14 +538,48 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
     def _commit_size(self, n_total):
         self.__dict__.update(self._size_state(n_total))
 
-    def _grown_vectors(self, X):
-        """The raw vectors with the rows of X (a :class:`~pqsk._store.FitRows`)
-        appended when the index keeps them (it was fitted with
-        ``refine_factor > 0``), else None: a new row store sharing the old
-        one's chunks (O(batch), nothing copied)."""
+    @property
+    def _tier(self):
+        """The compact re-ranking tier (:class:`pqsk._reorder.RefineTier`), or None."""
+        return _reorder.RefineTier.of(self)
+
+    def _empty_refine(self, rows, keep=True):
+        """{attribute: value} of what re-ranking reads, holding no row:
+        ``vectors_`` (an empty row store for ``refine_dtype_="float32"``),
+        and the compact tier's attributes (for "float16" / "int8": trained
+        on ``rows``, a :class:`~pqsk._store.FitRows` prepared and not
+        rotated; ``rows=None``: the fitted ``refine_offset_`` /
+        ``refine_scale_`` are kept).  Nothing is kept when not ``keep`` (or
+        for an int8 tier that has neither rows nor a fitted offset)."""
+        kind = self.refine_dtype_
+        keep = keep and (rows is not None or kind != "int8"
+                         or self.__dict__.get("refine_offset_") is not None)
+        state = {"vectors_": None, **_reorder.RefineTier.no_tier()}
+        if not keep:
+            return state
+        if kind == "float32":
+            state["vectors_"] = RowStore.empty(self.n_features_in_ if rows is None
+                                               else rows.shape[1], self._fit_dtype_)
+        elif rows is not None:
+            state.update(_reorder.RefineTier.train(kind, rows).attributes())
+        else:
+            state.update(_reorder.RefineTier.empty(
+                kind, self.n_features_in_, self.refine_offset_, self.refine_scale_
+            ).attributes())
+        return state
+
+    def _grown_refine(self, X):
+        """{attribute: value} of what re-ranking reads, with the rows of X
+        (a :class:`~pqsk._store.FitRows`) appended: the raw vectors when
+        the index keeps them, the compact tier's rows when it has one (a
+        new row store sharing the old one's chunks, O(batch)); {} when it
+        keeps neither (fitted with ``refine_factor=0``)."""
+        tier = self._tier
+        if tier is not None:
+            return {"refine_rows_": tier.appended(X).rows}
         if self.vectors_ is None:
-            return None
-        return self.vectors_.appended(X)
+            return {}
+        return {"vectors_": self.vectors_.appended(X)}
 
     @property
     def _n_live(self):
@@ -537,11 +590,11 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
         (at most the live vectors) when re-ranking, else ``n_neighbors``."""
         if self.refine_factor == 0:
             return n_neighbors
-        if self.vectors_ is None:
+        if self.vectors_ is None and self._tier is None:
             raise ValueError(
-                f"refine_factor={self.refine_factor} needs the raw vectors, which are "
-                "kept only when the index is fitted with refine_factor > 0; refit the "
-                "index, or set refine_factor=0."
+                f"refine_factor={self.refine_factor} needs the raw vectors or a re-ranking "
+                "tier, which are kept only when the index is fitted with refine_factor > 0; "
+                "refit the index, add a tier with set_refine(X), or set refine_factor=0."
             )
         return max(n_neighbors, min(n_neighbors * self.refine_factor, self._n_live))
 
@@ -557,6 +610,11 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
         dist, ind = self._search(self._rotate(Q), self._n_candidates(n_neighbors), n_threads,
                                  ranking_only=self.refine_factor > 0, **kw)
         if self.refine_factor > 0:
+            tier = self._tier
+            if tier is not None:  # decoded row by row in the kernel
+                return tier.rerank(Q, ind, n_neighbors, self._inner_product,
+                                   unit_norm=self.effective_metric_ == "cosine",
+                                   n_threads=n_threads)
             # Only the candidate rows are read from the row store; stored
             # rows are raw, so cosine normalises them here.
             return _reorder.exact_rerank(Q, self.vectors_, ind, n_neighbors,
@@ -573,10 +631,13 @@ class BasePQNeighbors(RadiusNeighborsMixin, ClassNamePrefixFeaturesOutMixin, Tra
         (n_samples_fit x n_features), rotated back to the input space
         (``x_hat @ rotation_.T``) as ``_search_refined`` rotates them."""
         n = self.n_samples_fit_
-        if self.vectors_ is not None:
-            step = rows_per_chunk(self.n_features_in_ * self.vectors_.dtype.itemsize)
+        tier = self._tier
+        if self.vectors_ is not None or tier is not None:
+            step = rows_per_chunk(self.n_features_in_ * np.dtype(self._fit_dtype_).itemsize)
             for sl in chunk_slices(n, step):
-                yield sl, self._prepare(self.vectors_[sl])
+                rows = (self.vectors_[sl] if tier is None else
+                        tier.take(np.arange(sl.start, sl.stop), self._fit_dtype_))
+                yield sl, self._prepare(rows)
             return
         X_hat = self._reconstruct()
         R = self._rotation

@@ -379,7 +379,58 @@ def check_neighbors_state(est, max_codewords):
         check_bool_mask(est.removed_, "removed_", n)
         require(int(np.count_nonzero(est.removed_)) == est.n_removed_,
                 "removed_ does not match n_removed_")
+    bound = range_bound(d, np.dtype(est._kernel_dtype or dtype))
     if est.vectors_ is not None:
-        est.vectors_ = checked_vectors(
-            est.vectors_, n, d, dtype, range_bound(d, np.dtype(est._kernel_dtype or dtype)))
+        est.vectors_ = checked_vectors(est.vectors_, n, d, dtype, bound)
+    check_refine_state(est, n, d, bound)
     return m, k
+
+
+# The re-ranking tiers (``refine_dtype_``) and the dtype of their rows.
+REFINE_TIERS = {"float32": None, "float16": np.dtype(np.float16), "int8": np.dtype(np.uint8)}
+
+
+def check_refine_state(est, n, d, bound):
+    """The re-ranking tier of a loaded index (``refine_dtype_``,
+    ``refine_rows_``, ``refine_offset_``, ``refine_scale_``; files written
+    before tiers have none: "float32" and None are set): rows of the
+    tier's dtype and shape (n, d), float16 rows finite within ``bound``,
+    int8 offset and scale float32 (d,), finite, scale > 0, every decoded
+    value within ``bound``; no raw vectors beside a compact tier."""
+    kind = est.__dict__.setdefault("refine_dtype_", "float32")
+    for name in ("refine_rows_", "refine_offset_", "refine_scale_"):
+        est.__dict__.setdefault(name, None)
+    require(isinstance(kind, str) and kind in REFINE_TIERS,
+            f"refine_dtype_ {kind!r} is not one of {sorted(REFINE_TIERS)}")
+    rows, offset, scale = est.refine_rows_, est.refine_offset_, est.refine_scale_
+    if kind != "int8":
+        require(offset is None and scale is None,
+                f"refine_offset_ / refine_scale_ are set for refine_dtype_={kind!r}")
+    if kind == "float32":
+        require(rows is None, "refine_rows_ is set for refine_dtype_='float32'")
+        return
+    require(est.vectors_ is None, f"vectors_ is kept beside a {kind} re-ranking tier")
+    if kind == "int8" and (offset is not None or scale is not None):
+        for a, name in ((offset, "refine_offset_"), (scale, "refine_scale_")):
+            check_float_array(a, name, (d,), np.float32, bound)
+        require(bool(np.all(scale > 0)), "refine_scale_ must be > 0")
+        top = offset.astype(np.float64) + 255 * scale.astype(np.float64)
+        require(bool(np.all(np.abs(top) <= bound)),
+                f"refine_offset_ + 255 * refine_scale_ go beyond {bound:.3g}")
+    if rows is None:
+        return
+    require(kind != "int8" or offset is not None, "an int8 tier needs refine_offset_")
+    if isinstance(rows, np.ndarray):
+        require(rows.ndim == 2, "refine_rows_ must be 2-d")
+        rows = RowStore(rows.shape[1], rows.dtype, [rows])
+    require(isinstance(rows, RowStore), "refine_rows_ must be a row store")
+    require(rows.shape == (n, d) and rows.dtype == REFINE_TIERS[kind],
+            f"refine_rows_ has shape {rows.shape} and dtype {rows.dtype}, expected "
+            f"({n}, {d}) and {REFINE_TIERS[kind]}")
+    for chunk in rows.chunks:
+        require(chunk.flags.c_contiguous and chunk.dtype.isnative,
+                "refine_rows_ must be C-contiguous in native byte order")
+        if kind == "float16":
+            for sl in chunk_slices(chunk.shape[0], rows_per_chunk(2 * d)):
+                check_float_array(chunk[sl], "refine_rows_", (None, d), np.float16, bound)
+    est.refine_rows_ = rows

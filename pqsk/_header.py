@@ -29,7 +29,7 @@ ATTRIBUTE = re.compile(r"_?[a-z][a-z0-9_]{0,63}")
 # Array dtypes a saved index may hold, always in native byte order.
 DTYPES = {np.dtype(t).str: np.dtype(t) for t in
            (np.bool_, np.uint8, np.uint16, np.uint32, np.int32, np.int64,
-            np.float32, np.float64)}
+            np.float16, np.float32, np.float64)}
 
 # Derived from other attributes and recomputed by ``_check_loaded_state``:
 # never written (version 1 files hold them; they are ignored).

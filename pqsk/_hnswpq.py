@@ -89,6 +89,10 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
         reference); recall@10 at the defaults with and without it is in
         ``benchmarks/results/defaults.md``.  0 keeps only the codes and
         the graph.
+    refine_dtype : {"float32", "float16", "int8"}, default="float32"
+        What re-ranking reads: the raw vectors (``vectors_``), or a compact
+        tier of the prepared rows (``refine_rows_``, 2 or 1 bytes per
+        feature; the raw vectors are then not kept): see :class:`PQNeighbors`.
     mode : {"distance", "connectivity"}, default="distance"
     n_jobs : int, default=None
         Threads for training, encoding and search (parallel over queries).
@@ -218,8 +222,10 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
         Tombstones by id (see ``remove``); None before any removal.
     n_removed_ : int
     vectors_ : RowStore of shape (n_samples_fit, n_features) or None
-        Raw vectors (as given, also for cosine), kept only when
-        ``refine_factor > 0``; memmap input is kept by reference.
+        Raw vectors (as given, also for cosine), kept only when ``refine_factor
+        > 0`` and ``refine_dtype="float32"``; memmap input kept by reference.
+    refine_dtype_, refine_rows_, refine_offset_, refine_scale_
+        The re-ranking tier, as in :class:`PQNeighbors`.
     effective_metric_ : str
         The metric the index was built with (``metric`` at the last fit,
         aliases resolved: ``"l2"`` and ``"minkowski"`` with p=2 are
@@ -284,6 +290,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
         n_codewords="auto",
         metric="euclidean",
         refine_factor=10,
+        refine_dtype="float32",
         mode="distance",
         init="random",
         max_iter=25,
@@ -309,6 +316,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
         self.n_codewords = n_codewords
         self.metric = metric
         self.refine_factor = refine_factor
+        self.refine_dtype = refine_dtype
         self.mode = mode
         self.init = init
         self.max_iter = max_iter
@@ -338,15 +346,17 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
 
     def _node_vectors(self, codes, ids):
         """float32 vectors of a graph's nodes (``codes``, ``ids``: theirs,
-        in node order): raw when kept (normalised for cosine), else
-        decoded (in the codebooks' padded layout, as the build reads
-        them).  All at once (the graph build needs them):
-        n_nodes x n_features."""
-        if self.vectors_ is None:
+        in node order): raw when kept, else from the re-ranking tier (both
+        normalised for cosine), else decoded (in the codebooks' padded layout,
+        as the build reads them); all at once: n_nodes x n_features."""
+        tier = self._tier
+        if self.vectors_ is None and tier is None:
             vectors = _quantizer.decode(codes, self.codebooks_)
         else:
-            vectors = FitRows(self.vectors_, self._fit_dtype_,
-                              self.effective_metric_ == "cosine", self._rotation).take(ids)
+            src, at = ((self.vectors_, ids) if tier is None else
+                       (tier.take(ids, self._fit_dtype_), np.arange(ids.shape[0])))
+            vectors = FitRows(src, self._fit_dtype_,
+                              self.effective_metric_ == "cosine", self._rotation).take(at)
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def _add_rows(self, X, n_threads, progress):
@@ -388,7 +398,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
             ids = _growable.grow(self, "ids", old, b)
             ids[n_nodes:] = np.arange(first_id, first_id + b)
             state["ids_"] = ids
-        state["vectors_"] = self._grown_vectors(X)
+        state.update(self._grown_refine(X))
         old_removed = self.removed_
         state.update(self._size_state(first_id + b))
         mask = self._extended_tombstones(b)

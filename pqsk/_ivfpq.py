@@ -86,6 +86,10 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         distances are exact.  0 keeps only codes.  By default the index
         holds ``ceil(n_features / 2) + 4`` bytes per vector (codes and
         int32 ids) plus the raw vectors.
+    refine_dtype : {"float32", "float16", "int8"}, default="float32"
+        What re-ranking reads: the raw vectors (``vectors_``), or a compact
+        tier of the prepared rows (``refine_rows_``, 2 or 1 bytes per
+        feature; the raw vectors are then not kept): see :class:`PQNeighbors`.
     mode : {"distance", "connectivity"}, default="distance"
         What ``transform`` stores in the graph.
     coarse_max_iter : int, default=10
@@ -263,9 +267,11 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         ``anisotropic_threshold`` at fit: the loss every encoding uses.
     vectors_ : RowStore of shape (n_samples_fit, n_features) or None
         Raw vectors (as given, also for cosine), kept only if
-        ``refine_factor > 0``: an array-like (``np.asarray(vectors_)``,
+        ``refine_factor > 0`` and ``refine_dtype="float32"``: an array-like (``np.asarray(vectors_)``,
         ``vectors_[ids]``) whose chunks are in memory or, for memmap input,
         the caller's file.
+    refine_dtype_, refine_rows_, refine_offset_, refine_scale_
+        The re-ranking tier, as in :class:`PQNeighbors`.
     n_features_in_ : int
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
 
@@ -312,6 +318,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         n_codewords="auto",
         metric="euclidean",
         refine_factor=10,
+        refine_dtype="float32",
         mode="distance",
         coarse_max_iter=10,
         init="random",
@@ -337,6 +344,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         self.n_codewords = n_codewords
         self.metric = metric
         self.refine_factor = refine_factor
+        self.refine_dtype = refine_dtype
         self.mode = mode
         self.coarse_max_iter = coarse_max_iter
         self.init = init
@@ -516,7 +524,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
             if segments is not self.segments_:
                 state["segments_"] = segments
             progress(f"indexed {b} vectors ({g} in the growing part)")
-        state["vectors_"] = self._grown_vectors(X)
+        state.update(self._grown_refine(X))
         state.update(self._size_state(n_total))
         old_removed = self.removed_
         self.__dict__.update(state)

@@ -398,6 +398,42 @@ def exact_rerank(Q, vectors, cand, n_neighbors, inner_product=False, unit_norm=F
     return dist, idx
 
 
+def compact_rerank(Q, rows, cand, n_neighbors, inner_product=False, unit_norm=False,
+                   offset=None, scale=None):
+    """Oracle of ``pqsk._rerank.compact_rerank``: ``rows`` is a tier's
+    rows, float16 values or uint8 codes (then element j decodes as
+    ``offset[j] + scale[j] * code[j]``, in float64); the decoded rows are
+    re-ranked as :func:`exact_rerank` re-ranks raw rows (the unit-norm
+    threshold that of float32)."""
+    rows = np.asarray(rows)
+    if rows.dtype == np.uint8:
+        X = (np.asarray(offset, dtype=np.float64)
+             + np.asarray(scale, dtype=np.float64) * rows)
+    else:
+        X = rows.astype(np.float64)
+    eps = np.finfo(np.float32).eps
+    nq = cand.shape[0]
+    dist = np.full((nq, n_neighbors), np.inf)
+    idx = np.full((nq, n_neighbors), EMPTY_ID, dtype=np.int64)
+    for q in range(nq):
+        scored = []
+        for i in cand[q].tolist():
+            if 0 <= i < X.shape[0]:
+                x = X[i]
+                if unit_norm:
+                    norm = np.sqrt(x @ x)
+                    x = x / (norm if norm >= 10 * eps else 1.0)
+                d = -(Q[q] @ x) if inner_product else float(((Q[q] - x) ** 2).sum())
+            else:
+                d = np.inf
+            scored.append((d, i))
+        scored.sort()
+        kept = [p for p in scored if p < (np.inf, EMPTY_ID)][:n_neighbors]
+        for r, (d, i) in enumerate(kept):
+            dist[q, r], idx[q, r] = d, i
+    return dist, idx
+
+
 def anisotropic_encode_chunk(X, U, w, codebooks, codes, n_sweeps):
     """Oracle of ``pqsk._aniso.anisotropic_encode_rows``: coordinate descent
     on the anisotropic loss ``||r||^2 + w_i (r . u_i)^2`` (``r = x_i -

@@ -1,6 +1,6 @@
 """Saving and loading fitted estimators without pickle.
 
-Layout (format version 3)
+Layout (format version 4)
 -------------------------
 An index is a directory::
 
@@ -22,6 +22,9 @@ name them with the same checksums; each new segment file is written under
 a temporary name and renamed into place, so a file some version names is
 never seen half-written.  After the manifest switch, segment files the new
 version does not name are removed.  Version 2 (no segments) still loads.
+Version 4 adds the compact re-ranking tier (``refine_dtype``,
+``refine_rows_``, ``refine_offset_``, ``refine_scale_``; float16 arrays);
+a version-3 file reads as an index without one.
 
 Saving never deletes first.  ``save`` writes a new ``vNNNNNN/`` next to the
 current one, ``fsync``-ing every file and the directory, then writes the
@@ -37,7 +40,7 @@ by an advisory lock on ``.pqsk-lock`` (POSIX).
 
 Format version 1 (``header.json`` and the ``.npy`` files directly in the
 directory, no header checksum) is still read; saving over it writes
-version 3 and then removes the old files.  Parameters added since an old
+version 4 and then removes the old files.  Parameters added since an old
 file was written (``_PARAMS_SINCE``) keep their defaults.
 
 The header's JSON form of each value is :mod:`pqsk._header`'s.
@@ -86,10 +89,10 @@ from ._runtime import index_lock
 from ._version import __version__
 
 FORMAT = "pqsk-index"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 # Versions written with a manifest (version 2 has no segments).
-_MANIFEST_VERSIONS = (2, 3)
+_MANIFEST_VERSIONS = (2, 3, 4)
 MANIFEST = "MANIFEST.json"
 HEADER = "header.json"
 LOCK = ".pqsk-lock"
@@ -112,7 +115,7 @@ _SHA = re.compile(r"[0-9a-f]{64}")
 # without them reads as before): version-3 files written before them lack
 # them, so they are required only from the next format on.
 _PARAMS_SINCE = {"segment_size": 3, "rotation": 4, "anisotropic_threshold": 4,
-                 "radius": 4, "p": 4, "metric_params": 4}
+                 "radius": 4, "p": 4, "metric_params": 4, "refine_dtype": 4}
 
 
 # The classes a saved index may hold, by the name its header gives: every
@@ -686,7 +689,7 @@ def _read_npy_header(fname):
 
 def _load_array(path, data_dir, name, meta, mmap_mode, verify):
     """An array of the header; ``path`` is the index directory when the
-    format has segment files (version 3), else None."""
+    format has segment files (version 3 on), else None."""
     where = f"{data_dir}: array {name!r}"
     try:
         shape, dtype_str, sha = meta["shape"], meta["dtype"], meta["sha256"]

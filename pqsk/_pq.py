@@ -396,6 +396,18 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         (``benchmarks/results/defaults.md``).  Must be positive at fit for
         re-ranking to be possible later (it is a search parameter after
         that).
+    refine_dtype : {"float32", "float16", "int8"}, default="float32"
+        What re-ranking (``refine_factor > 0``) reads.  ``"float32"``: the
+        raw vectors (``vectors_``, ``4 * n_features`` bytes per vector,
+        none for a memmap kept by reference).  ``"float16"`` (``2 *
+        n_features`` bytes, values up to 65504 in magnitude) or ``"int8"``
+        (``n_features`` bytes, each feature scaled between the minimum and
+        maximum of the rows at fit; values of rows appended later are
+        clipped to that range, as faiss's 8-bit scalar quantizer does): a
+        compact tier of the prepared rows (normalised for cosine), decoded
+        at re-rank time; the raw vectors are then not kept
+        (``vectors_`` is None).  Fixed at fit; :meth:`set_refine` builds
+        another tier from the indexed rows without refitting the codes.
     mode : {"distance", "connectivity"}, default="distance"
         What ``transform`` stores in the graph.
     n_jobs : int, default=None
@@ -452,8 +464,17 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         tables, so results equal the float ADC search).
     vectors_ : RowStore of shape (n_samples_fit, n_features) or None
         Raw vectors (as given, also for cosine), kept only if
-        ``refine_factor > 0``: an array-like (``np.asarray(vectors_)``,
+        ``refine_factor > 0`` and ``refine_dtype="float32"``: an array-like (``np.asarray(vectors_)``,
         ``vectors_[ids]``); memmap input is kept by reference.
+    refine_dtype_ : str
+        The ``refine_dtype`` the index was built with (or ``set_refine``
+        last built).
+    refine_rows_ : RowStore of shape (n_samples_fit, n_features) or None
+        The compact re-ranking tier (``refine_dtype`` "float16": float16
+        rows; "int8": uint8 codes), kept only if ``refine_factor > 0``.
+    refine_offset_, refine_scale_ : ndarray of shape (n_features,), float32, or None
+        int8 tier: feature j of a row decodes as ``refine_offset_[j] +
+        refine_scale_[j] * code[j]``.
     rotation_ : ndarray of shape (n_features, n_features) or None
         The OPQ rotation R (``rotation="opq"``), in the fitted dtype: rows
         are encoded and queries searched as ``x @ R``; ``vectors_`` stay
@@ -509,6 +530,7 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         n_codewords="auto",
         metric="euclidean",
         refine_factor=10,
+        refine_dtype="float32",
         mode="distance",
         init="random",
         max_iter=25,
@@ -530,6 +552,7 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         self.n_codewords = n_codewords
         self.metric = metric
         self.refine_factor = refine_factor
+        self.refine_dtype = refine_dtype
         self.mode = mode
         self.init = init
         self.max_iter = max_iter
@@ -637,13 +660,13 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
     def _add_rows(self, X, n_threads, progress):
         codes = _scorers.encode_rows(progress.rows(X, "encoding"), self.codebooks_,
                                        n_threads, **self._anisotropic_kw())
-        vectors = self._grown_vectors(X)
+        refine = self._grown_refine(X)
         n_total = self.n_samples_fit_ + codes.shape[0]
         if self._packed:
             self.packed_codes_ = self._appended_packed(codes)
         else:
             self.codes_ = np.concatenate([self.codes_, codes])
-        self.vectors_ = vectors
+        self.__dict__.update(refine)
         self._commit_size(n_total)
         progress(f"encoded {X.shape[0]} vectors")
 

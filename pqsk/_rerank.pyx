@@ -21,13 +21,21 @@ queries' dtype; the caller keeps them alive).  With ``unit_norm``
 (cosine) a row is scaled to unit norm as ``sklearn.preprocessing.
 normalize`` does (a norm below ``10 * eps`` counts as 1) before the
 distance.  Ids outside ``[0, n_rows)`` (empty slots) are scored +inf.
+
+``compact_rerank`` does the same from a compact re-ranking tier (see
+:mod:`pqsk._reorder`): rows of float16 values (their bits, uint16) or of
+uint8 codes, decoded on the fly, element j of an int8 row being
+``offset[j] + scale[j] * code[j]``; the distance is then computed in
+double exactly as for raw rows.  The naive version is
+``pqsk._naive.compact_rerank``.
 """
 
 cimport cython
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
-from libc.math cimport sqrt, INFINITY
-from libc.stdint cimport int64_t, uintptr_t
+from libc.math cimport sqrt, ldexp, INFINITY
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uintptr_t
+from libc.string cimport memcpy
 
 from ._heap cimport heap_init, heap_push, heap_sort, pair_greater
 
@@ -55,11 +63,48 @@ cdef inline const floating* row_address(int64_t i,
 
 cdef inline void prefetch_row(const floating* x, Py_ssize_t d) noexcept nogil:
     """Every cache line of a row (a row of 50 float32 spans 4)."""
-    cdef const char* p = <const char*> x
+    prefetch_bytes(<const char*> x, d * <Py_ssize_t> sizeof(floating))
+
+
+cdef inline void prefetch_bytes(const char* p, Py_ssize_t n) noexcept nogil:
+    """Every cache line of the n > 0 bytes at p."""
     cdef Py_ssize_t b
-    for b in range(0, d * <Py_ssize_t> sizeof(floating), 64):
+    for b in range(0, n, 64):
         pqsk_prefetch(p + b)
-    pqsk_prefetch(p + d * <Py_ssize_t> sizeof(floating) - 1)
+    pqsk_prefetch(p + n - 1)
+
+
+cdef inline const char* part_row(int64_t i,
+                                 const uintptr_t[::1] part_ptr,
+                                 const int64_t[::1] part_start,
+                                 Py_ssize_t row_bytes) noexcept nogil:
+    """Address of row i (0 <= i < n_rows) of rows of ``row_bytes`` bytes."""
+    cdef Py_ssize_t lo = 0, hi = part_ptr.shape[0] - 1, mid
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if part_start[mid] <= i:
+            lo = mid
+        else:
+            hi = mid - 1
+    return (<const char*> part_ptr[lo]) + (i - part_start[lo]) * row_bytes
+
+
+cdef inline double half_to_double(uint16_t h) noexcept nogil:
+    """The IEEE binary16 value of the bits h (exact in double)."""
+    cdef uint32_t sign = (<uint32_t> h & 0x8000) << 16
+    cdef uint32_t e = (h >> 10) & 0x1f
+    cdef uint32_t mant = h & 0x3ff
+    cdef uint32_t bits
+    cdef float f
+    if e == 0:  # zero or subnormal: mant * 2^-24
+        f = <float> ldexp(<double> mant, -24)
+        return -f if sign else f
+    if e == 31:  # infinity or NaN
+        bits = sign | 0x7f800000 | (mant << 13)
+    else:
+        bits = sign | ((e + 112) << 23) | (mant << 13)
+    memcpy(&f, &bits, 4)
+    return f
 
 
 cdef inline floating row_distance(const floating* q,
@@ -153,6 +198,123 @@ def exact_rerank(const floating[:, ::1] Q,        # IN  (nq, D) prepared queries
                 if 0 <= i < n_rows:
                     dist = row_distance(&Q[q, 0], row_address(i, part_ptr, part_start, d, hint),
                                         d, qn, unit_norm, inner_product, eps10)
+                else:
+                    dist = INFINITY
+                if pair_greater(hd[0], hi[0], dist, i):
+                    heap_push(hd, hi, kn, dist, i)
+            heap_sort(hd, hi, kn)
+            for r in range(kn):
+                out_dist[q, r] = hd[r]
+                out_idx[q, r] = hi[r]
+
+
+cdef inline floating compact_distance(const floating* q,
+                                      const char* row,
+                                      Py_ssize_t d,
+                                      bint is_int8,
+                                      const float* offset,
+                                      const float* scale,
+                                      double q_norm2,
+                                      bint unit_norm,
+                                      bint inner_product,
+                                      double eps10) noexcept nogil:
+    """``row_distance`` of a compact row, decoded element by element:
+    x_j = half(row[j]) (float16), or offset[j] + scale[j] * row[j] (int8)."""
+    cdef Py_ssize_t j
+    cdef double dot = 0, nrm = 0, acc = 0, t, n, x
+    cdef const uint16_t* h = <const uint16_t*> row
+    cdef const uint8_t* c = <const uint8_t*> row
+    # One loop per row type (the test is out of the loop).
+    if is_int8:
+        for j in range(d):
+            x = <double> offset[j] + <double> scale[j] * c[j]
+            dot += <double> q[j] * x
+            nrm += x * x
+            t = <double> q[j] - x
+            acc += t * t
+    else:
+        for j in range(d):
+            x = half_to_double(h[j])
+            dot += <double> q[j] * x
+            nrm += x * x
+            t = <double> q[j] - x
+            acc += t * t
+    if not unit_norm:
+        return <floating> (-dot if inner_product else acc)
+    n = sqrt(nrm)
+    if not n >= eps10:
+        n = 1.0
+    if inner_product:
+        return <floating> (-dot / n)
+    acc = q_norm2 - 2 * dot / n + nrm / (n * n)
+    return <floating> (acc if acc > 0 else 0)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def compact_rerank(const floating[:, ::1] Q,        # IN  (nq, D) prepared queries
+                   const uintptr_t[::1] part_ptr,   # IN  (P,) tier row parts (P >= 1)
+                   const int64_t[::1] part_start,   # IN  (P + 1,) their first rows
+                   bint is_int8,                    # IN  uint8 codes, else float16 bits
+                   const float[::1] offset,         # IN  (D,) int8: x = offset + scale * code
+                   const float[::1] scale,          # IN  (D,) (float16: unread, any length)
+                   const int64_t[:, ::1] cand,      # IN  (nq, n_cand) candidate ids
+                   bint unit_norm,
+                   bint inner_product,
+                   floating[:, ::1] out_dist,       # OUT (nq, n_neighbors)
+                   int64_t[:, ::1] out_idx,         # OUT (nq, n_neighbors)
+                   floating[:, ::1] heap_d,         # scratch (n_threads, >= n_neighbors)
+                   int64_t[:, ::1] heap_i,          # scratch (n_threads, >= n_neighbors)
+                   int n_threads):
+    """``exact_rerank`` from a compact tier (see the module docstring):
+    each candidate row is decoded on the fly.  The caller checks shapes
+    (offset and scale of length D for int8)."""
+    cdef Py_ssize_t nq = Q.shape[0]
+    cdef Py_ssize_t d = Q.shape[1]
+    cdef Py_ssize_t n_cand = cand.shape[1]
+    cdef Py_ssize_t kn = out_dist.shape[1]
+    cdef Py_ssize_t row_bytes = d * (1 if is_int8 else 2)
+    cdef int64_t n_rows = part_start[part_start.shape[0] - 1]
+    cdef Py_ssize_t q, c, r, j
+    cdef int64_t i, a
+    cdef double qn
+    cdef floating dist
+    cdef floating* hd = NULL
+    cdef int64_t* hi = NULL
+    cdef const float* off = &offset[0] if offset.shape[0] else NULL
+    cdef const float* sc = &scale[0] if scale.shape[0] else NULL
+    cdef double eps10 = 10 * (1.1920928955078125e-07 if sizeof(floating) == 4
+                              else 2.220446049250313e-16)
+    cdef int tid
+    if nq == 0 or kn == 0:
+        return
+    if d == 0:
+        row_bytes = 1
+    with nogil, parallel(num_threads=n_threads):
+        tid = threadid()
+        hd = &heap_d[tid, 0]
+        hi = &heap_i[tid, 0]
+        for q in prange(nq, schedule="static"):
+            heap_init(hd, hi, kn)
+            qn = 0
+            for j in range(d):
+                qn = qn + <double> Q[q, j] * Q[q, j]
+            for c in range(min(LOOKAHEAD, n_cand)):
+                a = cand[q, c]
+                if 0 <= a < n_rows:
+                    prefetch_bytes(part_row(a, part_ptr, part_start, row_bytes), row_bytes)
+            for c in range(n_cand):
+                if c + LOOKAHEAD < n_cand:
+                    a = cand[q, c + LOOKAHEAD]
+                    if 0 <= a < n_rows:
+                        prefetch_bytes(part_row(a, part_ptr, part_start, row_bytes),
+                                       row_bytes)
+                i = cand[q, c]
+                if 0 <= i < n_rows:
+                    dist = compact_distance(&Q[q, 0],
+                                            part_row(i, part_ptr, part_start, row_bytes),
+                                            d, is_int8, off, sc, qn, unit_norm,
+                                            inner_product, eps10)
                 else:
                     dist = INFINITY
                 if pair_greater(hd[0], hi[0], dist, i):

@@ -8,6 +8,9 @@
 * :class:`RefitMixin` gives the indexes ``refit_codebooks``: new codebooks
   trained on a fresh sample, every stored vector re-encoded from its raw
   vector.
+* :class:`RefineMixin` gives every search estimator ``set_refine``: the
+  re-ranking rows (raw vectors or a compact tier, :mod:`pqsk._reorder`)
+  rebuilt from the indexed rows, the codes untouched.
 
 The estimators (:mod:`pqsk._pq`, :mod:`pqsk._ivfpq`, :mod:`pqsk._hnswpq`)
 mix these in beside :class:`pqsk._base.BasePQNeighbors`, whose ``fit``
@@ -22,11 +25,11 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from . import _growable, _opq, _quantizer, _scorers
+from . import _growable, _opq, _quantizer, _reorder, _scorers
 from ._anisotropic import train_anisotropic
 from ._checks import check_range
-from ._runtime import index_lock, index_writer
-from ._store import FitRows, chunk_slices
+from ._runtime import index_lock, index_writer, runtime
+from ._store import FitRows, RowStore, chunk_slices
 from ._utils import Progress, effective_n_threads, openmp_region, release_memory
 
 
@@ -352,3 +355,57 @@ class RefitMixin:
         state, replaced = self._refit_state(codebooks, recode, progress)
         state.update(codebooks_=codebooks, n_iter_=n_iter)
         return state, replaced
+
+
+class RefineMixin:
+    """``set_refine``: give a fitted index the re-ranking rows of its
+    ``refine_dtype`` (raw vectors, or a compact tier) without refitting."""
+
+    def set_refine(self, X):
+        """(Re)build what re-ranking reads, from the indexed rows X, with the
+        estimator's ``refine_dtype``; the codes, ids and graph stay as they are.
+
+        ``refine_dtype="float32"`` keeps X's rows as ``vectors_`` (a
+        C-contiguous memmap of the fitted dtype by reference, else copied);
+        ``"float16"`` / ``"int8"`` build a compact tier from X's prepared
+        rows (normalised for cosine), an int8 tier's offset and scale
+        learned on X, and drop ``vectors_``.  So an index fitted with
+        ``refine_factor=0``, or with another ``refine_dtype``, gets a tier;
+        set ``refine_factor > 0`` to use it.  X is read chunk by chunk
+        (twice for int8), validated as ``partial_fit`` validates rows.  On
+        error the index is unchanged; queries go on meanwhile, and the
+        switch takes the write lock only to swap the attributes.
+
+        Parameters
+        ----------
+        X : array-like of shape (``n_samples_fit_``, n_features)
+            Every indexed row in id order (removed ids' rows included), e.g.
+            the memmap the index was built from, grown by the appends.
+
+        Returns
+        -------
+        self : object
+        """
+        check_is_fitted(self)
+        self._validate_params()
+        with index_writer(self):
+            with index_lock(self).read():
+                rows = self._validate_rows(X, reset=False)
+                if rows.shape[0] != self.n_samples_fit_:
+                    raise ValueError(
+                        f"X must hold the {self.n_samples_fit_} indexed rows in id order, "
+                        f"got {rows.shape[0]} rows.")
+                kind = self.refine_dtype
+                state = {"refine_dtype_": kind, "vectors_": None,
+                         **_reorder.RefineTier.no_tier()}
+                if kind == "float32":
+                    state["vectors_"] = RowStore.empty(rows.shape[1], rows.dtype).appended(rows)
+                else:
+                    rows = FitRows(rows.raw, rows.dtype, rows.unit_norm)  # not rotated
+                    tier = _reorder.RefineTier.train(kind, rows).appended(rows)
+                    state.update(tier.attributes())
+            with index_lock(self).write():
+                self.__dict__.update(state)
+                runtime(self).checked_params = None
+        release_memory()
+        return self

@@ -328,7 +328,8 @@ def _grid(estimator, param_grid, kq):
         raise ValueError(f"param_grid keys must be among {['refine_factor', knob]} "
                          f"for {type(estimator).__name__}, got {sorted(unknown)}.")
     refine = sorted(grid.get("refine_factor",
-                             REFINE_FACTORS if estimator.vectors_ is not None else (0,)))
+                             REFINE_FACTORS if (estimator.vectors_ is not None
+                                                or estimator._tier is not None) else (0,)))
     if knob is not None:
         values = sorted(grid.get(knob, _default_values(knob, values, kq,
                                                        estimator._n_live)))

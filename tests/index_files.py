@@ -62,6 +62,26 @@ def write_header(path, header, recompute=True):
     write_header_bytes(path, json.dumps(header, indent=1).encode(), recompute)
 
 
+def as_version3(path, header_edit=None):
+    """Make the saved index at ``path`` a format-3 file, as pqsk wrote it
+    before the re-ranking tiers: no ``refine_dtype`` parameter, no tier
+    attributes, version 3 in the header and the manifest; then
+    ``header_edit(header)`` if given."""
+    header = read_header(path)
+    header["format_version"] = 3
+    header["params"].pop("refine_dtype", None)
+    for name in ("refine_dtype_", "refine_rows_", "refine_offset_", "refine_scale_"):
+        header["attributes"].pop(name, None)
+    if header_edit is not None:
+        header_edit(header)
+    manifest = os.path.join(str(path), "MANIFEST.json")
+    with open(manifest) as f:
+        m = json.load(f)
+    m["format_version"] = 3
+    replace_file(manifest, json.dumps(m).encode())
+    write_header(path, header)
+
+
 # An IVF index stores codes, ids and list offsets per sealed segment; the
 # tests address those of its first segment by the names of format 2.  With
 # 4-bit codes the segment's codes are packed (fast-scan blocks): "codes_"

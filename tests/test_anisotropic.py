@@ -381,7 +381,7 @@ def test_files_without_the_parameter_still_load(tmp_path, cls):
         del header["params"]["anisotropic_threshold"]
         del header["attributes"]["anisotropic_threshold_"]
 
-    files.edit_header(path, strip)
+    files.as_version3(path, strip)
     back = cls.load(path)
     assert back.anisotropic_threshold is None and back.anisotropic_threshold_ is None
     if cls is PQNeighbors:

@@ -165,7 +165,7 @@ def test_files_without_the_new_parameters_load(tmp_path):
         for name in ("radius", "p", "metric_params"):
             del header["params"][name]
 
-    files.edit_header(tmp_path / "i", strip)
+    files.as_version3(tmp_path / "i", strip)
     back = load(tmp_path / "i")
     assert (back.radius, back.p, back.metric_params) == (1.0, 2, None)
     assert_array_equal(back.kneighbors(Q)[1], nn.kneighbors(Q)[1])

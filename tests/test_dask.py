@@ -121,6 +121,28 @@ def test_sharded_ivf_trains_the_quantizers_of_a_single_fit(client):
                                   single.kneighbors(Q, n_neighbors=5)[1])
 
 
+def test_sharded_int8_tier_shares_the_trained_offset_and_scale(client):
+    """An int8 re-ranking tier's offset and scale are trained quantizers:
+    trained once on the sample, the same in every shard, so shards'
+    re-ranked distances compare; with every list probed and every row
+    re-ranked, the answers are those of one index of every row."""
+    est = ivf(refine_factor=3000, refine_dtype="int8").set_params(n_probe=16)
+    sharded = ShardedNeighbors(est).fit(da.from_array(X, chunks=(700, 16)))
+    tpl = sharded.template_
+    assert tpl.refine_offset_.shape == tpl.refine_scale_.shape == (16,)
+    assert tpl.refine_rows_.shape == (0, 16) and tpl.vectors_ is None
+    got = [s.compute() for s in sharded.shards_]
+    for shard in got:
+        np.testing.assert_array_equal(shard.refine_offset_, tpl.refine_offset_)
+        np.testing.assert_array_equal(shard.refine_scale_, tpl.refine_scale_)
+    assert sum(s.refine_rows_.shape[0] for s in got) == 3000
+    ref = reference(sharded, X)
+    dist, ind = sharded.kneighbors(Q, n_neighbors=7)
+    d0, i0 = ref.kneighbors(Q, n_neighbors=7)
+    np.testing.assert_array_equal(ind, i0)
+    np.testing.assert_allclose(dist, d0, rtol=1e-6)
+
+
 def test_n_shards_groups_numpy_input_and_partial_fit_remove(client):
     sharded = ShardedNeighbors(ivf(), n_shards=2).fit(X[:2000])
     assert sharded.shard_sizes_ == [1000, 1000]

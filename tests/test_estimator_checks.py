@@ -27,6 +27,14 @@ ESTIMATORS = [
                    rotation="opq", random_state=0),
     PQTransformer(n_subspaces=1, n_codewords=8, rotation="opq", random_state=0),
     PQNeighbors(n_neighbors=3, n_subspaces=1, n_codewords=8, rotation="opq", random_state=0),
+    # Compact re-ranking tiers (float16 rows; int8 codes with their offset and scale).
+    *[est for rd in ("float16", "int8") for est in (
+        HNSWPQNeighbors(n_neighbors=3, n_links=4, ef_construction=16, n_subspaces=1,
+                        n_codewords=8, refine_dtype=rd, random_state=0),
+        IVFPQNeighbors(n_neighbors=3, n_lists=2, n_probe=2, n_subspaces=1, n_codewords=8,
+                       refine_dtype=rd, random_state=0),
+        PQNeighbors(n_neighbors=3, n_subspaces=1, n_codewords=8, refine_dtype=rd,
+                    random_state=0))],
 ]
 
 

@@ -2,7 +2,8 @@
 
 For each kind of index (PQTransformer, PQNeighbors with uint16 codes and
 refine, IVF-PQ with L2, dot, refine, float64 and removed ids, HNSW-PQ with
-refine, tombstones, after compact, and with sealed segments) the saved
+refine, tombstones, after compact, and with sealed segments; an int8 and a
+float16 re-ranking tier) the saved
 files are tampered with,
 one change per case:
 
@@ -123,6 +124,12 @@ def _kinds():
         "hnsw-segments": (lambda: HNSWPQNeighbors(K, n_links=4, ef_construction=16,
                                                   ef_search=8, segment_size=1024, **common),
                           X2, removed2),
+        # Compact re-ranking tiers: int8 codes with offset and scale, float16 rows.
+        "pq-int8-cosine": (lambda: PQNeighbors(K, metric="cosine", refine_factor=2,
+                                               refine_dtype="int8", **common), X, None),
+        "ivf-float16-removed": (lambda: IVFPQNeighbors(K, n_lists=4, n_probe=2,
+                                                       refine_factor=2, refine_dtype="float16",
+                                                       **common), X, removed),
     }
 
 
@@ -440,9 +447,13 @@ def _naive_distances(est, Q):
 
     metric = est.effective_metric_
     Qp = np.asarray(est._prepare(np.asarray(Q, dtype=est._fit_dtype_)), dtype=np.float64)
-    exact = est.refine_factor > 0 and est.vectors_ is not None
-    # The row store holds the raw rows; cosine re-ranks them normalised.
-    V = est._prepare(np.asarray(est.vectors_)) if exact else est._reconstruct()
+    tier = est._tier
+    exact = est.refine_factor > 0 and (est.vectors_ is not None or tier is not None)
+    # The row store holds the raw rows, a tier the prepared ones (decoded
+    # here); cosine re-ranks them normalised.
+    rows = (None if not exact else np.asarray(est.vectors_) if tier is None
+            else tier.take(np.arange(est.n_samples_fit_), est._fit_dtype_))
+    V = est._prepare(rows) if exact else est._reconstruct()
     V = np.asarray(V, dtype=np.float64)
     if metric == "dot":
         return -(Qp @ V.T), exact
@@ -481,7 +492,7 @@ def _check_answers(est, Q, result, exhaustive):
         if result[1] == "ValueError" and "n_neighbors" in result[2] and live < K:
             return None
         if (result[1] == "ValueError" and "refine_factor" in result[2]
-                and est.vectors_ is None and est.refine_factor > 0):
+                and est.vectors_ is None and est._tier is None and est.refine_factor > 0):
             return None  # as after set_params(refine_factor > 0) on such an index
         return f"raised {result[1]}: {result[2]}"
     dist, ind = result[1]

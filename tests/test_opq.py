@@ -296,7 +296,7 @@ def test_files_saved_before_opq_load(kind, tmp_path):
         del h["params"]["rotation"]
         del h["attributes"]["rotation_"]
 
-    files.edit_header(tmp_path / "index", strip)
+    files.as_version3(tmp_path / "index", strip)
     loaded = pqsk.load(tmp_path / "index")
     assert loaded.rotation is None and loaded.rotation_ is None
     if kind == "transformer":

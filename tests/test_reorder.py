@@ -71,3 +71,79 @@ def test_rerank_on_a_plain_array_and_no_candidates():
     np.testing.assert_allclose(d, np.sort(full, axis=1), rtol=1e-5)
     d, i = _reorder.exact_rerank(Q[:0], X, cand[:0], 5)
     assert d.shape == (0, 5) and i.shape == (0, 5)
+
+
+# -- compact tiers: pqsk._reorder.RefineTier.rerank (kernel
+# pqsk._rerank.compact_rerank) against pqsk._naive.compact_rerank --------------
+
+def tier_of(kind, X, splits):
+    """X (float rows) as a RefineTier of several row parts."""
+    from pqsk._store import FitRows
+    tier = _reorder.RefineTier.train(kind, FitRows(X, X.dtype, False))
+    bounds = [0, *splits, X.shape[0]]
+    parts = [tier.encode(X[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return _reorder.RefineTier(kind, RowStore(X.shape[1], parts[0].dtype, parts),
+                               tier.offset, tier.scale)
+
+
+@pytest.mark.parametrize("kind", ["float16", "int8"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("metric", ["l2", "dot", "cosine"])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_compact_rerank_matches_the_oracle(kind, dtype, metric, n_threads):
+    X = (rng.randn(300, 7) * [1, 2, 3, 0.5, 10, 1, 1]).astype(dtype)
+    X[5] = 0                                   # a zero row (cosine: stays zero)
+    X[:, 6] = 0.25                             # a constant feature
+    tier = tier_of(kind, X, [100, 101, 250])
+    assert len(tier.rows.chunks) >= 2 and tier.rows.shape == X.shape
+    Q = rng.randn(20, 7).astype(dtype)
+    cand = np.stack([rng.choice(300, 30, replace=False) for _ in range(20)]).astype(np.int64)
+    cand[0] = np.r_[5, 6, 299, rng.choice(np.arange(7, 299), 27, replace=False)]
+    cand[1, -4:] = EMPTY                       # empty slots
+    cand[2, :] = EMPTY                         # nothing at all
+    cand[3, 0] = 300                           # out of range
+    ip, unit = metric == "dot", metric == "cosine"
+    d, i = tier.rerank(Q, cand, 10, ip, unit_norm=unit, n_threads=n_threads)
+    d_ref, i_ref = _naive.compact_rerank(Q.astype(np.float64), np.asarray(tier.rows), cand,
+                                         10, ip, unit, tier.offset, tier.scale)
+    assert d.dtype == dtype and i.dtype == np.int64 and d.shape == (20, 10)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(d, d_ref, rtol=tol, atol=tol)
+    for q in range(20):
+        gaps = np.diff(d_ref[q][np.isfinite(d_ref[q])])
+        if np.all(gaps > 4 * tol * (1 + np.abs(d_ref[q]).max())):
+            np.testing.assert_array_equal(i[q], i_ref[q])
+    assert np.all(i[2] == EMPTY) and np.all(np.isinf(d[2]))
+    # The decoded rows are close to X: the tier approximates the exact re-rank.
+    err = np.abs(tier.take(np.arange(300), np.float64) - X).max(axis=0)
+    if kind == "int8":
+        assert np.all(err <= tier.scale * 0.5 + 1e-6)
+    else:
+        assert np.all(err <= 1e-3 * (1 + np.abs(X).max(axis=0)))
+
+
+def test_compact_tiers_encode_decode_and_refuse():
+    from pqsk._store import FitRows
+    X = np.array([[0.0, 1.0], [255.0, 1.0], [10.0, 1.0]], dtype=np.float32)
+    tier = tier_of("int8", X, [])
+    np.testing.assert_array_equal(tier.offset, [0, 1])
+    np.testing.assert_array_equal(tier.scale, np.float32([1, 1 / 255]))
+    np.testing.assert_array_equal(np.asarray(tier.rows), [[0, 0], [255, 0], [10, 0]])
+    # Appended rows outside the trained range are clipped to it.
+    more = tier.appended(FitRows(np.float32([[-5, 3], [300, 1]]), np.float32, False))
+    np.testing.assert_allclose(more.take(np.arange(3, 5), np.float64),
+                               [[0, 2], [255, 1]], rtol=1e-6)
+    assert tier.rows.shape == (3, 2)           # the old tier is unchanged
+    huge = np.float32([[-3e38, 0], [3e38, 0]])
+    with pytest.raises(ValueError, match="int8.*feature 0.*overflows float32"):
+        tier_of("int8", huge, [])
+    with pytest.raises(ValueError, match="float16.*65504.*feature 0"):
+        tier_of("float16", np.float32([[1e5, 0]]), [])
+    f16 = tier_of("float16", np.float32([[1, 2]]), [])
+    assert f16.appended(FitRows(np.float32([[3, 4]]), np.float32, False)).rows.shape == (2, 2)
+    with pytest.raises(ValueError, match="float16"):
+        f16.appended(FitRows(np.float32([[7e4, 0]]), np.float32, False))
+    # No candidates at all, and an empty tier
+    empty = _reorder.RefineTier.empty("int8", 2, tier.offset, tier.scale)
+    d, i = empty.rerank(np.float32([[1, 1]]), np.array([[0, 1]]), 2)
+    assert np.all(np.isinf(d))  # (out-of-range ids sort last, at +inf, as exact_rerank)
