@@ -420,6 +420,47 @@ def search_complete(graph, deleted, Q, n_out, ef, codebooks, inner_product, n_th
     return dist, ind
 
 
+def search_graphs(graphs, Q, n_candidates, ef_of, codebooks, inner_product, n_threads):
+    """Beam search of several graphs (an index's sealed segments and its
+    growing graph) and merge of their answers.
+
+    ``graphs``: (graph, tombstones (uint8 by node, or empty), live nodes)
+    of each graph; ``ef_of(n_out, n_nodes)``: the beam width.  Each graph
+    gives its best min(n_candidates, live nodes), queries whose beam came
+    short searched again over the whole graph (:func:`search_complete`),
+    mapped to ids (``graph["ids_"]``; None: node i is id i).  Returns
+    (dist (nq, n_candidates) float32, ids (nq, n_candidates) int64), rows
+    sorted by (distance, id), empty slots (+inf, NO_ID).
+    """
+    cbt = codebooks_t(codebooks)
+    parts = []
+    for graph, deleted, live in graphs:
+        n_out = min(n_candidates, live)
+        dist, ind = search_complete(graph, deleted, Q, n_out,
+                                    ef_of(n_out, graph["codes_"].shape[0]), codebooks,
+                                    inner_product, n_threads, cbt=cbt)
+        if graph["ids_"] is not None:
+            ind = graph["ids_"][ind]
+        parts.append((dist, ind))
+    return merge_topk(parts, n_candidates)
+
+
+def search_work(graphs, Q, n_candidates, ef_of, codebooks, inner_product, n_threads):
+    """(distance computations per query (nq,) int64, summed over the
+    graphs, the widest beam used) of a :func:`search_graphs` of Q, one
+    beam per graph (no second search of short beams)."""
+    cbt = codebooks_t(codebooks)
+    total = np.zeros(Q.shape[0], np.int64)
+    for graph, deleted, live in graphs:
+        n_out = min(n_candidates, live)
+        _, _, n_dist = search(graph, deleted, Q, n_out,
+                              ef_of(n_out, graph["codes_"].shape[0]), codebooks,
+                              inner_product, n_threads, cbt=cbt)
+        total += n_dist
+    ef = max([ef_of(n_candidates, g["codes_"].shape[0]) for g, _, _ in graphs], default=1)
+    return total, ef
+
+
 def search_blocked(graphs, blocked, Q, n_candidates, ef_of, codebooks, inner_product,
                    n_threads):
     """Filtered beam search of several graphs, blocked nodes walked through.

@@ -14,7 +14,7 @@ from ._graph import (GRAPH_ATTRS, MAX_LINKS, SEARCH_ATTRS, SEGMENT_ARRAYS, Buffe
                      empty_graph, level0_parents, segment_graph, trimmed)
 from ._segments import (DEFAULT_SEGMENT_SIZE, NO_ID, NO_TOMBSTONES,
                         SEGMENT_PARAMETER_CONSTRAINTS, Segment, SegmentWritesMixin,
-                        merge_topk, positions)
+                        positions)
 from ._store import FitRows
 from ._base import BasePQNeighbors
 from ._checks import check_float_array, check_n_neighbors, require
@@ -758,38 +758,12 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
         """The growing graph as ``_graphs`` gives it (no parent tree)."""
         return {a: getattr(self, a) for a in SEARCH_ATTRS}
 
-    def _codebooks_t(self):
-        """The codebooks as the search kernel reads them: (m, ds, k) float32."""
-        return _graph.codebooks_t(self.codebooks_)
-
-    def _graph_search(self, graph, deleted, Q, n_out, n_threads, ef=None,
-                      from_entry=False, cbt=None, deleted_stride=0):
-        """(dist float32, node int64, distance computations per query) of
-        one graph (see ``_graph.search``); nodes are positions in that
-        graph, ``ef`` is ``_ef`` by default."""
-        ef = self._ef(n_out, graph["codes_"].shape[0]) if ef is None else ef
-        return _graph.search(graph, deleted, Q, n_out, ef, self.codebooks_,
-                             self._inner_product, n_threads, from_entry=from_entry,
-                             cbt=self._codebooks_t() if cbt is None else cbt,
-                             deleted_stride=deleted_stride)
-
     def _search(self, Q, n_candidates, n_threads, ranking_only=False, blocked=None):
         if blocked is not None:
             return self._search_blocked(Q, n_candidates, n_threads, blocked)
-        # Fan out: each graph gives its best min(n_candidates, its live
-        # nodes), mapped to ids; merge_topk keeps the best n_candidates.
-        parts = []
-        cbt = self._codebooks_t()
-        Q = np.ascontiguousarray(Q, dtype=np.float32)
-        for graph, deleted, live in self._graphs():
-            n_out = min(n_candidates, live)
-            dist, ind = _graph.search_complete(
-                graph, deleted, Q, n_out, self._ef(n_out, graph["codes_"].shape[0]),
-                self.codebooks_, self._inner_product, n_threads, cbt=cbt)
-            if graph["ids_"] is not None:
-                ind = graph["ids_"][ind]
-            parts.append((dist, ind))
-        return merge_topk(parts, n_candidates)
+        return _graph.search_graphs(self._graphs(), np.ascontiguousarray(Q, dtype=np.float32),
+                                    n_candidates, self._ef, self.codebooks_,
+                                    self._inner_product, n_threads)
 
     def _search_blocked(self, Q, n_candidates, n_threads, blocked):
         """Filtered ``_search``: ``blocked`` (by id, removed ones included)
@@ -853,15 +827,10 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
         Q = self._rotate(self._validate_queries(X))
         n_threads = effective_n_threads(self.n_jobs)
         with index_lock(self).read():
-            n_out = self._n_candidates(n_neighbors)
-            total = np.zeros(Q.shape[0], np.int64)
             graphs = self._graphs()
-            for graph, deleted, live in graphs:
-                _, _, n_dist = self._graph_search(graph, deleted, Q, min(n_out, live),
-                                                  n_threads)
-                total += n_dist
-            ef = max([self._ef(n_out, g["codes_"].shape[0]) for g, _, _ in graphs],
-                     default=1)
+            total, ef = _graph.search_work(graphs, Q, self._n_candidates(n_neighbors),
+                                           self._ef, self.codebooks_, self._inner_product,
+                                           n_threads)
         return {"distance_computations": float(total.mean()), "ef": ef,
                 "n_graphs": len(graphs)}
 
