@@ -169,6 +169,10 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
         all), which replaces the tombstones: the kernels skip those ids."""
         raise NotImplementedError
 
+    def _after_append(self):
+        """Run by ``partial_fit`` once the rows are published (writer mutex
+        held, not the RWLock); see ``SegmentWritesMixin``."""
+
     def _decode_parts(self):
         """[(ids, decode(positions) -> rows)]: where each indexed point's
         code lives (see :func:`pqsk._store.decoded_chunks`)."""
@@ -360,12 +364,13 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
             return self.fit(X)
         self._check_params_at_call()
         n_threads = effective_n_threads(self.n_jobs)
-        with index_writer(self), index_lock(self).write(), restore_on_error(self), \
-                openmp_region(n_threads):
-            rows = self._validate_rows(X, reset=False)
-            if self._tier is not None:
-                self._tier.check(rows)  # before any piece of an append is added
-            self._add_rows(rows, n_threads, Progress(self.verbose, type(self).__name__))
+        with index_writer(self):
+            with index_lock(self).write(), restore_on_error(self), openmp_region(n_threads):
+                rows = self._validate_rows(X, reset=False)
+                if self._tier is not None:
+                    self._tier.check(rows)  # before any piece of an append is added
+                self._add_rows(rows, n_threads, Progress(self.verbose, type(self).__name__))
+            self._after_append()
         if rows.shape[0] > rows.chunk_rows():
             release_memory()  # after a chunked pass; not after every small batch
         return self
