@@ -47,7 +47,7 @@ from ._checks import (
 from ._filter import check_filter
 from ._radius import RadiusNeighborsMixin
 from ._runtime import index_lock, index_writer, runtime
-from ._store import FitRows, RowStore, chunk_slices, rows_per_chunk
+from ._store import FitRows, RowStore, chunk_slices, decoded_chunks, rows_per_chunk
 from ._training import RefineMixin
 from ._utils import (
     Progress,
@@ -169,9 +169,20 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
         all), which replaces the tombstones: the kernels skip those ids."""
         raise NotImplementedError
 
+    def _after_append(self):
+        """Run by ``partial_fit`` once the rows are published (writer mutex
+        held, not the RWLock); see ``SegmentWritesMixin``."""
+
+    def _decode_parts(self):
+        """[(ids, decode(positions) -> rows)]: where each indexed point's
+        code lives (see :func:`pqsk._store.decoded_chunks`)."""
+        raise NotImplementedError
+
     def _reconstruct(self):
         """Decoded vectors of every indexed point, in id order."""
-        raise NotImplementedError
+        n, d = self.n_samples_fit_, self.n_features_in_
+        return next(decoded_chunks(self._decode_parts(), n, d, self._fit_dtype_, max(n, 1)),
+                    (None, np.zeros((0, d), self._fit_dtype_)))[1]
 
     def _fitted_values(self):
         """{parameter: the value the fitted index was built with} for the
@@ -353,12 +364,13 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
             return self.fit(X)
         self._check_params_at_call()
         n_threads = effective_n_threads(self.n_jobs)
-        with index_writer(self), index_lock(self).write(), restore_on_error(self), \
-                openmp_region(n_threads):
-            rows = self._validate_rows(X, reset=False)
-            if self._tier is not None:
-                self._tier.check(rows)  # before any piece of an append is added
-            self._add_rows(rows, n_threads, Progress(self.verbose, type(self).__name__))
+        with index_writer(self):
+            with index_lock(self).write(), restore_on_error(self), openmp_region(n_threads):
+                rows = self._validate_rows(X, reset=False)
+                if self._tier is not None:
+                    self._tier.check(rows)  # before any piece of an append is added
+                self._add_rows(rows, n_threads, Progress(self.verbose, type(self).__name__))
+            self._after_append()
         if rows.shape[0] > rows.chunk_rows():
             release_memory()  # after a chunked pass; not after every small batch
         return self
@@ -627,21 +639,22 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
         """(slice, query vectors) pairs standing for the indexed points (for
         X=None), in id order: the raw vectors when kept (normalised for
         cosine), a chunk at a time, so that a memory-mapped store is never
-        read whole into memory; else the reconstructions, all at once
-        (n_samples_fit x n_features), rotated back to the input space
-        (``x_hat @ rotation_.T``) as ``_search_refined`` rotates them."""
+        read whole into memory; else the reconstructions, a chunk of ids at
+        a time too, rotated back to the input space (``x_hat @ rotation_.T``)
+        as ``_search_refined`` rotates them."""
         n = self.n_samples_fit_
         tier = self._tier
+        step = rows_per_chunk(self.n_features_in_ * np.dtype(self._fit_dtype_).itemsize)
         if self.vectors_ is not None or tier is not None:
-            step = rows_per_chunk(self.n_features_in_ * np.dtype(self._fit_dtype_).itemsize)
             for sl in chunk_slices(n, step):
                 rows = (self.vectors_[sl] if tier is None else
                         tier.take(np.arange(sl.start, sl.stop), self._fit_dtype_))
                 yield sl, self._prepare(rows)
             return
-        X_hat = self._reconstruct()
         R = self._rotation
-        yield slice(0, n), X_hat if R is None else np.ascontiguousarray(X_hat @ R.T)
+        for sl, X_hat in decoded_chunks(self._decode_parts(), n, self.n_features_in_,
+                                        self._fit_dtype_, step):
+            yield sl, X_hat if R is None else np.ascontiguousarray(X_hat @ R.T)
 
     def _finish_distances(self, raw):
         if self.effective_metric_ == "euclidean":

@@ -791,17 +791,17 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
             dist[rows], ind[rows] = d, i
         return dist, ind
 
-    def _reconstruct(self):
-        d = self.n_features_in_
-        if not self.segments_ and self.ids_ is None:
-            return _quantizer.decode(self.codes_, self.codebooks_, d)
-        out = np.zeros((self.n_samples_fit_, d), self.codebooks_.dtype)
-        for seg in self.segments_:
-            out[seg["ids"]] = _quantizer.decode(seg["codes"], self.codebooks_, d)
+    def _decode_parts(self):
+        def part(codes, ids):
+            return ids, lambda pos: _quantizer.decode(codes[pos], self.codebooks_,
+                                                      self.n_features_in_)
+        parts = [part(seg["codes"], seg["ids"]) for seg in self.segments_]
         if self.codes_.shape[0]:
-            ids = np.arange(self.codes_.shape[0]) if self.ids_ is None else self.ids_
-            out[ids] = _quantizer.decode(self.codes_, self.codebooks_, d)
-        return out
+            ids = self.ids_
+            if ids is None and self.segments_:
+                ids = np.arange(self.codes_.shape[0])
+            parts.append(part(self.codes_, ids))  # None: entry i is id i
+        return parts
 
     def search_stats(self, X, n_neighbors=None):
         """Work done per query by a search of X (no results returned).

@@ -843,15 +843,9 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
             dist += 2
         return dist, ind
 
-    def _reconstruct(self):
-        X_hat = np.zeros((self.n_samples_fit_, self.n_features_in_), dtype=self._fit_dtype_)
-        parts = [(_lists.segment_codes(s, self._m()), s["ids"],
-                  _lists.segment_lists(s, self.n_lists_)) for s in self.segments_]
-        parts.append((self.growing_codes_, self.growing_ids_, self.growing_lists_))
-        for codes, ids, lists in parts:
-            X_hat[ids] = (self.cluster_centers_[lists]
-                          + _quantizer.decode(codes, self.codebooks_, self.n_features_in_))
-        return X_hat
+    def _decode_parts(self):
+        return ([_lists.decode_part(s, self) for s in self.segments_]
+                + [_lists.decode_part(None, self)])
 
     def _memory_parts(self):
         return (

@@ -86,6 +86,27 @@ def segment_codes(seg, m=None):
                                     m)
 
 
+def decode_part(seg, est):
+    """(ids, decode(positions) -> rows) of an IVF segment, or of the
+    growing part of ``est`` when ``seg`` is None: centroid of the entry's
+    list plus its decoded residual (see :func:`pqsk._store.decoded_chunks`).
+    A packed segment is unpacked once, on the first chunk that needs it."""
+    d = est.n_features_in_
+    if seg is None:
+        codes, lists, ids = est.growing_codes_, est.growing_lists_, est.growing_ids_
+        return ids, lambda pos: (est.cluster_centers_[lists[pos]]
+                                 + _quantizer.decode(codes[pos], est.codebooks_, d))
+    unpacked = []
+
+    def decode(pos):
+        if not unpacked:
+            unpacked.append(segment_codes(seg, est.codebooks_.shape[0]))
+        lists = np.searchsorted(seg["list_offsets"], pos, side="right") - 1
+        return (est.cluster_centers_[lists]
+                + _quantizer.decode(unpacked[0][pos], est.codebooks_, d))
+    return seg["ids"], decode
+
+
 def segment_lists(seg, n_lists):
     """The list of each entry of a segment, in entry order: (n_s,) int32."""
     return np.repeat(np.arange(n_lists, dtype=np.int32), np.diff(seg["list_offsets"]))

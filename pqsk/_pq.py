@@ -702,8 +702,9 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
             Q, self.codebooks_, self.codes_, n_candidates, self._inner_product, n_threads,
             blocked=blocked)
 
-    def _reconstruct(self):
-        return _quantizer.decode(self.codes_, self.codebooks_, self.n_features_in_)
+    def _decode_parts(self):
+        return [(None, lambda pos: _quantizer.decode(self.codes_[pos], self.codebooks_,
+                                                     self.n_features_in_))]
 
     def _n_stored(self):
         return self.n_samples_fit_ if self._packed else self.codes_.shape[0]

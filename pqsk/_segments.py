@@ -444,6 +444,20 @@ class SegmentWritesMixin:
                 f"({type(e).__name__}: {e}); call compact() to retry.",
                 RuntimeWarning)
 
+    def _after_append(self):
+        """Run by ``partial_fit`` once the rows are published: a segment
+        sealed past ``COMPACT_SHARE`` removed entries (an HNSW growing graph
+        keeps its removed nodes) is compacted now, not at the next
+        ``remove``; a failure is reported as by ``_after_remove``."""
+        try:
+            for seg in self._segments_past(COMPACT_SHARE):
+                self._compact_segment(seg)
+        except Exception as e:  # noqa: BLE001 - reported as a warning
+            warnings.warn(
+                f"the rows are added, but compacting a segment failed "
+                f"({type(e).__name__}: {e}); call compact() to retry.",
+                RuntimeWarning)
+
     def _growing_past_share(self):
         # By default only ``compact`` rewrites the growing part.
         return False

@@ -40,6 +40,28 @@ def chunk_slices(n, rows):
         yield slice(start, min(n, start + rows))
 
 
+def decoded_chunks(parts, n, d, dtype, step):
+    """(slice, rows) pairs of decoded points in id order, ``step`` ids at
+    a time, so that memory grows with ``step`` and not with ``n``.
+
+    ``parts``: list of ``(ids, decode)``: ``ids`` the (n_p,) int ids of
+    the part's entries (None: entry i is id i), ``decode(positions)`` the
+    (len(positions), d) rows of those entries.  Ids held by no part
+    (removed from a graph) are rows of zeros."""
+    for sl in chunk_slices(n, step):
+        out = np.zeros((sl.stop - sl.start, d), dtype)
+        for ids, decode in parts:
+            if ids is None:
+                pos = np.arange(sl.start, sl.stop)
+                if pos.size:
+                    out[:] = decode(pos)
+                continue
+            pos = np.flatnonzero((ids >= sl.start) & (ids < sl.stop))
+            if pos.size:
+                out[np.asarray(ids[pos], np.intp) - sl.start] = decode(pos)
+        yield sl, out
+
+
 def is_file_backed(a):
     """Whether the ndarray ``a`` views memory mapped from a file (an
     ``np.memmap``, ``np.load(..., mmap_mode=...)``, or a view of one)."""
