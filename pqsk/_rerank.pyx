@@ -224,21 +224,36 @@ cdef inline floating compact_distance(const floating* q,
     cdef double dot = 0, nrm = 0, acc = 0, t, n, x
     cdef const uint16_t* h = <const uint16_t*> row
     cdef const uint8_t* c = <const uint8_t*> row
-    # One loop per row type (the test is out of the loop).
+    # One loop per row type and per needed sum (the tests are out of the
+    # loops): plain L2 needs only acc, plain inner product only dot, unit_norm
+    # dot and nrm.  Each sum is accumulated as before (same bits).
     if is_int8:
-        for j in range(d):
-            x = <double> offset[j] + <double> scale[j] * c[j]
-            dot += <double> q[j] * x
-            nrm += x * x
-            t = <double> q[j] - x
-            acc += t * t
+        if unit_norm:
+            for j in range(d):
+                x = <double> offset[j] + <double> scale[j] * c[j]
+                dot += <double> q[j] * x
+                nrm += x * x
+        elif inner_product:
+            for j in range(d):
+                x = <double> offset[j] + <double> scale[j] * c[j]
+                dot += <double> q[j] * x
+        else:
+            for j in range(d):
+                t = <double> q[j] - (<double> offset[j] + <double> scale[j] * c[j])
+                acc += t * t
     else:
-        for j in range(d):
-            x = half_to_double(h[j])
-            dot += <double> q[j] * x
-            nrm += x * x
-            t = <double> q[j] - x
-            acc += t * t
+        if unit_norm:
+            for j in range(d):
+                x = half_to_double(h[j])
+                dot += <double> q[j] * x
+                nrm += x * x
+        elif inner_product:
+            for j in range(d):
+                dot += <double> q[j] * half_to_double(h[j])
+        else:
+            for j in range(d):
+                t = <double> q[j] - half_to_double(h[j])
+                acc += t * t
     if not unit_norm:
         return <floating> (-dot if inner_product else acc)
     n = sqrt(nrm)
