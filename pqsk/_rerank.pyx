@@ -25,9 +25,10 @@ distance.  Ids outside ``[0, n_rows)`` (empty slots) are scored +inf.
 ``compact_rerank`` does the same from a compact re-ranking tier (see
 :mod:`pqsk._reorder`): rows of float16 values (their bits, uint16) or of
 uint8 codes, decoded on the fly, element j of an int8 row being
-``offset[j] + scale[j] * code[j]``; the distance is then computed in
-double exactly as for raw rows.  The naive version is
-``pqsk._naive.compact_rerank``.
+``offset[j] + scale[j] * code[j]``; the scalar path computes the distance
+in double exactly as for raw rows, the AVX2 path (``TIER_ISA``, float32
+queries; C in ``_rerank_impl.h``) sums in float32 lanes.  The naive version
+is ``pqsk._naive.compact_rerank``.
 """
 
 cimport cython
