@@ -122,6 +122,73 @@ def test_compact_rerank_matches_the_oracle(kind, dtype, metric, n_threads):
         assert np.all(err <= 1e-3 * (1 + np.abs(X).max(axis=0)))
 
 
+def compact_check(kind, d, metric, n_threads, seed=0):
+    """compact_rerank on the path in use (pqsk._rerank.TIER_ISA) against the
+    oracle, float32 queries: distances to float32 rounding (see the kernel
+    docstring), ids equal except near-ties, empty slots and an empty row."""
+    r = np.random.RandomState(seed)
+    X = (r.randn(200, d) * (1 + 3 * r.rand(d))).astype(np.float32)
+    X[5] = 0
+    tier = tier_of(kind, X, [60, 61])
+    Q = r.randn(12, d).astype(np.float32)
+    cand = np.stack([r.choice(200, 40, replace=False) for _ in range(12)]).astype(np.int64)
+    cand[1, -5:] = EMPTY
+    cand[2, :] = EMPTY
+    cand[3, 0] = 200
+    ip, unit = metric == "dot", metric == "cosine"
+    dist, idx = tier.rerank(Q, cand, 10, ip, unit_norm=unit, n_threads=n_threads)
+    d_ref, i_ref = _naive.compact_rerank(Q.astype(np.float64), np.asarray(tier.rows), cand,
+                                         10, ip, unit, tier.offset, tier.scale)
+    fin = np.isfinite(d_ref)
+    assert np.array_equal(np.isfinite(dist), fin)
+    tol = 2e-5 * (1 + np.abs(d_ref[fin]).max())
+    np.testing.assert_allclose(dist[fin], d_ref[fin], rtol=1e-5, atol=tol)
+    for q in range(12):
+        gaps = np.diff(d_ref[q][fin[q]])
+        if np.all(gaps > 4 * tol):
+            np.testing.assert_array_equal(idx[q], i_ref[q])
+    assert np.all(idx[2] == EMPTY) and np.all(np.isinf(dist[2]))
+
+
+@pytest.mark.parametrize("kind", ["float16", "int8"])
+@pytest.mark.parametrize("d", [1, 7, 8, 50, 129])
+@pytest.mark.parametrize("metric", ["l2", "dot", "cosine"])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_compact_rerank_every_path_matches_the_oracle(kind, d, metric, n_threads):
+    from pqsk import _rerank
+    before = _rerank.TIER_ISA
+    try:
+        for isa in _rerank.tier_isas():
+            _rerank.set_tier_isa(isa)
+            compact_check(kind, d, metric, n_threads)
+    finally:
+        _rerank.set_tier_isa(before)
+
+
+def test_compact_rerank_scalar_forced_by_pqsk_simd():
+    import os
+    import subprocess
+    import sys
+    code = ("import sys; sys.path.insert(0, {!r}); import pqsk._rerank as r; "
+            "assert r.TIER_ISA == 'scalar', r.TIER_ISA; from test_reorder import compact_check\n"
+            "for kind in ('float16', 'int8'):\n"
+            " for d in (1, 7, 8, 50, 129):\n"
+            "  for metric in ('l2', 'dot', 'cosine'):\n"
+            "   for nt in (1, 2): compact_check(kind, d, metric, nt)\n"
+            "print('ok')").format(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PQSK_SIMD="scalar")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_tier_isa_is_exposed():
+    from pqsk import _rerank
+    assert _rerank.TIER_ISA in _rerank.tier_isas()
+    with pytest.raises(ValueError, match="unknown instruction set"):
+        _rerank.set_tier_isa("neon")
+
+
 def test_compact_tiers_encode_decode_and_refuse():
     from pqsk._store import FitRows
     X = np.array([[0.0, 1.0], [255.0, 1.0], [10.0, 1.0]], dtype=np.float32)
