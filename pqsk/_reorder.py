@@ -36,21 +36,29 @@ def exact_rerank(Q, vectors, cand, n_neighbors, inner_product=False, unit_norm=F
     # caller passing such an array pays).
     parts = [p if (p.dtype == dtype and p.flags.c_contiguous) else
              np.ascontiguousarray(p, dtype=dtype) for p in parts if p.shape[0]]
+    part_ptr, part_start, cand, out, nt = _kernel_args(parts, Q.shape[1], dtype, cand,
+                                                       n_neighbors, dtype, n_threads)
+    _rerank.exact_rerank(np.ascontiguousarray(Q, dtype=dtype), part_ptr, part_start, cand,
+                         bool(unit_norm), bool(inner_product), *out, nt)
+    return out[0], out[1]
+
+
+def _kernel_args(parts, d, part_dtype, cand, n_neighbors, dtype, n_threads):
+    """What the re-rank kernels take besides the queries: the row parts'
+    addresses and first rows (an empty part when there is none), the
+    candidates as C-contiguous int64, the outputs and per-thread heaps
+    ((dist, idx, heap_d, heap_i), of ``dtype``), and the thread count."""
     if not parts:
-        parts = [np.empty((0, Q.shape[1]), dtype=dtype)]
+        parts = [np.empty((0, d), dtype=part_dtype)]
     part_ptr = np.array([p.ctypes.data for p in parts], dtype=np.uintp)
     part_start = np.zeros(len(parts) + 1, dtype=np.int64)
     np.cumsum([p.shape[0] for p in parts], out=part_start[1:])
     cand = np.ascontiguousarray(cand, dtype=np.int64)
     nq = cand.shape[0]
     nt = max(1, n_threads)
-    dist = np.empty((nq, n_neighbors), dtype=dtype)
-    idx = np.empty((nq, n_neighbors), dtype=np.int64)
-    _rerank.exact_rerank(np.ascontiguousarray(Q, dtype=dtype), part_ptr, part_start, cand,
-                         bool(unit_norm), bool(inner_product), dist, idx,
-                         scratch(nt, n_neighbors, dtype), scratch(nt, n_neighbors, np.int64),
-                         nt)
-    return dist, idx
+    out = (np.empty((nq, n_neighbors), dtype=dtype), np.empty((nq, n_neighbors), dtype=np.int64),
+           scratch(nt, n_neighbors, dtype), scratch(nt, n_neighbors, np.int64))
+    return part_ptr, part_start, cand, out, nt
 
 
 # -- compact re-ranking tiers ---------------------------------------------------
@@ -213,24 +221,13 @@ class RefineTier:
         ``pqsk._rerank.compact_rerank`` decodes each candidate row as it
         scores it).  Same arguments and results; distances in Q's dtype.
         The naive version is :func:`pqsk._naive.compact_rerank`."""
-        dtype = Q.dtype
         parts = [p for p in self.rows.chunks if p.shape[0]]
-        if not parts:
-            parts = [np.empty((0, Q.shape[1]), dtype=self.rows.dtype)]
-        part_ptr = np.array([p.ctypes.data for p in parts], dtype=np.uintp)
-        part_start = np.zeros(len(parts) + 1, dtype=np.int64)
-        np.cumsum([p.shape[0] for p in parts], out=part_start[1:])
-        cand = np.ascontiguousarray(cand, dtype=np.int64)
-        nq = cand.shape[0]
-        nt = max(1, n_threads)
-        dist = np.empty((nq, n_neighbors), dtype=dtype)
-        idx = np.empty((nq, n_neighbors), dtype=np.int64)
+        part_ptr, part_start, cand, out, nt = _kernel_args(
+            parts, Q.shape[1], self.rows.dtype, cand, n_neighbors, Q.dtype, n_threads)
         none = np.empty(0, dtype=np.float32)
         is_int8 = self.kind == "int8"
         _rerank.compact_rerank(np.ascontiguousarray(Q), part_ptr, part_start, is_int8,
                                self.offset if is_int8 else none,
                                self.scale if is_int8 else none,
-                               cand, bool(unit_norm), bool(inner_product), dist, idx,
-                               scratch(nt, n_neighbors, dtype),
-                               scratch(nt, n_neighbors, np.int64), nt)
-        return dist, idx
+                               cand, bool(unit_norm), bool(inner_product), *out, nt)
+        return out[0], out[1]
