@@ -622,17 +622,7 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
         dist, ind = self._search(self._rotate(Q), self._n_candidates(n_neighbors), n_threads,
                                  ranking_only=self.refine_factor > 0, **kw)
         if self.refine_factor > 0:
-            tier = self._tier
-            if tier is not None:  # decoded row by row in the kernel
-                return tier.rerank(Q, ind, n_neighbors, self._inner_product,
-                                   unit_norm=self.effective_metric_ == "cosine",
-                                   n_threads=n_threads)
-            # Only the candidate rows are read from the row store; stored
-            # rows are raw, so cosine normalises them here.
-            return _reorder.exact_rerank(Q, self.vectors_, ind, n_neighbors,
-                                           self._inner_product,
-                                           unit_norm=self.effective_metric_ == "cosine",
-                                           n_threads=n_threads)
+            return _reorder.rerank_candidates(self, Q, dist, ind, n_neighbors, n_threads)
         return dist.astype(self._fit_dtype_, copy=False), ind
 
     def _self_queries(self):

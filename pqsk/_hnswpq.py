@@ -82,7 +82,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
         (``effective_metric_``).
         As in :class:`PQNeighbors`.
     refine_factor : int, default=10
-        If positive, the raw vectors are kept and the best
+        If positive, the raw vectors are kept and up to
         ``max(refine_factor * n_neighbors, ef_search)`` ADC candidates of
         the beam are re-ranked by exact distance.  The default costs
         ``4 * n_features`` bytes per vector (none for a memmap, kept by

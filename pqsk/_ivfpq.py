@@ -81,8 +81,8 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
     refine_factor : int, default=10
         If positive, the raw vectors are kept too (``4 * n_features`` more
         bytes per vector in float32, in memory, or on disk when X is a
-        memmap: see Notes); ``refine_factor * n_neighbors`` candidates are
-        fetched by ADC and re-ranked by exact distance, so the returned
+        memmap: see Notes); up to ``refine_factor * n_neighbors`` ADC
+        candidates are re-ranked by exact distance, so the returned
         distances are exact.  0 keeps only codes.  By default the index
         holds ``ceil(n_features / 2) + 4`` bytes per vector (codes and
         int32 ids) plus the raw vectors.

@@ -385,9 +385,9 @@ class PQNeighbors(IndexIOMixin, PQParamsMixin, BasePQNeighbors):
         ``1 - cos(q, x)`` when x_hat = x); ``"dot"`` returns ``-<q, x_hat>``
         (maximum inner product).
     refine_factor : int, default=10
-        If positive, the raw vectors are kept too and ``refine_factor *
-        n_neighbors`` ADC candidates are re-ranked by exact distance, so
-        the returned distances are exact.  0 keeps only codes.  Cost of the
+        If positive, the raw vectors are kept too and up to ``refine_factor
+        * n_neighbors`` ADC candidates are re-ranked by exact distance (those
+        that can still enter the top k), so the returned distances are exact.  0 keeps only codes.  Cost of the
         default: ``4 * n_features`` bytes per vector for the float32 raw
         vectors (none for a memmap, kept by reference), beside the
         ``ceil(n_features / 2)`` bytes of codes, and 15-25% of the

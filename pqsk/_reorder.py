@@ -231,3 +231,171 @@ class RefineTier:
                                self.scale if is_int8 else none,
                                cand, bool(unit_norm), bool(inner_product), *out, nt)
         return out[0], out[1]
+
+
+# -- bounded re-ranking ------------------------------------------------------------
+#
+# ``refine_factor * n_neighbors`` is how many candidates a query may re-rank,
+# not how many it must.  The candidates arrive sorted by their approximate
+# (code) distance ``a``; their exact distance ``e`` is at least ``a - slack``
+# (squared distances: ``sqrt(e) >= sqrt(a) - slack``, as the error of a code
+# moves a point by at most its reconstruction error, whatever the distance;
+# inner products: ``e >= a - slack``), where ``slack`` bounds how much the
+# codes overestimate a distance.  Once the k best exact distances of the
+# first candidates are known (their k-th is ``D``), a candidate beyond
+# ``D`` plus the slack cannot enter the top k, and neither can any after it.  ``slack`` is calibrated per index and search
+# setting (see :func:`calibrated_slack`) and raised per query to the largest
+# overestimate seen among that query's own re-ranked neighbours.
+
+SLACK_QUANTILE = 0.999   # of the calibration pairs' overestimates ...
+SLACK_SAFETY = 1.25      # ... times this
+N_PSEUDO_QUERIES = 128   # stored rows searched as queries to calibrate
+MIN_PAIRS = 2000         # fewer calibration pairs: no bound (re-rank all)
+
+
+def rerank_candidates(est, Q, approx, cand, n_neighbors, n_threads=1):
+    """The reorder stage of a fitted estimator: exact (or tier) distances of
+    the candidates worth re-ranking, best ``n_neighbors`` kept.
+
+    ``Q`` (nq, D): prepared, unrotated queries; ``approx``, ``cand`` (nq,
+    n_cand): the scorers' distances and ids, rows sorted by (distance, id),
+    empty slots (+inf, INT64_MAX).  With more than ``2 * n_neighbors``
+    candidates, the first ``2 * n_neighbors`` are re-ranked, then only those
+    of the rest whose approximate distance is within the slack of the k-th
+    exact distance found (see the comment above).  Returns (dist, idx) as
+    :func:`exact_rerank`; adds the rows re-ranked to the estimator's
+    runtime counter (``pqsk._runtime.runtime(est).rerank_rows``).
+    """
+    from ._runtime import runtime
+
+    def score(C, n_out):
+        return _rerank_rows(est, Q_sub[0], C, n_out, n_threads)
+
+    nq, n_cand = cand.shape
+    first = 2 * n_neighbors
+    state = runtime(est)
+    Q_sub = [Q]
+    if n_cand <= first or nq == 0:
+        state.rerank_rows += int(np.count_nonzero(cand != _NO_ID))
+        return score(cand, n_neighbors)
+    dist, idx = score(cand[:, :first], n_neighbors)
+    ip = est._inner_product
+    slack = query_slack(approx[:, :first], cand[:, :first], dist, idx,
+                        calibrated_slack(est, n_threads), ip)
+    kth = dist[:, -1].astype(np.float64)
+    limit = kth + slack if ip else (np.sqrt(np.maximum(kth, 0)) + slack) ** 2
+    # Candidates past the first whose approximate distance is within the
+    # limit: a prefix of each row, as rows are sorted.
+    rest = approx[:, first:]
+    n_more = np.sum(rest <= limit[:, None], axis=1)
+    n_more[~np.isfinite(kth)] = rest.shape[1]   # fewer than k found: no bound
+    state.rerank_rows += int(np.count_nonzero(cand[:, :first] != _NO_ID))
+    todo = np.flatnonzero(n_more)
+    if todo.size == 0:
+        return dist, idx
+    width = int(n_more[todo].max())
+    more = cand[todo, first:first + width].copy()
+    more[np.arange(width)[None, :] >= n_more[todo, None]] = _NO_ID
+    state.rerank_rows += int(np.count_nonzero(more != _NO_ID))
+    Q_sub[0] = Q[todo]
+    d2, i2 = score(more, n_neighbors)
+    dist[todo], idx[todo] = _merge_sorted(dist[todo], idx[todo], d2, i2, n_neighbors)
+    return dist, idx
+
+
+_NO_ID = np.iinfo(np.int64).max
+
+
+def _rerank_rows(est, Q, cand, n_out, n_threads):
+    """Exact distances of ``cand`` against the estimator's re-ranking
+    source: its compact tier, else its raw rows."""
+    unit = est.effective_metric_ == "cosine"
+    tier = est._tier
+    if tier is not None:  # decoded row by row in the kernel
+        return tier.rerank(Q, cand, n_out, est._inner_product, unit_norm=unit,
+                           n_threads=n_threads)
+    # Only the candidate rows are read from the row store; stored rows are
+    # raw, so cosine normalises them here.
+    return exact_rerank(Q, est.vectors_, cand, n_out, est._inner_product, unit_norm=unit,
+                        n_threads=n_threads)
+
+
+def _merge_sorted(d1, i1, d2, i2, k):
+    """The k best of two (distance, id) row sets, rows sorted by (distance, id)."""
+    d = np.concatenate([d1, d2], axis=1)
+    i = np.concatenate([i1, i2], axis=1)
+    order = np.lexsort((i, d), axis=1)[:, :k]
+    return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+
+
+def _domain(d, inner_product):
+    """Distances where the slack is additive: inner products as they are,
+    squared distances as their square roots (float64)."""
+    d = np.asarray(d, dtype=np.float64)
+    return d if inner_product else np.sqrt(np.maximum(d, 0))
+
+
+def query_slack(approx, cand, dist, idx, slack, inner_product):
+    """Per query: ``slack``, raised to the largest overestimate (approximate
+    minus exact distance, in :func:`_domain`) among its re-ranked neighbours
+    ``idx`` found in ``cand`` (float64, shape (nq,))."""
+    hit = cand[:, None, :] == idx[:, :, None]            # (nq, k, n_first)
+    a = np.where(hit, approx[:, None, :].astype(np.float64), -np.inf).max(axis=2)
+    ok = np.isfinite(a) & np.isfinite(dist)
+    over = np.where(ok, _domain(np.where(ok, a, 0), inner_product)
+                    - _domain(np.where(ok, dist, 0), inner_product), -np.inf)
+    return np.maximum(over.max(axis=1), slack)
+
+
+def calibrated_slack(est, n_threads=1):
+    """How much the codes may overestimate a distance at the estimator's
+    current search setting: the ``SLACK_QUANTILE`` quantile of (approximate
+    - exact) distance over the candidates of ``N_PSEUDO_QUERIES`` stored rows
+    searched as queries (their own ids left out), times ``SLACK_SAFETY``.
+    Cached per fitted state and setting in the estimator's runtime state;
+    +inf (no bound: every candidate is re-ranked) when there are fewer than
+    ``MIN_PAIRS`` pairs to estimate it from (a small index, or few
+    candidates)."""
+    from ._runtime import runtime
+
+    state = runtime(est)
+    key = (id(est.codebooks_), est.n_samples_fit_, est.n_removed_,
+           tuple(repr(getattr(est, n, None)) for n in est._search_params))
+    cached = state.rerank_slack
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    slack = _calibrate(est, n_threads)
+    state.rerank_slack = (key, slack)
+    return slack
+
+
+def _calibrate(est, n_threads):
+    n = est.n_samples_fit_
+    removed = np.asarray(est.removed_[:n], dtype=bool) if est.n_removed_ else None
+    live = np.arange(n) if removed is None else np.flatnonzero(~removed)
+    k = est.n_neighbors
+    if live.size <= 4 * k:
+        return np.inf
+    rng = np.random.RandomState(0)
+    ids = np.sort(rng.choice(live, min(N_PSEUDO_QUERIES, live.size), replace=False))
+    tier = est._tier
+    rows = (tier.take(ids, est._fit_dtype_) if tier is not None
+            else np.asarray(est.vectors_[ids], dtype=est._fit_dtype_))
+    P = est._prepare(rows)
+    n_cand = est._n_candidates(k)
+    approx, cand = est._search(est._rotate(P), n_cand, n_threads, ranking_only=True)
+    cand = np.where(cand == ids[:, None], _NO_ID, cand)   # not the query itself
+    exact, eids = _rerank_rows(est, P, cand, n_cand, n_threads)
+    # the exact distance of each candidate, found by id in its row
+    order = np.argsort(eids, axis=1, kind="stable")
+    eids, exact = np.take_along_axis(eids, order, 1), np.take_along_axis(exact, order, 1)
+    pos = np.minimum(np.stack([np.searchsorted(e, c) for e, c in zip(eids, cand)]),
+                     eids.shape[1] - 1)
+    found = np.take_along_axis(eids, pos, 1) == cand
+    e = np.take_along_axis(exact, pos, 1).astype(np.float64)
+    a = approx.astype(np.float64)
+    ok = found & np.isfinite(a) & np.isfinite(e) & (cand != _NO_ID)
+    over = _domain(a[ok], est._inner_product) - _domain(e[ok], est._inner_product)
+    if over.size < MIN_PAIRS:
+        return np.inf
+    return SLACK_SAFETY * float(max(0.0, np.quantile(over, SLACK_QUANTILE)))

@@ -90,6 +90,12 @@ class Runtime:
     assembled : tuple or None
         IVF: (``segments_``, (codes, ids, list offsets)), the sealed
         segments as one sorted index (``codes_``, ``ids_``...).
+    rerank_slack : tuple or None
+        (key, slack): the calibrated slack of bounded re-ranking for one
+        fitted state and search setting (see :mod:`pqsk._reorder`).
+    rerank_rows : int
+        How many candidate rows the reorder stage has re-ranked (a counter
+        for benchmarks and tests).
     views : dict
         A shard of :mod:`pqsk.dask`: its copies with other search
         parameters, by the sorted (name, value) pairs (see
@@ -97,7 +103,8 @@ class Runtime:
     """
 
     __slots__ = ("lock", "writer", "buffers", "checked_params", "segment_tombstones",
-                 "growing_tombstones", "build", "pending", "assembled", "views")
+                 "growing_tombstones", "build", "pending", "assembled", "views",
+                 "rerank_slack", "rerank_rows")
 
     def __init__(self):
         self.lock = RWLock()
@@ -110,6 +117,8 @@ class Runtime:
         self.pending = None
         self.assembled = None
         self.views = {}
+        self.rerank_slack = None
+        self.rerank_rows = 0
 
 
 _RUNTIMES = weakref.WeakKeyDictionary()  # owner -> Runtime

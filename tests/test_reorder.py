@@ -214,3 +214,90 @@ def test_compact_tiers_encode_decode_and_refuse():
     empty = _reorder.RefineTier.empty("int8", 2, tier.offset, tier.scale)
     d, i = empty.rerank(np.float32([[1, 1]]), np.array([[0, 1]]), 2)
     assert np.all(np.isinf(d))  # (out-of-range ids sort last, at +inf, as exact_rerank)
+
+
+# -- bounded re-ranking -----------------------------------------------------------
+
+def _clustered(n, d, seed):
+    rng = np.random.RandomState(seed)
+    centers = rng.normal(size=(40, d)) * 2
+    return (centers[rng.randint(40, size=n)] + rng.normal(size=(n, d))).astype(np.float32)
+
+
+def test_merge_sorted_keeps_the_best_by_distance_then_id():
+    d1 = np.array([[1.0, 3.0, np.inf]])
+    i1 = np.array([[5, 2, _reorder._NO_ID]])
+    d2 = np.array([[2.0, 3.0, 9.0]])
+    i2 = np.array([[7, 1, 4]])
+    d, i = _reorder._merge_sorted(d1, i1, d2, i2, 4)
+    np.testing.assert_array_equal(i, [[5, 7, 1, 2]])
+    np.testing.assert_array_equal(d, [[1.0, 2.0, 3.0, 3.0]])
+
+
+def test_query_slack_is_the_largest_overestimate_of_the_neighbours_found():
+    approx = np.array([[1.0, 4.0, 9.0]], dtype=np.float32)
+    cand = np.array([[3, 8, 6]])
+    # exact: id 8 at 1.0 (approx 4.0), id 3 at 4.0 (approx 1.0)
+    dist, idx = np.array([[1.0, 4.0]]), np.array([[8, 3]])
+    ip = _reorder.query_slack(approx, cand, dist, idx, 0.5, inner_product=True)
+    np.testing.assert_allclose(ip, [3.0])          # 4 - 1
+    l2 = _reorder.query_slack(approx, cand, dist, idx, 0.5, inner_product=False)
+    np.testing.assert_allclose(l2, [1.0])          # sqrt(4) - sqrt(1)
+    low = _reorder.query_slack(approx, cand, dist, idx, 7.0, inner_product=True)
+    np.testing.assert_allclose(low, [7.0])         # the calibrated slack is the floor
+
+
+@pytest.mark.parametrize("name,params", [
+    ("IVFPQNeighbors", {"n_lists": 16, "n_probe": 8, "n_codewords": 64}),
+    ("IVFPQNeighbors", {"n_lists": 16, "n_probe": 8, "n_codewords": 16,
+                        "refine_dtype": "int8"}),
+    ("PQNeighbors", {"n_codewords": 16, "metric": "cosine"}),
+    ("HNSWPQNeighbors", {"n_codewords": 64, "refine_dtype": "float16", "metric": "dot"}),
+])
+def test_bounded_rerank_reranks_fewer_rows_and_keeps_the_answers(name, params, monkeypatch):
+    """refine_factor is an upper bound: the reorder stage skips candidates
+    that cannot enter the top k, and the answers stay those of re-ranking
+    every candidate (the bound is calibrated, so a rare miss is allowed)."""
+    import pqsk
+    from pqsk._runtime import runtime
+
+    X = _clustered(6000, 16, 0)
+    Q = _clustered(200, 16, 1)
+    # Sixteen sub-spaces of one feature: codes close enough to the rows for
+    # the bound to skip most candidates (with coarse codes it skips few).
+    est = getattr(pqsk, name)(n_neighbors=10, n_subspaces=16, refine_factor=20,
+                              random_state=0, **params).fit(X)
+    state = runtime(est)
+    state.rerank_rows = 0
+    d_b, i_b = est.kneighbors(Q)
+    bounded_rows = state.rerank_rows
+    assert np.isfinite(_reorder.calibrated_slack(est))
+    monkeypatch.setattr(_reorder, "MIN_PAIRS", np.inf)   # no bound: re-rank all
+    state.rerank_slack = None
+    state.rerank_rows = 0
+    d_a, i_a = est.kneighbors(Q)
+    all_rows = state.rerank_rows
+    assert all_rows == 200 * 200
+    assert bounded_rows < 0.6 * all_rows, (bounded_rows, all_rows)
+    same = np.mean([set(a) == set(b) for a, b in zip(i_a, i_b)])
+    assert same >= 0.98, same
+    rows_same = np.all(i_a == i_b, axis=1)
+    np.testing.assert_array_equal(d_a[rows_same], d_b[rows_same])
+
+
+def test_bounded_rerank_recalibrates_when_the_index_or_setting_changes():
+    import pqsk
+    from pqsk._runtime import runtime
+
+    X = _clustered(5000, 16, 2)
+    est = pqsk.IVFPQNeighbors(n_neighbors=10, n_lists=8, n_probe=4, n_subspaces=4,
+                              n_codewords=32, refine_factor=20, random_state=0).fit(X)
+    first = _reorder.calibrated_slack(est)
+    key = runtime(est).rerank_slack[0]
+    est.set_params(n_probe=8)
+    _reorder.calibrated_slack(est)
+    assert runtime(est).rerank_slack[0] != key
+    est.partial_fit(_clustered(300, 16, 3))
+    _reorder.calibrated_slack(est)
+    assert runtime(est).rerank_slack[0][1] == 5300
+    assert np.isfinite(first) and first >= 0
