@@ -70,7 +70,11 @@ seconds:
 * corpus: 117,659 WordNet definitions + 48,339 WordNet examples + 252,771
   GCIDE paragraphs -> 341,747 distinct texts of 20..200 characters
   (median gloss ~60 characters, ~17 word pieces).
-* ``minilm384``: MINI_N texts x 384 in MINI_S s wall (MINI_C s CPU).
+* ``minilm384``: 65,536 texts x 384 (16 chunks of 4,096) in 2,115 s wall
+  (721 s CPU, 91 texts per CPU second; ``--max-seconds 2100`` stopped it),
+  unit norm to 2e-7; ``load_embeddings`` gives 64,536 base rows + 1,000
+  queries.  The whole corpus would take ~63 CPU-minutes (3.8k s) at that
+  rate; rerun with a larger ``--max-seconds`` to extend it (parts reused).
 * ``mpnet768``: not built on that day.  Probe (2,000 texts of the
   unfiltered order, same shared core): 2.8 texts/s wall against 37.9 for
   MiniLM, i.e. about 13x slower, so 50,000 texts would need ~5 h at that
