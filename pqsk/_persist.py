@@ -30,13 +30,15 @@ Saving never deletes first.  ``save`` writes a new ``vNNNNNN/`` next to the
 current one, ``fsync``-ing every file and the directory, then writes the
 manifest to a temporary file, ``fsync``-s it and renames it over
 ``MANIFEST.json`` (an atomic switch), ``fsync``-ing the directory again
-(the steps of :func:`write_json_atomic`, which other small manifests use
-too).
+(the steps of :func:`pqsk._manifest.write_json_atomic`, which other small
+manifests use too).
 Only then are the previous data directory and any leftovers of an
 interrupted save removed.  A save killed at any point leaves the previous
 index readable (or, once the manifest is switched, the new one); the
 leftovers are cleaned at the next save.  Saves to one path are serialised
-by an advisory lock on ``.pqsk-lock`` (POSIX).
+by an advisory lock on ``.pqsk-lock`` (POSIX).  A load reads without the
+lock and starts again if a save removed what it was reading; its last
+attempt holds the lock shared, so that a stream of saves cannot starve it.
 
 Format version 1 (``header.json`` and the ``.npy`` files directly in the
 directory, no header checksum) is still read; saving over it writes
@@ -82,6 +84,10 @@ import shutil
 import numpy as np
 
 from ._checks import IndexFormatError, require
+from ._manifest import LOCK, SaveLock as _SaveLock, fsync_dir as _fsync_dir
+from ._manifest import replace_durable as _replace_durable, shared_lock, tmp_pattern
+from ._manifest import write_durable as _write_durable
+from ._manifest import write_json_atomic  # noqa: F401 -- pqsk.dask's, the tests'
 from ._header import ATTRIBUTE, DTYPES, NOT_SAVED, SegmentArray, decode_value, encode_estimator
 from ._segments import array_sha256 as _sha256
 from ._store import RowStore, chunk_slices, rows_per_chunk
@@ -95,18 +101,19 @@ READABLE_VERSIONS = (1, 2, 3, 4)
 _MANIFEST_VERSIONS = (2, 3, 4)
 MANIFEST = "MANIFEST.json"
 HEADER = "header.json"
-LOCK = ".pqsk-lock"
 SEGMENTS = "segments"
 MAX_HEADER_BYTES = 64 * 2**20
 MAX_MANIFEST_BYTES = 2**20
 MAX_NPY_HEADER_BYTES = 2**16
 MAX_NDIM = 4
+# Loads racing saves: the last attempt waits for the save lock (see load).
+_LOAD_ATTEMPTS = 4
 
 _DATA_DIR = re.compile(r"v(\d{6,12})")
 _ARRAY_FILE = re.compile(r"\d{3,9}\.npy")
 _SEGMENT_FILE = re.compile(r"[0-9a-f]{32}\.[a-z][a-z0-9_]{0,31}\.npy")
 _SEGMENT_TMP = re.compile(r"\.[0-9a-f]{32}\.[a-z][a-z0-9_]{0,31}\.npy\.tmp-[0-9a-f]+")
-_TMP_MANIFEST = re.compile(re.escape("." + MANIFEST) + r"\.tmp-[0-9a-f]+")
+_TMP_MANIFEST = tmp_pattern(MANIFEST)
 _SHA = re.compile(r"[0-9a-f]{64}")
 # Parameters added in a format version: files of earlier versions lack
 # them, and the estimator keeps its default.  ``rotation``,
@@ -124,85 +131,7 @@ _PARAMS_SINCE = {"segment_size": 3, "rotation": 4, "anisotropic_threshold": 4,
 _CLASSES = {}
 
 
-# -- durable file operations -------------------------------------------------
-
-def _fsync_dir(path):
-    """Make a directory's entries (created, renamed, removed files) durable."""
-    if os.name == "nt":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path, write):
-    """Create ``path`` (which must not exist), fill it with ``write(f)`` and
-    fsync it."""
-    with open(path, "xb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _replace_durable(directory, name, raw):
-    """Write the bytes ``raw`` to a new file of a unique temporary name
-    (``.<name>.tmp-<random hex>``) in ``directory``, fsync it, and rename
-    it over ``directory/name``: an atomic switch, which a reader sees
-    entirely or not at all.  On failure the temporary file is removed and
-    ``name`` is unchanged.  Not durable until the directory is fsynced."""
-    tmp = os.path.join(directory, f".{name}.tmp-{secrets.token_hex(8)}")
-    try:
-        _write_durable(tmp, lambda f: f.write(raw))
-        os.replace(tmp, os.path.join(directory, name))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def write_json_atomic(directory, name, content):
-    """Replace the small JSON file ``directory/name`` with ``content``,
-    atomically and durably.
-
-    The JSON goes to a file of a unique temporary name (two writers never
-    share one), which is fsynced and renamed over ``name``; then the
-    directory is fsynced, so that the switch survives a crash.  Whenever
-    the process or the machine stops, ``name`` holds the old content or
-    the new, complete.  A temporary file left by a crash is named
-    ``.<name>.tmp-<hex>``; the caller's next write may remove it.
-
-    Parameters
-    ----------
-    directory : str
-        An existing directory.
-    name : str
-        The file's name in ``directory``.
-    content : JSON-serialisable object
-        Written with ``json.dumps(content, indent=1)``.
-    """
-    _replace_durable(directory, name, json.dumps(content, indent=1).encode())
-    _fsync_dir(directory)
-
-
-class _SaveLock:
-    """Exclusive advisory lock of ``path/.pqsk-lock`` (no-op without fcntl)."""
-
-    def __init__(self, path):
-        self._file = open(os.path.join(path, LOCK), "a+b")
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows
-            self._fcntl = None
-            return
-        self._fcntl = fcntl
-        fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
-
-    def release(self):
-        if self._fcntl is not None:
-            self._fcntl.flock(self._file.fileno(), self._fcntl.LOCK_UN)
-        self._file.close()
+# The durable file operations are ``pqsk._manifest``'s.
 
 
 def _read_manifest(path):
@@ -574,22 +503,26 @@ def load(path, *, mmap_mode=None, verify=True):
         raise ValueError(f"mmap_mode must be None, 'r' or 'c', got {mmap_mode!r}.")
     path = os.fspath(path)
     # A concurrent save may switch the manifest and remove the data being
-    # read: start again from the new manifest then.
-    for attempt in range(5):
-        if os.path.isfile(os.path.join(path, MANIFEST)):
-            manifest = _read_manifest(path)
-            data_dir = os.path.join(path, manifest["data"])
-            try:
-                return _load_from(path, data_dir, manifest["header_sha256"], mmap_mode,
-                                  verify, manifest["format_version"])
-            except IndexFormatError:
-                if attempt == 4 or _read_manifest(path) == manifest:
-                    raise
-        elif os.path.isfile(os.path.join(path, HEADER)):
-            return _load_from(path, path, None, mmap_mode, verify, 1)
-        else:
-            raise IndexFormatError(
-                f"{path} is not a saved pqsk index (no {MANIFEST} or {HEADER}).")
+    # read: start again from the new manifest then.  Saves in a row can
+    # make every such attempt lose the race, so the last one holds the
+    # save lock shared: saves wait, and none removes what it reads.
+    for attempt in range(_LOAD_ATTEMPTS):
+        last = attempt == _LOAD_ATTEMPTS - 1
+        with shared_lock(path) if last else contextlib.nullcontext():
+            if os.path.isfile(os.path.join(path, MANIFEST)):
+                manifest = _read_manifest(path)
+                data_dir = os.path.join(path, manifest["data"])
+                try:
+                    return _load_from(path, data_dir, manifest["header_sha256"], mmap_mode,
+                                      verify, manifest["format_version"])
+                except IndexFormatError:
+                    if last or _read_manifest(path) == manifest:
+                        raise
+            elif os.path.isfile(os.path.join(path, HEADER)):
+                return _load_from(path, path, None, mmap_mode, verify, 1)
+            else:
+                raise IndexFormatError(
+                    f"{path} is not a saved pqsk index (no {MANIFEST} or {HEADER}).")
 
 
 def _load_from(path, data_dir, header_sha, mmap_mode, verify, expected):

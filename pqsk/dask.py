@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import pickle
-import shutil
 import threading
 import uuid
 import warnings
@@ -41,7 +40,7 @@ from ._base import BasePQNeighbors
 from ._checks import (check_enough_points, check_n_neighbors, check_self_query,
                       checked_remove_ids)
 from ._persist import load as _load_index
-from ._persist import write_json_atomic
+from ._manifest import save_switched, shared_lock, write_durable
 from ._runtime import runtime
 from ._segments import NO_ID, merge_topk
 from ._utils import Progress
@@ -771,9 +770,12 @@ class ShardedNeighbors(BaseEstimator):
 
         ``path`` must be reachable by every worker under the same name: a
         shared file system on a multi-machine cluster, any local directory
-        on a one-machine cluster.  The shards go to a new sub-directory;
-        the manifest naming it is replaced last, atomically, so an
-        interrupted save leaves the previous one readable.
+        on a one-machine cluster.  The shards go to a new sub-directory,
+        every file and directory is fsynced, and the manifest naming it is
+        replaced last, atomically and durably (``pqsk._manifest``): a save
+        interrupted at any point, or by a crash, leaves the previous index
+        readable.  Saves to one path are serialised by a lock file; each
+        removes the leftovers of interrupted ones.
 
         Parameters
         ----------
@@ -786,40 +788,25 @@ class ShardedNeighbors(BaseEstimator):
         self : object
         """
         check_is_fitted(self)
+
+        def write(data_dir):
+            write_durable(os.path.join(data_dir, "removed.npy"),
+                          lambda f: np.save(f, self._removed))
+            data = os.path.basename(data_dir)
+            dirs = [os.path.join(data, f"shard-{j:05d}") for j in range(len(self.shards_))]
+            # Each save fsyncs its files, its directory and the data
+            # directory that names it.
+            dask.compute(*[delayed(_saved)(s, os.path.join(path, d))
+                           for s, d in zip(self.shards_, dirs)])
+            self.template_.save(os.path.join(data_dir, "template"))
+            return {"format": FORMAT, "format_version": FORMAT_VERSION,
+                    "n_shards": self.n_shards, "n_samples_fit": int(self.n_samples_fit_),
+                    "shards": [{"dir": d, "ranges": r.tolist(), "live": int(live)}
+                               for d, r, live in zip(dirs, self._ranges, self._live)]}
+
         path = os.path.abspath(os.fspath(path))
-        manifest = os.path.join(path, MANIFEST)
-        old = None
-        if os.path.exists(manifest):
-            if not overwrite:
-                raise FileExistsError(f"{path} holds a sharded index; pass "
-                                      "overwrite=True to replace it.")
-            old = _read_manifest(path)["data"]
-        elif os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-            raise FileExistsError(f"{path} exists and is not a sharded pqsk index.")
-        data = f"data-{uuid.uuid4().hex}"
-        os.makedirs(os.path.join(path, data))
-        with open(os.path.join(path, data, "removed.npy"), "xb") as f:
-            np.save(f, self._removed)
-            f.flush()
-            os.fsync(f.fileno())
-        dirs = [os.path.join(data, f"shard-{j:05d}") for j in range(len(self.shards_))]
-        dask.compute(*[delayed(_saved)(s, os.path.join(path, d))
-                       for s, d in zip(self.shards_, dirs)])
-        # Each save fsyncs its files and the data directory (which names it).
-        self.template_.save(os.path.join(path, data, "template"))
-        content = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "data": data,
-            "n_shards": self.n_shards, "n_samples_fit": int(self.n_samples_fit_),
-            "shards": [{"dir": d, "ranges": r.tolist(), "live": int(live)}
-                       for d, r, live in zip(dirs, self._ranges, self._live)],
-        }
-        write_json_atomic(path, MANIFEST, content)  # the switch
-        if old is not None and old != data:
-            shutil.rmtree(os.path.join(path, old), ignore_errors=True)
-        for entry in os.listdir(path):  # temporary manifests of killed saves
-            if entry.startswith(f".{MANIFEST}.tmp-"):
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(path, entry))
+        save_switched(path, MANIFEST, overwrite=overwrite, read_manifest=_read_manifest,
+                      write=write)
         return self
 
     @classmethod
@@ -837,18 +824,19 @@ class ShardedNeighbors(BaseEstimator):
         sharded : ShardedNeighbors
         """
         path = os.path.abspath(os.fspath(path))
-        m = _read_manifest(path)
-        template = _load_index(os.path.join(path, m["data"], "template"))
-        self = cls(clone(template), n_shards=m["n_shards"])
-        self.shards_ = _persist([delayed(_loaded)(os.path.join(path, s["dir"]))
-                                 for s in m["shards"]])
+        with shared_lock(path):  # no save removes the data meanwhile
+            m = _read_manifest(path)
+            template = _load_index(os.path.join(path, m["data"], "template"))
+            self = cls(clone(template), n_shards=m["n_shards"])
+            self.shards_ = _persist([delayed(_loaded)(os.path.join(path, s["dir"]))
+                                     for s in m["shards"]])
+            self._removed = np.load(os.path.join(path, m["data"], "removed.npy"))
         self.template_ = template
         self.n_features_in_ = template.n_features_in_
         if hasattr(template, "feature_names_in_"):
             self.feature_names_in_ = template.feature_names_in_
         self._ranges = [np.array(s["ranges"], np.int64).reshape(-1, 3) for s in m["shards"]]
         self._live = [int(s["live"]) for s in m["shards"]]
-        self._removed = np.load(os.path.join(path, m["data"], "removed.npy"))
         self.n_samples_fit_ = int(m["n_samples_fit"])
         self.n_removed_ = int(self._removed.sum())
         if self._removed.shape != (self.n_samples_fit_,):
@@ -859,7 +847,8 @@ class ShardedNeighbors(BaseEstimator):
 def _read_manifest(path):
     with open(os.path.join(path, MANIFEST)) as f:
         m = json.load(f)
-    if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
+    if not isinstance(m, dict) or m.get("format") != FORMAT or (
+            m.get("format_version") != FORMAT_VERSION):
         raise ValueError(f"{path} holds no sharded pqsk index of a known version.")
     return m
 

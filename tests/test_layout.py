@@ -91,13 +91,18 @@ def test_no_import_circle():
 
 @pytest.mark.parametrize("module", ["_persist", "dask", "_checks", "_segments", "_lists",
                                     "_store", "_graph", "_scorers", "_partition",
-                                    "_reorder", "_quantizer", "_tune", "_runtime"])
+                                    "_reorder", "_quantizer", "_tune", "_runtime",
+                                    "_manifest"])
 def test_lower_layers_import_no_estimator(module):
     assert not GRAPH[module] & ESTIMATOR_MODULES, GRAPH[module] & ESTIMATOR_MODULES
 
 
 def test_oracles_import_nothing_of_pqsk():
     assert GRAPH["_naive"] == set()
+
+
+def test_manifest_primitives_import_nothing_of_pqsk():
+    assert GRAPH["_manifest"] == set()
 
 
 @pytest.mark.parametrize("name,path", sorted(_modules().items()))

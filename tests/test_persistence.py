@@ -12,6 +12,7 @@ import os
 import pickle
 import shutil
 import threading
+import time
 
 import joblib
 import numpy as np
@@ -694,8 +695,12 @@ def test_load_during_saves_over_the_same_path(tmp_path):
 
     saver = threading.Thread(target=saves)
     saver.start()
+    # At least 60 loads, and on until both contents were seen: a fixed
+    # count could end before the saver (a thread sharing the GIL, on a
+    # loaded machine) switched the manifest once.
+    deadline = time.monotonic() + 60
     try:
-        for _ in range(60):
+        while sum(seen) < 60 or (min(seen) == 0 and time.monotonic() < deadline):
             try:
                 got = pqsk.load(path).kneighbors(Q, return_distance=False)
             except Exception as e:  # pragma: no cover - reported below
@@ -707,6 +712,42 @@ def test_load_during_saves_over_the_same_path(tmp_path):
         saver.join()
     assert not errors, repr(errors[0])
     assert min(seen) > 0, seen
+
+
+def test_load_is_not_starved_by_saves_in_a_row(tmp_path, monkeypatch):
+    """Saves switching the manifest and removing the data during every
+    attempt of a load (as a stream of saves can, on a loaded machine) do
+    not make it fail: its last attempt holds the save lock shared, and the
+    save waits for it."""
+    from pqsk import _persist
+
+    path, nn = _saved(tmp_path, "pq")
+    other = FACTORIES["pq"]().fit(X[::-1])
+    answers = [e.kneighbors(Q, return_distance=False) for e in (nn, other)]
+    load_from = _persist._load_from
+    saves, waited = [], []
+
+    def racing_load_from(*args, **kwargs):
+        # A whole save runs between the reader's manifest and its data.
+        saver = threading.Thread(target=(other if len(saves) % 2 == 0 else nn).save,
+                                 args=(path,), kwargs={"overwrite": True})
+        saver.start()
+        saver.join(timeout=2)
+        saves.append(saver)
+        waited.append(saver.is_alive())
+        return load_from(*args, **kwargs)
+
+    monkeypatch.setattr(_persist, "_load_from", racing_load_from)
+    got = pqsk.load(path).kneighbors(Q, return_distance=False)
+    for saver in saves:
+        saver.join()
+    # Every attempt but the last lost the race; the last saver waited.
+    assert waited == [False] * (_persist._LOAD_ATTEMPTS - 1) + [True]
+    expected = answers[(len(saves) - 1) % 2]  # the content before the last save
+    np.testing.assert_array_equal(got, expected)
+    monkeypatch.undo()
+    final = pqsk.load(path).kneighbors(Q, return_distance=False)
+    np.testing.assert_array_equal(final, answers[len(saves) % 2])
 
 
 @pytest.mark.parametrize("key", ["pq", "ivf", "hnsw"])
