@@ -26,9 +26,22 @@ distance.  Ids outside ``[0, n_rows)`` (empty slots) are scored +inf.
 :mod:`pqsk._reorder`): rows of float16 values (their bits, uint16) or of
 uint8 codes, decoded on the fly, element j of an int8 row being
 ``offset[j] + scale[j] * code[j]``; the scalar path computes the distance
-in double exactly as for raw rows, the AVX2 path (``TIER_ISA``, float32
-queries; C in ``_rerank_impl.h``) sums in float32 lanes.  The naive version
-is ``pqsk._naive.compact_rerank``.
+in double exactly as for raw rows, the SIMD paths (float32 queries; C in
+``_rerank_impl.h``) sum float16 rows in float32 lanes, and int8 rows in
+float32 lanes or by integer dot products of the codes with 16-bit query
+weights (``TIER_INT8``; error bound in ``compact_rerank``).  The naive
+versions are ``pqsk._naive.compact_rerank`` and, for the integer sums,
+``pqsk._naive.compact_rerank_int8``.
+
+Paths (``TIER_ISA``, chosen at import: the best the CPU runs, or
+``PQSK_SIMD=scalar|avx2|avx512bw|avx512vnni|avx512``; ``set_tier_isa``
+for tests): "scalar" (portable, double), "avx2" (AVX2+FMA+F16C),
+"avx512bw" (and AVX-512F/BW/VL), "avx512vnni" (and VNNI: vpdpwssd).  Each
+SIMD function carries its own target attribute and is called only when
+``__builtin_cpu_supports`` says the CPU has it: no ``-march`` flag.  On
+the SIMD paths ``exact_rerank`` sums in double lanes (4 or 8; float32
+rows widened exactly): only the summation order differs from the scalar
+loop (float32 distances equal but for ties at the last bit of rounding).
 """
 
 import numpy as np
@@ -230,7 +243,9 @@ def exact_rerank(const floating[:, ::1] Q,        # IN  (nq, D) prepared queries
                  int n_threads):
     """Re-rank each query's candidates by exact distance (see the module
     docstring); rows of the output sorted by (distance, id), slots no
-    valid candidate fills (+inf, INT64_MAX).  The caller checks shapes."""
+    valid candidate fills (+inf, INT64_MAX).  The caller checks shapes.
+    On a SIMD ``TIER_ISA`` the row sums run in double lanes (see the
+    module docstring)."""
     cdef Py_ssize_t nq = Q.shape[0]
     cdef Py_ssize_t d = Q.shape[1]
     cdef Py_ssize_t n_cand = cand.shape[1]
