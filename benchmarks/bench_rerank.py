@@ -85,6 +85,18 @@ def _timings(data, unit, ip):
             "int8": _best_ms(compact(codes, True))}
 
 
+def _cpu_name():
+    """The CPU's model name (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None):
     rng = np.random.RandomState(0)
     chosen = (_rerank.TIER_ISA, _rerank.TIER_INT8)
@@ -93,7 +105,7 @@ def main(argv=None):
     lines = [f"# Re-rank kernel time (ms), {NQ} queries x {N_CAND} candidates of "
              f"{N_ROWS:,} random rows, 1 thread", "",
              f"Calls of {CHUNK} queries, each the best of {REPEATS} runs, summed.", "",
-             f"Machine: {platform.machine()}, {platform.processor() or 'x86-64'}; "
+             f"Machine: {_cpu_name()} ({platform.machine()}); "
              f"paths this CPU runs: {', '.join(isas)}; chosen at import: "
              f"TIER_ISA={chosen[0]}, TIER_INT8={chosen[1]}.", "",
              "Command: `taskset -c 1 python -m benchmarks.bench_rerank` "
