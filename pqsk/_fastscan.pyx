@@ -25,7 +25,8 @@ result is exactly the float-ADC top-k, whichever kernel runs.
 
 The kernel is chosen at import: AVX-512BW, else AVX2 when the CPU has it
 (``__builtin_cpu_supports``), else scalar; the environment variable
-``PQSK_SIMD=scalar|avx2|avx512bw`` read at import overrides it, and
+``PQSK_SIMD=scalar|avx2|avx512bw`` read at import overrides it (the
+re-ranking levels ``avx512`` and ``avx512vnni`` mean avx512bw here), and
 ``set_isa(name)`` (for tests) changes it; both refuse an instruction set
 the CPU lacks.  ``isa()`` names the active one.
 """
@@ -104,6 +105,8 @@ def _kernel():
 def _select_at_import():
     best = available_isas()
     wanted = os.environ.get("PQSK_SIMD", "").strip().lower()
+    if wanted in ("avx512", "avx512vnni"):  # re-ranking levels: AVX-512BW here
+        wanted = "avx512bw"
     if wanted:
         try:
             set_isa(wanted)

@@ -434,6 +434,72 @@ def compact_rerank(Q, rows, cand, n_neighbors, inner_product=False, unit_norm=Fa
     return dist, idx
 
 
+def compact_rerank_int8(Q, codes, cand, n_neighbors, inner_product=False, unit_norm=False,
+                        offset=None, scale=None, w_max=32767):
+    """Oracle of the integer path of ``pqsk._rerank.compact_rerank`` (int8
+    tier, ``TIER_INT8 == "integer"``): the same rounded weights and exact
+    integer sums, the double terms summed in another order.  Per query
+    u_j = (q_j - off_j) sc_j (L2) or q_j sc_j, w = rint(u * (1 / s_w)),
+    s_w = max |u| / 32767; per tier f = rint(2 off sc * (1 / s_f)),
+    s_f = max |2 off sc| / 32767, g = rint(sc^2 * (1 / s_g)), s_g = max
+    sc^2 / 16383 (each 1 if its max is 0); for codes c:
+
+        L2:   sum (q - off)^2 - 2 s_w <w, c> + s_g <g, c^2>    (at least 0)
+        IP:   -(<q, off> + s_w <w, c>)
+        unit norm: <q, x> = <q, off> + s_w <w, c>,
+                   ||x||^2 = ||off||^2 + s_f <f, c> + s_g <g, c^2>,
+                   then as ``exact_rerank`` (norm below 10 eps(float32): 1).
+
+    Same (dist, idx) layout as :func:`compact_rerank`.  ``w_max`` (the
+    kernel's: 32767) narrows the query weights to study other widths
+    (127: 8-bit weights)."""
+    Q = np.asarray(Q, dtype=np.float64)
+    C = np.asarray(codes).astype(np.int64)
+    off = np.asarray(offset, dtype=np.float64)
+    sc = np.asarray(scale, dtype=np.float64)
+
+    def rounded(v, vmax, lo):
+        m = np.abs(v).max() if v.size else 0.0
+        s = m / vmax if m > 0 else 1.0
+        return np.clip(np.rint(v * (1.0 / s)), lo, vmax).astype(np.int64), s
+
+    f, s_f = rounded(2 * off * sc, 32767, -32767)
+    g, s_g = rounded(sc * sc, 16383, 0)
+    eps10 = 10 * np.finfo(np.float32).eps
+    nq = cand.shape[0]
+    dist = np.full((nq, n_neighbors), np.inf)
+    idx = np.full((nq, n_neighbors), EMPTY_ID, dtype=np.int64)
+    for q in range(nq):
+        u = (Q[q] - off) * sc if not (inner_product or unit_norm) else Q[q] * sc
+        w, s_w = rounded(u, w_max, -w_max)
+        scored = []
+        for i in cand[q].tolist():
+            if 0 <= i < C.shape[0]:
+                c = C[i]
+                if unit_norm:
+                    dot = Q[q] @ off + s_w * float(w @ c)
+                    nrm = off @ off + s_f * float(f @ c) + s_g * float(g @ (c * c))
+                    n = np.sqrt(nrm) if nrm > 0 else 0.0
+                    n = n if n >= eps10 else 1.0
+                    if inner_product:
+                        d = -dot / n
+                    else:
+                        d = max(0.0, Q[q] @ Q[q] - 2 * dot / n + nrm / (n * n))
+                elif inner_product:
+                    d = -(Q[q] @ off + s_w * float(w @ c))
+                else:
+                    d = max(0.0, float(((Q[q] - off) ** 2).sum()) - 2 * s_w * float(w @ c)
+                            + s_g * float(g @ (c * c)))
+            else:
+                d = np.inf
+            scored.append((d, i))
+        scored.sort()
+        kept = [p for p in scored if p < (np.inf, EMPTY_ID)][:n_neighbors]
+        for r, (d, i) in enumerate(kept):
+            dist[q, r], idx[q, r] = d, i
+    return dist, idx
+
+
 def anisotropic_encode_chunk(X, U, w, codebooks, codes, n_sweeps):
     """Oracle of ``pqsk._aniso.anisotropic_encode_rows``: coordinate descent
     on the anisotropic loss ``||r||^2 + w_i (r . u_i)^2`` (``r = x_i -

@@ -122,10 +122,23 @@ def test_compact_rerank_matches_the_oracle(kind, dtype, metric, n_threads):
         assert np.all(err <= 1e-3 * (1 + np.abs(X).max(axis=0)))
 
 
+def integer_path(d, metric):
+    """Whether an int8 tier's float32 queries of dimension d take the
+    integer path of pqsk._rerank.compact_rerank on the path in use."""
+    from pqsk import _rerank
+    mode = {"l2": 0, "dot": 1, "cosine": 2}[metric]
+    return _rerank.TIER_ISA != "scalar" and (
+        _rerank.TIER_INT8 == "integer"
+        or (_rerank.TIER_INT8 == "auto" and d >= _rerank.INT8_MIN_D[mode]))
+
+
 def compact_check(kind, d, metric, n_threads, seed=0):
-    """compact_rerank on the path in use (pqsk._rerank.TIER_ISA) against the
-    oracle, float32 queries: distances to float32 rounding (see the kernel
-    docstring), ids equal except near-ties, empty slots and an empty row."""
+    """compact_rerank on the path in use (pqsk._rerank.TIER_ISA, TIER_INT8)
+    against the oracle, float32 queries: distances to float32 rounding (see
+    the kernel docstring), ids equal except near-ties, empty slots and an
+    empty row.  The integer path of an int8 tier is compared with its own
+    oracle (pqsk._naive.compact_rerank_int8: the same integer sums), and
+    that oracle with the float one in test_int8_integer_sums_within_their_bound."""
     r = np.random.RandomState(seed)
     X = (r.randn(200, d) * (1 + 3 * r.rand(d))).astype(np.float32)
     X[5] = 0
@@ -137,8 +150,11 @@ def compact_check(kind, d, metric, n_threads, seed=0):
     cand[3, 0] = 200
     ip, unit = metric == "dot", metric == "cosine"
     dist, idx = tier.rerank(Q, cand, 10, ip, unit_norm=unit, n_threads=n_threads)
-    d_ref, i_ref = _naive.compact_rerank(Q.astype(np.float64), np.asarray(tier.rows), cand,
-                                         10, ip, unit, tier.offset, tier.scale)
+    oracle = _naive.compact_rerank
+    if kind == "int8" and integer_path(d, metric):
+        oracle = _naive.compact_rerank_int8    # the same integer sums (bound: below)
+    d_ref, i_ref = oracle(Q.astype(np.float64), np.asarray(tier.rows), cand,
+                          10, ip, unit, tier.offset, tier.scale)
     fin = np.isfinite(d_ref)
     assert np.array_equal(np.isfinite(dist), fin)
     tol = 2e-5 * (1 + np.abs(d_ref[fin]).max())
@@ -156,27 +172,116 @@ def compact_check(kind, d, metric, n_threads, seed=0):
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_compact_rerank_every_path_matches_the_oracle(kind, d, metric, n_threads):
     from pqsk import _rerank
-    before = _rerank.TIER_ISA
+    before = (_rerank.TIER_ISA, _rerank.TIER_INT8)
+    try:
+        for isa in _rerank.tier_isas():
+            for int8 in ("float", "auto", "integer"):
+                _rerank.set_tier_isa(isa, int8)
+                compact_check(kind, d, metric, n_threads)
+    finally:
+        _rerank.set_tier_isa(*before)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("d", [1, 3, 4, 8, 15, 16, 50, 129])
+@pytest.mark.parametrize("metric", ["l2", "dot", "cosine"])
+def test_exact_rerank_every_path_matches_the_oracle(dtype, d, metric):
+    """exact_rerank (raw rows) on every path: scalar double, AVX2 / AVX-512
+    double lanes (another summation order: same tolerance as ``check``)."""
+    from pqsk import _rerank
+    r = np.random.RandomState(d)
+    X = (r.randn(120, d) * (1 + 3 * r.rand(d))).astype(dtype)
+    X[5] = 0
+    Q = r.randn(9, d).astype(dtype)
+    cand = np.stack([r.choice(120, 30, replace=False) for _ in range(9)]).astype(np.int64)
+    cand[1, -3:] = EMPTY
+    cand[2, 0] = 120
+    before = (_rerank.TIER_ISA, _rerank.TIER_INT8)
     try:
         for isa in _rerank.tier_isas():
             _rerank.set_tier_isa(isa)
-            compact_check(kind, d, metric, n_threads)
+            check(Q, store_of(X, [40]), X, cand, 10, metric == "dot", metric == "cosine", 2)
     finally:
-        _rerank.set_tier_isa(before)
+        _rerank.set_tier_isa(*before)
 
 
-def test_compact_rerank_scalar_forced_by_pqsk_simd():
+@pytest.mark.parametrize("d", [2, 7, 50, 129, 300])
+@pytest.mark.parametrize("metric", ["l2", "dot", "cosine"])
+def test_int8_integer_sums_within_their_bound(d, metric):
+    """The integer path's oracle (pqsk._naive.compact_rerank_int8) against
+    the float one, candidate by candidate, within the bound documented in
+    pqsk._rerank.compact_rerank (rounding of the 16-bit query weights and of
+    the tier's 16 / 14-bit terms); and the ranking nearly the same."""
+    r = np.random.RandomState(d)
+    X = (r.randn(150, d) * (1 + 3 * r.rand(d)) + 2 * r.randn(d)).astype(np.float32)
+    if metric == "cosine":
+        X /= np.linalg.norm(X, axis=1, keepdims=True)
+    tier = tier_of("int8", X, [])
+    codes = np.asarray(tier.rows)
+    off, sc = tier.offset.astype(np.float64), tier.scale.astype(np.float64)
+    ip, unit = metric == "dot", metric == "cosine"
+    Q = r.randn(8, d)
+    if unit:
+        Q /= np.linalg.norm(Q, axis=1, keepdims=True)
+    cand = np.tile(np.arange(150, dtype=np.int64), (8, 1))
+    dq, iq = _naive.compact_rerank_int8(Q, codes, cand, 150, ip, unit, off, sc)
+    df, i_f = _naive.compact_rerank(Q, codes, cand, 150, ip, unit, off, sc)
+    got = np.empty((8, 150))
+    want = np.empty((8, 150))
+    got[np.arange(8)[:, None], iq] = dq
+    want[np.arange(8)[:, None], i_f] = df
+    c = codes.astype(np.float64)
+    s_f = np.abs(2 * off * sc).max() / 32767
+    s_g = (sc * sc).max() / 16383
+    Xd = off + sc * c
+    hits = 0
+    for q in range(8):
+        u = (Q[q] - off) * sc if metric == "l2" else Q[q] * sc
+        s_w = np.abs(u).max() / 32767
+        e_d = s_w / 2 * c.sum(1)
+        e_n = s_f / 2 * c.sum(1) + s_g / 2 * (c * c).sum(1)
+        if metric == "dot":
+            bound = e_d
+        elif metric == "l2":
+            bound = 2 * e_d + s_g / 2 * (c * c).sum(1)
+        else:  # the worst corner of (<q, x> +- e_d, ||x||^2 +- e_n)
+            dot, nrm = Xd @ Q[q], (Xd * Xd).sum(1)
+            assert np.all(nrm - e_n > 0.25)
+            n = np.sqrt(nrm)
+            dev = [np.abs((dot + a * e_d) / np.sqrt(nrm + b * e_n) - dot / n)
+                   for a in (-1, 1) for b in (-1, 1)]
+            bound = np.max(dev, axis=0) * (1 if ip else 2)
+        err = np.abs(got[q] - want[q])
+        assert np.all(err <= bound * (1 + 1e-9) + 1e-12 * (1 + np.abs(want[q])))
+        hits += len(set(iq[q, :10]) & set(i_f[q, :10]))
+    assert hits >= 0.95 * 80
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512bw", "avx512vnni", "avx512"])
+def test_pqsk_simd_selects_each_path(isa):
+    """PQSK_SIMD=<isa> at import selects that path for re-ranking (and the
+    nearest for fast-scan), which then matches the oracles."""
     import os
     import subprocess
     import sys
-    code = ("import sys; sys.path.insert(0, {!r}); import pqsk._rerank as r; "
-            "assert r.TIER_ISA == 'scalar', r.TIER_ISA; from test_reorder import compact_check\n"
+    from pqsk import _rerank
+    want = isa
+    if isa == "avx512":
+        want = _rerank.tier_isas()[-1]
+    if want not in _rerank.tier_isas():
+        pytest.skip(f"this CPU cannot run {isa}")
+    code = ("import sys, warnings; warnings.simplefilter('error'); sys.path.insert(0, {!r})\n"
+            "import pqsk._rerank as r, pqsk._fastscan as fs\n"
+            "assert r.TIER_ISA == {!r}, r.TIER_ISA\n"
+            "assert fs.isa() == {!r}, fs.isa()\n"
+            "from test_reorder import compact_check\n"
             "for kind in ('float16', 'int8'):\n"
             " for d in (1, 7, 8, 50, 129):\n"
             "  for metric in ('l2', 'dot', 'cosine'):\n"
             "   for nt in (1, 2): compact_check(kind, d, metric, nt)\n"
-            "print('ok')").format(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PQSK_SIMD="scalar")
+            "print('ok')").format(os.path.dirname(os.path.abspath(__file__)), want,
+                                  "avx512bw" if want.startswith("avx512") else want)
+    env = dict(os.environ, PQSK_SIMD=isa)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
@@ -185,8 +290,12 @@ def test_compact_rerank_scalar_forced_by_pqsk_simd():
 def test_tier_isa_is_exposed():
     from pqsk import _rerank
     assert _rerank.TIER_ISA in _rerank.tier_isas()
+    assert _rerank.tier_isas()[0] == "scalar"
+    assert _rerank.TIER_INT8 in ("float", "auto", "integer")
     with pytest.raises(ValueError, match="unknown instruction set"):
         _rerank.set_tier_isa("neon")
+    with pytest.raises(ValueError, match="int8 must be"):
+        _rerank.set_tier_isa("scalar", "int4")
 
 
 def test_compact_tiers_encode_decode_and_refuse():
