@@ -307,6 +307,8 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
     (2, 3)
     >>> nn.partial_fit(X[:10]).n_samples_fit_
     2010
+    >>> nn.set_params(spill_lambda=1.5).fit(X).ids_.shape  # each vector in two lists
+    (4000,)
     """
 
     _parameter_constraints = {

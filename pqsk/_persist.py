@@ -56,8 +56,8 @@ dtype in native byte order, C order) and its size with the file's before
 any data is read.  Derived tables are recomputed rather than read.  Then
 the estimator checks every invariant its kernels rely on (values in range,
 floats finite and small enough that squared distances cannot overflow,
-ids each present once (twice, in two lists, when spilled), graph links consistent with node levels, every live
-node reachable...), so a truncated, corrupted, mismatched or hand-crafted
+ids each present once (twice, in two lists, when spilled), graph links
+consistent with node levels, every live node reachable...), so a truncated, corrupted, mismatched or hand-crafted
 file raises :class:`IndexFormatError` instead of crashing or answering
 wrongly.  Last, the structural parameters (the number of sub-spaces and
 codewords, metric, rotation, anisotropic threshold, lists, links: what

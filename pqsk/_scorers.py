@@ -246,7 +246,7 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
                                n_probe, inner_product, n_threads, growing, deleted,
                                centroids, fastscan_margin, fastscan_estimate,
                                fastscan_rescore, deleted_stride, coarse_bias)
-        return unique_top_k(dist, idx, n_neighbors)
+        return unique_top_k(dist, idx, n_neighbors, n_threads)
     m, k, _ = codebooks.shape
     nq, n_lists = Q.shape[0], coarse.shape[1]
     dtype = codebooks.dtype
@@ -279,25 +279,23 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
     return dist, idx
 
 
-def unique_top_k(dist, idx, n_neighbors):
+def unique_top_k(dist, idx, n_neighbors, n_threads=1):
     """Rows of (dist, idx), sorted by (distance, id), with each id kept
     at its first (best) place only, cut to ``n_neighbors`` columns; empty
-    slots (+inf, ``NO_ID``) are kept.  Vectorised: a stable sort of each
-    row by id marks the later places of an id, a stable sort on those
-    marks moves them to the end.  The caller guarantees enough distinct
-    entries (``copies * n_neighbors`` columns, each id at most ``copies``
-    times)."""
-    if idx.shape[1] == 0:
-        return dist[:, :n_neighbors], idx[:, :n_neighbors]
-    by_id = np.argsort(idx, axis=1, kind="stable")
-    s = np.take_along_axis(idx, by_id, axis=1)
-    later = np.zeros(idx.shape, dtype=bool)
-    later[:, 1:] = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] != NO_ID)
-    dup = np.empty_like(later)
-    np.put_along_axis(dup, by_id, later, axis=1)
-    keep = np.argsort(dup, axis=1, kind="stable")[:, :n_neighbors]
-    return (np.take_along_axis(dist, keep, axis=1),
-            np.take_along_axis(idx, keep, axis=1))
+    slots (+inf, ``NO_ID``) are kept (kernel ``pqsk._ivf.unique_top_k``:
+    a hash set of the ids kept per row, O(width) per row).  The caller
+    guarantees enough distinct entries (``copies * n_neighbors`` columns,
+    each id at most ``copies`` times); rows short of them are padded."""
+    nq, w = idx.shape
+    dist = np.ascontiguousarray(dist)
+    idx = np.ascontiguousarray(idx, dtype=np.int64)
+    out_d = np.empty((nq, n_neighbors), dtype=dist.dtype)
+    out_i = np.empty((nq, n_neighbors), dtype=np.int64)
+    size = 1 << max(1, int(2 * w - 1).bit_length())
+    n_threads = max(1, min(n_threads, nq))
+    _ivf.unique_top_k(dist, idx, out_d, out_i, np.empty((n_threads, size), np.int64),
+                      n_threads)
+    return out_d, out_i
 
 
 def _list_centroids(centroids, terms, n_lists, inner_product, codebooks):
