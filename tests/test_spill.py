@@ -93,10 +93,13 @@ def test_unique_top_k_matches_oracle():
     ids[:, -3:] = np.iinfo(np.int64).max
     order = np.lexsort((ids, dist), axis=1)
     dist, ids = np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
-    d, i = _scorers.unique_top_k(dist, ids, 8)
-    d0, i0 = _naive.unique_top_k(dist, ids, 8)
-    assert_array_equal(i, i0)
-    assert_array_equal(d, d0.astype(np.float32))
+    for kn, n_threads in [(8, 1), (8, 2), (1, 2), (16, 1)]:  # 16: rows padded
+        d, i = _scorers.unique_top_k(dist, ids, kn, n_threads)
+        d0, i0 = _naive.unique_top_k(dist, ids, kn)
+        assert_array_equal(i, i0)
+        assert_array_equal(d, d0.astype(np.float32))
+    d, i = _scorers.unique_top_k(dist[:, :1].astype(np.float64), ids[:, :1], 1)
+    assert_array_equal(i, ids[:, :1])
 
 
 def _spilled_problem(seed, m=4, k=16, n=300, n_lists=7, D=8):
