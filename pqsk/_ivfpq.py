@@ -702,7 +702,8 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
                                                0 <= self._spill_lambda < np.inf),
                 "spill_lambda_ must be None or a finite float >= 0")
         _lists.check_stored_ids(self.segments_, self.growing_ids_, self.growing_lists_,
-                                self.removed_, n, self.n_removed_, self._copies())
+                                self.removed_, n, self.n_removed_, self._copies(),
+                                self.n_lists_)
 
     # -- removal and compaction (the policy: SegmentWritesMixin) --------------
     def _segment_span(self, seg):

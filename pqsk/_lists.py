@@ -80,29 +80,35 @@ def id_slices(ids, size):
 
 
 def check_stored_ids(segments, growing_ids, growing_lists, removed, n, n_removed,
-                     n_copies):
+                     n_copies, n_lists):
     """A loaded index stores each id ``n_copies`` times (removed ids: that
     many or none, when compacted away), and with 2 copies in two
     different lists; every live id is stored.  Sizes are compared first:
-    nothing is allocated per claimed id."""
+    nothing is allocated per claimed id.  One sorted array of the ids
+    (with 2 copies, of ``id * n_lists + list``, int64) is all the check
+    allocates."""
     n_stored = sum(s["ids"].shape[0] for s in segments) + growing_ids.shape[0]
     require(n_stored + n_copies * n_removed >= n_copies * n,
             "fewer ids are stored than are live")
-    ids = np.concatenate([s["ids"] for s in segments] + [growing_ids])
-    lists = np.concatenate([segment_lists(s, s["list_offsets"].shape[0] - 1)
-                            for s in segments] + [growing_lists])
-    order = np.argsort(ids, kind="stable")
-    ids, lists = ids[order], lists[order]
     if n_copies == 1:
+        ids = np.concatenate([s["ids"] for s in segments] + [growing_ids])
+        ids.sort()
         require(n_stored < 2 or bool(np.all(ids[1:] != ids[:-1])), "an id is stored twice")
     else:
-        first, second = ids[0::2], ids[1::2]
-        require(n_stored % 2 == 0 and bool(np.all(first == second))
-                and (first.shape[0] < 2 or bool(np.all(first[1:] != first[:-1]))),
+        # One int64 key per entry, id * n_lists + list, sorted in place
+        # (ids times lists past 2**62 is no index one could build).
+        require(max(n, 1) * n_lists < 2**62, "too many ids and lists for spilling")
+        keys = np.concatenate([s["ids"] for s in segments] + [growing_ids]).astype(np.int64)
+        keys *= n_lists
+        keys += np.concatenate([segment_lists(s, n_lists) for s in segments]
+                               + [growing_lists])
+        keys.sort()
+        ids, second = keys[0::2] // n_lists, keys[1::2] // n_lists
+        require(n_stored % 2 == 0 and bool(np.all(ids == second))
+                and (ids.shape[0] < 2 or bool(np.all(ids[1:] != ids[:-1]))),
                 "with spilling every stored id must be stored exactly twice")
-        require(bool(np.all(lists[0::2] != lists[1::2])),
+        require(bool(np.all(keys[0::2] != keys[1::2])),  # same id, so other lists
                 "the two entries of a spilled id must be in different lists")
-        ids = first
     live_stored = (ids.shape[0] if removed is None
                    else ids.shape[0] - int(np.count_nonzero(removed[ids])))
     require(live_stored == n - n_removed, "a live id is not stored")
