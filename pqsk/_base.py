@@ -513,7 +513,8 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
         saved index loaded with ``mmap_mode``; not in ``"total"``), and
         ``"per_vector"``: the bytes per indexed vector of the parts that
         grow with the data (codes, ids, graph links), raw vectors not
-        included, so that it compares across estimators.
+        included, so that it compares across estimators (with spilling,
+        both entries of each vector: see ``IVFPQNeighbors.spill_lambda``).
         """
         check_is_fitted(self)
         growing, fixed = self._memory_parts()
@@ -524,12 +525,16 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
                  "reserved": self._reserved_bytes()}
         parts["total"] = sum(parts.values())
         parts["vectors_mapped"] = 0 if store is None else store.mapped_nbytes
-        parts["per_vector"] = sum(growing.values()) / max(1, self._n_stored())
+        parts["per_vector"] = sum(growing.values()) / max(1, self._n_stored() / self._copies())
         return parts
 
     def _n_stored(self):
         """Entries the index stores (removed ones not yet dropped included)."""
         return self.codes_.shape[0]
+
+    def _copies(self):
+        """Entries per stored vector (2 for a spilled IVF index)."""
+        return 1
 
     def _reserved_bytes(self):
         """Bytes allocated for appends beyond the used rows (see

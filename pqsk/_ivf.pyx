@@ -60,6 +60,7 @@ from ._fastscan_common cimport (pqsk_fs_scan_fn, pqsk_fs_prep_table, pqsk_fs_pre
                                 reservoir_t, res_init, res_push, res_shrink, res_accepts,
                                 res_sorted, res_value)
 from ._prefetch cimport pqsk_prefetch
+from libc.math cimport INFINITY
 
 # Estimate mode: an entry scored by its quantized estimate is held in a
 # reservoir (``pqsk._fastscan_common``) under a handle, (probe slot << 40) |
@@ -542,6 +543,59 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
             for r in range(kn):
                 out_dist[q, r] = hd[r]
                 out_idx[q, r] = hi[r]
+
+
+def unique_top_k(const floating[:, ::1] dist,     # IN  (nq, w) rows sorted by (dist, id)
+                 const int64_t[:, ::1] idx,        # IN  (nq, w)
+                 floating[:, ::1] out_dist,        # OUT (nq, kn)
+                 int64_t[:, ::1] out_idx,          # OUT (nq, kn)
+                 int64_t[:, ::1] seen,             # scratch (n_threads, 2**b >= 2 * w)
+                 int n_threads):
+    """Each row of (dist, idx) with every id kept at its first (best)
+    place only, the first ``kn`` kept written out; empty slots (id
+    INT64_MAX) are kept as they are, and a row with fewer than ``kn``
+    kept is padded with (+inf, INT64_MAX).  Spilled IVF searches: an id
+    has up to two entries, the kernel's heap keeps ``2 * kn`` of them.
+    Per row, the ids kept so far are held in an open-addressing hash set
+    (a row of ``seen``, cleared per row, linear probing): O(w) per row."""
+    cdef Py_ssize_t nq = idx.shape[0], w = idx.shape[1], kn = out_idx.shape[1]
+    cdef Py_ssize_t size = seen.shape[1]
+    cdef Py_ssize_t q, j, r, h
+    cdef int64_t* tab
+    cdef int64_t i
+    cdef uint64_t mask = <uint64_t> size - 1
+    if (dist.shape[0] != nq or dist.shape[1] != w or out_dist.shape[0] != nq
+            or out_idx.shape[0] != nq or out_dist.shape[1] != kn
+            or size < 2 * w or size & (size - 1) or seen.shape[0] < n_threads):
+        raise ValueError("unique_top_k: bad shapes")
+    if nq == 0 or kn == 0:
+        return
+    with nogil, parallel(num_threads=n_threads):
+        tab = &seen[threadid(), 0]
+        for q in prange(nq, schedule="static"):
+            for h in range(size):
+                tab[h] = -1
+            r = 0
+            for j in range(w):
+                if r == kn:
+                    break
+                i = idx[q, j]
+                if i != INT64_MAX:
+                    # ids are >= 0; -1 marks an empty slot of the set
+                    h = <Py_ssize_t> (((<uint64_t> i) * <uint64_t> 0x9E3779B97F4A7C15) >> 32
+                                      & mask)
+                    while tab[h] != -1 and tab[h] != i:
+                        h = <Py_ssize_t> ((h + 1) & mask)
+                    if tab[h] == i:
+                        continue
+                    tab[h] = i
+                out_dist[q, r] = dist[q, j]
+                out_idx[q, r] = i
+                r = r + 1
+            while r < kn:
+                out_dist[q, r] = INFINITY
+                out_idx[q, r] = INT64_MAX
+                r = r + 1
 
 
 def _reservoir_keep(const double[::1] d, const int64_t[::1] h, Py_ssize_t keep,

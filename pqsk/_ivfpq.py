@@ -1,7 +1,7 @@
 """IVFPQNeighbors: inverted file over residual product-quantization codes."""
 
 import warnings
-from numbers import Integral
+from numbers import Integral, Real
 
 import numpy as np
 from sklearn.utils import check_random_state
@@ -92,6 +92,14 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         feature; the raw vectors are then not kept): see :class:`PQNeighbors`.
     mode : {"distance", "connectivity"}, default="distance"
         What ``transform`` stores in the graph.
+    spill_lambda : float >= 0 or None, default=None
+        Spilling (SOAR, Sun et al., NeurIPS 2023): each vector is also
+        stored in a second list, the one minimising ``||x - c||^2 +
+        spill_lambda * <r, x - c>^2 / ||r||^2`` (r its residual to its own
+        centroid; 0 is plain second-nearest, 1.5 is ScaNN's choice), so a
+        neighbour near a cell border is found from either side: higher
+        recall at the same ``n_probe``, for twice the codes and ids (and
+        scan work).  A query returns each id once.  See :ref:`spilling`.
     coarse_max_iter : int, default=10
         Lloyd iterations of the coarse k-means.  Cells need not be optimal,
         only balanced and compact: 10 (as faiss) is enough, and each
@@ -265,6 +273,10 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         The most KMeans iterations run by any residual codebook.
     anisotropic_threshold_ : float or None
         ``anisotropic_threshold`` at fit: the loss every encoding uses.
+    spill_lambda_ : float or None
+        ``spill_lambda`` at fit.  With a float (and ``n_lists_ > 1``) each
+        id is stored twice, in two lists (``codes_``, ``ids_`` and the
+        growing part hold both entries; ``n_samples_fit_`` counts vectors).
     vectors_ : RowStore of shape (n_samples_fit, n_features) or None
         Raw vectors (as given, also for cosine), kept only if
         ``refine_factor > 0`` and ``refine_dtype="float32"``: an array-like (``np.asarray(vectors_)``,
@@ -295,6 +307,8 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
     (2, 3)
     >>> nn.partial_fit(X[:10]).n_samples_fit_
     2010
+    >>> nn.set_params(spill_lambda=1.5).fit(X).ids_.shape  # each vector in two lists
+    (4000,)
     """
 
     _parameter_constraints = {
@@ -303,6 +317,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         "n_lists": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "n_probe": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "coarse_max_iter": [Interval(Integral, 1, None, closed="left")],
+        "spill_lambda": [None, Interval(Real, 0, np.inf, closed="left")],
         **SEGMENT_PARAMETER_CONSTRAINTS,
     }
 
@@ -320,6 +335,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         refine_factor=10,
         refine_dtype="float32",
         mode="distance",
+        spill_lambda=None,
         coarse_max_iter=10,
         init="random",
         max_iter=25,
@@ -346,6 +362,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         self.refine_factor = refine_factor
         self.refine_dtype = refine_dtype
         self.mode = mode
+        self.spill_lambda = spill_lambda
         self.coarse_max_iter = coarse_max_iter
         self.init = init
         self.max_iter = max_iter
@@ -364,7 +381,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         self.metric_params = metric_params
 
     def _fitted_values(self):
-        fitted = super()._fitted_values()
+        fitted = {**super()._fitted_values(), "spill_lambda": self._spill_lambda}
         if self.n_lists != "auto":  # "auto" chose n_lists_ at fit
             fitted["n_lists"] = self.n_lists_
         return fitted
@@ -470,7 +487,8 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
             if self._ip_tables else _partition.list_terms(self.cluster_centers_,
                                                               codebooks)
         )
-        self.segments_ = ()
+        lam = self.spill_lambda
+        self.segments_, self.spill_lambda_ = (), None if lam is None else float(lam)
         self.__dict__.update(_lists.empty_growing(m, _quantizer.code_dtype(k), np.int32))
         self._forget_tombstones()
 
@@ -488,10 +506,11 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         # X (a FitRows) is read once, chunk by chunk.
         labels, codes = _scorers.assign_encode(progress.rows(X, "encoding"),
                                                  self.cluster_centers_, self.codebooks_,
-                                                 n_threads, **self._anisotropic_kw())
+                                                 n_threads, **self._anisotropic_kw(),
+                                                 spill=self._spill_lambda)
         n_total = first_id + b
         id_dtype = np.dtype(np.int32 if n_total < 2**31 else np.int64)
-        new_ids = np.arange(first_id, n_total, dtype=id_dtype)
+        new_ids = _lists.entry_ids(first_id, n_total, id_dtype, self._copies())
         segments = self.segments_
         if segments and segments[0]["ids"].dtype != id_dtype:  # past 2**31 ids, once
             segments = tuple(Segment({**{name: s[name] for name in s.names},
@@ -558,7 +577,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         g_ids = g_ids.astype(id_dtype, copy=False)
         lo = self.segments_[-1].meta["hi"] if self.segments_ else 0
         out = []
-        for sl in chunk_slices(g_ids.shape[0], self._segment_size()):
+        for sl in _lists.id_slices(g_ids, self._segment_size()):
             hi = int(g_ids[sl.stop]) if sl.stop < g_ids.shape[0] else n_total
             out.append(_lists.sealed(g_codes[sl], g_ids[sl], g_lists[sl], self.n_lists_,
                                      lo, hi, self._packs()))
@@ -580,7 +599,14 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
 
     def _n_dead(self):
         """Removed entries still stored (tombstones not yet merged away)."""
-        return self._n_stored() - self._n_live
+        return self._n_stored() - self._n_live * self._copies()
+
+    @property
+    def _spill_lambda(self):
+        return self.__dict__.get("spill_lambda_")  # None: fitted without, or before it
+
+    def _copies(self):
+        return _lists.copies(self._spill_lambda, self.n_lists_)
 
     # -- inspection: the sealed entries as one sorted index ------------------
     def _assembled(self):
@@ -670,18 +696,14 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         check_int_array(self.growing_ids_, "growing_ids_", (g,), lo, max(lo + 1, n))
         require(self.growing_lists_.dtype == np.int32, "growing_lists_ must be int32")
         check_int_array(self.growing_lists_, "growing_lists_", (g,), 0, self.n_lists_)
-        # Each id is stored at most once, and every live id is stored (the
-        # kernel would return duplicates, or miss rows, otherwise).  Sizes
-        # are compared first: nothing is allocated per claimed id.
-        n_stored = self._n_stored()
-        require(n_stored + self.n_removed_ >= n, "fewer ids are stored than are live")
-        stored = np.concatenate([s["ids"] for s in self.segments_] + [self.growing_ids_])
-        stored.sort()
-        require(n_stored < 2 or bool(np.all(stored[1:] != stored[:-1])),
-                "an id is stored twice")
-        live_stored = (n_stored if self.removed_ is None
-                       else n_stored - int(np.count_nonzero(self.removed_[stored])))
-        require(live_stored == n - self.n_removed_, "a live id is not stored")
+        # Each id stored once (twice, in two lists, with spilling), every
+        # live one (the kernel would return duplicates, or miss rows, else).
+        require(self._spill_lambda is None or (type(self._spill_lambda) is float and
+                                               0 <= self._spill_lambda < np.inf),
+                "spill_lambda_ must be None or a finite float >= 0")
+        _lists.check_stored_ids(self.segments_, self.growing_ids_, self.growing_lists_,
+                                self.removed_, n, self.n_removed_, self._copies(),
+                                self.n_lists_)
 
     # -- removal and compaction (the policy: SegmentWritesMixin) --------------
     def _segment_span(self, seg):
@@ -833,7 +855,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
                 # approximate anyway and the estimates are cheaper.
                 fastscan_estimate=0.5 * self._m() + 1 > _scorers.FASTSCAN_MARGIN,
                 fastscan_rescore=not ranking_only, deleted_stride=stride,
-                coarse_bias=bias,
+                coarse_bias=bias, copies=self._copies(),
             )
         if l2_probes:
             # -<q, x_hat> on unit vectors as the squared L2 distance the

@@ -8,6 +8,15 @@ Its ``meta`` is its id range {"lo", "hi"}: every id it stores lies in
 disjoint.  With 4-bit codes the codes are stored packed for the fast-scan
 kernels (see :func:`list_segment`).
 
+With spilling (``spill_lambda``, SOAR) a vector is stored as two entries
+with the same id, in two different lists, each the code of its residual
+to its own list's centroid: the two are appended together (the growing
+part holds them side by side, primary first) and always share a
+segment, so everything here that works entry by entry (sealing, merging,
+compaction by id, re-encoding) keeps them; :func:`copies` says how many
+entries a vector has, :func:`id_slices` never cuts a vector's entries
+apart, :func:`check_stored_ids` checks the pairs of a loaded index.
+
 Appended entries go to a growing part (codes, ids and list labels in
 arrival order) that queries scan too; it is sealed into segments when it
 holds more than ``GROWING_SHARE`` of the stored entries, and the newest
@@ -42,6 +51,67 @@ def growing_full(n_growing, n_stored, segment_size):
     """Whether a growing part of ``n_growing`` entries, in an index storing
     ``n_stored``, is to be sealed."""
     return n_growing > min(segment_size, max(GROWING_MIN, GROWING_SHARE * n_stored))
+
+
+def copies(spill_lambda, n_lists):
+    """Entries per stored vector: 2 with spilling (a second list exists),
+    else 1."""
+    return 2 if spill_lambda is not None and n_lists > 1 else 1
+
+
+def entry_ids(lo, hi, id_dtype, n_copies):
+    """The ids of the entries of new rows lo..hi - 1 as
+    :func:`pqsk._scorers.assign_encode` orders them (each ``n_copies``
+    times, side by side)."""
+    return np.repeat(np.arange(lo, hi, dtype=id_dtype), n_copies)
+
+
+def id_slices(ids, size):
+    """Slices of at most ``size`` consecutive entries covering ``ids``
+    (ascending, each id at most twice, size >= 2), never between two
+    entries of one id (a spilled vector's entries share a segment)."""
+    start, n = 0, ids.shape[0]
+    while start < n:
+        stop = min(n, start + size)
+        if stop < n and ids[stop] == ids[stop - 1]:
+            stop -= 1
+        yield slice(start, stop)
+        start = stop
+
+
+def check_stored_ids(segments, growing_ids, growing_lists, removed, n, n_removed,
+                     n_copies, n_lists):
+    """A loaded index stores each id ``n_copies`` times (removed ids: that
+    many or none, when compacted away), and with 2 copies in two
+    different lists; every live id is stored.  Sizes are compared first:
+    nothing is allocated per claimed id.  One sorted array of the ids
+    (with 2 copies, of ``id * n_lists + list``, int64) is all the check
+    allocates."""
+    n_stored = sum(s["ids"].shape[0] for s in segments) + growing_ids.shape[0]
+    require(n_stored + n_copies * n_removed >= n_copies * n,
+            "fewer ids are stored than are live")
+    if n_copies == 1:
+        ids = np.concatenate([s["ids"] for s in segments] + [growing_ids])
+        ids.sort()
+        require(n_stored < 2 or bool(np.all(ids[1:] != ids[:-1])), "an id is stored twice")
+    else:
+        # One int64 key per entry, id * n_lists + list, sorted in place
+        # (ids times lists past 2**62 is no index one could build).
+        require(max(n, 1) * n_lists < 2**62, "too many ids and lists for spilling")
+        keys = np.concatenate([s["ids"] for s in segments] + [growing_ids]).astype(np.int64)
+        keys *= n_lists
+        keys += np.concatenate([segment_lists(s, n_lists) for s in segments]
+                               + [growing_lists])
+        keys.sort()
+        ids, second = keys[0::2] // n_lists, keys[1::2] // n_lists
+        require(n_stored % 2 == 0 and bool(np.all(ids == second))
+                and (ids.shape[0] < 2 or bool(np.all(ids[1:] != ids[:-1]))),
+                "with spilling every stored id must be stored exactly twice")
+        require(bool(np.all(keys[0::2] != keys[1::2])),  # same id, so other lists
+                "the two entries of a spilled id must be in different lists")
+    live_stored = (ids.shape[0] if removed is None
+                   else ids.shape[0] - int(np.count_nonzero(removed[ids])))
+    require(live_stored == n - n_removed, "a live id is not stored")
 
 
 def empty_growing(m, code_dtype, id_dtype):

@@ -194,7 +194,7 @@ def ivf_candidates(q, centroids, codebooks, codes, ids, offsets, lists,
 
 
 def ivf_search(Q, centroids, codebooks, codes, ids, offsets, n_neighbors, n_probe,
-               inner_product=False, coarse=None, removed=None):
+               inner_product=False, coarse=None, removed=None, copies=1):
     """IVF-ADC search (the meaning of ``pqsk._ivf.ivf_search``).
 
     List l holds ``codes[offsets[l]:offsets[l + 1]]`` (residual codes) and
@@ -203,7 +203,10 @@ def ivf_search(Q, centroids, codebooks, codes, ids, offsets, n_neighbors, n_prob
     :func:`ivf_candidates`, in float64, padded with (+inf, INT64_MAX).
     ``coarse`` (nq, n_lists) ranks the lists; by default
     :func:`coarse_terms`.  ``removed``: boolean mask over ids (tombstones,
-    skipped and not counted).
+    skipped and not counted).  ``copies`` (2 with spilling: an id may be
+    stored in two lists): lists are scanned on while they hold fewer than
+    ``copies * n_neighbors`` live codes, and an id is returned once, at
+    the smallest distance of its codes scanned.
     """
     if coarse is None:
         coarse = coarse_terms(Q, centroids, inner_product)
@@ -212,11 +215,67 @@ def ivf_search(Q, centroids, codebooks, codes, ids, offsets, n_neighbors, n_prob
     out_i = np.empty((nq, n_neighbors), dtype=np.int64)
     for q in range(nq):
         live = None if removed is None else ~np.asarray(removed)[ids]
-        lists = ivf_probe_order(coarse[q], offsets, n_probe, n_neighbors, live)
+        lists = ivf_probe_order(coarse[q], offsets, n_probe, copies * n_neighbors, live)
         cid, cd = ivf_candidates(Q[q], centroids, codebooks, codes, ids, offsets, lists,
                                  inner_product, removed)
+        cid, cd = best_per_id(cid, cd)
         out_d[q], out_i[q] = top_k(cd, cid, n_neighbors)
     return out_d, out_i
+
+
+def best_per_id(ids, dist):
+    """(ids, dist) with each id once, at its smallest distance (spilled
+    entries: one vector stored in two lists)."""
+    best = {}
+    for i, d in zip(np.asarray(ids, dtype=np.int64).tolist(), np.asarray(dist).tolist()):
+        if i not in best or d < best[i]:
+            best[i] = d
+    return (np.array(list(best), dtype=np.int64),
+            np.array(list(best.values()), dtype=np.float64))
+
+
+def unique_top_k(dist, ids, n_neighbors):
+    """Rows of (dist, ids) sorted by (distance, id), each id kept at its
+    first (best) place, cut to n_neighbors; empty slots (+inf,
+    INT64_MAX) are kept as they are (the meaning of
+    ``pqsk._scorers.unique_top_k``)."""
+    nq = dist.shape[0]
+    out_d = np.full((nq, n_neighbors), np.inf)
+    out_i = np.full((nq, n_neighbors), EMPTY_ID, dtype=np.int64)
+    for q in range(nq):
+        seen, r = set(), 0
+        for d, i in zip(dist[q].tolist(), ids[q].tolist()):
+            if r == n_neighbors:
+                break
+            if i != EMPTY_ID and i in seen:
+                continue
+            seen.add(i)
+            out_d[q, r], out_i[q, r] = d, i
+            r += 1
+    return out_d, out_i
+
+
+def spill_lists(X, centroids, labels, spill_lambda):
+    """The SOAR second list of each row (the meaning of
+    ``pqsk._partition.spill_lists``): the list l != labels[i] minimising
+    ``||x - c_l||^2 + lambda * <r, x - c_l>^2 / ||r||^2``, r = x - c_labels[i]
+    (the last term 0 when r = 0), ties to the smaller l."""
+    X = np.asarray(X, dtype=np.float64)
+    C = np.asarray(centroids, dtype=np.float64)
+    out = np.empty(X.shape[0], dtype=np.int64)
+    for i in range(X.shape[0]):
+        r = X[i] - C[labels[i]]
+        rr = float(r @ r)
+        best, best_l = np.inf, -1
+        for l in range(C.shape[0]):
+            if l == labels[i]:
+                continue
+            e = X[i] - C[l]
+            loss = float(e @ e) + (spill_lambda * float(r @ e) ** 2 / rr if rr > 0 else 0.0)
+            if loss < best:
+                best, best_l = loss, l
+        out[i] = best_l
+    return out
 
 
 # --- HNSW -----------------------------------------------------------------------

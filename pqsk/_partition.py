@@ -2,8 +2,9 @@
 
 Plain functions on arrays: train the coarse centroids (k-means on one
 thread below ``LLOYD_THRESHOLD``, fixed-task Lloyd passes from it on),
-assign rows to their nearest centroid (their list), and the coarse and
-list terms a search adds to the ADC tables.  Reads rows (an array or a
+assign rows to their nearest centroid (their list) and, for spilling, to
+a second list (SOAR, :func:`spill_lists`), and the coarse and list terms
+a search adds to the ADC tables.  Reads rows (an array or a
 :class:`~pqsk._store.FitRows`) and centroids; writes centroids, labels
 and term arrays.  The sampling and k-means schedule it follows are those
 of :mod:`pqsk._quantizer`.
@@ -326,6 +327,53 @@ def assign(X, centroids, out=None, c_norms=None, block=None):
         else:
             labels[sl] = np.argmin(d, axis=1)
     return labels
+
+
+def spill_lists(X, centroids, labels, spill_lambda, c_norms=None, block=None):
+    """The second list of each row of X for spilling (SOAR: Sun et al.,
+    "SOAR: improved indexing for approximate nearest neighbor search",
+    NeurIPS 2023).
+
+    With ``r = x - c_1`` the residual to the row's own list ``labels[i]``,
+    the second list is the ``l != labels[i]`` minimising
+    ``||x - c_l||^2 + spill_lambda * <r, x - c_l>^2 / ||r||^2``: the
+    orthogonality-amplified residual loss, which prefers a list whose
+    residual is orthogonal to ``r``, so that a query missed by one list's
+    error is caught by the other's.  Every list is a candidate (two
+    (rows, n_lists) products per chunk of ``chunk_rows(n_lists)`` rows,
+    the cost of one more assignment); ties go to the smaller list.  A
+    row equal to its centroid (``r = 0``) takes its second-nearest list.
+
+    ``labels``: (n,) int, the primary lists; ``c_norms`` and ``block``
+    as in :func:`assign`.  Needs at least 2 centroids.  Returns (n,)
+    int32.
+    """
+    n, L = X.shape[0], centroids.shape[0]
+    out = np.empty(n, dtype=np.int32)
+    if c_norms is None:
+        c_norms = np.einsum("ij,ij->i", centroids, centroids)
+    lam = centroids.dtype.type(spill_lambda)
+    step = chunk_rows(L) if block is None else block.shape[0]
+    for sl in chunk_slices(n, step):
+        x = np.asarray(X[sl], dtype=centroids.dtype)
+        own = np.asarray(labels[sl], dtype=np.intp)
+        r = x - centroids[own]
+        r_norm2 = np.einsum("ij,ij->i", r, r)
+        # ||x - c||^2 up to the row's ||x||^2 (the same for all its lists)
+        loss = (np.matmul(x, centroids.T) if block is None
+                else np.matmul(x, centroids.T, out=block[:x.shape[0]]))
+        loss *= -2
+        loss += c_norms
+        # <r, x - c> = <r, x> - <r, c>, scaled by sqrt(lambda / ||r||^2)
+        par = np.einsum("ij,ij->i", r, x)[:, None] - r @ centroids.T
+        scale = np.zeros_like(r_norm2)
+        np.divide(lam, r_norm2, out=scale, where=r_norm2 > 0)
+        par *= par
+        par *= scale[:, None]
+        loss += par
+        loss[np.arange(x.shape[0]), own] = np.inf
+        out[sl] = np.argmin(loss, axis=1)
+    return out
 
 
 # The precomputed L2 list terms are kept while they take at most this

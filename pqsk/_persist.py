@@ -1,6 +1,6 @@
 """Saving and loading fitted estimators without pickle.
 
-Layout (format version 4)
+Layout (format version 5)
 -------------------------
 An index is a directory::
 
@@ -24,7 +24,9 @@ never seen half-written.  After the manifest switch, segment files the new
 version does not name are removed.  Version 2 (no segments) still loads.
 Version 4 adds the compact re-ranking tier (``refine_dtype``,
 ``refine_rows_``, ``refine_offset_``, ``refine_scale_``; float16 arrays);
-a version-3 file reads as an index without one.
+a version-3 file reads as an index without one.  Version 5 adds spilling
+(``spill_lambda``, ``spill_lambda_``: an IVF id stored twice, in two
+lists); a version-4 file reads as an index without it.
 
 Saving never deletes first.  ``save`` writes a new ``vNNNNNN/`` next to the
 current one, ``fsync``-ing every file and the directory, then writes the
@@ -42,7 +44,7 @@ attempt holds the lock shared, so that a stream of saves cannot starve it.
 
 Format version 1 (``header.json`` and the ``.npy`` files directly in the
 directory, no header checksum) is still read; saving over it writes
-version 4 and then removes the old files.  Parameters added since an old
+version 5 and then removes the old files.  Parameters added since an old
 file was written (``_PARAMS_SINCE``) keep their defaults.
 
 The header's JSON form of each value is :mod:`pqsk._header`'s.
@@ -56,8 +58,8 @@ dtype in native byte order, C order) and its size with the file's before
 any data is read.  Derived tables are recomputed rather than read.  Then
 the estimator checks every invariant its kernels rely on (values in range,
 floats finite and small enough that squared distances cannot overflow,
-ids each present once, graph links consistent with node levels, every live
-node reachable...), so a truncated, corrupted, mismatched or hand-crafted
+ids each present once (twice, in two lists, when spilled), graph links
+consistent with node levels, every live node reachable...), so a truncated, corrupted, mismatched or hand-crafted
 file raises :class:`IndexFormatError` instead of crashing or answering
 wrongly.  Last, the structural parameters (the number of sub-spaces and
 codewords, metric, rotation, anisotropic threshold, lists, links: what
@@ -95,10 +97,10 @@ from ._runtime import index_lock
 from ._version import __version__
 
 FORMAT = "pqsk-index"
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 # Versions written with a manifest (version 2 has no segments).
-_MANIFEST_VERSIONS = (2, 3, 4)
+_MANIFEST_VERSIONS = (2, 3, 4, 5)
 MANIFEST = "MANIFEST.json"
 HEADER = "header.json"
 SEGMENTS = "segments"
@@ -122,7 +124,8 @@ _SHA = re.compile(r"[0-9a-f]{64}")
 # without them reads as before): version-3 files written before them lack
 # them, so they are required only from the next format on.
 _PARAMS_SINCE = {"segment_size": 3, "rotation": 4, "anisotropic_threshold": 4,
-                 "radius": 4, "p": 4, "metric_params": 4, "refine_dtype": 4}
+                 "radius": 4, "p": 4, "metric_params": 4, "refine_dtype": 4,
+                 "spill_lambda": 5}
 
 
 # The classes a saved index may hold, by the name its header gives: every

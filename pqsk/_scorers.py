@@ -23,7 +23,7 @@ import numpy as np
 
 from . import _adc, _fastscan, _ivf
 from ._anisotropic import anisotropic_encode
-from ._partition import assign, chunk_rows
+from ._partition import assign, chunk_rows, spill_lists
 from ._quantizer import code_dtype, padded_rows, scratch, transposed
 from ._quantizer import encode as plain_encode
 from ._segments import NO_ID, NO_TOMBSTONES
@@ -67,7 +67,7 @@ def encode(X, codebooks, n_threads=1, threshold=None, directions=None):
     return anisotropic_encode(X, codebooks, threshold, directions, n_threads=n_threads)
 
 
-def assign_encode(X, centroids, codebooks, n_threads=1, threshold=None):
+def assign_encode(X, centroids, codebooks, n_threads=1, threshold=None, spill=None):
     """Coarse list and residual PQ code of each row of X, in one pass.
 
     X is an array or a :class:`~pqsk._store.FitRows` (a memmap's rows are
@@ -78,17 +78,24 @@ def assign_encode(X, centroids, codebooks, n_threads=1, threshold=None):
     With ``threshold`` the residuals are encoded for the anisotropic loss
     whose directions are the rows themselves (the score is ``<q, x>``).
 
+    With ``spill`` (a float, the SOAR lambda, and at least 2 centroids)
+    each row gives two entries, 2 i its own list and 2 i + 1 its second
+    list (:func:`~pqsk._partition.spill_lists`), each the code of the row's
+    residual to its list's centroid, encoded as any entry of that list.
+
     Returns
     -------
-    labels : ndarray of shape (n,), int32
-        Index of each row's L2-nearest centroid (its list).
-    codes : ndarray of shape (n, m), ``code_dtype(k)``
+    labels : ndarray of shape (n * copies,), int32
+        Index of each row's L2-nearest centroid (its list), and with
+        ``spill`` its second list (copies = 2).
+    codes : ndarray of shape (n * copies, m), ``code_dtype(k)``
         PQ codes of ``row - centroids[label]``.
     """
     m, k, _ = codebooks.shape
     n = X.shape[0]
-    labels = np.empty(n, dtype=np.int32 if centroids.shape[0] < 2**31 else np.int64)
-    codes = np.empty((n, m), dtype=code_dtype(k))
+    copies = 2 if spill is not None and centroids.shape[0] > 1 else 1
+    labels = np.empty(n * copies, dtype=np.int32 if centroids.shape[0] < 2**31 else np.int64)
+    codes = np.empty((n * copies, m), dtype=code_dtype(k))
     # Buffers reused chunk after chunk: a pass allocates them once.
     c_norms = np.einsum("ij,ij->i", centroids, centroids)
     block = np.empty((min(n, chunk_rows(centroids.shape[0])), centroids.shape[0]),
@@ -100,10 +107,18 @@ def assign_encode(X, centroids, codebooks, n_threads=1, threshold=None):
             lab = np.empty(rows, dtype=np.intp)
             residuals = np.empty((rows, centroids.shape[1]), dtype=centroids.dtype)
         assign(chunk, centroids, out=lab[:rows], c_norms=c_norms, block=block)
-        labels[sl] = lab[:rows]
+        entries = slice(copies * sl.start, copies * sl.stop, copies)
+        labels[entries] = lab[:rows]
         np.take(centroids, lab[:rows], axis=0, out=residuals[:rows])
         np.subtract(chunk, residuals[:rows], out=residuals[:rows])
-        codes[sl] = encode(residuals[:rows], codebooks, n_threads, threshold, chunk)
+        codes[entries] = encode(residuals[:rows], codebooks, n_threads, threshold, chunk)
+        if copies == 2:  # the second list: same codec, its own residual
+            lab[:rows] = spill_lists(chunk, centroids, lab[:rows], spill, c_norms, block)
+            entries = slice(2 * sl.start + 1, 2 * sl.stop, 2)
+            labels[entries] = lab[:rows]
+            np.take(centroids, lab[:rows], axis=0, out=residuals[:rows])
+            np.subtract(chunk, residuals[:rows], out=residuals[:rows])
+            codes[entries] = encode(residuals[:rows], codebooks, n_threads, threshold, chunk)
     if n > rows_per_chunk(X.shape[1] * codebooks.dtype.itemsize):
         release_memory()  # the chunks' temporaries, before the caller's next step
     return labels, codes
@@ -188,7 +203,7 @@ def adc_search_allowed(Q, codebooks, parts, n_neighbors, inner_product=False, n_
 def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
                n_probe, inner_product=False, n_threads=1, growing=None, deleted=None,
                centroids=None, fastscan_margin=None, fastscan_estimate=False,
-               fastscan_rescore=True, deleted_stride=0, coarse_bias=None):
+               fastscan_rescore=True, deleted_stride=0, coarse_bias=None, copies=1):
     """Search ``n_probe`` lists per query (see ``pqsk._ivf``).
 
     ``segments``: a list of (codes, ids, offsets), each sorted list after
@@ -213,11 +228,25 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
     ``coarse`` only orders the lists (see
     :func:`pqsk._partition.coarse_terms_l2_ip`).
 
+    ``copies`` (2 with spilling): the most entries an id has (each in
+    another list).  The kernel then keeps the best ``copies *
+    n_neighbors`` entries, which hold the ``n_neighbors`` best distinct
+    ids (each id has at most ``copies`` of them), and probes further lists
+    until it has seen that many; :func:`unique_top_k` keeps each id once,
+    at its best distance.  So no id is returned twice and duplicates take
+    no candidate slot of a re-ranking caller.
+
     Returns (dist, idx): (nq, n_neighbors) arrays, rows sorted by
     (distance, id); ``dist`` as in :func:`adc_search` (squared L2 or minus
     the inner product, coarse term included).  Slots never filled (fewer
     live indexed vectors than n_neighbors) hold (+inf, INT64_MAX).
     """
+    if copies > 1:
+        dist, idx = ivf_search(Q, coarse, codebooks, terms, segments, copies * n_neighbors,
+                               n_probe, inner_product, n_threads, growing, deleted,
+                               centroids, fastscan_margin, fastscan_estimate,
+                               fastscan_rescore, deleted_stride, coarse_bias)
+        return unique_top_k(dist, idx, n_neighbors, n_threads)
     m, k, _ = codebooks.shape
     nq, n_lists = Q.shape[0], coarse.shape[1]
     dtype = codebooks.dtype
@@ -248,6 +277,25 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
         None if coarse_bias is None else np.ascontiguousarray(coarse_bias, dtype=dtype),
     )
     return dist, idx
+
+
+def unique_top_k(dist, idx, n_neighbors, n_threads=1):
+    """Rows of (dist, idx), sorted by (distance, id), with each id kept
+    at its first (best) place only, cut to ``n_neighbors`` columns; empty
+    slots (+inf, ``NO_ID``) are kept (kernel ``pqsk._ivf.unique_top_k``:
+    a hash set of the ids kept per row, O(width) per row).  The caller
+    guarantees enough distinct entries (``copies * n_neighbors`` columns,
+    each id at most ``copies`` times); rows short of them are padded."""
+    nq, w = idx.shape
+    dist = np.ascontiguousarray(dist)
+    idx = np.ascontiguousarray(idx, dtype=np.int64)
+    out_d = np.empty((nq, n_neighbors), dtype=dist.dtype)
+    out_i = np.empty((nq, n_neighbors), dtype=np.int64)
+    size = 1 << max(1, int(2 * w - 1).bit_length())
+    n_threads = max(1, min(n_threads, nq))
+    _ivf.unique_top_k(dist, idx, out_d, out_i, np.empty((n_threads, size), np.int64),
+                      n_threads)
+    return out_d, out_i
 
 
 def _list_centroids(centroids, terms, n_lists, inner_product, codebooks):

@@ -47,7 +47,8 @@ def decoded_chunks(parts, n, d, dtype, step):
     ``parts``: list of ``(ids, decode)``: ``ids`` the (n_p,) int ids of
     the part's entries (None: entry i is id i), ``decode(positions)`` the
     (len(positions), d) rows of those entries.  Ids held by no part
-    (removed from a graph) are rows of zeros."""
+    (removed from a graph) are rows of zeros.  An id a part holds twice
+    (a spilled vector) is decoded from its first entry there."""
     for sl in chunk_slices(n, step):
         out = np.zeros((sl.stop - sl.start, d), dtype)
         for ids, decode in parts:
@@ -58,6 +59,7 @@ def decoded_chunks(parts, n, d, dtype, step):
                 continue
             pos = np.flatnonzero((ids >= sl.start) & (ids < sl.stop))
             if pos.size:
+                pos = pos[np.unique(ids[pos], return_index=True)[1]]
                 out[np.asarray(ids[pos], np.intp) - sl.start] = decode(pos)
         yield sl, out
 

@@ -162,6 +162,35 @@ def test_n_shards_groups_numpy_input_and_partial_fit_remove(client):
     assert not np.isin(ind, removed).any()
 
 
+def test_sharded_spilled_ivf_equals_one_spilled_index(client, tmp_path):
+    """spill_lambda passes through the shard protocol: every shard stores
+    each of its vectors twice (SOAR) and the merged answers, with appends,
+    removals and a save / load, are those of one spilled index."""
+    est = ivf(spill_lambda=1.5)
+    sharded = ShardedNeighbors(est).fit(da.from_array(X[:2400], chunks=(800, 16)))
+    from dask import delayed
+
+    entries = [delayed(lambda s: (s.spill_lambda_, s._n_stored()))(shard).compute()
+               for shard in sharded.shards_]
+    assert entries == [(1.5, 1600)] * 3
+    ref = reference(sharded, X[:2400])
+    assert ref.ids_.shape[0] == 4800
+    sharded.partial_fit(da.from_array(X[2400:], chunks=(300, 16)))
+    ref.partial_fit(X[2400:])
+    removed = rng.choice(3000, 200, replace=False)
+    sharded.remove(removed)
+    ref.remove(removed)
+    dist, ind = sharded.kneighbors(Q, n_neighbors=9)
+    d0, i0 = ref.kneighbors(Q, n_neighbors=9)
+    np.testing.assert_array_equal(ind, i0)
+    np.testing.assert_allclose(dist, d0, rtol=1e-6)
+    assert all(len(set(row)) == 9 for row in ind.tolist())
+    assert not np.isin(ind, removed).any()
+    sharded.save(tmp_path / "spilled")
+    loaded = ShardedNeighbors.load(tmp_path / "spilled")
+    np.testing.assert_array_equal(loaded.kneighbors(Q, n_neighbors=9)[1], i0)
+
+
 def test_search_params_per_call_without_rebuilding(client):
     sharded = ShardedNeighbors(ivf(refine_factor=0)).fit(da.from_array(X, chunks=1000))
     keys = [s.key for s in sharded.shards_]
