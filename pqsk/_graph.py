@@ -103,15 +103,21 @@ class _NodeVectors:
     after.  The level-0 repair reads the few nodes it links this way, so
     an append never decodes the whole index."""
 
-    def __init__(self, codes, codebooks, new_rows, first_new):
+    def __init__(self, codes, codebooks, new_rows, first_new, walk=None, ids=None):
         self.codes, self.codebooks = codes, codebooks
         self.new_rows, self.first_new = new_rows, first_new
+        self.walk, self.ids = walk, ids  # old nodes from the tier (see link)
 
     def __getitem__(self, idx):
         idx = np.asarray(idx)
         out = np.empty(idx.shape + (self.new_rows.shape[1],), np.float32)
         old = idx < self.first_new
-        out[old] = _quantizer.decode(self.codes[idx[old]], self.codebooks)
+        if self.walk is not None:
+            nodes = idx[old]
+            out[old] = self.walk.node_rows(nodes if self.ids is None else self.ids[nodes],
+                                           out.shape[-1])
+        else:
+            out[old] = _quantizer.decode(self.codes[idx[old]], self.codebooks)
         out[~old] = self.new_rows[idx[~old] - self.first_new]
         return out
 
@@ -201,7 +207,7 @@ def _split_codes(codes):
 
 
 def link(state, n_old, vectors, codebooks, ef_construction, inner_product, progress,
-         owner, kept=None, before_write=None):
+         owner, kept=None, before_write=None, walk=None):
     """Link nodes n_old .. n - 1 of the grown graph ``state`` (see ``grow``)
     and make every node reachable from the entry point on level 0.
 
@@ -231,6 +237,10 @@ def link(state, n_old, vectors, codebooks, ef_construction, inner_product, progr
         before the kernel runs is done: from then on the old nodes' rows
         are being rewritten in place, so ``state`` is the graph even if an
         interrupt comes.
+    walk : TierWalk, default=None
+        The index's compact tier (:class:`pqsk._tierwalk.TierWalk`), in the
+        space of ``vectors`` (no rotation): old nodes are then decoded from
+        their tier rows (found by ``state["ids_"]``), not their codes.
 
     Returns
     -------
@@ -266,6 +276,7 @@ def link(state, n_old, vectors, codebooks, ef_construction, inner_product, progr
         dec=np.empty(2 * D, np.float32),
     )
     data = (vectors, n_old, codes8, codes16, cb)
+    tier_kw = {} if walk is None or not n_old else walk.build_kw(state.get("ids_"))
     # Point of no return: the kernel rewrites old nodes' rows in place.
     if before_write is not None:
         before_write(st)
@@ -280,7 +291,7 @@ def link(state, n_old, vectors, codebooks, ef_construction, inner_product, progr
                 *data, state["levels_"], links0, upper, state["upper_offsets_"],
                 start, stop, ep, top, ef_c, ip, st["indeg"], st["last_copies"],
                 n_old, st["visited"], st["gen"], **kernel_scratch, parent=parent,
-                lost=lost, counts=counts,
+                lost=lost, counts=counts, **tier_kw,
             )
             state["entry_point_"], state["max_level_"] = int(ep), int(top)
             bar.update(stop - start)
@@ -296,7 +307,7 @@ def link(state, n_old, vectors, codebooks, ef_construction, inner_product, progr
             kernel_scratch["cand_d"], kernel_scratch["cand_i"],
             kernel_scratch["res_d"], kernel_scratch["res_i"],
             np.empty(room, np.float32), np.empty(room, np.int64),
-            np.empty(3 * D, np.float32))
+            np.empty(3 * D, np.float32), **tier_kw)
 
     full = not n_old or ep != first_ep
     if n > n_old and not full:
@@ -310,7 +321,8 @@ def link(state, n_old, vectors, codebooks, ef_construction, inner_product, progr
         full = fix(cand) > 0
     if n > n_old and full:
         node_vectors = (vectors if not n_old
-                        else _NodeVectors(codes, cb, vectors, n_old))
+                        else _NodeVectors(codes, cb, vectors, n_old, walk if tier_kw else None,
+                                          state.get("ids_")))
         with warnings.catch_warnings(record=True):  # fix() has the last word
             warnings.simplefilter("always")
             n_fixed = repair_level0(links0, node_vectors, int(ep), ip)

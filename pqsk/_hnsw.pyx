@@ -54,6 +54,7 @@ cdef extern from "_tierwalk.h" nogil:
     int pqsk_rr_cpu_has_avx2_f16c()
     float pqsk_tw_dist(const pqsk_tw_tier* t, const float* q, double qn, int64_t node)
     void pqsk_tw_prefetch(const pqsk_tw_tier* t, int64_t node)
+    void pqsk_tw_decode(const pqsk_tw_tier* t, int64_t node, float* out)
 
 cdef extern from *:
     """
@@ -90,7 +91,8 @@ cdef struct Dist:
     const uint16_t* codes16  #  EXACT: at least the nodes below first_new)
     Py_ssize_t m
     Py_ssize_t k
-    const pqsk_tw_tier* tier # TIER: the nodes' tier rows (query: d.query)
+    const pqsk_tw_tier* tier # TIER: the nodes' tier rows (query: d.query); EXACT:
+                             #  if not NULL, where old nodes are decoded from
     double qn                # TIER: ||query||^2
     int64_t count            # distance computations so far
 
@@ -157,6 +159,11 @@ cdef inline const float* node_vec(Dist* d, int64_t node, float* buf) noexcept no
     cdef int64_t c
     if node >= d.first_new:
         return d.vectors + (node - d.first_new) * d.dim
+    if d.tier != NULL:                   # its tier row, zero-padded to dim
+        pqsk_tw_decode(d.tier, node, buf)
+        if d.tier.d < d.dim:
+            memset(buf + d.tier.d, 0, (d.dim - d.tier.d) * sizeof(float))
+        return buf
     for j in range(d.m):
         c = d.codes8[node * d.m + j] if d.codes8 != NULL else d.codes16[node * d.m + j]
         memcpy(buf + j * d.ds, d.codebooks + (j * d.k + c) * d.ds, d.ds * sizeof(float))
@@ -167,7 +174,7 @@ cdef inline void prefetch_node(Dist* d, int64_t node) noexcept nogil:
     """Ask for a node's data ahead of its distance: graph walks jump
     around memory, and the load latency, not the arithmetic, dominates."""
     cdef Py_ssize_t off
-    if d.kind == TIER:
+    if d.kind == TIER or (d.kind == EXACT and node < d.first_new and d.tier != NULL):
         pqsk_tw_prefetch(d.tier, node)
     elif d.kind == EXACT and node >= d.first_new:
         node -= d.first_new
@@ -543,6 +550,7 @@ cdef void init_build(Dist* d, Work* w, Graph* g,
     d.codes16 = &codes16[0, 0] if codes16.shape[0] > 0 else NULL
     d.dec_a = &dec[0]
     d.dec_b = &dec[d.dim]
+    d.tier = NULL
     d.count = 0
     w.deleted = NULL
     w.visited = &visited[0] if n > 0 else NULL
@@ -551,6 +559,31 @@ cdef void init_build(Dist* d, Work* w, Graph* g,
     w.cand_i = &cand_i[0] if n > 0 else NULL
     w.res_d = &res_d[0]
     w.res_i = &res_i[0]
+
+
+cdef pqsk_tw_tier* fill_tier(pqsk_tw_tier* t, const uintptr_t[::1] tier_ptr,
+                            const int64_t[::1] tier_start, const int64_t[::1] tier_ids,
+                            const float[::1] tier_offset, const float[::1] tier_scale,
+                            Py_ssize_t dim, bint unit_norm, bint inner_product,
+                            bint simd) noexcept:
+    """Fill ``t`` from the ``tier_*`` arguments of the kernels (rows of dim
+    features); returns it, or NULL when ``tier_ptr`` is None (no tier)."""
+    if tier_ptr is None:
+        return NULL
+    t.part_ptr = &tier_ptr[0]
+    t.part_start = &tier_start[0]
+    t.n_parts = tier_ptr.shape[0]
+    t.ids = &tier_ids[0] if tier_ids is not None and tier_ids.shape[0] > 0 else NULL
+    t.d = dim
+    t.is_int8 = tier_offset is not None
+    t.row_bytes = dim * (1 if t.is_int8 else 2)
+    t.off = &tier_offset[0] if t.is_int8 and dim > 0 else NULL
+    t.sc = &tier_scale[0] if t.is_int8 and dim > 0 else NULL
+    t.unit_norm = unit_norm
+    t.inner_product = inner_product
+    t.simd = simd and pqsk_rr_cpu_has_avx2_f16c()
+    t.eps10 = 10 * 1.1920928955078125e-07
+    return t
 
 
 def hnsw_build(const float[:, ::1] vectors,         # IN  (n - first_new, D) float32
@@ -583,15 +616,23 @@ def hnsw_build(const float[:, ::1] vectors,         # IN  (n - first_new, D) flo
                float[::1] dec,                          # scratch (2 * D,)
                int32_t[::1] parent,                     # INOUT (n,) see below
                int64_t[::1] lost,                       # OUT (cap,) see below
-               int64_t[::1] counts):                    # INOUT (2,) distances, lost
+               int64_t[::1] counts,                     # INOUT (2,) distances, lost
+               const uintptr_t[::1] tier_ptr=None,      # IN  as hnsw_search, or None
+               const int64_t[::1] tier_start=None,
+               const int64_t[::1] tier_ids=None,
+               const float[::1] tier_offset=None,
+               const float[::1] tier_scale=None,
+               Py_ssize_t tier_dim=0):                  # features of a tier row (<= D)
     """Insert nodes ``start .. stop - 1`` in order; nodes before ``start``
     are already linked.  Returns (entry_point, max_level); entry_point -1
     means an empty graph.  Deterministic: one thread, fixed order.
 
     Node i's vector is row ``i - first_new`` of ``vectors`` for
     ``i >= first_new`` (``first_new <= start``), else its PQ code
-    decoded with ``codebooks``: an append passes the new rows only, and
-    the old nodes' data is read only where the insertion goes.
+    decoded with ``codebooks``, or, given a compact tier (``tier_*``, as
+    ``hnsw_search`` takes them; rows in the space of ``vectors``), its tier
+    row decoded and zero-padded to D: an append passes the new rows only,
+    and the old nodes' data is read only where the insertion goes.
 
     ``indeg`` must hold the level-0 in-degree of every node (zero for the
     new ones); it is kept up to date, so that no link is dropped from a
@@ -631,9 +672,12 @@ def hnsw_build(const float[:, ::1] vectors,         # IN  (n - first_new, D) flo
     cdef int32_t* last_copy = &last_copies[0] if n > 0 else NULL
     cdef int r
     cdef Py_ssize_t cap
+    cdef pqsk_tw_tier tier
     init_build(&d, &w, &g, vectors, first_new, codes8, codes16, codebooks, links0,
                upper, upper_off, inner_product, dec, visited, gen, cand_d, cand_i,
                res_d, res_i)
+    d.tier = fill_tier(&tier, tier_ptr, tier_start, tier_ids, tier_offset, tier_scale,
+                       tier_dim, False, inner_product, False)
     tree.parent = &parent[0] if n > 0 else NULL
     tree.lost = &lost[0] if lost.shape[0] > 0 else NULL
     tree.cap = lost.shape[0]
@@ -803,7 +847,13 @@ def fix_parents(const int64_t[::1] nodes,           # IN  (n_nodes,) candidates
                 float[::1] cand_d, int64_t[::1] cand_i,  # scratch (>= n,)
                 float[::1] res_d, int64_t[::1] res_i,    # scratch (ef + 1,)
                 float[::1] sd, int64_t[::1] si,     # scratch (>= M0 * (M0 + 1), >= ef)
-                float[::1] dec):                    # scratch (3 * D,)
+                float[::1] dec,                     # scratch (3 * D,)
+                const uintptr_t[::1] tier_ptr=None, # IN  as hnsw_build
+                const int64_t[::1] tier_start=None,
+                const int64_t[::1] tier_ids=None,
+                const float[::1] tier_offset=None,
+                const float[::1] tier_scale=None,
+                Py_ssize_t tier_dim=0):
     """Give every listed LOST node a parent: the local reachability check
     after an append, O(listed nodes * M0**2), never a walk of the graph.
 
@@ -830,9 +880,12 @@ def fix_parents(const int64_t[::1] nodes,           # IN  (n_nodes,) candidates
     cdef int64_t cur
     cdef float d_cur
     cdef bint changed = True
+    cdef pqsk_tw_tier tier
     init_build(&d, &w, &g, vectors, first_new, codes8, codes16, codebooks, links0,
                upper, upper_off, inner_product, dec, visited, gen, cand_d, cand_i,
                res_d, res_i)
+    d.tier = fill_tier(&tier, tier_ptr, tier_start, tier_ids, tier_offset, tier_scale,
+                       tier_dim, False, inner_product, False)
     with nogil:
         passes = 0
         while changed and passes < 64:
@@ -1009,21 +1062,8 @@ def hnsw_search(const float[:, ::1] Q,                 # IN  (nq, D) float32
     cdef pqsk_tw_tier* tp = NULL
     if nq == 0 or n == 0 or entry_point < 0 or n_out == 0:
         return
-    if tier_ptr is not None:
-        tp = &tier
-        tier.part_ptr = &tier_ptr[0]
-        tier.part_start = &tier_start[0]
-        tier.n_parts = tier_ptr.shape[0]
-        tier.ids = &tier_ids[0] if tier_ids is not None and tier_ids.shape[0] > 0 else NULL
-        tier.d = Q.shape[1]
-        tier.is_int8 = tier_offset is not None
-        tier.row_bytes = Q.shape[1] * (1 if tier.is_int8 else 2)
-        tier.off = &tier_offset[0] if tier.is_int8 and Q.shape[1] > 0 else NULL
-        tier.sc = &tier_scale[0] if tier.is_int8 and Q.shape[1] > 0 else NULL
-        tier.unit_norm = tier_unit_norm
-        tier.inner_product = inner_product
-        tier.simd = tier_simd and pqsk_rr_cpu_has_avx2_f16c()
-        tier.eps10 = 10 * 1.1920928955078125e-07
+    tp = fill_tier(&tier, tier_ptr, tier_start, tier_ids, tier_offset, tier_scale,
+                   Q.shape[1], tier_unit_norm, inner_product, tier_simd)
     g.links0 = <int32_t*> &links0[0, 0]
     g.upper = <int32_t*> &upper[0, 0] if upper.shape[0] > 0 else NULL
     g.upper_off = &upper_off[0]

@@ -503,9 +503,12 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
                 runtime(self).pending = state
             runtime(self).build = st
 
+        # Old nodes are decoded from the tier, if any (it holds unrotated rows).
+        walk = (TierWalk.choose("auto", self._tier, False)
+                if n_old and self._rotation is None else None)
         st = _graph.link(state, n_old, vectors, self.codebooks_, self.ef_construction,
                          self._inner_product, progress, self if owner is None else owner,
-                         kept, before_write if publish else None)
+                         kept, before_write if publish else None, walk)
         if publish:
             self.__dict__.update(state)
             runtime(self).pending = None

@@ -19,6 +19,11 @@ re-ranking does (``pqsk._rerank.TIER_ISA`` is not "scalar"), else sums in
 double.  The tier holds the prepared, unrotated rows, so the walk reads
 the queries unrotated (``queries``).  The naive version is
 ``pqsk._naive.hnsw_tier_search``.
+
+Appends link the new rows by their vectors; the old nodes they meet are
+decoded from their tier rows when the index has a tier and no rotation
+(``build_kw``; from their PQ codes otherwise), so the appended part of the
+graph follows nearly exact distances too.
 """
 
 import numpy as np
@@ -56,6 +61,7 @@ class TierWalk:
         self.scale = np.ascontiguousarray(tier.scale, np.float32) if is_int8 else None
         self.unit_norm = bool(unit_norm)
         self.rotation = rotation
+        self.tier = tier
 
     @classmethod
     def choose(cls, walk, tier, unit_norm, rotation=None):
@@ -87,3 +93,21 @@ class TierWalk:
                 "tier_offset": self.offset, "tier_scale": self.scale,
                 "tier_unit_norm": self.unit_norm,
                 "tier_simd": _rerank.TIER_ISA != "scalar"}
+
+    def build_kw(self, ids):
+        """The ``tier_*`` arguments of ``_hnsw.hnsw_build`` and
+        ``fix_parents``, which decode old nodes from their tier rows (the
+        index must have no rotation: the build's rows are not rotated
+        back)."""
+        return {"tier_ptr": self.part_ptr, "tier_start": self.part_start,
+                "tier_ids": None if ids is None else np.ascontiguousarray(ids, np.int64),
+                "tier_offset": self.offset, "tier_scale": self.scale,
+                "tier_dim": self.tier.rows.shape[1]}
+
+    def node_rows(self, ids, width):
+        """Float32 rows of the tier for ``ids``, zero-padded to ``width``
+        columns (the codebooks' padded layout the build reads)."""
+        rows = self.tier.take(np.asarray(ids, np.int64), np.float32)
+        out = np.zeros((rows.shape[0], width), np.float32)
+        out[:, :rows.shape[1]] = rows
+        return out

@@ -256,3 +256,35 @@ def test_search_stats_counts_tier_distances():
     codes = nn.set_params(walk="codes").search_stats(Q)
     assert tier["distance_computations"] > 0 and codes["distance_computations"] > 0
     assert tier["ef"] == codes["ef"]
+
+
+def test_appends_decode_old_nodes_from_the_tier():
+    """The repair's view of old nodes (``_NodeVectors``) reads their tier
+    rows when given a walk, zero-padded to the build's width."""
+    from pqsk._graph import _NodeVectors
+    from pqsk._tierwalk import TierWalk
+    nn = make().fit(X[:500])
+    walk = TierWalk.choose("auto", RefineTier.of(nn), False)
+    ids = np.arange(0, 1000, 2)
+    new = np.ones((3, 30), np.float32)
+    nv = _NodeVectors(None, None, new, 500, walk, ids)
+    got = nv[np.array([0, 7, 501])]
+    want = RefineTier.of(nn).take(ids[[0, 7]], np.float32)
+    assert_array_equal(got[:2, :24], want)
+    assert_array_equal(got[:2, 24:], 0)
+    assert_array_equal(got[2], new[1])
+
+
+@pytest.mark.parametrize("rotation", [None, "opq"])
+def test_appended_graph_with_tier_has_high_recall(rotation):
+    # Old nodes are decoded from the tier when there is no rotation, from
+    # their codes with one (4-bit codes: a worse graph): both keep every
+    # node reachable (the load checks).
+    from pqsk import load
+    nn = make(rotation=rotation, n_subspaces=6 if rotation is None else 4).fit(X[:800])
+    for s in range(800, 3000, 550):
+        nn.partial_fit(X[s:s + 550])
+    true = brute(X, Q, 10, "euclidean")
+    floor = 0.95 if rotation is None else 0.85
+    assert recall(nn.kneighbors(Q, return_distance=False), true) >= floor
+    nn._check_loaded_state()
