@@ -101,8 +101,10 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
         the kernel: the distance re-ranking gives, nearly exact, so the beam
         follows the true neighbours; ``walk="tier"`` raises ValueError at
         search without a tier), ``"auto"`` the tier when the index has one.
-        A search parameter (may change after fit); appends link by the
-        vectors whatever it is.  See ``benchmarks/results/hnsw_tier.md``.
+        A search parameter (may change after fit).  Whatever it is, appends
+        to an index with a tier and no ``rotation`` decode the old nodes they
+        meet from their tier rows, not their codes (see Notes).  Figures:
+        ``benchmarks/results/hnsw_tier.md``.
     mode : {"distance", "connectivity"}, default="distance"
     n_jobs : int, default=None
         Threads for training, encoding and search (parallel over queries).
@@ -152,7 +154,8 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
     reports it as ``"reserved"``), and distances to old nodes use their
     decoded PQ codes, decoded on the fly where the insertion goes (no
     vector of the old nodes is kept or copied, also when the raw vectors
-    are kept for re-ranking; new rows are linked by their raw vectors).
+    are kept for re-ranking; new rows are linked by their raw vectors; with
+    a compact tier and no rotation, old nodes are decoded from their tier rows).
     Old nodes gain back-links, so arrays read before a ``partial_fit``
     (``links0_``...) may change with it.  Reachability from the entry
     point is checked locally after an append (the new nodes, and the nodes
