@@ -103,15 +103,21 @@ class _NodeVectors:
     after.  The level-0 repair reads the few nodes it links this way, so
     an append never decodes the whole index."""
 
-    def __init__(self, codes, codebooks, new_rows, first_new):
+    def __init__(self, codes, codebooks, new_rows, first_new, walk=None, ids=None):
         self.codes, self.codebooks = codes, codebooks
         self.new_rows, self.first_new = new_rows, first_new
+        self.walk, self.ids = walk, ids  # old nodes from the tier (see link)
 
     def __getitem__(self, idx):
         idx = np.asarray(idx)
         out = np.empty(idx.shape + (self.new_rows.shape[1],), np.float32)
         old = idx < self.first_new
-        out[old] = _quantizer.decode(self.codes[idx[old]], self.codebooks)
+        if self.walk is not None:
+            nodes = idx[old]
+            out[old] = self.walk.node_rows(nodes if self.ids is None else self.ids[nodes],
+                                           out.shape[-1])
+        else:
+            out[old] = _quantizer.decode(self.codes[idx[old]], self.codebooks)
         out[~old] = self.new_rows[idx[~old] - self.first_new]
         return out
 
@@ -201,7 +207,7 @@ def _split_codes(codes):
 
 
 def link(state, n_old, vectors, codebooks, ef_construction, inner_product, progress,
-         owner, kept=None, before_write=None):
+         owner, kept=None, before_write=None, walk=None):
     """Link nodes n_old .. n - 1 of the grown graph ``state`` (see ``grow``)
     and make every node reachable from the entry point on level 0.
 
@@ -231,6 +237,10 @@ def link(state, n_old, vectors, codebooks, ef_construction, inner_product, progr
         before the kernel runs is done: from then on the old nodes' rows
         are being rewritten in place, so ``state`` is the graph even if an
         interrupt comes.
+    walk : TierWalk, default=None
+        The index's compact tier (:class:`pqsk._tierwalk.TierWalk`), in the
+        space of ``vectors`` (no rotation): old nodes are then decoded from
+        their tier rows (found by ``state["ids_"]``), not their codes.
 
     Returns
     -------
@@ -266,6 +276,7 @@ def link(state, n_old, vectors, codebooks, ef_construction, inner_product, progr
         dec=np.empty(2 * D, np.float32),
     )
     data = (vectors, n_old, codes8, codes16, cb)
+    tier_kw = {} if walk is None or not n_old else walk.build_kw(state.get("ids_"))
     # Point of no return: the kernel rewrites old nodes' rows in place.
     if before_write is not None:
         before_write(st)
@@ -280,7 +291,7 @@ def link(state, n_old, vectors, codebooks, ef_construction, inner_product, progr
                 *data, state["levels_"], links0, upper, state["upper_offsets_"],
                 start, stop, ep, top, ef_c, ip, st["indeg"], st["last_copies"],
                 n_old, st["visited"], st["gen"], **kernel_scratch, parent=parent,
-                lost=lost, counts=counts,
+                lost=lost, counts=counts, **tier_kw,
             )
             state["entry_point_"], state["max_level_"] = int(ep), int(top)
             bar.update(stop - start)
@@ -296,7 +307,7 @@ def link(state, n_old, vectors, codebooks, ef_construction, inner_product, progr
             kernel_scratch["cand_d"], kernel_scratch["cand_i"],
             kernel_scratch["res_d"], kernel_scratch["res_i"],
             np.empty(room, np.float32), np.empty(room, np.int64),
-            np.empty(3 * D, np.float32))
+            np.empty(3 * D, np.float32), **tier_kw)
 
     full = not n_old or ep != first_ep
     if n > n_old and not full:
@@ -310,7 +321,8 @@ def link(state, n_old, vectors, codebooks, ef_construction, inner_product, progr
         full = fix(cand) > 0
     if n > n_old and full:
         node_vectors = (vectors if not n_old
-                        else _NodeVectors(codes, cb, vectors, n_old))
+                        else _NodeVectors(codes, cb, vectors, n_old, walk if tier_kw else None,
+                                          state.get("ids_")))
         with warnings.catch_warnings(record=True):  # fix() has the last word
             warnings.simplefilter("always")
             n_fixed = repair_level0(links0, node_vectors, int(ep), ip)
@@ -335,14 +347,16 @@ def codebooks_t(codebooks):
 
 
 def search(graph, deleted, Q, n_out, ef, codebooks, inner_product, n_threads,
-           from_entry=False, cbt=None, deleted_stride=0):
+           from_entry=False, cbt=None, deleted_stride=0, walk=None):
     """ADC search of one graph: greedy descent through the upper levels,
-    then a beam of width ``ef`` (>= n_out) on level 0.
+    then a beam of width ``ef`` (>= n_out) on level 0.  With a ``walk``
+    (a :class:`pqsk._tierwalk.TierWalk`) nodes are scored by their tier
+    rows instead of their codes (``ids_`` is then read).
 
     Parameters
     ----------
     graph : dict
-        The graph's arrays (``SEARCH_ATTRS``; ``ids_`` is not read).
+        The graph's arrays (``SEARCH_ATTRS``; ``ids_`` is read by a tier walk only).
     deleted : ndarray of uint8
         Nodes walked through but never returned: (n,) for every query, or
         one row per query ``deleted_stride`` apart; empty for none.
@@ -359,6 +373,7 @@ def search(graph, deleted, Q, n_out, ef, codebooks, inner_product, n_threads,
     cbt : ndarray, default=None
         ``codebooks_t(codebooks)``, when the caller has it.
     deleted_stride : int, default=0
+    walk : TierWalk, default=None
 
     Returns
     -------
@@ -369,7 +384,12 @@ def search(graph, deleted, Q, n_out, ef, codebooks, inner_product, n_threads,
     n_dist : ndarray of shape (n_queries,), int64
         Distance computations per query.
     """
-    Q = _quantizer.padded_rows(np.ascontiguousarray(Q, dtype=np.float32), codebooks)
+    if walk is None:
+        Q = _quantizer.padded_rows(np.ascontiguousarray(Q, dtype=np.float32), codebooks)
+        walk_kw = {}
+    else:
+        Q = walk.queries(Q)
+        walk_kw = walk.kernel_kw(graph["ids_"])
     codes = graph["codes_"]
     nq, n = Q.shape[0], codes.shape[0]
     m, k = codebooks.shape[:2]
@@ -389,14 +409,14 @@ def search(graph, deleted, Q, n_out, ef, codebooks, inner_product, n_threads,
         *visited_marks(nt, n),
         scratch(nt, n, np.float32), scratch(nt, n, np.int64),
         scratch(nt, ef + 1, np.float32), scratch(nt, ef + 1, np.int64),
-        scratch(nt, m * k, np.float32), n_threads, deleted_stride,
+        scratch(nt, m * k, np.float32), n_threads, deleted_stride, **walk_kw,
     )
     return dist, ind, n_dist
 
 
 
 def search_complete(graph, deleted, Q, n_out, ef, codebooks, inner_product, n_threads,
-                    cbt=None, deleted_stride=0, wanted=None):
+                    cbt=None, deleted_stride=0, wanted=None, walk=None):
     """``search`` (same parameters), with the queries whose beam ended
     holding fewer than ``wanted`` nodes (int or (n_queries,); default
     n_out) searched again over the whole graph.
@@ -408,7 +428,7 @@ def search_complete(graph, deleted, Q, n_out, ef, codebooks, inner_product, n_th
     """
     cbt = codebooks_t(codebooks) if cbt is None else cbt
     dist, ind, _ = search(graph, deleted, Q, n_out, ef, codebooks, inner_product, n_threads,
-                          cbt=cbt, deleted_stride=deleted_stride)
+                          cbt=cbt, deleted_stride=deleted_stride, walk=walk)
     found = np.count_nonzero(ind != NO_ID, axis=1)
     short = np.flatnonzero(found < (n_out if wanted is None else wanted))
     if short.size:
@@ -416,13 +436,15 @@ def search_complete(graph, deleted, Q, n_out, ef, codebooks, inner_product, n_th
             deleted = np.ascontiguousarray(deleted.reshape(-1, deleted_stride)[short]).ravel()
         dist[short], ind[short], _ = search(
             graph, deleted, np.asarray(Q)[short], n_out, graph["codes_"].shape[0], codebooks,
-            inner_product, n_threads, from_entry=True, cbt=cbt, deleted_stride=deleted_stride)
+            inner_product, n_threads, from_entry=True, cbt=cbt, deleted_stride=deleted_stride,
+            walk=walk)
     return dist, ind
 
 
-def search_graphs(graphs, Q, n_candidates, ef_of, codebooks, inner_product, n_threads):
+def search_graphs(graphs, Q, n_candidates, ef_of, codebooks, inner_product, n_threads,
+                  walk=None):
     """Beam search of several graphs (an index's sealed segments and its
-    growing graph) and merge of their answers.
+    growing graph) and merge of their answers (``walk``: see ``search``).
 
     ``graphs``: (graph, tombstones (uint8 by node, or empty), live nodes)
     of each graph; ``ef_of(n_out, n_nodes)``: the beam width.  Each graph
@@ -438,14 +460,15 @@ def search_graphs(graphs, Q, n_candidates, ef_of, codebooks, inner_product, n_th
         n_out = min(n_candidates, live)
         dist, ind = search_complete(graph, deleted, Q, n_out,
                                     ef_of(n_out, graph["codes_"].shape[0]), codebooks,
-                                    inner_product, n_threads, cbt=cbt)
+                                    inner_product, n_threads, cbt=cbt, walk=walk)
         if graph["ids_"] is not None:
             ind = graph["ids_"][ind]
         parts.append((dist, ind))
     return merge_topk(parts, n_candidates)
 
 
-def search_work(graphs, Q, n_candidates, ef_of, codebooks, inner_product, n_threads):
+def search_work(graphs, Q, n_candidates, ef_of, codebooks, inner_product, n_threads,
+                walk=None):
     """(distance computations per query (nq,) int64, summed over the
     graphs, the widest beam used) of a :func:`search_graphs` of Q, one
     beam per graph (no second search of short beams)."""
@@ -455,14 +478,14 @@ def search_work(graphs, Q, n_candidates, ef_of, codebooks, inner_product, n_thre
         n_out = min(n_candidates, live)
         _, _, n_dist = search(graph, deleted, Q, n_out,
                               ef_of(n_out, graph["codes_"].shape[0]), codebooks,
-                              inner_product, n_threads, cbt=cbt)
+                              inner_product, n_threads, cbt=cbt, walk=walk)
         total += n_dist
     ef = max([ef_of(n_candidates, g["codes_"].shape[0]) for g, _, _ in graphs], default=1)
     return total, ef
 
 
 def search_blocked(graphs, blocked, Q, n_candidates, ef_of, codebooks, inner_product,
-                   n_threads):
+                   n_threads, walk=None):
     """Filtered beam search of several graphs, blocked nodes walked through.
 
     ``graphs``: (graph, node ids or None, n_nodes) of each graph (sealed
@@ -485,7 +508,7 @@ def search_blocked(graphs, blocked, Q, n_candidates, ef_of, codebooks, inner_pro
             continue
         d, i = search_complete(graph, gb.mask, Q, n_out, ef_of(n_out, n_nodes), codebooks,
                                inner_product, n_threads, cbt=cbt, deleted_stride=gb.stride,
-                               wanted=np.minimum(n_out, counts))
+                               wanted=np.minimum(n_out, counts), walk=walk)
         if ids is not None:
             ok = i != NO_ID
             i[ok] = ids[i[ok]]

@@ -23,7 +23,7 @@ involves it, so no vector of the old nodes is kept or copied.
 
 cimport cython
 from cython.parallel cimport prange, parallel, threadid
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr_t
 from libc.string cimport memcmp, memcpy, memset
 from libc.math cimport INFINITY
 from libc.stdint cimport INT64_MAX
@@ -34,6 +34,27 @@ from ._kernels cimport build_table
 cdef enum:
     EXACT = 0
     ADC = 1
+    TIER = 2                 # a compact tier's rows (the tier walk)
+
+cdef extern from "_tierwalk.h" nogil:
+    ctypedef struct pqsk_tw_tier:
+        const uintptr_t* part_ptr
+        const int64_t* part_start
+        Py_ssize_t n_parts
+        const int64_t* ids
+        Py_ssize_t d
+        Py_ssize_t row_bytes
+        int is_int8
+        const float* off
+        const float* sc
+        int unit_norm
+        int inner_product
+        int simd
+        double eps10
+    int pqsk_rr_cpu_has_avx2_f16c()
+    float pqsk_tw_dist(const pqsk_tw_tier* t, const float* q, double qn, int64_t node)
+    void pqsk_tw_prefetch(const pqsk_tw_tier* t, int64_t node)
+    void pqsk_tw_decode(const pqsk_tw_tier* t, int64_t node, float* out)
 
 cdef extern from *:
     """
@@ -55,7 +76,7 @@ cdef struct Graph:
 
 
 cdef struct Dist:
-    int kind                 # EXACT or ADC
+    int kind                 # EXACT, ADC or TIER
     bint inner_product       # distance = -<q, x> instead of ||q - x||^2
     const float* vectors     # EXACT: (n - first_new, dim) float32, nodes first_new..
     int64_t first_new        # EXACT: nodes below it are decoded from their codes
@@ -70,6 +91,9 @@ cdef struct Dist:
     const uint16_t* codes16  #  EXACT: at least the nodes below first_new)
     Py_ssize_t m
     Py_ssize_t k
+    const pqsk_tw_tier* tier # TIER: the nodes' tier rows (query: d.query); EXACT:
+                             #  if not NULL, where old nodes are decoded from
+    double qn                # TIER: ||query||^2
     int64_t count            # distance computations so far
 
 
@@ -135,6 +159,11 @@ cdef inline const float* node_vec(Dist* d, int64_t node, float* buf) noexcept no
     cdef int64_t c
     if node >= d.first_new:
         return d.vectors + (node - d.first_new) * d.dim
+    if d.tier != NULL:                   # its tier row, zero-padded to dim
+        pqsk_tw_decode(d.tier, node, buf)
+        if d.tier.d < d.dim:
+            memset(buf + d.tier.d, 0, (d.dim - d.tier.d) * sizeof(float))
+        return buf
     for j in range(d.m):
         c = d.codes8[node * d.m + j] if d.codes8 != NULL else d.codes16[node * d.m + j]
         memcpy(buf + j * d.ds, d.codebooks + (j * d.k + c) * d.ds, d.ds * sizeof(float))
@@ -145,7 +174,9 @@ cdef inline void prefetch_node(Dist* d, int64_t node) noexcept nogil:
     """Ask for a node's data ahead of its distance: graph walks jump
     around memory, and the load latency, not the arithmetic, dominates."""
     cdef Py_ssize_t off
-    if d.kind == EXACT and node >= d.first_new:
+    if d.kind == TIER or (d.kind == EXACT and node < d.first_new and d.tier != NULL):
+        pqsk_tw_prefetch(d.tier, node)
+    elif d.kind == EXACT and node >= d.first_new:
         node -= d.first_new
         off = 0
         while off < d.dim:
@@ -165,6 +196,8 @@ cdef inline float dist_q(Dist* d, int64_t node) noexcept nogil:
     d.count += 1
     if d.kind == EXACT:
         return vec_dist(d, d.query, node_vec(d, node, d.dec_a))
+    if d.kind == TIER:
+        return pqsk_tw_dist(d.tier, d.query, d.qn, node)
     if d.codes8 != NULL:
         for j in range(d.m):
             s += t[d.codes8[node * d.m + j]]
@@ -517,6 +550,7 @@ cdef void init_build(Dist* d, Work* w, Graph* g,
     d.codes16 = &codes16[0, 0] if codes16.shape[0] > 0 else NULL
     d.dec_a = &dec[0]
     d.dec_b = &dec[d.dim]
+    d.tier = NULL
     d.count = 0
     w.deleted = NULL
     w.visited = &visited[0] if n > 0 else NULL
@@ -525,6 +559,31 @@ cdef void init_build(Dist* d, Work* w, Graph* g,
     w.cand_i = &cand_i[0] if n > 0 else NULL
     w.res_d = &res_d[0]
     w.res_i = &res_i[0]
+
+
+cdef pqsk_tw_tier* fill_tier(pqsk_tw_tier* t, const uintptr_t[::1] tier_ptr,
+                            const int64_t[::1] tier_start, const int64_t[::1] tier_ids,
+                            const float[::1] tier_offset, const float[::1] tier_scale,
+                            Py_ssize_t dim, bint unit_norm, bint inner_product,
+                            bint simd) noexcept:
+    """Fill ``t`` from the ``tier_*`` arguments of the kernels (rows of dim
+    features); returns it, or NULL when ``tier_ptr`` is None (no tier)."""
+    if tier_ptr is None:
+        return NULL
+    t.part_ptr = &tier_ptr[0]
+    t.part_start = &tier_start[0]
+    t.n_parts = tier_ptr.shape[0]
+    t.ids = &tier_ids[0] if tier_ids is not None and tier_ids.shape[0] > 0 else NULL
+    t.d = dim
+    t.is_int8 = tier_offset is not None
+    t.row_bytes = dim * (1 if t.is_int8 else 2)
+    t.off = &tier_offset[0] if t.is_int8 and dim > 0 else NULL
+    t.sc = &tier_scale[0] if t.is_int8 and dim > 0 else NULL
+    t.unit_norm = unit_norm
+    t.inner_product = inner_product
+    t.simd = simd and pqsk_rr_cpu_has_avx2_f16c()
+    t.eps10 = 10 * 1.1920928955078125e-07
+    return t
 
 
 def hnsw_build(const float[:, ::1] vectors,         # IN  (n - first_new, D) float32
@@ -557,15 +616,23 @@ def hnsw_build(const float[:, ::1] vectors,         # IN  (n - first_new, D) flo
                float[::1] dec,                          # scratch (2 * D,)
                int32_t[::1] parent,                     # INOUT (n,) see below
                int64_t[::1] lost,                       # OUT (cap,) see below
-               int64_t[::1] counts):                    # INOUT (2,) distances, lost
+               int64_t[::1] counts,                     # INOUT (2,) distances, lost
+               const uintptr_t[::1] tier_ptr=None,      # IN  as hnsw_search, or None
+               const int64_t[::1] tier_start=None,
+               const int64_t[::1] tier_ids=None,
+               const float[::1] tier_offset=None,
+               const float[::1] tier_scale=None,
+               Py_ssize_t tier_dim=0):                  # features of a tier row (<= D)
     """Insert nodes ``start .. stop - 1`` in order; nodes before ``start``
     are already linked.  Returns (entry_point, max_level); entry_point -1
     means an empty graph.  Deterministic: one thread, fixed order.
 
     Node i's vector is row ``i - first_new`` of ``vectors`` for
     ``i >= first_new`` (``first_new <= start``), else its PQ code
-    decoded with ``codebooks``: an append passes the new rows only, and
-    the old nodes' data is read only where the insertion goes.
+    decoded with ``codebooks``, or, given a compact tier (``tier_*``, as
+    ``hnsw_search`` takes them; rows in the space of ``vectors``), its tier
+    row decoded and zero-padded to D: an append passes the new rows only,
+    and the old nodes' data is read only where the insertion goes.
 
     ``indeg`` must hold the level-0 in-degree of every node (zero for the
     new ones); it is kept up to date, so that no link is dropped from a
@@ -605,9 +672,12 @@ def hnsw_build(const float[:, ::1] vectors,         # IN  (n - first_new, D) flo
     cdef int32_t* last_copy = &last_copies[0] if n > 0 else NULL
     cdef int r
     cdef Py_ssize_t cap
+    cdef pqsk_tw_tier tier
     init_build(&d, &w, &g, vectors, first_new, codes8, codes16, codebooks, links0,
                upper, upper_off, inner_product, dec, visited, gen, cand_d, cand_i,
                res_d, res_i)
+    d.tier = fill_tier(&tier, tier_ptr, tier_start, tier_ids, tier_offset, tier_scale,
+                       tier_dim, False, inner_product, False)
     tree.parent = &parent[0] if n > 0 else NULL
     tree.lost = &lost[0] if lost.shape[0] > 0 else NULL
     tree.cap = lost.shape[0]
@@ -777,7 +847,13 @@ def fix_parents(const int64_t[::1] nodes,           # IN  (n_nodes,) candidates
                 float[::1] cand_d, int64_t[::1] cand_i,  # scratch (>= n,)
                 float[::1] res_d, int64_t[::1] res_i,    # scratch (ef + 1,)
                 float[::1] sd, int64_t[::1] si,     # scratch (>= M0 * (M0 + 1), >= ef)
-                float[::1] dec):                    # scratch (3 * D,)
+                float[::1] dec,                     # scratch (3 * D,)
+                const uintptr_t[::1] tier_ptr=None, # IN  as hnsw_build
+                const int64_t[::1] tier_start=None,
+                const int64_t[::1] tier_ids=None,
+                const float[::1] tier_offset=None,
+                const float[::1] tier_scale=None,
+                Py_ssize_t tier_dim=0):
     """Give every listed LOST node a parent: the local reachability check
     after an append, O(listed nodes * M0**2), never a walk of the graph.
 
@@ -804,9 +880,12 @@ def fix_parents(const int64_t[::1] nodes,           # IN  (n_nodes,) candidates
     cdef int64_t cur
     cdef float d_cur
     cdef bint changed = True
+    cdef pqsk_tw_tier tier
     init_build(&d, &w, &g, vectors, first_new, codes8, codes16, codebooks, links0,
                upper, upper_off, inner_product, dec, visited, gen, cand_d, cand_i,
                res_d, res_i)
+    d.tier = fill_tier(&tier, tier_ptr, tier_start, tier_ids, tier_offset, tier_scale,
+                       tier_dim, False, inner_product, False)
     with nogil:
         passes = 0
         while changed and passes < 64:
@@ -877,16 +956,25 @@ cdef void search_one(Graph* g, const float* query, const float* cbt,
                      uint32_t* gen, float* cand_d, int64_t* cand_i,
                      float* res_d, int64_t* res_i,
                      float* out_dist, int64_t* out_idx, Py_ssize_t n_out,
-                     int64_t* n_dist) noexcept nogil:
-    """One query: tables, greedy descent, level-0 beam, sorted output."""
+                     int64_t* n_dist, const pqsk_tw_tier* tier) noexcept nogil:
+    """One query: tables (or, with a ``tier``, the query itself), greedy
+    descent, level-0 beam, sorted output."""
     cdef Dist d
     cdef Work w
     cdef Py_ssize_t n_res, t
     cdef int lev
     cdef int64_t cur
     cdef float d_cur
-    build_table(query, cbt, m, ds, k, inner_product, table)
     d.kind = ADC
+    d.tier = tier
+    if tier != NULL:
+        d.kind = TIER
+        d.query = query
+        d.qn = 0
+        for t in range(tier.d):
+            d.qn += <double> query[t] * query[t]
+    else:
+        build_table(query, cbt, m, ds, k, inner_product, table)
     d.inner_product = inner_product
     d.table = table
     d.codes8 = codes8
@@ -939,7 +1027,14 @@ def hnsw_search(const float[:, ::1] Q,                 # IN  (nq, D) float32
                 float[:, ::1] res_d, int64_t[:, ::1] res_i,     # scratch (n_threads, ef + 1)
                 float[:, ::1] tables,                  # scratch (n_threads, m * k)
                 int n_threads,
-                Py_ssize_t deleted_stride=0):
+                Py_ssize_t deleted_stride=0,
+                const uintptr_t[::1] tier_ptr=None,   # IN  (P,) tier row parts, or None
+                const int64_t[::1] tier_start=None,   # IN  (P + 1,) their first ids
+                const int64_t[::1] tier_ids=None,     # IN  (n,) node ids, or None: node i is id i
+                const float[::1] tier_offset=None,    # IN  (D,) int8 tier (None: float16)
+                const float[::1] tier_scale=None,     # IN  (D,)
+                bint tier_unit_norm=False,
+                bint tier_simd=False):
     """ADC search: greedy descent through the upper levels, then a beam of
     width ``ef`` (>= n_out) on level 0.  Rows come out sorted by
     (distance, id); slots beyond the nodes found hold (+inf, INT64_MAX).
@@ -948,15 +1043,27 @@ def hnsw_search(const float[:, ::1] Q,                 # IN  (nq, D) float32
     generation counter, which only grows): start them at zero once.
     Query q reads its tombstones at ``deleted[q * deleted_stride:]`` (0:
     one mask for every query; a filtered search marks the nodes it must
-    not return, which the beam still walks through)."""
+    not return, which the beam still walks through).
+
+    The tier walk: with ``tier_ptr`` (the parts of a compact tier, rows by
+    id: uint8 codes when ``tier_offset`` is given, else float16 bits) the
+    nodes are scored by their tier rows instead of their codes, as
+    ``pqsk._rerank.compact_rerank`` scores them (``tier_unit_norm``: rows
+    scaled to unit norm; ``tier_simd``: AVX2 sums, which the caller checks
+    the CPU has); Q is then (nq, D) in the tier's space and the codebooks
+    are not read.  The caller checks the shapes."""
     cdef Py_ssize_t nq = Q.shape[0]
     cdef Py_ssize_t n = links0.shape[0]
     cdef Py_ssize_t n_out = out_dist.shape[1]
     cdef Py_ssize_t q
     cdef int tid
     cdef Graph g
+    cdef pqsk_tw_tier tier
+    cdef pqsk_tw_tier* tp = NULL
     if nq == 0 or n == 0 or entry_point < 0 or n_out == 0:
         return
+    tp = fill_tier(&tier, tier_ptr, tier_start, tier_ids, tier_offset, tier_scale,
+                   Q.shape[1], tier_unit_norm, inner_product, tier_simd)
     g.links0 = <int32_t*> &links0[0, 0]
     g.upper = <int32_t*> &upper[0, 0] if upper.shape[0] > 0 else NULL
     g.upper_off = &upper_off[0]
@@ -973,4 +1080,4 @@ def hnsw_search(const float[:, ::1] Q,                 # IN  (nq, D) float32
                        n, entry_point, max_level, ef, inner_product,
                        &tables[tid, 0], &visited[tid, 0], &gens[tid, 0],
                        &cand_d[tid, 0], &cand_i[tid, 0], &res_d[tid, 0], &res_i[tid, 0],
-                       &out_dist[q, 0], &out_idx[q, 0], n_out, &n_dist[q])
+                       &out_dist[q, 0], &out_idx[q, 0], n_out, &n_dist[q], tp)

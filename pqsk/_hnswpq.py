@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, StrOptions
 
 from . import _graph, _growable, _quantizer, _scorers
 from ._graph import (GRAPH_ATTRS, MAX_LINKS, SEARCH_ATTRS, SEGMENT_ARRAYS, BufferOwner,
@@ -16,6 +16,7 @@ from ._segments import (DEFAULT_SEGMENT_SIZE, NO_ID, NO_TOMBSTONES,
                         SEGMENT_PARAMETER_CONSTRAINTS, Segment, SegmentWritesMixin,
                         positions)
 from ._store import FitRows
+from ._tierwalk import WALKS, TierWalk
 from ._base import BasePQNeighbors
 from ._checks import check_float_array, check_n_neighbors, require
 from ._persist import IndexIOMixin
@@ -93,6 +94,17 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
         What re-ranking reads: the raw vectors (``vectors_``), or a compact
         tier of the prepared rows (``refine_rows_``, 2 or 1 bytes per
         feature; the raw vectors are then not kept): see :class:`PQNeighbors`.
+    walk : {"auto", "codes", "tier"}, default="auto"
+        What scores the nodes a search visits: ``"codes"`` their ADC
+        distances (tables + additions on the PQ codes), ``"tier"`` their
+        rows of the compact re-ranking tier (``refine_rows_``, decoded in
+        the kernel: the distance re-ranking gives, nearly exact, so the beam
+        follows the true neighbours; ``walk="tier"`` raises ValueError at
+        search without a tier), ``"auto"`` the tier when the index has one.
+        A search parameter (may change after fit).  Whatever it is, appends
+        to an index with a tier and no ``rotation`` decode the old nodes they
+        meet from their tier rows, not their codes (see Notes).  Figures:
+        ``benchmarks/results/hnsw_tier.md``.
     mode : {"distance", "connectivity"}, default="distance"
     n_jobs : int, default=None
         Threads for training, encoding and search (parallel over queries).
@@ -142,7 +154,8 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
     reports it as ``"reserved"``), and distances to old nodes use their
     decoded PQ codes, decoded on the fly where the insertion goes (no
     vector of the old nodes is kept or copied, also when the raw vectors
-    are kept for re-ranking; new rows are linked by their raw vectors).
+    are kept for re-ranking; new rows are linked by their raw vectors; with
+    a compact tier and no rotation, old nodes are decoded from their tier rows).
     Old nodes gain back-links, so arrays read before a ``partial_fit``
     (``links0_``...) may change with it.  Reachability from the entry
     point is checked locally after an append (the new nodes, and the nodes
@@ -271,11 +284,12 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
         "n_links": [Interval(Integral, 2, MAX_LINKS, closed="both")],
         "ef_construction": [Interval(Integral, 1, None, closed="left")],
         "ef_search": [Interval(Integral, 1, None, closed="left")],
+        "walk": [StrOptions(set(WALKS))],
         **SEGMENT_PARAMETER_CONSTRAINTS,
     }
 
     # segment_size is read by every append: validated at every call too.
-    _search_params = BasePQNeighbors._search_params + ("ef_search", "segment_size")
+    _search_params = BasePQNeighbors._search_params + ("ef_search", "segment_size", "walk")
     _kernel_dtype = np.float32  # the graph is built and walked in float32
 
     def __init__(
@@ -291,6 +305,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
         metric="euclidean",
         refine_factor=10,
         refine_dtype="float32",
+        walk="auto",
         mode="distance",
         init="random",
         max_iter=25,
@@ -317,6 +332,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
         self.metric = metric
         self.refine_factor = refine_factor
         self.refine_dtype = refine_dtype
+        self.walk = walk
         self.mode = mode
         self.init = init
         self.max_iter = max_iter
@@ -490,9 +506,12 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
                 runtime(self).pending = state
             runtime(self).build = st
 
+        # Old nodes are decoded from the tier, if any (it holds unrotated rows).
+        walk = (TierWalk.choose("auto", self._tier, False)
+                if n_old and self._rotation is None else None)
         st = _graph.link(state, n_old, vectors, self.codebooks_, self.ef_construction,
                          self._inner_product, progress, self if owner is None else owner,
-                         kept, before_write if publish else None)
+                         kept, before_write if publish else None, walk)
         if publish:
             self.__dict__.update(state)
             runtime(self).pending = None
@@ -763,7 +782,12 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
             return self._search_blocked(Q, n_candidates, n_threads, blocked)
         return _graph.search_graphs(self._graphs(), np.ascontiguousarray(Q, dtype=np.float32),
                                     n_candidates, self._ef, self.codebooks_,
-                                    self._inner_product, n_threads)
+                                    self._inner_product, n_threads, self._walk())
+
+    def _walk(self):
+        """The search's :class:`~pqsk._tierwalk.TierWalk`, or None (ADC)."""
+        return TierWalk.choose(self.walk, self._tier, self.effective_metric_ == "cosine",
+                               self._rotation)
 
     def _search_blocked(self, Q, n_candidates, n_threads, blocked):
         """Filtered ``_search``: ``blocked`` (by id, removed ones included)
@@ -779,7 +803,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
         if walk.size:
             d, i = _graph.search_blocked(graphs, blocked.take(walk), Q[walk], n_candidates,
                                          self._ef, self.codebooks_, self._inner_product,
-                                         n_threads)
+                                         n_threads, self._walk())
             dist[walk], ind[walk] = d, i
         rows = np.flatnonzero(scan)
         if rows.size:
@@ -814,8 +838,8 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
         Returns
         -------
         stats : dict
-            ``"distance_computations"``: mean number of ADC distances
-            evaluated per query, summed over the graphs searched (every
+            ``"distance_computations"``: mean number of ADC (or tier, see
+            ``walk``) distances evaluated per query, summed over the graphs searched (every
             sealed segment and the growing graph); ``"ef"``: the beam width
             used (which accounts for ``refine_factor``, as ``kneighbors``
             does); ``"n_graphs"``: the number of graphs searched.
@@ -830,7 +854,7 @@ class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixi
             graphs = self._graphs()
             total, ef = _graph.search_work(graphs, Q, self._n_candidates(n_neighbors),
                                            self._ef, self.codebooks_, self._inner_product,
-                                           n_threads)
+                                           n_threads, self._walk())
         return {"distance_computations": float(total.mean()), "ef": ef,
                 "n_graphs": len(graphs)}
 

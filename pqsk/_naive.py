@@ -391,6 +391,57 @@ def hnsw_search(tables, codes, links0, upper, upper_off, entry_point, max_level,
     return out_d, out_i, n_dist
 
 
+def tier_node_distances(q, rows, ids, inner_product=False, unit_norm=False,
+                        offset=None, scale=None):
+    """Distances of a query to a graph's nodes by their tier rows, as the tier
+    walk of ``pqsk._hnsw.hnsw_search`` (scalar path) computes them: node i's
+    row is ``rows[ids[i]]`` (``ids`` None: ``rows[i]``), decoded as
+    :func:`compact_rerank` decodes it, the distance in float64 (with
+    ``unit_norm``: ``||q||^2 - 2 <q, x> / n + ||x||^2 / n^2``, clipped at 0, or
+    ``-<q, x> / n``, n = ||x|| or 1 below 10 float32 eps), rounded to float32."""
+    rows = np.asarray(rows)
+    X = (np.asarray(offset, np.float64) + np.asarray(scale, np.float64) * rows
+         if rows.dtype == np.uint8 else rows.astype(np.float64))
+    if ids is not None:
+        X = X[np.asarray(ids)]
+    q = np.asarray(q, np.float32).astype(np.float64)
+    dot = X @ q
+    if not unit_norm:
+        d = -dot if inner_product else ((X - q) ** 2).sum(axis=1)
+        return d.astype(np.float32)
+    nrm = (X * X).sum(axis=1)
+    n = np.sqrt(nrm)
+    n[~(n >= 10 * np.finfo(np.float32).eps)] = 1.0
+    d = -dot / n if inner_product else np.maximum(q @ q - 2 * dot / n + nrm / (n * n), 0)
+    return d.astype(np.float32)
+
+
+def hnsw_tier_search(Q, rows, ids, links0, upper, upper_off, entry_point, max_level, ef,
+                     n_out, deleted=None, inner_product=False, unit_norm=False,
+                     offset=None, scale=None):
+    """The tier walk (``pqsk._hnsw.hnsw_search`` with ``tier_*`` arguments):
+    :func:`hnsw_search` with each query's node distances from
+    :func:`tier_node_distances` instead of ADC.  Same results."""
+    nq = Q.shape[0]
+    out_d = np.full((nq, n_out), np.inf)
+    out_i = np.full((nq, n_out), EMPTY_ID, dtype=np.int64)
+    n_dist = np.zeros(nq, dtype=np.int64)
+    if links0.shape[0] == 0 or entry_point < 0:
+        return out_d, out_i, n_dist
+    for q in range(nq):
+        dist = _Counted(tier_node_distances(Q[q], rows, ids, inner_product, unit_norm,
+                                            offset, scale))
+        cur = int(entry_point)
+        d_cur = dist(cur)
+        for level in range(max_level, 0, -1):
+            cur, d_cur = hnsw_greedy(links0, upper, upper_off, dist, cur, d_cur, level)
+        found = hnsw_beam(links0, dist, cur, d_cur, ef, deleted)[:n_out]
+        for r, (d, i) in enumerate(found):
+            out_d[q, r], out_i[q, r] = d, i
+        n_dist[q] = dist.count
+    return out_d, out_i, n_dist
+
+
 def ivf_search_entries(Q, centroids, codebooks, lists, codes, ids, n_probe, n_neighbors,
                inner_product=False, removed=None):
     """IVFADC over entries given in any order (``lists[i]``, ``codes[i]``,

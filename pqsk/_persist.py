@@ -122,10 +122,11 @@ _SHA = re.compile(r"[0-9a-f]{64}")
 # ``anisotropic_threshold``, ``radius``, ``p`` and ``metric_params`` came
 # within format 3 (no format change: a file
 # without them reads as before): version-3 files written before them lack
-# them, so they are required only from the next format on.
+# them, so they are required only from the next format on (``spill_lambda``
+# and ``walk`` came with format 5).
 _PARAMS_SINCE = {"segment_size": 3, "rotation": 4, "anisotropic_threshold": 4,
                  "radius": 4, "p": 4, "metric_params": 4, "refine_dtype": 4,
-                 "spill_lambda": 5}
+                 "spill_lambda": 5, "walk": 5}
 
 
 # The classes a saved index may hold, by the name its header gives: every
