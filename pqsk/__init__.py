@@ -5,6 +5,7 @@ from ._ivfpq import IVFPQNeighbors
 from ._checks import IndexFormatError
 from ._persist import load
 from ._pq import PQNeighbors, PQTransformer
+from ._scoring import make_recall_scorer
 from ._tune import tune_search
 from ._version import __version__
 
@@ -16,5 +17,6 @@ __all__ = [
     "PQTransformer",
     "__version__",
     "load",
+    "make_recall_scorer",
     "tune_search",
 ]

@@ -26,13 +26,11 @@ result is exactly the float-ADC top-k, whichever kernel runs.
 The kernel is chosen at import: AVX-512BW, else AVX2 when the CPU has it
 (``__builtin_cpu_supports``), else scalar; the environment variable
 ``PQSK_SIMD=scalar|avx2|avx512bw`` read at import overrides it (the
-re-ranking levels ``avx512`` and ``avx512vnni`` mean avx512bw here), and
-``set_isa(name)`` (for tests) changes it; both refuse an instruction set
-the CPU lacks.  ``isa()`` names the active one.
+re-ranking levels ``avx512`` and ``avx512vnni`` mean avx512bw here; an
+unknown value or one the CPU lacks is ignored with a warning, see
+``pqsk._simd``), and ``set_isa(name)`` (for tests) changes it; both refuse
+an instruction set the CPU lacks.  ``isa()`` names the active one.
 """
-
-import os
-import warnings
 
 import numpy as np
 
@@ -103,18 +101,10 @@ def _kernel():
 
 
 def _select_at_import():
-    best = available_isas()
-    wanted = os.environ.get("PQSK_SIMD", "").strip().lower()
-    if wanted in ("avx512", "avx512vnni"):  # re-ranking levels: AVX-512BW here
-        wanted = "avx512bw"
-    if wanted:
-        try:
-            set_isa(wanted)
-            return
-        except ValueError as e:
-            warnings.warn(f"PQSK_SIMD={wanted!r} ignored: {e}; using {best[len(best) - 1]}",
-                          RuntimeWarning)
-    set_isa(best[len(best) - 1])
+    # PQSK_SIMD (see pqsk._simd): the re-ranking levels "avx512" and
+    # "avx512vnni" mean AVX-512BW here; a path the CPU lacks is never chosen.
+    from pqsk._simd import choose
+    set_isa(choose(available_isas(), {"avx512": "avx512bw", "avx512vnni": "avx512bw"}))
 
 
 _select_at_import()

@@ -11,6 +11,7 @@ of :mod:`pqsk._quantizer`.
 """
 
 import threading
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,8 +20,8 @@ from scipy import sparse
 from sklearn.utils import check_random_state
 
 from ._quantizer import (FIRST_STAGE_POINTS, fit_kmeans, gather_rows, one_blas_thread,
-                         one_openmp_thread, padded_rows, refine_iterations, row_hashes,
-                         subsample_rows)
+                         one_openmp_thread, padded_rows, quiet_kmeans, refine_iterations,
+                         row_hashes, subsample_rows)
 from ._store import chunk_slices
 
 # --- coarse k-means --------------------------------------------------------
@@ -79,9 +80,17 @@ def train_coarse(X, n_lists, *, rows=None, max_iter=25, tol=1e-4, random_state=N
         return train_coarse_streamed(X, rows, n_lists, max_iter=max_iter, tol=tol,
                                      random_state=rng, n_threads=n_threads,
                                      gather=not streamed)
-    with one_openmp_thread():
-        centroids, n_iter, _ = fit_kmeans(gather_rows(X, rows), n_lists,
-                                          max_iter=max_iter, tol=tol, random_state=rng)
+    with one_openmp_thread(), quiet_kmeans():
+        centroids, n_iter, distinct = fit_kmeans(gather_rows(X, rows), n_lists,
+                                                 max_iter=max_iter, tol=tol, random_state=rng)
+    if distinct is not None and not distinct.exact:
+        warnings.warn(
+            f"the coarse quantizer's k-means found {distinct.centroids} distinct centroids "
+            f"for n_lists={n_lists}, from {distinct.rows:,} distinct rows of its "
+            f"{n_train:,} training rows: duplicate rows left {n_lists - distinct.centroids} "
+            "centroids without a row, so as many lists may stay empty. The index is valid; "
+            "fewer lists, or training rows without duplicates, avoid it.",
+            UserWarning, stacklevel=2)
     return centroids, n_iter
 
 

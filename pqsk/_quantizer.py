@@ -29,10 +29,14 @@ Layout conventions (as in Jégou et al., 2011):
   the codeword of vector i in sub-space j.
 """
 
+import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import NamedTuple
 
 import numpy as np
 from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from threadpoolctl import ThreadpoolController
 
@@ -277,6 +281,35 @@ def refine_iterations(max_iter):
     return -(-max_iter // REFINE_DIVISOR)
 
 
+class Distinct(NamedTuple):
+    """What a k-means had to work with when its sample held few distinct
+    rows (see :func:`fit_kmeans`)."""
+
+    rows: int  # distinct rows in the clustered sample
+    centroids: int  # distinct centroids that got a row
+    exact: bool  # the distinct rows were the centroids (no KMeans ran)
+
+
+# scikit-learn's KMeans warns "Number of distinct clusters (c) found smaller
+# than n_clusters (k)" when duplicate rows leave centres without a row.
+# pqsk mutes it around its k-means and says it once per fit in its own
+# words (few_codewords_message, and the coarse quantizer's in _partition).
+# The warnings filters are process-wide: the callers mute in the calling
+# thread, around the worker threads of train_codebooks, never inside them
+# (filters changed by threads side by side would be restored out of order).
+_KMEANS_DISTINCT = "Number of distinct clusters"
+
+
+@contextmanager
+def quiet_kmeans():
+    """Context manager: scikit-learn's "Number of distinct clusters"
+    warning muted (the caller reports it; see :class:`Distinct`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_KMEANS_DISTINCT,
+                                category=ConvergenceWarning)
+        yield
+
+
 def fit_kmeans(X, n_clusters, *, init="random", n_init=1, max_iter=25, tol=1e-4,
                random_state=None):
     """Centroids of the rows of X by the KMeans schedule described above.
@@ -293,8 +326,13 @@ def fit_kmeans(X, n_clusters, *, init="random", n_init=1, max_iter=25, tol=1e-4,
     centroids : ndarray of shape (n_clusters, n_features), dtype of X
     n_iter : int
         Lloyd iterations run, both stages (0 for the exact case).
-    n_distinct : int or None
-        Number of distinct rows when they were used as the centroids.
+    distinct : Distinct or None
+        None when KMeans ran and gave every centroid a row; else the
+        number of distinct rows and of distinct centroids found: the
+        exact case (the distinct rows are the centroids), or a KMeans
+        whose duplicate rows left some centres without a row (for which
+        scikit-learn warns; the callers mute that warning, see
+        :func:`quiet_kmeans`, and say it in their own words).
     """
     n = X.shape[0]
     n_first = FIRST_STAGE_POINTS * n_clusters
@@ -316,7 +354,7 @@ def fit_kmeans(X, n_clusters, *, init="random", n_init=1, max_iter=25, tol=1e-4,
         centroids = np.empty((n_clusters, X.shape[1]), dtype=X.dtype)
         centroids[:points.shape[0]] = points
         centroids[points.shape[0]:] = points[0]  # unused padding
-        return centroids, 0, points.shape[0]
+        return centroids, 0, Distinct(points.shape[0], points.shape[0], True)
     km = KMeans(n_clusters=n_clusters, init=init, n_init=n_init,
                 max_iter=max_iter - n_refine, tol=tol, random_state=rng,
                 copy_x=np.may_share_memory(points, X))
@@ -330,7 +368,12 @@ def fit_kmeans(X, n_clusters, *, init="random", n_init=1, max_iter=25, tol=1e-4,
                     max_iter=n_refine, tol=tol)
         km.fit(points, sample_weight=None if counts is None else counts.astype(X.dtype))
         n_iter += km.n_iter_
-    return np.ascontiguousarray(km.cluster_centers_, dtype=X.dtype), n_iter, None
+    found = np.unique(km.labels_).size  # KMeans's own test (labels of the points)
+    distinct = None
+    if found < n_clusters:
+        n_rows = points.shape[0] if counts is not None else distinct_rows(points)[0].shape[0]
+        distinct = Distinct(n_rows, found, False)
+    return np.ascontiguousarray(km.cluster_centers_, dtype=X.dtype), n_iter, distinct
 
 
 def train_codebooks(
@@ -381,23 +424,47 @@ def train_codebooks(
         lo, hi = bounds[j], bounds[j + 1]
         # OpenMP thread limits are per thread: set this fit's own.
         with one_openmp_thread():
-            codebooks[j, :, :hi - lo], n_iter[j], n_distinct = fit_kmeans(
+            codebooks[j, :, :hi - lo], n_iter[j], distinct[j] = fit_kmeans(
                 X[:, lo:hi], n_codewords, init=init, n_init=n_init,
                 max_iter=max_iter, tol=tol, random_state=seeds[j],
             )
         if progress is not None:
+            exact = distinct[j] is not None and distinct[j].exact
             progress(f"sub-space {j + 1}/{n_subspaces}: " + (
-                f"{n_distinct} distinct sub-vectors, used as codewords"
-                if n_distinct is not None else f"{n_iter[j]} iterations"), level=2)
+                f"{distinct[j].rows} distinct sub-vectors, used as codewords"
+                if exact else f"{n_iter[j]} iterations"), level=2)
 
+    distinct = [None] * n_subspaces
     workers = max(1, min(n_threads, n_subspaces))
-    if workers == 1:
-        for j in range(n_subspaces):
-            fit_one(j)
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as ex:
-            list(ex.map(fit_one, range(n_subspaces)))
+    with quiet_kmeans():  # in this thread, around the workers (see there)
+        if workers == 1:
+            for j in range(n_subspaces):
+                fit_one(j)
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as ex:
+                list(ex.map(fit_one, range(n_subspaces)))
+    message = few_codewords_message(distinct, n_codewords, n)
+    if message:
+        warnings.warn(message, UserWarning, stacklevel=2)
     return codebooks, n_iter
+
+
+def few_codewords_message(distinct, n_codewords, n_rows):
+    """The one warning of a codebook training whose KMeans left codewords
+    without a sub-vector (duplicate rows), or None.  ``distinct``: the
+    :class:`Distinct` (or None) of each sub-space, from :func:`fit_kmeans`."""
+    short = [(j, d) for j, d in enumerate(distinct) if d is not None and not d.exact]
+    if not short:
+        return None
+    shown = "; ".join(f"sub-space {j}: {d.centroids}, from {d.rows:,} distinct sub-vectors"
+                      for j, d in short[:3]) + ("; ..." if len(short) > 3 else "")
+    return (f"k-means found fewer distinct codewords than n_codewords={n_codewords} in "
+            f"{len(short)} of {len(distinct)} sub-spaces (numbered from 0; {shown}; "
+            f"{n_rows:,} training rows): the training rows repeat sub-vectors (duplicate "
+            "rows), so some codewords repeat others and no vector is encoded with them. "
+            "The codes are valid, only that sub-space's quantization is coarser than "
+            "n_codewords allows; fewer codewords, or training rows without duplicates, "
+            "avoid it.")
 
 
 def distinct_rows(A):

@@ -34,8 +34,9 @@ versions are ``pqsk._naive.compact_rerank`` and, for the integer sums,
 ``pqsk._naive.compact_rerank_int8``.
 
 Paths (``TIER_ISA``, chosen at import: the best the CPU runs, or
-``PQSK_SIMD=scalar|avx2|avx512bw|avx512vnni|avx512``; ``set_tier_isa``
-for tests): "scalar" (portable, double), "avx2" (AVX2+FMA+F16C),
+``PQSK_SIMD=scalar|avx2|avx512bw|avx512vnni|avx512``, an unknown value
+or one the CPU lacks ignored with a warning, see ``pqsk._simd``;
+``set_tier_isa`` for tests): "scalar" (portable, double), "avx2" (AVX2+FMA+F16C),
 "avx512bw" (and AVX-512F/BW/VL), "avx512vnni" (and VNNI: vpdpwssd).  Each
 SIMD function carries its own target attribute and is called only when
 ``__builtin_cpu_supports`` says the CPU has it: no ``-march`` flag.  On
@@ -659,22 +660,12 @@ def set_tier_isa(name, int8="auto"):
 
 
 def _select_tier_at_import():
-    import os
-    import warnings
+    # PQSK_SIMD (see pqsk._simd), shared with the fast-scan: "avx512" is the
+    # best AVX-512 level the CPU runs; a path the CPU lacks is never chosen.
+    from pqsk._simd import choose
     isas = tier_isas()
     best = isas[len(isas) - 1]
-    wanted = os.environ.get("PQSK_SIMD", "").strip().lower()
-    if wanted:
-        # PQSK_SIMD names fast-scan paths too; "avx512": the best AVX-512 one.
-        if wanted == "avx512":
-            wanted = best if best.startswith("avx512") else "avx512bw"
-        try:
-            set_tier_isa(wanted)
-            return
-        except ValueError as e:
-            warnings.warn(f"PQSK_SIMD={wanted!r} ignored for re-ranking: {e}; using {best}",
-                          RuntimeWarning)
-    set_tier_isa(best)
+    set_tier_isa(choose(isas, {"avx512": best if best.startswith("avx512") else "avx512bw"}))
 
 
 # The re-ranking path in use (raw float rows and compact tiers): "scalar"

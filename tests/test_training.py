@@ -140,3 +140,63 @@ def test_few_distinct_rows_in_a_large_sample():
     # codeword, at most slightly pulled by rare rows joining its cell.
     err = ((pq.inverse_transform(pq.transform(values)) - values) ** 2).sum(axis=1)
     assert err.max() < 1e-3 * values.var()
+
+
+# -- duplicate rows: scikit-learn's "distinct clusters" warning, in pqsk's words -----
+
+SKLEARN_DISTINCT = "Number of distinct clusters"
+PQSK_DISTINCT = "k-means found fewer distinct codewords than n_codewords"
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_duplicate_rows_warn_once_in_pqsk_words(n_jobs):
+    # Digits repeat sub-vectors: the KMeans of two residual sub-spaces keep
+    # fewer distinct centres than n_codewords, and scikit-learn warned for
+    # each (from worker threads with n_jobs=2).
+    from sklearn.datasets import load_digits
+    X = load_digits().data
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        filters = list(warnings.filters)
+        IVFPQNeighbors(n_lists=64, random_state=0, n_jobs=n_jobs).fit(X)
+        assert warnings.filters == filters  # the mute did not outlive the fit
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if SKLEARN_DISTINCT in m], messages
+    ours = [w for w in caught if PQSK_DISTINCT in str(w.message)]
+    assert len(ours) == 1, messages
+    assert ours[0].category is UserWarning
+    text = str(ours[0].message)
+    assert "n_codewords=256 in 2 of 32 sub-spaces" in text
+    assert "sub-space 19: 255, from 369 distinct sub-vectors" in text
+    assert "1,797 training rows" in text
+
+
+def test_coarse_quantizer_duplicates_warn_once_in_pqsk_words(monkeypatch):
+    from sklearn.exceptions import ConvergenceWarning
+
+    from pqsk import _partition, _quantizer
+
+    def fit_kmeans(X, k, **kw):  # as KMeans on duplicate rows
+        warnings.warn(f"{SKLEARN_DISTINCT} ({k - 3}) found smaller than n_clusters ({k}). "
+                      "Possibly due to duplicate points in X.", ConvergenceWarning)
+        return X[:k], 5, _quantizer.Distinct(40, k - 3, False)
+
+    monkeypatch.setattr(_partition, "fit_kmeans", fit_kmeans)
+    X = np.random.RandomState(0).randn(200, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _partition.train_coarse(X, 16, random_state=0)
+    assert [str(w.message)[:60] for w in caught] == [
+        "the coarse quantizer's k-means found 13 distinct centroids f"]
+    assert "from 40 distinct rows of its 200 training rows" in str(caught[0].message)
+    assert "3 centroids without a row" in str(caught[0].message)
+
+
+def test_few_distinct_rows_used_as_codewords_warn_nothing():
+    # At most n_codewords distinct sub-vectors are the codewords (exact):
+    # nothing is lost, nothing said.
+    from sklearn.datasets import load_digits
+    X = load_digits().data
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PQTransformer(n_subspaces=64, n_codewords=32, random_state=0).fit(X)
