@@ -199,8 +199,12 @@ class RefineTier:
         if X.rotation is not None:
             X = FitRows(X.raw, X.dtype, X.unit_norm)
         rows = self.rows
-        for _, chunk in X.chunks():
-            rows = rows.appended(self.encode(chunk))
+        step = X.chunk_rows()
+        for sl, chunk in X.chunks():
+            # A batch of several chunks (a fit, a large append) ends in a
+            # chunk of exactly its rows: no spare capacity held after it.
+            rows = rows.appended(self.encode(chunk),
+                                 spare=len(X) <= step or sl.stop < len(X))
         return RefineTier(self.kind, rows, self.offset, self.scale)
 
     # -- reading -------------------------------------------------------------

@@ -353,13 +353,16 @@ class RowStore:
     def empty(cls, n_features, dtype):
         return cls(n_features, dtype)
 
-    def appended(self, rows):
+    def appended(self, rows, spare=True):
         """A new store: these rows, then ``rows``.
 
         ``rows`` is a :class:`FitRows` (its raw rows are stored) or a 2-D
         array.  Rows that are file-backed, C-contiguous and of the store's
         dtype are kept by reference; others are copied, chunk by chunk, into
-        owned chunks.  Existing chunks are shared, never copied.
+        owned chunks.  Existing chunks are shared, never copied.  A new
+        owned chunk has spare capacity for later appends (amortized O(batch)
+        growth) unless ``spare`` is False: then it holds these rows exactly
+        (the end of a fit, where spare rows would only be held memory).
         """
         raw = rows.raw if isinstance(rows, FitRows) else rows
         n_new = raw.shape[0]
@@ -388,7 +391,7 @@ class RowStore:
             rest = n_new - done
             prev = 0 if tail is None else tail.array.shape[0]
             step = rows_per_chunk(self._n_features * self.dtype.itemsize)
-            capacity = max(rest, min(max(2 * prev, 1024), step))
+            capacity = max(rest, min(max(2 * prev, 1024), step)) if spare else rest
             tail, tail_start = _Buffer(np.empty((capacity, self._n_features),
                                                 dtype=self.dtype), rest), 0
             self._copy(raw, done, n_new, tail.array[:rest])

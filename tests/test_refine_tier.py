@@ -93,6 +93,24 @@ def test_memory_usage_and_attributes(key, rd):
 
 
 @pytest.mark.parametrize("rd", TIERS)
+def test_a_fit_of_several_chunks_holds_no_spare_tier_rows(rd, monkeypatch):
+    # The tier is encoded a chunk at a time; the fit's last chunk used to
+    # get a whole chunk's capacity (15% more tier bytes at 399k GloVe rows).
+    monkeypatch.setattr(pqsk._store, "CHUNK_ROWS", 300)
+    nn = IVFPQNeighbors(n_lists=4, n_subspaces=4, n_codewords=16, refine_dtype=rd,
+                        random_state=0).fit(X)
+    row_bytes = 16 * (1 if rd == "int8" else 2)
+    extra = 2 * 16 * 4 if rd == "int8" else 0
+    assert len(nn.refine_rows_.chunks) > 1
+    assert nn.memory_usage_["refine_rows"] == 2000 * row_bytes + extra
+    # appends of small batches still get spare capacity (amortized growth)
+    grown = clone(nn).fit(X[:1000])
+    for s in range(1000, 1100, 10):
+        grown.partial_fit(X[s:s + 10])
+    assert len(grown.refine_rows_.chunks) <= len(nn.refine_rows_.chunks) + 1
+
+
+@pytest.mark.parametrize("rd", TIERS)
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 @pytest.mark.parametrize("rotation", [None, "opq"])
 def test_exhaustive_refine_is_the_exact_search_of_the_decoded_tier(rd, metric, rotation):
