@@ -56,7 +56,7 @@ REPEATS = 3
 # Cells probed (ScaNN leaves, faiss nprobe, pqsk n_probe) and candidates
 # re-ranked per neighbour (ScaNN reorder / K, faiss k_factor, pqsk
 # refine_factor), the same sweep for every IVF system.
-PROBES = (5, 10, 15, 20, 30, 40, 60, 80)
+PROBES = (5, 10, 15, 20, 30, 40, 60, 80, 120, 160)
 RERANK = (2, 4, 6, 10, 20, 40)
 EF = (16, 24, 32, 48, 64, 96, 128)
 
@@ -99,9 +99,16 @@ def row(system, setting, ind, gt, n_queries, t, bpv, build):
             "qps": n_queries / t, "bytes_per_vector": bpv, "build_s": build}
 
 
-def run_scann(base, queries, gt):
+def serialized_bytes(searcher):
+    """Bytes of a ScaNN searcher's serialized files."""
     import tempfile
 
+    with tempfile.TemporaryDirectory() as tmp:
+        searcher.serialize(tmp)
+        return sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
+
+
+def run_scann(base, queries, gt):
     import scann
 
     d = base.shape[1]
@@ -114,9 +121,7 @@ def run_scann(base, queries, gt):
                 .score_ah(2, anisotropic_quantization_threshold=0.2)
                 .reorder(100, quantize=True).build())
     build = time.perf_counter() - t0
-    with tempfile.TemporaryDirectory() as tmp:
-        searcher.serialize(tmp)
-        bpv = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)) / base.shape[0]
+    bpv = serialized_bytes(searcher) / base.shape[0]
     name = (f"ScaNN tree({n_lists}, soar_lambda=1.5) + score_ah(2, T=0.2) "
             f"+ int8 reorder (m={d // 2})")
     rows = []
@@ -218,8 +223,8 @@ def run_pqsk_hnsw(base, queries, gt):
 
 def run_codes96(base, queries, gt):
     """The seed article's setting (a 768-d vector in 96 bytes): 96 bytes of
-    codes per vector and nothing else to re-rank with (ids and centroids
-    on top): 192 4-bit codes for ScaNN (``score_ah(d / 192)``, d a
+    codes per vector and nothing else to re-rank with (ids, centroids and
+    codebooks on top, counted in the bytes per vector): 192 4-bit codes for ScaNN (``score_ah(d / 192)``, d a
     multiple of 192), faiss IVFPQFastScan and pqsk, and pqsk's 96 8-bit
     codes."""
     import faiss
@@ -229,6 +234,9 @@ def run_codes96(base, queries, gt):
 
     faiss.omp_set_num_threads(1)
     d = base.shape[1]
+    if d % 192:
+        print(f"codes96: skipped, {d} dimensions is not a multiple of 192", flush=True)
+        return []
     n_lists = n_lists_for(base.shape[0])
     rows = []
     t0 = time.perf_counter()
@@ -237,22 +245,24 @@ def run_codes96(base, queries, gt):
                       training_sample_size=min(250_000, base.shape[0]))
                 .score_ah(d // 192, anisotropic_quantization_threshold=0.2).build())
     build = time.perf_counter() - t0
+    bpv = serialized_bytes(searcher) / base.shape[0]
     for leaves in PROBES:
         t, (ind, _) = median_time(lambda: searcher.search_batched(
             queries, leaves_to_search=leaves, pre_reorder_num_neighbors=K))
         rows.append(row("96 B codes: ScaNN tree + score_ah(T=0.2), 192 x 4-bit, no reorder",
-                        f"leaves={leaves}", ind, gt, len(queries), t, 96.0, build))
+                        f"leaves={leaves}", ind, gt, len(queries), t, bpv, build))
     t0 = time.perf_counter()
     index = faiss.IndexIVFPQFastScan(faiss.IndexFlatIP(d), d, n_lists, 192, 4,
                                      faiss.METRIC_INNER_PRODUCT)
     index.train(base)
     index.add(base)
     build = time.perf_counter() - t0
+    bpv = faiss.serialize_index(index).size / base.shape[0]
     for nprobe in PROBES:
         index.nprobe = nprobe
         t, (_, ind) = median_time(lambda: index.search(queries, K))
         rows.append(row("96 B codes: faiss IVFPQFastScan, 192 x 4-bit", f"nprobe={nprobe}",
-                        ind, gt, len(queries), t, 96.0, build))
+                        ind, gt, len(queries), t, bpv, build))
     for extra, label in (({"n_subspaces": 192, "n_codewords": 16,
                            "anisotropic_threshold": 0.2}, "192 x 4-bit aniso T=0.2"),
                          ({"n_subspaces": 96, "n_codewords": 256}, "96 x 8-bit")):
@@ -260,11 +270,12 @@ def run_codes96(base, queries, gt):
         nn = IVFPQNeighbors(n_neighbors=K, n_lists=n_lists, metric="cosine", refine_factor=0,
                             random_state=0, n_jobs=1, **extra).fit(base)
         build = time.perf_counter() - t0
+        bpv = nn.memory_usage_["total"] / base.shape[0]
         for n_probe in PROBES:
             nn.set_params(n_probe=n_probe)
             t, ind = median_time(lambda: nn.kneighbors(queries, return_distance=False))
             rows.append(row(f"96 B codes: pqsk IVFPQ, {label}, no tier", f"n_probe={n_probe}",
-                            ind, gt, len(queries), t, 96.0, build))
+                            ind, gt, len(queries), t, bpv, build))
     return rows
 
 
@@ -289,6 +300,14 @@ def best_within(summ, prefix, level, budget):
     cands = [e for e in summ if e["system"].startswith(prefix)
              and e["bytes_per_vector"] <= budget + 1e-9 and e[f"{level:.2f}"]]
     return max(cands, key=lambda e: e[f"{level:.2f}"]["qps"], default=None)
+
+
+CODES96_NOTE = (
+    "The seed article's setting, 96 bytes of codes per vector and no re-ranking "
+    "tier (192 sub-spaces of 4 bits; the whole index adds ids, centroids and "
+    "codebooks; ScaNN's serialized index also keeps its own tables; the 8-bit row "
+    "holds a fixed table of precomputed list terms, n_lists x 96 x 256 floats, "
+    "64 MB here):")
 
 
 def write_md(path, results, command):
@@ -328,6 +347,22 @@ def write_md(path, results, command):
                         f.write(f"- recall >= {lv:.2f}: pqsk / {other} = "
                                 f"{p[f'{lv:.2f}']['qps'] / o[f'{lv:.2f}']['qps']:.2f}x "
                                 f"({p['system']} vs {o['system']})\n")
+            codes96 = [e for e in summ if e["system"].startswith("96 B codes")]
+            if codes96:
+                f.write(CODES96_NOTE + "\n\n| system | bytes/vector (whole index) | "
+                        "q/s at recall >= 0.80 | best recall (q/s, setting) |\n"
+                        "|---|---:|---:|---:|\n")
+                for e in codes96:
+                    mine = [r for r in res["rows"] if r["system"] == e["system"]]
+                    ok = [r for r in mine if r["recall"] >= 0.80]
+                    fast = max(ok, key=lambda r: r["qps"]) if ok else None
+                    top = max(mine, key=lambda r: (r["recall"], r["qps"]))
+                    f.write(f"| {e['system']} | {e['bytes_per_vector']:.1f} | "
+                            + ("-" if fast is None else
+                               f"{fast['qps']:,.0f} ({fast['setting']}; {fast['recall']:.3f})")
+                            + f" | {top['recall']:.3f} ({top['qps']:,.0f} q/s, "
+                            f"{top['setting']}) |\n")
+                f.write("\n")
             small = [r for r in res["rows"] if r["system"].startswith("pqsk")
                      and r["recall"] >= 0.95]
             if small:
@@ -353,7 +388,15 @@ def main(argv=None):
     ap.add_argument("--systems", nargs="+",
                     default=["scann", "faiss", "pqsk-ivf", "pqsk-hnsw"])
     ap.add_argument("--out", default=None, help="result file stem (default memory[_quick])")
+    ap.add_argument("--rewrite", action="store_true",
+                    help="only write the .md again from the .json of an earlier run")
     args = ap.parse_args(argv)
+    stem = args.out or ("memory_quick" if args.quick else "memory")
+    if args.rewrite:
+        with open(os.path.join(RESULTS, stem + ".json")) as f:
+            saved = json.load(f)
+        write_md(os.path.join(RESULTS, stem + ".md"), saved["results"], saved["command"])
+        return
     runners = {"scann": run_scann, "faiss": run_faiss, "pqsk-ivf": run_pqsk_ivf,
                "pqsk-hnsw": run_pqsk_hnsw, "codes96": run_codes96}
     results = {}
@@ -370,7 +413,6 @@ def main(argv=None):
             results[name] = {"n_base": base.shape[0], "dim": base.shape[1],
                              "n_queries": queries.shape[0], "budget": budget,
                              "rows": rows, "summary": summary(rows, budget)}
-    stem = args.out or ("memory_quick" if args.quick else "memory")
     command = "python -m benchmarks.bench_memory" + " ".join(
         [""] + (argv if argv is not None else __import__("sys").argv[1:]))
     os.makedirs(RESULTS, exist_ok=True)
