@@ -11,6 +11,7 @@ and the shard protocol :mod:`pqsk.dask` builds on.  Estimators implement
 indexes whose ids are stable are :class:`pqsk._segments.SegmentWritesMixin`.
 """
 
+from contextlib import contextmanager
 from numbers import Integral, Real
 
 import numpy as np
@@ -172,6 +173,16 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
     def _after_append(self):
         """Run by ``partial_fit`` once the rows are published (writer mutex
         held, not the RWLock); see ``SegmentWritesMixin``."""
+
+    def _before_append(self):
+        """Run by ``partial_fit`` before the writer mutex (``_merges``)."""
+
+    @contextmanager
+    def _appending(self):
+        """What an append runs under: the write lock, the state restored on
+        error (an index publishing its appends itself: ``_merges``)."""
+        with index_lock(self).write(), restore_on_error(self):
+            yield
 
     def _decode_parts(self):
         """[(ids, decode(positions) -> rows)]: where each indexed point's
@@ -363,9 +374,10 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
         if not hasattr(self, "n_samples_fit_"):
             return self.fit(X)
         self._check_params_at_call()
+        self._before_append()
         n_threads = effective_n_threads(self.n_jobs)
         with index_writer(self):
-            with index_lock(self).write(), restore_on_error(self), openmp_region(n_threads):
+            with self._appending(), openmp_region(n_threads):
                 rows = self._validate_rows(X, reset=False)
                 if self._tier is not None:
                     self._tier.check(rows)  # before any piece of an append is added
