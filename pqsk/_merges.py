@@ -40,12 +40,12 @@ the one attribute update that publishes them.
 
 import threading
 import warnings
-from contextlib import contextmanager
 
 from sklearn.utils._param_validation import StrOptions
 
 from . import _lists
 from ._runtime import index_lock, index_writer, runtime
+from ._utils import restore_on_error
 
 MERGE_PARAMETER_CONSTRAINTS = {"merge": [StrOptions({"inline", "background"})]}
 # partial_fit waits for the background merges while more merges than this
@@ -137,14 +137,13 @@ class MergesMixin:
         return self.n_lists_, self._m(), self._packs(), self._segment_size()
 
     # -- appends: built beside, published under the write lock ---------------
-    @contextmanager
-    def _appending(self):
+    def _append_rows(self, rows, progress, n_threads):
         # Nothing of the estimator changes before ``_publish``, so nothing
-        # is to be restored on error (see BasePQNeighbors._appending).
+        # is to be restored on error (see BasePQNeighbors._append_rows).
         rt = runtime(self)
         rt.publish_beside = True
         try:
-            yield
+            self._add_rows(rows, n_threads, progress)
         finally:
             rt.publish_beside = False
 
@@ -295,3 +294,67 @@ class MergesMixin:
             done = state.cond.wait_for(lambda: state.thread is None, timeout)
         self._raise_merge_error(state)
         return done
+
+
+# A graph append (HNSW) rewrites old nodes' links, so it cannot write past
+# the published rows as a list append does.  One of b rows into a growing
+# graph of n nodes is built beside the index, on a copy of the growing
+# graph (O(n) bytes copied, ~2 n_links * 4 bytes a node), when
+# b >= BESIDE_MIN_ROWS and b * BESIDE_RATIO >= n: linking a node costs
+# thousands of times what copying one does, so the copy is a small part of
+# the append; smaller appends link in place, under the write lock (a few
+# dozen rows: tens of milliseconds), and grow the graph's buffers in place.
+BESIDE_RATIO = 4096
+BESIDE_MIN_ROWS = 64
+
+
+class GraphAppendsMixin:
+    """``partial_fit`` of a graph index (HNSW) built beside the index.
+
+    The append runs on a *shadow*: a new estimator object sharing the
+    attributes (references) but with runtime state of its own, so that
+    every array the append grows or rewrites is copied into the shadow's
+    buffers first (``pqsk._growable``), while queries keep reading the
+    index under the read lock.  Then, under the write lock, the index takes
+    the shadow's attributes (one dict swap) and its runtime state (buffers,
+    build scratch, tombstone records), as a compaction swaps a segment.
+    An append that fails leaves the index as an in-place one would (as it
+    was, or with the pieces of the batch linked before the failing one).
+    The writer mutex is held throughout: no other writer
+    changes the index meanwhile.
+    """
+
+    def _append_rows(self, rows, progress, n_threads):
+        b = rows.shape[0]
+        if b < BESIDE_MIN_ROWS or b * BESIDE_RATIO < self.codes_.shape[0]:
+            return super()._append_rows(rows, progress, n_threads)  # in place
+        rt = runtime(self)
+        shadow = object.__new__(type(self))
+        shadow.__dict__.update(self.__dict__)
+        srt = runtime(shadow)
+        # The records are shared: the append only re-keys them to the longer
+        # ``removed_``, which a query of the index then takes for stale.
+        srt.segment_tombstones = dict(rt.segment_tombstones)
+        srt.growing_tombstones = rt.growing_tombstones
+        srt.build = None if rt.build is None else dict(rt.build)
+        srt.checked_params = rt.checked_params
+        try:
+            with restore_on_error(shadow):
+                shadow._add_rows(rows, n_threads, progress)
+        except BaseException:
+            # The pieces of a batch linked before the failing one are kept,
+            # as in place (``_after_failed_write``); none: nothing changes.
+            if shadow.n_samples_fit_ != self.n_samples_fit_:
+                self._take_shadow(shadow)
+            raise
+        self._take_shadow(shadow)
+
+    def _take_shadow(self, shadow):
+        """Publish the shadow's attributes and runtime state (write lock)."""
+        rt, srt = runtime(self), runtime(shadow)
+        with index_lock(self).write():
+            self.__dict__.clear()
+            self.__dict__.update(shadow.__dict__)
+            rt.buffers, rt.build = srt.buffers, srt.build
+            rt.segment_tombstones = srt.segment_tombstones
+            rt.growing_tombstones, rt.pending = srt.growing_tombstones, None

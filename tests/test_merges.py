@@ -294,3 +294,136 @@ def test_pending_merges_follows_the_policy():
     assert _merges.pending_merges([40, 20, 10], 100) == 2
     assert _merges.pending_merges([40, 10], 100) == 0  # 40 > 2 * 10
     assert _merges.pending_merges([60, 50], 100) == 0  # over segment_size
+
+
+# -- HNSW: appends built beside the index (GraphAppendsMixin) -----------------
+def _hnsw(**kw):
+    from pqsk import HNSWPQNeighbors
+
+    params = dict(n_neighbors=K, n_subspaces=4, n_codewords=16, refine_factor=0,
+                  segment_size=2048, random_state=0, n_jobs=1)
+    params.update(kw)
+    return HNSWPQNeighbors(**params)
+
+
+def _hnsw_stream(nn, lo, hi, step=300, dead=30):
+    for start in range(lo, hi, step):
+        nn.partial_fit(X[start:start + step])
+        nn.remove(np.arange(start, start + dead))
+
+
+@pytest.mark.parametrize("refine", [0, 5])
+def test_hnsw_beside_equals_in_place(monkeypatch, refine):
+    """The same graphs, built on a copy or in place: the same answers."""
+    out = []
+    for ratio, min_rows in ((0, 10**9), (10**9, 1)):  # always in place, always beside
+        monkeypatch.setattr(_merges, "BESIDE_RATIO", ratio)
+        monkeypatch.setattr(_merges, "BESIDE_MIN_ROWS", min_rows)
+        nn = _hnsw(refine_factor=refine).fit(X[:1000])
+        _hnsw_stream(nn, 1000, 5000)
+        nn.partial_fit(X[:1])
+        out.append(nn.kneighbors(Q))
+    assert_array_equal(out[0][0], out[1][0])
+    assert_array_equal(out[0][1], out[1][1])
+
+
+class LinkGate:
+    """Holds ``_graph.link`` in the thread named "writer" until opened."""
+
+    def __init__(self, monkeypatch, fail=None):
+        from pqsk import _graph
+
+        self.entered, self.open, self.fail = threading.Event(), threading.Event(), fail
+        real = _graph.link
+
+        def gated(*args, **kwargs):
+            if threading.current_thread().name == "writer":
+                self.entered.set()
+                assert self.open.wait(30)
+                if self.fail is not None:
+                    raise self.fail
+            return real(*args, **kwargs)
+        monkeypatch.setattr(_graph, "link", gated)
+
+
+def test_hnsw_queries_go_on_during_an_append(monkeypatch):
+    nn = _hnsw().fit(X[:1000])
+    before = nn.kneighbors(Q)
+    gate = LinkGate(monkeypatch)
+    writer = threading.Thread(target=nn.partial_fit, args=(X[1000:1500],), name="writer")
+    writer.start()
+    assert gate.entered.wait(30)
+    during = nn.kneighbors(Q)  # the write lock is free: the old index answers
+    assert_array_equal(during[1], before[1])
+    gate.open.set()
+    writer.join(30)
+    assert not writer.is_alive()
+    assert nn.n_samples_fit_ == 1500
+    monkeypatch.undo()
+    ref = _hnsw().fit(X[:1000])
+    monkeypatch.setattr(_merges, "BESIDE_MIN_ROWS", 10**9)  # in place
+    ref.partial_fit(X[1000:1500])
+    assert_array_equal(nn.kneighbors(Q)[1], ref.kneighbors(Q)[1])
+
+
+def test_hnsw_failed_beside_append_changes_nothing(monkeypatch):
+    from test_fitted_state import same_state
+
+    nn = _hnsw().fit(X[:1000])
+    nn.remove(np.arange(0, 1000, 9))
+    before = copy.deepcopy(nn)
+    gate = LinkGate(monkeypatch, fail=MemoryError("no room"))
+    gate.open.set()
+    writer_error = []
+
+    def append():
+        try:
+            nn.partial_fit(X[1000:1300])
+        except MemoryError as e:
+            writer_error.append(e)
+    t = threading.Thread(target=append, name="writer")
+    t.start()
+    t.join(30)
+    assert writer_error
+    monkeypatch.undo()
+    assert same_state(nn, before)
+    assert_array_equal(nn.kneighbors(Q)[1], before.kneighbors(Q)[1])
+    nn.partial_fit(X[1000:1300])
+    before.partial_fit(X[1000:1300])
+    assert_array_equal(nn.kneighbors(Q)[1], before.kneighbors(Q)[1])
+
+
+def test_hnsw_reader_thread_during_a_stream():
+    nn = _hnsw().fit(X[:1000])
+    done = threading.Event()
+    removed_so_far, bad, n_queries = [], [], [0]
+
+    def reader():
+        i = 0
+        while not done.is_set():
+            known = np.array(removed_so_far[:len(removed_so_far)], dtype=np.int64)
+            ind = nn.kneighbors(Q[i % len(Q)][None], return_distance=False)[0]
+            if (ind < 0).any() or (ind >= nn.n_samples_fit_).any() or \
+                    np.isin(ind, known).any():
+                bad.append(ind)
+            i += 1
+            n_queries[0] = i
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        rng = np.random.RandomState(1)
+        for start in range(1000, 6000, 500):
+            nn.partial_fit(X[start:start + 500])
+            live = np.flatnonzero(~nn.removed_) if nn.removed_ is not None \
+                else np.arange(nn.n_samples_fit_)
+            ids = rng.choice(live, 40, replace=False)
+            nn.remove(ids)
+            removed_so_far.extend(ids.tolist())
+    finally:
+        done.set()
+        t.join(60)
+    assert not bad and n_queries[0] > 0
+    # exhaustive beam: the answers are the brute force over the decoded live rows
+    nn.set_params(ef_search=nn.n_samples_fit_)
+    assert_array_equal(np.sort(nn.kneighbors(Q, return_distance=False), axis=1), brute(nn))
