@@ -304,6 +304,7 @@ class MergesMixin:
 # thousands of times what copying one does, so the copy is a small part of
 # the append; smaller appends link in place, under the write lock (a few
 # dozen rows: tens of milliseconds), and grow the graph's buffers in place.
+# An append that seals the growing graph (which copies it) is built beside.
 BESIDE_RATIO = 4096
 BESIDE_MIN_ROWS = 64
 
@@ -325,8 +326,9 @@ class GraphAppendsMixin:
     """
 
     def _append_rows(self, rows, progress, n_threads):
-        b = rows.shape[0]
-        if b < BESIDE_MIN_ROWS or b * BESIDE_RATIO < self.codes_.shape[0]:
+        b, n = rows.shape[0], self.codes_.shape[0]
+        seals = n + b > self.segment_size  # copies the growing graph anyway
+        if not seals and (b < BESIDE_MIN_ROWS or b * BESIDE_RATIO < n):
             return super()._append_rows(rows, progress, n_threads)  # in place
         rt = runtime(self)
         shadow = object.__new__(type(self))
