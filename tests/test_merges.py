@@ -427,3 +427,20 @@ def test_hnsw_reader_thread_during_a_stream():
     # exhaustive beam: the answers are the brute force over the decoded live rows
     nn.set_params(ef_search=nn.n_samples_fit_)
     assert_array_equal(np.sort(nn.kneighbors(Q, return_distance=False), axis=1), brute(nn))
+
+
+def test_hnsw_small_append_that_seals_is_built_beside(monkeypatch):
+    """Fewer than BESIDE_MIN_ROWS rows, but sealing copies the growing
+    graph: built beside, so queries answer meanwhile."""
+    nn = _hnsw(segment_size=1024).fit(X[:1000])
+    before = nn.kneighbors(Q)
+    gate = LinkGate(monkeypatch)
+    writer = threading.Thread(target=nn.partial_fit, args=(X[1000:1030],), name="writer")
+    writer.start()
+    assert gate.entered.wait(30)
+    assert_array_equal(nn.kneighbors(Q)[1], before[1])
+    gate.open.set()
+    writer.join(30)
+    assert not writer.is_alive()
+    assert [s["ids"].shape[0] for s in nn.segments_] == [1024]
+    assert nn.codes_.shape[0] == 6 and nn.n_samples_fit_ == 1030
