@@ -97,8 +97,9 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
     Thread safety: ``kneighbors`` (and what calls it) may run from many
     threads at once, each releasing the GIL in the kernels.  ``fit``,
     ``partial_fit``, ``remove`` and ``compact`` take the index's exclusive
-    lock: queries wait for them, and see the index before or after, never
-    half-modified.
+    lock: queries see the index before or after, never half-modified.
+    IVF and HNSW build appends, merges and compactions beside the index
+    and take it only to publish them (``pqsk._merges``).
 
     Distances follow ``metric``: ``"euclidean"`` returns the square root of
     the ADC squared distance, ``"sqeuclidean"`` the ADC squared distance,
@@ -172,6 +173,16 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
     def _after_append(self):
         """Run by ``partial_fit`` once the rows are published (writer mutex
         held, not the RWLock); see ``SegmentWritesMixin``."""
+
+    def _before_append(self):
+        """Run by ``partial_fit`` before the writer mutex (``_merges``)."""
+
+    def _append_rows(self, rows, progress, n_threads):
+        """``partial_fit``'s ``_add_rows`` (writer mutex held): under the
+        write lock, the state restored on error.  Indexes that build an
+        append beside themselves override it (see ``pqsk._merges``)."""
+        with index_lock(self).write(), restore_on_error(self):
+            self._add_rows(rows, n_threads, progress)
 
     def _decode_parts(self):
         """[(ids, decode(positions) -> rows)]: where each indexed point's
@@ -363,13 +374,15 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
         if not hasattr(self, "n_samples_fit_"):
             return self.fit(X)
         self._check_params_at_call()
+        self._before_append()
         n_threads = effective_n_threads(self.n_jobs)
         with index_writer(self):
-            with index_lock(self).write(), restore_on_error(self), openmp_region(n_threads):
+            with openmp_region(n_threads):
                 rows = self._validate_rows(X, reset=False)
                 if self._tier is not None:
                     self._tier.check(rows)  # before any piece of an append is added
-                self._add_rows(rows, n_threads, Progress(self.verbose, type(self).__name__))
+                self._append_rows(rows, Progress(self.verbose, type(self).__name__),
+                                  n_threads)
             self._after_append()
         if rows.shape[0] > rows.chunk_rows():
             release_memory()  # after a chunked pass; not after every small batch

@@ -19,6 +19,7 @@ from ._store import FitRows
 from ._tierwalk import WALKS, TierWalk
 from ._base import BasePQNeighbors
 from ._checks import check_float_array, check_n_neighbors, require
+from ._merges import GraphAppendsMixin
 from ._persist import IndexIOMixin
 from ._runtime import index_lock, runtime
 from ._training import PQParamsMixin, RefitMixin
@@ -34,8 +35,8 @@ FILTER_SCAN_FRACTION = 0.02
 FILTER_SCAN_MIN = 256
 
 
-class HNSWPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin,
-                      BasePQNeighbors):
+class HNSWPQNeighbors(IndexIOMixin, RefitMixin, GraphAppendsMixin, SegmentWritesMixin,
+                      PQParamsMixin, BasePQNeighbors):
     """Approximate nearest neighbours on an HNSW graph over PQ codes.
 
     Vectors are stored as PQ codes and linked in a hierarchical navigable

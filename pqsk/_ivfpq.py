@@ -10,6 +10,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from . import _growable, _lists, _partition, _quantizer, _scorers
 from ._base import BasePQNeighbors
 from ._checks import check_float_array, check_int_array, check_scalar_int, require
+from ._merges import MERGE_PARAMETER_CONSTRAINTS, MergesMixin
 from ._persist import IndexIOMixin
 from ._runtime import index_lock, runtime
 from ._segments import (COMPACT_SHARE, DEFAULT_SEGMENT_SIZE, SEGMENT_PARAMETER_CONSTRAINTS,
@@ -36,8 +37,8 @@ def auto_n_probe(n_lists):
     """
     return int(min(n_lists, -(-2 * np.sqrt(n_lists) // 1)))
 
-class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin,
-                     BasePQNeighbors):
+class IVFPQNeighbors(IndexIOMixin, RefitMixin, MergesMixin, SegmentWritesMixin,
+                     PQParamsMixin, BasePQNeighbors):
     """Approximate nearest neighbours with an inverted file and PQ residuals.
 
     A coarse k-means splits the space into ``n_lists`` cells.  Each vector
@@ -117,6 +118,10 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         segments and small segments merged up to it (see Notes).  Only
         where rows go depends on it, not the answers; changing it after
         fit affects later sealing and merging.
+    merge : {"inline", "background"}, default="inline"
+        Where ``partial_fit``'s segment merges run: in the call, or on a
+        background thread (:meth:`wait_merges` waits for them).  Either
+        way a merge is built beside the index and swapped in (see Notes).
     n_jobs : int, default=None
         Threads for training, encoding and search (parallel over queries,
         GIL released).  None uses every thread OpenMP allows (threadpoolctl
@@ -216,9 +221,10 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
     removed): queries skip them at no cost unless they would have been
     returned; a segment more than half removed is compacted (rewritten
     without them, alone), and :meth:`compact` does it for every segment.
-    Compaction and :meth:`refit_codebooks` build new segments while
-    queries go on and swap them in under the write lock.  ``save`` writes
-    only the segments that the previous save of the same path lacks.
+    Merges, compaction and :meth:`refit_codebooks` build new segments
+    while queries go on and swap them in under the write lock, which an
+    append takes only to publish its rows (see :mod:`pqsk._merges`).
+    ``save`` writes only the segments the last save of the same path lacks.
 
     Attributes
     ----------
@@ -318,7 +324,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         "n_probe": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "coarse_max_iter": [Interval(Integral, 1, None, closed="left")],
         "spill_lambda": [None, Interval(Real, 0, np.inf, closed="left")],
-        **SEGMENT_PARAMETER_CONSTRAINTS,
+        **SEGMENT_PARAMETER_CONSTRAINTS, **MERGE_PARAMETER_CONSTRAINTS,
     }
 
     _search_params = BasePQNeighbors._search_params + ("n_probe",)
@@ -346,6 +352,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         rotation=None,
         anisotropic_threshold=None,
         segment_size=DEFAULT_SEGMENT_SIZE,
+        merge="inline",
         n_jobs=None,
         random_state=None,
         verbose=0,
@@ -373,6 +380,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         self.rotation = rotation
         self.anisotropic_threshold = anisotropic_threshold
         self.segment_size = segment_size
+        self.merge = merge
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.verbose = verbose
@@ -521,7 +529,8 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
         g = self.growing_codes_.shape[0] + b
         if fit or _lists.growing_full(g, self._n_stored() + b, self._segment_size()):
             sealed = self._sealed_growing((codes, new_ids, labels), id_dtype, n_total)
-            segments = self._merge_tail(segments + sealed)
+            # partial_fit merges after publishing (_merges); fit cuts whole segments.
+            segments = self._merge_tail(segments + sealed) if fit else segments + sealed
             state = {"segments_": segments}
             state.update(_lists.empty_growing(codes.shape[1], codes.dtype, id_dtype))
             for name in ("growing_codes", "growing_ids", "growing_lists"):
@@ -545,9 +554,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
             progress(f"indexed {b} vectors ({g} in the growing part)")
         state.update(self._grown_refine(X))
         state.update(self._size_state(n_total))
-        old_removed = self.removed_
-        self.__dict__.update(state)
-        self._note_grown(old_removed)
+        self._publish(state)
 
     def _appended(self, name, current, rows):
         view = _growable.grow(self, name, current, rows.shape[0])
@@ -587,8 +594,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, SegmentWritesMixin, PQParamsMixin
 
     def _merge_tail(self, segments):
         """``segments`` after the merge policy (``_lists.merge_tail``)."""
-        segments, made = _lists.merge_tail(segments, self.removed_, self.n_lists_,
-                                           self._m(), self._packs(), self._segment_size())
+        segments, made = _lists.merge_tail(segments, self.removed_, *self._merge_params())
         for seg in made:
             self._note_segment(seg)
         return segments

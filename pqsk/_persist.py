@@ -123,10 +123,10 @@ _SHA = re.compile(r"[0-9a-f]{64}")
 # within format 3 (no format change: a file
 # without them reads as before): version-3 files written before them lack
 # them, so they are required only from the next format on (``spill_lambda``
-# and ``walk`` came with format 5).
+# and ``walk`` came with format 5; ``merge`` within format 5, required from 6).
 _PARAMS_SINCE = {"segment_size": 3, "rotation": 4, "anisotropic_threshold": 4,
                  "radius": 4, "p": 4, "metric_params": 4, "refine_dtype": 4,
-                 "spill_lambda": 5, "walk": 5}
+                 "spill_lambda": 5, "walk": 5, "merge": 6}
 
 
 # The classes a saved index may hold, by the name its header gives: every

@@ -96,6 +96,11 @@ class Runtime:
     rerank_rows : int
         How many candidate rows the reorder stage has re-ranked (a counter
         for benchmarks and tests).
+    merges : pqsk._merges.MergeState or None
+        IVF: the background merge thread, its request and its error.
+    publish_beside : bool
+        IVF: ``partial_fit`` is building an append beside the index
+        (without the write lock), to publish it with ``_publish``.
     views : dict
         A shard of :mod:`pqsk.dask`: its copies with other search
         parameters, by the sorted (name, value) pairs (see
@@ -104,7 +109,7 @@ class Runtime:
 
     __slots__ = ("lock", "writer", "buffers", "checked_params", "segment_tombstones",
                  "growing_tombstones", "build", "pending", "assembled", "views",
-                 "rerank_slack", "rerank_rows")
+                 "rerank_slack", "rerank_rows", "merges", "publish_beside")
 
     def __init__(self):
         self.lock = RWLock()
@@ -119,6 +124,8 @@ class Runtime:
         self.views = {}
         self.rerank_slack = None
         self.rerank_rows = 0
+        self.merges = None
+        self.publish_beside = False
 
 
 _RUNTIMES = weakref.WeakKeyDictionary()  # owner -> Runtime
