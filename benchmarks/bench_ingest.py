@@ -37,6 +37,7 @@ import datetime
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -218,7 +219,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="20k -> 30k rows (a smoke test)")
     ap.add_argument("--kinds", nargs="+", default=["ivf", "hnsw"])
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="sys.setswitchinterval for the run, in seconds (default: "
+                         "Python's, 0.005): how long the thread holding the GIL keeps "
+                         "it while another one waits")
+    ap.add_argument("--out", default="ingest", help="result file stem")
     args = ap.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     n0, n1 = (20_000, 30_000) if args.quick else (N0, N1)
     _, base, queries = load_glove(False, 0)
     results = []
@@ -226,15 +234,16 @@ def main():
         res = run(kind, base, queries, n0, n1)
         results.append(res)
         print(json.dumps(res, indent=1), flush=True)
-    write(results, args.quick, n0, n1)
+    write(results, args.quick, n0, n1, args.out)
 
 
-def write(results, quick, n0, n1):
+def write(results, quick, n0, n1, stem="ingest"):
     suffix = "_quick" if quick else ""
     info = machine_info(1)
     info["affinity"] = sorted(os.sched_getaffinity(0))
+    info["switch_interval_s"] = sys.getswitchinterval()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    with open(os.path.join(RESULTS_DIR, f"ingest{suffix}.json"), "w") as f:
+    with open(os.path.join(RESULTS_DIR, f"{stem}{suffix}.json"), "w") as f:
         json.dump({"machine": info, "date": stamp, "results": results}, f, indent=1)
     L = [f"# Serving while ingesting (issue 21){' (quick)' if quick else ''}", "",
          f"{stamp}; GloVe 6B 50-d, cosine; fitted on {n0:,} rows, then a writer thread "
@@ -242,8 +251,10 @@ def write(results, quick, n0, n1):
          f"live ids per batch up to {n1:,} rows, while a reader thread queries one row "
          f"at a time (k={K}). CPUs allowed: {info['affinity']} (with one core, reader "
          f"and writer share it and the GIL: latencies during ingest include the "
-         f"writer's CPU time). `n_jobs=1`.", "",
-         "Command: `flock /work/bench.lock taskset -c 0 python -m benchmarks.bench_ingest`", "",
+         f"writer's CPU time); GIL switch interval {info['switch_interval_s'] * 1e3:g} ms. "
+         f"`n_jobs=1`.", "",
+         "Command: `" + " ".join(["python -m benchmarks.bench_ingest"] + sys.argv[1:])
+         + f"` (CPUs {info['affinity']})", "",
          "| index | idle p50 ms | idle p99 ms | ingest p50 ms | ingest p99 ms | p99 / idle p50 "
          "| max query ms | max lock wait ms | max write hold ms | queries | bad answers "
          "| self-NN | segments |",
@@ -265,7 +276,7 @@ def write(results, quick, n0, n1):
             f"{r['save']['index_bytes']:,} bytes "
             f"({r['save']['bytes_written'] / max(1, r['save']['index_bytes']):.1%}) "
             f"in {r['save']['seconds']:.2f} s" for r in results) + ".", ""]
-    with open(os.path.join(RESULTS_DIR, f"ingest{suffix}.md"), "w") as f:
+    with open(os.path.join(RESULTS_DIR, f"{stem}{suffix}.md"), "w") as f:
         f.write("\n".join(L))
     print("\n".join(L))
 
