@@ -24,7 +24,7 @@ class RadiusNeighborsMixin:
     :class:`~pqsk._base.BasePQNeighbors`.
 
     Uses the base class's ``_check_fitted``, ``_check_params_at_call``,
-    ``_validate_queries``, ``_self_queries``, ``_search_refined``,
+    ``_query_parts``, ``_self_queries``, ``_search_refined``,
     ``_finish_distances`` and ``_n_live``; estimators may override
     ``_radius_first_k`` and ``_radius_caps`` (the most points a search of
     a query can visit).
@@ -65,7 +65,8 @@ class RadiusNeighborsMixin:
         Parameters
         ----------
         X : array-like of shape (n_queries, n_features), default=None
-            The query points.  If None, the indexed points (their raw
+            The query points (float16 ones converted to the fitted dtype a
+            chunk at a time).  If None, the indexed points (their raw
             vectors when kept, else their reconstructions), each point
             excluded from its own neighbors, as scikit-learn does.
         radius : float, default=None
@@ -122,9 +123,7 @@ class RadiusNeighborsMixin:
             n_queries = self.n_samples_fit_
             parts = self._self_queries()
         else:
-            Q = self._validate_queries(X)
-            n_queries = Q.shape[0]
-            parts = [(slice(0, n_queries), Q)]
+            n_queries, parts = self._query_parts(X)
         flt = check_filter(filter, self.n_samples_fit_, n_queries)
         n_threads = max(1, min(effective_n_threads(self.n_jobs), n_queries))
         dist = np.empty(n_queries, dtype=object)
