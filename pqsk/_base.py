@@ -475,13 +475,16 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
         """The prepared queries standing for the indexed points, in id order."""
         return np.concatenate([q for _, q in self._self_queries()])
 
-    def _shard_search(self, Q, n_neighbors):
+    def _shard_search(self, Q, n_neighbors, filter=None):
         """(raw distances, local int64 ids) of the ``n_neighbors`` best of
-        the prepared queries Q, rows sorted by (distance, id)."""
+        the prepared queries Q, rows sorted by (distance, id); ``filter``:
+        the local ids each query may return, in a form ``kneighbors`` takes
+        (empty slots: +inf and an id outside [0, n_samples_fit_))."""
         self._check_params_at_call()
+        flt = check_filter(filter, self.n_samples_fit_, Q.shape[0])
         n_threads = max(1, min(effective_n_threads(self.n_jobs), Q.shape[0]))
         with openmp_region(n_threads):
-            return self._search_refined(Q, n_neighbors, n_threads)
+            return self._search_filtered(Q, n_neighbors, n_threads, flt, 0)
 
     def _shard_finish(self, dist):
         """The distances ``kneighbors`` returns, from raw ones (a copy)."""

@@ -139,6 +139,17 @@ class RadiusNeighborsMixin:
                     dist[row], ind[row] = d, i
         return (dist, ind) if return_distance else ind
 
+    def _shard_radius(self, Q, radius, filter=None):
+        """The shard protocol's radius search (:mod:`pqsk.dask`): two
+        lists, (finished distances, local int64 ids) of each row of the
+        prepared queries Q within ``radius``, sorted; ``filter`` as in
+        ``_shard_search``."""
+        self._check_params_at_call()
+        flt = check_filter(filter, self.n_samples_fit_, Q.shape[0])
+        n_threads = max(1, min(effective_n_threads(self.n_jobs), Q.shape[0]))
+        with openmp_region(n_threads):
+            return self._radius_search(Q, radius, n_threads, False, flt, 0)
+
     def _radius_caps(self, Q):
         """The most points a search of each row of Q can visit (int64)."""
         return np.full(Q.shape[0], self._n_live, dtype=np.int64)
