@@ -208,3 +208,19 @@ def test_tune_search_without_raw_rows_needs_X(client):
                       n_queries=20, X=X, n_repeats=1, random_state=0)
     np.testing.assert_array_equal(result.frontier["n_probe"], one.frontier["n_probe"])
     np.testing.assert_array_equal(result.frontier["recall"], one.frontier["recall"])
+
+
+def test_filtered_hnsw_shards_return_allowed_ids_only(client):
+    """HNSW shards are other graphs than one index's: their filtered answers
+    are allowed ids only, close to the exact allowed neighbours."""
+    sharded = ShardedNeighbors(HNSWPQNeighbors(n_links=8, ef_construction=40, n_subspaces=4,
+                                               n_codewords=32, refine_factor=8,
+                                               random_state=0), n_shards=2).fit(X)
+    allowed = np.flatnonzero(MASK)
+    _, ind = sharded.kneighbors(Q, n_neighbors=5, filter=allowed)
+    assert np.isin(ind, allowed).all()
+    d2 = ((Q[:, None, :].astype(np.float64) - X[allowed][None].astype(np.float64)) ** 2).sum(-1)
+    truth = allowed[np.argsort(d2, axis=1)[:, :5]]
+    assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ind, truth)]) >= 0.9
+    dist, ind = sharded.radius_neighbors(Q[:10], 20.0, filter=allowed)
+    assert all(np.isin(i, allowed).all() and (d <= 20.0).all() for d, i in zip(dist, ind))
