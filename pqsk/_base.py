@@ -40,8 +40,10 @@ from ._checks import (
     check_n_neighbors,
     check_neighbors_state,
     check_self_query,
+    checked_float16_chunks,
     checked_queries,
     checked_rows,
+    is_float16_rows,
     resolve_metric,
 )
 from ._filter import check_filter
@@ -289,6 +291,17 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
         self._check_fitted()
         return self._prepare(checked_queries(self, X))
 
+    def _query_parts(self, X):
+        """(n_queries, parts): the queries X validated, then prepared as
+        (slice, rows) pairs in order; one pair, but for float16 input,
+        converted a chunk at a time (:func:`pqsk._checks.checked_float16_chunks`)."""
+        if not is_float16_rows(X):
+            Q = self._validate_queries(X)
+            return Q.shape[0], [(slice(0, Q.shape[0]), Q)]
+        self._check_fitted()
+        n, chunks = checked_float16_chunks(self, X)
+        return n, ((sl, self._prepare(Q)) for sl, Q in chunks)
+
     def _validate_rows(self, X, reset):
         """Validate ``fit`` (``reset=True``) or ``partial_fit`` input without
         copying it (see :func:`pqsk._checks.checked_rows`): a
@@ -312,7 +325,8 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-            Vectors to index; row i gets id i.
+            Vectors to index (float16, float32, float64 or integers; float16
+            computed in float32, converted a chunk at a time); row i gets id i.
         y : ignored
 
         Returns
@@ -364,6 +378,7 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+            float16 rows are converted to the fitted dtype a chunk at a time.
         y : ignored
 
         Returns
@@ -473,13 +488,16 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
         """The prepared queries standing for the indexed points, in id order."""
         return np.concatenate([q for _, q in self._self_queries()])
 
-    def _shard_search(self, Q, n_neighbors):
+    def _shard_search(self, Q, n_neighbors, filter=None):
         """(raw distances, local int64 ids) of the ``n_neighbors`` best of
-        the prepared queries Q, rows sorted by (distance, id)."""
+        the prepared queries Q, rows sorted by (distance, id); ``filter``:
+        the local ids each query may return, in a form ``kneighbors`` takes
+        (empty slots: +inf and an id outside [0, n_samples_fit_))."""
         self._check_params_at_call()
+        flt = check_filter(filter, self.n_samples_fit_, Q.shape[0])
         n_threads = max(1, min(effective_n_threads(self.n_jobs), Q.shape[0]))
         with openmp_region(n_threads):
-            return self._search_refined(Q, n_neighbors, n_threads)
+            return self._search_filtered(Q, n_neighbors, n_threads, flt, 0)
 
     def _shard_finish(self, dist):
         """The distances ``kneighbors`` returns, from raw ones (a copy)."""
@@ -699,7 +717,8 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
         Parameters
         ----------
         X : array-like of shape (n_queries, n_features), default=None
-            The query points. If None, the neighbors of each indexed point
+            The query points (float16 ones converted to the fitted dtype a
+            chunk at a time). If None, the neighbors of each indexed point
             are returned, the point itself excluded.  As the index keeps
             only codes, the indexed points are then represented by their
             reconstructions.
@@ -750,10 +769,9 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
         query_is_train = X is None
         if query_is_train:
             check_self_query(self.n_removed_, "kneighbors")
-            n_queries = self.n_samples_fit_
+            n_queries, parts = self.n_samples_fit_, self._self_queries()
         else:
-            Q = self._validate_queries(X)
-            n_queries = Q.shape[0]
+            n_queries, parts = self._query_parts(X)
         flt = check_filter(filter, self.n_samples_fit_, n_queries)
         check_enough_points(n_neighbors, self._n_live, n_queries, query_is_train)
         if query_is_train:
@@ -762,16 +780,16 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
         # queries costs more than it saves, badly so on a busy machine.
         n_threads = max(1, min(effective_n_threads(self.n_jobs), n_queries))
         with openmp_region(n_threads):
-            if query_is_train:
-                dist = ind = None
-                for sl, Q in self._self_queries():
-                    d, i = self._search_filtered(Q, n_neighbors, n_threads, flt, sl.start)
-                    if dist is None:
-                        dist = np.empty((n_queries, n_neighbors), dtype=d.dtype)
-                        ind = np.empty((n_queries, n_neighbors), dtype=i.dtype)
-                    dist[sl], ind[sl] = d, i
-            else:
-                dist, ind = self._search_filtered(Q, n_neighbors, n_threads, flt, 0)
+            dist = ind = None
+            for sl, Q in parts:
+                d, i = self._search_filtered(Q, n_neighbors, n_threads, flt, sl.start)
+                if sl.stop - sl.start == n_queries:  # one part: no copy
+                    dist, ind = d, i
+                    continue
+                if dist is None:
+                    dist = np.empty((n_queries, n_neighbors), dtype=d.dtype)
+                    ind = np.empty((n_queries, n_neighbors), dtype=i.dtype)
+                dist[sl], ind[sl] = d, i
         if flt is not None:
             # Fewer allowed ids than n_neighbors: the empty slots (+inf,
             # INT64_MAX, last in each row) become (+inf, -1).
@@ -804,7 +822,8 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
         Parameters
         ----------
         X : array-like of shape (n_queries, n_features), default=None
-            The query points; if None, the indexed points (self excluded).
+            The query points (float16: as in :meth:`kneighbors`); if None,
+            the indexed points (self excluded).
         n_neighbors : int, default=None
             Number of neighbors per row; the estimator's ``n_neighbors`` if None.
         mode : {"connectivity", "distance"}, default="connectivity"
@@ -850,6 +869,7 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
         Parameters
         ----------
         X : array-like of shape (n_queries, n_features)
+            float16 queries are converted a chunk at a time.
 
         Returns
         -------

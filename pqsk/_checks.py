@@ -9,7 +9,8 @@ Each check raises ``ValueError`` or ``TypeError`` on failure:
 * input checks at fit and query time: :func:`checked_rows`,
   :func:`checked_queries` (scikit-learn's ``validate_data``, then NaN,
   infinity and :func:`check_range`, the values whose squared distances
-  would overflow);
+  would overflow), :func:`checked_float16_chunks` (float16 queries,
+  converted to float32 a chunk at a time);
 * checks of a loaded index's state, run by the estimators'
   ``_check_loaded_state`` after :func:`pqsk._persist.load` has read the
   files (``require``, ``check_scalar_int``, ``check_int_array``,
@@ -308,6 +309,36 @@ def checked_queries(est, X):
     return check_range(X, extremes, dtype=est._kernel_dtype)
 
 
+def is_float16_rows(X):
+    """Whether X is a 2-D float16 ndarray (a memmap included): input the
+    checks and the estimators convert to float32 a chunk at a time, never
+    whole (see :func:`checked_float16_chunks`)."""
+    return (isinstance(X, np.ndarray) and X.dtype == np.float16 and X.ndim == 2
+            and X.shape[1] > 0)
+
+
+def checked_float16_chunks(est, X):
+    """(n_rows, chunks) of float16 queries X (``is_float16_rows``) for the
+    fitted estimator ``est``: every row validated first, as
+    :func:`checked_rows` validates a ``partial_fit`` (width, feature names,
+    NaN / infinity, range), then ``chunks``, an iterator of (slice, rows)
+    pairs covering X in order, each rows a C-contiguous array of the
+    fitted dtype converted when the pair is produced.  Nothing larger than
+    a chunk (``rows_per_chunk`` rows of the fitted dtype) is converted at
+    once."""
+    X, dtype = checked_rows(est, X, reset=False)
+    step = rows_per_chunk(X.shape[1] * dtype.itemsize)
+    return X.shape[0], ((sl, np.ascontiguousarray(X[sl], dtype=dtype))
+                        for sl in chunk_slices(X.shape[0], step))
+
+
+def _fitted_dtype(est):
+    """The dtype the fitted ``est`` computes in: ``_fit_dtype_`` (the
+    neighbors estimators), else its codebooks' (:class:`PQTransformer`)."""
+    dtype = est.__dict__.get("_fit_dtype_")
+    return np.dtype(est.codebooks_.dtype if dtype is None else dtype)
+
+
 def checked_rows(est, X, reset):
     """(X, dtype): the rows of a ``fit`` (``reset=True``) or ``partial_fit``
     of ``est`` validated, without a copy of an ndarray, and the dtype they
@@ -320,26 +351,32 @@ def checked_rows(est, X, reset):
     infinity and for the overflow range (:func:`check_range`) in ``dtype``.
     Any other array-like (lists, DataFrames...) goes through
     ``validate_data`` whole and is returned converted to one array.
+    float16 input is computed in float32 (its values are exact there):
+    an ndarray is never converted whole, and a chunk with NaN or infinity
+    raises the error of the same rows given as float32.
     """
+    kernel_dtype = getattr(est, "_kernel_dtype", None)
     if not (isinstance(X, np.ndarray) and X.ndim == 2 and X.shape[1] > 0
             and X.dtype.kind in "fiu" and X.dtype.itemsize <= 8):
         X = validate_data(est, X, dtype=FLOAT_DTYPES, order="C", reset=reset)
-        dtype = X.dtype if reset else est._fit_dtype_
+        dtype = X.dtype if reset else _fitted_dtype(est)
         X = np.ascontiguousarray(X, dtype=dtype)
-        check_range(X, dtype=est._kernel_dtype)
+        check_range(X, dtype=kernel_dtype)
         return X, dtype
     # The head gives validate_data's errors (too few rows, wrong width,
     # feature names, NaN in the head) exactly as for a whole array.
     head_rows = rows_per_chunk(X.shape[1] * 8)
     head = validate_data(est, X[:head_rows], dtype=FLOAT_DTYPES, order="C", reset=reset)
-    dtype = head.dtype if reset else est._fit_dtype_
-    bound = range_bound(X.shape[1], np.dtype(est._kernel_dtype or dtype))
+    dtype = head.dtype if reset else _fitted_dtype(est)
+    bound = range_bound(X.shape[1], np.dtype(kernel_dtype or dtype))
     lo = hi = 0.0
     for sl in chunk_slices(X.shape[0], rows_per_chunk(X.shape[1] * X.dtype.itemsize)):
         raw = X[sl]
         c_lo, c_hi = raw.min(), raw.max()
         if not (np.isfinite(c_lo) and np.isfinite(c_hi)):
-            assert_all_finite(raw, estimator_name=type(est).__name__, input_name="X")
+            # float16 is reported as the float32 rows it stands for.
+            assert_all_finite(raw.astype(dtype) if raw.dtype == np.float16 else raw,
+                              estimator_name=type(est).__name__, input_name="X")
         if raw.dtype != dtype:
             # The range is checked in the dtype the index computes in:
             # float64 beyond float32's range becomes inf only here.
@@ -349,7 +386,7 @@ def checked_rows(est, X, reset):
         lo, hi = min(lo, float(c_lo)), max(hi, float(c_hi))
         if not max(hi, -lo) <= bound:
             break
-    check_range(np.zeros((1, X.shape[1]), dtype), extremes=(lo, hi), dtype=est._kernel_dtype)
+    check_range(np.zeros((1, X.shape[1]), dtype), extremes=(lo, hi), dtype=kernel_dtype)
     return X, dtype
 
 

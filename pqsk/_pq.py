@@ -14,8 +14,9 @@ from . import _growable, _opq, _quantizer, _scorers
 from ._base import BasePQNeighbors
 from ._checks import (FLOAT_DTYPES, check_anisotropic_state, check_codebooks,
                       check_float_array, check_int_array, check_range, check_scalar_int,
-                      require)
+                      checked_float16_chunks, checked_rows, is_float16_rows, require)
 from ._persist import IndexIOMixin
+from ._store import FitRows
 from ._training import PQParamsMixin
 from ._utils import Progress, effective_n_threads, range_bound
 
@@ -206,17 +207,23 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-            Training vectors; at least ``n_subspaces`` features.
+            Training vectors; at least ``n_subspaces`` features.  A float16
+            ndarray (a memmap included) is read as float32 a chunk at a time.
         y : ignored
 
         Returns
         -------
         self : PQTransformer
         """
-        X = check_range(validate_data(self, X, dtype=FLOAT_DTYPES, order="C"))
+        if is_float16_rows(X):  # read a chunk at a time, as float32
+            X = FitRows(*checked_rows(self, X, reset=True), unit_norm=False)
+        else:
+            X = check_range(validate_data(self, X, dtype=FLOAT_DTYPES, order="C"))
         progress = Progress(self.verbose, "PQTransformer")
         self.rotation_ = self._fit_rotation(X, progress)
-        if self.rotation_ is not None:
+        if self.rotation_ is not None and isinstance(X, FitRows):
+            X.rotation = self.rotation_
+        elif self.rotation_ is not None:
             X = np.ascontiguousarray(X @ self.rotation_)
         self.codebooks_ = self._fit_codebooks(X, progress)
         self.code_dtype_ = _quantizer.code_dtype(self.codebooks_.shape[1])
@@ -233,7 +240,9 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         """X checked, in the codebooks' dtype, and rotated (``x @ R``)."""
         check_is_fitted(self)
         X = validate_data(self, X, dtype=FLOAT_DTYPES, order="C", reset=False)
-        X = check_range(np.ascontiguousarray(X, dtype=self.codebooks_.dtype))
+        return self._rotate(check_range(np.ascontiguousarray(X, dtype=self.codebooks_.dtype)))
+
+    def _rotate(self, X):
         R = self.__dict__.get("rotation_")  # files saved before OPQ lack it
         return X if R is None else np.ascontiguousarray(X @ R)
 
@@ -243,6 +252,7 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+            float16 rows are encoded as float32, a chunk at a time.
 
         Returns
         -------
@@ -250,9 +260,18 @@ class PQTransformer(IndexIOMixin, PQParamsMixin, ClassNamePrefixFeaturesOutMixin
             ``codes[i, j]`` is the codeword of row i in sub-space j (ties
             go to the smaller index).
         """
-        X = self._validate(X)
-        return _scorers.encode(X, self.codebooks_, effective_n_threads(self.n_jobs),
-                                  **self._anisotropic_kw())
+        n_threads = effective_n_threads(self.n_jobs)
+        if not is_float16_rows(X):
+            return _scorers.encode(self._validate(X), self.codebooks_, n_threads,
+                                   **self._anisotropic_kw())
+        check_is_fitted(self)  # float16: encoded a chunk at a time, as float32
+        n, chunks = checked_float16_chunks(self, X)
+        m, k = self.codebooks_.shape[:2]
+        codes = np.empty((n, m), dtype=_quantizer.code_dtype(k))
+        for sl, Q in chunks:
+            codes[sl] = _scorers.encode(self._rotate(Q), self.codebooks_, n_threads,
+                                        **self._anisotropic_kw())
+        return codes
 
     def inverse_transform(self, X):
         """Reconstruct vectors from their codes.

@@ -24,7 +24,7 @@ class RadiusNeighborsMixin:
     :class:`~pqsk._base.BasePQNeighbors`.
 
     Uses the base class's ``_check_fitted``, ``_check_params_at_call``,
-    ``_validate_queries``, ``_self_queries``, ``_search_refined``,
+    ``_query_parts``, ``_self_queries``, ``_search_refined``,
     ``_finish_distances`` and ``_n_live``; estimators may override
     ``_radius_first_k`` and ``_radius_caps`` (the most points a search of
     a query can visit).
@@ -65,7 +65,8 @@ class RadiusNeighborsMixin:
         Parameters
         ----------
         X : array-like of shape (n_queries, n_features), default=None
-            The query points.  If None, the indexed points (their raw
+            The query points (float16 ones converted to the fitted dtype a
+            chunk at a time).  If None, the indexed points (their raw
             vectors when kept, else their reconstructions), each point
             excluded from its own neighbors, as scikit-learn does.
         radius : float, default=None
@@ -122,9 +123,7 @@ class RadiusNeighborsMixin:
             n_queries = self.n_samples_fit_
             parts = self._self_queries()
         else:
-            Q = self._validate_queries(X)
-            n_queries = Q.shape[0]
-            parts = [(slice(0, n_queries), Q)]
+            n_queries, parts = self._query_parts(X)
         flt = check_filter(filter, self.n_samples_fit_, n_queries)
         n_threads = max(1, min(effective_n_threads(self.n_jobs), n_queries))
         dist = np.empty(n_queries, dtype=object)
@@ -139,6 +138,17 @@ class RadiusNeighborsMixin:
                         d, i = d[keep], i[keep]
                     dist[row], ind[row] = d, i
         return (dist, ind) if return_distance else ind
+
+    def _shard_radius(self, Q, radius, filter=None):
+        """The shard protocol's radius search (:mod:`pqsk.dask`): two
+        lists, (finished distances, local int64 ids) of each row of the
+        prepared queries Q within ``radius``, sorted; ``filter`` as in
+        ``_shard_search``."""
+        self._check_params_at_call()
+        flt = check_filter(filter, self.n_samples_fit_, Q.shape[0])
+        n_threads = max(1, min(effective_n_threads(self.n_jobs), Q.shape[0]))
+        with openmp_region(n_threads):
+            return self._radius_search(Q, radius, n_threads, False, flt, 0)
 
     def _radius_caps(self, Q):
         """The most points a search of each row of Q can visit (int64)."""

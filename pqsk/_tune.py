@@ -190,8 +190,12 @@ def tune_search(estimator, X_sample=None, target_recall=0.95, n_neighbors=10, *,
 
     Parameters
     ----------
-    estimator : PQNeighbors, IVFPQNeighbors or HNSWPQNeighbors
-        A fitted index; its search parameters are changed in place.
+    estimator : PQNeighbors, IVFPQNeighbors, HNSWPQNeighbors or ShardedNeighbors
+        A fitted index; its search parameters are changed in place.  A
+        :class:`pqsk.dask.ShardedNeighbors` is tuned as a whole: its
+        ``kneighbors`` (every shard, the merge) is timed, the truth is
+        computed on the workers, a task per shard, and the setting is set
+        on its ``estimator`` (read by every shard at the next query).
     X_sample : array-like of shape (n_samples, n_features) or None, default=None
         Rows to draw the queries from; None draws indexed points (see
         above).
@@ -258,6 +262,8 @@ def tune_search(estimator, X_sample=None, target_recall=0.95, n_neighbors=10, *,
     >>> nn.n_probe == result.params["n_probe"]
     True
     """
+    if hasattr(type(estimator), "_tune_view"):  # pqsk.dask.ShardedNeighbors, as a whole
+        estimator = estimator._tune_view()
     k = _check_args(estimator, target_recall, n_neighbors, n_queries, n_repeats)
     progress = Progress(verbose, "tune_search")
     rng = check_random_state(random_state)
@@ -267,8 +273,11 @@ def tune_search(estimator, X_sample=None, target_recall=0.95, n_neighbors=10, *,
     knob, refine, values = _grid(estimator, param_grid, kq)
     Q_raw, self_ids = _queries(estimator, source, X_sample, n_queries, k, rng)
     Q = estimator._prepare(Q_raw)  # normalised for cosine, as the index does
+    # A sharded index computes the exact neighbours of its rows on the workers.
+    exact = getattr(estimator, "_tune_exact", None) if source is estimator.vectors_ else None
     with progress.bar(estimator.n_samples_fit_, "exact neighbours", unit="vectors") as bar:
-        kth = _exact_neighbors(estimator, source, Q, k, self_ids, bar)[:, k - 1]
+        kth = (_exact_neighbors(estimator, source, Q, k, self_ids, bar) if exact is None
+               else exact(Q, k, self_ids))[:, k - 1]
 
     def measure():
         found, best = _timed_search(estimator, Q_raw, kq, n_repeats)
@@ -300,10 +309,13 @@ def tune_search(estimator, X_sample=None, target_recall=0.95, n_neighbors=10, *,
 
 def _check_args(estimator, target_recall, n_neighbors, n_queries, n_repeats):
     """Validate tune_search's arguments; returns k (int)."""
-    if not isinstance(estimator, BasePQNeighbors):
-        raise TypeError("tune_search tunes a PQNeighbors, IVFPQNeighbors or "
-                        f"HNSWPQNeighbors, got {type(estimator).__name__}.")
-    check_is_fitted(estimator)
+    if not isinstance(estimator, BasePQNeighbors) and not hasattr(estimator,
+                                                                  "_is_tune_view"):
+        raise TypeError("tune_search tunes a PQNeighbors, IVFPQNeighbors, "
+                        "HNSWPQNeighbors or pqsk.dask.ShardedNeighbors, got "
+                        f"{type(estimator).__name__}.")
+    if isinstance(estimator, BasePQNeighbors):  # a sharded view comes fitted
+        check_is_fitted(estimator)
     if (isinstance(target_recall, bool) or not isinstance(target_recall, Real)
             or not 0 < target_recall <= 1):
         raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}.")

@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import pickle
-import threading
 import uuid
 import warnings
 from numbers import Integral
@@ -37,12 +36,15 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import _quantizer
 from ._base import BasePQNeighbors
-from ._checks import (check_enough_points, check_n_neighbors, check_self_query,
-                      checked_remove_ids)
+from ._checks import (check_enough_points, check_graph_mode, check_n_neighbors,
+                      check_self_query, checked_remove_ids)
 from ._persist import load as _load_index
 from ._manifest import save_switched, shared_lock, write_durable
-from ._runtime import runtime
-from ._segments import NO_ID, merge_topk
+from ._filter import check_filter
+from ._segments import merge_topk
+from ._sharded_ops import (TuneView, drop_self, global_ids, graph_block, local_filters,
+                           mark_empty, merge_radius, merged_finished, radius_shard,
+                           search_shard, self_queries)
 from ._utils import Progress
 
 __all__ = ["ShardedNeighbors"]
@@ -125,69 +127,12 @@ def _loaded(path):
     return _load_index(path)
 
 
-_VIEWS_LOCK = threading.Lock()  # guards every shard's runtime(shard).views
-
-
-def _view(shard, params):
-    """The shard with the search parameters ``params``: a shallow copy
-    sharing its arrays (shards are never modified), cached per shard so
-    that caches keyed by the estimator survive from one query to the next."""
-    key = tuple(sorted(params.items()))
-    with _VIEWS_LOCK:
-        views = runtime(shard).views
-        view = views.get(key)
-        if view is None:
-            if len(views) >= 8:
-                views.clear()
-            view = views[key] = shard._shard_with_params(**params)
-    return view
-
-
-def _global(ind, ranges):
-    """Local ids of a shard -> global ids.  ``ranges`` rows are (first
-    local id, first global id, length), sorted by local id."""
-    out = np.full(ind.shape, NO_ID, np.int64)
-    ok = (ind >= 0) & (ind < ranges[-1, 0] + ranges[-1, 2]) if len(ranges) else ind < 0
-    r = np.searchsorted(ranges[:, 0], ind[ok], side="right") - 1
-    out[ok] = ind[ok] - ranges[r, 0] + ranges[r, 1]
-    return out
-
-
-def _search_shard(shard, Q, n_neighbors, params, ranges):
-    """(raw distances, global ids) of the shard's ``n_neighbors`` best for
-    the prepared queries Q, rows sorted by (distance, id)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the client warned already
-        dist, ind = _view(shard, params)._shard_search(Q, n_neighbors)
-    return dist, _global(ind, ranges)
-
-
-def _self_queries(shard, ranges):
-    """(global ids, query vectors) standing for the shard's indexed points,
-    as the single-machine ``kneighbors(X=None)`` makes them."""
-    Q = shard._shard_self_queries()
-    ids = _global(np.arange(shard.n_samples_fit_), ranges)
-    return ids, Q
-
-
 def _prepared(template, block):
     return template._shard_prepare_queries(block)
 
 
 def _merged(n_neighbors, *parts):
     return merge_topk(list(parts), n_neighbors)
-
-
-def _merged_finished(template, n_neighbors, *parts):
-    dist, ind = merge_topk(list(parts), n_neighbors)
-    return template._shard_finish(dist), ind
-
-
-def _graph_block(ind, dist, n_fit, mode):
-    n, k = ind.shape
-    data = np.ones(ind.size) if mode == "connectivity" else np.ravel(dist)
-    return sparse.csr_matrix((data, ind.ravel(), np.arange(0, n * k + 1, k)),
-                             shape=(n, n_fit))
 
 
 # -- client side ---------------------------------------------------------------
@@ -630,17 +575,22 @@ class ShardedNeighbors(BaseEstimator):
                             query_is_train)
         return n_neighbors
 
-    def _fan_out(self, Q, n_neighbors, params):
-        """Delayed (raw dist, global ids) of each shard for the prepared Q."""
-        return [delayed(_search_shard)(s, Q, min(n_neighbors, live), params, r)
-                for s, live, r in zip(self.shards_, self._live, self._ranges) if live]
+    def _fan_out(self, Q, n_neighbors, params, flt=None, rows=None):
+        """Delayed (raw dist, global ids) of each shard for the prepared Q,
+        the whole batch in one task per shard; ``flt``: the validated
+        filter (global ids), of the queries ``rows`` for a per-query one."""
+        filters = local_filters(flt, self._ranges, rows)
+        return [delayed(search_shard)(s, Q, min(n_neighbors, live), params, r, f)
+                for s, live, r, f in zip(self.shards_, self._live, self._ranges, filters)
+                if live]
 
-    def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
+    def kneighbors(self, X=None, n_neighbors=None, return_distance=True, *, filter=None):
         """Find the (approximate) K-neighbors of points, on every shard.
 
         Each shard returns its top ``n_neighbors``; they are merged into the
         global top ``n_neighbors``.  Latency: the slowest shard plus the
-        merge.
+        merge.  The queries go to each shard as one batch (one task per
+        shard, per block of a dask array).
 
         Parameters
         ----------
@@ -652,6 +602,14 @@ class ShardedNeighbors(BaseEstimator):
         n_neighbors : int, default=None
             The estimator's ``n_neighbors`` if None.
         return_distance : bool, default=True
+        filter : array-like or sparse matrix, default=None
+            The global ids each query may return, in any form the wrapped
+            estimator's ``kneighbors`` takes (a boolean mask of shape
+            (n_samples_fit_,), allowed ids, a sparse (n_queries,
+            n_samples_fit_) matrix), validated on the client with the same
+            errors; each shard gets its part in its local ids and applies
+            it inside its kernels.  Rows with fewer allowed ids than
+            ``n_neighbors`` end with id -1 at distance +inf.
 
         Returns
         -------
@@ -664,7 +622,7 @@ class ShardedNeighbors(BaseEstimator):
         params, view = self._search_params()
         template = self.template_
         if X is None:
-            dist, ind = self._kneighbors_self(n_neighbors, view, params)
+            dist, ind = self._kneighbors_self(n_neighbors, view, params, filter)
         elif isinstance(X, da.Array):
             if X.ndim == 2 and any(np.isnan(c) for c in X.chunks[0]):
                 raise ValueError("X has chunks of unknown size; call "
@@ -672,46 +630,54 @@ class ShardedNeighbors(BaseEstimator):
             # Width, dimensions and dtype: the estimator's errors, here.
             template._shard_prepare_queries(np.zeros((1,) * (X.ndim - 1) + X.shape[1:],
                                                      X.dtype))
+            flt = check_filter(filter, self.n_samples_fit_, X.shape[0])
             k = self._n_neighbors(n_neighbors, view, X.shape[0], False)
             X = X.rechunk({1: -1})
             tpl = self._template_node(template)
             dists, inds = [], []
+            start = 0
             for block, nb in zip(X.to_delayed()[:, 0], X.chunks[0]):
                 Q = delayed(_prepared)(tpl, block)
-                d, i = delayed(_merged_finished, nout=2)(
-                    tpl, k, *self._fan_out(Q, k, params))
+                parts = self._fan_out(Q, k, params, flt, slice(start, start + nb))
+                d, i = delayed(merged_finished, nout=2)(tpl, k, flt is not None, *parts)
                 dists.append(da.from_delayed(d, (nb, k), dtype=template._shard_dtype()))
                 inds.append(da.from_delayed(i, (nb, k), dtype=np.int64))
+                start += nb
             dist, ind = da.concatenate(dists), da.concatenate(inds)
             return (dist, ind) if return_distance else ind
         else:
             Q = template._shard_prepare_queries(X)
+            flt = check_filter(filter, self.n_samples_fit_, Q.shape[0])
             k = self._n_neighbors(n_neighbors, view, Q.shape[0], False)
-            merged = delayed(_merged)(k, *self._fan_out(_literal(Q, "queries"), k, params))
+            merged = delayed(_merged)(k, *self._fan_out(_literal(Q, "queries"), k, params,
+                                                        flt))
             dist, ind = dask.compute(merged)[0]
+            if flt is not None:
+                mark_empty(dist, ind)
             dist = template._shard_finish(dist)
         return (dist, ind) if return_distance else ind
 
-    def _kneighbors_self(self, n_neighbors, view, params):
+    def _kneighbors_self(self, n_neighbors, view, params, filter=None):
         n = self.n_samples_fit_
+        flt = check_filter(filter, n, n)
         k = self._n_neighbors(n_neighbors, view, n, True) + 1
         merged = []
         for s, r in zip(self.shards_, self._ranges):
-            ids_q = delayed(_self_queries, nout=2)(s, r)
-            merged.append((ids_q[0], delayed(_merged)(k, *self._fan_out(ids_q[1], k, params))))
+            ids_q = delayed(self_queries, nout=2)(s, r)
+            rows = global_ids(r)  # its queries' ids
+            merged.append((ids_q[0], delayed(_merged)(
+                k, *self._fan_out(ids_q[1], k, params, flt, rows))))
         dist = np.empty((n, k), self.template_._shard_dtype())
         ind = np.empty((n, k), np.int64)
         for ids, (d, i) in dask.compute(*merged):
             dist[ids], ind[ids] = d, i
-        # Drop each point from its own row (the first column where it is
-        # not there: duplicates), as the single-machine estimators do.
-        mask = ind != np.arange(n)[:, None]
-        mask[np.all(mask, axis=1), 0] = False
-        ind = ind[mask].reshape(n, k - 1)
-        dist = dist[mask].reshape(n, k - 1)
+        if flt is not None:
+            mark_empty(dist, ind)
+        dist, ind = drop_self(dist, ind, flt)
         return self.template_._shard_finish(dist), ind
 
-    def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):
+    def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity", *,
+                         filter=None):
         """The (weighted) graph of k-neighbors of the query points.
 
         Parameters
@@ -720,6 +686,9 @@ class ShardedNeighbors(BaseEstimator):
                 default=None
         n_neighbors : int, default=None
         mode : {"connectivity", "distance"}, default="connectivity"
+        filter : array-like or sparse matrix, default=None
+            As in :meth:`kneighbors`; a row whose query has fewer than
+            ``n_neighbors`` allowed ids holds only those.
 
         Returns
         -------
@@ -727,17 +696,69 @@ class ShardedNeighbors(BaseEstimator):
             For a dask array X, a dask array whose blocks are CSR matrices.
         """
         check_is_fitted(self)
-        if mode not in ("connectivity", "distance"):
-            raise ValueError(
-                'Unsupported mode, must be one of "connectivity", or "distance" '
-                f'but got "{mode}" instead')
-        dist, ind = self.kneighbors(X, n_neighbors, return_distance=True)
+        check_graph_mode(mode)
+        dist, ind = self.kneighbors(X, n_neighbors, return_distance=True, filter=filter)
         n_fit = self.n_samples_fit_
         if isinstance(ind, da.Array):
-            return da.map_blocks(_graph_block, ind, dist, n_fit, mode,
+            return da.map_blocks(graph_block, ind, dist, n_fit, mode,
                                  chunks=(ind.chunks[0], (n_fit,)), dtype=np.float64,
                                  meta=sparse.csr_matrix((0, 0)))
-        return _graph_block(ind, dist, n_fit, mode)
+        return graph_block(ind, dist, n_fit, mode)
+
+    def radius_neighbors(self, X=None, radius=None, return_distance=True,
+                         sort_results=False, *, filter=None):
+        """The (approximate) neighbours within ``radius`` of points, on
+        every shard: each shard returns its points within ``radius``
+        (as the wrapped estimator's ``radius_neighbors`` finds them, the
+        queries one batch per shard), merged and sorted by (distance, id).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_queries, n_features), default=None
+            Query points (NumPy); None: the indexed points, each point
+            excluded from its own neighbours.
+        radius : float, default=None
+            The estimator's ``radius`` if None.
+        return_distance : bool, default=True
+        sort_results : bool, default=False
+            Accepted for scikit-learn's API; results are always sorted.
+        filter : array-like or sparse matrix, default=None
+            The global ids each query may return, as in :meth:`kneighbors`.
+
+        Returns
+        -------
+        neigh_dist : ndarray of shape (n_queries,), dtype=object
+            Arrays of distances; only if ``return_distance``.
+        neigh_ind : ndarray of shape (n_queries,), dtype=object
+            Arrays of int64 global ids.
+        """
+        check_is_fitted(self)
+        params, view = self._search_params()
+        radius = view._check_radius(radius)
+        if sort_results and not return_distance:
+            raise ValueError("return_distance must be True if sort_results is True.")
+        if X is None:
+            check_self_query(self.n_removed_, "radius_neighbors")
+            blocks = [(delayed(self_queries, nout=2)(s, r)[1],
+                       global_ids(r))
+                      for s, r in zip(self.shards_, self._ranges)]
+            n = self.n_samples_fit_
+        else:
+            Q = self.template_._shard_prepare_queries(X)
+            n = Q.shape[0]
+            blocks = [(_literal(Q, "queries"), np.arange(n))]
+        flt = check_filter(filter, self.n_samples_fit_, n)
+        tasks = []
+        for Qb, rows in blocks:
+            filters = local_filters(flt, self._ranges, rows)
+            tasks.append(delayed(merge_radius)([
+                delayed(radius_shard)(s, Qb, radius, params, r, f)
+                for s, r, f in zip(self.shards_, self._ranges, filters)],
+                rows if X is None else None))
+        dist, ind = np.empty(n, dtype=object), np.empty(n, dtype=object)
+        for (Qb, rows), (d, i) in zip(blocks, dask.compute(*tasks)):
+            dist[rows], ind[rows] = d, i
+        return (dist, ind) if return_distance else ind
 
     def transform(self, X):
         """Sparse k-neighbors graph of X, as the wrapped estimator's
@@ -763,6 +784,13 @@ class ShardedNeighbors(BaseEstimator):
         """Live (not removed) vectors of each shard (list of ints)."""
         check_is_fitted(self)
         return list(self._live)
+
+    def _tune_view(self):
+        """What :func:`pqsk.tune_search` tunes: this index as a whole
+        (:class:`pqsk._sharded_ops.TuneView`; the chosen parameters are set
+        on ``estimator``)."""
+        check_is_fitted(self)
+        return TuneView(self, lambda tasks: dask.compute(*[delayed(f)(*a) for f, *a in tasks]))
 
     # -- save / load -------------------------------------------------------------
     def save(self, path, *, overwrite=False):
