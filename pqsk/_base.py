@@ -40,10 +40,9 @@ from ._checks import (
     check_n_neighbors,
     check_neighbors_state,
     check_self_query,
-    checked_float16_chunks,
     checked_queries,
     checked_rows,
-    is_float16_rows,
+    query_parts,
     resolve_metric,
 )
 from ._filter import check_filter
@@ -292,15 +291,8 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
         return self._prepare(checked_queries(self, X))
 
     def _query_parts(self, X):
-        """(n_queries, parts): the queries X validated, then prepared as
-        (slice, rows) pairs in order; one pair, but for float16 input,
-        converted a chunk at a time (:func:`pqsk._checks.checked_float16_chunks`)."""
-        if not is_float16_rows(X):
-            Q = self._validate_queries(X)
-            return Q.shape[0], [(slice(0, Q.shape[0]), Q)]
-        self._check_fitted()
-        n, chunks = checked_float16_chunks(self, X)
-        return n, ((sl, self._prepare(Q)) for sl, Q in chunks)
+        """(n_queries, parts): see :func:`pqsk._checks.query_parts`."""
+        return query_parts(self, X)
 
     def _validate_rows(self, X, reset):
         """Validate ``fit`` (``reset=True``) or ``partial_fit`` input without

@@ -317,6 +317,18 @@ def is_float16_rows(X):
             and X.shape[1] > 0)
 
 
+def query_parts(est, X):
+    """(n_queries, parts) of a fitted estimator's queries X: validated, then
+    prepared as (slice, rows) pairs in order; one pair, but for float16
+    input, converted a chunk at a time (:func:`checked_float16_chunks`)."""
+    if not is_float16_rows(X):
+        Q = est._validate_queries(X)
+        return Q.shape[0], [(slice(0, Q.shape[0]), Q)]
+    est._check_fitted()
+    n, chunks = checked_float16_chunks(est, X)
+    return n, ((sl, est._prepare(Q)) for sl, Q in chunks)
+
+
 def checked_float16_chunks(est, X):
     """(n_rows, chunks) of float16 queries X (``is_float16_rows``) for the
     fitted estimator ``est``: every row validated first, as
