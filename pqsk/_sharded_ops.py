@@ -17,6 +17,7 @@ This module imports neither dask nor any estimator module: ``pqsk.dask``
 hands these functions to dask.
 """
 
+import pickle
 import threading
 import warnings
 
@@ -276,3 +277,26 @@ class _ShardedRows:
 
     def __getitem__(self, ids):
         return self.take(ids)
+
+
+# -- shard building blocks (tasks never modify their inputs: dask may hold
+# or recompute them) ----------------------------------------------------------------
+
+def rows_of(chunks):
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+
+def copy_shard(shard):
+    return pickle.loads(pickle.dumps(shard, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def appended_shard(shard, *chunks):
+    return copy_shard(shard).partial_fit(rows_of(chunks))
+
+
+def removed_shard(shard, local_ids):
+    return copy_shard(shard).remove(local_ids)
+
+
+def chunk_bounds(chunks):
+    return np.concatenate([[0], np.cumsum(chunks)]).astype(np.int64)

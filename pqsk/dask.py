@@ -19,9 +19,7 @@ imports no estimator module.
 import contextlib
 import json
 import os
-import pickle
 import uuid
-import warnings
 from numbers import Integral
 
 import dask
@@ -42,8 +40,9 @@ from ._persist import load as _load_index
 from ._manifest import save_switched, shared_lock, write_durable
 from ._filter import check_filter
 from ._segments import merge_topk
-from ._sharded_ops import (TuneView, drop_self, global_ids, graph_block, local_filters,
-                           mark_empty, merge_radius, merged_finished, radius_shard,
+from ._sharded_ops import (TuneView, appended_shard, chunk_bounds, drop_self, global_ids,
+                           graph_block, local_filters, mark_empty, merge_radius,
+                           merged_finished, radius_shard, removed_shard, rows_of,
                            search_shard, self_queries)
 from ._utils import Progress
 
@@ -93,29 +92,12 @@ def _rebuilt(quantizers):
     return clone(est)._shard_from_quantizers(state)
 
 
-def _rows(chunks):
-    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
-
-
 def _build_shard(template, seed, *chunks):
     """A shard: the rows of ``chunks`` indexed with the template's quantizers
     (local ids 0, 1, ...).  ``seed`` fixes the shard's own randomness (HNSW
     levels), so that a rebuild after a lost worker gives the same shard."""
     shard = clone(template).set_params(random_state=seed)
-    return shard._shard_from_quantizers(template._shard_quantizers(), _rows(chunks))
-
-
-def _copy(shard):
-    # Tasks never modify their inputs (dask may hold or recompute them).
-    return pickle.loads(pickle.dumps(shard, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-def _appended(shard, *chunks):
-    return _copy(shard).partial_fit(_rows(chunks))
-
-
-def _removed(shard, local_ids):
-    return _copy(shard).remove(local_ids)
+    return shard._shard_from_quantizers(template._shard_quantizers(), rows_of(chunks))
 
 
 def _saved(shard, path):
@@ -124,7 +106,7 @@ def _saved(shard, path):
 
 
 def _loaded(path):
-    return _load_index(path)
+    return _load_index(path, mmap_mode="r")
 
 
 def _prepared(template, block):
@@ -213,10 +195,6 @@ def _on(worker):
     if worker is None:
         return contextlib.nullcontext()
     return dask.annotate(workers=[worker], allow_other_workers=True)
-
-
-def _chunk_bounds(chunks):
-    return np.concatenate([[0], np.cumsum(chunks)]).astype(np.int64)
 
 
 class ShardedNeighbors(BaseEstimator):
@@ -381,7 +359,7 @@ class ShardedNeighbors(BaseEstimator):
         # ``est.fit(X)``.
         rows = _quantizer.sample_rows(n, n_sample, rng)
         rows = np.arange(n) if rows is None else rows
-        bounds = _chunk_bounds(lengths)
+        bounds = chunk_bounds(lengths)
         parts = []
         for i, c in enumerate(chunks):
             a, b = np.searchsorted(rows, bounds[i:i + 2])
@@ -458,7 +436,7 @@ class ShardedNeighbors(BaseEstimator):
         tpl = self._template_node(template)
         if lazy:  # NaN and range, before any shard changes
             dask.compute(*[delayed(_checked_rows)(tpl, c) for c in chunks])
-        bounds = _chunk_bounds(lengths) + self.n_samples_fit_
+        bounds = chunk_bounds(lengths) + self.n_samples_fit_
         shards, ranges, live = list(self.shards_), list(self._ranges), list(self._live)
         changed = {}
         rng = check_random_state(self._seed())
@@ -476,7 +454,7 @@ class ShardedNeighbors(BaseEstimator):
                 continue
             j = int(np.argmin(live))
             local = int(ranges[j][-1, 0] + ranges[j][-1, 2])
-            shards[j] = delayed(_appended)(shards[j], c)
+            shards[j] = delayed(appended_shard)(shards[j], c)
             ranges[j] = np.vstack([ranges[j], [[local, bounds[i], m]]])
             live[j] += m
             changed[j] = True
@@ -539,7 +517,7 @@ class ShardedNeighbors(BaseEstimator):
         changed = {}
         for j in np.unique(shard):
             mine = local[shard == j]
-            changed[j] = delayed(_removed)(shards[j], mine)
+            changed[j] = delayed(removed_shard)(shards[j], mine)
             live[j] -= mine.size
         for j, s in zip(changed, _persist(list(changed.values()))):
             shards[j] = s
@@ -793,7 +771,7 @@ class ShardedNeighbors(BaseEstimator):
         return TuneView(self, lambda tasks: dask.compute(*[delayed(f)(*a) for f, *a in tasks]))
 
     # -- save / load -------------------------------------------------------------
-    def save(self, path, *, overwrite=False):
+    def save(self, path, *, overwrite=False, serve_saved=False):
         """Write every shard from its worker, and a manifest, under ``path``.
 
         ``path`` must be reachable by every worker under the same name: a
@@ -810,18 +788,25 @@ class ShardedNeighbors(BaseEstimator):
         path : str or os.PathLike
         overwrite : bool, default=False
             Replace a sharded index already saved at ``path``.
+        serve_saved : bool, default=False
+            Then serve the saved shards: each is read back, memory-mapped,
+            by a worker (the in-memory copies are released), and a shard
+            whose worker is lost is read again from ``path`` instead of
+            being rebuilt from the fit data, as after :meth:`load`.
 
         Returns
         -------
         self : object
         """
         check_is_fitted(self)
+        written = []
 
         def write(data_dir):
             write_durable(os.path.join(data_dir, "removed.npy"),
                           lambda f: np.save(f, self._removed))
             data = os.path.basename(data_dir)
-            dirs = [os.path.join(data, f"shard-{j:05d}") for j in range(len(self.shards_))]
+            dirs = written[:] = [os.path.join(data, f"shard-{j:05d}")
+                                 for j in range(len(self.shards_))]
             # Each save fsyncs its files, its directory and the data
             # directory that names it.
             dask.compute(*[delayed(_saved)(s, os.path.join(path, d))
@@ -835,6 +820,13 @@ class ShardedNeighbors(BaseEstimator):
         path = os.path.abspath(os.fspath(path))
         save_switched(path, MANIFEST, overwrite=overwrite, read_manifest=_read_manifest,
                       write=write)
+        if serve_saved:
+            with shared_lock(path):  # no save removes the data meanwhile
+                if [s["dir"] for s in _read_manifest(path)["shards"]] != written:
+                    raise RuntimeError(f"{path} was saved over by another save before "
+                                       "its shards could be served; nothing changed.")
+                self.shards_ = _persist([delayed(_loaded)(os.path.join(path, d))
+                                         for d in written])
         return self
 
     @classmethod

@@ -277,6 +277,30 @@ def test_worker_killed_between_queries_costs_no_answer(client, make, tmp_path):
     np.testing.assert_array_equal(loaded.kneighbors(Q, n_neighbors=5)[1], before[1])
 
 
+def test_save_serve_saved_reads_lost_shards_from_disk(client, tmp_path):
+    sharded = ShardedNeighbors(ivf()).fit(da.from_array(X, chunks=(750, 16)))
+    sharded.remove([4, 5])
+    before = sharded.kneighbors(Q, n_neighbors=5)
+    sharded.save(tmp_path / "index", serve_saved=True)
+    futures = [f for s in sharded.shards_ for f in distributed.futures_of(s)]
+    # the shards are now the saved files, memory-mapped on the workers
+    assert all(str(f.key).startswith("_loaded-") for f in futures)
+    mapped = client.gather(client.map(
+        lambda s: any(isinstance(v, np.memmap) or isinstance(getattr(v, "base", None),
+                                                             np.memmap)
+                      for v in vars(s).values()), futures, pure=False))
+    assert all(mapped)
+    np.testing.assert_array_equal(sharded.kneighbors(Q, n_neighbors=5)[1], before[1])
+    _kill_a_shard_holder(client, sharded)
+    after = sharded.kneighbors(Q, n_neighbors=5)
+    np.testing.assert_array_equal(after[1], before[1])
+    np.testing.assert_array_equal(after[0], before[0])
+    # appends and removals still work on served shards (copies in memory)
+    sharded.partial_fit(X[:10]).remove([0])
+    assert sharded.n_samples_fit_ == X.shape[0] + 10
+    assert 0 not in sharded.kneighbors(Q, n_neighbors=5)[1]
+
+
 def test_save_load_round_trip_and_overwrite(client, tmp_path):
     sharded = ShardedNeighbors(ivf(), n_shards=3).fit(X)
     sharded.remove([0, 10])
