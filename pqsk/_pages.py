@@ -176,8 +176,8 @@ def decode_bitmap(name, content, take):
     pages, n = _ranges(name, content, "pages")
     if n != content["n"] or any(set(p) != {"lo", "hi", "array"} for p in pages):
         raise IndexFormatError(f"{name!r}: the pages must cover ids 0 to n = {content['n']}")
-    out = np.zeros(n, dtype=bool)
-    for p in pages:
+    checked = []
+    for p in pages:  # every page checked before n flags are allocated
         size = p["hi"] - p["lo"]
         bits = take(p["array"])
         if not (isinstance(bits, np.ndarray) and bits.dtype == np.uint8
@@ -187,7 +187,10 @@ def decode_bitmap(name, content, take):
                 "of uint8")
         if size % 8 and int(bits[-1]) & ((1 << (8 - size % 8)) - 1):
             raise IndexFormatError(f"{name!r}: bits past the last id of a page must be 0")
-        out[p["lo"]:p["hi"]] = np.unpackbits(bits, count=size).view(bool)
+        checked.append((p["lo"], p["hi"], bits))
+    out = np.zeros(n, dtype=bool)
+    for lo, hi, bits in checked:
+        out[lo:hi] = np.unpackbits(bits, count=hi - lo).view(bool)
     return out
 
 

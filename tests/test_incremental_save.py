@@ -253,6 +253,11 @@ def _blocks_of(h):
     lambda h: h["attributes"]["vectors_"]["rows"].__setitem__("dtype", "|O"),
     lambda h: h["attributes"]["vectors_"]["rows"].__setitem__("n_features", 31),
     lambda h: _blocks_of(h)[0].__setitem__("array", _pages_of(h)[0]["array"]),
+    # Claims of 2**40 ids or rows: refused before anything that size is made.
+    lambda h: h["attributes"]["removed_"]["bitmap"].update(
+        n=2**40, pages=[dict(_pages_of(h)[0], hi=2**40)]),
+    lambda h: h["attributes"]["vectors_"]["rows"].update(
+        blocks=[dict(_blocks_of(h)[0], hi=2**40)]),
 ])
 def test_hand_made_piece_headers_are_refused(tmp_path, monkeypatch, edit):
     path, _ = _saved_with_pieces(tmp_path, monkeypatch)
