@@ -6,8 +6,10 @@ one ``.npy`` file each by :mod:`pqsk._persist`): scalars stay as they are,
 and the other values become one-key objects, ``{"array": name}``,
 ``{"dtype": str}``, ``{"dict": {...}}`` (scalars), ``{"strings": [...]}``
 (an object array of strings), ``{"random_state": [kind, pos, has_gauss,
-gauss]}`` (its keys an array) and ``{"segments": [...]}`` (sealed
-segments: uid, meta and arrays).  :func:`decode_value` reads them back,
+gauss]}`` (its keys an array), ``{"segments": [...]}`` (sealed
+segments: uid, meta and arrays), and, saved in pieces a later save
+reuses (:mod:`pqsk._pages`), ``{"bitmap": ...}`` (the tombstones,
+``BITMAPS``) and ``{"rows": ...}`` (a row store, in blocks).  :func:`decode_value` reads them back,
 checking the form of each (an array named once, a random state numpy can
 resume, segment entries well formed) and raising
 :class:`~pqsk._checks.IndexFormatError` otherwise; what the values hold
@@ -18,6 +20,7 @@ import re
 
 import numpy as np
 
+from . import _pages
 from ._checks import IndexFormatError
 from ._segments import Segment
 from ._store import RowStore
@@ -34,6 +37,8 @@ DTYPES = {np.dtype(t).str: np.dtype(t) for t in
 # Derived from other attributes and recomputed by ``_check_loaded_state``:
 # never written (version 1 files hold them; they are ignored).
 NOT_SAVED = frozenset({"_list_terms"})
+# Bool arrays saved as bitmaps, in pages (format 6 on).
+BITMAPS = frozenset({"removed_"})
 
 _MT_KEYS = 624
 
@@ -63,8 +68,9 @@ def encode_value(name, value, arrays):
         arrays[name + ".rng_keys"] = keys
         return {"random_state": [kind, int(pos), int(has_gauss), float(gauss)]}
     if isinstance(value, RowStore):
-        arrays[name] = value  # written chunk by chunk into one .npy
-        return {"array": name}
+        return _pages.encode_rows(name, value, arrays)
+    if name in BITMAPS and isinstance(value, np.ndarray) and value.dtype == bool:
+        return _pages.encode_bitmap(name, value.reshape(-1), arrays)
     if isinstance(value, tuple) and all(isinstance(s, Segment) for s in value):
         out = []
         for i, seg in enumerate(value):
@@ -85,9 +91,10 @@ def encode_value(name, value, arrays):
     raise TypeError(f"cannot save {name!r} of type {type(value).__name__}")
 
 
-class SegmentArray:
+class SegmentArray(_pages.Piece):
     """An array of a sealed segment: written once, to
-    ``segments/<uid>.<name>.npy``, and shared by every save after."""
+    ``segments/<uid>.<name>.npy``, and shared by every save after (a piece
+    of ``segments/``, as those of :mod:`pqsk._pages`)."""
 
     __slots__ = ("segment", "name")
 
@@ -97,6 +104,15 @@ class SegmentArray:
     @property
     def file(self):
         return f"{self.segment.uid}.{self.name}.npy"
+
+    def entry(self):
+        a = self.segment[self.name]
+        return list(a.shape), a.dtype.str, self.segment.sha256(self.name)
+
+    def write(self, f):
+        a = np.ascontiguousarray(self.segment[self.name])
+        np.lib.format.write_array(f, a, allow_pickle=False)
+        return self.segment.sha256(self.name)
 
 
 def _take(arrays, key, name):
@@ -138,6 +154,11 @@ def decode_value(name, value, arrays, checksums=None):
                                         _take(arrays, name + ".rng_keys", name))
         if kind == "segments":
             return _decode_segments(name, content, arrays, checksums or {})
+        if kind == "bitmap" and name in BITMAPS:
+            return _pages.decode_bitmap(name, content, lambda k: _take(arrays, k, name))
+        if kind == "rows":
+            return _pages.decode_rows(name, content, lambda k: _take(arrays, k, name),
+                                      checksums or {}, DTYPES, _UID)
         raise IndexFormatError(f"unknown encoding for {name!r} in the header")
     if isinstance(value, list):
         raise IndexFormatError(f"{name!r}: lists are not a saved value")

@@ -1,6 +1,6 @@
 """Saving and loading fitted estimators without pickle.
 
-Layout (format version 5)
+Layout (format version 6)
 -------------------------
 An index is a directory::
 
@@ -11,7 +11,8 @@ An index is a directory::
                        array its file, shape, dtype and SHA-256
         000.npy ...    one NumPy file per array (``allow_pickle=False``)
     segments/          the arrays of sealed segments (``pqsk._segments``),
-        <uid>.<name>.npy   written once and shared by every later save
+        <uid>.<name>.npy   the tombstone pages and row blocks (``pqsk._pages``),
+                           written once and shared by every later save
     .pqsk-lock         serialises saves to the same path
 
 Every byte that is read is covered by a checksum: the manifest holds the
@@ -26,7 +27,13 @@ Version 4 adds the compact re-ranking tier (``refine_dtype``,
 ``refine_rows_``, ``refine_offset_``, ``refine_scale_``; float16 arrays);
 a version-3 file reads as an index without one.  Version 5 adds spilling
 (``spill_lambda``, ``spill_lambda_``: an IVF id stored twice, in two
-lists); a version-4 file reads as an index without it.
+lists); a version-4 file reads as an index without it.  Version 6 saves the
+tombstones (``removed_``) as bitmap pages and the row stores (``vectors_``,
+``refine_rows_``) as row blocks, files of ``segments/`` too
+(:mod:`pqsk._pages`): a save after appends and removals writes the new
+segments, the new row block, the changed pages, the small arrays of the
+data directory (the growing part, the quantizers) and the manifest;
+version-5 files (one array each) still load.
 
 Saving never deletes first.  ``save`` writes a new ``vNNNNNN/`` next to the
 current one, ``fsync``-ing every file and the directory, then writes the
@@ -37,14 +44,15 @@ manifests use too).
 Only then are the previous data directory and any leftovers of an
 interrupted save removed.  A save killed at any point leaves the previous
 index readable (or, once the manifest is switched, the new one); the
-leftovers are cleaned at the next save.  Saves to one path are serialised
+leftovers are cleaned at the next save.  A write that fails (a full
+disk) removes what the save wrote and raises; the previous index stays.  Saves to one path are serialised
 by an advisory lock on ``.pqsk-lock`` (POSIX).  A load reads without the
 lock and starts again if a save removed what it was reading; its last
 attempt holds the lock shared, so that a stream of saves cannot starve it.
 
 Format version 1 (``header.json`` and the ``.npy`` files directly in the
 directory, no header checksum) is still read; saving over it writes
-version 5 and then removes the old files.  Parameters added since an old
+version 6 and then removes the old files.  Parameters added since an old
 file was written (``_PARAMS_SINCE``) keep their defaults.
 
 The header's JSON form of each value is :mod:`pqsk._header`'s.
@@ -76,12 +84,15 @@ consistent state while other threads run ``partial_fit`` or ``remove``.
 """
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
+import sys
+import time
 
 import numpy as np
 
@@ -90,17 +101,18 @@ from ._manifest import LOCK, SaveLock as _SaveLock, fsync_dir as _fsync_dir
 from ._manifest import replace_durable as _replace_durable, shared_lock, tmp_pattern
 from ._manifest import write_durable as _write_durable
 from ._manifest import write_json_atomic  # noqa: F401 -- pqsk.dask's, the tests'
-from ._header import ATTRIBUTE, DTYPES, NOT_SAVED, SegmentArray, decode_value, encode_estimator
+from ._header import ATTRIBUTE, DTYPES, NOT_SAVED, decode_value, encode_estimator
+from ._pages import Piece
 from ._segments import array_sha256 as _sha256
-from ._store import RowStore, chunk_slices, rows_per_chunk
 from ._runtime import index_lock
+from ._utils import Progress
 from ._version import __version__
 
 FORMAT = "pqsk-index"
-FORMAT_VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+FORMAT_VERSION = 6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 # Versions written with a manifest (version 2 has no segments).
-_MANIFEST_VERSIONS = (2, 3, 4, 5)
+_MANIFEST_VERSIONS = (2, 3, 4, 5, 6)
 MANIFEST = "MANIFEST.json"
 HEADER = "header.json"
 SEGMENTS = "segments"
@@ -204,6 +216,18 @@ def save(estimator, path, *, overwrite=False):
         ``anisotropic_threshold``, ``n_lists``, ``n_links``) changed with
         ``set_params`` since fit: nothing is written, and an index saved
         at ``path`` before stays as it was.
+    OSError
+        Writing failed (a full disk: ``ENOSPC``): the index saved at
+        ``path`` before stays as it was, and what this save wrote is
+        removed.
+
+    Returns
+    -------
+    stats : dict
+        ``bytes_written`` and ``files_written`` (what this save wrote,
+        the manifest included: a save after appends to the same path
+        writes only the new pieces), ``index_bytes`` (every file of the
+        index saved) and ``seconds``.
     """
     from sklearn.utils.validation import check_is_fitted
 
@@ -268,6 +292,8 @@ def _save_locked(path, overwrite, header, arrays, reading):
     data_dir = None
     switched = False
     written = []  # segment files this save created
+    stats = {"bytes_written": 0, "files_written": 0, "index_bytes": 0,
+             "seconds": time.perf_counter()}
     try:
         version1, entries = _check_target(path, overwrite)
         numbers = [int(m.group(1)) for m in map(_DATA_DIR.fullmatch, entries) if m]
@@ -275,18 +301,20 @@ def _save_locked(path, overwrite, header, arrays, reading):
         data_dir = os.path.join(path, data)
         header_sha, header_files = _write_data(
             path, data_dir, header, arrays,
-            _segment_files(path) if MANIFEST in entries else {}, written)
+            _segment_files(path) if MANIFEST in entries else {}, written, stats)
         reading.close()
         _fsync_dir(path)
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "data": data,
                     "header_sha256": header_sha}
         # The switch: ``write_json_atomic``'s steps, with the moment of the
         # rename known (after it, the new data directory must stay).
-        _replace_durable(path, MANIFEST, json.dumps(manifest, indent=1).encode())
+        raw = json.dumps(manifest, indent=1).encode()
+        _replace_durable(path, MANIFEST, raw)
         switched = True
         _fsync_dir(path)
         _remove_leftovers(path, keep=data, version1=version1,
                           segment_files=_header_segment_files(header_files))
+        return _finish_stats(stats, path, data_dir, header_files, len(raw))
     except BaseException:
         if created:
             shutil.rmtree(path, ignore_errors=True)
@@ -302,9 +330,42 @@ def _save_locked(path, overwrite, header, arrays, reading):
                 os.rmdir(os.path.join(path, SEGMENTS))  # if this save made it
             except OSError:
                 pass
+        _raise_no_space(path, created, switched)
         raise
     finally:
         lock.release()
+
+
+def _raise_no_space(path, created, switched):
+    """Raise a full disk (``ENOSPC``, ``EDQUOT``) as an OSError saying what
+    became of the index (the error being handled is its cause); return
+    for any other error."""
+    e = sys.exc_info()[1]
+    if not (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+        return
+    if switched:  # (only an fsync of the directory can fail after the switch)
+        kept = ("the new index is in place, but may not survive a crash; the previous "
+                "data is removed by the next save")
+    else:
+        kept = ("what this save wrote is removed, " + (
+            "nothing was created" if created
+            else "the index saved there before is unchanged and loads"))
+    raise OSError(e.errno, f"saving the index to {path} failed: {os.strerror(e.errno)} "
+                  f"({e}); {kept}.") from e
+
+
+def _finish_stats(stats, path, data_dir, files, manifest_bytes):
+    """What a save wrote (``save``'s return value): bytes and files it
+    wrote, the bytes of the index it wrote (every file the new version
+    names), seconds."""
+    stats["bytes_written"] += manifest_bytes
+    stats["files_written"] += 1
+    named = {os.path.join(path, SEGMENTS, meta["segment_file"]) if "segment_file" in meta
+             else os.path.join(data_dir, meta["file"]) for meta in files.values()}
+    stats["index_bytes"] = manifest_bytes + sum(
+        os.path.getsize(f) for f in named | {os.path.join(data_dir, HEADER)})
+    stats["seconds"] = time.perf_counter() - stats["seconds"]
+    return stats
 
 
 def _check_target(path, overwrite):
@@ -345,84 +406,62 @@ def _header_segment_files(files):
     return {meta["segment_file"] for meta in files.values() if "segment_file" in meta}
 
 
-def _write_segment_array(path, item, previous, written):
-    """The header entry of a segment array, writing its file under
-    ``path/segments/`` unless the current version already holds it.  A file
+def _write_segment_array(path, item, previous, written, stats):
+    """The header entry of a piece of ``segments/`` (an array of a sealed
+    segment, a tombstone page, a row block: :class:`pqsk._pages.Piece`),
+    writing its file unless the current version already holds it.  A file
     is written to a temporary name and renamed into place, so a file the
     current version uses is never seen half-written."""
     seg_dir = os.path.join(path, SEGMENTS)
-    a = item.segment[item.name]
     fname = item.file
-    entry = {"segment_file": fname, "shape": list(a.shape), "dtype": a.dtype.str,
-             "sha256": item.segment.sha256(item.name)}
+    shape, dtype, sha = item.entry()
     full = os.path.join(seg_dir, fname)
-    if previous.get(fname) == (entry["shape"], entry["dtype"], entry["sha256"]) and (
-            os.path.isfile(full)):
-        return entry, False
+    if sha is not None and (full in written or (
+            previous.get(fname) == (shape, dtype, sha) and os.path.isfile(full))):
+        return {"segment_file": fname, "shape": shape, "dtype": dtype, "sha256": sha}, False
     tmp = os.path.join(seg_dir, f".{fname}.tmp-{secrets.token_hex(8)}")
-    a = np.ascontiguousarray(a)
     written.append(tmp)
-    _write_durable(tmp, lambda f: np.lib.format.write_array(f, a, allow_pickle=False))
+    _write_durable(tmp, item.write)
+    stats["bytes_written"] += os.path.getsize(tmp)
+    stats["files_written"] += 1
     if fname not in previous:  # (a file the current version uses stays)
         written.append(full)
     os.replace(tmp, full)
-    return entry, True
+    shape, dtype, sha = item.entry()
+    return {"segment_file": fname, "shape": shape, "dtype": dtype, "sha256": sha}, True
 
 
-def _write_data(path, data_dir, header, arrays, previous, written):
+def _write_data(path, data_dir, header, arrays, previous, written, stats):
     """Create ``data_dir`` with the arrays and header.json, all fsynced,
-    and the segment files the current version lacks; returns the
+    and the pieces of ``segments/`` the current version lacks; returns the
     header's SHA-256 and its table of arrays."""
     os.mkdir(data_dir)
     files = {}
     wrote_segments = False
     for i, (name, a) in enumerate(sorted(arrays.items())):
         fname = f"{i:03d}.npy"
-        if isinstance(a, SegmentArray):
+        if isinstance(a, Piece):
             if not os.path.isdir(os.path.join(path, SEGMENTS)):
                 os.mkdir(os.path.join(path, SEGMENTS))
                 _fsync_dir(path)
-            files[name], wrote = _write_segment_array(path, a, previous, written)
+            files[name], wrote = _write_segment_array(path, a, previous, written, stats)
             wrote_segments |= wrote
-            continue
-        if isinstance(a, RowStore):
-            files[name] = dict(_write_rows(os.path.join(data_dir, fname), a), file=fname)
             continue
         a = np.ascontiguousarray(a)
         _write_durable(os.path.join(data_dir, fname),
                        lambda f: np.lib.format.write_array(f, a, allow_pickle=False))
+        stats["bytes_written"] += os.path.getsize(os.path.join(data_dir, fname))
+        stats["files_written"] += 1
         files[name] = {"file": fname, "shape": list(a.shape), "dtype": a.dtype.str,
                        "sha256": _sha256(a)}
     if wrote_segments:
         _fsync_dir(os.path.join(path, SEGMENTS))
     raw = json.dumps(dict(header, arrays=files), indent=1).encode()
     _write_durable(os.path.join(data_dir, HEADER), lambda f: f.write(raw))
+    stats["bytes_written"] += len(raw)
+    stats["files_written"] += 1
     _fsync_dir(data_dir)
     return hashlib.sha256(raw).hexdigest(), files
-
-
-def _write_rows(fname, store):
-    """Write a row store as one ``.npy`` file (the same bytes ``np.save``
-    writes for ``np.asarray(store)``), chunk by chunk: at most
-    ``CHUNK_BYTES`` of it pass through memory at a time, whatever the size
-    of the store or where its chunks live (memory, or mapped files).
-    Returns the file's shape, dtype and SHA-256 entries."""
-    h = hashlib.sha256()
-    header = {"descr": np.lib.format.dtype_to_descr(store.dtype), "fortran_order": False,
-              "shape": store.shape}
-    step = rows_per_chunk(store.shape[1] * store.dtype.itemsize)
-
-    def write(f):
-        np.lib.format.write_array_header_1_0(f, header)
-        for chunk in store.chunks:
-            for sl in chunk_slices(chunk.shape[0], step):
-                part = np.ascontiguousarray(chunk[sl])  # a view: chunks are C-contiguous
-                data = memoryview(part.reshape(-1).view(np.uint8))
-                h.update(data)
-                f.write(data)
-
-    _write_durable(fname, write)
-    return {"shape": list(store.shape), "dtype": store.dtype.str, "sha256": h.hexdigest()}
 
 
 def _remove_leftovers(path, keep, version1, segment_files=frozenset()):
@@ -742,7 +781,11 @@ class IndexIOMixin:
         -------
         self : object
         """
-        save(self, path, overwrite=overwrite)
+        stats = save(self, path, overwrite=overwrite)
+        Progress(getattr(self, "verbose", 0), type(self).__name__)(
+            f"saved to {os.fspath(path)}: wrote {stats['bytes_written']} bytes in "
+            f"{stats['files_written']} files (the index: {stats['index_bytes']} bytes) "
+            f"in {stats['seconds']:.3f} s")
         return self
 
     @classmethod

@@ -226,7 +226,7 @@ class RowStore:
     normalises the rows it gathers, at re-rank time.
     """
 
-    def __init__(self, n_features, dtype, parts=(), tail=None, tail_start=0):
+    def __init__(self, n_features, dtype, parts=(), tail=None, tail_start=0, saved=()):
         self.dtype = np.dtype(dtype)
         self._n_features = int(n_features)
         self._parts = tuple(parts)     # 2-D arrays, the used rows of each chunk
@@ -236,6 +236,12 @@ class RowStore:
         sizes = [p.shape[0] for p in self._parts]
         self._starts = np.zeros(len(sizes) + 1, dtype=np.int64)
         np.cumsum(sizes, out=self._starts[1:])
+        # The blocks of rows already written to files (``pqsk._pages``):
+        # records of consecutive row ranges from row 0, each naming a file
+        # that holds those rows.  A cache, shared with the stores appended
+        # from this one (their first rows are these): a save writes only
+        # the rows past them.  Never pickled.
+        self.saved_blocks = tuple(saved)
 
     # -- array-like ----------------------------------------------------------
     @property
@@ -373,7 +379,8 @@ class RowStore:
                              f"{self._n_features}")
         if (isinstance(raw, np.ndarray) and raw.dtype == self.dtype
                 and raw.flags.c_contiguous and is_file_backed(raw)):
-            return RowStore(self._n_features, self.dtype, self._parts + (raw,), None)
+            return RowStore(self._n_features, self.dtype, self._parts + (raw,), None,
+                            saved=self.saved_blocks)
         parts, tail, tail_start = list(self._parts), self._tail, self._tail_start
         done = 0
         # Fill the spare capacity of the last owned chunk, if no other store
@@ -396,7 +403,18 @@ class RowStore:
                                                 dtype=self.dtype), rest), 0
             self._copy(raw, done, n_new, tail.array[:rest])
             parts.append(tail.array[:rest])
-        return RowStore(self._n_features, self.dtype, parts, tail, tail_start)
+        return RowStore(self._n_features, self.dtype, parts, tail, tail_start,
+                        saved=self.saved_blocks)
+
+    def row_pieces(self, start, stop):
+        """Views of rows ``start:stop`` in order, each within one chunk and
+        at most ``rows_per_chunk`` rows (what a chunked writer reads)."""
+        step = rows_per_chunk(self._n_features * self.dtype.itemsize)
+        for p, part in enumerate(self._parts):
+            lo, hi = int(self._starts[p]), int(self._starts[p + 1])
+            a, b = max(lo, start), min(hi, stop)
+            for sl in chunk_slices(b - a, step) if a < b else ():
+                yield part[a - lo + sl.start:a - lo + sl.stop]
 
     def _copy(self, raw, start, stop, out):
         step = rows_per_chunk(self._n_features * self.dtype.itemsize)

@@ -7,6 +7,13 @@ a data directory; in version 3 the arrays of sealed segments live in
 ``segments/``) and version 1 (``header.json`` and the ``.npy`` files directly
 in the index directory), so that the regression tests also run against
 the code that wrote version 1.
+
+From format 6 the tombstones (``removed_``) are bitmap pages and the row
+stores (``vectors_``, ``refine_rows_``) row blocks, files of ``segments/``
+(``pqsk._pages``): :func:`read_array` and :func:`rewrite_array` give and
+take them as the one array they were before (a bool array; the rows),
+rewriting the pieces and their header entries as someone editing them on
+purpose would.
 """
 
 import hashlib
@@ -110,25 +117,87 @@ def array_file(path, name, header=None):
     return os.path.join(data_dir(path), meta["file"])
 
 
+def _pieces(header, name):
+    """("bitmap" or "rows", the header value) when attribute ``name`` is
+    saved in pieces (format 6), else None."""
+    value = header["attributes"].get(name)
+    if name not in header["arrays"] and isinstance(value, dict) and len(value) == 1:
+        (kind, content), = value.items()
+        if kind in ("bitmap", "rows"):
+            return kind, content
+    return None
+
+
 def read_array(path, name):
-    return np.load(array_file(path, name), allow_pickle=False)
+    header = read_header(path)
+    pieces = _pieces(header, name)
+    if pieces is None:
+        return np.load(array_file(path, name, header), allow_pickle=False)
+    kind, content = pieces
+    if kind == "bitmap":
+        out = np.zeros(content["n"], bool)
+        for p in content["pages"]:
+            bits = np.load(array_file(path, p["array"], header))
+            out[p["lo"]:p["hi"]] = np.unpackbits(bits, count=p["hi"] - p["lo"]).view(bool)
+        return out
+    blocks = [np.load(array_file(path, b["array"], header)) for b in content["blocks"]]
+    return (np.concatenate(blocks) if blocks
+            else np.empty((0, content["n_features"]), np.dtype(content["dtype"])))
+
+
+def _write_npy(fname, a):
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    replace_file(fname, buf.getvalue())
+
+
+def _describe(meta, a):
+    meta["shape"] = list(a.shape)
+    meta["dtype"] = a.dtype.str
+    meta["sha256"] = sha256_array(a)
 
 
 def rewrite_array(path, name, a, recompute=True):
     """Save ``a`` in place of array ``name``; with ``recompute`` the header
-    then describes it (shape, dtype, checksum) and the manifest the header."""
-    import io
-
+    then describes it (shape, dtype, checksum) and the manifest the header.
+    A bitmap of the same length is packed into its pages, rows of the same
+    number cut into its blocks; else (``recompute`` only) the pieces become
+    one, the file of the first (the others dropped from the header)."""
     header = read_header(path)
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    replace_file(array_file(path, name, header), buf.getvalue())
+    pieces = _pieces(header, name)
+    if pieces is None:
+        _write_npy(array_file(path, name, header), a)
+        if recompute:
+            _describe(header["arrays"][array_name(header, name)], a)
+            write_header(path, header)
+        return
+    kind, content = pieces
+    parts = content["pages" if kind == "bitmap" else "blocks"]
+    n = content["n"] if kind == "bitmap" else parts[-1]["hi"] if parts else 0
+    if a.ndim >= 1 and a.shape[0] == n and (kind == "rows" or a.dtype == bool):
+        for p in parts:
+            piece = a[p["lo"]:p["hi"]]
+            piece = np.packbits(piece) if kind == "bitmap" else np.ascontiguousarray(piece)
+            _write_npy(array_file(path, p["array"], header), piece)
+            _describe(header["arrays"][p["array"]], piece)
+        if kind == "rows" and a.ndim == 2:
+            content.update(dtype=a.dtype.str, n_features=a.shape[1])
+    else:
+        assert recompute, "a piece-wise array of another size needs recompute"
+        first = parts[0]
+        for p in parts[1:]:
+            os.remove(array_file(path, p["array"], header))
+            del header["arrays"][p["array"]]
+        _write_npy(array_file(path, first["array"], header), a)
+        _describe(header["arrays"][first["array"]], a)
+        parts[1:] = []
+        if kind == "rows" and a.ndim == 2:
+            content.update(dtype=a.dtype.str, n_features=a.shape[1])
+            first["hi"] = a.shape[0]
     if recompute:
-        meta = header["arrays"][array_name(header, name)]
-        meta["shape"] = list(a.shape)
-        meta["dtype"] = a.dtype.str
-        meta["sha256"] = sha256_array(a)
-        write_header(path, header, recompute=True)
+        write_header(path, header)
 
 
 def edit_array(path, name, fn, recompute=True):
@@ -164,8 +233,17 @@ def write_version1(estimator, path):
                          list_offsets_=estimator.list_offsets_)
         else:  # HNSW: one graph
             assert estimator.segments_ == (), "format 1 cannot hold sealed graphs"
-    attrs = {k: encode_value(k, v, arrays) for k, v in state.items()
-             if k not in params}
+    from pqsk._store import RowStore
+
+    attrs = {}
+    for k, v in state.items():
+        if k in params:
+            continue
+        if isinstance(v, RowStore) or (isinstance(v, np.ndarray) and v.dtype == bool):
+            arrays[k] = np.asarray(v)  # one array each, as formats 1 to 5 wrote them
+            attrs[k] = {"array": k}
+        else:
+            attrs[k] = encode_value(k, v, arrays)
     os.mkdir(path)
     files = {}
     for i, (name, a) in enumerate(sorted(arrays.items())):

@@ -3,7 +3,8 @@
 For each kind of index (PQTransformer, PQNeighbors with uint16 codes and
 refine, IVF-PQ with L2, dot, refine, float64 and removed ids, HNSW-PQ with
 refine, tombstones, after compact, and with sealed segments; an int8 and a
-float16 re-ranking tier) the saved
+float16 re-ranking tier; saved in several row blocks and tombstone pages,
+format 6) the saved
 files are tampered with,
 one change per case:
 
@@ -130,7 +131,33 @@ def _kinds():
         "ivf-float16-removed": (lambda: IVFPQNeighbors(K, n_lists=4, n_probe=2,
                                                        refine_factor=2, refine_dtype="float16",
                                                        **common), X, removed),
+        # Format 6 pieces: two row blocks (saved, then appended to) and
+        # tombstone pages of PAGED_IDS ids.
+        "ivf-refine-paged": (lambda: IVFPQNeighbors(K, n_lists=4, n_probe=2,
+                                                    refine_factor=2, **common),
+                             X[:300], lambda est: saved_then_grown(est, X[300:])),
+        "hnsw-int8-paged": (lambda: HNSWPQNeighbors(K, n_links=4, ef_construction=16,
+                                                    ef_search=8, refine_factor=2,
+                                                    refine_dtype="int8", **common),
+                            X[:300], lambda est: saved_then_grown(est, X[300:])),
     }
+
+
+# Ids per tombstone page in the "-paged" kinds (pqsk._pages.TOMBSTONE_PAGE).
+PAGED_IDS = 128
+
+
+def saved_then_grown(est, rows):
+    """Save ``est`` (its rows become one saved block), append ``rows``
+    (a second block at the next save) and remove ids in every page."""
+    import tempfile
+
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as d:
+        est.save(os.path.join(d, "first"))
+    est.partial_fit(rows)
+    est.remove(np.arange(0, est.n_samples_fit_, 9))
 
 
 # Tampering: each case is (name, function(path), recompute) ---------------------------
@@ -600,6 +627,7 @@ def _child(workdir):
         if prepare is not None:
             prepare(est)
         base = os.path.join(workdir, kind)
+        pqsk._pages.TOMBSTONE_PAGE = PAGED_IDS if kind.endswith("-paged") else 2**20
         est.save(base)
         Qk = Q.astype(X.dtype)
         Xk = Xn.astype(X.dtype)

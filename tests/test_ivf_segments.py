@@ -138,7 +138,10 @@ def test_save_writes_only_new_segments(tmp_path, monkeypatch):
     loaded.partial_fit(X[3200:3300])
     loaded.save(path, overwrite=True)
     final = set(os.listdir(seg_dir))
-    assert final == {f"{s.uid}.{a}.npy" for s in loaded.segments_ for a in s.names}
+    # (Format 6: the tombstones' one bitmap page is a file of segments/ too.)
+    pages = {f for f in final if f.endswith(".bits.npy")}
+    assert len(pages) == 1
+    assert final - pages == {f"{s.uid}.{a}.npy" for s in loaded.segments_ for a in s.names}
     again = pqsk.load(path)
     assert_array_equal(again.kneighbors(Q)[1], loaded.kneighbors(Q)[1])
 

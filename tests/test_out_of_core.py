@@ -393,8 +393,9 @@ def test_fit_on_a_memmap_stays_within_the_index_plus_a_bound(tmp_path):
 @pytest.mark.parametrize("kind", sorted(FACTORIES))
 def test_save_load_round_trip_of_a_chunked_store(tmp_path, kind, mmap_mode):
     """A store of several chunks (a memmap by reference, then appended
-    batches) is saved as one .npy, byte for byte what np.save writes for
-    the whole array, and loaded (mapped with mmap_mode) as one chunk."""
+    batches), saved for the first time, is one row block (format 6: a file
+    of ``segments/``), byte for byte what np.save writes for the whole
+    array, and loaded (mapped with mmap_mode) as one chunk."""
     X = _data()
     Q = _data(40, seed=1)
     nn = FACTORIES[kind](metric="cosine", refine_factor=4).fit(_memmap(tmp_path, X))
@@ -416,9 +417,10 @@ def test_save_load_round_trip_of_a_chunked_store(tmp_path, kind, mmap_mode):
     path = tmp_path / "index"
     data = json.loads((path / "MANIFEST.json").read_text())["data"]
     header = json.loads((path / data / "header.json").read_text())
-    fname = header["arrays"]["vectors_"]["file"]
+    (block,) = header["attributes"]["vectors_"]["rows"]["blocks"]
+    fname = header["arrays"][block["array"]]["segment_file"]
     np.save(tmp_path / "ref.npy", np.vstack([X, Q]))
-    assert (path / data / fname).read_bytes() == (tmp_path / "ref.npy").read_bytes()
+    assert (path / "segments" / fname).read_bytes() == (tmp_path / "ref.npy").read_bytes()
     # A loaded (mapped) store takes appends too, the file chunk kept.
     back.partial_fit(X[:3])
     assert back.vectors_.chunks[0] is chunk
@@ -438,10 +440,12 @@ def test_saved_vectors_are_checked_chunk_by_chunk(tmp_path, monkeypatch):
         data = json.loads((path / "MANIFEST.json").read_text())["data"]
         header_path = path / data / "header.json"
         header = json.loads(header_path.read_text())
-        meta = header["arrays"]["vectors_"]
-        V = np.load(path / data / meta["file"])
+        (block,) = header["attributes"]["vectors_"]["rows"]["blocks"]
+        meta = header["arrays"][block["array"]]
+        V = np.load(path / "segments" / meta["segment_file"])
         V[2200, 5] = bad
-        np.save(path / data / meta["file"], V)
+        os.remove(path / "segments" / meta["segment_file"])  # (not the saved bytes)
+        np.save(path / "segments" / meta["segment_file"], V)
         from pqsk._persist import _sha256
         meta["sha256"] = _sha256(V)
         raw = json.dumps(header, indent=1).encode()

@@ -111,10 +111,10 @@ def test_save_load_round_trip(fitted, tmp_path, mmap_mode):
     assert _listing(path) == [".pqsk-lock", "MANIFEST.json", "v000001"]
     with open(path / "MANIFEST.json") as f:
         manifest = json.load(f)
-    assert manifest["format"] == "pqsk-index" and manifest["format_version"] == 5
+    assert manifest["format"] == "pqsk-index" and manifest["format_version"] == 6
     assert manifest["data"] == "v000001"
     header = files.read_header(path)
-    assert header["format_version"] == 5
+    assert header["format_version"] == 6
     assert "_list_terms" not in header["attributes"]  # derived: recomputed at load
     assert all(name.endswith((".npy", ".json")) for name in os.listdir(path / "v000001"))
 
@@ -212,7 +212,7 @@ def test_overwrite_switches_versions_and_cleans_leftovers(tmp_path):
     (path / ".MANIFEST.json.tmp-0123abcd").write_text("{partial")
     _same_results(nn, pqsk.load(path))   # ignored by load
     other.save(path, overwrite=True)
-    assert sorted(os.listdir(path)) == [".pqsk-lock", "MANIFEST.json", "v000008"]
+    assert _listing(path) == [".pqsk-lock", "MANIFEST.json", "v000008"]
     _same_results(other, pqsk.load(path))
 
 
@@ -315,7 +315,7 @@ def test_manifest_damage_is_detected(tmp_path):
     path, nn = _saved(tmp_path)
     manifest = json.loads((path / "MANIFEST.json").read_text())
     for bad in [dict(manifest, data="v000002"), dict(manifest, data="../ivf"),
-                dict(manifest, header_sha256="0" * 64), dict(manifest, format_version=6),
+                dict(manifest, header_sha256="0" * 64), dict(manifest, format_version=7),
                 dict(manifest, format_version=3), dict(manifest, format_version=2),
                 {"format": "pqsk-index"}, []]:
         (path / "MANIFEST.json").write_text(json.dumps(bad))

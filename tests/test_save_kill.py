@@ -15,7 +15,12 @@ Each runs on two kinds of content: two unrelated HNSW indexes, and two
 states of one segmented IVF index (the second has two more sealed segments
 and one compacted segment), so that a save reuses the segment files the
 other state shares and writes only its own, and the clean-up after the
-switch removes files the other state still needs on disk.
+switch removes files the other state still needs on disk.  The kill at
+every step also runs on two states of an index that re-ranks, saved
+incrementally (format 6, issue 21): the second is the first, loaded, with
+rows appended and ids removed, so that the two share a row block and
+tombstone pages and each has its own (IVF with raw rows, HNSW with an int8
+tier).
 
 After every kill the driver loads the index and checks its answers are
 those of one of the two contents.
@@ -49,7 +54,8 @@ def _run_driver(mode, kind, tmp_path):
 KINDS = pytest.mark.parametrize("kind", ["hnsw", "ivf-segments"])
 
 
-@KINDS
+@pytest.mark.parametrize("kind", ["hnsw", "ivf-segments", "ivf-appends",
+                                  "hnsw-int8-appends"])
 def test_kill_at_every_step(tmp_path, kind):
     summary = _run_driver("steps", kind, tmp_path)
     # Every step of a save was a kill point, then a save went through.
@@ -69,7 +75,26 @@ def test_random_kills(tmp_path, kind):
 
 # -- the driver ---------------------------------------------------------------
 
-def _contents(kind):
+def _grown_after_a_save(first, X, workdir):
+    """Two states sharing saved pieces: ``first`` saved and loaded back (its
+    row store remembers its saved block), and a second load of it with
+    ``X`` appended and ids removed, saved once to a scratch path so that
+    its new block has a name; both answer as they do here."""
+    import numpy as np
+
+    import pqsk
+
+    scratch = os.path.join(workdir, "scratch")
+    first.save(scratch)
+    a, b = pqsk.load(scratch), pqsk.load(scratch)
+    n = b.n_samples_fit_
+    b.partial_fit(X)
+    b.remove(np.concatenate([np.arange(5, n, 20), [n, n + 5]]))
+    b.save(os.path.join(workdir, "scratch-b"))
+    return [a, b]
+
+
+def _contents(kind, workdir=None):
     import copy
 
     import numpy as np
@@ -79,6 +104,20 @@ def _contents(kind):
     rng = np.random.RandomState(0)
     X = rng.randn(1500, 16).astype(np.float32)
     Q = rng.randn(10, 16).astype(np.float32)
+    if kind.endswith("-appends"):
+        common = dict(n_subspaces=4, n_codewords=16, random_state=0, refine_factor=3)
+        first = (IVFPQNeighbors(5, n_lists=8, n_probe=8, **common) if kind == "ivf-appends"
+                 else HNSWPQNeighbors(5, n_links=8, ef_construction=32, refine_dtype="int8",
+                                      **common))
+        first.fit(X[:1400])
+        first.remove(np.arange(0, 1400, 10))
+        ests = _grown_after_a_save(first, X[1400:], workdir)
+        shared = ({b.uid for b in ests[0].vectors_.saved_blocks} if kind == "ivf-appends"
+                  else {b.uid for b in ests[0].refine_rows_.saved_blocks})
+        assert len(shared) == 1
+        answers = [est.kneighbors(Q, return_distance=False) for est in ests]
+        assert not (answers[0] == answers[1]).all()
+        return ests, Q, answers
     if kind == "ivf-segments":
         X = rng.randn(4200, 16).astype(np.float32)
         a = IVFPQNeighbors(5, n_lists=8, n_probe=8, n_subspaces=4, n_codewords=16,
@@ -160,7 +199,7 @@ def _leftovers(path):
 
 
 def _drive_steps(workdir, kind):
-    ests, Q, answers = _contents(kind)
+    ests, Q, answers = _contents(kind, workdir)
     path = os.path.join(workdir, "index")
     ests[0].save(path)
     current, summary = 0, {"steps": 0, "loaded_old": 0, "loaded_new": 0, "failures": []}
