@@ -23,7 +23,9 @@
  *
  * The x86 SIMD kernels are compiled with __attribute__((target(...))):
  * the module builds with plain compiler flags and runs on any x86-64; the
- * caller picks one at import with pqsk_fs_cpu_has_*().  On arm64 the NEON
+ * caller picks one at import with pqsk_fs_cpu_has_*() (pqsk/_cpuid.h:
+ * __builtin_cpu_supports, or CPUID/XGETBV under clang-cl).  MSVC proper
+ * (no target attributes) builds the scalar kernel alone.  On arm64 the NEON
  * kernel (Advanced SIMD, part of every AArch64 CPU: no target attribute
  * and no run-time check needed) reads the same nibble tables with
  * vqtbl1q_u8.  Defining PQSK_FS_NO_SIMD builds the scalar kernel alone
@@ -280,17 +282,16 @@ static void pqsk_fs_quantize_f32(const float *t, Py_ssize_t m, Py_ssize_t m2,
     && !defined(PQSK_FS_NO_SIMD)
 #define PQSK_FS_X86 1
 #include <immintrin.h>
+#include "_cpuid.h"
 
 static int pqsk_fs_cpu_has_avx2(void)
 {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") ? 1 : 0;
+    return pqsk_cpu_has(PQSK_CPU_AVX2);
 }
 
 static int pqsk_fs_cpu_has_avx512bw(void)
 {
-    __builtin_cpu_init();
-    return (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) ? 1 : 0;
+    return pqsk_cpu_has(PQSK_CPU_AVX512F) && pqsk_cpu_has(PQSK_CPU_AVX512BW);
 }
 
 /* One block per 256-bit register.  The 32 uint8 partials of a pair are

@@ -6,8 +6,9 @@
  * computing only what mode needs: 0 L2 (out[2]), 1 inner product (out[0]),
  * 2 unit_norm (out[0], out[1]).  Lanes accumulate in float32 and are reduced
  * to double at the end (float32 rounding; the scalar kernel sums in double).
- * The caller picks them at import with pqsk_rr_cpu_has_avx2_f16c(); without
- * GCC/clang on x86, or with PQSK_FS_NO_SIMD, they are stubs never called.
+ * The caller picks them at import with pqsk_rr_cpu_has_avx2_f16c() (see
+ * pqsk/_cpuid.h); without GCC/clang on x86 (MSVC proper: no target
+ * attributes), or with PQSK_FS_NO_SIMD, they are stubs never called.
  *
  * On arm64, pqsk_rr_isums_neon computes the integer sums of the int8 tier
  * (the pqsk_rr_isums_* contract below) with NEON; the float paths stay
@@ -24,24 +25,24 @@
     && !defined(PQSK_FS_NO_SIMD)
 #define PQSK_RR_X86 1
 #include <immintrin.h>
+#include "_cpuid.h"
 
 static int pqsk_rr_cpu_has_avx2_f16c(void)
 {
-    __builtin_cpu_init();
-    return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
-            && __builtin_cpu_supports("f16c")) ? 1 : 0;
+    return pqsk_cpu_has(PQSK_CPU_AVX2) && pqsk_cpu_has(PQSK_CPU_FMA)
+           && pqsk_cpu_has(PQSK_CPU_F16C);
 }
 
 /* The best re-ranking level this CPU (and OS) runs: 0 none, 1 AVX2+FMA+F16C,
- * 2 and AVX-512F/BW/VL, 3 and AVX-512 VNNI. */
+ * 2 and AVX-512F/BW/VL, 3 and AVX-512 VNNI (pqsk/_cpuid.h). */
 static int pqsk_rr_cpu_level(void)
 {
     if (!pqsk_rr_cpu_has_avx2_f16c())
         return 0;
-    if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-          && __builtin_cpu_supports("avx512vl")))
+    if (!(pqsk_cpu_has(PQSK_CPU_AVX512F) && pqsk_cpu_has(PQSK_CPU_AVX512BW)
+          && pqsk_cpu_has(PQSK_CPU_AVX512VL)))
         return 1;
-    return __builtin_cpu_supports("avx512vnni") ? 3 : 2;
+    return pqsk_cpu_has(PQSK_CPU_AVX512VNNI) ? 3 : 2;
 }
 
 __attribute__((target("avx2,fma")))

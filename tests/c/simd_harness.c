@@ -245,6 +245,25 @@ static void rr_check(const char **names, isums_fn *fns, int n_fns)
     }
 }
 
+/* The CPUID/XGETBV detection (MSVC, clang-cl) against the compiler's CPU
+ * model, feature by feature. */
+static void cpu_check(void)
+{
+#if PQSK_FS_X86 && !defined(_MSC_VER)
+    static const char *names[PQSK_CPU_N_FEATURES] = {
+        "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni"};
+    int f;
+    printf("simd_harness: CPU features (CPUID/XGETBV, as __builtin_cpu_supports):");
+    for (f = 0; f < PQSK_CPU_N_FEATURES; f++) {
+        int a = pqsk_cpu_has_cpuid(f), b = pqsk_cpu_has_builtin(f);
+        if (a)
+            printf(" %s", names[f]);
+        check(a == b, "CPU feature detection (cpuid vs builtin)", names[f], f, a);
+    }
+    printf("\n");
+#endif
+}
+
 int main(void)
 {
     fs_path paths[4];
@@ -288,6 +307,7 @@ int main(void)
     printf(n_rr ? "\n" : " none (scalar only)\n");
     fflush(stdout);
 
+    cpu_check();
     fs_check(paths, n_paths);
     rr_check(rr_names, rr_fns, n_rr);
     printf("simd_harness: %llu checks passed, %llu failed\n", n_pass, n_fail);
