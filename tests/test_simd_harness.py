@@ -12,8 +12,12 @@ import sysconfig
 
 import pytest
 
+import pqsk
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARNESS = os.path.join(ROOT, "tests", "c", "simd_harness.c")
+# The headers the imported pqsk was built from (shipped with it).
+HEADERS = os.path.dirname(os.path.abspath(pqsk.__file__))
 
 
 def _compiler():
@@ -32,7 +36,7 @@ def test_simd_paths_equal_scalar_in_c(tmp_path):
     if not os.path.exists(HARNESS):
         pytest.skip("the C harness is not shipped with this copy of pqsk")
     exe = str(tmp_path / "simd_harness")
-    build = subprocess.run([*cc, "-O2", "-I", os.path.join(ROOT, "pqsk"), "-o", exe, HARNESS],
+    build = subprocess.run([*cc, "-O2", "-I", HEADERS, "-o", exe, HARNESS],
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     run = subprocess.run([exe], capture_output=True, text=True, timeout=300)
