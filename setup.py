@@ -1,15 +1,21 @@
 """Build script for pqsk's Cython kernels.
 
 Every extension is listed once in ``EXTENSIONS``.  All of them are compiled
-with OpenMP when the compiler supports it; otherwise they are built serial
-and a warning is printed (the kernels then run on one thread).  No
-``-march=native``: the wheels must run on any x86-64.
+with OpenMP when the compiler can build and link a small OpenMP program
+(gcc; clang with libomp; Apple clang with Homebrew's libomp); otherwise, or
+with ``PQSK_NO_OPENMP=1`` in the environment, they are built without it and
+a message says so (the query kernels then run on one thread; training's
+k-means still uses a Python thread pool).  ``CC=clang`` selects the
+compiler as usual.  No ``-march=native``: the wheels must run on any
+x86-64 (the SIMD kernels carry their own target attributes and are chosen
+at run time) or arm64 CPU.
 
 Compiling takes a minute or two; each extension is announced as it starts
 and when it is done (``pqsk: [2/6] compiling pqsk._adc ...``).  pip hides
 a build's output unless asked: ``pip install -v -e .`` shows it.
 """
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -28,14 +34,32 @@ EXTENSIONS = ["pqsk._encode", "pqsk._adc", "pqsk._ivf", "pqsk._hnsw", "pqsk._ope
               "pqsk._fastscan", "pqsk._rerank", "pqsk._aniso"]
 
 
+def _no_openmp_requested():
+    """PQSK_NO_OPENMP set to anything but "", "0", "false", "no", "off"."""
+    return os.environ.get("PQSK_NO_OPENMP", "").strip().lower() not in ("", "0", "false",
+                                                                         "no", "off")
+
+
 def _openmp_flags():
-    """Return (compile_args, link_args) for OpenMP, or ([], []) if unsupported."""
-    if os.environ.get("PQSK_NO_OPENMP"):
+    """Return (compile_args, link_args) for OpenMP, or ([], []) if unsupported.
+
+    A candidate is kept when the compiler (``CC``, else ``cc``) compiles and
+    links a program calling ``omp_get_max_threads`` with its flags."""
+    if _no_openmp_requested():
+        _say("PQSK_NO_OPENMP is set: building without OpenMP (the query kernels "
+             "run on one thread)")
         return [], []
     if sys.platform == "win32":
         return ["/openmp"], []
     if sys.platform == "darwin":
         candidates = [(["-Xpreprocessor", "-fopenmp"], ["-lomp"])]
+        # Homebrew's libomp (keg-only): Apple silicon, then Intel prefixes.
+        for prefix in (os.environ.get("PQSK_LIBOMP_PREFIX"), "/opt/homebrew/opt/libomp",
+                       "/usr/local/opt/libomp"):
+            if prefix and os.path.isdir(os.path.join(prefix, "include")):
+                candidates.append(
+                    (["-Xpreprocessor", "-fopenmp", "-I" + os.path.join(prefix, "include")],
+                     ["-L" + os.path.join(prefix, "lib"), "-lomp"]))
     else:
         candidates = [(["-fopenmp"], ["-fopenmp"])]
     cc = os.environ.get("CC", "cc")
@@ -46,7 +70,7 @@ def _openmp_flags():
             src = os.path.join(tmp, "t.c")
             with open(src, "w") as f:
                 f.write(test)
-            cmd = [cc, *cflags, src, "-o", os.path.join(tmp, "t"), *lflags]
+            cmd = [*shlex.split(cc), *cflags, src, "-o", os.path.join(tmp, "t"), *lflags]
             if subprocess.call(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) == 0:
                 return cflags, lflags
         except OSError:
@@ -54,8 +78,10 @@ def _openmp_flags():
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     warnings.warn(
-        "pqsk: the C compiler does not support OpenMP; the kernels are built "
-        "without it and will run on a single thread."
+        f"pqsk: the C compiler ({cc}) cannot build an OpenMP program (for clang: "
+        "install libomp); the kernels are built without OpenMP and the query "
+        "kernels will run on a single thread (set PQSK_NO_OPENMP=1 to skip this "
+        "check)."
     )
     return [], []
 

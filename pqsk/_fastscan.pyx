@@ -11,7 +11,8 @@ Codes are packed two per byte in blocks of 32 vectors (see
    and its sum ``S = sum_j q[j, code_j]`` (< 65536 for m <= 257) satisfy
    ``|d - (sum_j bias_j + delta * S)| <= m * delta / 2`` (plus float
    rounding, bounded by ``eps`` below);
-3. a block kernel (``_fastscan_impl.h``: scalar, AVX2 vpshufb, AVX-512BW)
+3. a block kernel (``_fastscan_impl.h``: scalar, AVX2 vpshufb, AVX-512BW,
+   arm64 NEON vqtbl1q_u8)
    computes S for 32 vectors at a time and flags those with S <= T, where
    T is the largest S a vector can have and still beat the worst of the
    current top-k heap of exact float distances;
@@ -24,8 +25,9 @@ A vector is skipped only when it provably cannot enter the heap, so the
 result is exactly the float-ADC top-k, whichever kernel runs.
 
 The kernel is chosen at import: AVX-512BW, else AVX2 when the CPU has it
-(``__builtin_cpu_supports``), else scalar; the environment variable
-``PQSK_SIMD=scalar|avx2|avx512bw`` read at import overrides it (the
+(``__builtin_cpu_supports``), NEON on arm64 (every AArch64 CPU has it),
+else scalar; the environment variable
+``PQSK_SIMD=scalar|avx2|avx512bw|neon`` read at import overrides it (the
 re-ranking levels ``avx512`` and ``avx512vnni`` mean avx512bw here; an
 unknown value or one the CPU lacks is ignored with a warning, see
 ``pqsk._simd``), and ``set_isa(name)`` (for tests) changes it; both refuse
@@ -45,7 +47,8 @@ from ._kernels cimport build_table
 
 from ._fastscan_common cimport (
     pqsk_fs_scan_fn, pqsk_fs_scan_scalar, pqsk_fs_scan_avx2, pqsk_fs_scan_avx512bw,
-    pqsk_fs_prep_table, pqsk_fs_cpu_has_avx2, pqsk_fs_cpu_has_avx512bw,
+    pqsk_fs_scan_neon, pqsk_fs_prep_table, pqsk_fs_cpu_has_avx2, pqsk_fs_cpu_has_avx512bw,
+    pqsk_fs_cpu_has_neon,
     pqsk_fs_read_bytes, quantize_tables, scan_packed)
 
 
@@ -56,13 +59,15 @@ MAX_SUBSPACES = 257
 cdef pqsk_fs_scan_fn _scan = pqsk_fs_scan_scalar
 cdef str _isa = "scalar"
 # The table layout the kernel reads (pqsk_fs_prep_table): 0 the nibble
-# tables (AVX2), 1 pair sums (scalar), 2 wide tables (AVX-512).
+# tables (AVX2, NEON), 1 pair sums (scalar), 2 wide tables (AVX-512).
 cdef int _prep = 1
 
 
 def available_isas():
     """The kernels this CPU can run, best last."""
     out = ["scalar"]
+    if pqsk_fs_cpu_has_neon():
+        out.append("neon")
     if pqsk_fs_cpu_has_avx2():
         out.append("avx2")
         if pqsk_fs_cpu_has_avx512bw():
@@ -71,17 +76,21 @@ def available_isas():
 
 
 def set_isa(name):
-    """Select the block kernel: "scalar", "avx2" or "avx512bw" (private, for
-    tests and benchmarks).  Raises ValueError for one the CPU lacks."""
+    """Select the block kernel: "scalar", "avx2", "avx512bw" or "neon"
+    (private, for tests and benchmarks).  Raises ValueError for one the CPU
+    lacks."""
     global _scan, _isa, _prep
-    if name not in ("scalar", "avx2", "avx512bw"):
-        raise ValueError(f"unknown instruction set {name!r}; use scalar, avx2 or avx512bw")
+    if name not in ("scalar", "avx2", "avx512bw", "neon"):
+        raise ValueError(f"unknown instruction set {name!r}; use scalar, avx2, avx512bw "
+                         "or neon")
     if name not in available_isas():
         raise ValueError(f"this CPU cannot run the {name} kernel")
     if name == "avx512bw":
         _scan = pqsk_fs_scan_avx512bw
     elif name == "avx2":
         _scan = pqsk_fs_scan_avx2
+    elif name == "neon":
+        _scan = pqsk_fs_scan_neon
     else:
         _scan = pqsk_fs_scan_scalar
     _isa = name

@@ -22,6 +22,8 @@ cdef extern from "_fastscan_impl.h" nogil:
                                  const uint8_t*, uint16_t, uint32_t*, uint16_t*)
     Py_ssize_t pqsk_fs_scan_avx512bw(const uint8_t*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
                                      const uint8_t*, uint16_t, uint32_t*, uint16_t*)
+    Py_ssize_t pqsk_fs_scan_neon(const uint8_t*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                                 const uint8_t*, uint16_t, uint32_t*, uint16_t*)
     void pqsk_fs_pair_table(const uint8_t*, Py_ssize_t, uint16_t*)
     const uint8_t* pqsk_fs_prep_table(int, const uint8_t*, Py_ssize_t, uint16_t*)
     const uint8_t* pqsk_fs_prepared(int, const uint8_t*, uint16_t*)
@@ -29,6 +31,7 @@ cdef extern from "_fastscan_impl.h" nogil:
     bint pqsk_any_le16_f32(const float*, float)
     int pqsk_fs_cpu_has_avx2()
     int pqsk_fs_cpu_has_avx512bw()
+    int pqsk_fs_cpu_has_neon()
     int pqsk_fs_ctz32(uint32_t)
     uint64_t pqsk_fs_read_bytes(const uint8_t*, Py_ssize_t, int)
 

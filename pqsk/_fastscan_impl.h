@@ -21,15 +21,27 @@
  * float tables, tightens thr and calls again from the next block.  The
  * scalar and SIMD kernels compute the same sums, hence the same masks.
  *
- * The SIMD kernels are compiled with __attribute__((target(...))): the
- * module builds with plain compiler flags and runs on any x86-64; the
- * caller picks one at import with pqsk_fs_cpu_has_*().  Defining
- * PQSK_FS_NO_SIMD builds the scalar kernel alone (as on other CPUs).
+ * The x86 SIMD kernels are compiled with __attribute__((target(...))):
+ * the module builds with plain compiler flags and runs on any x86-64; the
+ * caller picks one at import with pqsk_fs_cpu_has_*() (pqsk/_cpuid.h:
+ * __builtin_cpu_supports, or CPUID/XGETBV under clang-cl).  MSVC proper
+ * (no target attributes) builds the scalar kernel alone.  On arm64 the NEON
+ * kernel (Advanced SIMD, part of every AArch64 CPU: no target attribute
+ * and no run-time check needed) reads the same nibble tables with
+ * vqtbl1q_u8.  Defining PQSK_FS_NO_SIMD builds the scalar kernel alone
+ * (as on other CPUs).
  */
 #ifndef PQSK_FASTSCAN_IMPL_H
 #define PQSK_FASTSCAN_IMPL_H
 
+#ifdef PQSK_NO_PYTHON_H
+/* The C test harness (tests/c/simd_harness.c), cross-compiled without
+ * Python's headers. */
+#include <stddef.h>
+typedef ptrdiff_t Py_ssize_t;
+#else
 #include <Python.h>
+#endif
 #include <stdint.h>
 #include <string.h>
 
@@ -195,7 +207,9 @@ static void pqsk_fs_quantize_f32(const float *t, Py_ssize_t m, Py_ssize_t m2,
     double span = 0, sum_b = 0, a = 0, delta;
     float inv;
     Py_ssize_t j;
+#if !PQSK_FS_SSE2
     int c;
+#endif
     for (j = 0; j < m; j++) {
         const float *row = t + 16 * j;
         float lo = row[0], hi = row[0], alo, ahi;
@@ -268,17 +282,16 @@ static void pqsk_fs_quantize_f32(const float *t, Py_ssize_t m, Py_ssize_t m2,
     && !defined(PQSK_FS_NO_SIMD)
 #define PQSK_FS_X86 1
 #include <immintrin.h>
+#include "_cpuid.h"
 
 static int pqsk_fs_cpu_has_avx2(void)
 {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") ? 1 : 0;
+    return pqsk_cpu_has(PQSK_CPU_AVX2);
 }
 
 static int pqsk_fs_cpu_has_avx512bw(void)
 {
-    __builtin_cpu_init();
-    return (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) ? 1 : 0;
+    return pqsk_cpu_has(PQSK_CPU_AVX512F) && pqsk_cpu_has(PQSK_CPU_AVX512BW);
 }
 
 /* One block per 256-bit register.  The 32 uint8 partials of a pair are
@@ -492,6 +505,86 @@ static Py_ssize_t pqsk_fs_scan_avx512bw(const uint8_t *packed, Py_ssize_t b, Py_
                                         uint32_t *mask, uint16_t *sums)
 {
     return pqsk_fs_scan_nibbles(packed, b, nb, npairs, lut, thr, mask, sums);
+}
+#endif
+
+/* ---- arm64 NEON kernel ------------------------------------------------ */
+
+#if defined(__aarch64__) && !defined(PQSK_FS_NO_SIMD)
+#define PQSK_FS_NEON 1
+#include <arm_neon.h>
+
+static int pqsk_fs_cpu_has_neon(void) { return 1; }
+
+/* One block as two 16-byte halves (vectors 0-15, 16-31).  Per pair and
+ * half, the low nibbles index the pair's first table and the high ones its
+ * second (vqtbl1q_u8: one 16-entry table lookup per byte), and the two
+ * uint8 partials are added, widened, into 16-bit lanes: acc[k] holds the
+ * sums of vectors 8k .. 8k+7 in order.  Every addition is modulo 2^16 like
+ * the scalar and x86 kernels' (exact while S < 65536, m <= 257), and the
+ * comparison S <= thr unsigned: the same sums, the same masks. */
+static Py_ssize_t pqsk_fs_scan_neon(const uint8_t *packed, Py_ssize_t b,
+                                    Py_ssize_t nb, Py_ssize_t npairs,
+                                    const uint8_t *lut, uint16_t thr,
+                                    uint32_t *mask, uint16_t *sums)
+{
+    static const uint16_t bit_values[8] = {1, 2, 4, 8, 16, 32, 64, 128};
+    const uint8x16_t low4 = vdupq_n_u8(0x0F);
+    const uint16x8_t t = vdupq_n_u16(thr);
+    const uint16x8_t bits = vld1q_u16(bit_values);
+    Py_ssize_t p;
+    for (; b < nb; b++) {
+        const uint8_t *blk = packed + b * npairs * 32;
+        uint16x8_t a0 = vdupq_n_u16(0), a1 = a0, a2 = a0, a3 = a0;
+        uint16x8_t le0, le1, le2, le3;
+        uint32_t msk;
+        for (p = 0; p < npairs; p++) {
+            const uint8x16_t l0 = vld1q_u8(lut + 32 * p);
+            const uint8x16_t l1 = vld1q_u8(lut + 32 * p + 16);
+            const uint8x16_t c0 = vld1q_u8(blk + 32 * p);
+            const uint8x16_t c1 = vld1q_u8(blk + 32 * p + 16);
+            const uint8x16_t r0 = vqtbl1q_u8(l0, vandq_u8(c0, low4));
+            const uint8x16_t h0 = vqtbl1q_u8(l1, vshrq_n_u8(c0, 4));
+            const uint8x16_t r1 = vqtbl1q_u8(l0, vandq_u8(c1, low4));
+            const uint8x16_t h1 = vqtbl1q_u8(l1, vshrq_n_u8(c1, 4));
+            a0 = vaddq_u16(a0, vaddl_u8(vget_low_u8(r0), vget_low_u8(h0)));
+            a1 = vaddq_u16(a1, vaddl_high_u8(r0, h0));
+            a2 = vaddq_u16(a2, vaddl_u8(vget_low_u8(r1), vget_low_u8(h1)));
+            a3 = vaddq_u16(a3, vaddl_high_u8(r1, h1));
+        }
+        le0 = vcleq_u16(a0, t);
+        le1 = vcleq_u16(a1, t);
+        le2 = vcleq_u16(a2, t);
+        le3 = vcleq_u16(a3, t);
+        if (!vmaxvq_u16(vorrq_u16(vorrq_u16(le0, le1), vorrq_u16(le2, le3))))
+            continue;  /* (the common case: no vector of the block passes) */
+        /* bit i of lane group k: the lanes' distinct powers of two, summed */
+        msk = (uint32_t)vaddvq_u16(vandq_u16(le0, bits))
+              | ((uint32_t)vaddvq_u16(vandq_u16(le1, bits)) << 8)
+              | ((uint32_t)vaddvq_u16(vandq_u16(le2, bits)) << 16)
+              | ((uint32_t)vaddvq_u16(vandq_u16(le3, bits)) << 24);
+        *mask = msk;
+        if (sums) {  /* even vectors, then odd ones (the x86 lane order) */
+            vst1q_u16(sums, vuzp1q_u16(a0, a1));
+            vst1q_u16(sums + 8, vuzp1q_u16(a2, a3));
+            vst1q_u16(sums + 16, vuzp2q_u16(a0, a1));
+            vst1q_u16(sums + 24, vuzp2q_u16(a2, a3));
+        }
+        return b;
+    }
+    return nb;
+}
+
+#else
+#define PQSK_FS_NEON 0
+static int pqsk_fs_cpu_has_neon(void) { return 0; }
+/* Never selected (the CPU check says no); present so that the module links. */
+static Py_ssize_t pqsk_fs_scan_neon(const uint8_t *packed, Py_ssize_t b, Py_ssize_t nb,
+                                    Py_ssize_t npairs, const uint8_t *lut, uint16_t thr,
+                                    uint32_t *mask, uint16_t *sums)
+{
+    (void)packed; (void)npairs; (void)lut; (void)thr; (void)mask; (void)sums; (void)b;
+    return nb;
 }
 #endif
 

@@ -34,10 +34,13 @@ versions are ``pqsk._naive.compact_rerank`` and, for the integer sums,
 ``pqsk._naive.compact_rerank_int8``.
 
 Paths (``TIER_ISA``, chosen at import: the best the CPU runs, or
-``PQSK_SIMD=scalar|avx2|avx512bw|avx512vnni|avx512``, an unknown value
+``PQSK_SIMD=scalar|avx2|avx512bw|avx512vnni|avx512|neon``, an unknown value
 or one the CPU lacks ignored with a warning, see ``pqsk._simd``;
 ``set_tier_isa`` for tests): "scalar" (portable, double), "avx2" (AVX2+FMA+F16C),
-"avx512bw" (and AVX-512F/BW/VL), "avx512vnni" (and VNNI: vpdpwssd).  Each
+"avx512bw" (and AVX-512F/BW/VL), "avx512vnni" (and VNNI: vpdpwssd), "neon"
+(arm64: the int8 tier's integer sums in NEON, everything else as
+"scalar", in double; the integer sums being exact, an int8 tier's
+distances are those of the x86 integer path).  Each
 SIMD function carries its own target attribute and is called only when
 ``__builtin_cpu_supports`` says the CPU has it: no ``-march`` flag.  On
 the SIMD paths ``exact_rerank`` sums in double lanes (4 or 8; float32
@@ -65,6 +68,10 @@ ctypedef void (*isums_fn)(const uint8_t* c, const int16_t* w, const int16_t* f,
 cdef extern from "_rerank_impl.h" nogil:
     int pqsk_rr_cpu_has_avx2_f16c()
     int pqsk_rr_cpu_level()
+    int pqsk_rr_cpu_has_neon()
+    void pqsk_rr_isums_neon(const uint8_t* c, const int16_t* w, const int16_t* f,
+                            const int16_t* gh, const int16_t* gl, Py_ssize_t d, int mode,
+                            int64_t* out)
     void pqsk_rr_isums_avx2(const uint8_t* c, const int16_t* w, const int16_t* f,
                             const int16_t* gh, const int16_t* gl, Py_ssize_t d, int mode,
                             int64_t* out)
@@ -87,9 +94,12 @@ cdef extern from "_rerank_impl.h" nogil:
     void pqsk_rr_sums_f16_avx2(const float* q, const uint16_t* h, Py_ssize_t d, int mode,
                                double* out)
 
-# The instruction set in use (TIER_ISA): an index into ISAS.
+# The instruction set in use (TIER_ISA): an index into ISAS (the x86-64
+# levels), or NEON (arm64; _level 0: its float sums are the scalar ones).
 ISAS = ("scalar", "avx2", "avx512bw", "avx512vnni")
+NEON = "neon"
 cdef int _level = 0
+cdef bint _neon = 0
 # 1: compact_rerank sums float32 queries with AVX2+FMA+F16C (_level >= 1).
 cdef int _tier_simd = 0
 # How an int8 tier's float32 queries are scored on a SIMD path (TIER_INT8):
@@ -521,16 +531,16 @@ def compact_rerank(const floating[:, ::1] Q,        # IN  (nq, D) prepared queri
     With float32 queries and ``TIER_ISA`` other than "scalar" (chosen at
     import from the CPU; ``PQSK_SIMD`` overrides it) a float16 row's sums,
     and an int8 row's on the float32 path, are accumulated in
-    AVX2 float32 lanes (int8 decoded with FMA) and reduced to double at the
-    end: distances then differ from the double scalar path by float32
+    AVX2 float32 lanes (int8 decoded with FMA; on "neon" these are the
+    scalar path's double sums) and reduced to double at the end: distances then differ from the double scalar path by float32
     rounding, |err| <~ 1e-6 * d * (||q||^2 + ||x||^2) (relative ~1e-5 for
     d <= 1000); ids are the same except near-ties.
 
     With ``TIER_INT8 == "integer"`` (or "auto", the default, when d >=
     ``INT8_MIN_D`` of the metric: 96 for L2 and unit norm, 32 for inner
     products, where it is faster) an int8 row is scored by integer dot
-    products of its codes c (AVX2 vpmaddwd, AVX-512BW, or AVX-512 VNNI
-    vpdpwssd): per query, the weights u_j (``int8_query``) are rounded to
+    products of its codes c (AVX2 vpmaddwd, AVX-512BW, AVX-512 VNNI
+    vpdpwssd, or NEON vmlal_s16 on arm64: the same exact sums): per query, the weights u_j (``int8_query``) are rounded to
     int16 w_j = rint(u_j / s_w); per tier, 2 off_j sc_j and sc_j^2 are
     rounded likewise (``int8_terms``, 16 and 14 bits); the offsets' terms
     are summed in double, the integer sums are exact.  The rounding of the
@@ -567,10 +577,11 @@ def compact_rerank(const floating[:, ::1] Q,        # IN  (nq, D) prepared queri
     cdef int tid
     # The integer path (see above): its tier terms, per-thread weights.
     cdef int mode = 2 if unit_norm else (1 if inner_product else 0)
-    cdef bint use_int = (is_int8 and _level >= 1 and d > 0
+    cdef bint use_int = (is_int8 and (_level >= 1 or _neon) and d > 0
                          and (_int8_integer == 2
                               or (_int8_integer == 1 and d >= _int8_min_d[mode])))
-    cdef isums_fn isums = (pqsk_rr_isums_avx512vnni if _level >= 3 else
+    cdef isums_fn isums = (pqsk_rr_isums_neon if _neon else
+                           pqsk_rr_isums_avx512vnni if _level >= 3 else
                            (pqsk_rr_isums_avx512bw if _level == 2 else pqsk_rr_isums_avx2))
     cdef Py_ssize_t d_pad = (d + 31) // 32 * 32 if d else 32
     cdef int16_t[:, ::1] w_v           # rows 0-2: f, gh, gl; 3 + tid: weights
@@ -633,28 +644,33 @@ def compact_rerank(const floating[:, ::1] Q,        # IN  (nq, D) prepared queri
 
 
 def tier_isas():
-    """The re-ranking paths this CPU can run (names of ``ISAS``), best last."""
+    """The re-ranking paths this CPU can run (names of ``ISAS``, or "scalar"
+    and "neon" on arm64), best last."""
+    if pqsk_rr_cpu_has_neon():
+        return ["scalar", NEON]
     return list(ISAS[:pqsk_rr_cpu_level() + 1])
 
 
 def set_tier_isa(name, int8="auto"):
     """Select the re-ranking path (private, for tests and benchmarks):
-    ``name`` one of ``ISAS`` the CPU runs (see ``tier_isas``); ``int8``
+    ``name`` one of ``ISAS`` or "neon" the CPU runs (see ``tier_isas``); ``int8``
     how an int8 tier is scored on a SIMD path: "float" (float32 lanes),
     "integer" (integer sums) or "auto" (integer when d >= ``INT8_MIN_D``
     of the metric, the default).  The scalar path is always double.
     Raises ValueError for an unknown name or one the CPU lacks."""
-    global _level, _tier_simd, _int8_integer, TIER_ISA, TIER_INT8
-    if name not in ISAS:
-        raise ValueError(f"unknown instruction set {name!r}; use one of {', '.join(ISAS)}")
+    global _level, _neon, _tier_simd, _int8_integer, TIER_ISA, TIER_INT8
+    if name not in ISAS and name != NEON:
+        raise ValueError(f"unknown instruction set {name!r}; use one of "
+                         f"{', '.join(ISAS + (NEON,))}")
     if name not in tier_isas():
         raise ValueError(f"this CPU cannot run the {name} re-ranking kernel")
     modes = ("float", "auto", "integer")
     if int8 not in modes:
         raise ValueError(f"int8 must be 'float', 'auto' or 'integer', got {int8!r}")
-    _level = ISAS.index(name)
+    _neon = name == NEON
+    _level = 0 if _neon else ISAS.index(name)
     _tier_simd = 1 if _level >= 1 else 0
-    _int8_integer = modes.index(int8) if _level >= 1 else 0
+    _int8_integer = modes.index(int8) if (_level >= 1 or _neon) else 0
     TIER_ISA = name
     TIER_INT8 = modes[_int8_integer]
 
@@ -670,7 +686,7 @@ def _select_tier_at_import():
 
 # The re-ranking path in use (raw float rows and compact tiers): "scalar"
 # (double), "avx2" (AVX2+FMA+F16C), "avx512bw" or "avx512vnni" (AVX-512
-# F/BW/VL, with VNNI); TIER_INT8: "auto", "integer" or "float", how an int8
+# F/BW/VL, with VNNI), "neon" (arm64: int8 integer sums); TIER_INT8: "auto", "integer" or "float", how an int8
 # tier's float32 queries are scored on that path (see compact_rerank).
 TIER_ISA = "scalar"
 TIER_INT8 = "float"

@@ -6,8 +6,13 @@
  * computing only what mode needs: 0 L2 (out[2]), 1 inner product (out[0]),
  * 2 unit_norm (out[0], out[1]).  Lanes accumulate in float32 and are reduced
  * to double at the end (float32 rounding; the scalar kernel sums in double).
- * The caller picks them at import with pqsk_rr_cpu_has_avx2_f16c(); without
- * GCC/clang on x86, or with PQSK_FS_NO_SIMD, they are stubs never called.
+ * The caller picks them at import with pqsk_rr_cpu_has_avx2_f16c() (see
+ * pqsk/_cpuid.h); without GCC/clang on x86 (MSVC proper: no target
+ * attributes), or with PQSK_FS_NO_SIMD, they are stubs never called.
+ *
+ * On arm64, pqsk_rr_isums_neon computes the integer sums of the int8 tier
+ * (the pqsk_rr_isums_* contract below) with NEON; the float paths stay
+ * scalar there.
  */
 #ifndef PQSK_RERANK_IMPL_H
 #define PQSK_RERANK_IMPL_H
@@ -20,24 +25,24 @@
     && !defined(PQSK_FS_NO_SIMD)
 #define PQSK_RR_X86 1
 #include <immintrin.h>
+#include "_cpuid.h"
 
 static int pqsk_rr_cpu_has_avx2_f16c(void)
 {
-    __builtin_cpu_init();
-    return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
-            && __builtin_cpu_supports("f16c")) ? 1 : 0;
+    return pqsk_cpu_has(PQSK_CPU_AVX2) && pqsk_cpu_has(PQSK_CPU_FMA)
+           && pqsk_cpu_has(PQSK_CPU_F16C);
 }
 
 /* The best re-ranking level this CPU (and OS) runs: 0 none, 1 AVX2+FMA+F16C,
- * 2 and AVX-512F/BW/VL, 3 and AVX-512 VNNI. */
+ * 2 and AVX-512F/BW/VL, 3 and AVX-512 VNNI (pqsk/_cpuid.h). */
 static int pqsk_rr_cpu_level(void)
 {
     if (!pqsk_rr_cpu_has_avx2_f16c())
         return 0;
-    if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-          && __builtin_cpu_supports("avx512vl")))
+    if (!(pqsk_cpu_has(PQSK_CPU_AVX512F) && pqsk_cpu_has(PQSK_CPU_AVX512BW)
+          && pqsk_cpu_has(PQSK_CPU_AVX512VL)))
         return 1;
-    return __builtin_cpu_supports("avx512vnni") ? 3 : 2;
+    return pqsk_cpu_has(PQSK_CPU_AVX512VNNI) ? 3 : 2;
 }
 
 __attribute__((target("avx2,fma")))
@@ -382,6 +387,80 @@ static void pqsk_rr_sums_int8_avx2(const float *q, const uint8_t *c, const float
 static void pqsk_rr_sums_f16_avx2(const float *q, const uint16_t *h, ptrdiff_t d, int mode,
                                   double *out)
 { (void)q; (void)h; (void)d; (void)mode; out[0] = out[1] = out[2] = 0; }
+#endif
+
+/* ---- int8 tier in integers, arm64 NEON ---------------------------------------
+ * pqsk_rr_isums_neon: the pqsk_rr_isums_* contract above (same exact sums).
+ * Codes are widened to 16 bits (0..255 as int16) and multiplied by the int16
+ * weights into 32-bit lanes with vmlal_s16 / vmlal_high_s16 (the dot-product
+ * instruction sdot of __ARM_FEATURE_DOTPROD multiplies int8 by int8 and does
+ * not fit the 16-bit weights); gh c and gl c fit int16 (vmulq_s16 exact).  A
+ * block of at most 256 codes puts 64 products of at most 255 * 32768 in each
+ * of 4 lanes (< 2^31), reduced to int64 with vaddlvq_s32: exact. */
+#if defined(__aarch64__) && !defined(PQSK_FS_NO_SIMD)
+#define PQSK_RR_NEON 1
+#include <arm_neon.h>
+
+static int pqsk_rr_cpu_has_neon(void) { return 1; }
+
+#define PQSK_RR_NEON_DP(acc, x, y) \
+    do { (acc) = vmlal_s16((acc), vget_low_s16(x), vget_low_s16(y)); \
+         (acc) = vmlal_high_s16((acc), (x), (y)); } while (0)
+
+static void pqsk_rr_isums_neon(const uint8_t *c, const int16_t *w, const int16_t *f,
+                               const int16_t *gh, const int16_t *gl, ptrdiff_t d, int mode,
+                               int64_t *out)
+{
+    int64_t s0 = 0, s1 = 0, sh = 0, sl = 0;
+    ptrdiff_t j = 0, k;
+    while (j < d) {
+        ptrdiff_t end = (d - j > 256) ? j + 256 : d;
+        int32x4_t a0 = vdupq_n_s32(0), a1 = a0, ah = a0, al = a0;
+        for (; j + 16 <= end; j += 16) {
+            const uint8x16_t b = vld1q_u8(c + j);
+            int16x8_t x[2];
+            x[0] = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(b)));
+            x[1] = vreinterpretq_s16_u16(vmovl_high_u8(b));
+            for (k = 0; k < 2; k++) {
+                PQSK_RR_NEON_DP(a0, x[k], vld1q_s16(w + j + 8 * k));
+                if (mode != 1) {
+                    PQSK_RR_NEON_DP(ah, x[k], vmulq_s16(x[k], vld1q_s16(gh + j + 8 * k)));
+                    PQSK_RR_NEON_DP(al, x[k], vmulq_s16(x[k], vld1q_s16(gl + j + 8 * k)));
+                    if (mode == 2)
+                        PQSK_RR_NEON_DP(a1, x[k], vld1q_s16(f + j + 8 * k));
+                }
+            }
+        }
+        for (; j < end; j++) {  /* the row's last codes (< 16) */
+            int64_t cj = c[j];
+            s0 += w[j] * cj;
+            if (mode != 1) {
+                sh += gh[j] * cj * cj;
+                sl += gl[j] * cj * cj;
+                if (mode == 2) s1 += f[j] * cj;
+            }
+        }
+        s0 += vaddlvq_s32(a0);
+        s1 += vaddlvq_s32(a1);
+        sh += vaddlvq_s32(ah);
+        sl += vaddlvq_s32(al);
+    }
+    out[0] = s0;
+    out[1] = s1;
+    out[2] = 128 * sh + sl;
+}
+
+#else
+#define PQSK_RR_NEON 0
+static int pqsk_rr_cpu_has_neon(void) { return 0; }
+/* Never selected (the CPU check says no); present so that the module links. */
+static void pqsk_rr_isums_neon(const uint8_t *c, const int16_t *w, const int16_t *f,
+                               const int16_t *gh, const int16_t *gl, ptrdiff_t d, int mode,
+                               int64_t *out)
+{
+    (void)c; (void)w; (void)f; (void)gh; (void)gl; (void)d; (void)mode;
+    out[0] = out[1] = out[2] = 0;
+}
 #endif
 
 #endif /* PQSK_RERANK_IMPL_H */

@@ -3,8 +3,8 @@ kernel module runs, chosen once, when that module is imported.
 
 The kernel modules with several paths (``pqsk._fastscan``: the 4-bit scan;
 ``pqsk._rerank``: the re-ranking) each ask :func:`choose` for theirs, giving
-the paths the CPU runs (detected in C with ``__builtin_cpu_supports``, best
-last).  Unset, the best one runs.  A value naming a path the CPU runs
+the paths the CPU runs (detected in C with ``__builtin_cpu_supports`` on
+x86-64; on arm64 "neon", which every AArch64 CPU has; best last).  Unset, the best one runs.  A value naming a path the CPU runs
 selects it (a cap: ``avx2`` on an AVX-512 CPU runs AVX2).  Any other value,
 unknown (a typo) or one this CPU cannot run (``neon`` on x86-64, an AVX-512
 level on an AVX2 CPU), is ignored with one ``RuntimeWarning`` for the

@@ -14,7 +14,7 @@ from numpy.testing import assert_array_equal
 from pqsk import _fastscan, _naive, _quantizer, _scorers
 
 ISAS = _fastscan.available_isas()
-ALL_ISAS = ["scalar", "avx2", "avx512bw"]
+ALL_ISAS = ["scalar", "avx2", "avx512bw", "neon"]
 INT64_MAX = np.iinfo(np.int64).max
 
 

@@ -38,7 +38,7 @@ ISAS = _fastscan.available_isas()
 INT64_MAX = np.iinfo(np.int64).max
 
 
-@pytest.fixture(params=["scalar", "avx2", "avx512bw"])
+@pytest.fixture(params=["scalar", "avx2", "avx512bw", "neon"])
 def isa(request):
     if request.param not in ISAS:
         pytest.skip(f"this CPU cannot run the {request.param} kernel")
