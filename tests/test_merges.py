@@ -219,9 +219,11 @@ def test_background_error_surfaces(monkeypatch):
 
     # the next partial_fit reports it too, before appending anything
     gate.entered.clear()
+    gate.open.clear()  # the next merge waits at the gate: the stream appends all
     stream(nn, 3500, 5000, 500, 0)
     assert gate.entered.wait(30)
     n = nn.n_samples_fit_
+    gate.open.set()
     deadline = time.time() + 30
     while runtime(nn).merges.thread is not None and time.time() < deadline:
         time.sleep(0.01)

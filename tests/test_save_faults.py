@@ -245,12 +245,19 @@ def _drive_concurrent(workdir, kind):
 
     persist.encode_estimator = encode_and_snapshot
     stop, errors = threading.Event(), []
+    # The writer is paced by the saves (3 batches, then it waits for the
+    # next save to start, and runs on during it): however fast it is, the
+    # saves see it mid-stream, and it writes while they save.
+    save_started = threading.Event()
 
     def writer():
         r = np.random.RandomState(1)
         at = 1500
         try:
             while not stop.is_set() and at + 20 <= X.shape[0]:
+                if (at - 1500) % 60 == 0 and at > 1500:
+                    save_started.wait(10)
+                    save_started.clear()
                 est.partial_fit(X[at:at + 20])
                 at += 20
                 live = np.flatnonzero(~est.removed_) if est.removed_ is not None else \
@@ -265,6 +272,7 @@ def _drive_concurrent(workdir, kind):
     thread.start()
     try:
         for i in range(16):
+            save_started.set()
             est.save(path, overwrite=True)
             snap = snapshots[-1]
             back = pqsk.load(path)
