@@ -46,6 +46,7 @@ from ._checks import (
     resolve_metric,
 )
 from ._filter import check_filter
+from ._segments import drop_self
 from ._radius import RadiusNeighborsMixin
 from ._runtime import index_lock, index_writer, runtime
 from ._store import FitRows, RowStore, chunk_slices, decoded_chunks, rows_per_chunk
@@ -793,16 +794,7 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
             # Drop each point from its own row; where it is not among the
             # results (duplicates), drop the first column as scikit-learn does
             # (or, when the filter does not allow the point, the last one).
-            mask = ind != np.arange(n_queries)[:, None]
-            no_self = np.all(mask, axis=1)
-            if flt is not None:
-                self_ok = (flt.allowed if not flt.per_query
-                           else flt.matrix.diagonal().astype(bool))
-                mask[no_self & ~self_ok, -1] = False
-                no_self &= self_ok
-            mask[no_self, 0] = False
-            ind = ind[mask].reshape(n_queries, n_neighbors - 1)
-            dist = dist[mask].reshape(n_queries, n_neighbors - 1)
+            dist, ind = drop_self(dist, ind, flt)
         if return_distance:
             return self._finish_distances(dist), ind
         return ind

@@ -471,3 +471,21 @@ class SegmentWritesMixin:
                 self._compact_segment(seg)
             self._compact_growing()
         return self
+
+
+def drop_self(dist, ind, flt=None):
+    """``kneighbors(X=None)``'s answers of k + 1 neighbours (query i is
+    point i) without the point itself, as one process drops it: where it
+    is not among them (duplicates), the first column, or the last when the
+    filter ``flt`` does not allow the point."""
+    n = ind.shape[0]
+    mask = ind != np.arange(n)[:, None]
+    no_self = np.all(mask, axis=1)
+    if flt is not None:
+        self_ok = (flt.allowed if not flt.per_query
+                   else flt.matrix.diagonal().astype(bool))
+        mask[no_self & ~self_ok, -1] = False
+        no_self &= self_ok
+    mask[no_self, 0] = False
+    k = ind.shape[1] - 1
+    return dist[mask].reshape(n, k), ind[mask].reshape(n, k)

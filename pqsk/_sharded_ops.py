@@ -10,7 +10,8 @@ filters, radius queries and the tuning view, in global ids.
   over the global ids, so its errors are those of one process) cut into
   each shard's local form (:func:`local_filters`), per-shard radius
   results merged (:func:`merge_radius`), the self-exclusion of
-  ``kneighbors(X=None)`` (:func:`drop_self`), and :class:`TuneView`, what
+  ``kneighbors(X=None)`` (:func:`pqsk._segments.drop_self`), and
+  :class:`TuneView`, what
   :func:`pqsk.tune_search` reads of a sharded index.
 
 This module imports neither dask nor any estimator module: ``pqsk.dask``
@@ -150,24 +151,6 @@ def mark_empty(dist, ind):
     if empty.any():
         ind[empty] = -1
         dist[empty] = np.inf
-
-
-def drop_self(dist, ind, flt=None):
-    """``kneighbors(X=None)``'s answers of k + 1 neighbours (query i is
-    point i) without the point itself, as one process drops it: where it
-    is not among them (duplicates), the first column, or the last when the
-    filter ``flt`` does not allow the point."""
-    n = ind.shape[0]
-    mask = ind != np.arange(n)[:, None]
-    no_self = np.all(mask, axis=1)
-    if flt is not None:
-        self_ok = (flt.allowed if not flt.per_query
-                   else flt.matrix.diagonal().astype(bool))
-        mask[no_self & ~self_ok, -1] = False
-        no_self &= self_ok
-    mask[no_self, 0] = False
-    k = ind.shape[1] - 1
-    return dist[mask].reshape(n, k), ind[mask].reshape(n, k)
 
 
 # -- tune_search on a sharded index --------------------------------------------

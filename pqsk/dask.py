@@ -39,8 +39,8 @@ from ._checks import (check_enough_points, check_graph_mode, check_n_neighbors,
 from ._persist import load as _load_index
 from ._manifest import save_switched, shared_lock, write_durable
 from ._filter import check_filter
-from ._segments import merge_topk
-from ._sharded_ops import (TuneView, appended_shard, chunk_bounds, drop_self, global_ids,
+from ._segments import drop_self, merge_topk
+from ._sharded_ops import (TuneView, appended_shard, chunk_bounds, global_ids,
                            graph_block, local_filters, mark_empty, merge_radius,
                            merged_finished, radius_shard, removed_shard, rows_of,
                            search_shard, self_queries)
