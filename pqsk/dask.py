@@ -583,8 +583,8 @@ class ShardedNeighbors(BaseEstimator):
         filter : array-like or sparse matrix, default=None
             The global ids each query may return, in any form the wrapped
             estimator's ``kneighbors`` takes (a boolean mask of shape
-            (n_samples_fit_,), allowed ids, a sparse (n_queries,
-            n_samples_fit_) matrix), validated on the client with the same
+            ``(n_samples_fit_,)``, allowed ids, a sparse matrix of shape
+            ``(n_queries, n_samples_fit_)``), validated on the client with the same
             errors; each shard gets its part in its local ids and applies
             it inside its kernels.  Rows with fewer allowed ids than
             ``n_neighbors`` end with id -1 at distance +inf.
