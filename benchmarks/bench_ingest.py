@@ -1,7 +1,8 @@
 """Serving while ingesting (issue 21): query latency while a writer streams.
 
 GloVe 6B 50-d, cosine, L2-normalised (``bench_pq.load_glove``); for
-IVFPQNeighbors (4-bit codes, fast-scan, ``merge="background"``) and
+IVFPQNeighbors (4-bit codes, fast-scan, ``merge="background"``, and
+``merge="inline"``: merges built by the writer, outside the lock) and
 HNSWPQNeighbors (default parameters, 25 sub-spaces), each fitted on the
 first 50,000 base rows:
 
@@ -79,9 +80,10 @@ class TimedRWLock(RWLock):
 
 
 def make(kind):
-    if kind == "ivf":
+    if kind in ("ivf", "ivf-inline"):
         return IVFPQNeighbors(K, n_subspaces=25, n_codewords=16, metric="cosine",
-                              merge="background", n_jobs=1, random_state=0)
+                              merge="background" if kind == "ivf" else "inline",
+                              n_jobs=1, random_state=0)
     return HNSWPQNeighbors(K, n_subspaces=25, metric="cosine", n_jobs=1, random_state=0)
 
 
@@ -218,7 +220,8 @@ def _files(path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="20k -> 30k rows (a smoke test)")
-    ap.add_argument("--kinds", nargs="+", default=["ivf", "hnsw"])
+    ap.add_argument("--kinds", nargs="+", default=["ivf", "ivf-inline", "hnsw"],
+                    choices=["ivf", "ivf-inline", "hnsw"])
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="sys.setswitchinterval for the run, in seconds (default: "
                          "Python's, 0.005): how long the thread holding the GIL keeps "
@@ -259,7 +262,8 @@ def write(results, quick, n0, n1, stem="ingest"):
          "| max query ms | max lock wait ms | max write hold ms | queries | bad answers "
          "| self-NN | segments |",
          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    names = {"ivf": "IVF 4-bit (merge=background)", "hnsw": "HNSW"}
+    names = {"ivf": "IVF 4-bit (merge=background)", "ivf-inline": "IVF 4-bit (merge=inline)",
+             "hnsw": "HNSW"}
     for r in results:
         L.append(f"| {names[r['kind']]} | {r['idle_p50_ms']:.3f} | {r['idle_p99_ms']:.3f} "
                  f"| {r['ingest_p50_ms']:.3f} | {r['ingest_p99_ms']:.3f} "

@@ -30,7 +30,7 @@ from sklearn.utils._param_validation import (
 )
 from sklearn.utils.validation import check_is_fitted
 
-from . import _growable, _opq, _quantizer, _reorder
+from . import _growable, _header, _opq, _quantizer, _reorder
 from ._checks import (
     METRIC_ALIASES,
     METRICS,
@@ -333,6 +333,7 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
             rows, progress = self._begin_fit(X, metric)
             self._fit_index(rows, progress)
         runtime(self).checked_params = None
+        runtime(self).rerank_slack = None
         release_memory()
         return self
 
@@ -392,6 +393,7 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
                 self._append_rows(rows, Progress(self.verbose, type(self).__name__),
                                   n_threads)
             self._after_append()
+            _reorder.refresh_slack(self, n_threads)
         if rows.shape[0] > rows.chunk_rows():
             release_memory()  # after a chunked pass; not after every small batch
         return self
@@ -452,6 +454,7 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
             self.__dict__.update(self._empty_refine(None, self.refine_factor > 0))
             self._start_empty()
             runtime(self).checked_params = None
+            runtime(self).rerank_slack = None
             self._check_params_at_call()
             if rows is not None and rows.shape[0]:
                 n_threads = effective_n_threads(self.n_jobs)
@@ -459,6 +462,7 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
                     self._add_rows(rows, n_threads,
                                    Progress(self.verbose, type(self).__name__))
         runtime(self).checked_params = None
+        runtime(self).rerank_slack = None
         return self
 
     def _shard_with_params(self, **params):
@@ -508,11 +512,14 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
         ``set_params`` may have changed before the save.  Subclasses add
         their own arrays and the range of their floats.
         """
+        calibration = self.__dict__.pop(_header.CALIBRATION, None)
         m, k = check_neighbors_state(self, _quantizer.MAX_CODEWORDS)
         self.rotation_ = self._rotation  # missing (saved before OPQ): None
         if self.rotation_ is not None:
             _opq.check_rotation(self.rotation_, self.n_features_in_, self._fit_dtype_)
         self._check_codes(m, k)
+        if calibration is not None:
+            _reorder.restore_slack(self, calibration)
 
     def _check_codes(self, m, k):
         check_int_array(self.codes_, "codes_", (None, m), 0, k,

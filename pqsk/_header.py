@@ -20,7 +20,7 @@ import re
 
 import numpy as np
 
-from . import _pages
+from . import _pages, _reorder
 from ._checks import IndexFormatError
 from ._segments import Segment
 from ._store import RowStore
@@ -37,6 +37,8 @@ DTYPES = {np.dtype(t).str: np.dtype(t) for t in
 # Derived from other attributes and recomputed by ``_check_loaded_state``:
 # never written (version 1 files hold them; they are ignored).
 NOT_SAVED = frozenset({"_list_terms"})
+# The attribute holding the saved calibration of bounded re-ranking.
+CALIBRATION = "_rerank_calibration"
 # Bool arrays saved as bitmaps, in pages (format 6 on).
 BITMAPS = frozenset({"removed_"})
 
@@ -219,4 +221,10 @@ def encode_estimator(estimator):
               for k, v in estimator.get_params(deep=False).items()}
     attrs = {k: encode_value(k, v, arrays) for k, v in vars(estimator).items()
              if k not in params and k not in NOT_SAVED}
+    # The calibrated slack of bounded re-ranking, a runtime cache, saved so
+    # that the loaded index re-ranks as this one does (restored by
+    # ``_check_loaded_state``).
+    calibration = _reorder.saved_slack(estimator) if hasattr(estimator, "codebooks_") else None
+    if calibration is not None:
+        attrs[CALIBRATION] = encode_value(CALIBRATION, calibration, arrays)
     return params, attrs, arrays

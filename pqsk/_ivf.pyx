@@ -297,7 +297,8 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
                floating[:, ::1] out_dist,              # OUT (nq, n_neighbors)
                int64_t[:, ::1] out_idx,                # OUT (nq, n_neighbors)
                tuple scratch,                          # scratch, see below
-               const floating[:, ::1] coarse_bias=None):  # IN (nq, n_lists) or None
+               const floating[:, ::1] coarse_bias=None,  # IN (nq, n_lists) or None
+               bint release_gil=True):
     """Search the ``n_probe`` lists with the smallest coarse term, then,
     while the heap is not full (fewer than ``n_neighbors`` live entries
     seen), the next lists in coarse order.  Rows of the output are sorted
@@ -426,6 +427,34 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
     cdef int tid
     if nq == 0 or kn == 0:
         return
+    if n_threads == 1 and not release_gil:
+        # Little work (see pqsk._utils.GIL_WORK): the GIL is kept.
+        qt = &work[0, 0]
+        pd = &probe_dist[0, 0]
+        pb = pd + n_probe
+        pi = &probe_idx[0, 0]
+        hd = &heap_d[0, 0]
+        hi = &heap_i[0, 0]
+        rs = <reservoir_t*> &res_state[0, 0]
+        rh = &res_h[0, 0]
+        rkey = <uint64_t*> &res_h[0, cap]
+        rwork = <uint64_t*> &res_h[0, 2 * cap]
+        rd = &res_d[0, 0]
+        so = &slot_of[0, 0]
+        gm = &g_match[0, 0]
+        gs = &g_sorted[0, 0]
+        se = &slot_end[0, 0]
+        lw = &lut_work[0, 0]
+        pw = &pair_work[0, 0]
+        prm = &param_work[0, 0]
+        for q in range(nq):
+            _search_query(q, Q, coarse, codebooks_t, list_terms, centroids, seg_codes, seg_ids, seg_offsets,
+                          seg_packed, seg_blocks, sbase, gc, gi, g_lists, g, dead, deleted_stride,
+                          inner_product, n_probe, n_lists, m, ds, k, kn, fs_scan, fs_prep,
+                          fs_margin, fs_rescore, est, keep, has_bias, coarse_bias, qt, pd, pb, pi,
+                          hd, hi, rs, rh, rkey, rwork, rd, so, gm, gs, se, lw, pw, prm,
+                          out_dist, out_idx)
+        return
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
         qt = &work[tid, 0]
@@ -447,102 +476,170 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
         pw = &pair_work[tid, 0]
         prm = &param_work[tid, 0]
         for q in prange(nq, schedule="dynamic"):
-            # The n_probe nearest lists, nearest first: a reservoir of
-            # (coarse term, list) pairs (cheap appends under a threshold
-            # that most lists fail), then sorted.
-            res_init(rs, rkey, rh, rwork, 2 * n_probe, n_probe)
-            crow = &coarse[q, 0]
-            l = 0
-            while l < n_lists:
-                # 16 lists at a time tested at once against the threshold
-                # (a superset of the exact test)
-                if l + 16 > n_lists or any_le16(crow + l, rs.thr_d):
-                    for i in range(l, min(l + 16, n_lists)):
-                        if res_accepts(rs, crow[i]):
-                            res_push(rs, crow[i], i)
-                l = l + 16
-            res_shrink(rs)
-            res_sorted(rs, rd, rd + n_probe)
-            for p in range(n_probe):
-                pd[p] = <floating> rd[p]
-                pi[p] = rs.h[p]
-                pb[p] = coarse_bias[q, pi[p]] if has_bias else pd[p]
+            _search_query(q, Q, coarse, codebooks_t, list_terms, centroids, seg_codes, seg_ids, seg_offsets,
+                          seg_packed, seg_blocks, sbase, gc, gi, g_lists, g, dead, deleted_stride,
+                          inner_product, n_probe, n_lists, m, ds, k, kn, fs_scan, fs_prep,
+                          fs_margin, fs_rescore, est, keep, has_bias, coarse_bias, qt, pd, pb, pi,
+                          hd, hi, rs, rh, rkey, rwork, rd, so, gm, gs, se, lw, pw, prm,
+                          out_dist, out_idx)
 
-            # Growing entries of the probed lists, grouped by probe slot:
-            # slot p's rows are gs[se[p - 1]:se[p]] (se[-1] meaning 0).
-            for p in range(n_probe + 1):
-                se[p] = 0
-            if g > 0:
-                for p in range(n_probe):
-                    so[pi[p]] = <int32_t> p
-                n_match = 0
-                for i in range(g):
-                    if so[g_lists[i]] >= 0:
-                        gm[n_match] = i
-                        n_match = n_match + 1
-                for a in range(n_match):
-                    se[so[g_lists[gm[a]]] + 1] += 1
-                for p in range(n_probe):
-                    se[p + 1] += se[p]
-                for a in range(n_match):
-                    s = so[g_lists[gm[a]]]
-                    gs[se[s]] = gm[a]
-                    se[s] += 1
-                for p in range(n_probe):
-                    so[pi[p]] = -1
 
-            dq = dead + q * deleted_stride if dead != NULL else NULL
-            build_table(&Q[q, 0], &codebooks_t[0, 0, 0], m, ds, k, True, qt)
-            prm[3] = 0                       # no quantized table of this query yet
-            heap_init(hd, hi, kn)
-            if est:
-                res_init(rs, rkey, rh, rwork, 2 * keep, keep)
-            for p in range(n_probe):
-                lo = se[p - 1] if p > 0 else 0
-                scan_list(pi[p], pb[p], qt, list_terms, &Q[q, 0], centroids,
-                          &codebooks_t[0, 0, 0], ds, qt + 2 * m * k, seg_codes, seg_ids, seg_offsets,
-                          seg_packed, seg_blocks, fs_scan, fs_prep, fs_margin,
-                          rs if est else NULL, <int64_t> p << EST_ROW_BITS,
-                          sbase, lw, pw, prm,
-                          gc, gi, gs + lo, se[p] - lo, dq, inner_product, m, k,
-                          qt + m * k, hd, hi, kn)
-            # Too few live entries: probe further lists in coarse order.
-            last_d = pd[n_probe - 1]
-            last_l = pi[n_probe - 1]
-            # (fewer than kn entries: in the heap, whose root is an empty
-            # slot whenever there is one, and the reservoir)
-            while hi[0] == INT64_MAX and (kn - empty_slots(hi, kn)
-                                          + (rs.n if est else 0)) < kn:
-                best_l = -1
-                best_d = 0
-                for l in range(n_lists):
-                    if pair_greater(coarse[q, l], l, last_d, last_l) and (
-                            best_l < 0 or pair_greater(best_d, best_l, coarse[q, l], l)):
-                        best_l = l
-                        best_d = coarse[q, l]
-                if best_l < 0:
-                    break
-                n_x = 0
-                for i in range(g):
-                    if g_lists[i] == best_l:
-                        gm[n_x] = i
-                        n_x = n_x + 1
-                scan_list(best_l, coarse_bias[q, best_l] if has_bias else best_d, qt,
-                          list_terms, &Q[q, 0], centroids,
-                          &codebooks_t[0, 0, 0], ds, qt + 2 * m * k, seg_codes, seg_ids, seg_offsets,
-                          seg_packed, seg_blocks, fs_scan, fs_prep, fs_margin,
-                          NULL, 0, sbase, lw, pw, prm,
-                          gc, gi, gm, n_x, dq, inner_product, m, k, qt + m * k,
-                          hd, hi, kn)
-                last_d = best_d
-                last_l = best_l
-            if not (est and resolve_reservoir(rs, fs_rescore, qt, list_terms, inner_product,
-                                              pb, pi, seg_ids, seg_offsets, seg_packed,
-                                              seg_blocks, sbase, gi, m, k, hd, hi, kn, rd)):
-                heap_sort(hd, hi, kn)
-            for r in range(kn):
-                out_dist[q, r] = hd[r]
-                out_idx[q, r] = hi[r]
+cdef void _search_query(Py_ssize_t q,
+                        const floating[:, ::1] Q,
+                        const floating[:, ::1] coarse,
+                        const floating[:, :, ::1] codebooks_t,
+                        const floating[:, :, ::1] list_terms,
+                        const floating[:, ::1] centroids,
+                        const uintptr_t[::1] seg_codes,
+                        const uintptr_t[::1] seg_ids,
+                        const int64_t[:, ::1] seg_offsets,
+                        const uintptr_t[::1] seg_packed,
+                        const int64_t[:, ::1] seg_blocks,
+                        const int64_t* sbase,
+                        const code_t* gc,
+                        const index_t* gi,
+                        const int32_t[::1] g_lists,
+                        Py_ssize_t g,
+                        const uint8_t* dead,
+                        Py_ssize_t deleted_stride,
+                        bint inner_product,
+                        Py_ssize_t n_probe,
+                        Py_ssize_t n_lists,
+                        Py_ssize_t m,
+                        Py_ssize_t ds,
+                        Py_ssize_t k,
+                        Py_ssize_t kn,
+                        pqsk_fs_scan_fn fs_scan,
+                        int fs_prep,
+                        double fs_margin,
+                        bint fs_rescore,
+                        bint est,
+                        Py_ssize_t keep,
+                        bint has_bias,
+                        const floating[:, ::1] coarse_bias,
+                        floating* qt,
+                        floating* pd,
+                        floating* pb,
+                        int64_t* pi,
+                        floating* hd,
+                        int64_t* hi,
+                        reservoir_t* rs,
+                        int64_t* rh,
+                        uint64_t* rkey,
+                        uint64_t* rwork,
+                        double* rd,
+                        int32_t* so,
+                        int64_t* gm,
+                        int64_t* gs,
+                        int64_t* se,
+                        uint8_t* lw,
+                        uint16_t* pw,
+                        double* prm,
+                        floating[:, ::1] out_dist,
+                        int64_t[:, ::1] out_idx) noexcept nogil:
+    """Query q of ``ivf_search``, with one thread's scratch (the pointers
+    the caller took from its rows)."""
+    cdef Py_ssize_t l, p, r, i, a, s, best_l, n_match, n_x, lo
+    cdef floating last_d, best_d
+    cdef int64_t last_l
+    cdef const floating* crow = NULL
+    cdef const uint8_t* dq = NULL
+    # The n_probe nearest lists, nearest first: a reservoir of
+    # (coarse term, list) pairs (cheap appends under a threshold
+    # that most lists fail), then sorted.
+    res_init(rs, rkey, rh, rwork, 2 * n_probe, n_probe)
+    crow = &coarse[q, 0]
+    l = 0
+    while l < n_lists:
+        # 16 lists at a time tested at once against the threshold
+        # (a superset of the exact test)
+        if l + 16 > n_lists or any_le16(crow + l, rs.thr_d):
+            for i in range(l, min(l + 16, n_lists)):
+                if res_accepts(rs, crow[i]):
+                    res_push(rs, crow[i], i)
+        l = l + 16
+    res_shrink(rs)
+    res_sorted(rs, rd, rd + n_probe)
+    for p in range(n_probe):
+        pd[p] = <floating> rd[p]
+        pi[p] = rs.h[p]
+        pb[p] = coarse_bias[q, pi[p]] if has_bias else pd[p]
+
+    # Growing entries of the probed lists, grouped by probe slot:
+    # slot p's rows are gs[se[p - 1]:se[p]] (se[-1] meaning 0).
+    for p in range(n_probe + 1):
+        se[p] = 0
+    if g > 0:
+        for p in range(n_probe):
+            so[pi[p]] = <int32_t> p
+        n_match = 0
+        for i in range(g):
+            if so[g_lists[i]] >= 0:
+                gm[n_match] = i
+                n_match = n_match + 1
+        for a in range(n_match):
+            se[so[g_lists[gm[a]]] + 1] += 1
+        for p in range(n_probe):
+            se[p + 1] += se[p]
+        for a in range(n_match):
+            s = so[g_lists[gm[a]]]
+            gs[se[s]] = gm[a]
+            se[s] += 1
+        for p in range(n_probe):
+            so[pi[p]] = -1
+
+    dq = dead + q * deleted_stride if dead != NULL else NULL
+    build_table(&Q[q, 0], &codebooks_t[0, 0, 0], m, ds, k, True, qt)
+    prm[3] = 0                       # no quantized table of this query yet
+    heap_init(hd, hi, kn)
+    if est:
+        res_init(rs, rkey, rh, rwork, 2 * keep, keep)
+    for p in range(n_probe):
+        lo = se[p - 1] if p > 0 else 0
+        scan_list(pi[p], pb[p], qt, list_terms, &Q[q, 0], centroids,
+                  &codebooks_t[0, 0, 0], ds, qt + 2 * m * k, seg_codes, seg_ids, seg_offsets,
+                  seg_packed, seg_blocks, fs_scan, fs_prep, fs_margin,
+                  rs if est else NULL, <int64_t> p << EST_ROW_BITS,
+                  sbase, lw, pw, prm,
+                  gc, gi, gs + lo, se[p] - lo, dq, inner_product, m, k,
+                  qt + m * k, hd, hi, kn)
+    # Too few live entries: probe further lists in coarse order.
+    last_d = pd[n_probe - 1]
+    last_l = pi[n_probe - 1]
+    # (fewer than kn entries: in the heap, whose root is an empty
+    # slot whenever there is one, and the reservoir)
+    while hi[0] == INT64_MAX and (kn - empty_slots(hi, kn)
+                                  + (rs.n if est else 0)) < kn:
+        best_l = -1
+        best_d = 0
+        for l in range(n_lists):
+            if pair_greater(coarse[q, l], l, last_d, last_l) and (
+                    best_l < 0 or pair_greater(best_d, best_l, coarse[q, l], l)):
+                best_l = l
+                best_d = coarse[q, l]
+        if best_l < 0:
+            break
+        n_x = 0
+        for i in range(g):
+            if g_lists[i] == best_l:
+                gm[n_x] = i
+                n_x = n_x + 1
+        scan_list(best_l, coarse_bias[q, best_l] if has_bias else best_d, qt,
+                  list_terms, &Q[q, 0], centroids,
+                  &codebooks_t[0, 0, 0], ds, qt + 2 * m * k, seg_codes, seg_ids, seg_offsets,
+                  seg_packed, seg_blocks, fs_scan, fs_prep, fs_margin,
+                  NULL, 0, sbase, lw, pw, prm,
+                  gc, gi, gm, n_x, dq, inner_product, m, k, qt + m * k,
+                  hd, hi, kn)
+        last_d = best_d
+        last_l = best_l
+    if not (est and resolve_reservoir(rs, fs_rescore, qt, list_terms, inner_product,
+                                      pb, pi, seg_ids, seg_offsets, seg_packed,
+                                      seg_blocks, sbase, gi, m, k, hd, hi, kn, rd)):
+        heap_sort(hd, hi, kn)
+    for r in range(kn):
+        out_dist[q, r] = hd[r]
+        out_idx[q, r] = hi[r]
 
 
 def unique_top_k(const floating[:, ::1] dist,     # IN  (nq, w) rows sorted by (dist, id)

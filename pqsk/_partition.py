@@ -290,18 +290,20 @@ def chunk_rows(width, budget=2**22):
     return max(1, budget // max(1, width))
 
 
-def coarse_terms(Q, centroids, inner_product):
-    """(nq, n_lists): ``||q - c_l||^2``, or ``-<q, c_l>`` for inner products."""
+def coarse_terms(Q, centroids, inner_product, c_norms=None):
+    """(nq, n_lists): ``||q - c_l||^2``, or ``-<q, c_l>`` for inner products.
+    ``c_norms``: the centroids' squared norms, if known."""
     prod = Q @ centroids.T
     if inner_product:
         return np.negative(prod, out=prod)
     prod *= -2
     prod += np.einsum("ij,ij->i", Q, Q)[:, None]
-    prod += np.einsum("ij,ij->i", centroids, centroids)[None, :]
+    prod += (np.einsum("ij,ij->i", centroids, centroids) if c_norms is None
+             else c_norms)[None, :]
     return prod
 
 
-def coarse_terms_l2_ip(Q, centroids):
+def coarse_terms_l2_ip(Q, centroids, c_norms=None):
     """(ranking terms, IP terms) from one product, for lists probed by
     ``||q - c_l||^2`` (the cells are L2 Voronoi cells) and scored with
     inner-product tables, whose entries get ``-<q, c_l>``: the ranking
@@ -310,7 +312,8 @@ def coarse_terms_l2_ip(Q, centroids):
     prod = Q @ centroids.T
     bias = np.negative(prod)
     prod *= -2
-    prod += np.einsum("ij,ij->i", centroids, centroids)[None, :]
+    prod += (np.einsum("ij,ij->i", centroids, centroids) if c_norms is None
+             else c_norms)[None, :]
     return prod, bias
 
 

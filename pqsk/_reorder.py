@@ -13,6 +13,7 @@ import numpy as np
 from . import _rerank
 from ._quantizer import scratch
 from ._store import FitRows, RowStore
+from ._utils import release_gil
 
 
 def exact_rerank(Q, vectors, cand, n_neighbors, inner_product=False, unit_norm=False,
@@ -39,7 +40,8 @@ def exact_rerank(Q, vectors, cand, n_neighbors, inner_product=False, unit_norm=F
     part_ptr, part_start, cand, out, nt = _kernel_args(parts, Q.shape[1], dtype, cand,
                                                        n_neighbors, dtype, n_threads)
     _rerank.exact_rerank(np.ascontiguousarray(Q, dtype=dtype), part_ptr, part_start, cand,
-                         bool(unit_norm), bool(inner_product), *out, nt)
+                         bool(unit_norm), bool(inner_product), *out, nt,
+                         release_gil(cand.size * Q.shape[1]))
     return out[0], out[1]
 
 
@@ -233,7 +235,8 @@ class RefineTier:
         _rerank.compact_rerank(np.ascontiguousarray(Q), part_ptr, part_start, is_int8,
                                self.offset if is_int8 else none,
                                self.scale if is_int8 else none,
-                               cand, bool(unit_norm), bool(inner_product), *out, nt)
+                               cand, bool(unit_norm), bool(inner_product), *out, nt,
+                               release_gil(cand.size * Q.shape[1]))
         return out[0], out[1]
 
 
@@ -355,22 +358,112 @@ def calibrated_slack(est, n_threads=1):
     """How much the codes may overestimate a distance at the estimator's
     current search setting: the ``SLACK_QUANTILE`` quantile of (approximate
     - exact) distance over the candidates of ``N_PSEUDO_QUERIES`` stored rows
-    searched as queries (their own ids left out), times ``SLACK_SAFETY``.
-    Cached per fitted state and setting in the estimator's runtime state;
+    searched as queries (their own ids left out), times ``SLACK_SAFETY``;
     +inf (no bound: every candidate is re-ranked) when there are fewer than
     ``MIN_PAIRS`` pairs to estimate it from (a small index, or few
-    candidates)."""
+    candidates).
+
+    Cached in the estimator's runtime state for its codebooks, re-ranking
+    tier and search setting, and kept while the number of live rows stays
+    within a factor ``RECALIBRATE_GROWTH`` of the number it was calibrated
+    at: appends and removals do not each pay a calibration (tens of
+    milliseconds, which a query would wait for), and the slack drifts
+    slowly with the index's size (+25% from 50,000 to 150,000 GloVe rows),
+    which ``SLACK_SAFETY`` covers.  A write that leaves the band calibrates
+    again before it returns (:func:`refresh_slack`), so a sequence of calls
+    answers the same whatever the timing; queries running during that
+    write keep the previous band's slack.  Saved with the index, so a
+    loaded index answers as the one saved.
+    """
     from ._runtime import runtime
 
     state = runtime(est)
-    key = (id(est.codebooks_), est.n_samples_fit_, est.n_removed_,
-           tuple(repr(getattr(est, n, None)) for n in est._search_params))
+    owner, setting = slack_owner(est), slack_setting(est)
+    n_live = int(est.n_samples_fit_ - est.n_removed_)
     cached = state.rerank_slack
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    if cached is not None and cached[0] == owner and cached[1] == setting:
+        if cached[2] / RECALIBRATE_GROWTH <= n_live <= cached[2] * RECALIBRATE_GROWTH:
+            return cached[3]
+        if _writer_busy(state):
+            # A query during a write that left the band: the writer
+            # calibrates when it is done (refresh_slack); until then the
+            # queries, which see a state that is changing anyway, keep the
+            # slack of the previous band.
+            return cached[3]
     slack = _calibrate(est, n_threads)
-    state.rerank_slack = (key, slack)
+    state.rerank_slack = (owner, setting, n_live, slack)
     return slack
+
+
+RECALIBRATE_GROWTH = 1.25   # live rows grown or shrunk by more: calibrate again
+
+
+def _writer_busy(state):
+    """Whether another thread holds the index's writer mutex."""
+    if state.writer.acquire(blocking=False):
+        state.writer.release()
+        return False
+    return True
+
+
+def refresh_slack(est, n_threads=1):
+    """After an append or a removal, by the writer (still the only one):
+    when a slack is cached for the current setting and the live rows have
+    left its band, calibrate again now, on the state just published, so
+    that no query pays for it.  A query that sees that state first
+    computes the same value (it depends on the state only)."""
+    from ._runtime import index_lock, runtime
+
+    cached = runtime(est).rerank_slack
+    if cached is None or cached[0] != slack_owner(est) or cached[1] != slack_setting(est):
+        return
+    n_live = int(est.n_samples_fit_ - est.n_removed_)
+    if cached[2] / RECALIBRATE_GROWTH <= n_live <= cached[2] * RECALIBRATE_GROWTH:
+        return
+    with index_lock(est).read():
+        calibrated_slack(est, n_threads)
+
+
+def slack_owner(est):
+    """What a calibrated slack belongs to: the fitted codebooks and the
+    re-ranking tier's kind and trained offsets (by identity: ``fit`` and
+    ``refit_codebooks`` replace them; appends do not; ``set_refine``, which
+    may keep them, forgets the cached slack itself)."""
+    d = est.__dict__
+    return (id(d.get("codebooks_")), d.get("refine_dtype_"), id(d.get("refine_offset_")))
+
+
+def slack_setting(est):
+    """The search setting a calibrated slack holds for (a string, as saved)."""
+    return "\x1f".join(repr(getattr(est, n, None)) for n in est._search_params)
+
+
+def saved_slack(est):
+    """The calibration to save with the estimator (``{"setting", "n_live",
+    "slack"}``), or None when the cached one is not for its current state."""
+    from ._runtime import runtime
+
+    cached = runtime(est).rerank_slack
+    if cached is None or cached[0] != slack_owner(est):
+        return None
+    return {"setting": cached[1], "n_live": int(cached[2]), "slack": float(cached[3])}
+
+
+def restore_slack(est, saved):
+    """Install a calibration read from a saved index (after its arrays are
+    checked); raises ValueError when it is malformed."""
+    from ._runtime import runtime
+
+    if not (isinstance(saved, dict) and set(saved) == {"setting", "n_live", "slack"}
+            and isinstance(saved["setting"], str) and type(saved["n_live"]) is int
+            and type(saved["slack"]) is float):
+        raise ValueError("_rerank_calibration must hold a setting (str), n_live (int) "
+                         "and slack (float)")
+    slack, n_live = saved["slack"], saved["n_live"]
+    if not (slack >= 0) or n_live < 1 or n_live > est.n_samples_fit_:
+        raise ValueError(f"_rerank_calibration holds slack={slack!r}, n_live={n_live!r}: "
+                         f"a slack is >= 0 (or inf) and n_live in [1, n_samples_fit_]")
+    runtime(est).rerank_slack = (slack_owner(est), saved["setting"], n_live, slack)
 
 
 def _calibrate(est, n_threads):

@@ -251,12 +251,15 @@ def exact_rerank(const floating[:, ::1] Q,        # IN  (nq, D) prepared queries
                  int64_t[:, ::1] out_idx,         # OUT (nq, n_neighbors)
                  floating[:, ::1] heap_d,         # scratch (n_threads, >= n_neighbors)
                  int64_t[:, ::1] heap_i,          # scratch (n_threads, >= n_neighbors)
-                 int n_threads):
+                 int n_threads,
+                 bint release_gil=True):
     """Re-rank each query's candidates by exact distance (see the module
     docstring); rows of the output sorted by (distance, id), slots no
     valid candidate fills (+inf, INT64_MAX).  The caller checks shapes.
     On a SIMD ``TIER_ISA`` the row sums run in double lanes (see the
-    module docstring)."""
+    module docstring).  With ``n_threads == 1`` and not ``release_gil``
+    the work runs holding the GIL (for work shorter than a GIL hand-over
+    to a busy thread: see ``pqsk._utils.GIL_WORK``)."""
     cdef Py_ssize_t nq = Q.shape[0]
     cdef Py_ssize_t d = Q.shape[1]
     cdef Py_ssize_t n_cand = cand.shape[1]
@@ -275,36 +278,67 @@ def exact_rerank(const floating[:, ::1] Q,        # IN  (nq, D) prepared queries
     cdef int lvl = _level
     if nq == 0 or kn == 0:
         return
+    if n_threads == 1 and not release_gil:
+        for q in range(nq):
+            _exact_one(q, Q, part_ptr, part_start, cand, unit_norm, inner_product,
+                       out_dist, out_idx, &heap_d[0, 0], &heap_i[0, 0], n_rows, eps10, lvl)
+        return
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
         hd = &heap_d[tid, 0]
         hi = &heap_i[tid, 0]
         for q in prange(nq, schedule="static"):
-            heap_init(hd, hi, kn)
-            qn = 0
-            for j in range(d):
-                qn = qn + <double> Q[q, j] * Q[q, j]
-            for c in range(min(LOOKAHEAD, n_cand)):
-                a = cand[q, c]
-                if 0 <= a < n_rows:
-                    prefetch_row(row_address(a, part_ptr, part_start, d, hint), d)
-            for c in range(n_cand):
-                if c + LOOKAHEAD < n_cand:
-                    a = cand[q, c + LOOKAHEAD]
-                    if 0 <= a < n_rows:
-                        prefetch_row(row_address(a, part_ptr, part_start, d, hint), d)
-                i = cand[q, c]
-                if 0 <= i < n_rows:
-                    dist = row_distance(&Q[q, 0], row_address(i, part_ptr, part_start, d, hint),
-                                        d, qn, unit_norm, inner_product, eps10, lvl)
-                else:
-                    dist = INFINITY
-                if pair_greater(hd[0], hi[0], dist, i):
-                    heap_push(hd, hi, kn, dist, i)
-            heap_sort(hd, hi, kn)
-            for r in range(kn):
-                out_dist[q, r] = hd[r]
-                out_idx[q, r] = hi[r]
+            _exact_one(q, Q, part_ptr, part_start, cand, unit_norm, inner_product,
+                       out_dist, out_idx, hd, hi, n_rows, eps10, lvl)
+
+
+cdef void _exact_one(Py_ssize_t q,
+                     const floating[:, ::1] Q,
+                     const uintptr_t[::1] part_ptr,
+                     const int64_t[::1] part_start,
+                     const int64_t[:, ::1] cand,
+                     bint unit_norm,
+                     bint inner_product,
+                     floating[:, ::1] out_dist,
+                     int64_t[:, ::1] out_idx,
+                     floating* hd,
+                     int64_t* hi,
+                     int64_t n_rows,
+                     double eps10,
+                     int lvl) noexcept nogil:
+    """``exact_rerank`` of query q, with the heap (hd, hi)."""
+    cdef Py_ssize_t d = Q.shape[1]
+    cdef Py_ssize_t n_cand = cand.shape[1]
+    cdef Py_ssize_t kn = out_dist.shape[1]
+    cdef Py_ssize_t c, r, j
+    cdef int64_t i, a
+    cdef double qn = 0
+    cdef floating dist
+    cdef const floating* hint = NULL
+    heap_init(hd, hi, kn)
+    for j in range(d):
+        qn = qn + <double> Q[q, j] * Q[q, j]
+    for c in range(min(LOOKAHEAD, n_cand)):
+        a = cand[q, c]
+        if 0 <= a < n_rows:
+            prefetch_row(row_address(a, part_ptr, part_start, d, hint), d)
+    for c in range(n_cand):
+        if c + LOOKAHEAD < n_cand:
+            a = cand[q, c + LOOKAHEAD]
+            if 0 <= a < n_rows:
+                prefetch_row(row_address(a, part_ptr, part_start, d, hint), d)
+        i = cand[q, c]
+        if 0 <= i < n_rows:
+            dist = row_distance(&Q[q, 0], row_address(i, part_ptr, part_start, d, hint),
+                                d, qn, unit_norm, inner_product, eps10, lvl)
+        else:
+            dist = INFINITY
+        if pair_greater(hd[0], hi[0], dist, i):
+            heap_push(hd, hi, kn, dist, i)
+    heap_sort(hd, hi, kn)
+    for r in range(kn):
+        out_dist[q, r] = hd[r]
+        out_idx[q, r] = hi[r]
 
 
 cdef inline floating compact_distance(const floating* q,
@@ -523,10 +557,12 @@ def compact_rerank(const floating[:, ::1] Q,        # IN  (nq, D) prepared queri
                    int64_t[:, ::1] out_idx,         # OUT (nq, n_neighbors)
                    floating[:, ::1] heap_d,         # scratch (n_threads, >= n_neighbors)
                    int64_t[:, ::1] heap_i,          # scratch (n_threads, >= n_neighbors)
-                   int n_threads):
+                   int n_threads,
+                   bint release_gil=True):
     """``exact_rerank`` from a compact tier (see the module docstring):
     each candidate row is decoded on the fly.  The caller checks shapes
-    (offset and scale of length D for int8).
+    (offset and scale of length D for int8).  ``release_gil`` as in
+    ``exact_rerank``.
 
     With float32 queries and ``TIER_ISA`` other than "scalar" (chosen at
     import from the CPU; ``PQSK_SIMD`` overrides it) a float16 row's sums,
@@ -598,6 +634,15 @@ def compact_rerank(const floating[:, ::1] Q,        # IN  (nq, D) prepared queri
         w_v = np.zeros((3 + max(1, n_threads), d_pad), dtype=np.int16)
         par_v = np.zeros((1 + max(1, n_threads), 3), dtype=np.float64)
         int8_terms(off, sc, d, &w_v[0, 0], &w_v[1, 0], &w_v[2, 0], &par_v[0, 0])
+    if n_threads == 1 and not release_gil:
+        for q in range(nq):
+            _compact_one(q, Q, part_ptr, part_start, row_bytes, is_int8, off, sc, cand,
+                         unit_norm, inner_product, out_dist, out_idx, &heap_d[0, 0],
+                         &heap_i[0, 0], n_rows, eps10, use_int, isums, mode,
+                         &w_v[3, 0] if use_int else NULL, &par_v[1, 0] if use_int else NULL,
+                         &w_v[0, 0] if use_int else NULL, &par_v[0, 0] if use_int else NULL,
+                         d_pad)
+        return
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
         hd = &heap_d[tid, 0]
@@ -606,41 +651,79 @@ def compact_rerank(const floating[:, ::1] Q,        # IN  (nq, D) prepared queri
             wq = &w_v[3 + tid, 0]
             par = &par_v[1 + tid, 0]
         for q in prange(nq, schedule="static"):
-            heap_init(hd, hi, kn)
-            qn = 0
-            for j in range(d):
-                qn = qn + <double> Q[q, j] * Q[q, j]
-            if use_int:
-                int8_query(&Q[q, 0], off, sc, d, mode, wq, par)
-            for c in range(min(LOOKAHEAD, n_cand)):
-                a = cand[q, c]
-                if 0 <= a < n_rows:
-                    prefetch_bytes(part_row(a, part_ptr, part_start, row_bytes), row_bytes)
-            for c in range(n_cand):
-                if c + LOOKAHEAD < n_cand:
-                    a = cand[q, c + LOOKAHEAD]
-                    if 0 <= a < n_rows:
-                        prefetch_bytes(part_row(a, part_ptr, part_start, row_bytes),
-                                       row_bytes)
-                i = cand[q, c]
-                if 0 <= i < n_rows and use_int:
-                    dist = <floating> int8_distance(
-                        isums, <const uint8_t*> part_row(i, part_ptr, part_start, row_bytes),
-                        d, mode, wq, par, &w_v[0, 0], &w_v[1, 0], &w_v[2, 0], &par_v[0, 0], qn,
-                        inner_product, eps10)
-                elif 0 <= i < n_rows:
-                    dist = compact_distance(&Q[q, 0],
-                                            part_row(i, part_ptr, part_start, row_bytes),
-                                            d, is_int8, off, sc, qn, unit_norm,
-                                            inner_product, eps10)
-                else:
-                    dist = INFINITY
-                if pair_greater(hd[0], hi[0], dist, i):
-                    heap_push(hd, hi, kn, dist, i)
-            heap_sort(hd, hi, kn)
-            for r in range(kn):
-                out_dist[q, r] = hd[r]
-                out_idx[q, r] = hi[r]
+            _compact_one(q, Q, part_ptr, part_start, row_bytes, is_int8, off, sc, cand,
+                         unit_norm, inner_product, out_dist, out_idx, hd, hi, n_rows,
+                         eps10, use_int, isums, mode, wq, par,
+                         &w_v[0, 0] if use_int else NULL, &par_v[0, 0] if use_int else NULL,
+                         d_pad)
+
+
+cdef void _compact_one(Py_ssize_t q,
+                       const floating[:, ::1] Q,
+                       const uintptr_t[::1] part_ptr,
+                       const int64_t[::1] part_start,
+                       Py_ssize_t row_bytes,
+                       bint is_int8,
+                       const float* off,
+                       const float* sc,
+                       const int64_t[:, ::1] cand,
+                       bint unit_norm,
+                       bint inner_product,
+                       floating[:, ::1] out_dist,
+                       int64_t[:, ::1] out_idx,
+                       floating* hd,
+                       int64_t* hi,
+                       int64_t n_rows,
+                       double eps10,
+                       bint use_int,
+                       isums_fn isums,
+                       int mode,
+                       int16_t* wq,
+                       double* par,
+                       const int16_t* w_tier,
+                       const double* par_tier,
+                       Py_ssize_t d_pad) noexcept nogil:
+    """``compact_rerank`` of query q, with the heap (hd, hi) and, on the
+    integer path, the query's weights ``wq`` / ``par`` and the tier's terms
+    (rows 0-2 of ``w_tier``, each ``d_pad`` long, and ``par_tier``)."""
+    cdef Py_ssize_t d = Q.shape[1]
+    cdef Py_ssize_t n_cand = cand.shape[1]
+    cdef Py_ssize_t kn = out_dist.shape[1]
+    cdef Py_ssize_t c, r, j
+    cdef int64_t i, a
+    cdef double qn = 0
+    cdef floating dist
+    heap_init(hd, hi, kn)
+    for j in range(d):
+        qn = qn + <double> Q[q, j] * Q[q, j]
+    if use_int:
+        int8_query(&Q[q, 0], off, sc, d, mode, wq, par)
+    for c in range(min(LOOKAHEAD, n_cand)):
+        a = cand[q, c]
+        if 0 <= a < n_rows:
+            prefetch_bytes(part_row(a, part_ptr, part_start, row_bytes), row_bytes)
+    for c in range(n_cand):
+        if c + LOOKAHEAD < n_cand:
+            a = cand[q, c + LOOKAHEAD]
+            if 0 <= a < n_rows:
+                prefetch_bytes(part_row(a, part_ptr, part_start, row_bytes), row_bytes)
+        i = cand[q, c]
+        if 0 <= i < n_rows and use_int:
+            dist = <floating> int8_distance(
+                isums, <const uint8_t*> part_row(i, part_ptr, part_start, row_bytes),
+                d, mode, wq, par, w_tier, w_tier + d_pad, w_tier + 2 * d_pad, par_tier, qn,
+                inner_product, eps10)
+        elif 0 <= i < n_rows:
+            dist = compact_distance(&Q[q, 0], part_row(i, part_ptr, part_start, row_bytes),
+                                    d, is_int8, off, sc, qn, unit_norm, inner_product, eps10)
+        else:
+            dist = INFINITY
+        if pair_greater(hd[0], hi[0], dist, i):
+            heap_push(hd, hi, kn, dist, i)
+    heap_sort(hd, hi, kn)
+    for r in range(kn):
+        out_dist[q, r] = hd[r]
+        out_idx[q, r] = hi[r]
 
 
 def tier_isas():

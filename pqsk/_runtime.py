@@ -91,8 +91,9 @@ class Runtime:
         IVF: (``segments_``, (codes, ids, list offsets)), the sealed
         segments as one sorted index (``codes_``, ``ids_``...).
     rerank_slack : tuple or None
-        (key, slack): the calibrated slack of bounded re-ranking for one
-        fitted state and search setting (see :mod:`pqsk._reorder`).
+        (owner, setting, live rows, slack): the calibrated slack of bounded
+        re-ranking for one fitted quantizer and search setting, at a number
+        of live rows (see ``pqsk._reorder.calibrated_slack``).
     rerank_rows : int
         How many candidate rows the reorder stage has re-ranked (a counter
         for benchmarks and tests).
@@ -101,6 +102,9 @@ class Runtime:
     publish_beside : bool
         IVF: ``partial_fit`` is building an append beside the index
         (without the write lock), to publish it with ``_publish``.
+    centroid_norms : tuple or None
+        IVF: (``cluster_centers_``, their squared norms), the array held
+        so that the norms are recomputed when it is replaced.
     views : dict
         A shard of :mod:`pqsk.dask`: its copies with other search
         parameters, by the sorted (name, value) pairs (see
@@ -109,7 +113,8 @@ class Runtime:
 
     __slots__ = ("lock", "writer", "buffers", "checked_params", "segment_tombstones",
                  "growing_tombstones", "build", "pending", "assembled", "views",
-                 "rerank_slack", "rerank_rows", "merges", "publish_beside")
+                 "rerank_slack", "rerank_rows", "merges", "publish_beside",
+                 "centroid_norms")
 
     def __init__(self):
         self.lock = RWLock()
@@ -126,6 +131,7 @@ class Runtime:
         self.rerank_rows = 0
         self.merges = None
         self.publish_beside = False
+        self.centroid_norms = None
 
 
 _RUNTIMES = weakref.WeakKeyDictionary()  # owner -> Runtime

@@ -28,7 +28,7 @@ from ._quantizer import code_dtype, padded_rows, scratch, transposed
 from ._quantizer import encode as plain_encode
 from ._segments import NO_ID, NO_TOMBSTONES
 from ._store import chunk_slices, rows_per_chunk
-from ._utils import release_memory
+from ._utils import release_gil, release_memory
 
 
 def row_chunks(X):
@@ -275,6 +275,8 @@ def ivf_search(Q, coarse, codebooks, terms, segments, n_neighbors,
         table, g_codes, g_ids, g_lists, NO_TOMBSTONES if deleted is None else deleted,
         args, fs, dist, idx, work,
         None if coarse_bias is None else np.ascontiguousarray(coarse_bias, dtype=dtype),
+        release_gil(nq * m * (n_lists + n_probe * (int(table[5][-1]) + g_codes.shape[0])
+                              // max(n_lists, 1))),
     )
     return dist, idx
 

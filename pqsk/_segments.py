@@ -42,9 +42,10 @@ import numpy as np
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
-from . import _growable
+from . import _growable, _reorder
 from ._checks import checked_remove_ids
 from ._runtime import index_lock, index_writer, runtime
+from ._utils import effective_n_threads
 
 # ``segment_size`` of IVFPQNeighbors and HNSWPQNeighbors: the most rows a
 # sealed segment holds.  4 Mi rows is ~400 MiB of 96-byte codes: a unit
@@ -278,6 +279,7 @@ class SegmentWritesMixin:
                 self._mark_removed(ids)
             # Still the only writer: compaction takes the locks it needs.
             self._after_remove()
+            _reorder.refresh_slack(self, effective_n_threads(self.n_jobs))
         return self
 
     def _mark_removed(self, ids):

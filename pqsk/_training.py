@@ -310,6 +310,7 @@ class RefitMixin:
                 for name in replaced:
                     _growable.discard(self, name)
                 self.__dict__.update(state)
+                runtime(self).rerank_slack = None   # new codes, new errors
         release_memory()
         return self
 
@@ -407,5 +408,6 @@ class RefineMixin:
             with index_lock(self).write():
                 self.__dict__.update(state)
                 runtime(self).checked_params = None
+                runtime(self).rerank_slack = None
         release_memory()
         return self

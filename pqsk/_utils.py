@@ -22,6 +22,22 @@ def range_bound(n_features, dtype):
     return float(np.sqrt(np.finfo(dtype).max / (4 * max(1, int(n_features)))))
 
 
+# A kernel call with less work than this (about 0.1 ms) keeps the GIL.
+# Releasing it costs nothing when no other thread wants it; when one does
+# (a writer's ``partial_fit`` beside a serving thread), the thread that
+# released it waits, once its kernel is done, until the other lets go: up
+# to the interpreter's switch interval (5 ms), many times a short kernel's
+# own run.  Threads asked for (``n_jobs`` > 1) always release it.
+GIL_WORK = 1 << 18
+
+
+def release_gil(work):
+    """Whether a kernel call of ``work`` units (the kernel's inner-loop
+    steps: candidates times dimensions, codes times sub-spaces) releases
+    the GIL."""
+    return work >= GIL_WORK
+
+
 def check_n_jobs(n_jobs):
     """Validate ``n_jobs`` as scikit-learn does: None or a non-zero int."""
     if n_jobs is None:

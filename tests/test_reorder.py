@@ -397,19 +397,121 @@ def test_bounded_rerank_reranks_fewer_rows_and_keeps_the_answers(name, params, m
     np.testing.assert_array_equal(d_a[rows_same], d_b[rows_same])
 
 
-def test_bounded_rerank_recalibrates_when_the_index_or_setting_changes():
+def _counting_calibrations(monkeypatch):
+    calls = []
+    real = _reorder._calibrate
+
+    def counted(est, n_threads):
+        calls.append(est.n_samples_fit_ - est.n_removed_)
+        return real(est, n_threads)
+
+    monkeypatch.setattr(_reorder, "_calibrate", counted)
+    return calls
+
+
+def test_bounded_rerank_recalibrates_when_the_index_or_setting_changes(monkeypatch):
+    """The calibrated slack is kept across small appends and removals (a
+    query does not pay a calibration after each batch) and computed again
+    for a new setting, new codebooks, or live rows grown or shrunk by more
+    than RECALIBRATE_GROWTH."""
     import pqsk
     from pqsk._runtime import runtime
 
+    calls = _counting_calibrations(monkeypatch)
     X = _clustered(5000, 16, 2)
     est = pqsk.IVFPQNeighbors(n_neighbors=10, n_lists=8, n_probe=4, n_subspaces=4,
                               n_codewords=32, refine_factor=20, random_state=0).fit(X)
     first = _reorder.calibrated_slack(est)
-    key = runtime(est).rerank_slack[0]
+    assert np.isfinite(first) and first >= 0 and calls == [5000]
+    setting = runtime(est).rerank_slack[1]
     est.set_params(n_probe=8)
     _reorder.calibrated_slack(est)
-    assert runtime(est).rerank_slack[0] != key
-    est.partial_fit(_clustered(300, 16, 3))
-    _reorder.calibrated_slack(est)
-    assert runtime(est).rerank_slack[0][1] == 5300
-    assert np.isfinite(first) and first >= 0
+    assert runtime(est).rerank_slack[1] != setting and calls == [5000, 5000]
+    est.partial_fit(_clustered(300, 16, 3))          # 5,300 live rows: within the band
+    est.remove(np.arange(200))
+    est.kneighbors(X[:3])
+    assert calls == [5000, 5000]
+    est.partial_fit(_clustered(2000, 16, 4))         # 7,100 > 5,000 * 1.25
+    est.kneighbors(X[:3])
+    assert calls == [5000, 5000, 7100] and runtime(est).rerank_slack[2] == 7100
+    est.remove(np.arange(200, 2000))                 # 5,300 < 7,100 / 1.25
+    est.kneighbors(X[:3])
+    assert calls[-1] == 5300
+    est.refit_codebooks(X[:3000], np.vstack([X, _clustered(300, 16, 3),
+                                             _clustered(2000, 16, 4)]))
+    est.kneighbors(X[:3])
+    assert len(calls) == 5 and calls[-1] == 5300     # new codes: calibrated again
+
+
+def test_bounded_rerank_calibration_is_saved_with_the_index(tmp_path, monkeypatch):
+    """A loaded index re-ranks with the slack the saved one used (it may
+    have been calibrated at fewer live rows than the index now holds), and a
+    malformed saved calibration is refused like any other bad header value."""
+    import hashlib
+    import json
+
+    import pqsk
+    from pqsk._checks import IndexFormatError
+    from pqsk._persist import HEADER, MANIFEST
+    from pqsk._runtime import runtime
+
+    X = _clustered(5000, 16, 5)
+    Q = _clustered(50, 16, 6)
+    est = pqsk.IVFPQNeighbors(n_neighbors=10, n_lists=8, n_probe=4, n_subspaces=4,
+                              n_codewords=32, refine_factor=20, random_state=0).fit(X)
+    est.kneighbors(Q)
+    est.partial_fit(_clustered(600, 16, 7))          # kept: calibrated at 5,000 rows
+    saved = runtime(est).rerank_slack
+    assert saved[2] == 5000
+    est.save(tmp_path / "idx")
+    calls = _counting_calibrations(monkeypatch)
+    loaded = pqsk.load(tmp_path / "idx")
+    assert runtime(loaded).rerank_slack[1:] == saved[1:]
+    for a, b in zip(loaded.kneighbors(Q), est.kneighbors(Q)):
+        np.testing.assert_array_equal(a, b)
+    assert calls == []
+
+    manifest = json.loads((tmp_path / "idx" / MANIFEST).read_text())
+    header_path = tmp_path / "idx" / manifest["data"] / HEADER
+    header = json.loads(header_path.read_text())
+    for bad in ({"setting": "x", "n_live": 5000, "slack": -1.0},
+                {"setting": "x", "n_live": 10 ** 9, "slack": 0.5},
+                {"setting": "x", "n_live": 5000},
+                {"setting": 3, "n_live": 5000, "slack": 0.5}):
+        header["attributes"]["_rerank_calibration"] = {"dict": bad}
+        raw = json.dumps(header).encode()
+        header_path.write_bytes(raw)
+        manifest["header_sha256"] = hashlib.sha256(raw).hexdigest()   # checksums redone
+        (tmp_path / "idx" / MANIFEST).write_text(json.dumps(manifest))
+        with pytest.raises(IndexFormatError, match="_rerank_calibration"):
+            pqsk.load(tmp_path / "idx", verify=False)
+
+
+@pytest.mark.parametrize("name, params", [
+    ("IVFPQNeighbors", {"n_lists": 8, "n_probe": 3, "n_codewords": 16}),
+    ("IVFPQNeighbors", {"n_lists": 8, "n_probe": 3, "n_codewords": 32,
+                        "refine_dtype": "int8"}),
+    ("IVFPQNeighbors", {"n_lists": 8, "n_probe": 3, "n_codewords": 16,
+                        "refine_dtype": "float16", "metric": "cosine"}),
+])
+def test_kernels_answer_the_same_with_or_without_the_gil(name, params, monkeypatch):
+    """Small kernel calls keep the GIL (pqsk._utils.GIL_WORK), larger ones
+    release it: the two paths of the IVF scan and of both re-rank kernels
+    give the same answers, with deletions and growing entries."""
+    import pqsk
+    from pqsk import _utils
+
+    X = _clustered(3000, 16, 8)
+    Q = _clustered(40, 16, 9)
+    est = getattr(pqsk, name)(n_neighbors=7, n_subspaces=8, refine_factor=6,
+                              random_state=0, **params).fit(X[:2500])
+    est.partial_fit(X[2500:])
+    est.remove(np.arange(0, 3000, 7))
+    answers = []
+    for work in (0, 2 ** 62):   # always released, never released
+        monkeypatch.setattr(_utils, "GIL_WORK", work)
+        answers.append(est.kneighbors(Q))
+        answers.append(est.kneighbors(Q[:1]))
+    for a, b in zip(answers[:2], answers[2:]):
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
