@@ -87,6 +87,20 @@ def make(kind):
     return HNSWPQNeighbors(K, n_subspaces=25, metric="cosine", n_jobs=1, random_state=0)
 
 
+def live_sample(est, rng, size):
+    """``size`` distinct random live ids, drawn by rejection (a few hundred
+    random draws, not a permutation of every live id: the writer thread's
+    own sampling would otherwise hold the GIL for milliseconds per batch
+    and be measured as the index's latency)."""
+    n, removed = est.n_samples_fit_, est.removed_
+    while True:
+        ids = np.unique(rng.randint(0, n, 4 * size))
+        if removed is not None:
+            ids = ids[~removed[ids]]
+        if ids.size >= size:
+            return rng.permutation(ids)[:size]
+
+
 def pct(a, q):
     return float(np.percentile(a, q)) * 1e3 if len(a) else float("nan")
 
@@ -130,10 +144,7 @@ def run(kind, base, queries, n0, n1):
         try:
             for start in range(n0, n1, BATCH):
                 est.partial_fit(base[start:start + BATCH])
-                removed = est.removed_
-                n = est.n_samples_fit_
-                live = np.arange(n) if removed is None else np.flatnonzero(~removed[:n])
-                ids = rng.choice(live, N_REMOVE, replace=False)
+                ids = live_sample(est, rng, N_REMOVE)
                 est.remove(ids)
                 removed_done.extend(int(j) for j in ids)
         except BaseException as e:  # noqa: BLE001 - reported below

@@ -818,18 +818,6 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, MergesMixin, SegmentWritesMixin,
             caps[sl] = sizes[probed].sum(axis=1)
         return caps
 
-    def _centroid_norms(self):
-        """The coarse centroids' squared norms, computed once per
-        ``cluster_centers_`` (a query of one row would otherwise spend as
-        long on them as on its own coarse terms)."""
-        state = runtime(self)
-        centers = self.cluster_centers_
-        cached = state.centroid_norms
-        if cached is None or cached[0] is not centers:
-            cached = (centers, np.einsum("ij,ij->i", centers, centers))
-            state.centroid_norms = cached
-        return cached[1]
-
     @property
     def _ip_tables(self):
         """Whether the lists are scored with inner-product tables: for
@@ -852,7 +840,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, MergesMixin, SegmentWritesMixin,
                     if _lists.is_packed(s) else (s["codes"], s["ids"], s["list_offsets"])
                     for s in self.segments_]
         deleted = self.removed_.view(np.uint8) if self._n_dead() else None
-        c_norms = self._centroid_norms()
+        c_norms = _partition.centroid_norms(runtime(self), self.cluster_centers_)
         # Chunks bound the (rows, n_lists) coarse table.
         step = _partition.chunk_rows(self.n_lists_)
         for sl in chunk_slices(Q.shape[0], step):

@@ -290,6 +290,18 @@ def chunk_rows(width, budget=2**22):
     return max(1, budget // max(1, width))
 
 
+def centroid_norms(state, centers):
+    """The squared norms of ``centers``, cached in ``state`` (an index's
+    runtime state) with the array itself, so that they are computed once
+    per ``cluster_centers_`` (a one-row query would otherwise spend as long
+    on them as on its own coarse terms)."""
+    cached = state.centroid_norms
+    if cached is None or cached[0] is not centers:
+        cached = (centers, np.einsum("ij,ij->i", centers, centers))
+        state.centroid_norms = cached
+    return cached[1]
+
+
 def coarse_terms(Q, centroids, inner_product, c_norms=None):
     """(nq, n_lists): ``||q - c_l||^2``, or ``-<q, c_l>`` for inner products.
     ``c_norms``: the centroids' squared norms, if known."""

@@ -24,6 +24,11 @@ tier).
 
 After every kill the driver loads the index and checks its answers are
 those of one of the two contents.
+
+``test_kill_during_merges_and_compactions`` kills a writer streaming
+appends and removals with background merges and a compaction, saving
+after each operation: the index on disk answers as the operations it
+holds, replayed.
 """
 
 import json
@@ -74,6 +79,18 @@ def test_random_kills(tmp_path, kind):
 
 
 # -- the driver ---------------------------------------------------------------
+
+def test_kill_during_merges_and_compactions(tmp_path):
+    """Issue 21, item 5: a writer killed while the merge thread seals its
+    appends into segments and a removal compacts one (a save follows each
+    append and removal) leaves an index that loads and answers as the
+    operations it saved, replayed."""
+    summary = _run_driver("merging", "ivf", tmp_path)
+    assert summary["failures"] == [], summary
+    assert summary["kills"] == 20
+    # The kills landed at different points of the stream.
+    assert len(set(map(tuple, summary["states_seen"]))) >= 3, summary
+
 
 def _grown_after_a_save(first, X, workdir):
     """Two states sharing saved pieces: ``first`` saved and loaded back (its
@@ -262,8 +279,114 @@ def _drive_random(workdir, kind, n_kills=30):
     return summary
 
 
+def _stream_ops(n0):
+    """The writer's operations after the first save, the same in the child
+    and in the replay: (rows to append, ids to remove) per batch; the
+    third batch removes most of the first sealed segment (a compaction)."""
+    import numpy as np
+
+    ops, n = [], n0
+    for j in range(8):
+        rows = slice(n, n + 600)
+        n += 600
+        ids = np.arange(rows.start + j % 5, n, 9)
+        if j == 2:
+            ids = np.concatenate([np.arange(0, 700), ids])
+        ops.append((rows, ids))
+    return ops
+
+
+def _drive_merging(workdir, n_kills=20):
+    """SIGKILL a writer during background merges and compactions: the child
+    streams appends and removals into an index with ``merge="background"``
+    (segments of 1,024 rows: every second append of 600 rows has the merge
+    thread seal a segment; the third removal compacts the first), saving after each operation; the driver kills it at
+    a random moment.  The index on disk must load and answer as the same
+    operations replayed on the first save, up to the last one it holds."""
+    import random
+    import signal
+    import time
+
+    import numpy as np
+
+    import pqsk
+
+    rng = np.random.RandomState(0)
+    X = rng.randn(3000 + 8 * 600, 16).astype(np.float32)
+    Q = rng.randn(10, 16).astype(np.float32)
+    first = pqsk.IVFPQNeighbors(5, n_lists=8, n_probe=8, n_subspaces=4, n_codewords=32,
+                                segment_size=1024, merge="background", refine_factor=3,
+                                random_state=0).fit(X[:3000])
+    path = os.path.join(workdir, "index")
+    first.save(path)
+    ops = _stream_ops(3000)
+    # The replay: every state the child may have saved, by (rows, removed).
+    states, replay = {}, pqsk.load(path).set_params(merge="inline")
+    states[(replay.n_samples_fit_, replay.n_removed_)] = replay.kneighbors(Q)[1]
+    for rows, ids in ops:
+        replay.partial_fit(X[rows])
+        states[(replay.n_samples_fit_, replay.n_removed_)] = replay.kneighbors(Q)[1]
+        replay.remove(ids)
+        states[(replay.n_samples_fit_, replay.n_removed_)] = replay.kneighbors(Q)[1]
+
+    def child():
+        est = pqsk.load(path).set_params(merge="background")
+        for rows, ids in ops:
+            est.partial_fit(X[rows])
+            est.save(path, overwrite=True)
+            est.remove(ids)
+            est.save(path, overwrite=True)
+        est.wait_merges()
+        est.save(path, overwrite=True)
+
+    t0 = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        child()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    full = time.perf_counter() - t0
+    summary = {"kills": 0, "stream_ms": round(1000 * full), "states_seen": [],
+               "failures": []}
+    if _state_of(path, Q, states) != (3000 + 8 * 600, replay.n_removed_):
+        summary["failures"].append("the completed stream did not save its last state")
+    rnd = random.Random(0)
+    for _ in range(n_kills):
+        first.save(path, overwrite=True)
+        pid = os.fork()
+        if pid == 0:
+            child()
+            os._exit(0)
+        time.sleep(rnd.uniform(0, full))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        summary["kills"] += 1
+        try:
+            summary["states_seen"].append(_state_of(path, Q, states))
+        except Exception as e:
+            summary["failures"].append(f"kill {summary['kills']}: {type(e).__name__}: {e}")
+    return summary
+
+
+def _state_of(path, Q, states):
+    """(rows, removed) of the saved index at ``path``, after checking that
+    it answers as the replayed state of that size."""
+    import numpy as np
+
+    import pqsk
+
+    est = pqsk.load(path)
+    key = (est.n_samples_fit_, est.n_removed_)
+    if key not in states:
+        raise AssertionError(f"the index holds {key}, a state the stream never saved")
+    if not np.array_equal(est.kneighbors(Q)[1], states[key]):
+        raise AssertionError(f"the index of state {key} answers as no replay of it")
+    return key
+
+
 if __name__ == "__main__":
     mode, kind, workdir = sys.argv[1], sys.argv[2], sys.argv[3]
     result = (_drive_steps(workdir, kind) if mode == "steps"
+              else _drive_merging(workdir) if mode == "merging"
               else _drive_random(workdir, kind))
     print(json.dumps(result))
