@@ -13,7 +13,7 @@ import numpy as np
 from . import _rerank
 from ._quantizer import scratch
 from ._store import FitRows, RowStore
-from ._utils import release_gil
+from ._utils import effective_n_threads, release_gil
 
 
 def exact_rerank(Q, vectors, cand, n_neighbors, inner_product=False, unit_norm=False,
@@ -406,7 +406,7 @@ def _writer_busy(state):
     return True
 
 
-def refresh_slack(est, n_threads=1):
+def refresh_slack(est, n_threads=None):
     """After an append or a removal, by the writer (still the only one):
     when a slack is cached for the current setting and the live rows have
     left its band, calibrate again now, on the state just published, so
@@ -420,6 +420,8 @@ def refresh_slack(est, n_threads=1):
     n_live = int(est.n_samples_fit_ - est.n_removed_)
     if cached[2] / RECALIBRATE_GROWTH <= n_live <= cached[2] * RECALIBRATE_GROWTH:
         return
+    if n_threads is None:
+        n_threads = effective_n_threads(est.n_jobs)
     with index_lock(est).read():
         calibrated_slack(est, n_threads)
 

@@ -45,7 +45,6 @@ from sklearn.utils.validation import check_is_fitted
 from . import _growable, _reorder
 from ._checks import checked_remove_ids
 from ._runtime import index_lock, index_writer, runtime
-from ._utils import effective_n_threads
 
 # ``segment_size`` of IVFPQNeighbors and HNSWPQNeighbors: the most rows a
 # sealed segment holds.  4 Mi rows is ~400 MiB of 96-byte codes: a unit
@@ -279,7 +278,7 @@ class SegmentWritesMixin:
                 self._mark_removed(ids)
             # Still the only writer: compaction takes the locks it needs.
             self._after_remove()
-            _reorder.refresh_slack(self, effective_n_threads(self.n_jobs))
+            _reorder.refresh_slack(self)
         return self
 
     def _mark_removed(self, ids):
