@@ -16,7 +16,6 @@ shard, finish merged distances) and their public API only; this module
 imports no estimator module.
 """
 
-import contextlib
 import json
 import os
 import uuid
@@ -37,6 +36,7 @@ from ._base import BasePQNeighbors
 from ._checks import (check_enough_points, check_graph_mode, check_n_neighbors,
                       check_self_query, checked_remove_ids)
 from ._persist import load as _load_index
+from ._placement import _client, _on, _places, _query_places, _workers
 from ._manifest import save_switched, shared_lock, write_durable
 from ._filter import check_filter
 from ._segments import drop_self, merge_topk
@@ -119,18 +119,6 @@ def _merged(n_neighbors, *parts):
 
 # -- client side ---------------------------------------------------------------
 
-def _client():
-    """The current dask.distributed client, or None."""
-    try:
-        from distributed import get_client
-    except ImportError:  # dask without distributed: the local scheduler
-        return None
-    try:
-        return get_client()
-    except ValueError:
-        return None
-
-
 def _literal(value, what):
     """``value`` as a dask graph node of its own, under a fresh key (no
     hashing of big arrays).  Its data is part of the graph: dask can
@@ -152,49 +140,6 @@ def _persist(values):
             if f.status == "error":
                 f.result()
     return values
-
-
-def _places(groups, shards=()):
-    """A worker for each new shard (None: the scheduler's choice): the
-    workers holding the fewest shards (``shards``, and the new ones placed
-    so far), among them the one holding most rows of the shard's chunks
-    (``groups``: lists of (chunk, rows))."""
-    client = _client()
-    if client is None:
-        return [None] * len(groups)
-    from distributed import futures_of
-
-    workers = sorted(client.nthreads())
-    if not workers:
-        return [None] * len(groups)
-    futures = [f for g in groups for c, _ in g for f in futures_of(c)]
-    futures += [f for s in shards for f in futures_of(s)]
-    who = client.who_has(futures) if futures else {}
-    load = dict.fromkeys(workers, 0)
-    for s in shards:
-        for f in futures_of(s):
-            for w in who.get(f.key, ())[:1]:
-                load[w] = load.get(w, 0) + 1
-    out = []
-    for g in groups:
-        held = {}
-        for c, rows in g:
-            for f in futures_of(c):
-                for w in who.get(f.key, ()):
-                    held[w] = held.get(w, 0) + rows
-        least = min(load[w] for w in workers)
-        w = max((w for w in workers if load[w] == least), key=lambda w: held.get(w, 0))
-        load[w] += 1
-        out.append(w)
-    return out
-
-
-def _on(worker):
-    """Run the tasks made in this block on ``worker`` while it lives
-    (a rebuild after its loss runs anywhere)."""
-    if worker is None:
-        return contextlib.nullcontext()
-    return dask.annotate(workers=[worker], allow_other_workers=True)
 
 
 class ShardedNeighbors(BaseEstimator):
@@ -558,9 +503,14 @@ class ShardedNeighbors(BaseEstimator):
         the whole batch in one task per shard; ``flt``: the validated
         filter (global ids), of the queries ``rows`` for a per-query one."""
         filters = local_filters(flt, self._ranges, rows)
-        return [delayed(search_shard)(s, Q, min(n_neighbors, live), params, r, f)
-                for s, live, r, f in zip(self.shards_, self._live, self._ranges, filters)
-                if live]
+        parts = []
+        for s, live, r, f, w in zip(self.shards_, self._live, self._ranges, filters,
+                                    _query_places(self.shards_)):
+            if live:
+                with _on(w):
+                    parts.append(delayed(search_shard)(s, Q, min(n_neighbors, live),
+                                                       params, r, f))
+        return parts
 
     def kneighbors(self, X=None, n_neighbors=None, return_distance=True, *, filter=None):
         """Find the (approximate) K-neighbors of points, on every shard.
@@ -629,7 +579,7 @@ class ShardedNeighbors(BaseEstimator):
             k = self._n_neighbors(n_neighbors, view, Q.shape[0], False)
             merged = delayed(_merged)(k, *self._fan_out(_literal(Q, "queries"), k, params,
                                                         flt))
-            dist, ind = dask.compute(merged)[0]
+            dist, ind = dask.compute(merged, optimize_graph=False)[0]  # placements kept
             if flt is not None:
                 mark_empty(dist, ind)
             dist = template._shard_finish(dist)
@@ -647,7 +597,7 @@ class ShardedNeighbors(BaseEstimator):
                 k, *self._fan_out(ids_q[1], k, params, flt, rows))))
         dist = np.empty((n, k), self.template_._shard_dtype())
         ind = np.empty((n, k), np.int64)
-        for ids, (d, i) in dask.compute(*merged):
+        for ids, (d, i) in dask.compute(*merged, optimize_graph=False):
             dist[ids], ind[ids] = d, i
         if flt is not None:
             mark_empty(dist, ind)
@@ -871,10 +821,3 @@ def _read_manifest(path):
             m.get("format_version") != FORMAT_VERSION):
         raise ValueError(f"{path} holds no sharded pqsk index of a known version.")
     return m
-
-
-def _workers():
-    client = _client()
-    if client is None:
-        return []
-    return list(client.nthreads())
