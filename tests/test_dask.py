@@ -434,3 +434,32 @@ def test_shard_sample_size_is_what_a_fit_trains_on(max_train_samples, n):
     assert est._shard_params(n) == {"n_lists": est._resolve_n_lists(n)}
     if max_train_samples == "auto":
         assert est._shard_sample_size(n) == min(n, 256 * est._resolve_n_lists(n))
+
+
+def test_query_tasks_run_one_shard_per_worker(client):
+    """A shard copied to both workers (as an earlier task may do) does not
+    draw every shard's query task to one worker: each runs where its shard
+    is, one per worker, and the answers are those of the index."""
+    from distributed import futures_of
+
+    from pqsk._placement import _query_places
+
+    sh = ShardedNeighbors(ivf(), n_shards=2).fit(X)
+    who = client.who_has([futures_of(s)[0] for s in sh.shards_])
+    holders = [who[futures_of(s)[0].key] for s in sh.shards_]
+    assert len(set(h for hs in holders for h in hs)) == 2, holders
+    # Copy the second shard to the worker holding the first.
+    first = holders[0][0]
+    client.replicate([futures_of(sh.shards_[1])[0]], n=2)
+    assert len(client.who_has([futures_of(sh.shards_[1])[0]])[
+        futures_of(sh.shards_[1])[0].key]) == 2
+    places = _query_places(sh.shards_)
+    assert places[0] == first and places[1] != first and places[1] is not None
+    before = sh.kneighbors(Q)
+    with distributed.get_task_stream(client) as ts:
+        again = sh.kneighbors(Q)
+    ran = {t["worker"] for t in ts.data if str(t["key"]).startswith(("search_shard",
+                                                                        "('search_shard"))}
+    assert len(ran) == 2, ts.data
+    for a, b in zip(before, again):
+        np.testing.assert_array_equal(a, b)
