@@ -381,11 +381,8 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
     cdef Py_ssize_t k = codebooks_t.shape[2]
     cdef Py_ssize_t kn = out_dist.shape[1]
     cdef Py_ssize_t g = g_codes.shape[0]
-    cdef Py_ssize_t q, l, p, r, i, a, s, best_l, n_match, n_x, lo
-    cdef floating last_d, best_d
-    cdef int64_t last_l
+    cdef Py_ssize_t q
     cdef floating* qt = NULL
-    cdef const floating* crow = NULL
     cdef floating* pd = NULL
     cdef floating* pb = NULL      # the probed lists' terms added (pd without coarse_bias)
     cdef bint has_bias = coarse_bias is not None
@@ -423,7 +420,6 @@ def ivf_search(const floating[:, ::1] Q,               # IN  (nq, D)
     cdef const code_t* gc = &g_codes[0, 0] if g > 0 else NULL
     cdef const index_t* gi = &g_ids[0] if g > 0 else NULL
     cdef const uint8_t* dead = &deleted[0] if deleted.shape[0] > 0 else NULL
-    cdef const uint8_t* dq = NULL
     cdef int tid
     if nq == 0 or kn == 0:
         return

@@ -378,24 +378,35 @@ def calibrated_slack(est, n_threads=1):
     from ._runtime import runtime
 
     state = runtime(est)
-    owner, setting = slack_owner(est), slack_setting(est)
-    n_live = int(est.n_samples_fit_ - est.n_removed_)
-    cached = state.rerank_slack
-    if cached is not None and cached[0] == owner and cached[1] == setting:
-        if cached[2] / RECALIBRATE_GROWTH <= n_live <= cached[2] * RECALIBRATE_GROWTH:
-            return cached[3]
-        if _writer_busy(state):
-            # A query during a write that left the band: the writer
-            # calibrates when it is done (refresh_slack); until then the
-            # queries, which see a state that is changing anyway, keep the
-            # slack of the previous band.
-            return cached[3]
+    cached, in_band = _cached_slack(est)
+    if cached is not None and (in_band or _writer_busy(state)):
+        # Out of the band during a write: the writer calibrates when it is
+        # done (refresh_slack); until then the queries, which see a state
+        # that is changing anyway, keep the slack of the previous band.
+        return cached[3]
     slack = _calibrate(est, n_threads)
-    state.rerank_slack = (owner, setting, n_live, slack)
+    state.rerank_slack = (slack_owner(est), slack_setting(est), _n_live(est), slack)
     return slack
 
 
 RECALIBRATE_GROWTH = 1.25   # live rows grown or shrunk by more: calibrate again
+
+
+def _n_live(est):
+    return int(est.n_samples_fit_ - est.n_removed_)
+
+
+def _cached_slack(est):
+    """(the cached calibration if it is for the estimator's codebooks,
+    tier and search setting, else None; whether its live rows' band holds
+    the current number)."""
+    from ._runtime import runtime
+
+    cached = runtime(est).rerank_slack
+    if cached is None or cached[0] != slack_owner(est) or cached[1] != slack_setting(est):
+        return None, False
+    n_live = _n_live(est)
+    return cached, cached[2] / RECALIBRATE_GROWTH <= n_live <= cached[2] * RECALIBRATE_GROWTH
 
 
 def _writer_busy(state):
@@ -412,13 +423,10 @@ def refresh_slack(est, n_threads=None):
     left its band, calibrate again now, on the state just published, so
     that no query pays for it.  A query that sees that state first
     computes the same value (it depends on the state only)."""
-    from ._runtime import index_lock, runtime
+    from ._runtime import index_lock
 
-    cached = runtime(est).rerank_slack
-    if cached is None or cached[0] != slack_owner(est) or cached[1] != slack_setting(est):
-        return
-    n_live = int(est.n_samples_fit_ - est.n_removed_)
-    if cached[2] / RECALIBRATE_GROWTH <= n_live <= cached[2] * RECALIBRATE_GROWTH:
+    cached, in_band = _cached_slack(est)
+    if cached is None or in_band:
         return
     if n_threads is None:
         n_threads = effective_n_threads(est.n_jobs)

@@ -265,13 +265,9 @@ def exact_rerank(const floating[:, ::1] Q,        # IN  (nq, D) prepared queries
     cdef Py_ssize_t n_cand = cand.shape[1]
     cdef Py_ssize_t kn = out_dist.shape[1]
     cdef int64_t n_rows = part_start[part_start.shape[0] - 1]
-    cdef Py_ssize_t q, c, r, j
-    cdef int64_t i, a
-    cdef double qn
-    cdef floating dist
+    cdef Py_ssize_t q
     cdef floating* hd = NULL
     cdef int64_t* hi = NULL
-    cdef const floating* hint = NULL
     cdef double eps10 = 10 * (1.1920928955078125e-07 if sizeof(floating) == 4
                               else 2.220446049250313e-16)
     cdef int tid
@@ -600,10 +596,7 @@ def compact_rerank(const floating[:, ::1] Q,        # IN  (nq, D) prepared queri
     cdef Py_ssize_t kn = out_dist.shape[1]
     cdef Py_ssize_t row_bytes = d * (1 if is_int8 else 2)
     cdef int64_t n_rows = part_start[part_start.shape[0] - 1]
-    cdef Py_ssize_t q, c, r, j
-    cdef int64_t i, a
-    cdef double qn
-    cdef floating dist
+    cdef Py_ssize_t q
     cdef floating* hd = NULL
     cdef int64_t* hi = NULL
     cdef const float* off = &offset[0] if offset.shape[0] else NULL
