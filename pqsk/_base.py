@@ -48,7 +48,7 @@ from ._checks import (
 from ._filter import check_filter
 from ._segments import drop_self
 from ._radius import RadiusNeighborsMixin
-from ._runtime import index_lock, index_writer, runtime
+from ._runtime import index_lock, index_writer, runtime, yield_to_queries
 from ._store import FitRows, RowStore, chunk_slices, decoded_chunks, rows_per_chunk
 from ._training import RefineMixin
 from ._utils import (
@@ -385,13 +385,13 @@ class BasePQNeighbors(RefineMixin, RadiusNeighborsMixin, ClassNamePrefixFeatures
         self._check_params_at_call()
         self._before_append()
         n_threads = effective_n_threads(self.n_jobs)
-        with index_writer(self):
-            with openmp_region(n_threads):
-                rows = self._validate_rows(X, reset=False)
-                if self._tier is not None:
-                    self._tier.check(rows)  # before any piece of an append is added
-                self._append_rows(rows, Progress(self.verbose, type(self).__name__),
-                                  n_threads)
+        with index_writer(self), openmp_region(n_threads, beside_queries=True):
+            rows = self._validate_rows(X, reset=False)
+            yield_to_queries()  # between the steps of a write (see pqsk._runtime)
+            if self._tier is not None:
+                self._tier.check(rows)  # before any piece of an append is added
+            self._append_rows(rows, Progress(self.verbose, type(self).__name__), n_threads)
+            yield_to_queries()
             self._after_append()
             _reorder.refresh_slack(self, n_threads)
         if rows.shape[0] > rows.chunk_rows():

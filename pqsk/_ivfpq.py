@@ -12,7 +12,7 @@ from ._base import BasePQNeighbors
 from ._checks import check_float_array, check_int_array, check_scalar_int, require
 from ._merges import MERGE_PARAMETER_CONSTRAINTS, MergesMixin
 from ._persist import IndexIOMixin
-from ._runtime import index_lock, runtime
+from ._runtime import index_lock, runtime, yield_to_queries
 from ._segments import (COMPACT_SHARE, DEFAULT_SEGMENT_SIZE, SEGMENT_PARAMETER_CONSTRAINTS,
                         Segment, SegmentWritesMixin)
 from ._store import chunk_slices
@@ -552,6 +552,7 @@ class IVFPQNeighbors(IndexIOMixin, RefitMixin, MergesMixin, SegmentWritesMixin,
             if segments is not self.segments_:
                 state["segments_"] = segments
             progress(f"indexed {b} vectors ({g} in the growing part)")
+        yield_to_queries()  # between the steps of a write (see pqsk._runtime)
         state.update(self._grown_refine(X))
         state.update(self._size_state(n_total))
         self._publish(state)

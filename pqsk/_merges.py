@@ -38,13 +38,15 @@ segments under the writer mutex only, and the write lock is taken for
 the one attribute update that publishes them.
 """
 
+import os
+import sys
 import threading
 import warnings
 
 from sklearn.utils._param_validation import StrOptions
 
 from . import _lists
-from ._runtime import index_lock, index_writer, runtime
+from ._runtime import index_lock, index_writer, runtime, writing, yield_to_queries
 from ._utils import restore_on_error
 
 MERGE_PARAMETER_CONSTRAINTS = {"merge": [StrOptions({"inline", "background"})]}
@@ -101,8 +103,25 @@ def merge_state(est):
     return state
 
 
+MERGE_NICENESS = 10
+
+
+def _lower_priority():
+    """Lower the merge thread's CPU priority (Linux, where a thread has its
+    own niceness): on a busy machine the queries and the caller's writes,
+    which someone waits for, get the cores first; alone on a core the
+    merge runs at full speed.  Elsewhere, or when refused: nothing."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                           min(19, os.getpriority(os.PRIO_PROCESS, 0) + MERGE_NICENESS))
+        except (OSError, AttributeError):
+            pass
+
+
 def _run(est, state):
     """The merge thread: passes of the policy until none is asked for."""
+    _lower_priority()
     while True:
         with state.cond:
             if not state.wanted:
@@ -111,8 +130,9 @@ def _run(est, state):
                 return
             state.wanted = False
         try:
-            while est._merge_step():
-                pass
+            with writing():  # a writer: yields to queries between its steps
+                while est._merge_step():
+                    pass
         except BaseException as e:  # noqa: BLE001 - kept, raised by the caller
             with state.cond:
                 state.error, state.thread, state.wanted = e, None, False
@@ -154,6 +174,7 @@ class MergesMixin:
         it: ``fit``)."""
         if not runtime(self).publish_beside:
             return self._publish_now(state)
+        yield_to_queries()  # queries take the GIL before the write lock is asked for
         with index_lock(self).write():
             self._publish_now(state)
 

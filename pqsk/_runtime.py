@@ -15,8 +15,94 @@ state and stays in thread-locals beside the kernels that use it.
 """
 
 import threading
+import time
 import weakref
 from contextlib import contextmanager
+
+# --- queries first: writers yield the GIL while queries run ---------------
+#
+# A writer (``fit``, ``partial_fit``, ``remove``, a merge) spends much of
+# its time in Python and NumPy between kernels, holding the GIL for stretches
+# of milliseconds; a query that gave up the GIL (in a BLAS product, a sort,
+# a kernel) waits for the writer's next release, or for the interpreter's
+# switch interval (5 ms).  So a writer thread calls :func:`yield_to_queries`
+# between its steps: while a query runs (or ran less than ``QUERY_RECENT_S``
+# ago: a reader sending queries one after another), it sleeps
+# ``YIELD_S``, long enough for the waiting query thread to take the GIL.
+# Writers then lose a little throughput while queries run, and none
+# without them.  Threads are marked as writers by :class:`WriterMutex` (the
+# estimators' writer mutex) and :func:`writing` (the merge thread); queries
+# are counted by :meth:`RWLock.read` outside writers.
+
+YIELD_S = 1e-5          # asked of time.sleep; Linux sleeps ~60 us
+QUERY_RECENT_S = 1e-3
+_LOCAL = threading.local()
+_QUERIES = [0, 0.0]     # queries running, when the last one ended
+_QUERIES_GUARD = threading.Lock()
+
+
+def _in_writer():
+    return getattr(_LOCAL, "writing", 0) > 0
+
+
+@contextmanager
+def writing():
+    """Mark the current thread as a writer (re-entrant)."""
+    _LOCAL.writing = getattr(_LOCAL, "writing", 0) + 1
+    try:
+        yield
+    finally:
+        _LOCAL.writing -= 1
+
+
+@contextmanager
+def _query():
+    with _QUERIES_GUARD:
+        _QUERIES[0] += 1
+    try:
+        yield
+    finally:
+        with _QUERIES_GUARD:
+            _QUERIES[0] -= 1
+            _QUERIES[1] = time.perf_counter()
+
+
+def queries_running():
+    """Whether a query runs in this process, or ended less than
+    ``QUERY_RECENT_S`` ago."""
+    return _QUERIES[0] > 0 or time.perf_counter() - _QUERIES[1] < QUERY_RECENT_S
+
+
+def yield_to_queries():
+    """In a writer thread while queries run: give up the GIL for
+    ``YIELD_S`` (see the comment above).  Elsewhere: nothing."""
+    if _in_writer() and queries_running():
+        time.sleep(YIELD_S)
+
+
+class WriterMutex:
+    """A re-entrant mutex whose holder is marked as a writer
+    (:func:`writing`) while it holds it."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+
+    def acquire(self, blocking=True):
+        got = self._lock.acquire(blocking)
+        if got:
+            _LOCAL.writing = getattr(_LOCAL, "writing", 0) + 1
+        return got
+
+    def release(self):
+        _LOCAL.writing -= 1
+        self._lock.release()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 class RWLock:
@@ -36,7 +122,11 @@ class RWLock:
                 self._cond.wait()
             self._readers += 1
         try:
-            yield
+            if _in_writer():
+                yield
+            else:  # a query: writers yield to it (see yield_to_queries)
+                with _query():
+                    yield
         finally:
             with self._cond:
                 self._readers -= 1
@@ -67,7 +157,7 @@ class Runtime:
     ----------
     lock : RWLock
         Queries and saves hold it to read; writers take it to publish.
-    writer : threading.RLock
+    writer : WriterMutex
         The writer mutex (see :func:`index_writer`).
     buffers : dict of str to ndarray
         The buffers with spare rows under the arrays that grow in place
@@ -118,7 +208,7 @@ class Runtime:
 
     def __init__(self):
         self.lock = RWLock()
-        self.writer = threading.RLock()
+        self.writer = WriterMutex()
         self.buffers = {}
         self.checked_params = None
         self.segment_tombstones = {}

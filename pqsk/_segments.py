@@ -44,7 +44,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import _growable, _reorder
 from ._checks import checked_remove_ids
-from ._runtime import index_lock, index_writer, runtime
+from ._runtime import index_lock, index_writer, runtime, yield_to_queries
+from ._utils import openmp_region
 
 # ``segment_size`` of IVFPQNeighbors and HNSWPQNeighbors: the most rows a
 # sealed segment holds.  4 Mi rows is ~400 MiB of 96-byte codes: a unit
@@ -273,9 +274,10 @@ class SegmentWritesMixin:
         # Checked and applied under the lock: two concurrent removes must not
         # both start from the same old mask.  The mask is updated in place
         # (O(len(ids)), no copy of it): readers wait for the lock.
-        with index_writer(self):
+        with index_writer(self), openmp_region(1, beside_queries=True):
             with index_lock(self).write():
                 self._mark_removed(ids)
+            yield_to_queries()  # between the steps of a write (see pqsk._runtime)
             # Still the only writer: compaction takes the locks it needs.
             self._after_remove()
             _reorder.refresh_slack(self)

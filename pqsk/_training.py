@@ -304,7 +304,7 @@ class RefitMixin:
         n_threads = effective_n_threads(self.n_jobs)
         progress = Progress(self.verbose, type(self).__name__)
         with index_writer(self):
-            with index_lock(self).read(), openmp_region(n_threads):
+            with index_lock(self).read(), openmp_region(n_threads, beside_queries=True):
                 state, replaced = self._refit(X_sample, X, n_threads, progress)
             with index_lock(self).write():
                 for name in replaced:

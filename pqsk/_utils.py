@@ -309,25 +309,53 @@ def restore_on_error(estimator):
 
 
 _CONTROLLER = None
+_ONE_BLAS = {"depth": 0, "limiter": None}
+_ONE_BLAS_GUARD = threading.Lock()
 
 
 @contextmanager
-def openmp_region(n_threads):
-    """Keep BLAS on one thread while pqsk's OpenMP kernels use several.
+def one_blas_thread():
+    """BLAS on one thread while this runs, in every thread of the process
+    (BLAS's thread count is global).  Reference-counted: regions of
+    several threads may overlap in any order, the first sets the limit
+    and the last restores the original one."""
+    global _CONTROLLER
+    with _ONE_BLAS_GUARD:
+        if _ONE_BLAS["depth"] == 0:
+            if _CONTROLLER is None:
+                from threadpoolctl import ThreadpoolController
+
+                _CONTROLLER = ThreadpoolController()
+            _ONE_BLAS["limiter"] = _CONTROLLER.limit(limits=1, user_api="blas")
+        _ONE_BLAS["depth"] += 1
+    try:
+        yield
+    finally:
+        with _ONE_BLAS_GUARD:
+            _ONE_BLAS["depth"] -= 1
+            if _ONE_BLAS["depth"] == 0:
+                limiter, _ONE_BLAS["limiter"] = _ONE_BLAS["limiter"], None
+                limiter.restore_original_limits()
+
+
+@contextmanager
+def openmp_region(n_threads, beside_queries=False):
+    """Keep BLAS on one thread while pqsk's OpenMP kernels use several,
+    and in writers that run beside queries (``beside_queries``:
+    ``partial_fit``, ``refit_codebooks``) whatever ``n_threads``.
 
     OpenBLAS's worker threads keep spinning for a while after each matrix
     product; with several kernel threads on the same cores they compete,
     and 2 threads ran slower than 1.  scikit-learn's KMeans does the same.
+    A writer's products spread over every core took them from the queries
+    running beside it: on 2 cores, a one-row query waited 2-5 ms for a
+    core behind the spinning BLAS threads of a ``partial_fit`` with
+    ``n_jobs=1`` (``benchmarks/bench_ingest.py``).
     """
-    global _CONTROLLER
-    if n_threads <= 1:
+    if n_threads <= 1 and not beside_queries:
         yield
         return
-    if _CONTROLLER is None:
-        from threadpoolctl import ThreadpoolController
-
-        _CONTROLLER = ThreadpoolController()
-    with _CONTROLLER.limit(limits=1, user_api="blas"):
+    with one_blas_thread():
         yield
 
 
