@@ -232,3 +232,61 @@ def fastscan_search(const floating[:, ::1] Q,               # IN  (nq, D)
             for r in range(kn):
                 out_dist[q, r] = hd[r]
                 out_idx[q, r] = hi[r]
+
+
+# --- packing 4-bit codes list by list --------------------------------------
+#
+# The writers' side of the packed layout (see pqsk._scorers.pack_lists4):
+# an index's appends, merges and compactions pack and unpack whole segments,
+# and a NumPy version holds the GIL for milliseconds per segment, while
+# queries wait for it.  These loops run without the GIL.  The NumPy
+# versions are the oracles (pqsk._naive.pack_lists4 / unpack_lists4).
+
+def pack_lists4_into(const uint8_t[:, ::1] codes,     # IN  (n, m) codes < 16
+                     const int64_t[::1] order,        # IN  (n,) or (0,): source row of entry j
+                     const int64_t[::1] offsets,      # IN  (L + 1,) list l: entries offsets[l]:offsets[l+1]
+                     const int64_t[::1] blocks,       # IN  (L + 1,) list l: blocks blocks[l]:blocks[l+1]
+                     uint8_t[:, :, ::1] out):         # OUT (nb, (m + 1) // 2, 32), zero-filled
+    """Entry j of list l (code row ``order[j]``, or j without ``order``)
+    goes to row ``j - offsets[l]`` of the list's first block
+    ``blocks[l]``: byte ``out[b, p, i]`` holds sub-spaces 2p (low nibble)
+    and 2p + 1 (high).  The caller has checked the offsets and blocks
+    (rising, each list's blocks holding its entries, within ``out``),
+    ``order`` (a permutation of the rows) and zero-filled ``out``."""
+    cdef Py_ssize_t m = codes.shape[1], half = out.shape[1], n_lists = offsets.shape[0] - 1
+    cdef Py_ssize_t l, j, p, src, r, b, i
+    cdef bint ordered = order.shape[0] > 0
+    with nogil:
+        for l in range(n_lists):
+            for j in range(offsets[l], offsets[l + 1]):
+                src = order[j] if ordered else j
+                r = blocks[l] * 32 + (j - offsets[l])
+                b = r >> 5
+                i = r & 31
+                for p in range(m // 2):
+                    out[b, p, i] = codes[src, 2 * p] | (codes[src, 2 * p + 1] << 4)
+                if m & 1:
+                    out[b, half - 1, i] = codes[src, m - 1]
+
+
+def unpack_lists4_into(const uint8_t[:, :, ::1] packed,  # IN  (nb, (m + 1) // 2, 32)
+                       const int64_t[::1] offsets,       # IN  (L + 1,) as pack_lists4_into
+                       const int64_t[::1] blocks,        # IN  (L + 1,)
+                       uint8_t[:, ::1] out):             # OUT (offsets[L], m) codes, entry order
+    """The inverse of :func:`pack_lists4_into` (without ``order``).  The
+    caller has checked the offsets and blocks against ``packed``."""
+    cdef Py_ssize_t m = out.shape[1], half = packed.shape[1], n_lists = offsets.shape[0] - 1
+    cdef Py_ssize_t l, j, p, r, b, i
+    cdef uint8_t v
+    with nogil:
+        for l in range(n_lists):
+            for j in range(offsets[l], offsets[l + 1]):
+                r = blocks[l] * 32 + (j - offsets[l])
+                b = r >> 5
+                i = r & 31
+                for p in range(m // 2):
+                    v = packed[b, p, i]
+                    out[j, 2 * p] = v & 15
+                    out[j, 2 * p + 1] = v >> 4
+                if m & 1:
+                    out[j, m - 1] = packed[b, half - 1, i] & 15

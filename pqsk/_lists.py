@@ -29,6 +29,7 @@ import numpy as np
 
 from . import _quantizer, _scorers
 from ._checks import check_int_array, require
+from ._runtime import yield_to_queries
 from ._segments import Segment
 
 # Appended rows go to a growing part that every query scans (the entries
@@ -128,16 +129,19 @@ def packs(m, k):
     return _scorers.packs4(m, k)
 
 
-def list_segment(codes, ids, offsets, meta, pack):
+def list_segment(codes, ids, offsets, meta, pack, order=None):
     """A segment of entries sorted by list (list l rows ``offsets[l]:
     offsets[l + 1]``): arrays codes, ids and list_offsets; or, when
     ``pack``, the codes packed list by list in fast-scan blocks (each list
     starting on a block boundary, padding codes 0): packed (n_blocks,
     (m + 1) // 2, 32) uint8 and list_blocks (n_lists + 1,) int64 (list l
-    in blocks ``list_blocks[l]:list_blocks[l + 1]``), no codes."""
+    in blocks ``list_blocks[l]:list_blocks[l + 1]``), no codes.  With
+    ``order``, entry j is code row ``order[j]`` (packed without gathering
+    the codes first)."""
     if not pack:
-        return Segment({"codes": codes, "ids": ids, "list_offsets": offsets}, meta)
-    packed, blocks = _scorers.pack_lists4(codes, offsets)
+        return Segment({"codes": codes if order is None else codes[order], "ids": ids,
+                        "list_offsets": offsets}, meta)
+    packed, blocks = _scorers.pack_lists4(codes, offsets, order)
     return Segment({"packed": packed, "ids": ids, "list_offsets": offsets,
                     "list_blocks": blocks}, meta)
 
@@ -188,8 +192,9 @@ def sealed(codes, ids, lists, n_lists, lo, hi, pack=False):
     order = np.argsort(lists, kind="stable")
     offsets = np.zeros(n_lists + 1, dtype=np.int64)
     np.cumsum(np.bincount(lists, minlength=n_lists), out=offsets[1:])
-    return list_segment(codes[order], ids[order], offsets, {"lo": int(lo), "hi": int(hi)},
-                        pack)
+    yield_to_queries()
+    return list_segment(codes, ids[order], offsets, {"lo": int(lo), "hi": int(hi)}, pack,
+                        order)
 
 
 def live(removed, ids):
@@ -205,11 +210,14 @@ def merged(segs, removed, n_lists, m, pack=False):
     """One segment holding the live entries of adjacent segments ``segs``
     (within a list, in segment order, so ids still ascend)."""
     codes = np.concatenate([segment_codes(s, m) for s in segs])
+    yield_to_queries()
     ids = np.concatenate([s["ids"] for s in segs])
     lists = np.concatenate([segment_lists(s, n_lists) for s in segs])
     keep = live(removed, ids)
+    yield_to_queries()
     if not keep.all():
         codes, ids, lists = codes[keep], ids[keep], lists[keep]
+        yield_to_queries()
     return sealed(codes, ids, lists, n_lists, segs[0].meta["lo"], segs[-1].meta["hi"], pack)
 
 

@@ -670,3 +670,33 @@ def _anisotropic_sweep(X, U, w, cb, c_norms, R, p, nrm, codes):
         nrm[move] = n_o[move] - np.einsum("ij,ij->i", xj[move], xj[move]) \
             + np.einsum("ij,ij->i", new_rj, new_rj)
     return moved
+
+
+def pack_lists4(codes, offsets):
+    """Oracle of ``pqsk._scorers.pack_lists4`` (4-bit codes packed list by
+    list in blocks of 32 rows: byte i of pair p of block b holds rows' codes
+    of sub-spaces 2p (low nibble) and 2p + 1 (high)): (packed, blocks)."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    n, m = codes.shape
+    offsets = np.asarray(offsets, dtype=np.int64)
+    n_l = np.diff(offsets)
+    blocks = np.concatenate([[0], np.cumsum(-(-n_l // 32))]).astype(np.int64)
+    half = (m + 1) // 2
+    padded = np.zeros((int(blocks[-1]) * 32, 2 * half), dtype=np.uint8)
+    for l in range(n_l.shape[0]):
+        start = blocks[l] * 32
+        padded[start:start + n_l[l], :m] = codes[offsets[l]:offsets[l + 1]]
+    pairs = padded.reshape(-1, 32, half, 2)
+    packed = pairs[..., 0] | (pairs[..., 1] << 4)
+    return np.ascontiguousarray(packed.transpose(0, 2, 1)), blocks
+
+
+def unpack_lists4(packed, offsets, blocks, m):
+    """Oracle of ``pqsk._scorers.unpack_lists4``: (n, m) uint8 codes."""
+    rows = np.asarray(packed).transpose(0, 2, 1).reshape(-1, packed.shape[1])
+    both = np.stack([rows & 15, rows >> 4], axis=2).reshape(rows.shape[0], 2 * packed.shape[1])
+    out = []
+    for l in range(len(offsets) - 1):
+        start = blocks[l] * 32
+        out.append(both[start:start + offsets[l + 1] - offsets[l], :m])
+    return np.concatenate(out).astype(np.uint8) if out else np.zeros((0, m), np.uint8)

@@ -24,6 +24,7 @@ import numpy as np
 from . import _adc, _fastscan, _ivf
 from ._anisotropic import anisotropic_encode
 from ._partition import assign, chunk_rows, spill_lists
+from ._runtime import yield_to_queries
 from ._quantizer import code_dtype, padded_rows, scratch, transposed
 from ._quantizer import encode as plain_encode
 from ._segments import NO_ID, NO_TOMBSTONES
@@ -107,11 +108,13 @@ def assign_encode(X, centroids, codebooks, n_threads=1, threshold=None, spill=No
             lab = np.empty(rows, dtype=np.intp)
             residuals = np.empty((rows, centroids.shape[1]), dtype=centroids.dtype)
         assign(chunk, centroids, out=lab[:rows], c_norms=c_norms, block=block)
+        yield_to_queries()
         entries = slice(copies * sl.start, copies * sl.stop, copies)
         labels[entries] = lab[:rows]
         np.take(centroids, lab[:rows], axis=0, out=residuals[:rows])
         np.subtract(chunk, residuals[:rows], out=residuals[:rows])
         codes[entries] = encode(residuals[:rows], codebooks, n_threads, threshold, chunk)
+        yield_to_queries()
         if copies == 2:  # the second list: same codec, its own residual
             lab[:rows] = spill_lists(chunk, centroids, lab[:rows], spill, c_norms, block)
             entries = slice(2 * sl.start + 1, 2 * sl.stop, 2)
@@ -444,21 +447,60 @@ def n_blocks4(n):
     return -(-int(n) // FASTSCAN_BLOCK)
 
 
-def pack_codes4(codes):
-    """Pack (n, m) codes < 16 into the fast-scan layout, (n_blocks, m2 / 2, 32)
-    uint8 (padding codes 0)."""
+def _lists4(offsets, blocks, n, nb):
+    """``offsets`` and ``blocks`` as int64 arrays, checked for the packing
+    kernels: list l holds entries ``offsets[l]:offsets[l + 1]`` (rising
+    from 0 to n) in blocks ``blocks[l]:blocks[l + 1]`` (rising from 0 to
+    nb, enough for its entries)."""
+    offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+    blocks = np.ascontiguousarray(blocks, dtype=np.int64)
+    n_l = np.diff(offsets)
+    if not (offsets.ndim == 1 and blocks.shape == offsets.shape and offsets.size >= 2
+            and offsets[0] == 0 and offsets[-1] == n and blocks[0] == 0
+            and blocks[-1] == nb and bool(np.all(n_l >= 0))
+            and bool(np.all(np.diff(blocks) >= -(-n_l // FASTSCAN_BLOCK)))):
+        raise ValueError(f"list offsets and blocks do not describe {n} codes in {nb} "
+                         f"blocks")
+    return offsets, blocks
+
+
+def _pack4(codes, order, offsets, blocks, nb):
+    """``_fastscan.pack_lists4_into`` on checked arguments (codes < 16
+    already checked): (nb, m2 / 2, 32) uint8."""
+    n, m = codes.shape
+    out = np.zeros((nb, (m + 1) // 2, FASTSCAN_BLOCK), dtype=np.uint8)
+    if n:
+        _fastscan.pack_lists4_into(np.ascontiguousarray(codes, dtype=np.uint8), order,
+                                   offsets, blocks, out)
+    return out
+
+
+def _unpack4(packed, offsets, blocks, n, m):
+    out = np.empty((n, m), dtype=np.uint8)
+    if n:
+        _fastscan.unpack_lists4_into(np.ascontiguousarray(packed), offsets, blocks, out)
+    return out
+
+
+_NO_ORDER = np.empty(0, dtype=np.int64)
+
+
+def _check_codes4(codes):
     codes = np.asarray(codes)
     if codes.ndim != 2:
         raise ValueError("codes must be a 2-d array")
-    n, m = codes.shape
     if codes.size and (codes.min() < 0 or codes.max() >= 16):
         raise ValueError("4-bit codes must lie in [0, 16)")
-    nb, half = n_blocks4(n), (m + 1) // 2
-    padded = np.zeros((nb * FASTSCAN_BLOCK, 2 * half), dtype=np.uint8)
-    padded[:n, :m] = codes
-    pairs = padded.reshape(nb, FASTSCAN_BLOCK, half, 2)
-    packed = pairs[..., 0] | (pairs[..., 1] << 4)          # (nb, 32, half)
-    return np.ascontiguousarray(packed.transpose(0, 2, 1))
+    return codes
+
+
+def pack_codes4(codes):
+    """Pack (n, m) codes < 16 into the fast-scan layout, (n_blocks, m2 / 2, 32)
+    uint8 (padding codes 0)."""
+    codes = _check_codes4(codes)
+    n, nb = codes.shape[0], n_blocks4(codes.shape[0])
+    offsets, blocks = _lists4([0, n], [0, nb], n, nb)
+    return _pack4(codes, _NO_ORDER, offsets, blocks, nb)
 
 
 def unpack_codes4(packed, n, m):
@@ -467,27 +509,38 @@ def unpack_codes4(packed, n, m):
     if packed.shape != (nb, (m + 1) // 2, FASTSCAN_BLOCK) or nb != n_blocks4(n):
         raise ValueError(f"packed codes of shape {packed.shape} do not hold {n} codes of "
                          f"{m} sub-spaces")
-    rows = np.asarray(packed).transpose(0, 2, 1)              # (nb, 32, half)
-    codes = np.empty((nb, FASTSCAN_BLOCK, half, 2), dtype=np.uint8)
-    np.bitwise_and(rows, 15, out=codes[..., 0])
-    np.right_shift(rows, 4, out=codes[..., 1])
-    return np.ascontiguousarray(codes.reshape(nb * FASTSCAN_BLOCK, 2 * half)[:n, :m])
+    offsets, blocks = _lists4([0, n], [0, nb], n, nb)
+    return _unpack4(packed, offsets, blocks, n, m)
 
 
-def pack_lists4(codes, offsets):
+def lists4_blocks(offsets):
+    """The ``blocks`` of :func:`pack_lists4` for list ``offsets``: each
+    list starts on a block boundary."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    blocks = np.zeros(offsets.shape[0], dtype=np.int64)
+    np.cumsum(-(-np.diff(offsets) // FASTSCAN_BLOCK), out=blocks[1:])
+    return blocks
+
+
+def pack_lists4(codes, offsets, order=None):
     """Pack (n, m) codes < 16 sorted by list (list l rows ``offsets[l]:
     offsets[l + 1]``) list by list, each list starting on a block boundary
     (padding codes 0): (packed (n_blocks, m2 / 2, 32) uint8, blocks
-    (n_lists + 1,) int64), list l in blocks ``blocks[l]:blocks[l + 1]``."""
-    codes = np.asarray(codes)
-    n, m = codes.shape
-    offsets = np.asarray(offsets, dtype=np.int64)
-    n_l = np.diff(offsets)
-    blocks = np.zeros(offsets.shape[0], dtype=np.int64)
-    np.cumsum(-(-n_l // FASTSCAN_BLOCK), out=blocks[1:])
-    padded = np.zeros((int(blocks[-1]) * FASTSCAN_BLOCK, m), dtype=np.uint8)
-    padded[list_rows4(offsets, blocks)] = codes
-    return pack_codes4(padded), blocks
+    (n_lists + 1,) int64), list l in blocks ``blocks[l]:blocks[l + 1]``.
+    With ``order`` (a permutation of the rows), entry j is code row
+    ``order[j]`` (the codes need not be sorted).  Runs without the GIL."""
+    codes = _check_codes4(codes)
+    blocks = lists4_blocks(offsets)
+    nb = int(blocks[-1])
+    offsets, blocks = _lists4(offsets, blocks, codes.shape[0], nb)
+    if order is None:
+        order = _NO_ORDER
+    else:
+        order = np.ascontiguousarray(order, dtype=np.int64)
+        if order.shape != (codes.shape[0],):
+            raise ValueError("order must give one row per code")
+    yield_to_queries()
+    return _pack4(codes, order, offsets, blocks, nb), blocks
 
 
 def list_rows4(offsets, blocks):
@@ -500,10 +553,15 @@ def list_rows4(offsets, blocks):
 
 
 def unpack_lists4(packed, offsets, blocks, m):
-    """The (n, m) uint8 codes, in entry order, of :func:`pack_lists4`'s layout."""
-    nb = int(blocks[-1])
-    return np.ascontiguousarray(
-        unpack_codes4(packed, nb * FASTSCAN_BLOCK, m)[list_rows4(offsets, blocks)])
+    """The (n, m) uint8 codes, in entry order, of :func:`pack_lists4`'s
+    layout.  Runs without the GIL."""
+    nb = int(np.asarray(blocks)[-1])
+    if packed.shape != (nb, (m + 1) // 2, FASTSCAN_BLOCK):
+        raise ValueError(f"packed codes of shape {packed.shape} do not hold {nb} blocks "
+                         f"of {m} sub-spaces")
+    n = int(np.asarray(offsets)[-1])
+    offsets, blocks = _lists4(offsets, blocks, n, nb)
+    return _unpack4(packed, offsets, blocks, n, m)
 
 
 # Codes re-checked with the float tables by the estimators' 4-bit scans:

@@ -85,6 +85,45 @@ def test_pack_refuses_codes_beyond_4_bits():
         _scorers.unpack_codes4(packed, 40, 5)
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 25, 257])
+@pytest.mark.parametrize("sizes", [[0], [5], [0, 31, 32, 33, 0, 64, 1], [70, 0, 3]])
+def test_list_packing_kernels_equal_the_numpy_oracle(m, sizes):
+    # The writers' packing (pqsk._fastscan.pack_lists4_into, without the
+    # GIL) against pqsk._naive's NumPy layout, list by list.
+    rng = np.random.RandomState(m + len(sizes))
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    codes = rng.randint(0, 16, size=(int(offsets[-1]), m)).astype(np.uint8)
+    packed, blocks = _scorers.pack_lists4(codes, offsets)
+    want_packed, want_blocks = _naive.pack_lists4(codes, offsets)
+    assert_array_equal(blocks, want_blocks)
+    assert_array_equal(packed, want_packed)
+    assert_array_equal(_scorers.unpack_lists4(packed, offsets, blocks, m), codes)
+    assert_array_equal(_naive.unpack_lists4(packed, offsets, blocks, m), codes)
+    # order: entry j is code row order[j], as if the codes were gathered first.
+    order = rng.permutation(codes.shape[0])
+    assert_array_equal(_scorers.pack_lists4(codes, offsets, order)[0],
+                       _naive.pack_lists4(codes[order], offsets)[0])
+    # codes of another integer dtype pack the same
+    assert_array_equal(_scorers.pack_lists4(codes.astype(np.int64), offsets)[0], packed)
+
+
+def test_list_packing_refuses_offsets_and_blocks_that_do_not_fit():
+    codes = np.zeros((40, 3), np.uint8)
+    packed, blocks = _scorers.pack_lists4(codes, [0, 10, 40])
+    with pytest.raises(ValueError, match="do not describe"):
+        _scorers.pack_lists4(codes, [0, 10, 41])          # more entries than codes
+    with pytest.raises(ValueError, match="do not describe"):
+        _scorers.pack_lists4(codes, [0, 30, 10, 40])       # falling offsets
+    with pytest.raises(ValueError, match="one row per code"):
+        _scorers.pack_lists4(codes, [0, 10, 40], order=np.arange(39))
+    with pytest.raises(ValueError, match="do not describe"):
+        _scorers.unpack_lists4(packed, np.array([0, 10, 40]), np.array([0, 0, 2]), 3)
+    with pytest.raises(ValueError, match="do not describe"):
+        _scorers.unpack_lists4(packed, np.array([0, 40, 40]), np.array([0, 1, 2]), 3)
+    with pytest.raises(ValueError, match="do not hold"):
+        _scorers.unpack_lists4(packed, np.array([0, 10, 40]), blocks, 5)
+
+
 # -- search: every kernel equals the float ADC search ---------------------------
 
 def test_oracle_is_the_naive_scan():
