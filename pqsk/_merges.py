@@ -38,8 +38,6 @@ segments under the writer mutex only, and the write lock is taken for
 the one attribute update that publishes them.
 """
 
-import os
-import sys
 import threading
 import warnings
 
@@ -103,25 +101,8 @@ def merge_state(est):
     return state
 
 
-MERGE_NICENESS = 10
-
-
-def _lower_priority():
-    """Lower the merge thread's CPU priority (Linux, where a thread has its
-    own niceness): on a busy machine the queries and the caller's writes,
-    which someone waits for, get the cores first; alone on a core the
-    merge runs at full speed.  Elsewhere, or when refused: nothing."""
-    if sys.platform.startswith("linux"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
-                           min(19, os.getpriority(os.PRIO_PROCESS, 0) + MERGE_NICENESS))
-        except (OSError, AttributeError):
-            pass
-
-
 def _run(est, state):
     """The merge thread: passes of the policy until none is asked for."""
-    _lower_priority()
     while True:
         with state.cond:
             if not state.wanted:

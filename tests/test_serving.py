@@ -2,13 +2,10 @@
 
 A writer thread yields the GIL between its steps while queries run
 (``pqsk._runtime.yield_to_queries``), keeps BLAS on one thread
-(``pqsk._utils.openmp_region(..., beside_queries=True)``), and the
-background merge thread runs at a lower CPU priority.  The latencies
+(``pqsk._utils.openmp_region(..., beside_queries=True)``).  The latencies
 themselves are measured by ``benchmarks/bench_ingest.py``, not here.
 """
 
-import os
-import sys
 import threading
 
 import numpy as np
@@ -144,25 +141,3 @@ def test_partial_fit_keeps_blas_on_one_thread(monkeypatch):
     est.partial_fit(X[2000:2500])
     assert seen and all(set(s) == {1} for s in seen)
     assert _blas_threads() == before
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness")
-def test_background_merges_run_at_a_lower_priority(monkeypatch):
-    base = os.getpriority(os.PRIO_PROCESS, 0)
-    if base >= 19:
-        pytest.skip("already at the lowest priority")
-    seen = []
-    step = IVFPQNeighbors._merge_step
-
-    def spy(self):
-        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        return step(self)
-
-    monkeypatch.setattr(IVFPQNeighbors, "_merge_step", spy)
-    est = IVFPQNeighbors(n_lists=8, n_subspaces=4, n_codewords=16, segment_size=4096,
-                         merge="background", n_jobs=1, random_state=0).fit(X[:1000])
-    for start in range(1000, 3000, 250):
-        est.partial_fit(X[start:start + 250])
-    est.wait_merges()
-    assert seen and all(s > base for s in seen)
-    assert os.getpriority(os.PRIO_PROCESS, 0) == base   # the caller's is unchanged
