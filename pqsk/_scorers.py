@@ -537,8 +537,9 @@ def pack_lists4(codes, offsets, order=None):
         order = _NO_ORDER
     else:
         order = np.ascontiguousarray(order, dtype=np.int64)
-        if order.shape != (codes.shape[0],):
-            raise ValueError("order must give one row per code")
+        if order.shape != (codes.shape[0],) or (
+                order.size and (order.min() < 0 or order.max() >= codes.shape[0])):
+            raise ValueError("order must give one row of the codes per code")
     yield_to_queries()
     return _pack4(codes, order, offsets, blocks, nb), blocks
 

@@ -114,8 +114,10 @@ def test_list_packing_refuses_offsets_and_blocks_that_do_not_fit():
         _scorers.pack_lists4(codes, [0, 10, 41])          # more entries than codes
     with pytest.raises(ValueError, match="do not describe"):
         _scorers.pack_lists4(codes, [0, 30, 10, 40])       # falling offsets
-    with pytest.raises(ValueError, match="one row per code"):
+    with pytest.raises(ValueError, match="one row of the codes per code"):
         _scorers.pack_lists4(codes, [0, 10, 40], order=np.arange(39))
+    with pytest.raises(ValueError, match="one row of the codes per code"):
+        _scorers.pack_lists4(codes, [0, 10, 40], order=np.arange(1, 41))
     with pytest.raises(ValueError, match="do not describe"):
         _scorers.unpack_lists4(packed, np.array([0, 10, 40]), np.array([0, 0, 2]), 3)
     with pytest.raises(ValueError, match="do not describe"):
