@@ -31,13 +31,20 @@ def ivf(**kw):
                           random_state=0, **{"refine_factor": 0, **kw})
 
 
-@pytest.fixture(scope="module")
-def client():
+def local_client(*plugins):
+    """A client of a LocalCluster of 2 worker processes of one thread each,
+    the scheduler ``plugins`` registered (a generator, for fixtures)."""
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=":0") as cluster, \
             distributed.Client(cluster) as c:
-        c.register_plugin(GraphCounter())
+        for plugin in plugins:
+            c.register_plugin(plugin)
         yield c
+
+
+@pytest.fixture(scope="module")
+def client():
+    yield from local_client(GraphCounter())
 
 
 class GraphCounter(distributed.diagnostics.plugin.SchedulerPlugin):

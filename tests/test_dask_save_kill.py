@@ -25,12 +25,12 @@ directory fsync.
 
 import json
 import os
-import subprocess
 import sys
 import threading
 
 import numpy as np
 import pytest
+from drivers import run_driver
 
 pytest.importorskip("distributed")
 
@@ -42,16 +42,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _run_driver(mode, tmp_path):
-    import pqsk
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(pqsk.__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-               MKL_NUM_THREADS="1", PYTHONPATH=root)
-    proc = subprocess.run([sys.executable, __file__, mode, str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    tail = (proc.stdout + proc.stderr)[-3000:]
-    assert proc.returncode == 0, f"driver exited with {proc.returncode}:\n{tail}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_driver(__file__, mode, tmp_path)
 
 
 def test_every_step(tmp_path):

@@ -13,7 +13,7 @@ da = pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")
 
 from pqsk.dask import ShardedNeighbors  # noqa: E402
-from test_dask import GraphCounter, Q, X, n_graphs, reference  # noqa: E402
+from test_dask import GraphCounter, Q, X, local_client, n_graphs, reference  # noqa: E402
 
 
 class TaskCounter(distributed.diagnostics.plugin.SchedulerPlugin):
@@ -38,12 +38,7 @@ def tasks_done(client, name):
 
 @pytest.fixture(scope="module")
 def client():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=":0") as cluster, \
-            distributed.Client(cluster) as c:
-        c.register_plugin(GraphCounter())
-        c.register_plugin(TaskCounter())
-        yield c
+    yield from local_client(GraphCounter(), TaskCounter())
 
 
 def flat(**kw):

@@ -166,8 +166,10 @@ def test_swap_dropped_when_the_run_was_replaced(monkeypatch):
     check_consistent(nn)
 
 
-def test_reader_thread_during_background_stream():
-    nn = make("background", n=2000)
+def stream_with_reader(nn, lo, hi, step, dead):
+    """Append X[lo:hi] in ``step``-row batches, removing ``dead`` random live
+    ids after each, while a thread queries one row at a time.  Returns the
+    answers that named an invalid or removed id and the number of queries."""
     done = threading.Event()
     removed_so_far = []  # ids whose remove() returned
     bad, n_queries = [], [0]
@@ -187,19 +189,25 @@ def test_reader_thread_during_background_stream():
     t.start()
     try:
         rng = np.random.RandomState(1)
-        for start in range(2000, 12000, 500):
-            nn.partial_fit(X[start:start + 500])
+        for start in range(lo, hi, step):
+            nn.partial_fit(X[start:start + step])
             live = np.flatnonzero(~nn.removed_) if nn.removed_ is not None \
                 else np.arange(nn.n_samples_fit_)
-            ids = rng.choice(live, 25, replace=False)
+            ids = rng.choice(live, dead, replace=False)
             nn.remove(ids)
             removed_so_far.extend(ids.tolist())
     finally:
         done.set()
         t.join(60)
+    return bad, n_queries[0]
+
+
+def test_reader_thread_during_background_stream():
+    nn = make("background", n=2000)
+    bad, n_queries = stream_with_reader(nn, 2000, 12000, 500, 25)
     assert nn.wait_merges(timeout=60) is True
     assert not bad
-    assert n_queries[0] > 0
+    assert n_queries > 0
     check_consistent(nn)
 
 
@@ -397,35 +405,8 @@ def test_hnsw_failed_beside_append_changes_nothing(monkeypatch):
 
 def test_hnsw_reader_thread_during_a_stream():
     nn = _hnsw().fit(X[:1000])
-    done = threading.Event()
-    removed_so_far, bad, n_queries = [], [], [0]
-
-    def reader():
-        i = 0
-        while not done.is_set():
-            known = np.array(removed_so_far[:len(removed_so_far)], dtype=np.int64)
-            ind = nn.kneighbors(Q[i % len(Q)][None], return_distance=False)[0]
-            if (ind < 0).any() or (ind >= nn.n_samples_fit_).any() or \
-                    np.isin(ind, known).any():
-                bad.append(ind)
-            i += 1
-            n_queries[0] = i
-
-    t = threading.Thread(target=reader)
-    t.start()
-    try:
-        rng = np.random.RandomState(1)
-        for start in range(1000, 6000, 500):
-            nn.partial_fit(X[start:start + 500])
-            live = np.flatnonzero(~nn.removed_) if nn.removed_ is not None \
-                else np.arange(nn.n_samples_fit_)
-            ids = rng.choice(live, 40, replace=False)
-            nn.remove(ids)
-            removed_so_far.extend(ids.tolist())
-    finally:
-        done.set()
-        t.join(60)
-    assert not bad and n_queries[0] > 0
+    bad, n_queries = stream_with_reader(nn, 1000, 6000, 500, 40)
+    assert not bad and n_queries > 0
     # exhaustive beam: the answers are the brute force over the decoded live rows
     nn.set_params(ef_search=nn.n_samples_fit_)
     assert_array_equal(np.sort(nn.kneighbors(Q, return_distance=False), axis=1), brute(nn))

@@ -33,10 +33,10 @@ holds, replayed.
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+from drivers import run_driver
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -44,16 +44,7 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
 
 def _run_driver(mode, kind, tmp_path):
-    import pqsk
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(pqsk.__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-               MKL_NUM_THREADS="1", PYTHONPATH=root)
-    proc = subprocess.run([sys.executable, __file__, mode, kind, str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    tail = (proc.stdout + proc.stderr)[-3000:]
-    assert proc.returncode == 0, f"driver exited with {proc.returncode}:\n{tail}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_driver(__file__, mode, kind, tmp_path)
 
 
 KINDS = pytest.mark.parametrize("kind", ["hnsw", "ivf-segments"])
