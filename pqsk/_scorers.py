@@ -19,6 +19,8 @@ and filter masks; writes codes and (distance, id) arrays, rows sorted by
 (distance, id).
 """
 
+import weakref
+
 import numpy as np
 
 from . import _adc, _fastscan, _ivf
@@ -333,7 +335,36 @@ def _growing_part(growing, segments, m, k):
     return codes[:0], ids[:0], np.empty(0, np.int32)
 
 
+# The tables of the segments searched lately, by the identity of their
+# arrays (checked with weak references, so a table never outlives them and
+# an id reused by a new array misses): a query of an unchanged index
+# skips the per-segment checks.  Segment arrays are never modified in place.
+_SEGMENT_TABLES = {}
+_SEGMENT_TABLES_MAX = 32
+
+
 def _segment_table(segments, m, k, n_lists, code_dtype, id_dtype):
+    """:func:`_build_segment_table`, cached by the identity of the arrays."""
+    arrays = [a for seg in segments for a in seg]
+    key = (m, k, n_lists, np.dtype(code_dtype).str, np.dtype(id_dtype).str,
+           tuple(map(id, arrays)))
+    hit = _SEGMENT_TABLES.get(key)
+    if hit is not None and all(r() is a for r, a in zip(hit[0], arrays)):
+        return hit[1]
+    table = _build_segment_table(segments, m, k, n_lists, code_dtype, id_dtype)
+    try:
+        refs = tuple(weakref.ref(a) for a in arrays)
+    except TypeError:  # an array type without weak references: not cached
+        return table
+    if len(_SEGMENT_TABLES) >= _SEGMENT_TABLES_MAX:
+        for old in [key for key, (rs, _) in list(_SEGMENT_TABLES.items())
+                    if any(r() is None for r in rs)] or list(_SEGMENT_TABLES)[:1]:
+            _SEGMENT_TABLES.pop(old, None)
+    _SEGMENT_TABLES[key] = (refs, table)
+    return table
+
+
+def _build_segment_table(segments, m, k, n_lists, code_dtype, id_dtype):
     """The sealed segments as the kernel reads them, a tuple of arrays with
     one row per segment: addresses of the codes, ids and packed codes
     (uintp, 0 where absent), list offsets and list blocks ((S, n_lists + 1)

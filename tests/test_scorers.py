@@ -182,3 +182,35 @@ def test_fastscan_search_refuses_what_the_kernel_cannot_scan():
     with pytest.raises(ValueError, match="n_codewords=16"):
         _scorers.fastscan_search(np.zeros((1, 2)), np.zeros((2, 8, 1)),
                                  _scorers.pack_codes4(np.zeros((1, 2), np.uint8)), 1, 1)
+
+
+def test_segment_table_is_cached_by_the_identity_of_the_arrays():
+    rng = np.random.RandomState(0)
+    codes = rng.randint(0, 16, (100, 4)).astype(np.uint8)
+    offsets = np.array([0, 30, 100], dtype=np.int64)
+    ids = np.arange(100, dtype=np.int32)
+    packed, blocks = _scorers.pack_lists4(codes, offsets)
+    seg = (packed, ids, offsets, blocks)
+    args = (4, 16, 2, np.uint8, np.int32)
+    table = _scorers._segment_table([seg], *args)
+    assert _scorers._segment_table([seg], *args) is table          # unchanged: reused
+    copy = (packed.copy(), ids, offsets, blocks)
+    other = _scorers._segment_table([copy], *args)                 # a new array: built
+    assert other is not table and other[3][0] == copy[0].ctypes.data
+    assert _scorers._segment_table([seg, copy], *args) is not table
+    # a segment whose arrays do not match is refused, cached table or not
+    bad = (packed, ids, np.array([0, 40, 100], dtype=np.int64), blocks)
+    with pytest.raises(ValueError, match="do not match"):
+        _scorers._segment_table([bad], *args)
+    with pytest.raises(ValueError, match="do not match"):
+        _scorers._segment_table([bad], *args)
+    # the cache holds no array alive, and a dead array's entry is never hit
+    import gc
+    import weakref
+    ref = weakref.ref(copy[0])
+    del copy, other
+    gc.collect()
+    assert ref() is None
+    for _ in range(_scorers._SEGMENT_TABLES_MAX + 5):
+        _scorers._segment_table([(packed.copy(), ids, offsets, blocks)], *args)
+    assert len(_scorers._SEGMENT_TABLES) <= _scorers._SEGMENT_TABLES_MAX
