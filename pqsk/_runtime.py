@@ -94,8 +94,8 @@ class WriterMutex:
         return got
 
     def release(self):
+        self._lock.release()  # raises, changing nothing, if not the holder
         _LOCAL.writing -= 1
-        self._lock.release()
 
     def __enter__(self):
         self.acquire()

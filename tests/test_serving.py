@@ -83,6 +83,19 @@ def test_writer_mutex_marks_its_holder_as_a_writer():
     other.start()
     other.join()
     assert seen == [False] and _runtime._in_writer()
+    errors = []
+
+    def release_foreign():
+        try:
+            mutex.release()                # not the holder: refused
+        except RuntimeError as e:
+            errors.append(e)
+        errors.append(_runtime._in_writer())
+
+    other = threading.Thread(target=release_foreign)
+    other.start()
+    other.join()
+    assert isinstance(errors[0], RuntimeError) and errors[1] is False
     mutex.release()
     assert not _runtime._in_writer()
     est = IVFPQNeighbors(n_lists=4, n_subspaces=4, random_state=0)
