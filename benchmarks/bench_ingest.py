@@ -240,8 +240,14 @@ def main():
                     help="sys.setswitchinterval for the run, in seconds (default: "
                          "Python's, 0.005): how long the thread holding the GIL keeps "
                          "it while another one waits")
+    ap.add_argument("--no-yield", action="store_true",
+                    help="writers never yield the GIL to queries (pqsk._runtime."
+                         "yield_to_queries disabled): what the yields buy and cost")
     ap.add_argument("--out", default="ingest", help="result file stem")
     args = ap.parse_args()
+    if args.no_yield:
+        import pqsk._runtime
+        pqsk._runtime.queries_running = lambda: False
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
     n0, n1 = (20_000, 30_000) if args.quick else (N0, N1)
