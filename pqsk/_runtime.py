@@ -76,10 +76,24 @@ def queries_running():
     return _QUERIES[0] > 0 or time.perf_counter() - _QUERIES[1] < QUERY_RECENT_S
 
 
+_HANDOVER = [0]         # writers that yielded and want the GIL back
+
+
 def yield_to_queries():
     """In a writer thread while queries run: give up the GIL for
     ``YIELD_S`` (see the comment above).  Elsewhere: nothing."""
     if _in_writer() and queries_running():
+        _HANDOVER[0] += 1   # under the GIL: read by the query thread meanwhile
+        try:
+            time.sleep(YIELD_S)
+        finally:
+            _HANDOVER[0] -= 1
+
+
+def _hand_back():
+    """At the end of a query: a writer that yielded to it gets the GIL
+    back now rather than at the next switch interval."""
+    if _HANDOVER[0] > 0:
         time.sleep(YIELD_S)
 
 
@@ -124,8 +138,9 @@ class RWLock:
             while self._writer or self._waiting:
                 self._cond.wait()
             self._readers += 1
+        query = not _in_writer()
         try:
-            if _in_writer():
+            if not query:
                 yield
             else:  # a query: writers yield to it (see yield_to_queries)
                 with _query():
@@ -135,6 +150,8 @@ class RWLock:
                 self._readers -= 1
                 if not self._readers:
                     self._cond.notify_all()
+        if query:
+            _hand_back()
 
     @contextmanager
     def write(self):

@@ -57,6 +57,21 @@ def test_writers_yield_only_while_a_query_runs(monkeypatch):
     assert calls == [_runtime.YIELD_S]
 
 
+def test_a_query_hands_the_gil_back_to_a_writer_that_yielded(monkeypatch):
+    lock = RWLock()
+    calls = _sleeps(monkeypatch)
+    with lock.read():
+        pass
+    assert calls == []                     # no writer waiting: no hand-back
+    monkeypatch.setattr(_runtime, "_HANDOVER", [1])
+    with lock.read():
+        pass
+    assert calls == [_runtime.YIELD_S]     # a writer yielded: handed back at the end
+    with writing(), lock.read():           # a writer's own read hands nothing back
+        pass
+    assert calls == [_runtime.YIELD_S]
+
+
 def test_a_query_that_just_ended_still_counts(monkeypatch):
     monkeypatch.setattr(_runtime, "QUERY_RECENT_S", 60.0)
     with RWLock().read():
