@@ -29,11 +29,12 @@ from contextlib import contextmanager
 # between its steps: while a query runs (or ran less than ``QUERY_RECENT_S``
 # ago: a reader sending queries one after another), it sleeps
 # ``YIELD_S``, long enough for the waiting query thread to take the GIL.
-# Writers lose throughput only while queries run, but then it can be
-# much: after a yield the writer gets the GIL back when the query thread
-# lets go of it (a reader querying back to back: the next switch interval);
-# bench_ingest's IVF stream took 2x as long as without the yields, for a
-# p99 of ~4x the idle p50 instead of ~5x (benchmarks/results/ingest.md).  Threads are marked as writers by :class:`WriterMutex` (the
+# A query that ends while a writer waits after such a yield hands the GIL
+# straight back (:func:`_hand_back`; else a reader querying back to back
+# would keep it until the next switch interval).  Writers lose throughput
+# only while queries run: bench_ingest's IVF stream took 2.6-3.2 s instead
+# of 2.5 s without the yields, for a p99 of ~4.5x the idle p50 instead of
+# ~5.2x (benchmarks/results/ingest.md).  Threads are marked as writers by :class:`WriterMutex` (the
 # estimators' writer mutex) and :func:`writing` (the merge thread); queries
 # are counted by :meth:`RWLock.read` outside writers.
 
