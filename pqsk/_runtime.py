@@ -34,39 +34,45 @@ from contextlib import contextmanager
 # would keep it until the next switch interval).  Writers lose throughput
 # only while queries run: bench_ingest's IVF stream took 2.6-3.2 s instead
 # of 2.5 s without the yields, for a p99 of ~4.5x the idle p50 instead of
-# ~5.2x (benchmarks/results/ingest.md).  Threads are marked as writers by :class:`WriterMutex` (the
-# estimators' writer mutex) and :func:`writing` (the merge thread); queries
-# are counted by :meth:`RWLock.read` outside writers.
+# ~5.2x (benchmarks/results/ingest.md).  Threads are marked as writers by
+# :class:`WriterMutex` (the estimators' writer mutex) and :func:`writing`
+# (the merge thread); queries are counted by :meth:`RWLock.read` outside
+# writers.
 
 YIELD_S = 1e-5          # asked of time.sleep; Linux sleeps ~60 us
 QUERY_RECENT_S = 1e-3
 _LOCAL = threading.local()
 _QUERIES = [0, 0.0]     # queries running, when the last one ended
-_QUERIES_GUARD = threading.Lock()
+_HANDOVER = [0]         # writers that yielded and want the GIL back
+_GUARD_COUNTS = threading.Lock()  # for both: several threads count
 
 
 def _in_writer():
     return getattr(_LOCAL, "writing", 0) > 0
 
 
+def _mark_writer(delta):
+    _LOCAL.writing = getattr(_LOCAL, "writing", 0) + delta
+
+
 @contextmanager
 def writing():
     """Mark the current thread as a writer (re-entrant)."""
-    _LOCAL.writing = getattr(_LOCAL, "writing", 0) + 1
+    _mark_writer(1)
     try:
         yield
     finally:
-        _LOCAL.writing -= 1
+        _mark_writer(-1)
 
 
 @contextmanager
 def _query():
-    with _QUERIES_GUARD:
+    with _GUARD_COUNTS:
         _QUERIES[0] += 1
     try:
         yield
     finally:
-        with _QUERIES_GUARD:
+        with _GUARD_COUNTS:
             _QUERIES[0] -= 1
             _QUERIES[1] = time.perf_counter()
 
@@ -77,18 +83,17 @@ def queries_running():
     return _QUERIES[0] > 0 or time.perf_counter() - _QUERIES[1] < QUERY_RECENT_S
 
 
-_HANDOVER = [0]         # writers that yielded and want the GIL back
-
-
 def yield_to_queries():
     """In a writer thread while queries run: give up the GIL for
     ``YIELD_S`` (see the comment above).  Elsewhere: nothing."""
     if _in_writer() and queries_running():
-        _HANDOVER[0] += 1   # under the GIL: read by the query thread meanwhile
+        with _GUARD_COUNTS:  # the writer and a merge thread may yield at once
+            _HANDOVER[0] += 1
         try:
             time.sleep(YIELD_S)
         finally:
-            _HANDOVER[0] -= 1
+            with _GUARD_COUNTS:
+                _HANDOVER[0] -= 1
 
 
 def _hand_back():
@@ -108,12 +113,12 @@ class WriterMutex:
     def acquire(self, blocking=True):
         got = self._lock.acquire(blocking)
         if got:
-            _LOCAL.writing = getattr(_LOCAL, "writing", 0) + 1
+            _mark_writer(1)
         return got
 
     def release(self):
         self._lock.release()  # raises, changing nothing, if not the holder
-        _LOCAL.writing -= 1
+        _mark_writer(-1)
 
     def __enter__(self):
         self.acquire()

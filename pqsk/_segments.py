@@ -45,7 +45,7 @@ from sklearn.utils.validation import check_is_fitted
 from . import _growable, _reorder
 from ._checks import checked_remove_ids
 from ._runtime import index_lock, index_writer, runtime, yield_to_queries
-from ._utils import openmp_region
+from ._utils import one_blas_thread
 
 # ``segment_size`` of IVFPQNeighbors and HNSWPQNeighbors: the most rows a
 # sealed segment holds.  4 Mi rows is ~400 MiB of 96-byte codes: a unit
@@ -274,7 +274,7 @@ class SegmentWritesMixin:
         # Checked and applied under the lock: two concurrent removes must not
         # both start from the same old mask.  The mask is updated in place
         # (O(len(ids)), no copy of it): readers wait for the lock.
-        with index_writer(self), openmp_region(1, beside_queries=True):
+        with index_writer(self), one_blas_thread():  # beside queries
             with index_lock(self).write():
                 self._mark_removed(ids)
             yield_to_queries()  # between the steps of a write (see pqsk._runtime)
