@@ -357,7 +357,7 @@ def _segment_table(segments, m, k, n_lists, code_dtype, id_dtype):
     except TypeError:  # an array type without weak references: not cached
         return table
     if len(_SEGMENT_TABLES) >= _SEGMENT_TABLES_MAX:
-        for old in [key for key, (rs, _) in list(_SEGMENT_TABLES.items())
+        for old in [k for k, (rs, _) in list(_SEGMENT_TABLES.items())
                     if any(r() is None for r in rs)] or list(_SEGMENT_TABLES)[:1]:
             _SEGMENT_TABLES.pop(old, None)
     _SEGMENT_TABLES[key] = (refs, table)
