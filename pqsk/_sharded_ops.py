@@ -61,7 +61,9 @@ def global_ids(ranges):
     """The global id of each local id 0, 1, ... of a shard (int64)."""
     if not len(ranges):
         return np.empty(0, np.int64)
-    return np.concatenate([np.arange(g, g + n, dtype=np.int64) for _, g, n in ranges])
+    lengths = ranges[:, 2]
+    return np.repeat(ranges[:, 1] - ranges[:, 0], lengths) + np.arange(lengths.sum(),
+                                                                      dtype=np.int64)
 
 
 def local_filters(flt, ranges, rows=None):
@@ -78,14 +80,49 @@ def local_filters(flt, ranges, rows=None):
     return [sub[:, global_ids(r)].tocsr() for r in ranges]
 
 
-def search_shard(shard, Q, n_neighbors, params, ranges, local_filter=None):
+def search_shard(shard, Q, n_neighbors, params, ranges, local_filter=None, rows=None):
     """(raw distances, global ids) of the shard's ``n_neighbors`` best for
     the prepared queries Q (the whole batch), rows sorted by (distance,
-    id), empty slots (+inf, NO_ID)."""
+    id), empty slots (+inf, NO_ID).  ``rows``: the queries routed to this
+    shard (an index array; None: all); the other rows are all empty slots."""
+    if rows is not None:
+        sub = Q[rows]
+        if sparse.issparse(local_filter):  # a per-query filter: its rows too
+            local_filter = local_filter[rows]
+        dist, ind = search_shard(shard, sub, n_neighbors, params, ranges, local_filter) \
+            if len(rows) else (np.empty((0, n_neighbors), shard._shard_dtype()),
+                               np.empty((0, n_neighbors), np.int64))
+        out_d = np.full((Q.shape[0], dist.shape[1]), np.inf, dist.dtype)
+        out_i = np.full((Q.shape[0], dist.shape[1]), NO_ID, np.int64)
+        out_d[rows], out_i[rows] = dist, ind
+        return out_d, out_i
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the client warned already
         dist, ind = shard_view(shard, params)._shard_search(Q, n_neighbors, local_filter)
     return dist, to_global(ind, ranges)
+
+
+def routed_rows(visit, j):
+    """The queries (index array) whose row of the boolean ``visit`` matrix
+    names shard j."""
+    return np.flatnonzero(visit[:, j])
+
+
+def route_rows(template, routing, chunk, block=1 << 16):
+    """The shard (int64) of each row of ``chunk`` prepared as a query:
+    :func:`pqsk._routing.assign` with ``routing`` = (centroids, bias,
+    scale), block by block."""
+    from ._routing import assign
+
+    return np.concatenate([assign(template._shard_prepare_queries(chunk[a:a + block]),
+                                  *routing[:2])
+                           for a in range(0, chunk.shape[0], block)] or
+                          [np.empty(0, np.int64)])
+
+
+def take_rows(chunk, rows):
+    """The rows ``rows`` (index array) of a chunk, as an array."""
+    return np.asarray(chunk[rows])
 
 
 def self_queries(shard, ranges):

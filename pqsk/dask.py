@@ -16,10 +16,8 @@ shard, finish merged distances) and their public API only; this module
 imports no estimator module.
 """
 
-import json
-import os
 import uuid
-from numbers import Integral
+from numbers import Integral, Real
 
 import dask
 import dask.array as da
@@ -28,30 +26,25 @@ from dask import delayed
 from scipy import sparse
 from sklearn.base import BaseEstimator, clone
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import HasMethods, Interval
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from . import _quantizer
 from ._base import BasePQNeighbors
 from ._checks import (check_enough_points, check_graph_mode, check_n_neighbors,
                       check_self_query, checked_remove_ids)
-from ._persist import load as _load_index
-from ._placement import _client, _on, _places, _query_places, _workers
-from ._manifest import save_switched, shared_lock, write_durable
+from ._placement import _on, _places, _query_places, _workers
 from ._filter import check_filter
+from ._routing import runs, train_centroids, visits
 from ._segments import drop_self, merge_topk
+from ._sharded_io import _persist, load_shards, save_shards
 from ._sharded_ops import (TuneView, appended_shard, chunk_bounds, global_ids,
                            graph_block, local_filters, mark_empty, merge_radius,
-                           merged_finished, radius_shard, removed_shard, rows_of,
-                           search_shard, self_queries)
+                           merged_finished, radius_shard, removed_shard, route_rows,
+                           routed_rows, rows_of, search_shard, self_queries, take_rows)
 from ._utils import Progress
 
 __all__ = ["ShardedNeighbors"]
-
-MANIFEST = "manifest.json"
-FORMAT = "pqsk-sharded"
-FORMAT_VERSION = 1
-
 
 # -- tasks (run on the workers) ----------------------------------------------
 # They use the estimators through the shard protocol of BasePQNeighbors
@@ -72,16 +65,21 @@ def _checked_rows(template, chunk):
     return chunk.shape[0]
 
 
-def _train(est, train_n_jobs, n_rows, *parts):
+def _train(est, train_n_jobs, n_rows, *parts, routes=None):
     """Train the quantizers on the sample rows (drawn from ``n_rows``);
-    return their trained state.
+    return their trained state (and ``routes=(n_shards, seed)``: the
+    routing centroids of the sample, prepared as queries).
 
     The trainer runs with ``n_jobs=train_n_jobs`` (None: every CPU of this
     worker's machine, as the other workers wait for this task), and trains
     only: the sample's rows are not indexed (the shards index every row)."""
     parts = [p for p in parts if p.shape[0]]
     sample = np.concatenate(parts) if len(parts) > 1 else parts[0]
-    return est._shard_train(sample, n_rows, train_n_jobs)
+    state = est._shard_train(sample, n_rows, train_n_jobs)
+    if routes is None:
+        return state
+    prepared = clone(est)._shard_from_quantizers(state)._shard_prepare_queries(sample)
+    return state, train_centroids(prepared, routes[0], check_random_state(routes[1]))
 
 
 def _rebuilt(quantizers):
@@ -97,16 +95,8 @@ def _build_shard(template, seed, *chunks):
     (local ids 0, 1, ...).  ``seed`` fixes the shard's own randomness (HNSW
     levels), so that a rebuild after a lost worker gives the same shard."""
     shard = clone(template).set_params(random_state=seed)
-    return shard._shard_from_quantizers(template._shard_quantizers(), rows_of(chunks))
-
-
-def _saved(shard, path):
-    shard.save(path)
-    return path
-
-
-def _loaded(path):
-    return _load_index(path, mmap_mode="r")
+    return shard._shard_from_quantizers(template._shard_quantizers(),
+                                        rows_of(chunks) if chunks else None)
 
 
 def _prepared(template, block):
@@ -126,22 +116,6 @@ def _literal(value, what):
     return delayed(value, name=f"pqsk-{what}-{uuid.uuid4().hex}", traverse=False)
 
 
-def _persist(values):
-    """Compute the delayed ``values`` and keep their results where they are
-    (worker memory on a distributed cluster); wait for them, raising the
-    first task's error."""
-    values = list(dask.persist(*values, optimize_graph=False))  # keep placements
-    if _client() is not None:
-        from distributed import futures_of, wait
-
-        futures = [f for v in values for f in futures_of(v)]
-        wait(futures)
-        for f in futures:
-            if f.status == "error":
-                f.result()
-    return values
-
-
 class ShardedNeighbors(BaseEstimator):
     """A pqsk neighbours index split into shards held by dask workers.
 
@@ -150,9 +124,10 @@ class ShardedNeighbors(BaseEstimator):
     :class:`~pqsk.PQNeighbors`).  ``fit`` trains the quantizers once, on a
     sample drawn across the chunks of X, then builds one shard per chunk
     (or per group of chunks) on the workers, every shard an index of that
-    class using the same quantizers.  Queries go to every shard; each
-    returns its top k, and the answers are merged into the global top k
-    with global ids (row numbers of the fit data, then of ``partial_fit``).
+    class using the same quantizers.  Queries go to every shard (or, with
+    ``partition="kmeans"``, to the shards near them); each returns its top
+    k, and the answers are merged into the global top k with global ids
+    (row numbers of the fit data, then of ``partial_fit``).
 
     With the same quantizers, an inverted file probes the same lists in
     every shard: sharded :class:`~pqsk.IVFPQNeighbors` and
@@ -179,7 +154,8 @@ class ShardedNeighbors(BaseEstimator):
         split into one chunk per worker), and ``partial_fit`` adds a shard
         per chunk.  An int: the chunks are grouped (or split) into that many
         shards of consecutive rows, and ``partial_fit`` appends its chunks
-        to the smallest shards.
+        to the smallest shards.  With ``partition="kmeans"``: the number of
+        regions (None: one per worker).
     train_n_jobs : int, default=None
         Threads of the task that trains the quantizers (the other workers
         wait for it): the estimator's ``n_jobs`` during training only, on
@@ -191,6 +167,28 @@ class ShardedNeighbors(BaseEstimator):
         sample rows x ``n_lists`` = ``2**24`` on, e.g. 256 lists; below,
         it is a KMeans on one thread, the serial part of the build, see
         the user guide's cost model).
+    partition : {"rows", "kmeans"}, default="rows"
+        How ``fit`` splits the rows.  ``"rows"``: by row number (chunks),
+        and every query searches every shard.  ``"kmeans"``: by region, a
+        row going to the shard of its nearest of ``n_shards`` centroids
+        (k-means on the training sample, squared L2 between rows prepared as
+        queries, e.g. unit rows for cosine, plus a bias per centroid that
+        makes the shards about equal; ``partial_fit`` routes its rows the
+        same way), and a query searches only the shards near it (see
+        ``probe_margin``), queries that visit a shard travelling to it as
+        one batch.  With HNSW, whose beam costs nearly as much on a shard
+        as on the whole graph, this is what makes shards answer more
+        queries per second than one index; neighbours across a region's
+        border are found only when the query visits both sides.  Filtered,
+        ``X=None`` and radius queries still search every shard.  Not for
+        ``metric="dot"``.  Read at ``fit``.
+    probe_margin : float, default=0.05
+        With ``partition="kmeans"``: a query visits its own region's shard
+        and every shard whose (biased) squared distance is at most
+        ``probe_margin * shard_scale_`` larger, and more, nearest first,
+        while those hold fewer than ``n_neighbors`` live rows.  0: one
+        shard per query; larger: more shards, higher recall, fewer queries
+        per second.  Read at every query.
 
     Attributes
     ----------
@@ -205,6 +203,15 @@ class ShardedNeighbors(BaseEstimator):
         Ids removed.
     n_features_in_ : int
         Width of the indexed vectors.
+    shard_centroids_ : ndarray of shape (n_shards, n_features) or None
+        The routing centroids (float64, in the space of prepared queries)
+        with ``partition="kmeans"``; None otherwise.
+    shard_bias_ : ndarray of shape (n_shards,) or None
+        Added to a row's squared distances to the centroids before the
+        nearest is taken: evens out the shards' sizes.
+    shard_scale_ : float or None
+        The mean (biased) squared distance of a training row to its
+        shard's centroid: the unit of ``probe_margin``.
 
     Examples
     --------
@@ -227,12 +234,17 @@ class ShardedNeighbors(BaseEstimator):
         "n_shards": [Interval(Integral, 1, None, closed="left"), None],
         "train_n_jobs": [Interval(Integral, 1, None, closed="left"),
                          Interval(Integral, None, -1, closed="right"), None],
+        "partition": [StrOptions({"rows", "kmeans"})],
+        "probe_margin": [Interval(Real, 0, None, closed="left")],
     }
 
-    def __init__(self, estimator, *, n_shards=None, train_n_jobs=None):
+    def __init__(self, estimator, *, n_shards=None, train_n_jobs=None, partition="rows",
+                 probe_margin=0.05):
         self.estimator = estimator
         self.n_shards = n_shards
         self.train_n_jobs = train_n_jobs
+        self.partition = partition
+        self.probe_margin = probe_margin
 
     # -- input -------------------------------------------------------------
     def _check_estimator(self):
@@ -241,6 +253,9 @@ class ShardedNeighbors(BaseEstimator):
             raise TypeError(
                 "estimator must be a pqsk neighbours estimator (PQNeighbors, "
                 f"IVFPQNeighbors, HNSWPQNeighbors), got {type(self.estimator).__name__}.")
+        if self.partition == "kmeans" and self.estimator._param_metric() == "dot":
+            raise ValueError("partition='kmeans' routes by L2 distance and does not "
+                             "apply to metric='dot'; use partition='rows'.")
 
     def _chunked(self, X, validator):
         """X as a list of row chunks (delayed, or dask keys) and their
@@ -313,22 +328,31 @@ class ShardedNeighbors(BaseEstimator):
                                                       rows[a:b] - bounds[i]))
         progress(f"training the quantizers on {n_sample} of {n} rows, drawn from "
                  f"{len(chunks)} chunk(s)")
+        routed = self.partition == "kmeans"
+        routes = (self.n_shards or max(1, len(_workers())),
+                  int(rng.randint(2**31 - 1))) if routed else None
         # The sample goes from the chunks' workers to the training task,
         # never through the client; every chunk is checked before it ends.
-        trained = dask.compute(delayed(_train)(est, self.train_n_jobs, n, *parts))[0]
+        trained = dask.compute(delayed(_train)(est, self.train_n_jobs, n, *parts,
+                                               routes=routes))[0]
+        trained, routing = trained if routed else (trained, None)
         template = clone(est)._shard_from_quantizers(trained)
-
-        groups = self._groups(lengths)
-        seeds = rng.randint(np.iinfo(np.int32).max, size=len(groups))
         tpl = self._template_node(template)
-        shards, ranges = [], []
-        places = _places([[(chunks[i], lengths[i]) for i in g] for g in groups])
-        for g, seed, place in zip(groups, seeds, places):
+        if routed:  # each region's rows: (piece of a chunk, rows, global ids)
+            groups = self._regions(tpl, routing, chunks, bounds)
+            pieces = [[(p, len(ids)) for p, ids in g] for g in groups]
+            ids = [np.concatenate([i for _, i in g] or [np.empty(0, np.int64)])
+                   for g in groups]
+        else:
+            groups = self._groups(lengths)
+            pieces = [[(chunks[i], lengths[i]) for i in g] for g in groups]
+            ids = [np.arange(bounds[g[0]], bounds[g[-1] + 1]) for g in groups]
+        seeds = rng.randint(np.iinfo(np.int32).max, size=len(groups))
+        shards = []
+        for g, seed, place in zip(pieces, seeds, _places(pieces)):
             with _on(place):
-                shards.append(delayed(_build_shard)(tpl, int(seed),
-                                                    *[chunks[i] for i in g]))
-            start, stop = bounds[g[0]], bounds[g[-1] + 1]
-            ranges.append(np.array([[0, start, stop - start]], np.int64))
+                shards.append(delayed(_build_shard)(tpl, int(seed), *[c for c, _ in g]))
+        ranges = [runs(i) for i in ids]
         progress(f"building {len(shards)} shard(s)")
         self.shards_ = _persist(shards)
         self.template_ = template
@@ -337,6 +361,7 @@ class ShardedNeighbors(BaseEstimator):
             self.feature_names_in_ = template.feature_names_in_
         self.n_samples_fit_ = n
         self.n_removed_ = 0
+        self._set_routing(routing)
         self._ranges = ranges
         self._live = [int(r[:, 2].sum()) for r in ranges]
         self._removed = np.zeros(n, bool)
@@ -355,13 +380,26 @@ class ShardedNeighbors(BaseEstimator):
         edges = np.unique(np.concatenate([[0], np.minimum(cut + 1, k), [k]]))
         return [list(range(a, b)) for a, b in zip(edges[:-1], edges[1:])]
 
+    def _regions(self, tpl, routing, chunks, bounds):
+        """Per region: (piece of a chunk, its global ids) of the rows of
+        ``chunks`` (first global ids ``bounds``) routed to it."""
+        labels = dask.compute(*[delayed(route_rows)(tpl, routing, c) for c in chunks])
+        out = [[] for _ in range(routing[0].shape[0])]
+        for c, lab, start in zip(chunks, labels, bounds):
+            for j in np.unique(lab):
+                rows = np.flatnonzero(lab == j)
+                out[j].append((delayed(take_rows)(c, rows), rows + start))
+        return out
+
     def partial_fit(self, X, y=None):
         """Index more rows with the trained quantizers (no retraining).
 
         New rows get ids ``n_samples_fit_``, ``n_samples_fit_ + 1``, ...
         Each chunk becomes a new shard (``n_shards=None``, or fewer shards
-        than ``n_shards``), or is appended to the smallest shard.  An
-        unfitted estimator is fitted on X instead.
+        than ``n_shards``), or is appended to the smallest shard; with
+        ``partition="kmeans"``, each row is appended to the shard of its
+        nearest routing centroid.  An unfitted estimator is fitted on X
+        instead.
 
         Parameters
         ----------
@@ -385,6 +423,16 @@ class ShardedNeighbors(BaseEstimator):
         shards, ranges, live = list(self.shards_), list(self._ranges), list(self._live)
         changed = {}
         rng = check_random_state(self._seed())
+        if self._routing() is not None:
+            for j, g in enumerate(self._regions(tpl, self._routing(), chunks, bounds)):
+                if g:
+                    shards[j] = delayed(appended_shard)(shards[j], *[p for p, _ in g])
+                    local = int(ranges[j][-1, 0] + ranges[j][-1, 2]) if len(ranges[j]) else 0
+                    ranges[j] = np.vstack([ranges[j], runs(np.concatenate(
+                        [i for _, i in g]), local)])
+                    live[j] += sum(len(i) for _, i in g)
+                    changed[j] = True
+            chunks = []
         for i, c in enumerate(chunks):
             m = int(lengths[i])
             if m == 0:
@@ -483,6 +531,7 @@ class ShardedNeighbors(BaseEstimator):
     def _search_params(self):
         """The search parameters to send with a query, validated here (with
         the single-machine errors), and a view of the template having them."""
+        self._validate_params()  # probe_margin, read at every query
         view = self.template_._shard_with_params(**{
             k: v for k, v in self.estimator.get_params(deep=False).items()
             if k != "random_state"})
@@ -498,18 +547,47 @@ class ShardedNeighbors(BaseEstimator):
                             query_is_train)
         return n_neighbors
 
-    def _fan_out(self, Q, n_neighbors, params, flt=None, rows=None):
+    def _set_routing(self, routing):
+        self.shard_centroids_, self.shard_bias_, self.shard_scale_ = routing or (None,) * 3
+
+    def _routing(self):
+        """(centroids, bias, scale) of ``partition="kmeans"``, or None."""
+        if getattr(self, "shard_centroids_", None) is None:
+            return None
+        return self.shard_centroids_, self.shard_bias_, self.shard_scale_
+
+    def _visits(self, Q, n_neighbors, flt):
+        """The shards each prepared query visits (boolean (n_queries,
+        n_shards), a delayed one for a delayed Q), or None: every shard
+        (partition by rows; filtered queries)."""
+        if self._routing() is None or flt is not None:
+            return None
+        args = (self._routing(), self.probe_margin, self._live, n_neighbors)
+        if isinstance(Q, np.ndarray):
+            return visits(Q, *args)
+        return delayed(visits)(Q, *args)
+
+    def _fan_out(self, Q, n_neighbors, params, flt=None, rows=None, visit=None):
         """Delayed (raw dist, global ids) of each shard for the prepared Q,
         the whole batch in one task per shard; ``flt``: the validated
-        filter (global ids), of the queries ``rows`` for a per-query one."""
+        filter (global ids), of the queries ``rows`` for a per-query one;
+        ``visit``: see ``_visits`` (a shard then gets only its queries, and
+        answers empty slots for the others)."""
         filters = local_filters(flt, self._ranges, rows)
         parts = []
-        for s, live, r, f, w in zip(self.shards_, self._live, self._ranges, filters,
-                                    _query_places(self.shards_)):
+        for j, (s, live, r, f, w) in enumerate(zip(self.shards_, self._live, self._ranges,
+                                                   filters, _query_places(self.shards_))):
+            mine = None
+            if isinstance(visit, np.ndarray):
+                mine = np.flatnonzero(visit[:, j])
+                if not mine.size:
+                    continue
+            elif visit is not None:
+                mine = delayed(routed_rows)(visit, j)
             if live:
                 with _on(w):
                     parts.append(delayed(search_shard)(s, Q, min(n_neighbors, live),
-                                                       params, r, f))
+                                                       params, r, f, mine))
         return parts
 
     def kneighbors(self, X=None, n_neighbors=None, return_distance=True, *, filter=None):
@@ -566,7 +644,8 @@ class ShardedNeighbors(BaseEstimator):
             start = 0
             for block, nb in zip(X.to_delayed()[:, 0], X.chunks[0]):
                 Q = delayed(_prepared)(tpl, block)
-                parts = self._fan_out(Q, k, params, flt, slice(start, start + nb))
+                parts = self._fan_out(Q, k, params, flt, slice(start, start + nb),
+                                      self._visits(Q, k, flt))
                 d, i = delayed(merged_finished, nout=2)(tpl, k, flt is not None, *parts)
                 dists.append(da.from_delayed(d, (nb, k), dtype=template._shard_dtype()))
                 inds.append(da.from_delayed(i, (nb, k), dtype=np.int64))
@@ -578,7 +657,7 @@ class ShardedNeighbors(BaseEstimator):
             flt = check_filter(filter, self.n_samples_fit_, Q.shape[0])
             k = self._n_neighbors(n_neighbors, view, Q.shape[0], False)
             merged = delayed(_merged)(k, *self._fan_out(_literal(Q, "queries"), k, params,
-                                                        flt))
+                                                        flt, visit=self._visits(Q, k, flt)))
             dist, ind = dask.compute(merged, optimize_graph=False)[0]  # placements kept
             if flt is not None:
                 mark_empty(dist, ind)
@@ -591,6 +670,8 @@ class ShardedNeighbors(BaseEstimator):
         k = self._n_neighbors(n_neighbors, view, n, True) + 1
         merged = []
         for s, r in zip(self.shards_, self._ranges):
+            if not len(r):  # an empty region
+                continue
             ids_q = delayed(self_queries, nout=2)(s, r)
             rows = global_ids(r)  # its queries' ids
             merged.append((ids_q[0], delayed(_merged)(
@@ -669,7 +750,7 @@ class ShardedNeighbors(BaseEstimator):
             check_self_query(self.n_removed_, "radius_neighbors")
             blocks = [(delayed(self_queries, nout=2)(s, r)[1],
                        global_ids(r))
-                      for s, r in zip(self.shards_, self._ranges)]
+                      for s, r in zip(self.shards_, self._ranges) if len(r)]
             n = self.n_samples_fit_
         else:
             Q = self.template_._shard_prepare_queries(X)
@@ -749,34 +830,7 @@ class ShardedNeighbors(BaseEstimator):
         self : object
         """
         check_is_fitted(self)
-        written = []
-
-        def write(data_dir):
-            write_durable(os.path.join(data_dir, "removed.npy"),
-                          lambda f: np.save(f, self._removed))
-            data = os.path.basename(data_dir)
-            dirs = written[:] = [os.path.join(data, f"shard-{j:05d}")
-                                 for j in range(len(self.shards_))]
-            # Each save fsyncs its files, its directory and the data
-            # directory that names it.
-            dask.compute(*[delayed(_saved)(s, os.path.join(path, d))
-                           for s, d in zip(self.shards_, dirs)])
-            self.template_.save(os.path.join(data_dir, "template"))
-            return {"format": FORMAT, "format_version": FORMAT_VERSION,
-                    "n_shards": self.n_shards, "n_samples_fit": int(self.n_samples_fit_),
-                    "shards": [{"dir": d, "ranges": r.tolist(), "live": int(live)}
-                               for d, r, live in zip(dirs, self._ranges, self._live)]}
-
-        path = os.path.abspath(os.fspath(path))
-        save_switched(path, MANIFEST, overwrite=overwrite, read_manifest=_read_manifest,
-                      write=write)
-        if serve_saved:
-            with shared_lock(path):  # no save removes the data meanwhile
-                if [s["dir"] for s in _read_manifest(path)["shards"]] != written:
-                    raise RuntimeError(f"{path} was saved over by another save before "
-                                       "its shards could be served; nothing changed.")
-                self.shards_ = _persist([delayed(_loaded)(os.path.join(path, d))
-                                         for d in written])
+        save_shards(self, path, overwrite, serve_saved)
         return self
 
     @classmethod
@@ -793,31 +847,4 @@ class ShardedNeighbors(BaseEstimator):
         -------
         sharded : ShardedNeighbors
         """
-        path = os.path.abspath(os.fspath(path))
-        with shared_lock(path):  # no save removes the data meanwhile
-            m = _read_manifest(path)
-            template = _load_index(os.path.join(path, m["data"], "template"))
-            self = cls(clone(template), n_shards=m["n_shards"])
-            self.shards_ = _persist([delayed(_loaded)(os.path.join(path, s["dir"]))
-                                     for s in m["shards"]])
-            self._removed = np.load(os.path.join(path, m["data"], "removed.npy"))
-        self.template_ = template
-        self.n_features_in_ = template.n_features_in_
-        if hasattr(template, "feature_names_in_"):
-            self.feature_names_in_ = template.feature_names_in_
-        self._ranges = [np.array(s["ranges"], np.int64).reshape(-1, 3) for s in m["shards"]]
-        self._live = [int(s["live"]) for s in m["shards"]]
-        self.n_samples_fit_ = int(m["n_samples_fit"])
-        self.n_removed_ = int(self._removed.sum())
-        if self._removed.shape != (self.n_samples_fit_,):
-            raise ValueError(f"{path}: removed.npy does not match the manifest.")
-        return self
-
-
-def _read_manifest(path):
-    with open(os.path.join(path, MANIFEST)) as f:
-        m = json.load(f)
-    if not isinstance(m, dict) or m.get("format") != FORMAT or (
-            m.get("format_version") != FORMAT_VERSION):
-        raise ValueError(f"{path} holds no sharded pqsk index of a known version.")
-    return m
+        return load_shards(cls, path)

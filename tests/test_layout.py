@@ -92,7 +92,7 @@ def test_no_import_circle():
 @pytest.mark.parametrize("module", ["_persist", "dask", "_checks", "_segments", "_lists",
                                     "_store", "_graph", "_scorers", "_partition",
                                     "_reorder", "_quantizer", "_tune", "_runtime",
-                                    "_manifest", "_sharded_ops"])
+                                    "_manifest", "_sharded_ops", "_sharded_io", "_routing"])
 def test_lower_layers_import_no_estimator(module):
     assert not GRAPH[module] & ESTIMATOR_MODULES, GRAPH[module] & ESTIMATOR_MODULES
 
