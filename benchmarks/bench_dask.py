@@ -9,7 +9,10 @@ so both indexes see the same rows.  1,000 held-out queries from the same
 mixture; exact cosine top-10 by brute force.
 
 Single process: ``fit`` on the NumPy array with ``n_jobs=1`` and BLAS held
-to one thread (threadpoolctl).  Sharded: ``ShardedNeighbors(n_shards=2)``
+to one thread (threadpoolctl).  Sharded: ``ShardedNeighbors(n_shards=2)``,
+with ``partition="rows"`` (every query to both shards) and
+``partition="kmeans"`` (shards by region, each query to the shards near it,
+at probe margins ``MARGINS``), a row each,
 on ``LocalCluster(n_workers=2, threads_per_worker=1, processes=True)``
 (the nanny sets ``OMP_NUM_THREADS=1`` in the workers): the quantizers are
 trained once by one task (``train_n_jobs=None``: with every core of its
@@ -114,6 +117,9 @@ def main():
     ap.add_argument("--hnsw-n", type=int, default=None)
     ap.add_argument("--only", choices=["IVFPQNeighbors", "HNSWPQNeighbors"], default=None,
                     help="run one estimator; the other's row is kept from dask.json")
+    ap.add_argument("--partition", choices=["rows", "kmeans"], nargs="+",
+                    default=["rows", "kmeans"],
+                    help="ShardedNeighbors partitions to run (a row each)")
     ap.add_argument("--coarse", action="store_true",
                     help="time the coarse k-means alone (KMeans vs tasks); the "
                          "estimators' rows are kept from dask.json")
@@ -124,13 +130,10 @@ def main():
         write(kept["rows"], args, coarse_bench(), kept["meta"])
         return
 
-    import dask.array as da
-    from dask import delayed
-    from distributed import Client, LocalCluster, get_task_stream, wait
     from sklearn.base import clone
     from threadpoolctl import threadpool_limits
 
-    from pqsk.dask import ShardedNeighbors, _train
+    from pqsk.dask import _train
 
     Q = make_queries()
     rows = []
@@ -161,55 +164,85 @@ def main():
         print(f"{name} n={n}: single build {single_build:.1f} s, recall "
               f"{single_recall:.4f}, {single_qps:.0f} q/s", flush=True)
         single = None
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                          dashboard_address=":0") as cluster, Client(cluster) as client:
-            omp = set(client.run(lambda: os.environ.get("OMP_NUM_THREADS")).values())
-            Xd = da.concatenate([da.from_delayed(delayed(make_block)(b, m), (m, D),
-                                                 dtype=np.float32)
-                                 for b, m in enumerate(sizes)])
-            Xd = client.persist(Xd)
-            wait(Xd)
-            client.run(warm_up)  # pqsk imported, as in this process
-            sharded_load = os.getloadavg()[0]
-            cpu = client.run(time.process_time)
-            with get_task_stream(client) as stream:
-                start = time.time()
-                sharded = ShardedNeighbors(clone(est), n_shards=2).fit(Xd)
-                stop = time.time()
-            cpu = [v - cpu[w] for w, v in client.run(time.process_time).items()]
-            sharded_build = stop - start
-            phases = breakdown(stream.data, start, stop)
-            before = sharded.kneighbors(Q)
-            sharded_recall = recall(before[1], true)
-            sharded_qps = qps(sharded.kneighbors, Q)
-            reload = served_and_reloaded(client, sharded, Q, before)
-        print(f"{name}: save {reload['save_s']:.1f} s, served from disk "
-              f"{reload['served_qps']:.0f} q/s; killed worker's shard read again in "
-              f"{reload['reload_s']:.1f} s (first query after the kill), answers "
-              f"{'unchanged' if reload['unchanged'] else 'CHANGED'}", flush=True)
-        print(f"{name}: sharded build {sharded_build:.1f} s {phases}, recall "
-              f"{sharded_recall:.4f}, {sharded_qps:.0f} q/s (OMP_NUM_THREADS {omp})",
-              flush=True)
-        rows.append({"estimator": name, "n": n, "single_build_s": single_build,
-                     "train_s": train_s, "single_load": single_load,
-                     "single_cpu_s": single_cpu, "worker_cpu_s": sorted(cpu),
-                     "cpu_ratio": max(cpu) / single_cpu,
-                     "sharded_build_s": sharded_build, "sharded_load": sharded_load,
-                     **phases,
-                     "build_ratio": sharded_build / single_build,
-                     "single_recall": single_recall, "sharded_recall": sharded_recall,
-                     "single_qps": single_qps, "sharded_qps": sharded_qps,
-                     "reload": reload,
-                     "worker_omp_num_threads": sorted(omp, key=str),
-                     "params": {k: v for k, v in est.get_params().items()
-                                if k in ("n_lists", "n_probe", "n_subspaces", "n_codewords",
-                                         "n_links", "ef_construction", "ef_search",
-                                         "metric")}})
+        for partition in args.partition:
+            row = sharded_run(est, name, n, sizes, Q, true, partition, single_recall)
+            rows.append(row | {
+                "build_ratio": row["sharded_build_s"] / single_build,
+                "cpu_ratio": max(row["worker_cpu_s"]) / single_cpu,
+                "estimator": name, "partition": partition, "n": n,
+                "single_build_s": single_build, "train_s": train_s,
+                "single_load": single_load, "single_cpu_s": single_cpu,
+                "single_recall": single_recall, "single_qps": single_qps,
+                "params": {k: v for k, v in est.get_params().items()
+                           if k in ("n_lists", "n_probe", "n_subspaces", "n_codewords",
+                                    "n_links", "ef_construction", "ef_search", "metric")}})
         del X
-    if args.only:
-        others = [r for r in kept["rows"] if r["estimator"] != args.only]
-        rows = sorted(others + rows, key=lambda r: r["estimator"] != "IVFPQNeighbors")
+    done = {(r["estimator"], r["partition"]) for r in rows}
+    others = [r for r in kept["rows"]
+              if (r["estimator"], r.get("partition", "rows")) not in done]
+    rows = sorted(others + rows, key=lambda r: (r["estimator"] != "IVFPQNeighbors",
+                                                r.get("partition", "rows") != "rows"))
     write(rows, args, kept["coarse"])
+
+
+MARGINS = (0.0, 0.02, 0.05)
+
+
+def sharded_run(est, name, n, sizes, Q, true, partition, single_recall):
+    """Build ``ShardedNeighbors(est, n_shards=2, partition=partition)`` on a
+    fresh LocalCluster of 2 workers from data generated there; its build
+    timeline, recall and q/s (with ``partition="kmeans"``: at each of
+    ``MARGINS``, the headline figures at the smallest margin whose recall
+    is at least one process's), then save, serve from disk, kill a worker."""
+    import dask.array as da
+    from dask import delayed
+    from distributed import Client, LocalCluster, get_task_stream, wait
+    from sklearn.base import clone
+
+    from pqsk._routing import visits
+    from pqsk.dask import ShardedNeighbors
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        omp = set(client.run(lambda: os.environ.get("OMP_NUM_THREADS")).values())
+        Xd = da.concatenate([da.from_delayed(delayed(make_block)(b, m), (m, D),
+                                             dtype=np.float32)
+                             for b, m in enumerate(sizes)])
+        Xd = client.persist(Xd)
+        wait(Xd)
+        client.run(warm_up)  # pqsk imported, as in this process
+        sharded_load = os.getloadavg()[0]
+        cpu = client.run(time.process_time)
+        with get_task_stream(client) as stream:
+            start = time.time()
+            sharded = ShardedNeighbors(clone(est), n_shards=2, partition=partition).fit(Xd)
+            stop = time.time()
+        cpu = [v - cpu[w] for w, v in client.run(time.process_time).items()]
+        out = {"sharded_build_s": stop - start, "sharded_load": sharded_load,
+               **breakdown(stream.data, start, stop), "worker_cpu_s": sorted(cpu),
+               "shard_sizes": sharded.shard_sizes_,
+               "worker_omp_num_threads": sorted(omp, key=str)}
+        if partition == "kmeans":
+            P = sharded.template_._shard_prepare_queries(Q)
+            out["margins"] = []
+            for margin in MARGINS:
+                sharded.set_params(probe_margin=margin)
+                v = visits(P, sharded._routing(), margin, sharded.shard_sizes_, K)
+                out["margins"].append({
+                    "margin": margin, "shards_per_query": float(v.sum(axis=1).mean()),
+                    "recall": recall(sharded.kneighbors(Q)[1], true),
+                    "qps": qps(sharded.kneighbors, Q)})
+            ok = [m for m in out["margins"] if m["recall"] >= single_recall]
+            out["margin"] = (ok[0] if ok else out["margins"][-1])["margin"]
+            sharded.set_params(probe_margin=out["margin"])
+        before = sharded.kneighbors(Q)
+        out["sharded_recall"] = recall(before[1], true)
+        out["sharded_qps"] = qps(sharded.kneighbors, Q)
+        out["reload"] = served_and_reloaded(client, sharded, Q, before)
+    print(f"{name} ({partition}): sharded build {out['sharded_build_s']:.1f} s, recall "
+          f"{out['sharded_recall']:.4f}, {out['sharded_qps']:.0f} q/s; "
+          f"{out.get('margins', '')}", flush=True)
+    return out
 
 
 def served_and_reloaded(client, sharded, Q, before):
@@ -390,9 +423,14 @@ def write(rows, args, coarse, meta=None):
     def cell(r, key, fmt="{:.1f}"):
         return fmt.format(r[key]) if key in r else "-"
 
+    def label(r):
+        part = r.get("partition", "rows")
+        return r["estimator"] + (f", kmeans (probe_margin={r['margin']:g})"
+                                 if part == "kmeans" else "")
+
     for r in rows:
         lines.append(
-            f"| {r['estimator']} | {r['n']:,} | {r['single_build_s']:.1f} "
+            f"| {label(r)} | {r['n']:,} | {r['single_build_s']:.1f} "
             f"({cell(r, 'single_load')}) | {cell(r, 'train_s')} | "
             f"{r['sharded_build_s']:.1f} ({cell(r, 'sharded_load')}) | "
             + " | ".join(cell(r, k) for k in ("before_train_s", "train_task_s",
@@ -415,9 +453,24 @@ def write(rows, args, coarse, meta=None):
                 f"{rl['save_s']:.1f} | {rl['served_qps']:,.0f} | {rl['reload_s']:.2f} | "
                 f"{'unchanged' if rl['unchanged'] else 'changed'} |")
         lines.append(
-            f"| {r['estimator']} | {r['single_recall']:.4f} | {r['sharded_recall']:.4f} | "
+            f"| {label(r)} | {r['single_recall']:.4f} | {r['sharded_recall']:.4f} | "
             f"{r['sharded_recall'] - r['single_recall']:+.4f} | {r['single_qps']:,.0f} | "
             f"{r['sharded_qps']:,.0f} | " + tail)
+    routed = [r for r in rows if r.get("margins")]
+    if routed:
+        lines += ["", "`partition=\"kmeans\"`: rows split by region (2 k-means centroids "
+                  "of the training sample, biased to equal sizes), each query sent only to "
+                  "the shards within `probe_margin` of its region (`pqsk._routing.visits`); "
+                  "the row above is at the smallest margin below whose recall is at least "
+                  "one process's (else the largest). Each margin:", "",
+                  "| estimator | shard sizes | probe_margin | shards per query | recall "
+                  "| q/s | q/s / 1 process |", "|---|---|---:|---:|---:|---:|---:|"]
+        for r in routed:
+            for m in r["margins"]:
+                lines.append(
+                    f"| {r['estimator']} | {' / '.join(f'{x:,}' for x in r['shard_sizes'])} "
+                    f"| {m['margin']:g} | {m['shards_per_query']:.2f} | {m['recall']:.4f} "
+                    f"| {m['qps']:,.0f} | {m['qps'] / r['single_qps']:.2f}x |")
     lines += ["", "Save: `save(path, serve_saved=True)`, after which the workers serve the "
               "saved shards memory-mapped; then the process of a worker holding a shard "
               "is killed (SIGKILL) and the next 1,000-query call timed: it includes the "
@@ -425,7 +478,7 @@ def write(rows, args, coarse, meta=None):
               "from the data)."]
     lines += ["", "Parameters: " + "; ".join(
         f"{r['estimator']}: " + ", ".join(f"{k}={v!r}" for k, v in sorted(r["params"].items()))
-        for r in rows), ""]
+        for r in rows if r.get("partition", "rows") == "rows"), ""]
     if coarse:
         lines += [
             "## The coarse k-means alone",

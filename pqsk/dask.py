@@ -656,9 +656,12 @@ class ShardedNeighbors(BaseEstimator):
             Q = template._shard_prepare_queries(X)
             flt = check_filter(filter, self.n_samples_fit_, Q.shape[0])
             k = self._n_neighbors(n_neighbors, view, Q.shape[0], False)
-            merged = delayed(_merged)(k, *self._fan_out(_literal(Q, "queries"), k, params,
-                                                        flt, visit=self._visits(Q, k, flt)))
-            dist, ind = dask.compute(merged, optimize_graph=False)[0]  # placements kept
+            # The shards' answers come straight back and are merged here: a
+            # merge task would add a transfer between workers to the call.
+            parts = dask.compute(*self._fan_out(Q, k, params, flt,
+                                                visit=self._visits(Q, k, flt)),
+                                 optimize_graph=False)  # placements kept
+            dist, ind = merge_topk(list(parts), k)
             if flt is not None:
                 mark_empty(dist, ind)
             dist = template._shard_finish(dist)
