@@ -109,20 +109,21 @@ def routed_rows(visit, j):
 
 
 def route_rows(template, routing, chunk, block=1 << 16):
-    """The shard (int64) of each row of ``chunk`` prepared as a query:
-    :func:`pqsk._routing.assign` with ``routing`` = (centroids, bias,
-    scale), block by block."""
+    """The shard of each row of ``chunk`` prepared as a query
+    (:func:`pqsk._routing.assign` with ``routing`` = (centroids, bias,
+    scale), block by block), in the smallest unsigned dtype that holds it."""
     from ._routing import assign
 
-    return np.concatenate([assign(template._shard_prepare_queries(chunk[a:a + block]),
-                                  *routing[:2])
-                           for a in range(0, chunk.shape[0], block)] or
-                          [np.empty(0, np.int64)])
+    n_shards = routing[0].shape[0]
+    labels = [assign(template._shard_prepare_queries(chunk[a:a + block]), *routing[:2])
+              for a in range(0, chunk.shape[0], block)]
+    dtype = np.min_scalar_type(max(n_shards - 1, 0))
+    return np.concatenate(labels).astype(dtype) if labels else np.empty(0, dtype)
 
 
-def take_rows(chunk, rows):
-    """The rows ``rows`` (index array) of a chunk, as an array."""
-    return np.asarray(chunk[rows])
+def take_rows(chunk, labels, j):
+    """The rows of a chunk whose label (``route_rows``) is j, as an array."""
+    return np.asarray(chunk[np.flatnonzero(labels == j)])
 
 
 def self_queries(shard, ranges):

@@ -383,12 +383,14 @@ class ShardedNeighbors(BaseEstimator):
     def _regions(self, tpl, routing, chunks, bounds):
         """Per region: (piece of a chunk, its global ids) of the rows of
         ``chunks`` (first global ids ``bounds``) routed to it."""
-        labels = dask.compute(*[delayed(route_rows)(tpl, routing, c) for c in chunks])
+        # The labels stay on the chunks' workers (the pieces are cut there);
+        # the client gets a copy (a byte per row) for the id ranges.
+        held = _persist([delayed(route_rows)(tpl, routing, c) for c in chunks])
         out = [[] for _ in range(routing[0].shape[0])]
-        for c, lab, start in zip(chunks, labels, bounds):
+        for c, h, lab, start in zip(chunks, held, dask.compute(*held), bounds):
             for j in np.unique(lab):
-                rows = np.flatnonzero(lab == j)
-                out[j].append((delayed(take_rows)(c, rows), rows + start))
+                out[j].append((delayed(take_rows)(c, h, j),
+                               np.flatnonzero(lab == j) + start))
         return out
 
     def partial_fit(self, X, y=None):
