@@ -20,6 +20,11 @@ import numpy as np
 from ._quantizer import fit_kmeans, quiet_kmeans
 
 
+# Rows of the training sample the routing is trained on: a few regions'
+# centroids and shares need far fewer rows than the quantizers.
+MAX_ROUTE_ROWS = 32768
+
+
 def train_centroids(P, n_shards, random_state):
     """The routing of the prepared sample rows P into ``n_shards`` regions
     of about equal size.
@@ -32,7 +37,9 @@ def train_centroids(P, n_shards, random_state):
     Parameters
     ----------
     P : ndarray of shape (n_rows, n_features), float32 or float64
-        Prepared rows (as queries are prepared).
+        Prepared rows (as queries are prepared); at most
+        ``max(MAX_ROUTE_ROWS, 256 * n_shards)`` of them, drawn at random,
+        are used.
     n_shards : int
     random_state : RandomState
 
@@ -44,6 +51,9 @@ def train_centroids(P, n_shards, random_state):
         The mean biased squared distance of a row of P to its region's
         centroid (the unit of ``probe_margin``); positive.
     """
+    cap = max(MAX_ROUTE_ROWS, 256 * n_shards)
+    if P.shape[0] > cap:
+        P = P[np.sort(random_state.choice(P.shape[0], cap, replace=False))]
     with quiet_kmeans():
         centroids, _, _ = fit_kmeans(np.asarray(P, np.float64), n_shards, init="k-means++",
                                      n_init=3, max_iter=50, random_state=random_state)

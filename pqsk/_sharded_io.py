@@ -22,7 +22,10 @@ from ._sharded_ops import global_ids
 
 MANIFEST = "manifest.json"
 FORMAT = "pqsk-sharded"
-FORMAT_VERSION = 1
+# 2: the id ranges in ranges.npy (version 1 had them in the manifest,
+# which is still read).
+FORMAT_VERSION = 2
+RANGES = "ranges.npy"
 
 
 def _saved(shard, path):
@@ -54,7 +57,7 @@ def _read_manifest(path):
     with open(os.path.join(path, MANIFEST)) as f:
         m = json.load(f)
     if not isinstance(m, dict) or m.get("format") != FORMAT or (
-            m.get("format_version") != FORMAT_VERSION):
+            m.get("format_version") not in (1, FORMAT_VERSION)):
         raise ValueError(f"{path} holds no sharded pqsk index of a known version.")
     return m
 
@@ -67,6 +70,11 @@ def save_shards(sharded, path, overwrite, serve_saved):
     def write(data_dir):
         write_durable(os.path.join(data_dir, "removed.npy"),
                       lambda f: np.save(f, sharded._removed))
+        # Rows (shard, first local id, first global id, length): a shard
+        # of a partition by region has a run per few rows.
+        table = np.vstack([np.column_stack([np.full(len(r), j, np.int64), r])
+                           for j, r in enumerate(sharded._ranges)])
+        write_durable(os.path.join(data_dir, RANGES), lambda f: np.save(f, table))
         data = os.path.basename(data_dir)
         dirs = written[:] = [os.path.join(data, f"shard-{j:05d}")
                              for j in range(len(sharded.shards_))]
@@ -83,8 +91,8 @@ def save_shards(sharded, path, overwrite, serve_saved):
                 "routing": None if routing is None else {
                     "centroids": routing[0].tolist(), "bias": routing[1].tolist(),
                     "scale": float(routing[2])},
-                "shards": [{"dir": d, "ranges": r.tolist(), "live": int(live)}
-                           for d, r, live in zip(dirs, sharded._ranges, sharded._live)]}
+                "shards": [{"dir": d, "live": int(live)}
+                           for d, live in zip(dirs, sharded._live)]}
 
     path = os.path.abspath(os.fspath(path))
     save_switched(path, MANIFEST, overwrite=overwrite, read_manifest=_read_manifest,
@@ -105,7 +113,9 @@ def load_shards(cls, path):
         m = _read_manifest(path)
         template = _load_index(os.path.join(path, m["data"], "template"))
         removed = np.load(os.path.join(path, m["data"], "removed.npy"))
-        state = _checked_state(m, removed, template.n_features_in_, path)
+        table = _read_table(os.path.join(path, m["data"], RANGES)) \
+            if m["format_version"] > 1 else None
+        state = _checked_state(m, removed, table, template.n_features_in_, path)
         self = cls(clone(template), n_shards=m["n_shards"], partition=state["partition"],
                    probe_margin=state["probe_margin"])
         self.shards_ = _persist([delayed(_loaded)(os.path.join(path, s["dir"]))
@@ -122,10 +132,19 @@ def load_shards(cls, path):
     return self
 
 
-def _checked_state(m, removed, n_features, path):
-    """The manifest's ids, live counts and routing, checked: every global id
-    in exactly one shard, in runs of local ids from 0; live counts those
-    not removed; routing centroids (one per shard, finite, of the index's
+def _read_table(path):
+    try:
+        return np.load(path)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path} is unreadable ({e}); the index cannot be "
+                         "loaded.") from None
+
+
+def _checked_state(m, removed, table, n_features, path):
+    """The manifest's ids (``table``: the rows of ranges.npy, or None: in
+    the manifest), live counts and routing, checked: every global id in
+    exactly one shard, in runs of local ids from 0; live counts those not
+    removed; routing centroids (one per shard, finite, of the index's
     width) exactly when ``partition="kmeans"``."""
     def bad(what):
         return ValueError(f"{path}: the manifest's {what} is inconsistent; the "
@@ -134,10 +153,16 @@ def _checked_state(m, removed, n_features, path):
     try:
         n = int(m["n_samples_fit"])
         shards = m["shards"]
-        ranges = [np.array(s["ranges"], np.int64).reshape(-1, 3) for s in shards]
         live = [int(s["live"]) for s in shards]
+        if table is None:
+            ranges = [np.array(s["ranges"], np.int64).reshape(-1, 3) for s in shards]
     except (KeyError, TypeError, ValueError, OverflowError):
         raise bad("shard list") from None
+    if table is not None:
+        if (table.dtype != np.int64 or table.ndim != 2 or table.shape[1] != 4
+                or (table[:, 0] < 0).any() or (table[:, 0] >= len(shards)).any()):
+            raise bad("id ranges")
+        ranges = [table[table[:, 0] == j, 1:] for j in range(len(shards))]
     if removed.dtype != bool or removed.shape != (n,):
         raise ValueError(f"{path}: removed.npy does not match the manifest.")
     seen = np.zeros(n, np.int64)

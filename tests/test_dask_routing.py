@@ -194,7 +194,6 @@ def test_save_and_load_keep_the_routing(client, tmp_path):
 
 def _hostile(m):
     """Manifests changed in one field each, every one refused."""
-    r0 = m["shards"][0]["ranges"]
     yield "routing", dict(m, routing=None)
     yield "routing", dict(m, partition="rows")
     yield "routing", dict(m, routing=dict(m["routing"], scale=float("nan")))
@@ -203,24 +202,68 @@ def _hostile(m):
     yield "routing", dict(m, probe_margin=-1)
     yield "routing", dict(m, routing="abc")
     shards = [dict(s) for s in m["shards"]]
-    shards[0]["ranges"] = [[0, r0[0][1] + 1, r0[0][2]]] + r0[1:]
-    yield "id ranges|live counts", dict(m, shards=shards)
-    shards = [dict(s) for s in m["shards"]]
     shards[0]["live"] += 1
     yield "live counts", dict(m, shards=shards)
-    shards = [dict(s) for s in m["shards"]]
-    shards[1]["ranges"] = shards[0]["ranges"]
-    yield "id ranges|live counts", dict(m, shards=shards)
-    yield "shard list", dict(m, shards=[dict(s, ranges="x") for s in m["shards"]])
+    yield "shard list", dict(m, shards=[dict(s, live="x") for s in m["shards"]])
+
+
+def _hostile_tables(t):
+    """ranges.npy tables changed one way each, every one refused."""
+    bad = t.copy()
+    bad[0, 2] += 1  # a global id moved: one id twice, one never
+    yield "id ranges|live counts", bad
+    bad = t.copy()
+    bad[:, 0] = 0  # every run in shard 0: local ids not contiguous
+    yield "id ranges|live counts", bad
+    bad = t.copy()
+    bad[0, 0] = 7  # no such shard
+    yield "id ranges", bad
+    yield "id ranges", t.astype(np.int32)
+    yield "id ranges", t[:, :3]
+    bad = t.copy()
+    bad[-1, 3] += 5  # past n_samples_fit
+    yield "id ranges", bad
 
 
 def test_a_hostile_manifest_is_refused(client, tmp_path):
     routed().fit(X).save(tmp_path / "idx")
     path = tmp_path / "idx" / "manifest.json"
     good = json.loads(path.read_text())
+    assert good["format_version"] == 2 and "ranges" not in good["shards"][0]
     for what, m in _hostile(good):
         path.write_text(json.dumps(m))
         with pytest.raises(ValueError, match=f"manifest's ({what})"):
             ShardedNeighbors.load(tmp_path / "idx")
     path.write_text(json.dumps(good))
-    assert os.path.exists(path) and ShardedNeighbors.load(tmp_path / "idx").shard_sizes_
+    table_path = tmp_path / "idx" / good["data"] / "ranges.npy"
+    table = np.load(table_path)
+    for what, bad in _hostile_tables(table):
+        np.save(table_path, bad)
+        with pytest.raises(ValueError, match=f"manifest's ({what})"):
+            ShardedNeighbors.load(tmp_path / "idx")
+    table_path.write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(ValueError, match="ranges.npy is unreadable"):
+        ShardedNeighbors.load(tmp_path / "idx")
+    np.save(table_path, table)
+    assert ShardedNeighbors.load(tmp_path / "idx").shard_sizes_ == [
+        s["live"] for s in good["shards"]]
+
+
+def test_a_version_1_manifest_is_still_read(client, tmp_path):
+    """Version 1 kept the id ranges in the manifest."""
+    sharded = ShardedNeighbors(ivf(), n_shards=2).fit(X)
+    before = sharded.kneighbors(Q, n_neighbors=4)
+    sharded.save(tmp_path / "idx")
+    path = tmp_path / "idx" / "manifest.json"
+    m = json.loads(path.read_text())
+    table = np.load(tmp_path / "idx" / m["data"] / "ranges.npy")
+    for j, s in enumerate(m["shards"]):
+        s["ranges"] = table[table[:, 0] == j, 1:].tolist()
+    m["format_version"] = 1
+    for key in ("partition", "probe_margin", "routing"):
+        del m[key]
+    os.remove(tmp_path / "idx" / m["data"] / "ranges.npy")
+    path.write_text(json.dumps(m))
+    loaded = ShardedNeighbors.load(tmp_path / "idx")
+    assert loaded.partition == "rows" and loaded.shard_centroids_ is None
+    np.testing.assert_array_equal(loaded.kneighbors(Q, n_neighbors=4)[1], before[1])
