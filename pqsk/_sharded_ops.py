@@ -84,7 +84,8 @@ def search_shard(shard, Q, n_neighbors, params, ranges, local_filter=None, rows=
     """(raw distances, global ids) of the shard's ``n_neighbors`` best for
     the prepared queries Q (the whole batch), rows sorted by (distance,
     id), empty slots (+inf, NO_ID).  ``rows``: the queries routed to this
-    shard (an index array; None: all); the other rows are all empty slots."""
+    shard (an index array; None: all); the other rows are all empty slots.
+    ``ranges`` None: local ids (empty slots NO_ID), mapped by the caller."""
     if rows is not None:
         sub = Q[rows]
         if sparse.issparse(local_filter):  # a per-query filter: its rows too
@@ -99,6 +100,9 @@ def search_shard(shard, Q, n_neighbors, params, ranges, local_filter=None, rows=
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the client warned already
         dist, ind = shard_view(shard, params)._shard_search(Q, n_neighbors, local_filter)
+    if ranges is None:
+        ind = np.where((ind >= 0) & (ind < shard.n_samples_fit_), ind, NO_ID)
+        return dist, ind
     return dist, to_global(ind, ranges)
 
 

@@ -41,7 +41,8 @@ from ._sharded_io import _persist, load_shards, save_shards
 from ._sharded_ops import (TuneView, appended_shard, chunk_bounds, global_ids,
                            graph_block, local_filters, mark_empty, merge_radius,
                            merged_finished, radius_shard, removed_shard, route_rows,
-                           routed_rows, rows_of, search_shard, self_queries, take_rows)
+                           routed_rows, rows_of, search_shard, self_queries, take_rows,
+                           to_global)
 from ._utils import Progress
 
 __all__ = ["ShardedNeighbors"]
@@ -569,15 +570,34 @@ class ShardedNeighbors(BaseEstimator):
             return visits(Q, *args)
         return delayed(visits)(Q, *args)
 
-    def _fan_out(self, Q, n_neighbors, params, flt=None, rows=None, visit=None):
-        """Delayed (raw dist, global ids) of each shard for the prepared Q,
-        the whole batch in one task per shard; ``flt``: the validated
-        filter (global ids), of the queries ``rows`` for a per-query one;
-        ``visit``: see ``_visits`` (a shard then gets only its queries, and
-        answers empty slots for the others)."""
+    def _ranges_nodes(self):
+        """Each shard's id ranges as its query tasks get them: the array when
+        small, else a node persisted once next to the shard (a shard by
+        region has megabytes of ranges, too many to send with each query)."""
+        cache = self.__dict__.setdefault("_ranges_cache", {})
+        out = []
+        for j, (s, r) in enumerate(zip(self.shards_, self._ranges)):
+            if len(r) <= 64:
+                out.append(r)
+                continue
+            if cache.get(j, (None,))[0] is not r:
+                with _on(_query_places([s])[0]):
+                    cache[j] = (r, _persist([_literal(r, "ranges")])[0])
+            out.append(cache[j][1])
+        return out
+
+    def _fan_out(self, Q, n_neighbors, params, flt=None, rows=None, visit=None,
+                 local=False):
+        """(shard number, delayed (raw dist, global ids)) of each shard
+        searched for the prepared Q, the whole batch in one task per shard;
+        ``flt``: the validated filter (global ids), of the queries ``rows``
+        for a per-query one; ``visit``: see ``_visits`` (a shard then gets
+        only its queries, and answers empty slots for the others);
+        ``local``: local ids instead (the caller maps them)."""
         filters = local_filters(flt, self._ranges, rows)
+        ranges = [None] * len(self.shards_) if local else self._ranges_nodes()
         parts = []
-        for j, (s, live, r, f, w) in enumerate(zip(self.shards_, self._live, self._ranges,
+        for j, (s, live, r, f, w) in enumerate(zip(self.shards_, self._live, ranges,
                                                    filters, _query_places(self.shards_))):
             mine = None
             if isinstance(visit, np.ndarray):
@@ -588,8 +608,8 @@ class ShardedNeighbors(BaseEstimator):
                 mine = delayed(routed_rows)(visit, j)
             if live:
                 with _on(w):
-                    parts.append(delayed(search_shard)(s, Q, min(n_neighbors, live),
-                                                       params, r, f, mine))
+                    parts.append((j, delayed(search_shard)(s, Q, min(n_neighbors, live),
+                                                           params, r, f, mine)))
         return parts
 
     def kneighbors(self, X=None, n_neighbors=None, return_distance=True, *, filter=None):
@@ -648,7 +668,8 @@ class ShardedNeighbors(BaseEstimator):
                 Q = delayed(_prepared)(tpl, block)
                 parts = self._fan_out(Q, k, params, flt, slice(start, start + nb),
                                       self._visits(Q, k, flt))
-                d, i = delayed(merged_finished, nout=2)(tpl, k, flt is not None, *parts)
+                d, i = delayed(merged_finished, nout=2)(tpl, k, flt is not None,
+                                                        *[p for _, p in parts])
                 dists.append(da.from_delayed(d, (nb, k), dtype=template._shard_dtype()))
                 inds.append(da.from_delayed(i, (nb, k), dtype=np.int64))
                 start += nb
@@ -658,12 +679,14 @@ class ShardedNeighbors(BaseEstimator):
             Q = template._shard_prepare_queries(X)
             flt = check_filter(filter, self.n_samples_fit_, Q.shape[0])
             k = self._n_neighbors(n_neighbors, view, Q.shape[0], False)
-            # The shards' answers come straight back and are merged here: a
-            # merge task would add a transfer between workers to the call.
-            parts = dask.compute(*self._fan_out(Q, k, params, flt,
-                                                visit=self._visits(Q, k, flt)),
-                                 optimize_graph=False)  # placements kept
-            dist, ind = merge_topk(list(parts), k)
+            # The shards' answers (local ids) come straight back and are
+            # mapped and merged here: a merge task would add a transfer
+            # between workers to the call.
+            parts = self._fan_out(Q, k, params, flt, visit=self._visits(Q, k, flt),
+                                  local=True)
+            got = dask.compute(*[p for _, p in parts], optimize_graph=False)  # placed
+            dist, ind = merge_topk([(d, to_global(i, self._ranges[j]))
+                                    for (j, _), (d, i) in zip(parts, got)], k)
             if flt is not None:
                 mark_empty(dist, ind)
             dist = template._shard_finish(dist)
@@ -680,7 +703,7 @@ class ShardedNeighbors(BaseEstimator):
             ids_q = delayed(self_queries, nout=2)(s, r)
             rows = global_ids(r)  # its queries' ids
             merged.append((ids_q[0], delayed(_merged)(
-                k, *self._fan_out(ids_q[1], k, params, flt, rows))))
+                k, *[p for _, p in self._fan_out(ids_q[1], k, params, flt, rows)])))
         dist = np.empty((n, k), self.template_._shard_dtype())
         ind = np.empty((n, k), np.int64)
         for ids, (d, i) in dask.compute(*merged, optimize_graph=False):
