@@ -506,7 +506,12 @@ def write(rows, args, coarse, meta=None):
                 f"| {c['tasks2_wall_s']:.2f} | {c['kmeans_mse']:.4f} | {c['tasks_mse']:.4f} "
                 f"| {c['load']:.1f} / {c['load_after']:.1f} |")
         lines.append("")
-    with open(os.path.join(RESULTS, "dask.md"), "w") as f:
+    # The hand-written notes at the end (from "## Notes" on) are kept.
+    md = os.path.join(RESULTS, "dask.md")
+    notes = open(md).read().partition("\n## Notes\n") if os.path.exists(md) else ("",)
+    if len(notes) == 3 and notes[1]:
+        lines += ["## Notes", notes[2].rstrip("\n"), ""]
+    with open(md, "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
 
