@@ -14,6 +14,7 @@ Compiling takes a minute or two; each extension is announced as it starts
 and when it is done (``pqsk: [2/6] compiling pqsk._adc ...``).  pip hides
 a build's output unless asked: ``pip install -v -e .`` shows it.
 """
+import json
 import os
 import shlex
 import shutil
@@ -120,11 +121,32 @@ class BuildExtWithProgress(build_ext):
         self._lock = threading.Lock()
         self._started = 0
         self._t0 = time.perf_counter()
+        # Kernels built before with another compiler or other flags (e.g.
+        # PQSK_NO_OPENMP) would otherwise count as up to date, and a build
+        # would mix kernels with and without OpenMP.
+        flags = json.dumps({"CC": os.environ.get("CC", "cc"),
+                            "CFLAGS": os.environ.get("CFLAGS", ""),
+                            "ext": [[e.name, e.extra_compile_args, e.extra_link_args]
+                                    for e in self.extensions]}, sort_keys=True)
+        stamp = os.path.join(self.build_temp, "pqsk-build-flags.json")
+        try:
+            with open(stamp) as f:
+                before = f.read()
+        except OSError:
+            before = None
+        if before != flags and not self.force:
+            if before is not None:
+                _say("the compiler or its flags changed since the last build: "
+                     "compiling every kernel")
+            self.force = True
         _say(f"compiling {len(self.extensions)} Cython kernels (C, -O3"
              + (", OpenMP" if any("openmp" in " ".join(e.extra_compile_args)
                                   for e in self.extensions) else "")
              + "); a few minutes in all on a slow machine")
         super().build_extensions()
+        os.makedirs(self.build_temp, exist_ok=True)
+        with open(stamp, "w") as f:
+            f.write(flags)
         _say(f"all kernels built in {time.perf_counter() - self._t0:.0f} s")
 
     def build_extension(self, ext):
