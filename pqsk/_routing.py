@@ -84,6 +84,8 @@ def balanced_bias(d, tol=0.02, max_iter=200):
         bias += step * np.clip(share, -1.0, 1.0)
         step *= 0.97
     return bias - bias.mean()
+
+
 def sq_distances(P, centroids):
     """Squared L2 distances (n_rows, n_shards), float64, never negative."""
     P = np.asarray(P, np.float64)

@@ -25,6 +25,7 @@ import warnings
 import numpy as np
 from scipy import sparse
 
+from ._routing import assign
 from ._runtime import runtime
 from ._segments import NO_ID, merge_topk
 
@@ -85,7 +86,8 @@ def search_shard(shard, Q, n_neighbors, params, ranges, local_filter=None, rows=
     the prepared queries Q (the whole batch), rows sorted by (distance,
     id), empty slots (+inf, NO_ID).  ``rows``: the queries routed to this
     shard (an index array; None: all); the other rows are all empty slots.
-    ``ranges`` None: local ids (empty slots NO_ID), mapped by the caller."""
+    ``ranges`` None: local ids, which the caller maps with ``to_global``
+    (empty slots included)."""
     if rows is not None:
         sub = Q[rows]
         if sparse.issparse(local_filter):  # a per-query filter: its rows too
@@ -100,10 +102,7 @@ def search_shard(shard, Q, n_neighbors, params, ranges, local_filter=None, rows=
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the client warned already
         dist, ind = shard_view(shard, params)._shard_search(Q, n_neighbors, local_filter)
-    if ranges is None:
-        ind = np.where((ind >= 0) & (ind < shard.n_samples_fit_), ind, NO_ID)
-        return dist, ind
-    return dist, to_global(ind, ranges)
+    return dist, ind if ranges is None else to_global(ind, ranges)
 
 
 def routed_rows(visit, j):
@@ -116,8 +115,6 @@ def route_rows(template, routing, chunk, block=1 << 16):
     """The shard of each row of ``chunk`` prepared as a query
     (:func:`pqsk._routing.assign` with ``routing`` = (centroids, bias,
     scale), block by block), in the smallest unsigned dtype that holds it."""
-    from ._routing import assign
-
     n_shards = routing[0].shape[0]
     labels = [assign(template._shard_prepare_queries(chunk[a:a + block]), *routing[:2])
               for a in range(0, chunk.shape[0], block)]
